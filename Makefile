@@ -1,0 +1,37 @@
+GO ?= go
+BIN := bin/imcloud
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X main.version=$(VERSION)
+
+.PHONY: build run test test-integration bench proto lint
+
+build:
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/imcloud
+
+# Standalone: every stage in one process, embedded broker and registry.
+run: build
+	./$(BIN) standalone
+
+test:
+	$(GO) vet ./...
+	$(GO) test -race -count=1 ./...
+
+test-integration:
+	$(GO) test -race -count=1 -tags integration ./...
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem ./...
+
+# Needs protoc (Debian: protobuf-compiler); the Go plugins are pinned in go.mod.
+proto:
+	protoc -I proto \
+		--plugin=protoc-gen-go="$$($(GO) tool -n protoc-gen-go)" \
+		--plugin=protoc-gen-go-grpc="$$($(GO) tool -n protoc-gen-go-grpc)" \
+		--go_out=proto/pb --go_opt=paths=source_relative \
+		--go-grpc_out=proto/pb --go-grpc_opt=paths=source_relative \
+		proto/*.proto
+
+lint:
+	test -z "$$(gofmt -l $$(git ls-files '*.go'))"
+	$(GO) vet ./...
+	$(GO) tool staticcheck ./...

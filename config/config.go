@@ -1,0 +1,453 @@
+// Package config defines imcloud's configuration, its defaults, and how a
+// file, the environment and command-line overrides are merged and checked.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"reflect"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/go-viper/mapstructure/v2"
+	"github.com/knadh/koanf/parsers/toml/v2"
+	"github.com/knadh/koanf/providers/confmap"
+	"github.com/knadh/koanf/providers/env/v2"
+	"github.com/knadh/koanf/providers/file"
+	"github.com/knadh/koanf/providers/structs"
+	"github.com/knadh/koanf/v2"
+)
+
+// Stage names.
+const (
+	StageLogic = "logic"
+	StageJob   = "job"
+	StageCloud = "cloud"
+)
+
+// Broker kinds.
+const (
+	BrokerAMQP        = "amqp"
+	BrokerGoChannel   = "gochannel"
+	BrokerNATS        = "nats"
+	BrokerRedisStream = "redisstream"
+)
+
+// Registry kinds.
+const (
+	RegistryMemory = "memory"
+	RegistryRedis  = "redis"
+)
+
+// Auth modes.
+const (
+	AuthJWT          = "jwt"
+	AuthInsecureJSON = "insecure-json"
+)
+
+// EnvPrefix starts every environment variable imcloud reads.
+const EnvPrefix = "IMCLOUD_"
+
+// Config is the whole configuration of one imcloud process.
+type Config struct {
+	Stages   []string `koanf:"stages"`
+	NodeID   string   `koanf:"node_id"`
+	Log      Log      `koanf:"log"`
+	Admin    Admin    `koanf:"admin"`
+	Broker   Broker   `koanf:"broker"`
+	Registry Registry `koanf:"registry"`
+	Topics   Topics   `koanf:"topics"`
+	Logic    Logic    `koanf:"logic"`
+	Job      Job      `koanf:"job"`
+	Cloud    Cloud    `koanf:"cloud"`
+}
+
+// Log configures the process logger.
+type Log struct {
+	Level  string `koanf:"level"`
+	Format string `koanf:"format"`
+}
+
+// Admin configures the operations listener.
+type Admin struct {
+	Addr string `koanf:"addr"`
+}
+
+// Broker selects and configures the message broker.
+type Broker struct {
+	Kind        string      `koanf:"kind"`
+	AMQP        AMQP        `koanf:"amqp"`
+	NATS        NATS        `koanf:"nats"`
+	RedisStream RedisStream `koanf:"redisstream"`
+}
+
+// AMQP configures the RabbitMQ broker.
+type AMQP struct {
+	URL string `koanf:"url"`
+}
+
+// NATS configures the NATS JetStream broker.
+type NATS struct {
+	URL string `koanf:"url"`
+}
+
+// RedisStream configures the Redis Streams broker.
+type RedisStream struct {
+	Addr string `koanf:"addr"`
+}
+
+// Registry selects where sessions and nodes are kept.
+type Registry struct {
+	Kind  string `koanf:"kind"`
+	Redis Redis  `koanf:"redis"`
+}
+
+// Redis configures a Redis connection.
+type Redis struct {
+	Addr     string `koanf:"addr"`
+	Password string `koanf:"password"`
+	DB       int    `koanf:"db"`
+}
+
+// Topics names the broker topics.
+type Topics struct {
+	Push     string `koanf:"push"`
+	Poison   string `koanf:"poison"`
+	Upstream string `koanf:"upstream"`
+}
+
+// Logic configures the logic stage.
+type Logic struct {
+	HTTPAddr        string   `koanf:"http_addr"`
+	GRPCAddr        string   `koanf:"grpc_addr"`
+	APIKeys         []string `koanf:"api_keys"`
+	MaxMessageBytes int      `koanf:"max_message_bytes"`
+	// SessionTTL bounds how long a session lives without a heartbeat.
+	SessionTTL time.Duration `koanf:"session_ttl"`
+	Auth       Auth          `koanf:"auth"`
+}
+
+// Auth configures how logic authenticates clients.
+type Auth struct {
+	Mode             string `koanf:"mode"`
+	JWTSecret        string `koanf:"jwt_secret"`
+	JWTPublicKeyFile string `koanf:"jwt_public_key_file"`
+}
+
+// Job configures the job stage.
+type Job struct {
+	Concurrency     int           `koanf:"concurrency"`
+	RoomBatchSize   int           `koanf:"room_batch_size"`
+	RoomBatchWindow time.Duration `koanf:"room_batch_window"`
+	Timeout         time.Duration `koanf:"timeout"`
+	Retry           Retry         `koanf:"retry"`
+	Dedupe          Dedupe        `koanf:"dedupe"`
+	// CloudAddrs lists cloud gRPC addresses for a job that cannot read the
+	// node list from a shared registry (logic in another process with the
+	// memory registry). Each node's id is its address.
+	CloudAddrs []string `koanf:"cloud_addrs"`
+}
+
+// Retry configures job's retry middleware.
+type Retry struct {
+	MaxRetries      int           `koanf:"max_retries"`
+	InitialInterval time.Duration `koanf:"initial_interval"`
+	MaxInterval     time.Duration `koanf:"max_interval"`
+	Multiplier      float64       `koanf:"multiplier"`
+}
+
+// Dedupe configures job's deduplication middleware.
+type Dedupe struct {
+	Enabled bool          `koanf:"enabled"`
+	TTL     time.Duration `koanf:"ttl"`
+}
+
+// Cloud configures the cloud stage.
+type Cloud struct {
+	TCPAddr           string        `koanf:"tcp_addr"`
+	WSAddr            string        `koanf:"ws_addr"`
+	WSSAddr           string        `koanf:"wss_addr"`
+	GRPCAddr          string        `koanf:"grpc_addr"`
+	AdvertiseAddr     string        `koanf:"advertise_addr"`
+	LogicAddr         string        `koanf:"logic_addr"`
+	TLSCertFile       string        `koanf:"tls_cert_file"`
+	TLSKeyFile        string        `koanf:"tls_key_file"`
+	AllowedOrigins    []string      `koanf:"allowed_origins"`
+	HandshakeTimeout  time.Duration `koanf:"handshake_timeout"`
+	HeartbeatInterval time.Duration `koanf:"heartbeat_interval"`
+	MaxBodyBytes      int           `koanf:"max_body_bytes"`
+	SendQueue         int           `koanf:"send_queue"`
+	Buckets           int           `koanf:"buckets"`
+	RenewInterval     time.Duration `koanf:"renew_interval"`
+}
+
+// Default returns the configuration used where nothing overrides it; it is
+// what config.example.toml shows.
+func Default() Config {
+	return Config{
+		Stages: []string{StageLogic, StageJob, StageCloud},
+		Log:    Log{Level: "info", Format: "text"},
+		Admin:  Admin{Addr: ""},
+		Broker: Broker{
+			Kind:        BrokerAMQP,
+			AMQP:        AMQP{URL: "amqp://guest:guest@127.0.0.1:5672/"},
+			NATS:        NATS{URL: "nats://127.0.0.1:4222"},
+			RedisStream: RedisStream{Addr: "127.0.0.1:6379"},
+		},
+		Registry: Registry{Kind: RegistryMemory, Redis: Redis{Addr: "127.0.0.1:6379"}},
+		Topics:   Topics{Push: "imcloud.push", Poison: "imcloud.push.poison", Upstream: "imcloud.upstream"},
+		Logic: Logic{
+			HTTPAddr:        ":3111",
+			GRPCAddr:        ":3119",
+			APIKeys:         []string{},
+			MaxMessageBytes: 4096 - 16,
+			SessionTTL:      10 * time.Minute,
+			Auth:            Auth{Mode: AuthJWT},
+		},
+		Job: Job{
+			Concurrency:     4,
+			RoomBatchSize:   20,
+			RoomBatchWindow: 0,
+			Timeout:         5 * time.Second,
+			Retry:           Retry{MaxRetries: 5, InitialInterval: 100 * time.Millisecond, MaxInterval: 5 * time.Second, Multiplier: 2},
+			Dedupe:          Dedupe{Enabled: true, TTL: 10 * time.Minute},
+			CloudAddrs:      []string{},
+		},
+		Cloud: Cloud{
+			TCPAddr:           ":3101",
+			WSAddr:            ":3102",
+			WSSAddr:           "",
+			GRPCAddr:          ":3109",
+			LogicAddr:         "127.0.0.1:3119",
+			AllowedOrigins:    []string{},
+			HandshakeTimeout:  5 * time.Second,
+			HeartbeatInterval: 4 * time.Minute,
+			MaxBodyBytes:      4096,
+			SendQueue:         1024,
+			Buckets:           32,
+			RenewInterval:     10 * time.Second,
+		},
+	}
+}
+
+// Sources are the places a configuration is read from, lowest precedence first
+// after the defaults.
+type Sources struct {
+	// File is a TOML file path; empty reads none.
+	File string
+	// Environ is the process environment (os.Environ()); only IMCLOUD_
+	// variables are read.
+	Environ []string
+	// Sets are "key=value" overrides from the command line.
+	Sets []string
+	// Defaults replace built-in defaults for this run (standalone's generated
+	// secret and API key) and are themselves overridden by every source.
+	Defaults map[string]any
+}
+
+// Load merges defaults, file, environment and overrides, then validates.
+func Load(src Sources) (Config, error) {
+	k := koanf.New(".")
+	if err := k.Load(structs.Provider(Default(), "koanf"), nil); err != nil {
+		return Config{}, fmt.Errorf("load defaults: %w", err)
+	}
+	if err := k.Load(confmap.Provider(src.Defaults, "."), nil); err != nil {
+		return Config{}, fmt.Errorf("load run defaults: %w", err)
+	}
+	if src.File != "" {
+		if err := k.Load(file.Provider(src.File), toml.Parser()); err != nil {
+			return Config{}, fmt.Errorf("read config file %s: %w", src.File, err)
+		}
+	}
+	envProvider := env.Provider(".", env.Opt{
+		Prefix:        EnvPrefix,
+		EnvironFunc:   func() []string { return src.Environ },
+		TransformFunc: envKey,
+	})
+	if err := k.Load(envProvider, nil); err != nil {
+		return Config{}, fmt.Errorf("read environment: %w", err)
+	}
+	sets := map[string]any{}
+	for _, s := range src.Sets {
+		key, val, ok := strings.Cut(s, "=")
+		if !ok || key == "" {
+			return Config{}, fmt.Errorf("--set %q: want key=value", s)
+		}
+		sets[strings.TrimSpace(key)] = val
+	}
+	if err := k.Load(confmap.Provider(sets, "."), nil); err != nil {
+		return Config{}, fmt.Errorf("apply --set: %w", err)
+	}
+	var cfg Config
+	if err := k.UnmarshalWithConf("", &cfg, koanf.UnmarshalConf{Tag: "koanf", DecoderConfig: decoderConfig(&cfg)}); err != nil {
+		return Config{}, fmt.Errorf("config: %w", err)
+	}
+	if err := cfg.Validate(); err != nil {
+		return Config{}, err
+	}
+	return cfg, nil
+}
+
+// envKey maps IMCLOUD_CLOUD__WS_ADDR to cloud.ws_addr.
+func envKey(k, v string) (string, any) {
+	k = strings.ToLower(strings.TrimPrefix(k, EnvPrefix))
+	return strings.ReplaceAll(k, "__", "."), v
+}
+
+func decoderConfig(out any) *mapstructure.DecoderConfig {
+	return &mapstructure.DecoderConfig{
+		DecodeHook: mapstructure.ComposeDecodeHookFunc(
+			durationNeedsUnit,
+			mapstructure.StringToTimeDurationHookFunc(),
+			trimmedStringToSlice,
+		),
+		ErrorUnused:      true,
+		WeaklyTypedInput: true,
+		Metadata:         nil,
+		Result:           out,
+		TagName:          "koanf",
+	}
+}
+
+var durationType = reflect.TypeFor[time.Duration]()
+
+// durationNeedsUnit rejects numbers where a duration is expected: a bare 5
+// would otherwise silently mean five nanoseconds.
+func durationNeedsUnit(from, to reflect.Type, data any) (any, error) {
+	if to != durationType || from == durationType {
+		return data, nil
+	}
+	switch from.Kind() {
+	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
+		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64,
+		reflect.Float32, reflect.Float64:
+		return nil, fmt.Errorf("duration %v has no unit (write e.g. \"%vs\")", data, data)
+	case reflect.String:
+		if _, err := time.ParseDuration(data.(string)); err != nil {
+			return nil, fmt.Errorf("invalid duration %q (write e.g. \"5s\", \"250ms\")", data)
+		}
+	}
+	return data, nil
+}
+
+// trimmedStringToSlice splits comma-separated lists from the environment
+// and --set; an empty string is an empty list.
+func trimmedStringToSlice(from, to reflect.Type, data any) (any, error) {
+	if from.Kind() != reflect.String || to.Kind() != reflect.Slice {
+		return data, nil
+	}
+	s := strings.TrimSpace(data.(string))
+	if s == "" {
+		return []string{}, nil
+	}
+	parts := strings.Split(s, ",")
+	for i := range parts {
+		parts[i] = strings.TrimSpace(parts[i])
+	}
+	return parts, nil
+}
+
+// Has reports whether the configuration runs stage.
+func (c Config) Has(stage string) bool { return slices.Contains(c.Stages, stage) }
+
+// Validate checks every value; the error names each offending key.
+func (c Config) Validate() error {
+	var errs []error
+	bad := func(key string, format string, args ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", key, fmt.Sprintf(format, args...)))
+	}
+	oneOf := func(key, v string, allowed ...string) {
+		if !slices.Contains(allowed, v) {
+			bad(key, "%q is not one of %s", v, strings.Join(allowed, ", "))
+		}
+	}
+	positive := func(key string, v int) {
+		if v <= 0 {
+			bad(key, "must be greater than 0, got %d", v)
+		}
+	}
+	positiveDur := func(key string, v time.Duration) {
+		if v <= 0 {
+			bad(key, "must be greater than 0, got %s", v)
+		}
+	}
+	addr := func(key, v string, required bool) {
+		if v == "" {
+			if required {
+				bad(key, "an address is required")
+			}
+			return
+		}
+		if _, _, err := net.SplitHostPort(v); err != nil {
+			bad(key, "%q is not host:port", v)
+		}
+	}
+
+	if len(c.Stages) == 0 {
+		bad("stages", "at least one of logic, job, cloud is required")
+	}
+	for _, s := range c.Stages {
+		oneOf("stages", s, StageLogic, StageJob, StageCloud)
+	}
+	oneOf("log.level", c.Log.Level, "debug", "info", "warn", "error")
+	oneOf("log.format", c.Log.Format, "text", "json")
+	addr("admin.addr", c.Admin.Addr, false)
+	oneOf("broker.kind", c.Broker.Kind, BrokerAMQP, BrokerGoChannel, BrokerNATS, BrokerRedisStream)
+	oneOf("registry.kind", c.Registry.Kind, RegistryMemory, RegistryRedis)
+	for key, v := range map[string]string{"topics.push": c.Topics.Push, "topics.poison": c.Topics.Poison, "topics.upstream": c.Topics.Upstream} {
+		if v == "" {
+			bad(key, "a topic name is required")
+		}
+	}
+
+	addr("logic.http_addr", c.Logic.HTTPAddr, c.Has(StageLogic))
+	addr("logic.grpc_addr", c.Logic.GRPCAddr, c.Has(StageLogic))
+	positive("logic.max_message_bytes", c.Logic.MaxMessageBytes)
+	positiveDur("logic.session_ttl", c.Logic.SessionTTL)
+	oneOf("logic.auth.mode", c.Logic.Auth.Mode, AuthJWT, AuthInsecureJSON)
+	if c.Has(StageLogic) && c.Logic.Auth.Mode == AuthJWT && c.Logic.Auth.JWTSecret == "" && c.Logic.Auth.JWTPublicKeyFile == "" {
+		bad("logic.auth.jwt_secret", "jwt mode needs jwt_secret or jwt_public_key_file")
+	}
+
+	positive("job.concurrency", c.Job.Concurrency)
+	positive("job.room_batch_size", c.Job.RoomBatchSize)
+	if c.Job.RoomBatchWindow < 0 {
+		bad("job.room_batch_window", "must not be negative")
+	}
+	positiveDur("job.timeout", c.Job.Timeout)
+	if c.Job.Retry.MaxRetries < 0 {
+		bad("job.retry.max_retries", "must not be negative")
+	}
+	positiveDur("job.retry.initial_interval", c.Job.Retry.InitialInterval)
+	positiveDur("job.retry.max_interval", c.Job.Retry.MaxInterval)
+	if c.Job.Retry.Multiplier < 1 {
+		bad("job.retry.multiplier", "must be at least 1, got %v", c.Job.Retry.Multiplier)
+	}
+	positiveDur("job.dedupe.ttl", c.Job.Dedupe.TTL)
+	for _, a := range c.Job.CloudAddrs {
+		addr("job.cloud_addrs", a, true)
+	}
+
+	needCloud := c.Has(StageCloud)
+	addr("cloud.tcp_addr", c.Cloud.TCPAddr, false)
+	addr("cloud.ws_addr", c.Cloud.WSAddr, false)
+	addr("cloud.wss_addr", c.Cloud.WSSAddr, false)
+	addr("cloud.grpc_addr", c.Cloud.GRPCAddr, needCloud)
+	addr("cloud.advertise_addr", c.Cloud.AdvertiseAddr, false)
+	addr("cloud.logic_addr", c.Cloud.LogicAddr, needCloud)
+	if needCloud && c.Cloud.TCPAddr == "" && c.Cloud.WSAddr == "" && c.Cloud.WSSAddr == "" {
+		bad("cloud.ws_addr", "cloud needs at least one of tcp_addr, ws_addr, wss_addr")
+	}
+	if c.Cloud.WSSAddr != "" && (c.Cloud.TLSCertFile == "" || c.Cloud.TLSKeyFile == "") {
+		bad("cloud.tls_cert_file", "wss_addr needs tls_cert_file and tls_key_file")
+	}
+	positiveDur("cloud.handshake_timeout", c.Cloud.HandshakeTimeout)
+	positiveDur("cloud.heartbeat_interval", c.Cloud.HeartbeatInterval)
+	positiveDur("cloud.renew_interval", c.Cloud.RenewInterval)
+	positive("cloud.max_body_bytes", c.Cloud.MaxBodyBytes)
+	positive("cloud.send_queue", c.Cloud.SendQueue)
+	positive("cloud.buckets", c.Cloud.Buckets)
+	return errors.Join(errs...)
+}

@@ -1,0 +1,109 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+)
+
+// withSecret makes the defaults valid for a logic stage in jwt mode.
+var withSecret = map[string]any{"logic.auth.jwt_secret": "s"}
+
+func TestExampleFileIsTheDefaults(t *testing.T) {
+	got, err := Load(Sources{File: "../config.example.toml"})
+	if err != nil {
+		// The example leaves the secret empty like the defaults; a secret
+		// is all it needs to be valid.
+		if !strings.Contains(err.Error(), "logic.auth.jwt_secret") {
+			t.Fatalf("Load example: %v", err)
+		}
+		got, err = Load(Sources{File: "../config.example.toml", Sets: []string{"logic.auth.jwt_secret=s"}})
+		if err != nil {
+			t.Fatalf("Load example: %v", err)
+		}
+	}
+	want := Default()
+	want.Logic.Auth.JWTSecret = "s"
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("config.example.toml differs from Default():\n got %+v\nwant %+v", got, want)
+	}
+}
+
+func TestPrecedence(t *testing.T) {
+	dir := t.TempDir()
+	f := filepath.Join(dir, "c.toml")
+	writeFile(t, f, "[cloud]\nws_addr = \":1\"\ntcp_addr = \":2\"\nsend_queue = 10\n[logic.auth]\njwt_secret = \"file\"\n")
+	cfg, err := Load(Sources{
+		File:    f,
+		Environ: []string{"IMCLOUD_CLOUD__TCP_ADDR=:3", "IMCLOUD_CLOUD__SEND_QUEUE=20", "IMCLOUD_CLOUD__ALLOWED_ORIGINS=a.com, b.com", "PATH=/bin"},
+		Sets:    []string{"cloud.send_queue=30", "job.timeout=2s"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Cloud.WSAddr != ":1" {
+		t.Errorf("ws_addr = %q, want the file's :1", cfg.Cloud.WSAddr)
+	}
+	if cfg.Cloud.TCPAddr != ":3" {
+		t.Errorf("tcp_addr = %q, want the environment's :3", cfg.Cloud.TCPAddr)
+	}
+	if cfg.Cloud.SendQueue != 30 {
+		t.Errorf("send_queue = %d, want --set's 30", cfg.Cloud.SendQueue)
+	}
+	if cfg.Job.Timeout != 2*time.Second {
+		t.Errorf("job.timeout = %s, want 2s", cfg.Job.Timeout)
+	}
+	if want := []string{"a.com", "b.com"}; !reflect.DeepEqual(cfg.Cloud.AllowedOrigins, want) {
+		t.Errorf("allowed_origins = %q, want %q", cfg.Cloud.AllowedOrigins, want)
+	}
+}
+
+func TestErrorsNameTheKey(t *testing.T) {
+	tests := []struct {
+		name    string
+		file    string
+		environ []string
+		sets    []string
+		wantKey string
+	}{
+		{name: "unknown file key", file: "[cloud]\nws_adr = \":1\"\n", wantKey: "ws_adr"},
+		{name: "unknown section", file: "[clod]\nx = 1\n", wantKey: "clod"},
+		{name: "unknown env variable", environ: []string{"IMCLOUD_CLOUD__NOPE=1"}, wantKey: "nope"},
+		{name: "unknown set key", sets: []string{"logic.nope=1"}, wantKey: "nope"},
+		{name: "duration without unit in file", file: "[cloud]\nhandshake_timeout = 5\n", wantKey: "handshake_timeout"},
+		{name: "duration without unit in env", environ: []string{"IMCLOUD_JOB__TIMEOUT=5"}, wantKey: "timeout"},
+		{name: "not a number", sets: []string{"cloud.send_queue=lots"}, wantKey: "send_queue"},
+		{name: "bad enum", sets: []string{"broker.kind=kafka"}, wantKey: "broker.kind"},
+		{name: "bad stage", sets: []string{"stages=logic,comet"}, wantKey: "stages"},
+		{name: "zero buckets", sets: []string{"cloud.buckets=0"}, wantKey: "cloud.buckets"},
+		{name: "bad address", sets: []string{"cloud.ws_addr=nohost"}, wantKey: "cloud.ws_addr"},
+		{name: "jwt without secret", sets: []string{"logic.auth.jwt_secret="}, wantKey: "logic.auth.jwt_secret"},
+		{name: "malformed set", sets: []string{"novalue"}, wantKey: "novalue"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			src := Sources{Environ: tt.environ, Sets: tt.sets, Defaults: withSecret}
+			if tt.file != "" {
+				src.File = filepath.Join(t.TempDir(), "c.toml")
+				writeFile(t, src.File, tt.file)
+			}
+			_, err := Load(src)
+			if err == nil {
+				t.Fatal("Load succeeded, want an error")
+			}
+			if !strings.Contains(err.Error(), tt.wantKey) {
+				t.Fatalf("error %q does not name %q", err, tt.wantKey)
+			}
+		})
+	}
+}
+
+func writeFile(t *testing.T, path, content string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
