@@ -1,0 +1,55 @@
+package pipeline
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+
+	"github.com/ThreeDotsLabs/watermill"
+	"github.com/ThreeDotsLabs/watermill/message"
+
+	"imcloud/adapters/amqp"
+	"imcloud/adapters/gochannel"
+	"imcloud/config"
+)
+
+// Broker is the publisher and subscriber of one broker connection.
+type Broker struct {
+	Publisher  message.Publisher
+	Subscriber message.Subscriber
+	closers    []func() error
+}
+
+// NewBroker connects to the broker cfg.Kind names. Queues of the push
+// and upstream topics are declared before anything is published, so no
+// message is dropped for want of a consumer.
+func NewBroker(cfg config.Broker, topics config.Topics, logger *slog.Logger) (*Broker, error) {
+	wlog := watermill.NewSlogLogger(logger)
+	switch cfg.Kind {
+	case config.BrokerGoChannel:
+		gc := gochannel.New(wlog)
+		return &Broker{Publisher: gc, Subscriber: gc, closers: []func() error{gc.Close}}, nil
+	case config.BrokerAMQP:
+		pub, err := amqp.NewPublisher(cfg.AMQP.URL, wlog, topics.Push, topics.Poison, topics.Upstream)
+		if err != nil {
+			return nil, err
+		}
+		sub, err := amqp.NewSubscriber(cfg.AMQP.URL, wlog)
+		if err != nil {
+			_ = pub.Close()
+			return nil, err
+		}
+		return &Broker{Publisher: pub, Subscriber: sub, closers: []func() error{pub.Close, sub.Close}}, nil
+	default:
+		return nil, fmt.Errorf("broker.kind %q: this build has no adapter for it yet", cfg.Kind)
+	}
+}
+
+// Close closes the publisher and subscriber.
+func (b *Broker) Close() error {
+	var errs []error
+	for _, c := range b.closers {
+		errs = append(errs, c())
+	}
+	return errors.Join(errs...)
+}

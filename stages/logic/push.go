@@ -1,0 +1,135 @@
+package logic
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"slices"
+
+	"github.com/ThreeDotsLabs/watermill/message"
+	"github.com/google/uuid"
+
+	"imcloud/pipeline"
+	"imcloud/proto/pb"
+)
+
+// idempotencyNamespace derives message ids from Idempotency-Key headers.
+var idempotencyNamespace = uuid.MustParse("6f1d2c1e-8a51-4a57-9f3c-5b0c2f0e7a11")
+
+// ErrBroker marks a failure to hand a message to the broker: the caller may
+// retry, nothing was accepted.
+var ErrBroker = errors.New("broker unavailable")
+
+// Pusher resolves push targets and publishes one PushMsg per cloud node.
+type Pusher struct {
+	registry  Registry
+	publisher message.Publisher
+	topic     string
+}
+
+// Push is one push request as the HTTP API received it.
+type Push struct {
+	// ID is the message id; derived from the Idempotency-Key when given.
+	ID            string
+	CorrelationID string
+	Operation     int32
+	Msg           []byte
+}
+
+// PushResult is what logic knew when it published.
+type PushResult struct {
+	MsgID       string   `json:"msg_id"`
+	Online      int      `json:"online"`
+	OfflineKeys []string `json:"offline_keys,omitempty"`
+	OfflineMids []int64  `json:"offline_mids,omitempty"`
+}
+
+// MessageID returns the id of a push: random, or derived from the
+// idempotency key so that a retried request yields the same id.
+func MessageID(idempotencyKey, route string) string {
+	if idempotencyKey == "" {
+		return uuid.NewString()
+	}
+	return uuid.NewSHA1(idempotencyNamespace, []byte(route+"\x00"+idempotencyKey)).String()
+}
+
+// PushKeys pushes to connections by key.
+func (p *Pusher) PushKeys(ctx context.Context, push Push, keys []string) (PushResult, error) {
+	servers, err := p.registry.ServersByKeys(ctx, keys)
+	if err != nil {
+		return PushResult{}, fmt.Errorf("resolve keys: %w", err)
+	}
+	res := PushResult{MsgID: push.ID, Online: len(servers)}
+	for _, k := range keys {
+		if _, ok := servers[k]; !ok {
+			res.OfflineKeys = append(res.OfflineKeys, k)
+		}
+	}
+	return res, p.publishToServers(ctx, push, servers)
+}
+
+// PushMids pushes to every connection of the users.
+func (p *Pusher) PushMids(ctx context.Context, push Push, mids []int64) (PushResult, error) {
+	servers, offline, err := p.registry.KeysByMids(ctx, mids)
+	if err != nil {
+		return PushResult{}, fmt.Errorf("resolve mids: %w", err)
+	}
+	res := PushResult{MsgID: push.ID, Online: len(servers), OfflineMids: offline}
+	return res, p.publishToServers(ctx, push, servers)
+}
+
+// PushRoom pushes to every connection in room, on every node.
+func (p *Pusher) PushRoom(ctx context.Context, push Push, room string) (PushResult, error) {
+	pm := &pb.PushMsg{Type: pb.PushMsg_ROOM, Operation: push.Operation, Room: room, Msg: push.Msg}
+	return PushResult{MsgID: push.ID}, p.publish(ctx, push, pm)
+}
+
+// PushAll broadcasts to every connection, paced at speed messages/s per node.
+func (p *Pusher) PushAll(ctx context.Context, push Push, speed int32) (PushResult, error) {
+	pm := &pb.PushMsg{Type: pb.PushMsg_BROADCAST, Operation: push.Operation, Speed: speed, Msg: push.Msg}
+	return PushResult{MsgID: push.ID}, p.publish(ctx, push, pm)
+}
+
+// publishToServers publishes one PUSH message per server holding keys.
+// Per-server ids extend the push id in a fixed order so that a retried
+// idempotent request reproduces them.
+func (p *Pusher) publishToServers(ctx context.Context, push Push, keyServer map[string]string) error {
+	byServer := map[string][]string{}
+	for k, s := range keyServer {
+		byServer[s] = append(byServer[s], k)
+	}
+	msgs := make([]*message.Message, 0, len(byServer))
+	for _, server := range slices.Sorted(maps.Keys(byServer)) {
+		keys := byServer[server]
+		slices.Sort(keys)
+		pm := &pb.PushMsg{Type: pb.PushMsg_PUSH, Operation: push.Operation, Server: server, Keys: keys, Msg: push.Msg}
+		msg, err := pipeline.NewPushMessage(push.ID+"/"+server, push.CorrelationID, pm)
+		if err != nil {
+			return err
+		}
+		msgs = append(msgs, msg)
+	}
+	return p.send(ctx, msgs...)
+}
+
+func (p *Pusher) publish(ctx context.Context, push Push, pm *pb.PushMsg) error {
+	msg, err := pipeline.NewPushMessage(push.ID, push.CorrelationID, pm)
+	if err != nil {
+		return err
+	}
+	return p.send(ctx, msg)
+}
+
+func (p *Pusher) send(ctx context.Context, msgs ...*message.Message) error {
+	if len(msgs) == 0 {
+		return nil
+	}
+	for _, m := range msgs {
+		m.SetContext(ctx)
+	}
+	if err := p.publisher.Publish(p.topic, msgs...); err != nil {
+		return fmt.Errorf("%w: publish to %s: %w", ErrBroker, p.topic, err)
+	}
+	return nil
+}
