@@ -17,7 +17,10 @@ import (
 type Broker struct {
 	Publisher  message.Publisher
 	Subscriber message.Subscriber
-	closers    []func() error
+	// SharedQueue is true when several subscriptions to one topic share its
+	// messages (a work queue) rather than each receiving all of them.
+	SharedQueue bool
+	closers     []func() error
 }
 
 // NewBroker connects to the broker cfg.Kind names. Queues of the push
@@ -39,7 +42,7 @@ func NewBroker(cfg config.Broker, topics config.Topics, logger *slog.Logger) (*B
 			_ = pub.Close()
 			return nil, err
 		}
-		return &Broker{Publisher: pub, Subscriber: sub, closers: []func() error{pub.Close, sub.Close}}, nil
+		return &Broker{Publisher: pub, Subscriber: sub, SharedQueue: true, closers: []func() error{pub.Close, sub.Close}}, nil
 	default:
 		return nil, fmt.Errorf("broker.kind %q: this build has no adapter for it yet", cfg.Kind)
 	}

@@ -55,14 +55,20 @@ type Packet struct {
 // Size is the encoded length of p.
 func (p Packet) Size() int { return HeaderLen + len(p.Body) }
 
-// Append encodes p onto dst and returns the extended slice.
-func Append(dst []byte, op, seq int32, body []byte) []byte {
-	var h [HeaderLen]byte
-	binary.BigEndian.PutUint32(h[0:], uint32(HeaderLen+len(body)))
+// PutHeader writes the header of a packet with a body of bodyLen bytes
+// into the first HeaderLen bytes of h.
+func PutHeader(h []byte, bodyLen int, op, seq int32) {
+	binary.BigEndian.PutUint32(h[0:], uint32(HeaderLen+bodyLen))
 	binary.BigEndian.PutUint16(h[4:], HeaderLen)
 	binary.BigEndian.PutUint16(h[6:], Version)
 	binary.BigEndian.PutUint32(h[8:], uint32(op))
 	binary.BigEndian.PutUint32(h[12:], uint32(seq))
+}
+
+// Append encodes a packet onto dst and returns the extended slice.
+func Append(dst []byte, op, seq int32, body []byte) []byte {
+	var h [HeaderLen]byte
+	PutHeader(h[:], len(body), op, seq)
 	dst = append(dst, h[:]...)
 	return append(dst, body...)
 }

@@ -1,0 +1,275 @@
+// Command imcloud runs any subset of imcloud's stages (logic, job, cloud),
+// or all of them in one process with nothing else installed.
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spf13/pflag"
+
+	"imcloud/config"
+	"imcloud/node"
+	"imcloud/stages/logic"
+)
+
+// version is set at build time with -ldflags "-X main.version=…".
+var version = "dev"
+
+const usage = `imcloud: a distributed real-time push server (logic -> job -> cloud).
+
+Usage:
+  imcloud standalone [--config F] [--set key=value]...   every stage in one process, embedded broker
+  imcloud run --config F [--stages logic,job,cloud] [--set key=value]...
+  imcloud token --mid N [--rooms R1,R2] [--accepts 1000,1001] [--key K] [--ttl D] [--config F]
+  imcloud check --config F                                 validate a configuration and exit
+  imcloud version
+
+Run "imcloud <command> --help" for a command's flags.
+`
+
+func main() {
+	if err := run(context.Background(), os.Args[1:], os.Stdout, os.Stderr, os.Environ()); err != nil {
+		if !errors.Is(err, pflag.ErrHelp) {
+			fmt.Fprintln(os.Stderr, "imcloud:", err)
+		}
+		os.Exit(2)
+	}
+}
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer, environ []string) error {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return errors.New("no command given")
+	}
+	cmd, args := args[0], args[1:]
+	switch cmd {
+	case "standalone":
+		return cmdServe(ctx, args, stdout, stderr, environ, true)
+	case "run":
+		return cmdServe(ctx, args, stdout, stderr, environ, false)
+	case "token":
+		return cmdToken(args, stdout, stderr, environ)
+	case "check":
+		return cmdCheck(args, stdout, stderr, environ)
+	case "version":
+		fmt.Fprintln(stdout, "imcloud", version)
+		return nil
+	case "-h", "--help", "help":
+		fmt.Fprint(stdout, usage)
+		return nil
+	default:
+		fmt.Fprint(stderr, usage)
+		return fmt.Errorf("unknown command %q", cmd)
+	}
+}
+
+// configFlags are the flags every command that reads configuration takes.
+type configFlags struct {
+	file string
+	sets []string
+}
+
+func (c *configFlags) register(fs *pflag.FlagSet) {
+	fs.StringVarP(&c.file, "config", "c", "", "TOML configuration file")
+	fs.StringArrayVar(&c.sets, "set", nil, "override one key, e.g. --set cloud.ws_addr=:8080 (repeatable)")
+}
+
+func (c *configFlags) load(environ []string, defaults map[string]any, extra ...string) (config.Config, error) {
+	return config.Load(config.Sources{File: c.file, Environ: environ, Sets: append(c.sets, extra...), Defaults: defaults})
+}
+
+func newFlagSet(name, synopsis string, stderr io.Writer) *pflag.FlagSet {
+	fs := pflag.NewFlagSet(name, pflag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "%s\n\nFlags:\n%s", synopsis, fs.FlagUsages())
+	}
+	return fs
+}
+
+func cmdCheck(args []string, stdout, stderr io.Writer, environ []string) error {
+	var cf configFlags
+	fs := newFlagSet("check", "imcloud check --config F: validate a configuration (file, IMCLOUD_ environment, --set) and exit.", stderr)
+	cf.register(fs)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if _, err := cf.load(environ, nil); err != nil {
+		return err
+	}
+	fmt.Fprintln(stdout, "configuration ok")
+	return nil
+}
+
+func cmdToken(args []string, stdout, stderr io.Writer, environ []string) error {
+	var (
+		cf       configFlags
+		mid      int64
+		rooms    []string
+		accepts  []int32
+		key      string
+		platform string
+		ttl      time.Duration
+	)
+	fs := newFlagSet("token", "imcloud token: print a client JWT signed with logic.auth.jwt_secret.", stderr)
+	cf.register(fs)
+	fs.Int64Var(&mid, "mid", 0, "user id (required)")
+	fs.StringSliceVar(&rooms, "rooms", nil, "rooms to join, e.g. live://1000")
+	fs.Int32SliceVar(&accepts, "accepts", nil, "operations to accept; empty accepts all")
+	fs.StringVar(&key, "key", "", "connection key; empty lets the server make one")
+	fs.StringVar(&platform, "platform", "", "client platform")
+	fs.DurationVar(&ttl, "ttl", 24*time.Hour, "token lifetime")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if mid <= 0 {
+		return errors.New("--mid: a positive user id is required")
+	}
+	if ttl <= 0 {
+		return errors.New("--ttl: must be positive")
+	}
+	// The token is for clients, so only the auth settings matter here.
+	cfg, err := cf.load(environ, nil, "stages=cloud")
+	if err != nil {
+		return err
+	}
+	tok, err := logic.IssueToken(cfg.Logic.Auth.JWTSecret, logic.Claims{Mid: mid, Key: key, Rooms: rooms, Platform: platform, Accepts: accepts}, ttl)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(stdout, tok)
+	return nil
+}
+
+func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, environ []string, standalone bool) error {
+	var (
+		cf     configFlags
+		stages []string
+	)
+	name, synopsis := "run", "imcloud run --config F [--stages logic,job,cloud]: run the stages named, with the broker and registry the configuration names."
+	if standalone {
+		name, synopsis = "standalone", "imcloud standalone: run logic, job and cloud in one process on the embedded broker and memory registry."
+	}
+	fs := newFlagSet(name, synopsis, stderr)
+	cf.register(fs)
+	if !standalone {
+		fs.StringSliceVar(&stages, "stages", nil, "stages to run (default: the configuration's stages)")
+	}
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	var (
+		defaults map[string]any
+		extra    []string
+	)
+	if standalone {
+		defaults = map[string]any{"logic.auth.jwt_secret": randomHex(32), "logic.api_keys": []string{randomHex(16)}}
+		extra = []string{"stages=logic,job,cloud", "broker.kind=" + config.BrokerGoChannel, "registry.kind=" + config.RegistryMemory}
+	}
+	if len(stages) > 0 {
+		extra = append(extra, "stages="+strings.Join(stages, ","))
+	}
+	cfg, err := cf.load(environ, defaults, extra...)
+	if err != nil {
+		return err
+	}
+	logger := newLogger(cfg.Log, stderr)
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	n, err := node.Start(ctx, cfg, logger)
+	if err != nil {
+		return err
+	}
+	logger.Info("imcloud started", "version", version, "stages", cfg.Stages, "broker", cfg.Broker.Kind, "registry", cfg.Registry.Kind)
+	if standalone {
+		printWelcome(stdout, cfg, n.Addrs())
+	} else {
+		printAddrs(stdout, n.Addrs())
+	}
+	select {
+	case <-ctx.Done():
+		logger.Info("shutting down")
+	case <-n.Done():
+		logger.Error("stage failed, shutting down", "err", n.Err())
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	_ = n.Shutdown(sctx)
+	return n.Err()
+}
+
+func newLogger(c config.Log, w io.Writer) *slog.Logger {
+	var level slog.Level
+	_ = level.UnmarshalText([]byte(c.Level))
+	opts := &slog.HandlerOptions{Level: level}
+	if c.Format == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+func printAddrs(w io.Writer, a node.Addrs) {
+	for _, l := range []struct{ name, addr string }{
+		{"logic http", a.HTTP}, {"logic grpc", a.LogicGRPC},
+		{"cloud tcp", a.CloudTCP}, {"cloud ws", a.CloudWS}, {"cloud wss", a.CloudWSS}, {"cloud grpc", a.CloudGRPC},
+		{"admin", a.Admin},
+	} {
+		if l.addr != "" {
+			fmt.Fprintf(w, "  %-11s %s\n", l.name, l.addr)
+		}
+	}
+}
+
+// localURL makes a bound address something a local client can dial.
+func localURL(addr string) string {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return addr
+	}
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		host = "127.0.0.1"
+	}
+	return net.JoinHostPort(host, port)
+}
+
+func printWelcome(w io.Writer, cfg config.Config, a node.Addrs) {
+	fmt.Fprintln(w, "imcloud standalone is ready. Listening:")
+	printAddrs(w, a)
+	apiKey := ""
+	if len(cfg.Logic.APIKeys) > 0 {
+		apiKey = cfg.Logic.APIKeys[0]
+		fmt.Fprintf(w, "\nAPI key: %s\n", apiKey)
+	}
+	tok, err := logic.IssueToken(cfg.Logic.Auth.JWTSecret, logic.Claims{Mid: 1, Rooms: []string{"live://1000"}}, 24*time.Hour)
+	if cfg.Logic.Auth.Mode == config.AuthJWT && err == nil {
+		fmt.Fprintf(w, "Client token (mid 1, room live://1000, 24h):\n  %s\n", tok)
+	}
+	auth := ""
+	if apiKey != "" {
+		auth = " -H 'Authorization: Bearer " + apiKey + "'"
+	}
+	http := localURL(a.HTTP)
+	fmt.Fprintf(w, "\nPush to user 1:\n  curl -X POST%s 'http://%s/im/push/mids?operation=1000&mids=1' -d 'hello'\n", auth, http)
+	fmt.Fprintf(w, "Push to the room:\n  curl -X POST%s 'http://%s/im/push/room?operation=1000&type=live&room=1000' -d 'hello room'\n", auth, http)
+	if a.CloudWS != "" {
+		fmt.Fprintf(w, "Clients connect to ws://%s/sub and send the token as an op 7 packet (see README).\n", localURL(a.CloudWS))
+	}
+}

@@ -1,0 +1,411 @@
+// Package node assembles the stages a configuration asks for into one
+// running process: it binds the listeners, connects the broker and the
+// registry, wires the stages together and shuts them down in order.
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/pprof"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill/message"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"imcloud/adapters/memory"
+	"imcloud/config"
+	"imcloud/pipeline"
+	"imcloud/proto/pb"
+	"imcloud/stages/cloud"
+	"imcloud/stages/job"
+	"imcloud/stages/logic"
+)
+
+// Addrs are the addresses the node's listeners are bound to; empty where a
+// listener is off.
+type Addrs struct {
+	HTTP, LogicGRPC                        string
+	CloudTCP, CloudWS, CloudWSS, CloudGRPC string
+	Admin                                  string
+}
+
+// Node is a running set of stages.
+type Node struct {
+	cfg    config.Config
+	logger *slog.Logger
+	addrs  Addrs
+	nodeID string
+
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+	errOnce sync.Once
+	err     error
+	done    chan struct{}
+
+	broker     *pipeline.Broker
+	logicGRPC  *grpc.Server
+	cloudGRPC  *grpc.Server
+	httpSrvs   []*http.Server // logic API and admin
+	cloudHTTP  []*http.Server // WS and WSS
+	cloudTCP   net.Listener
+	cloudStage *cloud.Stage
+	logicConn  *grpc.ClientConn
+	router     *message.Router
+	jobStage   *job.Stage
+	registry   *memory.Registry
+}
+
+// listen binds addr for key, or returns nil when addr is empty.
+func listen(key, addr string) (net.Listener, error) {
+	if addr == "" {
+		return nil, nil
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("%s: listen on %s: %w", key, addr, err)
+	}
+	return ln, nil
+}
+
+func addrOf(ln net.Listener) string {
+	if ln == nil {
+		return ""
+	}
+	return ln.Addr().String()
+}
+
+// Start runs the stages cfg names. It returns once every listener is bound
+// and the cloud stage is registered, so the node is ready to serve.
+func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Node, err error) {
+	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	n := &Node{cfg: cfg, logger: logger, cancel: cancel, done: make(chan struct{})}
+	var lns []net.Listener
+	defer func() {
+		if err != nil {
+			for _, ln := range lns {
+				if ln != nil {
+					_ = ln.Close()
+				}
+			}
+			n.stop(context.Background())
+		}
+	}()
+	bind := func(key, addr string) (net.Listener, error) {
+		ln, err := listen(key, addr)
+		lns = append(lns, ln)
+		return ln, err
+	}
+
+	hasLogic, hasJob, hasCloud := cfg.Has(config.StageLogic), cfg.Has(config.StageJob), cfg.Has(config.StageCloud)
+	var httpLn, logicLn, tcpLn, wsLn, wssLn, cloudLn, adminLn net.Listener
+	if hasLogic {
+		if httpLn, err = bind("logic.http_addr", cfg.Logic.HTTPAddr); err != nil {
+			return nil, err
+		}
+		if logicLn, err = bind("logic.grpc_addr", cfg.Logic.GRPCAddr); err != nil {
+			return nil, err
+		}
+	}
+	if hasCloud {
+		if tcpLn, err = bind("cloud.tcp_addr", cfg.Cloud.TCPAddr); err != nil {
+			return nil, err
+		}
+		if wsLn, err = bind("cloud.ws_addr", cfg.Cloud.WSAddr); err != nil {
+			return nil, err
+		}
+		if wssLn, err = bind("cloud.wss_addr", cfg.Cloud.WSSAddr); err != nil {
+			return nil, err
+		}
+		if cloudLn, err = bind("cloud.grpc_addr", cfg.Cloud.GRPCAddr); err != nil {
+			return nil, err
+		}
+	}
+	if adminLn, err = bind("admin.addr", cfg.Admin.Addr); err != nil {
+		return nil, err
+	}
+	n.addrs = Addrs{
+		HTTP: addrOf(httpLn), LogicGRPC: addrOf(logicLn),
+		CloudTCP: addrOf(tcpLn), CloudWS: addrOf(wsLn), CloudWSS: addrOf(wssLn), CloudGRPC: addrOf(cloudLn),
+		Admin: addrOf(adminLn),
+	}
+
+	if cfg.Registry.Kind != config.RegistryMemory {
+		return nil, fmt.Errorf("registry.kind %q: this build keeps sessions in memory only", cfg.Registry.Kind)
+	}
+	n.registry = memory.New(cfg.Logic.SessionTTL, 3*cfg.Cloud.RenewInterval)
+
+	n.broker, err = pipeline.NewBroker(cfg.Broker, cfg.Topics, logger)
+	if err != nil {
+		return nil, fmt.Errorf("connect broker: %w", err)
+	}
+
+	if hasLogic {
+		st, err := logic.New(cfg.Logic, n.registry, n.broker.Publisher, cfg.Topics.Push, logger.With("stage", "logic"))
+		if err != nil {
+			return nil, err
+		}
+		n.logicGRPC = grpc.NewServer()
+		st.RegisterGRPC(n.logicGRPC)
+		n.serve("logic grpc", func() error { return n.logicGRPC.Serve(logicLn) })
+		n.serveHTTP(&n.httpSrvs, "logic http", st.Handler(), httpLn, false)
+		n.goLoop(func(ctx context.Context) { sweep(ctx, n.registry) }, runCtx)
+	}
+
+	if hasCloud {
+		if err := n.startCloud(runCtx, tcpLn, wsLn, wssLn, cloudLn); err != nil {
+			return nil, err
+		}
+	}
+
+	if hasJob {
+		if err := n.startJob(runCtx); err != nil {
+			return nil, err
+		}
+	}
+
+	if adminLn != nil {
+		n.serveHTTP(&n.httpSrvs, "admin", adminHandler(), adminLn, false)
+	}
+	return n, nil
+}
+
+func (n *Node) startCloud(ctx context.Context, tcpLn, wsLn, wssLn, grpcLn net.Listener) error {
+	cfg := n.cfg
+	logicAddr := cfg.Cloud.LogicAddr
+	if n.addrs.LogicGRPC != "" {
+		logicAddr = n.addrs.LogicGRPC
+	}
+	conn, err := grpc.NewClient(logicAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return fmt.Errorf("cloud.logic_addr %s: %w", logicAddr, err)
+	}
+	n.logicConn = conn
+	advertise := cfg.Cloud.AdvertiseAddr
+	if advertise == "" {
+		advertise = advertiseAddr(n.addrs.CloudGRPC, cfg.Has(config.StageJob))
+	}
+	n.nodeID = cfg.NodeID
+	if n.nodeID == "" {
+		n.nodeID = advertise
+	}
+	st := cloud.New(cfg.Cloud, cloud.Options{
+		NodeID: n.nodeID, AdvertiseAddr: advertise,
+		Logic:    pb.NewLogicClient(conn),
+		Upstream: n.broker.Publisher, UpstreamTopic: cfg.Topics.Upstream,
+		Logger: n.logger.With("stage", "cloud"),
+	})
+	n.cloudStage = st
+	n.cloudGRPC = grpc.NewServer()
+	st.RegisterGRPC(n.cloudGRPC)
+	n.serve("cloud grpc", func() error { return n.cloudGRPC.Serve(grpcLn) })
+	regCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := st.Register(regCtx); err != nil {
+		return fmt.Errorf("cloud: %w (is logic reachable at %s?)", err, logicAddr)
+	}
+	n.goLoop(st.Run, ctx)
+	if tcpLn != nil {
+		n.cloudTCP = tcpLn
+		n.serve("cloud tcp", func() error { return st.ServeTCP(tcpLn) })
+	}
+	if wsLn != nil {
+		n.serveHTTP(&n.cloudHTTP, "cloud ws", st.WSHandler(), wsLn, false)
+	}
+	if wssLn != nil {
+		n.serveHTTP(&n.cloudHTTP, "cloud wss", st.WSHandler(), wssLn, true)
+	}
+	return nil
+}
+
+// advertiseAddr turns a bound gRPC address into one job can dial.
+func advertiseAddr(bound string, jobInProcess bool) string {
+	host, port, err := net.SplitHostPort(bound)
+	if err != nil {
+		return bound
+	}
+	if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
+		host = "127.0.0.1"
+		if !jobInProcess {
+			if h, err := os.Hostname(); err == nil {
+				host = h
+			}
+		}
+	}
+	return net.JoinHostPort(host, port)
+}
+
+func (n *Node) startJob(ctx context.Context) error {
+	cfg := n.cfg
+	var nodes job.Nodes
+	switch {
+	case len(cfg.Job.CloudAddrs) > 0:
+		nodes = job.StaticNodes(cfg.Job.CloudAddrs)
+	case cfg.Has(config.StageLogic):
+		nodes = n.registry
+	default:
+		return errors.New("job.cloud_addrs: job cannot see the cloud nodes: list them here, or run job with logic (the memory registry lives in logic's process)")
+	}
+	router, err := pipeline.NewRouter(cfg.Job, cfg.Topics.Poison, n.broker.Publisher, n.logger.With("stage", "job"))
+	if err != nil {
+		return err
+	}
+	n.router = router
+	n.jobStage = job.New(nodes, n.logger.With("stage", "job"))
+	consumers := 1
+	if n.broker.SharedQueue {
+		consumers = cfg.Job.Concurrency
+	}
+	n.jobStage.AddHandlers(router, n.broker.Subscriber, cfg.Topics.Push, consumers)
+	n.serve("job router", func() error { return router.Run(ctx) })
+	select {
+	case <-router.Running():
+		return nil
+	case <-n.done:
+		return n.err
+	case <-time.After(30 * time.Second):
+		return errors.New("job router did not start within 30s")
+	}
+}
+
+// serve runs fn for the node's lifetime; an error from it stops the node.
+func (n *Node) serve(name string, fn func() error) {
+	n.wg.Add(1)
+	go func() {
+		defer n.wg.Done()
+		if err := fn(); err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, grpc.ErrServerStopped) {
+			n.fail(fmt.Errorf("%s: %w", name, err))
+		}
+	}()
+}
+
+func (n *Node) goLoop(fn func(context.Context), ctx context.Context) {
+	n.wg.Add(1)
+	go func() {
+		defer n.wg.Done()
+		fn(ctx)
+	}()
+}
+
+func (n *Node) serveHTTP(into *[]*http.Server, name string, h http.Handler, ln net.Listener, tls bool) {
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(n.logger.Handler(), slog.LevelDebug)}
+	*into = append(*into, srv)
+	n.serve(name, func() error {
+		if tls {
+			return srv.ServeTLS(ln, n.cfg.Cloud.TLSCertFile, n.cfg.Cloud.TLSKeyFile)
+		}
+		return srv.Serve(ln)
+	})
+}
+
+func (n *Node) fail(err error) {
+	n.errOnce.Do(func() {
+		n.err = err
+		close(n.done)
+	})
+}
+
+// Addrs returns where the node listens.
+func (n *Node) Addrs() Addrs { return n.addrs }
+
+// NodeID is the cloud node's id, when the node runs cloud.
+func (n *Node) NodeID() string { return n.nodeID }
+
+// Done is closed when a stage fails; Err says why.
+func (n *Node) Done() <-chan struct{} { return n.done }
+
+// Err is the failure that closed Done.
+func (n *Node) Err() error { return n.err }
+
+// Shutdown stops the node: cloud stops accepting and closes its clients
+// with 1001, job finishes the messages in hand, then logic and the broker
+// stop. ctx bounds the wait for clients and in-flight work.
+func (n *Node) Shutdown(ctx context.Context) error {
+	n.stop(ctx)
+	n.fail(nil)
+	return nil
+}
+
+func (n *Node) stop(ctx context.Context) {
+	for _, s := range n.cloudHTTP {
+		_ = s.Shutdown(ctx)
+	}
+	if n.cloudTCP != nil {
+		_ = n.cloudTCP.Close()
+	}
+	if n.cloudStage != nil {
+		n.cloudStage.CloseAll()
+		waited := make(chan struct{})
+		go func() { n.cloudStage.Wait(); close(waited) }()
+		select {
+		case <-waited:
+		case <-ctx.Done():
+			n.logger.Warn("shutdown: client connections still closing", "err", ctx.Err())
+		}
+	}
+	if n.router != nil {
+		_ = n.router.Close()
+	}
+	for _, s := range n.httpSrvs {
+		_ = s.Shutdown(ctx)
+	}
+	for _, g := range []*grpc.Server{n.cloudGRPC, n.logicGRPC} {
+		if g != nil {
+			gracefulStop(ctx, g)
+		}
+	}
+	n.cancel()
+	if n.jobStage != nil {
+		_ = n.jobStage.Close()
+	}
+	if n.logicConn != nil {
+		_ = n.logicConn.Close()
+	}
+	if n.broker != nil {
+		if err := n.broker.Close(); err != nil {
+			n.logger.Warn("close broker", "err", err)
+		}
+	}
+	n.wg.Wait()
+}
+
+func gracefulStop(ctx context.Context, g *grpc.Server) {
+	stopped := make(chan struct{})
+	go func() { g.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-ctx.Done():
+		g.Stop()
+	}
+}
+
+func sweep(ctx context.Context, r *memory.Registry) {
+	t := time.NewTicker(time.Minute)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			r.Sweep()
+		}
+	}
+}
+
+func adminHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/livez", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	return mux
+}

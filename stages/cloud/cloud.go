@@ -1,0 +1,365 @@
+// Package cloud holds client connections (TCP and WebSocket, goim's v2
+// protocol): it authenticates them through logic, keeps their rooms and
+// operation filters, and writes out the pushes job delivers over gRPC.
+package cloud
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill/message"
+	"github.com/google/uuid"
+	"github.com/gorilla/websocket"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"imcloud/config"
+	"imcloud/pipeline"
+	"imcloud/proto/pb"
+	"imcloud/proto/wire"
+)
+
+// logicCallTimeout bounds each call to logic made on a client's behalf.
+const logicCallTimeout = 5 * time.Second
+
+// Stage is a cloud node.
+type Stage struct {
+	cfg           config.Cloud
+	nodeID        string
+	advertise     string
+	logic         pb.LogicClient
+	upstream      message.Publisher
+	upstreamTopic string
+	logger        *slog.Logger
+
+	buckets  []*bucket
+	upgrader *websocket.Upgrader
+	// roomOnline holds the cluster-wide room counts logic last reported.
+	roomOnline atomic.Pointer[map[string]int32]
+	conns      sync.WaitGroup
+}
+
+// Options are a cloud node's collaborators.
+type Options struct {
+	// NodeID names this node in the registry; AdvertiseAddr is where job
+	// reaches its gRPC service.
+	NodeID, AdvertiseAddr string
+	Logic                 pb.LogicClient
+	Upstream              message.Publisher
+	UpstreamTopic         string
+	Logger                *slog.Logger
+}
+
+// New returns a cloud node.
+func New(cfg config.Cloud, o Options) *Stage {
+	s := &Stage{
+		cfg:           cfg,
+		nodeID:        o.NodeID,
+		advertise:     o.AdvertiseAddr,
+		logic:         o.Logic,
+		upstream:      o.Upstream,
+		upstreamTopic: o.UpstreamTopic,
+		logger:        o.Logger.With("node", o.NodeID),
+		buckets:       newBuckets(cfg.Buckets),
+		upgrader:      upgrader(cfg.AllowedOrigins),
+	}
+	s.roomOnline.Store(&map[string]int32{})
+	return s
+}
+
+// RegisterGRPC adds the Cloud service to g.
+func (s *Stage) RegisterGRPC(g *grpc.Server) { pb.RegisterCloudServer(g, &grpcServer{s: s}) }
+
+// Register reports the node to logic, which is how job finds it.
+func (s *Stage) Register(ctx context.Context) error {
+	if err := s.renew(ctx); err != nil {
+		return fmt.Errorf("register cloud node with logic: %w", err)
+	}
+	return nil
+}
+
+// Run keeps the node's registration and online counts current until ctx
+// ends.
+func (s *Stage) Run(ctx context.Context) {
+	t := time.NewTicker(s.cfg.RenewInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if err := s.renew(ctx); err != nil && ctx.Err() == nil {
+				s.logger.Warn("renew online counts", "err", err)
+			}
+		}
+	}
+}
+
+func (s *Stage) renew(ctx context.Context) error {
+	rooms := s.roomCounts()
+	ctx, cancel := context.WithTimeout(ctx, logicCallTimeout)
+	defer cancel()
+	reply, err := s.logic.RenewOnline(ctx, &pb.RenewOnlineReq{Server: s.nodeID, GrpcAddr: s.advertise, RoomCount: rooms})
+	if err != nil {
+		return err
+	}
+	all := reply.AllRoomCount
+	if all == nil {
+		all = map[string]int32{}
+	}
+	s.roomOnline.Store(&all)
+	return nil
+}
+
+func (s *Stage) roomCounts() map[string]int32 {
+	m := map[string]int32{}
+	for _, b := range s.buckets {
+		b.roomCounts(m)
+	}
+	return m
+}
+
+// onlineCount is the room's count as logic last reported it, or this
+// node's own count for a room logic has not reported yet.
+func (s *Stage) onlineCount(room string) int32 {
+	if room == "" {
+		return 0
+	}
+	if n, ok := (*s.roomOnline.Load())[room]; ok {
+		return n
+	}
+	var n int
+	for _, b := range s.buckets {
+		n += b.roomCount(room)
+	}
+	return int32(n)
+}
+
+// ServeTCP accepts TCP clients until ln is closed.
+func (s *Stage) ServeTCP(ln net.Listener) error {
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				time.Sleep(10 * time.Millisecond)
+				continue
+			}
+			return fmt.Errorf("accept tcp: %w", err)
+		}
+		s.conns.Add(1)
+		go func() {
+			defer s.conns.Done()
+			s.serve(newTCPTransport(conn, s.cfg.MaxBodyBytes))
+		}()
+	}
+}
+
+// WSHandler serves WebSocket clients on /sub.
+func (s *Stage) WSHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/sub", func(w http.ResponseWriter, r *http.Request) {
+		conn, err := s.upgrader.Upgrade(w, r, nil)
+		if err != nil {
+			s.logger.Debug("websocket upgrade refused", "remote", r.RemoteAddr, "origin", r.Header.Get("Origin"), "err", err)
+			return
+		}
+		conn.SetReadLimit(int64(s.cfg.MaxBodyBytes + wire.HeaderLen))
+		s.conns.Add(1)
+		defer s.conns.Done()
+		s.serve(&wsTransport{conn: conn, maxBody: s.cfg.MaxBodyBytes})
+	})
+	return mux
+}
+
+// Wait blocks until every client connection has ended.
+func (s *Stage) Wait() { s.conns.Wait() }
+
+// CloseAll closes every client connection with code 1001.
+func (s *Stage) CloseAll() {
+	var chs []*channel
+	for _, b := range s.buckets {
+		chs = b.channels(chs)
+	}
+	for _, ch := range chs {
+		ch.close(closeGoingAway, "server shutting down")
+	}
+}
+
+// serve runs one connection from handshake to close.
+func (s *Stage) serve(t transport) {
+	remote := t.RemoteAddr().String()
+	ch, err := s.handshake(t)
+	if err != nil {
+		s.logger.Info("handshake failed", "remote", remote, "err", err)
+		return
+	}
+	b := bucketFor(s.buckets, ch.key)
+	if old := b.put(ch); old != nil {
+		old.close(closeReplaced, "replaced by a new connection")
+	}
+	go ch.writeLoop()
+	hb := s.cfg.HeartbeatInterval
+	reply := authReply{Mid: ch.mid, Key: ch.key, Rooms: ch.roomList(), Heartbeat: int64(hb / time.Second)}
+	ch.send(outItem{pkt: wire.Encode(wire.OpAuthReply, 0, reply.encode())})
+	s.logger.Debug("client connected", "mid", ch.mid, "key", ch.key, "remote", remote)
+
+	err = s.readLoop(ch, b)
+	ch.close(closeCode(err))
+	b.del(ch)
+	ctx, cancel := context.WithTimeout(context.Background(), logicCallTimeout)
+	defer cancel()
+	if _, derr := s.logic.Disconnect(ctx, &pb.DisconnectReq{Mid: ch.mid, Key: ch.key, Server: s.nodeID}); derr != nil {
+		s.logger.Warn("report disconnect to logic", "mid", ch.mid, "key", ch.key, "err", derr)
+	}
+	s.logger.Debug("client disconnected", "mid", ch.mid, "key", ch.key, "err", err)
+}
+
+// errProtocol is a client breaking the protocol; the connection is closed.
+var errProtocol = errors.New("protocol error")
+
+// closeCode picks the close frame for why a connection ended.
+func closeCode(err error) (int, string) {
+	switch {
+	case isTooLarge(err):
+		return closeTooBig, "packet too large"
+	case errors.Is(err, errProtocol), errors.Is(err, wire.ErrHeaderLen), errors.Is(err, wire.ErrShort):
+		return closeProtocol, "protocol error"
+	default:
+		return closeNormal, ""
+	}
+}
+
+// handshake reads the auth packet within the handshake timeout and has
+// logic authenticate it. Failure closes the connection without op 8.
+func (s *Stage) handshake(t transport) (*channel, error) {
+	_ = t.SetReadDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
+	ps, err := t.Read()
+	if err != nil {
+		t.Close(closeCode(err))
+		return nil, fmt.Errorf("read auth packet: %w", err)
+	}
+	if len(ps) != 1 || ps[0].Op != wire.OpAuth {
+		t.Close(closeProtocol, "first packet must be auth")
+		return nil, fmt.Errorf("%w: first packet is not auth", errProtocol)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), logicCallTimeout)
+	defer cancel()
+	host, _, _ := net.SplitHostPort(t.RemoteAddr().String())
+	reply, err := s.logic.Connect(ctx, &pb.ConnectReq{Server: s.nodeID, Token: ps[0].Body, RemoteAddr: t.RemoteAddr().String()})
+	if err != nil {
+		if status.Code(err) == codes.Unauthenticated {
+			t.Close(closeAuthFailed, "authentication failed")
+		} else {
+			t.Close(closeGoingAway, "authentication unavailable")
+		}
+		return nil, fmt.Errorf("connect to logic: %w", err)
+	}
+	ch := newChannel(t, s.cfg.SendQueue, s.logger)
+	ch.mid, ch.key, ch.platform, ch.ip = reply.Mid, reply.Key, reply.Platform, host
+	ch.rooms = uniq(reply.Rooms)
+	if len(reply.Accepts) > 0 {
+		ch.setAccepts(reply.Accepts, true)
+	}
+	return ch, nil
+}
+
+func uniq(ss []string) []string {
+	out := make([]string, 0, len(ss))
+	seen := map[string]bool{}
+	for _, s := range ss {
+		if s != "" && !seen[s] {
+			seen[s] = true
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+func (s *Stage) readLoop(ch *channel, b *bucket) error {
+	// Two missed heartbeats close the connection.
+	idle := 2*s.cfg.HeartbeatInterval + s.cfg.HandshakeTimeout
+	for {
+		_ = ch.t.SetReadDeadline(time.Now().Add(idle))
+		ps, err := ch.t.Read()
+		for _, p := range ps {
+			if herr := s.handle(ch, b, p); herr != nil {
+				return herr
+			}
+		}
+		if err != nil {
+			if errors.Is(err, io.EOF) || websocket.IsCloseError(err, websocket.CloseNormalClosure, websocket.CloseGoingAway) {
+				return nil
+			}
+			return err
+		}
+	}
+}
+
+func (s *Stage) handle(ch *channel, b *bucket, p wire.Packet) error {
+	switch p.Op {
+	case wire.OpHeartbeat:
+		var body [4]byte
+		rooms := ch.roomList()
+		room := ""
+		if len(rooms) > 0 {
+			room = rooms[0]
+		}
+		binary.BigEndian.PutUint32(body[:], uint32(s.onlineCount(room)))
+		ch.send(outItem{pkt: wire.Encode(wire.OpHeartbeatReply, p.Seq, body[:])})
+		ctx, cancel := context.WithTimeout(context.Background(), logicCallTimeout)
+		_, err := s.logic.Heartbeat(ctx, &pb.HeartbeatReq{Mid: ch.mid, Key: ch.key, Server: s.nodeID})
+		cancel()
+		if err != nil {
+			s.logger.Warn("renew session with logic", "key", ch.key, "err", err)
+		}
+	case wire.OpSendMsg:
+		if err := s.publishUpstream(ch, p); err != nil {
+			s.logger.Error("publish upstream message", "key", ch.key, "err", err)
+			return fmt.Errorf("publish upstream: %w", err)
+		}
+		ch.send(outItem{pkt: wire.Encode(wire.OpSendMsgReply, p.Seq, nil)})
+	case wire.OpChangeRoom:
+		room := strings.TrimSpace(string(p.Body))
+		b.changeRoom(ch, room)
+		ch.send(outItem{pkt: wire.Encode(wire.OpChangeRoomReply, p.Seq, []byte(room))})
+	case wire.OpSub, wire.OpUnsub:
+		ops, ok := parseOps(p.Body)
+		if !ok {
+			return fmt.Errorf("%w: operation list %q", errProtocol, p.Body)
+		}
+		ch.setAccepts(ops, p.Op == wire.OpSub)
+		ch.send(outItem{pkt: wire.Encode(p.Op+1, p.Seq, p.Body)})
+	case wire.OpAuth:
+		return fmt.Errorf("%w: auth after authentication", errProtocol)
+	default:
+		s.logger.Debug("ignoring unknown operation", "key", ch.key, "op", p.Op)
+	}
+	return nil
+}
+
+func (s *Stage) publishUpstream(ch *channel, p wire.Packet) error {
+	id := uuid.NewString()
+	msg := message.NewMessage(id, append([]byte(nil), p.Body...))
+	msg.Metadata.Set(pipeline.MetaMessageID, id)
+	msg.Metadata.Set(pipeline.MetaMid, strconv.FormatInt(ch.mid, 10))
+	msg.Metadata.Set(pipeline.MetaKey, ch.key)
+	msg.Metadata.Set(pipeline.MetaSeq, strconv.FormatInt(int64(p.Seq), 10))
+	msg.Metadata.Set(pipeline.MetaRooms, strings.Join(ch.roomList(), ","))
+	return s.upstream.Publish(s.upstreamTopic, msg)
+}

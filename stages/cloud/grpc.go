@@ -1,0 +1,119 @@
+package cloud
+
+import (
+	"context"
+	"time"
+
+	"golang.org/x/time/rate"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"imcloud/proto/pb"
+	"imcloud/proto/wire"
+)
+
+// grpcServer is the Cloud service job calls.
+type grpcServer struct {
+	pb.UnimplementedCloudServer
+	s *Stage
+}
+
+// packet encodes a push once; every recipient shares the bytes.
+func packet(p *pb.Proto) (outItem, error) {
+	if p == nil {
+		return outItem{}, status.Error(codes.InvalidArgument, "proto is required")
+	}
+	if p.Op < wire.MinBusinessOp && p.Op != wire.OpRaw {
+		return outItem{}, status.Errorf(codes.InvalidArgument, "operation %d is reserved for the protocol", p.Op)
+	}
+	return outItem{pkt: wire.Encode(p.Op, 0, p.Body), push: true}, nil
+}
+
+func (g *grpcServer) PushMsg(_ context.Context, req *pb.PushMsgReq) (*pb.PushMsgReply, error) {
+	item, err := packet(req.Proto)
+	if err != nil {
+		return nil, err
+	}
+	reply := &pb.PushMsgReply{}
+	for _, key := range req.Keys {
+		ch := bucketFor(g.s.buckets, key).get(key)
+		if ch != nil && ch.accepts(req.Proto.Op) && ch.send(item) {
+			reply.Delivered++
+		} else {
+			reply.Offline = append(reply.Offline, key)
+		}
+	}
+	return reply, nil
+}
+
+func (g *grpcServer) BroadcastRoom(_ context.Context, req *pb.BroadcastRoomReq) (*pb.BroadcastRoomReply, error) {
+	item, err := packet(req.Proto)
+	if err != nil {
+		return nil, err
+	}
+	if req.RoomId == "" {
+		return nil, status.Error(codes.InvalidArgument, "room_id is required")
+	}
+	var n int
+	for _, b := range g.s.buckets {
+		n += b.roomSend(req.RoomId, req.Proto.Op, item)
+	}
+	return &pb.BroadcastRoomReply{Delivered: int32(n)}, nil
+}
+
+// Broadcast queues to every connection. A paced broadcast runs on after
+// the call returns, since at speed it may outlast any caller's deadline;
+// pacing waits between sends, never inside a bucket lock.
+func (g *grpcServer) Broadcast(_ context.Context, req *pb.BroadcastReq) (*pb.BroadcastReply, error) {
+	item, err := packet(req.Proto)
+	if err != nil {
+		return nil, err
+	}
+	var chs []*channel
+	for _, b := range g.s.buckets {
+		chs = b.channels(chs)
+	}
+	op := req.Proto.Op
+	if req.Speed <= 0 {
+		n := 0
+		for _, ch := range chs {
+			if ch.accepts(op) && ch.send(item) {
+				n++
+			}
+		}
+		return &pb.BroadcastReply{Delivered: int32(n)}, nil
+	}
+	lim := rate.NewLimiter(rate.Limit(req.Speed), max(1, int(req.Speed)/10))
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Duration(len(chs)/int(req.Speed)+10)*time.Second)
+		defer cancel()
+		for _, ch := range chs {
+			if !ch.accepts(op) {
+				continue
+			}
+			if err := lim.Wait(ctx); err != nil {
+				g.s.logger.Warn("paced broadcast stopped", "err", err)
+				return
+			}
+			ch.send(item)
+		}
+	}()
+	return &pb.BroadcastReply{Delivered: int32(len(chs))}, nil
+}
+
+func (g *grpcServer) Rooms(context.Context, *pb.RoomsReq) (*pb.RoomsReply, error) {
+	return &pb.RoomsReply{Rooms: g.s.roomCounts()}, nil
+}
+
+func (g *grpcServer) Ping(context.Context, *pb.PingReq) (*pb.PingReply, error) {
+	return &pb.PingReply{NodeId: g.s.nodeID}, nil
+}
+
+func (g *grpcServer) Close(_ context.Context, req *pb.CloseReq) (*pb.CloseReply, error) {
+	ch := bucketFor(g.s.buckets, req.Key).get(req.Key)
+	if ch == nil {
+		return &pb.CloseReply{}, nil
+	}
+	ch.close(closeReplaced, "replaced by a connection on another node")
+	return &pb.CloseReply{Closed: true}, nil
+}

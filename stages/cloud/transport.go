@@ -1,0 +1,147 @@
+package cloud
+
+import (
+	"bufio"
+	"errors"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/gorilla/websocket"
+
+	"imcloud/proto/wire"
+)
+
+// transport is the framing of one connection: TCP or WebSocket.
+type transport interface {
+	// Read returns the next packets the client sent.
+	Read() ([]wire.Packet, error)
+	// Write sends a batch in one write, numbering push packets from seq.
+	Write(batch []outItem, seq *atomic.Int32) error
+	// Close tells the client why, where the framing can, and closes.
+	Close(code int, reason string)
+	SetReadDeadline(t time.Time) error
+	RemoteAddr() net.Addr
+}
+
+// writeDeadline bounds one write so that a peer that stopped reading
+// cannot hold its writer forever.
+const writeDeadline = 10 * time.Second
+
+// appendBatch encodes the batch into dst, writing each push packet's
+// delivery sequence into the copy.
+func appendBatch(dst []byte, batch []outItem, seq *atomic.Int32) []byte {
+	for _, it := range batch {
+		start := len(dst)
+		dst = append(dst, it.pkt...)
+		if it.push {
+			wire.SetSeq(dst[start:], seq.Add(1))
+		}
+	}
+	return dst
+}
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, 4096); return &b }}
+
+// tcpTransport carries packets back to back on a stream.
+type tcpTransport struct {
+	conn net.Conn
+	r    *wire.Reader
+}
+
+func newTCPTransport(conn net.Conn, maxBody int) *tcpTransport {
+	return &tcpTransport{conn: conn, r: wire.NewReader(bufio.NewReaderSize(conn, 512), maxBody)}
+}
+
+func (t *tcpTransport) Read() ([]wire.Packet, error) {
+	p, err := t.r.Read()
+	if err != nil {
+		return nil, err
+	}
+	return []wire.Packet{p}, nil
+}
+
+func (t *tcpTransport) Write(batch []outItem, seq *atomic.Int32) error {
+	bp := bufPool.Get().(*[]byte)
+	buf := appendBatch((*bp)[:0], batch, seq)
+	_ = t.conn.SetWriteDeadline(time.Now().Add(writeDeadline))
+	_, err := t.conn.Write(buf)
+	*bp = buf[:0]
+	bufPool.Put(bp)
+	return err
+}
+
+func (t *tcpTransport) Close(int, string)                 { _ = t.conn.Close() }
+func (t *tcpTransport) SetReadDeadline(d time.Time) error { return t.conn.SetReadDeadline(d) }
+func (t *tcpTransport) RemoteAddr() net.Addr              { return t.conn.RemoteAddr() }
+
+// wsTransport carries one packet per binary frame, or several in an op 9
+// frame.
+type wsTransport struct {
+	conn    *websocket.Conn
+	maxBody int
+}
+
+func (t *wsTransport) Read() ([]wire.Packet, error) {
+	_, frame, err := t.conn.ReadMessage()
+	if err != nil {
+		return nil, err
+	}
+	return wire.DecodeAll(frame, t.maxBody)
+}
+
+func (t *wsTransport) Write(batch []outItem, seq *atomic.Int32) error {
+	bp := bufPool.Get().(*[]byte)
+	buf := (*bp)[:0]
+	if len(batch) == 1 {
+		buf = appendBatch(buf, batch, seq)
+	} else {
+		// One op 9 packet whose body is the whole batch.
+		buf = append(buf, make([]byte, wire.HeaderLen)...)
+		buf = appendBatch(buf, batch, seq)
+		wire.PutHeader(buf, len(buf)-wire.HeaderLen, wire.OpRaw, 0)
+	}
+	_ = t.conn.SetWriteDeadline(time.Now().Add(writeDeadline))
+	err := t.conn.WriteMessage(websocket.BinaryMessage, buf)
+	*bp = buf[:0]
+	bufPool.Put(bp)
+	return err
+}
+
+func (t *wsTransport) Close(code int, reason string) {
+	msg := websocket.FormatCloseMessage(code, reason)
+	_ = t.conn.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second))
+	_ = t.conn.Close()
+}
+
+func (t *wsTransport) SetReadDeadline(d time.Time) error { return t.conn.SetReadDeadline(d) }
+func (t *wsTransport) RemoteAddr() net.Addr              { return t.conn.RemoteAddr() }
+
+// isTooLarge reports whether err is a client packet over the body limit.
+func isTooLarge(err error) bool {
+	return errors.Is(err, wire.ErrTooLarge) || errors.Is(err, websocket.ErrReadLimit)
+}
+
+// upgrader builds the WebSocket upgrader for the allowed origins: empty
+// means same origin only (gorilla's default check), "*" any origin.
+func upgrader(allowed []string) *websocket.Upgrader {
+	u := &websocket.Upgrader{
+		ReadBufferSize:  1024,
+		WriteBufferSize: 1024,
+		WriteBufferPool: &sync.Pool{},
+	}
+	if len(allowed) == 0 {
+		return u
+	}
+	set := map[string]bool{}
+	for _, o := range allowed {
+		set[o] = true
+	}
+	u.CheckOrigin = func(r *http.Request) bool {
+		origin := r.Header.Get("Origin")
+		return set["*"] || origin == "" || set[origin]
+	}
+	return u
+}

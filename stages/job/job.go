@@ -1,0 +1,152 @@
+// Package job consumes PushMsg envelopes from the broker and delivers
+// them to cloud nodes over gRPC. It is stateless; any number of jobs share
+// the push queue.
+package job
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"slices"
+	"sync"
+
+	"github.com/ThreeDotsLabs/watermill/message"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"imcloud/pipeline"
+	"imcloud/proto/pb"
+)
+
+// Nodes lists the live cloud nodes as id → gRPC address.
+type Nodes interface {
+	Nodes(ctx context.Context) (map[string]string, error)
+}
+
+// StaticNodes is a fixed node list; each node's id is its address.
+type StaticNodes []string
+
+// Nodes implements Nodes.
+func (s StaticNodes) Nodes(context.Context) (map[string]string, error) {
+	m := make(map[string]string, len(s))
+	for _, a := range s {
+		m[a] = a
+	}
+	return m, nil
+}
+
+// Stage delivers pushes to cloud nodes.
+type Stage struct {
+	nodes  Nodes
+	logger *slog.Logger
+
+	mu    sync.Mutex
+	conns map[string]*grpc.ClientConn // by address
+}
+
+// New returns a job stage finding cloud nodes through nodes.
+func New(nodes Nodes, logger *slog.Logger) *Stage {
+	return &Stage{nodes: nodes, logger: logger, conns: map[string]*grpc.ClientConn{}}
+}
+
+// AddHandlers subscribes consumers handlers to topic on r.
+func (s *Stage) AddHandlers(r *message.Router, sub message.Subscriber, topic string, consumers int) {
+	for i := range consumers {
+		r.AddConsumerHandler(fmt.Sprintf("job.push.%d", i), topic, sub, s.Handle)
+	}
+}
+
+// Close closes the connections to cloud nodes.
+func (s *Stage) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var errs []error
+	for addr, c := range s.conns {
+		errs = append(errs, c.Close())
+		delete(s.conns, addr)
+	}
+	return errors.Join(errs...)
+}
+
+func (s *Stage) client(addr string) (pb.CloudClient, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if c, ok := s.conns[addr]; ok {
+		return pb.NewCloudClient(c), nil
+	}
+	c, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, fmt.Errorf("dial cloud %s: %w", addr, err)
+	}
+	s.conns[addr] = c
+	return pb.NewCloudClient(c), nil
+}
+
+// Handle delivers one PushMsg. It fails, so that the message is retried
+// and at last poisoned, when any target node could not be reached.
+func (s *Stage) Handle(msg *message.Message) error {
+	pm, err := pipeline.DecodePush(msg)
+	if err != nil {
+		return err
+	}
+	ctx := msg.Context()
+	nodes, err := s.nodes.Nodes(ctx)
+	if err != nil {
+		return fmt.Errorf("list cloud nodes: %w", err)
+	}
+	p := &pb.Proto{Ver: 1, Op: pm.Operation, Body: pm.Msg}
+	switch pm.Type {
+	case pb.PushMsg_PUSH:
+		addr, ok := nodes[pm.Server]
+		if !ok {
+			return fmt.Errorf("cloud node %q is not registered", pm.Server)
+		}
+		c, err := s.client(addr)
+		if err != nil {
+			return err
+		}
+		reply, err := c.PushMsg(ctx, &pb.PushMsgReq{Keys: pm.Keys, Proto: p})
+		if err != nil {
+			return fmt.Errorf("push to %d keys on %s: %w", len(pm.Keys), pm.Server, err)
+		}
+		if len(reply.Offline) > 0 {
+			s.logger.Debug("keys offline at delivery", "server", pm.Server, "offline", len(reply.Offline))
+		}
+		return nil
+	case pb.PushMsg_ROOM:
+		return s.eachNode(nodes, func(c pb.CloudClient) error {
+			_, err := c.BroadcastRoom(ctx, &pb.BroadcastRoomReq{RoomId: pm.Room, Proto: p})
+			return err
+		})
+	case pb.PushMsg_BROADCAST:
+		return s.eachNode(nodes, func(c pb.CloudClient) error {
+			_, err := c.Broadcast(ctx, &pb.BroadcastReq{Proto: p, Speed: pm.Speed})
+			return err
+		})
+	default:
+		return fmt.Errorf("unknown push type %v", pm.Type)
+	}
+}
+
+// eachNode calls every node concurrently and joins their errors.
+func (s *Stage) eachNode(nodes map[string]string, call func(pb.CloudClient) error) error {
+	ids := slices.Sorted(maps.Keys(nodes))
+	errs := make([]error, len(ids))
+	var wg sync.WaitGroup
+	for i, id := range ids {
+		c, err := s.client(nodes[id])
+		if err != nil {
+			errs[i] = err
+			continue
+		}
+		wg.Go(func() {
+			if err := call(c); err != nil {
+				errs[i] = fmt.Errorf("cloud %s: %w", id, err)
+			}
+		})
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
