@@ -1,0 +1,161 @@
+// Package client is a goim v2 protocol client over WebSocket or TCP, used
+// by the end-to-end tests, the bench tool and `imcloud listen`.
+package client
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/gorilla/websocket"
+
+	"imcloud/proto/wire"
+)
+
+// maxBody is the largest body the client accepts; a server's op 9 batch
+// can be much larger than a single packet.
+const maxBody = 16 << 20
+
+// AuthReply is the op 8 body.
+type AuthReply struct {
+	Mid       int64    `json:"mid"`
+	Key       string   `json:"key"`
+	Rooms     []string `json:"rooms"`
+	Heartbeat int64    `json:"heartbeat"`
+}
+
+// Conn is one client connection. Read is for one goroutine; Send may be
+// called from any.
+type Conn struct {
+	ws      *websocket.Conn
+	tcp     net.Conn
+	tcpRead *wire.Reader
+
+	wmu     sync.Mutex
+	seq     int32
+	pending []wire.Packet
+}
+
+// DialWS connects to a WebSocket endpoint such as ws://127.0.0.1:3102/sub.
+func DialWS(ctx context.Context, url string, header http.Header) (*Conn, error) {
+	ws, _, err := websocket.DefaultDialer.DialContext(ctx, url, header)
+	if err != nil {
+		return nil, fmt.Errorf("dial %s: %w", url, err)
+	}
+	ws.SetReadLimit(maxBody)
+	return &Conn{ws: ws}, nil
+}
+
+// DialTCP connects to a TCP listener.
+func DialTCP(ctx context.Context, addr string) (*Conn, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("dial %s: %w", addr, err)
+	}
+	return &Conn{tcp: c, tcpRead: wire.NewReader(bufio.NewReader(c), maxBody)}, nil
+}
+
+// Send sends one packet with the next sequence number and returns it.
+func (c *Conn) Send(op int32, body []byte) (int32, error) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	c.seq++
+	return c.seq, c.writeRaw(wire.Encode(op, c.seq, body))
+}
+
+// WriteRaw sends bytes as they are, for testing servers against bad input.
+func (c *Conn) WriteRaw(b []byte) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	return c.writeRaw(b)
+}
+
+func (c *Conn) writeRaw(b []byte) error {
+	if c.ws != nil {
+		return c.ws.WriteMessage(websocket.BinaryMessage, b)
+	}
+	_, err := c.tcp.Write(b)
+	return err
+}
+
+// Auth sends the auth packet and waits for op 8.
+func (c *Conn) Auth(token []byte) (AuthReply, error) {
+	if _, err := c.Send(wire.OpAuth, token); err != nil {
+		return AuthReply{}, fmt.Errorf("send auth: %w", err)
+	}
+	p, err := c.Read()
+	if err != nil {
+		return AuthReply{}, fmt.Errorf("read auth reply: %w", err)
+	}
+	if p.Op != wire.OpAuthReply {
+		return AuthReply{}, fmt.Errorf("auth answered with op %d", p.Op)
+	}
+	var r AuthReply
+	if err := json.Unmarshal(p.Body, &r); err != nil {
+		return AuthReply{}, fmt.Errorf("decode auth reply: %w", err)
+	}
+	return r, nil
+}
+
+// Read returns the next packet; packets of an op 9 batch come one by one.
+// The body is the caller's to keep.
+func (c *Conn) Read() (wire.Packet, error) {
+	for len(c.pending) == 0 {
+		var frame []byte
+		if c.ws != nil {
+			_, b, err := c.ws.ReadMessage()
+			if err != nil {
+				return wire.Packet{}, err
+			}
+			frame = b
+		} else {
+			p, err := c.tcpRead.Read()
+			if err != nil {
+				return wire.Packet{}, err
+			}
+			// Re-encoding copies the body out of the reader's buffer and
+			// lets one path flatten op 9 for both transports.
+			frame = wire.Encode(p.Op, p.Seq, p.Body)
+		}
+		ps, err := wire.DecodeAll(frame, maxBody)
+		if err != nil {
+			return wire.Packet{}, err
+		}
+		c.pending = ps
+	}
+	p := c.pending[0]
+	c.pending = c.pending[1:]
+	return p, nil
+}
+
+// SetReadDeadline bounds the next reads.
+func (c *Conn) SetReadDeadline(t time.Time) error {
+	if c.ws != nil {
+		return c.ws.SetReadDeadline(t)
+	}
+	return c.tcp.SetReadDeadline(t)
+}
+
+// Close closes the connection.
+func (c *Conn) Close() error {
+	if c.ws != nil {
+		return c.ws.Close()
+	}
+	return c.tcp.Close()
+}
+
+// CloseCode is the WebSocket close code err carries, or 0.
+func CloseCode(err error) int {
+	var ce *websocket.CloseError
+	if errors.As(err, &ce) {
+		return ce.Code
+	}
+	return 0
+}
