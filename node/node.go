@@ -314,6 +314,9 @@ func (n *Node) fail(err error) {
 // Addrs returns where the node listens.
 func (n *Node) Addrs() Addrs { return n.addrs }
 
+// Broker is the node's broker connection.
+func (n *Node) Broker() *pipeline.Broker { return n.broker }
+
 // NodeID is the cloud node's id, when the node runs cloud.
 func (n *Node) NodeID() string { return n.nodeID }
 

@@ -43,14 +43,17 @@ func (b *bucket) put(ch *channel) *channel {
 	return old
 }
 
-// del removes ch if it is still the key's connection.
-func (b *bucket) del(ch *channel) {
+// del removes ch and reports whether it was still the key's connection
+// (false once a newer connection with the same key replaced it).
+func (b *bucket) del(ch *channel) bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if b.chs[ch.key] == ch {
+	current := b.chs[ch.key] == ch
+	if current {
 		delete(b.chs, ch.key)
+		b.leaveAll(ch)
 	}
-	b.leaveAll(ch)
+	return current
 }
 
 // changeRoom moves ch out of every room and into room (none if empty).

@@ -221,7 +221,11 @@ func (s *Stage) serve(t transport) {
 
 	err = s.readLoop(ch, b)
 	ch.close(closeCode(err))
-	b.del(ch)
+	if !b.del(ch) {
+		// The session now belongs to the connection that replaced this one.
+		s.logger.Debug("replaced client disconnected", "mid", ch.mid, "key", ch.key)
+		return
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), logicCallTimeout)
 	defer cancel()
 	if _, derr := s.logic.Disconnect(ctx, &pb.DisconnectReq{Mid: ch.mid, Key: ch.key, Server: s.nodeID}); derr != nil {
