@@ -27,7 +27,7 @@ type Broker struct {
 // and upstream topics are declared before anything is published, so no
 // message is dropped for want of a consumer.
 func NewBroker(cfg config.Broker, topics config.Topics, logger *slog.Logger) (*Broker, error) {
-	wlog := watermill.NewSlogLogger(logger)
+	wlog := WatermillLogger(logger)
 	switch cfg.Kind {
 	case config.BrokerGoChannel:
 		gc := gochannel.New(wlog)
@@ -55,4 +55,10 @@ func (b *Broker) Close() error {
 		errs = append(errs, c())
 	}
 	return errors.Join(errs...)
+}
+
+// WatermillLogger adapts logger for Watermill, whose routine per-handler
+// and per-subscriber messages are logged at debug rather than info.
+func WatermillLogger(logger *slog.Logger) watermill.LoggerAdapter {
+	return watermill.NewSlogLoggerWithLevelMapping(logger, map[slog.Level]slog.Level{slog.LevelInfo: slog.LevelDebug})
 }

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"log/slog"
 
-	"github.com/ThreeDotsLabs/watermill"
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
 
@@ -21,7 +20,7 @@ import (
 //	Timeout        bounds each attempt by job.timeout (a fresh context per retry)
 //	Recoverer      turns a handler panic into an error the layers above see
 func NewRouter(cfg config.Job, poisonTopic string, poisonPub message.Publisher, logger *slog.Logger) (*message.Router, error) {
-	wlog := watermill.NewSlogLogger(logger)
+	wlog := WatermillLogger(logger)
 	r, err := message.NewRouter(message.RouterConfig{}, wlog)
 	if err != nil {
 		return nil, fmt.Errorf("create router: %w", err)
