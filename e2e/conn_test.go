@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"net/url"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -226,4 +227,64 @@ func TestSameKeyReplacesOldConnection(t *testing.T) {
 	body := uniq("to the new one")
 	h.push(request{path: "/im/push/keys", query: url.Values{"operation": {"1000"}, "keys": {"dup"}}, body: body})
 	expect(t, "new connection", fresh, 1000, body)
+}
+
+func TestMissedHeartbeatsCloseTheConnection(t *testing.T) {
+	h := start(t, "cloud.heartbeat_interval=100ms", "cloud.handshake_timeout=100ms")
+	quiet := h.connect("ws", logic.Claims{Mid: 1})
+	alive := h.connect("tcp", logic.Claims{Mid: 2, Key: "alive"})
+	start := time.Now()
+	// The live client heartbeats until the quiet one has been closed.
+	closed := make(chan error, 1)
+	go func() { closed <- expectClosedErr(quiet) }()
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for done := false; !done; {
+		select {
+		case err := <-closed:
+			if err == nil {
+				t.Fatal("quiet client received a packet instead of being closed")
+			}
+			done = true
+		case <-tick.C:
+			if _, err := alive.Send(wire.OpHeartbeat, nil); err != nil {
+				t.Fatal(err)
+			}
+			expect(t, "heartbeat reply", alive, wire.OpHeartbeatReply, "\x00\x00\x00\x00")
+		case <-time.After(wait):
+			t.Fatal("quiet client was not closed")
+		}
+	}
+	if d := time.Since(start); d < 200*time.Millisecond {
+		t.Fatalf("closed after %s, before two heartbeat intervals passed", d)
+	}
+	body := uniq("alive")
+	h.push(request{path: "/im/push/keys", query: url.Values{"operation": {"1000"}, "keys": {"alive"}}, body: body})
+	expect(t, "heartbeating client", alive, 1000, body)
+}
+
+// expectClosedErr reads one packet; it returns nil if one arrived.
+func expectClosedErr(c *client.Conn) error {
+	_ = c.SetReadDeadline(time.Now().Add(wait))
+	_, err := c.Read()
+	return err
+}
+
+func TestDisconnectedKeyIsReportedOffline(t *testing.T) {
+	h := start(t)
+	c := h.connect("ws", logic.Claims{Mid: 11, Key: "leaver"})
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(wait)
+	for {
+		rep := h.push(request{path: "/im/push/keys", query: url.Values{"operation": {"1000"}, "keys": {"leaver"}}, body: "x"})
+		if strings.Contains(string(rep.Data), `"offline_keys":["leaver"]`) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("key still online %s after its client left: %s", wait, rep.Data)
+		}
+		time.Sleep(10 * time.Millisecond) // polling a condition, with a deadline
+	}
 }

@@ -18,6 +18,7 @@ type session struct {
 
 type node struct {
 	addr    string
+	conns   int32
 	rooms   map[string]int32
 	expires time.Time
 }
@@ -137,14 +138,14 @@ func (r *Registry) KeysByMids(_ context.Context, mids []int64) (map[string]strin
 	return out, offline, nil
 }
 
-// RenewNode records a cloud node, its gRPC address and its per-room
-// connection counts, and returns the online count of those rooms across
-// every live node.
-func (r *Registry) RenewNode(_ context.Context, id, addr string, rooms map[string]int32) (map[string]int32, error) {
+// RenewNode records a cloud node, its gRPC address, its connection count
+// and its per-room counts, and returns the online count of those rooms
+// across every live node.
+func (r *Registry) RenewNode(_ context.Context, id, addr string, conns int32, rooms map[string]int32) (map[string]int32, error) {
 	now := r.now()
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.nodes[id] = node{addr: addr, rooms: maps.Clone(rooms), expires: now.Add(r.nodeTTL)}
+	r.nodes[id] = node{addr: addr, conns: conns, rooms: maps.Clone(rooms), expires: now.Add(r.nodeTTL)}
 	all := make(map[string]int32, len(rooms))
 	for _, n := range r.nodes {
 		if now.After(n.expires) {
@@ -157,6 +158,26 @@ func (r *Registry) RenewNode(_ context.Context, id, addr string, rooms map[strin
 		}
 	}
 	return all, nil
+}
+
+// Online is the number of connections in room across live nodes, or of
+// all connections when room is empty, as the nodes last reported them.
+func (r *Registry) Online(_ context.Context, room string) (int, error) {
+	now := r.now()
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	n := 0
+	for _, nd := range r.nodes {
+		if now.After(nd.expires) {
+			continue
+		}
+		if room == "" {
+			n += int(nd.conns)
+		} else {
+			n += int(nd.rooms[room])
+		}
+	}
+	return n, nil
 }
 
 // Nodes returns the live cloud nodes as id → gRPC address.

@@ -74,15 +74,21 @@ func TestSessions(t *testing.T) {
 func TestNodesAndRoomCounts(t *testing.T) {
 	ctx := context.Background()
 	r, clk := newTestRegistry()
-	if _, err := r.RenewNode(ctx, "n1", "10.0.0.1:3109", map[string]int32{"live://1": 3, "live://2": 1}); err != nil {
+	if _, err := r.RenewNode(ctx, "n1", "10.0.0.1:3109", 4, map[string]int32{"live://1": 3, "live://2": 1}); err != nil {
 		t.Fatal(err)
 	}
-	all, _ := r.RenewNode(ctx, "n2", "10.0.0.2:3109", map[string]int32{"live://1": 2})
+	all, _ := r.RenewNode(ctx, "n2", "10.0.0.2:3109", 2, map[string]int32{"live://1": 2})
 	if want := map[string]int32{"live://1": 5}; !maps.Equal(all, want) {
 		t.Fatalf("room counts = %v, want %v", all, want)
 	}
+	if n, _ := r.Online(ctx, "live://1"); n != 5 {
+		t.Fatalf("Online(live://1) = %d, want 5", n)
+	}
+	if n, _ := r.Online(ctx, ""); n != 6 {
+		t.Fatalf("Online(all) = %d, want 6", n)
+	}
 	clk.t = clk.t.Add(20 * time.Second)
-	_, _ = r.RenewNode(ctx, "n2", "10.0.0.2:3109", map[string]int32{"live://1": 2})
+	_, _ = r.RenewNode(ctx, "n2", "10.0.0.2:3109", 2, map[string]int32{"live://1": 2})
 	clk.t = clk.t.Add(20 * time.Second) // n1 lapsed, n2 did not
 	nodes, _ := r.Nodes(ctx)
 	if want := map[string]string{"n2": "10.0.0.2:3109"}; !maps.Equal(nodes, want) {

@@ -34,6 +34,7 @@ Usage:
   imcloud run --config F [--stages logic,job,cloud] [--set key=value]...
   imcloud token --mid N [--rooms R1,R2] [--accepts 1000,1001] [--key K] [--ttl D] [--config F]
   imcloud check --config F                                 validate a configuration and exit
+  imcloud listen --token T [--ws URL | --tcp ADDR]         connect as a client and print what arrives
   imcloud version
 
 Run "imcloud <command> --help" for a command's flags.
@@ -63,6 +64,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, environ [
 		return cmdToken(args, stdout, stderr, environ)
 	case "check":
 		return cmdCheck(args, stdout, stderr, environ)
+	case "listen":
+		return cmdListen(ctx, args, stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "imcloud", version)
 		return nil
@@ -253,23 +256,27 @@ func localURL(addr string) string {
 func printWelcome(w io.Writer, cfg config.Config, a node.Addrs) {
 	fmt.Fprintln(w, "imcloud standalone is ready. Listening:")
 	printAddrs(w, a)
-	apiKey := ""
-	if len(cfg.Logic.APIKeys) > 0 {
-		apiKey = cfg.Logic.APIKeys[0]
-		fmt.Fprintf(w, "\nAPI key: %s\n", apiKey)
-	}
-	tok, err := logic.IssueToken(cfg.Logic.Auth.JWTSecret, logic.Claims{Mid: 1, Rooms: []string{"live://1000"}}, 24*time.Hour)
-	if cfg.Logic.Auth.Mode == config.AuthJWT && err == nil {
-		fmt.Fprintf(w, "Client token (mid 1, room live://1000, 24h):\n  %s\n", tok)
-	}
 	auth := ""
-	if apiKey != "" {
-		auth = " -H 'Authorization: Bearer " + apiKey + "'"
+	if len(cfg.Logic.APIKeys) > 0 {
+		fmt.Fprintf(w, "\nAPI key: %s\n", cfg.Logic.APIKeys[0])
+		auth = " -H 'Authorization: Bearer " + cfg.Logic.APIKeys[0] + "'"
 	}
-	http := localURL(a.HTTP)
-	fmt.Fprintf(w, "\nPush to user 1:\n  curl -X POST%s 'http://%s/im/push/mids?operation=1000&mids=1' -d 'hello'\n", auth, http)
-	fmt.Fprintf(w, "Push to the room:\n  curl -X POST%s 'http://%s/im/push/room?operation=1000&type=live&room=1000' -d 'hello room'\n", auth, http)
+	// The auth body a client sends: a signed token, or goim's plain JSON.
+	token := `{"mid":1,"room_id":"live://1000"}`
+	if cfg.Logic.Auth.Mode == config.AuthJWT {
+		tok, err := logic.IssueToken(cfg.Logic.Auth.JWTSecret, logic.Claims{Mid: 1, Rooms: []string{"live://1000"}}, 24*time.Hour)
+		if err != nil {
+			tok = "(none: " + err.Error() + ")"
+		}
+		token = tok
+		fmt.Fprintf(w, "Client token (mid 1, room live://1000, 24h):\n  %s\n", token)
+	}
+	api := localURL(a.HTTP)
+	fmt.Fprintf(w, "\nPush to user 1:\n  curl -X POST%s 'http://%s/im/push/mids?operation=1000&mids=1' -d 'hello'\n", auth, api)
+	fmt.Fprintf(w, "Push to the room:\n  curl -X POST%s 'http://%s/im/push/room?operation=1000&type=live&room=1000' -d 'hello room'\n", auth, api)
 	if a.CloudWS != "" {
-		fmt.Fprintf(w, "Clients connect to ws://%s/sub and send the token as an op 7 packet (see README).\n", localURL(a.CloudWS))
+		ws := "ws://" + localURL(a.CloudWS) + "/sub"
+		fmt.Fprintf(w, "Watch it arrive:\n  imcloud listen --ws %s --token '%s'\n", ws, token)
+		fmt.Fprintf(w, "Clients connect to %s and send the token as an op 7 packet (see README).\n", ws)
 	}
 }

@@ -126,12 +126,15 @@ func (b *bucket) channels(dst []*channel) []*channel {
 	return dst
 }
 
-func (b *bucket) roomCounts(into map[string]int32) {
+// counts adds the bucket's room counts into rooms and returns its
+// connection count.
+func (b *bucket) counts(rooms map[string]int32) int32 {
 	b.mu.RLock()
 	defer b.mu.RUnlock()
 	for r, m := range b.rooms {
-		into[r] += int32(len(m))
+		rooms[r] += int32(len(m))
 	}
+	return int32(len(b.chs))
 }
 
 func (b *bucket) roomCount(room string) int {

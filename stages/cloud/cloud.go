@@ -108,10 +108,10 @@ func (s *Stage) Run(ctx context.Context) {
 }
 
 func (s *Stage) renew(ctx context.Context) error {
-	rooms := s.roomCounts()
+	rooms, conns := s.counts()
 	ctx, cancel := context.WithTimeout(ctx, logicCallTimeout)
 	defer cancel()
-	reply, err := s.logic.RenewOnline(ctx, &pb.RenewOnlineReq{Server: s.nodeID, GrpcAddr: s.advertise, RoomCount: rooms})
+	reply, err := s.logic.RenewOnline(ctx, &pb.RenewOnlineReq{Server: s.nodeID, GrpcAddr: s.advertise, RoomCount: rooms, ConnCount: conns})
 	if err != nil {
 		return err
 	}
@@ -123,12 +123,14 @@ func (s *Stage) renew(ctx context.Context) error {
 	return nil
 }
 
-func (s *Stage) roomCounts() map[string]int32 {
-	m := map[string]int32{}
+// counts returns the node's per-room and total connection counts.
+func (s *Stage) counts() (map[string]int32, int32) {
+	rooms := map[string]int32{}
+	var conns int32
 	for _, b := range s.buckets {
-		b.roomCounts(m)
+		conns += b.counts(rooms)
 	}
-	return m
+	return rooms, conns
 }
 
 // onlineCount is the room's count as logic last reported it, or this

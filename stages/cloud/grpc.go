@@ -102,7 +102,8 @@ func (g *grpcServer) Broadcast(_ context.Context, req *pb.BroadcastReq) (*pb.Bro
 }
 
 func (g *grpcServer) Rooms(context.Context, *pb.RoomsReq) (*pb.RoomsReply, error) {
-	return &pb.RoomsReply{Rooms: g.s.roomCounts()}, nil
+	rooms, _ := g.s.counts()
+	return &pb.RoomsReply{Rooms: rooms}, nil
 }
 
 func (g *grpcServer) Ping(context.Context, *pb.PingReq) (*pb.PingReply, error) {

@@ -54,7 +54,7 @@ func (s *grpcServer) RenewOnline(ctx context.Context, req *pb.RenewOnlineReq) (*
 	if req.Server == "" || req.GrpcAddr == "" {
 		return nil, status.Error(codes.InvalidArgument, "server and grpc_addr are required")
 	}
-	all, err := s.registry.RenewNode(ctx, req.Server, req.GrpcAddr, req.RoomCount)
+	all, err := s.registry.RenewNode(ctx, req.Server, req.GrpcAddr, req.ConnCount, req.RoomCount)
 	if err != nil {
 		return nil, status.Errorf(codes.Unavailable, "renew node: %v", err)
 	}

@@ -82,13 +82,23 @@ func (p *Pusher) PushMids(ctx context.Context, push Push, mids []int64) (PushRes
 // PushRoom pushes to every connection in room, on every node.
 func (p *Pusher) PushRoom(ctx context.Context, push Push, room string) (PushResult, error) {
 	pm := &pb.PushMsg{Type: pb.PushMsg_ROOM, Operation: push.Operation, Room: room, Msg: push.Msg}
-	return PushResult{MsgID: push.ID}, p.publish(ctx, push, pm)
+	return p.publishCounted(ctx, push, pm, room)
 }
 
 // PushAll broadcasts to every connection, paced at speed messages/s per node.
 func (p *Pusher) PushAll(ctx context.Context, push Push, speed int32) (PushResult, error) {
 	pm := &pb.PushMsg{Type: pb.PushMsg_BROADCAST, Operation: push.Operation, Speed: speed, Msg: push.Msg}
-	return PushResult{MsgID: push.ID}, p.publish(ctx, push, pm)
+	return p.publishCounted(ctx, push, pm, "")
+}
+
+// publishCounted publishes a room or broadcast push; its online count is
+// the one the cloud nodes last reported.
+func (p *Pusher) publishCounted(ctx context.Context, push Push, pm *pb.PushMsg, room string) (PushResult, error) {
+	online, err := p.registry.Online(ctx, room)
+	if err != nil {
+		return PushResult{}, fmt.Errorf("count online: %w", err)
+	}
+	return PushResult{MsgID: push.ID, Online: online}, p.publish(ctx, push, pm)
 }
 
 // publishToServers publishes one PUSH message per server holding keys.

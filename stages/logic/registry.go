@@ -14,7 +14,10 @@ type Registry interface {
 	ServersByKeys(ctx context.Context, keys []string) (map[string]string, error)
 	// KeysByMids maps the live keys of mids to servers and lists offline mids.
 	KeysByMids(ctx context.Context, mids []int64) (map[string]string, []int64, error)
-	// RenewNode records a cloud node and its room counts, returning the
-	// cluster-wide counts of those rooms.
-	RenewNode(ctx context.Context, id, addr string, rooms map[string]int32) (map[string]int32, error)
+	// RenewNode records a cloud node, its connection count and room counts,
+	// returning the cluster-wide counts of those rooms.
+	RenewNode(ctx context.Context, id, addr string, conns int32, rooms map[string]int32) (map[string]int32, error)
+	// Online counts connections in room (every connection when room is
+	// empty) as the cloud nodes last reported them.
+	Online(ctx context.Context, room string) (int, error)
 }
