@@ -146,15 +146,15 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Node
 		return nil, fmt.Errorf("connect broker: %w", err)
 	}
 
+	var logicStage *logic.Stage
 	if hasLogic {
-		st, err := logic.New(cfg.Logic, n.registry, n.broker.Publisher, cfg.Topics.Push, logger.With("stage", "logic"))
+		logicStage, err = logic.New(cfg.Logic, n.registry, n.broker.Publisher, cfg.Topics.Push, logger.With("stage", "logic"))
 		if err != nil {
 			return nil, err
 		}
 		n.logicGRPC = grpc.NewServer()
-		st.RegisterGRPC(n.logicGRPC)
+		logicStage.RegisterGRPC(n.logicGRPC)
 		n.serve("logic grpc", func() error { return n.logicGRPC.Serve(logicLn) })
-		n.serveHTTP(&n.httpSrvs, "logic http", st.Handler(), httpLn, false)
 		n.goLoop(func(ctx context.Context) { sweep(ctx, n.registry) }, runCtx)
 	}
 
@@ -170,6 +170,11 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Node
 		}
 	}
 
+	// The push API opens last: an embedded broker drops what is published
+	// before job subscribes, and a 200 must never stand for a dropped push.
+	if logicStage != nil {
+		n.serveHTTP(&n.httpSrvs, "logic http", logicStage.Handler(), httpLn, false)
+	}
 	if adminLn != nil {
 		n.serveHTTP(&n.httpSrvs, "admin", adminHandler(), adminLn, false)
 	}
@@ -335,7 +340,16 @@ func (n *Node) Shutdown(ctx context.Context) error {
 	return nil
 }
 
+// stop shuts down in the order that loses nothing accepted: the push API
+// stops taking pushes, job finishes the deliveries in hand, and only then
+// do clients go.
 func (n *Node) stop(ctx context.Context) {
+	for _, s := range n.httpSrvs {
+		_ = s.Shutdown(ctx)
+	}
+	if n.router != nil {
+		_ = n.router.Close()
+	}
 	for _, s := range n.cloudHTTP {
 		_ = s.Shutdown(ctx)
 	}
@@ -351,12 +365,6 @@ func (n *Node) stop(ctx context.Context) {
 		case <-ctx.Done():
 			n.logger.Warn("shutdown: client connections still closing", "err", ctx.Err())
 		}
-	}
-	if n.router != nil {
-		_ = n.router.Close()
-	}
-	for _, s := range n.httpSrvs {
-		_ = s.Shutdown(ctx)
 	}
 	for _, g := range []*grpc.Server{n.cloudGRPC, n.logicGRPC} {
 		if g != nil {

@@ -24,6 +24,7 @@ const (
 	closeGoingAway    = 1001
 	closeProtocol     = 1002
 	closeTooBig       = 1009
+	closeTryAgain     = 1013
 	closeSlowConsumer = 4008
 	closeReplaced     = 4009
 	closeAuthFailed   = 4401
@@ -31,12 +32,10 @@ const (
 
 // channel is one authenticated client connection.
 type channel struct {
-	mid      int64
-	key      string
-	platform string
-	ip       string
-	t        transport
-	logger   *slog.Logger
+	mid    int64
+	key    string
+	t      transport
+	logger *slog.Logger
 
 	out  chan outItem
 	done chan struct{}

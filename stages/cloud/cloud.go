@@ -266,18 +266,17 @@ func (s *Stage) handshake(t transport) (*channel, error) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), logicCallTimeout)
 	defer cancel()
-	host, _, _ := net.SplitHostPort(t.RemoteAddr().String())
 	reply, err := s.logic.Connect(ctx, &pb.ConnectReq{Server: s.nodeID, Token: ps[0].Body, RemoteAddr: t.RemoteAddr().String()})
 	if err != nil {
 		if status.Code(err) == codes.Unauthenticated {
 			t.Close(closeAuthFailed, "authentication failed")
 		} else {
-			t.Close(closeGoingAway, "authentication unavailable")
+			t.Close(closeTryAgain, "authentication unavailable, try again later")
 		}
 		return nil, fmt.Errorf("connect to logic: %w", err)
 	}
 	ch := newChannel(t, s.cfg.SendQueue, s.logger)
-	ch.mid, ch.key, ch.platform, ch.ip = reply.Mid, reply.Key, reply.Platform, host
+	ch.mid, ch.key = reply.Mid, reply.Key
 	ch.rooms = uniq(reply.Rooms)
 	if len(reply.Accepts) > 0 {
 		ch.setAccepts(reply.Accepts, true)

@@ -23,7 +23,7 @@ func packet(p *pb.Proto) (outItem, error) {
 	if p == nil {
 		return outItem{}, status.Error(codes.InvalidArgument, "proto is required")
 	}
-	if p.Op < wire.MinBusinessOp && p.Op != wire.OpRaw {
+	if p.Op < wire.MinBusinessOp {
 		return outItem{}, status.Errorf(codes.InvalidArgument, "operation %d is reserved for the protocol", p.Op)
 	}
 	return outItem{pkt: wire.Encode(p.Op, 0, p.Body), push: true}, nil
