@@ -155,7 +155,7 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Node
 		n.logicGRPC = grpc.NewServer()
 		logicStage.RegisterGRPC(n.logicGRPC)
 		n.serve("logic grpc", func() error { return n.logicGRPC.Serve(logicLn) })
-		n.goLoop(func(ctx context.Context) { sweep(ctx, n.registry) }, runCtx)
+		n.goLoop(n.registry.Run, runCtx)
 	}
 
 	if hasCloud {
@@ -396,18 +396,6 @@ func gracefulStop(ctx context.Context, g *grpc.Server) {
 	}
 }
 
-func sweep(ctx context.Context, r *memory.Registry) {
-	t := time.NewTicker(time.Minute)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			r.Sweep()
-		}
-	}
-}
 
 func adminHandler() http.Handler {
 	mux := http.NewServeMux()

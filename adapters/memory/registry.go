@@ -194,7 +194,21 @@ func (r *Registry) Nodes(_ context.Context) (map[string]string, error) {
 	return out, nil
 }
 
-// Sweep drops expired entries; call it periodically to bound memory.
+// Run sweeps expired entries every minute until ctx ends, bounding memory.
+func (r *Registry) Run(ctx context.Context) {
+	t := time.NewTicker(time.Minute)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			r.Sweep()
+		}
+	}
+}
+
+// Sweep drops expired entries.
 func (r *Registry) Sweep() {
 	now := r.now()
 	r.mu.Lock()
