@@ -396,7 +396,6 @@ func gracefulStop(ctx context.Context, g *grpc.Server) {
 	}
 }
 
-
 func adminHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/livez", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
