@@ -181,6 +181,17 @@ type Cloud struct {
 	SendQueue         int           `koanf:"send_queue"`
 	Buckets           int           `koanf:"buckets"`
 	RenewInterval     time.Duration `koanf:"renew_interval"`
+	// UpstreamRate and UpstreamBurst limit op 4 messages per connection
+	// (messages per second; 0 = unlimited).
+	UpstreamRate  float64 `koanf:"upstream_rate"`
+	UpstreamBurst int     `koanf:"upstream_burst"`
+	// Sndbuf and Rcvbuf set each client socket's kernel buffers in bytes
+	// (0 = the OS default); small buffers bound memory per connection.
+	Sndbuf int `koanf:"sndbuf"`
+	Rcvbuf int `koanf:"rcvbuf"`
+	// DrainTimeout bounds how long shutdown waits for queued packets to
+	// reach clients.
+	DrainTimeout time.Duration `koanf:"drain_timeout"`
 }
 
 // Default returns the configuration used where nothing overrides it; it is
@@ -228,6 +239,9 @@ func Default() Config {
 			SendQueue:         1024,
 			Buckets:           32,
 			RenewInterval:     10 * time.Second,
+			UpstreamRate:      20,
+			UpstreamBurst:     40,
+			DrainTimeout:      10 * time.Second,
 		},
 	}
 }
@@ -449,5 +463,16 @@ func (c Config) Validate() error {
 	positive("cloud.max_body_bytes", c.Cloud.MaxBodyBytes)
 	positive("cloud.send_queue", c.Cloud.SendQueue)
 	positive("cloud.buckets", c.Cloud.Buckets)
+	if c.Cloud.UpstreamRate < 0 {
+		bad("cloud.upstream_rate", "must not be negative")
+	}
+	positive("cloud.upstream_burst", c.Cloud.UpstreamBurst)
+	if c.Cloud.Sndbuf < 0 {
+		bad("cloud.sndbuf", "must not be negative")
+	}
+	if c.Cloud.Rcvbuf < 0 {
+		bad("cloud.rcvbuf", "must not be negative")
+	}
+	positiveDur("cloud.drain_timeout", c.Cloud.DrainTimeout)
 	return errors.Join(errs...)
 }

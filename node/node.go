@@ -221,10 +221,10 @@ func (n *Node) startCloud(ctx context.Context, tcpLn, wsLn, wssLn, grpcLn net.Li
 		n.serve("cloud tcp", func() error { return st.ServeTCP(tcpLn) })
 	}
 	if wsLn != nil {
-		n.serveHTTP(&n.cloudHTTP, "cloud ws", st.WSHandler(), wsLn, false)
+		n.serveHTTP(&n.cloudHTTP, "cloud ws", st.WSHandler(), st.Listener(wsLn), false)
 	}
 	if wssLn != nil {
-		n.serveHTTP(&n.cloudHTTP, "cloud wss", st.WSHandler(), wssLn, true)
+		n.serveHTTP(&n.cloudHTTP, "cloud wss", st.WSHandler(), st.Listener(wssLn), true)
 	}
 	return nil
 }
@@ -357,14 +357,11 @@ func (n *Node) stop(ctx context.Context) {
 		_ = n.cloudTCP.Close()
 	}
 	if n.cloudStage != nil {
-		n.cloudStage.CloseAll()
-		waited := make(chan struct{})
-		go func() { n.cloudStage.Wait(); close(waited) }()
-		select {
-		case <-waited:
-		case <-ctx.Done():
-			n.logger.Warn("shutdown: client connections still closing", "err", ctx.Err())
+		dctx, cancel := context.WithTimeout(ctx, n.cfg.Cloud.DrainTimeout)
+		if err := n.cloudStage.Drain(dctx); err != nil {
+			n.logger.Warn("shutdown", "err", err)
 		}
+		cancel()
 	}
 	for _, g := range []*grpc.Server{n.cloudGRPC, n.logicGRPC} {
 		if g != nil {

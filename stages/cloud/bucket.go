@@ -110,7 +110,7 @@ func (b *bucket) roomSend(room string, op int32, item outItem) int {
 	defer b.mu.RUnlock()
 	n := 0
 	for ch := range b.rooms[room] {
-		if ch.accepts(op) && ch.send(item) {
+		if ch.push(op, item) {
 			n++
 		}
 	}

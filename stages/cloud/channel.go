@@ -8,6 +8,8 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+
+	"golang.org/x/time/rate"
 )
 
 // outItem is one queued packet. Push packets are shared by every recipient
@@ -24,38 +26,54 @@ const (
 	closeGoingAway    = 1001
 	closeProtocol     = 1002
 	closeTooBig       = 1009
+	closeInternal     = 1011
 	closeTryAgain     = 1013
 	closeSlowConsumer = 4008
 	closeReplaced     = 4009
+	closeRateLimited  = 4029
 	closeAuthFailed   = 4401
 )
 
+// maxWriteBatch bounds how many packets go out in one write (one op 9
+// frame on WebSocket), keeping frames a client must buffer moderate.
+const maxWriteBatch = 128
+
 // channel is one authenticated client connection.
+//
+// It has no writer goroutine while idle: the first packet queued starts
+// one, which writes everything pending in as few writes as it can and ends
+// when the queue is empty. An idle connection so costs one goroutine (its
+// reader) and no queue memory.
 type channel struct {
 	mid    int64
 	key    string
 	t      transport
 	logger *slog.Logger
+	limit  int // packets queued before the client is a slow consumer
+	seq    atomic.Int32
 
-	out  chan outItem
-	done chan struct{}
-	once sync.Once
-
-	mu        sync.Mutex
+	mu        sync.Mutex // guards everything below
 	rooms     []string
 	acceptOps map[int32]struct{} // nil accepts every operation
-
-	seq atomic.Int32
+	queue     []outItem
+	writing   bool // a flush goroutine owns the write side
+	draining  bool // close with 1001 once the queue is written
+	closed    bool
+	upstream  *rate.Limiter // made on the first upstream message
 }
 
 func newChannel(t transport, sendQueue int, logger *slog.Logger) *channel {
-	return &channel{t: t, out: make(chan outItem, sendQueue), done: make(chan struct{}), logger: logger}
+	return &channel{t: t, limit: sendQueue, logger: logger}
 }
 
 // accepts reports whether the client listens to op.
 func (c *channel) accepts(op int32) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	return c.acceptsLocked(op)
+}
+
+func (c *channel) acceptsLocked(op int32) bool {
 	if c.acceptOps == nil {
 		return true
 	}
@@ -90,57 +108,123 @@ func (c *channel) roomList() []string {
 	return slices.Clone(c.rooms)
 }
 
-// send queues a packet without ever blocking: a client whose queue is full
-// is not keeping up and is closed, so it costs nobody else anything.
-func (c *channel) send(item outItem) bool {
-	select {
-	case <-c.done:
-		return false
-	default:
+// firstRoom is the room whose online count heartbeats report.
+func (c *channel) firstRoom() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.rooms) == 0 {
+		return ""
 	}
-	select {
-	case c.out <- item:
-		return true
-	default:
-		c.logger.Info("closing slow consumer", "mid", c.mid, "key", c.key, "queue", cap(c.out))
+	return c.rooms[0]
+}
+
+// push queues a pushed packet of operation op if the client accepts op.
+func (c *channel) push(op int32, item outItem) bool {
+	return c.enqueue(item, op, true)
+}
+
+// reply queues a reply to the client's own request.
+func (c *channel) reply(item outItem) bool {
+	return c.enqueue(item, 0, false)
+}
+
+// enqueue never blocks: a client whose queue is full is not keeping up and
+// is closed, so that it costs nobody else anything.
+func (c *channel) enqueue(item outItem, op int32, filter bool) bool {
+	c.mu.Lock()
+	if c.closed || c.draining || (filter && !c.acceptsLocked(op)) {
+		c.mu.Unlock()
+		return false
+	}
+	if len(c.queue) >= c.limit {
+		c.mu.Unlock()
+		c.logger.Info("closing slow consumer", "mid", c.mid, "key", c.key, "queued", c.limit)
 		c.close(closeSlowConsumer, "slow consumer")
 		return false
 	}
+	c.queue = append(c.queue, item)
+	start := !c.writing
+	c.writing = true
+	c.mu.Unlock()
+	if start {
+		go c.flush()
+	}
+	return true
 }
 
-// close ends the connection once, telling the client why.
-func (c *channel) close(code int, reason string) {
-	c.once.Do(func() {
-		close(c.done)
-		c.t.Close(code, reason)
-	})
-}
-
-// writeLoop drains everything pending into one write until the channel closes.
-func (c *channel) writeLoop() {
-	batch := make([]outItem, 0, 16)
+// flush writes until the queue is empty, then ends.
+func (c *channel) flush() {
+	var spare []outItem
 	for {
-		select {
-		case <-c.done:
+		c.mu.Lock()
+		if c.closed || len(c.queue) == 0 {
+			c.writing = false
+			c.queue = nil
+			drained := c.draining && !c.closed
+			c.mu.Unlock()
+			if drained {
+				c.close(closeGoingAway, "server shutting down")
+			}
 			return
-		case item := <-c.out:
-			batch = append(batch[:0], item)
-		drain:
-			for len(batch) < cap(batch)*4 {
-				select {
-				case item := <-c.out:
-					batch = append(batch, item)
-				default:
-					break drain
-				}
-			}
-			if err := c.t.Write(batch, &c.seq); err != nil {
-				c.logger.Debug("write failed", "key", c.key, "err", err)
-				c.close(closeNormal, "")
-				return
-			}
+		}
+		batch := c.queue
+		c.queue = spare
+		c.mu.Unlock()
+
+		var err error
+		for rest := batch; len(rest) > 0 && err == nil; {
+			n := min(len(rest), maxWriteBatch)
+			err = c.t.Write(rest[:n], &c.seq)
+			rest = rest[n:]
+		}
+		clear(batch) // drop the references to shared packets
+		spare = batch[:0]
+		if err != nil {
+			c.logger.Debug("write failed", "key", c.key, "err", err)
+			c.close(closeNormal, "")
 		}
 	}
+}
+
+// closeAfterFlush closes with 1001 once what is queued has been written;
+// nothing new is queued meanwhile.
+func (c *channel) closeAfterFlush() {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return
+	}
+	c.draining = true
+	busy := c.writing
+	c.mu.Unlock()
+	if !busy {
+		c.close(closeGoingAway, "server shutting down")
+	}
+}
+
+// close ends the connection once, telling the client why. What is still
+// queued is dropped.
+func (c *channel) close(code int, reason string) {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return
+	}
+	c.closed = true
+	c.queue = nil
+	c.mu.Unlock()
+	c.t.Close(code, reason)
+}
+
+// allowUpstream reports whether the client may send one more upstream
+// message under the per-connection rate limit.
+func (c *channel) allowUpstream(limit rate.Limit, burst int) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.upstream == nil {
+		c.upstream = rate.NewLimiter(limit, burst)
+	}
+	return c.upstream.Allow()
 }
 
 // parseOps reads a comma-separated operation list ("1000,1001").

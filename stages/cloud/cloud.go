@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync"
@@ -21,6 +22,7 @@ import (
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/google/uuid"
 	"github.com/gorilla/websocket"
+	"golang.org/x/time/rate"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -149,8 +151,39 @@ func (s *Stage) onlineCount(room string) int32 {
 	return int32(n)
 }
 
+// Listener wraps ln so that accepted client sockets get the configured
+// kernel buffer sizes.
+func (s *Stage) Listener(ln net.Listener) net.Listener {
+	if s.cfg.Sndbuf == 0 && s.cfg.Rcvbuf == 0 {
+		return ln
+	}
+	return &bufferedListener{Listener: ln, sndbuf: s.cfg.Sndbuf, rcvbuf: s.cfg.Rcvbuf}
+}
+
+type bufferedListener struct {
+	net.Listener
+	sndbuf, rcvbuf int
+}
+
+func (l *bufferedListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	if tc, ok := c.(*net.TCPConn); ok {
+		if l.sndbuf > 0 {
+			_ = tc.SetWriteBuffer(l.sndbuf)
+		}
+		if l.rcvbuf > 0 {
+			_ = tc.SetReadBuffer(l.rcvbuf)
+		}
+	}
+	return c, nil
+}
+
 // ServeTCP accepts TCP clients until ln is closed.
 func (s *Stage) ServeTCP(ln net.Listener) error {
+	ln = s.Listener(ln)
 	for {
 		conn, err := ln.Accept()
 		if err != nil {
@@ -189,23 +222,46 @@ func (s *Stage) WSHandler() http.Handler {
 	return mux
 }
 
-// Wait blocks until every client connection has ended.
-func (s *Stage) Wait() { s.conns.Wait() }
-
-// CloseAll closes every client connection with code 1001.
-func (s *Stage) CloseAll() {
+// Drain closes every client connection with 1001 once what is queued for
+// it has been written, and waits for the connections to end (each telling
+// logic its session is gone) or for ctx; then it closes what remains.
+// Stop the listeners first: a client accepted during Drain is not drained.
+func (s *Stage) Drain(ctx context.Context) error {
 	var chs []*channel
+	for _, b := range s.buckets {
+		chs = b.channels(chs)
+	}
+	for _, ch := range chs {
+		ch.closeAfterFlush()
+	}
+	done := make(chan struct{})
+	go func() { s.conns.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+	}
+	chs = chs[:0]
 	for _, b := range s.buckets {
 		chs = b.channels(chs)
 	}
 	for _, ch := range chs {
 		ch.close(closeGoingAway, "server shutting down")
 	}
+	return fmt.Errorf("drain clients: %d still writing at the deadline: %w", len(chs), ctx.Err())
 }
 
-// serve runs one connection from handshake to close.
+// serve runs one connection from handshake to close. Whatever a client
+// sends, only its own connection can end: a panic while serving it is
+// logged and closes that connection, never the node.
 func (s *Stage) serve(t transport) {
 	remote := t.RemoteAddr().String()
+	defer func() {
+		if r := recover(); r != nil {
+			s.logger.Error("panic in client handshake; connection closed", "remote", remote, "panic", r, "stack", string(debug.Stack()))
+			t.Close(closeInternal, "internal error")
+		}
+	}()
 	ch, err := s.handshake(t)
 	if err != nil {
 		s.logger.Info("handshake failed", "remote", remote, "err", err)
@@ -215,13 +271,11 @@ func (s *Stage) serve(t transport) {
 	if old := b.put(ch); old != nil {
 		old.close(closeReplaced, "replaced by a new connection")
 	}
-	go ch.writeLoop()
-	hb := s.cfg.HeartbeatInterval
-	reply := authReply{Mid: ch.mid, Key: ch.key, Rooms: ch.roomList(), Heartbeat: int64(hb / time.Second)}
-	ch.send(outItem{pkt: wire.Encode(wire.OpAuthReply, 0, reply.encode())})
+	reply := authReply{Mid: ch.mid, Key: ch.key, Rooms: ch.roomList(), Heartbeat: int64(s.cfg.HeartbeatInterval / time.Second)}
+	ch.reply(outItem{pkt: wire.Encode(wire.OpAuthReply, authSeq, reply.encode())})
 	s.logger.Debug("client connected", "mid", ch.mid, "key", ch.key, "remote", remote)
 
-	err = s.readLoop(ch, b)
+	err = s.readLoopRecovering(ch, b)
 	ch.close(closeCode(err))
 	if !b.del(ch) {
 		// The session now belongs to the connection that replaced this one.
@@ -236,8 +290,15 @@ func (s *Stage) serve(t transport) {
 	s.logger.Debug("client disconnected", "mid", ch.mid, "key", ch.key, "err", err)
 }
 
-// errProtocol is a client breaking the protocol; the connection is closed.
-var errProtocol = errors.New("protocol error")
+// Why a client's connection was closed.
+var (
+	errProtocol    = errors.New("protocol error")
+	errRateLimited = errors.New("upstream rate limit exceeded")
+	errInternal    = errors.New("internal error")
+)
+
+// authSeq is the sequence of the op 8 reply: goim answers auth with 0.
+const authSeq = 0
 
 // closeCode picks the close frame for why a connection ended.
 func closeCode(err error) (int, string) {
@@ -246,6 +307,10 @@ func closeCode(err error) (int, string) {
 		return closeTooBig, "packet too large"
 	case errors.Is(err, errProtocol), errors.Is(err, wire.ErrHeaderLen), errors.Is(err, wire.ErrShort):
 		return closeProtocol, "protocol error"
+	case errors.Is(err, errRateLimited):
+		return closeRateLimited, "rate limit exceeded"
+	case errors.Is(err, errInternal):
+		return closeInternal, "internal error"
 	default:
 		return closeNormal, ""
 	}
@@ -296,6 +361,18 @@ func uniq(ss []string) []string {
 	return out
 }
 
+// readLoopRecovering runs readLoop, turning a panic into errInternal so
+// that the connection is still unregistered and reported gone.
+func (s *Stage) readLoopRecovering(ch *channel, b *bucket) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			s.logger.Error("panic serving client; connection closed", "key", ch.key, "panic", r, "stack", string(debug.Stack()))
+			err = fmt.Errorf("%w: %v", errInternal, r)
+		}
+	}()
+	return s.readLoop(ch, b)
+}
+
 func (s *Stage) readLoop(ch *channel, b *bucket) error {
 	// Two missed heartbeats close the connection.
 	idle := 2*s.cfg.HeartbeatInterval + s.cfg.HandshakeTimeout
@@ -320,13 +397,8 @@ func (s *Stage) handle(ch *channel, b *bucket, p wire.Packet) error {
 	switch p.Op {
 	case wire.OpHeartbeat:
 		var body [4]byte
-		rooms := ch.roomList()
-		room := ""
-		if len(rooms) > 0 {
-			room = rooms[0]
-		}
-		binary.BigEndian.PutUint32(body[:], uint32(s.onlineCount(room)))
-		ch.send(outItem{pkt: wire.Encode(wire.OpHeartbeatReply, p.Seq, body[:])})
+		binary.BigEndian.PutUint32(body[:], uint32(s.onlineCount(ch.firstRoom())))
+		ch.reply(outItem{pkt: wire.Encode(wire.OpHeartbeatReply, p.Seq, body[:])})
 		ctx, cancel := context.WithTimeout(context.Background(), logicCallTimeout)
 		_, err := s.logic.Heartbeat(ctx, &pb.HeartbeatReq{Mid: ch.mid, Key: ch.key, Server: s.nodeID})
 		cancel()
@@ -334,28 +406,38 @@ func (s *Stage) handle(ch *channel, b *bucket, p wire.Packet) error {
 			s.logger.Warn("renew session with logic", "key", ch.key, "err", err)
 		}
 	case wire.OpSendMsg:
+		if !ch.allowUpstream(s.upstreamLimit(), s.cfg.UpstreamBurst) {
+			return errRateLimited
+		}
 		if err := s.publishUpstream(ch, p); err != nil {
 			s.logger.Error("publish upstream message", "key", ch.key, "err", err)
 			return fmt.Errorf("publish upstream: %w", err)
 		}
-		ch.send(outItem{pkt: wire.Encode(wire.OpSendMsgReply, p.Seq, nil)})
+		ch.reply(outItem{pkt: wire.Encode(wire.OpSendMsgReply, p.Seq, nil)})
 	case wire.OpChangeRoom:
 		room := strings.TrimSpace(string(p.Body))
 		b.changeRoom(ch, room)
-		ch.send(outItem{pkt: wire.Encode(wire.OpChangeRoomReply, p.Seq, []byte(room))})
+		ch.reply(outItem{pkt: wire.Encode(wire.OpChangeRoomReply, p.Seq, []byte(room))})
 	case wire.OpSub, wire.OpUnsub:
 		ops, ok := parseOps(p.Body)
 		if !ok {
 			return fmt.Errorf("%w: operation list %q", errProtocol, p.Body)
 		}
 		ch.setAccepts(ops, p.Op == wire.OpSub)
-		ch.send(outItem{pkt: wire.Encode(p.Op+1, p.Seq, p.Body)})
+		ch.reply(outItem{pkt: wire.Encode(p.Op+1, p.Seq, p.Body)})
 	case wire.OpAuth:
 		return fmt.Errorf("%w: auth after authentication", errProtocol)
 	default:
 		s.logger.Debug("ignoring unknown operation", "key", ch.key, "op", p.Op)
 	}
 	return nil
+}
+
+func (s *Stage) upstreamLimit() rate.Limit {
+	if s.cfg.UpstreamRate == 0 {
+		return rate.Inf
+	}
+	return rate.Limit(s.cfg.UpstreamRate)
 }
 
 func (s *Stage) publishUpstream(ch *channel, p wire.Packet) error {

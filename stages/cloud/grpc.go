@@ -37,7 +37,7 @@ func (g *grpcServer) PushMsg(_ context.Context, req *pb.PushMsgReq) (*pb.PushMsg
 	reply := &pb.PushMsgReply{}
 	for _, key := range req.Keys {
 		ch := bucketFor(g.s.buckets, key).get(key)
-		if ch != nil && ch.accepts(req.Proto.Op) && ch.send(item) {
+		if ch != nil && ch.push(req.Proto.Op, item) {
 			reply.Delivered++
 		} else {
 			reply.Offline = append(reply.Offline, key)
@@ -77,7 +77,7 @@ func (g *grpcServer) Broadcast(_ context.Context, req *pb.BroadcastReq) (*pb.Bro
 	if req.Speed <= 0 {
 		n := 0
 		for _, ch := range chs {
-			if ch.accepts(op) && ch.send(item) {
+			if ch.push(op, item) {
 				n++
 			}
 		}
@@ -95,7 +95,7 @@ func (g *grpcServer) Broadcast(_ context.Context, req *pb.BroadcastReq) (*pb.Bro
 				g.s.logger.Warn("paced broadcast stopped", "err", err)
 				return
 			}
-			ch.send(item)
+			ch.push(op, item)
 		}
 	}()
 	return &pb.BroadcastReply{Delivered: int32(len(chs))}, nil
