@@ -44,7 +44,17 @@ type Conn struct {
 
 // DialWS connects to a WebSocket endpoint such as ws://127.0.0.1:3102/sub.
 func DialWS(ctx context.Context, url string, header http.Header) (*Conn, error) {
-	ws, _, err := websocket.DefaultDialer.DialContext(ctx, url, header)
+	return DialWSWith(ctx, nil, url, header)
+}
+
+// DialWSWith is DialWS through nd (its local address, socket options); nil
+// uses the defaults.
+func DialWSWith(ctx context.Context, nd *net.Dialer, url string, header http.Header) (*Conn, error) {
+	d := *websocket.DefaultDialer
+	if nd != nil {
+		d.NetDialContext = nd.DialContext
+	}
+	ws, _, err := d.DialContext(ctx, url, header)
 	if err != nil {
 		return nil, fmt.Errorf("dial %s: %w", url, err)
 	}
@@ -54,8 +64,15 @@ func DialWS(ctx context.Context, url string, header http.Header) (*Conn, error) 
 
 // DialTCP connects to a TCP listener.
 func DialTCP(ctx context.Context, addr string) (*Conn, error) {
-	var d net.Dialer
-	c, err := d.DialContext(ctx, "tcp", addr)
+	return DialTCPWith(ctx, nil, addr)
+}
+
+// DialTCPWith is DialTCP through nd; nil uses the defaults.
+func DialTCPWith(ctx context.Context, nd *net.Dialer, addr string) (*Conn, error) {
+	if nd == nil {
+		nd = &net.Dialer{}
+	}
+	c, err := nd.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("dial %s: %w", addr, err)
 	}

@@ -49,7 +49,8 @@ type channel struct {
 	key    string
 	t      transport
 	logger *slog.Logger
-	limit  int // packets queued before the client is a slow consumer
+	limit  int           // packets queued before the client is a slow consumer
+	slow   *atomic.Int64 // the node's count of slow consumers closed
 	seq    atomic.Int32
 
 	mu        sync.Mutex // guards everything below
@@ -62,8 +63,8 @@ type channel struct {
 	upstream  *rate.Limiter // made on the first upstream message
 }
 
-func newChannel(t transport, sendQueue int, logger *slog.Logger) *channel {
-	return &channel{t: t, limit: sendQueue, logger: logger}
+func newChannel(t transport, sendQueue int, slow *atomic.Int64, logger *slog.Logger) *channel {
+	return &channel{t: t, limit: sendQueue, slow: slow, logger: logger}
 }
 
 // accepts reports whether the client listens to op.
@@ -139,6 +140,7 @@ func (c *channel) enqueue(item outItem, op int32, filter bool) bool {
 	if len(c.queue) >= c.limit {
 		c.mu.Unlock()
 		c.logger.Info("closing slow consumer", "mid", c.mid, "key", c.key, "queued", c.limit)
+		c.slow.Add(1)
 		c.close(closeSlowConsumer, "slow consumer")
 		return false
 	}
@@ -203,7 +205,9 @@ func (c *channel) closeAfterFlush() {
 }
 
 // close ends the connection once, telling the client why. What is still
-// queued is dropped.
+// queued is dropped. The transport closes in the background: the close
+// frame waits behind a write in progress, and the caller may be a push
+// holding a bucket lock.
 func (c *channel) close(code int, reason string) {
 	c.mu.Lock()
 	if c.closed {
@@ -213,7 +217,7 @@ func (c *channel) close(code int, reason string) {
 	c.closed = true
 	c.queue = nil
 	c.mu.Unlock()
-	c.t.Close(code, reason)
+	go c.t.Close(code, reason)
 }
 
 // allowUpstream reports whether the client may send one more upstream

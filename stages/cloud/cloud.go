@@ -50,7 +50,12 @@ type Stage struct {
 	upgrader *websocket.Upgrader
 	// roomOnline holds the cluster-wide room counts logic last reported.
 	roomOnline atomic.Pointer[map[string]int32]
-	conns      sync.WaitGroup
+
+	slowConsumers atomic.Int64
+
+	connMu   sync.RWMutex // orders conns.Add before Drain's Wait
+	draining bool
+	conns    sync.WaitGroup
 }
 
 // Options are a cloud node's collaborators.
@@ -151,6 +156,9 @@ func (s *Stage) onlineCount(room string) int32 {
 	return int32(n)
 }
 
+// SlowConsumers counts the clients closed for not reading fast enough.
+func (s *Stage) SlowConsumers() int64 { return s.slowConsumers.Load() }
+
 // Listener wraps ln so that accepted client sockets get the configured
 // kernel buffer sizes.
 func (s *Stage) Listener(ln net.Listener) net.Listener {
@@ -197,10 +205,14 @@ func (s *Stage) ServeTCP(ln net.Listener) error {
 			}
 			return fmt.Errorf("accept tcp: %w", err)
 		}
-		s.conns.Add(1)
+		t := newTCPTransport(conn, s.cfg.MaxBodyBytes)
+		if !s.begin() {
+			t.Close(closeGoingAway, "server shutting down")
+			continue
+		}
 		go func() {
 			defer s.conns.Done()
-			s.serve(newTCPTransport(conn, s.cfg.MaxBodyBytes))
+			s.serve(t)
 		}()
 	}
 }
@@ -215,11 +227,26 @@ func (s *Stage) WSHandler() http.Handler {
 			return
 		}
 		conn.SetReadLimit(int64(s.cfg.MaxBodyBytes + wire.HeaderLen))
-		s.conns.Add(1)
+		t := &wsTransport{conn: conn, maxBody: s.cfg.MaxBodyBytes}
+		if !s.begin() {
+			t.Close(closeGoingAway, "server shutting down")
+			return
+		}
 		defer s.conns.Done()
-		s.serve(&wsTransport{conn: conn, maxBody: s.cfg.MaxBodyBytes})
+		s.serve(t)
 	})
 	return mux
+}
+
+// begin counts a new connection in, unless the node is draining.
+func (s *Stage) begin() bool {
+	s.connMu.RLock()
+	defer s.connMu.RUnlock()
+	if s.draining {
+		return false
+	}
+	s.conns.Add(1)
+	return true
 }
 
 // Drain closes every client connection with 1001 once what is queued for
@@ -227,6 +254,9 @@ func (s *Stage) WSHandler() http.Handler {
 // logic its session is gone) or for ctx; then it closes what remains.
 // Stop the listeners first: a client accepted during Drain is not drained.
 func (s *Stage) Drain(ctx context.Context) error {
+	s.connMu.Lock()
+	s.draining = true
+	s.connMu.Unlock()
 	var chs []*channel
 	for _, b := range s.buckets {
 		chs = b.channels(chs)
@@ -340,7 +370,7 @@ func (s *Stage) handshake(t transport) (*channel, error) {
 		}
 		return nil, fmt.Errorf("connect to logic: %w", err)
 	}
-	ch := newChannel(t, s.cfg.SendQueue, s.logger)
+	ch := newChannel(t, s.cfg.SendQueue, &s.slowConsumers, s.logger)
 	ch.mid, ch.key = reply.Mid, reply.Key
 	ch.rooms = uniq(reply.Rooms)
 	if len(reply.Accepts) > 0 {

@@ -20,7 +20,8 @@ type transport interface {
 	Read() ([]wire.Packet, error)
 	// Write sends a batch in one write, numbering push packets from seq.
 	Write(batch []outItem, seq *atomic.Int32) error
-	// Close tells the client why, where the framing can, and closes.
+	// Close tells the client why, where the framing can, and closes. It
+	// may wait up to writeDeadline for a write in progress.
 	Close(code int, reason string)
 	SetReadDeadline(t time.Time) error
 	RemoteAddr() net.Addr
@@ -112,7 +113,9 @@ func (t *wsTransport) Write(batch []outItem, seq *atomic.Int32) error {
 
 func (t *wsTransport) Close(code int, reason string) {
 	msg := websocket.FormatCloseMessage(code, reason)
-	_ = t.conn.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second))
+	// The close frame goes after any frame being written, so that a client
+	// that was only slow still learns why it was closed.
+	_ = t.conn.WriteControl(websocket.CloseMessage, msg, time.Now().Add(writeDeadline))
 	_ = t.conn.Close()
 }
 

@@ -1,0 +1,177 @@
+package cloud
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill/pubsub/gochannel"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"imcloud/client"
+	"imcloud/config"
+	"imcloud/proto/pb"
+)
+
+const wait = 20 * time.Second
+
+// fakeLogic authenticates JSON tokens {"mid","key","rooms","accepts"} and
+// records disconnects.
+type fakeLogic struct {
+	mu          sync.Mutex
+	disconnects map[string]int
+	rooms       map[string]int32 // what RenewOnline answers
+}
+
+func (f *fakeLogic) Connect(_ context.Context, in *pb.ConnectReq, _ ...grpc.CallOption) (*pb.ConnectReply, error) {
+	var tok struct {
+		Mid     int64    `json:"mid"`
+		Key     string   `json:"key"`
+		Rooms   []string `json:"rooms"`
+		Accepts []int32  `json:"accepts"`
+	}
+	if err := json.Unmarshal(in.Token, &tok); err != nil || tok.Mid == 0 {
+		return nil, status.Error(codes.Unauthenticated, "bad token")
+	}
+	if tok.Key == "" {
+		tok.Key = fmt.Sprint("key-", tok.Mid)
+	}
+	return &pb.ConnectReply{Mid: tok.Mid, Key: tok.Key, Rooms: tok.Rooms, Accepts: tok.Accepts}, nil
+}
+
+func (f *fakeLogic) Disconnect(_ context.Context, in *pb.DisconnectReq, _ ...grpc.CallOption) (*pb.DisconnectReply, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.disconnects[in.Key]++
+	return &pb.DisconnectReply{Has: true}, nil
+}
+
+func (f *fakeLogic) disconnected(key string) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.disconnects[key]
+}
+
+func (f *fakeLogic) Heartbeat(context.Context, *pb.HeartbeatReq, ...grpc.CallOption) (*pb.HeartbeatReply, error) {
+	return &pb.HeartbeatReply{}, nil
+}
+
+func (f *fakeLogic) RenewOnline(context.Context, *pb.RenewOnlineReq, ...grpc.CallOption) (*pb.RenewOnlineReply, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return &pb.RenewOnlineReply{AllRoomCount: f.rooms}, nil
+}
+
+func (f *fakeLogic) Receive(context.Context, *pb.ReceiveReq, ...grpc.CallOption) (*pb.ReceiveReply, error) {
+	return nil, status.Error(codes.Unimplemented, "")
+}
+
+func (f *fakeLogic) Nodes(context.Context, *pb.NodesReq, ...grpc.CallOption) (*pb.NodesReply, error) {
+	return nil, status.Error(codes.Unimplemented, "")
+}
+
+// node is a cloud stage on real loopback listeners, driven directly through
+// its gRPC service implementation.
+type node struct {
+	t        *testing.T
+	st       *Stage
+	rpc      *grpcServer
+	logic    *fakeLogic
+	upstream *gochannel.GoChannel
+	tcpAddr  string
+	wsURL    string
+	tcpLn    net.Listener
+	ws       *httptest.Server
+}
+
+func startNode(t testing.TB, edit func(*config.Cloud)) *node {
+	t.Helper()
+	cfg := config.Default().Cloud
+	edit(&cfg)
+	logic := &fakeLogic{disconnects: map[string]int{}, rooms: map[string]int32{}}
+	logger := slog.New(slog.DiscardHandler)
+	up := gochannel.NewGoChannel(gochannel.Config{OutputChannelBuffer: 64}, nil)
+	st := New(cfg, Options{NodeID: "n1", AdvertiseAddr: "127.0.0.1:1", Logic: logic, Upstream: up, UpstreamTopic: "up", Logger: logger})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = st.ServeTCP(ln) }()
+	ws := httptest.NewUnstartedServer(st.WSHandler())
+	ws.Listener = st.Listener(ws.Listener)
+	ws.Start()
+	n := &node{st: st, rpc: &grpcServer{s: st}, logic: logic, upstream: up, tcpAddr: ln.Addr().String(),
+		wsURL: "ws" + strings.TrimPrefix(ws.URL, "http") + "/sub", tcpLn: ln, ws: ws}
+	t.Cleanup(func() {
+		_ = ln.Close()
+		ws.CloseClientConnections()
+		ws.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_ = st.Drain(ctx)
+		_ = up.Close()
+	})
+	return n
+}
+
+type claims struct {
+	Mid     int64    `json:"mid"`
+	Key     string   `json:"key,omitempty"`
+	Rooms   []string `json:"rooms,omitempty"`
+	Accepts []int32  `json:"accepts,omitempty"`
+}
+
+// dial connects over "ws" or "tcp"; dialer tunes the client socket.
+func (n *node) dial(t testing.TB, transport string, dialer *net.Dialer) *client.Conn {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	var (
+		c   *client.Conn
+		err error
+	)
+	switch transport {
+	case "ws":
+		c, err = client.DialWSWith(ctx, dialer, n.wsURL, nil)
+	default:
+		c, err = client.DialTCPWith(ctx, dialer, n.tcpAddr)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	_ = c.SetReadDeadline(time.Now().Add(wait))
+	return c
+}
+
+func (n *node) connect(t testing.TB, transport string, cl claims) *client.Conn {
+	t.Helper()
+	c := n.dial(t, transport, nil)
+	tok, _ := json.Marshal(cl)
+	if _, err := c.Auth(tok); err != nil {
+		t.Fatalf("auth: %v", err)
+	}
+	return c
+}
+
+func (n *node) room(t testing.TB, room string, op int32, body []byte) int32 {
+	t.Helper()
+	r, err := n.rpc.BroadcastRoom(context.Background(), &pb.BroadcastRoomReq{RoomId: room, Proto: &pb.Proto{Op: op, Body: body}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r.Delivered
+}
+
+func broadcastReq(op int32, body string) *pb.BroadcastReq {
+	return &pb.BroadcastReq{Proto: &pb.Proto{Op: op, Body: []byte(body)}}
+}
