@@ -82,7 +82,6 @@ func (f *fakeLogic) Nodes(context.Context, *pb.NodesReq, ...grpc.CallOption) (*p
 // node is a cloud stage on real loopback listeners, driven directly through
 // its gRPC service implementation.
 type node struct {
-	t        *testing.T
 	st       *Stage
 	rpc      *grpcServer
 	logic    *fakeLogic
