@@ -34,6 +34,10 @@ const (
 	closeAuthFailed   = 4401
 )
 
+// keptQueue is the queue capacity an idle connection keeps, sparing the
+// allocation of a new queue for every message of a steady trickle.
+const keptQueue = 4
+
 // maxWriteBatch bounds how many packets go out in one write (one op 9
 // frame on WebSocket), keeping frames a client must buffer moderate.
 const maxWriteBatch = 128
@@ -162,6 +166,10 @@ func (c *channel) flush() {
 		if c.closed || len(c.queue) == 0 {
 			c.writing = false
 			c.queue = nil
+			if !c.closed && cap(spare) <= keptQueue {
+				// An idle connection keeps a small queue, never a burst-sized one.
+				c.queue = spare
+			}
 			drained := c.draining && !c.closed
 			c.mu.Unlock()
 			if drained {

@@ -210,10 +210,7 @@ func (s *Stage) ServeTCP(ln net.Listener) error {
 			t.Close(closeGoingAway, "server shutting down")
 			continue
 		}
-		go func() {
-			defer s.conns.Done()
-			s.serve(t)
-		}()
+		go s.serve(t)
 	}
 }
 
@@ -232,8 +229,10 @@ func (s *Stage) WSHandler() http.Handler {
 			t.Close(closeGoingAway, "server shutting down")
 			return
 		}
-		defer s.conns.Done()
-		s.serve(t)
+		// Serving on a fresh goroutine lets net/http's connection state,
+		// the request and the handler's deep stack go: an idle WebSocket
+		// then costs about what an idle TCP client does.
+		go s.serve(t)
 	})
 	return mux
 }
@@ -281,15 +280,22 @@ func (s *Stage) Drain(ctx context.Context) error {
 	return fmt.Errorf("drain clients: %d still writing at the deadline: %w", len(chs), ctx.Err())
 }
 
-// serve runs one connection from handshake to close. Whatever a client
-// sends, only its own connection can end: a panic while serving it is
-// logged and closes that connection, never the node.
+// serve authenticates a connection counted in by begin, then hands it to
+// a session goroutine of its own. The handshake's calls into logic grow a
+// goroutine's stack to several kilobytes, and a stack is not given back
+// while its goroutine lives; the session's goroutine starts small and stays
+// small while the client idles. Whatever a client sends, only its own
+// connection can end: a panic is logged and closes that connection.
 func (s *Stage) serve(t transport) {
 	remote := t.RemoteAddr().String()
+	handedOff := false
 	defer func() {
 		if r := recover(); r != nil {
 			s.logger.Error("panic in client handshake; connection closed", "remote", remote, "panic", r, "stack", string(debug.Stack()))
 			t.Close(closeInternal, "internal error")
+		}
+		if !handedOff {
+			s.conns.Done()
 		}
 	}()
 	ch, err := s.handshake(t)
@@ -297,6 +303,15 @@ func (s *Stage) serve(t transport) {
 		s.logger.Info("handshake failed", "remote", remote, "err", err)
 		return
 	}
+	handedOff = true
+	go func() {
+		defer s.conns.Done()
+		s.session(ch, remote)
+	}()
+}
+
+// session runs an authenticated connection until it ends.
+func (s *Stage) session(ch *channel, remote string) {
 	b := bucketFor(s.buckets, ch.key)
 	if old := b.put(ch); old != nil {
 		old.close(closeReplaced, "replaced by a new connection")
@@ -305,7 +320,7 @@ func (s *Stage) serve(t transport) {
 	ch.reply(outItem{pkt: wire.Encode(wire.OpAuthReply, authSeq, reply.encode())})
 	s.logger.Debug("client connected", "mid", ch.mid, "key", ch.key, "remote", remote)
 
-	err = s.readLoopRecovering(ch, b)
+	err := s.readLoopRecovering(ch, b)
 	ch.close(closeCode(err))
 	if !b.del(ch) {
 		// The session now belongs to the connection that replaced this one.
