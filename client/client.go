@@ -5,11 +5,13 @@ package client
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"time"
 
@@ -42,36 +44,35 @@ type Conn struct {
 	pending []wire.Packet
 }
 
-// DialWS connects to a WebSocket endpoint such as ws://127.0.0.1:3102/sub.
-func DialWS(ctx context.Context, url string, header http.Header) (*Conn, error) {
-	return DialWSWith(ctx, nil, url, header)
+// Options tune how a connection is made; the zero value is the defaults.
+type Options struct {
+	// Dialer sets the local address and socket options.
+	Dialer *net.Dialer
+	// TLS configures wss:// connections.
+	TLS *tls.Config
+	// Header is sent with the WebSocket upgrade (Origin, say).
+	Header http.Header
 }
 
-// DialWSWith is DialWS through nd (its local address, socket options); nil
-// uses the defaults.
-func DialWSWith(ctx context.Context, nd *net.Dialer, url string, header http.Header) (*Conn, error) {
-	d := *websocket.DefaultDialer
-	if nd != nil {
-		d.NetDialContext = nd.DialContext
-	}
-	ws, _, err := d.DialContext(ctx, url, header)
-	if err != nil {
-		return nil, fmt.Errorf("dial %s: %w", url, err)
-	}
-	ws.SetReadLimit(maxBody)
-	return &Conn{ws: ws}, nil
-}
-
-// DialTCP connects to a TCP listener.
-func DialTCP(ctx context.Context, addr string) (*Conn, error) {
-	return DialTCPWith(ctx, nil, addr)
-}
-
-// DialTCPWith is DialTCP through nd; nil uses the defaults.
-func DialTCPWith(ctx context.Context, nd *net.Dialer, addr string) (*Conn, error) {
+// Dial connects to target: a WebSocket URL (ws://host:port/sub,
+// wss://…) or a TCP address (host:port, or tcp://host:port).
+func Dial(ctx context.Context, target string, o Options) (*Conn, error) {
+	nd := o.Dialer
 	if nd == nil {
 		nd = &net.Dialer{}
 	}
+	if strings.HasPrefix(target, "ws://") || strings.HasPrefix(target, "wss://") {
+		d := *websocket.DefaultDialer
+		d.NetDialContext = nd.DialContext
+		d.TLSClientConfig = o.TLS
+		ws, _, err := d.DialContext(ctx, target, o.Header)
+		if err != nil {
+			return nil, fmt.Errorf("dial %s: %w", target, err)
+		}
+		ws.SetReadLimit(maxBody)
+		return &Conn{ws: ws}, nil
+	}
+	addr := strings.TrimPrefix(target, "tcp://")
 	c, err := nd.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("dial %s: %w", addr, err)

@@ -97,7 +97,7 @@ func TestStandaloneBinary(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), wait)
 	defer cancel()
-	c, err := client.DialWS(ctx, "ws://"+wsAddr+"/sub", nil)
+	c, err := client.Dial(ctx, "ws://"+wsAddr+"/sub", client.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

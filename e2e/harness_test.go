@@ -90,18 +90,11 @@ func (h *harness) dial(transport string) *client.Conn {
 	h.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), wait)
 	defer cancel()
-	var (
-		c   *client.Conn
-		err error
-	)
-	switch transport {
-	case "ws":
-		c, err = client.DialWS(ctx, "ws://"+h.addrs.CloudWS+"/sub", nil)
-	case "tcp":
-		c, err = client.DialTCP(ctx, h.addrs.CloudTCP)
-	default:
-		h.t.Fatalf("unknown transport %q", transport)
+	target := h.addrs.CloudTCP
+	if transport == "ws" {
+		target = "ws://" + h.addrs.CloudWS + "/sub"
 	}
+	c, err := client.Dial(ctx, target, client.Options{})
 	if err != nil {
 		h.t.Fatal(err)
 	}

@@ -31,15 +31,11 @@ func cmdListen(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt)
 	defer stop()
-	var (
-		c   *client.Conn
-		err error
-	)
+	target := *ws
 	if *tcp != "" {
-		c, err = client.DialTCP(ctx, *tcp)
-	} else {
-		c, err = client.DialWS(ctx, *ws, nil)
+		target = *tcp
 	}
+	c, err := client.Dial(ctx, target, client.Options{})
 	if err != nil {
 		return err
 	}

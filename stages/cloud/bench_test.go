@@ -83,13 +83,10 @@ func BenchmarkIdleConnectionMemory(b *testing.B) {
 	for _, transport := range []string{"ws", "tcp"} {
 		b.Run(transport, func(b *testing.B) {
 			n := startNode(b, func(*config.Cloud) {})
-			addr := n.tcpAddr
-			if transport == "ws" {
-				addr = n.wsURL
-			}
+			addr := n.target(transport)
 			beforeHeap, beforeStack := inUse()
 			cmd := exec.Command(os.Args[0], "-test.run=^$")
-			cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%s %s %d", clientsEnv, transport, addr, b.N))
+			cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%s %d", clientsEnv, addr, b.N))
 			stdin, err := cmd.StdinPipe()
 			if err != nil {
 				b.Fatal(err)

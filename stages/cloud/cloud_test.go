@@ -143,15 +143,7 @@ func TestConcurrentAuthentication(t *testing.T) {
 			<-start
 			ctx, cancel := context.WithTimeout(context.Background(), wait)
 			defer cancel()
-			var (
-				c   *client.Conn
-				err error
-			)
-			if i%2 == 0 {
-				c, err = client.DialWS(ctx, n.wsURL, nil)
-			} else {
-				c, err = client.DialTCP(ctx, n.tcpAddr)
-			}
+			c, err := client.Dial(ctx, n.target([]string{"ws", "tcp"}[i%2]), client.Options{})
 			if err != nil {
 				errs <- err
 				return
@@ -290,7 +282,7 @@ func TestAllowedOrigins(t *testing.T) {
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), wait)
 			defer cancel()
-			c, err := client.DialWS(ctx, n.wsURL, h)
+			c, err := client.Dial(ctx, n.wsURL, client.Options{Header: h})
 			if (err == nil) != tt.ok {
 				t.Fatalf("dial with Origin %q: err %v, want ok=%v", h.Get("Origin"), err, tt.ok)
 			}

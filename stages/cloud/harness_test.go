@@ -134,22 +134,21 @@ func (n *node) dial(t testing.TB, transport string, dialer *net.Dialer) *client.
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), wait)
 	defer cancel()
-	var (
-		c   *client.Conn
-		err error
-	)
-	switch transport {
-	case "ws":
-		c, err = client.DialWSWith(ctx, dialer, n.wsURL, nil)
-	default:
-		c, err = client.DialTCPWith(ctx, dialer, n.tcpAddr)
-	}
+	c, err := client.Dial(ctx, n.target(transport), client.Options{Dialer: dialer})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = c.Close() })
 	_ = c.SetReadDeadline(time.Now().Add(wait))
 	return c
+}
+
+// target is the address a client of transport ("ws" or "tcp") dials.
+func (n *node) target(transport string) string {
+	if transport == "ws" {
+		return n.wsURL
+	}
+	return n.tcpAddr
 }
 
 func (n *node) connect(t testing.TB, transport string, cl claims) *client.Conn {

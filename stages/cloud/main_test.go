@@ -13,7 +13,7 @@ import (
 	"imcloud/client"
 )
 
-// clientsEnv makes the test binary a client process: "transport addr n"
+// clientsEnv makes the test binary a client process: "target n"
 // opens n authenticated idle connections, prints "ready", and holds them
 // until stdin closes. Benchmarks that measure the server's memory run their
 // clients this way, so that client memory is not counted.
@@ -32,10 +32,10 @@ func TestMain(m *testing.M) {
 
 func holdClients(spec string) error {
 	var (
-		transport, addr string
-		n               int
+		addr string
+		n    int
 	)
-	if _, err := fmt.Sscan(spec, &transport, &addr, &n); err != nil {
+	if _, err := fmt.Sscan(spec, &addr, &n); err != nil {
 		return fmt.Errorf("spec %q: %w", spec, err)
 	}
 	conns := make([]*client.Conn, n)
@@ -48,15 +48,7 @@ func holdClients(spec string) error {
 			defer func() { <-sem }()
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
-			var (
-				c   *client.Conn
-				err error
-			)
-			if transport == "ws" {
-				c, err = client.DialWS(ctx, addr, nil)
-			} else {
-				c, err = client.DialTCP(ctx, addr)
-			}
+			c, err := client.Dial(ctx, addr, client.Options{})
 			if err == nil {
 				_, err = c.Auth([]byte(`{"mid":` + strconv.Itoa(i+1) + `}`))
 			}
