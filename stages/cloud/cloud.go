@@ -5,30 +5,20 @@ package cloud
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/http"
-	"runtime/debug"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
-	"github.com/google/uuid"
 	"github.com/gorilla/websocket"
-	"golang.org/x/time/rate"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 
 	"imcloud/config"
-	"imcloud/pipeline"
 	"imcloud/proto/pb"
 	"imcloud/proto/wire"
 )
@@ -278,220 +268,4 @@ func (s *Stage) Drain(ctx context.Context) error {
 		ch.close(closeGoingAway, "server shutting down")
 	}
 	return fmt.Errorf("drain clients: %d still writing at the deadline: %w", len(chs), ctx.Err())
-}
-
-// serve authenticates a connection counted in by begin, then hands it to
-// a session goroutine of its own. The handshake's calls into logic grow a
-// goroutine's stack to several kilobytes, and a stack is not given back
-// while its goroutine lives; the session's goroutine starts small and stays
-// small while the client idles. Whatever a client sends, only its own
-// connection can end: a panic is logged and closes that connection.
-func (s *Stage) serve(t transport) {
-	remote := t.RemoteAddr().String()
-	handedOff := false
-	defer func() {
-		if r := recover(); r != nil {
-			s.logger.Error("panic in client handshake; connection closed", "remote", remote, "panic", r, "stack", string(debug.Stack()))
-			t.Close(closeInternal, "internal error")
-		}
-		if !handedOff {
-			s.conns.Done()
-		}
-	}()
-	ch, err := s.handshake(t)
-	if err != nil {
-		s.logger.Info("handshake failed", "remote", remote, "err", err)
-		return
-	}
-	handedOff = true
-	go func() {
-		defer s.conns.Done()
-		s.session(ch, remote)
-	}()
-}
-
-// session runs an authenticated connection until it ends.
-func (s *Stage) session(ch *channel, remote string) {
-	b := bucketFor(s.buckets, ch.key)
-	if old := b.put(ch); old != nil {
-		old.close(closeReplaced, "replaced by a new connection")
-	}
-	reply := authReply{Mid: ch.mid, Key: ch.key, Rooms: ch.roomList(), Heartbeat: int64(s.cfg.HeartbeatInterval / time.Second)}
-	ch.reply(outItem{pkt: wire.Encode(wire.OpAuthReply, authSeq, reply.encode())})
-	s.logger.Debug("client connected", "mid", ch.mid, "key", ch.key, "remote", remote)
-
-	err := s.readLoopRecovering(ch, b)
-	ch.close(closeCode(err))
-	if !b.del(ch) {
-		// The session now belongs to the connection that replaced this one.
-		s.logger.Debug("replaced client disconnected", "mid", ch.mid, "key", ch.key)
-		return
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), logicCallTimeout)
-	defer cancel()
-	if _, derr := s.logic.Disconnect(ctx, &pb.DisconnectReq{Mid: ch.mid, Key: ch.key, Server: s.nodeID}); derr != nil {
-		s.logger.Warn("report disconnect to logic", "mid", ch.mid, "key", ch.key, "err", derr)
-	}
-	s.logger.Debug("client disconnected", "mid", ch.mid, "key", ch.key, "err", err)
-}
-
-// Why a client's connection was closed.
-var (
-	errProtocol    = errors.New("protocol error")
-	errRateLimited = errors.New("upstream rate limit exceeded")
-	errInternal    = errors.New("internal error")
-)
-
-// authSeq is the sequence of the op 8 reply: goim answers auth with 0.
-const authSeq = 0
-
-// closeCode picks the close frame for why a connection ended.
-func closeCode(err error) (int, string) {
-	switch {
-	case isTooLarge(err):
-		return closeTooBig, "packet too large"
-	case errors.Is(err, errProtocol), errors.Is(err, wire.ErrHeaderLen), errors.Is(err, wire.ErrShort):
-		return closeProtocol, "protocol error"
-	case errors.Is(err, errRateLimited):
-		return closeRateLimited, "rate limit exceeded"
-	case errors.Is(err, errInternal):
-		return closeInternal, "internal error"
-	default:
-		return closeNormal, ""
-	}
-}
-
-// handshake reads the auth packet within the handshake timeout and has
-// logic authenticate it. Failure closes the connection without op 8.
-func (s *Stage) handshake(t transport) (*channel, error) {
-	_ = t.SetReadDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
-	ps, err := t.Read()
-	if err != nil {
-		t.Close(closeCode(err))
-		return nil, fmt.Errorf("read auth packet: %w", err)
-	}
-	if len(ps) != 1 || ps[0].Op != wire.OpAuth {
-		t.Close(closeProtocol, "first packet must be auth")
-		return nil, fmt.Errorf("%w: first packet is not auth", errProtocol)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), logicCallTimeout)
-	defer cancel()
-	reply, err := s.logic.Connect(ctx, &pb.ConnectReq{Server: s.nodeID, Token: ps[0].Body, RemoteAddr: t.RemoteAddr().String()})
-	if err != nil {
-		if status.Code(err) == codes.Unauthenticated {
-			t.Close(closeAuthFailed, "authentication failed")
-		} else {
-			t.Close(closeTryAgain, "authentication unavailable, try again later")
-		}
-		return nil, fmt.Errorf("connect to logic: %w", err)
-	}
-	ch := newChannel(t, s.cfg.SendQueue, &s.slowConsumers, s.logger)
-	ch.mid, ch.key = reply.Mid, reply.Key
-	ch.rooms = uniq(reply.Rooms)
-	if len(reply.Accepts) > 0 {
-		ch.setAccepts(reply.Accepts, true)
-	}
-	return ch, nil
-}
-
-func uniq(ss []string) []string {
-	out := make([]string, 0, len(ss))
-	seen := map[string]bool{}
-	for _, s := range ss {
-		if s != "" && !seen[s] {
-			seen[s] = true
-			out = append(out, s)
-		}
-	}
-	return out
-}
-
-// readLoopRecovering runs readLoop, turning a panic into errInternal so
-// that the connection is still unregistered and reported gone.
-func (s *Stage) readLoopRecovering(ch *channel, b *bucket) (err error) {
-	defer func() {
-		if r := recover(); r != nil {
-			s.logger.Error("panic serving client; connection closed", "key", ch.key, "panic", r, "stack", string(debug.Stack()))
-			err = fmt.Errorf("%w: %v", errInternal, r)
-		}
-	}()
-	return s.readLoop(ch, b)
-}
-
-func (s *Stage) readLoop(ch *channel, b *bucket) error {
-	// Two missed heartbeats close the connection.
-	idle := 2*s.cfg.HeartbeatInterval + s.cfg.HandshakeTimeout
-	for {
-		_ = ch.t.SetReadDeadline(time.Now().Add(idle))
-		ps, err := ch.t.Read()
-		for _, p := range ps {
-			if herr := s.handle(ch, b, p); herr != nil {
-				return herr
-			}
-		}
-		if err != nil {
-			if errors.Is(err, io.EOF) || websocket.IsCloseError(err, websocket.CloseNormalClosure, websocket.CloseGoingAway) {
-				return nil
-			}
-			return err
-		}
-	}
-}
-
-func (s *Stage) handle(ch *channel, b *bucket, p wire.Packet) error {
-	switch p.Op {
-	case wire.OpHeartbeat:
-		var body [4]byte
-		binary.BigEndian.PutUint32(body[:], uint32(s.onlineCount(ch.firstRoom())))
-		ch.reply(outItem{pkt: wire.Encode(wire.OpHeartbeatReply, p.Seq, body[:])})
-		ctx, cancel := context.WithTimeout(context.Background(), logicCallTimeout)
-		_, err := s.logic.Heartbeat(ctx, &pb.HeartbeatReq{Mid: ch.mid, Key: ch.key, Server: s.nodeID})
-		cancel()
-		if err != nil {
-			s.logger.Warn("renew session with logic", "key", ch.key, "err", err)
-		}
-	case wire.OpSendMsg:
-		if !ch.allowUpstream(s.upstreamLimit(), s.cfg.UpstreamBurst) {
-			return errRateLimited
-		}
-		if err := s.publishUpstream(ch, p); err != nil {
-			s.logger.Error("publish upstream message", "key", ch.key, "err", err)
-			return fmt.Errorf("publish upstream: %w", err)
-		}
-		ch.reply(outItem{pkt: wire.Encode(wire.OpSendMsgReply, p.Seq, nil)})
-	case wire.OpChangeRoom:
-		room := strings.TrimSpace(string(p.Body))
-		b.changeRoom(ch, room)
-		ch.reply(outItem{pkt: wire.Encode(wire.OpChangeRoomReply, p.Seq, []byte(room))})
-	case wire.OpSub, wire.OpUnsub:
-		ops, ok := parseOps(p.Body)
-		if !ok {
-			return fmt.Errorf("%w: operation list %q", errProtocol, p.Body)
-		}
-		ch.setAccepts(ops, p.Op == wire.OpSub)
-		ch.reply(outItem{pkt: wire.Encode(p.Op+1, p.Seq, p.Body)})
-	case wire.OpAuth:
-		return fmt.Errorf("%w: auth after authentication", errProtocol)
-	default:
-		s.logger.Debug("ignoring unknown operation", "key", ch.key, "op", p.Op)
-	}
-	return nil
-}
-
-func (s *Stage) upstreamLimit() rate.Limit {
-	if s.cfg.UpstreamRate == 0 {
-		return rate.Inf
-	}
-	return rate.Limit(s.cfg.UpstreamRate)
-}
-
-func (s *Stage) publishUpstream(ch *channel, p wire.Packet) error {
-	id := uuid.NewString()
-	msg := message.NewMessage(id, append([]byte(nil), p.Body...))
-	msg.Metadata.Set(pipeline.MetaMessageID, id)
-	msg.Metadata.Set(pipeline.MetaMid, strconv.FormatInt(ch.mid, 10))
-	msg.Metadata.Set(pipeline.MetaKey, ch.key)
-	msg.Metadata.Set(pipeline.MetaSeq, strconv.FormatInt(int64(p.Seq), 10))
-	msg.Metadata.Set(pipeline.MetaRooms, strings.Join(ch.roomList(), ","))
-	return s.upstream.Publish(s.upstreamTopic, msg)
 }
