@@ -41,6 +41,12 @@ const (
 	RegistryRedis  = "redis"
 )
 
+// Dedupe stores.
+const (
+	DedupeMemory = "memory"
+	DedupeRedis  = "redis"
+)
+
 // Auth modes.
 const (
 	AuthJWT          = "jwt"
@@ -142,8 +148,10 @@ type Job struct {
 	RoomBatchSize   int           `koanf:"room_batch_size"`
 	RoomBatchWindow time.Duration `koanf:"room_batch_window"`
 	Timeout         time.Duration `koanf:"timeout"`
-	Retry           Retry         `koanf:"retry"`
-	Dedupe          Dedupe        `koanf:"dedupe"`
+	// Throttle caps messages handled per second by one job; 0 is no cap.
+	Throttle int    `koanf:"throttle"`
+	Retry    Retry  `koanf:"retry"`
+	Dedupe   Dedupe `koanf:"dedupe"`
 	// CloudAddrs lists cloud gRPC addresses for a job that cannot read the
 	// node list from a shared registry (logic in another process with the
 	// memory registry). Each node's id is its address.
@@ -162,6 +170,9 @@ type Retry struct {
 type Dedupe struct {
 	Enabled bool          `koanf:"enabled"`
 	TTL     time.Duration `koanf:"ttl"`
+	// Store is "memory" (one job) or "redis" (several jobs share what was
+	// delivered; uses registry.redis).
+	Store string `koanf:"store"`
 }
 
 // Cloud configures the cloud stage.
@@ -223,7 +234,7 @@ func Default() Config {
 			RoomBatchWindow: 0,
 			Timeout:         5 * time.Second,
 			Retry:           Retry{MaxRetries: 5, InitialInterval: 100 * time.Millisecond, MaxInterval: 5 * time.Second, Multiplier: 2},
-			Dedupe:          Dedupe{Enabled: true, TTL: 10 * time.Minute},
+			Dedupe:          Dedupe{Enabled: true, TTL: 10 * time.Minute, Store: DedupeMemory},
 			CloudAddrs:      []string{},
 		},
 		Cloud: Cloud{
@@ -440,6 +451,10 @@ func (c Config) Validate() error {
 		bad("job.retry.multiplier", "must be at least 1, got %v", c.Job.Retry.Multiplier)
 	}
 	positiveDur("job.dedupe.ttl", c.Job.Dedupe.TTL)
+	oneOf("job.dedupe.store", c.Job.Dedupe.Store, DedupeMemory, DedupeRedis)
+	if c.Job.Throttle < 0 {
+		bad("job.throttle", "must not be negative")
+	}
 	for _, a := range c.Job.CloudAddrs {
 		addr("job.cloud_addrs", a, true)
 	}

@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"imcloud/adapters/memory"
+	"imcloud/adapters/redis"
 	"imcloud/config"
 	"imcloud/pipeline"
 	"imcloud/proto/pb"
@@ -60,6 +61,7 @@ type Node struct {
 	router     *message.Router
 	jobStage   *job.Stage
 	registry   *memory.Registry
+	closers    []func() error // closed last, after the broker
 }
 
 // listen binds addr for key, or returns nil when addr is empty.
@@ -257,7 +259,22 @@ func (n *Node) startJob(ctx context.Context) error {
 	default:
 		return errors.New("job.cloud_addrs: job cannot see the cloud nodes: list them here, or run job with logic (the memory registry lives in logic's process)")
 	}
-	router, err := pipeline.NewRouter(cfg.Job, cfg.Topics.Poison, n.broker.Publisher, n.logger.With("stage", "job"))
+	var store pipeline.DedupeStore
+	if cfg.Job.Dedupe.Enabled {
+		switch cfg.Job.Dedupe.Store {
+		case config.DedupeRedis:
+			rc := cfg.Registry.Redis
+			rdb, err := redis.Connect(ctx, rc.Addr, rc.Password, rc.DB)
+			if err != nil {
+				return fmt.Errorf("job.dedupe.store: %w", err)
+			}
+			n.closers = append(n.closers, rdb.Close)
+			store = redis.NewDedupe(rdb, "imcloud:dedupe:")
+		default:
+			store = memory.NewDedupe(cfg.Job.Dedupe.TTL)
+		}
+	}
+	router, err := pipeline.NewRouter(cfg.Job, cfg.Topics.Poison, n.broker.Publisher, store, n.logger.With("stage", "job"))
 	if err != nil {
 		return err
 	}
@@ -379,6 +396,9 @@ func (n *Node) stop(ctx context.Context) {
 		if err := n.broker.Close(); err != nil {
 			n.logger.Warn("close broker", "err", err)
 		}
+	}
+	for _, c := range n.closers {
+		_ = c()
 	}
 	n.wg.Wait()
 }

@@ -3,6 +3,7 @@ package pipeline
 import (
 	"fmt"
 	"log/slog"
+	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
@@ -11,15 +12,23 @@ import (
 )
 
 // NewRouter returns a router whose handlers run inside the delivery
-// middleware stack. The order is what makes delivery correct; Watermill
-// wraps the first middleware added outermost:
+// middleware stack built from cfg. The order is what makes delivery
+// correct; Watermill wraps the first middleware added outermost:
 //
 //	CorrelationID  copies the correlation id onto anything a handler emits
-//	PoisonQueue    a message that failed every retry goes to the poison topic with its reason, then is acked
-//	Retry          retries the failed attempt with exponential backoff, up to job.retry.max_retries
+//	Throttle       caps messages per second (job.throttle; 0 = off)
+//	PoisonQueue    a message that failed every retry goes to the poison topic
+//	               with its reason, then is acked: never dropped, never looping
+//	keepContext    the poison publish gets the message's own context, not the
+//	               cancelled one Timeout leaves behind
+//	dedupe         skips an id already delivered; marks an id only after
+//	               success, so a retried failure is not taken for a duplicate
+//	Retry          retries with exponential backoff, up to job.retry.max_retries
 //	Timeout        bounds each attempt by job.timeout (a fresh context per retry)
 //	Recoverer      turns a handler panic into an error the layers above see
-func NewRouter(cfg config.Job, poisonTopic string, poisonPub message.Publisher, logger *slog.Logger) (*message.Router, error) {
+//
+// store may be nil when cfg.Dedupe is disabled.
+func NewRouter(cfg config.Job, poisonTopic string, poisonPub message.Publisher, store DedupeStore, logger *slog.Logger) (*message.Router, error) {
 	wlog := WatermillLogger(logger)
 	r, err := message.NewRouter(message.RouterConfig{}, wlog)
 	if err != nil {
@@ -29,9 +38,18 @@ func NewRouter(cfg config.Job, poisonTopic string, poisonPub message.Publisher, 
 	if err != nil {
 		return nil, fmt.Errorf("create poison queue middleware: %w", err)
 	}
+	r.AddMiddleware(middleware.CorrelationID)
+	if cfg.Throttle > 0 {
+		r.AddMiddleware(middleware.NewThrottle(int64(cfg.Throttle), time.Second).Middleware)
+	}
+	r.AddMiddleware(poison, keepContext)
+	if cfg.Dedupe.Enabled {
+		if store == nil {
+			return nil, fmt.Errorf("job.dedupe.enabled: no dedupe store given")
+		}
+		r.AddMiddleware(dedupe(store, cfg.Dedupe.TTL, logger))
+	}
 	r.AddMiddleware(
-		middleware.CorrelationID,
-		poison,
 		middleware.Retry{
 			MaxRetries:          cfg.Retry.MaxRetries,
 			InitialInterval:     cfg.Retry.InitialInterval,

@@ -3,8 +3,9 @@ package pipeline
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
-	"sync/atomic"
+	"sync"
 	"testing"
 	"time"
 
@@ -12,70 +13,161 @@ import (
 	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
 	"github.com/ThreeDotsLabs/watermill/pubsub/gochannel"
 
+	"imcloud/adapters/memory"
 	"imcloud/config"
 	"imcloud/proto/pb"
 )
 
-// TestFailingHandlerIsRetriedThenPoisoned checks the middleware order: the
-// poison queue sits outside retry, so a message is poisoned only after
-// every retry failed, and a panic counts as a failure.
+const maxRetries = 3
+
+// attempts counts handler runs per message id.
+type attempts struct {
+	mu sync.Mutex
+	n  map[string]int
+}
+
+func (a *attempts) add(id string) int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.n[id]++
+	return a.n[id]
+}
+
+func (a *attempts) get(id string) int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.n[id]
+}
+
+// runRouter runs a router with the production middleware stack around
+// handler. Publishing blocks until the message is acked, so a publish
+// returning means the stack is done with the message.
+func runRouter(t *testing.T, handler func(msg *message.Message, attempt int) error) (pub func(id string) error, poisoned <-chan *message.Message, tries *attempts) {
+	t.Helper()
+	logger := slog.New(slog.DiscardHandler)
+	pubsub := gochannel.NewGoChannel(gochannel.Config{BlockPublishUntilSubscriberAck: true}, WatermillLogger(logger))
+	t.Cleanup(func() { _ = pubsub.Close() })
+	cfg := config.Default().Job
+	cfg.Retry.MaxRetries = maxRetries
+	cfg.Retry.InitialInterval = time.Millisecond
+	cfg.Retry.MaxInterval = 5 * time.Millisecond
+	r, err := NewRouter(cfg, "poison", pubsub, memory.NewDedupe(time.Minute), logger)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tries = &attempts{n: map[string]int{}}
+	r.AddConsumerHandler("h", "push", pubsub, func(msg *message.Message) error {
+		return handler(msg, tries.add(msg.Metadata.Get(MetaMessageID)))
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	poison, err := pubsub.Subscribe(ctx, "poison")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = r.Run(ctx) }()
+	<-r.Running()
+	t.Cleanup(func() { _ = r.Close() })
+	return func(id string) error {
+		msg, err := NewPushMessage(id, "corr-"+id, &pb.PushMsg{Operation: 1000})
+		if err != nil {
+			return err
+		}
+		return pubsub.Publish("push", msg)
+	}, poison, tries
+}
+
+// inBackground runs fn (a publish that waits for the test to ack a poisoned
+// message) and returns its error channel.
+func inBackground(fn func() error) <-chan error {
+	done := make(chan error, 1)
+	go func() { done <- fn() }()
+	return done
+}
+
 func TestFailingHandlerIsRetriedThenPoisoned(t *testing.T) {
 	for _, panics := range []bool{false, true} {
-		name := "error"
-		if panics {
-			name = "panic"
-		}
-		t.Run(name, func(t *testing.T) {
-			logger := slog.New(slog.DiscardHandler)
-			pubsub := gochannel.NewGoChannel(gochannel.Config{}, WatermillLogger(logger))
-			defer pubsub.Close()
-			cfg := config.Default().Job
-			cfg.Retry.MaxRetries = 3
-			cfg.Retry.InitialInterval = time.Millisecond
-			cfg.Retry.MaxInterval = 5 * time.Millisecond
-			r, err := NewRouter(cfg, "poison", pubsub, logger)
-			if err != nil {
-				t.Fatal(err)
-			}
-			var attempts atomic.Int32
-			r.AddConsumerHandler("h", "push", pubsub, func(*message.Message) error {
-				attempts.Add(1)
+		t.Run(fmt.Sprintf("panics=%v", panics), func(t *testing.T) {
+			publish, poisoned, tries := runRouter(t, func(*message.Message, int) error {
 				if panics {
 					panic("boom")
 				}
 				return errors.New("cloud unreachable")
 			})
-			ctx, cancel := context.WithCancel(context.Background())
-			defer cancel()
-			poisoned, err := pubsub.Subscribe(ctx, "poison")
-			if err != nil {
-				t.Fatal(err)
-			}
-			go func() { _ = r.Run(ctx) }()
-			<-r.Running()
-
-			msg, err := NewPushMessage("id-1", "corr-1", &pb.PushMsg{Operation: 1000})
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := pubsub.Publish("push", msg); err != nil {
-				t.Fatal(err)
-			}
+			published := inBackground(func() error { return publish("id-1") })
 			select {
 			case p := <-poisoned:
 				p.Ack()
-				if got := attempts.Load(); got != int32(cfg.Retry.MaxRetries+1) {
-					t.Fatalf("handler ran %d times before poisoning, want %d", got, cfg.Retry.MaxRetries+1)
+				if err := <-published; err != nil {
+					t.Fatal(err)
+				}
+				if got := tries.get("id-1"); got != maxRetries+1 {
+					t.Fatalf("handler ran %d times before poisoning, want %d", got, maxRetries+1)
 				}
 				if p.Metadata.Get(middleware.ReasonForPoisonedKey) == "" || p.Metadata.Get(MetaMessageID) != "id-1" {
 					t.Fatalf("poisoned message metadata %v lacks reason or id", p.Metadata)
 				}
-				if middleware.MessageCorrelationID(p) != "corr-1" {
-					t.Fatalf("correlation id %q, want corr-1", middleware.MessageCorrelationID(p))
+				if middleware.MessageCorrelationID(p) != "corr-id-1" {
+					t.Fatalf("correlation id %q, want corr-id-1", middleware.MessageCorrelationID(p))
 				}
 			case <-time.After(10 * time.Second):
-				t.Fatalf("nothing poisoned after %d attempts", attempts.Load())
+				t.Fatalf("nothing poisoned after %d attempts", tries.get("id-1"))
 			}
 		})
+	}
+}
+
+func TestDedupe(t *testing.T) {
+	var mu sync.Mutex
+	delivered := map[string]int{}
+	failUntil := map[string]int{"flaky": 3, "poisoned-once": maxRetries + 1}
+	publish, poisoned, tries := runRouter(t, func(msg *message.Message, attempt int) error {
+		id := msg.Metadata.Get(MetaMessageID)
+		mu.Lock()
+		defer mu.Unlock()
+		if attempt <= failUntil[id] {
+			return fmt.Errorf("attempt %d fails", attempt)
+		}
+		delivered[id]++
+		return nil
+	})
+	count := func(id string) int {
+		mu.Lock()
+		defer mu.Unlock()
+		return delivered[id]
+	}
+
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A failure that retries fix is delivered, not taken for a duplicate.
+	must(publish("flaky"))
+	if count("flaky") != 1 || tries.get("flaky") != 4 {
+		t.Fatalf("flaky: delivered %d times in %d attempts, want once in 4", count("flaky"), tries.get("flaky"))
+	}
+
+	// The same id again is dropped without running the handler.
+	must(publish("flaky"))
+	must(publish("once"))
+	must(publish("once"))
+	if count("once") != 1 || tries.get("once") != 1 || tries.get("flaky") != 4 {
+		t.Fatalf("duplicates ran the handler: once %d/%d tries, flaky %d tries", count("once"), tries.get("once"), tries.get("flaky"))
+	}
+
+	// A poisoned message was never delivered, so its replay is delivered.
+	published := inBackground(func() error { return publish("poisoned-once") })
+	select {
+	case p := <-poisoned:
+		p.Ack()
+		must(<-published)
+	case <-time.After(10 * time.Second):
+		t.Fatal("not poisoned")
+	}
+	must(publish("poisoned-once"))
+	if count("poisoned-once") != 1 {
+		t.Fatalf("replayed poisoned message delivered %d times, want 1", count("poisoned-once"))
 	}
 }

@@ -1,0 +1,62 @@
+package pipeline
+
+import (
+	"context"
+	"log/slog"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill/message"
+)
+
+// DedupeStore remembers the ids of messages that were delivered.
+// adapters/memory keeps them for one job; adapters/redis shares them
+// between jobs.
+type DedupeStore interface {
+	Delivered(ctx context.Context, id string) (bool, error)
+	MarkDelivered(ctx context.Context, id string, ttl time.Duration) error
+}
+
+// dedupe drops a message whose id was already delivered, and marks an id
+// delivered only once its handler succeeded. Watermill's Deduplicator marks
+// an id as soon as it is seen, so a message whose handling failed (a broker
+// redelivery, a poison replay) would be dropped as a duplicate and lost.
+// Keyed on the message-id metadata, never the payload: two pushes of the
+// same text are two messages.
+func dedupe(store DedupeStore, ttl time.Duration, logger *slog.Logger) message.HandlerMiddleware {
+	return func(h message.HandlerFunc) message.HandlerFunc {
+		return func(msg *message.Message) ([]*message.Message, error) {
+			id := msg.Metadata.Get(MetaMessageID)
+			if id == "" {
+				return h(msg)
+			}
+			seen, err := store.Delivered(msg.Context(), id)
+			if err != nil {
+				// Delivering twice beats not delivering: go on.
+				logger.Warn("dedupe store unavailable; delivering without the check", "message_id", id, "err", err)
+			}
+			if seen {
+				logger.Debug("dropping duplicate message", "message_id", id)
+				return nil, nil
+			}
+			out, err := h(msg)
+			if err != nil {
+				return nil, err
+			}
+			if err := store.MarkDelivered(msg.Context(), id, ttl); err != nil {
+				logger.Warn("remember delivered message", "message_id", id, "err", err)
+			}
+			return out, nil
+		}
+	}
+}
+
+// keepContext gives the message back the context it arrived with once the
+// layers inside are done: Timeout leaves a cancelled one behind, and the
+// poison queue must not publish with it.
+func keepContext(h message.HandlerFunc) message.HandlerFunc {
+	return func(msg *message.Message) ([]*message.Message, error) {
+		ctx := msg.Context()
+		defer msg.SetContext(ctx)
+		return h(msg)
+	}
+}
