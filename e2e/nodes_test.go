@@ -54,4 +54,3 @@ func heartbeatCount(t *testing.T, c *client.Conn) uint32 {
 	}
 	return binary.BigEndian.Uint32(p.Body)
 }
-
