@@ -132,7 +132,10 @@ type Logic struct {
 	MaxMessageBytes int      `koanf:"max_message_bytes"`
 	// SessionTTL bounds how long a session lives without a heartbeat.
 	SessionTTL time.Duration `koanf:"session_ttl"`
-	Auth       Auth          `koanf:"auth"`
+	// IdempotencyTTL is how long a reply to a request with an
+	// Idempotency-Key is kept to answer its retries.
+	IdempotencyTTL time.Duration `koanf:"idempotency_ttl"`
+	Auth           Auth          `koanf:"auth"`
 }
 
 // Auth configures how logic authenticates clients.
@@ -226,6 +229,7 @@ func Default() Config {
 			APIKeys:         []string{},
 			MaxMessageBytes: 4096 - 16,
 			SessionTTL:      10 * time.Minute,
+			IdempotencyTTL:  24 * time.Hour,
 			Auth:            Auth{Mode: AuthJWT},
 		},
 		Job: Job{
@@ -431,6 +435,7 @@ func (c Config) Validate() error {
 	addr("logic.grpc_addr", c.Logic.GRPCAddr, c.Has(StageLogic))
 	positive("logic.max_message_bytes", c.Logic.MaxMessageBytes)
 	positiveDur("logic.session_ttl", c.Logic.SessionTTL)
+	positiveDur("logic.idempotency_ttl", c.Logic.IdempotencyTTL)
 	oneOf("logic.auth.mode", c.Logic.Auth.Mode, AuthJWT, AuthInsecureJSON)
 	if c.Has(StageLogic) && c.Logic.Auth.Mode == AuthJWT && c.Logic.Auth.JWTSecret == "" && c.Logic.Auth.JWTPublicKeyFile == "" {
 		bad("logic.auth.jwt_secret", "jwt mode needs jwt_secret or jwt_public_key_file")

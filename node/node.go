@@ -150,7 +150,10 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Node
 
 	var logicStage *logic.Stage
 	if hasLogic {
-		logicStage, err = logic.New(cfg.Logic, n.registry, n.broker.Publisher, cfg.Topics.Push, logger.With("stage", "logic"))
+		logicStage, err = logic.New(cfg.Logic, logic.Options{
+			Registry: n.registry, Publisher: n.broker.Publisher, PushTopic: cfg.Topics.Push,
+			Replies: memory.NewReplies(cfg.Logic.IdempotencyTTL), Logger: logger.With("stage", "logic"),
+		})
 		if err != nil {
 			return nil, err
 		}

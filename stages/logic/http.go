@@ -218,8 +218,20 @@ func (st *Stage) push(name string, route pushRoute) http.Handler {
 		if corr == "" {
 			corr = uuid.NewString()
 		}
+		idemKey := r.Header.Get("Idempotency-Key")
+		storeKey := name + "\x00" + idemKey
+		if idemKey != "" && st.replies != nil {
+			if prev, ok, err := st.replies.Reply(r.Context(), storeKey); err != nil {
+				st.logger.WarnContext(r.Context(), "idempotency store unavailable", "err", err)
+			} else if ok {
+				w.Header().Set("Content-Type", "application/json")
+				w.Header().Set("Idempotent-Replayed", "true")
+				_, _ = w.Write(prev)
+				return
+			}
+		}
 		push := Push{
-			ID:            MessageID(r.Header.Get("Idempotency-Key"), name),
+			ID:            MessageID(idemKey, name),
 			CorrelationID: corr,
 			Operation:     op,
 			Msg:           p.msg,
@@ -237,7 +249,15 @@ func (st *Stage) push(name string, route pushRoute) http.Handler {
 			w.Header().Set("Retry-After", "1")
 			writeError(w, http.StatusServiceUnavailable, "registry unavailable, retry later")
 		default:
-			writeJSON(w, http.StatusOK, reply{Code: 0, Message: "ok", Data: res})
+			body, _ := json.Marshal(reply{Code: 0, Message: "ok", Data: res})
+			body = append(body, '\n')
+			if idemKey != "" && st.replies != nil {
+				if err := st.replies.SaveReply(r.Context(), storeKey, body); err != nil {
+					st.logger.WarnContext(r.Context(), "remember idempotent reply", "err", err)
+				}
+			}
+			w.Header().Set("Content-Type", "application/json")
+			_, _ = w.Write(body)
 		}
 	})
 }

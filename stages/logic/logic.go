@@ -4,6 +4,7 @@
 package logic
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"net/http"
@@ -17,26 +18,44 @@ import (
 
 // Stage is a configured logic stage, ready to be served.
 type Stage struct {
-	cfg    config.Logic
-	pusher *Pusher
-	grpc   *grpcServer
-	logger *slog.Logger
+	cfg     config.Logic
+	pusher  *Pusher
+	replies ReplyStore
+	grpc    *grpcServer
+	logger  *slog.Logger
 }
 
-// New assembles the logic stage. Pushes are published to pushTopic.
-func New(cfg config.Logic, reg Registry, pub message.Publisher, pushTopic string, logger *slog.Logger) (*Stage, error) {
+// ReplyStore keeps the reply to each request made with an Idempotency-Key,
+// so that a retry is answered without publishing again.
+type ReplyStore interface {
+	Reply(ctx context.Context, key string) ([]byte, bool, error)
+	SaveReply(ctx context.Context, key string, reply []byte) error
+}
+
+// Options are the logic stage's collaborators.
+type Options struct {
+	Registry  Registry
+	Publisher message.Publisher
+	PushTopic string
+	Replies   ReplyStore
+	Logger    *slog.Logger
+}
+
+// New assembles the logic stage.
+func New(cfg config.Logic, o Options) (*Stage, error) {
 	auth, err := NewAuthenticator(cfg.Auth)
 	if err != nil {
 		return nil, fmt.Errorf("logic: %w", err)
 	}
 	if cfg.Auth.Mode == config.AuthInsecureJSON {
-		logger.Warn("logic.auth.mode is insecure-json: client auth bodies are trusted as is; use it only to migrate goim clients or for local demos")
+		o.Logger.Warn("logic.auth.mode is insecure-json: client auth bodies are trusted as is; use it only to migrate goim clients or for local demos")
 	}
 	return &Stage{
-		cfg:    cfg,
-		pusher: &Pusher{registry: reg, publisher: pub, topic: pushTopic},
-		grpc:   &grpcServer{auth: auth, registry: reg, logger: logger},
-		logger: logger,
+		cfg:     cfg,
+		pusher:  &Pusher{registry: o.Registry, publisher: o.Publisher, topic: o.PushTopic},
+		replies: o.Replies,
+		grpc:    &grpcServer{auth: auth, registry: o.Registry, logger: o.Logger},
+		logger:  o.Logger,
 	}, nil
 }
 
