@@ -92,6 +92,9 @@ type Broker struct {
 // AMQP configures the RabbitMQ broker.
 type AMQP struct {
 	URL string `koanf:"url"`
+	// Channels is how many confirm-mode channels a publisher spreads its
+	// messages over; confirms are pipelined on each.
+	Channels int `koanf:"channels"`
 }
 
 // NATS configures the NATS JetStream broker.
@@ -217,7 +220,7 @@ func Default() Config {
 		Admin:  Admin{Addr: ""},
 		Broker: Broker{
 			Kind:        BrokerAMQP,
-			AMQP:        AMQP{URL: "amqp://guest:guest@127.0.0.1:5672/"},
+			AMQP:        AMQP{URL: "amqp://guest:guest@127.0.0.1:5672/", Channels: 4},
 			NATS:        NATS{URL: "nats://127.0.0.1:4222"},
 			RedisStream: RedisStream{Addr: "127.0.0.1:6379"},
 		},
@@ -424,6 +427,7 @@ func (c Config) Validate() error {
 	oneOf("log.format", c.Log.Format, "text", "json")
 	addr("admin.addr", c.Admin.Addr, false)
 	oneOf("broker.kind", c.Broker.Kind, BrokerAMQP, BrokerGoChannel, BrokerNATS, BrokerRedisStream)
+	positive("broker.amqp.channels", c.Broker.AMQP.Channels)
 	oneOf("registry.kind", c.Registry.Kind, RegistryMemory, RegistryRedis)
 	for key, v := range map[string]string{"topics.push": c.Topics.Push, "topics.poison": c.Topics.Poison, "topics.upstream": c.Topics.Upstream} {
 		if v == "" {

@@ -33,7 +33,7 @@ func NewBroker(cfg config.Broker, topics config.Topics, logger *slog.Logger) (*B
 		gc := gochannel.New(wlog)
 		return &Broker{Publisher: gc, Subscriber: gc, closers: []func() error{gc.Close}}, nil
 	case config.BrokerAMQP:
-		pub, err := amqp.NewPublisher(cfg.AMQP.URL, wlog, topics.Push, topics.Poison, topics.Upstream)
+		pub, err := amqp.NewPublisher(cfg.AMQP.URL, wlog, cfg.AMQP.Channels, topics.Push, topics.Poison, topics.Upstream)
 		if err != nil {
 			return nil, err
 		}

@@ -1,0 +1,61 @@
+//go:build integration
+
+package amqp
+
+import (
+	"fmt"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill"
+	"github.com/ThreeDotsLabs/watermill/message"
+	amqp091 "github.com/rabbitmq/amqp091-go"
+)
+
+func testURL() string {
+	if u := os.Getenv("IMCLOUD_TEST_AMQP_URL"); u != "" {
+		return u
+	}
+	return "amqp://guest:guest@127.0.0.1:5672/"
+}
+
+// tempQueue names a queue for one test and deletes it afterwards.
+func tempQueue(tb testing.TB) string {
+	tb.Helper()
+	q := fmt.Sprintf("imcloud.test.%s.%d", tb.Name(), time.Now().UnixNano())
+	tb.Cleanup(func() {
+		conn, err := amqp091.Dial(testURL())
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		if ch, err := conn.Channel(); err == nil {
+			_, _ = ch.QueueDelete(q, false, false, false)
+		}
+	})
+	return q
+}
+
+// BenchmarkPublishConfirmed measures confirmed publishes per second with
+// concurrent publishers, the way logic's HTTP handlers publish.
+func BenchmarkPublishConfirmed(b *testing.B) {
+	q := tempQueue(b)
+	pub, err := NewPublisher(testURL(), watermill.NopLogger{}, 4, q)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer pub.Close()
+	payload := make([]byte, 128)
+	b.SetParallelism(64)
+	start := time.Now()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if err := pub.Publish(q, message.NewMessage(watermill.NewUUID(), payload)); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	})
+	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "confirmed/s")
+}

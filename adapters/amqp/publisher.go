@@ -1,0 +1,260 @@
+package amqp
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill"
+	"github.com/ThreeDotsLabs/watermill/message"
+	amqp091 "github.com/rabbitmq/amqp091-go"
+)
+
+// ErrUnavailable is returned while the publisher has no broker connection.
+var ErrUnavailable = errors.New("rabbitmq unavailable")
+
+// ErrNacked is returned for a message the broker refused.
+var ErrNacked = errors.New("rabbitmq nacked the message")
+
+// confirmTimeout bounds the wait for a confirm when the caller set none.
+const confirmTimeout = 10 * time.Second
+
+// Publisher publishes to durable queues and returns once RabbitMQ has
+// confirmed each message. Confirms are pipelined: a channel carries many
+// unconfirmed messages at once and each caller waits for its own delivery
+// tag, so throughput is not bounded by one round trip per message as with
+// watermill-amqp's publisher. After the connection drops it reconnects
+// with backoff; meanwhile Publish fails fast with ErrUnavailable.
+type Publisher struct {
+	url     string
+	queues  []string
+	size    int
+	logger  watermill.LoggerAdapter
+	marshal marshaler
+
+	mu     sync.RWMutex
+	conn   *amqp091.Connection
+	chans  []*confirmChannel
+	closed bool
+	done   chan struct{}
+	next   atomic.Uint64
+}
+
+// NewPublisher connects, declares the queue of each topic so that nothing
+// published is dropped for want of a queue, and opens that many channels
+// in confirm mode to spread publishes over.
+func NewPublisher(url string, logger watermill.LoggerAdapter, channels int, topics ...string) (*Publisher, error) {
+	p := &Publisher{url: url, queues: topics, size: max(channels, 1), logger: logger, done: make(chan struct{})}
+	if err := p.connect(); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+func (p *Publisher) connect() error {
+	conn, err := amqp091.Dial(p.url)
+	if err != nil {
+		return fmt.Errorf("%w: dial: %w", ErrUnavailable, err)
+	}
+	if err := declareQueues(conn, p.queues); err != nil {
+		_ = conn.Close()
+		return err
+	}
+	chans := make([]*confirmChannel, 0, p.size)
+	for range p.size {
+		c, err := openConfirmChannel(conn)
+		if err != nil {
+			_ = conn.Close()
+			return err
+		}
+		chans = append(chans, c)
+	}
+	p.mu.Lock()
+	p.conn, p.chans = conn, chans
+	p.mu.Unlock()
+	closed := conn.NotifyClose(make(chan *amqp091.Error, 1))
+	go p.watch(conn, closed)
+	return nil
+}
+
+// declareQueues declares each durable queue as watermill-amqp's durable
+// queue subscriber does, so that the two agree on its arguments.
+func declareQueues(conn *amqp091.Connection, queues []string) error {
+	ch, err := conn.Channel()
+	if err != nil {
+		return fmt.Errorf("open channel to declare queues: %w", err)
+	}
+	defer ch.Close()
+	for _, q := range queues {
+		if _, err := ch.QueueDeclare(q, true, false, false, false, queueArgs()); err != nil {
+			return fmt.Errorf("declare queue %s: %w", q, err)
+		}
+	}
+	return nil
+}
+
+// watch reconnects after the connection closes, backing off up to 5s.
+func (p *Publisher) watch(conn *amqp091.Connection, closed <-chan *amqp091.Error) {
+	select {
+	case <-p.done:
+		return
+	case err := <-closed:
+		p.logger.Error("rabbitmq publisher connection lost", err, nil)
+	}
+	p.mu.Lock()
+	if p.conn == conn {
+		p.conn, p.chans = nil, nil
+	}
+	p.mu.Unlock()
+	backoff := 100 * time.Millisecond
+	for {
+		select {
+		case <-p.done:
+			return
+		case <-time.After(backoff):
+		}
+		if err := p.connect(); err != nil {
+			p.logger.Info("rabbitmq publisher reconnect failed", watermill.LogFields{"err": err.Error(), "retry_in": backoff.String()})
+			backoff = min(backoff*2, 5*time.Second)
+			continue
+		}
+		p.logger.Info("rabbitmq publisher reconnected", nil)
+		return
+	}
+}
+
+func (p *Publisher) channel() (*confirmChannel, error) {
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	if p.closed {
+		return nil, errors.New("publisher closed")
+	}
+	if len(p.chans) == 0 {
+		return nil, ErrUnavailable
+	}
+	return p.chans[p.next.Add(1)%uint64(len(p.chans))], nil
+}
+
+// Publish publishes msgs to the queue named topic and returns once every
+// one is confirmed. The messages are in flight together.
+func (p *Publisher) Publish(topic string, msgs ...*message.Message) error {
+	waits := make([]<-chan error, 0, len(msgs))
+	for _, msg := range msgs {
+		pub, err := p.marshal.Marshal(msg)
+		if err != nil {
+			return fmt.Errorf("marshal message %s: %w", msg.UUID, err)
+		}
+		c, err := p.channel()
+		if err != nil {
+			return err
+		}
+		wait, err := c.publish(msg.Context(), topic, pub)
+		if err != nil {
+			return err
+		}
+		waits = append(waits, wait)
+	}
+	for i, wait := range waits {
+		ctx := msgs[i].Context()
+		timer := time.NewTimer(confirmTimeout)
+		select {
+		case err := <-wait:
+			timer.Stop()
+			if err != nil {
+				return fmt.Errorf("message %s: %w", msgs[i].UUID, err)
+			}
+		case <-ctx.Done():
+			timer.Stop()
+			return fmt.Errorf("message %s: waiting for confirm: %w", msgs[i].UUID, ctx.Err())
+		case <-timer.C:
+			return fmt.Errorf("message %s: %w: no confirm within %s", msgs[i].UUID, ErrUnavailable, confirmTimeout)
+		}
+	}
+	return nil
+}
+
+// Close closes the connection; unconfirmed publishes fail.
+func (p *Publisher) Close() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return nil
+	}
+	p.closed = true
+	close(p.done)
+	if p.conn == nil {
+		return nil
+	}
+	return p.conn.Close()
+}
+
+// confirmChannel is one AMQP channel in confirm mode with the callers
+// waiting for their delivery tags.
+type confirmChannel struct {
+	mu      sync.Mutex
+	ch      *amqp091.Channel
+	tag     uint64
+	pending map[uint64]chan error
+	broken  error
+}
+
+func openConfirmChannel(conn *amqp091.Connection) (*confirmChannel, error) {
+	ch, err := conn.Channel()
+	if err != nil {
+		return nil, fmt.Errorf("open channel: %w", err)
+	}
+	if err := ch.Confirm(false); err != nil {
+		return nil, fmt.Errorf("enable publisher confirms: %w", err)
+	}
+	c := &confirmChannel{ch: ch, pending: map[uint64]chan error{}}
+	confirms := ch.NotifyPublish(make(chan amqp091.Confirmation, 256))
+	go c.dispatch(confirms)
+	return c, nil
+}
+
+// publish sends one message and returns where its confirm will arrive.
+// Tags are assigned in publish order, so the lock covers the send.
+func (c *confirmChannel) publish(ctx context.Context, queue string, pub amqp091.Publishing) (<-chan error, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.broken != nil {
+		return nil, c.broken
+	}
+	if err := c.ch.PublishWithContext(ctx, "", queue, false, false, pub); err != nil {
+		return nil, fmt.Errorf("%w: publish: %w", ErrUnavailable, err)
+	}
+	c.tag++
+	wait := make(chan error, 1)
+	c.pending[c.tag] = wait
+	return wait, nil
+}
+
+// dispatch hands each confirm to its waiter. When the channel closes the
+// confirms stop, and every message still waiting fails: it may or may not
+// have reached the broker, and the caller must be told it is not confirmed.
+func (c *confirmChannel) dispatch(confirms <-chan amqp091.Confirmation) {
+	for cf := range confirms {
+		c.mu.Lock()
+		wait, ok := c.pending[cf.DeliveryTag]
+		delete(c.pending, cf.DeliveryTag)
+		c.mu.Unlock()
+		if !ok {
+			continue
+		}
+		if cf.Ack {
+			wait <- nil
+		} else {
+			wait <- ErrNacked
+		}
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.broken = fmt.Errorf("%w: channel closed", ErrUnavailable)
+	for tag, wait := range c.pending {
+		wait <- c.broken
+		delete(c.pending, tag)
+	}
+}
