@@ -27,6 +27,9 @@ const (
 	MetaSeq = "seq"
 	// MetaRooms is the comma-separated rooms of an upstream sender.
 	MetaRooms = "rooms"
+	// MetaDeliveredNodes lists the cloud nodes a room or broadcast push
+	// already reached, so that retries and replays skip them.
+	MetaDeliveredNodes = "delivered_nodes"
 )
 
 // NewPushMessage wraps pm into a message with id and correlation id set.

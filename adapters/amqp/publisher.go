@@ -147,6 +147,7 @@ func (p *Publisher) Publish(topic string, msgs ...*message.Message) error {
 		if err != nil {
 			return fmt.Errorf("marshal message %s: %w", msg.UUID, err)
 		}
+		pub.Timestamp = time.Now()
 		c, err := p.channel()
 		if err != nil {
 			return err

@@ -35,6 +35,7 @@ Usage:
   imcloud token --mid N [--rooms R1,R2] [--accepts 1000,1001] [--key K] [--ttl D] [--config F]
   imcloud check --config F                                 validate a configuration and exit
   imcloud listen --token T [--ws URL | --tcp ADDR]         connect as a client and print what arrives
+  imcloud poison list|replay|purge [--id ID]... [--all]    inspect and re-drive poisoned messages
   imcloud version
 
 Run "imcloud <command> --help" for a command's flags.
@@ -66,6 +67,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, environ [
 		return cmdCheck(args, stdout, stderr, environ)
 	case "listen":
 		return cmdListen(ctx, args, stdout, stderr)
+	case "poison":
+		return cmdPoison(ctx, args, stdout, stderr, environ)
 	case "version":
 		fmt.Fprintln(stdout, "imcloud", version)
 		return nil

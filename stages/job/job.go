@@ -10,10 +10,14 @@ import (
 	"log/slog"
 	"maps"
 	"slices"
+	"strings"
 	"sync"
+	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials/insecure"
 
 	"imcloud/pipeline"
@@ -76,12 +80,34 @@ func (s *Stage) client(addr string) (pb.CloudClient, error) {
 	if c, ok := s.conns[addr]; ok {
 		return pb.NewCloudClient(c), nil
 	}
-	c, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	c, err := grpc.NewClient(addr,
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.DefaultConfig, MinConnectTimeout: connectWait}),
+		grpc.WithUnaryInterceptor(reconnectFirst))
 	if err != nil {
 		return nil, fmt.Errorf("dial cloud %s: %w", addr, err)
 	}
 	s.conns[addr] = c
 	return pb.NewCloudClient(c), nil
+}
+
+// connectWait bounds how long a call waits for a connection that is not up.
+const connectWait = time.Second
+
+// reconnectFirst makes every call to a node whose connection is down try
+// to connect again at once, waiting up to connectWait for it, instead of
+// failing fast until gRPC's own backoff (which grows to minutes) elapses:
+// the retry middleware already paces attempts, and a node that came back
+// must be reachable by the next attempt or replay.
+func reconnectFirst(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+	if cc.GetState() != connectivity.Ready {
+		cc.ResetConnectBackoff()
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, connectWait)
+		defer cancel()
+		opts = append(opts, grpc.WaitForReady(true))
+	}
+	return invoker(ctx, method, req, reply, cc, opts...)
 }
 
 // Handle delivers one PushMsg. It fails, so that the message is retried
@@ -116,12 +142,12 @@ func (s *Stage) Handle(msg *message.Message) error {
 		}
 		return nil
 	case pb.PushMsg_ROOM:
-		return s.eachNode(nodes, func(c pb.CloudClient) error {
+		return s.eachNode(msg, nodes, func(c pb.CloudClient) error {
 			_, err := c.BroadcastRoom(ctx, &pb.BroadcastRoomReq{RoomId: pm.Room, Proto: p})
 			return err
 		})
 	case pb.PushMsg_BROADCAST:
-		return s.eachNode(nodes, func(c pb.CloudClient) error {
+		return s.eachNode(msg, nodes, func(c pb.CloudClient) error {
 			_, err := c.Broadcast(ctx, &pb.BroadcastReq{Proto: p, Speed: pm.Speed})
 			return err
 		})
@@ -130,9 +156,16 @@ func (s *Stage) Handle(msg *message.Message) error {
 	}
 }
 
-// eachNode calls every node concurrently and joins their errors.
-func (s *Stage) eachNode(nodes map[string]string, call func(pb.CloudClient) error) error {
-	ids := slices.Sorted(maps.Keys(nodes))
+// eachNode calls every node concurrently and joins their errors. The nodes
+// that succeeded are recorded in the message's metadata, which a retry and
+// a poisoned message's replay carry: they call only the nodes that failed,
+// so one dead node does not repeat a room push on every healthy one.
+func (s *Stage) eachNode(msg *message.Message, nodes map[string]string, call func(pb.CloudClient) error) error {
+	done := map[string]bool{}
+	for _, id := range strings.Split(msg.Metadata.Get(pipeline.MetaDeliveredNodes), ",") {
+		done[id] = true
+	}
+	ids := slices.DeleteFunc(slices.Sorted(maps.Keys(nodes)), func(id string) bool { return done[id] })
 	errs := make([]error, len(ids))
 	var wg sync.WaitGroup
 	for i, id := range ids {
@@ -148,5 +181,17 @@ func (s *Stage) eachNode(nodes map[string]string, call func(pb.CloudClient) erro
 		})
 	}
 	wg.Wait()
+	var ok []string
+	for i, id := range ids {
+		if errs[i] == nil {
+			ok = append(ok, id)
+		}
+	}
+	if len(ok) > 0 {
+		if prev := msg.Metadata.Get(pipeline.MetaDeliveredNodes); prev != "" {
+			ok = append([]string{prev}, ok...)
+		}
+		msg.Metadata.Set(pipeline.MetaDeliveredNodes, strings.Join(ok, ","))
+	}
 	return errors.Join(errs...)
 }
