@@ -29,7 +29,9 @@ func dedupe(store DedupeStore, ttl time.Duration, logger *slog.Logger) message.H
 			if id == "" {
 				return h(msg)
 			}
-			seen, err := store.Delivered(msg.Context(), id)
+			// The layers inside leave a cancelled context on the message.
+			ctx := msg.Context()
+			seen, err := store.Delivered(ctx, id)
 			if err != nil {
 				// Delivering twice beats not delivering: go on.
 				logger.Warn("dedupe store unavailable; delivering without the check", "message_id", id, "err", err)
@@ -42,7 +44,7 @@ func dedupe(store DedupeStore, ttl time.Duration, logger *slog.Logger) message.H
 			if err != nil {
 				return nil, err
 			}
-			if err := store.MarkDelivered(msg.Context(), id, ttl); err != nil {
+			if err := store.MarkDelivered(ctx, id, ttl); err != nil {
 				logger.Warn("remember delivered message", "message_id", id, "err", err)
 			}
 			return out, nil

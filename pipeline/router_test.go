@@ -20,6 +20,27 @@ import (
 
 const maxRetries = 3
 
+// liveContextStore fails the test when the store is called with a context
+// that is already done, as a network store would fail.
+type liveContextStore struct {
+	t *testing.T
+	DedupeStore
+}
+
+func (s liveContextStore) Delivered(ctx context.Context, id string) (bool, error) {
+	if ctx.Err() != nil {
+		s.t.Errorf("Delivered(%s) called with a done context: %v", id, ctx.Err())
+	}
+	return s.DedupeStore.Delivered(ctx, id)
+}
+
+func (s liveContextStore) MarkDelivered(ctx context.Context, id string, ttl time.Duration) error {
+	if ctx.Err() != nil {
+		s.t.Errorf("MarkDelivered(%s) called with a done context: %v", id, ctx.Err())
+	}
+	return s.DedupeStore.MarkDelivered(ctx, id, ttl)
+}
+
 // attempts counts handler runs per message id.
 type attempts struct {
 	mu sync.Mutex
@@ -51,7 +72,7 @@ func runRouter(t *testing.T, handler func(msg *message.Message, attempt int) err
 	cfg.Retry.MaxRetries = maxRetries
 	cfg.Retry.InitialInterval = time.Millisecond
 	cfg.Retry.MaxInterval = 5 * time.Millisecond
-	r, err := NewRouter(cfg, "poison", pubsub, memory.NewDedupe(time.Minute), logger)
+	r, err := NewRouter(cfg, "poison", pubsub, liveContextStore{t, memory.NewDedupe(time.Minute)}, logger)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -29,8 +29,14 @@ install_pkg() {
 ensure_rabbitmq() {
   port_open 5672 && return 0
   install_pkg rabbitmq-server rabbitmq-server
-  log "starting rabbitmq"
-  rabbitmq-server -detached
+  if rabbitmqctl -q ping >/dev/null 2>&1; then
+    # The Erlang node runs but the broker application was stopped.
+    log "starting the rabbitmq application"
+    rabbitmqctl start_app >/dev/null
+  else
+    log "starting rabbitmq"
+    rabbitmq-server -detached
+  fi
   wait_port rabbitmq 5672 120
 }
 

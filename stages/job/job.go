@@ -82,7 +82,7 @@ func (s *Stage) client(addr string) (pb.CloudClient, error) {
 	}
 	c, err := grpc.NewClient(addr,
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.DefaultConfig, MinConnectTimeout: connectWait}),
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: reconnectBackoff, MinConnectTimeout: connectWait}),
 		grpc.WithUnaryInterceptor(reconnectFirst))
 	if err != nil {
 		return nil, fmt.Errorf("dial cloud %s: %w", addr, err)
@@ -92,16 +92,19 @@ func (s *Stage) client(addr string) (pb.CloudClient, error) {
 }
 
 // connectWait bounds how long a call waits for a connection that is not up.
-const connectWait = time.Second
+const connectWait = 2 * time.Second
 
-// reconnectFirst makes every call to a node whose connection is down try
-// to connect again at once, waiting up to connectWait for it, instead of
-// failing fast until gRPC's own backoff (which grows to minutes) elapses:
-// the retry middleware already paces attempts, and a node that came back
-// must be reachable by the next attempt or replay.
+// reconnectBackoff keeps gRPC retrying a lost node at least every second;
+// its default grows to two minutes, leaving a node that came back
+// unreachable long after. The retry middleware paces attempts anyway.
+var reconnectBackoff = backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second}
+
+// reconnectFirst makes a call to a node whose connection is not up wait up
+// to connectWait for it, rather than fail at once while the connection is
+// between attempts: a node that came back is reached by the next attempt
+// or replay.
 func reconnectFirst(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
 	if cc.GetState() != connectivity.Ready {
-		cc.ResetConnectBackoff()
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, connectWait)
 		defer cancel()
