@@ -95,6 +95,9 @@ type AMQP struct {
 	// Channels is how many confirm-mode channels a publisher spreads its
 	// messages over; confirms are pipelined on each.
 	Channels int `koanf:"channels"`
+	// Prefetch is how many unacked messages one consumer holds, and so how
+	// many a job handles at once per consumer.
+	Prefetch int `koanf:"prefetch"`
 }
 
 // NATS configures the NATS JetStream broker.
@@ -220,7 +223,7 @@ func Default() Config {
 		Admin:  Admin{Addr: ""},
 		Broker: Broker{
 			Kind:        BrokerAMQP,
-			AMQP:        AMQP{URL: "amqp://guest:guest@127.0.0.1:5672/", Channels: 4},
+			AMQP:        AMQP{URL: "amqp://guest:guest@127.0.0.1:5672/", Channels: 4, Prefetch: 16},
 			NATS:        NATS{URL: "nats://127.0.0.1:4222"},
 			RedisStream: RedisStream{Addr: "127.0.0.1:6379"},
 		},
@@ -428,6 +431,7 @@ func (c Config) Validate() error {
 	addr("admin.addr", c.Admin.Addr, false)
 	oneOf("broker.kind", c.Broker.Kind, BrokerAMQP, BrokerGoChannel, BrokerNATS, BrokerRedisStream)
 	positive("broker.amqp.channels", c.Broker.AMQP.Channels)
+	positive("broker.amqp.prefetch", c.Broker.AMQP.Prefetch)
 	oneOf("registry.kind", c.Registry.Kind, RegistryMemory, RegistryRedis)
 	for key, v := range map[string]string{"topics.push": c.Topics.Push, "topics.poison": c.Topics.Poison, "topics.upstream": c.Topics.Upstream} {
 		if v == "" {

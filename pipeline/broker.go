@@ -37,7 +37,7 @@ func NewBroker(cfg config.Broker, topics config.Topics, logger *slog.Logger) (*B
 		if err != nil {
 			return nil, err
 		}
-		sub, err := amqp.NewSubscriber(cfg.AMQP.URL, wlog)
+		sub, err := amqp.NewSubscriber(cfg.AMQP.URL, wlog, cfg.AMQP.Prefetch)
 		if err != nil {
 			_ = pub.Close()
 			return nil, err

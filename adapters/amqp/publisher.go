@@ -35,12 +35,13 @@ type Publisher struct {
 	logger  watermill.LoggerAdapter
 	marshal marshaler
 
-	mu     sync.RWMutex
-	conn   *amqp091.Connection
-	chans  []*confirmChannel
-	closed bool
-	done   chan struct{}
-	next   atomic.Uint64
+	mu       sync.RWMutex
+	conn     *amqp091.Connection
+	chans    []*confirmChannel
+	declared map[string]bool // queues known to exist on this connection
+	closed   bool
+	done     chan struct{}
+	next     atomic.Uint64
 }
 
 // NewPublisher connects, declares the queue of each topic so that nothing
@@ -72,8 +73,12 @@ func (p *Publisher) connect() error {
 		}
 		chans = append(chans, c)
 	}
+	declared := map[string]bool{}
+	for _, q := range p.queues {
+		declared[q] = true
+	}
 	p.mu.Lock()
-	p.conn, p.chans = conn, chans
+	p.conn, p.chans, p.declared = conn, chans, declared
 	p.mu.Unlock()
 	closed := conn.NotifyClose(make(chan *amqp091.Error, 1))
 	go p.watch(conn, closed)
@@ -138,9 +143,35 @@ func (p *Publisher) channel() (*confirmChannel, error) {
 	return p.chans[p.next.Add(1)%uint64(len(p.chans))], nil
 }
 
+// declare makes sure the queue of topic exists: RabbitMQ confirms, then
+// drops, a message routed to no queue.
+func (p *Publisher) declare(topic string) error {
+	p.mu.RLock()
+	known, conn := p.declared[topic], p.conn
+	p.mu.RUnlock()
+	if known {
+		return nil
+	}
+	if conn == nil {
+		return ErrUnavailable
+	}
+	if err := declareQueues(conn, []string{topic}); err != nil {
+		return err
+	}
+	p.mu.Lock()
+	if p.conn == conn {
+		p.declared[topic] = true
+	}
+	p.mu.Unlock()
+	return nil
+}
+
 // Publish publishes msgs to the queue named topic and returns once every
 // one is confirmed. The messages are in flight together.
 func (p *Publisher) Publish(topic string, msgs ...*message.Message) error {
+	if err := p.declare(topic); err != nil {
+		return err
+	}
 	waits := make([]<-chan error, 0, len(msgs))
 	for _, msg := range msgs {
 		pub, err := p.marshal.Marshal(msg)
