@@ -3,12 +3,16 @@
 package e2e
 
 import (
+	"context"
 	"fmt"
 	"net/url"
 	"os"
+	"strings"
 	"testing"
 
+	nc "github.com/nats-io/nats.go"
 	amqp091 "github.com/rabbitmq/amqp091-go"
+	goredis "github.com/redis/go-redis/v9"
 
 	"imcloud/client"
 	"imcloud/config"
@@ -64,11 +68,49 @@ func readBodies(t *testing.T, name string, c *client.Conn, n int) map[string]int
 	return got
 }
 
-// TestIntegrationAMQPSplitStages runs logic+cloud and job as two nodes that
-// share nothing but RabbitMQ and gRPC, the way `imcloud run --stages`
-// deploys them, and checks every push arrives exactly once.
-func TestIntegrationAMQPSplitStages(t *testing.T) {
-	topics := amqpTopics(t)
+// brokerTopics gives a test its own topics on the broker kind and removes
+// them afterwards.
+func brokerTopics(t *testing.T, kind string) []string {
+	t.Helper()
+	if kind == "amqp" {
+		return amqpTopics(t)
+	}
+	p := uniq("imcloud.test")
+	names := []string{p + ".push", p + ".poison", p + ".upstream"}
+	t.Cleanup(func() {
+		switch kind {
+		case "nats":
+			conn, err := nc.Connect(config.Default().Broker.NATS.URL)
+			if err != nil {
+				return
+			}
+			defer conn.Close()
+			if js, err := conn.JetStream(); err == nil {
+				for _, n := range names {
+					_ = js.DeleteStream(strings.ReplaceAll(n, ".", "_"))
+				}
+			}
+		case "redisstream":
+			rdb := goredis.NewClient(&goredis.Options{Addr: config.Default().Broker.RedisStream.Addr})
+			defer rdb.Close()
+			rdb.Del(context.Background(), names...)
+		}
+	})
+	return []string{"broker.kind=" + kind, "topics.push=" + names[0], "topics.poison=" + names[1], "topics.upstream=" + names[2]}
+}
+
+// TestIntegrationSplitStages runs logic+cloud and job as two nodes that
+// share nothing but the broker and gRPC, the way `imcloud run --stages`
+// deploys them, on each broker kind, and checks every push arrives
+// exactly once.
+func TestIntegrationSplitStages(t *testing.T) {
+	for _, kind := range []string{"amqp", "nats", "redisstream"} {
+		t.Run(kind, func(t *testing.T) { splitStages(t, kind) })
+	}
+}
+
+func splitStages(t *testing.T, kind string) {
+	topics := brokerTopics(t, kind)
 	front := start(t, append(topics, "stages=logic,cloud")...)
 	start(t, append(topics, "stages=job", "job.cloud_addrs="+front.addrs.CloudGRPC)...)
 

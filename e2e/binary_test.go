@@ -42,7 +42,7 @@ func TestStandaloneBinary(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd.Stderr = testWriter{t}
+	cmd.Stderr = newTestWriter(t)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}

@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"os"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -56,7 +57,7 @@ func start(t *testing.T, sets ...string) *harness {
 	if os.Getenv("E2E_DEBUG") != "" {
 		level = slog.LevelDebug
 	}
-	logger := slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: level}))
+	logger := slog.New(slog.NewTextHandler(newTestWriter(t), &slog.HandlerOptions{Level: level}))
 	n, err := node.Start(context.Background(), cfg, logger)
 	if err != nil {
 		t.Fatalf("start node: %v", err)
@@ -69,10 +70,23 @@ func start(t *testing.T, sets ...string) *harness {
 	return &harness{t: t, cfg: cfg, node: n, addrs: n.Addrs()}
 }
 
-type testWriter struct{ t *testing.T }
+// testWriter logs to the test until it ends; a library goroutine that
+// logs after its Close returned is then dropped rather than panicking.
+type testWriter struct {
+	t    *testing.T
+	done *atomic.Bool
+}
+
+func newTestWriter(t *testing.T) testWriter {
+	w := testWriter{t: t, done: &atomic.Bool{}}
+	t.Cleanup(func() { w.done.Store(true) })
+	return w
+}
 
 func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Log(strings.TrimRight(string(p), "\n"))
+	if !w.done.Load() {
+		w.t.Log(strings.TrimRight(string(p), "\n"))
+	}
 	return len(p), nil
 }
 

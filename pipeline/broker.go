@@ -1,15 +1,20 @@
 package pipeline
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
+	"time"
 
 	"github.com/ThreeDotsLabs/watermill"
 	"github.com/ThreeDotsLabs/watermill/message"
 
 	"imcloud/adapters/amqp"
 	"imcloud/adapters/gochannel"
+	"imcloud/adapters/nats"
+	"imcloud/adapters/redisstream"
 	"imcloud/config"
 )
 
@@ -43,9 +48,50 @@ func NewBroker(cfg config.Broker, topics config.Topics, logger *slog.Logger) (*B
 			return nil, err
 		}
 		return &Broker{Publisher: pub, Subscriber: sub, SharedQueue: true, closers: []func() error{pub.Close, sub.Close}}, nil
+	case config.BrokerNATS:
+		pub, err := nats.NewPublisher(cfg.NATS.URL, wlog)
+		if err != nil {
+			return nil, err
+		}
+		sub, err := nats.NewSubscriber(cfg.NATS.URL, redeliverAfter, wlog)
+		if err != nil {
+			_ = pub.Close()
+			return nil, err
+		}
+		return &Broker{Publisher: pub, Subscriber: sub, SharedQueue: true, closers: []func() error{pub.Close, sub.Close}}, nil
+	case config.BrokerRedisStream:
+		// Publisher and subscriber each close the client they are given.
+		pubClient, subClient := redisstream.NewClient(cfg.RedisStream.Addr), redisstream.NewClient(cfg.RedisStream.Addr)
+		if err := pubClient.Ping(context.Background()).Err(); err != nil {
+			_, _ = pubClient.Close(), subClient.Close()
+			return nil, fmt.Errorf("redis %s: %w", cfg.RedisStream.Addr, err)
+		}
+		pub, err := redisstream.NewPublisher(pubClient, wlog)
+		if err != nil {
+			return nil, err
+		}
+		timing := redisstream.DefaultTiming
+		timing.MaxIdle = redeliverAfter
+		sub, err := redisstream.NewSubscriber(subClient, consumerName(), timing, wlog)
+		if err != nil {
+			_ = pub.Close()
+			return nil, err
+		}
+		return &Broker{Publisher: pub, Subscriber: sub, SharedQueue: true, closers: []func() error{pub.Close, sub.Close}}, nil
 	default:
 		return nil, fmt.Errorf("broker.kind %q: this build has no adapter for it yet", cfg.Kind)
 	}
+}
+
+// redeliverAfter is how long a message may stay unacked before the broker
+// hands it to another job, its handler presumed dead. It exceeds the time
+// job's default retries take, so a message being retried is not doubled.
+const redeliverAfter = 2 * time.Minute
+
+// consumerName names this process among a consumer group's members.
+func consumerName() string {
+	host, _ := os.Hostname()
+	return fmt.Sprintf("%s-%d-%s", host, os.Getpid(), watermill.NewShortUUID())
 }
 
 // Close closes the publisher and subscriber.

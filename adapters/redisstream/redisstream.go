@@ -1,0 +1,59 @@
+// Package redisstream is the Redis Streams broker: a stream per topic,
+// consumed by one consumer group that every job shares.
+package redisstream
+
+import (
+	"fmt"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill"
+	"github.com/ThreeDotsLabs/watermill-redisstream/pkg/redisstream"
+	goredis "github.com/redis/go-redis/v9"
+)
+
+// group is the consumer group jobs share.
+const group = "imcloud"
+
+// NewClient returns a client for addr suited to blocking stream reads.
+func NewClient(addr string) *goredis.Client {
+	return goredis.NewClient(&goredis.Options{Addr: addr, ReadTimeout: -1})
+}
+
+// NewPublisher returns a publisher on rdb; closing it closes rdb.
+func NewPublisher(rdb goredis.UniversalClient, logger watermill.LoggerAdapter) (*redisstream.Publisher, error) {
+	pub, err := redisstream.NewPublisher(redisstream.PublisherConfig{Client: rdb}, logger)
+	if err != nil {
+		return nil, fmt.Errorf("redis stream publisher: %w", err)
+	}
+	return pub, nil
+}
+
+// Timing tunes redelivery.
+type Timing struct {
+	// MaxIdle is how long a message may stay unacked before another
+	// consumer claims it (its consumer presumed dead). It must exceed the
+	// time a job spends retrying one message, or a message still being
+	// retried is delivered twice.
+	MaxIdle time.Duration
+	// ClaimEvery is how often idle messages are looked for.
+	ClaimEvery time.Duration
+	// NackDelay holds a nacked message before it is redelivered, so that a
+	// failing message does not loop hot.
+	NackDelay time.Duration
+}
+
+// DefaultTiming suits job's default retry settings.
+var DefaultTiming = Timing{MaxIdle: 2 * time.Minute, ClaimEvery: 10 * time.Second, NackDelay: time.Second}
+
+// NewSubscriber returns a subscriber in the shared consumer group, named
+// consumer; closing it closes rdb, so give it a client of its own.
+func NewSubscriber(rdb goredis.UniversalClient, consumer string, timing Timing, logger watermill.LoggerAdapter) (*redisstream.Subscriber, error) {
+	sub, err := redisstream.NewSubscriber(redisstream.SubscriberConfig{
+		Client: rdb, Consumer: consumer, ConsumerGroup: group,
+		NackResendSleep: timing.NackDelay, MaxIdleTime: timing.MaxIdle, ClaimInterval: timing.ClaimEvery,
+	}, logger)
+	if err != nil {
+		return nil, fmt.Errorf("redis stream subscriber: %w", err)
+	}
+	return sub, nil
+}
