@@ -7,9 +7,14 @@ import (
 	"net/url"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
 
 	"imcloud/client"
+	"imcloud/proto/wire"
 	"imcloud/stages/logic"
 )
 
@@ -186,5 +191,46 @@ func TestHTTPErrors(t *testing.T) {
 				t.Fatalf("reply %+v: want code %d and a message naming %q", rep, -tt.status, tt.mentions)
 			}
 		})
+	}
+}
+
+// TestRoomBatchArrivesAsOneFrame: room messages job gathers into a batch
+// reach a WebSocket client as one op 9 frame.
+func TestRoomBatchArrivesAsOneFrame(t *testing.T) {
+	const n = 5
+	h := start(t, "job.room_batch_window=1m", fmt.Sprintf("job.room_batch_size=%d", n))
+	ws, _, err := websocket.DefaultDialer.Dial("ws://"+h.addrs.CloudWS+"/sub", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	_ = ws.SetReadDeadline(time.Now().Add(wait))
+	tok := h.token(logic.Claims{Mid: 1, Rooms: []string{"live://batch"}}, time.Hour)
+	if err := ws.WriteMessage(websocket.BinaryMessage, wire.Encode(wire.OpAuth, 1, []byte(tok))); err != nil {
+		t.Fatal(err)
+	}
+	if _, frame, err := ws.ReadMessage(); err != nil || !strings.Contains(string(frame), `"mid":1`) {
+		t.Fatalf("auth reply %q, %v", frame, err)
+	}
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			if code, rep := h.do(request{path: "/im/push/room", query: url.Values{"operation": {"1000"}, "type": {"live"}, "room": {"batch"}}, body: fmt.Sprint("b", i)}); code != 200 {
+				t.Errorf("push %d: %d %+v", i, code, rep)
+			}
+		})
+	}
+	wg.Wait()
+	_, frame, err := ws.ReadMessage()
+	if err != nil {
+		t.Fatal(err)
+	}
+	outer, _, err := wire.Decode(frame, 1<<20)
+	if err != nil || outer.Op != wire.OpRaw {
+		t.Fatalf("frame is op %d (%v), want one op 9 batch", outer.Op, err)
+	}
+	inner, err := wire.DecodeAll(outer.Body, wire.DefaultMaxBody)
+	if err != nil || len(inner) != n {
+		t.Fatalf("op 9 frame carries %d packets (%v), want %d", len(inner), err, n)
 	}
 }

@@ -282,7 +282,10 @@ func (n *Node) startJob(ctx context.Context) error {
 		return err
 	}
 	n.router = router
-	n.jobStage = job.New(nodes, n.logger.With("stage", "job"))
+	n.jobStage = job.New(job.Options{
+		Nodes: nodes, Logger: n.logger.With("stage", "job"),
+		BatchWindow: cfg.Job.RoomBatchWindow, BatchSize: cfg.Job.RoomBatchSize, Timeout: cfg.Job.Timeout,
+	})
 	consumers := 1
 	if n.broker.SharedQueue {
 		consumers = cfg.Job.Concurrency

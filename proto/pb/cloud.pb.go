@@ -225,9 +225,13 @@ func (x *BroadcastReply) GetDelivered() int32 {
 }
 
 type BroadcastRoomReq struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	RoomId        string                 `protobuf:"bytes,1,opt,name=room_id,json=roomId,proto3" json:"room_id,omitempty"`
-	Proto         *Proto                 `protobuf:"bytes,2,opt,name=proto,proto3" json:"proto,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	RoomId string                 `protobuf:"bytes,1,opt,name=room_id,json=roomId,proto3" json:"room_id,omitempty"`
+	// One message, or
+	Proto *Proto `protobuf:"bytes,2,opt,name=proto,proto3" json:"proto,omitempty"`
+	// several gathered by job's room batching, delivered in order: a client
+	// gets those it accepts together, as one op 9 frame.
+	Batch         []*Proto `protobuf:"bytes,3,rep,name=batch,proto3" json:"batch,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -272,6 +276,13 @@ func (x *BroadcastRoomReq) GetRoomId() string {
 func (x *BroadcastRoomReq) GetProto() *Proto {
 	if x != nil {
 		return x.Proto
+	}
+	return nil
+}
+
+func (x *BroadcastRoomReq) GetBatch() []*Proto {
+	if x != nil {
+		return x.Batch
 	}
 	return nil
 }
@@ -586,10 +597,11 @@ const file_cloud_proto_rawDesc = "" +
 	"\x05proto\x18\x01 \x01(\v2\x11.imcloud.v1.ProtoR\x05proto\x12\x14\n" +
 	"\x05speed\x18\x02 \x01(\x05R\x05speed\".\n" +
 	"\x0eBroadcastReply\x12\x1c\n" +
-	"\tdelivered\x18\x01 \x01(\x05R\tdelivered\"T\n" +
+	"\tdelivered\x18\x01 \x01(\x05R\tdelivered\"}\n" +
 	"\x10BroadcastRoomReq\x12\x17\n" +
 	"\aroom_id\x18\x01 \x01(\tR\x06roomId\x12'\n" +
-	"\x05proto\x18\x02 \x01(\v2\x11.imcloud.v1.ProtoR\x05proto\"2\n" +
+	"\x05proto\x18\x02 \x01(\v2\x11.imcloud.v1.ProtoR\x05proto\x12'\n" +
+	"\x05batch\x18\x03 \x03(\v2\x11.imcloud.v1.ProtoR\x05batch\"2\n" +
 	"\x12BroadcastRoomReply\x12\x1c\n" +
 	"\tdelivered\x18\x01 \x01(\x05R\tdelivered\"\n" +
 	"\n" +
@@ -650,24 +662,25 @@ var file_cloud_proto_depIdxs = []int32{
 	13, // 0: imcloud.v1.PushMsgReq.proto:type_name -> imcloud.v1.Proto
 	13, // 1: imcloud.v1.BroadcastReq.proto:type_name -> imcloud.v1.Proto
 	13, // 2: imcloud.v1.BroadcastRoomReq.proto:type_name -> imcloud.v1.Proto
-	12, // 3: imcloud.v1.RoomsReply.rooms:type_name -> imcloud.v1.RoomsReply.RoomsEntry
-	0,  // 4: imcloud.v1.Cloud.PushMsg:input_type -> imcloud.v1.PushMsgReq
-	2,  // 5: imcloud.v1.Cloud.Broadcast:input_type -> imcloud.v1.BroadcastReq
-	4,  // 6: imcloud.v1.Cloud.BroadcastRoom:input_type -> imcloud.v1.BroadcastRoomReq
-	6,  // 7: imcloud.v1.Cloud.Rooms:input_type -> imcloud.v1.RoomsReq
-	8,  // 8: imcloud.v1.Cloud.Ping:input_type -> imcloud.v1.PingReq
-	10, // 9: imcloud.v1.Cloud.Close:input_type -> imcloud.v1.CloseReq
-	1,  // 10: imcloud.v1.Cloud.PushMsg:output_type -> imcloud.v1.PushMsgReply
-	3,  // 11: imcloud.v1.Cloud.Broadcast:output_type -> imcloud.v1.BroadcastReply
-	5,  // 12: imcloud.v1.Cloud.BroadcastRoom:output_type -> imcloud.v1.BroadcastRoomReply
-	7,  // 13: imcloud.v1.Cloud.Rooms:output_type -> imcloud.v1.RoomsReply
-	9,  // 14: imcloud.v1.Cloud.Ping:output_type -> imcloud.v1.PingReply
-	11, // 15: imcloud.v1.Cloud.Close:output_type -> imcloud.v1.CloseReply
-	10, // [10:16] is the sub-list for method output_type
-	4,  // [4:10] is the sub-list for method input_type
-	4,  // [4:4] is the sub-list for extension type_name
-	4,  // [4:4] is the sub-list for extension extendee
-	0,  // [0:4] is the sub-list for field type_name
+	13, // 3: imcloud.v1.BroadcastRoomReq.batch:type_name -> imcloud.v1.Proto
+	12, // 4: imcloud.v1.RoomsReply.rooms:type_name -> imcloud.v1.RoomsReply.RoomsEntry
+	0,  // 5: imcloud.v1.Cloud.PushMsg:input_type -> imcloud.v1.PushMsgReq
+	2,  // 6: imcloud.v1.Cloud.Broadcast:input_type -> imcloud.v1.BroadcastReq
+	4,  // 7: imcloud.v1.Cloud.BroadcastRoom:input_type -> imcloud.v1.BroadcastRoomReq
+	6,  // 8: imcloud.v1.Cloud.Rooms:input_type -> imcloud.v1.RoomsReq
+	8,  // 9: imcloud.v1.Cloud.Ping:input_type -> imcloud.v1.PingReq
+	10, // 10: imcloud.v1.Cloud.Close:input_type -> imcloud.v1.CloseReq
+	1,  // 11: imcloud.v1.Cloud.PushMsg:output_type -> imcloud.v1.PushMsgReply
+	3,  // 12: imcloud.v1.Cloud.Broadcast:output_type -> imcloud.v1.BroadcastReply
+	5,  // 13: imcloud.v1.Cloud.BroadcastRoom:output_type -> imcloud.v1.BroadcastRoomReply
+	7,  // 14: imcloud.v1.Cloud.Rooms:output_type -> imcloud.v1.RoomsReply
+	9,  // 15: imcloud.v1.Cloud.Ping:output_type -> imcloud.v1.PingReply
+	11, // 16: imcloud.v1.Cloud.Close:output_type -> imcloud.v1.CloseReply
+	11, // [11:17] is the sub-list for method output_type
+	5,  // [5:11] is the sub-list for method input_type
+	5,  // [5:5] is the sub-list for extension type_name
+	5,  // [5:5] is the sub-list for extension extendee
+	0,  // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_cloud_proto_init() }

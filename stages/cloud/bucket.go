@@ -104,13 +104,14 @@ func (b *bucket) get(key string) *channel {
 	return b.chs[key]
 }
 
-// roomSend queues pkt to every member of room that accepts op.
-func (b *bucket) roomSend(room string, op int32, item outItem) int {
+// roomSend queues the packets to every member of room, each the ones it
+// accepts, and counts the members that got any.
+func (b *bucket) roomSend(room string, items []outItem) int {
 	b.mu.RLock()
 	defer b.mu.RUnlock()
 	n := 0
 	for ch := range b.rooms[room] {
-		if ch.push(op, item) {
+		if ch.push(items...) {
 			n++
 		}
 	}

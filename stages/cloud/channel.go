@@ -17,6 +17,7 @@ import (
 // replies keep the client's sequence.
 type outItem struct {
 	pkt  []byte
+	op   int32 // a push's operation, which the client's accepts filter
 	push bool
 }
 
@@ -123,32 +124,43 @@ func (c *channel) firstRoom() string {
 	return c.rooms[0]
 }
 
-// push queues a pushed packet of operation op if the client accepts op.
-func (c *channel) push(op int32, item outItem) bool {
-	return c.enqueue(item, op, true)
+// push queues the pushed packets the client accepts, together, so that
+// they go out in one write; it reports whether any was queued.
+func (c *channel) push(items ...outItem) bool {
+	return c.enqueue(items, true)
 }
 
 // reply queues a reply to the client's own request.
 func (c *channel) reply(item outItem) bool {
-	return c.enqueue(item, 0, false)
+	return c.enqueue([]outItem{item}, false)
 }
 
 // enqueue never blocks: a client whose queue is full is not keeping up and
 // is closed, so that it costs nobody else anything.
-func (c *channel) enqueue(item outItem, op int32, filter bool) bool {
+func (c *channel) enqueue(items []outItem, filter bool) bool {
 	c.mu.Lock()
-	if c.closed || c.draining || (filter && !c.acceptsLocked(op)) {
+	if c.closed || c.draining {
 		c.mu.Unlock()
 		return false
 	}
-	if len(c.queue) >= c.limit {
+	n := len(c.queue)
+	for _, it := range items {
+		if !filter || c.acceptsLocked(it.op) {
+			c.queue = append(c.queue, it)
+		}
+	}
+	if len(c.queue) == n {
+		c.mu.Unlock()
+		return false
+	}
+	if len(c.queue) > c.limit {
+		c.queue = c.queue[:n]
 		c.mu.Unlock()
 		c.logger.Info("closing slow consumer", "mid", c.mid, "key", c.key, "queued", c.limit)
 		c.slow.Add(1)
 		c.close(closeSlowConsumer, "slow consumer")
 		return false
 	}
-	c.queue = append(c.queue, item)
 	start := !c.writing
 	c.writing = true
 	c.mu.Unlock()

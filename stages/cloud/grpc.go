@@ -26,7 +26,7 @@ func packet(p *pb.Proto) (outItem, error) {
 	if p.Op < wire.MinBusinessOp {
 		return outItem{}, status.Errorf(codes.InvalidArgument, "operation %d is reserved for the protocol", p.Op)
 	}
-	return outItem{pkt: wire.Encode(p.Op, 0, p.Body), push: true}, nil
+	return outItem{pkt: wire.Encode(p.Op, 0, p.Body), op: p.Op, push: true}, nil
 }
 
 func (g *grpcServer) PushMsg(_ context.Context, req *pb.PushMsgReq) (*pb.PushMsgReply, error) {
@@ -37,7 +37,7 @@ func (g *grpcServer) PushMsg(_ context.Context, req *pb.PushMsgReq) (*pb.PushMsg
 	reply := &pb.PushMsgReply{}
 	for _, key := range req.Keys {
 		ch := bucketFor(g.s.buckets, key).get(key)
-		if ch != nil && ch.push(req.Proto.Op, item) {
+		if ch != nil && ch.push(item) {
 			reply.Delivered++
 		} else {
 			reply.Offline = append(reply.Offline, key)
@@ -47,16 +47,27 @@ func (g *grpcServer) PushMsg(_ context.Context, req *pb.PushMsgReq) (*pb.PushMsg
 }
 
 func (g *grpcServer) BroadcastRoom(_ context.Context, req *pb.BroadcastRoomReq) (*pb.BroadcastRoomReply, error) {
-	item, err := packet(req.Proto)
-	if err != nil {
-		return nil, err
-	}
 	if req.RoomId == "" {
 		return nil, status.Error(codes.InvalidArgument, "room_id is required")
 	}
+	protos := req.Batch
+	if req.Proto != nil {
+		protos = append([]*pb.Proto{req.Proto}, protos...)
+	}
+	if len(protos) == 0 {
+		return nil, status.Error(codes.InvalidArgument, "proto or batch is required")
+	}
+	items := make([]outItem, len(protos))
+	for i, p := range protos {
+		item, err := packet(p)
+		if err != nil {
+			return nil, err
+		}
+		items[i] = item
+	}
 	var n int
 	for _, b := range g.s.buckets {
-		n += b.roomSend(req.RoomId, req.Proto.Op, item)
+		n += b.roomSend(req.RoomId, items)
 	}
 	return &pb.BroadcastRoomReply{Delivered: int32(n)}, nil
 }
@@ -77,7 +88,7 @@ func (g *grpcServer) Broadcast(_ context.Context, req *pb.BroadcastReq) (*pb.Bro
 	if req.Speed <= 0 {
 		n := 0
 		for _, ch := range chs {
-			if ch.push(op, item) {
+			if ch.push(item) {
 				n++
 			}
 		}
@@ -95,7 +106,7 @@ func (g *grpcServer) Broadcast(_ context.Context, req *pb.BroadcastReq) (*pb.Bro
 				g.s.logger.Warn("paced broadcast stopped", "err", err)
 				return
 			}
-			ch.push(op, item)
+			ch.push(item)
 		}
 	}()
 	return &pb.BroadcastReply{Delivered: int32(len(chs))}, nil

@@ -45,14 +45,31 @@ func (s StaticNodes) Nodes(context.Context) (map[string]string, error) {
 type Stage struct {
 	nodes  Nodes
 	logger *slog.Logger
+	rooms  *roomBatcher // nil when room batching is off
 
 	mu    sync.Mutex
 	conns map[string]*grpc.ClientConn // by address
 }
 
-// New returns a job stage finding cloud nodes through nodes.
-func New(nodes Nodes, logger *slog.Logger) *Stage {
-	return &Stage{nodes: nodes, logger: logger, conns: map[string]*grpc.ClientConn{}}
+// Options configure a job stage.
+type Options struct {
+	Nodes  Nodes
+	Logger *slog.Logger
+	// BatchWindow and BatchSize gather room messages into one call per
+	// node; a window of 0 sends each message alone.
+	BatchWindow time.Duration
+	BatchSize   int
+	// Timeout bounds a batch's delivery.
+	Timeout time.Duration
+}
+
+// New returns a job stage.
+func New(o Options) *Stage {
+	s := &Stage{nodes: o.Nodes, logger: o.Logger, conns: map[string]*grpc.ClientConn{}}
+	if o.BatchWindow > 0 && o.BatchSize > 1 {
+		s.rooms = newRoomBatcher(o.BatchWindow, o.BatchSize, o.Timeout, s.deliverRoomBatch)
+	}
+	return s
 }
 
 // AddHandlers subscribes consumers handlers to topic on r.
@@ -145,6 +162,10 @@ func (s *Stage) Handle(msg *message.Message) error {
 		}
 		return nil
 	case pb.PushMsg_ROOM:
+		// A retry or replay has nodes to skip: it goes alone.
+		if s.rooms != nil && msg.Metadata.Get(pipeline.MetaDeliveredNodes) == "" {
+			return s.rooms.add(ctx, pm.Room, p, msg)
+		}
 		return s.eachNode(msg, nodes, func(c pb.CloudClient) error {
 			_, err := c.BroadcastRoom(ctx, &pb.BroadcastRoomReq{RoomId: pm.Room, Proto: p})
 			return err
@@ -168,7 +189,26 @@ func (s *Stage) eachNode(msg *message.Message, nodes map[string]string, call fun
 	for _, id := range strings.Split(msg.Metadata.Get(pipeline.MetaDeliveredNodes), ",") {
 		done[id] = true
 	}
-	ids := slices.DeleteFunc(slices.Sorted(maps.Keys(nodes)), func(id string) bool { return done[id] })
+	ok, err := s.callNodes(nodes, func(id string) bool { return !done[id] }, call)
+	markDelivered(msg, ok)
+	return err
+}
+
+// markDelivered adds nodes to the ones msg has reached.
+func markDelivered(msg *message.Message, nodes []string) {
+	if len(nodes) == 0 {
+		return
+	}
+	if prev := msg.Metadata.Get(pipeline.MetaDeliveredNodes); prev != "" {
+		nodes = append([]string{prev}, nodes...)
+	}
+	msg.Metadata.Set(pipeline.MetaDeliveredNodes, strings.Join(nodes, ","))
+}
+
+// callNodes calls the chosen nodes concurrently; it returns the ones that
+// succeeded and the others' errors joined.
+func (s *Stage) callNodes(nodes map[string]string, chosen func(id string) bool, call func(pb.CloudClient) error) ([]string, error) {
+	ids := slices.DeleteFunc(slices.Sorted(maps.Keys(nodes)), func(id string) bool { return !chosen(id) })
 	errs := make([]error, len(ids))
 	var wg sync.WaitGroup
 	for i, id := range ids {
@@ -190,11 +230,26 @@ func (s *Stage) eachNode(msg *message.Message, nodes map[string]string, call fun
 			ok = append(ok, id)
 		}
 	}
-	if len(ok) > 0 {
-		if prev := msg.Metadata.Get(pipeline.MetaDeliveredNodes); prev != "" {
-			ok = append([]string{prev}, ok...)
-		}
-		msg.Metadata.Set(pipeline.MetaDeliveredNodes, strings.Join(ok, ","))
+	return ok, errors.Join(errs...)
+}
+
+// deliverRoomBatch sends a room's gathered messages to every node in one
+// call each; every message records the nodes that took the batch.
+func (s *Stage) deliverRoomBatch(ctx context.Context, room string, items []*batchItem) error {
+	nodes, err := s.nodes.Nodes(ctx)
+	if err != nil {
+		return fmt.Errorf("list cloud nodes: %w", err)
 	}
-	return errors.Join(errs...)
+	batch := make([]*pb.Proto, len(items))
+	for i, it := range items {
+		batch[i] = it.proto
+	}
+	ok, err := s.callNodes(nodes, func(string) bool { return true }, func(c pb.CloudClient) error {
+		_, err := c.BroadcastRoom(ctx, &pb.BroadcastRoomReq{RoomId: room, Batch: batch})
+		return err
+	})
+	for _, it := range items {
+		it.withMsg(func(m *message.Message) { markDelivered(m, ok) })
+	}
+	return err
 }

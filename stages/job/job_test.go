@@ -1,0 +1,112 @@
+package job
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+
+	"imcloud/pipeline"
+	"imcloud/proto/pb"
+)
+
+// fakeCloud records the room calls it gets.
+type fakeCloud struct {
+	pb.UnimplementedCloudServer
+	mu    sync.Mutex
+	calls [][]string // bodies per BroadcastRoom call
+}
+
+func (f *fakeCloud) BroadcastRoom(_ context.Context, req *pb.BroadcastRoomReq) (*pb.BroadcastRoomReply, error) {
+	var bodies []string
+	if req.Proto != nil {
+		bodies = append(bodies, string(req.Proto.Body))
+	}
+	for _, p := range req.Batch {
+		bodies = append(bodies, string(p.Body))
+	}
+	f.mu.Lock()
+	f.calls = append(f.calls, bodies)
+	f.mu.Unlock()
+	return &pb.BroadcastRoomReply{}, nil
+}
+
+func (f *fakeCloud) callSizes() []int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var n []int
+	for _, c := range f.calls {
+		n = append(n, len(c))
+	}
+	return n
+}
+
+func startFakeCloud(t *testing.T) (*fakeCloud, string) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &fakeCloud{}
+	srv := grpc.NewServer()
+	pb.RegisterCloudServer(srv, f)
+	go func() { _ = srv.Serve(ln) }()
+	t.Cleanup(srv.Stop)
+	return f, ln.Addr().String()
+}
+
+// handleAll hands n room messages to the stage at once and waits for all.
+func handleAll(t *testing.T, s *Stage, room string, n int) {
+	t.Helper()
+	var wg sync.WaitGroup
+	for i := range n {
+		msg, err := pipeline.NewPushMessage(fmt.Sprint("m", i), "c", &pb.PushMsg{Type: pb.PushMsg_ROOM, Operation: 1000, Room: room, Msg: fmt.Appendf(nil, "%d", i)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		msg.SetContext(ctx)
+		wg.Go(func() {
+			defer cancel()
+			if err := s.Handle(msg); err != nil {
+				t.Error(err)
+			}
+			if msg.Metadata.Get(pipeline.MetaDeliveredNodes) == "" {
+				t.Errorf("message %s does not record the node it reached", msg.UUID)
+			}
+		})
+	}
+	wg.Wait()
+}
+
+func TestRoomBatching(t *testing.T) {
+	tests := []struct {
+		name     string
+		window   time.Duration
+		size     int
+		messages int
+		want     []int // batch sizes the cloud node receives
+	}{
+		{"full batch goes at once", time.Minute, 5, 5, []int{5}},
+		{"window closes a partial batch", 100 * time.Millisecond, 10, 3, []int{3}},
+		{"overflow starts a new batch", time.Minute, 4, 8, []int{4, 4}},
+		{"window 0 sends each alone", 0, 10, 3, []int{1, 1, 1}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cloud, addr := startFakeCloud(t)
+			s := New(Options{Nodes: StaticNodes{addr}, Logger: slog.New(slog.DiscardHandler), BatchWindow: tt.window, BatchSize: tt.size, Timeout: 5 * time.Second})
+			t.Cleanup(func() { _ = s.Close() })
+			handleAll(t, s, "live://1", tt.messages)
+			got := cloud.callSizes()
+			if fmt.Sprint(got) != fmt.Sprint(tt.want) {
+				t.Fatalf("cloud got batches of %v, want %v", got, tt.want)
+			}
+		})
+	}
+}
