@@ -42,6 +42,10 @@ func NewBroker(cfg config.Broker, topics config.Topics, logger *slog.Logger) (*B
 		if err != nil {
 			return nil, err
 		}
+		// Only job reads the push topic, through amqp.Subscriber, which
+		// unpacks batches; poison and upstream stay one message each for
+		// the poison tooling and business consumers.
+		pub.Coalesce(func(topic string) bool { return topic == topics.Push })
 		sub, err := amqp.NewSubscriber(cfg.AMQP.URL, wlog, cfg.AMQP.Prefetch)
 		if err != nil {
 			_ = pub.Close()

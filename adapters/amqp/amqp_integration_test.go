@@ -5,6 +5,7 @@ package amqp
 import (
 	"fmt"
 	"os"
+	"strings"
 	"testing"
 	"time"
 
@@ -23,7 +24,7 @@ func testURL() string {
 // tempQueue names a queue for one test and deletes it afterwards.
 func tempQueue(tb testing.TB) string {
 	tb.Helper()
-	q := fmt.Sprintf("imcloud.test.%s.%d", tb.Name(), time.Now().UnixNano())
+	q := fmt.Sprintf("imcloud.test.%s.%d", strings.ReplaceAll(tb.Name(), "/", "."), time.Now().UnixNano())
 	tb.Cleanup(func() {
 		conn, err := amqp091.Dial(testURL())
 		if err != nil {
@@ -40,12 +41,21 @@ func tempQueue(tb testing.TB) string {
 // BenchmarkPublishConfirmed measures confirmed publishes per second with
 // concurrent publishers, the way logic's HTTP handlers publish.
 func BenchmarkPublishConfirmed(b *testing.B) {
+	for _, coalesce := range []bool{false, true} {
+		b.Run(fmt.Sprintf("coalesce=%v", coalesce), func(b *testing.B) { publishConfirmed(b, coalesce) })
+	}
+}
+
+func publishConfirmed(b *testing.B, coalesce bool) {
 	q := tempQueue(b)
 	pub, err := NewPublisher(testURL(), watermill.NopLogger{}, 4, q)
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer pub.Close()
+	if coalesce {
+		pub.Coalesce(func(string) bool { return true })
+	}
 	payload := make([]byte, 128)
 	b.SetParallelism(64)
 	start := time.Now()

@@ -3,6 +3,7 @@
 package amqp
 
 import (
+	"fmt"
 	"os/exec"
 	"strings"
 	"testing"
@@ -30,11 +31,20 @@ func TestIntegrationUniversalPubSub(t *testing.T) {
 		// detector fails. Reconnects are tested end to end instead, through
 		// a broker restart: e2e TestIntegrationRabbitMQRestart.
 	}
+	for _, coalesce := range []bool{false, true} {
+		t.Run(fmt.Sprintf("coalesce=%v", coalesce), func(t *testing.T) { universal(t, features, coalesce) })
+	}
+}
+
+func universal(t *testing.T, features tests.Features, coalesce bool) {
 	tests.TestPubSub(t, features, func(t *testing.T) (message.Publisher, message.Subscriber) {
 		logger := watermill.NopLogger{}
 		pub, err := NewPublisher(testURL(), logger, 4)
 		if err != nil {
 			t.Fatal(err)
+		}
+		if coalesce {
+			pub.Coalesce(func(string) bool { return true })
 		}
 		sub, err := NewSubscriber(testURL(), logger, 16)
 		if err != nil {

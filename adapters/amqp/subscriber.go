@@ -140,7 +140,7 @@ func (s *Subscriber) deliver(ctx context.Context, out chan<- *message.Message, d
 			}
 			d = dd
 		}
-		msg, err := marshaler{}.Unmarshal(d)
+		msgs, err := unbatch(d)
 		if err != nil {
 			// It can never be decoded; requeueing it would loop forever.
 			s.logger.Error("rejecting undecodable message", err, watermill.LogFields{"delivery_tag": d.DeliveryTag})
@@ -148,43 +148,56 @@ func (s *Subscriber) deliver(ctx context.Context, out chan<- *message.Message, d
 			continue
 		}
 		msgCtx, cancel := context.WithCancel(ctx)
-		msg.SetContext(msgCtx)
-		select {
-		case out <- msg:
-		case <-ctx.Done():
-			cancel()
-			return
-		case <-s.closing:
-			cancel()
-			return
+		for _, msg := range msgs {
+			msg.SetContext(msgCtx)
+			select {
+			case out <- msg:
+			case <-ctx.Done():
+				cancel()
+				return
+			case <-s.closing:
+				cancel()
+				return
+			}
 		}
 		inflight.Add(1)
 		go func() {
 			defer inflight.Done()
 			defer cancel()
-			s.settle(ctx, d, msg)
+			s.settle(ctx, d, msgs)
 		}()
 	}
 }
 
-// settle acks or nacks d as the handler decided for msg.
-func (s *Subscriber) settle(ctx context.Context, d amqp091.Delivery, msg *message.Message) {
-	select {
-	case <-msg.Acked():
-		if err := d.Ack(false); err != nil {
-			s.logger.Info("ack failed; RabbitMQ will redeliver", watermill.LogFields{"err": err.Error(), "uuid": msg.UUID})
-		}
-	case <-msg.Nacked():
+// settle acks d once every message it carried was acked. If any was
+// nacked, d goes back to the queue after nackDelay, all of it: the
+// messages already handled come again, and the dedupe middleware drops
+// them.
+func (s *Subscriber) settle(ctx context.Context, d amqp091.Delivery, msgs []*message.Message) {
+	nacked := false
+	for _, msg := range msgs {
 		select {
-		case <-time.After(nackDelay):
-		case <-s.closing:
+		case <-msg.Acked():
+		case <-msg.Nacked():
+			nacked = true
 		case <-ctx.Done():
+			return // the connection's close returns d to the queue
+		case <-s.closing:
+			return
 		}
-		_ = d.Nack(false, true)
-	case <-ctx.Done():
-		// The connection's close returns it to the queue.
-	case <-s.closing:
 	}
+	if !nacked {
+		if err := d.Ack(false); err != nil {
+			s.logger.Info("ack failed; RabbitMQ will redeliver", watermill.LogFields{"err": err.Error(), "messages": len(msgs)})
+		}
+		return
+	}
+	select {
+	case <-time.After(nackDelay):
+	case <-s.closing:
+	case <-ctx.Done():
+	}
+	_ = d.Nack(false, true)
 }
 
 // SubscribeInitialize declares the queue of topic, so that messages

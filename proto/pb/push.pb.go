@@ -234,6 +234,114 @@ func (x *Proto) GetBody() []byte {
 	return nil
 }
 
+// Batch carries several broker messages in one: the AMQP publisher gathers
+// concurrent publishes to a topic into one message, confirmed once, and the
+// subscriber hands them out one by one.
+type Batch struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Messages      []*Envelope            `protobuf:"bytes,1,rep,name=messages,proto3" json:"messages,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Batch) Reset() {
+	*x = Batch{}
+	mi := &file_push_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Batch) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Batch) ProtoMessage() {}
+
+func (x *Batch) ProtoReflect() protoreflect.Message {
+	mi := &file_push_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Batch.ProtoReflect.Descriptor instead.
+func (*Batch) Descriptor() ([]byte, []int) {
+	return file_push_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *Batch) GetMessages() []*Envelope {
+	if x != nil {
+		return x.Messages
+	}
+	return nil
+}
+
+// Envelope is one Watermill message inside a Batch.
+type Envelope struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Uuid          string                 `protobuf:"bytes,1,opt,name=uuid,proto3" json:"uuid,omitempty"`
+	Metadata      map[string]string      `protobuf:"bytes,2,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	Payload       []byte                 `protobuf:"bytes,3,opt,name=payload,proto3" json:"payload,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Envelope) Reset() {
+	*x = Envelope{}
+	mi := &file_push_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Envelope) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Envelope) ProtoMessage() {}
+
+func (x *Envelope) ProtoReflect() protoreflect.Message {
+	mi := &file_push_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Envelope.ProtoReflect.Descriptor instead.
+func (*Envelope) Descriptor() ([]byte, []int) {
+	return file_push_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *Envelope) GetUuid() string {
+	if x != nil {
+		return x.Uuid
+	}
+	return ""
+}
+
+func (x *Envelope) GetMetadata() map[string]string {
+	if x != nil {
+		return x.Metadata
+	}
+	return nil
+}
+
+func (x *Envelope) GetPayload() []byte {
+	if x != nil {
+		return x.Payload
+	}
+	return nil
+}
+
 var File_push_proto protoreflect.FileDescriptor
 
 const file_push_proto_rawDesc = "" +
@@ -257,7 +365,16 @@ const file_push_proto_rawDesc = "" +
 	"\x03ver\x18\x01 \x01(\x05R\x03ver\x12\x0e\n" +
 	"\x02op\x18\x02 \x01(\x05R\x02op\x12\x10\n" +
 	"\x03seq\x18\x03 \x01(\x05R\x03seq\x12\x12\n" +
-	"\x04body\x18\x04 \x01(\fR\x04bodyB\x15Z\x13imcloud/proto/pb;pbb\x06proto3"
+	"\x04body\x18\x04 \x01(\fR\x04body\"9\n" +
+	"\x05Batch\x120\n" +
+	"\bmessages\x18\x01 \x03(\v2\x14.imcloud.v1.EnvelopeR\bmessages\"\xb5\x01\n" +
+	"\bEnvelope\x12\x12\n" +
+	"\x04uuid\x18\x01 \x01(\tR\x04uuid\x12>\n" +
+	"\bmetadata\x18\x02 \x03(\v2\".imcloud.v1.Envelope.MetadataEntryR\bmetadata\x12\x18\n" +
+	"\apayload\x18\x03 \x01(\fR\apayload\x1a;\n" +
+	"\rMetadataEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x15Z\x13imcloud/proto/pb;pbb\x06proto3"
 
 var (
 	file_push_proto_rawDescOnce sync.Once
@@ -272,19 +389,24 @@ func file_push_proto_rawDescGZIP() []byte {
 }
 
 var file_push_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_push_proto_msgTypes = make([]protoimpl.MessageInfo, 2)
+var file_push_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
 var file_push_proto_goTypes = []any{
 	(PushMsg_Type)(0), // 0: imcloud.v1.PushMsg.Type
 	(*PushMsg)(nil),   // 1: imcloud.v1.PushMsg
 	(*Proto)(nil),     // 2: imcloud.v1.Proto
+	(*Batch)(nil),     // 3: imcloud.v1.Batch
+	(*Envelope)(nil),  // 4: imcloud.v1.Envelope
+	nil,               // 5: imcloud.v1.Envelope.MetadataEntry
 }
 var file_push_proto_depIdxs = []int32{
 	0, // 0: imcloud.v1.PushMsg.type:type_name -> imcloud.v1.PushMsg.Type
-	1, // [1:1] is the sub-list for method output_type
-	1, // [1:1] is the sub-list for method input_type
-	1, // [1:1] is the sub-list for extension type_name
-	1, // [1:1] is the sub-list for extension extendee
-	0, // [0:1] is the sub-list for field type_name
+	4, // 1: imcloud.v1.Batch.messages:type_name -> imcloud.v1.Envelope
+	5, // 2: imcloud.v1.Envelope.metadata:type_name -> imcloud.v1.Envelope.MetadataEntry
+	3, // [3:3] is the sub-list for method output_type
+	3, // [3:3] is the sub-list for method input_type
+	3, // [3:3] is the sub-list for extension type_name
+	3, // [3:3] is the sub-list for extension extendee
+	0, // [0:3] is the sub-list for field type_name
 }
 
 func init() { file_push_proto_init() }
@@ -298,7 +420,7 @@ func file_push_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_push_proto_rawDesc), len(file_push_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   2,
+			NumMessages:   5,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
