@@ -55,6 +55,10 @@ func TestCommandErrors(t *testing.T) {
 		{"check names the bad key", []string{"check", "--config", bad}, "heartbeat_interval"},
 		{"check missing file", []string{"check", "--config", filepath.Join(dir, "none.toml")}, "none.toml"},
 		{"unknown flag", []string{"run", "--nope"}, "nope"},
+		{"poison without action", []string{"poison"}, "list, replay, purge"},
+		{"poison on the embedded broker", []string{"poison", "list", "--set", "broker.kind=gochannel"}, "amqp"},
+		{"poison replay of nothing chosen", []string{"poison", "replay"}, "--id or --all"},
+		{"poison purge with both", []string{"poison", "purge", "--all", "--id", "x"}, "not both"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
