@@ -53,11 +53,11 @@ func NewBroker(cfg config.Broker, topics config.Topics, logger *slog.Logger) (*B
 		}
 		return &Broker{Publisher: pub, Subscriber: sub, SharedQueue: true, closers: []func() error{pub.Close, sub.Close}}, nil
 	case config.BrokerNATS:
-		pub, err := nats.NewPublisher(cfg.NATS.URL, wlog)
+		pub, err := nats.NewPublisher(cfg.NATS.URL)
 		if err != nil {
 			return nil, err
 		}
-		sub, err := nats.NewSubscriber(cfg.NATS.URL, redeliverAfter, wlog)
+		sub, err := nats.NewSubscriber(cfg.NATS.URL, redeliverAfter, cfg.AMQP.Prefetch)
 		if err != nil {
 			_ = pub.Close()
 			return nil, err

@@ -4,22 +4,30 @@ package nats
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"strings"
 	"sync"
 	"time"
 
-	"github.com/ThreeDotsLabs/watermill"
-	wjs "github.com/ThreeDotsLabs/watermill-nats/v2/pkg/jetstream"
 	"github.com/ThreeDotsLabs/watermill/message"
 	nc "github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 )
 
-// consumerName is the durable consumer jobs share; it outlives any one
-// subscriber, so a job that stops takes nothing with it.
-const consumerName = "imcloud"
+const (
+	// consumerName is the durable consumer jobs share; it outlives any one
+	// subscriber, so a job that stops takes nothing with it.
+	consumerName = "imcloud"
+	// uuidHeader carries the Watermill message UUID; other headers are
+	// its metadata.
+	uuidHeader = "Imcloud-Uuid"
+	// nackDelay holds a refused message before redelivery, so that a
+	// failing message does not loop hot.
+	nackDelay = time.Second
+	// publishTimeout bounds the wait for JetStream's ack when the message
+	// carries no deadline.
+	publishTimeout = 10 * time.Second
+)
 
 // streamName maps a topic to a stream (and its one subject): stream names
 // may not contain dots, which imcloud's topics do.
@@ -31,125 +39,219 @@ func streamConfig(name string) jetstream.StreamConfig {
 	return jetstream.StreamConfig{Name: name, Subjects: []string{name}, Retention: jetstream.WorkQueuePolicy, Storage: jetstream.FileStorage}
 }
 
-func connect(url, name string) (*nc.Conn, error) {
+func connect(url, name string) (*nc.Conn, jetstream.JetStream, error) {
 	conn, err := nc.Connect(url, nc.Name(name), nc.RetryOnFailedConnect(true), nc.ReconnectWait(time.Second), nc.MaxReconnects(-1))
 	if err != nil {
-		return nil, fmt.Errorf("connect nats %s: %w", url, err)
-	}
-	return conn, nil
-}
-
-// Publisher publishes to a topic's stream, creating the stream first, and
-// returns once JetStream acknowledged each message.
-type Publisher struct {
-	pub  *wjs.Publisher
-	js   jetstream.JetStream
-	mu   sync.Mutex
-	have map[string]bool
-}
-
-// NewPublisher connects a publisher.
-func NewPublisher(url string, logger watermill.LoggerAdapter) (*Publisher, error) {
-	conn, err := connect(url, "imcloud-publisher")
-	if err != nil {
-		return nil, err
+		return nil, nil, fmt.Errorf("connect nats %s: %w", url, err)
 	}
 	js, err := jetstream.New(conn)
 	if err != nil {
 		conn.Close()
-		return nil, fmt.Errorf("jetstream: %w", err)
+		return nil, nil, fmt.Errorf("jetstream: %w", err)
 	}
-	pub, err := wjs.NewPublisher(wjs.PublisherConfig{Conn: conn, Logger: logger, ConfigureStream: streamConfig})
+	return conn, js, nil
+}
+
+// streams creates each topic's stream once per process.
+type streams struct {
+	js   jetstream.JetStream
+	mu   sync.Mutex
+	have map[string]jetstream.Stream
+}
+
+func (s *streams) get(ctx context.Context, name string) (jetstream.Stream, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if st := s.have[name]; st != nil {
+		return st, nil
+	}
+	st, err := s.js.CreateOrUpdateStream(ctx, streamConfig(name))
 	if err != nil {
-		conn.Close()
-		return nil, fmt.Errorf("nats publisher: %w", err)
+		return nil, fmt.Errorf("create stream %s: %w", name, err)
 	}
-	return &Publisher{pub: pub, js: js, have: map[string]bool{}}, nil
+	s.have[name] = st
+	return st, nil
+}
+
+// Publisher publishes to a topic's stream and returns once JetStream has
+// acknowledged (stored) each message.
+type Publisher struct {
+	conn    *nc.Conn
+	js      jetstream.JetStream
+	streams *streams
+}
+
+// NewPublisher connects a publisher.
+func NewPublisher(url string) (*Publisher, error) {
+	conn, js, err := connect(url, "imcloud-publisher")
+	if err != nil {
+		return nil, err
+	}
+	return &Publisher{conn: conn, js: js, streams: &streams{js: js, have: map[string]jetstream.Stream{}}}, nil
 }
 
 // Publish publishes msgs to topic.
 func (p *Publisher) Publish(topic string, msgs ...*message.Message) error {
 	name := streamName(topic)
-	if err := p.ensure(name); err != nil {
-		return err
+	for _, msg := range msgs {
+		ctx, cancel := context.WithTimeout(msg.Context(), publishTimeout)
+		err := p.publish(ctx, name, msg)
+		cancel()
+		if err != nil {
+			return err
+		}
 	}
-	return p.pub.Publish(name, msgs...)
+	return nil
 }
 
-func (p *Publisher) ensure(name string) error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.have[name] {
-		return nil
+func (p *Publisher) publish(ctx context.Context, name string, msg *message.Message) error {
+	if _, err := p.streams.get(ctx, name); err != nil {
+		return err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if _, err := p.js.CreateOrUpdateStream(ctx, streamConfig(name)); err != nil {
-		return fmt.Errorf("create stream %s: %w", name, err)
+	m := nc.NewMsg(name)
+	m.Header.Set(uuidHeader, msg.UUID)
+	for k, v := range msg.Metadata {
+		m.Header.Set(k, v)
 	}
-	p.have[name] = true
+	m.Data = msg.Payload
+	if _, err := p.js.PublishMsg(ctx, m); err != nil {
+		return fmt.Errorf("publish %s to %s: %w", msg.UUID, name, err)
+	}
 	return nil
 }
 
 // Close closes the connection.
-func (p *Publisher) Close() error { return p.pub.Close() }
+func (p *Publisher) Close() error {
+	p.conn.Close()
+	return nil
+}
 
 // Subscriber consumes a topic's stream through the shared durable consumer.
-type Subscriber struct{ sub *wjs.Subscriber }
+type Subscriber struct {
+	conn     *nc.Conn
+	streams  *streams
+	ackWait  time.Duration
+	prefetch int
 
-// NewSubscriber connects a subscriber. A nacked message is redelivered
-// after a second, not at once; one unacked longer than ackWait is
-// redelivered to any job (its handler presumed gone), so ackWait must
-// exceed the time a job spends retrying one message.
-func NewSubscriber(url string, ackWait time.Duration, logger watermill.LoggerAdapter) (*Subscriber, error) {
-	conn, err := connect(url, "imcloud-subscriber")
+	closing   chan struct{}
+	closeOnce sync.Once
+	wg        sync.WaitGroup
+}
+
+// NewSubscriber connects a subscriber. A subscription holds up to prefetch
+// unacked messages; one unacked for longer than ackWait is redelivered to
+// any job (its handler presumed gone), so ackWait must exceed the time a
+// job spends retrying one message.
+func NewSubscriber(url string, ackWait time.Duration, prefetch int) (*Subscriber, error) {
+	conn, js, err := connect(url, "imcloud-subscriber")
 	if err != nil {
 		return nil, err
 	}
-	sub, err := wjs.NewSubscriber(wjs.SubscriberConfig{
-		Conn: conn, Logger: logger, AckWaitTimeout: ackWait,
-		NakDelay:            wjs.NewStaticDelay(time.Second),
-		ConfigureStream:     streamConfig,
-		ResourceInitializer: sharedConsumer(ackWait),
-	})
-	if err != nil {
-		conn.Close()
-		return nil, fmt.Errorf("nats subscriber: %w", err)
-	}
-	return &Subscriber{sub: sub}, nil
+	return &Subscriber{
+		conn: conn, streams: &streams{js: js, have: map[string]jetstream.Stream{}},
+		ackWait: ackWait, prefetch: max(prefetch, 1), closing: make(chan struct{}),
+	}, nil
 }
 
-// sharedConsumer creates the stream and the durable consumer if missing,
-// and never deletes the consumer: other jobs are still using it.
-func sharedConsumer(ackWait time.Duration) wjs.ResourceInitializer {
-	return func(ctx context.Context, js jetstream.JetStream, name string) (jetstream.Consumer, func(context.Context, watermill.LoggerAdapter), error) {
-		stream, err := js.CreateOrUpdateStream(ctx, streamConfig(name))
-		if err != nil {
-			return nil, nil, fmt.Errorf("create stream %s: %w", name, err)
-		}
-		c, err := stream.CreateOrUpdateConsumer(ctx, jetstream.ConsumerConfig{
-			Durable: consumerName, AckPolicy: jetstream.AckExplicitPolicy, AckWait: ackWait,
-		})
-		if err != nil {
-			return nil, nil, fmt.Errorf("create consumer on %s: %w", name, err)
-		}
-		return c, nil, nil
-	}
-}
-
-// Subscribe consumes topic until ctx ends.
-func (s *Subscriber) Subscribe(ctx context.Context, topic string) (<-chan *message.Message, error) {
-	return s.sub.Subscribe(ctx, streamName(topic))
-}
-
-// SubscribeInitialize creates the topic's stream.
+// SubscribeInitialize creates topic's stream, so that what is published
+// before the first subscription is kept.
 func (s *Subscriber) SubscribeInitialize(topic string) error {
-	err := s.sub.SubscribeInitialize(streamName(topic))
-	if errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
-		return nil
-	}
+	_, err := s.streams.get(context.Background(), streamName(topic))
 	return err
 }
 
-// Close stops the subscriptions and closes the connection.
-func (s *Subscriber) Close() error { return s.sub.Close() }
+// Subscribe consumes topic until ctx ends or the subscriber closes; then
+// the returned channel closes.
+func (s *Subscriber) Subscribe(ctx context.Context, topic string) (<-chan *message.Message, error) {
+	name := streamName(topic)
+	st, err := s.streams.get(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	consumer, err := st.CreateOrUpdateConsumer(ctx, jetstream.ConsumerConfig{
+		Durable: consumerName, AckPolicy: jetstream.AckExplicitPolicy, AckWait: s.ackWait,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("create consumer on %s: %w", name, err)
+	}
+
+	out := make(chan *message.Message)
+	stop := make(chan struct{})
+	msgCtx, cancelMsgs := context.WithCancel(ctx)
+	var (
+		mu       sync.RWMutex // orders inflight.Add before the final Wait
+		stopped  bool
+		inflight sync.WaitGroup
+	)
+	handle := func(m jetstream.Msg) {
+		mu.RLock()
+		if stopped {
+			mu.RUnlock()
+			_ = m.Nak()
+			return
+		}
+		inflight.Add(1)
+		mu.RUnlock()
+		defer inflight.Done()
+
+		msg := message.NewMessage(m.Headers().Get(uuidHeader), m.Data())
+		for k, vs := range m.Headers() {
+			if k != uuidHeader && len(vs) > 0 {
+				msg.Metadata.Set(k, vs[0])
+			}
+		}
+		// Each message's context ends when it is settled.
+		ctx, cancel := context.WithCancel(msgCtx)
+		msg.SetContext(ctx)
+		select {
+		case out <- msg:
+		case <-stop:
+			cancel()
+			_ = m.Nak()
+			return
+		}
+		inflight.Add(1)
+		go func() {
+			defer inflight.Done()
+			defer cancel()
+			select {
+			case <-msg.Acked():
+				_ = m.Ack()
+			case <-msg.Nacked():
+				_ = m.NakWithDelay(nackDelay)
+			case <-stop:
+				// Unacked, it is redelivered after ackWait.
+			}
+		}()
+	}
+	cc, err := consumer.Consume(handle, jetstream.PullMaxMessages(s.prefetch))
+	if err != nil {
+		cancelMsgs()
+		return nil, fmt.Errorf("consume %s: %w", name, err)
+	}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		select {
+		case <-ctx.Done():
+		case <-s.closing:
+		}
+		mu.Lock()
+		stopped = true
+		close(stop)
+		mu.Unlock()
+		cc.Stop()
+		inflight.Wait()
+		cancelMsgs()
+		close(out)
+	}()
+	return out, nil
+}
+
+// Close stops every subscription, waits for them, and closes the connection.
+func (s *Subscriber) Close() error {
+	s.closeOnce.Do(func() { close(s.closing) })
+	s.wg.Wait()
+	s.conn.Close()
+	return nil
+}

@@ -8,7 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/ThreeDotsLabs/watermill"
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/ThreeDotsLabs/watermill/pubsub/tests"
 	nc "github.com/nats-io/nats.go"
@@ -35,11 +34,11 @@ func TestIntegrationUniversalPubSub(t *testing.T) {
 		GenerateTopicFunc:   func(tctx tests.TestContext) string { return prefix + string(tctx.TestID) },
 	}
 	tests.TestPubSub(t, features, func(t *testing.T) (message.Publisher, message.Subscriber) {
-		pub, err := NewPublisher(testURL(), watermill.NopLogger{})
+		pub, err := NewPublisher(testURL())
 		if err != nil {
 			t.Fatal(err)
 		}
-		sub, err := NewSubscriber(testURL(), 5*time.Second, watermill.NopLogger{})
+		sub, err := NewSubscriber(testURL(), 5*time.Second, 16)
 		if err != nil {
 			t.Fatal(err)
 		}
