@@ -109,6 +109,15 @@ func stream(t *testing.T, h *harness, prefix string, stop <-chan struct{}, okCou
 	}
 }
 
+// repeats counts the arrivals beyond the first of each message.
+func repeats(got map[string]int) int {
+	n := 0
+	for _, c := range got {
+		n += c - 1
+	}
+	return n
+}
+
 // waitFor polls cond until it holds or wait passes.
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
@@ -149,11 +158,7 @@ func TestIntegrationJobKilledTwice(t *testing.T) {
 	waitFor(t, "pushes after the second restart", func() bool { return accepted.Load() >= 1500 })
 	close(stop)
 	ok, refused := done()
-	got := collect(t, "client", c, ok)
-	dups := 0
-	for _, n := range got {
-		dups += n - 1
-	}
+	dups := repeats(collect(t, "client", c, ok))
 	t.Logf("%d pushes accepted, %d refused, all delivered; %d delivered twice (at-least-once across a kill)", len(ok), refused, dups)
 }
 
@@ -175,11 +180,7 @@ func TestIntegrationRabbitMQRestart(t *testing.T) {
 	waitFor(t, "pushes accepted after the restart", func() bool { return accepted.Load() >= before+300 })
 	close(stop)
 	ok, refused := done()
-	got := collect(t, "client", c, ok)
-	dups := 0
-	for _, n := range got {
-		dups += n - 1
-	}
+	dups := repeats(collect(t, "client", c, ok))
 	t.Logf("%d pushes accepted (%d before the stop), %d refused with 503 while RabbitMQ was down, all delivered; %d twice", len(ok), before, refused, dups)
 }
 
