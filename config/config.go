@@ -201,6 +201,11 @@ type Cloud struct {
 	SendQueue         int           `koanf:"send_queue"`
 	Buckets           int           `koanf:"buckets"`
 	RenewInterval     time.Duration `koanf:"renew_interval"`
+	// PublicHost is the host clients reach this node at, as
+	// /im/nodes/weighted lists it; empty = advertise_addr's host.
+	PublicHost string `koanf:"public_host"`
+	// Weight is this node's relative share of new clients.
+	Weight int `koanf:"weight"`
 	// UpstreamRate and UpstreamBurst limit op 4 messages per connection
 	// (messages per second; 0 = unlimited).
 	UpstreamRate  float64 `koanf:"upstream_rate"`
@@ -260,6 +265,7 @@ func Default() Config {
 			SendQueue:         1024,
 			Buckets:           32,
 			RenewInterval:     10 * time.Second,
+			Weight:            1,
 			UpstreamRate:      20,
 			UpstreamBurst:     40,
 			DrainTimeout:      10 * time.Second,
@@ -488,6 +494,7 @@ func (c Config) Validate() error {
 	positiveDur("cloud.handshake_timeout", c.Cloud.HandshakeTimeout)
 	positiveDur("cloud.heartbeat_interval", c.Cloud.HeartbeatInterval)
 	positiveDur("cloud.renew_interval", c.Cloud.RenewInterval)
+	positive("cloud.weight", c.Cloud.Weight)
 	positive("cloud.max_body_bytes", c.Cloud.MaxBodyBytes)
 	positive("cloud.send_queue", c.Cloud.SendQueue)
 	positive("cloud.buckets", c.Cloud.Buckets)

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"os"
+	"strconv"
 	"sync"
 	"time"
 
@@ -60,7 +61,7 @@ type Node struct {
 	logicConn  *grpc.ClientConn
 	router     *message.Router
 	jobStage   *job.Stage
-	registry   *memory.Registry
+	registry   logic.Registry
 	closers    []func() error // closed last, after the broker
 }
 
@@ -138,10 +139,22 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Node
 		Admin: addrOf(adminLn),
 	}
 
-	if cfg.Registry.Kind != config.RegistryMemory {
-		return nil, fmt.Errorf("registry.kind %q: this build keeps sessions in memory only", cfg.Registry.Kind)
+	// A node that misses three reports is gone.
+	nodeTTL := 3 * cfg.Cloud.RenewInterval
+	switch cfg.Registry.Kind {
+	case config.RegistryRedis:
+		rc := cfg.Registry.Redis
+		rdb, err := redis.Connect(runCtx, rc.Addr, rc.Password, rc.DB)
+		if err != nil {
+			return nil, fmt.Errorf("registry.redis: %w", err)
+		}
+		n.closers = append(n.closers, rdb.Close)
+		n.registry = redis.NewRegistry(rdb, "imcloud:", cfg.Logic.SessionTTL, nodeTTL)
+	default:
+		mem := memory.New(cfg.Logic.SessionTTL, nodeTTL)
+		n.goLoop(mem.Run, runCtx)
+		n.registry = mem
 	}
-	n.registry = memory.New(cfg.Logic.SessionTTL, 3*cfg.Cloud.RenewInterval)
 
 	n.broker, err = pipeline.NewBroker(cfg.Broker, cfg.Topics, logger)
 	if err != nil {
@@ -160,7 +173,6 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Node
 		n.logicGRPC = grpc.NewServer()
 		logicStage.RegisterGRPC(n.logicGRPC)
 		n.serve("logic grpc", func() error { return n.logicGRPC.Serve(logicLn) })
-		n.goLoop(n.registry.Run, runCtx)
 	}
 
 	if hasCloud {
@@ -205,8 +217,16 @@ func (n *Node) startCloud(ctx context.Context, tcpLn, wsLn, wssLn, grpcLn net.Li
 	if n.nodeID == "" {
 		n.nodeID = advertise
 	}
+	host, _, _ := net.SplitHostPort(advertise)
+	if cfg.Cloud.PublicHost != "" {
+		host = cfg.Cloud.PublicHost
+	}
+	self := &pb.NodeInfo{
+		Id: n.nodeID, GrpcAddr: advertise, Host: host, Weight: int32(cfg.Cloud.Weight),
+		TcpPort: port(n.addrs.CloudTCP), WsPort: port(n.addrs.CloudWS), WssPort: port(n.addrs.CloudWSS),
+	}
 	st := cloud.New(cfg.Cloud, cloud.Options{
-		NodeID: n.nodeID, AdvertiseAddr: advertise,
+		Self:     self,
 		Logic:    pb.NewLogicClient(conn),
 		Upstream: n.broker.Publisher, UpstreamTopic: cfg.Topics.Upstream,
 		Logger: n.logger.With("stage", "cloud"),
@@ -234,6 +254,16 @@ func (n *Node) startCloud(ctx context.Context, tcpLn, wsLn, wssLn, grpcLn net.Li
 	return nil
 }
 
+// port is the port of a bound address, or 0.
+func port(addr string) int32 {
+	_, p, err := net.SplitHostPort(addr)
+	if err != nil {
+		return 0
+	}
+	n, _ := strconv.Atoi(p)
+	return int32(n)
+}
+
 // advertiseAddr turns a bound gRPC address into one job can dial.
 func advertiseAddr(bound string, jobInProcess bool) string {
 	host, port, err := net.SplitHostPort(bound)
@@ -257,10 +287,10 @@ func (n *Node) startJob(ctx context.Context) error {
 	switch {
 	case len(cfg.Job.CloudAddrs) > 0:
 		nodes = job.StaticNodes(cfg.Job.CloudAddrs)
-	case cfg.Has(config.StageLogic):
+	case cfg.Has(config.StageLogic) || cfg.Registry.Kind == config.RegistryRedis:
 		nodes = n.registry
 	default:
-		return errors.New("job.cloud_addrs: job cannot see the cloud nodes: list them here, or run job with logic (the memory registry lives in logic's process)")
+		return errors.New("job.cloud_addrs: job cannot see the cloud nodes: use registry.kind = \"redis\", list them here, or run job with logic (the memory registry lives in logic's process)")
 	}
 	var store pipeline.DedupeStore
 	if cfg.Job.Dedupe.Enabled {

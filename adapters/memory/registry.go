@@ -5,9 +5,14 @@ package memory
 
 import (
 	"context"
-	"maps"
+	"slices"
+	"strings"
 	"sync"
 	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	"imcloud/proto/pb"
 )
 
 type session struct {
@@ -17,9 +22,7 @@ type session struct {
 }
 
 type node struct {
-	addr    string
-	conns   int32
-	rooms   map[string]int32
+	info    *pb.NodeInfo
 	expires time.Time
 }
 
@@ -138,21 +141,21 @@ func (r *Registry) KeysByMids(_ context.Context, mids []int64) (map[string]strin
 	return out, offline, nil
 }
 
-// RenewNode records a cloud node, its gRPC address, its connection count
-// and its per-room counts, and returns the online count of those rooms
-// across every live node.
-func (r *Registry) RenewNode(_ context.Context, id, addr string, conns int32, rooms map[string]int32) (map[string]int32, error) {
+// RenewNode records a cloud node as it reports itself and returns the
+// online count of its rooms across every live node.
+func (r *Registry) RenewNode(_ context.Context, info *pb.NodeInfo) (map[string]int32, error) {
 	now := r.now()
+	info = proto.Clone(info).(*pb.NodeInfo)
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.nodes[id] = node{addr: addr, conns: conns, rooms: maps.Clone(rooms), expires: now.Add(r.nodeTTL)}
-	all := make(map[string]int32, len(rooms))
+	r.nodes[info.Id] = node{info: info, expires: now.Add(r.nodeTTL)}
+	all := make(map[string]int32, len(info.RoomCount))
 	for _, n := range r.nodes {
 		if now.After(n.expires) {
 			continue
 		}
-		for room, c := range n.rooms {
-			if _, asked := rooms[room]; asked {
+		for room, c := range n.info.RoomCount {
+			if _, asked := info.RoomCount[room]; asked {
 				all[room] += c
 			}
 		}
@@ -160,37 +163,18 @@ func (r *Registry) RenewNode(_ context.Context, id, addr string, conns int32, ro
 	return all, nil
 }
 
-// Online is the number of connections in room across live nodes, or of
-// all connections when room is empty, as the nodes last reported them.
-func (r *Registry) Online(_ context.Context, room string) (int, error) {
+// Nodes returns the live cloud nodes, by id.
+func (r *Registry) Nodes(_ context.Context) ([]*pb.NodeInfo, error) {
 	now := r.now()
 	r.mu.RLock()
 	defer r.mu.RUnlock()
-	n := 0
-	for _, nd := range r.nodes {
-		if now.After(nd.expires) {
-			continue
-		}
-		if room == "" {
-			n += int(nd.conns)
-		} else {
-			n += int(nd.rooms[room])
-		}
-	}
-	return n, nil
-}
-
-// Nodes returns the live cloud nodes as id → gRPC address.
-func (r *Registry) Nodes(_ context.Context) (map[string]string, error) {
-	now := r.now()
-	r.mu.RLock()
-	defer r.mu.RUnlock()
-	out := make(map[string]string, len(r.nodes))
-	for id, n := range r.nodes {
+	out := make([]*pb.NodeInfo, 0, len(r.nodes))
+	for _, n := range r.nodes {
 		if now.Before(n.expires) {
-			out[id] = n.addr
+			out = append(out, n.info)
 		}
 	}
+	slices.SortFunc(out, func(a, b *pb.NodeInfo) int { return strings.Compare(a.Id, b.Id) })
 	return out, nil
 }
 

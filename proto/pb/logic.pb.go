@@ -369,13 +369,8 @@ func (*HeartbeatReply) Descriptor() ([]byte, []int) {
 }
 
 type RenewOnlineReq struct {
-	state  protoimpl.MessageState `protogen:"open.v1"`
-	Server string                 `protobuf:"bytes,1,opt,name=server,proto3" json:"server,omitempty"`
-	// Address job dials to reach this node's Cloud service.
-	GrpcAddr      string           `protobuf:"bytes,2,opt,name=grpc_addr,json=grpcAddr,proto3" json:"grpc_addr,omitempty"`
-	RoomCount     map[string]int32 `protobuf:"bytes,3,rep,name=room_count,json=roomCount,proto3" json:"room_count,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
-	ConnCount     int32            `protobuf:"varint,4,opt,name=conn_count,json=connCount,proto3" json:"conn_count,omitempty"`
-	IpCount       int32            `protobuf:"varint,5,opt,name=ip_count,json=ipCount,proto3" json:"ip_count,omitempty"`
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Node          *NodeInfo              `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -410,39 +405,132 @@ func (*RenewOnlineReq) Descriptor() ([]byte, []int) {
 	return file_logic_proto_rawDescGZIP(), []int{6}
 }
 
-func (x *RenewOnlineReq) GetServer() string {
+func (x *RenewOnlineReq) GetNode() *NodeInfo {
 	if x != nil {
-		return x.Server
+		return x.Node
+	}
+	return nil
+}
+
+// NodeInfo is a cloud node as the registry knows it.
+type NodeInfo struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// Address job dials to reach the node's Cloud service.
+	GrpcAddr string `protobuf:"bytes,2,opt,name=grpc_addr,json=grpcAddr,proto3" json:"grpc_addr,omitempty"`
+	// Where clients connect: host and the ports that are open (0 = off).
+	Host    string `protobuf:"bytes,3,opt,name=host,proto3" json:"host,omitempty"`
+	TcpPort int32  `protobuf:"varint,4,opt,name=tcp_port,json=tcpPort,proto3" json:"tcp_port,omitempty"`
+	WsPort  int32  `protobuf:"varint,5,opt,name=ws_port,json=wsPort,proto3" json:"ws_port,omitempty"`
+	WssPort int32  `protobuf:"varint,6,opt,name=wss_port,json=wssPort,proto3" json:"wss_port,omitempty"`
+	// Relative share of new clients /im/nodes/weighted sends here.
+	Weight    int32 `protobuf:"varint,7,opt,name=weight,proto3" json:"weight,omitempty"`
+	ConnCount int32 `protobuf:"varint,8,opt,name=conn_count,json=connCount,proto3" json:"conn_count,omitempty"`
+	IpCount   int32 `protobuf:"varint,9,opt,name=ip_count,json=ipCount,proto3" json:"ip_count,omitempty"`
+	// Connections per room on this node.
+	RoomCount     map[string]int32 `protobuf:"bytes,10,rep,name=room_count,json=roomCount,proto3" json:"room_count,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NodeInfo) Reset() {
+	*x = NodeInfo{}
+	mi := &file_logic_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NodeInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NodeInfo) ProtoMessage() {}
+
+func (x *NodeInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_logic_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NodeInfo.ProtoReflect.Descriptor instead.
+func (*NodeInfo) Descriptor() ([]byte, []int) {
+	return file_logic_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *NodeInfo) GetId() string {
+	if x != nil {
+		return x.Id
 	}
 	return ""
 }
 
-func (x *RenewOnlineReq) GetGrpcAddr() string {
+func (x *NodeInfo) GetGrpcAddr() string {
 	if x != nil {
 		return x.GrpcAddr
 	}
 	return ""
 }
 
-func (x *RenewOnlineReq) GetRoomCount() map[string]int32 {
+func (x *NodeInfo) GetHost() string {
 	if x != nil {
-		return x.RoomCount
+		return x.Host
 	}
-	return nil
+	return ""
 }
 
-func (x *RenewOnlineReq) GetConnCount() int32 {
+func (x *NodeInfo) GetTcpPort() int32 {
+	if x != nil {
+		return x.TcpPort
+	}
+	return 0
+}
+
+func (x *NodeInfo) GetWsPort() int32 {
+	if x != nil {
+		return x.WsPort
+	}
+	return 0
+}
+
+func (x *NodeInfo) GetWssPort() int32 {
+	if x != nil {
+		return x.WssPort
+	}
+	return 0
+}
+
+func (x *NodeInfo) GetWeight() int32 {
+	if x != nil {
+		return x.Weight
+	}
+	return 0
+}
+
+func (x *NodeInfo) GetConnCount() int32 {
 	if x != nil {
 		return x.ConnCount
 	}
 	return 0
 }
 
-func (x *RenewOnlineReq) GetIpCount() int32 {
+func (x *NodeInfo) GetIpCount() int32 {
 	if x != nil {
 		return x.IpCount
 	}
 	return 0
+}
+
+func (x *NodeInfo) GetRoomCount() map[string]int32 {
+	if x != nil {
+		return x.RoomCount
+	}
+	return nil
 }
 
 type RenewOnlineReply struct {
@@ -455,7 +543,7 @@ type RenewOnlineReply struct {
 
 func (x *RenewOnlineReply) Reset() {
 	*x = RenewOnlineReply{}
-	mi := &file_logic_proto_msgTypes[7]
+	mi := &file_logic_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -467,7 +555,7 @@ func (x *RenewOnlineReply) String() string {
 func (*RenewOnlineReply) ProtoMessage() {}
 
 func (x *RenewOnlineReply) ProtoReflect() protoreflect.Message {
-	mi := &file_logic_proto_msgTypes[7]
+	mi := &file_logic_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -480,7 +568,7 @@ func (x *RenewOnlineReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewOnlineReply.ProtoReflect.Descriptor instead.
 func (*RenewOnlineReply) Descriptor() ([]byte, []int) {
-	return file_logic_proto_rawDescGZIP(), []int{7}
+	return file_logic_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *RenewOnlineReply) GetAllRoomCount() map[string]int32 {
@@ -501,7 +589,7 @@ type ReceiveReq struct {
 
 func (x *ReceiveReq) Reset() {
 	*x = ReceiveReq{}
-	mi := &file_logic_proto_msgTypes[8]
+	mi := &file_logic_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -513,7 +601,7 @@ func (x *ReceiveReq) String() string {
 func (*ReceiveReq) ProtoMessage() {}
 
 func (x *ReceiveReq) ProtoReflect() protoreflect.Message {
-	mi := &file_logic_proto_msgTypes[8]
+	mi := &file_logic_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -526,7 +614,7 @@ func (x *ReceiveReq) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReceiveReq.ProtoReflect.Descriptor instead.
 func (*ReceiveReq) Descriptor() ([]byte, []int) {
-	return file_logic_proto_rawDescGZIP(), []int{8}
+	return file_logic_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ReceiveReq) GetMid() int64 {
@@ -558,7 +646,7 @@ type ReceiveReply struct {
 
 func (x *ReceiveReply) Reset() {
 	*x = ReceiveReply{}
-	mi := &file_logic_proto_msgTypes[9]
+	mi := &file_logic_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -570,7 +658,7 @@ func (x *ReceiveReply) String() string {
 func (*ReceiveReply) ProtoMessage() {}
 
 func (x *ReceiveReply) ProtoReflect() protoreflect.Message {
-	mi := &file_logic_proto_msgTypes[9]
+	mi := &file_logic_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -583,7 +671,7 @@ func (x *ReceiveReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReceiveReply.ProtoReflect.Descriptor instead.
 func (*ReceiveReply) Descriptor() ([]byte, []int) {
-	return file_logic_proto_rawDescGZIP(), []int{9}
+	return file_logic_proto_rawDescGZIP(), []int{10}
 }
 
 type NodesReq struct {
@@ -596,7 +684,7 @@ type NodesReq struct {
 
 func (x *NodesReq) Reset() {
 	*x = NodesReq{}
-	mi := &file_logic_proto_msgTypes[10]
+	mi := &file_logic_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -608,7 +696,7 @@ func (x *NodesReq) String() string {
 func (*NodesReq) ProtoMessage() {}
 
 func (x *NodesReq) ProtoReflect() protoreflect.Message {
-	mi := &file_logic_proto_msgTypes[10]
+	mi := &file_logic_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -621,7 +709,7 @@ func (x *NodesReq) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodesReq.ProtoReflect.Descriptor instead.
 func (*NodesReq) Descriptor() ([]byte, []int) {
-	return file_logic_proto_rawDescGZIP(), []int{10}
+	return file_logic_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *NodesReq) GetPlatform() string {
@@ -653,7 +741,7 @@ type NodesReply struct {
 
 func (x *NodesReply) Reset() {
 	*x = NodesReply{}
-	mi := &file_logic_proto_msgTypes[11]
+	mi := &file_logic_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -665,7 +753,7 @@ func (x *NodesReply) String() string {
 func (*NodesReply) ProtoMessage() {}
 
 func (x *NodesReply) ProtoReflect() protoreflect.Message {
-	mi := &file_logic_proto_msgTypes[11]
+	mi := &file_logic_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -678,7 +766,7 @@ func (x *NodesReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodesReply.ProtoReflect.Descriptor instead.
 func (*NodesReply) Descriptor() ([]byte, []int) {
-	return file_logic_proto_rawDescGZIP(), []int{11}
+	return file_logic_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *NodesReply) GetNodes() []string {
@@ -760,15 +848,23 @@ const file_logic_proto_rawDesc = "" +
 	"\x03mid\x18\x01 \x01(\x03R\x03mid\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\tR\x03key\x12\x16\n" +
 	"\x06server\x18\x03 \x01(\tR\x06server\"\x10\n" +
-	"\x0eHeartbeatReply\"\x87\x02\n" +
-	"\x0eRenewOnlineReq\x12\x16\n" +
-	"\x06server\x18\x01 \x01(\tR\x06server\x12\x1b\n" +
-	"\tgrpc_addr\x18\x02 \x01(\tR\bgrpcAddr\x12H\n" +
+	"\x0eHeartbeatReply\":\n" +
+	"\x0eRenewOnlineReq\x12(\n" +
+	"\x04node\x18\x01 \x01(\v2\x14.imcloud.v1.NodeInfoR\x04node\"\xee\x02\n" +
+	"\bNodeInfo\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
+	"\tgrpc_addr\x18\x02 \x01(\tR\bgrpcAddr\x12\x12\n" +
+	"\x04host\x18\x03 \x01(\tR\x04host\x12\x19\n" +
+	"\btcp_port\x18\x04 \x01(\x05R\atcpPort\x12\x17\n" +
+	"\aws_port\x18\x05 \x01(\x05R\x06wsPort\x12\x19\n" +
+	"\bwss_port\x18\x06 \x01(\x05R\awssPort\x12\x16\n" +
+	"\x06weight\x18\a \x01(\x05R\x06weight\x12\x1d\n" +
 	"\n" +
-	"room_count\x18\x03 \x03(\v2).imcloud.v1.RenewOnlineReq.RoomCountEntryR\troomCount\x12\x1d\n" +
+	"conn_count\x18\b \x01(\x05R\tconnCount\x12\x19\n" +
+	"\bip_count\x18\t \x01(\x05R\aipCount\x12B\n" +
 	"\n" +
-	"conn_count\x18\x04 \x01(\x05R\tconnCount\x12\x19\n" +
-	"\bip_count\x18\x05 \x01(\x05R\aipCount\x1a<\n" +
+	"room_count\x18\n" +
+	" \x03(\v2#.imcloud.v1.NodeInfo.RoomCountEntryR\troomCount\x1a<\n" +
 	"\x0eRoomCountEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x05R\x05value:\x028\x01\"\xa9\x01\n" +
@@ -816,7 +912,7 @@ func file_logic_proto_rawDescGZIP() []byte {
 	return file_logic_proto_rawDescData
 }
 
-var file_logic_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
+var file_logic_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
 var file_logic_proto_goTypes = []any{
 	(*ConnectReq)(nil),       // 0: imcloud.v1.ConnectReq
 	(*ConnectReply)(nil),     // 1: imcloud.v1.ConnectReply
@@ -825,36 +921,38 @@ var file_logic_proto_goTypes = []any{
 	(*HeartbeatReq)(nil),     // 4: imcloud.v1.HeartbeatReq
 	(*HeartbeatReply)(nil),   // 5: imcloud.v1.HeartbeatReply
 	(*RenewOnlineReq)(nil),   // 6: imcloud.v1.RenewOnlineReq
-	(*RenewOnlineReply)(nil), // 7: imcloud.v1.RenewOnlineReply
-	(*ReceiveReq)(nil),       // 8: imcloud.v1.ReceiveReq
-	(*ReceiveReply)(nil),     // 9: imcloud.v1.ReceiveReply
-	(*NodesReq)(nil),         // 10: imcloud.v1.NodesReq
-	(*NodesReply)(nil),       // 11: imcloud.v1.NodesReply
-	nil,                      // 12: imcloud.v1.RenewOnlineReq.RoomCountEntry
-	nil,                      // 13: imcloud.v1.RenewOnlineReply.AllRoomCountEntry
-	(*Proto)(nil),            // 14: imcloud.v1.Proto
+	(*NodeInfo)(nil),         // 7: imcloud.v1.NodeInfo
+	(*RenewOnlineReply)(nil), // 8: imcloud.v1.RenewOnlineReply
+	(*ReceiveReq)(nil),       // 9: imcloud.v1.ReceiveReq
+	(*ReceiveReply)(nil),     // 10: imcloud.v1.ReceiveReply
+	(*NodesReq)(nil),         // 11: imcloud.v1.NodesReq
+	(*NodesReply)(nil),       // 12: imcloud.v1.NodesReply
+	nil,                      // 13: imcloud.v1.NodeInfo.RoomCountEntry
+	nil,                      // 14: imcloud.v1.RenewOnlineReply.AllRoomCountEntry
+	(*Proto)(nil),            // 15: imcloud.v1.Proto
 }
 var file_logic_proto_depIdxs = []int32{
-	12, // 0: imcloud.v1.RenewOnlineReq.room_count:type_name -> imcloud.v1.RenewOnlineReq.RoomCountEntry
-	13, // 1: imcloud.v1.RenewOnlineReply.all_room_count:type_name -> imcloud.v1.RenewOnlineReply.AllRoomCountEntry
-	14, // 2: imcloud.v1.ReceiveReq.proto:type_name -> imcloud.v1.Proto
-	0,  // 3: imcloud.v1.Logic.Connect:input_type -> imcloud.v1.ConnectReq
-	2,  // 4: imcloud.v1.Logic.Disconnect:input_type -> imcloud.v1.DisconnectReq
-	4,  // 5: imcloud.v1.Logic.Heartbeat:input_type -> imcloud.v1.HeartbeatReq
-	6,  // 6: imcloud.v1.Logic.RenewOnline:input_type -> imcloud.v1.RenewOnlineReq
-	8,  // 7: imcloud.v1.Logic.Receive:input_type -> imcloud.v1.ReceiveReq
-	10, // 8: imcloud.v1.Logic.Nodes:input_type -> imcloud.v1.NodesReq
-	1,  // 9: imcloud.v1.Logic.Connect:output_type -> imcloud.v1.ConnectReply
-	3,  // 10: imcloud.v1.Logic.Disconnect:output_type -> imcloud.v1.DisconnectReply
-	5,  // 11: imcloud.v1.Logic.Heartbeat:output_type -> imcloud.v1.HeartbeatReply
-	7,  // 12: imcloud.v1.Logic.RenewOnline:output_type -> imcloud.v1.RenewOnlineReply
-	9,  // 13: imcloud.v1.Logic.Receive:output_type -> imcloud.v1.ReceiveReply
-	11, // 14: imcloud.v1.Logic.Nodes:output_type -> imcloud.v1.NodesReply
-	9,  // [9:15] is the sub-list for method output_type
-	3,  // [3:9] is the sub-list for method input_type
-	3,  // [3:3] is the sub-list for extension type_name
-	3,  // [3:3] is the sub-list for extension extendee
-	0,  // [0:3] is the sub-list for field type_name
+	7,  // 0: imcloud.v1.RenewOnlineReq.node:type_name -> imcloud.v1.NodeInfo
+	13, // 1: imcloud.v1.NodeInfo.room_count:type_name -> imcloud.v1.NodeInfo.RoomCountEntry
+	14, // 2: imcloud.v1.RenewOnlineReply.all_room_count:type_name -> imcloud.v1.RenewOnlineReply.AllRoomCountEntry
+	15, // 3: imcloud.v1.ReceiveReq.proto:type_name -> imcloud.v1.Proto
+	0,  // 4: imcloud.v1.Logic.Connect:input_type -> imcloud.v1.ConnectReq
+	2,  // 5: imcloud.v1.Logic.Disconnect:input_type -> imcloud.v1.DisconnectReq
+	4,  // 6: imcloud.v1.Logic.Heartbeat:input_type -> imcloud.v1.HeartbeatReq
+	6,  // 7: imcloud.v1.Logic.RenewOnline:input_type -> imcloud.v1.RenewOnlineReq
+	9,  // 8: imcloud.v1.Logic.Receive:input_type -> imcloud.v1.ReceiveReq
+	11, // 9: imcloud.v1.Logic.Nodes:input_type -> imcloud.v1.NodesReq
+	1,  // 10: imcloud.v1.Logic.Connect:output_type -> imcloud.v1.ConnectReply
+	3,  // 11: imcloud.v1.Logic.Disconnect:output_type -> imcloud.v1.DisconnectReply
+	5,  // 12: imcloud.v1.Logic.Heartbeat:output_type -> imcloud.v1.HeartbeatReply
+	8,  // 13: imcloud.v1.Logic.RenewOnline:output_type -> imcloud.v1.RenewOnlineReply
+	10, // 14: imcloud.v1.Logic.Receive:output_type -> imcloud.v1.ReceiveReply
+	12, // 15: imcloud.v1.Logic.Nodes:output_type -> imcloud.v1.NodesReply
+	10, // [10:16] is the sub-list for method output_type
+	4,  // [4:10] is the sub-list for method input_type
+	4,  // [4:4] is the sub-list for extension type_name
+	4,  // [4:4] is the sub-list for extension extendee
+	0,  // [0:4] is the sub-list for field type_name
 }
 
 func init() { file_logic_proto_init() }
@@ -869,7 +967,7 @@ func file_logic_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_logic_proto_rawDesc), len(file_logic_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   14,
+			NumMessages:   15,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -45,7 +45,7 @@ func (discardTransport) RemoteAddr() net.Addr            { return &net.TCPAddr{}
 func BenchmarkRoomFanout(b *testing.B) {
 	const conns = 10_000
 	cfg := config.Default().Cloud
-	st := New(cfg, Options{NodeID: "bench", Logger: slog.New(slog.DiscardHandler)})
+	st := New(cfg, Options{Self: &pb.NodeInfo{Id: "bench"}, Logger: slog.New(slog.DiscardHandler)})
 	var packets, writes atomic.Int64
 	for i := range conns {
 		ch := newChannel(discardTransport{&packets, &writes}, cfg.SendQueue, &st.slowConsumers, st.logger)
@@ -109,7 +109,7 @@ func BenchmarkIdleConnectionMemory(b *testing.B) {
 			}
 			deadline := time.Now().Add(time.Minute)
 			for {
-				if _, conns := n.st.counts(); int(conns) == b.N {
+				if _, conns, _ := n.st.counts(); int(conns) == b.N {
 					break
 				}
 				if time.Now().After(deadline) {

@@ -127,13 +127,16 @@ func (b *bucket) channels(dst []*channel) []*channel {
 	return dst
 }
 
-// counts adds the bucket's room counts into rooms and returns its
-// connection count.
-func (b *bucket) counts(rooms map[string]int32) int32 {
+// counts adds the bucket's room counts into rooms and its clients' IPs
+// into ips, and returns its connection count.
+func (b *bucket) counts(rooms map[string]int32, ips map[string]struct{}) int32 {
 	b.mu.RLock()
 	defer b.mu.RUnlock()
 	for r, m := range b.rooms {
 		rooms[r] += int32(len(m))
+	}
+	for _, ch := range b.chs {
+		ips[ch.ip] = struct{}{}
 	}
 	return int32(len(b.chs))
 }

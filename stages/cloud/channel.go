@@ -52,6 +52,7 @@ const maxWriteBatch = 128
 type channel struct {
 	mid    int64
 	key    string
+	ip     string
 	t      transport
 	logger *slog.Logger
 	limit  int           // packets queued before the client is a slow consumer

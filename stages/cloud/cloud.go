@@ -17,6 +17,7 @@ import (
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/gorilla/websocket"
 	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
 
 	"imcloud/config"
 	"imcloud/proto/pb"
@@ -30,7 +31,7 @@ const logicCallTimeout = 5 * time.Second
 type Stage struct {
 	cfg           config.Cloud
 	nodeID        string
-	advertise     string
+	self          *pb.NodeInfo
 	logic         pb.LogicClient
 	upstream      message.Publisher
 	upstreamTopic string
@@ -50,25 +51,25 @@ type Stage struct {
 
 // Options are a cloud node's collaborators.
 type Options struct {
-	// NodeID names this node in the registry; AdvertiseAddr is where job
-	// reaches its gRPC service.
-	NodeID, AdvertiseAddr string
-	Logic                 pb.LogicClient
-	Upstream              message.Publisher
-	UpstreamTopic         string
-	Logger                *slog.Logger
+	// Self describes the node to the registry: its id, the gRPC address
+	// job dials, where clients connect, its weight. Counts are filled in.
+	Self          *pb.NodeInfo
+	Logic         pb.LogicClient
+	Upstream      message.Publisher
+	UpstreamTopic string
+	Logger        *slog.Logger
 }
 
 // New returns a cloud node.
 func New(cfg config.Cloud, o Options) *Stage {
 	s := &Stage{
 		cfg:           cfg,
-		nodeID:        o.NodeID,
-		advertise:     o.AdvertiseAddr,
+		nodeID:        o.Self.GetId(),
+		self:          o.Self,
 		logic:         o.Logic,
 		upstream:      o.Upstream,
 		upstreamTopic: o.UpstreamTopic,
-		logger:        o.Logger.With("node", o.NodeID),
+		logger:        o.Logger.With("node", o.Self.GetId()),
 		buckets:       newBuckets(cfg.Buckets),
 		upgrader:      upgrader(cfg.AllowedOrigins),
 	}
@@ -105,10 +106,10 @@ func (s *Stage) Run(ctx context.Context) {
 }
 
 func (s *Stage) renew(ctx context.Context) error {
-	rooms, conns := s.counts()
+	info := s.info()
 	ctx, cancel := context.WithTimeout(ctx, logicCallTimeout)
 	defer cancel()
-	reply, err := s.logic.RenewOnline(ctx, &pb.RenewOnlineReq{Server: s.nodeID, GrpcAddr: s.advertise, RoomCount: rooms, ConnCount: conns})
+	reply, err := s.logic.RenewOnline(ctx, &pb.RenewOnlineReq{Node: info})
 	if err != nil {
 		return err
 	}
@@ -120,14 +121,22 @@ func (s *Stage) renew(ctx context.Context) error {
 	return nil
 }
 
-// counts returns the node's per-room and total connection counts.
-func (s *Stage) counts() (map[string]int32, int32) {
+// info describes the node for the registry, with its current counts.
+func (s *Stage) info() *pb.NodeInfo {
+	info := proto.Clone(s.self).(*pb.NodeInfo)
+	info.RoomCount, info.ConnCount, info.IpCount = s.counts()
+	return info
+}
+
+// counts returns the node's per-room, connection and client IP counts.
+func (s *Stage) counts() (map[string]int32, int32, int32) {
 	rooms := map[string]int32{}
+	ips := map[string]struct{}{}
 	var conns int32
 	for _, b := range s.buckets {
-		conns += b.counts(rooms)
+		conns += b.counts(rooms, ips)
 	}
-	return rooms, conns
+	return rooms, conns, int32(len(ips))
 }
 
 // onlineCount is the room's count as logic last reported it, or this

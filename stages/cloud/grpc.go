@@ -113,7 +113,7 @@ func (g *grpcServer) Broadcast(_ context.Context, req *pb.BroadcastReq) (*pb.Bro
 }
 
 func (g *grpcServer) Rooms(context.Context, *pb.RoomsReq) (*pb.RoomsReply, error) {
-	rooms, _ := g.s.counts()
+	rooms, _, _ := g.s.counts()
 	return &pb.RoomsReply{Rooms: rooms}, nil
 }
 

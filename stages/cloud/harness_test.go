@@ -99,7 +99,7 @@ func startNode(t testing.TB, edit func(*config.Cloud)) *node {
 	logic := &fakeLogic{disconnects: map[string]int{}, rooms: map[string]int32{}}
 	logger := slog.New(slog.DiscardHandler)
 	up := gochannel.NewGoChannel(gochannel.Config{OutputChannelBuffer: 64}, nil)
-	st := New(cfg, Options{NodeID: "n1", AdvertiseAddr: "127.0.0.1:1", Logic: logic, Upstream: up, UpstreamTopic: "up", Logger: logger})
+	st := New(cfg, Options{Self: &pb.NodeInfo{Id: "n1", GrpcAddr: "127.0.0.1:1"}, Logic: logic, Upstream: up, UpstreamTopic: "up", Logger: logger})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

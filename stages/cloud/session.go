@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"runtime/debug"
 	"strconv"
 	"strings"
@@ -130,6 +131,7 @@ func (s *Stage) handshake(t transport) (*channel, error) {
 	}
 	ch := newChannel(t, s.cfg.SendQueue, &s.slowConsumers, s.logger)
 	ch.mid, ch.key = reply.Mid, reply.Key
+	ch.ip, _, _ = net.SplitHostPort(t.RemoteAddr().String())
 	ch.rooms = uniq(reply.Rooms)
 	if len(reply.Accepts) > 0 {
 		ch.setAccepts(reply.Accepts, true)

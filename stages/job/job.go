@@ -24,19 +24,32 @@ import (
 	"imcloud/proto/pb"
 )
 
-// Nodes lists the live cloud nodes as id → gRPC address.
+// Nodes lists the live cloud nodes.
 type Nodes interface {
-	Nodes(ctx context.Context) (map[string]string, error)
+	Nodes(ctx context.Context) ([]*pb.NodeInfo, error)
 }
 
 // StaticNodes is a fixed node list; each node's id is its address.
 type StaticNodes []string
 
 // Nodes implements Nodes.
-func (s StaticNodes) Nodes(context.Context) (map[string]string, error) {
-	m := make(map[string]string, len(s))
-	for _, a := range s {
-		m[a] = a
+func (s StaticNodes) Nodes(context.Context) ([]*pb.NodeInfo, error) {
+	out := make([]*pb.NodeInfo, len(s))
+	for i, a := range s {
+		out[i] = &pb.NodeInfo{Id: a, GrpcAddr: a}
+	}
+	return out, nil
+}
+
+// addrs maps the live nodes' ids to their gRPC addresses.
+func (s *Stage) addrs(ctx context.Context) (map[string]string, error) {
+	nodes, err := s.nodes.Nodes(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("list cloud nodes: %w", err)
+	}
+	m := make(map[string]string, len(nodes))
+	for _, n := range nodes {
+		m[n.Id] = n.GrpcAddr
 	}
 	return m, nil
 }
@@ -138,9 +151,9 @@ func (s *Stage) Handle(msg *message.Message) error {
 		return err
 	}
 	ctx := msg.Context()
-	nodes, err := s.nodes.Nodes(ctx)
+	nodes, err := s.addrs(ctx)
 	if err != nil {
-		return fmt.Errorf("list cloud nodes: %w", err)
+		return err
 	}
 	p := &pb.Proto{Ver: 1, Op: pm.Operation, Body: pm.Msg}
 	switch pm.Type {
@@ -236,9 +249,9 @@ func (s *Stage) callNodes(nodes map[string]string, chosen func(id string) bool, 
 // deliverRoomBatch sends a room's gathered messages to every node in one
 // call each; every message records the nodes that took the batch.
 func (s *Stage) deliverRoomBatch(ctx context.Context, room string, items []*batchItem) error {
-	nodes, err := s.nodes.Nodes(ctx)
+	nodes, err := s.addrs(ctx)
 	if err != nil {
-		return fmt.Errorf("list cloud nodes: %w", err)
+		return err
 	}
 	batch := make([]*pb.Proto, len(items))
 	for i, it := range items {

@@ -51,10 +51,10 @@ func (s *grpcServer) Heartbeat(ctx context.Context, req *pb.HeartbeatReq) (*pb.H
 }
 
 func (s *grpcServer) RenewOnline(ctx context.Context, req *pb.RenewOnlineReq) (*pb.RenewOnlineReply, error) {
-	if req.Server == "" || req.GrpcAddr == "" {
-		return nil, status.Error(codes.InvalidArgument, "server and grpc_addr are required")
+	if req.Node.GetId() == "" || req.Node.GetGrpcAddr() == "" {
+		return nil, status.Error(codes.InvalidArgument, "node id and grpc_addr are required")
 	}
-	all, err := s.registry.RenewNode(ctx, req.Server, req.GrpcAddr, req.ConnCount, req.RoomCount)
+	all, err := s.registry.RenewNode(ctx, req.Node)
 	if err != nil {
 		return nil, status.Errorf(codes.Unavailable, "renew node: %v", err)
 	}

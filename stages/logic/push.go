@@ -94,9 +94,17 @@ func (p *Pusher) PushAll(ctx context.Context, push Push, speed int32) (PushResul
 // publishCounted publishes a room or broadcast push; its online count is
 // the one the cloud nodes last reported.
 func (p *Pusher) publishCounted(ctx context.Context, push Push, pm *pb.PushMsg, room string) (PushResult, error) {
-	online, err := p.registry.Online(ctx, room)
+	nodes, err := p.registry.Nodes(ctx)
 	if err != nil {
 		return PushResult{}, fmt.Errorf("count online: %w", err)
+	}
+	online := 0
+	for _, n := range nodes {
+		if room == "" {
+			online += int(n.ConnCount)
+		} else {
+			online += int(n.RoomCount[room])
+		}
 	}
 	return PushResult{MsgID: push.ID, Online: online}, p.publish(ctx, push, pm)
 }

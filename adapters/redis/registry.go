@@ -1,0 +1,227 @@
+package redis
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strconv"
+	"time"
+
+	goredis "github.com/redis/go-redis/v9"
+	"google.golang.org/protobuf/proto"
+
+	"imcloud/proto/pb"
+)
+
+// Registry keeps sessions and cloud nodes in Redis, shared by every logic
+// and job node of a cluster. Keys, under a prefix:
+//
+//	key:{key}   hash mid, server     a session; expires without heartbeats
+//	mid:{mid}   hash key → server    a user's keys; entries are checked against key:{key}
+//	node:{id}   NodeInfo (protobuf)  a cloud node; expires unless renewed
+//	nodes       set of node ids      stale ids are dropped when read
+type Registry struct {
+	rdb        goredis.UniversalClient
+	prefix     string
+	sessionTTL time.Duration
+	nodeTTL    time.Duration
+}
+
+// NewRegistry returns a registry in rdb under prefix.
+func NewRegistry(rdb goredis.UniversalClient, prefix string, sessionTTL, nodeTTL time.Duration) *Registry {
+	return &Registry{rdb: rdb, prefix: prefix, sessionTTL: sessionTTL, nodeTTL: nodeTTL}
+}
+
+func (r *Registry) keyKey(key string) string { return r.prefix + "key:" + key }
+func (r *Registry) midKey(mid int64) string  { return r.prefix + "mid:" + strconv.FormatInt(mid, 10) }
+func (r *Registry) nodeKey(id string) string { return r.prefix + "node:" + id }
+func (r *Registry) nodesKey() string         { return r.prefix + "nodes" }
+
+// addSession records the session and returns the server that held the key
+// before, atomically.
+var addSession = goredis.NewScript(`
+local prev = redis.call('HGET', KEYS[1], 'server')
+redis.call('HSET', KEYS[1], 'mid', ARGV[1], 'server', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[4], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+if prev == ARGV[2] then return false end
+return prev`)
+
+// delSession deletes the session only if it is still mid's on server.
+var delSession = goredis.NewScript(`
+local s = redis.call('HMGET', KEYS[1], 'mid', 'server')
+if s[1] ~= ARGV[1] or s[2] ~= ARGV[2] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HDEL', KEYS[2], ARGV[3])
+return 1`)
+
+// AddSession records key (of user mid) on server.
+func (r *Registry) AddSession(ctx context.Context, mid int64, key, server string) (string, error) {
+	prev, err := addSession.Run(ctx, r.rdb, []string{r.keyKey(key), r.midKey(mid)},
+		mid, server, r.sessionTTL.Milliseconds(), key).Text()
+	if errors.Is(err, goredis.Nil) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("redis add session %s: %w", key, err)
+	}
+	return prev, nil
+}
+
+// RenewSession extends a session's life; it re-creates one that expired.
+func (r *Registry) RenewSession(ctx context.Context, mid int64, key, server string) error {
+	_, err := r.AddSession(ctx, mid, key, server)
+	return err
+}
+
+// DelSession removes key's session if it is still mid's on server.
+func (r *Registry) DelSession(ctx context.Context, mid int64, key, server string) (bool, error) {
+	n, err := delSession.Run(ctx, r.rdb, []string{r.keyKey(key), r.midKey(mid)}, mid, server, key).Int()
+	if err != nil {
+		return false, fmt.Errorf("redis delete session %s: %w", key, err)
+	}
+	return n == 1, nil
+}
+
+// sessions reads mid and server of each key; expired keys are absent.
+func (r *Registry) sessions(ctx context.Context, keys []string) (map[string][2]string, error) {
+	pipe := r.rdb.Pipeline()
+	cmds := make([]*goredis.SliceCmd, len(keys))
+	for i, k := range keys {
+		cmds[i] = pipe.HMGet(ctx, r.keyKey(k), "mid", "server")
+	}
+	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, goredis.Nil) {
+		return nil, fmt.Errorf("redis read sessions: %w", err)
+	}
+	out := make(map[string][2]string, len(keys))
+	for i, c := range cmds {
+		v := c.Val()
+		mid, _ := v[0].(string)
+		server, _ := v[1].(string)
+		if server != "" {
+			out[keys[i]] = [2]string{mid, server}
+		}
+	}
+	return out, nil
+}
+
+// ServersByKeys maps each live key to its server.
+func (r *Registry) ServersByKeys(ctx context.Context, keys []string) (map[string]string, error) {
+	s, err := r.sessions(ctx, keys)
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[string]string, len(s))
+	for k, v := range s {
+		out[k] = v[1]
+	}
+	return out, nil
+}
+
+// KeysByMids maps every live key of the users to its server, and lists the
+// users with none.
+func (r *Registry) KeysByMids(ctx context.Context, mids []int64) (map[string]string, []int64, error) {
+	pipe := r.rdb.Pipeline()
+	cmds := make([]*goredis.MapStringStringCmd, len(mids))
+	for i, m := range mids {
+		cmds[i] = pipe.HGetAll(ctx, r.midKey(m))
+	}
+	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, goredis.Nil) {
+		return nil, nil, fmt.Errorf("redis read users: %w", err)
+	}
+	var keys []string
+	for _, c := range cmds {
+		for k := range c.Val() {
+			keys = append(keys, k)
+		}
+	}
+	live, err := r.sessions(ctx, keys)
+	if err != nil {
+		return nil, nil, err
+	}
+	out := map[string]string{}
+	var offline []int64
+	for i, m := range mids {
+		found := false
+		for k := range cmds[i].Val() {
+			// The index may name keys that expired or moved to another user.
+			if s, ok := live[k]; ok && s[0] == strconv.FormatInt(m, 10) {
+				out[k] = s[1]
+				found = true
+			}
+		}
+		if !found {
+			offline = append(offline, m)
+		}
+	}
+	return out, offline, nil
+}
+
+// RenewNode records a cloud node and returns the online count of its rooms
+// across every live node.
+func (r *Registry) RenewNode(ctx context.Context, info *pb.NodeInfo) (map[string]int32, error) {
+	b, err := proto.Marshal(info)
+	if err != nil {
+		return nil, fmt.Errorf("encode node %s: %w", info.Id, err)
+	}
+	pipe := r.rdb.TxPipeline()
+	pipe.Set(ctx, r.nodeKey(info.Id), b, r.nodeTTL)
+	pipe.SAdd(ctx, r.nodesKey(), info.Id)
+	if _, err := pipe.Exec(ctx); err != nil {
+		return nil, fmt.Errorf("redis renew node %s: %w", info.Id, err)
+	}
+	nodes, err := r.Nodes(ctx)
+	if err != nil {
+		return nil, err
+	}
+	all := make(map[string]int32, len(info.RoomCount))
+	for _, n := range nodes {
+		for room, c := range n.RoomCount {
+			if _, asked := info.RoomCount[room]; asked {
+				all[room] += c
+			}
+		}
+	}
+	return all, nil
+}
+
+// Nodes returns the live cloud nodes, by id; ids whose node lapsed are
+// dropped from the set.
+func (r *Registry) Nodes(ctx context.Context) ([]*pb.NodeInfo, error) {
+	ids, err := r.rdb.SMembers(ctx, r.nodesKey()).Result()
+	if err != nil {
+		return nil, fmt.Errorf("redis list nodes: %w", err)
+	}
+	if len(ids) == 0 {
+		return nil, nil
+	}
+	slices.Sort(ids)
+	keys := make([]string, len(ids))
+	for i, id := range ids {
+		keys[i] = r.nodeKey(id)
+	}
+	vals, err := r.rdb.MGet(ctx, keys...).Result()
+	if err != nil {
+		return nil, fmt.Errorf("redis read nodes: %w", err)
+	}
+	var out []*pb.NodeInfo
+	var lapsed []any
+	for i, v := range vals {
+		s, ok := v.(string)
+		if !ok {
+			lapsed = append(lapsed, ids[i])
+			continue
+		}
+		var n pb.NodeInfo
+		if err := proto.Unmarshal([]byte(s), &n); err != nil {
+			return nil, fmt.Errorf("decode node %s: %w", ids[i], err)
+		}
+		out = append(out, &n)
+	}
+	if len(lapsed) > 0 {
+		r.rdb.SRem(ctx, r.nodesKey(), lapsed...)
+	}
+	return out, nil
+}

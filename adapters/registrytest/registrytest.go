@@ -1,0 +1,197 @@
+// Package registrytest is the contract every session registry passes:
+// adapters/memory for one process, adapters/redis for a cluster.
+package registrytest
+
+import (
+	"context"
+	"fmt"
+	"maps"
+	"slices"
+	"testing"
+	"time"
+
+	"imcloud/proto/pb"
+)
+
+// Registry is the contract under test (stages/logic.Registry).
+type Registry interface {
+	AddSession(ctx context.Context, mid int64, key, server string) (string, error)
+	RenewSession(ctx context.Context, mid int64, key, server string) error
+	DelSession(ctx context.Context, mid int64, key, server string) (bool, error)
+	ServersByKeys(ctx context.Context, keys []string) (map[string]string, error)
+	KeysByMids(ctx context.Context, mids []int64) (map[string]string, []int64, error)
+	RenewNode(ctx context.Context, node *pb.NodeInfo) (map[string]int32, error)
+	Nodes(ctx context.Context) ([]*pb.NodeInfo, error)
+}
+
+// Factory returns an empty registry whose sessions and nodes expire after
+// the given TTLs without renewal.
+type Factory func(t *testing.T, sessionTTL, nodeTTL time.Duration) Registry
+
+// Run runs the contract against registries from newRegistry.
+func Run(t *testing.T, newRegistry Factory) {
+	t.Run("sessions", func(t *testing.T) { sessions(t, checked{t, newRegistry(t, time.Minute, time.Minute)}) })
+	t.Run("session expiry", func(t *testing.T) { sessionExpiry(t, checked{t, newRegistry(t, time.Second, time.Minute)}) })
+	t.Run("nodes", func(t *testing.T) { nodes(t, checked{t, newRegistry(t, time.Minute, time.Second)}) })
+}
+
+// checked wraps r so that every call fails the test on an error.
+type checked struct {
+	t *testing.T
+	r Registry
+}
+
+func (c checked) fatal(err error) {
+	c.t.Helper()
+	if err != nil {
+		c.t.Fatal(err)
+	}
+}
+
+func (c checked) add(mid int64, key, server string) string {
+	c.t.Helper()
+	prev, err := c.r.AddSession(context.Background(), mid, key, server)
+	c.fatal(err)
+	return prev
+}
+
+func (c checked) renew(mid int64, key, server string) {
+	c.t.Helper()
+	c.fatal(c.r.RenewSession(context.Background(), mid, key, server))
+}
+
+func (c checked) del(mid int64, key, server string) bool {
+	c.t.Helper()
+	had, err := c.r.DelSession(context.Background(), mid, key, server)
+	c.fatal(err)
+	return had
+}
+
+func (c checked) servers(keys ...string) map[string]string {
+	c.t.Helper()
+	s, err := c.r.ServersByKeys(context.Background(), keys)
+	c.fatal(err)
+	return s
+}
+
+func (c checked) mids(mids ...int64) (map[string]string, []int64) {
+	c.t.Helper()
+	k, off, err := c.r.KeysByMids(context.Background(), mids)
+	c.fatal(err)
+	return k, off
+}
+
+func (c checked) renewNode(n *pb.NodeInfo) map[string]int32 {
+	c.t.Helper()
+	all, err := c.r.RenewNode(context.Background(), n)
+	c.fatal(err)
+	return all
+}
+
+func (c checked) nodes() []*pb.NodeInfo {
+	c.t.Helper()
+	ns, err := c.r.Nodes(context.Background())
+	c.fatal(err)
+	return ns
+}
+
+func sessions(t *testing.T, r checked) {
+	r.add(1, "a", "n1")
+	r.add(1, "b", "n2")
+	r.add(2, "c", "n1")
+	if prev := r.add(2, "c", "n2"); prev != "n1" {
+		t.Fatalf("moving key c returned previous server %q, want n1", prev)
+	}
+	if prev := r.add(2, "c", "n2"); prev != "" {
+		t.Fatalf("reconnecting c on the same server returned %q, want none", prev)
+	}
+	if got, want := r.servers("a", "c", "zz"), map[string]string{"a": "n1", "c": "n2"}; !maps.Equal(got, want) {
+		t.Fatalf("ServersByKeys = %v, want %v", got, want)
+	}
+	keys, offline := r.mids(1, 3)
+	if want := map[string]string{"a": "n1", "b": "n2"}; !maps.Equal(keys, want) || !slices.Equal(offline, []int64{3}) {
+		t.Fatalf("KeysByMids = %v offline %v", keys, offline)
+	}
+	// A disconnect reported by a server that no longer holds the key is ignored.
+	if had := r.del(2, "c", "n1"); had {
+		t.Fatal("stale disconnect deleted the moved session")
+	}
+	if had := r.del(2, "c", "n2"); !had {
+		t.Fatal("disconnect did not delete the session")
+	}
+	if _, offline := r.mids(2); !slices.Equal(offline, []int64{2}) {
+		t.Fatalf("mid 2 still online after its only key left: offline %v", offline)
+	}
+	// A key that changes user leaves the old user's keys.
+	r.add(5, "b", "n2")
+	if keys, _ := r.mids(1); !maps.Equal(keys, map[string]string{"a": "n1"}) {
+		t.Fatalf("mid 1 keys after b moved to mid 5: %v", keys)
+	}
+}
+
+// waitUntil polls cond until it holds or the deadline passes.
+func waitUntil(t *testing.T, what string, within time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within %s", what, within)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func sessionExpiry(t *testing.T, r checked) {
+	r.add(1, "kept", "n1")
+	r.add(2, "dropped", "n1")
+	start := time.Now()
+	// "kept" heartbeats; "dropped" does not and must be gone within its TTL.
+	waitUntil(t, "session without heartbeats expires", 5*time.Second, func() bool {
+		r.renew(1, "kept", "n1")
+		s := r.servers("dropped")
+		return len(s) == 0
+	})
+	if time.Since(start) < 900*time.Millisecond {
+		t.Fatalf("session expired after %s, before its 1s TTL", time.Since(start))
+	}
+	if s := r.servers("kept"); s["kept"] != "n1" {
+		t.Fatal("renewed session expired")
+	}
+	if _, offline := r.mids(2); !slices.Equal(offline, []int64{2}) {
+		t.Fatalf("expired session still counts for its user: offline %v", offline)
+	}
+}
+
+func nodes(t *testing.T, r checked) {
+	n1 := &pb.NodeInfo{Id: "n1", GrpcAddr: "10.0.0.1:3109", Host: "10.0.0.1", WsPort: 3102, Weight: 1, ConnCount: 4, IpCount: 3, RoomCount: map[string]int32{"live://1": 3, "live://2": 1}}
+	n2 := &pb.NodeInfo{Id: "n2", GrpcAddr: "10.0.0.2:3109", Host: "10.0.0.2", TcpPort: 3101, Weight: 2, ConnCount: 2, IpCount: 2, RoomCount: map[string]int32{"live://1": 2}}
+	r.renewNode(n1)
+	all := r.renewNode(n2)
+	if want := map[string]int32{"live://1": 5}; !maps.Equal(all, want) {
+		t.Fatalf("cluster room counts = %v, want %v", all, want)
+	}
+	got := r.nodes()
+	if len(got) != 2 || got[0].Id != "n1" || got[1].Id != "n2" || got[1].Weight != 2 || got[0].RoomCount["live://2"] != 1 {
+		t.Fatalf("Nodes = %v", got)
+	}
+	// n2 keeps reporting; n1 stops and lapses within its TTL.
+	start := time.Now()
+	waitUntil(t, "node that stopped reporting lapses", 5*time.Second, func() bool {
+		r.renewNode(n2)
+		return len(r.nodes()) == 1
+	})
+	if time.Since(start) < 900*time.Millisecond {
+		t.Fatalf("node lapsed after %s, before its 1s TTL", time.Since(start))
+	}
+	if got := r.nodes(); got[0].Id != "n2" {
+		t.Fatalf("live node is %v, want n2", got[0].Id)
+	}
+	if all := r.renewNode(n2); all["live://1"] != 2 {
+		t.Fatalf("room counts still include the lapsed node: %v", all)
+	}
+}
+
+// Prefix returns a key prefix unique to the test, for stores shared by runs.
+func Prefix(t *testing.T) string {
+	return fmt.Sprintf("imcloud:test:%d:", time.Now().UnixNano())
+}
