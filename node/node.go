@@ -166,6 +166,7 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Node
 		logicStage, err = logic.New(cfg.Logic, logic.Options{
 			Registry: n.registry, Publisher: n.broker.Publisher, PushTopic: cfg.Topics.Push,
 			Replies: memory.NewReplies(cfg.Logic.IdempotencyTTL), Logger: logger.With("stage", "logic"),
+			Heartbeat: cfg.Cloud.HeartbeatInterval,
 		})
 		if err != nil {
 			return nil, err

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
 	"google.golang.org/grpc"
@@ -18,11 +19,12 @@ import (
 
 // Stage is a configured logic stage, ready to be served.
 type Stage struct {
-	cfg     config.Logic
-	pusher  *Pusher
-	replies ReplyStore
-	grpc    *grpcServer
-	logger  *slog.Logger
+	cfg       config.Logic
+	heartbeat time.Duration // the clients' heartbeat period, for /nodes/weighted
+	pusher    *Pusher
+	replies   ReplyStore
+	grpc      *grpcServer
+	logger    *slog.Logger
 }
 
 // ReplyStore keeps the reply to each request made with an Idempotency-Key,
@@ -38,6 +40,8 @@ type Options struct {
 	Publisher message.Publisher
 	PushTopic string
 	Replies   ReplyStore
+	// Heartbeat is the period clients are told to heartbeat at.
+	Heartbeat time.Duration
 	Logger    *slog.Logger
 }
 
@@ -51,11 +55,12 @@ func New(cfg config.Logic, o Options) (*Stage, error) {
 		o.Logger.Warn("logic.auth.mode is insecure-json: client auth bodies are trusted as is; use it only to migrate goim clients or for local demos")
 	}
 	return &Stage{
-		cfg:     cfg,
-		pusher:  &Pusher{registry: o.Registry, publisher: o.Publisher, topic: o.PushTopic},
-		replies: o.Replies,
-		grpc:    &grpcServer{auth: auth, registry: o.Registry, logger: o.Logger},
-		logger:  o.Logger,
+		cfg:       cfg,
+		heartbeat: o.Heartbeat,
+		pusher:    &Pusher{registry: o.Registry, publisher: o.Publisher, topic: o.PushTopic},
+		replies:   o.Replies,
+		grpc:      &grpcServer{auth: auth, registry: o.Registry, logger: o.Logger},
+		logger:    o.Logger,
 	}, nil
 }
 
@@ -71,9 +76,18 @@ func (st *Stage) Handler() http.Handler {
 		"push/room": st.pushRoom,
 		"push/all":  st.pushAll,
 	}
+	stats := map[string]statsRoute{
+		"online/top":     onlineTop,
+		"online/room":    onlineRoom,
+		"online/total":   onlineTotal,
+		"nodes/weighted": st.nodesWeighted,
+	}
 	for _, prefix := range []string{"/im/", "/goim/"} {
 		for path, route := range routes {
 			mux.Handle("POST "+prefix+path, st.push(path, route))
+		}
+		for path, route := range stats {
+			mux.Handle("GET "+prefix+path, st.stats(route))
 		}
 	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
