@@ -54,3 +54,18 @@ func heartbeatCount(t *testing.T, c *client.Conn) uint32 {
 	}
 	return binary.BigEndian.Uint32(p.Body)
 }
+
+// TestKeyReconnectingOnAnotherNode: a key that connects on a second node
+// closes its connection on the first, and pushes follow it.
+func TestKeyReconnectingOnAnotherNode(t *testing.T) {
+	a := start(t)
+	b := start(t, "stages=cloud", "cloud.logic_addr="+a.addrs.LogicGRPC)
+	old := a.connect("ws", logic.Claims{Mid: 1, Key: "roamer"})
+	moved := b.connect("tcp", logic.Claims{Mid: 1, Key: "roamer"})
+	if err := expectClosed(t, "connection on the first node", old); client.CloseCode(err) != 4009 {
+		t.Fatalf("old connection closed with %v, want 4009", err)
+	}
+	body := uniq("follows the key")
+	a.push(request{path: "/im/push/keys", query: url.Values{"operation": {"1000"}, "keys": {"roamer"}}, body: body})
+	expect(t, "connection on the second node", moved, 1000, body)
+}

@@ -173,6 +173,7 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Node
 		}
 		n.logicGRPC = grpc.NewServer()
 		logicStage.RegisterGRPC(n.logicGRPC)
+		n.closers = append(n.closers, logicStage.Close)
 		n.serve("logic grpc", func() error { return n.logicGRPC.Serve(logicLn) })
 	}
 

@@ -16,6 +16,7 @@ type grpcServer struct {
 	pb.UnimplementedLogicServer
 	auth     Authenticator
 	registry Registry
+	replacer *replacer
 	logger   *slog.Logger
 }
 
@@ -28,9 +29,13 @@ func (s *grpcServer) Connect(ctx context.Context, req *pb.ConnectReq) (*pb.Conne
 		}
 		return nil, status.Error(codes.Internal, "authenticate")
 	}
-	if _, err := s.registry.AddSession(ctx, id.Mid, id.Key, req.Server); err != nil {
+	prev, err := s.registry.AddSession(ctx, id.Mid, id.Key, req.Server)
+	if err != nil {
 		s.logger.ErrorContext(ctx, "add session", "mid", id.Mid, "key", id.Key, "err", err)
 		return nil, status.Error(codes.Unavailable, "registry unavailable")
+	}
+	if prev != "" {
+		s.replacer.replaced(id.Key, prev)
 	}
 	return &pb.ConnectReply{Mid: id.Mid, Key: id.Key, Rooms: id.Rooms, Accepts: id.Accepts, Platform: id.Platform}, nil
 }

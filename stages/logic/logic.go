@@ -59,10 +59,14 @@ func New(cfg config.Logic, o Options) (*Stage, error) {
 		heartbeat: o.Heartbeat,
 		pusher:    &Pusher{registry: o.Registry, publisher: o.Publisher, topic: o.PushTopic},
 		replies:   o.Replies,
-		grpc:      &grpcServer{auth: auth, registry: o.Registry, logger: o.Logger},
-		logger:    o.Logger,
+		grpc: &grpcServer{auth: auth, registry: o.Registry, logger: o.Logger,
+			replacer: &replacer{registry: o.Registry, logger: o.Logger, conns: map[string]*grpc.ClientConn{}}},
+		logger: o.Logger,
 	}, nil
 }
+
+// Close releases the stage's connections to cloud nodes.
+func (st *Stage) Close() error { return st.grpc.replacer.Close() }
 
 // RegisterGRPC adds the Logic service to s.
 func (st *Stage) RegisterGRPC(s *grpc.Server) { pb.RegisterLogicServer(s, st.grpc) }
