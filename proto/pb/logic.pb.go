@@ -428,7 +428,10 @@ type NodeInfo struct {
 	ConnCount int32 `protobuf:"varint,8,opt,name=conn_count,json=connCount,proto3" json:"conn_count,omitempty"`
 	IpCount   int32 `protobuf:"varint,9,opt,name=ip_count,json=ipCount,proto3" json:"ip_count,omitempty"`
 	// Connections per room on this node.
-	RoomCount     map[string]int32 `protobuf:"bytes,10,rep,name=room_count,json=roomCount,proto3" json:"room_count,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	RoomCount map[string]int32 `protobuf:"bytes,10,rep,name=room_count,json=roomCount,proto3" json:"room_count,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	// Whether room_count is reported (by a cloud node) rather than unknown
+	// (a node listed statically): only then are room pushes routed by it.
+	ReportsRooms  bool `protobuf:"varint,11,opt,name=reports_rooms,json=reportsRooms,proto3" json:"reports_rooms,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -531,6 +534,13 @@ func (x *NodeInfo) GetRoomCount() map[string]int32 {
 		return x.RoomCount
 	}
 	return nil
+}
+
+func (x *NodeInfo) GetReportsRooms() bool {
+	if x != nil {
+		return x.ReportsRooms
+	}
+	return false
 }
 
 type RenewOnlineReply struct {
@@ -850,7 +860,7 @@ const file_logic_proto_rawDesc = "" +
 	"\x06server\x18\x03 \x01(\tR\x06server\"\x10\n" +
 	"\x0eHeartbeatReply\":\n" +
 	"\x0eRenewOnlineReq\x12(\n" +
-	"\x04node\x18\x01 \x01(\v2\x14.imcloud.v1.NodeInfoR\x04node\"\xee\x02\n" +
+	"\x04node\x18\x01 \x01(\v2\x14.imcloud.v1.NodeInfoR\x04node\"\x93\x03\n" +
 	"\bNodeInfo\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\tgrpc_addr\x18\x02 \x01(\tR\bgrpcAddr\x12\x12\n" +
@@ -864,7 +874,8 @@ const file_logic_proto_rawDesc = "" +
 	"\bip_count\x18\t \x01(\x05R\aipCount\x12B\n" +
 	"\n" +
 	"room_count\x18\n" +
-	" \x03(\v2#.imcloud.v1.NodeInfo.RoomCountEntryR\troomCount\x1a<\n" +
+	" \x03(\v2#.imcloud.v1.NodeInfo.RoomCountEntryR\troomCount\x12#\n" +
+	"\rreports_rooms\x18\v \x01(\bR\freportsRooms\x1a<\n" +
 	"\x0eRoomCountEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x05R\x05value:\x028\x01\"\xa9\x01\n" +

@@ -41,6 +41,8 @@ type Stage struct {
 	upgrader *websocket.Upgrader
 	// roomOnline holds the cluster-wide room counts logic last reported.
 	roomOnline atomic.Pointer[map[string]int32]
+	// reported holds the rooms this node last told logic it hosts.
+	reported atomic.Pointer[map[string]struct{}]
 
 	slowConsumers atomic.Int64
 
@@ -74,6 +76,7 @@ func New(cfg config.Cloud, o Options) *Stage {
 		upgrader:      upgrader(cfg.AllowedOrigins),
 	}
 	s.roomOnline.Store(&map[string]int32{})
+	s.reported.Store(&map[string]struct{}{})
 	return s
 }
 
@@ -118,13 +121,38 @@ func (s *Stage) renew(ctx context.Context) error {
 		all = map[string]int32{}
 	}
 	s.roomOnline.Store(&all)
+	reported := make(map[string]struct{}, len(info.RoomCount))
+	for room := range info.RoomCount {
+		reported[room] = struct{}{}
+	}
+	s.reported.Store(&reported)
 	return nil
+}
+
+// announceRooms makes sure the registry lists this node for each room
+// before the client is told it joined: job routes a room's pushes only to
+// the nodes listed for it, and a node's first member of a room must not
+// wait for the next periodic report to get them.
+func (s *Stage) announceRooms(rooms []string) {
+	reported := *s.reported.Load()
+	for _, room := range rooms {
+		if _, ok := reported[room]; ok {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), logicCallTimeout)
+		defer cancel()
+		if err := s.renew(ctx); err != nil {
+			s.logger.Warn("announce new room to logic", "room", room, "err", err)
+		}
+		return
+	}
 }
 
 // info describes the node for the registry, with its current counts.
 func (s *Stage) info() *pb.NodeInfo {
 	info := proto.Clone(s.self).(*pb.NodeInfo)
 	info.RoomCount, info.ConnCount, info.IpCount = s.counts()
+	info.ReportsRooms = true
 	return info
 }
 

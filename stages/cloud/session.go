@@ -60,6 +60,7 @@ func (s *Stage) session(ch *channel, remote string) {
 	if old := b.put(ch); old != nil {
 		old.close(closeReplaced, "replaced by a new connection")
 	}
+	s.announceRooms(ch.roomList())
 	reply := authReply{Mid: ch.mid, Key: ch.key, Rooms: ch.roomList(), Heartbeat: int64(s.cfg.HeartbeatInterval / time.Second)}
 	ch.reply(outItem{pkt: wire.Encode(wire.OpAuthReply, authSeq, reply.encode())})
 	s.logger.Debug("client connected", "mid", ch.mid, "key", ch.key, "remote", remote)
@@ -207,6 +208,9 @@ func (s *Stage) handle(ch *channel, b *bucket, p wire.Packet) error {
 	case wire.OpChangeRoom:
 		room := strings.TrimSpace(string(p.Body))
 		b.changeRoom(ch, room)
+		if room != "" {
+			s.announceRooms([]string{room})
+		}
 		ch.reply(outItem{pkt: wire.Encode(wire.OpChangeRoomReply, p.Seq, []byte(room))})
 	case wire.OpSub, wire.OpUnsub:
 		ops, ok := parseOps(p.Body)

@@ -41,14 +41,18 @@ func (s StaticNodes) Nodes(context.Context) ([]*pb.NodeInfo, error) {
 	return out, nil
 }
 
-// addrs maps the live nodes' ids to their gRPC addresses.
-func (s *Stage) addrs(ctx context.Context) (map[string]string, error) {
+// addrs maps the live nodes' ids to their gRPC addresses; given a room,
+// only the nodes that host it, where nodes report their rooms.
+func (s *Stage) addrs(ctx context.Context, room string) (map[string]string, error) {
 	nodes, err := s.nodes.Nodes(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("list cloud nodes: %w", err)
 	}
 	m := make(map[string]string, len(nodes))
 	for _, n := range nodes {
+		if room != "" && n.ReportsRooms && n.RoomCount[room] == 0 {
+			continue
+		}
 		m[n.Id] = n.GrpcAddr
 	}
 	return m, nil
@@ -143,6 +147,14 @@ func reconnectFirst(ctx context.Context, method string, req, reply any, cc *grpc
 	return invoker(ctx, method, req, reply, cc, opts...)
 }
 
+// roomOf is the room a room push goes to, or "" for any other push.
+func roomOf(pm *pb.PushMsg) string {
+	if pm.Type == pb.PushMsg_ROOM {
+		return pm.Room
+	}
+	return ""
+}
+
 // Handle delivers one PushMsg. It fails, so that the message is retried
 // and at last poisoned, when any target node could not be reached.
 func (s *Stage) Handle(msg *message.Message) error {
@@ -151,7 +163,7 @@ func (s *Stage) Handle(msg *message.Message) error {
 		return err
 	}
 	ctx := msg.Context()
-	nodes, err := s.addrs(ctx)
+	nodes, err := s.addrs(ctx, roomOf(pm))
 	if err != nil {
 		return err
 	}
@@ -249,7 +261,7 @@ func (s *Stage) callNodes(nodes map[string]string, chosen func(id string) bool, 
 // deliverRoomBatch sends a room's gathered messages to every node in one
 // call each; every message records the nodes that took the batch.
 func (s *Stage) deliverRoomBatch(ctx context.Context, room string, items []*batchItem) error {
-	nodes, err := s.addrs(ctx)
+	nodes, err := s.addrs(ctx, room)
 	if err != nil {
 		return err
 	}

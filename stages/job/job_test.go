@@ -110,3 +110,25 @@ func TestRoomBatching(t *testing.T) {
 		})
 	}
 }
+
+// reportedNodes lists nodes as a registry does.
+type reportedNodes []*pb.NodeInfo
+
+func (r reportedNodes) Nodes(context.Context) ([]*pb.NodeInfo, error) { return r, nil }
+
+func TestRoomPushesGoOnlyToNodesHostingTheRoom(t *testing.T) {
+	host, hostAddr := startFakeCloud(t)
+	other, otherAddr := startFakeCloud(t)
+	unknown, unknownAddr := startFakeCloud(t)
+	nodes := reportedNodes{
+		{Id: "host", GrpcAddr: hostAddr, ReportsRooms: true, RoomCount: map[string]int32{"live://1": 2}},
+		{Id: "other", GrpcAddr: otherAddr, ReportsRooms: true, RoomCount: map[string]int32{"live://2": 1}},
+		{Id: "static", GrpcAddr: unknownAddr}, // reports nothing: gets every room push
+	}
+	s := New(Options{Nodes: nodes, Logger: slog.New(slog.DiscardHandler), Timeout: 5 * time.Second})
+	t.Cleanup(func() { _ = s.Close() })
+	handleAll(t, s, "live://1", 1)
+	if got := fmt.Sprint(len(host.callSizes()), len(other.callSizes()), len(unknown.callSizes())); got != "1 0 1" {
+		t.Fatalf("calls to host, other, static node: %s, want 1 0 1", got)
+	}
+}
