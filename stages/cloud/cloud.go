@@ -16,6 +16,7 @@ import (
 
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/gorilla/websocket"
+	"golang.org/x/sync/singleflight"
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
 
@@ -43,6 +44,7 @@ type Stage struct {
 	roomOnline atomic.Pointer[map[string]int32]
 	// reported holds the rooms this node last told logic it hosts.
 	reported atomic.Pointer[map[string]struct{}]
+	announce singleflight.Group
 
 	slowConsumers atomic.Int64
 
@@ -134,17 +136,30 @@ func (s *Stage) renew(ctx context.Context) error {
 // the nodes listed for it, and a node's first member of a room must not
 // wait for the next periodic report to get them.
 func (s *Stage) announceRooms(rooms []string) {
-	reported := *s.reported.Load()
-	for _, room := range rooms {
-		if _, ok := reported[room]; ok {
-			continue
+	// A report already in flight may have been taken before this client
+	// joined; then one more is needed.
+	for range 3 {
+		missing := ""
+		reported := *s.reported.Load()
+		for _, room := range rooms {
+			if _, ok := reported[room]; !ok {
+				missing = room
+				break
+			}
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), logicCallTimeout)
-		defer cancel()
-		if err := s.renew(ctx); err != nil {
-			s.logger.Warn("announce new room to logic", "room", room, "err", err)
+		if missing == "" {
+			return
 		}
-		return
+		// Clients joining together share one report.
+		_, err, _ := s.announce.Do("renew", func() (any, error) {
+			ctx, cancel := context.WithTimeout(context.Background(), logicCallTimeout)
+			defer cancel()
+			return nil, s.renew(ctx)
+		})
+		if err != nil {
+			s.logger.Warn("announce new room to logic", "room", missing, "err", err)
+			return
+		}
 	}
 }
 
