@@ -60,6 +60,9 @@ func (p *Pusher) PushKeys(ctx context.Context, push Push, keys []string) (PushRe
 	if err != nil {
 		return PushResult{}, fmt.Errorf("resolve keys: %w", err)
 	}
+	if err := p.dropLapsed(ctx, servers); err != nil {
+		return PushResult{}, err
+	}
 	res := PushResult{MsgID: push.ID, Online: len(servers)}
 	for _, k := range keys {
 		if _, ok := servers[k]; !ok {
@@ -69,11 +72,39 @@ func (p *Pusher) PushKeys(ctx context.Context, push Push, keys []string) (PushRe
 	return res, p.publishToServers(ctx, push, servers)
 }
 
+// dropLapsed removes the keys whose cloud node is no longer registered: a
+// node that stopped reporting (killed, partitioned) holds no connections,
+// though its sessions have not expired yet.
+func (p *Pusher) dropLapsed(ctx context.Context, servers map[string]string) error {
+	if len(servers) == 0 {
+		return nil
+	}
+	nodes, err := p.registry.Nodes(ctx)
+	if err != nil {
+		return fmt.Errorf("list cloud nodes: %w", err)
+	}
+	live := make(map[string]bool, len(nodes))
+	for _, n := range nodes {
+		live[n.Id] = true
+	}
+	for k, s := range servers {
+		if !live[s] {
+			delete(servers, k)
+		}
+	}
+	return nil
+}
+
 // PushMids pushes to every connection of the users.
 func (p *Pusher) PushMids(ctx context.Context, push Push, mids []int64) (PushResult, error) {
 	servers, offline, err := p.registry.KeysByMids(ctx, mids)
 	if err != nil {
 		return PushResult{}, fmt.Errorf("resolve mids: %w", err)
+	}
+	// Keys on lapsed nodes are dropped from the count; their users are
+	// listed offline once the sessions themselves expire.
+	if err := p.dropLapsed(ctx, servers); err != nil {
+		return PushResult{}, err
 	}
 	res := PushResult{MsgID: push.ID, Online: len(servers), OfflineMids: offline}
 	return res, p.publishToServers(ctx, push, servers)
