@@ -3,7 +3,7 @@ BIN := bin/imcloud
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 
-.PHONY: build run test test-integration bench proto lint
+.PHONY: build run run-cluster stop-cluster test test-integration bench proto lint
 
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/imcloud
@@ -11,6 +11,13 @@ build:
 # Standalone: every stage in one process, embedded broker and registry.
 run: build
 	./$(BIN) standalone
+
+# 1 logic, 2 job and 2 cloud processes on the local RabbitMQ and Redis.
+run-cluster:
+	scripts/cluster.sh start
+
+stop-cluster:
+	scripts/cluster.sh stop
 
 test:
 	$(GO) vet ./...

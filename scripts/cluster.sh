@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Runs a local cluster on RabbitMQ and Redis: 1 logic, 2 job and 2 cloud
+# processes of bin/imcloud, each its own process with its own ports.
+#   scripts/cluster.sh start   start them (make run-cluster)
+#   scripts/cluster.sh stop    stop exactly those processes (make stop-cluster)
+# State (pids, logs, the client token secret) lives in .cluster/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dir=.cluster
+secret=${IMCLOUD_CLUSTER_SECRET:-cluster-demo-secret}
+apikey=${IMCLOUD_CLUSTER_API_KEY:-cluster-demo-key}
+
+common=(--set broker.kind=amqp --set registry.kind=redis --set job.dedupe.store=redis
+  --set logic.auth.jwt_secret="$secret" --set logic.api_keys="$apikey"
+  --set log.format=json)
+
+start_one() { # name args...
+  local name=$1
+  shift
+  bin/imcloud run "${common[@]}" "$@" >"$dir/$name.log" 2>&1 &
+  echo $! >"$dir/$name.pid"
+}
+
+wait_port() {
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "cluster: nothing listens on $1; see $dir/*.log" >&2
+  return 1
+}
+
+start() {
+  if ls "$dir"/*.pid >/dev/null 2>&1; then
+    echo "cluster: already running (scripts/cluster.sh stop first)" >&2
+    exit 1
+  fi
+  mkdir -p "$dir"
+  scripts/services.sh rabbitmq redis
+  make -s build
+  start_one logic --stages logic --set logic.http_addr=127.0.0.1:3111 --set logic.grpc_addr=127.0.0.1:3119
+  wait_port 3119
+  for i in 1 2; do
+    start_one "cloud$i" --stages cloud --set node_id="cloud$i" --set cloud.logic_addr=127.0.0.1:3119 \
+      --set cloud.tcp_addr=127.0.0.1:${i}3101 --set cloud.ws_addr=127.0.0.1:${i}3102 \
+      --set cloud.grpc_addr=127.0.0.1:${i}3109 --set cloud.advertise_addr=127.0.0.1:${i}3109
+    wait_port "${i}3102"
+  done
+  for i in 1 2; do
+    start_one "job$i" --stages job
+  done
+  wait_port 3111
+  cat <<MSG
+imcloud cluster is running (logs and pids in $dir/):
+  logic   http 127.0.0.1:3111, grpc 127.0.0.1:3119
+  cloud1  ws ws://127.0.0.1:13102/sub, tcp 127.0.0.1:13101, grpc 127.0.0.1:13109
+  cloud2  ws ws://127.0.0.1:23102/sub, tcp 127.0.0.1:23101, grpc 127.0.0.1:23109
+  job1, job2 consume the push queue on RabbitMQ; the registry is in Redis
+API key: $apikey
+Token:   bin/imcloud token --mid 1 --rooms live://1000 --set logic.auth.jwt_secret=$secret
+Push:    curl -X POST -H 'Authorization: Bearer $apikey' 'http://127.0.0.1:3111/im/push/room?operation=1000&type=live&room=1000' -d hi
+Stop:    make stop-cluster
+MSG
+}
+
+stop() {
+  shopt -s nullglob
+  local pids=("$dir"/*.pid)
+  if [ ${#pids[@]} -eq 0 ]; then
+    echo "cluster: not running"
+    return 0
+  fi
+  for f in "${pids[@]}"; do
+    pid=$(cat "$f")
+    # Only our own process: the pid must still be an imcloud run.
+    if grep -q "imcloud" "/proc/$pid/cmdline" 2>/dev/null; then
+      kill -TERM "$pid" 2>/dev/null || true
+    fi
+  done
+  for f in "${pids[@]}"; do
+    pid=$(cat "$f")
+    for _ in $(seq 150); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    rm -f "$f"
+  done
+  echo "cluster: stopped"
+}
+
+case "${1:-}" in
+start) start ;;
+stop) stop ;;
+*)
+  echo "usage: scripts/cluster.sh start|stop" >&2
+  exit 2
+  ;;
+esac
