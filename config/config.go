@@ -121,6 +121,8 @@ type Redis struct {
 	Addr     string `koanf:"addr"`
 	Password string `koanf:"password"`
 	DB       int    `koanf:"db"`
+	// Prefix starts every key imcloud writes, so clusters can share a Redis.
+	Prefix string `koanf:"prefix"`
 }
 
 // Topics names the broker topics.
@@ -232,7 +234,7 @@ func Default() Config {
 			NATS:        NATS{URL: "nats://127.0.0.1:4222"},
 			RedisStream: RedisStream{Addr: "127.0.0.1:6379"},
 		},
-		Registry: Registry{Kind: RegistryMemory, Redis: Redis{Addr: "127.0.0.1:6379"}},
+		Registry: Registry{Kind: RegistryMemory, Redis: Redis{Addr: "127.0.0.1:6379", Prefix: "imcloud:"}},
 		Topics:   Topics{Push: "imcloud.push", Poison: "imcloud.push.poison", Upstream: "imcloud.upstream"},
 		Logic: Logic{
 			HTTPAddr:        ":3111",

@@ -149,7 +149,7 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Node
 			return nil, fmt.Errorf("registry.redis: %w", err)
 		}
 		n.closers = append(n.closers, rdb.Close)
-		n.registry = redis.NewRegistry(rdb, "imcloud:", cfg.Logic.SessionTTL, nodeTTL)
+		n.registry = redis.NewRegistry(rdb, rc.Prefix, cfg.Logic.SessionTTL, nodeTTL)
 	default:
 		mem := memory.New(cfg.Logic.SessionTTL, nodeTTL)
 		n.goLoop(mem.Run, runCtx)
@@ -304,7 +304,7 @@ func (n *Node) startJob(ctx context.Context) error {
 				return fmt.Errorf("job.dedupe.store: %w", err)
 			}
 			n.closers = append(n.closers, rdb.Close)
-			store = redis.NewDedupe(rdb, "imcloud:dedupe:")
+			store = redis.NewDedupe(rdb, rc.Prefix+"dedupe:")
 		default:
 			store = memory.NewDedupe(cfg.Job.Dedupe.TTL)
 		}

@@ -118,27 +118,23 @@ func (r *Registry) ServersByKeys(_ context.Context, keys []string) (map[string]s
 	return out, nil
 }
 
-// KeysByMids maps every live key of the given users to its server, and
-// lists the users with no live key.
-func (r *Registry) KeysByMids(_ context.Context, mids []int64) (map[string]string, []int64, error) {
+// KeysByMids maps each user with live keys to its keys and their servers.
+func (r *Registry) KeysByMids(_ context.Context, mids []int64) (map[int64]map[string]string, error) {
 	now := r.now()
-	out := map[string]string{}
-	var offline []int64
+	out := map[int64]map[string]string{}
 	r.mu.RLock()
 	defer r.mu.RUnlock()
 	for _, mid := range mids {
-		found := false
 		for k := range r.byMid[mid] {
 			if s := r.byKey[k]; now.Before(s.expires) {
-				out[k] = s.server
-				found = true
+				if out[mid] == nil {
+					out[mid] = map[string]string{}
+				}
+				out[mid][k] = s.server
 			}
 		}
-		if !found {
-			offline = append(offline, mid)
-		}
 	}
-	return out, offline, nil
+	return out, nil
 }
 
 // RenewNode records a cloud node as it reports itself and returns the

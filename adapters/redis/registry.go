@@ -120,16 +120,15 @@ func (r *Registry) ServersByKeys(ctx context.Context, keys []string) (map[string
 	return out, nil
 }
 
-// KeysByMids maps every live key of the users to its server, and lists the
-// users with none.
-func (r *Registry) KeysByMids(ctx context.Context, mids []int64) (map[string]string, []int64, error) {
+// KeysByMids maps each user with live keys to its keys and their servers.
+func (r *Registry) KeysByMids(ctx context.Context, mids []int64) (map[int64]map[string]string, error) {
 	pipe := r.rdb.Pipeline()
 	cmds := make([]*goredis.MapStringStringCmd, len(mids))
 	for i, m := range mids {
 		cmds[i] = pipe.HGetAll(ctx, r.midKey(m))
 	}
 	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, goredis.Nil) {
-		return nil, nil, fmt.Errorf("redis read users: %w", err)
+		return nil, fmt.Errorf("redis read users: %w", err)
 	}
 	var keys []string
 	for _, c := range cmds {
@@ -139,24 +138,21 @@ func (r *Registry) KeysByMids(ctx context.Context, mids []int64) (map[string]str
 	}
 	live, err := r.sessions(ctx, keys)
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
-	out := map[string]string{}
-	var offline []int64
+	out := map[int64]map[string]string{}
 	for i, m := range mids {
-		found := false
 		for k := range cmds[i].Val() {
 			// The index may name keys that expired or moved to another user.
 			if s, ok := live[k]; ok && s[0] == strconv.FormatInt(m, 10) {
-				out[k] = s[1]
-				found = true
+				if out[m] == nil {
+					out[m] = map[string]string{}
+				}
+				out[m][k] = s[1]
 			}
 		}
-		if !found {
-			offline = append(offline, m)
-		}
 	}
-	return out, offline, nil
+	return out, nil
 }
 
 // RenewNode records a cloud node and returns the online count of its rooms

@@ -19,7 +19,7 @@ type Registry interface {
 	RenewSession(ctx context.Context, mid int64, key, server string) error
 	DelSession(ctx context.Context, mid int64, key, server string) (bool, error)
 	ServersByKeys(ctx context.Context, keys []string) (map[string]string, error)
-	KeysByMids(ctx context.Context, mids []int64) (map[string]string, []int64, error)
+	KeysByMids(ctx context.Context, mids []int64) (map[int64]map[string]string, error)
 	RenewNode(ctx context.Context, node *pb.NodeInfo) (map[string]int32, error)
 	Nodes(ctx context.Context) ([]*pb.NodeInfo, error)
 }
@@ -74,11 +74,20 @@ func (c checked) servers(keys ...string) map[string]string {
 	return s
 }
 
+// mids returns the live keys of the users, merged, and the users with none.
 func (c checked) mids(mids ...int64) (map[string]string, []int64) {
 	c.t.Helper()
-	k, off, err := c.r.KeysByMids(context.Background(), mids)
+	byMid, err := c.r.KeysByMids(context.Background(), mids)
 	c.fatal(err)
-	return k, off
+	keys := map[string]string{}
+	var offline []int64
+	for _, m := range mids {
+		if len(byMid[m]) == 0 {
+			offline = append(offline, m)
+		}
+		maps.Copy(keys, byMid[m])
+	}
+	return keys, offline
 }
 
 func (c checked) renewNode(n *pb.NodeInfo) map[string]int32 {

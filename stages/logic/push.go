@@ -97,16 +97,30 @@ func (p *Pusher) dropLapsed(ctx context.Context, servers map[string]string) erro
 
 // PushMids pushes to every connection of the users.
 func (p *Pusher) PushMids(ctx context.Context, push Push, mids []int64) (PushResult, error) {
-	servers, offline, err := p.registry.KeysByMids(ctx, mids)
+	byMid, err := p.registry.KeysByMids(ctx, mids)
 	if err != nil {
 		return PushResult{}, fmt.Errorf("resolve mids: %w", err)
 	}
-	// Keys on lapsed nodes are dropped from the count; their users are
-	// listed offline once the sessions themselves expire.
+	servers := map[string]string{}
+	for _, keys := range byMid {
+		maps.Copy(servers, keys)
+	}
 	if err := p.dropLapsed(ctx, servers); err != nil {
 		return PushResult{}, err
 	}
-	res := PushResult{MsgID: push.ID, Online: len(servers), OfflineMids: offline}
+	res := PushResult{MsgID: push.ID, Online: len(servers)}
+	for _, m := range mids {
+		online := false
+		for k := range byMid[m] {
+			_, online = servers[k]
+			if online {
+				break
+			}
+		}
+		if !online {
+			res.OfflineMids = append(res.OfflineMids, m)
+		}
+	}
 	return res, p.publishToServers(ctx, push, servers)
 }
 

@@ -17,8 +17,9 @@ type Registry interface {
 	DelSession(ctx context.Context, mid int64, key, server string) (bool, error)
 	// ServersByKeys maps live keys to servers; absent keys are offline.
 	ServersByKeys(ctx context.Context, keys []string) (map[string]string, error)
-	// KeysByMids maps the live keys of mids to servers and lists offline mids.
-	KeysByMids(ctx context.Context, mids []int64) (map[string]string, []int64, error)
+	// KeysByMids maps each user with live keys to its keys and their
+	// servers; users with none are absent.
+	KeysByMids(ctx context.Context, mids []int64) (map[int64]map[string]string, error)
 	// RenewNode records a cloud node as it reports itself, returning the
 	// cluster-wide counts of the rooms it reported.
 	RenewNode(ctx context.Context, node *pb.NodeInfo) (map[string]int32, error)
