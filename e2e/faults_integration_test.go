@@ -123,6 +123,8 @@ func TestIntegrationUnreachableCloudIsPoisonedThenReplayed(t *testing.T) {
 	bSets := append(topics, "stages=cloud", "cloud.grpc_addr="+bAddr, "cloud.logic_addr="+a.addrs.LogicGRPC)
 	b := start(t, bSets...)
 	onA := a.connect("ws", logic.Claims{Mid: 1, Rooms: []string{"live://p"}})
+	// b hosts the room too when it goes down, so the push is routed to it.
+	b.connect("tcp", logic.Claims{Mid: 3, Rooms: []string{"live://p"}})
 
 	ctx, cancel := context.WithTimeout(context.Background(), wait)
 	defer cancel()

@@ -18,8 +18,9 @@ import (
 
 // proc is an imcloud process.
 type proc struct {
-	cmd    *exec.Cmd
-	exited chan error
+	cmd  *exec.Cmd
+	done chan struct{} // closed when the process has exited
+	err  error         // its exit status, once done is closed
 }
 
 // startProc runs bin with args and waits for its "imcloud started" log.
@@ -34,7 +35,7 @@ func startProc(t *testing.T, bin string, args ...string) *proc {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	p := &proc{cmd: cmd, exited: make(chan error, 1)}
+	p := &proc{cmd: cmd, done: make(chan struct{})}
 	ready := make(chan struct{})
 	go func() {
 		sc := bufio.NewScanner(stderr)
@@ -49,23 +50,28 @@ func startProc(t *testing.T, bin string, args ...string) *proc {
 			}
 		}
 	}()
-	go func() { p.exited <- cmd.Wait() }()
+	go func() {
+		p.err = cmd.Wait()
+		close(p.done)
+	}()
 	t.Cleanup(func() { p.kill() })
 	select {
 	case <-ready:
-	case err := <-p.exited:
-		t.Fatalf("%v exited before starting: %v", args, err)
+	case <-p.done:
+		t.Fatalf("%v exited before starting: %v", args, p.err)
 	case <-time.After(wait):
 		t.Fatalf("%v did not start within %s", args, wait)
 	}
 	return p
 }
 
+// kill sends SIGKILL unless the process already exited, and waits for it.
 func (p *proc) kill() {
-	if p.cmd.ProcessState == nil {
+	select {
+	case <-p.done:
+	default:
 		_ = p.cmd.Process.Kill()
-		<-p.exited
-		p.exited <- nil
+		<-p.done
 	}
 }
 
@@ -148,11 +154,7 @@ func TestIntegrationJobKilledTwice(t *testing.T) {
 	done := stream(t, front, "kill", stop, &accepted, "killed-job")
 	for round := 1; round <= 2; round++ {
 		waitFor(t, "pushes to flow", func() bool { return accepted.Load() >= int64(round*500) })
-		if err := job.cmd.Process.Signal(os.Kill); err != nil {
-			t.Fatal(err)
-		}
-		<-job.exited
-		job.exited <- nil
+		job.kill()
 		job = startProc(t, bin, jobArgs...)
 	}
 	waitFor(t, "pushes after the second restart", func() bool { return accepted.Load() >= 1500 })
