@@ -36,6 +36,7 @@ Usage:
   imcloud check --config F                                 validate a configuration and exit
   imcloud listen --token T [--ws URL | --tcp ADDR]         connect as a client and print what arrives
   imcloud poison list|replay|purge [--id ID]... [--all]    inspect and re-drive poisoned messages
+  imcloud bench fanout|connections|push [flags]            load a server on this machine and measure it
   imcloud version
 
 Run "imcloud <command> --help" for a command's flags.
@@ -69,6 +70,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, environ [
 		return cmdListen(ctx, args, stdout, stderr)
 	case "poison":
 		return cmdPoison(ctx, args, stdout, stderr, environ)
+	case "bench":
+		return cmdBench(ctx, args, stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "imcloud", version)
 		return nil

@@ -1,0 +1,77 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"time"
+
+	"imcloud/bench"
+)
+
+// cmdBench runs a load mode against a server on this machine.
+func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	var (
+		api, apiKey, target, secret, route string
+		clients, rooms, rate, conc, pid    int
+		duration, drain, hold              time.Duration
+		asJSON                             bool
+	)
+	fs := newFlagSet("bench", `imcloud bench fanout|connections|push [flags]: load a server on this machine.
+  fanout       clients spread over rooms; room pushes at --rate; delivered/s, latency, lost, duplicated
+  connections  --clients idle authenticated connections; connect rate, server memory per connection
+  push         the HTTP push API at --concurrency; requests/s and latency`, stderr)
+	fs.StringVar(&api, "api", "127.0.0.1:3111", "logic HTTP address")
+	fs.StringVar(&apiKey, "api-key", "", "API key (logic.api_keys)")
+	fs.StringVar(&target, "target", "ws://127.0.0.1:3102/sub", "client endpoint: ws://host:port/sub or host:port for TCP")
+	fs.StringVar(&secret, "secret", "", "logic.auth.jwt_secret, to sign client tokens")
+	fs.IntVar(&clients, "clients", 1000, "clients (fanout, connections)")
+	fs.IntVar(&rooms, "rooms", 1, "rooms the clients are spread over (fanout)")
+	fs.IntVar(&rate, "rate", 10, "room pushes per second (fanout)")
+	fs.IntVar(&conc, "concurrency", 64, "concurrent requests (push)")
+	fs.StringVar(&route, "route", "/im/push/room?operation=1000&type=live&room=bench", "push route and query (push)")
+	fs.IntVar(&pid, "server-pid", 0, "server process, for memory per connection (connections)")
+	fs.DurationVar(&duration, "duration", 10*time.Second, "how long to push (fanout, push)")
+	fs.DurationVar(&drain, "drain", 5*time.Second, "how long to wait for deliveries after the last push (fanout)")
+	fs.DurationVar(&hold, "hold", 2*time.Second, "how long to hold connections before measuring (connections)")
+	fs.BoolVar(&asJSON, "json", false, "print the result as JSON")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() != 1 {
+		fs.Usage()
+		return errors.New("bench: want one of fanout, connections, push")
+	}
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt)
+	defer stop()
+	cc := bench.ClientConfig{Target: target, Secret: secret}
+	var (
+		result interface{ Print(io.Writer) }
+		err    error
+	)
+	switch fs.Arg(0) {
+	case "fanout":
+		result, err = bench.Fanout(ctx, bench.FanoutConfig{ClientConfig: cc, API: api, APIKey: apiKey,
+			Clients: clients, Rooms: rooms, Rate: rate, Duration: duration, Drain: drain}, stderr)
+	case "connections":
+		result, err = bench.Connections(ctx, bench.ConnectionsConfig{ClientConfig: cc, Clients: clients, ServerPID: pid, Hold: hold}, stderr)
+	case "push":
+		result, err = bench.Push(ctx, bench.PushConfig{API: api, APIKey: apiKey, Concurrency: conc, Duration: duration, Route: route}, stderr)
+	default:
+		return fmt.Errorf("bench: unknown mode %q", fs.Arg(0))
+	}
+	if err != nil {
+		return err
+	}
+	if asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(result)
+	}
+	result.Print(stdout)
+	return nil
+}
