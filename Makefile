@@ -3,7 +3,7 @@ BIN := bin/imcloud
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 
-.PHONY: build run run-cluster stop-cluster test test-integration bench proto lint
+.PHONY: build run run-cluster stop-cluster test test-integration bench bench-go proto lint
 
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/imcloud
@@ -27,8 +27,14 @@ test:
 test-integration:
 	$(GO) test -race -count=1 -tags integration -run Integration -p 1 -v ./...
 
+# A short run of every imcloud bench mode (under two minutes); BENCHMARKS.md
+# has the longer runs.
 bench:
-	$(GO) test -run '^$$' -bench . -benchmem ./...
+	scripts/bench.sh
+
+# Go micro-benchmarks: codec, room fan-out, memory per idle connection.
+bench-go:
+	$(GO) test -run '^$$' -bench . -benchmem ./proto/wire ./stages/cloud
 
 # Needs protoc (Debian: protobuf-compiler); the Go plugins are pinned in go.mod.
 proto:
