@@ -216,6 +216,9 @@ type Cloud struct {
 	// (0 = the OS default); small buffers bound memory per connection.
 	Sndbuf int `koanf:"sndbuf"`
 	Rcvbuf int `koanf:"rcvbuf"`
+	// DedupeTTL is how long a node remembers delivered message ids; it
+	// must exceed the time job spends retrying a message.
+	DedupeTTL time.Duration `koanf:"dedupe_ttl"`
 	// DrainTimeout bounds how long shutdown waits for queued packets to
 	// reach clients.
 	DrainTimeout time.Duration `koanf:"drain_timeout"`
@@ -271,6 +274,7 @@ func Default() Config {
 			UpstreamRate:      20,
 			UpstreamBurst:     40,
 			DrainTimeout:      10 * time.Second,
+			DedupeTTL:         2 * time.Minute,
 		},
 	}
 }
@@ -511,5 +515,6 @@ func (c Config) Validate() error {
 		bad("cloud.rcvbuf", "must not be negative")
 	}
 	positiveDur("cloud.drain_timeout", c.Cloud.DrainTimeout)
+	positiveDur("cloud.dedupe_ttl", c.Cloud.DedupeTTL)
 	return errors.Join(errs...)
 }

@@ -3,40 +3,42 @@ package memory
 import (
 	"context"
 	"time"
+
+	"imcloud/expiring"
 )
 
 // Dedupe remembers delivered message ids in this process for at least ttl.
-type Dedupe struct{ ids *expiring[struct{}] }
+type Dedupe struct{ ids *expiring.Map[struct{}] }
 
 // NewDedupe returns a store that remembers ids for at least ttl.
-func NewDedupe(ttl time.Duration) *Dedupe { return &Dedupe{ids: newExpiring[struct{}](ttl)} }
+func NewDedupe(ttl time.Duration) *Dedupe { return &Dedupe{ids: expiring.New[struct{}](ttl)} }
 
 // Delivered reports whether id was marked within the store's ttl.
 func (d *Dedupe) Delivered(_ context.Context, id string) (bool, error) {
-	_, ok := d.ids.get(id)
+	_, ok := d.ids.Get(id)
 	return ok, nil
 }
 
 // MarkDelivered remembers id. The store's own ttl applies.
 func (d *Dedupe) MarkDelivered(_ context.Context, id string, _ time.Duration) error {
-	d.ids.put(id, struct{}{})
+	d.ids.Put(id, struct{}{})
 	return nil
 }
 
 // Replies remembers the reply to each idempotent request for at least ttl.
-type Replies struct{ r *expiring[[]byte] }
+type Replies struct{ r *expiring.Map[[]byte] }
 
 // NewReplies returns a store that keeps replies for at least ttl.
-func NewReplies(ttl time.Duration) *Replies { return &Replies{r: newExpiring[[]byte](ttl)} }
+func NewReplies(ttl time.Duration) *Replies { return &Replies{r: expiring.New[[]byte](ttl)} }
 
 // Reply returns the reply stored for key.
 func (s *Replies) Reply(_ context.Context, key string) ([]byte, bool, error) {
-	b, ok := s.r.get(key)
+	b, ok := s.r.Get(key)
 	return b, ok, nil
 }
 
 // SaveReply stores the reply for key.
 func (s *Replies) SaveReply(_ context.Context, key string, reply []byte) error {
-	s.r.put(key, reply)
+	s.r.Put(key, reply)
 	return nil
 }

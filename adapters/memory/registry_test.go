@@ -12,8 +12,3 @@ func TestRegistryContract(t *testing.T) {
 		return New(sessionTTL, nodeTTL)
 	})
 }
-
-// clock is a settable time source.
-type clock struct{ t time.Time }
-
-func (c *clock) now() time.Time { return c.t }

@@ -167,11 +167,14 @@ func (x *PushMsg) GetMsg() []byte {
 
 // Proto is one goim v2 wire packet.
 type Proto struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Ver           int32                  `protobuf:"varint,1,opt,name=ver,proto3" json:"ver,omitempty"`
-	Op            int32                  `protobuf:"varint,2,opt,name=op,proto3" json:"op,omitempty"`
-	Seq           int32                  `protobuf:"varint,3,opt,name=seq,proto3" json:"seq,omitempty"`
-	Body          []byte                 `protobuf:"bytes,4,opt,name=body,proto3" json:"body,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Ver   int32                  `protobuf:"varint,1,opt,name=ver,proto3" json:"ver,omitempty"`
+	Op    int32                  `protobuf:"varint,2,opt,name=op,proto3" json:"op,omitempty"`
+	Seq   int32                  `protobuf:"varint,3,opt,name=seq,proto3" json:"seq,omitempty"`
+	Body  []byte                 `protobuf:"bytes,4,opt,name=body,proto3" json:"body,omitempty"`
+	// The broker message id: a cloud node delivers each id once, so a call
+	// job retries after a timeout does not deliver twice.
+	Id            string `protobuf:"bytes,5,opt,name=id,proto3" json:"id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -232,6 +235,13 @@ func (x *Proto) GetBody() []byte {
 		return x.Body
 	}
 	return nil
+}
+
+func (x *Proto) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
 }
 
 // Batch carries several broker messages in one: the AMQP publisher gathers
@@ -360,12 +370,13 @@ const file_push_proto_rawDesc = "" +
 	"\x04Type\x12\b\n" +
 	"\x04PUSH\x10\x00\x12\b\n" +
 	"\x04ROOM\x10\x01\x12\r\n" +
-	"\tBROADCAST\x10\x02\"O\n" +
+	"\tBROADCAST\x10\x02\"_\n" +
 	"\x05Proto\x12\x10\n" +
 	"\x03ver\x18\x01 \x01(\x05R\x03ver\x12\x0e\n" +
 	"\x02op\x18\x02 \x01(\x05R\x02op\x12\x10\n" +
 	"\x03seq\x18\x03 \x01(\x05R\x03seq\x12\x12\n" +
-	"\x04body\x18\x04 \x01(\fR\x04body\"9\n" +
+	"\x04body\x18\x04 \x01(\fR\x04body\x12\x0e\n" +
+	"\x02id\x18\x05 \x01(\tR\x02id\"9\n" +
 	"\x05Batch\x120\n" +
 	"\bmessages\x18\x01 \x03(\v2\x14.imcloud.v1.EnvelopeR\bmessages\"\xb5\x01\n" +
 	"\bEnvelope\x12\x12\n" +

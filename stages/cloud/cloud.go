@@ -21,6 +21,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"imcloud/config"
+	"imcloud/expiring"
 	"imcloud/proto/pb"
 	"imcloud/proto/wire"
 )
@@ -47,6 +48,10 @@ type Stage struct {
 	announce singleflight.Group
 
 	slowConsumers atomic.Int64
+	// delivered remembers recent message ids, so that a call job retries
+	// after its deadline passed (the first one having gone through) does
+	// not deliver the message twice.
+	delivered *expiring.Map[struct{}]
 
 	connMu   sync.RWMutex // orders conns.Add before Drain's Wait
 	draining bool
@@ -77,6 +82,7 @@ func New(cfg config.Cloud, o Options) *Stage {
 		buckets:       newBuckets(cfg.Buckets),
 		upgrader:      upgrader(cfg.AllowedOrigins),
 	}
+	s.delivered = expiring.New[struct{}](cfg.DedupeTTL)
 	s.roomOnline.Store(&map[string]int32{})
 	s.reported.Store(&map[string]struct{}{})
 	return s
@@ -196,6 +202,12 @@ func (s *Stage) onlineCount(room string) int32 {
 		n += b.roomCount(room)
 	}
 	return int32(n)
+}
+
+// firstDelivery reports whether p's message id was not delivered before,
+// and remembers it. Packets without an id are always delivered.
+func (s *Stage) firstDelivery(p *pb.Proto) bool {
+	return p.GetId() == "" || s.delivered.PutIfAbsent(p.Id, struct{}{})
 }
 
 // SlowConsumers counts the clients closed for not reading fast enough.

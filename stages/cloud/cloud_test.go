@@ -16,6 +16,7 @@ import (
 
 	"imcloud/client"
 	"imcloud/config"
+	"imcloud/proto/pb"
 	"imcloud/proto/wire"
 )
 
@@ -298,4 +299,33 @@ func replaceHost(origin, host string) string {
 		return "http://" + host
 	}
 	return origin
+}
+
+// TestRetriedCallDeliversOnce: job retries a call whose deadline passed
+// after the node had already taken it; the message id keeps it single.
+func TestRetriedCallDeliversOnce(t *testing.T) {
+	n := startNode(t, func(*config.Cloud) {})
+	c := n.connect(t, "tcp", claims{Mid: 1, Key: "once", Rooms: []string{"live://1"}})
+	room := &pb.BroadcastRoomReq{RoomId: "live://1", Proto: &pb.Proto{Op: 1000, Body: []byte("a"), Id: "m1"}}
+	for range 2 {
+		if _, err := n.rpc.BroadcastRoom(context.Background(), room); err != nil {
+			t.Fatal(err)
+		}
+	}
+	keys := &pb.PushMsgReq{Keys: []string{"once"}, Proto: &pb.Proto{Op: 1000, Body: []byte("b"), Id: "m2"}}
+	for range 2 {
+		if _, err := n.rpc.PushMsg(context.Background(), keys); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fence := &pb.PushMsgReq{Keys: []string{"once"}, Proto: &pb.Proto{Op: 1000, Body: []byte("fence")}}
+	if _, err := n.rpc.PushMsg(context.Background(), fence); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"a", "b", "fence"} {
+		p, err := c.Read()
+		if err != nil || string(p.Body) != want {
+			t.Fatalf("got %q (%v), want %q: a retried call was delivered twice", p.Body, err, want)
+		}
+	}
 }

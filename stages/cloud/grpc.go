@@ -34,6 +34,9 @@ func (g *grpcServer) PushMsg(_ context.Context, req *pb.PushMsgReq) (*pb.PushMsg
 	if err != nil {
 		return nil, err
 	}
+	if !g.s.firstDelivery(req.Proto) {
+		return &pb.PushMsgReply{}, nil
+	}
 	reply := &pb.PushMsgReply{}
 	for _, key := range req.Keys {
 		ch := bucketFor(g.s.buckets, key).get(key)
@@ -57,13 +60,18 @@ func (g *grpcServer) BroadcastRoom(_ context.Context, req *pb.BroadcastRoomReq) 
 	if len(protos) == 0 {
 		return nil, status.Error(codes.InvalidArgument, "proto or batch is required")
 	}
-	items := make([]outItem, len(protos))
-	for i, p := range protos {
+	items := make([]outItem, 0, len(protos))
+	for _, p := range protos {
 		item, err := packet(p)
 		if err != nil {
 			return nil, err
 		}
-		items[i] = item
+		if g.s.firstDelivery(p) {
+			items = append(items, item)
+		}
+	}
+	if len(items) == 0 {
+		return &pb.BroadcastRoomReply{}, nil
 	}
 	var n int
 	for _, b := range g.s.buckets {
@@ -79,6 +87,9 @@ func (g *grpcServer) Broadcast(_ context.Context, req *pb.BroadcastReq) (*pb.Bro
 	item, err := packet(req.Proto)
 	if err != nil {
 		return nil, err
+	}
+	if !g.s.firstDelivery(req.Proto) {
+		return &pb.BroadcastReply{}, nil
 	}
 	var chs []*channel
 	for _, b := range g.s.buckets {

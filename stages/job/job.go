@@ -167,7 +167,7 @@ func (s *Stage) Handle(msg *message.Message) error {
 	if err != nil {
 		return err
 	}
-	p := &pb.Proto{Ver: 1, Op: pm.Operation, Body: pm.Msg}
+	p := &pb.Proto{Ver: 1, Op: pm.Operation, Body: pm.Msg, Id: msg.Metadata.Get(pipeline.MetaMessageID)}
 	switch pm.Type {
 	case pb.PushMsg_PUSH:
 		addr, ok := nodes[pm.Server]

@@ -1,0 +1,74 @@
+// Package expiring is a map whose entries live at least a TTL and at most
+// twice that, with memory bounded by what two TTL periods add.
+package expiring
+
+import (
+	"sync"
+	"time"
+)
+
+// Map is a map whose entries live at least ttl and at most 2×ttl. Two
+// generations rotate every ttl, so there is no per-entry timer and no
+// sweep. It is safe for concurrent use.
+type Map[V any] struct {
+	ttl time.Duration
+	now func() time.Time
+
+	mu        sync.Mutex
+	cur, prev map[string]V
+	rotated   time.Time
+}
+
+// New returns an empty map whose entries live at least ttl.
+func New[V any](ttl time.Duration) *Map[V] {
+	return &Map[V]{ttl: ttl, now: time.Now, cur: map[string]V{}, prev: map[string]V{}, rotated: time.Now()}
+}
+
+func (e *Map[V]) rotateLocked() {
+	now := e.now()
+	switch since := now.Sub(e.rotated); {
+	case since >= 2*e.ttl:
+		e.cur, e.prev = map[string]V{}, map[string]V{}
+	case since >= e.ttl:
+		e.prev, e.cur = e.cur, map[string]V{}
+	default:
+		return
+	}
+	e.rotated = now
+}
+
+// Get returns the value stored for key.
+func (e *Map[V]) Get(key string) (V, bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.rotateLocked()
+	if v, ok := e.cur[key]; ok {
+		return v, true
+	}
+	v, ok := e.prev[key]
+	return v, ok
+}
+
+// Put stores v for key.
+func (e *Map[V]) Put(key string, v V) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.rotateLocked()
+	e.cur[key] = v
+}
+
+// PutIfAbsent stores v for key unless key is present, and reports whether
+// it stored it.
+func (e *Map[V]) PutIfAbsent(key string, v V) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.rotateLocked()
+	if _, ok := e.cur[key]; ok {
+		return false
+	}
+	if _, ok := e.prev[key]; ok {
+		return false
+	}
+	e.cur[key] = v
+	return true
+}
