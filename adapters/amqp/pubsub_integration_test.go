@@ -10,48 +10,35 @@ import (
 
 	"github.com/ThreeDotsLabs/watermill"
 	"github.com/ThreeDotsLabs/watermill/message"
-	"github.com/ThreeDotsLabs/watermill/pubsub/tests"
 	amqp091 "github.com/rabbitmq/amqp091-go"
+
+	"imcloud/adapters/pubsubtest"
 )
 
-const universalPrefix = "imcloud.universal."
-
 // TestIntegrationUniversalPubSub runs Watermill's Pub/Sub test suite
-// against our publisher and subscriber on the local RabbitMQ.
+// against our publisher and subscriber on the local RabbitMQ, with and
+// without coalescing.
 func TestIntegrationUniversalPubSub(t *testing.T) {
-	t.Cleanup(func() { deleteQueues(t, universalPrefix) })
-	features := tests.Features{
-		ConsumerGroups:      false,
-		ExactlyOnceDelivery: false,
-		GuaranteedOrder:     false,
-		Persistent:          true,
-		GenerateTopicFunc:   func(tctx tests.TestContext) string { return universalPrefix + string(tctx.TestID) },
-		// No RestartServiceCommand: the suite's TestReconnect appends to a
-		// slice from one goroutine and reads it from another, which the race
-		// detector fails. Reconnects are tested end to end instead, through
-		// a broker restart: e2e TestIntegrationRabbitMQRestart.
-	}
+	t.Cleanup(func() { deleteQueues(t, pubsubtest.Prefix) })
 	for _, coalesce := range []bool{false, true} {
-		t.Run(fmt.Sprintf("coalesce=%v", coalesce), func(t *testing.T) { universal(t, features, coalesce) })
+		t.Run(fmt.Sprintf("coalesce=%v", coalesce), func(t *testing.T) {
+			pubsubtest.Run(t, func(t *testing.T) (message.Publisher, message.Subscriber) {
+				logger := watermill.NopLogger{}
+				pub, err := NewPublisher(testURL(), logger, 4)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if coalesce {
+					pub.Coalesce(func(string) bool { return true })
+				}
+				sub, err := NewSubscriber(testURL(), logger, 16)
+				if err != nil {
+					t.Fatal(err)
+				}
+				return pub, sub
+			})
+		})
 	}
-}
-
-func universal(t *testing.T, features tests.Features, coalesce bool) {
-	tests.TestPubSub(t, features, func(t *testing.T) (message.Publisher, message.Subscriber) {
-		logger := watermill.NopLogger{}
-		pub, err := NewPublisher(testURL(), logger, 4)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if coalesce {
-			pub.Coalesce(func(string) bool { return true })
-		}
-		sub, err := NewSubscriber(testURL(), logger, 16)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return pub, sub
-	}, nil)
 }
 
 // deleteQueues deletes the queues whose names start with prefix.

@@ -9,8 +9,9 @@ import (
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
-	"github.com/ThreeDotsLabs/watermill/pubsub/tests"
 	nc "github.com/nats-io/nats.go"
+
+	"imcloud/adapters/pubsubtest"
 )
 
 func testURL() string {
@@ -20,20 +21,11 @@ func testURL() string {
 	return nc.DefaultURL
 }
 
-const prefix = "imcloud.universal."
-
 // TestIntegrationUniversalPubSub runs Watermill's Pub/Sub test suite
 // against the adapter on the local NATS JetStream server.
 func TestIntegrationUniversalPubSub(t *testing.T) {
 	t.Cleanup(func() { deleteStreams(t) })
-	features := tests.Features{
-		ConsumerGroups:      false,
-		ExactlyOnceDelivery: false,
-		GuaranteedOrder:     false,
-		Persistent:          true,
-		GenerateTopicFunc:   func(tctx tests.TestContext) string { return prefix + string(tctx.TestID) },
-	}
-	tests.TestPubSub(t, features, func(t *testing.T) (message.Publisher, message.Subscriber) {
+	pubsubtest.Run(t, func(t *testing.T) (message.Publisher, message.Subscriber) {
 		pub, err := NewPublisher(testURL())
 		if err != nil {
 			t.Fatal(err)
@@ -43,7 +35,7 @@ func TestIntegrationUniversalPubSub(t *testing.T) {
 			t.Fatal(err)
 		}
 		return pub, sub
-	}, nil)
+	})
 }
 
 func deleteStreams(t *testing.T) {
@@ -57,7 +49,7 @@ func deleteStreams(t *testing.T) {
 		return
 	}
 	for name := range js.StreamNames() {
-		if strings.HasPrefix(name, streamName(prefix)) {
+		if strings.HasPrefix(name, streamName(pubsubtest.Prefix)) {
 			_ = js.DeleteStream(name)
 		}
 	}

@@ -10,7 +10,8 @@ import (
 
 	"github.com/ThreeDotsLabs/watermill"
 	"github.com/ThreeDotsLabs/watermill/message"
-	"github.com/ThreeDotsLabs/watermill/pubsub/tests"
+
+	"imcloud/adapters/pubsubtest"
 )
 
 func testAddr() string {
@@ -20,8 +21,6 @@ func testAddr() string {
 	return "127.0.0.1:6379"
 }
 
-const prefix = "imcloud.universal."
-
 // TestIntegrationUniversalPubSub runs Watermill's Pub/Sub test suite
 // against the adapter on the local Redis.
 func TestIntegrationUniversalPubSub(t *testing.T) {
@@ -29,19 +28,12 @@ func TestIntegrationUniversalPubSub(t *testing.T) {
 		rdb := NewClient(testAddr())
 		defer rdb.Close()
 		ctx := context.Background()
-		keys, _ := rdb.Keys(ctx, prefix+"*").Result()
+		keys, _ := rdb.Keys(ctx, pubsubtest.Prefix+"*").Result()
 		if len(keys) > 0 {
 			rdb.Del(ctx, keys...)
 		}
 	})
-	features := tests.Features{
-		ConsumerGroups:      false,
-		ExactlyOnceDelivery: false,
-		GuaranteedOrder:     false,
-		Persistent:          true,
-		GenerateTopicFunc:   func(tctx tests.TestContext) string { return prefix + string(tctx.TestID) },
-	}
-	tests.TestPubSub(t, features, func(t *testing.T) (message.Publisher, message.Subscriber) {
+	pubsubtest.Run(t, func(t *testing.T) (message.Publisher, message.Subscriber) {
 		// Publisher and subscriber each close their client.
 		pubClient, subClient := NewClient(testAddr()), NewClient(testAddr())
 		if err := pubClient.Ping(context.Background()).Err(); err != nil {
@@ -58,5 +50,5 @@ func TestIntegrationUniversalPubSub(t *testing.T) {
 			t.Fatal(err)
 		}
 		return pub, sub
-	}, nil)
+	})
 }
