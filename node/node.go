@@ -62,6 +62,7 @@ type Node struct {
 	router     *message.Router
 	jobStage   *job.Stage
 	registry   logic.Registry
+	replies    logic.ReplyStore
 	closers    []func() error // closed last, after the broker
 }
 
@@ -150,10 +151,12 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Node
 		}
 		n.closers = append(n.closers, rdb.Close)
 		n.registry = redis.NewRegistry(rdb, rc.Prefix, cfg.Logic.SessionTTL, nodeTTL)
+		n.replies = redis.NewReplies(rdb, rc.Prefix+"reply:", cfg.Logic.IdempotencyTTL)
 	default:
 		mem := memory.New(cfg.Logic.SessionTTL, nodeTTL)
 		n.goLoop(mem.Run, runCtx)
 		n.registry = mem
+		n.replies = memory.NewReplies(cfg.Logic.IdempotencyTTL)
 	}
 
 	n.broker, err = pipeline.NewBroker(cfg.Broker, cfg.Topics, logger)
@@ -165,7 +168,7 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Node
 	if hasLogic {
 		logicStage, err = logic.New(cfg.Logic, logic.Options{
 			Registry: n.registry, Publisher: n.broker.Publisher, PushTopic: cfg.Topics.Push,
-			Replies: memory.NewReplies(cfg.Logic.IdempotencyTTL), Logger: logger.With("stage", "logic"),
+			Replies: n.replies, Logger: logger.With("stage", "logic"),
 			Heartbeat: cfg.Cloud.HeartbeatInterval,
 		})
 		if err != nil {
