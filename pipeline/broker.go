@@ -106,9 +106,3 @@ func (b *Broker) Close() error {
 	}
 	return errors.Join(errs...)
 }
-
-// WatermillLogger adapts logger for Watermill, whose routine per-handler
-// and per-subscriber messages are logged at debug rather than info.
-func WatermillLogger(logger *slog.Logger) watermill.LoggerAdapter {
-	return watermill.NewSlogLoggerWithLevelMapping(logger, map[slog.Level]slog.Level{slog.LevelInfo: slog.LevelDebug})
-}
