@@ -74,7 +74,7 @@ func NewBroker(cfg config.Broker, topics config.Topics, logger *slog.Logger) (*B
 		if err != nil {
 			return nil, err
 		}
-		timing := redisstream.DefaultTiming
+		timing := redisstream.DefaultTiming()
 		timing.MaxIdle = redeliverAfter
 		sub, err := redisstream.NewSubscriber(subClient, consumerName(), timing, wlog)
 		if err != nil {

@@ -11,9 +11,11 @@ import (
 	"imcloud/config"
 )
 
-// PoisonKeys are the metadata keys the poison queue middleware adds, which
+// poisonKeys are the metadata keys the poison queue middleware adds, which
 // a replayed message sheds.
-var PoisonKeys = []string{middleware.ReasonForPoisonedKey, middleware.PoisonedTopicKey, middleware.PoisonedHandlerKey, middleware.PoisonedSubscriberKey}
+func poisonKeys() []string {
+	return []string{middleware.ReasonForPoisonedKey, middleware.PoisonedTopicKey, middleware.PoisonedHandlerKey, middleware.PoisonedSubscriberKey}
+}
 
 // Poison lets an operator list, replay and purge poisoned messages.
 type Poison struct {
@@ -45,5 +47,5 @@ func (p *Poison) Replay(ctx context.Context, sel amqp.Selector) (int, error) {
 		return 0, err
 	}
 	defer pub.Close()
-	return p.queue.Replay(ctx, sel, pub, p.cfg.Topics.Push, PoisonKeys...)
+	return p.queue.Replay(ctx, sel, pub, p.cfg.Topics.Push, poisonKeys()...)
 }

@@ -43,7 +43,9 @@ type Timing struct {
 }
 
 // DefaultTiming suits job's default retry settings.
-var DefaultTiming = Timing{MaxIdle: 2 * time.Minute, ClaimEvery: 10 * time.Second, NackDelay: time.Second}
+func DefaultTiming() Timing {
+	return Timing{MaxIdle: 2 * time.Minute, ClaimEvery: 10 * time.Second, NackDelay: time.Second}
+}
 
 // NewSubscriber returns a subscriber in the shared consumer group, named
 // consumer; closing it closes rdb, so give it a client of its own.

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"runtime"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -23,14 +24,15 @@ import (
 type discardTransport struct {
 	packets *atomic.Int64
 	writes  *atomic.Int64
+	bufs    *sync.Pool
 }
 
 func (d discardTransport) Read() ([]wire.Packet, error) { select {} }
 
 func (d discardTransport) Write(batch []outItem, seq *atomic.Int32) error {
-	bp := bufPool.Get().(*[]byte)
+	bp := d.bufs.Get().(*[]byte)
 	*bp = appendBatch((*bp)[:0], batch, seq)
-	bufPool.Put(bp)
+	d.bufs.Put(bp)
 	d.packets.Add(int64(len(batch)))
 	d.writes.Add(1)
 	return nil
@@ -48,7 +50,7 @@ func BenchmarkRoomFanout(b *testing.B) {
 	st := New(cfg, Options{Self: &pb.NodeInfo{Id: "bench"}, Logger: slog.New(slog.DiscardHandler)})
 	var packets, writes atomic.Int64
 	for i := range conns {
-		ch := newChannel(discardTransport{&packets, &writes}, cfg.SendQueue, &st.slowConsumers, st.logger)
+		ch := newChannel(discardTransport{&packets, &writes, st.bufs}, cfg.SendQueue, &st.slowConsumers, st.logger)
 		ch.mid, ch.key, ch.rooms = int64(i+1), fmt.Sprint("k", i), []string{"live://bench"}
 		bucketFor(st.buckets, ch.key).put(ch)
 	}

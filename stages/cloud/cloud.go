@@ -40,6 +40,7 @@ type Stage struct {
 	logger        *slog.Logger
 
 	buckets  []*bucket
+	bufs     *sync.Pool // write buffers
 	upgrader *websocket.Upgrader
 	// roomOnline holds the cluster-wide room counts logic last reported.
 	roomOnline atomic.Pointer[map[string]int32]
@@ -80,6 +81,7 @@ func New(cfg config.Cloud, o Options) *Stage {
 		upstreamTopic: o.UpstreamTopic,
 		logger:        o.Logger.With("node", o.Self.GetId()),
 		buckets:       newBuckets(cfg.Buckets),
+		bufs:          newBufPool(),
 		upgrader:      upgrader(cfg.AllowedOrigins),
 	}
 	s.delivered = expiring.New[struct{}](cfg.DedupeTTL)
@@ -259,7 +261,7 @@ func (s *Stage) ServeTCP(ln net.Listener) error {
 			}
 			return fmt.Errorf("accept tcp: %w", err)
 		}
-		t := newTCPTransport(conn, s.cfg.MaxBodyBytes)
+		t := newTCPTransport(conn, s.cfg.MaxBodyBytes, s.bufs)
 		if !s.begin() {
 			t.Close(closeGoingAway, "server shutting down")
 			continue
@@ -278,7 +280,7 @@ func (s *Stage) WSHandler() http.Handler {
 			return
 		}
 		conn.SetReadLimit(int64(s.cfg.MaxBodyBytes + wire.HeaderLen))
-		t := &wsTransport{conn: conn, maxBody: s.cfg.MaxBodyBytes}
+		t := &wsTransport{conn: conn, maxBody: s.cfg.MaxBodyBytes, bufs: s.bufs}
 		if !s.begin() {
 			t.Close(closeGoingAway, "server shutting down")
 			return

@@ -58,17 +58,22 @@ func appendBatch(dst []byte, batch []outItem, seq *atomic.Int32) []byte {
 	return dst
 }
 
-var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, 4096); return &b }}
+// newBufPool returns a pool of write buffers, shared by a node's
+// connections: an idle connection holds none.
+func newBufPool() *sync.Pool {
+	return &sync.Pool{New: func() any { b := make([]byte, 0, 4096); return &b }}
+}
 
 // tcpTransport carries packets back to back on a stream.
 type tcpTransport struct {
 	conn net.Conn
 	r    *wire.Reader
+	bufs *sync.Pool
 	dl   deadline
 }
 
-func newTCPTransport(conn net.Conn, maxBody int) *tcpTransport {
-	return &tcpTransport{conn: conn, r: wire.NewReader(bufio.NewReaderSize(conn, 512), maxBody)}
+func newTCPTransport(conn net.Conn, maxBody int, bufs *sync.Pool) *tcpTransport {
+	return &tcpTransport{conn: conn, r: wire.NewReader(bufio.NewReaderSize(conn, 512), maxBody), bufs: bufs}
 }
 
 func (t *tcpTransport) Read() ([]wire.Packet, error) {
@@ -80,12 +85,12 @@ func (t *tcpTransport) Read() ([]wire.Packet, error) {
 }
 
 func (t *tcpTransport) Write(batch []outItem, seq *atomic.Int32) error {
-	bp := bufPool.Get().(*[]byte)
+	bp := t.bufs.Get().(*[]byte)
 	buf := appendBatch((*bp)[:0], batch, seq)
 	t.dl.refresh(t.conn.SetWriteDeadline)
 	_, err := t.conn.Write(buf)
 	*bp = buf[:0]
-	bufPool.Put(bp)
+	t.bufs.Put(bp)
 	return err
 }
 
@@ -98,6 +103,7 @@ func (t *tcpTransport) RemoteAddr() net.Addr              { return t.conn.Remote
 type wsTransport struct {
 	conn    *websocket.Conn
 	maxBody int
+	bufs    *sync.Pool
 	dl      deadline
 }
 
@@ -110,7 +116,7 @@ func (t *wsTransport) Read() ([]wire.Packet, error) {
 }
 
 func (t *wsTransport) Write(batch []outItem, seq *atomic.Int32) error {
-	bp := bufPool.Get().(*[]byte)
+	bp := t.bufs.Get().(*[]byte)
 	buf := (*bp)[:0]
 	if len(batch) == 1 {
 		buf = appendBatch(buf, batch, seq)
@@ -123,7 +129,7 @@ func (t *wsTransport) Write(batch []outItem, seq *atomic.Int32) error {
 	t.dl.refresh(t.conn.SetWriteDeadline)
 	err := t.conn.WriteMessage(websocket.BinaryMessage, buf)
 	*bp = buf[:0]
-	bufPool.Put(bp)
+	t.bufs.Put(bp)
 	return err
 }
 

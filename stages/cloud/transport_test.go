@@ -31,7 +31,7 @@ func wsPair(t *testing.T) (*wsTransport, *websocket.Conn) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cli.Close() })
-	return &wsTransport{conn: <-srvConn, maxBody: wire.DefaultMaxBody}, cli
+	return &wsTransport{conn: <-srvConn, maxBody: wire.DefaultMaxBody, bufs: newBufPool()}, cli
 }
 
 func TestWebSocketWriteBatchesIntoOneOp9Frame(t *testing.T) {

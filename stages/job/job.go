@@ -116,7 +116,7 @@ func (s *Stage) client(addr string) (pb.CloudClient, error) {
 	}
 	c, err := grpc.NewClient(addr,
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithConnectParams(grpc.ConnectParams{Backoff: reconnectBackoff, MinConnectTimeout: connectWait}),
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: reconnectBackoff(), MinConnectTimeout: connectWait}),
 		grpc.WithUnaryInterceptor(reconnectFirst))
 	if err != nil {
 		return nil, fmt.Errorf("dial cloud %s: %w", addr, err)
@@ -131,7 +131,9 @@ const connectWait = 2 * time.Second
 // reconnectBackoff keeps gRPC retrying a lost node at least every second;
 // its default grows to two minutes, leaving a node that came back
 // unreachable long after. The retry middleware paces attempts anyway.
-var reconnectBackoff = backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second}
+func reconnectBackoff() backoff.Config {
+	return backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second}
+}
 
 // reconnectFirst makes a call to a node whose connection is not up wait up
 // to connectWait for it, rather than fail at once while the connection is
