@@ -40,7 +40,7 @@ type FanoutResult struct {
 	Duplicated   int64       `json:"duplicated"`
 	PerSecond    float64     `json:"delivered_per_second"`
 	LatencyMs    Percentiles `json:"latency_ms"`
-	Seconds      float64     `json:"push_seconds"`
+	Seconds      float64     `json:"seconds"` // first push to last delivery
 }
 
 // The message body: send time (Unix ns) and push sequence number.
@@ -73,13 +73,15 @@ func Fanout(ctx context.Context, c FanoutConfig, progress io.Writer) (FanoutResu
 		lat       Latencies
 		delivered atomic.Int64
 		dups      atomic.Int64
+		last      atomic.Int64 // Unix ns of the latest delivery
 		readers   sync.WaitGroup
 	)
 	for _, conn := range conns {
-		readers.Go(func() { read(conn, maxPushes, &lat, &delivered, &dups) })
+		readers.Go(func() { read(conn, maxPushes, &lat, &delivered, &dups, &last) })
 	}
 
-	pushes, failures, secs := pushAtRate(ctx, c, rooms, room, &delivered, progress)
+	start := time.Now()
+	pushes, failures, pushSecs := pushAtRate(ctx, c, rooms, room, &delivered, progress)
 
 	var expected, accepted int64
 	for _, r := range pushes {
@@ -94,6 +96,9 @@ func Fanout(ctx context.Context, c FanoutConfig, progress io.Writer) (FanoutResu
 	}
 	closeAll(conns)
 	readers.Wait()
+	// The rate counts from the first push to the last delivery: when the
+	// server falls behind, deliveries run on after the pushes stop.
+	secs := max(pushSecs, time.Duration(last.Load()-start.UnixNano()).Seconds())
 	res := FanoutResult{
 		Clients: c.Clients, Rooms: rooms, Pushes: accepted, PushFailures: failures,
 		Expected: expected, Delivered: delivered.Load(), Duplicated: dups.Load(),
@@ -104,10 +109,15 @@ func Fanout(ctx context.Context, c FanoutConfig, progress io.Writer) (FanoutResu
 }
 
 // read counts the distinct pushes a client receives and their latency.
-func read(conn *client.Conn, maxPushes int, lat *Latencies, delivered, dups *atomic.Int64) {
+func read(conn *client.Conn, maxPushes int, lat *Latencies, delivered, dups, last *atomic.Int64) {
 	seen := make([]bool, maxPushes)
 	var mine []time.Duration
-	defer func() { lat.AddAll(mine) }()
+	var latest int64
+	defer func() {
+		lat.AddAll(mine)
+		for l := last.Load(); latest > l && !last.CompareAndSwap(l, latest); l = last.Load() {
+		}
+	}()
 	for {
 		p, err := conn.Read()
 		if err != nil {
@@ -128,6 +138,7 @@ func read(conn *client.Conn, maxPushes int, lat *Latencies, delivered, dups *ato
 		}
 		seen[seq] = true
 		delivered.Add(1)
+		latest = max(latest, now)
 		mine = append(mine, time.Duration(now-sent))
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"strings"
@@ -39,9 +40,13 @@ type Conn struct {
 	tcp     net.Conn
 	tcpRead *wire.Reader
 
-	wmu     sync.Mutex
-	seq     int32
+	wmu sync.Mutex
+	seq int32
+
+	// The reader's buffers, reused for every frame.
+	frame   []byte
 	pending []wire.Packet
+	next    int
 }
 
 // Options tune how a connection is made; the zero value is the defaults.
@@ -123,34 +128,52 @@ func (c *Conn) Auth(token []byte) (AuthReply, error) {
 }
 
 // Read returns the next packet; packets of an op 9 batch come one by one.
-// The body is the caller's to keep.
+// The body is valid until the next Read: a load generator reading
+// thousands of connections must not allocate per message.
 func (c *Conn) Read() (wire.Packet, error) {
-	for len(c.pending) == 0 {
-		var frame []byte
+	for c.next == len(c.pending) {
 		if c.ws != nil {
-			_, b, err := c.ws.ReadMessage()
+			_, r, err := c.ws.NextReader()
 			if err != nil {
 				return wire.Packet{}, err
 			}
-			frame = b
+			if c.frame, err = readAll(r, c.frame[:0]); err != nil {
+				return wire.Packet{}, err
+			}
 		} else {
 			p, err := c.tcpRead.Read()
 			if err != nil {
 				return wire.Packet{}, err
 			}
-			// Re-encoding copies the body out of the reader's buffer and
-			// lets one path flatten op 9 for both transports.
-			frame = wire.Encode(p.Op, p.Seq, p.Body)
+			// Re-encoding lets one path flatten op 9 for both transports.
+			c.frame = wire.Append(c.frame[:0], p.Op, p.Seq, p.Body)
 		}
-		ps, err := wire.DecodeAll(frame, maxBody)
-		if err != nil {
+		var err error
+		if c.pending, err = wire.AppendPackets(c.pending[:0], c.frame, maxBody); err != nil {
 			return wire.Packet{}, err
 		}
-		c.pending = ps
+		c.next = 0
 	}
-	p := c.pending[0]
-	c.pending = c.pending[1:]
+	p := c.pending[c.next]
+	c.next++
 	return p, nil
+}
+
+// readAll reads r to its end into buf, growing it as needed.
+func readAll(r io.Reader, buf []byte) ([]byte, error) {
+	for {
+		if len(buf) == cap(buf) {
+			buf = append(buf, 0)[:len(buf)]
+		}
+		n, err := r.Read(buf[len(buf):cap(buf)])
+		buf = buf[:len(buf)+n]
+		if err == io.EOF {
+			return buf, nil
+		}
+		if err != nil {
+			return buf, err
+		}
+	}
 }
 
 // SetReadDeadline bounds the next reads.

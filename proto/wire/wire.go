@@ -126,7 +126,12 @@ func Decode(buf []byte, maxBody int) (Packet, int, error) {
 // WebSocket frame, or an op 9 body), into packets; op 9 packets are
 // flattened one level so callers see the packets a batch carries.
 func DecodeAll(buf []byte, maxBody int) ([]Packet, error) {
-	var out []Packet
+	return AppendPackets(nil, buf, maxBody)
+}
+
+// AppendPackets is DecodeAll appending to out, so that a reader can reuse
+// one slice for every frame.
+func AppendPackets(out []Packet, buf []byte, maxBody int) ([]Packet, error) {
 	for len(buf) > 0 {
 		p, n, err := Decode(buf, maxBody)
 		if err != nil {
@@ -134,9 +139,7 @@ func DecodeAll(buf []byte, maxBody int) ([]Packet, error) {
 		}
 		buf = buf[n:]
 		if p.Op == OpRaw {
-			inner, err := DecodeAll(p.Body, maxBody)
-			out = append(out, inner...)
-			if err != nil {
+			if out, err = AppendPackets(out, p.Body, maxBody); err != nil {
 				return out, err
 			}
 			continue
