@@ -15,11 +15,8 @@ import (
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/backoff"
-	"google.golang.org/grpc/connectivity"
-	"google.golang.org/grpc/credentials/insecure"
 
+	"imcloud/cloudconn"
 	"imcloud/pipeline"
 	"imcloud/proto/pb"
 )
@@ -63,9 +60,7 @@ type Stage struct {
 	nodes  Nodes
 	logger *slog.Logger
 	rooms  *roomBatcher // nil when room batching is off
-
-	mu    sync.Mutex
-	conns map[string]*grpc.ClientConn // by address
+	clouds *cloudconn.Pool
 }
 
 // Options configure a job stage.
@@ -82,7 +77,7 @@ type Options struct {
 
 // New returns a job stage.
 func New(o Options) *Stage {
-	s := &Stage{nodes: o.Nodes, logger: o.Logger, conns: map[string]*grpc.ClientConn{}}
+	s := &Stage{nodes: o.Nodes, logger: o.Logger, clouds: cloudconn.New()}
 	if o.BatchWindow > 0 && o.BatchSize > 1 {
 		s.rooms = newRoomBatcher(o.BatchWindow, o.BatchSize, o.Timeout, s.deliverRoomBatch)
 	}
@@ -97,57 +92,7 @@ func (s *Stage) AddHandlers(r *message.Router, sub message.Subscriber, topic str
 }
 
 // Close closes the connections to cloud nodes.
-func (s *Stage) Close() error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	var errs []error
-	for addr, c := range s.conns {
-		errs = append(errs, c.Close())
-		delete(s.conns, addr)
-	}
-	return errors.Join(errs...)
-}
-
-func (s *Stage) client(addr string) (pb.CloudClient, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if c, ok := s.conns[addr]; ok {
-		return pb.NewCloudClient(c), nil
-	}
-	c, err := grpc.NewClient(addr,
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithConnectParams(grpc.ConnectParams{Backoff: reconnectBackoff(), MinConnectTimeout: connectWait}),
-		grpc.WithUnaryInterceptor(reconnectFirst))
-	if err != nil {
-		return nil, fmt.Errorf("dial cloud %s: %w", addr, err)
-	}
-	s.conns[addr] = c
-	return pb.NewCloudClient(c), nil
-}
-
-// connectWait bounds how long a call waits for a connection that is not up.
-const connectWait = 2 * time.Second
-
-// reconnectBackoff keeps gRPC retrying a lost node at least every second;
-// its default grows to two minutes, leaving a node that came back
-// unreachable long after. The retry middleware paces attempts anyway.
-func reconnectBackoff() backoff.Config {
-	return backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second}
-}
-
-// reconnectFirst makes a call to a node whose connection is not up wait up
-// to connectWait for it, rather than fail at once while the connection is
-// between attempts: a node that came back is reached by the next attempt
-// or replay.
-func reconnectFirst(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
-	if cc.GetState() != connectivity.Ready {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, connectWait)
-		defer cancel()
-		opts = append(opts, grpc.WaitForReady(true))
-	}
-	return invoker(ctx, method, req, reply, cc, opts...)
-}
+func (s *Stage) Close() error { return s.clouds.Close() }
 
 // roomOf is the room a room push goes to, or "" for any other push.
 func roomOf(pm *pb.PushMsg) string {
@@ -179,7 +124,7 @@ func (s *Stage) Handle(msg *message.Message) error {
 			s.logger.Info("keys offline: their cloud node is gone", "server", pm.Server, "keys", len(pm.Keys))
 			return nil
 		}
-		c, err := s.client(addr)
+		c, err := s.clouds.Client(addr)
 		if err != nil {
 			return err
 		}
@@ -242,7 +187,7 @@ func (s *Stage) callNodes(nodes map[string]string, chosen func(id string) bool, 
 	errs := make([]error, len(ids))
 	var wg sync.WaitGroup
 	for i, id := range ids {
-		c, err := s.client(nodes[id])
+		c, err := s.clouds.Client(nodes[id])
 		if err != nil {
 			errs[i] = err
 			continue

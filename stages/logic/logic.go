@@ -13,6 +13,7 @@ import (
 	"github.com/ThreeDotsLabs/watermill/message"
 	"google.golang.org/grpc"
 
+	"imcloud/cloudconn"
 	"imcloud/config"
 	"imcloud/proto/pb"
 )
@@ -60,7 +61,7 @@ func New(cfg config.Logic, o Options) (*Stage, error) {
 		pusher:    &Pusher{registry: o.Registry, publisher: o.Publisher, topic: o.PushTopic},
 		replies:   o.Replies,
 		grpc: &grpcServer{auth: auth, registry: o.Registry, logger: o.Logger,
-			replacer: &replacer{registry: o.Registry, logger: o.Logger, conns: map[string]*grpc.ClientConn{}}},
+			replacer: &replacer{registry: o.Registry, logger: o.Logger, clouds: cloudconn.New()}},
 		logger: o.Logger,
 	}, nil
 }

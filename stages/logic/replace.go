@@ -2,14 +2,10 @@ package logic
 
 import (
 	"context"
-	"fmt"
 	"log/slog"
-	"sync"
 	"time"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
-
+	"imcloud/cloudconn"
 	"imcloud/proto/pb"
 )
 
@@ -21,23 +17,7 @@ const closeTimeout = 5 * time.Second
 type replacer struct {
 	registry Registry
 	logger   *slog.Logger
-
-	mu    sync.Mutex
-	conns map[string]*grpc.ClientConn // by address
-}
-
-func (r *replacer) client(addr string) (pb.CloudClient, error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if c, ok := r.conns[addr]; ok {
-		return pb.NewCloudClient(c), nil
-	}
-	c, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		return nil, fmt.Errorf("dial cloud %s: %w", addr, err)
-	}
-	r.conns[addr] = c
-	return pb.NewCloudClient(c), nil
+	clouds   *cloudconn.Pool
 }
 
 // replaced closes key on node prev, in the background: the new
@@ -61,7 +41,7 @@ func (r *replacer) close(ctx context.Context, key, prev string) error {
 		if n.Id != prev {
 			continue
 		}
-		c, err := r.client(n.GrpcAddr)
+		c, err := r.clouds.Client(n.GrpcAddr)
 		if err != nil {
 			return err
 		}
@@ -72,12 +52,4 @@ func (r *replacer) close(ctx context.Context, key, prev string) error {
 }
 
 // Close closes the connections to cloud nodes.
-func (r *replacer) Close() error {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	for addr, c := range r.conns {
-		_ = c.Close()
-		delete(r.conns, addr)
-	}
-	return nil
-}
+func (r *replacer) Close() error { return r.clouds.Close() }
