@@ -43,7 +43,6 @@ type Node struct {
 	cfg    config.Config
 	logger *slog.Logger
 	addrs  Addrs
-	nodeID string
 
 	cancel  context.CancelFunc
 	wg      sync.WaitGroup
@@ -218,16 +217,16 @@ func (n *Node) startCloud(ctx context.Context, tcpLn, wsLn, wssLn, grpcLn net.Li
 	if advertise == "" {
 		advertise = advertiseAddr(n.addrs.CloudGRPC, cfg.Has(config.StageJob))
 	}
-	n.nodeID = cfg.NodeID
-	if n.nodeID == "" {
-		n.nodeID = advertise
+	nodeID := cfg.NodeID
+	if nodeID == "" {
+		nodeID = advertise
 	}
 	host, _, _ := net.SplitHostPort(advertise)
 	if cfg.Cloud.PublicHost != "" {
 		host = cfg.Cloud.PublicHost
 	}
 	self := &pb.NodeInfo{
-		Id: n.nodeID, GrpcAddr: advertise, Host: host, Weight: int32(cfg.Cloud.Weight),
+		Id: nodeID, GrpcAddr: advertise, Host: host, Weight: int32(cfg.Cloud.Weight),
 		TcpPort: port(n.addrs.CloudTCP), WsPort: port(n.addrs.CloudWS), WssPort: port(n.addrs.CloudWSS),
 	}
 	st := cloud.New(cfg.Cloud, cloud.Options{
@@ -379,9 +378,6 @@ func (n *Node) Addrs() Addrs { return n.addrs }
 
 // Broker is the node's broker connection.
 func (n *Node) Broker() *pipeline.Broker { return n.broker }
-
-// NodeID is the cloud node's id, when the node runs cloud.
-func (n *Node) NodeID() string { return n.nodeID }
 
 // Done is closed when a stage fails; Err says why.
 func (n *Node) Done() <-chan struct{} { return n.done }
