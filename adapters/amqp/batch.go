@@ -40,7 +40,7 @@ type queued struct {
 	done chan error
 }
 
-func (c *coalescer) publish(msg *message.Message) <-chan error {
+func (c *coalescer) publish(msg *message.Message) waiter {
 	q := &queued{env: &pb.Envelope{Uuid: msg.UUID, Metadata: msg.Metadata, Payload: msg.Payload}, done: make(chan error, 1)}
 	c.mu.Lock()
 	c.queue = append(c.queue, q)
@@ -52,7 +52,14 @@ func (c *coalescer) publish(msg *message.Message) <-chan error {
 	if start {
 		go c.send()
 	}
-	return q.done
+	return func(ctx context.Context) error {
+		select {
+		case err := <-q.done:
+			return err
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 }
 
 // send publishes what is queued, batch after batch, until nothing is.
@@ -89,20 +96,13 @@ func (c *coalescer) sendBatch(batch []*queued) error {
 	if err != nil {
 		return err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), confirmTimeout)
-	defer cancel()
-	wait, err := ch.publish(ctx, c.topic, amqp091.Publishing{
+	wait, err := ch.publish(context.Background(), c.topic, amqp091.Publishing{
 		ContentType: batchContentType, DeliveryMode: amqp091.Persistent, Timestamp: time.Now(), Body: body,
 	})
 	if err != nil {
 		return err
 	}
-	select {
-	case err := <-wait:
-		return err
-	case <-ctx.Done():
-		return fmt.Errorf("%w: no confirm within %s", ErrUnavailable, confirmTimeout)
-	}
+	return waitConfirm(context.Background(), wait)
 }
 
 // unbatch returns the messages a delivery carries: those of a batch, or

@@ -198,7 +198,7 @@ func (p *Publisher) Publish(topic string, msgs ...*message.Message) error {
 	if err := p.declare(topic); err != nil {
 		return err
 	}
-	waits := make([]<-chan error, 0, len(msgs))
+	waits := make([]waiter, 0, len(msgs))
 	co := p.coalescer(topic)
 	for _, msg := range msgs {
 		if c := co; c != nil {
@@ -221,22 +221,22 @@ func (p *Publisher) Publish(topic string, msgs ...*message.Message) error {
 		waits = append(waits, wait)
 	}
 	for i, wait := range waits {
-		ctx := msgs[i].Context()
-		timer := time.NewTimer(confirmTimeout)
-		select {
-		case err := <-wait:
-			timer.Stop()
-			if err != nil {
-				return fmt.Errorf("message %s: %w", msgs[i].UUID, err)
-			}
-		case <-ctx.Done():
-			timer.Stop()
-			return fmt.Errorf("message %s: waiting for confirm: %w", msgs[i].UUID, ctx.Err())
-		case <-timer.C:
-			return fmt.Errorf("message %s: %w: no confirm within %s", msgs[i].UUID, ErrUnavailable, confirmTimeout)
+		if err := waitConfirm(msgs[i].Context(), wait); err != nil {
+			return fmt.Errorf("message %s: %w", msgs[i].UUID, err)
 		}
 	}
 	return nil
+}
+
+// waitConfirm waits for a confirm within ctx and confirmTimeout.
+func waitConfirm(ctx context.Context, wait waiter) error {
+	wctx, cancel := context.WithTimeout(ctx, confirmTimeout)
+	defer cancel()
+	err := wait(wctx)
+	if err != nil && ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("%w: no confirm within %s", ErrUnavailable, confirmTimeout)
+	}
+	return err
 }
 
 // Close closes the connection; unconfirmed publishes fail.
@@ -254,14 +254,12 @@ func (p *Publisher) Close() error {
 	return p.conn.Close()
 }
 
-// confirmChannel is one AMQP channel in confirm mode with the callers
-// waiting for their delivery tags.
+// confirmChannel is one AMQP channel in confirm mode. amqp091 numbers the
+// publishes and hands each its own confirmation, so any number of callers
+// publish on it at once without a lock of ours: a lock held across the
+// publish deadlocks with amqp091 delivering confirmations.
 type confirmChannel struct {
-	mu      sync.Mutex
-	ch      *amqp091.Channel
-	tag     uint64
-	pending map[uint64]chan error
-	broken  error
+	ch *amqp091.Channel
 }
 
 func openConfirmChannel(conn *amqp091.Connection) (*confirmChannel, error) {
@@ -272,52 +270,33 @@ func openConfirmChannel(conn *amqp091.Connection) (*confirmChannel, error) {
 	if err := ch.Confirm(false); err != nil {
 		return nil, fmt.Errorf("enable publisher confirms: %w", err)
 	}
-	c := &confirmChannel{ch: ch, pending: map[uint64]chan error{}}
-	confirms := ch.NotifyPublish(make(chan amqp091.Confirmation, 256))
-	go c.dispatch(confirms)
-	return c, nil
+	return &confirmChannel{ch: ch}, nil
 }
 
-// publish sends one message and returns where its confirm will arrive.
-// Tags are assigned in publish order, so the lock covers the send.
-func (c *confirmChannel) publish(ctx context.Context, queue string, pub amqp091.Publishing) (<-chan error, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.broken != nil {
-		return nil, c.broken
-	}
-	if err := c.ch.PublishWithContext(ctx, "", queue, false, false, pub); err != nil {
+// waiter waits for a publish to be confirmed.
+type waiter func(ctx context.Context) error
+
+// publish sends one message and returns how to wait for its confirm.
+func (c *confirmChannel) publish(ctx context.Context, queue string, pub amqp091.Publishing) (waiter, error) {
+	dc, err := c.ch.PublishWithDeferredConfirmWithContext(ctx, "", queue, false, false, pub)
+	if err != nil {
 		return nil, fmt.Errorf("%w: publish: %w", ErrUnavailable, err)
 	}
-	c.tag++
-	wait := make(chan error, 1)
-	c.pending[c.tag] = wait
-	return wait, nil
-}
-
-// dispatch hands each confirm to its waiter. When the channel closes the
-// confirms stop, and every message still waiting fails: it may or may not
-// have reached the broker, and the caller must be told it is not confirmed.
-func (c *confirmChannel) dispatch(confirms <-chan amqp091.Confirmation) {
-	for cf := range confirms {
-		c.mu.Lock()
-		wait, ok := c.pending[cf.DeliveryTag]
-		delete(c.pending, cf.DeliveryTag)
-		c.mu.Unlock()
-		if !ok {
-			continue
+	return func(ctx context.Context) error {
+		select {
+		case <-dc.Done():
+		case <-ctx.Done():
+			return ctx.Err()
 		}
-		if cf.Ack {
-			wait <- nil
-		} else {
-			wait <- ErrNacked
+		switch {
+		case dc.Acked():
+			return nil
+		case c.ch.IsClosed():
+			// Unconfirmed when the channel went: it may or may not
+			// have reached the broker, and is not confirmed.
+			return fmt.Errorf("%w: channel closed", ErrUnavailable)
+		default:
+			return ErrNacked
 		}
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.broken = fmt.Errorf("%w: channel closed", ErrUnavailable)
-	for tag, wait := range c.pending {
-		wait <- c.broken
-		delete(c.pending, tag)
-	}
+	}, nil
 }
