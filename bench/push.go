@@ -6,10 +6,11 @@ import (
 	"io"
 	"net/http"
 	"net/url"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/valyala/fasthttp"
 )
 
 // PushConfig drives the HTTP push API.
@@ -37,13 +38,16 @@ func Push(ctx context.Context, c PushConfig, progress io.Writer) (PushResult, er
 	if err := loopbackOnly(c.API); err != nil {
 		return PushResult{}, err
 	}
-	tr := &http.Transport{MaxIdleConnsPerHost: c.Concurrency, MaxConnsPerHost: c.Concurrency}
-	defer tr.CloseIdleConnections()
-	client := &http.Client{Transport: tr, Timeout: 30 * time.Second}
 	target := "http://" + c.API + c.Route
 	if _, err := url.Parse(target); err != nil {
 		return PushResult{}, fmt.Errorf("route %q: %w", c.Route, err)
 	}
+	// fasthttp rather than net/http: the load generator shares the cores
+	// with the server it measures, and net/http's client (two goroutines
+	// and a request allocation per call) cost a third of the throughput
+	// that wrk reaches on the same server.
+	client := &fasthttp.HostClient{Addr: c.API, MaxConns: c.Concurrency}
+	defer client.CloseIdleConnections()
 	ctx, cancel := context.WithTimeout(ctx, c.Duration)
 	defer cancel()
 	var ok, failed atomic.Int64
@@ -57,20 +61,22 @@ func Push(ctx context.Context, c PushConfig, progress io.Writer) (PushResult, er
 	for range c.Concurrency {
 		wg.Go(func() {
 			var mine []time.Duration
+			req, resp := fasthttp.AcquireRequest(), fasthttp.AcquireResponse()
+			defer fasthttp.ReleaseRequest(req)
+			defer fasthttp.ReleaseResponse(resp)
+			req.SetRequestURI(target)
+			req.Header.SetMethod(http.MethodPost)
+			req.Header.Set("Authorization", "Bearer "+c.APIKey)
+			req.SetBodyString("bench")
 			for ctx.Err() == nil {
-				req, _ := http.NewRequestWithContext(ctx, http.MethodPost, target, strings.NewReader("bench"))
-				req.Header.Set("Authorization", "Bearer "+c.APIKey)
 				t0 := time.Now()
-				resp, err := client.Do(req)
-				if err != nil {
+				if err := client.DoTimeout(req, resp, 30*time.Second); err != nil {
 					if ctx.Err() == nil {
 						failed.Add(1)
 					}
 					continue
 				}
-				_, _ = io.Copy(io.Discard, resp.Body)
-				_ = resp.Body.Close()
-				if resp.StatusCode != http.StatusOK {
+				if resp.StatusCode() != http.StatusOK {
 					failed.Add(1)
 					continue
 				}
