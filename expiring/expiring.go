@@ -10,27 +10,27 @@ import (
 // Map is a map whose entries live at least ttl and at most 2×ttl. Two
 // generations rotate every ttl, so there is no per-entry timer and no
 // sweep. It is safe for concurrent use.
-type Map[V any] struct {
+type Map[K comparable, V any] struct {
 	ttl time.Duration
 	now func() time.Time
 
 	mu        sync.Mutex
-	cur, prev map[string]V
+	cur, prev map[K]V
 	rotated   time.Time
 }
 
 // New returns an empty map whose entries live at least ttl.
-func New[V any](ttl time.Duration) *Map[V] {
-	return &Map[V]{ttl: ttl, now: time.Now, cur: map[string]V{}, prev: map[string]V{}, rotated: time.Now()}
+func New[K comparable, V any](ttl time.Duration) *Map[K, V] {
+	return &Map[K, V]{ttl: ttl, now: time.Now, cur: map[K]V{}, prev: map[K]V{}, rotated: time.Now()}
 }
 
-func (e *Map[V]) rotateLocked() {
+func (e *Map[K, V]) rotateLocked() {
 	now := e.now()
 	switch since := now.Sub(e.rotated); {
 	case since >= 2*e.ttl:
-		e.cur, e.prev = map[string]V{}, map[string]V{}
+		e.cur, e.prev = map[K]V{}, map[K]V{}
 	case since >= e.ttl:
-		e.prev, e.cur = e.cur, map[string]V{}
+		e.prev, e.cur = e.cur, map[K]V{}
 	default:
 		return
 	}
@@ -38,7 +38,7 @@ func (e *Map[V]) rotateLocked() {
 }
 
 // Get returns the value stored for key.
-func (e *Map[V]) Get(key string) (V, bool) {
+func (e *Map[K, V]) Get(key K) (V, bool) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	e.rotateLocked()
@@ -50,7 +50,7 @@ func (e *Map[V]) Get(key string) (V, bool) {
 }
 
 // Put stores v for key.
-func (e *Map[V]) Put(key string, v V) {
+func (e *Map[K, V]) Put(key K, v V) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	e.rotateLocked()
@@ -59,7 +59,7 @@ func (e *Map[V]) Put(key string, v V) {
 
 // PutIfAbsent stores v for key unless key is present, and reports whether
 // it stored it.
-func (e *Map[V]) PutIfAbsent(key string, v V) bool {
+func (e *Map[K, V]) PutIfAbsent(key K, v V) bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	e.rotateLocked()

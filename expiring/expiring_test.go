@@ -1,13 +1,16 @@
 package expiring
 
 import (
+	"runtime"
 	"testing"
 	"time"
+
+	"github.com/google/uuid"
 )
 
 func TestExpiring(t *testing.T) {
 	clk := &clock{t: time.Unix(1_700_000_000, 0)}
-	e := New[int](time.Minute)
+	e := New[string, int](time.Minute)
 	e.now, e.rotated = clk.now, clk.t
 	e.Put("a", 1)
 	clk.t = clk.t.Add(59 * time.Second)
@@ -37,8 +40,54 @@ type clock struct{ t time.Time }
 func (c *clock) now() time.Time { return c.t }
 
 func TestPutIfAbsent(t *testing.T) {
-	e := New[struct{}](time.Minute)
+	e := New[string, struct{}](time.Minute)
 	if !e.PutIfAbsent("a", struct{}{}) || e.PutIfAbsent("a", struct{}{}) {
 		t.Fatal("PutIfAbsent stored twice or not at all")
 	}
+}
+
+func TestSet(t *testing.T) {
+	s := NewSet(time.Minute)
+	ids := []string{
+		"6ba7b810-9dad-11d1-80b4-00c04fd430c8",
+		"6BA7B810-9DAD-11D1-80B4-00C04FD430C9",
+		"idempotency:order-42",
+		"",
+		"not-a-uuid-but-exactly-36-chars-long",
+	}
+	for _, id := range ids {
+		if s.Has(id) {
+			t.Fatalf("%q present before it was added", id)
+		}
+		if !s.AddIfAbsent(id) {
+			t.Fatalf("%q not added", id)
+		}
+	}
+	for _, id := range ids {
+		if !s.Has(id) || s.AddIfAbsent(id) {
+			t.Fatalf("%q not remembered", id)
+		}
+	}
+	if s.Has("6ba7b810-9dad-11d1-80b4-00c04fd430ca") || s.Has("idempotency:order-43") {
+		t.Fatal("an id never added is present")
+	}
+	s.Add("x")
+	if !s.Has("x") {
+		t.Fatal("Add did not remember")
+	}
+}
+
+// BenchmarkSetMemory reports the heap one remembered UUID costs.
+func BenchmarkSetMemory(b *testing.B) {
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	s := NewSet(time.Hour)
+	for range b.N {
+		s.Add(uuid.NewString())
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	b.ReportMetric(float64(after.HeapAlloc-before.HeapAlloc)/float64(b.N), "B/id")
+	runtime.KeepAlive(s)
 }

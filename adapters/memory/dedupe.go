@@ -8,28 +8,27 @@ import (
 )
 
 // Dedupe remembers delivered message ids in this process for at least ttl.
-type Dedupe struct{ ids *expiring.Map[struct{}] }
+type Dedupe struct{ ids *expiring.Set }
 
 // NewDedupe returns a store that remembers ids for at least ttl.
-func NewDedupe(ttl time.Duration) *Dedupe { return &Dedupe{ids: expiring.New[struct{}](ttl)} }
+func NewDedupe(ttl time.Duration) *Dedupe { return &Dedupe{ids: expiring.NewSet(ttl)} }
 
 // Delivered reports whether id was marked within the store's ttl.
 func (d *Dedupe) Delivered(_ context.Context, id string) (bool, error) {
-	_, ok := d.ids.Get(id)
-	return ok, nil
+	return d.ids.Has(id), nil
 }
 
 // MarkDelivered remembers id. The store's own ttl applies.
 func (d *Dedupe) MarkDelivered(_ context.Context, id string, _ time.Duration) error {
-	d.ids.Put(id, struct{}{})
+	d.ids.Add(id)
 	return nil
 }
 
 // Replies remembers the reply to each idempotent request for at least ttl.
-type Replies struct{ r *expiring.Map[[]byte] }
+type Replies struct{ r *expiring.Map[string, []byte] }
 
 // NewReplies returns a store that keeps replies for at least ttl.
-func NewReplies(ttl time.Duration) *Replies { return &Replies{r: expiring.New[[]byte](ttl)} }
+func NewReplies(ttl time.Duration) *Replies { return &Replies{r: expiring.New[string, []byte](ttl)} }
 
 // Reply returns the reply stored for key.
 func (s *Replies) Reply(_ context.Context, key string) ([]byte, bool, error) {

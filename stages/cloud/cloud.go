@@ -52,7 +52,7 @@ type Stage struct {
 	// delivered remembers recent message ids, so that a call job retries
 	// after its deadline passed (the first one having gone through) does
 	// not deliver the message twice.
-	delivered *expiring.Map[struct{}]
+	delivered *expiring.Set
 
 	connMu   sync.RWMutex // orders conns.Add before Drain's Wait
 	draining bool
@@ -84,7 +84,7 @@ func New(cfg config.Cloud, o Options) *Stage {
 		bufs:          newBufPool(),
 		upgrader:      upgrader(cfg.AllowedOrigins),
 	}
-	s.delivered = expiring.New[struct{}](cfg.DedupeTTL)
+	s.delivered = expiring.NewSet(cfg.DedupeTTL)
 	s.roomOnline.Store(&map[string]int32{})
 	s.reported.Store(&map[string]struct{}{})
 	return s
@@ -209,7 +209,7 @@ func (s *Stage) onlineCount(room string) int32 {
 // firstDelivery reports whether p's message id was not delivered before,
 // and remembers it. Packets without an id are always delivered.
 func (s *Stage) firstDelivery(p *pb.Proto) bool {
-	return p.GetId() == "" || s.delivered.PutIfAbsent(p.Id, struct{}{})
+	return p.GetId() == "" || s.delivered.AddIfAbsent(p.Id)
 }
 
 // SlowConsumers counts the clients closed for not reading fast enough.
