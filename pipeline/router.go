@@ -15,6 +15,7 @@ import (
 // middleware stack built from cfg. The order is what makes delivery
 // correct; Watermill wraps the first middleware added outermost:
 //
+//	growStack      grows the goroutine Watermill starts per message in one step
 //	CorrelationID  copies the correlation id onto anything a handler emits
 //	Throttle       caps messages per second (job.throttle; 0 = off)
 //	PoisonQueue    a message that failed every retry goes to the poison topic
@@ -38,7 +39,7 @@ func NewRouter(cfg config.Job, poisonTopic string, poisonPub message.Publisher, 
 	if err != nil {
 		return nil, fmt.Errorf("create poison queue middleware: %w", err)
 	}
-	r.AddMiddleware(middleware.CorrelationID)
+	r.AddMiddleware(growStack, middleware.CorrelationID)
 	if cfg.Throttle > 0 {
 		r.AddMiddleware(middleware.NewThrottle(int64(cfg.Throttle), time.Second).Middleware)
 	}
