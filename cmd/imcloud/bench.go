@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"time"
 
 	"imcloud/bench"
@@ -17,6 +18,7 @@ import (
 func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var (
 		api, apiKey, target, secret, route string
+		cpuProfile                         string
 		clients, rooms, rate, conc, pid    int
 		duration, drain, hold              time.Duration
 		asJSON                             bool
@@ -39,6 +41,7 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.DurationVar(&drain, "drain", 5*time.Second, "how long to wait for deliveries after the last push (fanout)")
 	fs.DurationVar(&hold, "hold", 2*time.Second, "how long to hold connections before measuring (connections)")
 	fs.BoolVar(&asJSON, "json", false, "print the result as JSON")
+	fs.StringVar(&cpuProfile, "cpuprofile", "", "write the load generator's own CPU profile to this file")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -48,6 +51,19 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt)
 	defer stop()
+	if cpuProfile != "" {
+		// The load generator shares the machine with the server: its own
+		// profile shows what the measurement itself costs.
+		f, err := os.Create(cpuProfile)
+		if err != nil {
+			return fmt.Errorf("bench: create CPU profile: %w", err)
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return fmt.Errorf("bench: start CPU profile: %w", err)
+		}
+		defer pprof.StopCPUProfile()
+	}
 	cc := bench.ClientConfig{Target: target, Secret: secret}
 	var (
 		result interface{ Print(io.Writer) }
