@@ -53,6 +53,7 @@ type Stage struct {
 	// after its deadline passed (the first one having gone through) does
 	// not deliver the message twice.
 	delivered *expiring.Set
+	rounds    *roomRounds
 
 	connMu   sync.RWMutex // orders conns.Add before Drain's Wait
 	draining bool
@@ -85,6 +86,7 @@ func New(cfg config.Cloud, o Options) *Stage {
 		upgrader:      upgrader(cfg.AllowedOrigins),
 	}
 	s.delivered = expiring.NewSet(cfg.DedupeTTL)
+	s.rounds = newRoomRounds()
 	s.roomOnline.Store(&map[string]int32{})
 	s.reported.Store(&map[string]struct{}{})
 	return s

@@ -73,10 +73,13 @@ func (g *grpcServer) BroadcastRoom(_ context.Context, req *pb.BroadcastRoomReq) 
 	if len(items) == 0 {
 		return &pb.BroadcastRoomReply{}, nil
 	}
-	var n int
-	for _, b := range g.s.buckets {
-		n += b.roomSend(req.RoomId, items)
-	}
+	n := g.s.rounds.send(req.RoomId, items, func(items []outItem) int {
+		n := 0
+		for _, b := range g.s.buckets {
+			n += b.roomSend(req.RoomId, items)
+		}
+		return n
+	})
 	return &pb.BroadcastRoomReply{Delivered: int32(n)}, nil
 }
 
