@@ -72,8 +72,13 @@ type tcpTransport struct {
 	dl   deadline
 }
 
+// readBuffer is a connection's read buffer. Clients mostly send
+// heartbeats (a header and a few bytes); a larger packet takes more than
+// one read. Every idle connection holds one, so it is small.
+const readBuffer = 256
+
 func newTCPTransport(conn net.Conn, maxBody int, bufs *sync.Pool) *tcpTransport {
-	return &tcpTransport{conn: conn, r: wire.NewReader(bufio.NewReaderSize(conn, 512), maxBody), bufs: bufs}
+	return &tcpTransport{conn: conn, r: wire.NewReader(bufio.NewReaderSize(conn, readBuffer), maxBody), bufs: bufs}
 }
 
 func (t *tcpTransport) Read() ([]wire.Packet, error) {
@@ -153,7 +158,7 @@ func isTooLarge(err error) bool {
 // means same origin only (gorilla's default check), "*" any origin.
 func upgrader(allowed []string) *websocket.Upgrader {
 	u := &websocket.Upgrader{
-		ReadBufferSize:  1024,
+		ReadBufferSize:  readBuffer,
 		WriteBufferSize: 1024,
 		WriteBufferPool: &sync.Pool{},
 	}
