@@ -18,7 +18,7 @@ import (
 func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	var (
 		api, apiKey, target, secret, route string
-		cpuProfile                         string
+		cpuProfile, save                   string
 		clients, rooms, rate, conc, pid    int
 		duration, drain, hold              time.Duration
 		asJSON                             bool
@@ -41,6 +41,7 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	fs.DurationVar(&drain, "drain", 5*time.Second, "how long to wait for deliveries after the last push (fanout)")
 	fs.DurationVar(&hold, "hold", 2*time.Second, "how long to hold connections before measuring (connections)")
 	fs.BoolVar(&asJSON, "json", false, "print the result as JSON")
+	fs.StringVar(&save, "save", "", "also write the result as JSON to this file")
 	fs.StringVar(&cpuProfile, "cpuprofile", "", "write the load generator's own CPU profile to this file")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -82,6 +83,15 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	if err != nil {
 		return err
+	}
+	if save != "" {
+		b, err := json.MarshalIndent(result, "", "  ")
+		if err != nil {
+			return fmt.Errorf("bench: encode result: %w", err)
+		}
+		if err := os.WriteFile(save, append(b, '\n'), 0o644); err != nil {
+			return fmt.Errorf("bench: save result: %w", err)
+		}
 	}
 	if asJSON {
 		enc := json.NewEncoder(stdout)
