@@ -30,6 +30,7 @@ type ConnectionsResult struct {
 	Seconds        float64 `json:"connect_seconds"`
 	PerSecond      float64 `json:"connects_per_second"`
 	ServerRSSDelta int64   `json:"server_rss_delta_bytes,omitempty"`
+	ServerRSS      int64   `json:"server_rss_bytes,omitempty"` // with the clients connected
 	BytesPerConn   float64 `json:"server_bytes_per_connection,omitempty"`
 }
 
@@ -62,8 +63,13 @@ func Connections(ctx context.Context, c ConnectionsConfig, progress io.Writer) (
 		return res, err
 	}
 	if c.ServerPID != 0 {
+		res.ServerRSS = after
 		res.ServerRSSDelta = after - before
-		res.BytesPerConn = float64(after-before) / float64(c.Clients)
+		// A server that kept memory from earlier load may not grow at all:
+		// no per-connection figure then, rather than a meaningless one.
+		if after > before {
+			res.BytesPerConn = float64(after-before) / float64(c.Clients)
+		}
 	}
 	return res, nil
 }
@@ -95,8 +101,11 @@ func (r ConnectionsResult) Print(w io.Writer) {
 		{"clients", fmt.Sprint(r.Clients)},
 		{"connects/s", fmt.Sprintf("%.0f", r.PerSecond)},
 	}
-	if r.BytesPerConn != 0 {
+	switch {
+	case r.BytesPerConn > 0:
 		rows = append(rows, [2]string{"server RSS per connection", fmt.Sprintf("%.0f bytes", r.BytesPerConn)})
+	case r.ServerRSS > 0:
+		rows = append(rows, [2]string{"server RSS per connection", "n/a: RSS did not grow (memory kept from earlier load); use a fresh server"})
 	}
 	table(w, rows)
 }
