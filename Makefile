@@ -34,7 +34,9 @@ bench:
 
 # Go micro-benchmarks: codec, room fan-out, memory per idle connection.
 bench-go:
-	$(GO) test -run '^$$' -bench . -benchmem ./proto/wire ./stages/cloud
+	$(GO) test -run '^$$' -bench . -benchmem ./proto/wire ./expiring
+	$(GO) test -run '^$$' -bench RoomFanout -benchmem ./stages/cloud
+	$(GO) test -run '^$$' -bench IdleConnectionMemory -benchtime 10000x ./stages/cloud
 
 # Needs protoc (Debian: protobuf-compiler); the Go plugins are pinned in go.mod.
 proto:

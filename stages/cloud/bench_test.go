@@ -44,7 +44,30 @@ func (discardTransport) RemoteAddr() net.Addr            { return &net.TCPAddr{}
 
 // BenchmarkRoomFanout pushes one message per op to a room of 10,000
 // in-memory connections and waits until every connection has written it.
+// Sequential: every push is its own round.
 func BenchmarkRoomFanout(b *testing.B) {
+	benchmarkRoomFanout(b, func(push func()) {
+		for b.Loop() {
+			push()
+		}
+	})
+}
+
+// BenchmarkRoomFanoutConcurrent pushes from concurrent callers, as job's
+// handlers do: pushes meeting a running fan-out go out together in the
+// next round, several packets per write.
+func BenchmarkRoomFanoutConcurrent(b *testing.B) {
+	b.SetParallelism(4)
+	benchmarkRoomFanout(b, func(push func()) {
+		b.RunParallel(func(pb *testing.PB) {
+			for pb.Next() {
+				push()
+			}
+		})
+	})
+}
+
+func benchmarkRoomFanout(b *testing.B, run func(push func())) {
 	const conns = 10_000
 	cfg := config.Default().Cloud
 	st := New(cfg, Options{Self: &pb.NodeInfo{Id: "bench"}, Logger: slog.New(slog.DiscardHandler)})
@@ -55,18 +78,18 @@ func BenchmarkRoomFanout(b *testing.B) {
 		bucketFor(st.buckets, ch.key).put(ch)
 	}
 	rpc := &grpcServer{s: st}
-	req := &pb.BroadcastRoomReq{RoomId: "live://bench", Proto: &pb.Proto{Op: 1000, Body: make([]byte, 128)}}
 	ctx := context.Background()
+	var pushes atomic.Int64
 	b.ReportAllocs()
 	start := time.Now()
-	var want int64
-	for b.Loop() {
-		r, err := rpc.BroadcastRoom(ctx, req)
-		if err != nil {
-			b.Fatal(err)
+	run(func() {
+		req := &pb.BroadcastRoomReq{RoomId: "live://bench", Proto: &pb.Proto{Op: 1000, Body: make([]byte, 128)}}
+		if _, err := rpc.BroadcastRoom(ctx, req); err != nil {
+			b.Error(err)
 		}
-		want += int64(r.Delivered)
-	}
+		pushes.Add(1)
+	})
+	want := pushes.Load() * conns
 	for packets.Load() < want {
 		time.Sleep(100 * time.Microsecond)
 	}
