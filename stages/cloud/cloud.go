@@ -29,6 +29,10 @@ import (
 // logicCallTimeout bounds each call to logic made on a client's behalf.
 const logicCallTimeout = 5 * time.Second
 
+// maxDisconnectCalls bounds the Disconnect calls to logic in flight; the
+// sessions beyond wait their turn with the small stacks they idled with.
+const maxDisconnectCalls = 32
+
 // Stage is a cloud node.
 type Stage struct {
 	cfg           config.Cloud
@@ -54,6 +58,8 @@ type Stage struct {
 	// not deliver the message twice.
 	delivered *expiring.Set
 	rounds    *roomRounds
+
+	disconnectSlots chan struct{} // one per Disconnect call in flight
 
 	connMu   sync.RWMutex // orders conns.Add before Drain's Wait
 	draining bool
@@ -87,6 +93,7 @@ func New(cfg config.Cloud, o Options) *Stage {
 	}
 	s.delivered = expiring.NewSet(cfg.DedupeTTL)
 	s.rounds = newRoomRounds()
+	s.disconnectSlots = make(chan struct{}, maxDisconnectCalls)
 	s.roomOnline.Store(&map[string]int32{})
 	s.reported.Store(&map[string]struct{}{})
 	return s

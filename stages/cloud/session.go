@@ -72,6 +72,12 @@ func (s *Stage) session(ch *channel, remote string) {
 		s.logger.Debug("replaced client disconnected", "mid", ch.mid, "key", ch.key)
 		return
 	}
+	// A mass disconnect (a network blip, the load balancer restarting)
+	// would otherwise make one call per client at once: each call grows
+	// its goroutine's stack and takes a stream in logic, and 19,000
+	// clients leaving together doubled the node's memory.
+	s.disconnectSlots <- struct{}{}
+	defer func() { <-s.disconnectSlots }()
 	ctx, cancel := context.WithTimeout(context.Background(), logicCallTimeout)
 	defer cancel()
 	if _, derr := s.logic.Disconnect(ctx, &pb.DisconnectReq{Mid: ch.mid, Key: ch.key, Server: s.nodeID}); derr != nil {
