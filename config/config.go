@@ -212,6 +212,9 @@ type Cloud struct {
 	// (messages per second; 0 = unlimited).
 	UpstreamRate  float64 `koanf:"upstream_rate"`
 	UpstreamBurst int     `koanf:"upstream_burst"`
+	// ParkIdle lets idle connections wait without a reader goroutine
+	// (Linux; TLS connections always keep theirs).
+	ParkIdle bool `koanf:"park_idle"`
 	// Sndbuf and Rcvbuf set each client socket's kernel buffers in bytes
 	// (0 = the OS default); small buffers bound memory per connection.
 	Sndbuf int `koanf:"sndbuf"`
@@ -275,6 +278,7 @@ func Default() Config {
 			UpstreamBurst:     40,
 			DrainTimeout:      10 * time.Second,
 			DedupeTTL:         2 * time.Minute,
+			ParkIdle:          true,
 		},
 	}
 }

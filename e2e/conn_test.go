@@ -230,37 +230,53 @@ func TestSameKeyReplacesOldConnection(t *testing.T) {
 }
 
 func TestMissedHeartbeatsCloseTheConnection(t *testing.T) {
-	h := start(t, "cloud.heartbeat_interval=100ms", "cloud.handshake_timeout=100ms")
-	quiet := h.connect("ws", logic.Claims{Mid: 1})
-	alive := h.connect("tcp", logic.Claims{Mid: 2, Key: "alive"})
-	start := time.Now()
-	// The live client heartbeats until the quiet one has been closed.
-	closed := make(chan error, 1)
-	go func() { closed <- expectClosedErr(quiet) }()
-	tick := time.NewTicker(50 * time.Millisecond)
-	defer tick.Stop()
-	for done := false; !done; {
-		select {
-		case err := <-closed:
-			if err == nil {
-				t.Fatal("quiet client received a packet instead of being closed")
-			}
-			done = true
-		case <-tick.C:
-			if _, err := alive.Send(wire.OpHeartbeat, nil); err != nil {
-				t.Fatal(err)
-			}
-			expect(t, "heartbeat reply", alive, wire.OpHeartbeatReply, "\x00\x00\x00\x00")
-		case <-time.After(wait):
-			t.Fatal("quiet client was not closed")
-		}
+	tests := []struct {
+		name     string
+		interval time.Duration
+	}{
+		// Two missed intervals are under a second: the reader blocks in
+		// a read that times out.
+		{"reader waits in a read", 100 * time.Millisecond},
+		// Over a second: idle connections are parked without a reader and
+		// woken by a timer at the deadline; every heartbeat of the live
+		// client wakes its reader and parks it again.
+		{"parked connection", 600 * time.Millisecond},
 	}
-	if d := time.Since(start); d < 200*time.Millisecond {
-		t.Fatalf("closed after %s, before two heartbeat intervals passed", d)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := start(t, "cloud.heartbeat_interval="+tt.interval.String(), "cloud.handshake_timeout=100ms")
+			quiet := h.connect("ws", logic.Claims{Mid: 1})
+			alive := h.connect("tcp", logic.Claims{Mid: 2, Key: "alive"})
+			start := time.Now()
+			// The live client heartbeats until the quiet one has been closed.
+			closed := make(chan error, 1)
+			go func() { closed <- expectClosedErr(quiet) }()
+			tick := time.NewTicker(50 * time.Millisecond)
+			defer tick.Stop()
+			for done := false; !done; {
+				select {
+				case err := <-closed:
+					if err == nil {
+						t.Fatal("quiet client received a packet instead of being closed")
+					}
+					done = true
+				case <-tick.C:
+					if _, err := alive.Send(wire.OpHeartbeat, nil); err != nil {
+						t.Fatal(err)
+					}
+					expect(t, "heartbeat reply", alive, wire.OpHeartbeatReply, "\x00\x00\x00\x00")
+				case <-time.After(wait):
+					t.Fatal("quiet client was not closed")
+				}
+			}
+			if d := time.Since(start); d < 2*tt.interval {
+				t.Fatalf("closed after %s, before two heartbeat intervals passed", d)
+			}
+			body := uniq("alive")
+			h.push(request{path: "/im/push/keys", query: url.Values{"operation": {"1000"}, "keys": {"alive"}}, body: body})
+			expect(t, "heartbeating client", alive, 1000, body)
+		})
 	}
-	body := uniq("alive")
-	h.push(request{path: "/im/push/keys", query: url.Values{"operation": {"1000"}, "keys": {"alive"}}, body: body})
-	expect(t, "heartbeating client", alive, 1000, body)
 }
 
 // expectClosedErr reads one packet; it returns nil if one arrived.

@@ -67,6 +67,21 @@ type channel struct {
 	draining  bool // close with 1001 once the queue is written
 	closed    bool
 	upstream  *rate.Limiter // made on the first upstream message
+	wake      func()        // resumes a parked reader; nil when not parking
+}
+
+// setWake sets what close calls to resume the connection's parked reader,
+// which must see the connection end.
+func (c *channel) setWake(fn func()) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.wake = fn
+}
+
+func (c *channel) isClosed() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.closed
 }
 
 func newChannel(t transport, sendQueue int, slow *atomic.Int64, logger *slog.Logger) *channel {
@@ -237,8 +252,12 @@ func (c *channel) close(code int, reason string) {
 	}
 	c.closed = true
 	c.queue = nil
+	wake := c.wake
 	c.mu.Unlock()
 	go c.t.Close(code, reason)
+	if wake != nil {
+		wake()
+	}
 }
 
 // allowUpstream reports whether the client may send one more upstream

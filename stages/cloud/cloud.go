@@ -60,6 +60,8 @@ type Stage struct {
 	rounds    *roomRounds
 
 	disconnectSlots chan struct{} // one per Disconnect call in flight
+	parker          *parker       // nil: every connection keeps its reader
+	parkIDs         atomic.Uint64
 
 	connMu   sync.RWMutex // orders conns.Add before Drain's Wait
 	draining bool
@@ -94,6 +96,14 @@ func New(cfg config.Cloud, o Options) *Stage {
 	s.delivered = expiring.NewSet(cfg.DedupeTTL)
 	s.rounds = newRoomRounds()
 	s.disconnectSlots = make(chan struct{}, maxDisconnectCalls)
+	if cfg.ParkIdle {
+		p, err := newParker()
+		if err != nil {
+			s.logger.Info("idle connections keep their readers", "reason", err)
+		} else {
+			s.parker = p
+		}
+	}
 	s.roomOnline.Store(&map[string]int32{})
 	s.reported.Store(&map[string]struct{}{})
 	return s
@@ -283,13 +293,14 @@ func (s *Stage) ServeTCP(ln net.Listener) error {
 func (s *Stage) WSHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/sub", func(w http.ResponseWriter, r *http.Request) {
-		conn, err := s.upgrader.Upgrade(w, r, nil)
+		ow := &ownReader{ResponseWriter: w}
+		conn, err := s.upgrader.Upgrade(ow, r, nil)
 		if err != nil {
 			s.logger.Debug("websocket upgrade refused", "remote", r.RemoteAddr, "origin", r.Header.Get("Origin"), "err", err)
 			return
 		}
 		conn.SetReadLimit(int64(s.cfg.MaxBodyBytes + wire.HeaderLen))
-		t := &wsTransport{conn: conn, maxBody: s.cfg.MaxBodyBytes, bufs: s.bufs}
+		t := &wsTransport{conn: conn, br: ow.br, maxBody: s.cfg.MaxBodyBytes, bufs: s.bufs}
 		if !s.begin() {
 			t.Close(closeGoingAway, "server shutting down")
 			return
@@ -329,7 +340,13 @@ func (s *Stage) Drain(ctx context.Context) error {
 		ch.closeAfterFlush()
 	}
 	done := make(chan struct{})
-	go func() { s.conns.Wait(); close(done) }()
+	go func() {
+		s.conns.Wait()
+		if s.parker != nil {
+			s.parker.close() // nothing is parked once every session ended
+		}
+		close(done)
+	}()
 	select {
 	case <-done:
 		return nil

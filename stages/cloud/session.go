@@ -48,10 +48,7 @@ func (s *Stage) serve(t transport) {
 		return
 	}
 	handedOff = true
-	go func() {
-		defer s.conns.Done()
-		s.session(ch, remote)
-	}()
+	go s.session(ch, remote) // ends the session's count in conns
 }
 
 // session runs an authenticated connection until it ends.
@@ -65,7 +62,17 @@ func (s *Stage) session(ch *channel, remote string) {
 	ch.reply(outItem{pkt: wire.Encode(wire.OpAuthReply, authSeq, reply.encode())})
 	s.logger.Debug("client connected", "mid", ch.mid, "key", ch.key, "remote", remote)
 
-	err := s.readLoopRecovering(ch, b)
+	r := &reader{s: s, ch: ch, b: b, id: s.parkIDs.Add(1), last: time.Now()}
+	if s.parker != nil {
+		ch.setWake(func() { s.parker.wake(r.id) })
+	}
+	r.run(false)
+}
+
+// endSession unregisters a connection whose reader ended and tells logic
+// the session is gone.
+func (s *Stage) endSession(ch *channel, b *bucket, err error) {
+	defer s.conns.Done()
 	ch.close(closeCode(err))
 	if !b.del(ch) {
 		// The session now belongs to the connection that replaced this one.
@@ -158,36 +165,113 @@ func uniq(ss []string) []string {
 	return out
 }
 
-// readLoopRecovering runs readLoop, turning a panic into errInternal so
-// that the connection is still unregistered and reported gone.
-func (s *Stage) readLoopRecovering(ch *channel, b *bucket) (err error) {
-	defer func() {
-		if r := recover(); r != nil {
-			s.logger.Error("panic serving client; connection closed", "key", ch.key, "panic", r, "stack", string(debug.Stack()))
-			err = fmt.Errorf("%w: %v", errInternal, r)
-		}
-	}()
-	return s.readLoop(ch, b)
+// reader reads one session's packets until the connection ends. Between
+// packets an idle connection is parked (see parker): its goroutine ends,
+// and a new one continues when the client sends, the connection is
+// closed or its heartbeat deadline passes. Only one goroutine runs a
+// reader at a time; the parker's hand-over orders them.
+type reader struct {
+	s          *Stage
+	ch         *channel
+	b          *bucket
+	id         uint64      // the parker's key for this connection
+	registered bool        // the socket is in the parker's epoll set
+	last       time.Time   // when the client last sent a packet
+	timer      *time.Timer // wakes a parked reader at its heartbeat deadline
 }
 
-func (s *Stage) readLoop(ch *channel, b *bucket) error {
+// minPark is the least time left before the heartbeat deadline for a
+// connection to be parked; closer to it, a blocking read times it out.
+const minPark = time.Second
+
+// run reads until the connection parks or ends, and ends the session;
+// woken says the parker resumed it.
+func (r *reader) run(woken bool) {
+	if r.timer != nil {
+		r.timer.Stop()
+	}
+	parked, err := r.readRecovering(woken)
+	if !parked {
+		if r.timer != nil {
+			r.timer.Stop()
+		}
+		r.s.endSession(r.ch, r.b, err)
+	}
+}
+
+// readRecovering runs read, turning a panic into errInternal so that the
+// connection is still unregistered and reported gone.
+func (r *reader) readRecovering(woken bool) (parked bool, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			r.s.logger.Error("panic serving client; connection closed", "key", r.ch.key, "panic", p, "stack", string(debug.Stack()))
+			parked, err = false, fmt.Errorf("%w: %v", errInternal, p)
+		}
+	}()
+	return r.read(woken)
+}
+
+func (r *reader) read(woken bool) (bool, error) {
 	// Two missed heartbeats close the connection.
-	idle := 2*s.cfg.HeartbeatInterval + s.cfg.HandshakeTimeout
-	for {
-		_ = ch.t.SetReadDeadline(time.Now().Add(idle))
-		ps, err := ch.t.Read()
+	idle := 2*r.s.cfg.HeartbeatInterval + r.s.cfg.HandshakeTimeout
+	// A reader woken from parking reads first: what woke it is waiting.
+	for ; ; woken = false {
+		if !woken && r.park(idle) {
+			return true, nil
+		}
+		_ = r.ch.t.SetReadDeadline(r.last.Add(idle))
+		ps, err := r.ch.t.Read()
+		if len(ps) > 0 {
+			r.last = time.Now()
+		}
 		for _, p := range ps {
-			if herr := s.handle(ch, b, p); herr != nil {
-				return herr
+			if herr := r.s.handle(r.ch, r.b, p); herr != nil {
+				return false, herr
 			}
 		}
 		if err != nil {
 			if errors.Is(err, io.EOF) || websocket.IsCloseError(err, websocket.CloseNormalClosure, websocket.CloseGoingAway) {
-				return nil
+				return false, nil
 			}
-			return err
+			return false, err
 		}
 	}
+}
+
+// park hands the connection to the parker when nothing is buffered, and
+// reports whether it did; the caller's goroutine must then end without
+// touching r, which another goroutine may already be running.
+func (r *reader) park(idle time.Duration) bool {
+	if r.s.parker == nil {
+		return false
+	}
+	sc, ok := r.ch.t.idleConn()
+	if !ok {
+		return false
+	}
+	left := time.Until(r.last.Add(idle))
+	if left < minPark {
+		return false
+	}
+	// Everything r needs is set before the park is visible.
+	first := !r.registered
+	r.registered = true
+	if r.timer == nil {
+		r.timer = time.AfterFunc(left, func() { r.s.parker.wake(r.id) })
+	} else {
+		r.timer.Reset(left)
+	}
+	if !r.s.parker.park(sc, r.id, first, func() { r.run(true) }) {
+		r.timer.Stop()
+		r.registered = !first
+		return false
+	}
+	// A close that came before the park was registered found nothing to
+	// wake; closing the socket removed it from the epoll set.
+	if r.ch.isClosed() {
+		r.s.parker.wake(r.id)
+	}
+	return true
 }
 
 func (s *Stage) handle(ch *channel, b *bucket, p wire.Packet) error {

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -25,6 +26,20 @@ type transport interface {
 	Close(code int, reason string)
 	SetReadDeadline(t time.Time) error
 	RemoteAddr() net.Addr
+	// idleConn returns the socket when nothing the client sent is
+	// buffered, so that the connection may wait without a reader; false
+	// when data is buffered or the socket cannot be watched (TLS keeps
+	// its own buffer).
+	idleConn() (syscall.Conn, bool)
+}
+
+// idleSocket is conn as a watchable socket when br holds nothing.
+func idleSocket(conn net.Conn, br *bufio.Reader) (syscall.Conn, bool) {
+	if br.Buffered() > 0 {
+		return nil, false
+	}
+	sc, ok := conn.(syscall.Conn)
+	return sc, ok
 }
 
 // writeDeadline bounds one write so that a peer that stopped reading
@@ -67,6 +82,7 @@ func newBufPool() *sync.Pool {
 // tcpTransport carries packets back to back on a stream.
 type tcpTransport struct {
 	conn net.Conn
+	br   *bufio.Reader
 	r    *wire.Reader
 	bufs *sync.Pool
 	dl   deadline
@@ -74,12 +90,16 @@ type tcpTransport struct {
 
 // readBuffer is a connection's read buffer. Clients mostly send
 // heartbeats (a header and a few bytes); a larger packet takes more than
-// one read. Every idle connection holds one, so it is small.
-const readBuffer = 256
+// one read. Every idle connection holds one, so it is small; gorilla
+// takes a hijacked reader as its own only when it is over 256 bytes.
+const readBuffer = 512
 
 func newTCPTransport(conn net.Conn, maxBody int, bufs *sync.Pool) *tcpTransport {
-	return &tcpTransport{conn: conn, r: wire.NewReader(bufio.NewReaderSize(conn, readBuffer), maxBody), bufs: bufs}
+	br := bufio.NewReaderSize(conn, readBuffer)
+	return &tcpTransport{conn: conn, br: br, r: wire.NewReader(br, maxBody), bufs: bufs}
 }
+
+func (t *tcpTransport) idleConn() (syscall.Conn, bool) { return idleSocket(t.conn, t.br) }
 
 func (t *tcpTransport) Read() ([]wire.Packet, error) {
 	p, err := t.r.Read()
@@ -107,6 +127,7 @@ func (t *tcpTransport) RemoteAddr() net.Addr              { return t.conn.Remote
 // frame.
 type wsTransport struct {
 	conn    *websocket.Conn
+	br      *bufio.Reader // gorilla's reader, ours through hijack
 	maxBody int
 	bufs    *sync.Pool
 	dl      deadline
@@ -147,7 +168,13 @@ func (t *wsTransport) Close(code int, reason string) {
 }
 
 func (t *wsTransport) SetReadDeadline(d time.Time) error { return t.conn.SetReadDeadline(d) }
-func (t *wsTransport) RemoteAddr() net.Addr              { return t.conn.RemoteAddr() }
+func (t *wsTransport) idleConn() (syscall.Conn, bool) {
+	if t.br == nil {
+		return nil, false
+	}
+	return idleSocket(t.conn.NetConn(), t.br)
+}
+func (t *wsTransport) RemoteAddr() net.Addr { return t.conn.RemoteAddr() }
 
 // isTooLarge reports whether err is a client packet over the body limit.
 func isTooLarge(err error) bool {
@@ -158,7 +185,9 @@ func isTooLarge(err error) bool {
 // means same origin only (gorilla's default check), "*" any origin.
 func upgrader(allowed []string) *websocket.Upgrader {
 	u := &websocket.Upgrader{
-		ReadBufferSize:  readBuffer,
+		// 0: gorilla reads through the reader hijack returns (see
+		// ownReader), which the node can then look into.
+		ReadBufferSize:  0,
 		WriteBufferSize: 1024,
 		WriteBufferPool: &sync.Pool{},
 	}
@@ -174,4 +203,24 @@ func upgrader(allowed []string) *websocket.Upgrader {
 		return set["*"] || origin == "" || set[origin]
 	}
 	return u
+}
+
+// ownReader makes gorilla read a WebSocket through a bufio.Reader the
+// node holds, so that it can tell whether a frame is already buffered
+// before letting the connection wait without a reader. gorilla reuses the
+// reader a hijack returns when its own ReadBufferSize is 0.
+type ownReader struct {
+	http.ResponseWriter
+	br *bufio.Reader
+}
+
+func (w *ownReader) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	conn, brw, err := http.NewResponseController(w.ResponseWriter).Hijack()
+	if err != nil || brw.Reader.Buffered() > 0 {
+		// gorilla refuses a client that sent data before the handshake
+		// completed; hand it what it needs to see that.
+		return conn, brw, err
+	}
+	w.br = bufio.NewReaderSize(conn, readBuffer)
+	return conn, bufio.NewReadWriter(w.br, brw.Writer), nil
 }
