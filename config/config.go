@@ -130,6 +130,13 @@ type Topics struct {
 	Push     string `koanf:"push"`
 	Poison   string `koanf:"poison"`
 	Upstream string `koanf:"upstream"`
+	// PushMaxLength, PoisonMaxLength and UpstreamMaxLength bound each
+	// topic's queue or stream (messages; on RabbitMQ a message carries a
+	// batch of pushes). A full one refuses the next publish
+	// (pipeline.ErrQueueFull) rather than dropping what it holds.
+	PushMaxLength     int64 `koanf:"push_max_length"`
+	PoisonMaxLength   int64 `koanf:"poison_max_length"`
+	UpstreamMaxLength int64 `koanf:"upstream_max_length"`
 }
 
 // Logic configures the logic stage.
@@ -167,6 +174,12 @@ type Job struct {
 	// node list from a shared registry (logic in another process with the
 	// memory registry). Each node's id is its address.
 	CloudAddrs []string `koanf:"cloud_addrs"`
+	// OfflineGrace is how long job holds and retries a push to keys that
+	// were online when logic accepted it but are not connected at delivery
+	// (their node restarted and they have not reconnected yet); after it
+	// the push goes to the poison topic as "recipients offline". 0 sends
+	// it there at once.
+	OfflineGrace time.Duration `koanf:"offline_grace"`
 }
 
 // Retry configures job's retry middleware.
@@ -241,7 +254,7 @@ func Default() Config {
 			RedisStream: RedisStream{Addr: "127.0.0.1:6379"},
 		},
 		Registry: Registry{Kind: RegistryMemory, Redis: Redis{Addr: "127.0.0.1:6379", Prefix: "imcloud:"}},
-		Topics:   Topics{Push: "imcloud.push", Poison: "imcloud.push.poison", Upstream: "imcloud.upstream"},
+		Topics:   Topics{Push: "imcloud.push", Poison: "imcloud.push.poison", Upstream: "imcloud.upstream", PushMaxLength: 1_000_000, PoisonMaxLength: 1_000_000, UpstreamMaxLength: 100_000},
 		Logic: Logic{
 			HTTPAddr:        ":3111",
 			GRPCAddr:        ":3119",
@@ -259,6 +272,7 @@ func Default() Config {
 			Retry:           Retry{MaxRetries: 5, InitialInterval: 100 * time.Millisecond, MaxInterval: 5 * time.Second, Multiplier: 2},
 			Dedupe:          Dedupe{Enabled: true, TTL: 10 * time.Minute, Store: DedupeMemory},
 			CloudAddrs:      []string{},
+			OfflineGrace:    30 * time.Second,
 		},
 		Cloud: Cloud{
 			TCPAddr:           ":3101",
@@ -483,6 +497,16 @@ func (c Config) Validate() error {
 	oneOf("job.dedupe.store", c.Job.Dedupe.Store, DedupeMemory, DedupeRedis)
 	if c.Job.Throttle < 0 {
 		bad("job.throttle", "must not be negative")
+	}
+	// A held message stays unacked; past the broker's redelivery time (2
+	// minutes, pipeline.redeliverAfter) another job would take it too.
+	if c.Job.OfflineGrace < 0 || c.Job.OfflineGrace > time.Minute {
+		bad("job.offline_grace", "must be between 0s and 1m, got %s", c.Job.OfflineGrace)
+	}
+	for key, v := range map[string]int64{"topics.push_max_length": c.Topics.PushMaxLength, "topics.poison_max_length": c.Topics.PoisonMaxLength, "topics.upstream_max_length": c.Topics.UpstreamMaxLength} {
+		if v < 1 {
+			bad(key, "must be at least 1, got %d", v)
+		}
 	}
 	for _, a := range c.Job.CloudAddrs {
 		addr("job.cloud_addrs", a, true)

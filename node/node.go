@@ -319,6 +319,7 @@ func (n *Node) startJob(ctx context.Context) error {
 	n.jobStage = job.New(job.Options{
 		Nodes: nodes, Logger: n.logger.With("stage", "job"),
 		BatchWindow: cfg.Job.RoomBatchWindow, BatchSize: cfg.Job.RoomBatchSize, Timeout: cfg.Job.Timeout,
+		OfflineGrace: cfg.Job.OfflineGrace,
 	})
 	consumers := 1
 	if n.broker.SharedQueue {

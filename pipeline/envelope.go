@@ -30,6 +30,10 @@ const (
 	// MetaDeliveredNodes lists the cloud nodes a room or broadcast push
 	// already reached, so that retries and replays skip them.
 	MetaDeliveredNodes = "delivered_nodes"
+	// MetaOfflineRound counts the attempts of a key push that found
+	// recipients offline. Each round calls cloud under a fresh id, since a
+	// node remembers an id it saw even for the keys it did not have.
+	MetaOfflineRound = "offline_round"
 )
 
 // NewPushMessage wraps pm into a message with id and correlation id set.

@@ -23,7 +23,12 @@ import (
 //	keepContext    the poison publish gets the message's own context, not the
 //	               cancelled one Timeout leaves behind
 //	dedupe         skips an id already delivered; marks an id only after
-//	               success, so a retried failure is not taken for a duplicate
+//	               success, so a retried failure (or a push that reached
+//	               only some of its recipients) is not taken for a duplicate
+//	hold           recipients who were online at accept but are not connected
+//	               at delivery (a cloud node restarted, its clients not back
+//	               yet) are retried until job.offline_grace ends, then the
+//	               message goes to poison with "recipients offline"
 //	Retry          retries with exponential backoff, up to job.retry.max_retries
 //	Timeout        bounds each attempt by job.timeout (a fresh context per retry)
 //	Recoverer      turns a handler panic into an error the layers above see
@@ -51,12 +56,14 @@ func NewRouter(cfg config.Job, poisonTopic string, poisonPub message.Publisher, 
 		r.AddMiddleware(dedupe(store, cfg.Dedupe.TTL, logger))
 	}
 	r.AddMiddleware(
+		holdUndelivered(logger),
 		middleware.Retry{
 			MaxRetries:          cfg.Retry.MaxRetries,
 			InitialInterval:     cfg.Retry.InitialInterval,
 			MaxInterval:         cfg.Retry.MaxInterval,
 			Multiplier:          cfg.Retry.Multiplier,
 			ResetContextOnRetry: true,
+			ShouldRetry:         func(p middleware.RetryParams) bool { return retryable(p.Err) },
 			Logger:              wlog,
 		}.Middleware,
 		middleware.Timeout(cfg.Timeout),

@@ -40,9 +40,13 @@ func (g *grpcServer) PushMsg(_ context.Context, req *pb.PushMsgReq) (*pb.PushMsg
 	reply := &pb.PushMsgReply{}
 	for _, key := range req.Keys {
 		ch := bucketFor(g.s.buckets, key).get(key)
-		if ch != nil && ch.push(item) {
+		switch {
+		case ch != nil && !ch.accepts(item.op):
+			// Connected but not subscribed to the operation: dropped by
+			// the client's choice, not offline (job retries offline keys).
+		case ch != nil && ch.push(item):
 			reply.Delivered++
-		} else {
+		default:
 			reply.Offline = append(reply.Offline, key)
 		}
 	}

@@ -55,12 +55,22 @@ func (s *Stage) addrs(ctx context.Context, room string) (map[string]string, erro
 	return m, nil
 }
 
+// KeyLocator finds the node each key is connected to now; a registry
+// shared with logic is one. Without it, keys are looked for only on the
+// node logic resolved when it accepted the push.
+type KeyLocator interface {
+	ServersByKeys(ctx context.Context, keys []string) (map[string]string, error)
+}
+
 // Stage delivers pushes to cloud nodes.
 type Stage struct {
-	nodes  Nodes
-	logger *slog.Logger
-	rooms  *roomBatcher // nil when room batching is off
-	clouds *cloudconn.Pool
+	nodes   Nodes
+	locator KeyLocator // nil when Nodes cannot locate keys
+	logger  *slog.Logger
+	rooms   *roomBatcher // nil when room batching is off
+	clouds  *cloudconn.Pool
+	grace   time.Duration
+	offline *offlineKeys
 }
 
 // Options configure a job stage.
@@ -73,11 +83,18 @@ type Options struct {
 	BatchSize   int
 	// Timeout bounds a batch's delivery.
 	Timeout time.Duration
+	// OfflineGrace is how long a key that was online when logic accepted a
+	// push may stay offline at delivery before the push is given up on
+	// (job.offline_grace).
+	OfflineGrace time.Duration
 }
 
 // New returns a job stage.
 func New(o Options) *Stage {
-	s := &Stage{nodes: o.Nodes, logger: o.Logger, clouds: cloudconn.New()}
+	s := &Stage{nodes: o.Nodes, logger: o.Logger, clouds: cloudconn.New(), grace: o.OfflineGrace, offline: newOfflineKeys(maxOfflineKeys)}
+	if l, ok := o.Nodes.(KeyLocator); ok {
+		s.locator = l
+	}
 	if o.BatchWindow > 0 && o.BatchSize > 1 {
 		s.rooms = newRoomBatcher(o.BatchWindow, o.BatchSize, o.Timeout, s.deliverRoomBatch)
 	}
@@ -117,25 +134,7 @@ func (s *Stage) Handle(msg *message.Message) error {
 	p := &pb.Proto{Ver: 1, Op: pm.Operation, Body: pm.Msg, Id: msg.Metadata.Get(pipeline.MetaMessageID)}
 	switch pm.Type {
 	case pb.PushMsg_PUSH:
-		addr, ok := nodes[pm.Server]
-		if !ok {
-			// The node lapsed from the registry: it holds no connections,
-			// so its keys are offline, which is not a delivery failure.
-			s.logger.Info("keys offline: their cloud node is gone", "server", pm.Server, "keys", len(pm.Keys))
-			return nil
-		}
-		c, err := s.clouds.Client(addr)
-		if err != nil {
-			return err
-		}
-		reply, err := c.PushMsg(ctx, &pb.PushMsgReq{Keys: pm.Keys, Proto: p})
-		if err != nil {
-			return fmt.Errorf("push to %d keys on %s: %w", len(pm.Keys), pm.Server, err)
-		}
-		if len(reply.Offline) > 0 {
-			s.logger.Debug("keys offline at delivery", "server", pm.Server, "offline", len(reply.Offline))
-		}
-		return nil
+		return s.pushKeys(ctx, msg, pm, p, nodes)
 	case pb.PushMsg_ROOM:
 		// A retry or replay has nodes to skip: it goes alone.
 		if s.rooms != nil && msg.Metadata.Get(pipeline.MetaDeliveredNodes) == "" {

@@ -1,0 +1,86 @@
+package pipeline
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill/message"
+)
+
+// ReasonRecipientsOffline starts the poison reason of a push whose
+// recipients were online when logic accepted it but stayed offline through
+// job's grace period (job.offline_grace).
+const ReasonRecipientsOffline = "recipients offline"
+
+// UndeliveredError is returned by a handler that reached some recipients
+// of a message but not others: they were not connected. It is no failure
+// of the broker or of a cloud node, so the Retry middleware leaves it to
+// holdUndelivered, which waits for the recipients until RetryUntil.
+type UndeliveredError struct {
+	// Recipients is how many recipients are still undelivered.
+	Recipients int
+	// RetryUntil is when their grace ends; zero or past means give up.
+	RetryUntil time.Time
+	// Detail says where they were expected.
+	Detail string
+}
+
+func (e *UndeliveredError) Error() string {
+	return fmt.Sprintf("%s: %d recipients not connected (%s)", ReasonRecipientsOffline, e.Recipients, e.Detail)
+}
+
+// holdInterval bounds the wait between two attempts at recipients who are
+// offline: a client that reconnects gets its backlog within about this
+// long, and each held message costs one cloud call per interval.
+const (
+	holdFirst = 200 * time.Millisecond
+	holdMax   = 2 * time.Second
+)
+
+// holdUndelivered re-runs the handler while it reports recipients offline
+// within their grace, backing off up to holdMax. Past the grace it returns
+// the error, and the poison queue records the message with the reason
+// "recipients offline" and only the recipients still undelivered (the
+// handler keeps the message's payload to those). Waiting ends early when
+// the message's context ends (its subscription closing), and the message
+// goes back to the broker.
+func holdUndelivered(logger *slog.Logger) message.HandlerMiddleware {
+	return func(h message.HandlerFunc) message.HandlerFunc {
+		return func(msg *message.Message) ([]*message.Message, error) {
+			ctx := msg.Context()
+			wait := holdFirst
+			for {
+				msg.SetContext(ctx)
+				out, err := h(msg)
+				var u *UndeliveredError
+				if !errors.As(err, &u) {
+					return out, err
+				}
+				left := time.Until(u.RetryUntil)
+				if left <= 0 {
+					logger.Warn("push undelivered: recipients stayed offline past the grace period; sent to the poison topic",
+						"message_id", msg.Metadata.Get(MetaMessageID), "recipients", u.Recipients, "detail", u.Detail)
+					return out, err
+				}
+				t := time.NewTimer(min(wait, left))
+				select {
+				case <-ctx.Done():
+					t.Stop()
+					msg.SetContext(ctx)
+					return nil, fmt.Errorf("holding %d offline recipients: %w", u.Recipients, ctx.Err())
+				case <-t.C:
+				}
+				wait = min(2*wait, holdMax)
+			}
+		}
+	}
+}
+
+// retryable keeps the Retry middleware from retrying undelivered
+// recipients: holdUndelivered paces those over the grace period.
+func retryable(err error) bool {
+	var u *UndeliveredError
+	return !errors.As(err, &u)
+}

@@ -1,0 +1,346 @@
+package job
+
+import (
+	"context"
+	"log/slog"
+	"maps"
+	"net"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill/message"
+	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
+	"github.com/ThreeDotsLabs/watermill/pubsub/gochannel"
+	"google.golang.org/grpc"
+
+	"imcloud/adapters/memory"
+	"imcloud/config"
+	"imcloud/pipeline"
+	"imcloud/proto/pb"
+)
+
+// keyCloud is a cloud node holding some keys. Like the real one it
+// remembers every message id it was called with, even for keys it did not
+// have, and answers a repeated id with an empty reply.
+type keyCloud struct {
+	pb.UnimplementedCloudServer
+	mu     sync.Mutex
+	online map[string]bool
+	seen   map[string]bool
+	calls  int
+	got    map[string][]string // bodies delivered per key
+}
+
+func (c *keyCloud) PushMsg(_ context.Context, req *pb.PushMsgReq) (*pb.PushMsgReply, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.calls++
+	if c.seen[req.Proto.Id] {
+		return &pb.PushMsgReply{}, nil
+	}
+	c.seen[req.Proto.Id] = true
+	reply := &pb.PushMsgReply{}
+	for _, k := range req.Keys {
+		if c.online[k] {
+			c.got[k] = append(c.got[k], string(req.Proto.Body))
+			reply.Delivered++
+		} else {
+			reply.Offline = append(reply.Offline, k)
+		}
+	}
+	return reply, nil
+}
+
+func (c *keyCloud) setOnline(key string, on bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.online[key] = on
+}
+
+func (c *keyCloud) received(key string) []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return slices.Clone(c.got[key])
+}
+
+func (c *keyCloud) callCount() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.calls
+}
+
+func startKeyCloud(t *testing.T, online ...string) (*keyCloud, string) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &keyCloud{online: map[string]bool{}, seen: map[string]bool{}, got: map[string][]string{}}
+	for _, k := range online {
+		c.online[k] = true
+	}
+	srv := grpc.NewServer()
+	pb.RegisterCloudServer(srv, c)
+	go func() { _ = srv.Serve(ln) }()
+	t.Cleanup(srv.Stop)
+	return c, ln.Addr().String()
+}
+
+// registry lists nodes and, like logic's registry, where each key is
+// connected now.
+type registry struct {
+	nodes   reportedNodes
+	mu      sync.Mutex
+	keys    map[string]string
+	lookups int
+}
+
+func (r *registry) Nodes(context.Context) ([]*pb.NodeInfo, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.lookups++
+	return slices.Clone(r.nodes), nil
+}
+
+func (r *registry) addNode(n *pb.NodeInfo) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.nodes = append(r.nodes, n)
+}
+
+func (r *registry) ServersByKeys(_ context.Context, keys []string) (map[string]string, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := map[string]string{}
+	for _, k := range keys {
+		if s, ok := r.keys[k]; ok {
+			out[k] = s
+		}
+	}
+	return out, nil
+}
+
+func (r *registry) move(key, server string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.keys[key] = server
+}
+
+// pipe runs a job stage behind the production middleware stack on a
+// gochannel broker. Publishing blocks until the message is acked.
+type pipe struct {
+	t        *testing.T
+	pubsub   *gochannel.GoChannel
+	poisoned <-chan *message.Message
+}
+
+func runJob(t *testing.T, nodes Nodes, grace time.Duration) *pipe {
+	t.Helper()
+	logger := slog.New(slog.DiscardHandler)
+	pubsub := gochannel.NewGoChannel(gochannel.Config{BlockPublishUntilSubscriberAck: true}, pipeline.WatermillLogger(logger))
+	t.Cleanup(func() { _ = pubsub.Close() })
+	cfg := config.Default().Job
+	cfg.Retry.InitialInterval = time.Millisecond
+	cfg.Retry.MaxInterval = 5 * time.Millisecond
+	r, err := pipeline.NewRouter(cfg, "poison", pubsub, memory.NewDedupe(time.Minute), logger)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := New(Options{Nodes: nodes, Logger: logger, Timeout: 5 * time.Second, OfflineGrace: grace})
+	t.Cleanup(func() { _ = s.Close() })
+	s.AddHandlers(r, pubsub, "push", 1)
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	poison, err := pubsub.Subscribe(ctx, "poison")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = r.Run(ctx) }()
+	<-r.Running()
+	t.Cleanup(func() { _ = r.Close() })
+	return &pipe{t: t, pubsub: pubsub, poisoned: poison}
+}
+
+// push publishes a key push to server in the background; the channel
+// yields once job acked it.
+func (p *pipe) push(id, server, body string, keys ...string) <-chan error {
+	msg, err := pipeline.NewPushMessage(id, "corr", &pb.PushMsg{Type: pb.PushMsg_PUSH, Operation: 1000, Server: server, Keys: keys, Msg: []byte(body)})
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- p.pubsub.Publish("push", msg) }()
+	return done
+}
+
+func (p *pipe) acked(done <-chan error) {
+	p.t.Helper()
+	select {
+	case err := <-done:
+		if err != nil {
+			p.t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		p.t.Fatal("message not acked")
+	}
+}
+
+// poison waits for the next poisoned message and acks it.
+func (p *pipe) poison() *message.Message {
+	p.t.Helper()
+	select {
+	case m := <-p.poisoned:
+		m.Ack()
+		return m
+	case <-time.After(10 * time.Second):
+		p.t.Fatal("nothing poisoned")
+		return nil
+	}
+}
+
+// noPoison fails if a message was poisoned. Publishing blocks until the
+// ack, and the poison publish comes before it, so once a push was acked
+// anything it poisoned is already here.
+func (p *pipe) noPoison() {
+	p.t.Helper()
+	select {
+	case m := <-p.poisoned:
+		p.t.Fatalf("poisoned: %s", m.Metadata.Get(middleware.ReasonForPoisonedKey))
+	default:
+	}
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestKeyOfflineAtDeliveryIsDeliveredOnceItReconnects(t *testing.T) {
+	cloud, addr := startKeyCloud(t, "here")
+	p := runJob(t, reportedNodes{{Id: "c1", GrpcAddr: addr}}, time.Minute)
+	// "back" was online when logic accepted the push; its node restarted
+	// and it has not reconnected yet.
+	done := p.push("m1", "c1", "hello", "back", "here")
+	waitFor(t, "job to find the key offline twice", func() bool { return cloud.callCount() >= 2 })
+	cloud.setOnline("back", true)
+	p.acked(done)
+	p.noPoison()
+	if got := cloud.received("back"); !slices.Equal(got, []string{"hello"}) {
+		t.Fatalf("reconnected key got %q, want [hello]", got)
+	}
+	if got := cloud.received("here"); !slices.Equal(got, []string{"hello"}) {
+		t.Fatalf("key online throughout got %q, want [hello] once", got)
+	}
+}
+
+func TestKeyThatMovedNodeIsDeliveredWhereItIsNow(t *testing.T) {
+	old, oldAddr := startKeyCloud(t)
+	now, nowAddr := startKeyCloud(t, "k")
+	reg := &registry{nodes: reportedNodes{{Id: "old", GrpcAddr: oldAddr}, {Id: "new", GrpcAddr: nowAddr}}, keys: map[string]string{"k": "old"}}
+	p := runJob(t, reg, time.Minute)
+	done := p.push("m1", "old", "hello", "k")
+	waitFor(t, "job to find the key offline", func() bool { return old.callCount() >= 1 })
+	reg.move("k", "new")
+	p.acked(done)
+	p.noPoison()
+	if got := now.received("k"); !slices.Equal(got, []string{"hello"}) {
+		t.Fatalf("key on its new node got %q, want [hello]", got)
+	}
+}
+
+func TestKeyOfflinePastGraceIsPoisonedWithOnlyTheUndeliveredKeys(t *testing.T) {
+	const grace = 300 * time.Millisecond
+	cloud, addr := startKeyCloud(t, "here")
+	p := runJob(t, reportedNodes{{Id: "c1", GrpcAddr: addr}}, grace)
+	start := time.Now()
+	done := p.push("m1", "c1", "hello", "gone", "here")
+	m := p.poison()
+	p.acked(done)
+	if held := time.Since(start); held < grace {
+		t.Fatalf("poisoned after %s, before the %s grace", held, grace)
+	}
+	reason := m.Metadata.Get(middleware.ReasonForPoisonedKey)
+	if !strings.HasPrefix(reason, pipeline.ReasonRecipientsOffline) {
+		t.Fatalf("poison reason %q, want it to start with %q", reason, pipeline.ReasonRecipientsOffline)
+	}
+	pm, err := pipeline.DecodePush(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(pm.Keys, []string{"gone"}) || string(pm.Msg) != "hello" {
+		t.Fatalf("poisoned push holds keys %v, want only the undelivered [gone]", pm.Keys)
+	}
+
+	// The key has been offline for its whole grace: the next push to it
+	// goes to poison at once, not after another grace period.
+	calls := cloud.callCount()
+	done = p.push("m2", "c1", "again", "gone")
+	p.poison()
+	p.acked(done)
+	if n := cloud.callCount() - calls; n != 1 {
+		t.Fatalf("a key long offline was called %d times for one push, want 1", n)
+	}
+
+	// A replay once the client is back delivers to it alone: the partial
+	// delivery was not taken for a delivered message id.
+	cloud.setOnline("gone", true)
+	replay := message.NewMessage(m.UUID, m.Payload)
+	replay.Metadata = maps.Clone(m.Metadata)
+	replayed := make(chan error, 1)
+	go func() { replayed <- p.pubsub.Publish("push", replay) }()
+	p.acked(replayed)
+	p.noPoison()
+	if got := cloud.received("gone"); !slices.Equal(got, []string{"hello"}) {
+		t.Fatalf("replayed push gave the returning key %q, want [hello]", got)
+	}
+	if got := cloud.received("here"); !slices.Equal(got, []string{"hello"}) {
+		t.Fatalf("replay delivered again to a key that had it: %q", got)
+	}
+}
+
+func TestKeysOfALapsedNodeAreHeldUntilItIsBack(t *testing.T) {
+	cloud, addr := startKeyCloud(t)
+	// The node was killed: it dropped out of the registry, and its
+	// sessions still name it.
+	reg := &registry{keys: map[string]string{"k": "c1"}}
+	p := runJob(t, reg, time.Minute)
+	done := p.push("m1", "c1", "hello", "k")
+	waitFor(t, "job to look for the node twice", func() bool {
+		reg.mu.Lock()
+		defer reg.mu.Unlock()
+		return reg.lookups >= 2
+	})
+	select {
+	case <-done:
+		t.Fatal("push acked while its node was gone")
+	default:
+	}
+	// The node restarts and registers; its client reconnects.
+	cloud.setOnline("k", true)
+	reg.addNode(&pb.NodeInfo{Id: "c1", GrpcAddr: addr})
+	p.acked(done)
+	p.noPoison()
+	if got := cloud.received("k"); !slices.Equal(got, []string{"hello"}) {
+		t.Fatalf("key got %q after its node came back, want [hello]", got)
+	}
+}
+
+func TestKeysOfALapsedNodePastGraceArePoisoned(t *testing.T) {
+	reg := &registry{keys: map[string]string{}}
+	p := runJob(t, reg, 200*time.Millisecond)
+	done := p.push("m1", "restarting", "hello", "k")
+	m := p.poison()
+	p.acked(done)
+	if reason := m.Metadata.Get(middleware.ReasonForPoisonedKey); !strings.Contains(reason, "restarting (gone)") {
+		t.Fatalf("poison reason %q does not name the lapsed node", reason)
+	}
+}
