@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"sync/atomic"
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill"
@@ -26,19 +27,33 @@ type Broker struct {
 	// messages (a work queue) rather than each receiving all of them.
 	SharedQueue bool
 	closers     []func() error
+	refused     *atomic.Int64 // messages refused for a full queue
 }
 
 // NewBroker connects to the broker cfg.Kind names. Queues of the push
 // and upstream topics are declared before anything is published, so no
-// message is dropped for want of a consumer.
+// message is dropped for want of a consumer. Every queue or stream it
+// creates holds at most its topics.*_max_length messages; a publish to a
+// full one fails with ErrQueueFull (the embedded gochannel broker holds
+// nothing: a publish waits for its subscriber).
 func NewBroker(cfg config.Broker, topics config.Topics, logger *slog.Logger) (*Broker, error) {
+	b, err := newBroker(cfg, topics, logger)
+	if err != nil {
+		return nil, err
+	}
+	b.bound(logger)
+	return b, nil
+}
+
+func newBroker(cfg config.Broker, topics config.Topics, logger *slog.Logger) (*Broker, error) {
 	wlog := WatermillLogger(logger)
+	limits := maxLengths(topics)
 	switch cfg.Kind {
 	case config.BrokerGoChannel:
 		gc := gochannel.New(wlog)
 		return &Broker{Publisher: gc, Subscriber: gc, closers: []func() error{gc.Close}}, nil
 	case config.BrokerAMQP:
-		pub, err := amqp.NewPublisher(cfg.AMQP.URL, wlog, cfg.AMQP.Channels, topics.Push, topics.Poison, topics.Upstream)
+		pub, err := amqp.NewBoundedPublisher(cfg.AMQP.URL, wlog, cfg.AMQP.Channels, limits, topics.Push, topics.Poison, topics.Upstream)
 		if err != nil {
 			return nil, err
 		}
@@ -46,18 +61,18 @@ func NewBroker(cfg config.Broker, topics config.Topics, logger *slog.Logger) (*B
 		// unpacks batches; poison and upstream stay one message each for
 		// the poison tooling and business consumers.
 		pub.Coalesce(func(topic string) bool { return topic == topics.Push })
-		sub, err := amqp.NewSubscriber(cfg.AMQP.URL, wlog, cfg.AMQP.Prefetch)
+		sub, err := amqp.NewBoundedSubscriber(cfg.AMQP.URL, wlog, cfg.AMQP.Prefetch, limits)
 		if err != nil {
 			_ = pub.Close()
 			return nil, err
 		}
 		return &Broker{Publisher: pub, Subscriber: sub, SharedQueue: true, closers: []func() error{pub.Close, sub.Close}}, nil
 	case config.BrokerNATS:
-		pub, err := nats.NewPublisher(cfg.NATS.URL)
+		pub, err := nats.NewPublisher(cfg.NATS.URL, limits)
 		if err != nil {
 			return nil, err
 		}
-		sub, err := nats.NewSubscriber(cfg.NATS.URL, redeliverAfter, cfg.AMQP.Prefetch)
+		sub, err := nats.NewSubscriber(cfg.NATS.URL, redeliverAfter, cfg.AMQP.Prefetch, limits)
 		if err != nil {
 			_ = pub.Close()
 			return nil, err
@@ -70,10 +85,11 @@ func NewBroker(cfg config.Broker, topics config.Topics, logger *slog.Logger) (*B
 			_, _ = pubClient.Close(), subClient.Close()
 			return nil, fmt.Errorf("redis %s: %w", cfg.RedisStream.Addr, err)
 		}
-		pub, err := redisstream.NewPublisher(pubClient, wlog)
+		rpub, err := redisstream.NewPublisher(pubClient, wlog)
 		if err != nil {
 			return nil, err
 		}
+		pub := redisstream.NewBoundedPublisher(rpub, pubClient, limits, redisstream.TrimEvery, wlog)
 		timing := redisstream.DefaultTiming()
 		timing.MaxIdle = redeliverAfter
 		sub, err := redisstream.NewSubscriber(subClient, consumerName(), timing, wlog)

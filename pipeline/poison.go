@@ -29,7 +29,9 @@ func OpenPoison(cfg config.Config, logger *slog.Logger) (*Poison, error) {
 	if cfg.Broker.Kind != config.BrokerAMQP {
 		return nil, fmt.Errorf("broker.kind %q: poison tooling works on the amqp broker (the embedded broker's poison topic lives only inside its process)", cfg.Broker.Kind)
 	}
-	return &Poison{queue: amqp.NewPoisonQueue(cfg.Broker.AMQP.URL, cfg.Topics.Poison, MetaMessageID), cfg: cfg, logger: logger}, nil
+	q := amqp.NewPoisonQueue(cfg.Broker.AMQP.URL, cfg.Topics.Poison, MetaMessageID)
+	q.MaxLength = cfg.Topics.PoisonMaxLength
+	return &Poison{queue: q, cfg: cfg, logger: logger}, nil
 }
 
 // List returns the poisoned messages, leaving them in place.
@@ -42,7 +44,7 @@ func (p *Poison) Purge(ctx context.Context, sel amqp.Selector) (int, error) {
 
 // Replay re-publishes the selected messages to the push topic.
 func (p *Poison) Replay(ctx context.Context, sel amqp.Selector) (int, error) {
-	pub, err := amqp.NewPublisher(p.cfg.Broker.AMQP.URL, WatermillLogger(p.logger), 1, p.cfg.Topics.Push)
+	pub, err := amqp.NewBoundedPublisher(p.cfg.Broker.AMQP.URL, WatermillLogger(p.logger), 1, amqp.Limits(maxLengths(p.cfg.Topics)), p.cfg.Topics.Push)
 	if err != nil {
 		return 0, err
 	}

@@ -102,7 +102,7 @@ func (c *coalescer) sendBatch(batch []*queued) error {
 	if err != nil {
 		return err
 	}
-	return waitConfirm(context.Background(), wait)
+	return c.p.refused(c.topic, waitConfirm(context.Background(), wait))
 }
 
 // unbatch returns the messages a delivery carries: those of a batch, or

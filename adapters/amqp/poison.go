@@ -7,6 +7,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/ThreeDotsLabs/watermill"
 	"github.com/ThreeDotsLabs/watermill/message"
 	amqp091 "github.com/rabbitmq/amqp091-go"
 )
@@ -28,6 +29,9 @@ type Poisoned struct {
 type PoisonQueue struct {
 	url, queue string
 	idKey      string
+	// MaxLength is the queue's length limit, as its publishers declare
+	// it; 0 declares it unbounded (a queue that exists keeps its own).
+	MaxLength int64
 }
 
 // NewPoisonQueue opens the poison queue named queue; idKey is the metadata
@@ -108,8 +112,8 @@ func (q *PoisonQueue) each(ctx context.Context, fn func(Poisoned) (consume bool,
 		return fmt.Errorf("open channel: %w", err)
 	}
 	defer ch.Close()
-	if _, err := ch.QueueDeclare(q.queue, true, false, false, false, queueArgs()); err != nil {
-		return fmt.Errorf("declare poison queue %s: %w", q.queue, err)
+	if err := declareQueue(conn, q.queue, Limits{q.queue: q.MaxLength}, watermill.NopLogger{}); err != nil {
+		return fmt.Errorf("poison queue: %w", err)
 	}
 	var fnErr error
 	for ctx.Err() == nil && fnErr == nil {

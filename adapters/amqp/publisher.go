@@ -31,6 +31,7 @@ const confirmTimeout = 10 * time.Second
 type Publisher struct {
 	url     string
 	queues  []string
+	limits  Limits
 	size    int
 	logger  watermill.LoggerAdapter
 	marshal marshaler
@@ -52,9 +53,15 @@ type Publisher struct {
 
 // NewPublisher connects, declares the queue of each topic so that nothing
 // published is dropped for want of a queue, and opens that many channels
-// in confirm mode to spread publishes over.
+// in confirm mode to spread publishes over. Its queues are unbounded.
 func NewPublisher(url string, logger watermill.LoggerAdapter, channels int, topics ...string) (*Publisher, error) {
-	p := &Publisher{url: url, queues: topics, size: max(channels, 1), logger: logger, done: make(chan struct{}), coalescers: map[string]*coalescer{}}
+	return NewBoundedPublisher(url, logger, channels, nil, topics...)
+}
+
+// NewBoundedPublisher is NewPublisher declaring queues with limits; a
+// publish a full queue refuses fails with ErrQueueFull.
+func NewBoundedPublisher(url string, logger watermill.LoggerAdapter, channels int, limits Limits, topics ...string) (*Publisher, error) {
+	p := &Publisher{url: url, queues: topics, limits: limits, size: max(channels, 1), logger: logger, done: make(chan struct{}), coalescers: map[string]*coalescer{}}
 	if err := p.connect(); err != nil {
 		return nil, err
 	}
@@ -66,7 +73,7 @@ func (p *Publisher) connect() error {
 	if err != nil {
 		return fmt.Errorf("%w: dial: %w", ErrUnavailable, err)
 	}
-	if err := declareQueues(conn, p.queues); err != nil {
+	if err := declareQueues(conn, p.queues, p.limits, p.logger); err != nil {
 		_ = conn.Close()
 		return err
 	}
@@ -88,22 +95,6 @@ func (p *Publisher) connect() error {
 	p.mu.Unlock()
 	closed := conn.NotifyClose(make(chan *amqp091.Error, 1))
 	go p.watch(conn, closed)
-	return nil
-}
-
-// declareQueues declares each durable queue as watermill-amqp's durable
-// queue subscriber does, so that the two agree on its arguments.
-func declareQueues(conn *amqp091.Connection, queues []string) error {
-	ch, err := conn.Channel()
-	if err != nil {
-		return fmt.Errorf("open channel to declare queues: %w", err)
-	}
-	defer ch.Close()
-	for _, q := range queues {
-		if _, err := ch.QueueDeclare(q, true, false, false, false, queueArgs()); err != nil {
-			return fmt.Errorf("declare queue %s: %w", q, err)
-		}
-	}
 	return nil
 }
 
@@ -181,7 +172,7 @@ func (p *Publisher) declare(topic string) error {
 	if conn == nil {
 		return ErrUnavailable
 	}
-	if err := declareQueues(conn, []string{topic}); err != nil {
+	if err := declareQueue(conn, topic, p.limits, p.logger); err != nil {
 		return err
 	}
 	p.mu.Lock()
@@ -222,10 +213,19 @@ func (p *Publisher) Publish(topic string, msgs ...*message.Message) error {
 	}
 	for i, wait := range waits {
 		if err := waitConfirm(msgs[i].Context(), wait); err != nil {
-			return fmt.Errorf("message %s: %w", msgs[i].UUID, err)
+			return fmt.Errorf("message %s: %w", msgs[i].UUID, p.refused(topic, err))
 		}
 	}
 	return nil
+}
+
+// refused names a nack from a bounded queue for what it is: the queue is
+// at its length limit.
+func (p *Publisher) refused(queue string, err error) error {
+	if n := p.limits[queue]; n > 0 && errors.Is(err, ErrNacked) {
+		return fmt.Errorf("%w: %s holds its limit of %d messages: %w", ErrQueueFull, queue, n, err)
+	}
+	return err
 }
 
 // waitConfirm waits for a confirm within ctx and confirmTimeout.

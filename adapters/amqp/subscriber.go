@@ -24,6 +24,7 @@ const nackDelay = time.Second
 type Subscriber struct {
 	url      string
 	prefetch int
+	limits   Limits
 	logger   watermill.LoggerAdapter
 
 	closing   chan struct{}
@@ -32,13 +33,21 @@ type Subscriber struct {
 }
 
 // NewSubscriber checks that RabbitMQ answers and returns a subscriber.
+// It declares a queue it does not find without limits: one that exists
+// keeps its own.
 func NewSubscriber(url string, logger watermill.LoggerAdapter, prefetch int) (*Subscriber, error) {
+	return NewBoundedSubscriber(url, logger, prefetch, nil)
+}
+
+// NewBoundedSubscriber is NewSubscriber declaring queues with limits, as
+// the publishers to them do.
+func NewBoundedSubscriber(url string, logger watermill.LoggerAdapter, prefetch int, limits Limits) (*Subscriber, error) {
 	conn, err := amqp091.Dial(url)
 	if err != nil {
 		return nil, fmt.Errorf("%w: dial: %w", ErrUnavailable, err)
 	}
 	_ = conn.Close()
-	return &Subscriber{url: url, prefetch: max(prefetch, 1), logger: logger, closing: make(chan struct{})}, nil
+	return &Subscriber{url: url, prefetch: max(prefetch, 1), limits: limits, logger: logger, closing: make(chan struct{})}, nil
 }
 
 // Subscribe consumes the queue named topic (declaring it) until ctx ends
@@ -62,9 +71,10 @@ func (s *Subscriber) consume(queue string) (*amqp091.Connection, <-chan amqp091.
 	if err != nil {
 		return nil, nil, fmt.Errorf("%w: dial: %w", ErrUnavailable, err)
 	}
-	ch, err := conn.Channel()
+	err = declareQueue(conn, queue, s.limits, s.logger)
+	var ch *amqp091.Channel
 	if err == nil {
-		_, err = ch.QueueDeclare(queue, true, false, false, false, queueArgs())
+		ch, err = conn.Channel()
 	}
 	if err == nil {
 		err = ch.Qos(s.prefetch, 0, false)
@@ -208,7 +218,7 @@ func (s *Subscriber) SubscribeInitialize(topic string) error {
 		return fmt.Errorf("%w: dial: %w", ErrUnavailable, err)
 	}
 	defer conn.Close()
-	return declareQueues(conn, []string{topic})
+	return declareQueue(conn, topic, s.limits, s.logger)
 }
 
 // Close stops every subscription and waits for them.

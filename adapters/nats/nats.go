@@ -4,6 +4,7 @@ package nats
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -33,11 +34,33 @@ const (
 // may not contain dots, which imcloud's topics do.
 func streamName(topic string) string { return strings.ReplaceAll(topic, ".", "_") }
 
+// ErrQueueFull is returned for a message a stream refused for holding its
+// limit of messages.
+var ErrQueueFull = errors.New("nats stream full")
+
+// Limits maps a topic to the most messages its stream holds; a topic not
+// listed is unbounded.
+type Limits map[string]int64
+
 // streamConfig is a file-backed work queue: a message is removed once a
 // consumer acks it, so the stream holds exactly what is not yet delivered.
-func streamConfig(name string) jetstream.StreamConfig {
-	return jetstream.StreamConfig{Name: name, Subjects: []string{name}, Retention: jetstream.WorkQueuePolicy, Storage: jetstream.FileStorage}
+// At maxMsgs (when positive) it refuses new messages (DiscardNew) rather
+// than dropping old ones. There is no MaxAge: an age limit would drop
+// undelivered messages without a word. Limits are updated in place on an
+// existing stream (CreateOrUpdateStream), so no migration is needed.
+func streamConfig(name string, maxMsgs int64) jetstream.StreamConfig {
+	cfg := jetstream.StreamConfig{Name: name, Subjects: []string{name}, Retention: jetstream.WorkQueuePolicy, Storage: jetstream.FileStorage, MaxMsgs: -1}
+	if maxMsgs > 0 {
+		cfg.MaxMsgs = maxMsgs
+		cfg.Discard = jetstream.DiscardNew
+	}
+	return cfg
 }
+
+// jsStoreFailed is JetStream's error code for a message a stream cannot
+// store; with DiscardNew that is a stream at its limits ("maximum
+// messages exceeded").
+const jsStoreFailed jetstream.ErrorCode = 10077
 
 func connect(url, name string) (*nc.Conn, jetstream.JetStream, error) {
 	conn, err := nc.Connect(url, nc.Name(name), nc.RetryOnFailedConnect(true), nc.ReconnectWait(time.Second), nc.MaxReconnects(-1))
@@ -54,9 +77,18 @@ func connect(url, name string) (*nc.Conn, jetstream.JetStream, error) {
 
 // streams creates each topic's stream once per process.
 type streams struct {
-	js   jetstream.JetStream
-	mu   sync.Mutex
-	have map[string]jetstream.Stream
+	js     jetstream.JetStream
+	limits map[string]int64 // by stream name
+	mu     sync.Mutex
+	have   map[string]jetstream.Stream
+}
+
+func newStreams(js jetstream.JetStream, limits Limits) *streams {
+	byName := make(map[string]int64, len(limits))
+	for topic, n := range limits {
+		byName[streamName(topic)] = n
+	}
+	return &streams{js: js, limits: byName, have: map[string]jetstream.Stream{}}
 }
 
 func (s *streams) get(ctx context.Context, name string) (jetstream.Stream, error) {
@@ -65,7 +97,7 @@ func (s *streams) get(ctx context.Context, name string) (jetstream.Stream, error
 	if st := s.have[name]; st != nil {
 		return st, nil
 	}
-	st, err := s.js.CreateOrUpdateStream(ctx, streamConfig(name))
+	st, err := s.js.CreateOrUpdateStream(ctx, streamConfig(name, s.limits[name]))
 	if err != nil {
 		return nil, fmt.Errorf("create stream %s: %w", name, err)
 	}
@@ -81,13 +113,14 @@ type Publisher struct {
 	streams *streams
 }
 
-// NewPublisher connects a publisher.
-func NewPublisher(url string) (*Publisher, error) {
+// NewPublisher connects a publisher; it creates streams with limits, and a
+// publish a full stream refuses fails with ErrQueueFull.
+func NewPublisher(url string, limits Limits) (*Publisher, error) {
 	conn, js, err := connect(url, "imcloud-publisher")
 	if err != nil {
 		return nil, err
 	}
-	return &Publisher{conn: conn, js: js, streams: &streams{js: js, have: map[string]jetstream.Stream{}}}, nil
+	return &Publisher{conn: conn, js: js, streams: newStreams(js, limits)}, nil
 }
 
 // Publish publishes msgs to topic.
@@ -115,6 +148,10 @@ func (p *Publisher) publish(ctx context.Context, name string, msg *message.Messa
 	}
 	m.Data = msg.Payload
 	if _, err := p.js.PublishMsg(ctx, m); err != nil {
+		var ae *jetstream.APIError
+		if errors.As(err, &ae) && ae.ErrorCode == jsStoreFailed {
+			err = fmt.Errorf("%w: %w", ErrQueueFull, err)
+		}
 		return fmt.Errorf("publish %s to %s: %w", msg.UUID, name, err)
 	}
 	return nil
@@ -142,13 +179,14 @@ type Subscriber struct {
 // unacked messages; one unacked for longer than ackWait is redelivered to
 // any job (its handler presumed gone), so ackWait must exceed the time a
 // job spends retrying one message.
-func NewSubscriber(url string, ackWait time.Duration, prefetch int) (*Subscriber, error) {
+// Streams it creates get limits, as the publishers to them give them.
+func NewSubscriber(url string, ackWait time.Duration, prefetch int, limits Limits) (*Subscriber, error) {
 	conn, js, err := connect(url, "imcloud-subscriber")
 	if err != nil {
 		return nil, err
 	}
 	return &Subscriber{
-		conn: conn, streams: &streams{js: js, have: map[string]jetstream.Stream{}},
+		conn: conn, streams: newStreams(js, limits),
 		ackWait: ackWait, prefetch: max(prefetch, 1), closing: make(chan struct{}),
 	}, nil
 }

@@ -26,11 +26,11 @@ func testURL() string {
 func TestIntegrationUniversalPubSub(t *testing.T) {
 	t.Cleanup(func() { deleteStreams(t) })
 	pubsubtest.Run(t, func(t *testing.T) (message.Publisher, message.Subscriber) {
-		pub, err := NewPublisher(testURL())
+		pub, err := NewPublisher(testURL(), nil)
 		if err != nil {
 			t.Fatal(err)
 		}
-		sub, err := NewSubscriber(testURL(), 5*time.Second, 16)
+		sub, err := NewSubscriber(testURL(), 5*time.Second, 16, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
