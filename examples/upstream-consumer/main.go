@@ -22,11 +22,12 @@ import (
 func main() {
 	url := flag.String("amqp", "amqp://guest:guest@127.0.0.1:5672/", "RabbitMQ URL (broker.amqp.url)")
 	topic := flag.String("topic", "imcloud.upstream", "upstream topic (topics.upstream)")
+	maxLength := flag.Int64("max-length", 100_000, "the queue's length limit (topics.upstream_max_length): declared as imcloud declares it")
 	flag.Parse()
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
-	sub, err := amqp.NewSubscriber(*url, watermill.NopLogger{}, 16)
+	sub, err := amqp.NewBoundedSubscriber(*url, watermill.NopLogger{}, 16, amqp.Limits{*topic: *maxLength})
 	if err != nil {
 		log.Fatal(err)
 	}
