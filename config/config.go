@@ -84,9 +84,18 @@ type Admin struct {
 // Broker selects and configures the message broker.
 type Broker struct {
 	Kind        string      `koanf:"kind"`
+	GoChannel   GoChannel   `koanf:"gochannel"`
 	AMQP        AMQP        `koanf:"amqp"`
 	NATS        NATS        `koanf:"nats"`
 	RedisStream RedisStream `koanf:"redisstream"`
+}
+
+// GoChannel configures the embedded broker.
+type GoChannel struct {
+	// MaxPending bounds the messages published and not yet acked, held in
+	// memory (about 8 KB each besides the body); past it a publish is
+	// refused (503 from the push API).
+	MaxPending int `koanf:"max_pending"`
 }
 
 // AMQP configures the RabbitMQ broker.
@@ -249,6 +258,7 @@ func Default() Config {
 		Admin:  Admin{Addr: ""},
 		Broker: Broker{
 			Kind:        BrokerAMQP,
+			GoChannel:   GoChannel{MaxPending: 50_000},
 			AMQP:        AMQP{URL: "amqp://guest:guest@127.0.0.1:5672/", Channels: 4, Prefetch: 16},
 			NATS:        NATS{URL: "nats://127.0.0.1:4222"},
 			RedisStream: RedisStream{Addr: "127.0.0.1:6379"},
@@ -479,6 +489,7 @@ func (c Config) Validate() error {
 		bad("logic.auth.jwt_secret", "jwt mode needs jwt_secret or jwt_public_key_file")
 	}
 
+	positive("broker.gochannel.max_pending", c.Broker.GoChannel.MaxPending)
 	positive("job.concurrency", c.Job.Concurrency)
 	positive("job.room_batch_size", c.Job.RoomBatchSize)
 	if c.Job.RoomBatchWindow < 0 {

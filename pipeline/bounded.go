@@ -10,6 +10,7 @@ import (
 	"github.com/ThreeDotsLabs/watermill/message"
 
 	"imcloud/adapters/amqp"
+	"imcloud/adapters/gochannel"
 	"imcloud/adapters/nats"
 	"imcloud/adapters/redisstream"
 	"imcloud/config"
@@ -23,7 +24,7 @@ var ErrQueueFull = errors.New("queue full")
 
 // queueFull reports whether err is any adapter's refusal for a full queue.
 func queueFull(err error) bool {
-	return errors.Is(err, amqp.ErrQueueFull) || errors.Is(err, nats.ErrQueueFull) || errors.Is(err, redisstream.ErrQueueFull)
+	return errors.Is(err, amqp.ErrQueueFull) || errors.Is(err, gochannel.ErrQueueFull) || errors.Is(err, nats.ErrQueueFull) || errors.Is(err, redisstream.ErrQueueFull)
 }
 
 // boundedPublisher gives the adapters' "queue full" refusals one error,

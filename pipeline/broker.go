@@ -34,8 +34,8 @@ type Broker struct {
 // and upstream topics are declared before anything is published, so no
 // message is dropped for want of a consumer. Every queue or stream it
 // creates holds at most its topics.*_max_length messages; a publish to a
-// full one fails with ErrQueueFull (the embedded gochannel broker holds
-// nothing: a publish waits for its subscriber).
+// full one fails with ErrQueueFull; the embedded gochannel broker bounds
+// the messages it holds in memory (broker.gochannel.max_pending).
 func NewBroker(cfg config.Broker, topics config.Topics, logger *slog.Logger) (*Broker, error) {
 	b, err := newBroker(cfg, topics, logger)
 	if err != nil {
@@ -50,7 +50,7 @@ func newBroker(cfg config.Broker, topics config.Topics, logger *slog.Logger) (*B
 	limits := maxLengths(topics)
 	switch cfg.Kind {
 	case config.BrokerGoChannel:
-		gc := gochannel.New(wlog)
+		gc := gochannel.New(wlog, cfg.GoChannel.MaxPending)
 		return &Broker{Publisher: gc, Subscriber: gc, closers: []func() error{gc.Close}}, nil
 	case config.BrokerAMQP:
 		pub, err := amqp.NewBoundedPublisher(cfg.AMQP.URL, wlog, cfg.AMQP.Channels, limits, topics.Push, topics.Poison, topics.Upstream)

@@ -3,7 +3,14 @@
 package gochannel
 
 import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+
 	"github.com/ThreeDotsLabs/watermill"
+	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/ThreeDotsLabs/watermill/pubsub/gochannel"
 )
 
@@ -11,8 +18,108 @@ import (
 // handler while job works through them.
 const outputBuffer = 4096
 
-// New returns an in-process Pub/Sub. Messages live only in this process:
+// ErrQueueFull is returned for a message refused because maxPending
+// messages are published and not yet acked.
+var ErrQueueFull = errors.New("embedded broker full")
+
+// errClosed is returned for a publish after Close.
+var errClosed = errors.New("embedded broker closed")
+
+// PubSub is an in-process Pub/Sub. Messages live only in this process:
 // what is queued when it exits is gone, which is the embedded trade-off.
-func New(logger watermill.LoggerAdapter) *gochannel.GoChannel {
-	return gochannel.NewGoChannel(gochannel.Config{OutputChannelBuffer: outputBuffer}, logger)
+// Watermill's Pub/Sub holds each message in memory, with two goroutines,
+// until its subscriber acks it (about 8 KB besides the body: 7.8 KB
+// measured with 100-byte bodies), and publishing does not wait; so the
+// messages waiting are counted, and at maxPending Publish refuses with
+// ErrQueueFull. A message to a topic nobody subscribes to is dropped at
+// once and not counted.
+type PubSub struct {
+	gc      *gochannel.GoChannel
+	max     int64
+	pending atomic.Int64
+	closed  atomic.Bool
+
+	mu   sync.Mutex
+	subs map[string]int64 // live subscriptions per topic; each gets a copy
+}
+
+// New returns an in-process Pub/Sub holding at most maxPending unacked
+// messages.
+func New(logger watermill.LoggerAdapter, maxPending int) *PubSub {
+	gc := gochannel.NewGoChannel(gochannel.Config{OutputChannelBuffer: outputBuffer}, logger)
+	return &PubSub{gc: gc, max: int64(max(maxPending, 1)), subs: map[string]int64{}}
+}
+
+// Pending is how many message copies wait for their subscriber's ack.
+func (p *PubSub) Pending() int64 { return p.pending.Load() }
+
+// Publish hands msgs to topic's subscribers and returns without waiting
+// for them, unless maxPending messages are already waiting.
+func (p *PubSub) Publish(topic string, msgs ...*message.Message) error {
+	if p.closed.Load() {
+		return errClosed
+	}
+	p.mu.Lock()
+	n := int64(len(msgs)) * p.subs[topic]
+	p.mu.Unlock()
+	if n > 0 {
+		if p.pending.Add(n) > p.max {
+			p.pending.Add(-n)
+			return fmt.Errorf("%w: %d messages wait for their subscriber", ErrQueueFull, p.max)
+		}
+	}
+	return p.gc.Publish(topic, msgs...)
+}
+
+// Subscribe subscribes to topic; each message's slot is freed once the
+// subscriber acks it, or its subscription ends with it unacked. A nacked
+// message comes again, counted still.
+func (p *PubSub) Subscribe(ctx context.Context, topic string) (<-chan *message.Message, error) {
+	p.mu.Lock()
+	in, err := p.gc.Subscribe(ctx, topic)
+	if err == nil {
+		p.subs[topic]++
+	}
+	p.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
+	out := make(chan *message.Message)
+	go func() {
+		defer close(out)
+		defer func() {
+			p.mu.Lock()
+			p.subs[topic]--
+			p.mu.Unlock()
+		}()
+		for m := range in {
+			// Its context, read before the subscriber may replace it,
+			// ends when Watermill is done with this copy.
+			go p.settle(m.Context(), m)
+			select {
+			case out <- m:
+			case <-ctx.Done():
+				// The subscription ended: Watermill drops m, ending its
+				// context, and closes in.
+			}
+		}
+	}()
+	return out, nil
+}
+
+// settle frees m's slot once it is acked or dropped with its subscription.
+func (p *PubSub) settle(ctx context.Context, m *message.Message) {
+	select {
+	case <-m.Acked():
+	case <-m.Nacked():
+		return // resent as a new copy, which settles it
+	case <-ctx.Done():
+	}
+	p.pending.Add(-1)
+}
+
+// Close refuses further publishes and closes the Pub/Sub.
+func (p *PubSub) Close() error {
+	p.closed.Store(true)
+	return p.gc.Close()
 }

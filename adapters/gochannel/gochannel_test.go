@@ -1,0 +1,61 @@
+package gochannel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill"
+	"github.com/ThreeDotsLabs/watermill/message"
+)
+
+func TestPendingMessagesAreBounded(t *testing.T) {
+	const limit = 3
+	p := New(watermill.NopLogger{}, limit)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	msgs, err := p.Subscribe(ctx, "t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	publish := func(i int) error { return p.Publish("t", message.NewMessage(fmt.Sprint(i), nil)) }
+	// A topic nobody reads drops its messages at once: they hold nothing.
+	for i := range 2 * limit {
+		if err := p.Publish("nobody", message.NewMessage(fmt.Sprint(i), nil)); err != nil {
+			t.Fatalf("publish to a topic without subscribers: %v", err)
+		}
+	}
+	for i := range limit {
+		if err := publish(i); err != nil {
+			t.Fatalf("publish %d of %d: %v", i+1, limit, err)
+		}
+	}
+	if err := publish(limit); !errors.Is(err, ErrQueueFull) {
+		t.Fatalf("publish past %d unacked messages: %v, want ErrQueueFull", limit, err)
+	}
+	// Acking one frees its slot.
+	select {
+	case m := <-msgs:
+		m.Ack()
+	case <-time.After(10 * time.Second):
+		t.Fatal("no message delivered")
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for publish(limit+1) != nil {
+		if time.Now().After(deadline) {
+			t.Fatal("an acked message did not free its slot")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if p.Pending() != limit {
+		t.Fatalf("Pending() = %d, want %d", p.Pending(), limit)
+	}
+	if err := p.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := publish(99); err == nil {
+		t.Fatal("publish after Close succeeded")
+	}
+}
