@@ -61,12 +61,15 @@ func queueReady(t *testing.T, queue string) int {
 // client queue in RabbitMQ while no job runs; its cloud node is killed
 // with SIGKILL and restarted, job starts before the client is back, and
 // the client reconnects. Every push answered online is delivered to it.
-// A second client, which never comes back, had 100 pushes answered online:
-// each of them is in the poison queue as "recipients offline", where
-// `imcloud poison list` shows it. None is silently lost.
+// So are 100 pushes by user id to a client whose token has no key claim,
+// which gets a new key when it reconnects. A third client, which never
+// comes back, had 100 pushes answered online: each of them is in the
+// poison queue as "recipients offline", where `imcloud poison list` shows
+// it. None is silently lost.
 func TestIntegrationCloudRestartWithBacklog(t *testing.T) {
 	const (
 		backlog = 1000
+		byMid   = 100
 		stray   = 100
 		grace   = 5 * time.Second
 	)
@@ -100,7 +103,7 @@ func TestIntegrationCloudRestartWithBacklog(t *testing.T) {
 		"--set", "cloud.advertise_addr="+cloudGRPC, "--set", "cloud.logic_addr="+logicGRPC)
 	cloud := startProc(t, bin, cloudArgs...)
 
-	dial := func(key string) *client.Conn {
+	dial := func(mid int64, key string) *client.Conn {
 		t.Helper()
 		ctx, cancel := context.WithTimeout(context.Background(), wait)
 		defer cancel()
@@ -110,20 +113,21 @@ func TestIntegrationCloudRestartWithBacklog(t *testing.T) {
 		}
 		t.Cleanup(func() { _ = c.Close() })
 		_ = c.SetReadDeadline(time.Now().Add(wait))
-		tok, _ := logic.IssueToken(testSecret, logic.Claims{Mid: 1, Key: key}, time.Hour)
+		tok, _ := logic.IssueToken(testSecret, logic.Claims{Mid: mid, Key: key}, time.Hour)
 		if _, err := c.Auth([]byte(tok)); err != nil {
 			t.Fatal(err)
 		}
 		return c
 	}
-	back := dial("restart-back")
-	never := dial("restart-never")
+	back := dial(1, "restart-back")
+	never := dial(2, "restart-never")
+	keyless := dial(3, "")
 
-	// No job runs: every push waits in RabbitMQ. One in eleven goes to
-	// the client that will not return.
-	push := func(key, body string) bool {
-		q := url.Values{"operation": {"1000"}, "keys": {key}}
-		req, _ := http.NewRequest(http.MethodPost, "http://"+logicHTTP+"/im/push/keys?"+q.Encode(), strings.NewReader(body))
+	// No job runs: every push waits in RabbitMQ. One in twelve goes to
+	// the client that will not return, one in twelve to user 3 by id.
+	push := func(route string, q url.Values, body string) bool {
+		q.Set("operation", "1000")
+		req, _ := http.NewRequest(http.MethodPost, "http://"+logicHTTP+route+"?"+q.Encode(), strings.NewReader(body))
 		req.Header.Set("Authorization", "Bearer "+testAPIKey)
 		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
@@ -138,7 +142,7 @@ func TestIntegrationCloudRestartWithBacklog(t *testing.T) {
 			} `json:"data"`
 		}
 		if resp.StatusCode != 200 || json.Unmarshal(b, &rep) != nil {
-			t.Errorf("push to %s: %d %s", key, resp.StatusCode, b)
+			t.Errorf("push %v: %d %s", q, resp.StatusCode, b)
 			return false
 		}
 		return rep.Data.Online == 1
@@ -146,12 +150,13 @@ func TestIntegrationCloudRestartWithBacklog(t *testing.T) {
 	var (
 		mu         sync.Mutex
 		onlineBack []string
+		onlineMid  []string
 		onlineGone []string
 		wg         sync.WaitGroup
 	)
 	next := make(chan int)
 	go func() {
-		for i := range backlog + stray {
+		for i := range backlog + byMid + stray {
 			next <- i
 		}
 		close(next)
@@ -159,12 +164,15 @@ func TestIntegrationCloudRestartWithBacklog(t *testing.T) {
 	for range 16 {
 		wg.Go(func() {
 			for i := range next {
-				key, list := "restart-back", &onlineBack
-				if i%11 == 10 {
-					key, list = "restart-never", &onlineGone
+				route, q, list := "/im/push/keys", url.Values{"keys": {"restart-back"}}, &onlineBack
+				switch i % 12 {
+				case 5:
+					route, q, list = "/im/push/mids", url.Values{"mids": {"3"}}, &onlineMid
+				case 11:
+					q, list = url.Values{"keys": {"restart-never"}}, &onlineGone
 				}
-				body := fmt.Sprintf("%s-%d", key, i)
-				if push(key, body) {
+				body := fmt.Sprintf("%s-%d", q.Encode(), i)
+				if push(route, q, body) {
 					mu.Lock()
 					*list = append(*list, body)
 					mu.Unlock()
@@ -173,23 +181,25 @@ func TestIntegrationCloudRestartWithBacklog(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	if len(onlineBack) != backlog || len(onlineGone) != stray {
-		t.Fatalf("answered online: %d of %d and %d of %d pushes, want all", len(onlineBack), backlog, len(onlineGone), stray)
+	if len(onlineBack) != backlog || len(onlineMid) != byMid || len(onlineGone) != stray {
+		t.Fatalf("answered online: %d of %d, %d of %d and %d of %d pushes, want all",
+			len(onlineBack), backlog, len(onlineMid), byMid, len(onlineGone), stray)
 	}
 
 	// The node dies with its clients' connections; it restarts under the
 	// same id and addresses, and job starts while its clients are away.
 	cloud.kill()
-	_, _ = back.Close(), never.Close()
+	_, _, _ = back.Close(), never.Close(), keyless.Close()
 	startProc(t, bin, cloudArgs...)
 	pushQueue := topicOf(t, topics, "push")
 	queued := queueReady(t, pushQueue)
 	startProc(t, bin, args("--stages", "job")...)
 	waitFor(t, "job to take messages it cannot deliver yet", func() bool { return queueReady(t, pushQueue) < queued })
 
-	back = dial("restart-back")
-	got := collect(t, "the reconnected client", back, onlineBack)
-	dups := repeats(got)
+	back = dial(1, "restart-back")
+	keyless = dial(3, "")
+	dups := repeats(collect(t, "the reconnected client", back, onlineBack))
+	dups += repeats(collect(t, "user 3's new connection", keyless, onlineMid))
 
 	// The pushes to the client that never came back are in the poison
 	// queue with the reason, each once, carrying its key.
@@ -229,6 +239,6 @@ func TestIntegrationCloudRestartWithBacklog(t *testing.T) {
 			t.Fatalf("push %q poisoned with reason %q, want %q", body, reason, pipeline.ReasonRecipientsOffline)
 		}
 	}
-	t.Logf("%d pushes delivered after the restart (%d twice), %d undelivered in the poison queue as %q",
-		len(onlineBack), dups, len(onlineGone), pipeline.ReasonRecipientsOffline)
+	t.Logf("%d pushes by key and %d by user id delivered after the restart (%d twice), %d undelivered in the poison queue as %q",
+		len(onlineBack), len(onlineMid), dups, len(onlineGone), pipeline.ReasonRecipientsOffline)
 }

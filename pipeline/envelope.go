@@ -4,7 +4,10 @@
 package pipeline
 
 import (
+	"encoding/json"
 	"fmt"
+	"maps"
+	"slices"
 	"strconv"
 	"time"
 
@@ -56,4 +59,62 @@ func DecodePush(msg *message.Message) (*pb.PushMsg, error) {
 		return nil, fmt.Errorf("decode push message %s: %w", msg.UUID, err)
 	}
 	return &pm, nil
+}
+
+// MetaMidKeys maps, as JSON, each user a mid push was for to every key
+// the user had when logic accepted the push. A key that is gone at
+// delivery stands for its user: job delivers to the user's keys that are
+// not in this list, the connections made since (a client without a key
+// claim gets a new key each time it connects).
+const MetaMidKeys = "mid_keys"
+
+// SetMidKeys records in msg, for the users whose keys are among keys,
+// all their keys in byMid (every user of a mid push, with their keys as
+// the registry listed them).
+func SetMidKeys(msg *message.Message, keys []string, byMid map[int64]map[string]string) {
+	if len(byMid) == 0 {
+		return
+	}
+	in := make(map[string]bool, len(keys))
+	for _, k := range keys {
+		in[k] = true
+	}
+	out := map[string][]string{}
+	for mid, ks := range byMid {
+		for k := range ks {
+			if in[k] {
+				out[strconv.FormatInt(mid, 10)] = slices.Sorted(maps.Keys(ks))
+				break
+			}
+		}
+	}
+	if len(out) == 0 {
+		return
+	}
+	b, err := json.Marshal(out)
+	if err != nil {
+		return // a map of strings always marshals
+	}
+	msg.Metadata.Set(MetaMidKeys, string(b))
+}
+
+// MidKeys returns what SetMidKeys recorded: each user's keys at accept.
+func MidKeys(msg *message.Message) (map[int64][]string, error) {
+	raw := msg.Metadata.Get(MetaMidKeys)
+	if raw == "" {
+		return nil, nil
+	}
+	var m map[string][]string
+	if err := json.Unmarshal([]byte(raw), &m); err != nil {
+		return nil, fmt.Errorf("decode %s of %s: %w", MetaMidKeys, msg.UUID, err)
+	}
+	out := make(map[int64][]string, len(m))
+	for s, keys := range m {
+		mid, err := strconv.ParseInt(s, 10, 64)
+		if err != nil {
+			return nil, fmt.Errorf("decode %s of %s: mid %q: %w", MetaMidKeys, msg.UUID, s, err)
+		}
+		out[mid] = keys
+	}
+	return out, nil
 }

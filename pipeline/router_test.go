@@ -192,3 +192,27 @@ func TestDedupe(t *testing.T) {
 		t.Fatalf("replayed poisoned message delivered %d times, want 1", count("poisoned-once"))
 	}
 }
+
+func TestMidKeysRoundTrip(t *testing.T) {
+	msg, err := NewPushMessage("id", "c", &pb.PushMsg{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	byMid := map[int64]map[string]string{
+		7: {"b": "c1", "a": "c2"}, // a key of this message: recorded with all its keys
+		8: {"z": "c3"},            // none here: left out
+	}
+	SetMidKeys(msg, []string{"b"}, byMid)
+	got, err := MidKeys(msg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fmt.Sprint(got) != "map[7:[a b]]" {
+		t.Fatalf("MidKeys = %v, want map[7:[a b]]", got)
+	}
+	plain, _ := NewPushMessage("id2", "c", &pb.PushMsg{})
+	SetMidKeys(plain, []string{"k"}, nil)
+	if got, err := MidKeys(plain); err != nil || got != nil {
+		t.Fatalf("a key push has mid keys %v (%v)", got, err)
+	}
+}

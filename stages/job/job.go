@@ -62,10 +62,17 @@ type KeyLocator interface {
 	ServersByKeys(ctx context.Context, keys []string) (map[string]string, error)
 }
 
+// MidLocator finds each user's keys and their nodes now; a registry
+// shared with logic is one.
+type MidLocator interface {
+	KeysByMids(ctx context.Context, mids []int64) (map[int64]map[string]string, error)
+}
+
 // Stage delivers pushes to cloud nodes.
 type Stage struct {
 	nodes   Nodes
 	locator KeyLocator // nil when Nodes cannot locate keys
+	mids    MidLocator // nil when Nodes cannot locate users
 	logger  *slog.Logger
 	rooms   *roomBatcher // nil when room batching is off
 	clouds  *cloudconn.Pool
@@ -94,6 +101,9 @@ func New(o Options) *Stage {
 	s := &Stage{nodes: o.Nodes, logger: o.Logger, clouds: cloudconn.New(), grace: o.OfflineGrace, offline: newOfflineKeys(maxOfflineKeys)}
 	if l, ok := o.Nodes.(KeyLocator); ok {
 		s.locator = l
+	}
+	if l, ok := o.Nodes.(MidLocator); ok {
+		s.mids = l
 	}
 	if o.BatchWindow > 0 && o.BatchSize > 1 {
 		s.rooms = newRoomBatcher(o.BatchWindow, o.BatchSize, o.Timeout, s.deliverRoomBatch)

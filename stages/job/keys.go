@@ -23,13 +23,14 @@ import (
 // accepted it (logic answers the offline ones itself and leaves them
 // out), so a key its node does not have now is not delivered: typically
 // the node restarted and the client has not reconnected yet. Such keys
-// are retried, on whatever node they are connected to by then, until the
-// grace period ends (pipeline.UndeliveredError); the message's payload
-// keeps only the keys still undelivered, so that a retry, the poison
-// queue and a replay carry no key twice.
+// are retried, on whatever node they are connected to by then (or, for a
+// mid push, through their user's new connections), until the grace
+// period ends (pipeline.UndeliveredError); the message's payload keeps
+// only the keys still undelivered, so that a retry, the poison queue and
+// a replay carry no key twice.
 func (s *Stage) pushKeys(ctx context.Context, msg *message.Message, pm *pb.PushMsg, p *pb.Proto, nodes map[string]string) error {
 	round, _ := strconv.Atoi(msg.Metadata.Get(pipeline.MetaOfflineRound))
-	targets, err := s.locate(ctx, pm, round)
+	plan, err := s.locate(ctx, msg, pm, round)
 	if err != nil {
 		return err
 	}
@@ -37,45 +38,52 @@ func (s *Stage) pushKeys(ctx context.Context, msg *message.Message, pm *pb.PushM
 		// The node remembers the id of the round that found keys offline.
 		p = &pb.Proto{Ver: p.Ver, Op: p.Op, Body: p.Body, Id: p.Id + "#" + strconv.Itoa(round)}
 	}
+	state := map[string]keyState{} // by target key
 	var (
-		offline, failed []string
-		delivered       []string
-		errs            []error
-		where           []string
+		errs  []error
+		where []string
 	)
-	for _, server := range slices.Sorted(maps.Keys(targets)) {
-		keys := targets[server]
+	for _, server := range slices.Sorted(maps.Keys(plan.targets)) {
+		keys := plan.targets[server]
 		addr, ok := nodes[server]
 		if !ok {
 			// The node lapsed from the registry: it holds no connections.
-			offline = append(offline, keys...)
 			where = append(where, server+" (gone)")
-			continue
+			continue // offline: the zero state
 		}
 		c, err := s.clouds.Client(addr)
 		if err != nil {
-			failed = append(failed, keys...)
+			setAll(state, keys, keyFailed)
 			errs = append(errs, err)
 			continue
 		}
 		reply, err := c.PushMsg(ctx, &pb.PushMsgReq{Keys: keys, Proto: p})
 		if err != nil {
-			failed = append(failed, keys...)
+			setAll(state, keys, keyFailed)
 			errs = append(errs, fmt.Errorf("push to %d keys on %s: %w", len(keys), server, err))
 			continue
 		}
+		setAll(state, keys, keyDelivered)
+		setAll(state, reply.Offline, keyOffline)
 		if len(reply.Offline) > 0 {
-			offline = append(offline, reply.Offline...)
 			where = append(where, server)
 		}
-		gone := make(map[string]bool, len(reply.Offline))
-		for _, k := range reply.Offline {
-			gone[k] = true
+	}
+	// A key of the message is delivered when any connection standing for
+	// it took the push.
+	var delivered, offline, failed []string
+	for _, k := range pm.Keys {
+		st := keyOffline
+		for _, t := range plan.standIns(k) {
+			st = max(st, state[t])
 		}
-		for _, k := range keys {
-			if !gone[k] {
-				delivered = append(delivered, k)
-			}
+		switch st {
+		case keyDelivered:
+			delivered = append(delivered, k)
+		case keyFailed:
+			failed = append(failed, k)
+		default:
+			offline = append(offline, k)
 		}
 	}
 	s.offline.forget(delivered)
@@ -100,26 +108,118 @@ func (s *Stage) pushKeys(ctx context.Context, msg *message.Message, pm *pb.PushM
 	}
 }
 
+// keyState is what became of a key in one attempt, in increasing order of
+// success.
+type keyState int
+
+const (
+	keyOffline keyState = iota
+	keyFailed
+	keyDelivered
+)
+
+func setAll(m map[string]keyState, keys []string, st keyState) {
+	for _, k := range keys {
+		m[k] = st
+	}
+}
+
+// deliveryPlan is the keys to call per node, and which keys of the
+// message each stands for when it is not the key itself.
+type deliveryPlan struct {
+	targets map[string][]string // server -> keys
+	subs    map[string][]string // key of the message -> its user's new keys
+}
+
+func (p deliveryPlan) standIns(key string) []string {
+	if s, ok := p.subs[key]; ok {
+		return s
+	}
+	return []string{key}
+}
+
 // locate groups the push's keys by the node to call: the one logic
-// resolved at first, and after a round that found keys offline, the one
-// each is connected to now, where the registry knows.
-func (s *Stage) locate(ctx context.Context, pm *pb.PushMsg, round int) (map[string][]string, error) {
+// resolved at first; after a round that found keys offline, the one each
+// is connected to now, where the registry knows. A key of a mid push also
+// stands for its user: the user's keys that were not there when logic
+// accepted the push (the connections made since; a client without a key
+// claim gets a new key each time) are called too, and the key counts as
+// delivered when any of them took the push. The registry may still list
+// a key whose node was killed, until its session expires.
+func (s *Stage) locate(ctx context.Context, msg *message.Message, pm *pb.PushMsg, round int) (deliveryPlan, error) {
+	plan := deliveryPlan{targets: map[string][]string{}, subs: map[string][]string{}}
 	if round == 0 || s.locator == nil {
-		return map[string][]string{pm.Server: pm.Keys}, nil
+		plan.targets[pm.Server] = pm.Keys
+		return plan, nil
 	}
 	now, err := s.locator.ServersByKeys(ctx, pm.Keys)
 	if err != nil {
-		return nil, fmt.Errorf("locate %d offline keys: %w", len(pm.Keys), err)
+		return plan, fmt.Errorf("locate %d offline keys: %w", len(pm.Keys), err)
 	}
-	out := map[string][]string{}
+	midOf, acceptKeys, current, err := s.usersOf(ctx, msg, pm.Keys)
+	if err != nil {
+		return plan, err
+	}
+	added := map[string]bool{}
+	add := func(server, key string) {
+		if !added[key] {
+			added[key] = true
+			plan.targets[server] = append(plan.targets[server], key)
+		}
+	}
 	for _, k := range pm.Keys {
 		server, ok := now[k]
 		if !ok {
 			server = pm.Server
 		}
-		out[server] = append(out[server], k)
+		add(server, k)
+		mid, ok := midOf[k]
+		if !ok {
+			continue
+		}
+		for _, nk := range slices.Sorted(maps.Keys(current[mid])) {
+			if !slices.Contains(acceptKeys[mid], nk) {
+				if plan.subs[k] == nil {
+					plan.subs[k] = []string{k}
+				}
+				plan.subs[k] = append(plan.subs[k], nk)
+				add(current[mid][nk], nk)
+			}
+		}
 	}
-	return out, nil
+	return plan, nil
+}
+
+// usersOf looks up, for the keys of a mid push, their users, the users'
+// keys when logic accepted the push and the users' keys now.
+func (s *Stage) usersOf(ctx context.Context, msg *message.Message, keys []string) (midOf map[string]int64, acceptKeys map[int64][]string, current map[int64]map[string]string, err error) {
+	if s.mids == nil {
+		return nil, nil, nil, nil
+	}
+	acceptKeys, err = pipeline.MidKeys(msg)
+	if err != nil || len(acceptKeys) == 0 {
+		return nil, nil, nil, err
+	}
+	midOf = map[string]int64{}
+	for mid, ks := range acceptKeys {
+		for _, k := range ks {
+			midOf[k] = mid
+		}
+	}
+	var mids []int64
+	for _, k := range keys {
+		if mid, ok := midOf[k]; ok && !slices.Contains(mids, mid) {
+			mids = append(mids, mid)
+		}
+	}
+	if len(mids) == 0 {
+		return midOf, acceptKeys, nil, nil
+	}
+	current, err = s.mids.KeysByMids(ctx, mids)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("locate the connections of %d users: %w", len(mids), err)
+	}
+	return midOf, acceptKeys, current, nil
 }
 
 // keepKeys rewrites msg's payload to carry only keys, in pm's order.

@@ -2,6 +2,7 @@ package job
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"maps"
 	"net"
@@ -95,6 +96,7 @@ type registry struct {
 	nodes   reportedNodes
 	mu      sync.Mutex
 	keys    map[string]string
+	mids    map[string]int64 // key -> its user
 	lookups int
 }
 
@@ -121,6 +123,37 @@ func (r *registry) ServersByKeys(_ context.Context, keys []string) (map[string]s
 		}
 	}
 	return out, nil
+}
+
+func (r *registry) KeysByMids(_ context.Context, mids []int64) (map[int64]map[string]string, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := map[int64]map[string]string{}
+	for _, m := range mids {
+		for k, mid := range r.mids {
+			if mid == m {
+				if out[m] == nil {
+					out[m] = map[string]string{}
+				}
+				out[m][k] = r.keys[k]
+			}
+		}
+	}
+	return out, nil
+}
+
+// reconnect gives a user a new key on server, as a client without a key
+// claim gets when it connects again; the old session stays listed when
+// stale (its node was killed and never ended it).
+func (r *registry) reconnect(mid int64, old, key, server string, stale bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !stale {
+		delete(r.keys, old)
+		delete(r.mids, old)
+	}
+	r.keys[key] = server
+	r.mids[key] = mid
 }
 
 func (r *registry) move(key, server string) {
@@ -167,10 +200,17 @@ func runJob(t *testing.T, nodes Nodes, grace time.Duration) *pipe {
 // push publishes a key push to server in the background; the channel
 // yields once job acked it.
 func (p *pipe) push(id, server, body string, keys ...string) <-chan error {
+	return p.pushMids(id, server, body, nil, keys...)
+}
+
+// pushMids publishes a push logic resolved from users' ids, byMid being
+// their keys as logic found them.
+func (p *pipe) pushMids(id, server, body string, byMid map[int64]map[string]string, keys ...string) <-chan error {
 	msg, err := pipeline.NewPushMessage(id, "corr", &pb.PushMsg{Type: pb.PushMsg_PUSH, Operation: 1000, Server: server, Keys: keys, Msg: []byte(body)})
 	if err != nil {
 		p.t.Fatal(err)
 	}
+	pipeline.SetMidKeys(msg, keys, byMid)
 	done := make(chan error, 1)
 	go func() { done <- p.pubsub.Publish("push", msg) }()
 	return done
@@ -342,5 +382,38 @@ func TestKeysOfALapsedNodePastGraceArePoisoned(t *testing.T) {
 	p.acked(done)
 	if reason := m.Metadata.Get(middleware.ReasonForPoisonedKey); !strings.Contains(reason, "restarting (gone)") {
 		t.Fatalf("poison reason %q does not name the lapsed node", reason)
+	}
+}
+
+func TestMidPushReachesTheConnectionTheUserMadeAfterARestart(t *testing.T) {
+	// A killed node never ended its sessions: the registry may still list
+	// the old key until its session expires.
+	for _, staleSession := range []bool{false, true} {
+		t.Run(fmt.Sprintf("old session listed=%v", staleSession), func(t *testing.T) {
+			restarted, rAddr := startKeyCloud(t)
+			other, oAddr := startKeyCloud(t, "phone")
+			reg := &registry{
+				nodes: reportedNodes{{Id: "c1", GrpcAddr: rAddr}, {Id: "c2", GrpcAddr: oAddr}},
+				keys:  map[string]string{"laptop": "c1", "phone": "c2"},
+				mids:  map[string]int64{"laptop": 7, "phone": 7},
+			}
+			p := runJob(t, reg, time.Minute)
+			// User 7 had a laptop on c1 and a phone on c2; this message is
+			// c1's share of the push. c1 restarted before job delivered it.
+			byMid := map[int64]map[string]string{7: {"laptop": "c1", "phone": "c2"}}
+			done := p.pushMids("m1/c1", "c1", "hello", byMid, "laptop")
+			waitFor(t, "job to find the laptop offline", func() bool { return restarted.callCount() >= 1 })
+			// The laptop connects again, without a key claim: a new key.
+			restarted.setOnline("laptop-2", true)
+			reg.reconnect(7, "laptop", "laptop-2", "c1", staleSession)
+			p.acked(done)
+			p.noPoison()
+			if got := restarted.received("laptop-2"); !slices.Equal(got, []string{"hello"}) {
+				t.Fatalf("the user's new connection got %q, want [hello]", got)
+			}
+			if got := other.received("phone"); len(got) != 0 {
+				t.Fatalf("the phone, reached by c2's share of the push, got %q from c1's", got)
+			}
+		})
 	}
 }

@@ -69,7 +69,7 @@ func (p *Pusher) PushKeys(ctx context.Context, push Push, keys []string) (PushRe
 			res.OfflineKeys = append(res.OfflineKeys, k)
 		}
 	}
-	return res, p.publishToServers(ctx, push, servers)
+	return res, p.publishToServers(ctx, push, servers, nil)
 }
 
 // dropLapsed removes the keys whose cloud node is no longer registered: a
@@ -121,7 +121,7 @@ func (p *Pusher) PushMids(ctx context.Context, push Push, mids []int64) (PushRes
 			res.OfflineMids = append(res.OfflineMids, m)
 		}
 	}
-	return res, p.publishToServers(ctx, push, servers)
+	return res, p.publishToServers(ctx, push, servers, byMid)
 }
 
 // PushRoom pushes to every connection in room, on every node.
@@ -156,8 +156,9 @@ func (p *Pusher) publishCounted(ctx context.Context, push Push, pm *pb.PushMsg, 
 
 // publishToServers publishes one PUSH message per server holding keys.
 // Per-server ids extend the push id in a fixed order so that a retried
-// idempotent request reproduces them.
-func (p *Pusher) publishToServers(ctx context.Context, push Push, keyServer map[string]string) error {
+// idempotent request reproduces them. byMid, for a mid push, lets job
+// find a user's new connections if the ones resolved here are gone.
+func (p *Pusher) publishToServers(ctx context.Context, push Push, keyServer map[string]string, byMid map[int64]map[string]string) error {
 	byServer := map[string][]string{}
 	for k, s := range keyServer {
 		byServer[s] = append(byServer[s], k)
@@ -171,6 +172,7 @@ func (p *Pusher) publishToServers(ctx context.Context, push Push, keyServer map[
 		if err != nil {
 			return err
 		}
+		pipeline.SetMidKeys(msg, keys, byMid)
 		msgs = append(msgs, msg)
 	}
 	return p.send(ctx, msgs...)
