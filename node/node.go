@@ -18,10 +18,10 @@ import (
 
 	"github.com/ThreeDotsLabs/watermill/message"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"imcloud/adapters/memory"
 	"imcloud/adapters/redis"
+	"imcloud/clusterauth"
 	"imcloud/config"
 	"imcloud/pipeline"
 	"imcloud/proto/pb"
@@ -63,6 +63,11 @@ type Node struct {
 	registry   logic.Registry
 	replies    logic.ReplyStore
 	closers    []func() error // closed last, after the broker
+
+	// grpcServerOpts and grpcDialOpts authenticate the internal gRPC
+	// calls with the cluster secret and mutual TLS.
+	grpcServerOpts []grpc.ServerOption
+	grpcDialOpts   []grpc.DialOption
 }
 
 // listen binds addr for key, or returns nil when addr is empty.
@@ -87,8 +92,22 @@ func addrOf(ln net.Listener) string {
 // Start runs the stages cfg names. It returns once every listener is bound
 // and the cloud stage is registered, so the node is ready to serve.
 func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Node, err error) {
+	// config.Load refuses these too; a Config built in code must not
+	// slip past them.
+	if err := cfg.CheckBinds(); err != nil {
+		return nil, err
+	}
+	serverOpts, err := clusterauth.ServerOptions(cfg.Cluster, logger.With("component", "cluster auth"))
+	if err != nil {
+		return nil, err
+	}
+	dialOpts, err := clusterauth.DialOptions(cfg.Cluster)
+	if err != nil {
+		return nil, err
+	}
+	warnExposure(cfg, logger)
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	n := &Node{cfg: cfg, logger: logger, cancel: cancel, done: make(chan struct{})}
+	n := &Node{cfg: cfg, logger: logger, cancel: cancel, done: make(chan struct{}), grpcServerOpts: serverOpts, grpcDialOpts: dialOpts}
 	var lns []net.Listener
 	defer func() {
 		if err != nil {
@@ -168,12 +187,12 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Node
 		logicStage, err = logic.New(cfg.Logic, logic.Options{
 			Registry: n.registry, Publisher: n.broker.Publisher, PushTopic: cfg.Topics.Push,
 			Replies: n.replies, Logger: logger.With("stage", "logic"),
-			Heartbeat: cfg.Cloud.HeartbeatInterval,
+			Heartbeat: cfg.Cloud.HeartbeatInterval, CloudDial: n.grpcDialOpts,
 		})
 		if err != nil {
 			return nil, err
 		}
-		n.logicGRPC = grpc.NewServer()
+		n.logicGRPC = grpc.NewServer(n.grpcServerOpts...)
 		logicStage.RegisterGRPC(n.logicGRPC)
 		n.closers = append(n.closers, logicStage.Close)
 		n.serve("logic grpc", func() error { return n.logicGRPC.Serve(logicLn) })
@@ -208,7 +227,7 @@ func (n *Node) startCloud(ctx context.Context, tcpLn, wsLn, wssLn, grpcLn net.Li
 	if n.addrs.LogicGRPC != "" {
 		logicAddr = n.addrs.LogicGRPC
 	}
-	conn, err := grpc.NewClient(logicAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient(logicAddr, n.grpcDialOpts...)
 	if err != nil {
 		return fmt.Errorf("cloud.logic_addr %s: %w", logicAddr, err)
 	}
@@ -236,7 +255,7 @@ func (n *Node) startCloud(ctx context.Context, tcpLn, wsLn, wssLn, grpcLn net.Li
 		Logger: n.logger.With("stage", "cloud"),
 	})
 	n.cloudStage = st
-	n.cloudGRPC = grpc.NewServer()
+	n.cloudGRPC = grpc.NewServer(n.grpcServerOpts...)
 	st.RegisterGRPC(n.cloudGRPC)
 	n.serve("cloud grpc", func() error { return n.cloudGRPC.Serve(grpcLn) })
 	regCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -319,6 +338,7 @@ func (n *Node) startJob(ctx context.Context) error {
 	n.jobStage = job.New(job.Options{
 		Nodes: nodes, Logger: n.logger.With("stage", "job"),
 		BatchWindow: cfg.Job.RoomBatchWindow, BatchSize: cfg.Job.RoomBatchSize, Timeout: cfg.Job.Timeout,
+		CloudDial: n.grpcDialOpts,
 	})
 	consumers := 1
 	if n.broker.SharedQueue {
@@ -450,12 +470,35 @@ func gracefulStop(ctx context.Context, g *grpc.Server) {
 	}
 }
 
+// warnExposure logs what the configuration exposes on purpose, once at
+// start-up: an open push API, the cluster secret in clear, the admin
+// listener beyond loopback.
+func warnExposure(cfg config.Config, logger *slog.Logger) {
+	if cfg.Has(config.StageLogic) && len(cfg.Logic.APIKeys) == 0 && !config.IsLoopback(cfg.Logic.HTTPAddr) {
+		logger.Warn("the push API has no API keys and listens beyond loopback (logic.allow_anonymous = true): anyone who reaches it can push to every client",
+			"logic.http_addr", cfg.Logic.HTTPAddr)
+	}
+	exposedGRPC := (cfg.Has(config.StageLogic) && !config.IsLoopback(cfg.Logic.GRPCAddr)) ||
+		(cfg.Has(config.StageCloud) && !config.IsLoopback(cfg.Cloud.GRPCAddr))
+	if exposedGRPC && !cfg.Cluster.MTLS() {
+		logger.Info("internal gRPC listens beyond loopback without mutual TLS: the cluster secret travels in clear; set cluster.tls_* on networks others can read")
+	}
+	if cfg.Admin.Addr != "" && !config.IsLoopback(cfg.Admin.Addr) {
+		logger.Warn("the admin listener (profiles, goroutine dumps) listens beyond loopback; bind it to 127.0.0.1 or firewall it", "admin.addr", cfg.Admin.Addr)
+	}
+}
+
+// adminHandler serves health and profiles. It never serves
+// /debug/pprof/cmdline: the command line holds whatever was given with
+// --set, secrets included.
 func adminHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/livez", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/cmdline", func(w http.ResponseWriter, _ *http.Request) {
+		http.Error(w, "not served: the command line can hold secrets", http.StatusNotFound)
+	})
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
+	"google.golang.org/grpc"
 
 	"imcloud/cloudconn"
 	"imcloud/pipeline"
@@ -73,11 +74,13 @@ type Options struct {
 	BatchSize   int
 	// Timeout bounds a batch's delivery.
 	Timeout time.Duration
+	// CloudDial authenticates the calls to cloud nodes (clusterauth).
+	CloudDial []grpc.DialOption
 }
 
 // New returns a job stage.
 func New(o Options) *Stage {
-	s := &Stage{nodes: o.Nodes, logger: o.Logger, clouds: cloudconn.New()}
+	s := &Stage{nodes: o.Nodes, logger: o.Logger, clouds: cloudconn.New(o.CloudDial...)}
 	if o.BatchWindow > 0 && o.BatchSize > 1 {
 		s.rooms = newRoomBatcher(o.BatchWindow, o.BatchSize, o.Timeout, s.deliverRoomBatch)
 	}

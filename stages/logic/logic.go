@@ -44,6 +44,8 @@ type Options struct {
 	// Heartbeat is the period clients are told to heartbeat at.
 	Heartbeat time.Duration
 	Logger    *slog.Logger
+	// CloudDial authenticates the calls to cloud nodes (clusterauth).
+	CloudDial []grpc.DialOption
 }
 
 // New assembles the logic stage.
@@ -61,7 +63,7 @@ func New(cfg config.Logic, o Options) (*Stage, error) {
 		pusher:    &Pusher{registry: o.Registry, publisher: o.Publisher, topic: o.PushTopic},
 		replies:   o.Replies,
 		grpc: &grpcServer{auth: auth, registry: o.Registry, logger: o.Logger,
-			replacer: &replacer{registry: o.Registry, logger: o.Logger, clouds: cloudconn.New()}},
+			replacer: &replacer{registry: o.Registry, logger: o.Logger, clouds: cloudconn.New(o.CloudDial...)}},
 		logger: o.Logger,
 	}, nil
 }
