@@ -576,6 +576,24 @@ func IsLoopback(addr string) bool {
 	return ip != nil && ip.IsLoopback()
 }
 
+// Exposures are warnings about what the configuration exposes on purpose:
+// an open push API, the cluster secret in clear, the admin listener beyond
+// loopback. Start-up logs them and imcloud check prints them.
+func (c Config) Exposures() []string {
+	var out []string
+	if c.Has(StageLogic) && len(c.Logic.APIKeys) == 0 && c.Logic.HTTPAddr != "" && !IsLoopback(c.Logic.HTTPAddr) {
+		out = append(out, fmt.Sprintf("logic.http_addr %q: the push API has no API keys and listens beyond loopback (logic.allow_anonymous = true): anyone who reaches it can push to every client", c.Logic.HTTPAddr))
+	}
+	exposedGRPC := (c.Has(StageLogic) && !IsLoopback(c.Logic.GRPCAddr)) || (c.Has(StageCloud) && !IsLoopback(c.Cloud.GRPCAddr))
+	if exposedGRPC && c.Cluster.Secret != "" && !c.Cluster.MTLS() {
+		out = append(out, "internal gRPC listens beyond loopback without mutual TLS: cluster.secret travels in clear; set cluster.tls_cert_file, tls_key_file and tls_ca_file where others can read the network")
+	}
+	if c.Admin.Addr != "" && !IsLoopback(c.Admin.Addr) {
+		out = append(out, fmt.Sprintf("admin.addr %q: profiles and goroutine dumps are served beyond loopback; bind it to 127.0.0.1 or firewall it", c.Admin.Addr))
+	}
+	return out
+}
+
 // CheckBinds refuses listeners that would serve an unauthenticated service
 // beyond this machine: logic's or cloud's gRPC without the cluster secret
 // or mutual TLS, and the push API without API keys unless

@@ -158,3 +158,35 @@ func writeFile(t *testing.T, path, content string) {
 		t.Fatal(err)
 	}
 }
+
+// TestExposures: what a valid configuration exposes on purpose is said.
+func TestExposures(t *testing.T) {
+	tests := []struct {
+		name string
+		sets []string
+		want []string // substrings, one per warning
+	}{
+		{"loopback everything", []string{"logic.http_addr=127.0.0.1:3111"}, nil},
+		{"keys on every interface", []string{"logic.api_keys=k"}, nil},
+		{"anonymous push API", []string{"logic.allow_anonymous=true"}, []string{"logic.http_addr"}},
+		{"secret in clear", []string{"logic.api_keys=k", "cluster.secret=0123456789abcdef", "cloud.grpc_addr=:3109"}, []string{"mutual TLS"}},
+		{"admin beyond loopback", []string{"logic.api_keys=k", "admin.addr=:6060"}, []string{"admin.addr"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := Load(Sources{Sets: append([]string{"logic.auth.jwt_secret=s"}, tt.sets...)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := cfg.Exposures()
+			if len(got) != len(tt.want) {
+				t.Fatalf("warnings %q, want %d", got, len(tt.want))
+			}
+			for i, w := range tt.want {
+				if !strings.Contains(got[i], w) {
+					t.Errorf("warning %q lacks %q", got[i], w)
+				}
+			}
+		})
+	}
+}

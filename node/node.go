@@ -470,21 +470,11 @@ func gracefulStop(ctx context.Context, g *grpc.Server) {
 	}
 }
 
-// warnExposure logs what the configuration exposes on purpose, once at
-// start-up: an open push API, the cluster secret in clear, the admin
-// listener beyond loopback.
+// warnExposure logs, once at start-up, what the configuration exposes on
+// purpose (config.Exposures).
 func warnExposure(cfg config.Config, logger *slog.Logger) {
-	if cfg.Has(config.StageLogic) && len(cfg.Logic.APIKeys) == 0 && !config.IsLoopback(cfg.Logic.HTTPAddr) {
-		logger.Warn("the push API has no API keys and listens beyond loopback (logic.allow_anonymous = true): anyone who reaches it can push to every client",
-			"logic.http_addr", cfg.Logic.HTTPAddr)
-	}
-	exposedGRPC := (cfg.Has(config.StageLogic) && !config.IsLoopback(cfg.Logic.GRPCAddr)) ||
-		(cfg.Has(config.StageCloud) && !config.IsLoopback(cfg.Cloud.GRPCAddr))
-	if exposedGRPC && !cfg.Cluster.MTLS() {
-		logger.Info("internal gRPC listens beyond loopback without mutual TLS: the cluster secret travels in clear; set cluster.tls_* on networks others can read")
-	}
-	if cfg.Admin.Addr != "" && !config.IsLoopback(cfg.Admin.Addr) {
-		logger.Warn("the admin listener (profiles, goroutine dumps) listens beyond loopback; bind it to 127.0.0.1 or firewall it", "admin.addr", cfg.Admin.Addr)
+	for _, w := range cfg.Exposures() {
+		logger.Warn(w)
 	}
 }
 
