@@ -125,6 +125,9 @@ type checker struct {
 	lines   *rate.Limiter
 }
 
+// A misconfigured node retries every renew interval (10 s by default), so
+// one line a minute per peer still shows it; the overall limiter caps what
+// many peers (a scan of the network) can write.
 const (
 	logEvery  = time.Minute
 	logPeers  = 1024 // peers remembered; the map is reset past this

@@ -18,6 +18,8 @@ import (
 
 	"github.com/ThreeDotsLabs/watermill/message"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"imcloud/adapters/memory"
 	"imcloud/adapters/redis"
@@ -261,7 +263,14 @@ func (n *Node) startCloud(ctx context.Context, tcpLn, wsLn, wssLn, grpcLn net.Li
 	regCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	if err := st.Register(regCtx); err != nil {
-		return fmt.Errorf("cloud: %w (is logic reachable at %s?)", err, logicAddr)
+		hint := fmt.Sprintf("is logic reachable at %s?", logicAddr)
+		switch {
+		case status.Code(err) == codes.Unauthenticated:
+			hint = "does this node hold the same cluster.secret as logic?"
+		case cfg.Cluster.MTLS():
+			hint += " Do both certificates come from cluster.tls_ca_file, with the dialled host as a SAN?"
+		}
+		return fmt.Errorf("cloud: %w (%s)", err, hint)
 	}
 	n.goLoop(st.Run, ctx)
 	if tcpLn != nil {
