@@ -144,6 +144,17 @@ type Logic struct {
 	// Idempotency-Key is kept to answer its retries.
 	IdempotencyTTL time.Duration `koanf:"idempotency_ttl"`
 	Auth           Auth          `koanf:"auth"`
+	// ReadTimeout bounds reading one request, headers and body: a caller
+	// that trickles its body is cut off.
+	ReadTimeout time.Duration `koanf:"read_timeout"`
+	// WriteTimeout bounds a request from the end of its headers to the end
+	// of the reply, publishing included.
+	WriteTimeout time.Duration `koanf:"write_timeout"`
+	// IdleTimeout closes a keep-alive connection idle this long.
+	IdleTimeout time.Duration `koanf:"idle_timeout"`
+	// MaxHeaderBytes bounds the request line (query string included) and
+	// headers.
+	MaxHeaderBytes int `koanf:"max_header_bytes"`
 }
 
 // Auth configures how logic authenticates clients.
@@ -250,6 +261,10 @@ func Default() Config {
 			SessionTTL:      10 * time.Minute,
 			IdempotencyTTL:  24 * time.Hour,
 			Auth:            Auth{Mode: AuthJWT},
+			ReadTimeout:     15 * time.Second,
+			WriteTimeout:    30 * time.Second,
+			IdleTimeout:     60 * time.Second,
+			MaxHeaderBytes:  256 << 10,
 		},
 		Job: Job{
 			Concurrency:     4,
@@ -460,6 +475,10 @@ func (c Config) Validate() error {
 	positive("logic.max_message_bytes", c.Logic.MaxMessageBytes)
 	positiveDur("logic.session_ttl", c.Logic.SessionTTL)
 	positiveDur("logic.idempotency_ttl", c.Logic.IdempotencyTTL)
+	positiveDur("logic.read_timeout", c.Logic.ReadTimeout)
+	positiveDur("logic.write_timeout", c.Logic.WriteTimeout)
+	positiveDur("logic.idle_timeout", c.Logic.IdleTimeout)
+	positive("logic.max_header_bytes", c.Logic.MaxHeaderBytes)
 	oneOf("logic.auth.mode", c.Logic.Auth.Mode, AuthJWT, AuthInsecureJSON)
 	if c.Has(StageLogic) && c.Logic.Auth.Mode == AuthJWT && c.Logic.Auth.JWTSecret == "" && c.Logic.Auth.JWTPublicKeyFile == "" {
 		bad("logic.auth.jwt_secret", "jwt mode needs jwt_secret or jwt_public_key_file")
