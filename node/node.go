@@ -358,7 +358,7 @@ func (n *Node) goLoop(fn func(context.Context), ctx context.Context) {
 // httpLimits bound what one connection may hold on an HTTP server.
 type httpLimits struct {
 	readHeader, read, write, idle time.Duration
-	maxHeaderBytes               int
+	maxHeaderBytes                int
 }
 
 // httpLimitsFor returns the limits of the server named name.

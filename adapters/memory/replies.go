@@ -49,7 +49,9 @@ type replyEntry struct {
 	elem           *list.Element // in done, once completed
 }
 
-func (e *replyEntry) size() int { return entryOverhead + len(e.key) + len(e.fp) + len(e.token) + len(e.reply) }
+func (e *replyEntry) size() int {
+	return entryOverhead + len(e.key) + len(e.fp) + len(e.token) + len(e.reply)
+}
 
 // NewReplies returns a store that keeps replies for ttl, in at most
 // DefaultRepliesMaxBytes.
