@@ -103,5 +103,13 @@ func (st *Stage) Handler() http.Handler {
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, "no such route: "+r.Method+" "+truncate(r.URL.Path))
 	})
-	return mux
+	// The key is checked before routing: a caller without one learns
+	// nothing, not even which routes exist, and its body is never read.
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !st.authorized(r) {
+			refuse(w)
+			return
+		}
+		mux.ServeHTTP(w, r)
+	})
 }
