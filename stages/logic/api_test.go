@@ -586,3 +586,38 @@ func TestGoimNodesShapes(t *testing.T) {
 		t.Fatalf("/im/nodes/weighted %s", r.Data)
 	}
 }
+
+// panickyRegistry panics once, as a bug would.
+type panickyRegistry struct {
+	Registry
+	mu     sync.Mutex
+	panics bool
+}
+
+func (r *panickyRegistry) Nodes(ctx context.Context) ([]*pb.NodeInfo, error) {
+	r.mu.Lock()
+	p := r.panics
+	r.panics = false
+	r.mu.Unlock()
+	if p {
+		panic("a bug")
+	}
+	return r.Registry.Nodes(ctx)
+}
+
+// TestPanicReleasesTheKey: a request that panics leaves its key free, so
+// the retry runs instead of meeting 409 for a minute.
+func TestPanicReleasesTheKey(t *testing.T) {
+	reg := &panickyRegistry{panics: true}
+	a := newAPI(t, apiOptions{registry: reg})
+	reg.Registry = a.registry
+	req, _ := http.NewRequest("POST", a.url+"/im/push/all?operation=1000", strings.NewReader("x"))
+	req.Header.Set("Idempotency-Key", "p")
+	if resp, err := http.DefaultClient.Do(req); err == nil {
+		resp.Body.Close()
+		t.Fatalf("a panicking request answered %d", resp.StatusCode)
+	}
+	if r := a.do("POST", "/im/push/all?operation=1000", "", "x", http.Header{"Idempotency-Key": {"p"}}); r.status != 200 {
+		t.Fatalf("retry after a panic: %d %v, want 200", r.status, deref(r.Msg))
+	}
+}

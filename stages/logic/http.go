@@ -410,10 +410,12 @@ func (st *Stage) push(a api, name string, route pushRoute) http.Handler {
 // success stores the reply and a failure releases the key so that a retry
 // can run.
 func (st *Stage) publish(w http.ResponseWriter, r *http.Request, a api, name string, t target, push Push, storeKey string, res *idempotency.Entry) {
+	settled := res == nil
 	release := func() {
-		if res == nil {
+		if settled {
 			return
 		}
+		settled = true
 		// The request's context may be done (the caller left); the key
 		// must be freed regardless.
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), 5*time.Second)
@@ -422,6 +424,8 @@ func (st *Stage) publish(w http.ResponseWriter, r *http.Request, a api, name str
 			st.logFailure(r.Context(), "release idempotency key", "route", name, "err", err)
 		}
 	}
+	// A panic in run must not hold the key until idempotency.InFlightTTL.
+	defer release()
 	out, err := t.run(r.Context(), push)
 	var perr *paramError
 	switch {
@@ -447,7 +451,8 @@ func (st *Stage) publish(w http.ResponseWriter, r *http.Request, a api, name str
 	default:
 		body, _ := json.Marshal(reply{Code: 0, Message: a.okMessage(), Data: out})
 		body = append(body, '\n')
-		if res != nil {
+		if !settled {
+			settled = true
 			ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), 5*time.Second)
 			if err := st.replies.Complete(ctx, storeKey, res.Token, body); err != nil {
 				st.logFailure(r.Context(), "remember idempotent reply", "route", name, "err", err)
