@@ -219,3 +219,22 @@ func TestWebSocketOutlivesServerTimeouts(t *testing.T) {
 		t.Fatal("the server never read the echo")
 	}
 }
+
+// TestLogicHTTPLimitsComeFromConfig: the push API's limits are the
+// logic.* keys; the others are fixed and bounded too.
+func TestLogicHTTPLimitsComeFromConfig(t *testing.T) {
+	cfg := config.Default()
+	cfg.Logic.ReadTimeout, cfg.Logic.WriteTimeout, cfg.Logic.IdleTimeout, cfg.Logic.MaxHeaderBytes = 3*time.Second, 4*time.Second, 5*time.Second, 6000
+	n := &Node{cfg: cfg}
+	got := n.httpLimitsFor("logic http")
+	want := httpLimits{readHeader: 3 * time.Second, read: 3 * time.Second, write: 4 * time.Second, idle: 5 * time.Second, maxHeaderBytes: 6000}
+	if got != want {
+		t.Fatalf("logic http limits %+v, want %+v", got, want)
+	}
+	for _, name := range []string{"admin", "cloud ws", "cloud wss"} {
+		l := n.httpLimitsFor(name)
+		if l.readHeader <= 0 || l.read <= 0 || l.write <= 0 || l.idle <= 0 || l.maxHeaderBytes <= 0 {
+			t.Fatalf("%s limits %+v: every limit must be set", name, l)
+		}
+	}
+}
