@@ -173,6 +173,17 @@ type Logic struct {
 	// AllowAnonymous lets the push API listen beyond loopback with no
 	// api_keys; without it such a configuration is refused.
 	AllowAnonymous bool `koanf:"allow_anonymous"`
+	// ReadTimeout bounds reading one request, headers and body: a caller
+	// that trickles its body is cut off.
+	ReadTimeout time.Duration `koanf:"read_timeout"`
+	// WriteTimeout bounds a request from the end of its headers to the end
+	// of the reply, publishing included.
+	WriteTimeout time.Duration `koanf:"write_timeout"`
+	// IdleTimeout closes a keep-alive connection idle this long.
+	IdleTimeout time.Duration `koanf:"idle_timeout"`
+	// MaxHeaderBytes bounds the request line (query string included) and
+	// headers.
+	MaxHeaderBytes int `koanf:"max_header_bytes"`
 }
 
 // Auth configures how logic authenticates clients.
@@ -279,6 +290,10 @@ func Default() Config {
 			SessionTTL:      10 * time.Minute,
 			IdempotencyTTL:  24 * time.Hour,
 			Auth:            Auth{Mode: AuthJWT},
+			ReadTimeout:     15 * time.Second,
+			WriteTimeout:    30 * time.Second,
+			IdleTimeout:     60 * time.Second,
+			MaxHeaderBytes:  256 << 10,
 		},
 		Job: Job{
 			Concurrency:     4,
@@ -489,6 +504,10 @@ func (c Config) Validate() error {
 	positive("logic.max_message_bytes", c.Logic.MaxMessageBytes)
 	positiveDur("logic.session_ttl", c.Logic.SessionTTL)
 	positiveDur("logic.idempotency_ttl", c.Logic.IdempotencyTTL)
+	positiveDur("logic.read_timeout", c.Logic.ReadTimeout)
+	positiveDur("logic.write_timeout", c.Logic.WriteTimeout)
+	positiveDur("logic.idle_timeout", c.Logic.IdleTimeout)
+	positive("logic.max_header_bytes", c.Logic.MaxHeaderBytes)
 	oneOf("logic.auth.mode", c.Logic.Auth.Mode, AuthJWT, AuthInsecureJSON)
 	if c.Has(StageLogic) && c.Logic.Auth.Mode == AuthJWT && c.Logic.Auth.JWTSecret == "" && c.Logic.Auth.JWTPublicKeyFile == "" {
 		bad("logic.auth.jwt_secret", "jwt mode needs jwt_secret or jwt_public_key_file")

@@ -384,8 +384,47 @@ func (n *Node) goLoop(fn func(context.Context), ctx context.Context) {
 	}()
 }
 
+// httpLimits bound what one connection may hold on an HTTP server.
+type httpLimits struct {
+	readHeader, read, write, idle time.Duration
+	maxHeaderBytes                int
+}
+
+// httpLimitsFor returns the limits of the server named name.
+func (n *Node) httpLimitsFor(name string) httpLimits {
+	switch name {
+	case "logic http":
+		l := n.cfg.Logic
+		return httpLimits{readHeader: min(10*time.Second, l.ReadTimeout), read: l.ReadTimeout, write: l.WriteTimeout, idle: l.IdleTimeout, maxHeaderBytes: l.MaxHeaderBytes}
+	case "admin":
+		// The write timeout leaves room for /debug/pprof/profile and
+		// /trace, which refuse a duration past it.
+		return httpLimits{readHeader: 10 * time.Second, read: 10 * time.Second, write: 2 * time.Minute, idle: time.Minute, maxHeaderBytes: 16 << 10}
+	default: // cloud ws, cloud wss
+		// A WebSocket upgrade has no body and a small reply; 32 KiB of
+		// headers leaves room for a browser's cookies. gorilla/websocket
+		// clears the server's deadlines when it takes the connection
+		// over, so these end nothing after the upgrade.
+		return httpLimits{readHeader: 10 * time.Second, read: 10 * time.Second, write: 10 * time.Second, idle: 30 * time.Second, maxHeaderBytes: 32 << 10}
+	}
+}
+
+// newHTTPServer is an HTTP server for h within lim: a slow or idle client
+// holds a connection no longer than the limits say.
+func newHTTPServer(h http.Handler, lim httpLimits, logger *slog.Logger) *http.Server {
+	return &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: lim.readHeader,
+		ReadTimeout:       lim.read,
+		WriteTimeout:      lim.write,
+		IdleTimeout:       lim.idle,
+		MaxHeaderBytes:    lim.maxHeaderBytes,
+		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
+	}
+}
+
 func (n *Node) serveHTTP(into *[]*http.Server, name string, h http.Handler, ln net.Listener, tls bool) {
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(n.logger.Handler(), slog.LevelDebug)}
+	srv := newHTTPServer(h, n.httpLimitsFor(name), n.logger)
 	*into = append(*into, srv)
 	n.serve(name, func() error {
 		if tls {
