@@ -66,6 +66,11 @@ type Stage struct {
 	connMu   sync.RWMutex // orders conns.Add before Drain's Wait
 	draining bool
 	conns    sync.WaitGroup
+
+	paced     chan struct{}   // one slot per paced broadcast running
+	pacedCtx  context.Context // ends when the node drains
+	stopPaced context.CancelFunc
+	pacedWG   sync.WaitGroup
 }
 
 // Options are a cloud node's collaborators.
@@ -96,6 +101,8 @@ func New(cfg config.Cloud, o Options) *Stage {
 	s.delivered = expiring.NewSet(cfg.DedupeTTL)
 	s.rounds = newRoomRounds()
 	s.disconnectSlots = make(chan struct{}, maxDisconnectCalls)
+	s.paced = make(chan struct{}, cfg.MaxPacedBroadcasts)
+	s.pacedCtx, s.stopPaced = context.WithCancel(context.Background())
 	if cfg.ParkIdle {
 		p, err := newParker()
 		if err != nil {
@@ -383,6 +390,9 @@ func (s *Stage) Drain(ctx context.Context) error {
 	s.connMu.Lock()
 	s.draining = true
 	s.connMu.Unlock()
+	// Paced broadcasts stop: what they have not queued yet would only
+	// be refused by connections that are closing.
+	s.stopPaced()
 	var chs []*channel
 	for _, b := range s.buckets {
 		chs = b.channels(chs)
@@ -393,6 +403,7 @@ func (s *Stage) Drain(ctx context.Context) error {
 	done := make(chan struct{})
 	go func() {
 		s.conns.Wait()
+		s.pacedWG.Wait()
 		if s.parker != nil {
 			s.parker.close() // nothing is parked once every session ended
 		}
