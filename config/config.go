@@ -265,6 +265,13 @@ type Cloud struct {
 	// DrainTimeout bounds how long shutdown waits for queued packets to
 	// reach clients.
 	DrainTimeout time.Duration `koanf:"drain_timeout"`
+	// MaxPacedBroadcasts bounds the paced broadcasts (speed > 0) a node
+	// runs at once; one over it is refused with RESOURCE_EXHAUSTED and
+	// job retries it.
+	MaxPacedBroadcasts int `koanf:"max_paced_broadcasts"`
+	// MaxPacedDuration bounds how long a paced broadcast runs: a speed
+	// too low to reach every connection within it is raised.
+	MaxPacedDuration time.Duration `koanf:"max_paced_duration"`
 }
 
 // Default returns the configuration used where nothing overrides it; it is
@@ -323,6 +330,9 @@ func Default() Config {
 			DrainTimeout:      10 * time.Second,
 			DedupeTTL:         2 * time.Minute,
 			ParkIdle:          true,
+
+			MaxPacedBroadcasts: 4,
+			MaxPacedDuration:   10 * time.Minute,
 		},
 	}
 }
@@ -568,6 +578,8 @@ func (c Config) Validate() error {
 	}
 	positiveDur("cloud.drain_timeout", c.Cloud.DrainTimeout)
 	positiveDur("cloud.dedupe_ttl", c.Cloud.DedupeTTL)
+	positive("cloud.max_paced_broadcasts", c.Cloud.MaxPacedBroadcasts)
+	positiveDur("cloud.max_paced_duration", c.Cloud.MaxPacedDuration)
 
 	cl := c.Cluster
 	if n := len(cl.Secret); n > 0 && n < MinClusterSecret {
