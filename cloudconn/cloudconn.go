@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"time"
 
@@ -24,12 +25,20 @@ const connectWait = 2 * time.Second
 // Pool holds the connections, by address. The zero value is not usable;
 // call New.
 type Pool struct {
+	dial  []grpc.DialOption
 	mu    sync.Mutex
 	conns map[string]*grpc.ClientConn
 }
 
-// New returns an empty pool.
-func New() *Pool { return &Pool{conns: map[string]*grpc.ClientConn{}} }
+// New returns an empty pool whose connections dial with dial: the
+// cluster's transport credentials and secret (see clusterauth). With none
+// it dials in plaintext without a secret.
+func New(dial ...grpc.DialOption) *Pool {
+	if len(dial) == 0 {
+		dial = []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
+	}
+	return &Pool{dial: dial, conns: map[string]*grpc.ClientConn{}}
+}
 
 // Client returns a client of the node at addr, connecting on first use.
 func (p *Pool) Client(addr string) (pb.CloudClient, error) {
@@ -38,10 +47,9 @@ func (p *Pool) Client(addr string) (pb.CloudClient, error) {
 	if c, ok := p.conns[addr]; ok {
 		return pb.NewCloudClient(c), nil
 	}
-	c, err := grpc.NewClient(addr,
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
+	c, err := grpc.NewClient(addr, append(slices.Clone(p.dial),
 		grpc.WithConnectParams(grpc.ConnectParams{Backoff: reconnectBackoff(), MinConnectTimeout: connectWait}),
-		grpc.WithUnaryInterceptor(reconnectFirst))
+		grpc.WithUnaryInterceptor(reconnectFirst))...)
 	if err != nil {
 		return nil, fmt.Errorf("dial cloud %s: %w", addr, err)
 	}

@@ -68,7 +68,33 @@ type Config struct {
 	Logic    Logic    `koanf:"logic"`
 	Job      Job      `koanf:"job"`
 	Cloud    Cloud    `koanf:"cloud"`
+	Cluster  Cluster  `koanf:"cluster"`
 }
+
+// Cluster authenticates the internal gRPC calls between logic, job and
+// cloud: a shared secret sent with every call, mutual TLS, or both.
+type Cluster struct {
+	// Secret is sent by every internal gRPC client and checked by logic's
+	// and cloud's gRPC servers; the same on every node.
+	Secret string `koanf:"secret"`
+	// TLSCertFile and TLSKeyFile are this node's certificate, presented
+	// both as a gRPC server and as a client; TLSCAFile is the CA that
+	// signs every node's certificate. All three or none.
+	TLSCertFile string `koanf:"tls_cert_file"`
+	TLSKeyFile  string `koanf:"tls_key_file"`
+	TLSCAFile   string `koanf:"tls_ca_file"`
+}
+
+// MTLS reports whether internal gRPC uses mutual TLS.
+func (c Cluster) MTLS() bool { return c.TLSCertFile != "" && c.TLSKeyFile != "" && c.TLSCAFile != "" }
+
+// Authenticated reports whether internal gRPC calls are authenticated.
+func (c Cluster) Authenticated() bool { return c.Secret != "" || c.MTLS() }
+
+// MinClusterSecret is the shortest cluster.secret accepted: 16 characters
+// (128 bits as hex would be 32; 16 random characters still resist guessing
+// over the network, a short word does not).
+const MinClusterSecret = 16
 
 // Log configures the process logger.
 type Log struct {
@@ -160,6 +186,20 @@ type Logic struct {
 	// Idempotency-Key is kept to answer its retries.
 	IdempotencyTTL time.Duration `koanf:"idempotency_ttl"`
 	Auth           Auth          `koanf:"auth"`
+	// AllowAnonymous lets the push API listen beyond loopback with no
+	// api_keys; without it such a configuration is refused.
+	AllowAnonymous bool `koanf:"allow_anonymous"`
+	// ReadTimeout bounds reading one request, headers and body: a caller
+	// that trickles its body is cut off.
+	ReadTimeout time.Duration `koanf:"read_timeout"`
+	// WriteTimeout bounds a request from the end of its headers to the end
+	// of the reply, publishing included.
+	WriteTimeout time.Duration `koanf:"write_timeout"`
+	// IdleTimeout closes a keep-alive connection idle this long.
+	IdleTimeout time.Duration `koanf:"idle_timeout"`
+	// MaxHeaderBytes bounds the request line (query string included) and
+	// headers.
+	MaxHeaderBytes int `koanf:"max_header_bytes"`
 }
 
 // Auth configures how logic authenticates clients.
@@ -247,6 +287,13 @@ type Cloud struct {
 	// DrainTimeout bounds how long shutdown waits for queued packets to
 	// reach clients.
 	DrainTimeout time.Duration `koanf:"drain_timeout"`
+	// MaxPacedBroadcasts bounds the paced broadcasts (speed > 0) a node
+	// runs at once; one over it is refused with RESOURCE_EXHAUSTED and
+	// job retries it.
+	MaxPacedBroadcasts int `koanf:"max_paced_broadcasts"`
+	// MaxPacedDuration bounds how long a paced broadcast runs: a speed
+	// too low to reach every connection within it is raised.
+	MaxPacedDuration time.Duration `koanf:"max_paced_duration"`
 }
 
 // Default returns the configuration used where nothing overrides it; it is
@@ -267,12 +314,16 @@ func Default() Config {
 		Topics:   Topics{Push: "imcloud.push", Poison: "imcloud.push.poison", Upstream: "imcloud.upstream", PushMaxLength: 1_000_000, PoisonMaxLength: 1_000_000, UpstreamMaxLength: 100_000},
 		Logic: Logic{
 			HTTPAddr:        ":3111",
-			GRPCAddr:        ":3119",
+			GRPCAddr:        "127.0.0.1:3119",
 			APIKeys:         []string{},
 			MaxMessageBytes: 4096 - 16,
 			SessionTTL:      10 * time.Minute,
 			IdempotencyTTL:  24 * time.Hour,
 			Auth:            Auth{Mode: AuthJWT},
+			ReadTimeout:     15 * time.Second,
+			WriteTimeout:    30 * time.Second,
+			IdleTimeout:     60 * time.Second,
+			MaxHeaderBytes:  256 << 10,
 		},
 		Job: Job{
 			Concurrency:     4,
@@ -288,7 +339,7 @@ func Default() Config {
 			TCPAddr:           ":3101",
 			WSAddr:            ":3102",
 			WSSAddr:           "",
-			GRPCAddr:          ":3109",
+			GRPCAddr:          "127.0.0.1:3109",
 			LogicAddr:         "127.0.0.1:3119",
 			AllowedOrigins:    []string{},
 			HandshakeTimeout:  5 * time.Second,
@@ -303,6 +354,9 @@ func Default() Config {
 			DrainTimeout:      10 * time.Second,
 			DedupeTTL:         2 * time.Minute,
 			ParkIdle:          true,
+
+			MaxPacedBroadcasts: 4,
+			MaxPacedDuration:   10 * time.Minute,
 		},
 	}
 }
@@ -484,6 +538,10 @@ func (c Config) Validate() error {
 	positive("logic.max_message_bytes", c.Logic.MaxMessageBytes)
 	positiveDur("logic.session_ttl", c.Logic.SessionTTL)
 	positiveDur("logic.idempotency_ttl", c.Logic.IdempotencyTTL)
+	positiveDur("logic.read_timeout", c.Logic.ReadTimeout)
+	positiveDur("logic.write_timeout", c.Logic.WriteTimeout)
+	positiveDur("logic.idle_timeout", c.Logic.IdleTimeout)
+	positive("logic.max_header_bytes", c.Logic.MaxHeaderBytes)
 	oneOf("logic.auth.mode", c.Logic.Auth.Mode, AuthJWT, AuthInsecureJSON)
 	if c.Has(StageLogic) && c.Logic.Auth.Mode == AuthJWT && c.Logic.Auth.JWTSecret == "" && c.Logic.Auth.JWTPublicKeyFile == "" {
 		bad("logic.auth.jwt_secret", "jwt mode needs jwt_secret or jwt_public_key_file")
@@ -555,5 +613,74 @@ func (c Config) Validate() error {
 	}
 	positiveDur("cloud.drain_timeout", c.Cloud.DrainTimeout)
 	positiveDur("cloud.dedupe_ttl", c.Cloud.DedupeTTL)
+	positive("cloud.max_paced_broadcasts", c.Cloud.MaxPacedBroadcasts)
+	positiveDur("cloud.max_paced_duration", c.Cloud.MaxPacedDuration)
+
+	cl := c.Cluster
+	if n := len(cl.Secret); n > 0 && n < MinClusterSecret {
+		bad("cluster.secret", "is %d characters, want at least %d (e.g. openssl rand -hex 32)", n, MinClusterSecret)
+	}
+	if tlsSet := []bool{cl.TLSCertFile != "", cl.TLSKeyFile != "", cl.TLSCAFile != ""}; slices.Contains(tlsSet, true) && slices.Contains(tlsSet, false) {
+		bad("cluster.tls_cert_file", "mutual TLS needs all of cluster.tls_cert_file, cluster.tls_key_file and cluster.tls_ca_file")
+	}
+	errs = append(errs, c.CheckBinds())
+	return errors.Join(errs...)
+}
+
+// IsLoopback reports whether a listen address stays on this machine: its
+// host is a loopback IP or "localhost". An empty host (":3111") listens on
+// every interface.
+func IsLoopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// Exposures are warnings about what the configuration exposes on purpose:
+// an open push API, the cluster secret in clear, the admin listener beyond
+// loopback. Start-up logs them and imcloud check prints them.
+func (c Config) Exposures() []string {
+	var out []string
+	if c.Has(StageLogic) && len(c.Logic.APIKeys) == 0 && c.Logic.HTTPAddr != "" && !IsLoopback(c.Logic.HTTPAddr) {
+		out = append(out, fmt.Sprintf("logic.http_addr %q: the push API has no API keys and listens beyond loopback (logic.allow_anonymous = true): anyone who reaches it can push to every client", c.Logic.HTTPAddr))
+	}
+	exposedGRPC := (c.Has(StageLogic) && !IsLoopback(c.Logic.GRPCAddr)) || (c.Has(StageCloud) && !IsLoopback(c.Cloud.GRPCAddr))
+	if exposedGRPC && c.Cluster.Secret != "" && !c.Cluster.MTLS() {
+		out = append(out, "internal gRPC listens beyond loopback without mutual TLS: cluster.secret travels in clear; set cluster.tls_cert_file, tls_key_file and tls_ca_file where others can read the network")
+	}
+	if c.Admin.Addr != "" && !IsLoopback(c.Admin.Addr) {
+		out = append(out, fmt.Sprintf("admin.addr %q: profiles and goroutine dumps are served beyond loopback; bind it to 127.0.0.1 or firewall it", c.Admin.Addr))
+	}
+	return out
+}
+
+// CheckBinds refuses listeners that would serve an unauthenticated service
+// beyond this machine: logic's or cloud's gRPC without the cluster secret
+// or mutual TLS, and the push API without API keys unless
+// logic.allow_anonymous says so. Each error names the key and the fix.
+func (c Config) CheckBinds() error {
+	var errs []error
+	if !c.Cluster.Authenticated() {
+		for _, l := range []struct {
+			stage, key, addr string
+		}{{StageLogic, "logic.grpc_addr", c.Logic.GRPCAddr}, {StageCloud, "cloud.grpc_addr", c.Cloud.GRPCAddr}} {
+			if c.Has(l.stage) && l.addr != "" && !IsLoopback(l.addr) {
+				errs = append(errs, fmt.Errorf("%s: %q listens beyond loopback and internal gRPC is unauthenticated: "+
+					"set cluster.secret to the same random value on every node (e.g. IMCLOUD_CLUSTER__SECRET=$(openssl rand -hex 32)), "+
+					"or mutual TLS with cluster.tls_cert_file, cluster.tls_key_file and cluster.tls_ca_file, or bind it to 127.0.0.1", l.key, l.addr))
+			}
+		}
+	}
+	if c.Has(StageLogic) && c.Logic.HTTPAddr != "" && !IsLoopback(c.Logic.HTTPAddr) && len(c.Logic.APIKeys) == 0 && !c.Logic.AllowAnonymous {
+		errs = append(errs, fmt.Errorf("logic.http_addr: %q serves the push API beyond loopback with no logic.api_keys: "+
+			"set logic.api_keys (e.g. IMCLOUD_LOGIC__API_KEYS=$(openssl rand -hex 16)), bind it to 127.0.0.1, "+
+			"or set logic.allow_anonymous = true to let anyone who reaches it push", c.Logic.HTTPAddr))
+	}
 	return errors.Join(errs...)
 }

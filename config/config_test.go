@@ -9,24 +9,26 @@ import (
 	"time"
 )
 
-// withSecret makes the defaults valid for a logic stage in jwt mode.
-var withSecret = map[string]any{"logic.auth.jwt_secret": "s"}
+// withSecret makes the defaults valid for a logic stage in jwt mode whose
+// push API listens on every interface.
+var withSecret = map[string]any{"logic.auth.jwt_secret": "s", "logic.api_keys": "k"}
 
 func TestExampleFileIsTheDefaults(t *testing.T) {
 	got, err := Load(Sources{File: "../config.example.toml"})
 	if err != nil {
-		// The example leaves the secret empty like the defaults; a secret
-		// is all it needs to be valid.
-		if !strings.Contains(err.Error(), "logic.auth.jwt_secret") {
+		// The example leaves the secret and the API keys empty like the
+		// defaults; they are all it needs to be valid.
+		if !strings.Contains(err.Error(), "logic.auth.jwt_secret") || !strings.Contains(err.Error(), "logic.api_keys") {
 			t.Fatalf("Load example: %v", err)
 		}
-		got, err = Load(Sources{File: "../config.example.toml", Sets: []string{"logic.auth.jwt_secret=s"}})
+		got, err = Load(Sources{File: "../config.example.toml", Sets: []string{"logic.auth.jwt_secret=s", "logic.api_keys=k"}})
 		if err != nil {
 			t.Fatalf("Load example: %v", err)
 		}
 	}
 	want := Default()
 	want.Logic.Auth.JWTSecret = "s"
+	want.Logic.APIKeys = []string{"k"}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("config.example.toml differs from Default():\n got %+v\nwant %+v", got, want)
 	}
@@ -39,7 +41,7 @@ func TestPrecedence(t *testing.T) {
 	cfg, err := Load(Sources{
 		File:    f,
 		Environ: []string{"IMCLOUD_CLOUD__TCP_ADDR=:3", "IMCLOUD_CLOUD__SEND_QUEUE=20", "IMCLOUD_CLOUD__ALLOWED_ORIGINS=a.com, b.com", "PATH=/bin"},
-		Sets:    []string{"cloud.send_queue=30", "job.timeout=2s"},
+		Sets:    []string{"cloud.send_queue=30", "job.timeout=2s", "logic.api_keys=k"},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -82,6 +84,8 @@ func TestErrorsNameTheKey(t *testing.T) {
 		{name: "bad address", sets: []string{"cloud.ws_addr=nohost"}, wantKey: "cloud.ws_addr"},
 		{name: "jwt without secret", sets: []string{"logic.auth.jwt_secret="}, wantKey: "logic.auth.jwt_secret"},
 		{name: "malformed set", sets: []string{"novalue"}, wantKey: "novalue"},
+		{name: "short cluster secret", sets: []string{"cluster.secret=short"}, wantKey: "cluster.secret"},
+		{name: "half of mutual TLS", sets: []string{"cluster.tls_cert_file=c.pem"}, wantKey: "cluster.tls_cert_file"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -101,9 +105,88 @@ func TestErrorsNameTheKey(t *testing.T) {
 	}
 }
 
+// TestBindRules: start-up refuses a listener beyond loopback that would
+// serve an unauthenticated service, and names the key and the fix.
+func TestBindRules(t *testing.T) {
+	const secret = "cluster.secret=0123456789abcdef"
+	mtls := []string{"cluster.tls_cert_file=c.pem", "cluster.tls_key_file=k.pem", "cluster.tls_ca_file=ca.pem"}
+	tests := []struct {
+		name string
+		sets []string
+		want []string // keys the error names; none = accepted
+	}{
+		{"defaults with API keys", []string{"logic.api_keys=k"}, nil},
+		{"defaults without API keys", nil, []string{"logic.http_addr", "logic.api_keys", "logic.allow_anonymous"}},
+		{"loopback push API without keys", []string{"logic.http_addr=127.0.0.1:3111"}, nil},
+		{"localhost push API without keys", []string{"logic.http_addr=localhost:3111"}, nil},
+		{"IPv6 loopback push API without keys", []string{"logic.http_addr=[::1]:3111"}, nil},
+		{"open push API allowed on purpose", []string{"logic.allow_anonymous=true"}, nil},
+		{"push API on an interface without keys", []string{"logic.http_addr=10.0.0.5:3111"}, []string{"logic.http_addr"}},
+		{"push API check skipped without logic", []string{"stages=cloud"}, nil},
+		{"logic grpc on every interface", []string{"logic.api_keys=k", "logic.grpc_addr=:3119"}, []string{"logic.grpc_addr", "cluster.secret", "cluster.tls_cert_file"}},
+		{"logic grpc on 0.0.0.0", []string{"logic.api_keys=k", "logic.grpc_addr=0.0.0.0:3119"}, []string{"logic.grpc_addr"}},
+		{"cloud grpc on every interface", []string{"logic.api_keys=k", "cloud.grpc_addr=:3109"}, []string{"cloud.grpc_addr", "cluster.secret"}},
+		{"cloud grpc on a host name", []string{"stages=cloud", "cloud.grpc_addr=node1.internal:3109"}, []string{"cloud.grpc_addr"}},
+		{"both grpc with the secret", []string{"logic.api_keys=k", "logic.grpc_addr=:3119", "cloud.grpc_addr=:3109", secret}, nil},
+		{"both grpc with mutual TLS", append([]string{"logic.api_keys=k", "logic.grpc_addr=:3119", "cloud.grpc_addr=:3109"}, mtls...), nil},
+		{"grpc of a stage not run", []string{"stages=job", "logic.grpc_addr=:3119", "cloud.grpc_addr=:3109"}, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := Load(Sources{Sets: append([]string{"logic.auth.jwt_secret=s"}, tt.sets...)})
+			if len(tt.want) == 0 {
+				if err != nil {
+					t.Fatalf("refused: %v", err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatal("accepted, want a refusal")
+			}
+			for _, k := range tt.want {
+				if !strings.Contains(err.Error(), k) {
+					t.Errorf("error %q does not name %q", err, k)
+				}
+			}
+		})
+	}
+}
+
 func writeFile(t *testing.T, path, content string) {
 	t.Helper()
 	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestExposures: what a valid configuration exposes on purpose is said.
+func TestExposures(t *testing.T) {
+	tests := []struct {
+		name string
+		sets []string
+		want []string // substrings, one per warning
+	}{
+		{"loopback everything", []string{"logic.http_addr=127.0.0.1:3111"}, nil},
+		{"keys on every interface", []string{"logic.api_keys=k"}, nil},
+		{"anonymous push API", []string{"logic.allow_anonymous=true"}, []string{"logic.http_addr"}},
+		{"secret in clear", []string{"logic.api_keys=k", "cluster.secret=0123456789abcdef", "cloud.grpc_addr=:3109"}, []string{"mutual TLS"}},
+		{"admin beyond loopback", []string{"logic.api_keys=k", "admin.addr=:6060"}, []string{"admin.addr"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := Load(Sources{Sets: append([]string{"logic.auth.jwt_secret=s"}, tt.sets...)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := cfg.Exposures()
+			if len(got) != len(tt.want) {
+				t.Fatalf("warnings %q, want %d", got, len(tt.want))
+			}
+			for i, w := range tt.want {
+				if !strings.Contains(got[i], w) {
+					t.Errorf("warning %q lacks %q", got[i], w)
+				}
+			}
+		})
 	}
 }

@@ -17,9 +17,12 @@ import (
 	"github.com/ThreeDotsLabs/watermill"
 	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
 	goredis "github.com/redis/go-redis/v9"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"imcloud/adapters/amqp"
 	"imcloud/pipeline"
+	"imcloud/proto/pb"
 	"imcloud/proto/wire"
 
 	"imcloud/client"
@@ -87,6 +90,16 @@ func TestIntegrationCluster(t *testing.T) {
 			t.Fatal(err)
 		}
 		return c
+	}
+	// Every process holds the cluster secret (startProc); a caller without
+	// it is refused by logic's and cloud's gRPC.
+	conn, ctx := rawConn(t, logicGRPC[0], "")
+	if _, err := pb.NewLogicClient(conn).RenewOnline(ctx, &pb.RenewOnlineReq{Node: &pb.NodeInfo{Id: "forged", GrpcAddr: "127.0.0.1:1"}}); status.Code(err) != codes.Unauthenticated {
+		t.Fatalf("logic RenewOnline without the cluster secret: %v, want Unauthenticated", err)
+	}
+	conn, ctx = rawConn(t, clouds[0].grpc, "")
+	if _, err := pb.NewCloudClient(conn).Ping(ctx, &pb.PingReq{}); status.Code(err) != codes.Unauthenticated {
+		t.Fatalf("cloud Ping without the cluster secret: %v, want Unauthenticated", err)
 	}
 	u7a := dial("ws://"+clouds[0].ws+"/sub", logic.Claims{Mid: 7, Rooms: []string{"live://c"}})
 	u7b := dial(clouds[1].tcp, logic.Claims{Mid: 7, Rooms: []string{"live://c"}})

@@ -27,6 +27,9 @@ import (
 const (
 	testSecret = "e2e-secret"
 	testAPIKey = "e2e-api-key"
+	// testClusterSecret authenticates the internal gRPC calls of every
+	// node the tests start, in process or as a process.
+	testClusterSecret = "e2e-cluster-secret-0123456789"
 	// wait bounds every wait on a condition.
 	wait = 10 * time.Second
 )
@@ -47,6 +50,7 @@ func start(t *testing.T, sets ...string) *harness {
 		"logic.http_addr=127.0.0.1:0", "logic.grpc_addr=127.0.0.1:0",
 		"cloud.tcp_addr=127.0.0.1:0", "cloud.ws_addr=127.0.0.1:0", "cloud.grpc_addr=127.0.0.1:0",
 		"logic.auth.jwt_secret=" + testSecret, "logic.api_keys=" + testAPIKey,
+		"cluster.secret=" + testClusterSecret,
 		"job.retry.initial_interval=10ms", "job.retry.max_retries=2",
 	}
 	cfg, err := config.Load(config.Sources{Sets: append(base, sets...)})

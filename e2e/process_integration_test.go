@@ -24,10 +24,12 @@ type proc struct {
 }
 
 // startProc runs bin with args and waits for its "imcloud started" log.
+// The cluster secret goes in the environment, as the README asks: on the
+// command line it would show in ps and /proc/<pid>/cmdline.
 func startProc(t *testing.T, bin string, args ...string) *proc {
 	t.Helper()
 	cmd := exec.Command(bin, args...)
-	cmd.Env = append(os.Environ(), "IMCLOUD_LOG__LEVEL=info")
+	cmd.Env = append(os.Environ(), "IMCLOUD_LOG__LEVEL=info", "IMCLOUD_CLUSTER__SECRET="+testClusterSecret)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)

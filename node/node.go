@@ -18,10 +18,12 @@ import (
 
 	"github.com/ThreeDotsLabs/watermill/message"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"imcloud/adapters/memory"
 	"imcloud/adapters/redis"
+	"imcloud/clusterauth"
 	"imcloud/config"
 	"imcloud/pipeline"
 	"imcloud/proto/pb"
@@ -63,6 +65,11 @@ type Node struct {
 	registry   logic.Registry
 	replies    logic.ReplyStore
 	closers    []func() error // closed last, after the broker
+
+	// grpcServerOpts and grpcDialOpts authenticate the internal gRPC
+	// calls with the cluster secret and mutual TLS.
+	grpcServerOpts []grpc.ServerOption
+	grpcDialOpts   []grpc.DialOption
 }
 
 // listen binds addr for key, or returns nil when addr is empty.
@@ -87,8 +94,22 @@ func addrOf(ln net.Listener) string {
 // Start runs the stages cfg names. It returns once every listener is bound
 // and the cloud stage is registered, so the node is ready to serve.
 func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Node, err error) {
+	// config.Load refuses these too; a Config built in code must not
+	// slip past them.
+	if err := cfg.CheckBinds(); err != nil {
+		return nil, err
+	}
+	serverOpts, err := clusterauth.ServerOptions(cfg.Cluster, logger.With("component", "cluster auth"))
+	if err != nil {
+		return nil, err
+	}
+	dialOpts, err := clusterauth.DialOptions(cfg.Cluster)
+	if err != nil {
+		return nil, err
+	}
+	warnExposure(cfg, logger)
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	n := &Node{cfg: cfg, logger: logger, cancel: cancel, done: make(chan struct{})}
+	n := &Node{cfg: cfg, logger: logger, cancel: cancel, done: make(chan struct{}), grpcServerOpts: serverOpts, grpcDialOpts: dialOpts}
 	var lns []net.Listener
 	defer func() {
 		if err != nil {
@@ -168,12 +189,12 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Node
 		logicStage, err = logic.New(cfg.Logic, logic.Options{
 			Registry: n.registry, Publisher: n.broker.Publisher, PushTopic: cfg.Topics.Push,
 			Replies: n.replies, Logger: logger.With("stage", "logic"),
-			Heartbeat: cfg.Cloud.HeartbeatInterval,
+			Heartbeat: cfg.Cloud.HeartbeatInterval, CloudDial: n.grpcDialOpts,
 		})
 		if err != nil {
 			return nil, err
 		}
-		n.logicGRPC = grpc.NewServer()
+		n.logicGRPC = grpc.NewServer(n.grpcServerOpts...)
 		logicStage.RegisterGRPC(n.logicGRPC)
 		n.closers = append(n.closers, logicStage.Close)
 		n.serve("logic grpc", func() error { return n.logicGRPC.Serve(logicLn) })
@@ -208,7 +229,7 @@ func (n *Node) startCloud(ctx context.Context, tcpLn, wsLn, wssLn, grpcLn net.Li
 	if n.addrs.LogicGRPC != "" {
 		logicAddr = n.addrs.LogicGRPC
 	}
-	conn, err := grpc.NewClient(logicAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient(logicAddr, n.grpcDialOpts...)
 	if err != nil {
 		return fmt.Errorf("cloud.logic_addr %s: %w", logicAddr, err)
 	}
@@ -236,13 +257,20 @@ func (n *Node) startCloud(ctx context.Context, tcpLn, wsLn, wssLn, grpcLn net.Li
 		Logger: n.logger.With("stage", "cloud"),
 	})
 	n.cloudStage = st
-	n.cloudGRPC = grpc.NewServer()
+	n.cloudGRPC = grpc.NewServer(n.grpcServerOpts...)
 	st.RegisterGRPC(n.cloudGRPC)
 	n.serve("cloud grpc", func() error { return n.cloudGRPC.Serve(grpcLn) })
 	regCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	if err := st.Register(regCtx); err != nil {
-		return fmt.Errorf("cloud: %w (is logic reachable at %s?)", err, logicAddr)
+		hint := fmt.Sprintf("is logic reachable at %s?", logicAddr)
+		switch {
+		case status.Code(err) == codes.Unauthenticated:
+			hint = "does this node hold the same cluster.secret as logic?"
+		case cfg.Cluster.MTLS():
+			hint += " Do both certificates come from cluster.tls_ca_file, with the dialled host as a SAN?"
+		}
+		return fmt.Errorf("cloud: %w (%s)", err, hint)
 	}
 	n.goLoop(st.Run, ctx)
 	if tcpLn != nil {
@@ -319,6 +347,7 @@ func (n *Node) startJob(ctx context.Context) error {
 	n.jobStage = job.New(job.Options{
 		Nodes: nodes, Logger: n.logger.With("stage", "job"),
 		BatchWindow: cfg.Job.RoomBatchWindow, BatchSize: cfg.Job.RoomBatchSize, Timeout: cfg.Job.Timeout,
+		CloudDial:    n.grpcDialOpts,
 		OfflineGrace: cfg.Job.OfflineGrace,
 	})
 	consumers := 1
@@ -356,8 +385,47 @@ func (n *Node) goLoop(fn func(context.Context), ctx context.Context) {
 	}()
 }
 
+// httpLimits bound what one connection may hold on an HTTP server.
+type httpLimits struct {
+	readHeader, read, write, idle time.Duration
+	maxHeaderBytes                int
+}
+
+// httpLimitsFor returns the limits of the server named name.
+func (n *Node) httpLimitsFor(name string) httpLimits {
+	switch name {
+	case "logic http":
+		l := n.cfg.Logic
+		return httpLimits{readHeader: min(10*time.Second, l.ReadTimeout), read: l.ReadTimeout, write: l.WriteTimeout, idle: l.IdleTimeout, maxHeaderBytes: l.MaxHeaderBytes}
+	case "admin":
+		// The write timeout leaves room for /debug/pprof/profile and
+		// /trace, which refuse a duration past it.
+		return httpLimits{readHeader: 10 * time.Second, read: 10 * time.Second, write: 2 * time.Minute, idle: time.Minute, maxHeaderBytes: 16 << 10}
+	default: // cloud ws, cloud wss
+		// A WebSocket upgrade has no body and a small reply; 32 KiB of
+		// headers leaves room for a browser's cookies. gorilla/websocket
+		// clears the server's deadlines when it takes the connection
+		// over, so these end nothing after the upgrade.
+		return httpLimits{readHeader: 10 * time.Second, read: 10 * time.Second, write: 10 * time.Second, idle: 30 * time.Second, maxHeaderBytes: 32 << 10}
+	}
+}
+
+// newHTTPServer is an HTTP server for h within lim: a slow or idle client
+// holds a connection no longer than the limits say.
+func newHTTPServer(h http.Handler, lim httpLimits, logger *slog.Logger) *http.Server {
+	return &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: lim.readHeader,
+		ReadTimeout:       lim.read,
+		WriteTimeout:      lim.write,
+		IdleTimeout:       lim.idle,
+		MaxHeaderBytes:    lim.maxHeaderBytes,
+		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
+	}
+}
+
 func (n *Node) serveHTTP(into *[]*http.Server, name string, h http.Handler, ln net.Listener, tls bool) {
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ErrorLog: slog.NewLogLogger(n.logger.Handler(), slog.LevelDebug)}
+	srv := newHTTPServer(h, n.httpLimitsFor(name), n.logger)
 	*into = append(*into, srv)
 	n.serve(name, func() error {
 		if tls {
@@ -451,12 +519,25 @@ func gracefulStop(ctx context.Context, g *grpc.Server) {
 	}
 }
 
+// warnExposure logs, once at start-up, what the configuration exposes on
+// purpose (config.Exposures).
+func warnExposure(cfg config.Config, logger *slog.Logger) {
+	for _, w := range cfg.Exposures() {
+		logger.Warn(w)
+	}
+}
+
+// adminHandler serves health and profiles. It never serves
+// /debug/pprof/cmdline: the command line holds whatever was given with
+// --set, secrets included.
 func adminHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/livez", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
-	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/cmdline", func(w http.ResponseWriter, _ *http.Request) {
+		http.Error(w, "not served: the command line can hold secrets", http.StatusNotFound)
+	})
 	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)

@@ -3,21 +3,24 @@
 # processes of bin/imcloud, each its own process with its own ports.
 #   scripts/cluster.sh start   start them (make run-cluster)
 #   scripts/cluster.sh stop    stop exactly those processes (make stop-cluster)
-# State (pids, logs, the client token secret) lives in .cluster/.
+# State (pids, logs) lives in .cluster/. Secrets reach the processes in
+# their environment, never on the command line (ps and /proc/<pid>/cmdline
+# show that to every user); the cluster secret that authenticates logic,
+# job and cloud to one another is random for each start.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=.cluster
-secret=${IMCLOUD_CLUSTER_SECRET:-cluster-demo-secret}
-apikey=${IMCLOUD_CLUSTER_API_KEY:-cluster-demo-key}
+secret=${CLUSTER_JWT_SECRET:-cluster-demo-secret}
+apikey=${CLUSTER_API_KEY:-cluster-demo-key}
 
 common=(--set broker.kind=amqp --set registry.kind=redis --set job.dedupe.store=redis
-  --set logic.auth.jwt_secret="$secret" --set logic.api_keys="$apikey"
   --set log.format=json)
 
 start_one() { # name args...
   local name=$1
   shift
-  bin/imcloud run "${common[@]}" "$@" >"$dir/$name.log" 2>&1 &
+  IMCLOUD_CLUSTER__SECRET="$cluster_secret" IMCLOUD_LOGIC__AUTH__JWT_SECRET="$secret" IMCLOUD_LOGIC__API_KEYS="$apikey" \
+    bin/imcloud run "${common[@]}" "$@" >"$dir/$name.log" 2>&1 &
   echo $! >"$dir/$name.pid"
 }
 
@@ -36,6 +39,7 @@ start() {
     exit 1
   fi
   mkdir -p "$dir"
+  cluster_secret=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
   scripts/services.sh rabbitmq redis
   make -s build
   start_one logic --stages logic --set logic.http_addr=127.0.0.1:3111 --set logic.grpc_addr=127.0.0.1:3119
@@ -56,8 +60,9 @@ imcloud cluster is running (logs and pids in $dir/):
   cloud1  ws ws://127.0.0.1:13102/sub, tcp 127.0.0.1:13101, grpc 127.0.0.1:13109
   cloud2  ws ws://127.0.0.1:23102/sub, tcp 127.0.0.1:23101, grpc 127.0.0.1:23109
   job1, job2 consume the push queue on RabbitMQ; the registry is in Redis
+  internal gRPC is authenticated with a random cluster secret (IMCLOUD_CLUSTER__SECRET)
 API key: $apikey
-Token:   bin/imcloud token --mid 1 --rooms live://1000 --set logic.auth.jwt_secret=$secret
+Token:   IMCLOUD_LOGIC__AUTH__JWT_SECRET=$secret bin/imcloud token --mid 1 --rooms live://1000
 Push:    curl -X POST -H 'Authorization: Bearer $apikey' 'http://127.0.0.1:3111/im/push/room?operation=1000&type=live&room=1000' -d hi
 Stop:    make stop-cluster
 MSG

@@ -23,21 +23,3 @@ func (d *Dedupe) MarkDelivered(_ context.Context, id string, _ time.Duration) er
 	d.ids.Add(id)
 	return nil
 }
-
-// Replies remembers the reply to each idempotent request for at least ttl.
-type Replies struct{ r *expiring.Map[string, []byte] }
-
-// NewReplies returns a store that keeps replies for at least ttl.
-func NewReplies(ttl time.Duration) *Replies { return &Replies{r: expiring.New[string, []byte](ttl)} }
-
-// Reply returns the reply stored for key.
-func (s *Replies) Reply(_ context.Context, key string) ([]byte, bool, error) {
-	b, ok := s.r.Get(key)
-	return b, ok, nil
-}
-
-// SaveReply stores the reply for key.
-func (s *Replies) SaveReply(_ context.Context, key string, reply []byte) error {
-	s.r.Put(key, reply)
-	return nil
-}

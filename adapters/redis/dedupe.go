@@ -4,7 +4,6 @@ package redis
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"time"
 
@@ -47,37 +46,4 @@ func Connect(ctx context.Context, addr, password string, db int) (*goredis.Clien
 		return nil, fmt.Errorf("redis %s: %w", addr, err)
 	}
 	return c, nil
-}
-
-// Replies keeps the replies to idempotent requests in Redis, so that a
-// retry answered by another logic node gets the same reply.
-type Replies struct {
-	rdb    goredis.UniversalClient
-	prefix string
-	ttl    time.Duration
-}
-
-// NewReplies stores replies under prefix for ttl.
-func NewReplies(rdb goredis.UniversalClient, prefix string, ttl time.Duration) *Replies {
-	return &Replies{rdb: rdb, prefix: prefix, ttl: ttl}
-}
-
-// Reply returns the reply stored for key.
-func (r *Replies) Reply(ctx context.Context, key string) ([]byte, bool, error) {
-	b, err := r.rdb.Get(ctx, r.prefix+key).Bytes()
-	if errors.Is(err, goredis.Nil) {
-		return nil, false, nil
-	}
-	if err != nil {
-		return nil, false, fmt.Errorf("redis get reply: %w", err)
-	}
-	return b, true, nil
-}
-
-// SaveReply stores the reply for key.
-func (r *Replies) SaveReply(ctx context.Context, key string, reply []byte) error {
-	if err := r.rdb.Set(ctx, r.prefix+key, reply, r.ttl).Err(); err != nil {
-		return fmt.Errorf("redis set reply: %w", err)
-	}
-	return nil
 }

@@ -35,29 +35,3 @@ func TestIntegrationRegistryContract(t *testing.T) {
 		return NewRegistry(rdb, prefix, sessionTTL, nodeTTL)
 	})
 }
-
-func TestIntegrationReplies(t *testing.T) {
-	ctx := context.Background()
-	rdb, err := Connect(ctx, testAddr(), "", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rdb.Close()
-	prefix := registrytest.Prefix(t) + "reply:"
-	t.Cleanup(func() { rdb.Del(ctx, prefix+"k") })
-	// Two logic nodes: what one saved, the other answers.
-	a, b := NewReplies(rdb, prefix, time.Minute), NewReplies(rdb, prefix, time.Minute)
-	if _, ok, err := b.Reply(ctx, "k"); err != nil || ok {
-		t.Fatalf("reply before any was saved: %v %v", ok, err)
-	}
-	if err := a.SaveReply(ctx, "k", []byte(`{"code":0}`)); err != nil {
-		t.Fatal(err)
-	}
-	got, ok, err := b.Reply(ctx, "k")
-	if err != nil || !ok || string(got) != `{"code":0}` {
-		t.Fatalf("reply = %q %v %v", got, ok, err)
-	}
-	if ttl := rdb.TTL(ctx, prefix+"k").Val(); ttl <= 0 || ttl > time.Minute {
-		t.Fatalf("reply TTL %s, want up to 1m", ttl)
-	}
-}

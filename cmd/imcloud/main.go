@@ -30,7 +30,8 @@ var version = "dev"
 const usage = `imcloud: a distributed real-time push server (logic -> job -> cloud).
 
 Usage:
-  imcloud standalone [--config F] [--set key=value]...   every stage in one process, embedded broker
+  imcloud standalone [--config F] [--set key=value]... [--anonymous]
+                                                         every stage in one process, embedded broker
   imcloud run --config F [--stages logic,job,cloud] [--set key=value]...
   imcloud token --mid N [--rooms R1,R2] [--accepts 1000,1001] [--key K] [--ttl D] [--config F]
   imcloud check --config F                                 validate a configuration and exit
@@ -115,8 +116,12 @@ func cmdCheck(args []string, stdout, stderr io.Writer, environ []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	if _, err := cf.load(environ, nil); err != nil {
+	cfg, err := cf.load(environ, nil)
+	if err != nil {
 		return err
+	}
+	for _, w := range cfg.Exposures() {
+		fmt.Fprintln(stdout, "warning:", w)
 	}
 	fmt.Fprintln(stdout, "configuration ok")
 	return nil
@@ -149,8 +154,10 @@ func cmdToken(args []string, stdout, stderr io.Writer, environ []string) error {
 	if ttl <= 0 {
 		return errors.New("--ttl: must be positive")
 	}
-	// The token is for clients, so only the auth settings matter here.
-	cfg, err := cf.load(environ, nil, "stages=cloud")
+	// The token is for clients, so only the auth settings matter here:
+	// as job, neither logic's required secret nor the listeners' rules
+	// apply, and an empty secret is refused below.
+	cfg, err := cf.load(environ, nil, "stages=job")
 	if err != nil {
 		return err
 	}
@@ -164,8 +171,9 @@ func cmdToken(args []string, stdout, stderr io.Writer, environ []string) error {
 
 func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, environ []string, standalone bool) error {
 	var (
-		cf     configFlags
-		stages []string
+		cf        configFlags
+		stages    []string
+		anonymous bool
 	)
 	name, synopsis := "run", "imcloud run --config F [--stages logic,job,cloud]: run the stages named, with the broker and registry the configuration names."
 	if standalone {
@@ -173,7 +181,9 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, envi
 	}
 	fs := newFlagSet(name, synopsis, stderr)
 	cf.register(fs)
-	if !standalone {
+	if standalone {
+		fs.BoolVar(&anonymous, "anonymous", false, "no API key: the push API listens on 127.0.0.1:3111 and takes pushes without Authorization, as goim's tools send them")
+	} else {
 		fs.StringSliceVar(&stages, "stages", nil, "stages to run (default: the configuration's stages)")
 	}
 	if err := fs.Parse(args); err != nil {
@@ -184,7 +194,15 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, envi
 		extra    []string
 	)
 	if standalone {
-		defaults = map[string]any{"logic.auth.jwt_secret": randomHex(32), "logic.api_keys": []string{randomHex(16)}}
+		// Every stage is in this process, so a random cluster secret
+		// authenticates its gRPC whatever address it is bound to.
+		defaults = map[string]any{"logic.auth.jwt_secret": randomHex(32), "logic.api_keys": []string{randomHex(16)}, "cluster.secret": randomHex(32)}
+		if anonymous {
+			// Keyless only on loopback: a non-loopback logic.http_addr is
+			// still refused unless logic.allow_anonymous says so.
+			defaults["logic.api_keys"] = []string{}
+			defaults["logic.http_addr"] = "127.0.0.1:3111"
+		}
 		extra = []string{"stages=logic,job,cloud", "broker.kind=" + config.BrokerGoChannel, "registry.kind=" + config.RegistryMemory}
 	}
 	if len(stages) > 0 {
@@ -202,6 +220,9 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, envi
 		return err
 	}
 	logger.Info("imcloud started", "version", version, "stages", cfg.Stages, "broker", cfg.Broker.Kind, "registry", cfg.Registry.Kind)
+	if anonymous && len(cfg.Logic.APIKeys) > 0 {
+		logger.Warn("--anonymous: logic.api_keys is set, so the push API still asks for a key")
+	}
 	if standalone {
 		printWelcome(stdout, cfg, n.Addrs())
 	} else {
@@ -266,6 +287,9 @@ func printWelcome(w io.Writer, cfg config.Config, a node.Addrs) {
 	if len(cfg.Logic.APIKeys) > 0 {
 		fmt.Fprintf(w, "\nAPI key: %s\n", cfg.Logic.APIKeys[0])
 		auth = " -H 'Authorization: Bearer " + cfg.Logic.APIKeys[0] + "'"
+	} else {
+		fmt.Fprintf(w, "\nNo API key: the push API takes pushes without Authorization at http://%s.\n", localURL(a.HTTP))
+		fmt.Fprintf(w, "goim's push tools reach it unchanged under /goim/, e.g.:\n  curl -X POST 'http://%s/goim/push/mids?operation=1000&mids=1' -d 'hello'\n", localURL(a.HTTP))
 	}
 	// The auth body a client sends: a signed token, or goim's plain JSON.
 	token := `{"mid":1,"room_id":"live://1000"}`

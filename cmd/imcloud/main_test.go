@@ -3,10 +3,14 @@ package main
 import (
 	"bytes"
 	"context"
+	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
 	"imcloud/config"
 	"imcloud/stages/logic"
@@ -56,6 +60,9 @@ func TestCommandErrors(t *testing.T) {
 		{"check missing file", []string{"check", "--config", filepath.Join(dir, "none.toml")}, "none.toml"},
 		{"unknown flag", []string{"run", "--nope"}, "nope"},
 		{"poison without action", []string{"poison"}, "list, replay, purge"},
+		{"check refuses an open push API", []string{"check", "--set", "logic.auth.jwt_secret=x"}, "logic.allow_anonymous"},
+		{"check refuses open internal gRPC", []string{"check", "--set", "logic.auth.jwt_secret=x", "--set", "logic.api_keys=k", "--set", "cloud.grpc_addr=:3109"}, "cluster.secret"},
+		{"anonymous standalone beyond loopback", []string{"standalone", "--anonymous", "--set", "logic.http_addr=0.0.0.0:0"}, "logic.allow_anonymous"},
 		{"poison on the embedded broker", []string{"poison", "list", "--set", "broker.kind=gochannel"}, "amqp"},
 		{"poison replay of nothing chosen", []string{"poison", "replay"}, "--id or --all"},
 		{"poison purge with both", []string{"poison", "purge", "--all", "--id", "x"}, "not both"},
@@ -71,7 +78,7 @@ func TestCommandErrors(t *testing.T) {
 }
 
 func TestCheckAndVersion(t *testing.T) {
-	out, _, err := runCmd(t, nil, "check", "--config", "../../config.example.toml", "--set", "logic.auth.jwt_secret=x")
+	out, _, err := runCmd(t, nil, "check", "--config", "../../config.example.toml", "--set", "logic.auth.jwt_secret=x", "--set", "logic.api_keys=k")
 	if err != nil || !strings.Contains(out, "ok") {
 		t.Fatalf("check example: %q %v", out, err)
 	}
@@ -84,5 +91,89 @@ func TestCheckAndVersion(t *testing.T) {
 		if !strings.Contains(errOut, "--config") {
 			t.Errorf("%s --help does not list --config:\n%s", c, errOut)
 		}
+	}
+}
+
+// TestCheckWarns: check prints what a valid configuration exposes on purpose.
+func TestCheckWarns(t *testing.T) {
+	out, _, err := runCmd(t, nil, "check", "--set", "logic.auth.jwt_secret=x", "--set", "logic.allow_anonymous=true",
+		"--set", "cluster.secret=0123456789abcdef", "--set", "logic.grpc_addr=:3119", "--set", "admin.addr=:6060")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"warning: logic.http_addr", "cluster.secret travels in clear", "warning: admin.addr", "configuration ok"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("check output lacks %q:\n%s", want, out)
+		}
+	}
+}
+
+// syncBuffer is written by the command's goroutine and read by the test.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// TestStandaloneAnonymous: standalone --anonymous takes pushes without an
+// API key, as goim's tools send them, and says so; the default still
+// generates a key that a push without one lacks.
+func TestStandaloneAnonymous(t *testing.T) {
+	for _, tt := range []struct {
+		name  string
+		flags []string
+		want  int
+	}{
+		{"anonymous", []string{"--anonymous"}, http.StatusOK},
+		{"default", nil, http.StatusUnauthorized},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			var out, errb syncBuffer
+			done := make(chan error, 1)
+			args := append([]string{"standalone",
+				"--set", "logic.http_addr=127.0.0.1:0", "--set", "logic.grpc_addr=127.0.0.1:0",
+				"--set", "cloud.tcp_addr=127.0.0.1:0", "--set", "cloud.ws_addr=127.0.0.1:0", "--set", "cloud.grpc_addr=127.0.0.1:0",
+				"--set", "log.level=warn"}, tt.flags...)
+			go func() { done <- run(ctx, args, &out, &errb, nil) }()
+			defer func() {
+				cancel()
+				if err := <-done; err != nil {
+					t.Errorf("standalone: %v", err)
+				}
+			}()
+			re := regexp.MustCompile(`logic http\s+(\S+)`)
+			deadline := time.Now().Add(10 * time.Second)
+			for !strings.Contains(out.String(), "Push to the room") {
+				if time.Now().After(deadline) {
+					t.Fatalf("no welcome screen; stdout:\n%s\nstderr:\n%s", out.String(), errb.String())
+				}
+				time.Sleep(10 * time.Millisecond) // polling a condition, with a deadline
+			}
+			welcome := out.String()
+			if tt.want == http.StatusOK && !strings.Contains(welcome, "No API key") {
+				t.Errorf("welcome does not say the push API is keyless:\n%s", welcome)
+			}
+			addr := re.FindStringSubmatch(welcome)[1]
+			resp, err := http.Post("http://"+addr+"/goim/push/mids?operation=1000&mids=1", "text/plain", strings.NewReader("hello"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != tt.want {
+				t.Fatalf("push without Authorization: %d, want %d", resp.StatusCode, tt.want)
+			}
+		})
 	}
 }

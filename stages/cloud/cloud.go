@@ -66,6 +66,11 @@ type Stage struct {
 	connMu   sync.RWMutex // orders conns.Add before Drain's Wait
 	draining bool
 	conns    sync.WaitGroup
+
+	paced     chan struct{}   // one slot per paced broadcast running
+	pacedCtx  context.Context // ends when the node drains
+	stopPaced context.CancelFunc
+	pacedWG   sync.WaitGroup
 }
 
 // Options are a cloud node's collaborators.
@@ -96,6 +101,8 @@ func New(cfg config.Cloud, o Options) *Stage {
 	s.delivered = expiring.NewSet(cfg.DedupeTTL)
 	s.rounds = newRoomRounds()
 	s.disconnectSlots = make(chan struct{}, maxDisconnectCalls)
+	s.paced = make(chan struct{}, cfg.MaxPacedBroadcasts)
+	s.pacedCtx, s.stopPaced = context.WithCancel(context.Background())
 	if cfg.ParkIdle {
 		p, err := newParker()
 		if err != nil {
@@ -234,13 +241,68 @@ func (s *Stage) firstDelivery(p *pb.Proto) bool {
 // SlowConsumers counts the clients closed for not reading fast enough.
 func (s *Stage) SlowConsumers() int64 { return s.slowConsumers.Load() }
 
-// Listener wraps ln so that accepted client sockets get the configured
-// kernel buffer sizes.
+// Listener wraps ln for client connections: accepted sockets get the
+// configured kernel buffer sizes, and an accept that fails is retried
+// with backoff instead of ending the listener (see retryListener). Both
+// ServeTCP and the WebSocket servers accept through it.
 func (s *Stage) Listener(ln net.Listener) net.Listener {
-	if s.cfg.Sndbuf == 0 && s.cfg.Rcvbuf == 0 {
+	if _, ok := ln.(*retryListener); ok {
 		return ln
 	}
-	return &bufferedListener{Listener: ln, sndbuf: s.cfg.Sndbuf, rcvbuf: s.cfg.Rcvbuf}
+	if s.cfg.Sndbuf != 0 || s.cfg.Rcvbuf != 0 {
+		ln = &bufferedListener{Listener: ln, sndbuf: s.cfg.Sndbuf, rcvbuf: s.cfg.Rcvbuf}
+	}
+	return &retryListener{Listener: ln, logger: s.logger.With("listener", ln.Addr().String())}
+}
+
+// Bounds of the wait between failed accepts, as net/http's: short enough
+// that a passing shortage costs little, long enough that a lasting one
+// does not spin.
+const (
+	minAcceptDelay = 5 * time.Millisecond
+	maxAcceptDelay = time.Second
+)
+
+// retryListener retries a failed Accept with exponential backoff until it
+// succeeds or the listener is closed. An accept fails when the process is
+// out of descriptors (EMFILE, ENFILE) or the kernel out of memory
+// (ENOBUFS, ENOMEM), which clients can cause: 1,100 unauthenticated
+// connections under a 1,024 descriptor limit made ServeTCP return and the
+// node stop. None of those is the listener's end, and the connections
+// waiting in the backlog are accepted once descriptors free up. net/http
+// retries EMFILE and ENFILE but gives up on ENOBUFS and ENOMEM, and logs
+// every retry; this logs once when accepting starts failing and once when
+// it recovers.
+type retryListener struct {
+	net.Listener
+	logger *slog.Logger
+}
+
+func (l *retryListener) Accept() (net.Conn, error) {
+	var (
+		delay    time.Duration
+		failures int
+		since    time.Time
+	)
+	for {
+		c, err := l.Listener.Accept()
+		if err == nil {
+			if failures > 0 {
+				l.logger.Info("accepting client connections again", "failed_accepts", failures, "after", time.Since(since).Round(time.Millisecond))
+			}
+			return c, nil
+		}
+		if errors.Is(err, net.ErrClosed) {
+			return nil, err
+		}
+		if failures == 0 {
+			since = time.Now()
+			l.logger.Warn("accepting client connections failed; retrying with backoff until it succeeds", "err", err)
+		}
+		failures++
+		delay = min(max(2*delay, minAcceptDelay), maxAcceptDelay)
+		time.Sleep(delay)
+	}
 }
 
 type bufferedListener struct {
@@ -264,7 +326,8 @@ func (l *bufferedListener) Accept() (net.Conn, error) {
 	return c, nil
 }
 
-// ServeTCP accepts TCP clients until ln is closed.
+// ServeTCP accepts TCP clients until ln is closed. A failed accept is
+// retried (see retryListener), never the end of the node.
 func (s *Stage) ServeTCP(ln net.Listener) error {
 	ln = s.Listener(ln)
 	for {
@@ -272,11 +335,6 @@ func (s *Stage) ServeTCP(ln net.Listener) error {
 		if err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return nil
-			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				time.Sleep(10 * time.Millisecond)
-				continue
 			}
 			return fmt.Errorf("accept tcp: %w", err)
 		}
@@ -332,6 +390,9 @@ func (s *Stage) Drain(ctx context.Context) error {
 	s.connMu.Lock()
 	s.draining = true
 	s.connMu.Unlock()
+	// Paced broadcasts stop: what they have not queued yet would only
+	// be refused by connections that are closing.
+	s.stopPaced()
 	var chs []*channel
 	for _, b := range s.buckets {
 		chs = b.channels(chs)
@@ -342,6 +403,7 @@ func (s *Stage) Drain(ctx context.Context) error {
 	done := make(chan struct{})
 	go func() {
 		s.conns.Wait()
+		s.pacedWG.Wait()
 		if s.parker != nil {
 			s.parker.close() // nothing is parked once every session ended
 		}

@@ -2,9 +2,7 @@ package cloud
 
 import (
 	"context"
-	"time"
 
-	"golang.org/x/time/rate"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -87,13 +85,16 @@ func (g *grpcServer) BroadcastRoom(_ context.Context, req *pb.BroadcastRoomReq) 
 	return &pb.BroadcastRoomReply{Delivered: int32(n)}, nil
 }
 
-// Broadcast queues to every connection. A paced broadcast runs on after
-// the call returns, since at speed it may outlast any caller's deadline;
-// pacing waits between sends, never inside a bucket lock.
+// Broadcast queues to every connection. A paced broadcast (speed > 0)
+// runs on after the call returns, since at speed it may outlast any
+// caller's deadline; see startPaced.
 func (g *grpcServer) Broadcast(_ context.Context, req *pb.BroadcastReq) (*pb.BroadcastReply, error) {
 	item, err := packet(req.Proto)
 	if err != nil {
 		return nil, err
+	}
+	if req.Speed > 0 {
+		return g.s.startPaced(req.Proto, item, int(req.Speed))
 	}
 	if !g.s.firstDelivery(req.Proto) {
 		return &pb.BroadcastReply{}, nil
@@ -102,32 +103,13 @@ func (g *grpcServer) Broadcast(_ context.Context, req *pb.BroadcastReq) (*pb.Bro
 	for _, b := range g.s.buckets {
 		chs = b.channels(chs)
 	}
-	op := req.Proto.Op
-	if req.Speed <= 0 {
-		n := 0
-		for _, ch := range chs {
-			if ch.push(item) {
-				n++
-			}
+	n := 0
+	for _, ch := range chs {
+		if ch.push(item) {
+			n++
 		}
-		return &pb.BroadcastReply{Delivered: int32(n)}, nil
 	}
-	lim := rate.NewLimiter(rate.Limit(req.Speed), max(1, int(req.Speed)/10))
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Duration(len(chs)/int(req.Speed)+10)*time.Second)
-		defer cancel()
-		for _, ch := range chs {
-			if !ch.accepts(op) {
-				continue
-			}
-			if err := lim.Wait(ctx); err != nil {
-				g.s.logger.Warn("paced broadcast stopped", "err", err)
-				return
-			}
-			ch.push(item)
-		}
-	}()
-	return &pb.BroadcastReply{Delivered: int32(len(chs))}, nil
+	return &pb.BroadcastReply{Delivered: int32(n)}, nil
 }
 
 func (g *grpcServer) Rooms(context.Context, *pb.RoomsReq) (*pb.RoomsReply, error) {

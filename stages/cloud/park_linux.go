@@ -24,7 +24,8 @@ import (
 type parker struct {
 	epfd, wakefd int
 
-	mu      sync.Mutex
+	ctl     sync.RWMutex      // read-held while registering; close takes it
+	mu      sync.Mutex        // guards what follows
 	parked  map[uint64]func() // id → its resume
 	running bool
 	closed  bool
@@ -53,15 +54,31 @@ func newParker() (*parker, error) {
 	return &parker{epfd: epfd, wakefd: wakefd, parked: map[uint64]func(){}, done: make(chan struct{})}, nil
 }
 
-// park registers conn's socket under id and, once it is readable, runs
-// resume on a new goroutine. first says the socket was never registered.
-// It reports false, and never runs resume, when the connection cannot be
-// parked: the caller then reads as usual.
+// park registers conn's socket under id so that resume runs, on a new
+// goroutine, once the socket is readable or wake(id) is called. first says
+// the socket was never registered.
+//
+// park reports whether the connection was handed off. true: resume now
+// belongs to the parker, or already to a waker that took it, and the
+// caller's goroutine must end without reading again. false: the socket
+// could not be registered and resume will never run; the caller keeps the
+// connection and reads as usual.
+//
+// resume is published before the socket is registered, so that an event
+// arriving as soon as it is registered finds it. A close (replacement,
+// slow consumer, another node's close, drain) in between wakes the
+// connection: the waker takes resume and starts a second reader, and the
+// registration then fails on the closed socket. Taking resume back decides
+// who owns the connection: whoever takes it, never both.
 func (p *parker) park(conn syscall.Conn, id uint64, first bool, resume func()) bool {
 	raw, err := conn.SyscallConn()
 	if err != nil {
 		return false
 	}
+	// Held until the registration is done, so that close cannot release
+	// the epoll set (whose descriptor may be reused) under it.
+	p.ctl.RLock()
+	defer p.ctl.RUnlock()
 	p.mu.Lock()
 	if p.closed {
 		p.mu.Unlock()
@@ -83,9 +100,21 @@ func (p *parker) park(conn syscall.Conn, id uint64, first bool, resume func()) b
 	var cerr error
 	// Control holds the descriptor open: it cannot be closed and reused
 	// while it is being registered.
-	if err := raw.Control(func(fd uintptr) { cerr = unix.EpollCtl(p.epfd, op, int(fd), &ev) }); err != nil || cerr != nil {
-		p.take(id)
-		return false
+	err = raw.Control(func(fd uintptr) {
+		cerr = unix.EpollCtl(p.epfd, op, int(fd), &ev)
+		// first is a hint: a socket handed off before its first
+		// registration was made may be registered or not.
+		switch {
+		case errors.Is(cerr, unix.ENOENT) && op == unix.EPOLL_CTL_MOD:
+			cerr = unix.EpollCtl(p.epfd, unix.EPOLL_CTL_ADD, int(fd), &ev)
+		case errors.Is(cerr, unix.EEXIST) && op == unix.EPOLL_CTL_ADD:
+			cerr = unix.EpollCtl(p.epfd, unix.EPOLL_CTL_MOD, int(fd), &ev)
+		}
+	})
+	if err != nil || cerr != nil {
+		// Not registered. If a waker took resume meanwhile, it runs the
+		// connection now and this caller must stop.
+		return p.take(id) == nil
 	}
 	return true
 }
@@ -97,6 +126,8 @@ func (p *parker) wake(id uint64) {
 	}
 }
 
+// take removes id's resume and returns it; nil when it is not parked. The
+// one caller that gets it owns the connection.
 func (p *parker) take(id uint64) func() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -127,7 +158,8 @@ func (p *parker) loop() {
 }
 
 // close stops the loop and releases the epoll set. Whatever is still
-// parked stays parked: call it once every connection has ended.
+// parked is resumed (a drain that timed out leaves sessions behind): those
+// readers then read without parking, since park refuses once closed.
 func (p *parker) close() {
 	p.mu.Lock()
 	if p.closed {
@@ -136,13 +168,25 @@ func (p *parker) close() {
 	}
 	p.closed = true
 	running := p.running
+	resumes := make([]func(), 0, len(p.parked))
+	for id, resume := range p.parked {
+		resumes = append(resumes, resume)
+		delete(p.parked, id)
+	}
 	p.mu.Unlock()
+	for _, resume := range resumes {
+		go resume()
+	}
 	if running {
 		var one [8]byte
 		binary.NativeEndian.PutUint64(one[:], 1)
 		_, _ = unix.Write(p.wakefd, one[:])
 		<-p.done
 	}
+	// No registration is in progress once ctl is held, and none starts:
+	// closed is set.
+	p.ctl.Lock()
+	defer p.ctl.Unlock()
 	_ = unix.Close(p.epfd)
 	_ = unix.Close(p.wakefd)
 }

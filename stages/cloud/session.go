@@ -10,6 +10,7 @@ import (
 	"runtime/debug"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
@@ -54,6 +55,15 @@ func (s *Stage) serve(t transport) {
 // session runs an authenticated connection until it ends.
 func (s *Stage) session(ch *channel, remote string) {
 	b := bucketFor(s.buckets, ch.key)
+	r := &reader{s: s, ch: ch, b: b, id: s.parkIDs.Add(1), last: time.Now()}
+	defer func() {
+		// Only what comes before the reader runs can panic here: the
+		// reader recovers its own. The connection ends, not the node.
+		if p := recover(); p != nil {
+			s.logger.Error("panic starting client session; connection closed", "key", ch.key, "panic", p, "stack", string(debug.Stack()))
+			r.end(fmt.Errorf("%w: %v", errInternal, p))
+		}
+	}()
 	if old := b.put(ch); old != nil {
 		old.close(closeReplaced, "replaced by a new connection")
 	}
@@ -62,7 +72,6 @@ func (s *Stage) session(ch *channel, remote string) {
 	ch.reply(outItem{pkt: wire.Encode(wire.OpAuthReply, authSeq, reply.encode())})
 	s.logger.Debug("client connected", "mid", ch.mid, "key", ch.key, "remote", remote)
 
-	r := &reader{s: s, ch: ch, b: b, id: s.parkIDs.Add(1), last: time.Now()}
 	if s.parker != nil {
 		ch.setWake(func() { s.parker.wake(r.id) })
 	}
@@ -70,7 +79,8 @@ func (s *Stage) session(ch *channel, remote string) {
 }
 
 // endSession unregisters a connection whose reader ended and tells logic
-// the session is gone.
+// the session is gone. The reader calls it once per session (see
+// reader.end): it counts the session out of conns.
 func (s *Stage) endSession(ch *channel, b *bucket, err error) {
 	defer s.conns.Done()
 	ch.close(closeCode(err))
@@ -168,16 +178,18 @@ func uniq(ss []string) []string {
 // reader reads one session's packets until the connection ends. Between
 // packets an idle connection is parked (see parker): its goroutine ends,
 // and a new one continues when the client sends, the connection is
-// closed or its heartbeat deadline passes. Only one goroutine runs a
-// reader at a time; the parker's hand-over orders them.
+// closed or its heartbeat deadline passes. Exactly one goroutine owns the
+// reader at a time: ownership passes only through the parker, whose take
+// hands a parked connection's resume to one caller.
 type reader struct {
 	s          *Stage
 	ch         *channel
 	b          *bucket
 	id         uint64      // the parker's key for this connection
-	registered bool        // the socket is in the parker's epoll set
+	registered bool        // the socket was registered with the parker
 	last       time.Time   // when the client last sent a packet
 	timer      *time.Timer // wakes a parked reader at its heartbeat deadline
+	ended      sync.Once   // the session is ended once, whatever ends it
 }
 
 // minPark is the least time left before the heartbeat deadline for a
@@ -192,11 +204,19 @@ func (r *reader) run(woken bool) {
 	}
 	parked, err := r.readRecovering(woken)
 	if !parked {
+		r.end(err)
+	}
+}
+
+// end ends the session: unregistered, counted out and reported to logic
+// once, even if two paths were ever to end it.
+func (r *reader) end(err error) {
+	r.ended.Do(func() {
 		if r.timer != nil {
 			r.timer.Stop()
 		}
 		r.s.endSession(r.ch, r.b, err)
-	}
+	})
 }
 
 // readRecovering runs read, turning a panic into errInternal so that the
@@ -240,7 +260,8 @@ func (r *reader) read(woken bool) (bool, error) {
 
 // park hands the connection to the parker when nothing is buffered, and
 // reports whether it did; the caller's goroutine must then end without
-// touching r, which another goroutine may already be running.
+// touching r's state, which another goroutine may already be running (s,
+// ch and id never change).
 func (r *reader) park(idle time.Duration) bool {
 	if r.s.parker == nil {
 		return false
@@ -262,6 +283,7 @@ func (r *reader) park(idle time.Duration) bool {
 		r.timer.Reset(left)
 	}
 	if !r.s.parker.park(sc, r.id, first, func() { r.run(true) }) {
+		// Not handed off: this goroutine still owns r.
 		r.timer.Stop()
 		r.registered = !first
 		return false

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
+	"google.golang.org/grpc"
 
 	"imcloud/cloudconn"
 	"imcloud/pipeline"
@@ -90,6 +91,8 @@ type Options struct {
 	BatchSize   int
 	// Timeout bounds a batch's delivery.
 	Timeout time.Duration
+	// CloudDial authenticates the calls to cloud nodes (clusterauth).
+	CloudDial []grpc.DialOption
 	// OfflineGrace is how long a key that was online when logic accepted a
 	// push may stay offline at delivery before the push is given up on
 	// (job.offline_grace).
@@ -98,7 +101,7 @@ type Options struct {
 
 // New returns a job stage.
 func New(o Options) *Stage {
-	s := &Stage{nodes: o.Nodes, logger: o.Logger, clouds: cloudconn.New(), grace: o.OfflineGrace, offline: newOfflineKeys(maxOfflineKeys)}
+	s := &Stage{nodes: o.Nodes, logger: o.Logger, clouds: cloudconn.New(o.CloudDial...), grace: o.OfflineGrace, offline: newOfflineKeys(maxOfflineKeys)}
 	if l, ok := o.Nodes.(KeyLocator); ok {
 		s.locator = l
 	}

@@ -3,7 +3,9 @@ package logic
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"crypto/subtle"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -12,10 +14,51 @@ import (
 	"mime"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
+	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/google/uuid"
+
+	"imcloud/idempotency"
+)
+
+// api is which of the two HTTP APIs a request came in by.
+type api int
+
+const (
+	// apiIM is /im/: query parameters and the raw body as the message, or
+	// a JSON parameter object when the caller says so with PushJSONType.
+	apiIM api = iota
+	// apiGoim is /goim/: goim's API as goim's tools call it. The body is
+	// always the message, whatever its Content-Type (goim's tools send
+	// application/json and application/x-www-form-urlencoded bodies).
+	apiGoim
+)
+
+// PushJSONType is the media type a caller of /im/push/* sets to send its
+// parameters as a JSON object holding the message in "msg". A plain
+// application/json body is a message like any other: guessing would
+// re-route a JSON message that happens to hold "room" or "mids".
+const PushJSONType = "application/vnd.imcloud.push+json"
+
+// Limits on the strings the API accepts. Everything a caller names ends
+// up in a protobuf string, a registry key and log lines: it must be valid
+// UTF-8 without control characters, and short.
+const (
+	maxRoomKeyBytes  = 255 // type://room, whole
+	maxTypeBytes     = 64
+	maxKeyBytes      = 255 // a connection key
+	maxPlatformBytes = 64
+	// MaxIdempotencyKeyBytes caps Idempotency-Key: a UUID is 36 bytes; the
+	// cap leaves room for a caller's own scheme (order ids with a prefix).
+	MaxIdempotencyKeyBytes = 255
+	maxRequestIDBytes      = 255
+	// echoBytes bounds how much of a bad value an error message quotes.
+	echoBytes = 32
 )
 
 // reply is the envelope of every HTTP answer.
@@ -35,6 +78,14 @@ func writeError(w http.ResponseWriter, status int, msg string) {
 	writeJSON(w, status, reply{Code: -status, Message: msg})
 }
 
+// okMessage is the success message: goim answers "", imcloud "ok".
+func (a api) okMessage() string {
+	if a == apiGoim {
+		return ""
+	}
+	return "ok"
+}
+
 // paramError is a bad request naming its field.
 type paramError struct {
 	field, problem string
@@ -46,11 +97,71 @@ func badParam(field, format string, args ...any) error {
 	return &paramError{field: field, problem: fmt.Sprintf(format, args...)}
 }
 
-// params are a push request's fields, from the query string or a JSON body.
+// echo quotes the start of a bad value for an error message.
+func echo(s string) string {
+	if len(s) > echoBytes {
+		return strconv.Quote(s[:echoBytes]) + "…"
+	}
+	return strconv.Quote(s)
+}
+
+// checkText validates a string a caller gave: valid UTF-8, at most max
+// bytes, no control characters.
+func checkText(field, s string, max int) error {
+	if len(s) > max {
+		return badParam(field, "longer than %d bytes", max)
+	}
+	if !utf8.ValidString(s) {
+		return badParam(field, "not valid UTF-8")
+	}
+	if i := strings.IndexFunc(s, unicode.IsControl); i >= 0 {
+		return badParam(field, "holds a control character at byte %d", i)
+	}
+	return nil
+}
+
+// checkRoom validates a room type and id, and the room key they make.
+func checkRoom(typ, room string) error {
+	if err := checkText("type", typ, maxTypeBytes); err != nil {
+		return err
+	}
+	if strings.Contains(typ, "://") {
+		return badParam("type", "must not hold \"://\"")
+	}
+	if err := checkText("room", room, maxRoomKeyBytes); err != nil {
+		return err
+	}
+	if len(RoomKey(typ, room)) > maxRoomKeyBytes {
+		return badParam("room", "type://room longer than %d bytes", maxRoomKeyBytes)
+	}
+	return nil
+}
+
+// params are a request's parameters: from the query string, and for
+// /im/ with PushJSONType also from a JSON object. A field may come from
+// one place only, and a single-valued field once; list fields (keys, mids,
+// rooms) repeat in the query string or are a JSON list.
 type params struct {
 	values url.Values
 	json   map[string]json.RawMessage
 	msg    []byte
+}
+
+// listFields may repeat: each occurrence is one element.
+var listFields = map[string]bool{"keys": true, "mids": true, "rooms": true}
+
+// check rejects a field given in both places, or a single-valued field
+// given twice.
+func (p *params) check() error {
+	for f, vs := range p.values {
+		if _, inJSON := p.json[f]; inJSON {
+			return badParam(f, "given in both the query string and the JSON body")
+		}
+		if len(vs) > 1 && !listFields[f] {
+			return badParam(f, "given %d times, want once", len(vs))
+		}
+	}
+	return nil
 }
 
 // has reports whether field was given in either form.
@@ -59,24 +170,28 @@ func (p *params) has(field string) bool {
 	return inJSON || p.values.Has(field)
 }
 
-// strings returns a repeated field; JSON may give a list or one value.
+// strings returns a field's values; JSON may give a list or one value.
 func (p *params) strings(field string) ([]string, error) {
-	if raw, ok := p.json[field]; ok {
-		var list []json.RawMessage
-		if err := json.Unmarshal(raw, &list); err != nil {
-			list = []json.RawMessage{raw}
-		}
-		out := make([]string, 0, len(list))
-		for _, item := range list {
-			s, err := scalar(item)
-			if err != nil {
+	raw, ok := p.json[field]
+	if !ok {
+		return p.values[field], nil
+	}
+	var list []json.RawMessage
+	if !listFields[field] || json.Unmarshal(raw, &list) != nil {
+		list = []json.RawMessage{raw}
+	}
+	out := make([]string, 0, len(list))
+	for _, item := range list {
+		s, err := scalar(item)
+		if err != nil {
+			if listFields[field] {
 				return nil, badParam(field, "want a string or number, or a list of them")
 			}
-			out = append(out, s)
+			return nil, badParam(field, "want a string or number")
 		}
-		return out, nil
+		out = append(out, s)
 	}
-	return p.values[field], nil
+	return out, nil
 }
 
 // scalar renders a JSON string or number as text.
@@ -94,16 +209,10 @@ func scalar(raw json.RawMessage) (string, error) {
 
 func (p *params) string(field string) (string, error) {
 	vs, err := p.strings(field)
-	if err != nil {
+	if err != nil || len(vs) == 0 {
 		return "", err
 	}
-	if len(vs) > 1 {
-		return "", badParam(field, "given %d times, want once", len(vs))
-	}
-	if len(vs) == 0 {
-		return "", nil
-	}
-	return vs[0], nil
+	return vs[0], nil // check() refused a repeated single field
 }
 
 func (p *params) requiredString(field string) (string, error) {
@@ -124,7 +233,7 @@ func (p *params) int(field string, bits int, min, max int64) (int64, error) {
 	}
 	n, err := strconv.ParseInt(strings.TrimSpace(s), 10, bits)
 	if err != nil || n < min || n > max {
-		return 0, badParam(field, "want an integer from %d to %d, got %q", min, max, s)
+		return 0, badParam(field, "want an integer from %d to %d, got %s", min, max, echo(s))
 	}
 	return n, nil
 }
@@ -134,17 +243,19 @@ func (p *params) operation() (int32, error) {
 	return int32(op), err
 }
 
-// readParams reads the request in either API form. The message is the raw
-// body, or the JSON body's msg: a JSON string as its text, anything else
-// as its encoding.
-func readParams(r *http.Request, maxMsg int) (*params, error) {
+// readParams reads a push request. The message is the raw body, or, for
+// /im/ with PushJSONType, the JSON object's msg: a JSON string as its
+// text, anything else as its encoding.
+func readParams(r *http.Request, a api, maxMsg int) (*params, error) {
 	p := &params{values: r.URL.Query()}
 	// The JSON form wraps the message, so allow room for the fields around it.
 	limit := int64(maxMsg)
 	isJSON := false
-	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err == nil && mt == "application/json" {
-		isJSON = true
-		limit = int64(maxMsg)*6 + 64<<10
+	if a == apiIM {
+		if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err == nil && mt == PushJSONType {
+			isJSON = true
+			limit = int64(maxMsg)*6 + 64<<10
+		}
 	}
 	body, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, limit))
 	var tooBig *http.MaxBytesError
@@ -152,7 +263,7 @@ func readParams(r *http.Request, maxMsg int) (*params, error) {
 		return nil, errTooLarge
 	}
 	if err != nil {
-		return nil, fmt.Errorf("read body: %w", err)
+		return nil, badParam("body", "read: %v", err)
 	}
 	if !isJSON {
 		p.msg = body
@@ -161,10 +272,13 @@ func readParams(r *http.Request, maxMsg int) (*params, error) {
 		if err := dec.Decode(&p.json); err != nil || p.json == nil {
 			return nil, badParam("body", "want a JSON object")
 		}
+		if dec.More() {
+			return nil, badParam("body", "want one JSON object, found more after it")
+		}
 		allowed := map[string]bool{"operation": true, "keys": true, "mids": true, "type": true, "room": true, "speed": true, "msg": true}
 		for f := range p.json {
 			if !allowed[f] {
-				return nil, badParam(f, "unknown field")
+				return nil, badParam(truncate(f), "unknown field")
 			}
 		}
 		raw, ok := p.json["msg"]
@@ -181,28 +295,67 @@ func readParams(r *http.Request, maxMsg int) (*params, error) {
 	if len(p.msg) > maxMsg {
 		return nil, errTooLarge
 	}
-	return p, nil
+	return p, p.check()
+}
+
+// truncate shortens a caller's field name for an error message.
+func truncate(s string) string {
+	s = strings.ToValidUTF8(s, "?")
+	if len(s) > echoBytes {
+		return s[:echoBytes] + "…"
+	}
+	return s
 }
 
 var errTooLarge = errors.New("message too large")
 
-// pushRoute validates a request's parameters and publishes the push.
-type pushRoute func(ctx context.Context, push Push, p *params) (PushResult, error)
+// target is a validated push, ready to publish.
+type target struct {
+	// canonical renders the parameters that decide what is published, in
+	// a fixed form, for the request's fingerprint.
+	canonical string
+	run       func(ctx context.Context, push Push) (PushResult, error)
+}
 
-func (st *Stage) push(name string, route pushRoute) http.Handler {
+// pushRoute validates a request's parameters into a target.
+type pushRoute func(a api, p *params) (target, error)
+
+// headerValue returns a header given at most once, validated.
+func headerValue(r *http.Request, name string, max int) (string, error) {
+	vs := r.Header.Values(name)
+	if len(vs) > 1 {
+		return "", badParam(name, "given %d times, want once", len(vs))
+	}
+	if len(vs) == 0 {
+		return "", nil
+	}
+	return vs[0], checkText(name, vs[0], max)
+}
+
+// fingerprint identifies a push's content: the route, its parameters in
+// canonical form, the operation and the message.
+func fingerprint(name string, op int32, t target, msg []byte) string {
+	h := sha256.New()
+	fmt.Fprintf(h, "%s\n%d\n%s\n%d\n", name, op, t.canonical, len(msg))
+	h.Write(msg)
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+func (st *Stage) push(a api, name string, route pushRoute) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !st.authorized(r) {
-			writeError(w, http.StatusUnauthorized, "missing or wrong API key (Authorization: Bearer <key>)")
+		corr, err := headerValue(r, "X-Request-ID", maxRequestIDBytes)
+		if err != nil {
+			writeError(w, http.StatusBadRequest, err.Error())
 			return
 		}
-		p, err := readParams(r, st.cfg.MaxMessageBytes)
+		idemKey, err := headerValue(r, "Idempotency-Key", MaxIdempotencyKeyBytes)
+		if err != nil {
+			writeError(w, http.StatusBadRequest, err.Error())
+			return
+		}
+		p, err := readParams(r, a, st.cfg.MaxMessageBytes)
 		if errors.Is(err, errTooLarge) {
 			writeError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("msg: larger than %d bytes", st.cfg.MaxMessageBytes))
-			return
-		}
-		var perr *paramError
-		if errors.As(err, &perr) {
-			writeError(w, http.StatusBadRequest, perr.Error())
 			return
 		}
 		if err != nil {
@@ -214,52 +367,120 @@ func (st *Stage) push(name string, route pushRoute) http.Handler {
 			writeError(w, http.StatusBadRequest, err.Error())
 			return
 		}
-		corr := r.Header.Get("X-Request-ID")
+		t, err := route(a, p)
+		if err != nil {
+			writeError(w, http.StatusBadRequest, err.Error())
+			return
+		}
 		if corr == "" {
 			corr = uuid.NewString()
 		}
-		idemKey := r.Header.Get("Idempotency-Key")
+		push := Push{ID: MessageID(idemKey, name), CorrelationID: corr, Operation: op, Msg: p.msg}
+		if idemKey == "" || st.replies == nil {
+			st.publish(w, r, a, name, t, push, "", nil)
+			return
+		}
+
 		storeKey := name + "\x00" + idemKey
-		if idemKey != "" && st.replies != nil {
-			if prev, ok, err := st.replies.Reply(r.Context(), storeKey); err != nil {
-				st.logger.WarnContext(r.Context(), "idempotency store unavailable", "err", err)
-			} else if ok {
-				w.Header().Set("Content-Type", "application/json")
-				w.Header().Set("Idempotent-Replayed", "true")
-				_, _ = w.Write(prev)
-				return
-			}
+		fp := fingerprint(name, op, t, p.msg)
+		e, err := st.replies.Reserve(r.Context(), storeKey, fp)
+		if err != nil {
+			st.logFailure(r.Context(), "idempotency store unavailable", "route", name, "correlation_id", corr, "err", err)
+			w.Header().Set("Retry-After", "1")
+			writeError(w, http.StatusServiceUnavailable, "idempotency store unavailable, retry later")
+			return
 		}
-		push := Push{
-			ID:            MessageID(idemKey, name),
-			CorrelationID: corr,
-			Operation:     op,
-			Msg:           p.msg,
-		}
-		res, err := route(r.Context(), push, p)
 		switch {
-		case errors.As(err, &perr):
-			writeError(w, http.StatusBadRequest, perr.Error())
-		case errors.Is(err, ErrBroker):
-			st.logger.ErrorContext(r.Context(), "push not accepted", "route", name, "correlation_id", corr, "err", err)
+		case e.Fingerprint != fp:
+			writeError(w, http.StatusUnprocessableEntity, "Idempotency-Key: already used for a request with other parameters or another message")
+		case e.State == idempotency.InFlight:
 			w.Header().Set("Retry-After", "1")
-			writeError(w, http.StatusServiceUnavailable, "broker unavailable, retry later")
-		case err != nil:
-			st.logger.ErrorContext(r.Context(), "push failed", "route", name, "correlation_id", corr, "err", err)
-			w.Header().Set("Retry-After", "1")
-			writeError(w, http.StatusServiceUnavailable, "registry unavailable, retry later")
-		default:
-			body, _ := json.Marshal(reply{Code: 0, Message: "ok", Data: res})
-			body = append(body, '\n')
-			if idemKey != "" && st.replies != nil {
-				if err := st.replies.SaveReply(r.Context(), storeKey, body); err != nil {
-					st.logger.WarnContext(r.Context(), "remember idempotent reply", "err", err)
-				}
-			}
+			writeError(w, http.StatusConflict, "Idempotency-Key: a request with this key is still being processed")
+		case e.State == idempotency.Done:
 			w.Header().Set("Content-Type", "application/json")
-			_, _ = w.Write(body)
+			w.Header().Set("Idempotent-Replayed", "true")
+			_, _ = w.Write(e.Reply)
+		default:
+			st.publish(w, r, a, name, t, push, storeKey, &e)
 		}
 	})
+}
+
+// publish runs a validated push and answers it. With a reservation, a
+// success stores the reply and a failure releases the key so that a retry
+// can run.
+func (st *Stage) publish(w http.ResponseWriter, r *http.Request, a api, name string, t target, push Push, storeKey string, res *idempotency.Entry) {
+	settled := res == nil
+	release := func() {
+		if settled {
+			return
+		}
+		settled = true
+		// The request's context may be done (the caller left); the key
+		// must be freed regardless.
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), 5*time.Second)
+		defer cancel()
+		if err := st.replies.Release(ctx, storeKey, res.Token); err != nil {
+			st.logFailure(r.Context(), "release idempotency key", "route", name, "err", err)
+		}
+	}
+	// A panic in run must not hold the key until idempotency.InFlightTTL.
+	defer release()
+	out, err := t.run(r.Context(), push)
+	var perr *paramError
+	switch {
+	case errors.As(err, &perr):
+		release()
+		writeError(w, http.StatusBadRequest, perr.Error())
+	case errors.Is(err, ErrBroker):
+		release()
+		st.logFailure(r.Context(), "push not accepted", "route", name, "correlation_id", push.CorrelationID, "err", err)
+		w.Header().Set("Retry-After", "1")
+		writeError(w, http.StatusServiceUnavailable, "broker unavailable, retry later")
+	case errors.Is(err, ErrRegistry):
+		release()
+		st.logFailure(r.Context(), "push not resolved", "route", name, "correlation_id", push.CorrelationID, "err", err)
+		w.Header().Set("Retry-After", "1")
+		writeError(w, http.StatusServiceUnavailable, "registry unavailable, retry later")
+	case err != nil:
+		// Input is validated before it gets here: anything else is a bug,
+		// and retrying will not help.
+		release()
+		st.logFailure(r.Context(), "push failed", "route", name, "correlation_id", push.CorrelationID, "err", err)
+		writeError(w, http.StatusInternalServerError, "internal error (logged with correlation id "+push.CorrelationID+")")
+	default:
+		body, _ := json.Marshal(reply{Code: 0, Message: a.okMessage(), Data: out})
+		body = append(body, '\n')
+		if !settled {
+			settled = true
+			ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), 5*time.Second)
+			if err := st.replies.Complete(ctx, storeKey, res.Token, body); err != nil {
+				st.logFailure(r.Context(), "remember idempotent reply", "route", name, "err", err)
+			}
+			cancel()
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write(body)
+	}
+}
+
+// logFailure logs a failing dependency, at most a few times a second: a
+// broker outage fails every request.
+func (st *Stage) logFailure(ctx context.Context, msg string, args ...any) {
+	if st.failLog.Allow() {
+		st.logger.ErrorContext(ctx, msg, args...)
+	}
+}
+
+// refuse answers a request without a valid API key and closes the
+// connection without reading its body: a caller without a key gets
+// nothing from the server but this answer.
+func refuse(w http.ResponseWriter) {
+	w.Header().Set("Connection", "close")
+	writeError(w, http.StatusUnauthorized, "missing or wrong API key (Authorization: Bearer <key>)")
+	// net/http would read up to 256 KB of the unread body before closing;
+	// an expired read deadline ends that at once.
+	_ = http.NewResponseController(w).SetReadDeadline(time.Now())
 }
 
 func (st *Stage) authorized(r *http.Request) bool {
@@ -277,62 +498,105 @@ func (st *Stage) authorized(r *http.Request) bool {
 	return match == 1
 }
 
-func (st *Stage) pushKeys(ctx context.Context, push Push, p *params) (PushResult, error) {
+// canonicalList renders a list for a fingerprint: sorted, since the order
+// of targets does not change what is published.
+func canonicalList[T any](vs []T) string {
+	parts := make([]string, len(vs))
+	for i, v := range vs {
+		parts[i] = strconv.Quote(fmt.Sprint(v))
+	}
+	slices.Sort(parts)
+	return strings.Join(parts, ",")
+}
+
+func (st *Stage) pushKeys(_ api, p *params) (target, error) {
 	keys, err := p.strings("keys")
 	if err != nil {
-		return PushResult{}, err
+		return target{}, err
 	}
 	if len(keys) == 0 {
-		return PushResult{}, badParam("keys", "required")
+		return target{}, badParam("keys", "required")
 	}
 	for _, k := range keys {
 		if k == "" {
-			return PushResult{}, badParam("keys", "empty key")
+			return target{}, badParam("keys", "empty key")
+		}
+		if err := checkText("keys", k, maxKeyBytes); err != nil {
+			return target{}, err
 		}
 	}
-	return st.pusher.PushKeys(ctx, push, keys)
+	return target{
+		canonical: "keys=" + canonicalList(keys),
+		run: func(ctx context.Context, push Push) (PushResult, error) {
+			return st.pusher.PushKeys(ctx, push, keys)
+		},
+	}, nil
 }
 
-func (st *Stage) pushMids(ctx context.Context, push Push, p *params) (PushResult, error) {
+func (st *Stage) pushMids(a api, p *params) (target, error) {
 	raw, err := p.strings("mids")
 	if err != nil {
-		return PushResult{}, err
+		return target{}, err
 	}
 	if len(raw) == 0 {
-		return PushResult{}, badParam("mids", "required")
+		return target{}, badParam("mids", "required")
+	}
+	// goim's guests connect with mid 0, and goim pushes to them by it.
+	least := int64(1)
+	if a == apiGoim {
+		least = 0
 	}
 	mids := make([]int64, 0, len(raw))
 	for _, s := range raw {
 		m, err := strconv.ParseInt(strings.TrimSpace(s), 10, 64)
-		if err != nil || m <= 0 {
-			return PushResult{}, badParam("mids", "want positive integers, got %q", s)
+		if err != nil || m < least {
+			return target{}, badParam("mids", "want integers of at least %d, got %s", least, echo(s))
 		}
 		mids = append(mids, m)
 	}
-	return st.pusher.PushMids(ctx, push, mids)
+	return target{
+		canonical: "mids=" + canonicalList(mids),
+		run: func(ctx context.Context, push Push) (PushResult, error) {
+			return st.pusher.PushMids(ctx, push, mids)
+		},
+	}, nil
 }
 
-func (st *Stage) pushRoom(ctx context.Context, push Push, p *params) (PushResult, error) {
+func (st *Stage) pushRoom(_ api, p *params) (target, error) {
 	typ, err := p.requiredString("type")
 	if err != nil {
-		return PushResult{}, err
+		return target{}, err
 	}
 	room, err := p.requiredString("room")
 	if err != nil {
-		return PushResult{}, err
+		return target{}, err
 	}
-	return st.pusher.PushRoom(ctx, push, RoomKey(typ, room))
+	if err := checkRoom(typ, room); err != nil {
+		return target{}, err
+	}
+	key := RoomKey(typ, room)
+	return target{
+		canonical: "room=" + strconv.Quote(key),
+		run: func(ctx context.Context, push Push) (PushResult, error) {
+			return st.pusher.PushRoom(ctx, push, key)
+		},
+	}, nil
 }
 
-func (st *Stage) pushAll(ctx context.Context, push Push, p *params) (PushResult, error) {
+func (st *Stage) pushAll(_ api, p *params) (target, error) {
 	var speed int64
 	if p.has("speed") {
 		var err error
 		if speed, err = p.int("speed", 32, 0, math.MaxInt32); err != nil {
-			return PushResult{}, err
+			return target{}, err
 		}
 	}
-	return st.pusher.PushAll(ctx, push, int32(speed))
+	return target{
+		canonical: "speed=" + strconv.FormatInt(speed, 10),
+		run: func(ctx context.Context, push Push) (PushResult, error) {
+			return st.pusher.PushAll(ctx, push, int32(speed))
+		},
+	}, nil
 }
 
 // RoomKey is the room id clients join: type://room.

@@ -4,17 +4,18 @@
 package logic
 
 import (
-	"context"
 	"fmt"
 	"log/slog"
 	"net/http"
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
+	"golang.org/x/time/rate"
 	"google.golang.org/grpc"
 
 	"imcloud/cloudconn"
 	"imcloud/config"
+	"imcloud/idempotency"
 	"imcloud/proto/pb"
 )
 
@@ -26,14 +27,15 @@ type Stage struct {
 	replies   ReplyStore
 	grpc      *grpcServer
 	logger    *slog.Logger
+	// failLog limits logs of failing dependencies: an outage fails every
+	// request, and one line a second says as much as thousands.
+	failLog *rate.Limiter
 }
 
-// ReplyStore keeps the reply to each request made with an Idempotency-Key,
-// so that a retry is answered without publishing again.
-type ReplyStore interface {
-	Reply(ctx context.Context, key string) ([]byte, bool, error)
-	SaveReply(ctx context.Context, key string, reply []byte) error
-}
+// ReplyStore keeps the reservation and reply of each request made with an
+// Idempotency-Key, so that a retry is answered without publishing again
+// and a concurrent one is refused.
+type ReplyStore = idempotency.Store
 
 // Options are the logic stage's collaborators.
 type Options struct {
@@ -44,6 +46,8 @@ type Options struct {
 	// Heartbeat is the period clients are told to heartbeat at.
 	Heartbeat time.Duration
 	Logger    *slog.Logger
+	// CloudDial authenticates the calls to cloud nodes (clusterauth).
+	CloudDial []grpc.DialOption
 }
 
 // New assembles the logic stage.
@@ -61,8 +65,9 @@ func New(cfg config.Logic, o Options) (*Stage, error) {
 		pusher:    &Pusher{registry: o.Registry, publisher: o.Publisher, topic: o.PushTopic},
 		replies:   o.Replies,
 		grpc: &grpcServer{auth: auth, registry: o.Registry, logger: o.Logger,
-			replacer: &replacer{registry: o.Registry, logger: o.Logger, clouds: cloudconn.New()}},
-		logger: o.Logger,
+			replacer: &replacer{registry: o.Registry, logger: o.Logger, clouds: cloudconn.New(o.CloudDial...)}},
+		logger:  o.Logger,
+		failLog: rate.NewLimiter(1, 5),
 	}, nil
 }
 
@@ -82,21 +87,31 @@ func (st *Stage) Handler() http.Handler {
 		"push/all":  st.pushAll,
 	}
 	stats := map[string]statsRoute{
-		"online/top":     onlineTop,
-		"online/room":    onlineRoom,
-		"online/total":   onlineTotal,
-		"nodes/weighted": st.nodesWeighted,
+		"online/top":   onlineTop,
+		"online/room":  onlineRoom,
+		"online/total": onlineTotal,
 	}
-	for _, prefix := range []string{"/im/", "/goim/"} {
+	for prefix, a := range map[string]api{"/im/": apiIM, "/goim/": apiGoim} {
 		for path, route := range routes {
-			mux.Handle("POST "+prefix+path, st.push(path, route))
+			mux.Handle("POST "+prefix+path, st.push(a, path, route))
 		}
 		for path, route := range stats {
-			mux.Handle("GET "+prefix+path, st.stats(route))
+			mux.Handle("GET "+prefix+path, st.stats(a, route))
 		}
 	}
+	mux.Handle("GET /im/nodes/weighted", st.stats(apiIM, st.nodesWeighted))
+	mux.Handle("GET /goim/nodes/weighted", st.stats(apiGoim, st.goimNodesWeighted))
+	mux.Handle("GET /goim/nodes/instances", st.stats(apiGoim, goimNodesInstances))
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		writeError(w, http.StatusNotFound, "no such route: "+r.Method+" "+r.URL.Path)
+		writeError(w, http.StatusNotFound, "no such route: "+r.Method+" "+truncate(r.URL.Path))
 	})
-	return mux
+	// The key is checked before routing: a caller without one learns
+	// nothing, not even which routes exist, and its body is never read.
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !st.authorized(r) {
+			refuse(w)
+			return
+		}
+		mux.ServeHTTP(w, r)
+	})
 }

@@ -21,6 +21,10 @@ var idempotencyNamespace = uuid.MustParse("6f1d2c1e-8a51-4a57-9f3c-5b0c2f0e7a11"
 // retry, nothing was accepted.
 var ErrBroker = errors.New("broker unavailable")
 
+// ErrRegistry marks a failure to read the session registry: the caller
+// may retry, nothing was published.
+var ErrRegistry = errors.New("registry unavailable")
+
 // Pusher resolves push targets and publishes one PushMsg per cloud node.
 type Pusher struct {
 	registry  Registry
@@ -58,7 +62,7 @@ func MessageID(idempotencyKey, route string) string {
 func (p *Pusher) PushKeys(ctx context.Context, push Push, keys []string) (PushResult, error) {
 	servers, err := p.registry.ServersByKeys(ctx, keys)
 	if err != nil {
-		return PushResult{}, fmt.Errorf("resolve keys: %w", err)
+		return PushResult{}, fmt.Errorf("%w: resolve keys: %w", ErrRegistry, err)
 	}
 	if err := p.dropLapsed(ctx, servers); err != nil {
 		return PushResult{}, err
@@ -81,7 +85,7 @@ func (p *Pusher) dropLapsed(ctx context.Context, servers map[string]string) erro
 	}
 	nodes, err := p.registry.Nodes(ctx)
 	if err != nil {
-		return fmt.Errorf("list cloud nodes: %w", err)
+		return fmt.Errorf("%w: list cloud nodes: %w", ErrRegistry, err)
 	}
 	live := make(map[string]bool, len(nodes))
 	for _, n := range nodes {
@@ -99,7 +103,7 @@ func (p *Pusher) dropLapsed(ctx context.Context, servers map[string]string) erro
 func (p *Pusher) PushMids(ctx context.Context, push Push, mids []int64) (PushResult, error) {
 	byMid, err := p.registry.KeysByMids(ctx, mids)
 	if err != nil {
-		return PushResult{}, fmt.Errorf("resolve mids: %w", err)
+		return PushResult{}, fmt.Errorf("%w: resolve mids: %w", ErrRegistry, err)
 	}
 	servers := map[string]string{}
 	for _, keys := range byMid {
@@ -141,7 +145,7 @@ func (p *Pusher) PushAll(ctx context.Context, push Push, speed int32) (PushResul
 func (p *Pusher) publishCounted(ctx context.Context, push Push, pm *pb.PushMsg, room string) (PushResult, error) {
 	nodes, err := p.registry.Nodes(ctx)
 	if err != nil {
-		return PushResult{}, fmt.Errorf("count online: %w", err)
+		return PushResult{}, fmt.Errorf("%w: count online: %w", ErrRegistry, err)
 	}
 	online := 0
 	for _, n := range nodes {

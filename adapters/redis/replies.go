@@ -1,0 +1,124 @@
+package redis
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+	goredis "github.com/redis/go-redis/v9"
+
+	"imcloud/idempotency"
+)
+
+// Replies keeps Idempotency-Key reservations and replies in Redis, so that
+// a retry answered by another logic node gets the same reply and two
+// nodes never run one key at once.
+//
+// A key's value is "P" + fingerprint + token while its request runs
+// (expiring after idempotency.InFlightTTL), then "D" + fingerprint + reply
+// for the TTL. The fingerprint is 64 hex digits.
+type Replies struct {
+	rdb    goredis.UniversalClient
+	prefix string
+	ttl    time.Duration
+}
+
+// NewReplies stores replies under prefix for ttl.
+func NewReplies(rdb goredis.UniversalClient, prefix string, ttl time.Duration) *Replies {
+	// v2: values carry a state and a fingerprint; a v1 value (a bare
+	// reply) is never read as one.
+	return &Replies{rdb: rdb, prefix: prefix + "v2:", ttl: ttl}
+}
+
+const fpLen = 64
+
+// reserveScript sets the in-flight marker unless the key exists, and
+// returns nothing when it did, or the value it found.
+var reserveScript = goredis.NewScript(`
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false end
+return redis.call('GET', KEYS[1])`)
+
+// completeScript replaces this request's in-flight marker with its reply.
+var completeScript = goredis.NewScript(`
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1`)
+
+// releaseScript deletes this request's in-flight marker.
+var releaseScript = goredis.NewScript(`
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])`)
+
+// Reserve claims key for a request with fingerprint fp.
+func (r *Replies) Reserve(ctx context.Context, key, fp string) (idempotency.Entry, error) {
+	if len(fp) != fpLen {
+		return idempotency.Entry{}, fmt.Errorf("reserve idempotency key: fingerprint of %d characters, want %d", len(fp), fpLen)
+	}
+	token := uuid.NewString()
+	v, err := reserveScript.Run(ctx, r.rdb, []string{r.prefix + key}, "P"+fp+token, idempotency.InFlightTTL.Milliseconds()).Text()
+	if errors.Is(err, goredis.Nil) {
+		return idempotency.Entry{State: idempotency.Reserved, Fingerprint: fp, Token: token}, nil
+	}
+	if err != nil {
+		return idempotency.Entry{}, fmt.Errorf("redis reserve idempotency key: %w", err)
+	}
+	if len(v) < 1+fpLen {
+		return idempotency.Entry{}, fmt.Errorf("redis reserve idempotency key: stored value of %d bytes is not an entry", len(v))
+	}
+	state, stored, rest := v[0], v[1:1+fpLen], v[1+fpLen:]
+	switch state {
+	case 'P':
+		return idempotency.Entry{State: idempotency.InFlight, Fingerprint: stored}, nil
+	case 'D':
+		return idempotency.Entry{State: idempotency.Done, Fingerprint: stored, Reply: []byte(rest)}, nil
+	}
+	return idempotency.Entry{}, fmt.Errorf("redis reserve idempotency key: stored value in state %q", state)
+}
+
+// Complete stores reply for a key this request reserved.
+func (r *Replies) Complete(ctx context.Context, key, token string, reply []byte) error {
+	marker, err := r.marker(ctx, key, token)
+	if err != nil || marker == "" {
+		return err
+	}
+	var b strings.Builder
+	b.Grow(1 + fpLen + len(reply))
+	b.WriteByte('D')
+	b.WriteString(marker[1 : 1+fpLen])
+	b.Write(reply)
+	if err := completeScript.Run(ctx, r.rdb, []string{r.prefix + key}, marker, b.String(), r.ttl.Milliseconds()).Err(); err != nil {
+		return fmt.Errorf("redis store idempotent reply: %w", err)
+	}
+	return nil
+}
+
+// Release frees a key this request reserved.
+func (r *Replies) Release(ctx context.Context, key, token string) error {
+	marker, err := r.marker(ctx, key, token)
+	if err != nil || marker == "" {
+		return err
+	}
+	if err := releaseScript.Run(ctx, r.rdb, []string{r.prefix + key}, marker).Err(); err != nil {
+		return fmt.Errorf("redis release idempotency key: %w", err)
+	}
+	return nil
+}
+
+// marker returns the in-flight value this request set, or "" when the key
+// holds something else (the reservation lapsed).
+func (r *Replies) marker(ctx context.Context, key, token string) (string, error) {
+	v, err := r.rdb.Get(ctx, r.prefix+key).Result()
+	if errors.Is(err, goredis.Nil) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("redis read idempotency key: %w", err)
+	}
+	if len(v) != 1+fpLen+len(token) || v[0] != 'P' || v[1+fpLen:] != token {
+		return "", nil
+	}
+	return v, nil
+}
