@@ -86,6 +86,10 @@ func TestErrorsNameTheKey(t *testing.T) {
 		{name: "malformed set", sets: []string{"novalue"}, wantKey: "novalue"},
 		{name: "short cluster secret", sets: []string{"cluster.secret=short"}, wantKey: "cluster.secret"},
 		{name: "half of mutual TLS", sets: []string{"cluster.tls_cert_file=c.pem"}, wantKey: "cluster.tls_cert_file"},
+		{name: "offline grace past redelivery", sets: []string{"job.offline_grace=5m"}, wantKey: "job.offline_grace"},
+		{name: "negative offline grace", sets: []string{"job.offline_grace=-1s"}, wantKey: "job.offline_grace"},
+		{name: "unbounded upstream", sets: []string{"topics.upstream_max_length=0"}, wantKey: "topics.upstream_max_length"},
+		{name: "no gochannel room", sets: []string{"broker.gochannel.max_pending=0"}, wantKey: "broker.gochannel.max_pending"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
