@@ -31,16 +31,16 @@ func (e *UndeliveredError) Error() string {
 	return fmt.Sprintf("%s: %d recipients not connected (%s)", ReasonRecipientsOffline, e.Recipients, e.Detail)
 }
 
-// holdInterval bounds the wait between two attempts at recipients who are
-// offline: a client that reconnects gets its backlog within about this
-// long, and each held message costs one cloud call per interval.
+// HoldMaxInterval bounds the wait between two attempts at recipients who
+// are offline: a client that reconnects gets its backlog within about
+// this long, and each held message costs one cloud call per interval.
 const (
-	holdFirst = 200 * time.Millisecond
-	holdMax   = 2 * time.Second
+	holdFirst       = 200 * time.Millisecond
+	HoldMaxInterval = 2 * time.Second
 )
 
 // holdUndelivered re-runs the handler while it reports recipients offline
-// within their grace, backing off up to holdMax. Past the grace it returns
+// within their grace, backing off up to HoldMaxInterval. Past the grace it returns
 // the error, and the poison queue records the message with the reason
 // "recipients offline" and only the recipients still undelivered (the
 // handler keeps the message's payload to those). Waiting ends early when
@@ -73,7 +73,7 @@ func holdUndelivered(logger *slog.Logger) message.HandlerMiddleware {
 					return nil, fmt.Errorf("holding %d offline recipients: %w", u.Recipients, ctx.Err())
 				case <-t.C:
 				}
-				wait = min(2*wait, holdMax)
+				wait = min(2*wait, HoldMaxInterval)
 			}
 		}
 	}

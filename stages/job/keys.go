@@ -246,50 +246,59 @@ const maxOfflineKeys = 100_000
 // offlineKeys remembers since when each key has been found offline, so
 // that a client that never comes back holds up its pushes for one grace
 // period in all, not one per message: the messages that find it offline
-// after that go to poison at once.
+// after that go to poison at once. A key not found offline for longer
+// than its grace (and than two of the held messages' retry intervals,
+// which find it offline at least that often) starts afresh: it may have
+// come back and left again meanwhile without a push to show it.
 type offlineKeys struct {
-	mu    sync.Mutex
-	since map[string]time.Time
-	max   int
-	n     atomic.Int64 // len(since), read without the lock on every delivery
+	mu   sync.Mutex
+	keys map[string]offlineSpan
+	max  int
+	n    atomic.Int64 // len(keys), read without the lock on every delivery
 }
+
+// offlineSpan is when a key was first and last found offline.
+type offlineSpan struct{ since, last time.Time }
 
 func newOfflineKeys(limit int) *offlineKeys {
-	return &offlineKeys{since: map[string]time.Time{}, max: limit}
+	return &offlineKeys{keys: map[string]offlineSpan{}, max: limit}
 }
 
-// graceEnd records keys as offline from now, where not yet recorded, and
-// returns when the last of their grace periods ends.
+// graceEnd records keys as found offline now and returns when the last of
+// their grace periods ends.
 func (o *offlineKeys) graceEnd(keys []string, grace time.Duration) time.Time {
 	now := time.Now()
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	end := time.Time{}
+	gap := max(grace, 2*pipeline.HoldMaxInterval)
 	for _, k := range keys {
-		t, ok := o.since[k]
-		if !ok {
-			t = now
-			o.record(k, now, grace)
+		span, ok := o.keys[k]
+		if !ok || now.Sub(span.last) > gap {
+			span.since = now
 		}
-		if e := t.Add(grace); e.After(end) {
+		span.last = now
+		o.record(k, span, now, gap)
+		if e := span.since.Add(grace); e.After(end) {
 			end = e
 		}
 	}
+	o.n.Store(int64(len(o.keys)))
 	return end
 }
 
-// record adds k, first dropping entries well past their grace when full.
-func (o *offlineKeys) record(k string, now time.Time, grace time.Duration) {
-	if len(o.since) >= o.max {
-		// A key offline for twice its grace sends its messages straight to
-		// poison either way; forgetting it costs one more grace period at
-		// most, if it is found offline again.
-		maps.DeleteFunc(o.since, func(_ string, t time.Time) bool { return now.Sub(t) > 2*grace })
+// record stores k's span, first dropping, when full, the entries that
+// would start afresh anyway (not found offline for gap). Past the limit a
+// key is not remembered: its grace counts from each message that finds it
+// offline.
+func (o *offlineKeys) record(k string, span offlineSpan, now time.Time, gap time.Duration) {
+	if _, ok := o.keys[k]; !ok && len(o.keys) >= o.max {
+		maps.DeleteFunc(o.keys, func(_ string, s offlineSpan) bool { return now.Sub(s.last) > gap })
+		if len(o.keys) >= o.max {
+			return
+		}
 	}
-	if len(o.since) < o.max {
-		o.since[k] = now
-	}
-	o.n.Store(int64(len(o.since)))
+	o.keys[k] = span
 }
 
 // forget drops keys that were delivered: they are online again.
@@ -300,7 +309,7 @@ func (o *offlineKeys) forget(keys []string) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	for _, k := range keys {
-		delete(o.since, k)
+		delete(o.keys, k)
 	}
-	o.n.Store(int64(len(o.since)))
+	o.n.Store(int64(len(o.keys)))
 }

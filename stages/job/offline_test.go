@@ -417,3 +417,30 @@ func TestMidPushReachesTheConnectionTheUserMadeAfterARestart(t *testing.T) {
 		})
 	}
 }
+
+func TestOfflineKeysGraceCountsOncePerAbsence(t *testing.T) {
+	const grace = time.Minute
+	o := newOfflineKeys(2)
+	first := o.graceEnd([]string{"k"}, grace)
+	if again := o.graceEnd([]string{"k"}, grace); !again.Equal(first) {
+		t.Fatalf("a key found offline again within its grace got a new grace: %v, then %v", first, again)
+	}
+	// Not found offline for a whole grace period: a new absence.
+	o.mu.Lock()
+	o.keys["k"] = offlineSpan{since: time.Now().Add(-3 * grace), last: time.Now().Add(-2 * grace)}
+	o.mu.Unlock()
+	if fresh := o.graceEnd([]string{"k"}, grace); time.Until(fresh) < grace-time.Second {
+		t.Fatalf("a key back from a long absence got a grace ending in %s, want a full %s", time.Until(fresh), grace)
+	}
+	// Delivered: forgotten.
+	o.forget([]string{"k"})
+	if o.n.Load() != 0 {
+		t.Fatalf("%d keys remembered after delivery", o.n.Load())
+	}
+	// Full: stale entries make room; past the limit keys are not kept.
+	o.graceEnd([]string{"a", "b"}, grace)
+	o.graceEnd([]string{"c"}, grace)
+	if o.n.Load() != 2 {
+		t.Fatalf("%d keys remembered, limit 2", o.n.Load())
+	}
+}
