@@ -28,7 +28,7 @@ type UndeliveredError struct {
 }
 
 func (e *UndeliveredError) Error() string {
-	return fmt.Sprintf("%s: %d recipients not connected (%s)", ReasonRecipientsOffline, e.Recipients, e.Detail)
+	return fmt.Sprintf("%s: %d not connected (%s)", ReasonRecipientsOffline, e.Recipients, e.Detail)
 }
 
 // HoldMaxInterval bounds the wait between two attempts at recipients who
