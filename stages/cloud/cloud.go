@@ -48,8 +48,8 @@ type Stage struct {
 	// roomOnline holds the cluster-wide room counts logic last reported.
 	roomOnline atomic.Pointer[map[string]int32]
 	// reported holds the rooms this node last told logic it hosts.
-	reported atomic.Pointer[map[string]struct{}]
-	announcer     *announcer
+	reported  atomic.Pointer[map[string]struct{}]
+	announcer *announcer
 
 	slowConsumers atomic.Int64
 	// upstreamFailures counts op 4 messages the broker refused;

@@ -173,8 +173,8 @@ func (s *Stage) handshake(t transport) (*channel, error) {
 	ch.ip, _, _ = net.SplitHostPort(t.RemoteAddr().String())
 	ch.rooms = rooms
 	ch.grants = &grants{
-		rooms:     append(slices.Clip(rooms), reply.RoomGrants...),
-		anyRoom:   reply.AnyRoom,
+		rooms:          append(slices.Clip(rooms), reply.RoomGrants...),
+		anyRoom:        reply.AnyRoom,
 		accepts:        reply.Accepts,
 		anyAccept:      reply.AnyAccept,
 		maxAccepts:     s.cfg.MaxAccepts,

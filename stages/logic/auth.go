@@ -28,7 +28,7 @@ type Identity struct {
 	AnyRoom   bool
 	AnyAccept bool
 	Platform  string
-	Accepts  []int32
+	Accepts   []int32
 }
 
 // Claims are the JWT claims of a client token.
