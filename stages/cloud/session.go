@@ -173,7 +173,7 @@ func (s *Stage) handshake(t transport) (*channel, error) {
 	ch.ip, _, _ = net.SplitHostPort(t.RemoteAddr().String())
 	ch.rooms = rooms
 	ch.grants = &grants{
-		rooms:          append(slices.Clip(rooms), reply.RoomGrants...),
+		rooms:          slices.Concat(rooms, reply.RoomGrants), // a copy: op 12 rewrites ch.rooms in place
 		anyRoom:        reply.AnyRoom,
 		accepts:        reply.Accepts,
 		anyAccept:      reply.AnyAccept,
