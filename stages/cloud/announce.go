@@ -5,19 +5,24 @@ import (
 	"time"
 )
 
-// minAnnounceGap is the least time between two reports announcing new
-// rooms.
-const minAnnounceGap = 20 * time.Millisecond
+// minAnnounceGap and maxAnnounceGap bound the time between two reports
+// announcing new rooms.
+const (
+	minAnnounceGap = 20 * time.Millisecond
+	maxAnnounceGap = time.Second
+)
 
 // announcer batches the reports that announce rooms new to the node. A
 // report (RenewOnline) carries the node's whole room map, so one per op 12
 // cost O(rooms on the node) each: one client changing to fresh rooms made
 // the node resend its map ~9,000 times/s. Now every join waiting for a
 // report shares the next one, at most one runs at a time, and reports are
-// spaced by minAnnounceGap or four times the last one's duration,
-// whichever is longer: announcing takes at most a fifth of one core and
-// at most 50 reports/s, however many clients join, and the cost per join
-// falls as joins come faster.
+// spaced by minAnnounceGap or four times the last successful one's
+// duration, whichever is longer (up to maxAnnounceGap): announcing takes
+// at most a fifth of one core and at most 50 reports/s, however many
+// clients join, and the cost per join falls as joins come faster. A
+// failed report (logic down) does not count as cost: it was waiting, not
+// working, and joins should not wait longer for the next one.
 type announcer struct {
 	report func() error
 
@@ -58,7 +63,7 @@ func (a *announcer) announce() error {
 func (a *announcer) run() {
 	for {
 		a.mu.Lock()
-		wait := time.Until(a.last.Add(max(minAnnounceGap, 4*a.cost)))
+		wait := time.Until(a.last.Add(min(max(minAnnounceGap, 4*a.cost), maxAnnounceGap)))
 		a.mu.Unlock()
 		if wait > 0 {
 			time.Sleep(wait) // pacing: joins arriving meanwhile share the report
@@ -77,7 +82,10 @@ func (a *announcer) run() {
 		end := time.Now()
 		close(r.done)
 		a.mu.Lock()
-		a.last, a.cost = end, end.Sub(start)
+		a.last = end
+		if r.err == nil {
+			a.cost = end.Sub(start)
+		}
 		a.mu.Unlock()
 	}
 }

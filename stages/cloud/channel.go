@@ -110,7 +110,7 @@ var (
 // roomAllowed reports whether op 12 may join room.
 func (c *channel) roomAllowed(room string) bool {
 	g := c.grants
-	return g == nil || g.anyRoom || wire.RoomGranted(g.rooms, room)
+	return g != nil && (g.anyRoom || wire.RoomGranted(g.rooms, room))
 }
 
 // tokenBucket is a rate limiter small enough to sit in every connection

@@ -101,7 +101,11 @@ func New(cfg config.Cloud, o Options) *Stage {
 	s.announcer = newAnnouncer(func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), logicCallTimeout)
 		defer cancel()
-		return s.renew(ctx)
+		err := s.renew(ctx)
+		if err != nil {
+			s.logger.Warn("announce new rooms to logic", "err", err)
+		}
+		return err
 	})
 	s.disconnectSlots = make(chan struct{}, maxDisconnectCalls)
 	if cfg.ParkIdle {
@@ -176,9 +180,9 @@ func (s *Stage) announceRooms(rooms []string) {
 	reported := *s.reported.Load()
 	for _, room := range rooms {
 		if _, ok := reported[room]; !ok {
-			if err := s.announcer.announce(); err != nil {
-				s.logger.Warn("announce new room to logic", "room", room, "err", err)
-			}
+			// A failed report is logged once by the announcer, not by
+			// each join that waited for it; the room is in the next one.
+			_ = s.announcer.announce()
 			return
 		}
 	}
