@@ -100,8 +100,12 @@ func TestGRPCRefusesInvalidStrings(t *testing.T) {
 			_, err := s.RenewOnline(ctx, node(func(n *pb.NodeInfo) { n.RoomCount["\xff"] = 1 }))
 			return err
 		},
-		"renew room with space": func() error {
-			_, err := s.RenewOnline(ctx, node(func(n *pb.NodeInfo) { n.RoomCount["live://a b"] = 1 }))
+		"renew room with NUL": func() error {
+			_, err := s.RenewOnline(ctx, node(func(n *pb.NodeInfo) { n.RoomCount["live://a\x00"] = 1 }))
+			return err
+		},
+		"renew room too long": func() error {
+			_, err := s.RenewOnline(ctx, node(func(n *pb.NodeInfo) { n.RoomCount["live://"+strings.Repeat("x", 200)] = 1 }))
 			return err
 		},
 		"renew id with control": func() error {
