@@ -287,6 +287,18 @@ type Cloud struct {
 	// DrainTimeout bounds how long shutdown waits for queued packets to
 	// reach clients.
 	DrainTimeout time.Duration `koanf:"drain_timeout"`
+	// SendQueueBytes bounds the bytes queued per connection before it is
+	// a slow consumer, as SendQueue bounds its packets.
+	SendQueueBytes int `koanf:"send_queue_bytes"`
+	// MaxRooms bounds the rooms one connection is in.
+	MaxRooms int `koanf:"max_rooms"`
+	// MaxAccepts bounds the operations op 14 may subscribe one connection
+	// to (beyond those its token lists).
+	MaxAccepts int `koanf:"max_accepts"`
+	// ClientRate and ClientBurst limit every packet a client sends (per
+	// second, per connection); over it the client is closed with 4029.
+	ClientRate  float64 `koanf:"client_rate"`
+	ClientBurst int     `koanf:"client_burst"`
 	// MaxPacedBroadcasts bounds the paced broadcasts (speed > 0) a node
 	// runs at once; one over it is refused with RESOURCE_EXHAUSTED and
 	// job retries it.
@@ -354,6 +366,11 @@ func Default() Config {
 			DrainTimeout:      10 * time.Second,
 			DedupeTTL:         2 * time.Minute,
 			ParkIdle:          true,
+			SendQueueBytes:    256 << 10,
+			MaxRooms:          16,
+			MaxAccepts:        64,
+			ClientRate:        50,
+			ClientBurst:       100,
 
 			MaxPacedBroadcasts: 4,
 			MaxPacedDuration:   10 * time.Minute,
@@ -613,6 +630,15 @@ func (c Config) Validate() error {
 	}
 	positiveDur("cloud.drain_timeout", c.Cloud.DrainTimeout)
 	positiveDur("cloud.dedupe_ttl", c.Cloud.DedupeTTL)
+	if c.Cloud.SendQueueBytes < c.Cloud.MaxBodyBytes+16 {
+		bad("cloud.send_queue_bytes", "must hold at least one packet (max_body_bytes + 16 = %d), got %d", c.Cloud.MaxBodyBytes+16, c.Cloud.SendQueueBytes)
+	}
+	positive("cloud.max_rooms", c.Cloud.MaxRooms)
+	positive("cloud.max_accepts", c.Cloud.MaxAccepts)
+	if c.Cloud.ClientRate <= 0 {
+		bad("cloud.client_rate", "must be greater than 0, got %v", c.Cloud.ClientRate)
+	}
+	positive("cloud.client_burst", c.Cloud.ClientBurst)
 	positive("cloud.max_paced_broadcasts", c.Cloud.MaxPacedBroadcasts)
 	positiveDur("cloud.max_paced_duration", c.Cloud.MaxPacedDuration)
 

@@ -147,7 +147,7 @@ func TestHeartbeatRepliesWithRoomOnlineCount(t *testing.T) {
 
 func TestChangeRoomAndOperationFilters(t *testing.T) {
 	h := start(t)
-	c := h.connect("ws", logic.Claims{Mid: 1, Key: "mover", Rooms: []string{"live://1"}})
+	c := h.connect("ws", logic.Claims{Mid: 1, Key: "mover", Rooms: []string{"live://1", "live://*"}})
 	roomPush := func(room, op, body string) {
 		h.push(request{path: "/im/push/room", query: url.Values{"operation": {op}, "type": {"live"}, "room": {room}}, body: body})
 	}

@@ -90,8 +90,19 @@ type ConnectReply struct {
 	Rooms   []string               `protobuf:"bytes,3,rep,name=rooms,proto3" json:"rooms,omitempty"`
 	Accepts []int32                `protobuf:"varint,4,rep,packed,name=accepts,proto3" json:"accepts,omitempty"`
 	// Heartbeat interval the client should keep, in seconds.
-	Heartbeat     int64  `protobuf:"varint,5,opt,name=heartbeat,proto3" json:"heartbeat,omitempty"`
-	Platform      string `protobuf:"bytes,6,opt,name=platform,proto3" json:"platform,omitempty"`
+	Heartbeat int64  `protobuf:"varint,5,opt,name=heartbeat,proto3" json:"heartbeat,omitempty"`
+	Platform  string `protobuf:"bytes,6,opt,name=platform,proto3" json:"platform,omitempty"`
+	// Rooms besides `rooms` the client may join with op 12: exact rooms,
+	// or patterns ending in '*' ("live://*"; "*" is any room).
+	RoomGrants []string `protobuf:"bytes,7,rep,name=room_grants,json=roomGrants,proto3" json:"room_grants,omitempty"`
+	// op 12 may join any room (goim's behaviour, insecure-json mode).
+	AnyRoom bool `protobuf:"varint,8,opt,name=any_room,json=anyRoom,proto3" json:"any_room,omitempty"`
+	// op 14 may subscribe any operation even when `accepts` is set
+	// (goim's behaviour, insecure-json mode).
+	AnyAccept bool `protobuf:"varint,9,opt,name=any_accept,json=anyAccept,proto3" json:"any_accept,omitempty"`
+	// How long logic keeps a session without a heartbeat, in seconds; cloud
+	// forwards a client's heartbeats at most a few times per period.
+	SessionTtl    int64 `protobuf:"varint,10,opt,name=session_ttl,json=sessionTtl,proto3" json:"session_ttl,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -166,6 +177,34 @@ func (x *ConnectReply) GetPlatform() string {
 		return x.Platform
 	}
 	return ""
+}
+
+func (x *ConnectReply) GetRoomGrants() []string {
+	if x != nil {
+		return x.RoomGrants
+	}
+	return nil
+}
+
+func (x *ConnectReply) GetAnyRoom() bool {
+	if x != nil {
+		return x.AnyRoom
+	}
+	return false
+}
+
+func (x *ConnectReply) GetAnyAccept() bool {
+	if x != nil {
+		return x.AnyAccept
+	}
+	return false
+}
+
+func (x *ConnectReply) GetSessionTtl() int64 {
+	if x != nil {
+		return x.SessionTtl
+	}
+	return 0
 }
 
 type DisconnectReq struct {
@@ -840,14 +879,22 @@ const file_logic_proto_rawDesc = "" +
 	"\x06server\x18\x01 \x01(\tR\x06server\x12\x14\n" +
 	"\x05token\x18\x02 \x01(\fR\x05token\x12\x1f\n" +
 	"\vremote_addr\x18\x03 \x01(\tR\n" +
-	"remoteAddr\"\x9c\x01\n" +
+	"remoteAddr\"\x98\x02\n" +
 	"\fConnectReply\x12\x10\n" +
 	"\x03mid\x18\x01 \x01(\x03R\x03mid\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\tR\x03key\x12\x14\n" +
 	"\x05rooms\x18\x03 \x03(\tR\x05rooms\x12\x18\n" +
 	"\aaccepts\x18\x04 \x03(\x05R\aaccepts\x12\x1c\n" +
 	"\theartbeat\x18\x05 \x01(\x03R\theartbeat\x12\x1a\n" +
-	"\bplatform\x18\x06 \x01(\tR\bplatform\"K\n" +
+	"\bplatform\x18\x06 \x01(\tR\bplatform\x12\x1f\n" +
+	"\vroom_grants\x18\a \x03(\tR\n" +
+	"roomGrants\x12\x19\n" +
+	"\bany_room\x18\b \x01(\bR\aanyRoom\x12\x1d\n" +
+	"\n" +
+	"any_accept\x18\t \x01(\bR\tanyAccept\x12\x1f\n" +
+	"\vsession_ttl\x18\n" +
+	" \x01(\x03R\n" +
+	"sessionTtl\"K\n" +
 	"\rDisconnectReq\x12\x10\n" +
 	"\x03mid\x18\x01 \x01(\x03R\x03mid\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\tR\x03key\x12\x16\n" +

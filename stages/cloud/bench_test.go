@@ -75,7 +75,7 @@ func benchmarkRoomFanout(b *testing.B, run func(push func())) {
 	st := New(cfg, Options{Self: &pb.NodeInfo{Id: "bench"}, Logger: slog.New(slog.DiscardHandler)})
 	var packets, writes atomic.Int64
 	for i := range conns {
-		ch := newChannel(discardTransport{&packets, &writes, st.bufs}, cfg.SendQueue, &st.slowConsumers, st.logger)
+		ch := newChannel(discardTransport{&packets, &writes, st.bufs}, cfg.SendQueue, cfg.SendQueueBytes, &st.slowConsumers, st.logger)
 		ch.mid, ch.key, ch.rooms = int64(i+1), fmt.Sprint("k", i), []string{"live://bench"}
 		bucketFor(st.buckets, ch.key).put(ch)
 	}

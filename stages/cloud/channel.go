@@ -2,14 +2,19 @@ package cloud
 
 import (
 	"encoding/json"
+	"errors"
+	"fmt"
 	"log/slog"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"golang.org/x/time/rate"
+
+	"imcloud/proto/wire"
 )
 
 // outItem is one queued packet. Push packets are shared by every recipient
@@ -27,12 +32,14 @@ const (
 	closeGoingAway    = 1001
 	closeProtocol     = 1002
 	closeTooBig       = 1009
+	closePolicy       = 1008 // a per-connection limit (operations subscribed)
 	closeInternal     = 1011
 	closeTryAgain     = 1013
 	closeSlowConsumer = 4008
 	closeReplaced     = 4009
 	closeRateLimited  = 4029
 	closeAuthFailed   = 4401
+	closeForbidden    = 4403 // a room or operation the token does not grant
 )
 
 // keptQueue is the queue capacity an idle connection keeps, sparing the
@@ -58,16 +65,100 @@ type channel struct {
 	limit  int           // packets queued before the client is a slow consumer
 	slow   *atomic.Int64 // the node's count of slow consumers closed
 	seq    atomic.Int32
+	// limitBytes bounds the bytes queued: counting packets alone let a
+	// client that stopped reading pin 1024 echoed 4 KB replies (~4 MB).
+	limitBytes int
+	grants     *grants // what op 12 and op 14 may add; set at handshake
 
 	mu        sync.Mutex // guards everything below
 	rooms     []string
 	acceptOps map[int32]struct{} // nil accepts every operation
 	queue     []outItem
+	queued    int  // bytes in queue
 	writing   bool // a flush goroutine owns the write side
 	draining  bool // close with 1001 once the queue is written
 	closed    bool
 	upstream  *rate.Limiter // made on the first upstream message
 	wake      func()        // resumes a parked reader; nil when not parking
+	ops       tokenBucket   // every packet the client sends
+	// heartbeatAt is when a heartbeat was last forwarded to logic (unix
+	// nanoseconds); later ones within heartbeatEvery are answered only.
+	heartbeatAt int64
+}
+
+// grants is what a connection's token lets op 12 and op 14 add. It is set
+// once at handshake and read only after.
+type grants struct {
+	rooms     []string // exact rooms and patterns ("live://*"); see wire.RoomGranted
+	anyRoom   bool
+	accepts   []int32 // the token's accepts; empty: any operation
+	anyAccept bool
+	// maxAccepts bounds the operations subscribed at once.
+	maxAccepts int
+	// heartbeatEvery is the least time between heartbeats forwarded to
+	// logic.
+	heartbeatEvery time.Duration
+}
+
+// Why op 12 or op 14 is refused.
+var (
+	errRoomNotAllowed = errors.New("room not allowed")
+	errOpNotAllowed   = errors.New("operation not allowed")
+	errTooManyOps     = errors.New("too many operations subscribed")
+)
+
+// roomAllowed reports whether op 12 may join room.
+func (c *channel) roomAllowed(room string) bool {
+	g := c.grants
+	return g != nil && (g.anyRoom || wire.RoomGranted(g.rooms, room))
+}
+
+// tokenBucket is a rate limiter small enough to sit in every connection
+// (16 bytes; a rate.Limiter is 80 and an allocation). Guarded by the
+// channel's mu.
+type tokenBucket struct {
+	tokens float64
+	last   int64 // unix nanoseconds of the last refill; 0: full
+}
+
+// allow takes one token at now, refilled at perSec up to burst.
+func (b *tokenBucket) allow(now int64, perSec float64, burst int) bool {
+	if b.last == 0 {
+		b.tokens = float64(burst)
+	} else if elapsed := now - b.last; elapsed > 0 {
+		b.tokens = min(float64(burst), b.tokens+float64(elapsed)*perSec/1e9)
+	}
+	b.last = now
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
+}
+
+// allowPacket reports whether the client may send one more packet of any
+// operation under the per-connection rate limit.
+func (c *channel) allowPacket(now time.Time, perSec float64, burst int) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.ops.allow(now.UnixNano(), perSec, burst)
+}
+
+// heartbeatDue reports whether a heartbeat at now is forwarded to logic,
+// and if so records it: one every heartbeatEvery keeps the session alive.
+func (c *channel) heartbeatDue(now time.Time) bool {
+	every := time.Duration(0)
+	if c.grants != nil {
+		every = c.grants.heartbeatEvery
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	t := now.UnixNano()
+	if c.heartbeatAt != 0 && time.Duration(t-c.heartbeatAt) < every {
+		return false
+	}
+	c.heartbeatAt = t
+	return true
 }
 
 // setWake sets what close calls to resume the connection's parked reader,
@@ -84,8 +175,8 @@ func (c *channel) isClosed() bool {
 	return c.closed
 }
 
-func newChannel(t transport, sendQueue int, slow *atomic.Int64, logger *slog.Logger) *channel {
-	return &channel{t: t, limit: sendQueue, slow: slow, logger: logger}
+func newChannel(t transport, sendQueue, sendQueueBytes int, slow *atomic.Int64, logger *slog.Logger) *channel {
+	return &channel{t: t, limit: sendQueue, limitBytes: sendQueueBytes, slow: slow, logger: logger}
 }
 
 // accepts reports whether the client listens to op.
@@ -105,23 +196,43 @@ func (c *channel) acceptsLocked(op int32) bool {
 
 // setAccepts adds or removes operations. Subscribing on a connection that
 // accepted everything narrows it to the listed operations; unsubscribing
-// from "everything" leaves it accepting everything.
-func (c *channel) setAccepts(ops []int32, add bool) {
+// from "everything" leaves it accepting everything. Adding an operation
+// the token does not grant is errOpNotAllowed; subscribing more than the
+// connection's bound (one client once grew this set to 1.5 GB) is
+// errTooManyOps. Either leaves the set as it was.
+func (c *channel) setAccepts(ops []int32, add bool) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.acceptOps == nil {
 		if !add {
-			return
+			return nil
 		}
 		c.acceptOps = map[int32]struct{}{}
 	}
-	for _, op := range ops {
-		if add {
-			c.acceptOps[op] = struct{}{}
-		} else {
+	if !add {
+		for _, op := range ops {
 			delete(c.acceptOps, op)
 		}
+		return nil
 	}
+	if g := c.grants; g != nil {
+		fresh := 0
+		for _, op := range ops {
+			if !g.anyAccept && len(g.accepts) > 0 && !slices.Contains(g.accepts, op) {
+				return fmt.Errorf("%w: %d", errOpNotAllowed, op)
+			}
+			if _, ok := c.acceptOps[op]; !ok {
+				fresh++ // an op listed twice counts twice: the bound only errs safe
+			}
+		}
+		if len(c.acceptOps)+fresh > max(g.maxAccepts, len(g.accepts)) {
+			return fmt.Errorf("%w: at most %d", errTooManyOps, max(g.maxAccepts, len(g.accepts)))
+		}
+	}
+	for _, op := range ops {
+		c.acceptOps[op] = struct{}{}
+	}
+	return nil
 }
 
 func (c *channel) roomList() []string {
@@ -160,23 +271,28 @@ func (c *channel) enqueue(items []outItem, filter bool) bool {
 		return false
 	}
 	n := len(c.queue)
+	added := 0
 	for _, it := range items {
 		if !filter || c.acceptsLocked(it.op) {
 			c.queue = append(c.queue, it)
+			added += len(it.pkt)
 		}
 	}
 	if len(c.queue) == n {
 		c.mu.Unlock()
 		return false
 	}
-	if len(c.queue) > c.limit {
+	if len(c.queue) > c.limit || c.queued+added > c.limitBytes {
+		clear(c.queue[n:])
 		c.queue = c.queue[:n]
+		packets, bytes := len(c.queue), c.queued
 		c.mu.Unlock()
-		c.logger.Info("closing slow consumer", "mid", c.mid, "key", c.key, "queued", c.limit)
+		c.logger.Info("closing slow consumer", "mid", c.mid, "key", c.key, "queued", packets, "queued_bytes", bytes)
 		c.slow.Add(1)
 		c.close(closeSlowConsumer, "slow consumer")
 		return false
 	}
+	c.queued += added
 	start := !c.writing
 	c.writing = true
 	c.mu.Unlock()
@@ -194,6 +310,7 @@ func (c *channel) flush() {
 		if c.closed || len(c.queue) == 0 {
 			c.writing = false
 			c.queue = nil
+			c.queued = 0
 			if !c.closed && cap(spare) <= keptQueue {
 				// An idle connection keeps a small queue, never a burst-sized one.
 				c.queue = spare
@@ -207,6 +324,7 @@ func (c *channel) flush() {
 		}
 		batch := c.queue
 		c.queue = spare
+		c.queued = 0
 		c.mu.Unlock()
 
 		var err error
@@ -252,6 +370,7 @@ func (c *channel) close(code int, reason string) {
 	}
 	c.closed = true
 	c.queue = nil
+	c.queued = 0
 	wake := c.wake
 	c.mu.Unlock()
 	go c.t.Close(code, reason)

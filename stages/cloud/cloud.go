@@ -16,7 +16,6 @@ import (
 
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/gorilla/websocket"
-	"golang.org/x/sync/singleflight"
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
 
@@ -49,10 +48,14 @@ type Stage struct {
 	// roomOnline holds the cluster-wide room counts logic last reported.
 	roomOnline atomic.Pointer[map[string]int32]
 	// reported holds the rooms this node last told logic it hosts.
-	reported atomic.Pointer[map[string]struct{}]
-	announce singleflight.Group
+	reported  atomic.Pointer[map[string]struct{}]
+	announcer *announcer
 
 	slowConsumers atomic.Int64
+	// upstreamFailures counts op 4 messages the broker refused;
+	// upstreamLogged is when one was last logged (unix nanoseconds).
+	upstreamFailures atomic.Int64
+	upstreamLogged   atomic.Int64
 	// delivered remembers recent message ids, so that a call job retries
 	// after its deadline passed (the first one having gone through) does
 	// not deliver the message twice.
@@ -100,6 +103,15 @@ func New(cfg config.Cloud, o Options) *Stage {
 	}
 	s.delivered = expiring.NewSet(cfg.DedupeTTL)
 	s.rounds = newRoomRounds()
+	s.announcer = newAnnouncer(func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), logicCallTimeout)
+		defer cancel()
+		err := s.renew(ctx)
+		if err != nil {
+			s.logger.Warn("announce new rooms to logic", "err", err)
+		}
+		return err
+	})
 	s.disconnectSlots = make(chan struct{}, maxDisconnectCalls)
 	s.paced = make(chan struct{}, cfg.MaxPacedBroadcasts)
 	s.pacedCtx, s.stopPaced = context.WithCancel(context.Background())
@@ -168,30 +180,16 @@ func (s *Stage) renew(ctx context.Context) error {
 // announceRooms makes sure the registry lists this node for each room
 // before the client is told it joined: job routes a room's pushes only to
 // the nodes listed for it, and a node's first member of a room must not
-// wait for the next periodic report to get them.
+// wait for the next periodic report to get them. Rooms the node already
+// reported cost nothing; new ones wait for the next batched report (see
+// announcer).
 func (s *Stage) announceRooms(rooms []string) {
-	// A report already in flight may have been taken before this client
-	// joined; then one more is needed.
-	for range 3 {
-		missing := ""
-		reported := *s.reported.Load()
-		for _, room := range rooms {
-			if _, ok := reported[room]; !ok {
-				missing = room
-				break
-			}
-		}
-		if missing == "" {
-			return
-		}
-		// Clients joining together share one report.
-		_, err, _ := s.announce.Do("renew", func() (any, error) {
-			ctx, cancel := context.WithTimeout(context.Background(), logicCallTimeout)
-			defer cancel()
-			return nil, s.renew(ctx)
-		})
-		if err != nil {
-			s.logger.Warn("announce new room to logic", "room", missing, "err", err)
+	reported := *s.reported.Load()
+	for _, room := range rooms {
+		if _, ok := reported[room]; !ok {
+			// A failed report is logged once by the announcer, not by
+			// each join that waited for it; the room is in the next one.
+			_ = s.announcer.announce()
 			return
 		}
 	}

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"imcloud/client"
 	"imcloud/config"
@@ -30,14 +31,20 @@ type fakeLogic struct {
 	mu          sync.Mutex
 	disconnects map[string]int
 	rooms       map[string]int32 // what RenewOnline answers
+	heartbeats  int
+	renewals    int
+	renewErr    error // the last RenewOnline request that would not marshal
 }
 
+// Connect grants like logic: rooms ending in '*' are patterns, granted
+// but not joined; "any_room" is insecure-json's goim behaviour.
 func (f *fakeLogic) Connect(_ context.Context, in *pb.ConnectReq, _ ...grpc.CallOption) (*pb.ConnectReply, error) {
 	var tok struct {
 		Mid     int64    `json:"mid"`
 		Key     string   `json:"key"`
 		Rooms   []string `json:"rooms"`
 		Accepts []int32  `json:"accepts"`
+		AnyRoom bool     `json:"any_room"`
 	}
 	if err := json.Unmarshal(in.Token, &tok); err != nil || tok.Mid == 0 {
 		return nil, status.Error(codes.Unauthenticated, "bad token")
@@ -45,7 +52,15 @@ func (f *fakeLogic) Connect(_ context.Context, in *pb.ConnectReq, _ ...grpc.Call
 	if tok.Key == "" {
 		tok.Key = fmt.Sprint("key-", tok.Mid)
 	}
-	return &pb.ConnectReply{Mid: tok.Mid, Key: tok.Key, Rooms: tok.Rooms, Accepts: tok.Accepts}, nil
+	reply := &pb.ConnectReply{Mid: tok.Mid, Key: tok.Key, Accepts: tok.Accepts, AnyRoom: tok.AnyRoom, AnyAccept: tok.AnyRoom}
+	for _, r := range tok.Rooms {
+		if strings.HasSuffix(r, "*") {
+			reply.RoomGrants = append(reply.RoomGrants, r)
+		} else {
+			reply.Rooms = append(reply.Rooms, r)
+		}
+	}
+	return reply, nil
 }
 
 func (f *fakeLogic) Disconnect(_ context.Context, in *pb.DisconnectReq, _ ...grpc.CallOption) (*pb.DisconnectReply, error) {
@@ -62,13 +77,32 @@ func (f *fakeLogic) disconnected(key string) int {
 }
 
 func (f *fakeLogic) Heartbeat(context.Context, *pb.HeartbeatReq, ...grpc.CallOption) (*pb.HeartbeatReply, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.heartbeats++
 	return &pb.HeartbeatReply{}, nil
 }
 
-func (f *fakeLogic) RenewOnline(context.Context, *pb.RenewOnlineReq, ...grpc.CallOption) (*pb.RenewOnlineReply, error) {
+// RenewOnline marshals the request as gRPC would: a string that is not
+// UTF-8 fails the call.
+func (f *fakeLogic) RenewOnline(_ context.Context, in *pb.RenewOnlineReq, _ ...grpc.CallOption) (*pb.RenewOnlineReply, error) {
+	_, err := proto.Marshal(in)
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.renewals++
+	if err != nil {
+		f.renewErr = err
+		return nil, status.Error(codes.Internal, err.Error())
+	}
 	return &pb.RenewOnlineReply{AllRoomCount: f.rooms}, nil
+}
+
+// calls returns the heartbeats and renewals received and the last
+// renewal that would not marshal.
+func (f *fakeLogic) calls() (heartbeats, renewals int, renewErr error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.heartbeats, f.renewals, f.renewErr
 }
 
 func (f *fakeLogic) Receive(context.Context, *pb.ReceiveReq, ...grpc.CallOption) (*pb.ReceiveReply, error) {
@@ -127,6 +161,7 @@ type claims struct {
 	Key     string   `json:"key,omitempty"`
 	Rooms   []string `json:"rooms,omitempty"`
 	Accepts []int32  `json:"accepts,omitempty"`
+	AnyRoom bool     `json:"any_room,omitempty"`
 }
 
 // dial connects over "ws" or "tcp"; dialer tunes the client socket.

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"runtime/debug"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -105,9 +106,11 @@ func (s *Stage) endSession(ch *channel, b *bucket, err error) {
 
 // Why a client's connection was closed.
 var (
-	errProtocol    = errors.New("protocol error")
-	errRateLimited = errors.New("upstream rate limit exceeded")
-	errInternal    = errors.New("internal error")
+	errProtocol     = errors.New("protocol error")
+	errRateLimited  = errors.New("rate limit exceeded")
+	errInternal     = errors.New("internal error")
+	errTooManyRooms = errors.New("too many rooms")
+	errUpstream     = errors.New("upstream unavailable")
 )
 
 // authSeq is the sequence of the op 8 reply: goim answers auth with 0.
@@ -122,6 +125,16 @@ func closeCode(err error) (int, string) {
 		return closeProtocol, "protocol error"
 	case errors.Is(err, errRateLimited):
 		return closeRateLimited, "rate limit exceeded"
+	case errors.Is(err, errRoomNotAllowed):
+		return closeForbidden, "room not allowed"
+	case errors.Is(err, errOpNotAllowed):
+		return closeForbidden, "operation not allowed"
+	case errors.Is(err, errTooManyRooms):
+		return closeForbidden, "too many rooms"
+	case errors.Is(err, errTooManyOps):
+		return closePolicy, "too many operations"
+	case errors.Is(err, errUpstream):
+		return closeTryAgain, "upstream unavailable, try again later"
 	case errors.Is(err, errInternal):
 		return closeInternal, "internal error"
 	default:
@@ -153,14 +166,80 @@ func (s *Stage) handshake(t transport) (*channel, error) {
 		}
 		return nil, fmt.Errorf("connect to logic: %w", err)
 	}
-	ch := newChannel(t, s.cfg.SendQueue, &s.slowConsumers, s.logger)
+	rooms := uniq(reply.Rooms)
+	if err := validReply(reply, rooms); err != nil {
+		// Logic checks what it grants; this keeps a bad grant from an
+		// older or broken logic out of this node's room counts.
+		t.Close(closeAuthFailed, "authentication failed")
+		return nil, fmt.Errorf("connect reply from logic: %w", err)
+	}
+	if len(rooms) > s.cfg.MaxRooms {
+		t.Close(closeCode(errTooManyRooms))
+		s.forget(reply.Mid, reply.Key)
+		return nil, fmt.Errorf("%w: the token joins %d rooms, cloud.max_rooms is %d", errTooManyRooms, len(rooms), s.cfg.MaxRooms)
+	}
+	ch := newChannel(t, s.cfg.SendQueue, s.cfg.SendQueueBytes, &s.slowConsumers, s.logger)
 	ch.mid, ch.key = reply.Mid, reply.Key
 	ch.ip, _, _ = net.SplitHostPort(t.RemoteAddr().String())
-	ch.rooms = uniq(reply.Rooms)
+	ch.rooms = rooms
+	ch.grants = &grants{
+		rooms:          slices.Concat(rooms, reply.RoomGrants), // a copy: op 12 rewrites ch.rooms in place
+		anyRoom:        reply.AnyRoom,
+		accepts:        reply.Accepts,
+		anyAccept:      reply.AnyAccept,
+		maxAccepts:     s.cfg.MaxAccepts,
+		heartbeatEvery: s.heartbeatEvery(reply.SessionTtl),
+	}
+	// The session's own Connect counts as its first heartbeat.
+	ch.heartbeatAt = time.Now().UnixNano()
 	if len(reply.Accepts) > 0 {
-		ch.setAccepts(reply.Accepts, true)
+		if err := ch.setAccepts(reply.Accepts, true); err != nil {
+			t.Close(closeInternal, "internal error")
+			s.forget(reply.Mid, reply.Key)
+			return nil, fmt.Errorf("token accepts: %w", err)
+		}
 	}
 	return ch, nil
+}
+
+// heartbeatEvery is the least time between a client's heartbeats forwarded
+// to logic: a third of logic's session TTL, so that two may be lost, or
+// half the heartbeat interval when logic does not say. Forwarding every
+// one let a client flooding op 2 (11,000/s) make as many registry writes.
+func (s *Stage) heartbeatEvery(sessionTTLSeconds int64) time.Duration {
+	if sessionTTLSeconds > 0 {
+		return time.Duration(sessionTTLSeconds) * time.Second / 3
+	}
+	return s.cfg.HeartbeatInterval / 2
+}
+
+// validReply checks the strings logic granted before any reaches a
+// registry, a log line or protobuf.
+func validReply(reply *pb.ConnectReply, rooms []string) error {
+	if err := wire.ValidKey(reply.Key); err != nil {
+		return err
+	}
+	for _, r := range rooms {
+		if err := wire.ValidRoom(r); err != nil {
+			return err
+		}
+	}
+	for _, g := range reply.RoomGrants {
+		if err := wire.ValidRoomGrant(g); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// forget tells logic that a session it registered in Connect was refused
+// here.
+func (s *Stage) forget(mid int64, key string) {
+	ctx, cancel := context.WithTimeout(context.Background(), logicCallTimeout)
+	defer cancel()
+	if _, err := s.logic.Disconnect(ctx, &pb.DisconnectReq{Mid: mid, Key: key, Server: s.nodeID}); err != nil {
+		s.logger.Warn("report refused session to logic", "mid", mid, "key", key, "err", err)
+	}
 }
 
 func uniq(ss []string) []string {
@@ -296,12 +375,22 @@ func (r *reader) park(idle time.Duration) bool {
 	return true
 }
 
+// handle serves one client packet. Every packet costs a token of the
+// connection's bucket (cloud.client_rate): only op 4 was limited once, and
+// one client sent 11,000 heartbeats/s, each a registry write in logic.
 func (s *Stage) handle(ch *channel, b *bucket, p wire.Packet) error {
+	now := time.Now()
+	if !ch.allowPacket(now, s.cfg.ClientRate, s.cfg.ClientBurst) {
+		return fmt.Errorf("%w: more than %v packets/s", errRateLimited, s.cfg.ClientRate)
+	}
 	switch p.Op {
 	case wire.OpHeartbeat:
 		var body [4]byte
 		binary.BigEndian.PutUint32(body[:], uint32(s.onlineCount(ch.firstRoom())))
 		ch.reply(outItem{pkt: wire.Encode(wire.OpHeartbeatReply, p.Seq, body[:])})
+		if !ch.heartbeatDue(now) {
+			return nil
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), logicCallTimeout)
 		_, err := s.logic.Heartbeat(ctx, &pb.HeartbeatReq{Mid: ch.mid, Key: ch.key, Server: s.nodeID})
 		cancel()
@@ -310,15 +399,25 @@ func (s *Stage) handle(ch *channel, b *bucket, p wire.Packet) error {
 		}
 	case wire.OpSendMsg:
 		if !ch.allowUpstream(s.upstreamLimit(), s.cfg.UpstreamBurst) {
-			return errRateLimited
+			return fmt.Errorf("%w: op 4 over cloud.upstream_rate", errRateLimited)
 		}
 		if err := s.publishUpstream(ch, p); err != nil {
-			s.logger.Error("publish upstream message", "key", ch.key, "err", err)
-			return fmt.Errorf("publish upstream: %w", err)
+			s.upstreamFailed(ch, err)
+			return fmt.Errorf("%w: publish: %w", errUpstream, err)
 		}
 		ch.reply(outItem{pkt: wire.Encode(wire.OpSendMsgReply, p.Seq, nil)})
 	case wire.OpChangeRoom:
+		// op 12 changes the connection's one room (goim), so a connection
+		// is never in more rooms than its token joined, or one.
 		room := strings.TrimSpace(string(p.Body))
+		if room != "" {
+			if err := wire.ValidRoom(room); err != nil {
+				return fmt.Errorf("%w: op 12: %w", errProtocol, err)
+			}
+			if !ch.roomAllowed(room) {
+				return fmt.Errorf("%w: op 12", errRoomNotAllowed)
+			}
+		}
 		b.changeRoom(ch, room)
 		if room != "" {
 			s.announceRooms([]string{room})
@@ -327,9 +426,11 @@ func (s *Stage) handle(ch *channel, b *bucket, p wire.Packet) error {
 	case wire.OpSub, wire.OpUnsub:
 		ops, ok := parseOps(p.Body)
 		if !ok {
-			return fmt.Errorf("%w: operation list %q", errProtocol, p.Body)
+			return fmt.Errorf("%w: operation list is not comma-separated numbers", errProtocol)
 		}
-		ch.setAccepts(ops, p.Op == wire.OpSub)
+		if err := ch.setAccepts(ops, p.Op == wire.OpSub); err != nil {
+			return fmt.Errorf("op %d: %w", p.Op, err)
+		}
 		ch.reply(outItem{pkt: wire.Encode(p.Op+1, p.Seq, p.Body)})
 	case wire.OpAuth:
 		return fmt.Errorf("%w: auth after authentication", errProtocol)
@@ -338,6 +439,25 @@ func (s *Stage) handle(ch *channel, b *bucket, p wire.Packet) error {
 	}
 	return nil
 }
+
+// upstreamFailed counts an op 4 message the broker did not take; the
+// client is closed with 1013 and may resend it. One log line per
+// upstreamLogEvery says how many failed, so that a broker outage does not
+// log once per client.
+func (s *Stage) upstreamFailed(ch *channel, err error) {
+	n := s.upstreamFailures.Add(1)
+	now := time.Now().UnixNano()
+	last := s.upstreamLogged.Load()
+	if now-last >= int64(upstreamLogEvery) && s.upstreamLogged.CompareAndSwap(last, now) {
+		s.logger.Error("publish upstream message; client closed with 1013", "key", ch.key, "failures", n, "err", err)
+	}
+}
+
+// upstreamLogEvery spaces the log lines of upstream publish failures.
+const upstreamLogEvery = 10 * time.Second
+
+// UpstreamFailures counts the op 4 messages the broker did not take.
+func (s *Stage) UpstreamFailures() int64 { return s.upstreamFailures.Load() }
 
 func (s *Stage) upstreamLimit() rate.Limit {
 	if s.cfg.UpstreamRate == 0 {

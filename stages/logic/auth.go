@@ -12,15 +12,23 @@ import (
 	"github.com/google/uuid"
 
 	"imcloud/config"
+	"imcloud/proto/wire"
 )
 
 // Identity is who an authenticated client is and what it listens to.
 type Identity struct {
-	Mid      int64
-	Key      string
-	Rooms    []string
-	Platform string
-	Accepts  []int32
+	Mid   int64
+	Key   string
+	Rooms []string // joined at connect
+	// RoomGrants are the rooms claim's patterns ("live://*"): op 12 may
+	// join a room they match, or one of Rooms.
+	RoomGrants []string
+	// AnyRoom lets op 12 join any room and AnyAccept op 14 subscribe any
+	// operation: goim's behaviour, kept in insecure-json mode.
+	AnyRoom   bool
+	AnyAccept bool
+	Platform  string
+	Accepts   []int32
 }
 
 // Claims are the JWT claims of a client token.
@@ -90,7 +98,7 @@ func (a jwtAuth) Authenticate(body []byte) (Identity, error) {
 	if err != nil {
 		return Identity{}, fmt.Errorf("%w: %w", ErrUnauthenticated, err)
 	}
-	return identity(c.Mid, c.Key, c.Rooms, c.Platform, c.Accepts)
+	return identity(c.Mid, c.Key, c.Rooms, c.Platform, c.Accepts, false)
 }
 
 // insecureJSON trusts goim's plain JSON auth body as is.
@@ -112,17 +120,46 @@ func (insecureJSON) Authenticate(body []byte) (Identity, error) {
 	if b.RoomID != "" {
 		rooms = append([]string{b.RoomID}, rooms...)
 	}
-	return identity(b.Mid, b.Key, rooms, b.Platform, b.Accepts)
+	// goim lets a client join any room and subscribe any operation.
+	return identity(b.Mid, b.Key, rooms, b.Platform, b.Accepts, true)
 }
 
-func identity(mid int64, key string, rooms []string, platform string, accepts []int32) (Identity, error) {
+// identity checks the claims as the wire accepts them, so that no string
+// a registry, a log line or a protobuf message cannot take gets past auth:
+// an invalid claim refuses the token (4401).
+func identity(mid int64, key string, rooms []string, platform string, accepts []int32, goim bool) (Identity, error) {
 	if mid <= 0 {
 		return Identity{}, fmt.Errorf("%w: mid must be a positive integer", ErrUnauthenticated)
 	}
 	if key == "" {
 		key = uuid.NewString()
+	} else if err := wire.ValidKey(key); err != nil {
+		return Identity{}, fmt.Errorf("%w: %w", ErrUnauthenticated, err)
 	}
-	return Identity{Mid: mid, Key: key, Rooms: rooms, Platform: platform, Accepts: accepts}, nil
+	if err := wire.ValidPlatform(platform); err != nil {
+		return Identity{}, fmt.Errorf("%w: %w", ErrUnauthenticated, err)
+	}
+	if len(rooms) > wire.MaxClaimRooms {
+		return Identity{}, fmt.Errorf("%w: %d rooms, at most %d", ErrUnauthenticated, len(rooms), wire.MaxClaimRooms)
+	}
+	if len(accepts) > wire.MaxClaimAccepts {
+		return Identity{}, fmt.Errorf("%w: %d accepts, at most %d", ErrUnauthenticated, len(accepts), wire.MaxClaimAccepts)
+	}
+	id := Identity{Mid: mid, Key: key, Platform: platform, Accepts: accepts, AnyRoom: goim, AnyAccept: goim}
+	for _, r := range rooms {
+		if r == "" {
+			continue // goim's empty room_id: no room
+		}
+		if err := wire.ValidRoomGrant(r); err != nil {
+			return Identity{}, fmt.Errorf("%w: %w", ErrUnauthenticated, err)
+		}
+		if wire.IsRoomPattern(r) {
+			id.RoomGrants = append(id.RoomGrants, r)
+		} else {
+			id.Rooms = append(id.Rooms, r)
+		}
+	}
+	return id, nil
 }
 
 // IssueToken signs an HS256 client token for the claims, valid for ttl.

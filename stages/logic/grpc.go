@@ -4,11 +4,13 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	"imcloud/proto/pb"
+	"imcloud/proto/wire"
 )
 
 // grpcServer serves the Logic service cloud nodes call.
@@ -18,9 +20,71 @@ type grpcServer struct {
 	registry Registry
 	replacer *replacer
 	logger   *slog.Logger
+	// sessionTTL is told to cloud nodes, which forward heartbeats at most
+	// a few times per period.
+	sessionTTL time.Duration
+}
+
+// invalid answers a request carrying a string the wire does not accept:
+// a cloud node must not poison the registry (an invalid room in one
+// node's RoomCount once made every RenewOnline of that node fail).
+func invalid(what string, err error) error {
+	return status.Errorf(codes.InvalidArgument, "%s: %v", what, err)
+}
+
+// validSession checks the identifiers of a session call from a cloud node.
+func validSession(key, server string) error {
+	if err := wire.ValidKey(key); err != nil {
+		return invalid("key", err)
+	}
+	if err := validServer(server); err != nil {
+		return err
+	}
+	return nil
+}
+
+func validServer(server string) error {
+	if server == "" {
+		return status.Error(codes.InvalidArgument, "server is required")
+	}
+	if err := wire.ValidText(server, wire.MaxTextLen); err != nil {
+		return invalid("server", err)
+	}
+	return nil
+}
+
+// validNode checks every string a cloud node reports about itself.
+func validNode(n *pb.NodeInfo) error {
+	if n.GetId() == "" || n.GetGrpcAddr() == "" {
+		return status.Error(codes.InvalidArgument, "node id and grpc_addr are required")
+	}
+	for what, v := range map[string]string{"node id": n.Id, "grpc_addr": n.GrpcAddr, "host": n.Host} {
+		if err := wire.ValidText(v, wire.MaxTextLen); err != nil {
+			return invalid(what, err)
+		}
+	}
+	// Rooms are checked for what the registry, logs and protobuf need,
+	// not for the type://id form clients are held to now: a cloud node of
+	// an older version may still host such a room, and refusing its whole
+	// report would drop the node.
+	for room := range n.RoomCount {
+		if room == "" {
+			return status.Error(codes.InvalidArgument, "room_count: empty room")
+		}
+		if err := wire.ValidText(room, wire.MaxRoomLen); err != nil {
+			return invalid("room_count", err)
+		}
+	}
+	return nil
 }
 
 func (s *grpcServer) Connect(ctx context.Context, req *pb.ConnectReq) (*pb.ConnectReply, error) {
+	if err := validServer(req.Server); err != nil {
+		return nil, err
+	}
+	if err := wire.ValidText(req.RemoteAddr, wire.MaxTextLen); err != nil {
+		return nil, invalid("remote_addr", err)
+	}
 	id, err := s.auth.Authenticate(req.Token)
 	if err != nil {
 		s.logger.InfoContext(ctx, "client auth rejected", "server", req.Server, "remote", req.RemoteAddr, "err", err)
@@ -37,10 +101,15 @@ func (s *grpcServer) Connect(ctx context.Context, req *pb.ConnectReq) (*pb.Conne
 	if prev != "" {
 		s.replacer.replaced(id.Key, prev)
 	}
-	return &pb.ConnectReply{Mid: id.Mid, Key: id.Key, Rooms: id.Rooms, Accepts: id.Accepts, Platform: id.Platform}, nil
+	return &pb.ConnectReply{Mid: id.Mid, Key: id.Key, Rooms: id.Rooms, Accepts: id.Accepts, Platform: id.Platform,
+		RoomGrants: id.RoomGrants, AnyRoom: id.AnyRoom, AnyAccept: id.AnyAccept,
+		SessionTtl: int64(s.sessionTTL / time.Second)}, nil
 }
 
 func (s *grpcServer) Disconnect(ctx context.Context, req *pb.DisconnectReq) (*pb.DisconnectReply, error) {
+	if err := validSession(req.Key, req.Server); err != nil {
+		return nil, err
+	}
 	has, err := s.registry.DelSession(ctx, req.Mid, req.Key, req.Server)
 	if err != nil {
 		return nil, status.Errorf(codes.Unavailable, "delete session: %v", err)
@@ -49,6 +118,9 @@ func (s *grpcServer) Disconnect(ctx context.Context, req *pb.DisconnectReq) (*pb
 }
 
 func (s *grpcServer) Heartbeat(ctx context.Context, req *pb.HeartbeatReq) (*pb.HeartbeatReply, error) {
+	if err := validSession(req.Key, req.Server); err != nil {
+		return nil, err
+	}
 	if err := s.registry.RenewSession(ctx, req.Mid, req.Key, req.Server); err != nil {
 		return nil, status.Errorf(codes.Unavailable, "renew session: %v", err)
 	}
@@ -56,8 +128,8 @@ func (s *grpcServer) Heartbeat(ctx context.Context, req *pb.HeartbeatReq) (*pb.H
 }
 
 func (s *grpcServer) RenewOnline(ctx context.Context, req *pb.RenewOnlineReq) (*pb.RenewOnlineReply, error) {
-	if req.Node.GetId() == "" || req.Node.GetGrpcAddr() == "" {
-		return nil, status.Error(codes.InvalidArgument, "node id and grpc_addr are required")
+	if err := validNode(req.Node); err != nil {
+		return nil, err
 	}
 	all, err := s.registry.RenewNode(ctx, req.Node)
 	if err != nil {

@@ -57,14 +57,14 @@ func New(cfg config.Logic, o Options) (*Stage, error) {
 		return nil, fmt.Errorf("logic: %w", err)
 	}
 	if cfg.Auth.Mode == config.AuthInsecureJSON {
-		o.Logger.Warn("logic.auth.mode is insecure-json: client auth bodies are trusted as is; use it only to migrate goim clients or for local demos")
+		o.Logger.Warn("logic.auth.mode is insecure-json: client auth bodies are trusted as is, and any client may join any room (op 12) and subscribe any operation (op 14), as in goim; use it only to migrate goim clients or for local demos")
 	}
 	return &Stage{
 		cfg:       cfg,
 		heartbeat: o.Heartbeat,
 		pusher:    &Pusher{registry: o.Registry, publisher: o.Publisher, topic: o.PushTopic},
 		replies:   o.Replies,
-		grpc: &grpcServer{auth: auth, registry: o.Registry, logger: o.Logger,
+		grpc: &grpcServer{auth: auth, registry: o.Registry, logger: o.Logger, sessionTTL: cfg.SessionTTL,
 			replacer: &replacer{registry: o.Registry, logger: o.Logger, clouds: cloudconn.New(o.CloudDial...)}},
 		logger:  o.Logger,
 		failLog: rate.NewLimiter(1, 5),

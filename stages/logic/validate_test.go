@@ -1,0 +1,167 @@
+package logic
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"imcloud/adapters/memory"
+	"imcloud/config"
+	"imcloud/proto/pb"
+)
+
+// TestInvalidClaimsRefused: a token whose key, rooms or platform the wire
+// does not accept is refused (the client gets 4401), in both modes, before
+// any string reaches the registry.
+func TestInvalidClaimsRefused(t *testing.T) {
+	exp := time.Hour
+	tests := []struct {
+		name string
+		c    Claims
+	}{
+		{"room with NUL", Claims{Mid: 1, Rooms: []string{"live://1\x00"}}},
+		{"room not type://id", Claims{Mid: 1, Rooms: []string{"lobby"}}},
+		{"room too long", Claims{Mid: 1, Rooms: []string{"live://" + strings.Repeat("x", 200)}}},
+		{"pattern with a second star", Claims{Mid: 1, Rooms: []string{"live://*/*"}}},
+		{"too many rooms", Claims{Mid: 1, Rooms: slices.Repeat([]string{"live://1"}, 65)}},
+		{"key with space", Claims{Mid: 1, Key: "a b"}},
+		{"key too long", Claims{Mid: 1, Key: strings.Repeat("k", 129)}},
+		{"platform with newline", Claims{Mid: 1, Platform: "web\nINFO forged"}},
+		{"too many accepts", Claims{Mid: 1, Accepts: make([]int32, 1025)}},
+	}
+	jwtAuth, err := NewAuthenticator(config.Auth{Mode: "jwt", JWTSecret: "secret"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			tok, err := IssueToken("secret", tt.c, exp)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := jwtAuth.Authenticate([]byte(tok)); !errors.Is(err, ErrUnauthenticated) {
+				t.Fatalf("jwt: err = %v, want ErrUnauthenticated", err)
+			}
+		})
+	}
+	goim, _ := NewAuthenticator(config.Auth{Mode: "insecure-json"})
+	for _, body := range []string{`{"mid":1,"room_id":"\u00ff\u0000"}`, `{"mid":1,"room_id":"live://a b"}`, `{"mid":1,"key":"a\u0001"}`} {
+		if _, err := goim.Authenticate([]byte(body)); !errors.Is(err, ErrUnauthenticated) {
+			t.Errorf("insecure-json %s: err = %v, want ErrUnauthenticated", body, err)
+		}
+	}
+}
+
+// TestRoomClaimGrants: exact rooms are joined, patterns only granted;
+// insecure-json grants any room and operation, as goim did.
+func TestRoomClaimGrants(t *testing.T) {
+	a, _ := NewAuthenticator(config.Auth{Mode: "jwt", JWTSecret: "secret"})
+	tok, _ := IssueToken("secret", Claims{Mid: 1, Rooms: []string{"public://lobby", "live://*"}, Accepts: []int32{1000}}, time.Hour)
+	id, err := a.Authenticate([]byte(tok))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(id.Rooms, []string{"public://lobby"}) || !slices.Equal(id.RoomGrants, []string{"live://*"}) || id.AnyRoom || id.AnyAccept {
+		t.Fatalf("jwt identity = %+v", id)
+	}
+	goim, _ := NewAuthenticator(config.Auth{Mode: "insecure-json"})
+	id, err = goim.Authenticate([]byte(`{"mid":1,"room_id":"live://1"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !id.AnyRoom || !id.AnyAccept || !slices.Equal(id.Rooms, []string{"live://1"}) {
+		t.Fatalf("insecure-json identity = %+v", id)
+	}
+}
+
+// TestGRPCRefusesInvalidStrings: logic answers InvalidArgument to a cloud
+// node that reports a string the wire does not accept, and the registry
+// keeps none of it. On main a room "\xff" in RoomCount was stored (memory
+// registry) or failed every renewal (Redis).
+func TestGRPCRefusesInvalidStrings(t *testing.T) {
+	reg := memory.New(time.Minute, time.Minute)
+	auth, _ := NewAuthenticator(config.Auth{Mode: "insecure-json"})
+	s := &grpcServer{auth: auth, registry: reg, logger: slog.New(slog.DiscardHandler), sessionTTL: 10 * time.Minute}
+	ctx := context.Background()
+	node := func(edit func(*pb.NodeInfo)) *pb.RenewOnlineReq {
+		n := &pb.NodeInfo{Id: "n1", GrpcAddr: "10.0.0.1:3109", Host: "push1", RoomCount: map[string]int32{"live://1": 1}}
+		edit(n)
+		return &pb.RenewOnlineReq{Node: n}
+	}
+	calls := map[string]func() error{
+		"renew room not UTF-8": func() error {
+			_, err := s.RenewOnline(ctx, node(func(n *pb.NodeInfo) { n.RoomCount["\xff"] = 1 }))
+			return err
+		},
+		"renew room with NUL": func() error {
+			_, err := s.RenewOnline(ctx, node(func(n *pb.NodeInfo) { n.RoomCount["live://a\x00"] = 1 }))
+			return err
+		},
+		"renew room too long": func() error {
+			_, err := s.RenewOnline(ctx, node(func(n *pb.NodeInfo) { n.RoomCount["live://"+strings.Repeat("x", 200)] = 1 }))
+			return err
+		},
+		"renew id with control": func() error {
+			_, err := s.RenewOnline(ctx, node(func(n *pb.NodeInfo) { n.Id = "n\x1b[31m" }))
+			return err
+		},
+		"renew host too long": func() error {
+			_, err := s.RenewOnline(ctx, node(func(n *pb.NodeInfo) { n.Host = strings.Repeat("h", 300) }))
+			return err
+		},
+		"connect server not UTF-8": func() error {
+			_, err := s.Connect(ctx, &pb.ConnectReq{Server: "\xff", Token: []byte(`{"mid":1}`)})
+			return err
+		},
+		"connect remote with newline": func() error {
+			_, err := s.Connect(ctx, &pb.ConnectReq{Server: "n1", RemoteAddr: "1.2.3.4\n", Token: []byte(`{"mid":1}`)})
+			return err
+		},
+		"heartbeat key not UTF-8": func() error {
+			_, err := s.Heartbeat(ctx, &pb.HeartbeatReq{Mid: 1, Key: "\xff", Server: "n1"})
+			return err
+		},
+		"heartbeat without server": func() error {
+			_, err := s.Heartbeat(ctx, &pb.HeartbeatReq{Mid: 1, Key: "k"})
+			return err
+		},
+		"disconnect key with NUL": func() error {
+			_, err := s.Disconnect(ctx, &pb.DisconnectReq{Mid: 1, Key: "k\x00", Server: "n1"})
+			return err
+		},
+	}
+	for name, call := range calls {
+		if code := status.Code(call()); code != codes.InvalidArgument {
+			t.Errorf("%s: code %v, want InvalidArgument", name, code)
+		}
+	}
+	nodes, err := reg.Nodes(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(nodes) != 0 {
+		t.Fatalf("registry holds %d nodes, want none", len(nodes))
+	}
+	// A valid report still works, and Connect tells cloud the grants
+	// and the session TTL.
+	if _, err := s.RenewOnline(ctx, node(func(*pb.NodeInfo) {})); err != nil {
+		t.Fatal(err)
+	}
+	reply, err := s.Connect(ctx, &pb.ConnectReq{Server: "n1", RemoteAddr: "1.2.3.4:5", Token: []byte(`{"mid":1,"key":"k","room_id":"live://1"}`)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reply.AnyRoom || !reply.AnyAccept || reply.SessionTtl != 600 {
+		t.Fatalf("connect reply %v", reply)
+	}
+	if _, err := s.Heartbeat(ctx, &pb.HeartbeatReq{Mid: 1, Key: "k", Server: "n1"}); err != nil {
+		t.Fatal(err)
+	}
+}
