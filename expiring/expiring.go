@@ -72,3 +72,11 @@ func (e *Map[K, V]) PutIfAbsent(key K, v V) bool {
 	e.cur[key] = v
 	return true
 }
+
+// Delete forgets key.
+func (e *Map[K, V]) Delete(key K) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	delete(e.cur, key)
+	delete(e.prev, key)
+}

@@ -32,6 +32,9 @@ func (s *Set) Add(id string) { s.m.Put(idKey(id), struct{}{}) }
 // AddIfAbsent remembers id and reports whether it was new.
 func (s *Set) AddIfAbsent(id string) bool { return s.m.PutIfAbsent(idKey(id), struct{}{}) }
 
+// Remove forgets id.
+func (s *Set) Remove(id string) { s.m.Delete(idKey(id)) }
+
 func idKey(id string) [16]byte {
 	if len(id) == 36 {
 		if u, err := uuid.Parse(id); err == nil {

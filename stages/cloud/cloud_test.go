@@ -329,3 +329,41 @@ func TestRetriedCallDeliversOnce(t *testing.T) {
 		}
 	}
 }
+
+// TestKeyOfflineAtFirstCallGetsTheRetry: a key that was not connected
+// when a message first came (its client had not reconnected after a
+// restart) gets it when job calls again with the same id, and a key that
+// got it does not get it twice, also when the whole message comes again.
+func TestKeyOfflineAtFirstCallGetsTheRetry(t *testing.T) {
+	n := startNode(t, func(*config.Cloud) {})
+	early := n.connect(t, "tcp", claims{Mid: 1, Key: "early", Rooms: []string{"live://1"}})
+	msg := &pb.Proto{Op: 1000, Body: []byte("m"), Id: "m-retry"}
+	r, err := n.rpc.PushMsg(context.Background(), &pb.PushMsgReq{Keys: []string{"early", "late"}, Proto: msg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Delivered != 1 || len(r.Offline) != 1 || r.Offline[0] != "late" {
+		t.Fatalf("first call: delivered %d, offline %v; want 1, [late]", r.Delivered, r.Offline)
+	}
+	late := n.connect(t, "tcp", claims{Mid: 2, Key: "late", Rooms: []string{"live://1"}})
+	// The whole message again, as after job restarted: "early" has it.
+	r, err = n.rpc.PushMsg(context.Background(), &pb.PushMsgReq{Keys: []string{"early", "late"}, Proto: msg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.Delivered != 2 || len(r.Offline) != 0 {
+		t.Fatalf("second call: delivered %d, offline %v; want 2, none", r.Delivered, r.Offline)
+	}
+	fence := &pb.PushMsgReq{Keys: []string{"early", "late"}, Proto: &pb.Proto{Op: 1000, Body: []byte("fence")}}
+	if _, err := n.rpc.PushMsg(context.Background(), fence); err != nil {
+		t.Fatal(err)
+	}
+	for name, c := range map[string]*client.Conn{"early": early, "late": late} {
+		for _, want := range []string{"m", "fence"} {
+			p, err := c.Read()
+			if err != nil || string(p.Body) != want {
+				t.Fatalf("%s got %q (%v), want %q", name, p.Body, err, want)
+			}
+		}
+	}
+}

@@ -27,16 +27,25 @@ func packet(p *pb.Proto) (outItem, error) {
 	return outItem{pkt: wire.Encode(p.Op, 0, p.Body), op: p.Op, push: true}, nil
 }
 
+// PushMsg remembers what it delivered per recipient, not per message: a
+// key that was not here when a message first came (its client had not
+// reconnected after a restart) must get it when job retries, while a key
+// that got it must not get it twice — also when job redelivers the whole
+// message after a crash. Remembering only the message id answered such a
+// retry "duplicate" for every key, and job took the offline ones as
+// delivered.
 func (g *grpcServer) PushMsg(_ context.Context, req *pb.PushMsgReq) (*pb.PushMsgReply, error) {
 	item, err := packet(req.Proto)
 	if err != nil {
 		return nil, err
 	}
-	if !g.s.firstDelivery(req.Proto) {
-		return &pb.PushMsgReply{}, nil
-	}
 	reply := &pb.PushMsgReply{}
 	for _, key := range req.Keys {
+		id := recipientID(req.Proto.GetId(), key)
+		if id != "" && !g.s.delivered.AddIfAbsent(id) {
+			reply.Delivered++ // by an earlier call with this id
+			continue
+		}
 		ch := bucketFor(g.s.buckets, key).get(key)
 		switch {
 		case ch != nil && !ch.accepts(item.op):
@@ -45,10 +54,22 @@ func (g *grpcServer) PushMsg(_ context.Context, req *pb.PushMsgReq) (*pb.PushMsg
 		case ch != nil && ch.push(item):
 			reply.Delivered++
 		default:
+			if id != "" {
+				g.s.delivered.Remove(id)
+			}
 			reply.Offline = append(reply.Offline, key)
 		}
 	}
 	return reply, nil
+}
+
+// recipientID names one recipient's copy of message id; "" when the
+// message has no id (always delivered).
+func recipientID(id, key string) string {
+	if id == "" {
+		return ""
+	}
+	return id + "\x00" + key
 }
 
 func (g *grpcServer) BroadcastRoom(_ context.Context, req *pb.BroadcastRoomReq) (*pb.BroadcastRoomReply, error) {

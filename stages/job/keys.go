@@ -34,10 +34,6 @@ func (s *Stage) pushKeys(ctx context.Context, msg *message.Message, pm *pb.PushM
 	if err != nil {
 		return err
 	}
-	if round > 0 && p.Id != "" {
-		// The node remembers the id of the round that found keys offline.
-		p = &pb.Proto{Ver: p.Ver, Op: p.Op, Body: p.Body, Id: p.Id + "#" + strconv.Itoa(round)}
-	}
 	state := map[string]keyState{} // by target key
 	var (
 		errs  []error

@@ -24,8 +24,8 @@ import (
 )
 
 // keyCloud is a cloud node holding some keys. Like the real one it
-// remembers every message id it was called with, even for keys it did not
-// have, and answers a repeated id with an empty reply.
+// remembers which keys it delivered each message id to, and answers a
+// repeat for such a key as delivered without delivering it again.
 type keyCloud struct {
 	pb.UnimplementedCloudServer
 	mu     sync.Mutex
@@ -39,16 +39,17 @@ func (c *keyCloud) PushMsg(_ context.Context, req *pb.PushMsgReq) (*pb.PushMsgRe
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.calls++
-	if c.seen[req.Proto.Id] {
-		return &pb.PushMsgReply{}, nil
-	}
-	c.seen[req.Proto.Id] = true
 	reply := &pb.PushMsgReply{}
 	for _, k := range req.Keys {
-		if c.online[k] {
+		id := req.Proto.Id + "\x00" + k
+		switch {
+		case c.seen[id]:
+			reply.Delivered++
+		case c.online[k]:
+			c.seen[id] = true
 			c.got[k] = append(c.got[k], string(req.Proto.Body))
 			reply.Delivered++
-		} else {
+		default:
 			reply.Offline = append(reply.Offline, k)
 		}
 	}
