@@ -96,6 +96,11 @@ func (c Cluster) Authenticated() bool { return c.Secret != "" || c.MTLS() }
 // over the network, a short word does not).
 const MinClusterSecret = 16
 
+// MinAPIKey is the shortest entry accepted in logic.api_keys: an empty key
+// would let "Authorization: Bearer " through, and a short one can be
+// guessed over the network; 16 characters as for the cluster secret.
+const MinAPIKey = 16
+
 // Log configures the process logger.
 type Log struct {
 	Level  string `koanf:"level"`
@@ -642,6 +647,12 @@ func (c Config) Validate() error {
 	positive("cloud.max_paced_broadcasts", c.Cloud.MaxPacedBroadcasts)
 	positiveDur("cloud.max_paced_duration", c.Cloud.MaxPacedDuration)
 
+	for i, k := range c.Logic.APIKeys {
+		if len(k) < MinAPIKey {
+			// The key itself is a secret: name its position, not its value.
+			bad("logic.api_keys", "key %d is %d characters, want at least %d (e.g. openssl rand -hex 16)", i+1, len(k), MinAPIKey)
+		}
+	}
 	cl := c.Cluster
 	if n := len(cl.Secret); n > 0 && n < MinClusterSecret {
 		bad("cluster.secret", "is %d characters, want at least %d (e.g. openssl rand -hex 32)", n, MinClusterSecret)
