@@ -178,6 +178,16 @@ func TestExposures(t *testing.T) {
 		{"anonymous push API", []string{"logic.allow_anonymous=true"}, []string{"logic.http_addr"}},
 		{"secret in clear", []string{"logic.api_keys=0123456789abcdef-key", "cluster.secret=0123456789abcdef", "cloud.grpc_addr=:3109"}, []string{"mutual TLS"}},
 		{"admin beyond loopback", []string{"logic.api_keys=0123456789abcdef-key", "admin.addr=:6060"}, []string{"admin.addr"}},
+		// The secret sent to a remote peer travels in clear as much as the
+		// one a remote peer sends.
+		{"secret to a remote logic", []string{"stages=cloud", "cluster.secret=0123456789abcdef", "cloud.logic_addr=10.0.0.1:3119"}, []string{"cloud.logic_addr"}},
+		{"secret to local logic", []string{"stages=cloud", "cluster.secret=0123456789abcdef", "cloud.logic_addr=127.0.0.1:3119"}, nil},
+		{"logic in process", []string{"stages=logic,cloud", "logic.api_keys=0123456789abcdef-key", "cluster.secret=0123456789abcdef", "cloud.logic_addr=10.0.0.1:3119"}, nil},
+		{"secret to remote cloud nodes", []string{"stages=job", "cluster.secret=0123456789abcdef", "job.cloud_addrs=127.0.0.1:3109,cloud2.internal:3109"}, []string{"job.cloud_addrs"}},
+		{"secret to local cloud nodes", []string{"stages=job", "cluster.secret=0123456789abcdef", "job.cloud_addrs=127.0.0.1:3109,localhost:3109"}, nil},
+		{"cloud advertised beyond loopback", []string{"stages=cloud", "cluster.secret=0123456789abcdef", "cloud.advertise_addr=10.0.0.11:3109"}, []string{"cloud.advertise_addr"}},
+		{"remote peers with mutual TLS", append([]string{"stages=cloud,job", "cluster.secret=0123456789abcdef", "cloud.logic_addr=10.0.0.1:3119",
+			"cloud.advertise_addr=10.0.0.11:3109", "job.cloud_addrs=cloud2.internal:3109"}, "cluster.tls_cert_file=c.pem", "cluster.tls_key_file=k.pem", "cluster.tls_ca_file=ca.pem"), nil},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
