@@ -81,7 +81,26 @@ func listen(key, addr string) (net.Listener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s: listen on %s: %w", key, addr, err)
 	}
+	if err := checkLoopback(key, addr, ln); err != nil {
+		_ = ln.Close()
+		return nil, err
+	}
 	return ln, nil
+}
+
+// checkLoopback refuses a listener that config.IsLoopback judged to stay
+// on this machine but that is bound beyond it: "localhost" is a name, and
+// /etc/hosts may map it to any address (0.0.0.0 included). CheckBinds'
+// decisions rest on the judgement, so what was bound must bear it out.
+func checkLoopback(key, addr string, ln net.Listener) error {
+	if !config.IsLoopback(addr) {
+		return nil
+	}
+	tcp, ok := ln.Addr().(*net.TCPAddr)
+	if !ok || !tcp.IP.IsLoopback() {
+		return fmt.Errorf("%s: %q was taken for loopback but is bound to %s, beyond loopback (does /etc/hosts map localhost elsewhere?): use 127.0.0.1 or ::1", key, addr, ln.Addr())
+	}
+	return nil
 }
 
 func addrOf(ln net.Listener) string {
