@@ -358,17 +358,22 @@ func (n *Node) startJob(ctx context.Context) error {
 			store = memory.NewDedupe(cfg.Job.Dedupe.TTL)
 		}
 	}
-	router, err := pipeline.NewRouter(cfg.Job, cfg.Topics.Poison, n.broker.Publisher, store, n.logger.With("stage", "job"))
-	if err != nil {
-		return err
-	}
-	n.router = router
 	n.jobStage = job.New(job.Options{
 		Nodes: nodes, Logger: n.logger.With("stage", "job"),
 		BatchWindow: cfg.Job.RoomBatchWindow, BatchSize: cfg.Job.RoomBatchSize, Timeout: cfg.Job.Timeout,
 		CloudDial:    n.grpcDialOpts,
 		OfflineGrace: cfg.Job.OfflineGrace,
 	})
+	// A job the cloud nodes refuse would take messages and deliver none:
+	// it stops here, as a cloud node with a wrong secret does at Register.
+	if err := n.jobStage.CheckClouds(ctx); err != nil {
+		return err
+	}
+	router, err := pipeline.NewRouter(cfg.Job, cfg.Topics.Poison, n.broker.Publisher, store, n.logger.With("stage", "job"))
+	if err != nil {
+		return err
+	}
+	n.router = router
 	consumers := 1
 	if n.broker.SharedQueue {
 		consumers = cfg.Job.Concurrency
