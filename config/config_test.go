@@ -11,7 +11,7 @@ import (
 
 // withSecret makes the defaults valid for a logic stage in jwt mode whose
 // push API listens on every interface.
-var withSecret = map[string]any{"logic.auth.jwt_secret": "s", "logic.api_keys": "k"}
+var withSecret = map[string]any{"logic.auth.jwt_secret": "s", "logic.api_keys": "0123456789abcdef-key"}
 
 func TestExampleFileIsTheDefaults(t *testing.T) {
 	got, err := Load(Sources{File: "../config.example.toml"})

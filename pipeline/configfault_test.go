@@ -14,18 +14,18 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-type syncBuffer struct {
+type logBuffer struct {
 	mu sync.Mutex
 	b  bytes.Buffer
 }
 
-func (s *syncBuffer) Write(p []byte) (int, error) {
+func (s *logBuffer) Write(p []byte) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.Write(p)
 }
 
-func (s *syncBuffer) String() string {
+func (s *logBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
@@ -39,7 +39,7 @@ func (s *syncBuffer) String() string {
 // logged once, naming the key.
 func TestConfigFaultIsHeldNotPoisoned(t *testing.T) {
 	const refusals = 10 * (maxRetries + 1) // far past what the retry budget allows
-	var log syncBuffer
+	var log logBuffer
 	logger := slog.New(slog.NewTextHandler(&log, nil))
 	// A 20 ms hold makes the later refusals go back to the broker (a nack)
 	// and come again.
