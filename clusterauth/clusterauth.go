@@ -22,9 +22,11 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
+	"google.golang.org/grpc/tap"
 
 	"imcloud/config"
 )
@@ -47,7 +49,10 @@ func DialOptions(c config.Cluster) ([]grpc.DialOption, error) {
 		// the client dials (an IP SAN for an IP address).
 		creds = credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: pool, MinVersion: tls.VersionTLS12})
 	}
-	opts := []grpc.DialOption{grpc.WithTransportCredentials(creds)}
+	// A reply holds as much as the largest request (RenewOnline's room
+	// counts), so the client takes what the server does.
+	opts := []grpc.DialOption{grpc.WithTransportCredentials(creds),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessageBytes))}
 	if c.Secret != "" {
 		opts = append(opts, grpc.WithPerRPCCredentials(secretCreds{secret: c.Secret, tls: c.MTLS()}))
 	}
@@ -70,11 +75,69 @@ func ServerOptions(c config.Cluster, logger *slog.Logger) ([]grpc.ServerOption, 
 			ClientAuth: tls.RequireAndVerifyClientCert, MinVersion: tls.VersionTLS12,
 		})))
 	}
+	opts = append(opts, limits()...)
 	if c.Secret != "" {
 		ck := newChecker(c.Secret, logger)
-		opts = append(opts, grpc.ChainUnaryInterceptor(ck.unary), grpc.ChainStreamInterceptor(ck.stream))
+		// The tap handle checks the secret when a call's headers arrive,
+		// before grpc-go reads a byte of its message: the interceptors run
+		// only once the whole request is read, so on their own they let a
+		// caller without the secret make the server buffer a message of
+		// up to MaxMessageBytes per stream (60 such streams took logic
+		// from 25 MB to 275 MB). The interceptors stay as a second check.
+		opts = append(opts, grpc.InTapHandle(ck.tap),
+			grpc.ChainUnaryInterceptor(ck.unary), grpc.ChainStreamInterceptor(ck.stream))
 	}
 	return opts, nil
+}
+
+// MaxMessageBytes bounds one internal gRPC message, in either direction.
+// The largest legitimate one is a cloud node's RenewOnline report (and
+// logic's reply, which counts the same rooms): one map entry per room the
+// node hosts. An entry of a room of wire.MaxRoomLen (128) bytes is at most
+// 140 bytes on the wire (1 tag + 2 length + 1 tag + 2 length + 128 + 1 tag
+// + 5 varint), so 10 MiB holds 65,536 such rooms (9.2 MB) plus the node's
+// other fields (three strings of at most wire.MaxTextLen and a few
+// integers), and about 240,000 rooms of 32 bytes. Every other message is
+// far smaller: a room batch is job.room_batch_size (20) pushes of at most
+// logic.max_message_bytes (4 KiB). grpc-go's default was 4 MiB, which
+// held only 29,000 of the longest rooms.
+const MaxMessageBytes = 10 << 20
+
+// Connection limits of logic's and cloud's gRPC servers.
+const (
+	// maxStreams bounds concurrent calls on one connection; a client
+	// past it waits for a slot rather than failing. Job's consumers
+	// (job.concurrency) and a cloud node's burst of Connect calls while
+	// clients reconnect are the busiest callers; 256 leaves them room and
+	// bounds what one authenticated connection can hold to 256 messages.
+	maxStreams = 256
+	// connectionTimeout bounds the TLS handshake and the HTTP/2 preface
+	// and settings: on grpc-go's default (120 s) 2000 connections that
+	// sent only the preface stayed open 70 s and more. A cluster peer
+	// does both in a few round trips.
+	connectionTimeout = 10 * time.Second
+	// maxConnectionIdle closes a connection with no call in progress for
+	// this long (grpc-go's default is never): a caller whose every call
+	// is refused never has one, so it is gone within a minute. Cloud
+	// nodes report every cloud.renew_interval (10 s) and keep theirs; an
+	// idle job reconnects on its next push, at the cost of one handshake.
+	maxConnectionIdle = time.Minute
+	// pingMinTime: no internal client sends keepalive pings, so a peer
+	// pinging more often than this, or with no call in progress, is sent
+	// GOAWAY (too_many_pings) after its third offence.
+	pingMinTime = time.Minute
+)
+
+// limits bound what any one connection can make the server hold, with or
+// without the secret.
+func limits() []grpc.ServerOption {
+	return []grpc.ServerOption{
+		grpc.MaxRecvMsgSize(MaxMessageBytes),
+		grpc.MaxConcurrentStreams(maxStreams),
+		grpc.ConnectionTimeout(connectionTimeout),
+		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: maxConnectionIdle}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: pingMinTime, PermitWithoutStream: false}),
+	}
 }
 
 func load(c config.Cluster) (tls.Certificate, *x509.CertPool, error) {
@@ -144,13 +207,11 @@ func newChecker(secret string, logger *slog.Logger) *checker {
 }
 
 // check compares hashes, so the comparison takes the same time whatever
-// the length of what was sent.
-func (c *checker) check(ctx context.Context, method string) error {
+// the length of what was sent. md is the call's incoming metadata.
+func (c *checker) check(ctx context.Context, md metadata.MD, method string) error {
 	got, sent := "", false
-	if md, ok := metadata.FromIncomingContext(ctx); ok {
-		if v := md.Get(MetadataKey); len(v) == 1 {
-			got, sent = v[0], true
-		}
+	if v := md.Get(MetadataKey); len(v) == 1 {
+		got, sent = v[0], true
 	}
 	sum := sha256.Sum256([]byte(got))
 	if sent && subtle.ConstantTimeCompare(sum[:], c.want[:]) == 1 {
@@ -162,6 +223,17 @@ func (c *checker) check(ctx context.Context, method string) error {
 	}
 	c.logRefusal(ctx, method, reason)
 	return errRefused
+}
+
+// tap runs when a call's headers arrive, before its message is read; a
+// refused call is answered at once and its data is never buffered.
+func (c *checker) tap(ctx context.Context, info *tap.Info) (context.Context, error) {
+	return ctx, c.check(ctx, info.Header, info.FullMethodName)
+}
+
+func incoming(ctx context.Context) metadata.MD {
+	md, _ := metadata.FromIncomingContext(ctx)
+	return md
 }
 
 func (c *checker) logRefusal(ctx context.Context, method, reason string) {
@@ -197,14 +269,14 @@ func (c *checker) logRefusal(ctx context.Context, method, reason string) {
 }
 
 func (c *checker) unary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
-	if err := c.check(ctx, info.FullMethod); err != nil {
+	if err := c.check(ctx, incoming(ctx), info.FullMethod); err != nil {
 		return nil, err
 	}
 	return handler(ctx, req)
 }
 
 func (c *checker) stream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
-	if err := c.check(ss.Context(), info.FullMethod); err != nil {
+	if err := c.check(ss.Context(), incoming(ss.Context()), info.FullMethod); err != nil {
 		return err
 	}
 	return handler(srv, ss)

@@ -96,6 +96,11 @@ func (c Cluster) Authenticated() bool { return c.Secret != "" || c.MTLS() }
 // over the network, a short word does not).
 const MinClusterSecret = 16
 
+// MinAPIKey is the shortest entry accepted in logic.api_keys: an empty key
+// would let "Authorization: Bearer " through, and a short one can be
+// guessed over the network; 16 characters as for the cluster secret.
+const MinAPIKey = 16
+
 // Log configures the process logger.
 type Log struct {
 	Level  string `koanf:"level"`
@@ -642,6 +647,12 @@ func (c Config) Validate() error {
 	positive("cloud.max_paced_broadcasts", c.Cloud.MaxPacedBroadcasts)
 	positiveDur("cloud.max_paced_duration", c.Cloud.MaxPacedDuration)
 
+	for i, k := range c.Logic.APIKeys {
+		if len(k) < MinAPIKey {
+			// The key itself is a secret: name its position, not its value.
+			bad("logic.api_keys", "key %d is %d characters, want at least %d (e.g. openssl rand -hex 16)", i+1, len(k), MinAPIKey)
+		}
+	}
 	cl := c.Cluster
 	if n := len(cl.Secret); n > 0 && n < MinClusterSecret {
 		bad("cluster.secret", "is %d characters, want at least %d (e.g. openssl rand -hex 32)", n, MinClusterSecret)
@@ -676,14 +687,51 @@ func (c Config) Exposures() []string {
 	if c.Has(StageLogic) && len(c.Logic.APIKeys) == 0 && c.Logic.HTTPAddr != "" && !IsLoopback(c.Logic.HTTPAddr) {
 		out = append(out, fmt.Sprintf("logic.http_addr %q: the push API has no API keys and listens beyond loopback (logic.allow_anonymous = true): anyone who reaches it can push to every client", c.Logic.HTTPAddr))
 	}
-	exposedGRPC := (c.Has(StageLogic) && !IsLoopback(c.Logic.GRPCAddr)) || (c.Has(StageCloud) && !IsLoopback(c.Cloud.GRPCAddr))
-	if exposedGRPC && c.Cluster.Secret != "" && !c.Cluster.MTLS() {
-		out = append(out, "internal gRPC listens beyond loopback without mutual TLS: cluster.secret travels in clear; set cluster.tls_cert_file, tls_key_file and tls_ca_file where others can read the network")
+	if c.Cluster.Secret != "" && !c.Cluster.MTLS() {
+		if clear := c.clearSecretKeys(); len(clear) > 0 {
+			out = append(out, fmt.Sprintf("internal gRPC beyond loopback without mutual TLS (%s): cluster.secret travels in clear; "+
+				"set cluster.tls_cert_file, tls_key_file and tls_ca_file where others can read the network", strings.Join(clear, ", ")))
+		}
 	}
 	if c.Admin.Addr != "" && !IsLoopback(c.Admin.Addr) {
 		out = append(out, fmt.Sprintf("admin.addr %q: profiles and goroutine dumps are served beyond loopback; bind it to 127.0.0.1 or firewall it", c.Admin.Addr))
 	}
 	return out
+}
+
+// clearSecretKeys are the keys whose addresses carry the cluster secret
+// beyond this machine: the gRPC servers that receive it and the peers this
+// node sends it to (logic, the cloud nodes job dials, and the address
+// this cloud tells job and logic to dial).
+func (c Config) clearSecretKeys() []string {
+	var keys []string
+	if c.Has(StageLogic) && !IsLoopback(c.Logic.GRPCAddr) {
+		keys = append(keys, "logic.grpc_addr")
+	}
+	if c.Has(StageCloud) && !IsLoopback(c.Cloud.GRPCAddr) {
+		keys = append(keys, "cloud.grpc_addr")
+	}
+	// With logic in the same process, cloud dials the address logic is
+	// bound to, not cloud.logic_addr.
+	if c.Has(StageCloud) && !c.Has(StageLogic) && !dialsLoopback(c.Cloud.LogicAddr) {
+		keys = append(keys, "cloud.logic_addr")
+	}
+	if c.Has(StageCloud) && c.Cloud.AdvertiseAddr != "" && !dialsLoopback(c.Cloud.AdvertiseAddr) {
+		keys = append(keys, "cloud.advertise_addr")
+	}
+	if c.Has(StageJob) && slices.ContainsFunc(c.Job.CloudAddrs, func(a string) bool { return !dialsLoopback(a) }) {
+		keys = append(keys, "job.cloud_addrs")
+	}
+	return keys
+}
+
+// dialsLoopback reports whether dialling addr stays on this machine; unlike
+// a listen address, an empty host dials the local system.
+func dialsLoopback(addr string) bool {
+	if host, _, err := net.SplitHostPort(addr); err == nil && host == "" {
+		return true
+	}
+	return IsLoopback(addr)
 }
 
 // CheckBinds refuses listeners that would serve an unauthenticated service

@@ -11,7 +11,7 @@ import (
 
 // withSecret makes the defaults valid for a logic stage in jwt mode whose
 // push API listens on every interface.
-var withSecret = map[string]any{"logic.auth.jwt_secret": "s", "logic.api_keys": "k"}
+var withSecret = map[string]any{"logic.auth.jwt_secret": "s", "logic.api_keys": "0123456789abcdef-key"}
 
 func TestExampleFileIsTheDefaults(t *testing.T) {
 	got, err := Load(Sources{File: "../config.example.toml"})
@@ -21,14 +21,14 @@ func TestExampleFileIsTheDefaults(t *testing.T) {
 		if !strings.Contains(err.Error(), "logic.auth.jwt_secret") || !strings.Contains(err.Error(), "logic.api_keys") {
 			t.Fatalf("Load example: %v", err)
 		}
-		got, err = Load(Sources{File: "../config.example.toml", Sets: []string{"logic.auth.jwt_secret=s", "logic.api_keys=k"}})
+		got, err = Load(Sources{File: "../config.example.toml", Sets: []string{"logic.auth.jwt_secret=s", "logic.api_keys=0123456789abcdef-key"}})
 		if err != nil {
 			t.Fatalf("Load example: %v", err)
 		}
 	}
 	want := Default()
 	want.Logic.Auth.JWTSecret = "s"
-	want.Logic.APIKeys = []string{"k"}
+	want.Logic.APIKeys = []string{"0123456789abcdef-key"}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("config.example.toml differs from Default():\n got %+v\nwant %+v", got, want)
 	}
@@ -41,7 +41,7 @@ func TestPrecedence(t *testing.T) {
 	cfg, err := Load(Sources{
 		File:    f,
 		Environ: []string{"IMCLOUD_CLOUD__TCP_ADDR=:3", "IMCLOUD_CLOUD__SEND_QUEUE=20", "IMCLOUD_CLOUD__ALLOWED_ORIGINS=a.com, b.com", "PATH=/bin"},
-		Sets:    []string{"cloud.send_queue=30", "job.timeout=2s", "logic.api_keys=k"},
+		Sets:    []string{"cloud.send_queue=30", "job.timeout=2s", "logic.api_keys=0123456789abcdef-key"},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -85,6 +85,9 @@ func TestErrorsNameTheKey(t *testing.T) {
 		{name: "jwt without secret", sets: []string{"logic.auth.jwt_secret="}, wantKey: "logic.auth.jwt_secret"},
 		{name: "malformed set", sets: []string{"novalue"}, wantKey: "novalue"},
 		{name: "short cluster secret", sets: []string{"cluster.secret=short"}, wantKey: "cluster.secret"},
+		{name: "empty API key", file: "[logic]\napi_keys = [\"\"]\n", wantKey: "logic.api_keys"},
+		{name: "empty API key among good ones", file: "[logic]\napi_keys = [\"0123456789abcdef\", \"\"]\n", wantKey: "logic.api_keys"},
+		{name: "short API key", sets: []string{"logic.api_keys=0123456789abcde"}, wantKey: "logic.api_keys"},
 		{name: "half of mutual TLS", sets: []string{"cluster.tls_cert_file=c.pem"}, wantKey: "cluster.tls_cert_file"},
 		{name: "offline grace past redelivery", sets: []string{"job.offline_grace=5m"}, wantKey: "job.offline_grace"},
 		{name: "negative offline grace", sets: []string{"job.offline_grace=-1s"}, wantKey: "job.offline_grace"},
@@ -119,7 +122,7 @@ func TestBindRules(t *testing.T) {
 		sets []string
 		want []string // keys the error names; none = accepted
 	}{
-		{"defaults with API keys", []string{"logic.api_keys=k"}, nil},
+		{"defaults with API keys", []string{"logic.api_keys=0123456789abcdef-key"}, nil},
 		{"defaults without API keys", nil, []string{"logic.http_addr", "logic.api_keys", "logic.allow_anonymous"}},
 		{"loopback push API without keys", []string{"logic.http_addr=127.0.0.1:3111"}, nil},
 		{"localhost push API without keys", []string{"logic.http_addr=localhost:3111"}, nil},
@@ -127,12 +130,12 @@ func TestBindRules(t *testing.T) {
 		{"open push API allowed on purpose", []string{"logic.allow_anonymous=true"}, nil},
 		{"push API on an interface without keys", []string{"logic.http_addr=10.0.0.5:3111"}, []string{"logic.http_addr"}},
 		{"push API check skipped without logic", []string{"stages=cloud"}, nil},
-		{"logic grpc on every interface", []string{"logic.api_keys=k", "logic.grpc_addr=:3119"}, []string{"logic.grpc_addr", "cluster.secret", "cluster.tls_cert_file"}},
-		{"logic grpc on 0.0.0.0", []string{"logic.api_keys=k", "logic.grpc_addr=0.0.0.0:3119"}, []string{"logic.grpc_addr"}},
-		{"cloud grpc on every interface", []string{"logic.api_keys=k", "cloud.grpc_addr=:3109"}, []string{"cloud.grpc_addr", "cluster.secret"}},
+		{"logic grpc on every interface", []string{"logic.api_keys=0123456789abcdef-key", "logic.grpc_addr=:3119"}, []string{"logic.grpc_addr", "cluster.secret", "cluster.tls_cert_file"}},
+		{"logic grpc on 0.0.0.0", []string{"logic.api_keys=0123456789abcdef-key", "logic.grpc_addr=0.0.0.0:3119"}, []string{"logic.grpc_addr"}},
+		{"cloud grpc on every interface", []string{"logic.api_keys=0123456789abcdef-key", "cloud.grpc_addr=:3109"}, []string{"cloud.grpc_addr", "cluster.secret"}},
 		{"cloud grpc on a host name", []string{"stages=cloud", "cloud.grpc_addr=node1.internal:3109"}, []string{"cloud.grpc_addr"}},
-		{"both grpc with the secret", []string{"logic.api_keys=k", "logic.grpc_addr=:3119", "cloud.grpc_addr=:3109", secret}, nil},
-		{"both grpc with mutual TLS", append([]string{"logic.api_keys=k", "logic.grpc_addr=:3119", "cloud.grpc_addr=:3109"}, mtls...), nil},
+		{"both grpc with the secret", []string{"logic.api_keys=0123456789abcdef-key", "logic.grpc_addr=:3119", "cloud.grpc_addr=:3109", secret}, nil},
+		{"both grpc with mutual TLS", append([]string{"logic.api_keys=0123456789abcdef-key", "logic.grpc_addr=:3119", "cloud.grpc_addr=:3109"}, mtls...), nil},
 		{"grpc of a stage not run", []string{"stages=job", "logic.grpc_addr=:3119", "cloud.grpc_addr=:3109"}, nil},
 	}
 	for _, tt := range tests {
@@ -171,10 +174,20 @@ func TestExposures(t *testing.T) {
 		want []string // substrings, one per warning
 	}{
 		{"loopback everything", []string{"logic.http_addr=127.0.0.1:3111"}, nil},
-		{"keys on every interface", []string{"logic.api_keys=k"}, nil},
+		{"keys on every interface", []string{"logic.api_keys=0123456789abcdef-key"}, nil},
 		{"anonymous push API", []string{"logic.allow_anonymous=true"}, []string{"logic.http_addr"}},
-		{"secret in clear", []string{"logic.api_keys=k", "cluster.secret=0123456789abcdef", "cloud.grpc_addr=:3109"}, []string{"mutual TLS"}},
-		{"admin beyond loopback", []string{"logic.api_keys=k", "admin.addr=:6060"}, []string{"admin.addr"}},
+		{"secret in clear", []string{"logic.api_keys=0123456789abcdef-key", "cluster.secret=0123456789abcdef", "cloud.grpc_addr=:3109"}, []string{"mutual TLS"}},
+		{"admin beyond loopback", []string{"logic.api_keys=0123456789abcdef-key", "admin.addr=:6060"}, []string{"admin.addr"}},
+		// The secret sent to a remote peer travels in clear as much as the
+		// one a remote peer sends.
+		{"secret to a remote logic", []string{"stages=cloud", "cluster.secret=0123456789abcdef", "cloud.logic_addr=10.0.0.1:3119"}, []string{"cloud.logic_addr"}},
+		{"secret to local logic", []string{"stages=cloud", "cluster.secret=0123456789abcdef", "cloud.logic_addr=127.0.0.1:3119"}, nil},
+		{"logic in process", []string{"stages=logic,cloud", "logic.api_keys=0123456789abcdef-key", "cluster.secret=0123456789abcdef", "cloud.logic_addr=10.0.0.1:3119"}, nil},
+		{"secret to remote cloud nodes", []string{"stages=job", "cluster.secret=0123456789abcdef", "job.cloud_addrs=127.0.0.1:3109,cloud2.internal:3109"}, []string{"job.cloud_addrs"}},
+		{"secret to local cloud nodes", []string{"stages=job", "cluster.secret=0123456789abcdef", "job.cloud_addrs=127.0.0.1:3109,localhost:3109"}, nil},
+		{"cloud advertised beyond loopback", []string{"stages=cloud", "cluster.secret=0123456789abcdef", "cloud.advertise_addr=10.0.0.11:3109"}, []string{"cloud.advertise_addr"}},
+		{"remote peers with mutual TLS", append([]string{"stages=cloud,job", "cluster.secret=0123456789abcdef", "cloud.logic_addr=10.0.0.1:3119",
+			"cloud.advertise_addr=10.0.0.11:3109", "job.cloud_addrs=cloud2.internal:3109"}, "cluster.tls_cert_file=c.pem", "cluster.tls_key_file=k.pem", "cluster.tls_ca_file=ca.pem"), nil},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -313,3 +313,47 @@ func TestMutualTLSCluster(t *testing.T) {
 		t.Fatal("a cloud node with a certificate from another CA registered")
 	}
 }
+
+// TestJobWithWrongSecretIsRefused: on main a job without the cluster secret
+// started cleanly, then every message it took was refused by the cloud
+// nodes, retried and poisoned. Now it pings the cloud nodes it knows at
+// start-up and refuses to start, naming the key.
+func TestJobWithWrongSecretIsRefused(t *testing.T) {
+	a := start(t)
+	for _, tt := range []struct{ name, secret string }{
+		{"no secret", ""},
+		{"wrong secret", "another-cluster-secret"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := config.Load(config.Sources{Sets: []string{
+				"stages=job", "broker.kind=gochannel", "job.cloud_addrs=" + a.addrs.CloudGRPC,
+				"cluster.secret=" + tt.secret,
+			}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			n, err := node.Start(context.Background(), cfg, slog.New(slog.NewTextHandler(newTestWriter(t), &slog.HandlerOptions{Level: slog.LevelError})))
+			if err == nil {
+				_ = n.Shutdown(context.Background())
+				t.Fatal("a job with the wrong cluster secret started")
+			}
+			if !strings.Contains(err.Error(), "cluster.secret") {
+				t.Fatalf("error %q does not name cluster.secret", err)
+			}
+		})
+	}
+	t.Run("right secret", func(t *testing.T) {
+		cfg, err := config.Load(config.Sources{Sets: []string{
+			"stages=job", "broker.kind=gochannel", "job.cloud_addrs=" + a.addrs.CloudGRPC,
+			"cluster.secret=" + testClusterSecret,
+		}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		n, err := node.Start(context.Background(), cfg, slog.New(slog.NewTextHandler(newTestWriter(t), &slog.HandlerOptions{Level: slog.LevelError})))
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = n.Shutdown(context.Background())
+	})
+}

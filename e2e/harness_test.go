@@ -26,7 +26,7 @@ import (
 
 const (
 	testSecret = "e2e-secret"
-	testAPIKey = "e2e-api-key"
+	testAPIKey = "e2e-api-key-0123456789"
 	// testClusterSecret authenticates the internal gRPC calls of every
 	// node the tests start, in process or as a process.
 	testClusterSecret = "e2e-cluster-secret-0123456789"

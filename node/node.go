@@ -81,7 +81,26 @@ func listen(key, addr string) (net.Listener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s: listen on %s: %w", key, addr, err)
 	}
+	if err := checkLoopback(key, addr, ln); err != nil {
+		_ = ln.Close()
+		return nil, err
+	}
 	return ln, nil
+}
+
+// checkLoopback refuses a listener that config.IsLoopback judged to stay
+// on this machine but that is bound beyond it: "localhost" is a name, and
+// /etc/hosts may map it to any address (0.0.0.0 included). CheckBinds'
+// decisions rest on the judgement, so what was bound must bear it out.
+func checkLoopback(key, addr string, ln net.Listener) error {
+	if !config.IsLoopback(addr) {
+		return nil
+	}
+	tcp, ok := ln.Addr().(*net.TCPAddr)
+	if !ok || !tcp.IP.IsLoopback() {
+		return fmt.Errorf("%s: %q was taken for loopback but is bound to %s, beyond loopback (does /etc/hosts map localhost elsewhere?): use 127.0.0.1 or ::1", key, addr, ln.Addr())
+	}
+	return nil
 }
 
 func addrOf(ln net.Listener) string {
@@ -339,17 +358,22 @@ func (n *Node) startJob(ctx context.Context) error {
 			store = memory.NewDedupe(cfg.Job.Dedupe.TTL)
 		}
 	}
-	router, err := pipeline.NewRouter(cfg.Job, cfg.Topics.Poison, n.broker.Publisher, store, n.logger.With("stage", "job"))
-	if err != nil {
-		return err
-	}
-	n.router = router
 	n.jobStage = job.New(job.Options{
 		Nodes: nodes, Logger: n.logger.With("stage", "job"),
 		BatchWindow: cfg.Job.RoomBatchWindow, BatchSize: cfg.Job.RoomBatchSize, Timeout: cfg.Job.Timeout,
 		CloudDial:    n.grpcDialOpts,
 		OfflineGrace: cfg.Job.OfflineGrace,
 	})
+	// A job the cloud nodes refuse would take messages and deliver none:
+	// it stops here, as a cloud node with a wrong secret does at Register.
+	if err := n.jobStage.CheckClouds(ctx); err != nil {
+		return err
+	}
+	router, err := pipeline.NewRouter(cfg.Job, cfg.Topics.Poison, n.broker.Publisher, store, n.logger.With("stage", "job"))
+	if err != nil {
+		return err
+	}
+	n.router = router
 	consumers := 1
 	if n.broker.SharedQueue {
 		consumers = cfg.Job.Concurrency

@@ -29,18 +29,26 @@ import (
 //	               at delivery (a cloud node restarted, its clients not back
 //	               yet) are retried until job.offline_grace ends, then the
 //	               message goes to poison with "recipients offline"
+//	               (holdConfigFault, outside it: a call the cloud nodes refuse
+//	               for this node's configuration, a wrong cluster.secret, is
+//	               held and then handed back to the broker: never retried,
+//	               never poisoned; PoisonQueue lets that error through)
 //	Retry          retries with exponential backoff, up to job.retry.max_retries
 //	Timeout        bounds each attempt by job.timeout (a fresh context per retry)
 //	Recoverer      turns a handler panic into an error the layers above see
 //
 // store may be nil when cfg.Dedupe is disabled.
 func NewRouter(cfg config.Job, poisonTopic string, poisonPub message.Publisher, store DedupeStore, logger *slog.Logger) (*message.Router, error) {
+	return newRouter(cfg, poisonTopic, poisonPub, store, logger, holdTiming{first: configHoldFirst, max: configHoldMax, total: configHoldTotal})
+}
+
+func newRouter(cfg config.Job, poisonTopic string, poisonPub message.Publisher, store DedupeStore, logger *slog.Logger, hold holdTiming) (*message.Router, error) {
 	wlog := WatermillLogger(logger)
 	r, err := message.NewRouter(message.RouterConfig{}, wlog)
 	if err != nil {
 		return nil, fmt.Errorf("create router: %w", err)
 	}
-	poison, err := middleware.PoisonQueue(poisonPub, poisonTopic)
+	poison, err := middleware.PoisonQueueWithFilter(poisonPub, poisonTopic, notPoison)
 	if err != nil {
 		return nil, fmt.Errorf("create poison queue middleware: %w", err)
 	}
@@ -56,6 +64,7 @@ func NewRouter(cfg config.Job, poisonTopic string, poisonPub message.Publisher, 
 		r.AddMiddleware(dedupe(store, cfg.Dedupe.TTL, logger))
 	}
 	r.AddMiddleware(
+		holdConfigFault(logger, hold),
 		holdUndelivered(logger),
 		middleware.Retry{
 			MaxRetries:          cfg.Retry.MaxRetries,

@@ -65,14 +65,19 @@ func (a *attempts) get(id string) int {
 // returning means the stack is done with the message.
 func runRouter(t *testing.T, handler func(msg *message.Message, attempt int) error) (pub func(id string) error, poisoned <-chan *message.Message, tries *attempts) {
 	t.Helper()
-	logger := slog.New(slog.DiscardHandler)
+	return runRouterWith(t, slog.New(slog.DiscardHandler), holdTiming{first: configHoldFirst, max: configHoldMax, total: configHoldTotal}, handler)
+}
+
+// runRouterWith is runRouter with logger and holdConfigFault's timing.
+func runRouterWith(t *testing.T, logger *slog.Logger, hold holdTiming, handler func(msg *message.Message, attempt int) error) (pub func(id string) error, poisoned <-chan *message.Message, tries *attempts) {
+	t.Helper()
 	pubsub := gochannel.NewGoChannel(gochannel.Config{BlockPublishUntilSubscriberAck: true}, WatermillLogger(logger))
 	t.Cleanup(func() { _ = pubsub.Close() })
 	cfg := config.Default().Job
 	cfg.Retry.MaxRetries = maxRetries
 	cfg.Retry.InitialInterval = time.Millisecond
 	cfg.Retry.MaxInterval = 5 * time.Millisecond
-	r, err := NewRouter(cfg, "poison", pubsub, liveContextStore{t, memory.NewDedupe(time.Minute)}, logger)
+	r, err := newRouter(cfg, "poison", pubsub, liveContextStore{t, memory.NewDedupe(time.Minute)}, logger, hold)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -80,8 +80,11 @@ func holdUndelivered(logger *slog.Logger) message.HandlerMiddleware {
 }
 
 // retryable keeps the Retry middleware from retrying undelivered
-// recipients: holdUndelivered paces those over the grace period.
+// recipients, which holdUndelivered paces over the grace period, and a
+// configuration fault, which holdConfigFault holds: neither counts as a
+// failed attempt.
 func retryable(err error) bool {
 	var u *UndeliveredError
-	return !errors.As(err, &u)
+	var ce *ConfigError
+	return !errors.As(err, &u) && !errors.As(err, &ce)
 }

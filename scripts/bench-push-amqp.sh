@@ -12,7 +12,7 @@ scripts/services.sh rabbitmq
 make -s build
 q="imcloud.bench.$$"
 port=13111
-bin/imcloud run --set stages=logic --set logic.auth.jwt_secret=bench --set logic.api_keys=bench \
+bin/imcloud run --set stages=logic --set logic.auth.jwt_secret=bench --set logic.api_keys=bench-key-0123456789 \
   --set logic.http_addr=127.0.0.1:$port --set logic.grpc_addr=127.0.0.1:0 --set log.level=warn \
   --set topics.push=$q.push --set topics.poison=$q.poison --set topics.upstream=$q.upstream &
 pid=$!
@@ -27,7 +27,7 @@ trap cleanup EXIT
 cat >"$lua" <<'LUA'
 wrk.method = "POST"
 wrk.body = "hello"
-wrk.headers["Authorization"] = "Bearer bench"
+wrk.headers["Authorization"] = "Bearer bench-key-0123456789"
 LUA
 for _ in $(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
 wrk -t2 -c"$conns" -d"${secs}s" --latency -s "$lua" "http://127.0.0.1:$port/im/push/room?operation=1000&type=live&room=1"

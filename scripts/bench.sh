@@ -14,7 +14,7 @@ out=bench-results
 mkdir -p "$out"
 rm -f "$out"/*.json
 secret=bench-secret
-key=bench-key
+key=bench-key-0123456789
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 # Idle connections: as many as the descriptor limit leaves room for, in
 # both the server and the load generator.

@@ -6,12 +6,17 @@
 # State (pids, logs) lives in .cluster/. Secrets reach the processes in
 # their environment, never on the command line (ps and /proc/<pid>/cmdline
 # show that to every user); the cluster secret that authenticates logic,
-# job and cloud to one another is random for each start.
+# job and cloud to one another, the JWT secret and the API key are random
+# for each start unless CLUSTER_JWT_SECRET / CLUSTER_API_KEY give them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=.cluster
-secret=${CLUSTER_JWT_SECRET:-cluster-demo-secret}
-apikey=${CLUSTER_API_KEY:-cluster-demo-key}
+# The JWT secret and the API key are random for each start unless given
+# (CLUSTER_JWT_SECRET, CLUSTER_API_KEY): a well-known default would let
+# anyone who read this script mint tokens and push.
+rand_hex() { od -An -N"$1" -tx1 /dev/urandom | tr -d ' \n'; }
+secret=${CLUSTER_JWT_SECRET:-}
+apikey=${CLUSTER_API_KEY:-}
 
 common=(--set broker.kind=amqp --set registry.kind=redis --set job.dedupe.store=redis
   --set log.format=json)
@@ -39,7 +44,9 @@ start() {
     exit 1
   fi
   mkdir -p "$dir"
-  cluster_secret=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
+  cluster_secret=$(rand_hex 32)
+  secret=${secret:-$(rand_hex 32)}
+  apikey=${apikey:-$(rand_hex 16)}
   scripts/services.sh rabbitmq redis
   make -s build
   start_one logic --stages logic --set logic.http_addr=127.0.0.1:3111 --set logic.grpc_addr=127.0.0.1:3119

@@ -61,7 +61,7 @@ func TestCommandErrors(t *testing.T) {
 		{"unknown flag", []string{"run", "--nope"}, "nope"},
 		{"poison without action", []string{"poison"}, "list, replay, purge"},
 		{"check refuses an open push API", []string{"check", "--set", "logic.auth.jwt_secret=x"}, "logic.allow_anonymous"},
-		{"check refuses open internal gRPC", []string{"check", "--set", "logic.auth.jwt_secret=x", "--set", "logic.api_keys=k", "--set", "cloud.grpc_addr=:3109"}, "cluster.secret"},
+		{"check refuses open internal gRPC", []string{"check", "--set", "logic.auth.jwt_secret=x", "--set", "logic.api_keys=0123456789abcdef-key", "--set", "cloud.grpc_addr=:3109"}, "cluster.secret"},
 		{"anonymous standalone beyond loopback", []string{"standalone", "--anonymous", "--set", "logic.http_addr=0.0.0.0:0"}, "logic.allow_anonymous"},
 		{"poison on the embedded broker", []string{"poison", "list", "--set", "broker.kind=gochannel"}, "amqp"},
 		{"poison replay of nothing chosen", []string{"poison", "replay"}, "--id or --all"},
@@ -78,7 +78,7 @@ func TestCommandErrors(t *testing.T) {
 }
 
 func TestCheckAndVersion(t *testing.T) {
-	out, _, err := runCmd(t, nil, "check", "--config", "../../config.example.toml", "--set", "logic.auth.jwt_secret=x", "--set", "logic.api_keys=k")
+	out, _, err := runCmd(t, nil, "check", "--config", "../../config.example.toml", "--set", "logic.auth.jwt_secret=x", "--set", "logic.api_keys=0123456789abcdef-key")
 	if err != nil || !strings.Contains(out, "ok") {
 		t.Fatalf("check example: %q %v", out, err)
 	}

@@ -16,6 +16,8 @@ import (
 
 	"github.com/ThreeDotsLabs/watermill/message"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"imcloud/cloudconn"
 	"imcloud/pipeline"
@@ -133,8 +135,78 @@ func roomOf(pm *pb.PushMsg) string {
 }
 
 // Handle delivers one PushMsg. It fails, so that the message is retried
-// and at last poisoned, when any target node could not be reached.
+// and at last poisoned, when any target node could not be reached; but
+// when a cloud node refuses the call for this job's own configuration
+// (a missing or wrong cluster secret) the error is a pipeline.ConfigError,
+// which holds the message instead: the message is not at fault.
 func (s *Stage) Handle(msg *message.Message) error {
+	return configFault(s.handle(msg))
+}
+
+// configKey is what a cloud node's refusal of this job's calls asks to fix.
+const configKey = "cluster.secret"
+
+// configFault turns an error that carries a cloud node's Unauthenticated
+// or PermissionDenied into a pipeline.ConfigError.
+func configFault(err error) error {
+	if err == nil || !refused(err) {
+		return err
+	}
+	return &pipeline.ConfigError{Key: configKey, Err: err}
+}
+
+// refused reports whether any error in err's tree (joined errors of
+// several nodes included) is a gRPC Unauthenticated or PermissionDenied:
+// the node refused who called, not what was sent.
+func refused(err error) bool {
+	if st, ok := err.(interface{ GRPCStatus() *status.Status }); ok {
+		if c := st.GRPCStatus().Code(); c == codes.Unauthenticated || c == codes.PermissionDenied {
+			return true
+		}
+	}
+	switch u := err.(type) {
+	case interface{ Unwrap() error }:
+		if e := u.Unwrap(); e != nil {
+			return refused(e)
+		}
+	case interface{ Unwrap() []error }:
+		return slices.ContainsFunc(u.Unwrap(), refused)
+	}
+	return false
+}
+
+// pingTimeout bounds CheckClouds: a Ping is one round trip.
+const pingTimeout = 5 * time.Second
+
+// CheckClouds pings every cloud node job knows now (the registry's list or
+// job.cloud_addrs) with an authenticated call. A node that refuses the
+// call (Unauthenticated, PermissionDenied) means this job's cluster.secret
+// is missing or wrong, and job must not start: it would take messages and
+// deliver none. A node that cannot be reached is only logged: it may be
+// starting or gone, and delivery retries it.
+func (s *Stage) CheckClouds(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, pingTimeout)
+	defer cancel()
+	nodes, err := s.addrs(ctx, "")
+	if err != nil {
+		s.logger.Warn("cannot check the cloud nodes at start-up", "err", err)
+		return nil
+	}
+	_, err = s.callNodes(nodes, func(string) bool { return true }, func(c pb.CloudClient) error {
+		_, err := c.Ping(ctx, &pb.PingReq{})
+		return err
+	})
+	if err == nil {
+		return nil
+	}
+	if refused(err) {
+		return fmt.Errorf("%s: the cloud nodes refuse this job's calls; give it the same cluster.secret (and cluster TLS) as the other nodes: %w", configKey, err)
+	}
+	s.logger.Warn("some cloud nodes did not answer at start-up", "nodes", len(nodes), "err", err)
+	return nil
+}
+
+func (s *Stage) handle(msg *message.Message) error {
 	pm, err := pipeline.DecodePush(msg)
 	if err != nil {
 		return err

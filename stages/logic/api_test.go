@@ -621,3 +621,35 @@ func TestPanicReleasesTheKey(t *testing.T) {
 		t.Fatalf("retry after a panic: %d %v, want 200", r.status, deref(r.Msg))
 	}
 }
+
+// TestAPIKeySchemeIsCaseInsensitive: the Authorization scheme is matched
+// without regard to case (RFC 7235); the key itself is not.
+func TestAPIKeySchemeIsCaseInsensitive(t *testing.T) {
+	const key = "0123456789abcdef-key"
+	a := newAPI(t, apiOptions{apiKeys: []string{"another-key-0123456789", key}})
+	for _, tt := range []struct {
+		name, auth string
+		want       int
+	}{
+		{"Bearer", "Bearer " + key, http.StatusOK},
+		{"bearer", "bearer " + key, http.StatusOK},
+		{"BEARER", "BEARER " + key, http.StatusOK},
+		{"bEaReR", "bEaReR " + key, http.StatusOK},
+		{"key in another case", "Bearer " + strings.ToUpper(key), http.StatusUnauthorized},
+		{"wrong key", "Bearer 0123456789abcdef-kez", http.StatusUnauthorized},
+		{"empty key", "Bearer ", http.StatusUnauthorized},
+		{"other scheme", "Basic " + key, http.StatusUnauthorized},
+		{"no scheme", key, http.StatusUnauthorized},
+		{"none", "", http.StatusUnauthorized},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			h := http.Header{}
+			if tt.auth != "" {
+				h.Set("Authorization", tt.auth)
+			}
+			if got := a.do(http.MethodPost, "/im/push/all?operation=1000", "", "hi", h); got.status != tt.want {
+				t.Fatalf("Authorization %q: status %d, want %d", tt.auth, got.status, tt.want)
+			}
+		})
+	}
+}

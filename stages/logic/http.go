@@ -487,13 +487,19 @@ func (st *Stage) authorized(r *http.Request) bool {
 	if len(st.cfg.APIKeys) == 0 {
 		return true
 	}
-	got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-	if !ok {
+	// The scheme is case-insensitive (RFC 7235 section 2.1): "bearer" and
+	// "BEARER" are the same scheme as "Bearer".
+	scheme, got, ok := strings.Cut(r.Header.Get("Authorization"), " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
 		return false
 	}
+	// Hashes of equal length make the comparison take the same time
+	// whatever the length of what was sent; every key is compared.
+	sum := sha256.Sum256([]byte(got))
 	match := 0
 	for _, k := range st.cfg.APIKeys {
-		match |= subtle.ConstantTimeCompare([]byte(got), []byte(k))
+		want := sha256.Sum256([]byte(k))
+		match |= subtle.ConstantTimeCompare(sum[:], want[:])
 	}
 	return match == 1
 }

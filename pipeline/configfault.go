@@ -1,0 +1,93 @@
+package pipeline
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill/message"
+)
+
+// ConfigError is returned by a handler that failed because of this node's
+// own configuration, not the message: the cloud nodes refuse its calls
+// (codes.Unauthenticated or PermissionDenied: a missing or wrong
+// cluster.secret). Retrying the message would only poison it, and every
+// message after it, so it is neither retried nor poisoned: holdConfigFault
+// holds it and tries again, then hands it back to the broker, where a job
+// with a good configuration may take it.
+type ConfigError struct {
+	// Key is the configuration key to fix.
+	Key string
+	Err error
+}
+
+func (e *ConfigError) Error() string {
+	return fmt.Sprintf("refused because of this node's configuration (%s): %v", e.Key, e.Err)
+}
+
+func (e *ConfigError) Unwrap() error { return e.Err }
+
+// holdTiming paces holdConfigFault.
+type holdTiming struct {
+	// first and max bound the wait between two attempts.
+	first, max time.Duration
+	// total bounds how long one delivery of a message is held before it
+	// goes back to the broker; it stays below redeliverAfter, so that the
+	// broker does not hand a held message to a second job meanwhile.
+	total time.Duration
+}
+
+// A misconfigured job tries each message it holds every 5 s at most, and
+// hands it back after 30 s, a quarter of redeliverAfter.
+const (
+	configHoldFirst = 500 * time.Millisecond
+	configHoldMax   = 5 * time.Second
+	configHoldTotal = 30 * time.Second
+)
+
+// holdConfigFault re-runs the handler while it fails with a ConfigError,
+// backing off, for up to timing.total; then it returns the error, which
+// the poison queue lets through (notPoison) and the router answers with a
+// nack: the message goes back to the broker. The error is logged at most
+// once a minute, naming the key to fix.
+func holdConfigFault(logger *slog.Logger, timing holdTiming) message.HandlerMiddleware {
+	refused := newRateLog(logger, slog.LevelError, time.Minute)
+	return func(h message.HandlerFunc) message.HandlerFunc {
+		return func(msg *message.Message) ([]*message.Message, error) {
+			ctx := msg.Context()
+			start := time.Now()
+			wait := timing.first
+			for {
+				msg.SetContext(ctx)
+				out, err := h(msg)
+				var ce *ConfigError
+				if !errors.As(err, &ce) {
+					return out, err
+				}
+				refused.log("cloud nodes refuse this job's calls: fix "+ce.Key+" (the same value on every node) and restart; messages are held and handed back to the broker, not poisoned",
+					"key", ce.Key, "err", ce.Err, "message_id", msg.Metadata.Get(MetaMessageID))
+				left := timing.total - time.Since(start)
+				if left <= 0 {
+					return nil, err
+				}
+				t := time.NewTimer(min(wait, left))
+				select {
+				case <-ctx.Done():
+					t.Stop()
+					msg.SetContext(ctx)
+					return nil, fmt.Errorf("holding a message: %w (%w)", ctx.Err(), err)
+				case <-t.C:
+				}
+				wait = min(2*wait, timing.max)
+			}
+		}
+	}
+}
+
+// notPoison keeps messages held for a configuration fault out of the
+// poison topic.
+func notPoison(err error) bool {
+	var ce *ConfigError
+	return !errors.As(err, &ce)
+}
