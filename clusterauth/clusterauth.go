@@ -95,13 +95,16 @@ func ServerOptions(c config.Cluster, logger *slog.Logger) ([]grpc.ServerOption, 
 // logic's reply, which counts the same rooms): one map entry per room the
 // node hosts. An entry of a room of wire.MaxRoomLen (128) bytes is at most
 // 140 bytes on the wire (1 tag + 2 length + 1 tag + 2 length + 128 + 1 tag
-// + 5 varint), so 10 MiB holds 65,536 such rooms (9.2 MB) plus the node's
-// other fields (three strings of at most wire.MaxTextLen and a few
-// integers), and about 240,000 rooms of 32 bytes. Every other message is
-// far smaller: a room batch is job.room_batch_size (20) pushes of at most
-// logic.max_message_bytes (4 KiB). grpc-go's default was 4 MiB, which
-// held only 29,000 of the longest rooms.
-const MaxMessageBytes = 10 << 20
+// + 5 varint). A node is sized for a few hundred thousand connections, and
+// each may sit in a room of its own (a room per user is common): 64 MiB
+// holds 479,000 rooms of the longest name, 1.5 million of 32 bytes. A
+// report past the limit would be refused every time, dropping the node
+// from the cluster, so the bound is set by the largest node, not by the
+// typical message. It costs nothing against callers without the secret:
+// the tap handle refuses them before a byte of their message is read.
+// Every other message is far smaller: a room batch is job.room_batch_size
+// (20) pushes of at most logic.max_message_bytes (4 KiB).
+const MaxMessageBytes = 64 << 20
 
 // Connection limits of logic's and cloud's gRPC servers.
 const (
