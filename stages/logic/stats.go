@@ -17,7 +17,12 @@ type statsRoute func(p *params) (func(nodes []*pb.NodeInfo) any, error)
 
 func (st *Stage) stats(a api, route statsRoute) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		p := &params{values: r.URL.Query()}
+		values, err := queryParams(r)
+		if err != nil {
+			writeError(w, http.StatusBadRequest, err.Error())
+			return
+		}
+		p := &params{values: values}
 		if err := p.check(); err != nil {
 			writeError(w, http.StatusBadRequest, err.Error())
 			return
