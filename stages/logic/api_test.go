@@ -38,6 +38,8 @@ type apiOptions struct {
 	replies  ReplyStore
 	pub      message.Publisher
 	apiKeys  []string
+	// writeTimeout, when set, replaces logic.write_timeout.
+	writeTimeout time.Duration
 }
 
 func newAPI(t *testing.T, o apiOptions) *apiServer {
@@ -45,6 +47,9 @@ func newAPI(t *testing.T, o apiOptions) *apiServer {
 	cfg := config.Default().Logic
 	cfg.Auth.JWTSecret = "s"
 	cfg.APIKeys = o.apiKeys
+	if o.writeTimeout > 0 {
+		cfg.WriteTimeout = o.writeTimeout
+	}
 	mem := memory.New(time.Minute, time.Minute)
 	if _, err := mem.RenewNode(context.Background(), &pb.NodeInfo{Id: "n1", Host: "10.0.0.1", TcpPort: 3101, WsPort: 3102, Weight: 1}); err != nil {
 		t.Fatal(err)

@@ -511,7 +511,7 @@ const (
 type exchange struct {
 	w      http.ResponseWriter
 	r      *http.Request
-	settle time.Duration   // for completing or releasing its key
+	settle time.Duration // for completing or releasing its key
 	a      api
 	name   string
 }
