@@ -24,6 +24,7 @@ import (
 	"github.com/google/uuid"
 
 	"imcloud/idempotency"
+	"imcloud/proto/wire"
 )
 
 // api is which of the two HTTP APIs a request came in by.
@@ -45,14 +46,11 @@ const (
 // re-route a JSON message that happens to hold "room" or "mids".
 const PushJSONType = "application/vnd.imcloud.push+json"
 
-// Limits on the strings the API accepts. Everything a caller names ends
-// up in a protobuf string, a registry key and log lines: it must be valid
-// UTF-8 without control characters, and short.
+// Limits on the headers the API accepts. The strings a caller names as
+// targets (rooms, keys, platforms) are checked by proto/wire's validators,
+// the ones a client is held to, so that the API accepts exactly the rooms
+// a client may join and the keys a client may hold.
 const (
-	maxRoomKeyBytes  = 255 // type://room, whole
-	maxTypeBytes     = 64
-	maxKeyBytes      = 255 // a connection key
-	maxPlatformBytes = 64
 	// MaxIdempotencyKeyBytes caps Idempotency-Key: a UUID is 36 bytes; the
 	// cap leaves room for a caller's own scheme (order ids with a prefix).
 	MaxIdempotencyKeyBytes = 255
@@ -120,19 +118,40 @@ func checkText(field, s string, max int) error {
 	return nil
 }
 
-// checkRoom validates a room type and id, and the room key they make.
-func checkRoom(typ, room string) error {
-	if err := checkText("type", typ, maxTypeBytes); err != nil {
-		return err
-	}
+// wireError renders a proto/wire validation error as the API's, naming
+// the API's field: wire's errors start with their own subject ("room: ").
+func wireError(field string, err error) error {
+	_, problem, _ := strings.Cut(err.Error(), ": ")
+	return badParam(field, "%s", problem)
+}
+
+// checkType validates a room type: the type of a room a client may join
+// (wire.ValidRoom), with room for at least a one-byte id.
+func checkType(typ string) error {
 	if strings.Contains(typ, "://") {
 		return badParam("type", "must not hold \"://\"")
 	}
-	if err := checkText("room", room, maxRoomKeyBytes); err != nil {
+	if max := wire.MaxRoomLen - len("://x"); len(typ) > max {
+		return badParam("type", "%d bytes, at most %d (type://room is at most %d)", len(typ), max, wire.MaxRoomLen)
+	}
+	if err := wire.ValidRoom(RoomKey(typ, "x")); err != nil {
+		return wireError("type", err)
+	}
+	return nil
+}
+
+// checkRoom validates a room type and id: type://id must be a room a
+// client may join (wire.ValidRoom). Errors name field for the id.
+func checkRoom(field, typ, room string) error {
+	if err := checkType(typ); err != nil {
 		return err
 	}
-	if len(RoomKey(typ, room)) > maxRoomKeyBytes {
-		return badParam("room", "type://room longer than %d bytes", maxRoomKeyBytes)
+	key := RoomKey(typ, room)
+	if len(key) > wire.MaxRoomLen {
+		return badParam(field, "type://room is %d bytes, at most %d", len(key), wire.MaxRoomLen)
+	}
+	if err := wire.ValidRoom(key); err != nil {
+		return wireError(field, err)
 	}
 	return nil
 }
@@ -630,11 +649,9 @@ func (st *Stage) pushKeys(_ api, p *params) (target, error) {
 		return target{}, badParam("keys", "required")
 	}
 	for _, k := range keys {
-		if k == "" {
-			return target{}, badParam("keys", "empty key")
-		}
-		if err := checkText("keys", k, maxKeyBytes); err != nil {
-			return target{}, err
+		// A key a client may hold, and no other.
+		if err := wire.ValidKey(k); err != nil {
+			return target{}, wireError("keys", err)
 		}
 	}
 	return target{
@@ -683,7 +700,7 @@ func (st *Stage) pushRoom(_ api, p *params) (target, error) {
 	if err != nil {
 		return target{}, err
 	}
-	if err := checkRoom(typ, room); err != nil {
+	if err := checkRoom("room", typ, room); err != nil {
 		return target{}, err
 	}
 	key := RoomKey(typ, room)
