@@ -205,6 +205,10 @@ type Logic struct {
 	// MaxHeaderBytes bounds the request line (query string included) and
 	// headers.
 	MaxHeaderBytes int `koanf:"max_header_bytes"`
+
+	// IdempotencyMaxBytes bounds the in-memory idempotency store
+	// (registry.kind = "memory"); past it the oldest replies are forgotten.
+	IdempotencyMaxBytes int `koanf:"idempotency_max_bytes"`
 }
 
 // Auth configures how logic authenticates clients.
@@ -341,6 +345,10 @@ func Default() Config {
 			WriteTimeout:    30 * time.Second,
 			IdleTimeout:     60 * time.Second,
 			MaxHeaderBytes:  256 << 10,
+
+			// ~120,000 replies of ~560 bytes (adapters/memory): a day
+			// of 1.4 idempotent pushes/s at the default TTL.
+			IdempotencyMaxBytes: 64 << 20,
 		},
 		Job: Job{
 			Concurrency:     4,
@@ -560,6 +568,7 @@ func (c Config) Validate() error {
 	positive("logic.max_message_bytes", c.Logic.MaxMessageBytes)
 	positiveDur("logic.session_ttl", c.Logic.SessionTTL)
 	positiveDur("logic.idempotency_ttl", c.Logic.IdempotencyTTL)
+	positive("logic.idempotency_max_bytes", c.Logic.IdempotencyMaxBytes)
 	positiveDur("logic.read_timeout", c.Logic.ReadTimeout)
 	positiveDur("logic.write_timeout", c.Logic.WriteTimeout)
 	positiveDur("logic.idle_timeout", c.Logic.IdleTimeout)

@@ -195,7 +195,7 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Node
 		mem := memory.New(cfg.Logic.SessionTTL, nodeTTL)
 		n.goLoop(mem.Run, runCtx)
 		n.registry = mem
-		n.replies = memory.NewReplies(cfg.Logic.IdempotencyTTL)
+		n.replies = memoryReplies(cfg.Logic, logger)
 	}
 
 	n.broker, err = pipeline.NewBroker(cfg.Broker, cfg.Topics, logger)
@@ -566,4 +566,10 @@ func adminHandler() http.Handler {
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	return mux
+}
+
+// memoryReplies is the in-memory idempotency store cfg asks for, warning
+// on the node's logger when it forgets replies early.
+func memoryReplies(cfg config.Logic, logger *slog.Logger) *memory.Replies {
+	return memory.NewRepliesLimited(cfg.IdempotencyTTL, cfg.IdempotencyMaxBytes, logger.With("stage", "logic", "component", "idempotency store"))
 }

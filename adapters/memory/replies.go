@@ -56,9 +56,10 @@ func (e *replyEntry) size() int {
 }
 
 // NewReplies returns a store that keeps replies for ttl, in at most
-// DefaultRepliesMaxBytes.
+// DefaultRepliesMaxBytes, logging nothing: a node uses NewRepliesLimited
+// with logic.idempotency_max_bytes and its own logger.
 func NewReplies(ttl time.Duration) *Replies {
-	return NewRepliesLimited(ttl, DefaultRepliesMaxBytes, slog.Default())
+	return NewRepliesLimited(ttl, DefaultRepliesMaxBytes, slog.New(slog.DiscardHandler))
 }
 
 // NewRepliesLimited returns a store that keeps replies for ttl in at most

@@ -29,8 +29,10 @@ type Replies struct {
 // NewReplies stores replies under prefix for ttl.
 func NewReplies(rdb goredis.UniversalClient, prefix string, ttl time.Duration) *Replies {
 	// v2: values carry a state and a fingerprint; a v1 value (a bare
-	// reply) is never read as one.
-	return &Replies{rdb: rdb, prefix: prefix + "v2:", ttl: ttl}
+	// reply) is never read as one. v3: the reply is the push's data, not
+	// its envelope (logic wraps it in the shape of the API a retry came
+	// by); a v2 envelope is never wrapped again.
+	return &Replies{rdb: rdb, prefix: prefix + "v3:", ttl: ttl}
 }
 
 const fpLen = 64

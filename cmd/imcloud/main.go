@@ -21,6 +21,7 @@ import (
 
 	"imcloud/config"
 	"imcloud/node"
+	"imcloud/proto/wire"
 	"imcloud/stages/logic"
 )
 
@@ -153,6 +154,24 @@ func cmdToken(args []string, stdout, stderr io.Writer, environ []string) error {
 	}
 	if ttl <= 0 {
 		return errors.New("--ttl: must be positive")
+	}
+	// logic refuses a token holding a claim the wire does not accept
+	// (the client is closed with 4401); say so here, naming the claim.
+	if len(rooms) > wire.MaxClaimRooms {
+		return fmt.Errorf("--rooms: %d rooms, at most %d", len(rooms), wire.MaxClaimRooms)
+	}
+	for _, r := range rooms {
+		if err := wire.ValidRoomGrant(r); err != nil {
+			return fmt.Errorf("--rooms: %q: %w (want type://id, or a grant ending in '*' such as live://*)", r, err)
+		}
+	}
+	if key != "" {
+		if err := wire.ValidKey(key); err != nil {
+			return fmt.Errorf("--key: %w", err)
+		}
+	}
+	if err := wire.ValidPlatform(platform); err != nil {
+		return fmt.Errorf("--platform: %w", err)
 	}
 	// The token is for clients, so only the auth settings matter here:
 	// as job, neither logic's required secret nor the listeners' rules

@@ -56,6 +56,12 @@ type Stage struct {
 	// upstreamLogged is when one was last logged (unix nanoseconds).
 	upstreamFailures atomic.Int64
 	upstreamLogged   atomic.Int64
+	// handshakeFailures counts connections that did not authenticate;
+	// handshakeLogged is when one was last logged (unix nanoseconds),
+	// handshakeLoggedAt the count then.
+	handshakeFailures atomic.Int64
+	handshakeLogged   atomic.Int64
+	handshakeLoggedAt atomic.Int64
 	// delivered remembers recent message ids, so that a call job retries
 	// after its deadline passed (the first one having gone through) does
 	// not deliver the message twice.

@@ -128,10 +128,15 @@ type node struct {
 
 func startNode(t testing.TB, edit func(*config.Cloud)) *node {
 	t.Helper()
+	return startNodeLogged(t, edit, slog.New(slog.DiscardHandler))
+}
+
+// startNodeLogged is startNode logging to logger.
+func startNodeLogged(t testing.TB, edit func(*config.Cloud), logger *slog.Logger) *node {
+	t.Helper()
 	cfg := config.Default().Cloud
 	edit(&cfg)
 	logic := &fakeLogic{disconnects: map[string]int{}, rooms: map[string]int32{}}
-	logger := slog.New(slog.DiscardHandler)
 	up := gochannel.NewGoChannel(gochannel.Config{OutputChannelBuffer: 64}, nil)
 	st := New(cfg, Options{Self: &pb.NodeInfo{Id: "n1", GrpcAddr: "127.0.0.1:1"}, Logic: logic, Upstream: up, UpstreamTopic: "up", Logger: logger})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")

@@ -46,7 +46,7 @@ func (s *Stage) serve(t transport) {
 	}()
 	ch, err := s.handshake(t)
 	if err != nil {
-		s.logger.Info("handshake failed", "remote", remote, "err", err)
+		s.handshakeFailed(remote, err)
 		return
 	}
 	handedOff = true
@@ -452,6 +452,27 @@ func (s *Stage) upstreamFailed(ch *channel, err error) {
 		s.logger.Error("publish upstream message; client closed with 1013", "key", ch.key, "failures", n, "err", err)
 	}
 }
+
+// handshakeFailed counts a connection that did not authenticate and logs
+// it at most once per handshakeLogEvery: anyone who reaches the port can
+// fail handshakes as fast as they can connect, and a line per connection
+// let them flood the log. Each line says how many were left out since
+// the one before.
+func (s *Stage) handshakeFailed(remote string, err error) {
+	n := s.handshakeFailures.Add(1)
+	now := time.Now().UnixNano()
+	last := s.handshakeLogged.Load()
+	if now-last >= int64(handshakeLogEvery) && s.handshakeLogged.CompareAndSwap(last, now) {
+		prev := s.handshakeLoggedAt.Swap(n)
+		s.logger.Info("handshake failed", "remote", remote, "err", err, "suppressed_since_last", max(0, n-prev-1), "failures", n)
+	}
+}
+
+// handshakeLogEvery spaces the log lines of failed handshakes.
+const handshakeLogEvery = 10 * time.Second
+
+// HandshakeFailures counts the connections that did not authenticate.
+func (s *Stage) HandshakeFailures() int64 { return s.handshakeFailures.Load() }
 
 // upstreamLogEvery spaces the log lines of upstream publish failures.
 const upstreamLogEvery = 10 * time.Second

@@ -22,6 +22,7 @@ import (
 	"imcloud/idempotency"
 	"imcloud/pipeline"
 	"imcloud/proto/pb"
+	"imcloud/proto/wire"
 )
 
 // apiServer is a logic HTTP API over a memory registry holding one cloud
@@ -38,6 +39,8 @@ type apiOptions struct {
 	replies  ReplyStore
 	pub      message.Publisher
 	apiKeys  []string
+	// writeTimeout, when set, replaces logic.write_timeout.
+	writeTimeout time.Duration
 }
 
 func newAPI(t *testing.T, o apiOptions) *apiServer {
@@ -45,6 +48,9 @@ func newAPI(t *testing.T, o apiOptions) *apiServer {
 	cfg := config.Default().Logic
 	cfg.Auth.JWTSecret = "s"
 	cfg.APIKeys = o.apiKeys
+	if o.writeTimeout > 0 {
+		cfg.WriteTimeout = o.writeTimeout
+	}
 	mem := memory.New(time.Minute, time.Minute)
 	if _, err := mem.RenewNode(context.Background(), &pb.NodeInfo{Id: "n1", Host: "10.0.0.1", TcpPort: 3101, WsPort: 3102, Weight: 1}); err != nil {
 		t.Fatal(err)
@@ -151,7 +157,20 @@ func TestBadStringsAre400NamingTheField(t *testing.T) {
 		{"room too long", "POST", "/im/push/room?operation=1000&type=live&room=" + long, nil, "room"},
 		{"type not UTF-8", "POST", "/im/push/room?operation=1000&type=%C3%28&room=1", nil, "type"},
 		{"type with ://", "POST", "/im/push/room?operation=1000&type=a://b&room=1", nil, "type"},
-		{"type too long", "POST", "/im/push/room?operation=1000&type=" + long[:65] + "&room=1", nil, "type"},
+		{"type too long", "POST", "/im/push/room?operation=1000&type=" + long[:wire.MaxRoomLen-3] + "&room=1", nil, "type"},
+		{"type://room too long", "POST", "/im/push/room?operation=1000&type=live&room=" + long[:wire.MaxRoomLen-len("live://")+1], nil, "room"},
+		{"room with a space", "POST", "/im/push/room?operation=1000&type=live&room=a+b", nil, "room"},
+		{"room with a comma", "POST", "/goim/push/room?operation=1000&type=live&room=a,b", nil, "room"},
+		{"room with a '*'", "POST", "/im/push/room?operation=1000&type=live&room=a*", nil, "room"},
+		{"type with a '*'", "POST", "/im/push/room?operation=1000&type=*&room=1", nil, "type"},
+		{"type with a space", "POST", "/im/push/room?operation=1000&type=a+b&room=1", nil, "type"},
+		{"key with a space", "POST", "/im/push/keys?operation=1000&keys=a+b", nil, "keys"},
+		{"key with a comma", "POST", "/goim/push/keys?operation=1000&keys=k1,k2", nil, "keys"},
+		{"key empty", "POST", "/im/push/keys?operation=1000&keys=k1&keys=", nil, "keys"},
+		{"key one byte too long", "POST", "/im/push/keys?operation=1000&keys=" + long[:wire.MaxKeyLen+1], nil, "keys"},
+		{"online/room room with a space", "GET", "/im/online/room?type=live&rooms=a+b", nil, "rooms"},
+		{"online/top type with a comma", "GET", "/im/online/top?type=a,b", nil, "type"},
+		{"nodes/weighted platform one byte too long", "GET", "/im/nodes/weighted?platform=" + long[:wire.MaxPlatformLen+1], nil, "platform"},
 		{"key not UTF-8", "POST", "/im/push/keys?operation=1000&keys=k1&keys=%FF", nil, "keys"},
 		{"key with a newline", "POST", "/goim/push/keys?operation=1000&keys=k1%0Aforged", nil, "keys"},
 		{"key too long", "POST", "/im/push/keys?operation=1000&keys=" + long, nil, "keys"},
@@ -185,10 +204,23 @@ func TestBadStringsAre400NamingTheField(t *testing.T) {
 	if n := a.pub.count(); n != 0 {
 		t.Fatalf("%d messages published for invalid requests", n)
 	}
-	// Valid UTF-8 at the limits passes.
-	room := strings.Repeat("é", (maxRoomKeyBytes-len("live://"))/2)
+	// Valid UTF-8 at the limits passes: what a client may join, hold or
+	// report (proto/wire), the API accepts.
+	room := strings.Repeat("é", (wire.MaxRoomLen-len("live://"))/2)
+	if err := wire.ValidRoom("live://" + room); err != nil {
+		t.Fatal(err)
+	}
 	if r := a.do("POST", "/im/push/room?operation=1000&type=live&room="+url.QueryEscape(room), "", "x", nil); r.status != 200 {
 		t.Fatalf("a %d-byte UTF-8 room: status %d %v", len(room), r.status, deref(r.Msg))
+	}
+	if r := a.do("POST", "/im/push/room?operation=1000&type="+long[:wire.MaxRoomLen-4]+"&room=1", "", "x", nil); r.status != 200 {
+		t.Fatalf("a %d-byte type: status %d %v", wire.MaxRoomLen-4, r.status, deref(r.Msg))
+	}
+	if r := a.do("POST", "/im/push/keys?operation=1000&keys="+long[:wire.MaxKeyLen], "", "x", nil); r.status != 200 {
+		t.Fatalf("a %d-byte key: status %d %v", wire.MaxKeyLen, r.status, deref(r.Msg))
+	}
+	if r := a.do("GET", "/im/nodes/weighted?platform="+long[:wire.MaxPlatformLen], "", "", nil); r.status != 200 {
+		t.Fatalf("a %d-byte platform: status %d %v", wire.MaxPlatformLen, r.status, deref(r.Msg))
 	}
 	if r := a.do("POST", "/im/push/all?operation=1000", "", "x", http.Header{"Idempotency-Key": {long[:MaxIdempotencyKeyBytes]}}); r.status != 200 {
 		t.Fatalf("a %d-byte Idempotency-Key: status %d %v", MaxIdempotencyKeyBytes, r.status, deref(r.Msg))

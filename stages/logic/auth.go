@@ -126,9 +126,14 @@ func (insecureJSON) Authenticate(body []byte) (Identity, error) {
 
 // identity checks the claims as the wire accepts them, so that no string
 // a registry, a log line or a protobuf message cannot take gets past auth:
-// an invalid claim refuses the token (4401).
+// an invalid claim refuses the token (4401). A token (jwt) names a user,
+// mid > 0; goim's JSON (goim) also admits its guests, mid 0, whom goim's
+// API pushes to by mid 0 (/goim/push/mids?mids=0).
 func identity(mid int64, key string, rooms []string, platform string, accepts []int32, goim bool) (Identity, error) {
-	if mid <= 0 {
+	switch {
+	case goim && mid < 0:
+		return Identity{}, fmt.Errorf("%w: mid must be 0 (a guest) or a positive integer", ErrUnauthenticated)
+	case !goim && mid <= 0:
 		return Identity{}, fmt.Errorf("%w: mid must be a positive integer", ErrUnauthenticated)
 	}
 	if key == "" {

@@ -68,7 +68,7 @@ func TestAuthenticate(t *testing.T) {
 		// not pass where an asymmetric key is configured.
 		{"alg confusion", config.Auth{Mode: "jwt", JWTPublicKeyFile: rsaFile}, hs, false, nil},
 		{"goim json", config.Auth{Mode: "insecure-json"}, `{"mid":7,"key":"k","room_id":"live://1","platform":"web","accepts":[1000]}`, true, []string{"live://1"}},
-		{"goim json without mid", config.Auth{Mode: "insecure-json"}, `{"room_id":"live://1"}`, false, nil},
+		{"goim json with a negative mid", config.Auth{Mode: "insecure-json"}, `{"mid":-1,"key":"k","room_id":"live://1"}`, false, nil},
 		{"goim json malformed", config.Auth{Mode: "insecure-json"}, `{"mid":`, false, nil},
 	}
 	for _, tt := range tests {
@@ -100,5 +100,25 @@ func TestEmptyKeyGetsOne(t *testing.T) {
 	id2, _ := a.Authenticate([]byte(`{"mid":1}`))
 	if id1.Key == "" || id1.Key == id2.Key {
 		t.Fatalf("generated keys %q and %q, want distinct non-empty", id1.Key, id2.Key)
+	}
+}
+
+// TestGoimGuestsAuthenticate: goim's guests connect with mid 0 (or none),
+// and goim's API pushes to them by it; insecure-json admits them, where
+// main refused every one with 4401. A jwt token still names a user.
+func TestGoimGuestsAuthenticate(t *testing.T) {
+	goim, _ := NewAuthenticator(config.Auth{Mode: "insecure-json"})
+	for _, body := range []string{`{"mid":0,"key":"g","room_id":"live://1"}`, `{"key":"g","room_id":"live://1"}`} {
+		id, err := goim.Authenticate([]byte(body))
+		if err != nil || id.Mid != 0 || id.Key != "g" || !slices.Equal(id.Rooms, []string{"live://1"}) {
+			t.Fatalf("insecure-json %s: identity %+v, err %v; want guest g in live://1", body, id, err)
+		}
+	}
+	jwtAuth, _ := NewAuthenticator(config.Auth{Mode: "jwt", JWTSecret: "secret"})
+	for _, mid := range []int64{0, -1} {
+		tok, _ := IssueToken("secret", Claims{Mid: mid, Key: "g"}, time.Hour)
+		if _, err := jwtAuth.Authenticate([]byte(tok)); !errors.Is(err, ErrUnauthenticated) {
+			t.Fatalf("jwt with mid %d: err = %v, want ErrUnauthenticated", mid, err)
+		}
 	}
 }

@@ -24,6 +24,7 @@ import (
 	"github.com/google/uuid"
 
 	"imcloud/idempotency"
+	"imcloud/proto/wire"
 )
 
 // api is which of the two HTTP APIs a request came in by.
@@ -45,14 +46,11 @@ const (
 // re-route a JSON message that happens to hold "room" or "mids".
 const PushJSONType = "application/vnd.imcloud.push+json"
 
-// Limits on the strings the API accepts. Everything a caller names ends
-// up in a protobuf string, a registry key and log lines: it must be valid
-// UTF-8 without control characters, and short.
+// Limits on the headers the API accepts. The strings a caller names as
+// targets (rooms, keys, platforms) are checked by proto/wire's validators,
+// the ones a client is held to, so that the API accepts exactly the rooms
+// a client may join and the keys a client may hold.
 const (
-	maxRoomKeyBytes  = 255 // type://room, whole
-	maxTypeBytes     = 64
-	maxKeyBytes      = 255 // a connection key
-	maxPlatformBytes = 64
 	// MaxIdempotencyKeyBytes caps Idempotency-Key: a UUID is 36 bytes; the
 	// cap leaves room for a caller's own scheme (order ids with a prefix).
 	MaxIdempotencyKeyBytes = 255
@@ -120,19 +118,40 @@ func checkText(field, s string, max int) error {
 	return nil
 }
 
-// checkRoom validates a room type and id, and the room key they make.
-func checkRoom(typ, room string) error {
-	if err := checkText("type", typ, maxTypeBytes); err != nil {
-		return err
-	}
+// wireError renders a proto/wire validation error as the API's, naming
+// the API's field: wire's errors start with their own subject ("room: ").
+func wireError(field string, err error) error {
+	_, problem, _ := strings.Cut(err.Error(), ": ")
+	return badParam(field, "%s", problem)
+}
+
+// checkType validates a room type: the type of a room a client may join
+// (wire.ValidRoom), with room for at least a one-byte id.
+func checkType(typ string) error {
 	if strings.Contains(typ, "://") {
 		return badParam("type", "must not hold \"://\"")
 	}
-	if err := checkText("room", room, maxRoomKeyBytes); err != nil {
+	if max := wire.MaxRoomLen - len("://x"); len(typ) > max {
+		return badParam("type", "%d bytes, at most %d (type://room is at most %d)", len(typ), max, wire.MaxRoomLen)
+	}
+	if err := wire.ValidRoom(RoomKey(typ, "x")); err != nil {
+		return wireError("type", err)
+	}
+	return nil
+}
+
+// checkRoom validates a room type and id: type://id must be a room a
+// client may join (wire.ValidRoom). Errors name field for the id.
+func checkRoom(field, typ, room string) error {
+	if err := checkType(typ); err != nil {
 		return err
 	}
-	if len(RoomKey(typ, room)) > maxRoomKeyBytes {
-		return badParam("room", "type://room longer than %d bytes", maxRoomKeyBytes)
+	key := RoomKey(typ, room)
+	if len(key) > wire.MaxRoomLen {
+		return badParam(field, "type://room is %d bytes, at most %d", len(key), wire.MaxRoomLen)
+	}
+	if err := wire.ValidRoom(key); err != nil {
+		return wireError(field, err)
 	}
 	return nil
 }
@@ -247,20 +266,31 @@ func (p *params) operation() (int32, error) {
 // /im/ with PushJSONType, the JSON object's msg: a JSON string as its
 // text, anything else as its encoding.
 func readParams(r *http.Request, a api, maxMsg int) (*params, error) {
-	p := &params{values: r.URL.Query()}
-	// The JSON form wraps the message, so allow room for the fields around it.
+	values, err := queryParams(r)
+	if err != nil {
+		return nil, err
+	}
+	p := &params{values: values}
 	limit := int64(maxMsg)
 	isJSON := false
 	if a == apiIM {
-		if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err == nil && mt == PushJSONType {
-			isJSON = true
-			limit = int64(maxMsg)*6 + 64<<10
+		if isJSON, err = pushJSONBody(r); err != nil {
+			return nil, err
 		}
+	}
+	if isJSON {
+		// The JSON form wraps the message, so allow room for the fields
+		// around it: a message escaped as a JSON string grows at most
+		// 6-fold (\u00XX), and 64 KiB holds thousands of targets.
+		limit = jsonBodyLimit(maxMsg)
 	}
 	body, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, limit))
 	var tooBig *http.MaxBytesError
 	if errors.As(err, &tooBig) {
-		return nil, errTooLarge
+		if isJSON {
+			return nil, &tooLargeError{fmt.Sprintf("body: JSON parameter body larger than %d bytes", limit)}
+		}
+		return nil, &tooLargeError{fmt.Sprintf("msg: larger than %d bytes", maxMsg)}
 	}
 	if err != nil {
 		return nil, badParam("body", "read: %v", err)
@@ -268,12 +298,8 @@ func readParams(r *http.Request, a api, maxMsg int) (*params, error) {
 	if !isJSON {
 		p.msg = body
 	} else {
-		dec := json.NewDecoder(bytes.NewReader(body))
-		if err := dec.Decode(&p.json); err != nil || p.json == nil {
-			return nil, badParam("body", "want a JSON object")
-		}
-		if dec.More() {
-			return nil, badParam("body", "want one JSON object, found more after it")
+		if p.json, err = decodeObject(body); err != nil {
+			return nil, err
 		}
 		allowed := map[string]bool{"operation": true, "keys": true, "mids": true, "type": true, "room": true, "speed": true, "msg": true}
 		for f := range p.json {
@@ -293,9 +319,79 @@ func readParams(r *http.Request, a api, maxMsg int) (*params, error) {
 		}
 	}
 	if len(p.msg) > maxMsg {
-		return nil, errTooLarge
+		return nil, &tooLargeError{fmt.Sprintf("msg: larger than %d bytes", maxMsg)}
 	}
 	return p, p.check()
+}
+
+// jsonBodyLimit bounds a JSON parameter body for a message of at most
+// maxMsg bytes.
+func jsonBodyLimit(maxMsg int) int64 { return int64(maxMsg)*6 + 64<<10 }
+
+// queryParams parses the query string. url.URL.Query drops what it cannot
+// parse without a word (pairs holding ';', everything past Go's 10,000
+// parameters), which turned a request into one with fewer targets or none:
+// a query that does not parse is refused instead.
+func queryParams(r *http.Request) (url.Values, error) {
+	v, err := url.ParseQuery(r.URL.RawQuery)
+	if err != nil {
+		return nil, badParam("query", "%s", truncate(err.Error()))
+	}
+	return v, nil
+}
+
+// pushJSONBody reports whether an /im/ request sends its parameters as a
+// PushJSONType object. A Content-Type that does not parse is refused:
+// mime.ParseMediaType returns the media type along with an error for a
+// bad parameter ("...+json; charset"), and reading that as a raw message
+// would publish the caller's parameter object to the wrong target.
+func pushJSONBody(r *http.Request) (bool, error) {
+	vs := r.Header.Values("Content-Type")
+	if len(vs) > 1 {
+		return false, badParam("Content-Type", "given %d times, want once", len(vs))
+	}
+	if len(vs) == 0 || strings.TrimSpace(vs[0]) == "" {
+		return false, nil
+	}
+	mt, _, err := mime.ParseMediaType(vs[0])
+	if err != nil {
+		return false, badParam("Content-Type", "%s does not parse: %v", echo(vs[0]), err)
+	}
+	return mt == PushJSONType, nil
+}
+
+// decodeObject reads one JSON object into its members, refusing a member
+// given twice: encoding/json lets the last one win, so
+// {"mids":[5],"mids":[1]} pushed to mid 1 only.
+func decodeObject(body []byte) (map[string]json.RawMessage, error) {
+	notObject := badParam("body", "want a JSON object")
+	dec := json.NewDecoder(bytes.NewReader(body))
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+		return nil, notObject
+	}
+	out := map[string]json.RawMessage{}
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return nil, notObject
+		}
+		name, _ := tok.(string) // inside an object, Token gives member names as strings
+		if _, dup := out[name]; dup {
+			return nil, badParam(truncate(name), "given twice in the JSON body, want once")
+		}
+		var raw json.RawMessage
+		if err := dec.Decode(&raw); err != nil {
+			return nil, notObject
+		}
+		out[name] = raw
+	}
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('}') {
+		return nil, notObject
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return nil, badParam("body", "want one JSON object, found more after it")
+	}
+	return out, nil
 }
 
 // truncate shortens a caller's field name for an error message.
@@ -307,7 +403,10 @@ func truncate(s string) string {
 	return s
 }
 
-var errTooLarge = errors.New("message too large")
+// tooLargeError is a request over a size limit (413), saying which.
+type tooLargeError struct{ msg string }
+
+func (e *tooLargeError) Error() string { return e.msg }
 
 // target is a validated push, ready to publish.
 type target struct {
@@ -354,8 +453,9 @@ func (st *Stage) push(a api, name string, route pushRoute) http.Handler {
 			return
 		}
 		p, err := readParams(r, a, st.cfg.MaxMessageBytes)
-		if errors.Is(err, errTooLarge) {
-			writeError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("msg: larger than %d bytes", st.cfg.MaxMessageBytes))
+		var tooLarge *tooLargeError
+		if errors.As(err, &tooLarge) {
+			writeError(w, http.StatusRequestEntityTooLarge, tooLarge.Error())
 			return
 		}
 		if err != nil {
@@ -375,17 +475,26 @@ func (st *Stage) push(a api, name string, route pushRoute) http.Handler {
 		if corr == "" {
 			corr = uuid.NewString()
 		}
-		push := Push{ID: MessageID(idemKey, name), CorrelationID: corr, Operation: op, Msg: p.msg}
+		// net/http does not cancel a handler's context at WriteTimeout: a
+		// publish blocked on the broker would run on, past the moment its
+		// Idempotency-Key reservation lapses (idempotency.InFlightTTL),
+		// and a retry could then reserve the key and publish again. Bound
+		// the whole exchange well inside both.
+		budget := min(st.cfg.WriteTimeout, idempotency.InFlightTTL)
+		ctx, cancel := context.WithTimeout(r.Context(), budget*pushShare/100)
+		defer cancel()
+		fp := fingerprint(name, op, t, p.msg)
+		push := Push{ID: MessageID(idemKey, name, fp), CorrelationID: corr, Operation: op, Msg: p.msg}
+		ex := exchange{w: w, r: r, settle: budget * settleShare / 100, a: a, name: name}
 		if idemKey == "" || st.replies == nil {
-			st.publish(w, r, a, name, t, push, "", nil)
+			st.publish(ctx, ex, t, push, "", nil)
 			return
 		}
 
 		storeKey := name + "\x00" + idemKey
-		fp := fingerprint(name, op, t, p.msg)
-		e, err := st.replies.Reserve(r.Context(), storeKey, fp)
+		e, err := st.replies.Reserve(ctx, storeKey, fp)
 		if err != nil {
-			st.logFailure(r.Context(), "idempotency store unavailable", "route", name, "correlation_id", corr, "err", err)
+			st.logFailure(ctx, "idempotency store unavailable", "route", name, "correlation_id", corr, "err", err)
 			w.Header().Set("Retry-After", "1")
 			writeError(w, http.StatusServiceUnavailable, "idempotency store unavailable, retry later")
 			return
@@ -397,36 +506,60 @@ func (st *Stage) push(a api, name string, route pushRoute) http.Handler {
 			w.Header().Set("Retry-After", "1")
 			writeError(w, http.StatusConflict, "Idempotency-Key: a request with this key is still being processed")
 		case e.State == idempotency.Done:
-			w.Header().Set("Content-Type", "application/json")
+			// The store keeps the reply's data, not its envelope: a retry
+			// is answered in the shape of the API it came by (goim's
+			// message is "", imcloud's "ok"), whichever the first used.
 			w.Header().Set("Idempotent-Replayed", "true")
-			_, _ = w.Write(e.Reply)
+			writeJSON(w, http.StatusOK, reply{Code: 0, Message: a.okMessage(), Data: json.RawMessage(e.Reply)})
 		default:
-			st.publish(w, r, a, name, t, push, storeKey, &e)
+			st.publish(ctx, ex, t, push, storeKey, &e)
 		}
 	})
 }
 
+// Shares of min(logic.write_timeout, idempotency.InFlightTTL), in percent:
+// reserving and publishing get pushShare, completing or releasing the key
+// settleShare, so the reply is written and the key settled before either
+// runs out (defaults: 22.5 s and 6 s of 30 s).
+const (
+	pushShare   = 75
+	settleShare = 20
+)
+
+// exchange is one push request being answered.
+type exchange struct {
+	w      http.ResponseWriter
+	r      *http.Request
+	settle time.Duration // for completing or releasing its key
+	a      api
+	name   string
+}
+
 // publish runs a validated push and answers it. With a reservation, a
 // success stores the reply and a failure releases the key so that a retry
-// can run.
-func (st *Stage) publish(w http.ResponseWriter, r *http.Request, a api, name string, t target, push Push, storeKey string, res *idempotency.Entry) {
+// can run. ctx is the request's, bounded by its push budget.
+func (st *Stage) publish(ctx context.Context, ex exchange, t target, push Push, storeKey string, res *idempotency.Entry) {
+	w, name := ex.w, ex.name
 	settled := res == nil
+	// settleCtx outlives the request's context: the caller may have left,
+	// or the push budget run out, and the key must be settled regardless.
+	settleCtx := func() (context.Context, context.CancelFunc) {
+		return context.WithTimeout(context.WithoutCancel(ex.r.Context()), ex.settle)
+	}
 	release := func() {
 		if settled {
 			return
 		}
 		settled = true
-		// The request's context may be done (the caller left); the key
-		// must be freed regardless.
-		ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), 5*time.Second)
+		ctx, cancel := settleCtx()
 		defer cancel()
 		if err := st.replies.Release(ctx, storeKey, res.Token); err != nil {
-			st.logFailure(r.Context(), "release idempotency key", "route", name, "err", err)
+			st.logFailure(ctx, "release idempotency key", "route", name, "err", err)
 		}
 	}
 	// A panic in run must not hold the key until idempotency.InFlightTTL.
 	defer release()
-	out, err := t.run(r.Context(), push)
+	out, err := t.run(ctx, push)
 	var perr *paramError
 	switch {
 	case errors.As(err, &perr):
@@ -434,33 +567,31 @@ func (st *Stage) publish(w http.ResponseWriter, r *http.Request, a api, name str
 		writeError(w, http.StatusBadRequest, perr.Error())
 	case errors.Is(err, ErrBroker):
 		release()
-		st.logFailure(r.Context(), "push not accepted", "route", name, "correlation_id", push.CorrelationID, "err", err)
+		st.logFailure(ctx, "push not accepted", "route", name, "correlation_id", push.CorrelationID, "err", err)
 		w.Header().Set("Retry-After", "1")
 		writeError(w, http.StatusServiceUnavailable, "broker unavailable, retry later")
 	case errors.Is(err, ErrRegistry):
 		release()
-		st.logFailure(r.Context(), "push not resolved", "route", name, "correlation_id", push.CorrelationID, "err", err)
+		st.logFailure(ctx, "push not resolved", "route", name, "correlation_id", push.CorrelationID, "err", err)
 		w.Header().Set("Retry-After", "1")
 		writeError(w, http.StatusServiceUnavailable, "registry unavailable, retry later")
 	case err != nil:
 		// Input is validated before it gets here: anything else is a bug,
 		// and retrying will not help.
 		release()
-		st.logFailure(r.Context(), "push failed", "route", name, "correlation_id", push.CorrelationID, "err", err)
+		st.logFailure(ctx, "push failed", "route", name, "correlation_id", push.CorrelationID, "err", err)
 		writeError(w, http.StatusInternalServerError, "internal error (logged with correlation id "+push.CorrelationID+")")
 	default:
-		body, _ := json.Marshal(reply{Code: 0, Message: a.okMessage(), Data: out})
-		body = append(body, '\n')
+		data, _ := json.Marshal(out)
 		if !settled {
 			settled = true
-			ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), 5*time.Second)
-			if err := st.replies.Complete(ctx, storeKey, res.Token, body); err != nil {
-				st.logFailure(r.Context(), "remember idempotent reply", "route", name, "err", err)
+			ctx, cancel := settleCtx()
+			if err := st.replies.Complete(ctx, storeKey, res.Token, data); err != nil {
+				st.logFailure(ctx, "remember idempotent reply", "route", name, "err", err)
 			}
 			cancel()
 		}
-		w.Header().Set("Content-Type", "application/json")
-		_, _ = w.Write(body)
+		writeJSON(w, http.StatusOK, reply{Code: 0, Message: ex.a.okMessage(), Data: json.RawMessage(data)})
 	}
 }
 
@@ -524,11 +655,9 @@ func (st *Stage) pushKeys(_ api, p *params) (target, error) {
 		return target{}, badParam("keys", "required")
 	}
 	for _, k := range keys {
-		if k == "" {
-			return target{}, badParam("keys", "empty key")
-		}
-		if err := checkText("keys", k, maxKeyBytes); err != nil {
-			return target{}, err
+		// A key a client may hold, and no other.
+		if err := wire.ValidKey(k); err != nil {
+			return target{}, wireError("keys", err)
 		}
 	}
 	return target{
@@ -577,7 +706,7 @@ func (st *Stage) pushRoom(_ api, p *params) (target, error) {
 	if err != nil {
 		return target{}, err
 	}
-	if err := checkRoom(typ, room); err != nil {
+	if err := checkRoom("room", typ, room); err != nil {
 		return target{}, err
 	}
 	key := RoomKey(typ, room)

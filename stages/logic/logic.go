@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
@@ -91,19 +92,36 @@ func (st *Stage) Handler() http.Handler {
 		"online/room":  onlineRoom,
 		"online/total": onlineTotal,
 	}
-	for prefix, a := range map[string]api{"/im/": apiIM, "/goim/": apiGoim} {
-		for path, route := range routes {
-			mux.Handle("POST "+prefix+path, st.push(a, path, route))
-		}
-		for path, route := range stats {
-			mux.Handle("GET "+prefix+path, st.stats(a, route))
+	// allow lists each route's methods: a known path asked with another
+	// method is answered 405, not the catch-all's 404.
+	allow := map[string][]string{}
+	handle := func(method, path string, h http.Handler) {
+		mux.Handle(method+" "+path, h)
+		allow[path] = append(allow[path], method)
+		if method == http.MethodGet {
+			allow[path] = append(allow[path], http.MethodHead) // ServeMux serves HEAD with GET
 		}
 	}
-	mux.Handle("GET /im/nodes/weighted", st.stats(apiIM, st.nodesWeighted))
-	mux.Handle("GET /goim/nodes/weighted", st.stats(apiGoim, st.goimNodesWeighted))
-	mux.Handle("GET /goim/nodes/instances", st.stats(apiGoim, goimNodesInstances))
+	for prefix, a := range map[string]api{"/im/": apiIM, "/goim/": apiGoim} {
+		for path, route := range routes {
+			handle(http.MethodPost, prefix+path, st.push(a, path, route))
+		}
+		for path, route := range stats {
+			handle(http.MethodGet, prefix+path, st.stats(a, route))
+		}
+	}
+	handle(http.MethodGet, "/im/nodes/weighted", st.stats(apiIM, st.nodesWeighted))
+	handle(http.MethodGet, "/goim/nodes/weighted", st.stats(apiGoim, st.goimNodesWeighted))
+	handle(http.MethodGet, "/goim/nodes/instances", st.stats(apiGoim, goimNodesInstances))
+	// The catch-all "/" matches every method, so ServeMux prefers it to
+	// answering 405 for a known path with the wrong method: it does so here.
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		writeError(w, http.StatusNotFound, "no such route: "+r.Method+" "+truncate(r.URL.Path))
+		if methods, ok := allow[r.URL.Path]; ok {
+			w.Header().Set("Allow", strings.Join(methods, ", "))
+			writeError(w, http.StatusMethodNotAllowed, "method "+truncate(r.Method)+" not allowed on "+r.URL.Path+"; use "+methods[0])
+			return
+		}
+		writeError(w, http.StatusNotFound, "no such route: "+truncate(r.Method)+" "+truncate(r.URL.Path))
 	})
 	// The key is checked before routing: a caller without one learns
 	// nothing, not even which routes exist, and its body is never read.

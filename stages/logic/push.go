@@ -50,12 +50,16 @@ type PushResult struct {
 }
 
 // MessageID returns the id of a push: random, or derived from the
-// idempotency key so that a retried request yields the same id.
-func MessageID(idempotencyKey, route string) string {
+// idempotency key and the request's fingerprint, so that a retried request
+// yields the same id (and job's dedupe drops what an interrupted first
+// attempt already published) while a retry with other content, allowed
+// once a failed attempt released the key, gets another id: job would
+// otherwise drop the new content as a duplicate of the old.
+func MessageID(idempotencyKey, route, fingerprint string) string {
 	if idempotencyKey == "" {
 		return uuid.NewString()
 	}
-	return uuid.NewSHA1(idempotencyNamespace, []byte(route+"\x00"+idempotencyKey)).String()
+	return uuid.NewSHA1(idempotencyNamespace, []byte(route+"\x00"+idempotencyKey+"\x00"+fingerprint)).String()
 }
 
 // PushKeys pushes to connections by key.

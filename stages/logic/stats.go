@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"imcloud/proto/pb"
+	"imcloud/proto/wire"
 )
 
 // statsRoute answers a GET from the registry's view of the cloud nodes.
@@ -17,7 +18,12 @@ type statsRoute func(p *params) (func(nodes []*pb.NodeInfo) any, error)
 
 func (st *Stage) stats(a api, route statsRoute) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		p := &params{values: r.URL.Query()}
+		values, err := queryParams(r)
+		if err != nil {
+			writeError(w, http.StatusBadRequest, err.Error())
+			return
+		}
+		p := &params{values: values}
 		if err := p.check(); err != nil {
 			writeError(w, http.StatusBadRequest, err.Error())
 			return
@@ -44,7 +50,7 @@ func roomType(p *params) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	if err := checkRoom(typ, ""); err != nil {
+	if err := checkType(typ); err != nil {
 		return "", err
 	}
 	return typ, nil
@@ -104,8 +110,8 @@ func onlineRoom(p *params) (func([]*pb.NodeInfo) any, error) {
 		return nil, badParam("rooms", "required")
 	}
 	for _, id := range rooms {
-		if err := checkRoom(typ, id); err != nil {
-			return nil, badParam("rooms", "%s", err.(*paramError).problem)
+		if err := checkRoom("rooms", typ, id); err != nil {
+			return nil, err
 		}
 	}
 	return func(nodes []*pb.NodeInfo) any {
@@ -137,7 +143,10 @@ func platform(p *params) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	return s, checkText("platform", s, maxPlatformBytes)
+	if err := wire.ValidPlatform(s); err != nil {
+		return "", wireError("platform", err)
+	}
+	return s, nil
 }
 
 type weightedNode struct {
