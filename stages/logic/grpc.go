@@ -93,7 +93,7 @@ func (s *grpcServer) Connect(ctx context.Context, req *pb.ConnectReq) (*pb.Conne
 		}
 		return nil, status.Error(codes.Internal, "authenticate")
 	}
-	prev, err := s.registry.AddSession(ctx, id.Mid, id.Key, req.Server)
+	prev, err := s.registry.AddSession(ctx, id.Mid, id.Key, req.Server, req.Conn)
 	if err != nil {
 		s.logger.ErrorContext(ctx, "add session", "mid", id.Mid, "key", id.Key, "err", err)
 		return nil, status.Error(codes.Unavailable, "registry unavailable")
@@ -110,7 +110,7 @@ func (s *grpcServer) Disconnect(ctx context.Context, req *pb.DisconnectReq) (*pb
 	if err := validSession(req.Key, req.Server); err != nil {
 		return nil, err
 	}
-	has, err := s.registry.DelSession(ctx, req.Mid, req.Key, req.Server)
+	has, err := s.registry.DelSession(ctx, req.Mid, req.Key, req.Server, req.Conn)
 	if err != nil {
 		return nil, status.Errorf(codes.Unavailable, "delete session: %v", err)
 	}
@@ -121,7 +121,7 @@ func (s *grpcServer) Heartbeat(ctx context.Context, req *pb.HeartbeatReq) (*pb.H
 	if err := validSession(req.Key, req.Server); err != nil {
 		return nil, err
 	}
-	if err := s.registry.RenewSession(ctx, req.Mid, req.Key, req.Server); err != nil {
+	if err := s.registry.RenewSession(ctx, req.Mid, req.Key, req.Server, req.Conn); err != nil {
 		return nil, status.Errorf(codes.Unavailable, "renew session: %v", err)
 	}
 	return &pb.HeartbeatReply{}, nil
