@@ -13,6 +13,8 @@ import (
 
 	"github.com/ThreeDotsLabs/watermill/pubsub/gochannel"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"imcloud/adapters/memory"
 	"imcloud/client"
@@ -158,5 +160,25 @@ func TestReconnectRaceKeepsNewSessionRegistered(t *testing.T) {
 	servers, _ := reg.ServersByKeys(context.Background(), []string{"racekey"})
 	if servers["racekey"] != "n1" {
 		t.Fatalf("racekey is offline in the registry while B is connected: %v", servers)
+	}
+}
+
+// busyLogic refuses every connect as logic does a user over its connect
+// rate or session cap.
+type busyLogic struct{ *fakeLogic }
+
+func (busyLogic) Connect(context.Context, *pb.ConnectReq, ...grpc.CallOption) (*pb.ConnectReply, error) {
+	return nil, status.Error(codes.ResourceExhausted, "too many connects")
+}
+
+// TestConnectOverUserLimitCloses4029: logic's ResourceExhausted (the
+// user's logic.connect_rate or max_sessions_per_mid) closes the connection
+// with 4029 so the client backs off, not 4503 (try again at once).
+func TestConnectOverUserLimitCloses4029(t *testing.T) {
+	n := startNodeWithLogic(t, busyLogic{&fakeLogic{disconnects: map[string]int{}, rooms: map[string]int32{}}})
+	c := n.dial(t, "ws", nil)
+	_, err := c.Auth([]byte(`{"mid":1}`))
+	if code := client.CloseCode(err); code != closeRateLimited {
+		t.Fatalf("auth over the user's limit: %v (close %d), want close %d", err, code, closeRateLimited)
 	}
 }
