@@ -127,3 +127,37 @@ func TestMaxSessionsPerMid(t *testing.T) {
 		}
 	}
 }
+
+// TestDisconnectOfReplacedConnection: logic passes each call's connection
+// id to the registry, so the late Disconnect and Heartbeat of a key's
+// replaced connection leave the new connection's session registered.
+func TestDisconnectOfReplacedConnection(t *testing.T) {
+	s := connectServer(t, func(*config.Logic) {})
+	ctx := context.Background()
+	if err := connectAs(s, 1, "racekey", 1); err != nil {
+		t.Fatal(err)
+	}
+	if err := connectAs(s, 1, "racekey", 2); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Heartbeat(ctx, &pb.HeartbeatReq{Mid: 1, Key: "racekey", Server: "n1", Conn: 1}); err != nil {
+		t.Fatal(err)
+	}
+	reply, err := s.Disconnect(ctx, &pb.DisconnectReq{Mid: 1, Key: "racekey", Server: "n1", Conn: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if reply.Has {
+		t.Fatal("the replaced connection's Disconnect deleted the session")
+	}
+	servers, err := s.registry.ServersByKeys(ctx, []string{"racekey"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if servers["racekey"] != "n1" {
+		t.Fatalf("racekey offline while its second connection is up: %v", servers)
+	}
+	if reply, err := s.Disconnect(ctx, &pb.DisconnectReq{Mid: 1, Key: "racekey", Server: "n1", Conn: 2}); err != nil || !reply.Has {
+		t.Fatalf("the live connection's Disconnect: %v, %v", reply, err)
+	}
+}
