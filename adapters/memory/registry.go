@@ -86,7 +86,7 @@ func (r *Registry) add(mid int64, key, server string, conn uint64) string {
 func (r *Registry) RenewSession(_ context.Context, mid int64, key, server string, conn uint64) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if s, ok := r.byKey[key]; ok && conn != 0 && s.conn != conn && r.now().Before(s.expires) {
+	if s, ok := r.byKey[key]; ok && otherConn(s.conn, conn) && r.now().Before(s.expires) {
 		return nil
 	}
 	r.add(mid, key, server, conn)
@@ -94,18 +94,25 @@ func (r *Registry) RenewSession(_ context.Context, mid int64, key, server string
 }
 
 // DelSession removes key's session if it is still mid's on server as
-// connection conn (any connection when conn is 0, from an older node); it
-// reports whether it did.
+// connection conn; it reports whether it did.
 func (r *Registry) DelSession(_ context.Context, mid int64, key, server string, conn uint64) (bool, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	s, ok := r.byKey[key]
-	if !ok || s.server != server || s.mid != mid || (conn != 0 && s.conn != conn) {
+	if !ok || s.server != server || s.mid != mid || otherConn(s.conn, conn) {
 		return false, nil
 	}
 	delete(r.byKey, key)
 	r.unlinkMid(mid, key)
 	return true, nil
+}
+
+// otherConn reports whether a session stored for connection stored is
+// another connection's than conn. 0 on either side is a connection of an
+// older node or one registered through an older logic, which names none:
+// it matches, as sessions did before they were named.
+func otherConn(stored, conn uint64) bool {
+	return stored != 0 && conn != 0 && stored != conn
 }
 
 func (r *Registry) unlinkMid(mid int64, key string) {

@@ -41,11 +41,11 @@ func (r *Registry) nodesKey() string         { return r.prefix + "nodes" }
 
 // addSession records the session and returns the server that held the key
 // before, atomically. ARGV[6] "1" makes it a renewal: a live session of
-// another connection (ARGV[5] is not 0 and differs) is left alone.
+// another connection (both conns named, and different) is left alone.
 var addSession = goredis.NewScript(`
 local s = redis.call('HMGET', KEYS[1], 'server', 'conn')
 local prev = s[1]
-if ARGV[6] == '1' and prev and ARGV[5] ~= '0' and (s[2] or '0') ~= ARGV[5] then return false end
+if ARGV[6] == '1' and prev and ARGV[5] ~= '0' and s[2] and s[2] ~= '0' and s[2] ~= ARGV[5] then return false end
 redis.call('HSET', KEYS[1], 'mid', ARGV[1], 'server', ARGV[2], 'conn', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[4], ARGV[2])
@@ -54,11 +54,12 @@ if prev == ARGV[2] then return false end
 return prev`)
 
 // delSession deletes the session only if it is still mid's on server as
-// connection ARGV[4] (any connection when that is 0).
+// connection ARGV[4]. A conn of 0 on either side (absent: stored by an
+// older logic) matches any connection.
 var delSession = goredis.NewScript(`
 local s = redis.call('HMGET', KEYS[1], 'mid', 'server', 'conn')
 if s[1] ~= ARGV[1] or s[2] ~= ARGV[2] then return 0 end
-if ARGV[4] ~= '0' and (s[3] or '0') ~= ARGV[4] then return 0 end
+if ARGV[4] ~= '0' and s[3] and s[3] ~= '0' and s[3] ~= ARGV[4] then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('HDEL', KEYS[2], ARGV[3])
 return 1`)
@@ -93,7 +94,7 @@ func (r *Registry) RenewSession(ctx context.Context, mid int64, key, server stri
 }
 
 // DelSession removes key's session if it is still mid's on server as
-// connection conn (any connection when conn is 0, from an older node).
+// connection conn (0 on either side matches any: an older node or logic).
 func (r *Registry) DelSession(ctx context.Context, mid int64, key, server string, conn uint64) (bool, error) {
 	n, err := delSession.Run(ctx, r.rdb, []string{r.keyKey(key), r.midKey(mid)},
 		mid, server, key, strconv.FormatUint(conn, 10)).Int()

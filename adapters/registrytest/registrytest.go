@@ -196,6 +196,20 @@ func connections(t *testing.T, r checked) {
 	if had := r.delConn(8, "old", "n1", 0); !had {
 		t.Fatal("disconnect without a connection id did not delete a named session")
 	}
+	// A session stored without an id (through an older logic) is taken
+	// over by its connection's heartbeat and deleted by its disconnect.
+	r.addConn(9, "unnamed", "n1", 0)
+	r.renewConn(9, "unnamed", "n1", 5)
+	if had := r.delConn(9, "unnamed", "n1", 6); had {
+		t.Fatal("the heartbeat did not name the unnamed session: another connection's disconnect deleted it")
+	}
+	if had := r.delConn(9, "unnamed", "n1", 5); !had {
+		t.Fatal("disconnect of the connection that named the session did not delete it")
+	}
+	r.addConn(9, "unnamed", "n1", 0)
+	if had := r.delConn(9, "unnamed", "n1", 7); !had {
+		t.Fatal("a named disconnect did not delete a session stored without an id")
+	}
 }
 
 // waitUntil polls cond until it holds or the deadline passes.

@@ -17,8 +17,8 @@ type Registry interface {
 	// if it expired; it leaves a live session of another connection alone.
 	RenewSession(ctx context.Context, mid int64, key, server string, conn uint64) error
 	// DelSession deletes key's session if it is mid's on server as
-	// connection conn, and reports whether it did. conn 0 (an older cloud
-	// node) matches any connection.
+	// connection conn, and reports whether it did. conn 0, given or
+	// stored (an older cloud node or logic), matches any connection.
 	DelSession(ctx context.Context, mid int64, key, server string, conn uint64) (bool, error)
 	// ServersByKeys maps live keys to servers; absent keys are offline.
 	ServersByKeys(ctx context.Context, keys []string) (map[string]string, error)
