@@ -209,6 +209,15 @@ type Logic struct {
 	// IdempotencyMaxBytes bounds the in-memory idempotency store
 	// (registry.kind = "memory"); past it the oldest replies are forgotten.
 	IdempotencyMaxBytes int `koanf:"idempotency_max_bytes"`
+	// ConnectRate and ConnectBurst bound the connects (successful auths)
+	// per user (per key for a guest of mid 0): one token reconnecting in a
+	// loop made 70,122 connections in 20 s, each a registry write and
+	// delete. 0 = no limit.
+	ConnectRate  float64 `koanf:"connect_rate"`
+	ConnectBurst int     `koanf:"connect_burst"`
+	// MaxSessionsPerMid bounds a user's concurrent sessions (keys online
+	// at once); guests of mid 0 are not counted. 0 = no limit.
+	MaxSessionsPerMid int `koanf:"max_sessions_per_mid"`
 }
 
 // Auth configures how logic authenticates clients.
@@ -349,6 +358,11 @@ func Default() Config {
 			// ~120,000 replies of ~560 bytes (adapters/memory): a day
 			// of 1.4 idempotent pushes/s at the default TTL.
 			IdempotencyMaxBytes: 64 << 20,
+			// A real client reconnects a few times a minute at worst;
+			// 20 at once covers a tab-restore of many keys.
+			ConnectRate:       2,
+			ConnectBurst:      20,
+			MaxSessionsPerMid: 64,
 		},
 		Job: Job{
 			Concurrency:     4,
@@ -573,6 +587,15 @@ func (c Config) Validate() error {
 	positiveDur("logic.write_timeout", c.Logic.WriteTimeout)
 	positiveDur("logic.idle_timeout", c.Logic.IdleTimeout)
 	positive("logic.max_header_bytes", c.Logic.MaxHeaderBytes)
+	if c.Logic.ConnectRate < 0 {
+		bad("logic.connect_rate", "must not be negative (0 = no limit)")
+	}
+	if c.Logic.ConnectRate > 0 && c.Logic.ConnectBurst < 1 {
+		bad("logic.connect_burst", "must be at least 1 when logic.connect_rate is set, got %d", c.Logic.ConnectBurst)
+	}
+	if c.Logic.MaxSessionsPerMid < 0 {
+		bad("logic.max_sessions_per_mid", "must not be negative (0 = no limit)")
+	}
 	oneOf("logic.auth.mode", c.Logic.Auth.Mode, AuthJWT, AuthInsecureJSON)
 	if c.Has(StageLogic) && c.Logic.Auth.Mode == AuthJWT && c.Logic.Auth.JWTSecret == "" && c.Logic.Auth.JWTPublicKeyFile == "" {
 		bad("logic.auth.jwt_secret", "jwt mode needs jwt_secret or jwt_public_key_file")

@@ -33,7 +33,7 @@ func queueFull(err error) bool {
 type boundedPublisher struct {
 	message.Publisher
 	refused *atomic.Int64
-	log     *rateLog
+	log     *RateLog
 }
 
 func (b boundedPublisher) Publish(topic string, msgs ...*message.Message) error {
@@ -42,7 +42,7 @@ func (b boundedPublisher) Publish(topic string, msgs ...*message.Message) error 
 		return err
 	}
 	total := b.refused.Add(int64(len(msgs)))
-	b.log.log("publish refused: the topic's queue is full; raise topics.*_max_length or add consumers",
+	b.log.Log("publish refused: the topic's queue is full; raise topics.*_max_length or add consumers",
 		"topic", topic, "refused_total", total, "err", err)
 	return fmt.Errorf("%w: %w", ErrQueueFull, err)
 }
@@ -51,7 +51,7 @@ func (b boundedPublisher) Publish(topic string, msgs ...*message.Message) error 
 // ErrQueueFull, counted in Refused.
 func (b *Broker) bound(logger *slog.Logger) {
 	b.refused = &atomic.Int64{}
-	b.Publisher = boundedPublisher{Publisher: b.Publisher, refused: b.refused, log: newRateLog(logger, slog.LevelWarn, 10*time.Second)}
+	b.Publisher = boundedPublisher{Publisher: b.Publisher, refused: b.refused, log: NewRateLog(logger, slog.LevelWarn, 10*time.Second)}
 }
 
 // Refused counts the messages publishes refused for a full queue.

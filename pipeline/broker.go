@@ -50,7 +50,15 @@ func newBroker(cfg config.Broker, topics config.Topics, logger *slog.Logger) (*B
 	limits := maxLengths(topics)
 	switch cfg.Kind {
 	case config.BrokerGoChannel:
-		gc := gochannel.New(wlog, cfg.GoChannel.MaxPending)
+		// Only this process can subscribe to the embedded broker: in
+		// standalone nothing reads topics.upstream (and topics.poison),
+		// and what clients send with op 4 is answered op 5 and dropped.
+		// It is said once a minute, with the count left out between.
+		unheard := NewRateLog(logger, slog.LevelWarn, time.Minute)
+		gc := gochannel.New(wlog, cfg.GoChannel.MaxPending, func(topic string, msgs int) {
+			unheard.Log("embedded broker dropped messages: nothing in this process subscribes to their topic (broker.kind gochannel); use a shared broker to read it from another process",
+				"topic", topic, "messages", msgs)
+		})
 		return &Broker{Publisher: gc, Subscriber: gc, closers: []func() error{gc.Close}}, nil
 	case config.BrokerAMQP:
 		pub, err := amqp.NewBoundedPublisher(cfg.AMQP.URL, wlog, cfg.AMQP.Channels, limits, topics.Push, topics.Poison, topics.Upstream)

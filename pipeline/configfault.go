@@ -52,7 +52,7 @@ const (
 // nack: the message goes back to the broker. The error is logged at most
 // once a minute, naming the key to fix.
 func holdConfigFault(logger *slog.Logger, timing holdTiming) message.HandlerMiddleware {
-	refused := newRateLog(logger, slog.LevelError, time.Minute)
+	refused := NewRateLog(logger, slog.LevelError, time.Minute)
 	return func(h message.HandlerFunc) message.HandlerFunc {
 		return func(msg *message.Message) ([]*message.Message, error) {
 			ctx := msg.Context()
@@ -65,7 +65,7 @@ func holdConfigFault(logger *slog.Logger, timing holdTiming) message.HandlerMidd
 				if !errors.As(err, &ce) {
 					return out, err
 				}
-				refused.log("cloud nodes refuse this job's calls: fix "+ce.Key+" (the same value on every node) and restart; messages are held and handed back to the broker, not poisoned",
+				refused.Log("cloud nodes refuse this job's calls: fix "+ce.Key+" (the same value on every node) and restart; messages are held and handed back to the broker, not poisoned",
 					"key", ce.Key, "err", ce.Err, "message_id", msg.Metadata.Get(MetaMessageID))
 				left := timing.total - time.Since(start)
 				if left <= 0 {

@@ -7,11 +7,11 @@ import (
 	"time"
 )
 
-// rateLog logs an event at most once per interval: a burst of one kind
+// RateLog logs an event at most once per interval: a burst of one kind
 // (a thousand pushes to a client that never came back, a full queue
 // refusing every publish) writes one line, and the next says how many
 // were left out in between.
-type rateLog struct {
+type RateLog struct {
 	logger   *slog.Logger
 	level    slog.Level
 	interval time.Duration
@@ -21,12 +21,13 @@ type rateLog struct {
 	suppressed int
 }
 
-func newRateLog(logger *slog.Logger, level slog.Level, interval time.Duration) *rateLog {
-	return &rateLog{logger: logger, level: level, interval: interval}
+// NewRateLog logs at level, at most one line per interval.
+func NewRateLog(logger *slog.Logger, level slog.Level, interval time.Duration) *RateLog {
+	return &RateLog{logger: logger, level: level, interval: interval}
 }
 
-// log writes msg unless a line went out less than interval ago.
-func (r *rateLog) log(msg string, args ...any) {
+// Log writes msg unless a line went out less than interval ago.
+func (r *RateLog) Log(msg string, args ...any) {
 	r.mu.Lock()
 	now := time.Now()
 	if !r.last.IsZero() && now.Sub(r.last) < r.interval {

@@ -10,9 +10,9 @@ import (
 
 func TestRateLogWritesOneLinePerIntervalAndCountsTheRest(t *testing.T) {
 	var buf bytes.Buffer
-	r := newRateLog(slog.New(slog.NewTextHandler(&buf, nil)), slog.LevelWarn, time.Hour)
+	r := NewRateLog(slog.New(slog.NewTextHandler(&buf, nil)), slog.LevelWarn, time.Hour)
 	for range 1000 {
-		r.log("queue full", "topic", "t")
+		r.Log("queue full", "topic", "t")
 	}
 	if n := strings.Count(buf.String(), "queue full"); n != 1 {
 		t.Fatalf("1000 events in one interval wrote %d lines, want 1:\n%s", n, buf.String())
@@ -21,7 +21,7 @@ func TestRateLogWritesOneLinePerIntervalAndCountsTheRest(t *testing.T) {
 	r.mu.Lock()
 	r.last = time.Now().Add(-2 * time.Hour)
 	r.mu.Unlock()
-	r.log("queue full", "topic", "t")
+	r.Log("queue full", "topic", "t")
 	if !strings.Contains(buf.String(), "suppressed_since_last=999") {
 		t.Fatalf("second line does not count the 999 suppressed events:\n%s", buf.String())
 	}

@@ -47,7 +47,7 @@ const (
 // the message's context ends (its subscription closing), and the message
 // goes back to the broker.
 func holdUndelivered(logger *slog.Logger) message.HandlerMiddleware {
-	gaveUp := newRateLog(logger, slog.LevelWarn, 10*time.Second)
+	gaveUp := NewRateLog(logger, slog.LevelWarn, 10*time.Second)
 	return func(h message.HandlerFunc) message.HandlerFunc {
 		return func(msg *message.Message) ([]*message.Message, error) {
 			ctx := msg.Context()
@@ -61,7 +61,7 @@ func holdUndelivered(logger *slog.Logger) message.HandlerMiddleware {
 				}
 				left := time.Until(u.RetryUntil)
 				if left <= 0 {
-					gaveUp.log("push undelivered: recipients stayed offline past the grace period; sent to the poison topic",
+					gaveUp.Log("push undelivered: recipients stayed offline past the grace period; sent to the poison topic",
 						"message_id", msg.Metadata.Get(MetaMessageID), "recipients", u.Recipients, "detail", u.Detail)
 					return out, err
 				}

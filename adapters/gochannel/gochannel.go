@@ -31,27 +31,37 @@ var errClosed = errors.New("embedded broker closed")
 // until its subscriber acks it (about 8 KB besides the body: 7.8 KB
 // measured with 100-byte bodies), and publishing does not wait; so the
 // messages waiting are counted, and at maxPending Publish refuses with
-// ErrQueueFull. A message to a topic nobody subscribes to is dropped at
-// once and not counted.
+// ErrQueueFull. A message to a topic nobody in the process subscribes to
+// is dropped at once, as Watermill does, but not silently: it is counted
+// (Unheard) and reported to the unheard callback (the node logs it), since
+// the publisher took it as accepted (an op 4 was answered op 5).
 type PubSub struct {
 	gc      *gochannel.GoChannel
 	max     int64
 	pending atomic.Int64
 	closed  atomic.Bool
+	unheard atomic.Int64
+	// onUnheard is told of each publish that no subscriber received.
+	onUnheard func(topic string, msgs int)
 
 	mu   sync.Mutex
 	subs map[string]int64 // live subscriptions per topic; each gets a copy
 }
 
 // New returns an in-process Pub/Sub holding at most maxPending unacked
-// messages.
-func New(logger watermill.LoggerAdapter, maxPending int) *PubSub {
+// messages; onUnheard (if not nil) is called for each publish to a topic
+// without a subscriber, whose messages are dropped.
+func New(logger watermill.LoggerAdapter, maxPending int, onUnheard func(topic string, msgs int)) *PubSub {
 	gc := gochannel.NewGoChannel(gochannel.Config{OutputChannelBuffer: outputBuffer}, logger)
-	return &PubSub{gc: gc, max: int64(max(maxPending, 1)), subs: map[string]int64{}}
+	return &PubSub{gc: gc, max: int64(max(maxPending, 1)), subs: map[string]int64{}, onUnheard: onUnheard}
 }
 
 // Pending is how many message copies wait for their subscriber's ack.
 func (p *PubSub) Pending() int64 { return p.pending.Load() }
+
+// Unheard is how many messages were published to a topic without a
+// subscriber, and dropped.
+func (p *PubSub) Unheard() int64 { return p.unheard.Load() }
 
 // Publish hands msgs to topic's subscribers and returns without waiting
 // for them, unless maxPending messages are already waiting.
@@ -62,6 +72,12 @@ func (p *PubSub) Publish(topic string, msgs ...*message.Message) error {
 	p.mu.Lock()
 	n := int64(len(msgs)) * p.subs[topic]
 	p.mu.Unlock()
+	if n == 0 && len(msgs) > 0 {
+		p.unheard.Add(int64(len(msgs)))
+		if p.onUnheard != nil {
+			p.onUnheard(topic, len(msgs))
+		}
+	}
 	if n > 0 {
 		if p.pending.Add(n) > p.max {
 			p.pending.Add(-n)

@@ -13,7 +13,7 @@ import (
 
 func TestPendingMessagesAreBounded(t *testing.T) {
 	const limit = 3
-	p := New(watermill.NopLogger{}, limit)
+	p := New(watermill.NopLogger{}, limit, nil)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	msgs, err := p.Subscribe(ctx, "t")
@@ -57,5 +57,38 @@ func TestPendingMessagesAreBounded(t *testing.T) {
 	}
 	if err := publish(99); err == nil {
 		t.Fatal("publish after Close succeeded")
+	}
+}
+
+// TestUnheardCounted: a message published to a topic without a subscriber
+// is dropped, as Watermill does, but counted and reported; before, an op 4
+// in standalone was answered op 5 and vanished without a trace.
+func TestUnheardCounted(t *testing.T) {
+	reported := map[string]int{}
+	p := New(watermill.NopLogger{}, 10, func(topic string, msgs int) { reported[topic] += msgs })
+	defer p.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	msgs, err := p.Subscribe(ctx, "heard")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Publish("unheard", message.NewMessage("1", nil), message.NewMessage("2", nil)); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Publish("heard", message.NewMessage("3", nil)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case m := <-msgs:
+		m.Ack()
+	case <-time.After(10 * time.Second):
+		t.Fatal("subscriber got nothing")
+	}
+	if got := p.Unheard(); got != 2 {
+		t.Fatalf("Unheard = %d, want 2", got)
+	}
+	if len(reported) != 1 || reported["unheard"] != 2 {
+		t.Fatalf("reported %v, want unheard: 2", reported)
 	}
 }

@@ -18,6 +18,7 @@ import (
 type session struct {
 	mid     int64
 	server  string
+	conn    uint64 // the connection on server; 0: unknown (an older node)
 	expires time.Time
 }
 
@@ -52,16 +53,21 @@ func New(sessionTTL, nodeTTL time.Duration) *Registry {
 	}
 }
 
-// AddSession records that key (user mid) is connected to server. A key
-// already connected elsewhere is moved; the previous server is returned.
-func (r *Registry) AddSession(_ context.Context, mid int64, key, server string) (string, error) {
+// AddSession records that key (user mid) is connected to server as
+// connection conn. A key already connected elsewhere is moved; the previous
+// server is returned.
+func (r *Registry) AddSession(_ context.Context, mid int64, key, server string, conn uint64) (string, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	return r.add(mid, key, server, conn), nil
+}
+
+func (r *Registry) add(mid int64, key, server string, conn uint64) string {
 	prev, had := r.byKey[key]
 	if had && prev.mid != mid {
 		r.unlinkMid(prev.mid, key)
 	}
-	r.byKey[key] = session{mid: mid, server: server, expires: r.now().Add(r.sessionTTL)}
+	r.byKey[key] = session{mid: mid, server: server, conn: conn, expires: r.now().Add(r.sessionTTL)}
 	keys := r.byMid[mid]
 	if keys == nil {
 		keys = map[string]struct{}{}
@@ -69,29 +75,44 @@ func (r *Registry) AddSession(_ context.Context, mid int64, key, server string) 
 	}
 	keys[key] = struct{}{}
 	if had && prev.server != server && r.now().Before(prev.expires) {
-		return prev.server, nil
+		return prev.server
 	}
-	return "", nil
+	return ""
 }
 
 // RenewSession extends a session's life; it re-creates one that expired.
-func (r *Registry) RenewSession(ctx context.Context, mid int64, key, server string) error {
-	_, err := r.AddSession(ctx, mid, key, server)
-	return err
+// A live session of another connection (conn differs) is left alone: the
+// heartbeat comes from a connection that was replaced.
+func (r *Registry) RenewSession(_ context.Context, mid int64, key, server string, conn uint64) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if s, ok := r.byKey[key]; ok && otherConn(s.conn, conn) && r.now().Before(s.expires) {
+		return nil
+	}
+	r.add(mid, key, server, conn)
+	return nil
 }
 
-// DelSession removes key's session if it is still on server; it reports
-// whether it did.
-func (r *Registry) DelSession(_ context.Context, mid int64, key, server string) (bool, error) {
+// DelSession removes key's session if it is still mid's on server as
+// connection conn; it reports whether it did.
+func (r *Registry) DelSession(_ context.Context, mid int64, key, server string, conn uint64) (bool, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	s, ok := r.byKey[key]
-	if !ok || s.server != server || s.mid != mid {
+	if !ok || s.server != server || s.mid != mid || otherConn(s.conn, conn) {
 		return false, nil
 	}
 	delete(r.byKey, key)
 	r.unlinkMid(mid, key)
 	return true, nil
+}
+
+// otherConn reports whether a session stored for connection stored is
+// another connection's than conn. 0 on either side is a connection of an
+// older node or one registered through an older logic, which names none:
+// it matches, as sessions did before they were named.
+func otherConn(stored, conn uint64) bool {
+	return stored != 0 && conn != 0 && stored != conn
 }
 
 func (r *Registry) unlinkMid(mid int64, key string) {

@@ -17,7 +17,8 @@ import (
 // Registry keeps sessions and cloud nodes in Redis, shared by every logic
 // and job node of a cluster. Keys, under a prefix:
 //
-//	key:{key}   hash mid, server     a session; expires without heartbeats
+//	key:{key}   hash mid, server,    a session; expires without heartbeats
+//	            conn                 (conn: the connection on server; absent = 0)
 //	mid:{mid}   hash key → server    a user's keys; entries are checked against key:{key}
 //	node:{id}   NodeInfo (protobuf)  a cloud node; expires unless renewed
 //	nodes       set of node ids      stale ids are dropped when read
@@ -39,28 +40,42 @@ func (r *Registry) nodeKey(id string) string { return r.prefix + "node:" + id }
 func (r *Registry) nodesKey() string         { return r.prefix + "nodes" }
 
 // addSession records the session and returns the server that held the key
-// before, atomically.
+// before, atomically. ARGV[6] "1" makes it a renewal: a live session of
+// another connection (both conns named, and different) is left alone.
 var addSession = goredis.NewScript(`
-local prev = redis.call('HGET', KEYS[1], 'server')
-redis.call('HSET', KEYS[1], 'mid', ARGV[1], 'server', ARGV[2])
+local s = redis.call('HMGET', KEYS[1], 'server', 'conn')
+local prev = s[1]
+if ARGV[6] == '1' and prev and ARGV[5] ~= '0' and s[2] and s[2] ~= '0' and s[2] ~= ARGV[5] then return false end
+redis.call('HSET', KEYS[1], 'mid', ARGV[1], 'server', ARGV[2], 'conn', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[4], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 if prev == ARGV[2] then return false end
 return prev`)
 
-// delSession deletes the session only if it is still mid's on server.
+// delSession deletes the session only if it is still mid's on server as
+// connection ARGV[4]. A conn of 0 on either side (absent: stored by an
+// older logic) matches any connection.
 var delSession = goredis.NewScript(`
-local s = redis.call('HMGET', KEYS[1], 'mid', 'server')
+local s = redis.call('HMGET', KEYS[1], 'mid', 'server', 'conn')
 if s[1] ~= ARGV[1] or s[2] ~= ARGV[2] then return 0 end
+if ARGV[4] ~= '0' and s[3] and s[3] ~= '0' and s[3] ~= ARGV[4] then return 0 end
 redis.call('DEL', KEYS[1])
 redis.call('HDEL', KEYS[2], ARGV[3])
 return 1`)
 
-// AddSession records key (of user mid) on server.
-func (r *Registry) AddSession(ctx context.Context, mid int64, key, server string) (string, error) {
+// AddSession records key (of user mid) on server as connection conn.
+func (r *Registry) AddSession(ctx context.Context, mid int64, key, server string, conn uint64) (string, error) {
+	return r.addSession(ctx, mid, key, server, conn, false)
+}
+
+func (r *Registry) addSession(ctx context.Context, mid int64, key, server string, conn uint64, renew bool) (string, error) {
+	renewArg := "0"
+	if renew {
+		renewArg = "1"
+	}
 	prev, err := addSession.Run(ctx, r.rdb, []string{r.keyKey(key), r.midKey(mid)},
-		mid, server, r.sessionTTL.Milliseconds(), key).Text()
+		mid, server, r.sessionTTL.Milliseconds(), key, strconv.FormatUint(conn, 10), renewArg).Text()
 	if errors.Is(err, goredis.Nil) {
 		return "", nil
 	}
@@ -71,14 +86,18 @@ func (r *Registry) AddSession(ctx context.Context, mid int64, key, server string
 }
 
 // RenewSession extends a session's life; it re-creates one that expired.
-func (r *Registry) RenewSession(ctx context.Context, mid int64, key, server string) error {
-	_, err := r.AddSession(ctx, mid, key, server)
+// A live session of another connection is left alone: the heartbeat comes
+// from a connection that was replaced.
+func (r *Registry) RenewSession(ctx context.Context, mid int64, key, server string, conn uint64) error {
+	_, err := r.addSession(ctx, mid, key, server, conn, true)
 	return err
 }
 
-// DelSession removes key's session if it is still mid's on server.
-func (r *Registry) DelSession(ctx context.Context, mid int64, key, server string) (bool, error) {
-	n, err := delSession.Run(ctx, r.rdb, []string{r.keyKey(key), r.midKey(mid)}, mid, server, key).Int()
+// DelSession removes key's session if it is still mid's on server as
+// connection conn (0 on either side matches any: an older node or logic).
+func (r *Registry) DelSession(ctx context.Context, mid int64, key, server string, conn uint64) (bool, error) {
+	n, err := delSession.Run(ctx, r.rdb, []string{r.keyKey(key), r.midKey(mid)},
+		mid, server, key, strconv.FormatUint(conn, 10)).Int()
 	if err != nil {
 		return false, fmt.Errorf("redis delete session %s: %w", key, err)
 	}

@@ -15,9 +15,9 @@ import (
 
 // Registry is the contract under test (stages/logic.Registry).
 type Registry interface {
-	AddSession(ctx context.Context, mid int64, key, server string) (string, error)
-	RenewSession(ctx context.Context, mid int64, key, server string) error
-	DelSession(ctx context.Context, mid int64, key, server string) (bool, error)
+	AddSession(ctx context.Context, mid int64, key, server string, conn uint64) (string, error)
+	RenewSession(ctx context.Context, mid int64, key, server string, conn uint64) error
+	DelSession(ctx context.Context, mid int64, key, server string, conn uint64) (bool, error)
 	ServersByKeys(ctx context.Context, keys []string) (map[string]string, error)
 	KeysByMids(ctx context.Context, mids []int64) (map[int64]map[string]string, error)
 	RenewNode(ctx context.Context, node *pb.NodeInfo) (map[string]int32, error)
@@ -31,6 +31,7 @@ type Factory func(t *testing.T, sessionTTL, nodeTTL time.Duration) Registry
 // Run runs the contract against registries from newRegistry.
 func Run(t *testing.T, newRegistry Factory) {
 	t.Run("sessions", func(t *testing.T) { sessions(t, checked{t, newRegistry(t, time.Minute, time.Minute)}) })
+	t.Run("connections", func(t *testing.T) { connections(t, checked{t, newRegistry(t, time.Minute, time.Minute)}) })
 	t.Run("session expiry", func(t *testing.T) { sessionExpiry(t, checked{t, newRegistry(t, time.Second, time.Minute)}) })
 	t.Run("nodes", func(t *testing.T) { nodes(t, checked{t, newRegistry(t, time.Minute, time.Second)}) })
 }
@@ -50,19 +51,34 @@ func (c checked) fatal(err error) {
 
 func (c checked) add(mid int64, key, server string) string {
 	c.t.Helper()
-	prev, err := c.r.AddSession(context.Background(), mid, key, server)
+	return c.addConn(mid, key, server, 0)
+}
+
+func (c checked) addConn(mid int64, key, server string, conn uint64) string {
+	c.t.Helper()
+	prev, err := c.r.AddSession(context.Background(), mid, key, server, conn)
 	c.fatal(err)
 	return prev
 }
 
 func (c checked) renew(mid int64, key, server string) {
 	c.t.Helper()
-	c.fatal(c.r.RenewSession(context.Background(), mid, key, server))
+	c.renewConn(mid, key, server, 0)
+}
+
+func (c checked) renewConn(mid int64, key, server string, conn uint64) {
+	c.t.Helper()
+	c.fatal(c.r.RenewSession(context.Background(), mid, key, server, conn))
 }
 
 func (c checked) del(mid int64, key, server string) bool {
 	c.t.Helper()
-	had, err := c.r.DelSession(context.Background(), mid, key, server)
+	return c.delConn(mid, key, server, 0)
+}
+
+func (c checked) delConn(mid int64, key, server string, conn uint64) bool {
+	c.t.Helper()
+	had, err := c.r.DelSession(context.Background(), mid, key, server, conn)
 	c.fatal(err)
 	return had
 }
@@ -135,6 +151,64 @@ func sessions(t *testing.T, r checked) {
 	r.add(5, "b", "n2")
 	if keys, _ := r.mids(1); !maps.Equal(keys, map[string]string{"a": "n1"}) {
 		t.Fatalf("mid 1 keys after b moved to mid 5: %v", keys)
+	}
+}
+
+// connections: a key's session belongs to one connection. Connection 1 of
+// key k closing while connection 2 of the same key registers on the same
+// server (the reconnect race: 2's Connect lands before 1's Disconnect)
+// must leave 2 registered, and 1's late heartbeat must not take the
+// session back.
+func connections(t *testing.T, r checked) {
+	r.addConn(7, "k", "n1", 1)
+	r.addConn(7, "k", "n1", 2)
+	if had := r.delConn(7, "k", "n1", 1); had {
+		t.Fatal("the replaced connection's disconnect deleted its successor's session")
+	}
+	if s := r.servers("k"); s["k"] != "n1" {
+		t.Fatalf("key k offline after its replaced connection left: %v", s)
+	}
+	r.renewConn(7, "k", "n1", 1)
+	if had := r.delConn(7, "k", "n1", 1); had {
+		t.Fatal("the replaced connection's heartbeat took the session back")
+	}
+	if had := r.delConn(7, "k", "n1", 2); !had {
+		t.Fatal("the live connection's disconnect did not delete its session")
+	}
+	if s := r.servers("k"); len(s) != 0 {
+		t.Fatalf("key k online after its connection left: %v", s)
+	}
+	// A heartbeat of a session that expired (or was never seen) re-creates it.
+	r.renewConn(7, "k", "n1", 3)
+	if had := r.delConn(7, "k", "n1", 3); !had {
+		t.Fatal("heartbeat did not re-create the missing session")
+	}
+	// conn 0 comes from an older cloud node that does not name its
+	// connections: its disconnect matches by server, as before.
+	r.addConn(8, "old", "n1", 0)
+	if had := r.delConn(8, "old", "n1", 0); !had {
+		t.Fatal("disconnect without a connection id did not delete the session")
+	}
+	r.addConn(8, "old", "n1", 4)
+	if had := r.delConn(8, "old", "n2", 4); had {
+		t.Fatal("disconnect from another server deleted the session")
+	}
+	if had := r.delConn(8, "old", "n1", 0); !had {
+		t.Fatal("disconnect without a connection id did not delete a named session")
+	}
+	// A session stored without an id (through an older logic) is taken
+	// over by its connection's heartbeat and deleted by its disconnect.
+	r.addConn(9, "unnamed", "n1", 0)
+	r.renewConn(9, "unnamed", "n1", 5)
+	if had := r.delConn(9, "unnamed", "n1", 6); had {
+		t.Fatal("the heartbeat did not name the unnamed session: another connection's disconnect deleted it")
+	}
+	if had := r.delConn(9, "unnamed", "n1", 5); !had {
+		t.Fatal("disconnect of the connection that named the session did not delete it")
+	}
+	r.addConn(9, "unnamed", "n1", 0)
+	if had := r.delConn(9, "unnamed", "n1", 7); !had {
+		t.Fatal("a named disconnect did not delete a session stored without an id")
 	}
 }
 

@@ -26,8 +26,14 @@ type ConnectReq struct {
 	// Node id of the cloud node the client is connected to.
 	Server string `protobuf:"bytes,1,opt,name=server,proto3" json:"server,omitempty"`
 	// The auth packet body exactly as the client sent it.
-	Token         []byte `protobuf:"bytes,2,opt,name=token,proto3" json:"token,omitempty"`
-	RemoteAddr    string `protobuf:"bytes,3,opt,name=remote_addr,json=remoteAddr,proto3" json:"remote_addr,omitempty"`
+	Token      []byte `protobuf:"bytes,2,opt,name=token,proto3" json:"token,omitempty"`
+	RemoteAddr string `protobuf:"bytes,3,opt,name=remote_addr,json=remoteAddr,proto3" json:"remote_addr,omitempty"`
+	// Names this connection among every connection of the node: the
+	// registry keeps it with the session, and a Disconnect or Heartbeat for
+	// another connection of the same key leaves the session alone (a closing
+	// connection once deleted the registration of the one replacing it).
+	// 0: not sent (an older node); the session is matched by server alone.
+	Conn          uint64 `protobuf:"varint,4,opt,name=conn,proto3" json:"conn,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -81,6 +87,13 @@ func (x *ConnectReq) GetRemoteAddr() string {
 		return x.RemoteAddr
 	}
 	return ""
+}
+
+func (x *ConnectReq) GetConn() uint64 {
+	if x != nil {
+		return x.Conn
+	}
+	return 0
 }
 
 type ConnectReply struct {
@@ -208,10 +221,12 @@ func (x *ConnectReply) GetSessionTtl() int64 {
 }
 
 type DisconnectReq struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Mid           int64                  `protobuf:"varint,1,opt,name=mid,proto3" json:"mid,omitempty"`
-	Key           string                 `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
-	Server        string                 `protobuf:"bytes,3,opt,name=server,proto3" json:"server,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Mid    int64                  `protobuf:"varint,1,opt,name=mid,proto3" json:"mid,omitempty"`
+	Key    string                 `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
+	Server string                 `protobuf:"bytes,3,opt,name=server,proto3" json:"server,omitempty"`
+	// The conn of the session's ConnectReq; 0 from an older node.
+	Conn          uint64 `protobuf:"varint,4,opt,name=conn,proto3" json:"conn,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -267,6 +282,13 @@ func (x *DisconnectReq) GetServer() string {
 	return ""
 }
 
+func (x *DisconnectReq) GetConn() uint64 {
+	if x != nil {
+		return x.Conn
+	}
+	return 0
+}
+
 type DisconnectReply struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Has           bool                   `protobuf:"varint,1,opt,name=has,proto3" json:"has,omitempty"`
@@ -312,10 +334,12 @@ func (x *DisconnectReply) GetHas() bool {
 }
 
 type HeartbeatReq struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Mid           int64                  `protobuf:"varint,1,opt,name=mid,proto3" json:"mid,omitempty"`
-	Key           string                 `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
-	Server        string                 `protobuf:"bytes,3,opt,name=server,proto3" json:"server,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Mid    int64                  `protobuf:"varint,1,opt,name=mid,proto3" json:"mid,omitempty"`
+	Key    string                 `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
+	Server string                 `protobuf:"bytes,3,opt,name=server,proto3" json:"server,omitempty"`
+	// The conn of the session's ConnectReq; 0 from an older node.
+	Conn          uint64 `protobuf:"varint,4,opt,name=conn,proto3" json:"conn,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -369,6 +393,13 @@ func (x *HeartbeatReq) GetServer() string {
 		return x.Server
 	}
 	return ""
+}
+
+func (x *HeartbeatReq) GetConn() uint64 {
+	if x != nil {
+		return x.Conn
+	}
+	return 0
 }
 
 type HeartbeatReply struct {
@@ -873,13 +904,14 @@ const file_logic_proto_rawDesc = "" +
 	"\n" +
 	"\vlogic.proto\x12\n" +
 	"imcloud.v1\x1a\n" +
-	"push.proto\"[\n" +
+	"push.proto\"o\n" +
 	"\n" +
 	"ConnectReq\x12\x16\n" +
 	"\x06server\x18\x01 \x01(\tR\x06server\x12\x14\n" +
 	"\x05token\x18\x02 \x01(\fR\x05token\x12\x1f\n" +
 	"\vremote_addr\x18\x03 \x01(\tR\n" +
-	"remoteAddr\"\x98\x02\n" +
+	"remoteAddr\x12\x12\n" +
+	"\x04conn\x18\x04 \x01(\x04R\x04conn\"\x98\x02\n" +
 	"\fConnectReply\x12\x10\n" +
 	"\x03mid\x18\x01 \x01(\x03R\x03mid\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\tR\x03key\x12\x14\n" +
@@ -894,17 +926,19 @@ const file_logic_proto_rawDesc = "" +
 	"any_accept\x18\t \x01(\bR\tanyAccept\x12\x1f\n" +
 	"\vsession_ttl\x18\n" +
 	" \x01(\x03R\n" +
-	"sessionTtl\"K\n" +
+	"sessionTtl\"_\n" +
 	"\rDisconnectReq\x12\x10\n" +
 	"\x03mid\x18\x01 \x01(\x03R\x03mid\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\tR\x03key\x12\x16\n" +
-	"\x06server\x18\x03 \x01(\tR\x06server\"#\n" +
+	"\x06server\x18\x03 \x01(\tR\x06server\x12\x12\n" +
+	"\x04conn\x18\x04 \x01(\x04R\x04conn\"#\n" +
 	"\x0fDisconnectReply\x12\x10\n" +
-	"\x03has\x18\x01 \x01(\bR\x03has\"J\n" +
+	"\x03has\x18\x01 \x01(\bR\x03has\"^\n" +
 	"\fHeartbeatReq\x12\x10\n" +
 	"\x03mid\x18\x01 \x01(\x03R\x03mid\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\tR\x03key\x12\x16\n" +
-	"\x06server\x18\x03 \x01(\tR\x06server\"\x10\n" +
+	"\x06server\x18\x03 \x01(\tR\x06server\x12\x12\n" +
+	"\x04conn\x18\x04 \x01(\x04R\x04conn\"\x10\n" +
 	"\x0eHeartbeatReply\":\n" +
 	"\x0eRenewOnlineReq\x12(\n" +
 	"\x04node\x18\x01 \x01(\v2\x14.imcloud.v1.NodeInfoR\x04node\"\x93\x03\n" +

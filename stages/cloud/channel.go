@@ -59,6 +59,7 @@ const maxWriteBatch = 128
 type channel struct {
 	mid    int64
 	key    string
+	conn   uint64 // names the connection to the parker and in logic's registry
 	ip     string
 	t      transport
 	logger *slog.Logger

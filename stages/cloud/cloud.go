@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"sync"
@@ -70,7 +71,10 @@ type Stage struct {
 
 	disconnectSlots chan struct{} // one per Disconnect call in flight
 	parker          *parker       // nil: every connection keeps its reader
-	parkIDs         atomic.Uint64
+	// parkIDs names each connection, to the parker and in logic's
+	// registry (ConnectReq.conn); it starts at random so that a restarted
+	// node's connections are not taken for its earlier ones.
+	parkIDs atomic.Uint64
 
 	connMu   sync.RWMutex // orders conns.Add before Drain's Wait
 	draining bool
@@ -131,6 +135,7 @@ func New(cfg config.Cloud, o Options) *Stage {
 	}
 	s.roomOnline.Store(&map[string]int32{})
 	s.reported.Store(&map[string]struct{}{})
+	s.parkIDs.Store(rand.Uint64())
 	return s
 }
 

@@ -56,7 +56,7 @@ func (s *Stage) serve(t transport) {
 // session runs an authenticated connection until it ends.
 func (s *Stage) session(ch *channel, remote string) {
 	b := bucketFor(s.buckets, ch.key)
-	r := &reader{s: s, ch: ch, b: b, id: s.parkIDs.Add(1), last: time.Now()}
+	r := &reader{s: s, ch: ch, b: b, id: ch.conn, last: time.Now()}
 	defer func() {
 		// Only what comes before the reader runs can panic here: the
 		// reader recovers its own. The connection ends, not the node.
@@ -98,7 +98,7 @@ func (s *Stage) endSession(ch *channel, b *bucket, err error) {
 	defer func() { <-s.disconnectSlots }()
 	ctx, cancel := context.WithTimeout(context.Background(), logicCallTimeout)
 	defer cancel()
-	if _, derr := s.logic.Disconnect(ctx, &pb.DisconnectReq{Mid: ch.mid, Key: ch.key, Server: s.nodeID}); derr != nil {
+	if _, derr := s.logic.Disconnect(ctx, &pb.DisconnectReq{Mid: ch.mid, Key: ch.key, Server: s.nodeID, Conn: ch.conn}); derr != nil {
 		s.logger.Warn("report disconnect to logic", "mid", ch.mid, "key", ch.key, "err", derr)
 	}
 	s.logger.Debug("client disconnected", "mid", ch.mid, "key", ch.key, "err", err)
@@ -157,11 +157,17 @@ func (s *Stage) handshake(t transport) (*channel, error) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), logicCallTimeout)
 	defer cancel()
-	reply, err := s.logic.Connect(ctx, &pb.ConnectReq{Server: s.nodeID, Token: ps[0].Body, RemoteAddr: t.RemoteAddr().String()})
+	conn := s.connID()
+	reply, err := s.logic.Connect(ctx, &pb.ConnectReq{Server: s.nodeID, Token: ps[0].Body, RemoteAddr: t.RemoteAddr().String(), Conn: conn})
 	if err != nil {
-		if status.Code(err) == codes.Unauthenticated {
+		switch status.Code(err) {
+		case codes.Unauthenticated:
 			t.Close(closeAuthFailed, "authentication failed")
-		} else {
+		case codes.ResourceExhausted:
+			// logic.connect_rate or logic.max_sessions_per_mid: the client
+			// backs off on 4029 rather than reconnecting at once.
+			t.Close(closeRateLimited, "too many connections, try again later")
+		default:
 			t.Close(closeTryAgain, "authentication unavailable, try again later")
 		}
 		return nil, fmt.Errorf("connect to logic: %w", err)
@@ -175,11 +181,11 @@ func (s *Stage) handshake(t transport) (*channel, error) {
 	}
 	if len(rooms) > s.cfg.MaxRooms {
 		t.Close(closeCode(errTooManyRooms))
-		s.forget(reply.Mid, reply.Key)
+		s.forget(reply.Mid, reply.Key, conn)
 		return nil, fmt.Errorf("%w: the token joins %d rooms, cloud.max_rooms is %d", errTooManyRooms, len(rooms), s.cfg.MaxRooms)
 	}
 	ch := newChannel(t, s.cfg.SendQueue, s.cfg.SendQueueBytes, &s.slowConsumers, s.logger)
-	ch.mid, ch.key = reply.Mid, reply.Key
+	ch.mid, ch.key, ch.conn = reply.Mid, reply.Key, conn
 	ch.ip, _, _ = net.SplitHostPort(t.RemoteAddr().String())
 	ch.rooms = rooms
 	ch.grants = &grants{
@@ -195,7 +201,7 @@ func (s *Stage) handshake(t transport) (*channel, error) {
 	if len(reply.Accepts) > 0 {
 		if err := ch.setAccepts(reply.Accepts, true); err != nil {
 			t.Close(closeInternal, "internal error")
-			s.forget(reply.Mid, reply.Key)
+			s.forget(reply.Mid, reply.Key, conn)
 			return nil, fmt.Errorf("token accepts: %w", err)
 		}
 	}
@@ -232,12 +238,22 @@ func validReply(reply *pb.ConnectReply, rooms []string) error {
 	return nil
 }
 
+// connID names a new connection; 0 is never used, it means "not named"
+// to logic (an older node).
+func (s *Stage) connID() uint64 {
+	for {
+		if id := s.parkIDs.Add(1); id != 0 {
+			return id
+		}
+	}
+}
+
 // forget tells logic that a session it registered in Connect was refused
 // here.
-func (s *Stage) forget(mid int64, key string) {
+func (s *Stage) forget(mid int64, key string, conn uint64) {
 	ctx, cancel := context.WithTimeout(context.Background(), logicCallTimeout)
 	defer cancel()
-	if _, err := s.logic.Disconnect(ctx, &pb.DisconnectReq{Mid: mid, Key: key, Server: s.nodeID}); err != nil {
+	if _, err := s.logic.Disconnect(ctx, &pb.DisconnectReq{Mid: mid, Key: key, Server: s.nodeID, Conn: conn}); err != nil {
 		s.logger.Warn("report refused session to logic", "mid", mid, "key", key, "err", err)
 	}
 }
@@ -392,7 +408,7 @@ func (s *Stage) handle(ch *channel, b *bucket, p wire.Packet) error {
 			return nil
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), logicCallTimeout)
-		_, err := s.logic.Heartbeat(ctx, &pb.HeartbeatReq{Mid: ch.mid, Key: ch.key, Server: s.nodeID})
+		_, err := s.logic.Heartbeat(ctx, &pb.HeartbeatReq{Mid: ch.mid, Key: ch.key, Server: s.nodeID, Conn: ch.conn})
 		cancel()
 		if err != nil {
 			s.logger.Warn("renew session with logic", "key", ch.key, "err", err)

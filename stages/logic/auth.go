@@ -98,6 +98,11 @@ func (a jwtAuth) Authenticate(body []byte) (Identity, error) {
 	if err != nil {
 		return Identity{}, fmt.Errorf("%w: %w", ErrUnauthenticated, err)
 	}
+	// Checked once the signature verified: an unsigned token costs no
+	// more than before.
+	if err := strictToken(string(body)); err != nil {
+		return Identity{}, fmt.Errorf("%w: %w", ErrUnauthenticated, err)
+	}
 	return identity(c.Mid, c.Key, c.Rooms, c.Platform, c.Accepts, false)
 }
 

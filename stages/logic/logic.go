@@ -65,8 +65,8 @@ func New(cfg config.Logic, o Options) (*Stage, error) {
 		heartbeat: o.Heartbeat,
 		pusher:    &Pusher{registry: o.Registry, publisher: o.Publisher, topic: o.PushTopic},
 		replies:   o.Replies,
-		grpc: &grpcServer{auth: auth, registry: o.Registry, logger: o.Logger, sessionTTL: cfg.SessionTTL,
-			replacer: &replacer{registry: o.Registry, logger: o.Logger, clouds: cloudconn.New(o.CloudDial...)}},
+		grpc: newGRPCServer(cfg, auth, o.Registry,
+			&replacer{registry: o.Registry, logger: o.Logger, clouds: cloudconn.New(o.CloudDial...)}, o.Logger),
 		logger:  o.Logger,
 		failLog: rate.NewLimiter(1, 5),
 	}, nil

@@ -10,11 +10,16 @@ import (
 // themselves. adapters/memory and adapters/redis implement it; both pass
 // adapters/registrytest.
 type Registry interface {
-	// AddSession records key (of user mid) on server and returns the server
-	// that held key before, if another one did.
-	AddSession(ctx context.Context, mid int64, key, server string) (prev string, err error)
-	RenewSession(ctx context.Context, mid int64, key, server string) error
-	DelSession(ctx context.Context, mid int64, key, server string) (bool, error)
+	// AddSession records key (of user mid) on server as connection conn
+	// and returns the server that held key before, if another one did.
+	AddSession(ctx context.Context, mid int64, key, server string, conn uint64) (prev string, err error)
+	// RenewSession extends the session of connection conn, re-creating it
+	// if it expired; it leaves a live session of another connection alone.
+	RenewSession(ctx context.Context, mid int64, key, server string, conn uint64) error
+	// DelSession deletes key's session if it is mid's on server as
+	// connection conn, and reports whether it did. conn 0, given or
+	// stored (an older cloud node or logic), matches any connection.
+	DelSession(ctx context.Context, mid int64, key, server string, conn uint64) (bool, error)
 	// ServersByKeys maps live keys to servers; absent keys are offline.
 	ServersByKeys(ctx context.Context, keys []string) (map[string]string, error)
 	// KeysByMids maps each user with live keys to its keys and their

@@ -88,7 +88,7 @@ func TestRoomClaimGrants(t *testing.T) {
 func TestGRPCRefusesInvalidStrings(t *testing.T) {
 	reg := memory.New(time.Minute, time.Minute)
 	auth, _ := NewAuthenticator(config.Auth{Mode: "insecure-json"})
-	s := &grpcServer{auth: auth, registry: reg, logger: slog.New(slog.DiscardHandler), sessionTTL: 10 * time.Minute}
+	s := newGRPCServer(config.Default().Logic, auth, reg, nil, slog.New(slog.DiscardHandler))
 	ctx := context.Background()
 	node := func(edit func(*pb.NodeInfo)) *pb.RenewOnlineReq {
 		n := &pb.NodeInfo{Id: "n1", GrpcAddr: "10.0.0.1:3109", Host: "push1", RoomCount: map[string]int32{"live://1": 1}}
