@@ -96,6 +96,11 @@ func (c Cluster) Authenticated() bool { return c.Secret != "" || c.MTLS() }
 // over the network, a short word does not).
 const MinClusterSecret = 16
 
+// MinJWTSecret is the shortest HS256 client-token secret Exposures does
+// not warn about: RFC 7518 §3.2 asks for a key as long as the hash, 32
+// bytes for HS256.
+const MinJWTSecret = 32
+
 // MinAPIKey is the shortest entry accepted in logic.api_keys: an empty key
 // would let "Authorization: Bearer " through, and a short one can be
 // guessed over the network; 16 characters as for the cluster secret.
@@ -724,6 +729,15 @@ func (c Config) Exposures() []string {
 			out = append(out, fmt.Sprintf("internal gRPC beyond loopback without mutual TLS (%s): cluster.secret travels in clear; "+
 				"set cluster.tls_cert_file, tls_key_file and tls_ca_file where others can read the network", strings.Join(clear, ", ")))
 		}
+	}
+	if c.Has(StageLogic) && c.Logic.Auth.Mode == AuthInsecureJSON {
+		out = append(out, "logic.auth.mode = \"insecure-json\": clients are trusted as they claim (any mid, any room, any operation); use jwt outside a trusted network")
+	}
+	if c.Has(StageLogic) && c.Logic.Auth.Mode == AuthJWT && c.Logic.Auth.JWTPublicKeyFile == "" && c.Logic.Auth.JWTSecret != "" && len(c.Logic.Auth.JWTSecret) < MinJWTSecret {
+		out = append(out, fmt.Sprintf("logic.auth.jwt_secret is %d characters: an HS256 secret that short can be guessed offline from one token; use at least %d random ones (e.g. openssl rand -hex 32)", len(c.Logic.Auth.JWTSecret), MinJWTSecret))
+	}
+	if c.Has(StageCloud) && slices.Contains(c.Cloud.AllowedOrigins, "*") {
+		out = append(out, "cloud.allowed_origins contains \"*\": any web page may open WebSocket connections with its visitors' tokens; list your sites instead")
 	}
 	if c.Admin.Addr != "" && !IsLoopback(c.Admin.Addr) {
 		out = append(out, fmt.Sprintf("admin.addr %q: profiles and goroutine dumps are served beyond loopback; bind it to 127.0.0.1 or firewall it", c.Admin.Addr))

@@ -189,12 +189,15 @@ func TestExposures(t *testing.T) {
 		{"secret to remote cloud nodes", []string{"stages=job", "cluster.secret=0123456789abcdef", "job.cloud_addrs=127.0.0.1:3109,cloud2.internal:3109"}, []string{"job.cloud_addrs"}},
 		{"secret to local cloud nodes", []string{"stages=job", "cluster.secret=0123456789abcdef", "job.cloud_addrs=127.0.0.1:3109,localhost:3109"}, nil},
 		{"cloud advertised beyond loopback", []string{"stages=cloud", "cluster.secret=0123456789abcdef", "cloud.advertise_addr=10.0.0.11:3109"}, []string{"cloud.advertise_addr"}},
+		{"short client-token secret", []string{"logic.http_addr=127.0.0.1:3111", "logic.auth.jwt_secret=short"}, []string{"logic.auth.jwt_secret"}},
+		{"clients trusted as they claim", []string{"logic.http_addr=127.0.0.1:3111", "logic.auth.mode=insecure-json"}, []string{"insecure-json"}},
+		{"any origin", []string{"logic.http_addr=127.0.0.1:3111", "cloud.allowed_origins=*"}, []string{"cloud.allowed_origins"}},
 		{"remote peers with mutual TLS", append([]string{"stages=cloud,job", "cluster.secret=0123456789abcdef", "cloud.logic_addr=10.0.0.1:3119",
 			"cloud.advertise_addr=10.0.0.11:3109", "job.cloud_addrs=cloud2.internal:3109"}, "cluster.tls_cert_file=c.pem", "cluster.tls_key_file=k.pem", "cluster.tls_ca_file=ca.pem"), nil},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			cfg, err := Load(Sources{Sets: append([]string{"logic.auth.jwt_secret=s"}, tt.sets...)})
+			cfg, err := Load(Sources{Sets: append([]string{"logic.auth.jwt_secret=0123456789abcdef0123456789abcdef"}, tt.sets...)})
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -325,7 +325,16 @@ func printWelcome(w io.Writer, cfg config.Config, a node.Addrs) {
 	fmt.Fprintf(w, "Push to the room:\n  curl -X POST%s 'http://%s/im/push/room?operation=1000&type=live&room=1000' -d 'hello room'\n", auth, api)
 	if a.CloudWS != "" {
 		ws := "ws://" + localURL(a.CloudWS) + "/sub"
-		fmt.Fprintf(w, "Watch it arrive:\n  imcloud listen --ws %s --token '%s'\n", ws, token)
+		fmt.Fprintf(w, "Watch it arrive:\n  %s listen --ws %s --token '%s'\n", executable(), ws, token)
 		fmt.Fprintf(w, "Clients connect to %s and send the token as an op 7 packet (see README).\n", ws)
 	}
+}
+
+// executable is how the user ran this binary (bin/imcloud after make run),
+// so the commands the welcome prints run as printed.
+func executable() string {
+	if len(os.Args) > 0 && os.Args[0] != "" {
+		return os.Args[0]
+	}
+	return "imcloud"
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -289,6 +290,7 @@ func TestOnly503ForADependencyThatIsDown(t *testing.T) {
 		status int
 	}{
 		{"broker down", apiOptions{pub: &recordingPublisher{fail: errors.New("connection refused")}}, "/im/push/all?operation=1000", nil, 503},
+		{"queue full", apiOptions{pub: &recordingPublisher{fail: fmt.Errorf("publish: %w", pipeline.ErrQueueFull)}}, "/im/push/all?operation=1000", nil, 503},
 		{"registry down (keys)", apiOptions{registry: failingRegistry{Registry: mem, down: true}}, "/im/push/keys?operation=1000&keys=k1", nil, 503},
 		{"registry down (room)", apiOptions{registry: failingRegistry{Registry: mem, down: true}}, "/goim/push/room?operation=1000&type=live&room=1", nil, 503},
 		{"registry down (stats)", apiOptions{registry: failingRegistry{Registry: mem, down: true}}, "/im/online/total", nil, 503},
@@ -304,6 +306,9 @@ func TestOnly503ForADependencyThatIsDown(t *testing.T) {
 			}
 			r := a.do(method, tt.path, "", "x", tt.header)
 			retry := r.header.Get("Retry-After") != ""
+			if tt.name == "queue full" && !strings.Contains(deref(r.Msg), "queue full") {
+				t.Fatalf("a full queue answered %q, want it named", deref(r.Msg))
+			}
 			if r.status != tt.status || r.Code != -tt.status || retry != (tt.status == 503) {
 				t.Fatalf("status %d code %d Retry-After %q (%v); want %d, Retry-After only with 503",
 					r.status, r.Code, r.header.Get("Retry-After"), deref(r.Msg), tt.status)

@@ -175,7 +175,7 @@ func identity(mid int64, key string, rooms []string, platform string, accepts []
 // IssueToken signs an HS256 client token for the claims, valid for ttl.
 func IssueToken(secret string, c Claims, ttl time.Duration) (string, error) {
 	if secret == "" {
-		return "", errors.New("no jwt secret configured (logic.auth.jwt_secret or --key)")
+		return "", errors.New("no jwt secret configured: set logic.auth.jwt_secret (e.g. IMCLOUD_LOGIC__AUTH__JWT_SECRET in the environment)")
 	}
 	now := time.Now()
 	c.IssuedAt = jwt.NewNumericDate(now)

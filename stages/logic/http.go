@@ -24,6 +24,7 @@ import (
 	"github.com/google/uuid"
 
 	"imcloud/idempotency"
+	"imcloud/pipeline"
 	"imcloud/proto/wire"
 )
 
@@ -569,7 +570,11 @@ func (st *Stage) publish(ctx context.Context, ex exchange, t target, push Push, 
 		release()
 		st.logFailure(ctx, "push not accepted", "route", name, "correlation_id", push.CorrelationID, "err", err)
 		w.Header().Set("Retry-After", "1")
-		writeError(w, http.StatusServiceUnavailable, "broker unavailable, retry later")
+		msg := "broker unavailable, retry later"
+		if errors.Is(err, pipeline.ErrQueueFull) {
+			msg = "push queue full, retry later"
+		}
+		writeError(w, http.StatusServiceUnavailable, msg)
 	case errors.Is(err, ErrRegistry):
 		release()
 		st.logFailure(ctx, "push not resolved", "route", name, "correlation_id", push.CorrelationID, "err", err)
