@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"sync"
@@ -90,9 +89,9 @@ type tcpTransport struct {
 	conn   net.Conn
 	br     *bufio.Reader
 	budget *readBudget
-	r    *wire.Reader
-	bufs *sync.Pool
-	dl   deadline
+	r      *wire.Reader
+	bufs   *sync.Pool
+	dl     deadline
 }
 
 // readBuffer is a connection's read buffer. Clients mostly send
@@ -276,7 +275,9 @@ func upgrader(allowed []string) *websocket.Upgrader {
 // ownReader makes gorilla read a WebSocket through a bufio.Reader the
 // node holds, so that it can tell whether a frame is already buffered
 // before letting the connection wait without a reader. gorilla reuses the
-// reader a hijack returns when its own ReadBufferSize is 0.
+// reader a hijack returns when its own ReadBufferSize is 0, reset onto the
+// conn the hijack returns: the read budget, so that gorilla's reads are
+// charged.
 type ownReader struct {
 	http.ResponseWriter
 	maxBody int
@@ -296,7 +297,7 @@ func (w *ownReader) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	// the packet limit never sees them.
 	w.budget = newReadBudget(conn, w.maxBody)
 	w.br = bufio.NewReaderSize(w.budget, readBuffer)
-	return conn, bufio.NewReadWriter(w.br, brw.Writer), nil
+	return w.budget, bufio.NewReadWriter(w.br, brw.Writer), nil
 }
 
 // frameOverhead is the most a client packet adds to its body on the wire:
@@ -323,23 +324,27 @@ func newClientBudget(rate float64, burst, maxBody int) clientBudget {
 
 // readBudget charges every byte read from a client's socket to a token
 // bucket; a read over it fails with errRateLimited, which closes the
-// connection with 4029. It sits under the bufio.Reader the transport
-// (and gorilla) reads through, so that it sees frames no packet is made
-// of: empty WebSocket continuation frames, 6 bytes each, held a core at
-// 99.8% for the 8 minutes of a connection's read deadline, each frame
-// costing nothing the packet limit saw. Before authentication the budget
-// is a fixed handshakeBudgetPackets packets' bytes. Only the connection's
-// reader calls it.
+// connection with 4029. The transport's bufio.Reader (gorilla's too)
+// reads through it, so that it sees frames no packet is made of: empty
+// WebSocket continuation frames, 6 bytes each, held a core at 99.8% for
+// the 8 minutes of a connection's read deadline, each frame costing
+// nothing the packet limit saw. Before authentication the budget is a
+// fixed handshakeBudgetPackets packets' bytes. Only the connection's
+// reader reads, and calls admit.
+//
+// It is the net.Conn a WebSocket's hijack returns, because gorilla resets
+// the hijacked bufio.Reader onto that conn; SyscallConn lets the parker
+// watch the socket under it.
 type readBudget struct {
-	r      io.Reader
+	net.Conn
 	b      clientBudget
 	tokens float64
 	last   int64 // unix nanoseconds of the last refill
 	err    error // once over, every read fails
 }
 
-func newReadBudget(r io.Reader, maxBody int) *readBudget {
-	return &readBudget{r: r, tokens: float64(handshakeBudgetPackets * (maxBody + frameOverhead))}
+func newReadBudget(c net.Conn, maxBody int) *readBudget {
+	return &readBudget{Conn: c, tokens: float64(handshakeBudgetPackets * (maxBody + frameOverhead))}
 }
 
 // admit switches to the client's budget, full.
@@ -353,7 +358,7 @@ func (b *readBudget) Read(p []byte) (int, error) {
 	if b.err != nil {
 		return 0, b.err
 	}
-	n, err := b.r.Read(p)
+	n, err := b.Conn.Read(p)
 	if n == 0 {
 		return n, err
 	}
@@ -373,3 +378,15 @@ func (b *readBudget) Read(p []byte) (int, error) {
 	}
 	return n, err
 }
+
+// SyscallConn is the socket's, for the parker (see idleSocket).
+func (b *readBudget) SyscallConn() (syscall.RawConn, error) {
+	sc, ok := b.Conn.(syscall.Conn)
+	if !ok {
+		return nil, errors.ErrUnsupported
+	}
+	return sc.SyscallConn()
+}
+
+// NetConn is the connection under the budget (see markAuthenticated).
+func (b *readBudget) NetConn() net.Conn { return b.Conn }
