@@ -332,6 +332,14 @@ func newClientBudget(rate float64, burst, maxBody int) clientBudget {
 // fixed handshakeBudgetPackets packets' bytes. Only the connection's
 // reader reads, and calls admit.
 //
+// Measured (node CPU over a 10 s flood of empty continuation frames from
+// an authenticated WebSocket, /proc/<pid>/stat, default config): 97% of
+// a core before, 0% after: the connection is closed with 4029 once its
+// 412 KB burst is read, well within a second. An attacker that reconnects
+// and floods again is held to what reconnecting costs: 96% of a core for
+// 2,818 connections in 10 s, against 66% for 36,370 reconnects that send
+// nothing (before auth: 66% for 18,743, against 62% for 68,506).
+//
 // It is the net.Conn a WebSocket's hijack returns, because gorilla resets
 // the hijacked bufio.Reader onto that conn; SyscallConn lets the parker
 // watch the socket under it.
