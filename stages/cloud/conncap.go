@@ -1,13 +1,11 @@
 package cloud
 
 import (
-	"errors"
 	"log/slog"
 	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 )
 
@@ -175,15 +173,6 @@ func (c *countedConn) Close() error {
 		c.lim.open.Add(-1)
 	}
 	return c.Conn.Close()
-}
-
-// SyscallConn lets the parker watch the socket (see idleSocket).
-func (c *countedConn) SyscallConn() (syscall.RawConn, error) {
-	sc, ok := c.Conn.(syscall.Conn)
-	if !ok {
-		return nil, errors.ErrUnsupported
-	}
-	return sc.SyscallConn()
 }
 
 // markAuthenticated ends the handshake count of the connection under c

@@ -43,8 +43,24 @@ func idleSocket(conn net.Conn, br *bufio.Reader) (syscall.Conn, bool) {
 	if br.Buffered() > 0 {
 		return nil, false
 	}
-	sc, ok := conn.(syscall.Conn)
-	return sc, ok
+	return socketOf(conn)
+}
+
+// socketOf is the socket under the node's own wrappers of conn (the read
+// budget, the connection count), or false when there is none to watch: a
+// TLS connection keeps its own buffer.
+func socketOf(conn net.Conn) (syscall.Conn, bool) {
+	for {
+		switch c := conn.(type) {
+		case *readBudget:
+			conn = c.Conn
+		case *countedConn:
+			conn = c.Conn
+		default:
+			sc, ok := conn.(syscall.Conn)
+			return sc, ok
+		}
+	}
 }
 
 // writeDeadline bounds one write so that a peer that stopped reading
@@ -341,8 +357,8 @@ func newClientBudget(rate float64, burst, maxBody int) clientBudget {
 // nothing (before auth: 66% for 18,743, against 62% for 68,506).
 //
 // It is the net.Conn a WebSocket's hijack returns, because gorilla resets
-// the hijacked bufio.Reader onto that conn; SyscallConn lets the parker
-// watch the socket under it.
+// the hijacked bufio.Reader onto that conn; the parker watches the socket
+// under it (see socketOf).
 type readBudget struct {
 	net.Conn
 	b      clientBudget
@@ -385,15 +401,6 @@ func (b *readBudget) Read(p []byte) (int, error) {
 		return 0, b.err
 	}
 	return n, err
-}
-
-// SyscallConn is the socket's, for the parker (see idleSocket).
-func (b *readBudget) SyscallConn() (syscall.RawConn, error) {
-	sc, ok := b.Conn.(syscall.Conn)
-	if !ok {
-		return nil, errors.ErrUnsupported
-	}
-	return sc.SyscallConn()
 }
 
 // NetConn is the connection under the budget (see markAuthenticated).
