@@ -329,6 +329,14 @@ type Cloud struct {
 	// MaxPacedDuration bounds how long a paced broadcast runs: a speed
 	// too low to reach every connection within it is raised.
 	MaxPacedDuration time.Duration `koanf:"max_paced_duration"`
+	// MaxConns bounds the client connections (TCP and WebSocket,
+	// authenticated or not) open at once; one over it is closed as soon
+	// as it is accepted. 0 derives it at start from the descriptor limit,
+	// keeping a reserve for the rest of the process.
+	MaxConns int `koanf:"max_conns"`
+	// MaxHandshakesPerIP bounds one client address's connections that
+	// have not authenticated yet (an IPv6 /64 counts as one address).
+	MaxHandshakesPerIP int `koanf:"max_handshakes_per_ip"`
 }
 
 // Default returns the configuration used where nothing overrides it; it is
@@ -406,6 +414,7 @@ func Default() Config {
 
 			MaxPacedBroadcasts: 4,
 			MaxPacedDuration:   10 * time.Minute,
+			MaxHandshakesPerIP: 64,
 		},
 	}
 }
@@ -683,6 +692,10 @@ func (c Config) Validate() error {
 	positive("cloud.client_burst", c.Cloud.ClientBurst)
 	positive("cloud.max_paced_broadcasts", c.Cloud.MaxPacedBroadcasts)
 	positiveDur("cloud.max_paced_duration", c.Cloud.MaxPacedDuration)
+	if c.Cloud.MaxConns < 0 {
+		bad("cloud.max_conns", "must not be negative (0 derives it from the descriptor limit)")
+	}
+	positive("cloud.max_handshakes_per_ip", c.Cloud.MaxHandshakesPerIP)
 
 	for i, k := range c.Logic.APIKeys {
 		if len(k) < MinAPIKey {

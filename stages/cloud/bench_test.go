@@ -39,10 +39,11 @@ func (d discardTransport) Write(batch []outItem, seq *atomic.Int32) error {
 	return nil
 }
 
-func (discardTransport) Close(int, string)               {}
-func (discardTransport) SetReadDeadline(time.Time) error { return nil }
-func (discardTransport) RemoteAddr() net.Addr            { return &net.TCPAddr{} }
-func (discardTransport) idleConn() (syscall.Conn, bool)  { return nil, false }
+func (discardTransport) Close(int, string)                  {}
+func (discardTransport) SetReadDeadline(time.Time) error    { return nil }
+func (discardTransport) RemoteAddr() net.Addr               { return &net.TCPAddr{} }
+func (discardTransport) idleConn() (syscall.Conn, bool)     { return nil, false }
+func (discardTransport) admitted(clientBudget, func() bool) {}
 
 // BenchmarkRoomFanout pushes one message per op to a room of 10,000
 // in-memory connections and waits until every connection has written it.

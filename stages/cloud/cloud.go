@@ -69,6 +69,8 @@ type Stage struct {
 	delivered *expiring.Set
 	rounds    *roomRounds
 
+	limits *connLimiter // cloud.max_conns and cloud.max_handshakes_per_ip
+
 	disconnectSlots chan struct{} // one per Disconnect call in flight
 	parker          *parker       // nil: every connection keeps its reader
 	// parkIDs names each connection, to the parker and in logic's
@@ -122,6 +124,7 @@ func New(cfg config.Cloud, o Options) *Stage {
 		}
 		return err
 	})
+	s.limits = newConnLimiter(maxConns(cfg.MaxConns, s.logger), cfg.MaxHandshakesPerIP, s.logger)
 	s.disconnectSlots = make(chan struct{}, maxDisconnectCalls)
 	s.paced = make(chan struct{}, cfg.MaxPacedBroadcasts)
 	s.pacedCtx, s.stopPaced = context.WithCancel(context.Background())
@@ -247,11 +250,16 @@ func (s *Stage) firstDelivery(p *pb.Proto) bool {
 	return p.GetId() == "" || s.delivered.AddIfAbsent(p.Id)
 }
 
+// RefusedConns counts the client connections closed at accept for being
+// over cloud.max_conns or cloud.max_handshakes_per_ip.
+func (s *Stage) RefusedConns() int64 { return s.limits.refused.Load() }
+
 // SlowConsumers counts the clients closed for not reading fast enough.
 func (s *Stage) SlowConsumers() int64 { return s.slowConsumers.Load() }
 
 // Listener wraps ln for client connections: accepted sockets get the
-// configured kernel buffer sizes, and an accept that fails is retried
+// configured kernel buffer sizes, connections over cloud.max_conns or
+// cloud.max_handshakes_per_ip are closed at once (see connLimiter), and an accept that fails is retried
 // with backoff instead of ending the listener (see retryListener). Both
 // ServeTCP and the WebSocket servers accept through it.
 func (s *Stage) Listener(ln net.Listener) net.Listener {
@@ -261,6 +269,7 @@ func (s *Stage) Listener(ln net.Listener) net.Listener {
 	if s.cfg.Sndbuf != 0 || s.cfg.Rcvbuf != 0 {
 		ln = &bufferedListener{Listener: ln, sndbuf: s.cfg.Sndbuf, rcvbuf: s.cfg.Rcvbuf}
 	}
+	ln = &capListener{Listener: ln, lim: s.limits}
 	return &retryListener{Listener: ln, logger: s.logger.With("listener", ln.Addr().String())}
 }
 
@@ -360,14 +369,14 @@ func (s *Stage) ServeTCP(ln net.Listener) error {
 func (s *Stage) WSHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/sub", func(w http.ResponseWriter, r *http.Request) {
-		ow := &ownReader{ResponseWriter: w}
+		ow := &ownReader{ResponseWriter: w, maxBody: s.cfg.MaxBodyBytes}
 		conn, err := s.upgrader.Upgrade(ow, r, nil)
 		if err != nil {
 			s.logger.Debug("websocket upgrade refused", "remote", r.RemoteAddr, "origin", r.Header.Get("Origin"), "err", err)
 			return
 		}
 		conn.SetReadLimit(int64(s.cfg.MaxBodyBytes + wire.HeaderLen))
-		t := &wsTransport{conn: conn, br: ow.br, maxBody: s.cfg.MaxBodyBytes, bufs: s.bufs}
+		t := newWSTransport(conn, ow.br, ow.budget, s.cfg.MaxBodyBytes, s.bufs)
 		if !s.begin() {
 			t.Close(closeGoingAway, "server shutting down")
 			return

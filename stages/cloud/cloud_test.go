@@ -131,10 +131,11 @@ func TestSlowClientIsIsolated(t *testing.T) {
 }
 
 // TestConcurrentAuthentication: 2,000 clients connect and authenticate at
-// once, and a broadcast then reaches every one of them.
+// once, and a broadcast then reaches every one of them. They all come
+// from one address, so its handshake bound is raised to let them.
 func TestConcurrentAuthentication(t *testing.T) {
 	const clients = 2000
-	n := startNode(t, func(*config.Cloud) {})
+	n := startNode(t, func(c *config.Cloud) { c.MaxHandshakesPerIP = clients })
 	conns := make([]*client.Conn, clients)
 	errs := make(chan error, clients)
 	start := make(chan struct{})

@@ -205,6 +205,9 @@ func (s *Stage) handshake(t transport) (*channel, error) {
 			return nil, fmt.Errorf("token accepts: %w", err)
 		}
 	}
+	t.admitted(newClientBudget(s.cfg.ClientRate, s.cfg.ClientBurst, s.cfg.MaxBodyBytes), func() bool {
+		return ch.allowPacket(time.Now(), s.cfg.ClientRate, s.cfg.ClientBurst)
+	})
 	return ch, nil
 }
 
