@@ -44,7 +44,12 @@ wait_port() {
 # stop PID: ends a server started here and waits for it.
 stop() { kill "$1"; wait "$1" 2>/dev/null || true; }
 
-common=(--set log.level=warn --set logic.auth.jwt_secret=$secret --set logic.api_keys=$key)
+# The load generator is every client at once, from a few loopback
+# addresses: the per-address handshake cap would refuse it as it would a
+# flood, and the idle-connection run holds the node at its descriptor
+# limit on purpose (the derived cloud.max_conns keeps a reserve of 2,000).
+common=(--set log.level=warn --set logic.auth.jwt_secret=$secret --set logic.api_keys=$key
+  --set cloud.max_handshakes_per_ip=100000 --set cloud.max_conns=$((idle + 200)))
 # b NAME PORT-PREFIX MODE [FLAGS]: one bench run against the server on
 # 127.0.0.1:PREFIX11 (API) and PREFIX02 (WebSocket), saved as NAME.json.
 b() {
