@@ -220,6 +220,32 @@ func TestWebSocketOutlivesServerTimeouts(t *testing.T) {
 	}
 }
 
+// TestWebSocketServerTakesOneRequest: a connection to the cloud WebSocket
+// server that is not upgraded is closed after its first request, so that
+// a client cannot hold a pre-auth connection (and its place under
+// cloud.max_handshakes_per_ip) by sending a request every few seconds.
+func TestWebSocketServerTakesOneRequest(t *testing.T) {
+	n := &Node{cfg: config.Default()}
+	lim := n.httpLimitsFor("cloud ws")
+	if lim.read != n.cfg.Cloud.HandshakeTimeout || lim.readHeader != n.cfg.Cloud.HandshakeTimeout {
+		t.Fatalf("cloud ws limits %+v: the upgrade request must be read within cloud.handshake_timeout", lim)
+	}
+	addr := serve(t, http.NotFoundHandler(), lim)
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	// Two requests back to back on one connection: only the first is answered.
+	if _, err := io.WriteString(conn, "GET /x HTTP/1.1\r\nHost: a\r\n\r\nGET /y HTTP/1.1\r\nHost: a\r\n\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	got := waitClosed(t, conn, conn, 5*time.Second)
+	if n := strings.Count(got, "HTTP/1.1 404"); n != 1 || !strings.Contains(got, "Connection: close") {
+		t.Fatalf("server answered %d requests (%q), want 1 with Connection: close", n, got)
+	}
+}
+
 // TestLogicHTTPLimitsComeFromConfig: the push API's limits are the
 // logic.* keys; the others are fixed and bounded too.
 func TestLogicHTTPLimitsComeFromConfig(t *testing.T) {

@@ -413,6 +413,12 @@ func (n *Node) goLoop(fn func(context.Context), ctx context.Context) {
 type httpLimits struct {
 	readHeader, read, write, idle time.Duration
 	maxHeaderBytes                int
+	// oneRequest closes a connection after its first request: a client
+	// connection counts against the per-address handshake cap until it
+	// authenticates, and with keep-alives a client sending a request that
+	// is not an upgrade every few seconds held its slot indefinitely (64
+	// such connections locked an address out for as long as they ran).
+	oneRequest bool
 }
 
 // httpLimitsFor returns the limits of the server named name.
@@ -430,14 +436,17 @@ func (n *Node) httpLimitsFor(name string) httpLimits {
 		// headers leaves room for a browser's cookies. gorilla/websocket
 		// clears the server's deadlines when it takes the connection
 		// over, so these end nothing after the upgrade.
-		return httpLimits{readHeader: 10 * time.Second, read: 10 * time.Second, write: 10 * time.Second, idle: 30 * time.Second, maxHeaderBytes: 32 << 10}
+		// The upgrade request is read within the handshake timeout, as
+		// the auth packet is after it.
+		hs := n.cfg.Cloud.HandshakeTimeout
+		return httpLimits{readHeader: hs, read: hs, write: 10 * time.Second, idle: hs, maxHeaderBytes: 32 << 10, oneRequest: true}
 	}
 }
 
 // newHTTPServer is an HTTP server for h within lim: a slow or idle client
 // holds a connection no longer than the limits say.
 func newHTTPServer(h http.Handler, lim httpLimits, logger *slog.Logger) *http.Server {
-	return &http.Server{
+	srv := &http.Server{
 		Handler:           h,
 		ReadHeaderTimeout: lim.readHeader,
 		ReadTimeout:       lim.read,
@@ -446,6 +455,10 @@ func newHTTPServer(h http.Handler, lim httpLimits, logger *slog.Logger) *http.Se
 		MaxHeaderBytes:    lim.maxHeaderBytes,
 		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
 	}
+	if lim.oneRequest {
+		srv.SetKeepAlivesEnabled(false)
+	}
+	return srv
 }
 
 func (n *Node) serveHTTP(into *[]*http.Server, name string, h http.Handler, ln net.Listener, tls bool) {

@@ -76,7 +76,7 @@ func closedWithin(t *testing.T, ws *websocket.Conn, code int, d time.Duration) {
 // one, and neither was closed with 4029.
 func TestWSFrameFloodsClosed(t *testing.T) {
 	const rate, burst, maxBody = 1e-6, 20, 4096 // a rate that refills nothing while the test runs
-	authedBytes := burst * (maxBody + frameOverhead)
+	authedBytes := burst * budgetSlack * (maxBody + frameOverhead)
 	handshakeBytes := handshakeBudgetPackets * (maxBody + frameOverhead)
 	for _, tc := range []struct {
 		name string
@@ -262,6 +262,44 @@ func TestTCPTrickleBoundedByReadDeadline(t *testing.T) {
 		}
 		if p.Op != wire.OpAuthReply {
 			t.Fatalf("got op %d", p.Op)
+		}
+	}
+}
+
+// TestFragmentedLargestPacketsWithinBudget: a WebSocket client may split
+// each message into several frames; at its packet limit with the largest
+// packets in 32 frames each it is not over the byte budget. With a budget
+// of one frame header per packet it was closed (an attacker's client at
+// the full packet rate was closed within its first burst with 3 frames a
+// packet; here, with a burst of 20 and no refill, 32 frames are needed).
+func TestFragmentedLargestPacketsWithinBudget(t *testing.T) {
+	const burst, frames = 20, 32
+	n := startNode(t, func(c *config.Cloud) { c.ClientRate = 1e-6; c.ClientBurst = burst })
+	ws := rawWS(t, n, `{"mid":1,"key":"k"}`)
+	pkt := wire.Encode(wire.OpHeartbeat, 2, bytes.Repeat([]byte{'b'}, n.st.cfg.MaxBodyBytes))
+	var msg []byte
+	step := (len(pkt) + frames - 1) / frames
+	for i := 0; i < len(pkt); i += step {
+		part := pkt[i:min(i+step, len(pkt))]
+		op := byte(0x00) // continuation
+		if i == 0 {
+			op = 0x02 // binary
+		}
+		if i+step >= len(pkt) {
+			op |= 0x80 // FIN
+		}
+		// Masked with a zero key, the payload goes as is; 126 = 16-bit length.
+		msg = append(msg, op, 0x80|126, byte(len(part)>>8), byte(len(part)), 0, 0, 0, 0)
+		msg = append(msg, part...)
+	}
+	// The auth packet took one token: burst-1 packets are within the limit.
+	for i := range burst - 1 {
+		if _, err := ws.NetConn().Write(msg); err != nil {
+			t.Fatalf("packet %d: %v", i, err)
+		}
+		_ = ws.SetReadDeadline(time.Now().Add(wait))
+		if _, p, err := ws.ReadMessage(); err != nil || len(p) < wire.HeaderLen {
+			t.Fatalf("packet %d of %d frames: reply %q, %v; want it answered", i, frames, p, err)
 		}
 	}
 }

@@ -320,6 +320,16 @@ func (w *ownReader) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 // the 16-byte header and, over WebSocket, a 14-byte frame header.
 const frameOverhead = wire.HeaderLen + 14
 
+// budgetSlack multiplies the bytes a packet may cost. A WebSocket client
+// may split one message into several frames, each adding up to 8 bytes of
+// header: with the budget at exactly one frame per packet, a client
+// sending the largest packets at its packet rate in 3 or 4 frames each was
+// closed during its first burst. Twice the largest packet lets a message
+// of the largest size come in hundreds of frames (6 bytes each when small)
+// and still bounds an empty-frame flood to twice what the packet limit
+// allows.
+const budgetSlack = 2
+
 // handshakeBudgetPackets is how many largest packets' bytes a connection
 // may send before it authenticates, with no refill: its auth packet and
 // some it pipelined behind it.
@@ -334,7 +344,7 @@ type clientBudget struct {
 }
 
 func newClientBudget(rate float64, burst, maxBody int) clientBudget {
-	size := float64(maxBody + frameOverhead)
+	size := float64(budgetSlack * (maxBody + frameOverhead))
 	return clientBudget{perSec: rate * size, burst: float64(burst) * size}
 }
 
