@@ -42,7 +42,7 @@ func (l *racingLogic) Connect(ctx context.Context, in *pb.ConnectReq, opts ...gr
 	if err != nil {
 		return nil, err
 	}
-	if _, err := l.reg.AddSession(ctx, reply.Mid, reply.Key, in.Server, in.Conn); err != nil {
+	if _, _, err := l.reg.AddSession(ctx, reply.Mid, reply.Key, in.Server, in.Conn); err != nil {
 		return nil, err
 	}
 	l.mu.Lock()
