@@ -60,21 +60,29 @@ func bucketFor(bs []*bucket, key string) *bucket {
 // put adds ch, in its rooms, and returns the connection it replaced. A
 // connection logic already closed (see closeConn) is not added: buried
 // reports it, and the caller closes it. It still takes the key from the
-// connection it replaced on this node, which is older still.
+// connection holding it here if that one began its handshake earlier
+// (a smaller id): that one registered before it, so it was replaced too
+// (a key connected here reconnecting here and on another node at once).
+// One that began later may have registered after the other node's
+// connection, and is left to logic.
 func (b *bucket) put(ch *channel, now time.Time) (old *channel, buried bool) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	old = b.chs[ch.key]
-	if old != nil {
-		b.leaveAll(old)
-		delete(b.chs, ch.key)
-	}
 	t := tomb{ch.key, ch.conn}
 	if lapses, ok := b.tombs[t]; ok {
 		delete(b.tombs, t)
 		if now.Before(lapses) {
+			if old == nil || old.conn > ch.conn {
+				return nil, true
+			}
+			b.leaveAll(old)
+			delete(b.chs, ch.key)
 			return old, true
 		}
+	}
+	if old != nil {
+		b.leaveAll(old)
 	}
 	b.chs[ch.key] = ch
 	for _, r := range ch.rooms {

@@ -3,6 +3,7 @@ package cloud
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -202,4 +203,83 @@ func TestLateCloseSparesNewerConnection(t *testing.T) {
 	expectReplaced(t, "a1", a1)
 	closeA1()
 	expectOnlyOn(t, l, nodes, cl.Key, "A", a2)
+}
+
+// TestBucketTombs: what Close buries is refused at put while it lasts,
+// once; a connection holding the key is returned, not buried; conn 0 (an
+// older logic) is whichever holds the key; and the remembered connections
+// stay within maxTombs however many logic sends.
+func TestBucketTombs(t *testing.T) {
+	now := time.Now()
+	chan1 := func(key string, conn uint64) *channel { return &channel{key: key, conn: conn} }
+	for _, tc := range []struct {
+		name       string
+		held       *channel // in the bucket before the Close
+		closeConn  uint64
+		after      time.Duration // from the Close to the put
+		put        *channel
+		wantClosed uint64 // the conn Close returns; 0: none
+		wantBuried bool
+	}{
+		{"held connection named", chan1("k", 1), 1, 0, nil, 1, false},
+		{"conn 0 closes whichever holds the key", chan1("k", 1), 0, 0, nil, 1, false},
+		{"newer connection spared, named one refused", chan1("k", 2), 1, time.Second, chan1("k", 1), 0, true},
+		{"named one refused, takes the older one along", chan1("k", 1), 2, time.Second, chan1("k", 2), 0, true},
+		{"named one refused in its handshake", nil, 1, time.Second, chan1("k", 1), 0, true},
+		{"another connection of the key admitted", nil, 1, time.Second, chan1("k", 3), 0, false},
+		{"another key admitted", nil, 1, time.Second, chan1("j", 1), 0, false},
+		{"lapsed tomb forgotten", nil, 1, tombTTL, chan1("k", 1), 0, false},
+		{"conn 0 buries nothing", nil, 0, time.Second, chan1("k", 1), 0, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := newBuckets(1)[0]
+			if tc.held != nil {
+				b.put(tc.held, now)
+			}
+			got := b.closeConn("k", tc.closeConn, now)
+			if (got == nil && tc.wantClosed != 0) || (got != nil && got.conn != tc.wantClosed) {
+				t.Fatalf("Close returned %v, want conn %d", got, tc.wantClosed)
+			}
+			if tc.put == nil {
+				return
+			}
+			old, buried := b.put(tc.put, now.Add(tc.after))
+			if buried != tc.wantBuried {
+				t.Fatalf("put buried = %v, want %v", buried, tc.wantBuried)
+			}
+			if tc.wantBuried && b.get(tc.put.key) == tc.put {
+				t.Fatal("a buried connection took the key")
+			}
+			// The held connection goes unless it is newer than a refused one.
+			keep := tc.held != nil && tc.wantBuried && tc.held.conn > tc.put.conn
+			if want := tc.held; keep {
+				if old != nil || b.get("k") != tc.held {
+					t.Fatalf("refused put replaced %v; the newer held connection must stay", old)
+				}
+			} else if old != want {
+				t.Fatalf("put replaced %v, want %v", old, want)
+			}
+			if keep {
+				return
+			}
+			if again, buried := b.put(chan1(tc.put.key, tc.put.conn), now.Add(tc.after)); buried || (tc.wantBuried && again != nil) {
+				t.Fatalf("after a refused put: buried again %v, key held by %v", buried, again)
+			}
+		})
+	}
+	t.Run("bounded", func(t *testing.T) {
+		b := newBuckets(1)[0]
+		for i := range 3 * maxTombs {
+			b.closeConn(fmt.Sprint("k", i), 1, now)
+		}
+		if len(b.tombs) > maxTombs || len(b.tombOrder) > maxTombs {
+			t.Fatalf("%d tombs, %d in order; want at most %d", len(b.tombs), len(b.tombOrder), maxTombs)
+		}
+		if _, buried := b.put(chan1(fmt.Sprint("k", 3*maxTombs-1), 1), now); !buried {
+			t.Fatal("the newest tomb was forgotten")
+		}
+		if _, buried := b.put(chan1("k0", 1), now); buried {
+			t.Fatal("the oldest tomb past the bound was kept")
+		}
+	})
 }
