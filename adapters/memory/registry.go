@@ -55,14 +55,15 @@ func New(sessionTTL, nodeTTL time.Duration) *Registry {
 
 // AddSession records that key (user mid) is connected to server as
 // connection conn. A key already connected elsewhere is moved; the previous
-// server is returned.
-func (r *Registry) AddSession(_ context.Context, mid int64, key, server string, conn uint64) (string, error) {
+// server and connection there are returned.
+func (r *Registry) AddSession(_ context.Context, mid int64, key, server string, conn uint64) (string, uint64, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return r.add(mid, key, server, conn), nil
+	prev, prevConn := r.add(mid, key, server, conn)
+	return prev, prevConn, nil
 }
 
-func (r *Registry) add(mid int64, key, server string, conn uint64) string {
+func (r *Registry) add(mid int64, key, server string, conn uint64) (string, uint64) {
 	prev, had := r.byKey[key]
 	if had && prev.mid != mid {
 		r.unlinkMid(prev.mid, key)
@@ -75,9 +76,9 @@ func (r *Registry) add(mid int64, key, server string, conn uint64) string {
 	}
 	keys[key] = struct{}{}
 	if had && prev.server != server && r.now().Before(prev.expires) {
-		return prev.server
+		return prev.server, prev.conn
 	}
-	return ""
+	return "", 0
 }
 
 // RenewSession extends a session's life; it re-creates one that expired.

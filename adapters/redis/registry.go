@@ -40,8 +40,10 @@ func (r *Registry) nodeKey(id string) string { return r.prefix + "node:" + id }
 func (r *Registry) nodesKey() string         { return r.prefix + "nodes" }
 
 // addSession records the session and returns the server that held the key
-// before, atomically. ARGV[6] "1" makes it a renewal: a live session of
-// another connection (both conns named, and different) is left alone.
+// before and the connection there ({server, conn}; conn absent, stored by
+// an older logic, is "0"), atomically. ARGV[6] "1" makes it a renewal: a
+// live session of another connection (both conns named, and different) is
+// left alone.
 var addSession = goredis.NewScript(`
 local s = redis.call('HMGET', KEYS[1], 'server', 'conn')
 local prev = s[1]
@@ -50,8 +52,8 @@ redis.call('HSET', KEYS[1], 'mid', ARGV[1], 'server', ARGV[2], 'conn', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[4], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-if prev == ARGV[2] then return false end
-return prev`)
+if not prev or prev == ARGV[2] then return false end
+return {prev, s[2] or '0'}`)
 
 // delSession deletes the session only if it is still mid's on server as
 // connection ARGV[4]. A conn of 0 on either side (absent: stored by an
@@ -64,32 +66,41 @@ redis.call('DEL', KEYS[1])
 redis.call('HDEL', KEYS[2], ARGV[3])
 return 1`)
 
-// AddSession records key (of user mid) on server as connection conn.
-func (r *Registry) AddSession(ctx context.Context, mid int64, key, server string, conn uint64) (string, error) {
+// AddSession records key (of user mid) on server as connection conn and
+// returns the server and connection that held it before, if on another
+// server.
+func (r *Registry) AddSession(ctx context.Context, mid int64, key, server string, conn uint64) (string, uint64, error) {
 	return r.addSession(ctx, mid, key, server, conn, false)
 }
 
-func (r *Registry) addSession(ctx context.Context, mid int64, key, server string, conn uint64, renew bool) (string, error) {
+func (r *Registry) addSession(ctx context.Context, mid int64, key, server string, conn uint64, renew bool) (string, uint64, error) {
 	renewArg := "0"
 	if renew {
 		renewArg = "1"
 	}
 	prev, err := addSession.Run(ctx, r.rdb, []string{r.keyKey(key), r.midKey(mid)},
-		mid, server, r.sessionTTL.Milliseconds(), key, strconv.FormatUint(conn, 10), renewArg).Text()
+		mid, server, r.sessionTTL.Milliseconds(), key, strconv.FormatUint(conn, 10), renewArg).StringSlice()
 	if errors.Is(err, goredis.Nil) {
-		return "", nil
+		return "", 0, nil
 	}
 	if err != nil {
-		return "", fmt.Errorf("redis add session %s: %w", key, err)
+		return "", 0, fmt.Errorf("redis add session %s: %w", key, err)
 	}
-	return prev, nil
+	if len(prev) != 2 {
+		return "", 0, fmt.Errorf("redis add session %s: previous session is %d fields, want 2", key, len(prev))
+	}
+	// A conn that does not parse (not written by logic) is unnamed: the
+	// old connection is then closed by key alone, as before connections
+	// were named. The new session is recorded either way.
+	prevConn, _ := strconv.ParseUint(prev[1], 10, 64)
+	return prev[0], prevConn, nil
 }
 
 // RenewSession extends a session's life; it re-creates one that expired.
 // A live session of another connection is left alone: the heartbeat comes
 // from a connection that was replaced.
 func (r *Registry) RenewSession(ctx context.Context, mid int64, key, server string, conn uint64) error {
-	_, err := r.addSession(ctx, mid, key, server, conn, true)
+	_, _, err := r.addSession(ctx, mid, key, server, conn, true)
 	return err
 }
 

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -15,7 +16,7 @@ import (
 
 // Registry is the contract under test (stages/logic.Registry).
 type Registry interface {
-	AddSession(ctx context.Context, mid int64, key, server string, conn uint64) (string, error)
+	AddSession(ctx context.Context, mid int64, key, server string, conn uint64) (string, uint64, error)
 	RenewSession(ctx context.Context, mid int64, key, server string, conn uint64) error
 	DelSession(ctx context.Context, mid int64, key, server string, conn uint64) (bool, error)
 	ServersByKeys(ctx context.Context, keys []string) (map[string]string, error)
@@ -32,6 +33,7 @@ type Factory func(t *testing.T, sessionTTL, nodeTTL time.Duration) Registry
 func Run(t *testing.T, newRegistry Factory) {
 	t.Run("sessions", func(t *testing.T) { sessions(t, checked{t, newRegistry(t, time.Minute, time.Minute)}) })
 	t.Run("connections", func(t *testing.T) { connections(t, checked{t, newRegistry(t, time.Minute, time.Minute)}) })
+	t.Run("previous connection", func(t *testing.T) { previousConn(t, checked{t, newRegistry(t, time.Minute, time.Minute)}) })
 	t.Run("session expiry", func(t *testing.T) { sessionExpiry(t, checked{t, newRegistry(t, time.Second, time.Minute)}) })
 	t.Run("nodes", func(t *testing.T) { nodes(t, checked{t, newRegistry(t, time.Minute, time.Second)}) })
 }
@@ -56,9 +58,16 @@ func (c checked) add(mid int64, key, server string) string {
 
 func (c checked) addConn(mid int64, key, server string, conn uint64) string {
 	c.t.Helper()
-	prev, err := c.r.AddSession(context.Background(), mid, key, server, conn)
-	c.fatal(err)
+	prev, _ := c.addPrev(mid, key, server, conn)
 	return prev
+}
+
+// addPrev adds a session and returns the previous server and connection.
+func (c checked) addPrev(mid int64, key, server string, conn uint64) (string, uint64) {
+	c.t.Helper()
+	prev, prevConn, err := c.r.AddSession(context.Background(), mid, key, server, conn)
+	c.fatal(err)
+	return prev, prevConn
 }
 
 func (c checked) renew(mid int64, key, server string) {
@@ -209,6 +218,39 @@ func connections(t *testing.T, r checked) {
 	r.addConn(9, "unnamed", "n1", 0)
 	if had := r.delConn(9, "unnamed", "n1", 7); !had {
 		t.Fatal("a named disconnect did not delete a session stored without an id")
+	}
+}
+
+// previousConn: a key moving to another server names the connection it
+// leaves, so that logic closes that one and not a newer connection of the
+// key on the old server (two cloud nodes, a key reconnecting on both).
+func previousConn(t *testing.T, r checked) {
+	type step struct {
+		server   string
+		conn     uint64
+		wantPrev string
+		wantConn uint64
+	}
+	for _, tc := range []struct {
+		name  string
+		steps []step
+	}{
+		{"first connection", []step{{"n1", 1, "", 0}}},
+		{"same server, another connection", []step{{"n1", 1, "", 0}, {"n1", 2, "", 0}}},
+		{"to another server", []step{{"n1", 1, "", 0}, {"n2", 9, "n1", 1}}},
+		{"back and forth", []step{{"n1", 1, "", 0}, {"n2", 9, "n1", 1}, {"n1", 2, "n2", 9}}},
+		{"replaced on the old server first", []step{{"n1", 1, "", 0}, {"n1", 2, "", 0}, {"n2", 9, "n1", 2}}},
+		{"from an unnamed connection", []step{{"n1", 0, "", 0}, {"n2", 9, "n1", 0}}},
+		{"largest id", []step{{"n1", 1<<64 - 1, "", 0}, {"n2", 9, "n1", 1<<64 - 1}}},
+	} {
+		key := "prev:" + strings.ReplaceAll(tc.name, " ", "-")
+		for i, s := range tc.steps {
+			prev, prevConn := r.addPrev(11, key, s.server, s.conn)
+			if prev != s.wantPrev || prevConn != s.wantConn {
+				t.Errorf("%s: step %d (%s conn %d) returned previous %q conn %d, want %q conn %d",
+					tc.name, i, s.server, s.conn, prev, prevConn, s.wantPrev, s.wantConn)
+			}
+		}
 	}
 }
 

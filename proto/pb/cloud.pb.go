@@ -492,8 +492,11 @@ func (x *PingReply) GetNodeId() string {
 }
 
 type CloseReq struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Key           string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Key   string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	// The connection to close (ConnectReq.conn of its Connect). 0, from an
+	// older logic: whichever connection holds key.
+	Conn          uint64 `protobuf:"varint,2,opt,name=conn,proto3" json:"conn,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -533,6 +536,13 @@ func (x *CloseReq) GetKey() string {
 		return x.Key
 	}
 	return ""
+}
+
+func (x *CloseReq) GetConn() uint64 {
+	if x != nil {
+		return x.Conn
+	}
+	return 0
 }
 
 type CloseReply struct {
@@ -615,9 +625,10 @@ const file_cloud_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\x05R\x05value:\x028\x01\"\t\n" +
 	"\aPingReq\"$\n" +
 	"\tPingReply\x12\x17\n" +
-	"\anode_id\x18\x01 \x01(\tR\x06nodeId\"\x1c\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\"0\n" +
 	"\bCloseReq\x12\x10\n" +
-	"\x03key\x18\x01 \x01(\tR\x03key\"$\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x12\n" +
+	"\x04conn\x18\x02 \x01(\x04R\x04conn\"$\n" +
 	"\n" +
 	"CloseReply\x12\x16\n" +
 	"\x06closed\x18\x01 \x01(\bR\x06closed2\xf8\x02\n" +

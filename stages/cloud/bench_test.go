@@ -78,7 +78,7 @@ func benchmarkRoomFanout(b *testing.B, run func(push func())) {
 	for i := range conns {
 		ch := newChannel(discardTransport{&packets, &writes, st.bufs}, cfg.SendQueue, cfg.SendQueueBytes, &st.slowConsumers, st.logger)
 		ch.mid, ch.key, ch.rooms = int64(i+1), fmt.Sprint("k", i), []string{"live://bench"}
-		bucketFor(st.buckets, ch.key).put(ch)
+		bucketFor(st.buckets, ch.key).put(ch, time.Now())
 	}
 	rpc := &grpcServer{s: st}
 	ctx := context.Background()

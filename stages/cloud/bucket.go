@@ -3,6 +3,7 @@ package cloud
 import (
 	"hash/fnv"
 	"sync"
+	"time"
 )
 
 // bucket is one shard of the node's connections, so that no single lock
@@ -12,12 +13,40 @@ type bucket struct {
 	mu    sync.RWMutex
 	chs   map[string]*channel
 	rooms map[string]map[*channel]struct{}
+	// Connections logic closed (a newer connection of the key registered
+	// on another node) before they took their key here: still in their
+	// handshake, between logic's Connect and put. put refuses them.
+	tombs     map[tomb]time.Time // → when the entry lapses
+	tombOrder []tombEntry        // tombs in the order buried, oldest first
 }
+
+// tomb names one connection of a key.
+type tomb struct {
+	key  string
+	conn uint64
+}
+
+type tombEntry struct {
+	tomb
+	lapses time.Time
+}
+
+// tombTTL is how long a connection closed before it took its key is
+// remembered: the window is one Connect call to logic (logicCallTimeout)
+// and the hand-off to the session goroutine; twice that covers a slow one.
+const tombTTL = 2 * logicCallTimeout
+
+// maxTombs bounds the remembered connections per bucket (32 buckets by
+// default: 65,536 entries, under 16 MB with 128-byte keys). Only logic
+// buries, once per key that moved to another node while its connection
+// here was gone or not yet in; past the bound the oldest is forgotten,
+// and that connection, if it still comes, stays open as before.
+const maxTombs = 2048
 
 func newBuckets(n int) []*bucket {
 	bs := make([]*bucket, n)
 	for i := range bs {
-		bs[i] = &bucket{chs: map[string]*channel{}, rooms: map[string]map[*channel]struct{}{}}
+		bs[i] = &bucket{chs: map[string]*channel{}, rooms: map[string]map[*channel]struct{}{}, tombs: map[tomb]time.Time{}}
 	}
 	return bs
 }
@@ -28,11 +57,30 @@ func bucketFor(bs []*bucket, key string) *bucket {
 	return bs[h.Sum32()%uint32(len(bs))]
 }
 
-// put adds ch, in its rooms, and returns the connection it replaced.
-func (b *bucket) put(ch *channel) *channel {
+// put adds ch, in its rooms, and returns the connection it replaced. A
+// connection logic already closed (see closeConn) is not added: buried
+// reports it, and the caller closes it. It still takes the key from the
+// connection holding it here if that one began its handshake earlier
+// (a smaller id): that one registered before it, so it was replaced too
+// (a key connected here reconnecting here and on another node at once).
+// One that began later may have registered after the other node's
+// connection, and is left to logic.
+func (b *bucket) put(ch *channel, now time.Time) (old *channel, buried bool) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	old := b.chs[ch.key]
+	old = b.chs[ch.key]
+	t := tomb{ch.key, ch.conn}
+	if lapses, ok := b.tombs[t]; ok {
+		delete(b.tombs, t)
+		if now.Before(lapses) {
+			if old == nil || old.conn > ch.conn {
+				return nil, true
+			}
+			b.leaveAll(old)
+			delete(b.chs, ch.key)
+			return old, true
+		}
+	}
 	if old != nil {
 		b.leaveAll(old)
 	}
@@ -40,7 +88,41 @@ func (b *bucket) put(ch *channel) *channel {
 	for _, r := range ch.rooms {
 		b.join(ch, r)
 	}
-	return old
+	return old, false
+}
+
+// closeConn returns key's connection conn, for the caller to close, if it
+// holds the key here; conn 0 (an older logic, which does not name it) is
+// whichever connection holds key. A named connection that does not hold
+// the key is buried, atomically with put: it may still be in its
+// handshake, and put then refuses it. Closing by key alone closed a newer
+// connection of the same key instead, or none, leaving the old one open.
+func (b *bucket) closeConn(key string, conn uint64, now time.Time) *channel {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	ch := b.chs[key]
+	if ch != nil && (conn == 0 || ch.conn == conn) {
+		return ch
+	}
+	if conn != 0 {
+		b.bury(tomb{key, conn}, now)
+	}
+	return nil
+}
+
+// bury remembers t for tombTTL; the lapsed and those over maxTombs go.
+func (b *bucket) bury(t tomb, now time.Time) {
+	for len(b.tombOrder) > 0 && (len(b.tombOrder) >= maxTombs || !now.Before(b.tombOrder[0].lapses)) {
+		e := b.tombOrder[0]
+		b.tombOrder[0] = tombEntry{}
+		b.tombOrder = b.tombOrder[1:]
+		if b.tombs[e.tomb] == e.lapses {
+			delete(b.tombs, e.tomb)
+		}
+	}
+	lapses := now.Add(tombTTL)
+	b.tombs[t] = lapses
+	b.tombOrder = append(b.tombOrder, tombEntry{t, lapses})
 }
 
 // del removes ch and reports whether it was still the key's connection

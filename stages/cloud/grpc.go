@@ -2,6 +2,7 @@ package cloud
 
 import (
 	"context"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -142,8 +143,15 @@ func (g *grpcServer) Ping(context.Context, *pb.PingReq) (*pb.PingReply, error) {
 	return &pb.PingReply{NodeId: g.s.nodeID}, nil
 }
 
+// Close closes connection req.Conn of key req.Key, replaced by a newer
+// one on another node. One that has not taken its key yet is closed when
+// it does (see bucket.closeConn).
 func (g *grpcServer) Close(_ context.Context, req *pb.CloseReq) (*pb.CloseReply, error) {
-	ch := bucketFor(g.s.buckets, req.Key).get(req.Key)
+	// The key may be remembered: its length bounds the memory that takes.
+	if err := wire.ValidKey(req.Key); err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "key: %v", err)
+	}
+	ch := bucketFor(g.s.buckets, req.Key).closeConn(req.Key, req.Conn, time.Now())
 	if ch == nil {
 		return &pb.CloseReply{}, nil
 	}

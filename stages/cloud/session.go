@@ -65,8 +65,19 @@ func (s *Stage) session(ch *channel, remote string) {
 			r.end(fmt.Errorf("%w: %v", errInternal, p))
 		}
 	}()
-	if old := b.put(ch); old != nil {
+	old, buried := b.put(ch, time.Now())
+	if old != nil {
 		old.close(closeReplaced, "replaced by a new connection")
+	}
+	if buried {
+		// A newer connection of the key registered on another node while
+		// this one was in its handshake, and logic closed this one then.
+		// It never took the key: it ends as a replaced connection, with
+		// no Disconnect that could touch the newer session.
+		s.logger.Debug("client replaced on another node during its handshake", "mid", ch.mid, "key", ch.key, "remote", remote)
+		ch.close(closeReplaced, "replaced by a connection on another node")
+		r.end(nil)
+		return
 	}
 	s.announceRooms(ch.roomList())
 	reply := authReply{Mid: ch.mid, Key: ch.key, Rooms: ch.roomList(), Heartbeat: int64(s.cfg.HeartbeatInterval / time.Second)}

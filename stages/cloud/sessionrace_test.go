@@ -42,7 +42,7 @@ func (l *racingLogic) Connect(ctx context.Context, in *pb.ConnectReq, opts ...gr
 	if err != nil {
 		return nil, err
 	}
-	if _, err := l.reg.AddSession(ctx, reply.Mid, reply.Key, in.Server, in.Conn); err != nil {
+	if _, _, err := l.reg.AddSession(ctx, reply.Mid, reply.Key, in.Server, in.Conn); err != nil {
 		return nil, err
 	}
 	l.mu.Lock()
@@ -80,9 +80,15 @@ func (l *racingLogic) Disconnect(ctx context.Context, in *pb.DisconnectReq, _ ..
 // startNodeWithLogic is startNode with the given logic client.
 func startNodeWithLogic(t *testing.T, logic pb.LogicClient) *node {
 	t.Helper()
+	return startNodeAs(t, "n1", logic)
+}
+
+// startNodeAs is startNodeWithLogic for node id.
+func startNodeAs(t *testing.T, id string, logic pb.LogicClient) *node {
+	t.Helper()
 	cfg := config.Default().Cloud
 	up := gochannel.NewGoChannel(gochannel.Config{OutputChannelBuffer: 64}, nil)
-	st := New(cfg, Options{Self: &pb.NodeInfo{Id: "n1", GrpcAddr: "127.0.0.1:1"}, Logic: logic, Upstream: up, UpstreamTopic: "up", Logger: slog.New(slog.DiscardHandler)})
+	st := New(cfg, Options{Self: &pb.NodeInfo{Id: id, GrpcAddr: "127.0.0.1:1"}, Logic: logic, Upstream: up, UpstreamTopic: "up", Logger: slog.New(slog.DiscardHandler)})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

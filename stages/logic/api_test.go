@@ -82,7 +82,7 @@ func newAPI(t *testing.T, o apiOptions) *apiServer {
 // online adds a session for key of mid on n1.
 func (a *apiServer) online(mid int64, key string) {
 	a.t.Helper()
-	if _, err := a.registry.AddSession(context.Background(), mid, key, "n1", 0); err != nil {
+	if _, _, err := a.registry.AddSession(context.Background(), mid, key, "n1", 0); err != nil {
 		a.t.Fatal(err)
 	}
 }
@@ -281,7 +281,7 @@ func (downReplies) Release(context.Context, string, string) error          { ret
 func TestOnly503ForADependencyThatIsDown(t *testing.T) {
 	mem := memory.New(time.Minute, time.Minute)
 	_, _ = mem.RenewNode(context.Background(), &pb.NodeInfo{Id: "n1"})
-	_, _ = mem.AddSession(context.Background(), 1, "k1", "n1", 0)
+	_, _, _ = mem.AddSession(context.Background(), 1, "k1", "n1", 0)
 	tests := []struct {
 		name   string
 		o      apiOptions

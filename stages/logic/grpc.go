@@ -121,13 +121,16 @@ func (s *grpcServer) Connect(ctx context.Context, req *pb.ConnectReq) (*pb.Conne
 		s.limited.Log("client connect refused", "mid", id.Mid, "key", id.Key, "server", req.Server, "remote", req.RemoteAddr, "err", err)
 		return nil, err
 	}
-	prev, err := s.registry.AddSession(ctx, id.Mid, id.Key, req.Server, req.Conn)
+	prev, prevConn, err := s.registry.AddSession(ctx, id.Mid, id.Key, req.Server, req.Conn)
 	if err != nil {
 		s.logger.ErrorContext(ctx, "add session", "mid", id.Mid, "key", id.Key, "err", err)
 		return nil, status.Error(codes.Unavailable, "registry unavailable")
 	}
+	// The registry returns a previous server only when it is another
+	// node: a connection replaced on this same node is closed by the
+	// node itself when the new one takes the key there.
 	if prev != "" {
-		s.replacer.replaced(id.Key, prev)
+		s.replacer.replaced(id.Key, prev, prevConn)
 	}
 	return &pb.ConnectReply{Mid: id.Mid, Key: id.Key, Rooms: id.Rooms, Accepts: id.Accepts, Platform: id.Platform,
 		RoomGrants: id.RoomGrants, AnyRoom: id.AnyRoom, AnyAccept: id.AnyAccept,

@@ -11,8 +11,10 @@ import (
 // adapters/registrytest.
 type Registry interface {
 	// AddSession records key (of user mid) on server as connection conn
-	// and returns the server that held key before, if another one did.
-	AddSession(ctx context.Context, mid int64, key, server string, conn uint64) (prev string, err error)
+	// and returns the server that held key before, if another one did,
+	// and the connection there (0: unnamed, by an older node), so that
+	// only that connection is closed, not a newer one of the same key.
+	AddSession(ctx context.Context, mid int64, key, server string, conn uint64) (prev string, prevConn uint64, err error)
 	// RenewSession extends the session of connection conn, re-creating it
 	// if it expired; it leaves a live session of another connection alone.
 	RenewSession(ctx context.Context, mid int64, key, server string, conn uint64) error

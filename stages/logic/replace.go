@@ -2,6 +2,7 @@ package logic
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"time"
 
@@ -20,19 +21,24 @@ type replacer struct {
 	clouds   *cloudconn.Pool
 }
 
-// replaced closes key on node prev, in the background: the new
-// connection does not wait for the old one to go.
-func (r *replacer) replaced(key, prev string) {
+// replaced closes connection conn of key on node prev, in the
+// background: the new connection does not wait for the old one to go.
+// Naming the connection matters: by the time the call lands, the key may
+// hold a newer connection on prev (the client reconnected there too),
+// which closing by key alone would close instead, and the replaced one may
+// not hold the key there yet (still in its handshake), which the node then
+// remembers to close when it does.
+func (r *replacer) replaced(key, prev string, conn uint64) {
 	go func() {
 		ctx, cancel := context.WithTimeout(context.Background(), closeTimeout)
 		defer cancel()
-		if err := r.close(ctx, key, prev); err != nil {
-			r.logger.Warn("close replaced connection", "key", key, "node", prev, "err", err)
+		if err := r.close(ctx, key, prev, conn); err != nil {
+			r.logger.Warn("close replaced connection", "key", key, "node", prev, "conn", conn, "err", err)
 		}
 	}()
 }
 
-func (r *replacer) close(ctx context.Context, key, prev string) error {
+func (r *replacer) close(ctx context.Context, key, prev string, conn uint64) error {
 	nodes, err := r.registry.Nodes(ctx)
 	if err != nil {
 		return err
@@ -45,8 +51,10 @@ func (r *replacer) close(ctx context.Context, key, prev string) error {
 		if err != nil {
 			return err
 		}
-		_, err = c.Close(ctx, &pb.CloseReq{Key: key})
-		return err
+		if _, err := c.Close(ctx, &pb.CloseReq{Key: key, Conn: conn}); err != nil {
+			return fmt.Errorf("close on node %s: %w", prev, err)
+		}
+		return nil
 	}
 	return nil // the node is gone, and the connection with it
 }
