@@ -65,6 +65,12 @@ func (s *Stage) session(ch *channel, remote string) {
 			r.end(fmt.Errorf("%w: %v", errInternal, p))
 		}
 	}()
+	// The auth reply is queued before the connection is visible to
+	// pushes: once it is in its bucket, a push (job retrying a backlog
+	// the moment a key reconnects) may be queued at once, and a client
+	// must read op 8 first.
+	reply := authReply{Mid: ch.mid, Key: ch.key, Rooms: ch.roomList(), Heartbeat: int64(s.cfg.HeartbeatInterval / time.Second)}
+	ch.reply(outItem{pkt: wire.Encode(wire.OpAuthReply, authSeq, reply.encode())})
 	old, buried := b.put(ch, time.Now())
 	if old != nil {
 		old.close(closeReplaced, "replaced by a new connection")
@@ -80,8 +86,6 @@ func (s *Stage) session(ch *channel, remote string) {
 		return
 	}
 	s.announceRooms(ch.roomList())
-	reply := authReply{Mid: ch.mid, Key: ch.key, Rooms: ch.roomList(), Heartbeat: int64(s.cfg.HeartbeatInterval / time.Second)}
-	ch.reply(outItem{pkt: wire.Encode(wire.OpAuthReply, authSeq, reply.encode())})
 	s.logger.Debug("client connected", "mid", ch.mid, "key", ch.key, "remote", remote)
 
 	if s.parker != nil {
