@@ -77,6 +77,11 @@ type channel struct {
 	queue     []outItem
 	queued    int  // bytes in queue
 	writing   bool // a flush goroutine owns the write side
+	// held keeps what is queued unwritten until release: a connection's
+	// auth reply is queued before it joins its bucket, so that it goes
+	// out first, and written after, so that a client that has op 8 is in
+	// its rooms.
+	held bool
 	draining  bool // close with 1001 once the queue is written
 	closed    bool
 	upstream  *rate.Limiter // made on the first upstream message
@@ -294,13 +299,26 @@ func (c *channel) enqueue(items []outItem, filter bool) bool {
 		return false
 	}
 	c.queued += added
-	start := !c.writing
-	c.writing = true
+	start := !c.writing && !c.held
+	c.writing = c.writing || start
 	c.mu.Unlock()
 	if start {
 		go c.flush()
 	}
 	return true
+}
+
+// release writes what was queued while the channel was held, and what
+// comes after.
+func (c *channel) release() {
+	c.mu.Lock()
+	start := c.held && !c.closed && !c.writing && len(c.queue) > 0
+	c.held = false
+	c.writing = c.writing || start
+	c.mu.Unlock()
+	if start {
+		go c.flush()
+	}
 }
 
 // flush writes until the queue is empty, then ends.

@@ -66,10 +66,12 @@ func (s *Stage) session(ch *channel, remote string) {
 		}
 	}()
 	// The auth reply is queued before the connection is visible to
-	// pushes: once it is in its bucket, a push (job retrying a backlog
-	// the moment a key reconnects) may be queued at once, and a client
-	// must read op 8 first.
+	// pushes, and written once it is in its bucket and its rooms are
+	// announced: a push that comes the moment it joins (job retrying a
+	// backlog as a key reconnects) is queued behind op 8, and a client
+	// that has op 8 gets what is pushed to its key and rooms.
 	reply := authReply{Mid: ch.mid, Key: ch.key, Rooms: ch.roomList(), Heartbeat: int64(s.cfg.HeartbeatInterval / time.Second)}
+	ch.held = true // no one else has ch yet
 	ch.reply(outItem{pkt: wire.Encode(wire.OpAuthReply, authSeq, reply.encode())})
 	old, buried := b.put(ch, time.Now())
 	if old != nil {
@@ -85,7 +87,11 @@ func (s *Stage) session(ch *channel, remote string) {
 		r.end(nil)
 		return
 	}
+	// Rooms new to the node are reported to logic before op 8 goes out,
+	// so that pushes to them are routed here by the time the client
+	// knows it is in them.
 	s.announceRooms(ch.roomList())
+	ch.release()
 	s.logger.Debug("client connected", "mid", ch.mid, "key", ch.key, "remote", remote)
 
 	if s.parker != nil {
