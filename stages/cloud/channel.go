@@ -81,12 +81,12 @@ type channel struct {
 	// auth reply is queued before it joins its bucket, so that it goes
 	// out first, and written after, so that a client that has op 8 is in
 	// its rooms.
-	held bool
-	draining  bool // close with 1001 once the queue is written
-	closed    bool
-	upstream  *rate.Limiter // made on the first upstream message
-	wake      func()        // resumes a parked reader; nil when not parking
-	ops       tokenBucket   // every packet the client sends
+	held     bool
+	draining bool // close with 1001 once the queue is written
+	closed   bool
+	upstream *rate.Limiter // made on the first upstream message
+	wake     func()        // resumes a parked reader; nil when not parking
+	ops      tokenBucket   // every packet the client sends
 	// heartbeatAt is when a heartbeat was last forwarded to logic (unix
 	// nanoseconds); later ones within heartbeatEvery are answered only.
 	heartbeatAt int64
