@@ -51,6 +51,10 @@ func TestJWTClaimsStrict(t *testing.T) {
 		{name: "duplicated mid", header: hdr, payload: fmt.Sprintf(`{"mid":1,"mid":2,"exp":%d}`, exp)},
 		{name: "crit header", header: `{"alg":"HS256","typ":"JWT","crit":["b64"],"b64":false}`, payload: fmt.Sprintf(`{"mid":1,"exp":%d}`, exp)},
 		{name: "duplicated header", header: `{"alg":"HS256","alg":"HS256"}`, payload: fmt.Sprintf(`{"mid":1,"exp":%d}`, exp)},
+		{name: "duplicate spelled with an escape", header: hdr, payload: fmt.Sprintf(`{"mid":1,"rooms":["public://lobby"],"r\u006foms":["*"],"exp":%d}`, exp)},
+		{name: "name in another case behind an escaped quote", header: hdr, payload: fmt.Sprintf(`{"mid":1,"note":"a\",\"Rooms\":1","Rooms":["*"],"exp":%d}`, exp)},
+		{name: "repeats inside values are the value's own", header: hdr, ok: true, rooms: []string{"public://lobby"},
+			payload: fmt.Sprintf(` { "mid" : 1 , "team" : {"rooms":1,"rooms":2,"x":[{"Rooms":3}]}, "s":"\"rooms\"", "rooms" : ["public://lobby"] , "exp" : %d } `, exp)},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
