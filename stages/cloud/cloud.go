@@ -22,6 +22,7 @@ import (
 
 	"imcloud/config"
 	"imcloud/expiring"
+	"imcloud/pipeline"
 	"imcloud/proto/pb"
 	"imcloud/proto/wire"
 )
@@ -53,16 +54,13 @@ type Stage struct {
 	announcer *announcer
 
 	slowConsumers atomic.Int64
-	// upstreamFailures counts op 4 messages the broker refused;
-	// upstreamLogged is when one was last logged (unix nanoseconds).
-	upstreamFailures atomic.Int64
-	upstreamLogged   atomic.Int64
-	// handshakeFailures counts connections that did not authenticate;
-	// handshakeLogged is when one was last logged (unix nanoseconds),
-	// handshakeLoggedAt the count then.
+	// upstreamFailures counts op 4 messages the broker refused,
+	// handshakeFailures connections that did not authenticate; each kind
+	// is logged once per logEvery.
+	upstreamFailures  atomic.Int64
+	upstreamLog       *pipeline.RateLog
 	handshakeFailures atomic.Int64
-	handshakeLogged   atomic.Int64
-	handshakeLoggedAt atomic.Int64
+	handshakeLog      *pipeline.RateLog
 	// delivered remembers recent message ids, so that a call job retries
 	// after its deadline passed (the first one having gone through) does
 	// not deliver the message twice.
@@ -113,6 +111,11 @@ func New(cfg config.Cloud, o Options) *Stage {
 		bufs:          newBufPool(),
 		upgrader:      upgrader(cfg.AllowedOrigins),
 	}
+	// Anyone who reaches the port can fail handshakes as fast as they
+	// can connect, and a broker outage fails every client's op 4: a line
+	// per event let either flood the log.
+	s.upstreamLog = pipeline.NewRateLog(s.logger, slog.LevelError, logEvery)
+	s.handshakeLog = pipeline.NewRateLog(s.logger, slog.LevelInfo, logEvery)
 	s.delivered = expiring.NewSet(cfg.DedupeTTL)
 	s.rounds = newRoomRounds()
 	s.announcer = newAnnouncer(func() error {

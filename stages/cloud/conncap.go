@@ -7,6 +7,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"imcloud/pipeline"
 )
 
 // Client connections are capped node-wide (cloud.max_conns) so that
@@ -71,13 +73,13 @@ type connLimiter struct {
 	// most one entry per connection open.
 	handshaking map[netip.Prefix]int
 
-	refused       atomic.Int64 // total
-	refusedLogged atomic.Int64 // when a refusal was last logged (unix nanoseconds)
-	refusedAtLog  atomic.Int64 // refused as of that log line
+	refused    atomic.Int64 // total
+	refusedLog *pipeline.RateLog
 }
 
 func newConnLimiter(maxConns, perIP int, logger *slog.Logger) *connLimiter {
-	return &connLimiter{max: int64(maxConns), perIP: perIP, logger: logger, handshaking: map[netip.Prefix]int{}}
+	return &connLimiter{max: int64(maxConns), perIP: perIP, logger: logger, handshaking: map[netip.Prefix]int{},
+		refusedLog: pipeline.NewRateLog(logger, slog.LevelWarn, refusalLogEvery)}
 }
 
 // addrKey is the client address handshakes are counted by: the IPv4
@@ -142,13 +144,8 @@ func (l *connLimiter) refuse(c net.Conn, limit string) {
 	}
 	_ = c.Close()
 	n := l.refused.Add(1)
-	now := time.Now().UnixNano()
-	last := l.refusedLogged.Load()
-	if now-last >= int64(refusalLogEvery) && l.refusedLogged.CompareAndSwap(last, now) {
-		since := l.refusedAtLog.Swap(n)
-		l.logger.Warn("refusing client connections over a limit", "limit", limit,
-			"refused", n-since, "max_conns", l.max, "open", l.open.Load(), "max_handshakes_per_ip", l.perIP)
-	}
+	l.refusedLog.Log("refusing client connections over a limit", "limit", limit,
+		"refused_total", n, "max_conns", l.max, "open", l.open.Load(), "max_handshakes_per_ip", l.perIP)
 }
 
 // countedConn is an admitted connection: closing it counts it out.

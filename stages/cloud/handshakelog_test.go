@@ -26,7 +26,7 @@ func TestFailedHandshakesAreLoggedOnce(t *testing.T) {
 	}
 	waitFor(t, "every handshake to fail", func() bool { return n.st.HandshakeFailures() == conns })
 	if got := strings.Count(logs.String(), "handshake failed"); got != 1 {
-		t.Fatalf("%d failed handshakes logged %d lines, want 1 per %v:\n%s", conns, got, handshakeLogEvery, logs.String())
+		t.Fatalf("%d failed handshakes logged %d lines, want 1 per %v:\n%s", conns, got, logEvery, logs.String())
 	}
 	// A client that authenticates still gets in.
 	n.connect(t, "tcp", claims{Mid: 1, Key: "k"})

@@ -481,41 +481,23 @@ func (s *Stage) handle(ch *channel, b *bucket, p wire.Packet) error {
 }
 
 // upstreamFailed counts an op 4 message the broker did not take; the
-// client is closed with 1013 and may resend it. One log line per
-// upstreamLogEvery says how many failed, so that a broker outage does not
-// log once per client.
+// client is closed with 1013 and may resend it.
 func (s *Stage) upstreamFailed(ch *channel, err error) {
 	n := s.upstreamFailures.Add(1)
-	now := time.Now().UnixNano()
-	last := s.upstreamLogged.Load()
-	if now-last >= int64(upstreamLogEvery) && s.upstreamLogged.CompareAndSwap(last, now) {
-		s.logger.Error("publish upstream message; client closed with 1013", "key", ch.key, "failures", n, "err", err)
-	}
+	s.upstreamLog.Log("publish upstream message; client closed with 1013", "key", ch.key, "failures", n, "err", err)
 }
 
-// handshakeFailed counts a connection that did not authenticate and logs
-// it at most once per handshakeLogEvery: anyone who reaches the port can
-// fail handshakes as fast as they can connect, and a line per connection
-// let them flood the log. Each line says how many were left out since
-// the one before.
+// handshakeFailed counts a connection that did not authenticate.
 func (s *Stage) handshakeFailed(remote string, err error) {
 	n := s.handshakeFailures.Add(1)
-	now := time.Now().UnixNano()
-	last := s.handshakeLogged.Load()
-	if now-last >= int64(handshakeLogEvery) && s.handshakeLogged.CompareAndSwap(last, now) {
-		prev := s.handshakeLoggedAt.Swap(n)
-		s.logger.Info("handshake failed", "remote", remote, "err", err, "suppressed_since_last", max(0, n-prev-1), "failures", n)
-	}
+	s.handshakeLog.Log("handshake failed", "remote", remote, "err", err, "failures", n)
 }
 
-// handshakeLogEvery spaces the log lines of failed handshakes.
-const handshakeLogEvery = 10 * time.Second
+// logEvery spaces the lines of a rate-limited log.
+const logEvery = 10 * time.Second
 
 // HandshakeFailures counts the connections that did not authenticate.
 func (s *Stage) HandshakeFailures() int64 { return s.handshakeFailures.Load() }
-
-// upstreamLogEvery spaces the log lines of upstream publish failures.
-const upstreamLogEvery = 10 * time.Second
 
 // UpstreamFailures counts the op 4 messages the broker did not take.
 func (s *Stage) UpstreamFailures() int64 { return s.upstreamFailures.Load() }
