@@ -91,3 +91,18 @@ func BenchmarkSetMemory(b *testing.B) {
 	b.ReportMetric(float64(after.HeapAlloc-before.HeapAlloc)/float64(b.N), "B/id")
 	runtime.KeepAlive(s)
 }
+
+func TestSetPairs(t *testing.T) {
+	s := NewSet(time.Minute)
+	if !s.AddPairIfAbsent("m1", "k1") || s.AddPairIfAbsent("m1", "k1") {
+		t.Fatal("a pair is remembered once")
+	}
+	// The separator keeps ("m", "1k1") apart from ("m1", "k1").
+	if !s.AddPairIfAbsent("m", "1k1") || !s.AddPairIfAbsent("m1", "k2") {
+		t.Fatal("other pairs are not the same pair")
+	}
+	s.RemovePair("m1", "k1")
+	if !s.AddPairIfAbsent("m1", "k1") {
+		t.Fatal("a removed pair is new again")
+	}
+}

@@ -32,8 +32,22 @@ func (s *Set) Add(id string) { s.m.Put(idKey(id), struct{}{}) }
 // AddIfAbsent remembers id and reports whether it was new.
 func (s *Set) AddIfAbsent(id string) bool { return s.m.PutIfAbsent(idKey(id), struct{}{}) }
 
-// Remove forgets id.
-func (s *Set) Remove(id string) { s.m.Delete(idKey(id)) }
+// AddPairIfAbsent remembers the pair (id, sub) and reports whether it was
+// new; RemovePair forgets it. A pair costs what an id does: it is hashed
+// to 16 bytes in a stack buffer, with no string built for it.
+func (s *Set) AddPairIfAbsent(id, sub string) bool {
+	return s.m.PutIfAbsent(pairKey(id, sub), struct{}{})
+}
+
+// RemovePair forgets the pair (id, sub).
+func (s *Set) RemovePair(id, sub string) { s.m.Delete(pairKey(id, sub)) }
+
+func pairKey(id, sub string) [16]byte {
+	var buf [256]byte
+	b := append(append(append(buf[:0], id...), 0), sub...)
+	sum := sha256.Sum256(b)
+	return [16]byte(sum[:16])
+}
 
 func idKey(id string) [16]byte {
 	if len(id) == 36 {

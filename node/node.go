@@ -431,7 +431,7 @@ func (n *Node) httpLimitsFor(name string) httpLimits {
 		// The write timeout leaves room for /debug/pprof/profile and
 		// /trace, which refuse a duration past it.
 		return httpLimits{readHeader: 10 * time.Second, read: 10 * time.Second, write: 2 * time.Minute, idle: time.Minute, maxHeaderBytes: 16 << 10}
-	default: // cloud ws, cloud wss
+	case "cloud ws", "cloud wss":
 		// A WebSocket upgrade has no body and a small reply; 32 KiB of
 		// headers leaves room for a browser's cookies. gorilla/websocket
 		// clears the server's deadlines when it takes the connection
@@ -440,6 +440,8 @@ func (n *Node) httpLimitsFor(name string) httpLimits {
 		// the auth packet is after it.
 		hs := n.cfg.Cloud.HandshakeTimeout
 		return httpLimits{readHeader: hs, read: hs, write: 10 * time.Second, idle: hs, maxHeaderBytes: 32 << 10, oneRequest: true}
+	default:
+		panic("node: no HTTP limits for server " + name)
 	}
 }
 

@@ -12,8 +12,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"golang.org/x/time/rate"
-
 	"imcloud/proto/wire"
 )
 
@@ -84,9 +82,9 @@ type channel struct {
 	held     bool
 	draining bool // close with 1001 once the queue is written
 	closed   bool
-	upstream *rate.Limiter // made on the first upstream message
-	wake     func()        // resumes a parked reader; nil when not parking
-	ops      tokenBucket   // every packet the client sends
+	upstream tokenBucket // op 4 messages, on top of ops
+	wake     func()      // resumes a parked reader; nil when not parking
+	ops      tokenBucket // every packet the client sends
 	// heartbeatAt is when a heartbeat was last forwarded to logic (unix
 	// nanoseconds); later ones within heartbeatEvery are answered only.
 	heartbeatAt int64
@@ -400,13 +398,10 @@ func (c *channel) close(code int, reason string) {
 
 // allowUpstream reports whether the client may send one more upstream
 // message under the per-connection rate limit.
-func (c *channel) allowUpstream(limit rate.Limit, burst int) bool {
+func (c *channel) allowUpstream(now time.Time, perSec float64, burst int) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.upstream == nil {
-		c.upstream = rate.NewLimiter(limit, burst)
-	}
-	return c.upstream.Allow()
+	return c.upstream.allow(now.UnixNano(), perSec, burst)
 }
 
 // parseOps reads a comma-separated operation list ("1000,1001").

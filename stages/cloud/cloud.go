@@ -61,6 +61,7 @@ type Stage struct {
 	upstreamLog       *pipeline.RateLog
 	handshakeFailures atomic.Int64
 	handshakeLog      *pipeline.RateLog
+	announceLog       *pipeline.RateLog
 	// delivered remembers recent message ids, so that a call job retries
 	// after its deadline passed (the first one having gone through) does
 	// not deliver the message twice.
@@ -71,10 +72,10 @@ type Stage struct {
 
 	disconnectSlots chan struct{} // one per Disconnect call in flight
 	parker          *parker       // nil: every connection keeps its reader
-	// parkIDs names each connection, to the parker and in logic's
+	// connIDs names each connection, to the parker and in logic's
 	// registry (ConnectReq.conn); it starts at random so that a restarted
 	// node's connections are not taken for its earlier ones.
-	parkIDs atomic.Uint64
+	connIDs atomic.Uint64
 
 	connMu   sync.RWMutex // orders conns.Add before Drain's Wait
 	draining bool
@@ -116,6 +117,7 @@ func New(cfg config.Cloud, o Options) *Stage {
 	// per event let either flood the log.
 	s.upstreamLog = pipeline.NewRateLog(s.logger, slog.LevelError, logEvery)
 	s.handshakeLog = pipeline.NewRateLog(s.logger, slog.LevelInfo, logEvery)
+	s.announceLog = pipeline.NewRateLog(s.logger, slog.LevelWarn, logEvery)
 	s.delivered = expiring.NewSet(cfg.DedupeTTL)
 	s.rounds = newRoomRounds()
 	s.announcer = newAnnouncer(func() error {
@@ -123,7 +125,8 @@ func New(cfg config.Cloud, o Options) *Stage {
 		defer cancel()
 		err := s.renew(ctx)
 		if err != nil {
-			s.logger.Warn("announce new rooms to logic", "err", err)
+			// Reports are up to 50 a second while clients join new rooms.
+			s.announceLog.Log("announce new rooms to logic", "err", err)
 		}
 		return err
 	})
@@ -141,7 +144,7 @@ func New(cfg config.Cloud, o Options) *Stage {
 	}
 	s.roomOnline.Store(&map[string]int32{})
 	s.reported.Store(&map[string]struct{}{})
-	s.parkIDs.Store(rand.Uint64())
+	s.connIDs.Store(rand.Uint64())
 	return s
 }
 

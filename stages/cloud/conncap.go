@@ -6,7 +6,6 @@ import (
 	"net/netip"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"imcloud/pipeline"
 )
@@ -54,10 +53,6 @@ func maxConns(configured int, logger *slog.Logger) int {
 	return n
 }
 
-// refusalLogEvery spaces the log lines of refused connections: a flood is
-// one line per interval, with how many were refused in it.
-const refusalLogEvery = 10 * time.Second
-
 // connLimiter counts a node's client connections and the handshakes in
 // progress per client address.
 type connLimiter struct {
@@ -79,7 +74,7 @@ type connLimiter struct {
 
 func newConnLimiter(maxConns, perIP int, logger *slog.Logger) *connLimiter {
 	return &connLimiter{max: int64(maxConns), perIP: perIP, logger: logger, handshaking: map[netip.Prefix]int{},
-		refusedLog: pipeline.NewRateLog(logger, slog.LevelWarn, refusalLogEvery)}
+		refusedLog: pipeline.NewRateLog(logger, slog.LevelWarn, logEvery)}
 }
 
 // addrKey is the client address handshakes are counted by: the IPv4
@@ -135,7 +130,7 @@ func (l *connLimiter) endHandshake(key netip.Prefix) {
 }
 
 // refuse closes c at once, and logs the refusals once per
-// refusalLogEvery.
+// logEvery.
 func (l *connLimiter) refuse(c net.Conn, limit string) {
 	if tc, ok := c.(*net.TCPConn); ok {
 		// A reset frees the socket at once; the client learns nothing

@@ -41,9 +41,9 @@ func (g *grpcServer) PushMsg(_ context.Context, req *pb.PushMsgReq) (*pb.PushMsg
 		return nil, err
 	}
 	reply := &pb.PushMsgReply{}
+	id := req.Proto.GetId() // "": always delivered
 	for _, key := range req.Keys {
-		id := recipientID(req.Proto.GetId(), key)
-		if id != "" && !g.s.delivered.AddIfAbsent(id) {
+		if id != "" && !g.s.delivered.AddPairIfAbsent(id, key) {
 			reply.Delivered++ // by an earlier call with this id
 			continue
 		}
@@ -56,21 +56,12 @@ func (g *grpcServer) PushMsg(_ context.Context, req *pb.PushMsgReq) (*pb.PushMsg
 			reply.Delivered++
 		default:
 			if id != "" {
-				g.s.delivered.Remove(id)
+				g.s.delivered.RemovePair(id, key)
 			}
 			reply.Offline = append(reply.Offline, key)
 		}
 	}
 	return reply, nil
-}
-
-// recipientID names one recipient's copy of message id; "" when the
-// message has no id (always delivered).
-func recipientID(id, key string) string {
-	if id == "" {
-		return ""
-	}
-	return id + "\x00" + key
 }
 
 func (g *grpcServer) BroadcastRoom(_ context.Context, req *pb.BroadcastRoomReq) (*pb.BroadcastRoomReply, error) {

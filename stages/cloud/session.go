@@ -17,7 +17,6 @@ import (
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/google/uuid"
 	"github.com/gorilla/websocket"
-	"golang.org/x/time/rate"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -209,6 +208,10 @@ func (s *Stage) handshake(t transport) (*channel, error) {
 	ch.mid, ch.key, ch.conn = reply.Mid, reply.Key, conn
 	ch.ip, _, _ = net.SplitHostPort(t.RemoteAddr().String())
 	ch.rooms = rooms
+	// The token's own accepts first: they are what the grants allow.
+	if len(reply.Accepts) > 0 {
+		_ = ch.setAccepts(reply.Accepts, true) // no grants yet: nothing to refuse
+	}
 	ch.grants = &grants{
 		rooms:          slices.Concat(rooms, reply.RoomGrants), // a copy: op 12 rewrites ch.rooms in place
 		anyRoom:        reply.AnyRoom,
@@ -219,13 +222,6 @@ func (s *Stage) handshake(t transport) (*channel, error) {
 	}
 	// The session's own Connect counts as its first heartbeat.
 	ch.heartbeatAt = time.Now().UnixNano()
-	if len(reply.Accepts) > 0 {
-		if err := ch.setAccepts(reply.Accepts, true); err != nil {
-			t.Close(closeInternal, "internal error")
-			s.forget(reply.Mid, reply.Key, conn)
-			return nil, fmt.Errorf("token accepts: %w", err)
-		}
-	}
 	t.admitted(newClientBudget(s.cfg.ClientRate, s.cfg.ClientBurst, s.cfg.MaxBodyBytes), func() bool {
 		return ch.allowPacket(time.Now(), s.cfg.ClientRate, s.cfg.ClientBurst)
 	})
@@ -266,7 +262,7 @@ func validReply(reply *pb.ConnectReply, rooms []string) error {
 // to logic (an older node).
 func (s *Stage) connID() uint64 {
 	for {
-		if id := s.parkIDs.Add(1); id != 0 {
+		if id := s.connIDs.Add(1); id != 0 {
 			return id
 		}
 	}
@@ -438,7 +434,7 @@ func (s *Stage) handle(ch *channel, b *bucket, p wire.Packet) error {
 			s.logger.Warn("renew session with logic", "key", ch.key, "err", err)
 		}
 	case wire.OpSendMsg:
-		if !ch.allowUpstream(s.upstreamLimit(), s.cfg.UpstreamBurst) {
+		if s.cfg.UpstreamRate != 0 && !ch.allowUpstream(time.Now(), s.cfg.UpstreamRate, s.cfg.UpstreamBurst) {
 			return fmt.Errorf("%w: op 4 over cloud.upstream_rate", errRateLimited)
 		}
 		if err := s.publishUpstream(ch, p); err != nil {
@@ -501,13 +497,6 @@ func (s *Stage) HandshakeFailures() int64 { return s.handshakeFailures.Load() }
 
 // UpstreamFailures counts the op 4 messages the broker did not take.
 func (s *Stage) UpstreamFailures() int64 { return s.upstreamFailures.Load() }
-
-func (s *Stage) upstreamLimit() rate.Limit {
-	if s.cfg.UpstreamRate == 0 {
-		return rate.Inf
-	}
-	return rate.Limit(s.cfg.UpstreamRate)
-}
 
 func (s *Stage) publishUpstream(ch *channel, p wire.Packet) error {
 	id := uuid.NewString()

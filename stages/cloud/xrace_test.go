@@ -4,15 +4,20 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"imcloud/adapters/memory"
 	"imcloud/client"
+	"imcloud/config"
 	"imcloud/proto/pb"
+	"imcloud/proto/wire"
 )
 
 // clusterLogic is one logic behind two cloud nodes: it keeps sessions in a
@@ -282,4 +287,25 @@ func TestBucketTombs(t *testing.T) {
 			t.Fatal("the oldest tomb past the bound was kept")
 		}
 	})
+}
+
+// TestCloseRefusesInvalidKeys: a Close names a key to remember when its
+// connection is not there yet; an invalid one is refused before anything
+// is remembered.
+func TestCloseRefusesInvalidKeys(t *testing.T) {
+	n := startNode(t, func(*config.Cloud) {})
+	for _, key := range []string{"", strings.Repeat("k", wire.MaxKeyLen+1), "k\x00", "k\xff", "a key"} {
+		_, err := n.rpc.Close(context.Background(), &pb.CloseReq{Key: key, Conn: 7})
+		if status.Code(err) != codes.InvalidArgument {
+			t.Fatalf("Close(%q): %v, want InvalidArgument", key, err)
+		}
+	}
+	for _, b := range n.st.buckets {
+		b.mu.Lock()
+		tombs := len(b.tombs)
+		b.mu.Unlock()
+		if tombs != 0 {
+			t.Fatalf("a refused Close left %d tombs", tombs)
+		}
+	}
 }
