@@ -76,7 +76,7 @@ func holdConfigFault(logger *slog.Logger, timing holdTiming) message.HandlerMidd
 				case <-ctx.Done():
 					t.Stop()
 					msg.SetContext(ctx)
-					return nil, fmt.Errorf("holding a message: %w (%w)", ctx.Err(), err)
+					return nil, fmt.Errorf("%w: holding a message: %w (%w)", errHandedBack, ctx.Err(), err)
 				case <-t.C:
 				}
 				wait = min(2*wait, timing.max)
@@ -85,9 +85,14 @@ func holdConfigFault(logger *slog.Logger, timing holdTiming) message.HandlerMidd
 	}
 }
 
-// notPoison keeps messages held for a configuration fault out of the
-// poison topic.
+// errHandedBack marks a held message whose subscription ended while it
+// waited (job shutting down): the router nacks it and the broker gives it
+// to the next job. It was never delivered or refused for its own sake.
+var errHandedBack = errors.New("handed back to the broker")
+
+// notPoison keeps messages held for a configuration fault, and held
+// messages handed back at shutdown, out of the poison topic.
 func notPoison(err error) bool {
 	var ce *ConfigError
-	return !errors.As(err, &ce)
+	return !errors.As(err, &ce) && !errors.Is(err, errHandedBack)
 }

@@ -2,6 +2,7 @@ package pipeline
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"log/slog"
 	"strings"
@@ -89,5 +90,39 @@ func TestConfigFaultIsHeldNotPoisoned(t *testing.T) {
 	}
 	if !strings.Contains(log.String(), "cluster.secret") {
 		t.Fatalf("the log does not name cluster.secret:\n%s", log.String())
+	}
+}
+
+// TestHeldMessagesGoBackAtShutdown: a message held for offline recipients
+// or for a configuration fault whose subscription ends (job shutting
+// down) goes back to the broker, never to the poison topic.
+func TestHeldMessagesGoBackAtShutdown(t *testing.T) {
+	logger := slog.New(slog.DiscardHandler)
+	tests := []struct {
+		name string
+		mw   message.HandlerMiddleware
+		err  error
+	}{
+		{"offline recipients", holdUndelivered(logger), &UndeliveredError{Recipients: 1, RetryUntil: time.Now().Add(time.Hour)}},
+		{"configuration fault", holdConfigFault(logger, holdTiming{first: time.Millisecond, max: time.Millisecond, total: time.Hour}),
+			&ConfigError{Key: "cluster.secret", Err: errors.New("refused")}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			msg := message.NewMessage("m", nil)
+			msg.SetContext(ctx)
+			calls := 0
+			h := tt.mw(func(*message.Message) ([]*message.Message, error) {
+				if calls++; calls == 2 {
+					cancel() // the subscription ends while the message is held
+				}
+				return nil, tt.err
+			})
+			_, err := h(msg)
+			if err == nil || notPoison(err) {
+				t.Fatalf("held message ended with %v: poisoned=%v, want handed back to the broker", err, notPoison(err))
+			}
+		})
 	}
 }

@@ -70,7 +70,7 @@ func holdUndelivered(logger *slog.Logger) message.HandlerMiddleware {
 				case <-ctx.Done():
 					t.Stop()
 					msg.SetContext(ctx)
-					return nil, fmt.Errorf("holding %d offline recipients: %w", u.Recipients, ctx.Err())
+					return nil, fmt.Errorf("%w: holding %d offline recipients: %w", errHandedBack, u.Recipients, ctx.Err())
 				case <-t.C:
 				}
 				wait = min(2*wait, HoldMaxInterval)
