@@ -83,7 +83,9 @@ func (s *Stage) pushKeys(ctx context.Context, msg *message.Message, pm *pb.PushM
 		}
 	}
 	s.offline.forget(delivered)
-	if len(delivered) > 0 {
+	// Rewritten only when some keys are still to go: a push delivered
+	// whole is acked as it is.
+	if len(delivered) > 0 && len(delivered) < len(pm.Keys) {
 		if err := keepKeys(msg, pm, append(offline, failed...)); err != nil {
 			return err
 		}
@@ -268,13 +270,14 @@ func (o *offlineKeys) graceEnd(keys []string, grace time.Duration) time.Time {
 	defer o.mu.Unlock()
 	end := time.Time{}
 	gap := max(grace, 2*pipeline.HoldMaxInterval)
+	swept := false
 	for _, k := range keys {
 		span, ok := o.keys[k]
 		if !ok || now.Sub(span.last) > gap {
 			span.since = now
 		}
 		span.last = now
-		o.record(k, span, now, gap)
+		o.record(k, span, now, gap, &swept)
 		if e := span.since.Add(grace); e.After(end) {
 			end = e
 		}
@@ -286,10 +289,15 @@ func (o *offlineKeys) graceEnd(keys []string, grace time.Duration) time.Time {
 // record stores k's span, first dropping, when full, the entries that
 // would start afresh anyway (not found offline for gap). Past the limit a
 // key is not remembered: its grace counts from each message that finds it
-// offline.
-func (o *offlineKeys) record(k string, span offlineSpan, now time.Time, gap time.Duration) {
+// offline. The map is swept at most once per call of graceEnd (swept): a
+// full map of fresh entries would otherwise be scanned once per key, under
+// the lock, just when a node's clients are all away.
+func (o *offlineKeys) record(k string, span offlineSpan, now time.Time, gap time.Duration, swept *bool) {
 	if _, ok := o.keys[k]; !ok && len(o.keys) >= o.max {
-		maps.DeleteFunc(o.keys, func(_ string, s offlineSpan) bool { return now.Sub(s.last) > gap })
+		if !*swept {
+			*swept = true
+			maps.DeleteFunc(o.keys, func(_ string, s offlineSpan) bool { return now.Sub(s.last) > gap })
+		}
 		if len(o.keys) >= o.max {
 			return
 		}
