@@ -84,7 +84,11 @@ func (p *PubSub) Publish(topic string, msgs ...*message.Message) error {
 			return fmt.Errorf("%w: %d messages wait for their subscriber", ErrQueueFull, p.max)
 		}
 	}
-	return p.gc.Publish(topic, msgs...)
+	if err := p.gc.Publish(topic, msgs...); err != nil {
+		p.pending.Add(-n) // nothing was handed over: no slot will be freed
+		return err
+	}
+	return nil
 }
 
 // Subscribe subscribes to topic; each message's slot is freed once the
