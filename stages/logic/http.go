@@ -18,8 +18,6 @@ import (
 	"strconv"
 	"strings"
 	"time"
-	"unicode"
-	"unicode/utf8"
 
 	"github.com/google/uuid"
 
@@ -107,14 +105,8 @@ func echo(s string) string {
 // checkText validates a string a caller gave: valid UTF-8, at most max
 // bytes, no control characters.
 func checkText(field, s string, max int) error {
-	if len(s) > max {
-		return badParam(field, "longer than %d bytes", max)
-	}
-	if !utf8.ValidString(s) {
-		return badParam(field, "not valid UTF-8")
-	}
-	if i := strings.IndexFunc(s, unicode.IsControl); i >= 0 {
-		return badParam(field, "holds a control character at byte %d", i)
+	if err := wire.ValidText(s, max); err != nil {
+		return wireError(field, err)
 	}
 	return nil
 }
@@ -412,8 +404,10 @@ func (e *tooLargeError) Error() string { return e.msg }
 // target is a validated push, ready to publish.
 type target struct {
 	// canonical renders the parameters that decide what is published, in
-	// a fixed form, for the request's fingerprint.
-	canonical string
+	// a fixed form, for the fingerprint of a request with an
+	// Idempotency-Key; only such a request pays for it (a list of
+	// thousands of targets is sorted).
+	canonical func() string
 	run       func(ctx context.Context, push Push) (PushResult, error)
 }
 
@@ -436,7 +430,7 @@ func headerValue(r *http.Request, name string, max int) (string, error) {
 // canonical form, the operation and the message.
 func fingerprint(name string, op int32, t target, msg []byte) string {
 	h := sha256.New()
-	fmt.Fprintf(h, "%s\n%d\n%s\n%d\n", name, op, t.canonical, len(msg))
+	fmt.Fprintf(h, "%s\n%d\n%s\n%d\n", name, op, t.canonical(), len(msg))
 	h.Write(msg)
 	return hex.EncodeToString(h.Sum(nil))
 }
@@ -484,7 +478,10 @@ func (st *Stage) push(a api, name string, route pushRoute) http.Handler {
 		budget := min(st.cfg.WriteTimeout, idempotency.InFlightTTL)
 		ctx, cancel := context.WithTimeout(r.Context(), budget*pushShare/100)
 		defer cancel()
-		fp := fingerprint(name, op, t, p.msg)
+		fp := "" // a push without an Idempotency-Key needs none
+		if idemKey != "" {
+			fp = fingerprint(name, op, t, p.msg)
+		}
 		push := Push{ID: MessageID(idemKey, name, fp), CorrelationID: corr, Operation: op, Msg: p.msg}
 		ex := exchange{w: w, r: r, settle: budget * settleShare / 100, a: a, name: name}
 		if idemKey == "" || st.replies == nil {
@@ -600,12 +597,10 @@ func (st *Stage) publish(ctx context.Context, ex exchange, t target, push Push, 
 	}
 }
 
-// logFailure logs a failing dependency, at most a few times a second: a
-// broker outage fails every request.
-func (st *Stage) logFailure(ctx context.Context, msg string, args ...any) {
-	if st.failLog.Allow() {
-		st.logger.ErrorContext(ctx, msg, args...)
-	}
+// logFailure logs a failing dependency, at most once a second: a broker
+// outage fails every request.
+func (st *Stage) logFailure(_ context.Context, msg string, args ...any) {
+	st.failLog.Log(msg, args...)
 }
 
 // refuse answers a request without a valid API key and closes the
@@ -633,8 +628,7 @@ func (st *Stage) authorized(r *http.Request) bool {
 	// whatever the length of what was sent; every key is compared.
 	sum := sha256.Sum256([]byte(got))
 	match := 0
-	for _, k := range st.cfg.APIKeys {
-		want := sha256.Sum256([]byte(k))
+	for _, want := range st.apiKeys {
 		match |= subtle.ConstantTimeCompare(sum[:], want[:])
 	}
 	return match == 1
@@ -666,7 +660,7 @@ func (st *Stage) pushKeys(_ api, p *params) (target, error) {
 		}
 	}
 	return target{
-		canonical: "keys=" + canonicalList(keys),
+		canonical: func() string { return "keys=" + canonicalList(keys) },
 		run: func(ctx context.Context, push Push) (PushResult, error) {
 			return st.pusher.PushKeys(ctx, push, keys)
 		},
@@ -695,7 +689,7 @@ func (st *Stage) pushMids(a api, p *params) (target, error) {
 		mids = append(mids, m)
 	}
 	return target{
-		canonical: "mids=" + canonicalList(mids),
+		canonical: func() string { return "mids=" + canonicalList(mids) },
 		run: func(ctx context.Context, push Push) (PushResult, error) {
 			return st.pusher.PushMids(ctx, push, mids)
 		},
@@ -716,7 +710,7 @@ func (st *Stage) pushRoom(_ api, p *params) (target, error) {
 	}
 	key := RoomKey(typ, room)
 	return target{
-		canonical: "room=" + strconv.Quote(key),
+		canonical: func() string { return "room=" + strconv.Quote(key) },
 		run: func(ctx context.Context, push Push) (PushResult, error) {
 			return st.pusher.PushRoom(ctx, push, key)
 		},
@@ -732,7 +726,7 @@ func (st *Stage) pushAll(_ api, p *params) (target, error) {
 		}
 	}
 	return target{
-		canonical: "speed=" + strconv.FormatInt(speed, 10),
+		canonical: func() string { return "speed=" + strconv.FormatInt(speed, 10) },
 		run: func(ctx context.Context, push Push) (PushResult, error) {
 			return st.pusher.PushAll(ctx, push, int32(speed))
 		},

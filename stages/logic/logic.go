@@ -4,6 +4,7 @@
 package logic
 
 import (
+	"crypto/sha256"
 	"fmt"
 	"log/slog"
 	"net/http"
@@ -11,12 +12,12 @@ import (
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
-	"golang.org/x/time/rate"
 	"google.golang.org/grpc"
 
 	"imcloud/cloudconn"
 	"imcloud/config"
 	"imcloud/idempotency"
+	"imcloud/pipeline"
 	"imcloud/proto/pb"
 )
 
@@ -30,7 +31,8 @@ type Stage struct {
 	logger    *slog.Logger
 	// failLog limits logs of failing dependencies: an outage fails every
 	// request, and one line a second says as much as thousands.
-	failLog *rate.Limiter
+	failLog *pipeline.RateLog
+	apiKeys [][sha256.Size]byte // logic.api_keys, hashed once
 }
 
 // ReplyStore keeps the reservation and reply of each request made with an
@@ -68,8 +70,17 @@ func New(cfg config.Logic, o Options) (*Stage, error) {
 		grpc: newGRPCServer(cfg, auth, o.Registry,
 			&replacer{registry: o.Registry, logger: o.Logger, clouds: cloudconn.New(o.CloudDial...)}, o.Logger),
 		logger:  o.Logger,
-		failLog: rate.NewLimiter(1, 5),
+		failLog: pipeline.NewRateLog(o.Logger, slog.LevelError, time.Second),
+		apiKeys: hashKeys(cfg.APIKeys),
 	}, nil
+}
+
+func hashKeys(keys []string) [][sha256.Size]byte {
+	sums := make([][sha256.Size]byte, len(keys))
+	for i, k := range keys {
+		sums[i] = sha256.Sum256([]byte(k))
+	}
+	return sums
 }
 
 // Close releases the stage's connections to cloud nodes.
