@@ -80,3 +80,10 @@ func (e *Map[K, V]) Delete(key K) {
 	delete(e.cur, key)
 	delete(e.prev, key)
 }
+
+// Len is how many entries the map holds, some perhaps past their ttl.
+func (e *Map[K, V]) Len() int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return len(e.cur) + len(e.prev)
+}

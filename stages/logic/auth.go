@@ -29,6 +29,9 @@ type Identity struct {
 	AnyAccept bool
 	Platform  string
 	Accepts   []int32
+	// keyMade says Key was made up here, the client naming none: such a
+	// guest can be limited by nothing it sent.
+	keyMade bool
 }
 
 // Claims are the JWT claims of a client token.
@@ -93,14 +96,15 @@ type jwtAuth struct {
 
 func (a jwtAuth) Authenticate(body []byte) (Identity, error) {
 	var c Claims
-	_, err := jwt.ParseWithClaims(string(body), &c, func(*jwt.Token) (any, error) { return a.key, nil },
+	tok := string(body)
+	_, err := jwt.ParseWithClaims(tok, &c, func(*jwt.Token) (any, error) { return a.key, nil },
 		jwt.WithValidMethods(a.methods), jwt.WithExpirationRequired(), jwt.WithLeeway(5*time.Second))
 	if err != nil {
 		return Identity{}, fmt.Errorf("%w: %w", ErrUnauthenticated, err)
 	}
 	// Checked once the signature verified: an unsigned token costs no
 	// more than before.
-	if err := strictToken(string(body)); err != nil {
+	if err := strictToken(tok); err != nil {
 		return Identity{}, fmt.Errorf("%w: %w", ErrUnauthenticated, err)
 	}
 	return identity(c.Mid, c.Key, c.Rooms, c.Platform, c.Accepts, false)
@@ -141,7 +145,8 @@ func identity(mid int64, key string, rooms []string, platform string, accepts []
 	case !goim && mid <= 0:
 		return Identity{}, fmt.Errorf("%w: mid must be a positive integer", ErrUnauthenticated)
 	}
-	if key == "" {
+	generated := key == ""
+	if generated {
 		key = uuid.NewString()
 	} else if err := wire.ValidKey(key); err != nil {
 		return Identity{}, fmt.Errorf("%w: %w", ErrUnauthenticated, err)
@@ -155,7 +160,7 @@ func identity(mid int64, key string, rooms []string, platform string, accepts []
 	if len(accepts) > wire.MaxClaimAccepts {
 		return Identity{}, fmt.Errorf("%w: %d accepts, at most %d", ErrUnauthenticated, len(accepts), wire.MaxClaimAccepts)
 	}
-	id := Identity{Mid: mid, Key: key, Platform: platform, Accepts: accepts, AnyRoom: goim, AnyAccept: goim}
+	id := Identity{Mid: mid, Key: key, Platform: platform, Accepts: accepts, AnyRoom: goim, AnyAccept: goim, keyMade: generated}
 	for _, r := range rooms {
 		if r == "" {
 			continue // goim's empty room_id: no room

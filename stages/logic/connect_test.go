@@ -98,6 +98,21 @@ func TestConnectLimiterGuestsApart(t *testing.T) {
 	if !l.allow(Identity{Mid: 0, Key: "guest-b"}) {
 		t.Fatal("guest b refused because guest a used up its connects")
 	}
+	// Guests naming no key get one made up each time: nothing to limit
+	// them by, and no entry of the limiter's for each.
+	before := l.users.Len()
+	for range 100 {
+		id, err := insecureJSON{}.Authenticate([]byte(`{"mid":0}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !l.allow(id) {
+			t.Fatal("a guest without a key refused")
+		}
+	}
+	if n := l.users.Len(); n != before {
+		t.Fatalf("100 guests without keys left %d limiter entries, want none", n-before)
+	}
 }
 
 // TestMaxSessionsPerMid: a user at logic.max_sessions_per_mid is refused
