@@ -54,33 +54,45 @@ const (
 func holdConfigFault(logger *slog.Logger, timing holdTiming) message.HandlerMiddleware {
 	refused := NewRateLog(logger, slog.LevelError, time.Minute)
 	return func(h message.HandlerFunc) message.HandlerFunc {
-		return func(msg *message.Message) ([]*message.Message, error) {
-			ctx := msg.Context()
-			start := time.Now()
-			wait := timing.first
-			for {
-				msg.SetContext(ctx)
-				out, err := h(msg)
-				var ce *ConfigError
-				if !errors.As(err, &ce) {
-					return out, err
-				}
-				refused.Log("cloud nodes refuse this job's calls: fix "+ce.Key+" (the same value on every node) and restart; messages are held and handed back to the broker, not poisoned",
-					"key", ce.Key, "err", ce.Err, "message_id", msg.Metadata.Get(MetaMessageID))
-				left := timing.total - time.Since(start)
-				if left <= 0 {
-					return nil, err
-				}
-				t := time.NewTimer(min(wait, left))
-				select {
-				case <-ctx.Done():
-					t.Stop()
-					msg.SetContext(ctx)
-					return nil, fmt.Errorf("%w: holding a message: %w (%w)", errHandedBack, ctx.Err(), err)
-				case <-t.C:
-				}
-				wait = min(2*wait, timing.max)
+		return holdWhile(h, timing.first, timing.max, func(msg *message.Message, err error, start time.Time) (time.Duration, bool) {
+			var ce *ConfigError
+			if !errors.As(err, &ce) {
+				return 0, false
 			}
+			refused.Log("cloud nodes refuse this job's calls: fix "+ce.Key+" (the same value on every node) and restart; messages are held and handed back to the broker, not poisoned",
+				"key", ce.Key, "err", ce.Err, "message_id", msg.Metadata.Get(MetaMessageID))
+			return timing.total - time.Since(start), true
+		})
+	}
+}
+
+// holdWhile re-runs h while left says its error is one to hold the
+// message for, and for how much longer (from start, the first attempt);
+// the wait between attempts doubles from first up to maxWait. When the
+// time is up it returns h's error. If the message's context ends while it
+// waits (its subscription closing as job shuts down), the message is
+// handed back to the broker (errHandedBack), never poisoned.
+func holdWhile(h message.HandlerFunc, first, maxWait time.Duration, left func(msg *message.Message, err error, start time.Time) (time.Duration, bool)) message.HandlerFunc {
+	return func(msg *message.Message) ([]*message.Message, error) {
+		ctx := msg.Context()
+		start := time.Now()
+		wait := first
+		for {
+			msg.SetContext(ctx)
+			out, err := h(msg)
+			d, held := left(msg, err, start)
+			if !held || d <= 0 {
+				return out, err
+			}
+			t := time.NewTimer(min(wait, d))
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				msg.SetContext(ctx)
+				return nil, fmt.Errorf("%w: %w (%w)", errHandedBack, ctx.Err(), err)
+			case <-t.C:
+			}
+			wait = min(2*wait, maxWait)
 		}
 	}
 }

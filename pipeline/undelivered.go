@@ -49,33 +49,18 @@ const (
 func holdUndelivered(logger *slog.Logger) message.HandlerMiddleware {
 	gaveUp := NewRateLog(logger, slog.LevelWarn, 10*time.Second)
 	return func(h message.HandlerFunc) message.HandlerFunc {
-		return func(msg *message.Message) ([]*message.Message, error) {
-			ctx := msg.Context()
-			wait := holdFirst
-			for {
-				msg.SetContext(ctx)
-				out, err := h(msg)
-				var u *UndeliveredError
-				if !errors.As(err, &u) {
-					return out, err
-				}
-				left := time.Until(u.RetryUntil)
-				if left <= 0 {
-					gaveUp.Log("push undelivered: recipients stayed offline past the grace period; sent to the poison topic",
-						"message_id", msg.Metadata.Get(MetaMessageID), "recipients", u.Recipients, "detail", u.Detail)
-					return out, err
-				}
-				t := time.NewTimer(min(wait, left))
-				select {
-				case <-ctx.Done():
-					t.Stop()
-					msg.SetContext(ctx)
-					return nil, fmt.Errorf("%w: holding %d offline recipients: %w", errHandedBack, u.Recipients, ctx.Err())
-				case <-t.C:
-				}
-				wait = min(2*wait, HoldMaxInterval)
+		return holdWhile(h, holdFirst, HoldMaxInterval, func(msg *message.Message, err error, _ time.Time) (time.Duration, bool) {
+			var u *UndeliveredError
+			if !errors.As(err, &u) {
+				return 0, false
 			}
-		}
+			left := time.Until(u.RetryUntil)
+			if left <= 0 {
+				gaveUp.Log("push undelivered: recipients stayed offline past the grace period; sent to the poison topic",
+					"message_id", msg.Metadata.Get(MetaMessageID), "recipients", u.Recipients, "detail", u.Detail)
+			}
+			return left, true
+		})
 	}
 }
 
