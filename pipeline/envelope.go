@@ -34,8 +34,9 @@ const (
 	// already reached, so that retries and replays skip them.
 	MetaDeliveredNodes = "delivered_nodes"
 	// MetaOfflineRound counts the attempts of a key push that found
-	// recipients offline. Each round calls cloud under a fresh id, since a
-	// node remembers an id it saw even for the keys it did not have.
+	// recipients offline: after the first, job looks up again where each
+	// key is connected (it may have reconnected on another node), and a
+	// replayed message does so at once.
 	MetaOfflineRound = "offline_round"
 )
 
