@@ -7,6 +7,7 @@ LDFLAGS := -X main.version=$(VERSION)
 
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/imcloud
+	$(GO) build -o bin/imcloud-bench ./cmd/imcloud-bench
 
 # Standalone: every stage in one process, embedded broker and registry.
 run: build
@@ -34,7 +35,7 @@ bench:
 
 # Go micro-benchmarks: codec, room fan-out, memory per idle connection.
 bench-go:
-	$(GO) test -run '^$$' -bench . -benchmem ./proto/wire ./expiring
+	$(GO) test -run '^$$' -bench . -benchmem ./proto/wire ./pipeline/expiring
 	$(GO) test -run '^$$' -bench RoomFanout -benchmem ./stages/cloud
 	$(GO) test -run '^$$' -bench IdleConnectionMemory -benchtime 10000x ./stages/cloud
 

@@ -13,7 +13,7 @@ import (
 	"imcloud/adapters/gochannel"
 	"imcloud/adapters/nats"
 	"imcloud/adapters/redisstream"
-	"imcloud/config"
+	"imcloud/pipeline/config"
 )
 
 // ErrQueueFull marks a publish refused because the topic's queue or

@@ -16,7 +16,7 @@ import (
 	"imcloud/adapters/gochannel"
 	"imcloud/adapters/nats"
 	"imcloud/adapters/redisstream"
-	"imcloud/config"
+	"imcloud/pipeline/config"
 )
 
 // Broker is the publisher and subscriber of one broker connection.

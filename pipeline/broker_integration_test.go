@@ -18,7 +18,7 @@ import (
 	amqp091 "github.com/rabbitmq/amqp091-go"
 	goredis "github.com/redis/go-redis/v9"
 
-	"imcloud/config"
+	"imcloud/pipeline/config"
 )
 
 const amqpURL = "amqp://guest:guest@127.0.0.1:5672/"

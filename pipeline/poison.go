@@ -8,7 +8,7 @@ import (
 	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
 
 	"imcloud/adapters/amqp"
-	"imcloud/config"
+	"imcloud/pipeline/config"
 )
 
 // poisonKeys are the metadata keys the poison queue middleware adds, which

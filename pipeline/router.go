@@ -8,7 +8,7 @@ import (
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
 
-	"imcloud/config"
+	"imcloud/pipeline/config"
 )
 
 // NewRouter returns a router whose handlers run inside the delivery

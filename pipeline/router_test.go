@@ -14,7 +14,7 @@ import (
 	"github.com/ThreeDotsLabs/watermill/pubsub/gochannel"
 
 	"imcloud/adapters/memory"
-	"imcloud/config"
+	"imcloud/pipeline/config"
 	"imcloud/proto/pb"
 )
 

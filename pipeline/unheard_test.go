@@ -9,7 +9,7 @@ import (
 
 	"github.com/ThreeDotsLabs/watermill/message"
 
-	"imcloud/config"
+	"imcloud/pipeline/config"
 )
 
 // TestEmbeddedBrokerLogsUnheardOnce: in standalone nothing subscribes to

@@ -4,7 +4,7 @@ import (
 	"context"
 	"time"
 
-	"imcloud/expiring"
+	"imcloud/pipeline/expiring"
 )
 
 // Dedupe remembers delivered message ids in this process for at least ttl.

@@ -10,7 +10,7 @@ import (
 	"github.com/google/uuid"
 	"golang.org/x/time/rate"
 
-	"imcloud/idempotency"
+	"imcloud/pipeline/idempotency"
 )
 
 // DefaultRepliesMaxBytes bounds what the in-memory idempotency store

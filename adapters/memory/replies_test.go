@@ -8,8 +8,8 @@ import (
 	"testing"
 	"time"
 
-	"imcloud/idempotency"
-	"imcloud/idempotency/idemtest"
+	"imcloud/pipeline/idempotency"
+	"imcloud/pipeline/idempotency/idemtest"
 )
 
 func TestRepliesContract(t *testing.T) {

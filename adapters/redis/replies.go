@@ -10,7 +10,7 @@ import (
 	"github.com/google/uuid"
 	goredis "github.com/redis/go-redis/v9"
 
-	"imcloud/idempotency"
+	"imcloud/pipeline/idempotency"
 )
 
 // Replies keeps Idempotency-Key reservations and replies in Redis, so that

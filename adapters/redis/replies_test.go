@@ -9,8 +9,8 @@ import (
 	"time"
 
 	"imcloud/adapters/registrytest"
-	"imcloud/idempotency"
-	"imcloud/idempotency/idemtest"
+	"imcloud/pipeline/idempotency"
+	"imcloud/pipeline/idempotency/idemtest"
 )
 
 func TestIntegrationRepliesContract(t *testing.T) {

@@ -11,7 +11,7 @@ import (
 	"strings"
 	"time"
 
-	"imcloud/client"
+	"imcloud/proto/client"
 	"imcloud/proto/wire"
 )
 

@@ -19,10 +19,10 @@ import (
 
 	"github.com/spf13/pflag"
 
-	"imcloud/config"
-	"imcloud/node"
+	"imcloud/cmd/imcloud/internal/process"
+	"imcloud/pipeline/config"
 	"imcloud/proto/wire"
-	"imcloud/stages/logic"
+	"imcloud/stages/logic/token"
 )
 
 // version is set at build time with -ldflags "-X main.version=…".
@@ -180,7 +180,7 @@ func cmdToken(args []string, stdout, stderr io.Writer, environ []string) error {
 	if err != nil {
 		return err
 	}
-	tok, err := logic.IssueToken(cfg.Logic.Auth.JWTSecret, logic.Claims{Mid: mid, Key: key, Rooms: rooms, Platform: platform, Accepts: accepts}, ttl)
+	tok, err := token.Sign(cfg.Logic.Auth.JWTSecret, token.Claims{Mid: mid, Key: key, Rooms: rooms, Platform: platform, Accepts: accepts}, ttl)
 	if err != nil {
 		return err
 	}
@@ -234,7 +234,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, envi
 	logger := newLogger(cfg.Log, stderr)
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	n, err := node.Start(ctx, cfg, logger)
+	n, err := process.Start(ctx, cfg, logger)
 	if err != nil {
 		return err
 	}
@@ -275,7 +275,7 @@ func randomHex(n int) string {
 	return hex.EncodeToString(b)
 }
 
-func printAddrs(w io.Writer, a node.Addrs) {
+func printAddrs(w io.Writer, a process.Addrs) {
 	for _, l := range []struct{ name, addr string }{
 		{"logic http", a.HTTP}, {"logic grpc", a.LogicGRPC},
 		{"cloud tcp", a.CloudTCP}, {"cloud ws", a.CloudWS}, {"cloud wss", a.CloudWSS}, {"cloud grpc", a.CloudGRPC},
@@ -299,7 +299,7 @@ func localURL(addr string) string {
 	return net.JoinHostPort(host, port)
 }
 
-func printWelcome(w io.Writer, cfg config.Config, a node.Addrs) {
+func printWelcome(w io.Writer, cfg config.Config, a process.Addrs) {
 	fmt.Fprintln(w, "imcloud standalone is ready. Listening:")
 	printAddrs(w, a)
 	auth := ""
@@ -311,21 +311,21 @@ func printWelcome(w io.Writer, cfg config.Config, a node.Addrs) {
 		fmt.Fprintf(w, "goim's push tools reach it unchanged under /goim/, e.g.:\n  curl -X POST 'http://%s/goim/push/mids?operation=1000&mids=1' -d 'hello'\n", localURL(a.HTTP))
 	}
 	// The auth body a client sends: a signed token, or goim's plain JSON.
-	token := `{"mid":1,"room_id":"live://1000"}`
+	authBody := `{"mid":1,"room_id":"live://1000"}`
 	if cfg.Logic.Auth.Mode == config.AuthJWT {
-		tok, err := logic.IssueToken(cfg.Logic.Auth.JWTSecret, logic.Claims{Mid: 1, Rooms: []string{"live://1000"}}, 24*time.Hour)
+		tok, err := token.Sign(cfg.Logic.Auth.JWTSecret, token.Claims{Mid: 1, Rooms: []string{"live://1000"}}, 24*time.Hour)
 		if err != nil {
 			tok = "(none: " + err.Error() + ")"
 		}
-		token = tok
-		fmt.Fprintf(w, "Client token (mid 1, room live://1000, 24h):\n  %s\n", token)
+		authBody = tok
+		fmt.Fprintf(w, "Client token (mid 1, room live://1000, 24h):\n  %s\n", authBody)
 	}
 	api := localURL(a.HTTP)
 	fmt.Fprintf(w, "\nPush to user 1:\n  curl -X POST%s 'http://%s/im/push/mids?operation=1000&mids=1' -d 'hello'\n", auth, api)
 	fmt.Fprintf(w, "Push to the room:\n  curl -X POST%s 'http://%s/im/push/room?operation=1000&type=live&room=1000' -d 'hello room'\n", auth, api)
 	if a.CloudWS != "" {
 		ws := "ws://" + localURL(a.CloudWS) + "/sub"
-		fmt.Fprintf(w, "Watch it arrive:\n  %s listen --ws %s --token '%s'\n", executable(), ws, token)
+		fmt.Fprintf(w, "Watch it arrive:\n  %s listen --ws %s --token '%s'\n", executable(), ws, authBody)
 		fmt.Fprintf(w, "Clients connect to %s and send the token as an op 7 packet (see README).\n", ws)
 	}
 }

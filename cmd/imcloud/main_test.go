@@ -12,8 +12,8 @@ import (
 	"testing"
 	"time"
 
-	"imcloud/config"
-	"imcloud/stages/logic"
+	"imcloud/pipeline/config"
+	"imcloud/stages/logic/token"
 )
 
 func runCmd(t *testing.T, environ []string, args ...string) (string, string, error) {
@@ -28,7 +28,7 @@ func TestToken(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a, err := logic.NewAuthenticator(config.Auth{Mode: config.AuthJWT, JWTSecret: "s3"})
+	a, err := token.NewAuthenticator(config.Auth{Mode: config.AuthJWT, JWTSecret: "s3"})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,7 +10,7 @@ import (
 
 	amqp091 "github.com/rabbitmq/amqp091-go"
 
-	"imcloud/config"
+	"imcloud/pipeline/config"
 )
 
 // TestIntegrationPoisonCommand drives `imcloud poison` against RabbitMQ on

@@ -16,8 +16,8 @@ import (
 	"testing"
 	"time"
 
-	"imcloud/client"
-	"imcloud/config"
+	"imcloud/pipeline/config"
+	"imcloud/proto/client"
 )
 
 // flakyListener fails its first accepts with err, as a listener out of

@@ -7,7 +7,7 @@ import (
 	"sync"
 	"testing"
 
-	"imcloud/config"
+	"imcloud/pipeline/config"
 	"imcloud/proto/pb"
 )
 

@@ -16,7 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"imcloud/config"
+	"imcloud/pipeline/config"
 	"imcloud/proto/pb"
 	"imcloud/proto/wire"
 )

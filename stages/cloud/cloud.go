@@ -20,9 +20,9 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
 
-	"imcloud/config"
-	"imcloud/expiring"
 	"imcloud/pipeline"
+	"imcloud/pipeline/config"
+	"imcloud/pipeline/expiring"
 	"imcloud/proto/pb"
 	"imcloud/proto/wire"
 )

@@ -14,8 +14,8 @@ import (
 
 	"github.com/gorilla/websocket"
 
-	"imcloud/client"
-	"imcloud/config"
+	"imcloud/pipeline/config"
+	"imcloud/proto/client"
 	"imcloud/proto/pb"
 	"imcloud/proto/wire"
 )

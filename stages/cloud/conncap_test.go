@@ -10,8 +10,8 @@ import (
 	"testing"
 	"time"
 
-	"imcloud/client"
-	"imcloud/config"
+	"imcloud/pipeline/config"
+	"imcloud/proto/client"
 	"imcloud/proto/wire"
 )
 

@@ -19,8 +19,8 @@ import (
 	"testing"
 	"time"
 
-	"imcloud/client"
-	"imcloud/config"
+	"imcloud/pipeline/config"
+	"imcloud/proto/client"
 )
 
 // fdLimitEnv makes the test binary, run for TestAcceptAtDescriptorLimit,

@@ -10,8 +10,8 @@ import (
 
 	"github.com/gorilla/websocket"
 
-	"imcloud/client"
-	"imcloud/config"
+	"imcloud/pipeline/config"
+	"imcloud/proto/client"
 	"imcloud/proto/wire"
 )
 

@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"imcloud/config"
+	"imcloud/pipeline/config"
 	"imcloud/proto/wire"
 )
 

@@ -6,7 +6,7 @@ import (
 	"strings"
 	"testing"
 
-	"imcloud/config"
+	"imcloud/pipeline/config"
 )
 
 // TestFailedHandshakesAreLoggedOnce: a client that connects and never

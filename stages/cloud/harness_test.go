@@ -18,8 +18,8 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
-	"imcloud/client"
-	"imcloud/config"
+	"imcloud/pipeline/config"
+	"imcloud/proto/client"
 	"imcloud/proto/pb"
 )
 

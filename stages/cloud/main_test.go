@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"imcloud/client"
+	"imcloud/proto/client"
 )
 
 // clientsEnv makes the test binary a client process: "target n"

@@ -17,8 +17,8 @@ import (
 	"google.golang.org/grpc/status"
 
 	"imcloud/adapters/memory"
-	"imcloud/client"
-	"imcloud/config"
+	"imcloud/pipeline/config"
+	"imcloud/proto/client"
 	"imcloud/proto/pb"
 )
 

@@ -13,9 +13,9 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"imcloud/clusterauth"
-	"imcloud/config"
 	"imcloud/pipeline"
+	"imcloud/pipeline/clusterauth"
+	"imcloud/pipeline/config"
 	"imcloud/proto/pb"
 )
 

@@ -19,9 +19,9 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"imcloud/cloudconn"
 	"imcloud/pipeline"
 	"imcloud/proto/pb"
+	"imcloud/stages/internal/cloudconn"
 )
 
 // Nodes lists the live cloud nodes.

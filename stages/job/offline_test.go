@@ -18,8 +18,8 @@ import (
 	"google.golang.org/grpc"
 
 	"imcloud/adapters/memory"
-	"imcloud/config"
 	"imcloud/pipeline"
+	"imcloud/pipeline/config"
 	"imcloud/proto/pb"
 )
 

@@ -19,9 +19,9 @@ import (
 	"github.com/ThreeDotsLabs/watermill/message"
 
 	"imcloud/adapters/memory"
-	"imcloud/config"
-	"imcloud/idempotency"
 	"imcloud/pipeline"
+	"imcloud/pipeline/config"
+	"imcloud/pipeline/idempotency"
 	"imcloud/proto/pb"
 	"imcloud/proto/wire"
 )

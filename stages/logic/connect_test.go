@@ -13,8 +13,9 @@ import (
 	"google.golang.org/grpc/status"
 
 	"imcloud/adapters/memory"
-	"imcloud/config"
+	"imcloud/pipeline/config"
 	"imcloud/proto/pb"
+	"imcloud/stages/logic/token"
 )
 
 // TestRejectedAuthLogsOnce: bad tokens are each refused, and a flood of
@@ -22,7 +23,7 @@ import (
 // 13.8 MB in 10 s before).
 func TestRejectedAuthLogsOnce(t *testing.T) {
 	var buf bytes.Buffer
-	auth, err := NewAuthenticator(config.Auth{Mode: config.AuthJWT, JWTSecret: "secret"})
+	auth, err := token.NewAuthenticator(config.Auth{Mode: config.AuthJWT, JWTSecret: "secret"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -44,7 +45,7 @@ func connectServer(t *testing.T, edit func(*config.Logic)) *grpcServer {
 	t.Helper()
 	cfg := config.Default().Logic
 	edit(&cfg)
-	auth, err := NewAuthenticator(config.Auth{Mode: config.AuthInsecureJSON})
+	auth, err := token.NewAuthenticator(config.Auth{Mode: config.AuthInsecureJSON})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -88,21 +89,21 @@ func TestConnectRatePerUser(t *testing.T) {
 func TestConnectLimiterGuestsApart(t *testing.T) {
 	l := newConnectLimiter(0.001, 2)
 	for range 2 {
-		if !l.allow(Identity{Mid: 0, Key: "guest-a"}) {
+		if !l.allow(token.Identity{Mid: 0, Key: "guest-a"}) {
 			t.Fatal("guest a refused within its burst")
 		}
 	}
-	if l.allow(Identity{Mid: 0, Key: "guest-a"}) {
+	if l.allow(token.Identity{Mid: 0, Key: "guest-a"}) {
 		t.Fatal("guest a allowed past its burst")
 	}
-	if !l.allow(Identity{Mid: 0, Key: "guest-b"}) {
+	if !l.allow(token.Identity{Mid: 0, Key: "guest-b"}) {
 		t.Fatal("guest b refused because guest a used up its connects")
 	}
 	// Guests naming no key get one made up each time: nothing to limit
 	// them by, and no entry of the limiter's for each.
 	before := l.users.Len()
 	for range 100 {
-		id, err := insecureJSON{}.Authenticate([]byte(`{"mid":0}`))
+		id, err := mustAuth(t, config.Auth{Mode: config.AuthInsecureJSON}).Authenticate([]byte(`{"mid":0}`))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -175,4 +176,13 @@ func TestDisconnectOfReplacedConnection(t *testing.T) {
 	if reply, err := s.Disconnect(ctx, &pb.DisconnectReq{Mid: 1, Key: "racekey", Server: "n1", Conn: 2}); err != nil || !reply.Has {
 		t.Fatalf("the live connection's Disconnect: %v, %v", reply, err)
 	}
+}
+
+func mustAuth(t *testing.T, cfg config.Auth) token.Authenticator {
+	t.Helper()
+	a, err := token.NewAuthenticator(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a
 }

@@ -7,7 +7,8 @@ import (
 
 	"golang.org/x/time/rate"
 
-	"imcloud/expiring"
+	"imcloud/pipeline/expiring"
+	"imcloud/stages/logic/token"
 )
 
 // connectLimiter bounds how fast one user connects (logic.connect_rate,
@@ -38,11 +39,11 @@ func newConnectLimiter(perSec float64, burst int) *connectLimiter {
 }
 
 // allow takes one connect of the user id names.
-func (l *connectLimiter) allow(id Identity) bool {
+func (l *connectLimiter) allow(id token.Identity) bool {
 	// A guest whose key was made up for it has nothing to be limited by
 	// (in insecure-json mode mid and key are whatever the client claims
 	// anyway); an entry for it would only take memory.
-	if l == nil || (id.Mid == 0 && id.keyMade) {
+	if l == nil || (id.Mid == 0 && id.KeyMade) {
 		return true
 	}
 	user := "mid:" + strconv.FormatInt(id.Mid, 10)

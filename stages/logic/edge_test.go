@@ -11,7 +11,7 @@ import (
 
 	"github.com/ThreeDotsLabs/watermill/message"
 
-	"imcloud/config"
+	"imcloud/pipeline/config"
 )
 
 // TestMalformedRequestsAreRefused: what the API cannot read unambiguously

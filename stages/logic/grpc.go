@@ -9,16 +9,17 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"imcloud/config"
 	"imcloud/pipeline"
+	"imcloud/pipeline/config"
 	"imcloud/proto/pb"
 	"imcloud/proto/wire"
+	"imcloud/stages/logic/token"
 )
 
 // grpcServer serves the Logic service cloud nodes call.
 type grpcServer struct {
 	pb.UnimplementedLogicServer
-	auth     Authenticator
+	auth     token.Authenticator
 	registry Registry
 	replacer *replacer
 	logger   *slog.Logger
@@ -39,7 +40,7 @@ type grpcServer struct {
 // next line counts what was left out.
 const logEvery = 10 * time.Second
 
-func newGRPCServer(cfg config.Logic, auth Authenticator, registry Registry, replacer *replacer, logger *slog.Logger) *grpcServer {
+func newGRPCServer(cfg config.Logic, auth token.Authenticator, registry Registry, replacer *replacer, logger *slog.Logger) *grpcServer {
 	return &grpcServer{
 		auth: auth, registry: registry, replacer: replacer, logger: logger, sessionTTL: cfg.SessionTTL,
 		connects:    newConnectLimiter(cfg.ConnectRate, cfg.ConnectBurst),
@@ -112,7 +113,7 @@ func (s *grpcServer) Connect(ctx context.Context, req *pb.ConnectReq) (*pb.Conne
 	id, err := s.auth.Authenticate(req.Token)
 	if err != nil {
 		s.rejected.Log("client auth rejected", "server", req.Server, "remote", req.RemoteAddr, "err", err)
-		if errors.Is(err, ErrUnauthenticated) {
+		if errors.Is(err, token.ErrUnauthenticated) {
 			return nil, status.Error(codes.Unauthenticated, "invalid token")
 		}
 		return nil, status.Error(codes.Internal, "authenticate")
@@ -139,7 +140,7 @@ func (s *grpcServer) Connect(ctx context.Context, req *pb.ConnectReq) (*pb.Conne
 
 // admit refuses a connect over the user's connect rate or session cap
 // with ResourceExhausted.
-func (s *grpcServer) admit(ctx context.Context, id Identity) error {
+func (s *grpcServer) admit(ctx context.Context, id token.Identity) error {
 	if !s.connects.allow(id) {
 		return status.Error(codes.ResourceExhausted, "too many connects for this user (logic.connect_rate); back off")
 	}

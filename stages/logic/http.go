@@ -21,8 +21,8 @@ import (
 
 	"github.com/google/uuid"
 
-	"imcloud/idempotency"
 	"imcloud/pipeline"
+	"imcloud/pipeline/idempotency"
 	"imcloud/proto/wire"
 )
 

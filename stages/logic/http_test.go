@@ -15,7 +15,7 @@ import (
 	"github.com/ThreeDotsLabs/watermill/message"
 
 	"imcloud/adapters/memory"
-	"imcloud/config"
+	"imcloud/pipeline/config"
 )
 
 // recordingPublisher records publishes, or fails them all.

@@ -14,11 +14,12 @@ import (
 	"github.com/ThreeDotsLabs/watermill/message"
 	"google.golang.org/grpc"
 
-	"imcloud/cloudconn"
-	"imcloud/config"
-	"imcloud/idempotency"
 	"imcloud/pipeline"
+	"imcloud/pipeline/config"
+	"imcloud/pipeline/idempotency"
 	"imcloud/proto/pb"
+	"imcloud/stages/internal/cloudconn"
+	"imcloud/stages/logic/token"
 )
 
 // Stage is a configured logic stage, ready to be served.
@@ -55,7 +56,7 @@ type Options struct {
 
 // New assembles the logic stage.
 func New(cfg config.Logic, o Options) (*Stage, error) {
-	auth, err := NewAuthenticator(cfg.Auth)
+	auth, err := token.NewAuthenticator(cfg.Auth)
 	if err != nil {
 		return nil, fmt.Errorf("logic: %w", err)
 	}

@@ -6,8 +6,8 @@ import (
 	"log/slog"
 	"time"
 
-	"imcloud/cloudconn"
 	"imcloud/proto/pb"
+	"imcloud/stages/internal/cloudconn"
 )
 
 // closeTimeout bounds telling a node to close a replaced connection.

@@ -11,9 +11,10 @@ import (
 	"google.golang.org/grpc"
 
 	"imcloud/adapters/memory"
-	"imcloud/cloudconn"
-	"imcloud/config"
+	"imcloud/pipeline/config"
 	"imcloud/proto/pb"
+	"imcloud/stages/internal/cloudconn"
+	"imcloud/stages/logic/token"
 )
 
 // closeRecorder is a cloud node that records the Close calls it gets.
@@ -46,7 +47,7 @@ func TestReplacedConnectionIsNamed(t *testing.T) {
 	if _, err := reg.RenewNode(context.Background(), &pb.NodeInfo{Id: "n1", GrpcAddr: ln.Addr().String()}); err != nil {
 		t.Fatal(err)
 	}
-	auth, err := NewAuthenticator(config.Auth{Mode: config.AuthInsecureJSON})
+	auth, err := token.NewAuthenticator(config.Auth{Mode: config.AuthInsecureJSON})
 	if err != nil {
 		t.Fatal(err)
 	}

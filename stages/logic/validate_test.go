@@ -13,8 +13,9 @@ import (
 	"google.golang.org/grpc/status"
 
 	"imcloud/adapters/memory"
-	"imcloud/config"
+	"imcloud/pipeline/config"
 	"imcloud/proto/pb"
+	"imcloud/stages/logic/token"
 )
 
 // TestInvalidClaimsRefused: a token whose key, rooms or platform the wire
@@ -24,37 +25,37 @@ func TestInvalidClaimsRefused(t *testing.T) {
 	exp := time.Hour
 	tests := []struct {
 		name string
-		c    Claims
+		c    token.Claims
 	}{
-		{"room with NUL", Claims{Mid: 1, Rooms: []string{"live://1\x00"}}},
-		{"room not type://id", Claims{Mid: 1, Rooms: []string{"lobby"}}},
-		{"room too long", Claims{Mid: 1, Rooms: []string{"live://" + strings.Repeat("x", 200)}}},
-		{"pattern with a second star", Claims{Mid: 1, Rooms: []string{"live://*/*"}}},
-		{"too many rooms", Claims{Mid: 1, Rooms: slices.Repeat([]string{"live://1"}, 65)}},
-		{"key with space", Claims{Mid: 1, Key: "a b"}},
-		{"key too long", Claims{Mid: 1, Key: strings.Repeat("k", 129)}},
-		{"platform with newline", Claims{Mid: 1, Platform: "web\nINFO forged"}},
-		{"too many accepts", Claims{Mid: 1, Accepts: make([]int32, 1025)}},
+		{"room with NUL", token.Claims{Mid: 1, Rooms: []string{"live://1\x00"}}},
+		{"room not type://id", token.Claims{Mid: 1, Rooms: []string{"lobby"}}},
+		{"room too long", token.Claims{Mid: 1, Rooms: []string{"live://" + strings.Repeat("x", 200)}}},
+		{"pattern with a second star", token.Claims{Mid: 1, Rooms: []string{"live://*/*"}}},
+		{"too many rooms", token.Claims{Mid: 1, Rooms: slices.Repeat([]string{"live://1"}, 65)}},
+		{"key with space", token.Claims{Mid: 1, Key: "a b"}},
+		{"key too long", token.Claims{Mid: 1, Key: strings.Repeat("k", 129)}},
+		{"platform with newline", token.Claims{Mid: 1, Platform: "web\nINFO forged"}},
+		{"too many accepts", token.Claims{Mid: 1, Accepts: make([]int32, 1025)}},
 	}
-	jwtAuth, err := NewAuthenticator(config.Auth{Mode: "jwt", JWTSecret: "secret"})
+	jwtAuth, err := token.NewAuthenticator(config.Auth{Mode: "jwt", JWTSecret: "secret"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			tok, err := IssueToken("secret", tt.c, exp)
+			tok, err := token.Sign("secret", tt.c, exp)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if _, err := jwtAuth.Authenticate([]byte(tok)); !errors.Is(err, ErrUnauthenticated) {
-				t.Fatalf("jwt: err = %v, want ErrUnauthenticated", err)
+			if _, err := jwtAuth.Authenticate([]byte(tok)); !errors.Is(err, token.ErrUnauthenticated) {
+				t.Fatalf("jwt: err = %v, want token.ErrUnauthenticated", err)
 			}
 		})
 	}
-	goim, _ := NewAuthenticator(config.Auth{Mode: "insecure-json"})
+	goim, _ := token.NewAuthenticator(config.Auth{Mode: "insecure-json"})
 	for _, body := range []string{`{"mid":1,"room_id":"\u00ff\u0000"}`, `{"mid":1,"room_id":"live://a b"}`, `{"mid":1,"key":"a\u0001"}`} {
-		if _, err := goim.Authenticate([]byte(body)); !errors.Is(err, ErrUnauthenticated) {
-			t.Errorf("insecure-json %s: err = %v, want ErrUnauthenticated", body, err)
+		if _, err := goim.Authenticate([]byte(body)); !errors.Is(err, token.ErrUnauthenticated) {
+			t.Errorf("insecure-json %s: err = %v, want token.ErrUnauthenticated", body, err)
 		}
 	}
 }
@@ -62,8 +63,8 @@ func TestInvalidClaimsRefused(t *testing.T) {
 // TestRoomClaimGrants: exact rooms are joined, patterns only granted;
 // insecure-json grants any room and operation, as goim did.
 func TestRoomClaimGrants(t *testing.T) {
-	a, _ := NewAuthenticator(config.Auth{Mode: "jwt", JWTSecret: "secret"})
-	tok, _ := IssueToken("secret", Claims{Mid: 1, Rooms: []string{"public://lobby", "live://*"}, Accepts: []int32{1000}}, time.Hour)
+	a, _ := token.NewAuthenticator(config.Auth{Mode: "jwt", JWTSecret: "secret"})
+	tok, _ := token.Sign("secret", token.Claims{Mid: 1, Rooms: []string{"public://lobby", "live://*"}, Accepts: []int32{1000}}, time.Hour)
 	id, err := a.Authenticate([]byte(tok))
 	if err != nil {
 		t.Fatal(err)
@@ -71,7 +72,7 @@ func TestRoomClaimGrants(t *testing.T) {
 	if !slices.Equal(id.Rooms, []string{"public://lobby"}) || !slices.Equal(id.RoomGrants, []string{"live://*"}) || id.AnyRoom || id.AnyAccept {
 		t.Fatalf("jwt identity = %+v", id)
 	}
-	goim, _ := NewAuthenticator(config.Auth{Mode: "insecure-json"})
+	goim, _ := token.NewAuthenticator(config.Auth{Mode: "insecure-json"})
 	id, err = goim.Authenticate([]byte(`{"mid":1,"room_id":"live://1"}`))
 	if err != nil {
 		t.Fatal(err)
@@ -87,7 +88,7 @@ func TestRoomClaimGrants(t *testing.T) {
 // registry) or failed every renewal (Redis).
 func TestGRPCRefusesInvalidStrings(t *testing.T) {
 	reg := memory.New(time.Minute, time.Minute)
-	auth, _ := NewAuthenticator(config.Auth{Mode: "insecure-json"})
+	auth, _ := token.NewAuthenticator(config.Auth{Mode: "insecure-json"})
 	s := newGRPCServer(config.Default().Logic, auth, reg, nil, slog.New(slog.DiscardHandler))
 	ctx := context.Background()
 	node := func(edit func(*pb.NodeInfo)) *pb.RenewOnlineReq {

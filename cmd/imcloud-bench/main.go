@@ -1,0 +1,123 @@
+// Command imcloud-bench loads an imcloud server on this machine and
+// measures it: fan-out to many clients, idle connections, the push API.
+//
+// It is its own command, not a mode of the server binary: the server need
+// not link a load generator (and fasthttp, which only the push mode uses to
+// keep the client's own cost below the server's), and a build of imcloud
+// for production carries none of it. It signs client tokens with the
+// shared stages/logic/token package, as the server verifies them.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"runtime/pprof"
+	"time"
+
+	"github.com/spf13/pflag"
+)
+
+func main() {
+	if err := run(context.Background(), os.Args[1:], os.Stdout, os.Stderr); err != nil {
+		if !errors.Is(err, pflag.ErrHelp) {
+			fmt.Fprintln(os.Stderr, "imcloud-bench:", err)
+		}
+		os.Exit(1)
+	}
+}
+
+// run runs the load mode args name against a server on this machine.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	var (
+		api, apiKey, target, secret, route string
+		cpuProfile, save                   string
+		clients, rooms, rate, conc, pid    int
+		duration, drain, hold              time.Duration
+		asJSON                             bool
+	)
+	fs := pflag.NewFlagSet("imcloud-bench", pflag.ContinueOnError)
+	fs.SetOutput(stderr)
+	synopsis := `imcloud-bench fanout|connections|push [flags]: load a server on this machine.
+  fanout       clients spread over rooms; room pushes at --rate; delivered/s, latency, lost, duplicated
+  connections  --clients idle authenticated connections; connect rate, server memory per connection
+  push         the HTTP push API at --concurrency; requests/s and latency`
+	fs.Usage = func() { fmt.Fprintf(stderr, "%s\n\nFlags:\n%s", synopsis, fs.FlagUsages()) }
+	fs.StringVar(&api, "api", "127.0.0.1:3111", "logic HTTP address")
+	fs.StringVar(&apiKey, "api-key", "", "API key (logic.api_keys)")
+	fs.StringVar(&target, "target", "ws://127.0.0.1:3102/sub", "client endpoint: ws://host:port/sub or host:port for TCP")
+	fs.StringVar(&secret, "secret", "", "logic.auth.jwt_secret, to sign client tokens")
+	fs.IntVar(&clients, "clients", 1000, "clients (fanout, connections)")
+	fs.IntVar(&rooms, "rooms", 1, "rooms the clients are spread over (fanout)")
+	fs.IntVar(&rate, "rate", 10, "room pushes per second (fanout)")
+	fs.IntVar(&conc, "concurrency", 64, "concurrent requests (push)")
+	fs.StringVar(&route, "route", "/im/push/room?operation=1000&type=live&room=bench", "push route and query (push)")
+	fs.IntVar(&pid, "server-pid", 0, "server process, for memory per connection (connections)")
+	fs.DurationVar(&duration, "duration", 10*time.Second, "how long to push (fanout, push)")
+	fs.DurationVar(&drain, "drain", 5*time.Second, "how long to wait for deliveries after the last push (fanout)")
+	fs.DurationVar(&hold, "hold", 2*time.Second, "how long to hold connections before measuring (connections)")
+	fs.BoolVar(&asJSON, "json", false, "print the result as JSON")
+	fs.StringVar(&save, "save", "", "also write the result as JSON to this file")
+	fs.StringVar(&cpuProfile, "cpuprofile", "", "write the load generator's own CPU profile to this file")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() != 1 {
+		fs.Usage()
+		return errors.New("bench: want one of fanout, connections, push")
+	}
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt)
+	defer stop()
+	if cpuProfile != "" {
+		// The load generator shares the machine with the server: its own
+		// profile shows what the measurement itself costs.
+		f, err := os.Create(cpuProfile)
+		if err != nil {
+			return fmt.Errorf("bench: create CPU profile: %w", err)
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return fmt.Errorf("bench: start CPU profile: %w", err)
+		}
+		defer pprof.StopCPUProfile()
+	}
+	cc := ClientConfig{Target: target, Secret: secret}
+	var (
+		result interface{ Print(io.Writer) }
+		err    error
+	)
+	switch fs.Arg(0) {
+	case "fanout":
+		result, err = Fanout(ctx, FanoutConfig{ClientConfig: cc, API: api, APIKey: apiKey,
+			Clients: clients, Rooms: rooms, Rate: rate, Duration: duration, Drain: drain}, stderr)
+	case "connections":
+		result, err = Connections(ctx, ConnectionsConfig{ClientConfig: cc, Clients: clients, ServerPID: pid, Hold: hold}, stderr)
+	case "push":
+		result, err = Push(ctx, PushConfig{API: api, APIKey: apiKey, Concurrency: conc, Duration: duration, Route: route}, stderr)
+	default:
+		return fmt.Errorf("bench: unknown mode %q", fs.Arg(0))
+	}
+	if err != nil {
+		return err
+	}
+	if save != "" {
+		b, err := json.MarshalIndent(result, "", "  ")
+		if err != nil {
+			return fmt.Errorf("bench: encode result: %w", err)
+		}
+		if err := os.WriteFile(save, append(b, '\n'), 0o644); err != nil {
+			return fmt.Errorf("bench: save result: %w", err)
+		}
+	}
+	if asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(result)
+	}
+	result.Print(stdout)
+	return nil
+}

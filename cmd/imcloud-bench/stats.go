@@ -1,0 +1,96 @@
+// Package bench is imcloud's load tool: it drives a running server over
+// loopback (HTTP pushes, WebSocket and TCP clients) and reports
+// throughput, latency percentiles, losses and memory.
+package main
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"slices"
+	"sync"
+	"text/tabwriter"
+	"time"
+)
+
+// Latencies collects samples from many goroutines.
+type Latencies struct {
+	mu      sync.Mutex
+	samples []time.Duration
+}
+
+// Add records one sample.
+func (l *Latencies) Add(d time.Duration) {
+	l.mu.Lock()
+	l.samples = append(l.samples, d)
+	l.mu.Unlock()
+}
+
+// AddAll records a goroutine's batch of samples.
+func (l *Latencies) AddAll(ds []time.Duration) {
+	l.mu.Lock()
+	l.samples = append(l.samples, ds...)
+	l.mu.Unlock()
+}
+
+// Percentiles of the samples, in milliseconds.
+type Percentiles struct {
+	P50, P90, P99, P999, Max float64
+}
+
+// Percentiles computes the summary.
+func (l *Latencies) Percentiles() Percentiles {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.samples) == 0 {
+		return Percentiles{}
+	}
+	slices.Sort(l.samples)
+	at := func(q float64) float64 {
+		return float64(l.samples[int(q*float64(len(l.samples)-1))]) / float64(time.Millisecond)
+	}
+	return Percentiles{P50: at(0.5), P90: at(0.9), P99: at(0.99), P999: at(0.999), Max: at(1)}
+}
+
+// table prints rows of name/value pairs aligned.
+func table(w io.Writer, rows [][2]string) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	for _, r := range rows {
+		fmt.Fprintf(tw, "%s\t%s\n", r[0], r[1])
+	}
+	_ = tw.Flush()
+}
+
+// loopbackOnly refuses targets that are not on this machine: the tool
+// generates load, and must not be pointed at someone else's server.
+func loopbackOnly(hostport string) error {
+	host, _, err := net.SplitHostPort(hostport)
+	if err != nil {
+		return fmt.Errorf("target %q: %w", hostport, err)
+	}
+	ips, err := net.LookupIP(host)
+	if err != nil {
+		return fmt.Errorf("target %q: %w", hostport, err)
+	}
+	for _, ip := range ips {
+		if !ip.IsLoopback() {
+			return fmt.Errorf("target %q is not a loopback address: imcloud bench only loads this machine", hostport)
+		}
+	}
+	return nil
+}
+
+// ticker prints progress every second until stop is closed.
+func ticker(w io.Writer, stop <-chan struct{}, line func(elapsed time.Duration) string) {
+	start := time.Now()
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-t.C:
+			fmt.Fprintln(w, line(time.Since(start).Round(time.Second)))
+		}
+	}
+}

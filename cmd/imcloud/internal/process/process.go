@@ -1,0 +1,590 @@
+// Package node assembles the stages a configuration asks for into one
+// running process: it binds the listeners, connects the broker and the
+// registry, wires the stages together and shuts them down in order.
+package process
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/pprof"
+	"os"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill/message"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"imcloud/adapters/memory"
+	"imcloud/adapters/redis"
+	"imcloud/pipeline"
+	"imcloud/pipeline/clusterauth"
+	"imcloud/pipeline/config"
+	"imcloud/proto/pb"
+	"imcloud/stages/cloud"
+	"imcloud/stages/job"
+	"imcloud/stages/logic"
+)
+
+// Addrs are the addresses the node's listeners are bound to; empty where a
+// listener is off.
+type Addrs struct {
+	HTTP, LogicGRPC                        string
+	CloudTCP, CloudWS, CloudWSS, CloudGRPC string
+	Admin                                  string
+}
+
+// Process is a running set of stages.
+type Process struct {
+	cfg    config.Config
+	logger *slog.Logger
+	addrs  Addrs
+
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+	errOnce sync.Once
+	err     error
+	done    chan struct{}
+
+	broker     *pipeline.Broker
+	logicGRPC  *grpc.Server
+	cloudGRPC  *grpc.Server
+	httpSrvs   []*http.Server // logic API and admin
+	cloudHTTP  []*http.Server // WS and WSS
+	cloudTCP   net.Listener
+	cloudStage *cloud.Stage
+	logicConn  *grpc.ClientConn
+	router     *message.Router
+	jobStage   *job.Stage
+	registry   logic.Registry
+	replies    logic.ReplyStore
+	closers    []func() error // closed last, after the broker
+
+	// grpcServerOpts and grpcDialOpts authenticate the internal gRPC
+	// calls with the cluster secret and mutual TLS.
+	grpcServerOpts []grpc.ServerOption
+	grpcDialOpts   []grpc.DialOption
+}
+
+// listen binds addr for key, or returns nil when addr is empty.
+func listen(key, addr string) (net.Listener, error) {
+	if addr == "" {
+		return nil, nil
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("%s: listen on %s: %w", key, addr, err)
+	}
+	if err := checkLoopback(key, addr, ln); err != nil {
+		_ = ln.Close()
+		return nil, err
+	}
+	return ln, nil
+}
+
+// checkLoopback refuses a listener that config.IsLoopback judged to stay
+// on this machine but that is bound beyond it: "localhost" is a name, and
+// /etc/hosts may map it to any address (0.0.0.0 included). CheckBinds'
+// decisions rest on the judgement, so what was bound must bear it out.
+func checkLoopback(key, addr string, ln net.Listener) error {
+	if !config.IsLoopback(addr) {
+		return nil
+	}
+	tcp, ok := ln.Addr().(*net.TCPAddr)
+	if !ok || !tcp.IP.IsLoopback() {
+		return fmt.Errorf("%s: %q was taken for loopback but is bound to %s, beyond loopback (does /etc/hosts map localhost elsewhere?): use 127.0.0.1 or ::1", key, addr, ln.Addr())
+	}
+	return nil
+}
+
+func addrOf(ln net.Listener) string {
+	if ln == nil {
+		return ""
+	}
+	return ln.Addr().String()
+}
+
+// Start runs the stages cfg names. It returns once every listener is bound
+// and the cloud stage is registered, so the node is ready to serve.
+func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Process, err error) {
+	// config.Load refuses these too; a Config built in code must not
+	// slip past them.
+	if err := cfg.CheckBinds(); err != nil {
+		return nil, err
+	}
+	serverOpts, err := clusterauth.ServerOptions(cfg.Cluster, logger.With("component", "cluster auth"))
+	if err != nil {
+		return nil, err
+	}
+	dialOpts, err := clusterauth.DialOptions(cfg.Cluster)
+	if err != nil {
+		return nil, err
+	}
+	warnExposure(cfg, logger)
+	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	n := &Process{cfg: cfg, logger: logger, cancel: cancel, done: make(chan struct{}), grpcServerOpts: serverOpts, grpcDialOpts: dialOpts}
+	var lns []net.Listener
+	defer func() {
+		if err != nil {
+			for _, ln := range lns {
+				if ln != nil {
+					_ = ln.Close()
+				}
+			}
+			n.stop(context.Background())
+		}
+	}()
+	bind := func(key, addr string) (net.Listener, error) {
+		ln, err := listen(key, addr)
+		lns = append(lns, ln)
+		return ln, err
+	}
+
+	hasLogic, hasJob, hasCloud := cfg.Has(config.StageLogic), cfg.Has(config.StageJob), cfg.Has(config.StageCloud)
+	var httpLn, logicLn, tcpLn, wsLn, wssLn, cloudLn, adminLn net.Listener
+	if hasLogic {
+		if httpLn, err = bind("logic.http_addr", cfg.Logic.HTTPAddr); err != nil {
+			return nil, err
+		}
+		if logicLn, err = bind("logic.grpc_addr", cfg.Logic.GRPCAddr); err != nil {
+			return nil, err
+		}
+	}
+	if hasCloud {
+		if tcpLn, err = bind("cloud.tcp_addr", cfg.Cloud.TCPAddr); err != nil {
+			return nil, err
+		}
+		if wsLn, err = bind("cloud.ws_addr", cfg.Cloud.WSAddr); err != nil {
+			return nil, err
+		}
+		if wssLn, err = bind("cloud.wss_addr", cfg.Cloud.WSSAddr); err != nil {
+			return nil, err
+		}
+		if cloudLn, err = bind("cloud.grpc_addr", cfg.Cloud.GRPCAddr); err != nil {
+			return nil, err
+		}
+	}
+	if adminLn, err = bind("admin.addr", cfg.Admin.Addr); err != nil {
+		return nil, err
+	}
+	n.addrs = Addrs{
+		HTTP: addrOf(httpLn), LogicGRPC: addrOf(logicLn),
+		CloudTCP: addrOf(tcpLn), CloudWS: addrOf(wsLn), CloudWSS: addrOf(wssLn), CloudGRPC: addrOf(cloudLn),
+		Admin: addrOf(adminLn),
+	}
+
+	// A node that misses three reports is gone.
+	nodeTTL := 3 * cfg.Cloud.RenewInterval
+	switch cfg.Registry.Kind {
+	case config.RegistryRedis:
+		rc := cfg.Registry.Redis
+		rdb, err := redis.Connect(runCtx, rc.Addr, rc.Password, rc.DB)
+		if err != nil {
+			return nil, fmt.Errorf("registry.redis: %w", err)
+		}
+		n.closers = append(n.closers, rdb.Close)
+		n.registry = redis.NewRegistry(rdb, rc.Prefix, cfg.Logic.SessionTTL, nodeTTL)
+		n.replies = redis.NewReplies(rdb, rc.Prefix+"reply:", cfg.Logic.IdempotencyTTL)
+	default:
+		mem := memory.New(cfg.Logic.SessionTTL, nodeTTL)
+		n.goLoop(mem.Run, runCtx)
+		n.registry = mem
+		n.replies = memoryReplies(cfg.Logic, logger)
+	}
+
+	n.broker, err = pipeline.NewBroker(cfg.Broker, cfg.Topics, logger)
+	if err != nil {
+		return nil, fmt.Errorf("connect broker: %w", err)
+	}
+
+	var logicStage *logic.Stage
+	if hasLogic {
+		logicStage, err = logic.New(cfg.Logic, logic.Options{
+			Registry: n.registry, Publisher: n.broker.Publisher, PushTopic: cfg.Topics.Push,
+			Replies: n.replies, Logger: logger.With("stage", "logic"),
+			Heartbeat: cfg.Cloud.HeartbeatInterval, CloudDial: n.grpcDialOpts,
+		})
+		if err != nil {
+			return nil, err
+		}
+		n.logicGRPC = grpc.NewServer(n.grpcServerOpts...)
+		logicStage.RegisterGRPC(n.logicGRPC)
+		n.closers = append(n.closers, logicStage.Close)
+		n.serve("logic grpc", func() error { return n.logicGRPC.Serve(logicLn) })
+	}
+
+	if hasCloud {
+		if err := n.startCloud(runCtx, tcpLn, wsLn, wssLn, cloudLn); err != nil {
+			return nil, err
+		}
+	}
+
+	if hasJob {
+		if err := n.startJob(runCtx); err != nil {
+			return nil, err
+		}
+	}
+
+	// The push API opens last: an embedded broker drops what is published
+	// before job subscribes, and a 200 must never stand for a dropped push.
+	if logicStage != nil {
+		n.serveHTTP(&n.httpSrvs, "logic http", logicStage.Handler(), httpLn, false)
+	}
+	if adminLn != nil {
+		n.serveHTTP(&n.httpSrvs, "admin", adminHandler(), adminLn, false)
+	}
+	return n, nil
+}
+
+func (n *Process) startCloud(ctx context.Context, tcpLn, wsLn, wssLn, grpcLn net.Listener) error {
+	cfg := n.cfg
+	logicAddr := cfg.Cloud.LogicAddr
+	if n.addrs.LogicGRPC != "" {
+		logicAddr = n.addrs.LogicGRPC
+	}
+	conn, err := grpc.NewClient(logicAddr, n.grpcDialOpts...)
+	if err != nil {
+		return fmt.Errorf("cloud.logic_addr %s: %w", logicAddr, err)
+	}
+	n.logicConn = conn
+	advertise := cfg.Cloud.AdvertiseAddr
+	if advertise == "" {
+		advertise = advertiseAddr(n.addrs.CloudGRPC, cfg.Has(config.StageJob))
+	}
+	nodeID := cfg.NodeID
+	if nodeID == "" {
+		nodeID = advertise
+	}
+	host, _, _ := net.SplitHostPort(advertise)
+	if cfg.Cloud.PublicHost != "" {
+		host = cfg.Cloud.PublicHost
+	}
+	self := &pb.NodeInfo{
+		Id: nodeID, GrpcAddr: advertise, Host: host, Weight: int32(cfg.Cloud.Weight),
+		TcpPort: port(n.addrs.CloudTCP), WsPort: port(n.addrs.CloudWS), WssPort: port(n.addrs.CloudWSS),
+	}
+	st := cloud.New(cfg.Cloud, cloud.Options{
+		Self:     self,
+		Logic:    pb.NewLogicClient(conn),
+		Upstream: n.broker.Publisher, UpstreamTopic: cfg.Topics.Upstream,
+		Logger: n.logger.With("stage", "cloud"),
+	})
+	n.cloudStage = st
+	n.cloudGRPC = grpc.NewServer(n.grpcServerOpts...)
+	st.RegisterGRPC(n.cloudGRPC)
+	n.serve("cloud grpc", func() error { return n.cloudGRPC.Serve(grpcLn) })
+	regCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := st.Register(regCtx); err != nil {
+		hint := fmt.Sprintf("is logic reachable at %s?", logicAddr)
+		switch {
+		case status.Code(err) == codes.Unauthenticated:
+			hint = "does this node hold the same cluster.secret as logic?"
+		case cfg.Cluster.MTLS():
+			hint += " Do both certificates come from cluster.tls_ca_file, with the dialled host as a SAN?"
+		}
+		return fmt.Errorf("cloud: %w (%s)", err, hint)
+	}
+	n.goLoop(st.Run, ctx)
+	if tcpLn != nil {
+		n.cloudTCP = tcpLn
+		n.serve("cloud tcp", func() error { return st.ServeTCP(tcpLn) })
+	}
+	if wsLn != nil {
+		n.serveHTTP(&n.cloudHTTP, "cloud ws", st.WSHandler(), st.Listener(wsLn), false)
+	}
+	if wssLn != nil {
+		n.serveHTTP(&n.cloudHTTP, "cloud wss", st.WSHandler(), st.Listener(wssLn), true)
+	}
+	return nil
+}
+
+// port is the port of a bound address, or 0.
+func port(addr string) int32 {
+	_, p, err := net.SplitHostPort(addr)
+	if err != nil {
+		return 0
+	}
+	n, _ := strconv.Atoi(p)
+	return int32(n)
+}
+
+// advertiseAddr turns a bound gRPC address into one job can dial.
+func advertiseAddr(bound string, jobInProcess bool) string {
+	host, port, err := net.SplitHostPort(bound)
+	if err != nil {
+		return bound
+	}
+	if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
+		host = "127.0.0.1"
+		if !jobInProcess {
+			if h, err := os.Hostname(); err == nil {
+				host = h
+			}
+		}
+	}
+	return net.JoinHostPort(host, port)
+}
+
+func (n *Process) startJob(ctx context.Context) error {
+	cfg := n.cfg
+	var nodes job.Nodes
+	switch {
+	case len(cfg.Job.CloudAddrs) > 0:
+		nodes = job.StaticNodes(cfg.Job.CloudAddrs)
+	case cfg.Has(config.StageLogic) || cfg.Registry.Kind == config.RegistryRedis:
+		nodes = n.registry
+	default:
+		return errors.New("job.cloud_addrs: job cannot see the cloud nodes: use registry.kind = \"redis\", list them here, or run job with logic (the memory registry lives in logic's process)")
+	}
+	var store pipeline.DedupeStore
+	if cfg.Job.Dedupe.Enabled {
+		switch cfg.Job.Dedupe.Store {
+		case config.DedupeRedis:
+			rc := cfg.Registry.Redis
+			rdb, err := redis.Connect(ctx, rc.Addr, rc.Password, rc.DB)
+			if err != nil {
+				return fmt.Errorf("job.dedupe.store: %w", err)
+			}
+			n.closers = append(n.closers, rdb.Close)
+			store = redis.NewDedupe(rdb, rc.Prefix+"dedupe:")
+		default:
+			store = memory.NewDedupe(cfg.Job.Dedupe.TTL)
+		}
+	}
+	n.jobStage = job.New(job.Options{
+		Nodes: nodes, Logger: n.logger.With("stage", "job"),
+		BatchWindow: cfg.Job.RoomBatchWindow, BatchSize: cfg.Job.RoomBatchSize, Timeout: cfg.Job.Timeout,
+		CloudDial:    n.grpcDialOpts,
+		OfflineGrace: cfg.Job.OfflineGrace,
+	})
+	// A job the cloud nodes refuse would take messages and deliver none:
+	// it stops here, as a cloud node with a wrong secret does at Register.
+	if err := n.jobStage.CheckClouds(ctx); err != nil {
+		return err
+	}
+	router, err := pipeline.NewRouter(cfg.Job, cfg.Topics.Poison, n.broker.Publisher, store, n.logger.With("stage", "job"))
+	if err != nil {
+		return err
+	}
+	n.router = router
+	consumers := 1
+	if n.broker.SharedQueue {
+		consumers = cfg.Job.Concurrency
+	}
+	n.jobStage.AddHandlers(router, n.broker.Subscriber, cfg.Topics.Push, consumers)
+	n.serve("job router", func() error { return router.Run(ctx) })
+	select {
+	case <-router.Running():
+		return nil
+	case <-n.done:
+		return n.err
+	case <-time.After(30 * time.Second):
+		return errors.New("job router did not start within 30s")
+	}
+}
+
+// serve runs fn for the node's lifetime; an error from it stops the node.
+func (n *Process) serve(name string, fn func() error) {
+	n.wg.Add(1)
+	go func() {
+		defer n.wg.Done()
+		if err := fn(); err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, grpc.ErrServerStopped) {
+			n.fail(fmt.Errorf("%s: %w", name, err))
+		}
+	}()
+}
+
+func (n *Process) goLoop(fn func(context.Context), ctx context.Context) {
+	n.wg.Add(1)
+	go func() {
+		defer n.wg.Done()
+		fn(ctx)
+	}()
+}
+
+// httpLimits bound what one connection may hold on an HTTP server.
+type httpLimits struct {
+	readHeader, read, write, idle time.Duration
+	maxHeaderBytes                int
+	// oneRequest closes a connection after its first request: a client
+	// connection counts against the per-address handshake cap until it
+	// authenticates, and with keep-alives a client sending a request that
+	// is not an upgrade every few seconds held its slot indefinitely (64
+	// such connections locked an address out for as long as they ran).
+	oneRequest bool
+}
+
+// httpLimitsFor returns the limits of the server named name.
+func (n *Process) httpLimitsFor(name string) httpLimits {
+	switch name {
+	case "logic http":
+		l := n.cfg.Logic
+		return httpLimits{readHeader: min(10*time.Second, l.ReadTimeout), read: l.ReadTimeout, write: l.WriteTimeout, idle: l.IdleTimeout, maxHeaderBytes: l.MaxHeaderBytes}
+	case "admin":
+		// The write timeout leaves room for /debug/pprof/profile and
+		// /trace, which refuse a duration past it.
+		return httpLimits{readHeader: 10 * time.Second, read: 10 * time.Second, write: 2 * time.Minute, idle: time.Minute, maxHeaderBytes: 16 << 10}
+	case "cloud ws", "cloud wss":
+		// A WebSocket upgrade has no body and a small reply; 32 KiB of
+		// headers leaves room for a browser's cookies. gorilla/websocket
+		// clears the server's deadlines when it takes the connection
+		// over, so these end nothing after the upgrade.
+		// The upgrade request is read within the handshake timeout, as
+		// the auth packet is after it.
+		hs := n.cfg.Cloud.HandshakeTimeout
+		return httpLimits{readHeader: hs, read: hs, write: 10 * time.Second, idle: hs, maxHeaderBytes: 32 << 10, oneRequest: true}
+	default:
+		panic("process: no HTTP limits for server " + name)
+	}
+}
+
+// newHTTPServer is an HTTP server for h within lim: a slow or idle client
+// holds a connection no longer than the limits say.
+func newHTTPServer(h http.Handler, lim httpLimits, logger *slog.Logger) *http.Server {
+	srv := &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: lim.readHeader,
+		ReadTimeout:       lim.read,
+		WriteTimeout:      lim.write,
+		IdleTimeout:       lim.idle,
+		MaxHeaderBytes:    lim.maxHeaderBytes,
+		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
+	}
+	if lim.oneRequest {
+		srv.SetKeepAlivesEnabled(false)
+	}
+	return srv
+}
+
+func (n *Process) serveHTTP(into *[]*http.Server, name string, h http.Handler, ln net.Listener, tls bool) {
+	srv := newHTTPServer(h, n.httpLimitsFor(name), n.logger)
+	*into = append(*into, srv)
+	n.serve(name, func() error {
+		if tls {
+			return srv.ServeTLS(ln, n.cfg.Cloud.TLSCertFile, n.cfg.Cloud.TLSKeyFile)
+		}
+		return srv.Serve(ln)
+	})
+}
+
+func (n *Process) fail(err error) {
+	n.errOnce.Do(func() {
+		n.err = err
+		close(n.done)
+	})
+}
+
+// Addrs returns where the node listens.
+func (n *Process) Addrs() Addrs { return n.addrs }
+
+// Broker is the node's broker connection.
+func (n *Process) Broker() *pipeline.Broker { return n.broker }
+
+// Done is closed when a stage fails; Err says why.
+func (n *Process) Done() <-chan struct{} { return n.done }
+
+// Err is the failure that closed Done.
+func (n *Process) Err() error { return n.err }
+
+// Shutdown stops the node: cloud stops accepting and closes its clients
+// with 1001, job finishes the messages in hand, then logic and the broker
+// stop. ctx bounds the wait for clients and in-flight work.
+func (n *Process) Shutdown(ctx context.Context) error {
+	n.stop(ctx)
+	n.fail(nil)
+	return nil
+}
+
+// stop shuts down in the order that loses nothing accepted: the push API
+// stops taking pushes, job finishes the deliveries in hand, and only then
+// do clients go.
+func (n *Process) stop(ctx context.Context) {
+	for _, s := range n.httpSrvs {
+		_ = s.Shutdown(ctx)
+	}
+	if n.router != nil {
+		_ = n.router.Close()
+	}
+	for _, s := range n.cloudHTTP {
+		_ = s.Shutdown(ctx)
+	}
+	if n.cloudTCP != nil {
+		_ = n.cloudTCP.Close()
+	}
+	if n.cloudStage != nil {
+		dctx, cancel := context.WithTimeout(ctx, n.cfg.Cloud.DrainTimeout)
+		if err := n.cloudStage.Drain(dctx); err != nil {
+			n.logger.Warn("shutdown", "err", err)
+		}
+		cancel()
+	}
+	for _, g := range []*grpc.Server{n.cloudGRPC, n.logicGRPC} {
+		if g != nil {
+			gracefulStop(ctx, g)
+		}
+	}
+	n.cancel()
+	if n.jobStage != nil {
+		_ = n.jobStage.Close()
+	}
+	if n.logicConn != nil {
+		_ = n.logicConn.Close()
+	}
+	if n.broker != nil {
+		if err := n.broker.Close(); err != nil {
+			n.logger.Warn("close broker", "err", err)
+		}
+	}
+	for _, c := range n.closers {
+		_ = c()
+	}
+	n.wg.Wait()
+}
+
+func gracefulStop(ctx context.Context, g *grpc.Server) {
+	stopped := make(chan struct{})
+	go func() { g.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-ctx.Done():
+		g.Stop()
+	}
+}
+
+// warnExposure logs, once at start-up, what the configuration exposes on
+// purpose (config.Exposures).
+func warnExposure(cfg config.Config, logger *slog.Logger) {
+	for _, w := range cfg.Exposures() {
+		logger.Warn(w)
+	}
+}
+
+// adminHandler serves health and profiles. It never serves
+// /debug/pprof/cmdline: the command line holds whatever was given with
+// --set, secrets included.
+func adminHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/livez", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", func(w http.ResponseWriter, _ *http.Request) {
+		http.Error(w, "not served: the command line can hold secrets", http.StatusNotFound)
+	})
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	return mux
+}
+
+// memoryReplies is the in-memory idempotency store cfg asks for, warning
+// on the node's logger when it forgets replies early.
+func memoryReplies(cfg config.Logic, logger *slog.Logger) *memory.Replies {
+	return memory.NewRepliesLimited(cfg.IdempotencyTTL, cfg.IdempotencyMaxBytes, logger.With("stage", "logic", "component", "idempotency store"))
+}

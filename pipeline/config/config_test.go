@@ -1,0 +1,215 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+)
+
+// withSecret makes the defaults valid for a logic stage in jwt mode whose
+// push API listens on every interface.
+var withSecret = map[string]any{"logic.auth.jwt_secret": "s", "logic.api_keys": "0123456789abcdef-key"}
+
+func TestExampleFileIsTheDefaults(t *testing.T) {
+	got, err := Load(Sources{File: "../../config.example.toml"})
+	if err != nil {
+		// The example leaves the secret and the API keys empty like the
+		// defaults; they are all it needs to be valid.
+		if !strings.Contains(err.Error(), "logic.auth.jwt_secret") || !strings.Contains(err.Error(), "logic.api_keys") {
+			t.Fatalf("Load example: %v", err)
+		}
+		got, err = Load(Sources{File: "../../config.example.toml", Sets: []string{"logic.auth.jwt_secret=s", "logic.api_keys=0123456789abcdef-key"}})
+		if err != nil {
+			t.Fatalf("Load example: %v", err)
+		}
+	}
+	want := Default()
+	want.Logic.Auth.JWTSecret = "s"
+	want.Logic.APIKeys = []string{"0123456789abcdef-key"}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("config.example.toml differs from Default():\n got %+v\nwant %+v", got, want)
+	}
+}
+
+func TestPrecedence(t *testing.T) {
+	dir := t.TempDir()
+	f := filepath.Join(dir, "c.toml")
+	writeFile(t, f, "[cloud]\nws_addr = \":1\"\ntcp_addr = \":2\"\nsend_queue = 10\n[logic.auth]\njwt_secret = \"file\"\n")
+	cfg, err := Load(Sources{
+		File:    f,
+		Environ: []string{"IMCLOUD_CLOUD__TCP_ADDR=:3", "IMCLOUD_CLOUD__SEND_QUEUE=20", "IMCLOUD_CLOUD__ALLOWED_ORIGINS=a.com, b.com", "PATH=/bin"},
+		Sets:    []string{"cloud.send_queue=30", "job.timeout=2s", "logic.api_keys=0123456789abcdef-key"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Cloud.WSAddr != ":1" {
+		t.Errorf("ws_addr = %q, want the file's :1", cfg.Cloud.WSAddr)
+	}
+	if cfg.Cloud.TCPAddr != ":3" {
+		t.Errorf("tcp_addr = %q, want the environment's :3", cfg.Cloud.TCPAddr)
+	}
+	if cfg.Cloud.SendQueue != 30 {
+		t.Errorf("send_queue = %d, want --set's 30", cfg.Cloud.SendQueue)
+	}
+	if cfg.Job.Timeout != 2*time.Second {
+		t.Errorf("job.timeout = %s, want 2s", cfg.Job.Timeout)
+	}
+	if want := []string{"a.com", "b.com"}; !reflect.DeepEqual(cfg.Cloud.AllowedOrigins, want) {
+		t.Errorf("allowed_origins = %q, want %q", cfg.Cloud.AllowedOrigins, want)
+	}
+}
+
+func TestErrorsNameTheKey(t *testing.T) {
+	tests := []struct {
+		name    string
+		file    string
+		environ []string
+		sets    []string
+		wantKey string
+	}{
+		{name: "unknown file key", file: "[cloud]\nws_adr = \":1\"\n", wantKey: "ws_adr"},
+		{name: "unknown section", file: "[clod]\nx = 1\n", wantKey: "clod"},
+		{name: "unknown env variable", environ: []string{"IMCLOUD_CLOUD__NOPE=1"}, wantKey: "nope"},
+		{name: "unknown set key", sets: []string{"logic.nope=1"}, wantKey: "nope"},
+		{name: "duration without unit in file", file: "[cloud]\nhandshake_timeout = 5\n", wantKey: "handshake_timeout"},
+		{name: "duration without unit in env", environ: []string{"IMCLOUD_JOB__TIMEOUT=5"}, wantKey: "timeout"},
+		{name: "not a number", sets: []string{"cloud.send_queue=lots"}, wantKey: "send_queue"},
+		{name: "bad enum", sets: []string{"broker.kind=kafka"}, wantKey: "broker.kind"},
+		{name: "bad stage", sets: []string{"stages=logic,comet"}, wantKey: "stages"},
+		{name: "zero buckets", sets: []string{"cloud.buckets=0"}, wantKey: "cloud.buckets"},
+		{name: "bad address", sets: []string{"cloud.ws_addr=nohost"}, wantKey: "cloud.ws_addr"},
+		{name: "jwt without secret", sets: []string{"logic.auth.jwt_secret="}, wantKey: "logic.auth.jwt_secret"},
+		{name: "malformed set", sets: []string{"novalue"}, wantKey: "novalue"},
+		{name: "short cluster secret", sets: []string{"cluster.secret=short"}, wantKey: "cluster.secret"},
+		{name: "empty API key", file: "[logic]\napi_keys = [\"\"]\n", wantKey: "logic.api_keys"},
+		{name: "empty API key among good ones", file: "[logic]\napi_keys = [\"0123456789abcdef\", \"\"]\n", wantKey: "logic.api_keys"},
+		{name: "short API key", sets: []string{"logic.api_keys=0123456789abcde"}, wantKey: "logic.api_keys"},
+		{name: "half of mutual TLS", sets: []string{"cluster.tls_cert_file=c.pem"}, wantKey: "cluster.tls_cert_file"},
+		{name: "offline grace past redelivery", sets: []string{"job.offline_grace=5m"}, wantKey: "job.offline_grace"},
+		{name: "negative offline grace", sets: []string{"job.offline_grace=-1s"}, wantKey: "job.offline_grace"},
+		{name: "unbounded upstream", sets: []string{"topics.upstream_max_length=0"}, wantKey: "topics.upstream_max_length"},
+		{name: "no gochannel room", sets: []string{"broker.gochannel.max_pending=0"}, wantKey: "broker.gochannel.max_pending"},
+		{name: "negative connect rate", sets: []string{"logic.connect_rate=-1"}, wantKey: "logic.connect_rate"},
+		{name: "connect rate without burst", sets: []string{"logic.connect_burst=0"}, wantKey: "logic.connect_burst"},
+		{name: "negative session cap", sets: []string{"logic.max_sessions_per_mid=-1"}, wantKey: "logic.max_sessions_per_mid"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			src := Sources{Environ: tt.environ, Sets: tt.sets, Defaults: withSecret}
+			if tt.file != "" {
+				src.File = filepath.Join(t.TempDir(), "c.toml")
+				writeFile(t, src.File, tt.file)
+			}
+			_, err := Load(src)
+			if err == nil {
+				t.Fatal("Load succeeded, want an error")
+			}
+			if !strings.Contains(err.Error(), tt.wantKey) {
+				t.Fatalf("error %q does not name %q", err, tt.wantKey)
+			}
+		})
+	}
+}
+
+// TestBindRules: start-up refuses a listener beyond loopback that would
+// serve an unauthenticated service, and names the key and the fix.
+func TestBindRules(t *testing.T) {
+	const secret = "cluster.secret=0123456789abcdef"
+	mtls := []string{"cluster.tls_cert_file=c.pem", "cluster.tls_key_file=k.pem", "cluster.tls_ca_file=ca.pem"}
+	tests := []struct {
+		name string
+		sets []string
+		want []string // keys the error names; none = accepted
+	}{
+		{"defaults with API keys", []string{"logic.api_keys=0123456789abcdef-key"}, nil},
+		{"defaults without API keys", nil, []string{"logic.http_addr", "logic.api_keys", "logic.allow_anonymous"}},
+		{"loopback push API without keys", []string{"logic.http_addr=127.0.0.1:3111"}, nil},
+		{"localhost push API without keys", []string{"logic.http_addr=localhost:3111"}, nil},
+		{"IPv6 loopback push API without keys", []string{"logic.http_addr=[::1]:3111"}, nil},
+		{"open push API allowed on purpose", []string{"logic.allow_anonymous=true"}, nil},
+		{"push API on an interface without keys", []string{"logic.http_addr=10.0.0.5:3111"}, []string{"logic.http_addr"}},
+		{"push API check skipped without logic", []string{"stages=cloud"}, nil},
+		{"logic grpc on every interface", []string{"logic.api_keys=0123456789abcdef-key", "logic.grpc_addr=:3119"}, []string{"logic.grpc_addr", "cluster.secret", "cluster.tls_cert_file"}},
+		{"logic grpc on 0.0.0.0", []string{"logic.api_keys=0123456789abcdef-key", "logic.grpc_addr=0.0.0.0:3119"}, []string{"logic.grpc_addr"}},
+		{"cloud grpc on every interface", []string{"logic.api_keys=0123456789abcdef-key", "cloud.grpc_addr=:3109"}, []string{"cloud.grpc_addr", "cluster.secret"}},
+		{"cloud grpc on a host name", []string{"stages=cloud", "cloud.grpc_addr=node1.internal:3109"}, []string{"cloud.grpc_addr"}},
+		{"both grpc with the secret", []string{"logic.api_keys=0123456789abcdef-key", "logic.grpc_addr=:3119", "cloud.grpc_addr=:3109", secret}, nil},
+		{"both grpc with mutual TLS", append([]string{"logic.api_keys=0123456789abcdef-key", "logic.grpc_addr=:3119", "cloud.grpc_addr=:3109"}, mtls...), nil},
+		{"grpc of a stage not run", []string{"stages=job", "logic.grpc_addr=:3119", "cloud.grpc_addr=:3109"}, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := Load(Sources{Sets: append([]string{"logic.auth.jwt_secret=s"}, tt.sets...)})
+			if len(tt.want) == 0 {
+				if err != nil {
+					t.Fatalf("refused: %v", err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatal("accepted, want a refusal")
+			}
+			for _, k := range tt.want {
+				if !strings.Contains(err.Error(), k) {
+					t.Errorf("error %q does not name %q", err, k)
+				}
+			}
+		})
+	}
+}
+
+func writeFile(t *testing.T, path, content string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestExposures: what a valid configuration exposes on purpose is said.
+func TestExposures(t *testing.T) {
+	tests := []struct {
+		name string
+		sets []string
+		want []string // substrings, one per warning
+	}{
+		{"loopback everything", []string{"logic.http_addr=127.0.0.1:3111"}, nil},
+		{"keys on every interface", []string{"logic.api_keys=0123456789abcdef-key"}, nil},
+		{"anonymous push API", []string{"logic.allow_anonymous=true"}, []string{"logic.http_addr"}},
+		{"secret in clear", []string{"logic.api_keys=0123456789abcdef-key", "cluster.secret=0123456789abcdef", "cloud.grpc_addr=:3109"}, []string{"mutual TLS"}},
+		{"admin beyond loopback", []string{"logic.api_keys=0123456789abcdef-key", "admin.addr=:6060"}, []string{"admin.addr"}},
+		// The secret sent to a remote peer travels in clear as much as the
+		// one a remote peer sends.
+		{"secret to a remote logic", []string{"stages=cloud", "cluster.secret=0123456789abcdef", "cloud.logic_addr=10.0.0.1:3119"}, []string{"cloud.logic_addr"}},
+		{"secret to local logic", []string{"stages=cloud", "cluster.secret=0123456789abcdef", "cloud.logic_addr=127.0.0.1:3119"}, nil},
+		{"logic in process", []string{"stages=logic,cloud", "logic.api_keys=0123456789abcdef-key", "cluster.secret=0123456789abcdef", "cloud.logic_addr=10.0.0.1:3119"}, nil},
+		{"secret to remote cloud nodes", []string{"stages=job", "cluster.secret=0123456789abcdef", "job.cloud_addrs=127.0.0.1:3109,cloud2.internal:3109"}, []string{"job.cloud_addrs"}},
+		{"secret to local cloud nodes", []string{"stages=job", "cluster.secret=0123456789abcdef", "job.cloud_addrs=127.0.0.1:3109,localhost:3109"}, nil},
+		{"cloud advertised beyond loopback", []string{"stages=cloud", "cluster.secret=0123456789abcdef", "cloud.advertise_addr=10.0.0.11:3109"}, []string{"cloud.advertise_addr"}},
+		{"short client-token secret", []string{"logic.http_addr=127.0.0.1:3111", "logic.auth.jwt_secret=short"}, []string{"logic.auth.jwt_secret"}},
+		{"clients trusted as they claim", []string{"logic.http_addr=127.0.0.1:3111", "logic.auth.mode=insecure-json"}, []string{"insecure-json"}},
+		{"any origin", []string{"logic.http_addr=127.0.0.1:3111", "cloud.allowed_origins=*"}, []string{"cloud.allowed_origins"}},
+		{"remote peers with mutual TLS", append([]string{"stages=cloud,job", "cluster.secret=0123456789abcdef", "cloud.logic_addr=10.0.0.1:3119",
+			"cloud.advertise_addr=10.0.0.11:3109", "job.cloud_addrs=cloud2.internal:3109"}, "cluster.tls_cert_file=c.pem", "cluster.tls_key_file=k.pem", "cluster.tls_ca_file=ca.pem"), nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg, err := Load(Sources{Sets: append([]string{"logic.auth.jwt_secret=0123456789abcdef0123456789abcdef"}, tt.sets...)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := cfg.Exposures()
+			if len(got) != len(tt.want) {
+				t.Fatalf("warnings %q, want %d", got, len(tt.want))
+			}
+			for i, w := range tt.want {
+				if !strings.Contains(got[i], w) {
+					t.Errorf("warning %q lacks %q", got[i], w)
+				}
+			}
+		})
+	}
+}
