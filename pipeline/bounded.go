@@ -2,56 +2,46 @@ package pipeline
 
 import (
 	"errors"
-	"fmt"
 	"log/slog"
 	"sync/atomic"
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
-
-	"imcloud/adapters/amqp"
-	"imcloud/adapters/gochannel"
-	"imcloud/adapters/nats"
-	"imcloud/adapters/redisstream"
-	"imcloud/pipeline/config"
 )
 
 // ErrQueueFull marks a publish refused because the topic's queue or
 // stream is at its length limit (topics.*_max_length). Nothing was
 // accepted; the caller may retry later. Logic answers it with 503, and a
-// cloud node refuses the client's upstream message.
+// cloud node refuses the client's upstream message. Every adapter's
+// refusal wraps it.
 var ErrQueueFull = errors.New("queue full")
 
-// queueFull reports whether err is any adapter's refusal for a full queue.
-func queueFull(err error) bool {
-	return errors.Is(err, amqp.ErrQueueFull) || errors.Is(err, gochannel.ErrQueueFull) || errors.Is(err, nats.ErrQueueFull) || errors.Is(err, redisstream.ErrQueueFull)
+type refusals struct {
+	n   atomic.Int64
+	log *RateLog
 }
 
-// boundedPublisher gives the adapters' "queue full" refusals one error,
-// ErrQueueFull, counts the messages refused, and logs the refusals at
-// most once per interval.
+// boundedPublisher counts the messages publishes refused for a full
+// queue, and logs the refusals at most once per interval.
 type boundedPublisher struct {
 	message.Publisher
-	refused *atomic.Int64
-	log     *RateLog
+	refused *refusals
 }
 
 func (b boundedPublisher) Publish(topic string, msgs ...*message.Message) error {
 	err := b.Publisher.Publish(topic, msgs...)
-	if err == nil || !queueFull(err) {
+	if err == nil || !errors.Is(err, ErrQueueFull) {
 		return err
 	}
-	total := b.refused.Add(int64(len(msgs)))
-	b.log.Log("publish refused: the topic's queue is full; raise topics.*_max_length or add consumers",
+	total := b.refused.n.Add(int64(len(msgs)))
+	b.refused.log.Log("publish refused: the topic's queue is full; raise topics.*_max_length or add consumers",
 		"topic", topic, "refused_total", total, "err", err)
-	return fmt.Errorf("%w: %w", ErrQueueFull, err)
+	return err
 }
 
-// bound wraps the broker's publisher so that full queues surface as
-// ErrQueueFull, counted in Refused.
-func (b *Broker) bound(logger *slog.Logger) {
-	b.refused = &atomic.Int64{}
-	b.Publisher = boundedPublisher{Publisher: b.Publisher, refused: b.refused, log: NewRateLog(logger, slog.LevelWarn, 10*time.Second)}
+func bound(pub message.Publisher, logger *slog.Logger) (message.Publisher, *refusals) {
+	r := &refusals{log: NewRateLog(logger, slog.LevelWarn, 10*time.Second)}
+	return boundedPublisher{Publisher: pub, refused: r}, r
 }
 
 // Refused counts the messages publishes refused for a full queue.
@@ -59,14 +49,5 @@ func (b *Broker) Refused() int64 {
 	if b.refused == nil {
 		return 0
 	}
-	return b.refused.Load()
-}
-
-// maxLengths maps each topic to its configured length limit.
-func maxLengths(topics config.Topics) map[string]int64 {
-	return map[string]int64{
-		topics.Push:     topics.PushMaxLength,
-		topics.Poison:   topics.PoisonMaxLength,
-		topics.Upstream: topics.UpstreamMaxLength,
-	}
+	return b.refused.n.Load()
 }

@@ -2,52 +2,85 @@ package pipeline
 
 import (
 	"context"
-	"fmt"
-	"log/slog"
+	"maps"
+	"slices"
+	"time"
 
+	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
-
-	"imcloud/adapters/amqp"
-	"imcloud/pipeline/config"
 )
 
-// poisonKeys are the metadata keys the poison queue middleware adds, which
-// a replayed message sheds.
-func poisonKeys() []string {
-	return []string{middleware.ReasonForPoisonedKey, middleware.PoisonedTopicKey, middleware.PoisonedHandlerKey, middleware.PoisonedSubscriberKey}
+// Poisoned is one message in a poison topic: a message job gave up on,
+// with the reason the poison middleware wrote beside it.
+type Poisoned struct {
+	// ID is the message's id (its MetaMessageID metadata, else its UUID).
+	ID       string
+	UUID     string
+	Metadata message.Metadata
+	Payload  []byte
+	// PoisonedAt is when the message was published to the poison topic;
+	// zero where the broker does not record it.
+	PoisonedAt time.Time
 }
 
-// Poison lets an operator list, replay and purge poisoned messages.
-type Poison struct {
-	queue  *amqp.PoisonQueue
-	cfg    config.Config
-	logger *slog.Logger
-}
-
-// OpenPoison opens the poison topic of the configured broker.
-func OpenPoison(cfg config.Config, logger *slog.Logger) (*Poison, error) {
-	if cfg.Broker.Kind != config.BrokerAMQP {
-		return nil, fmt.Errorf("broker.kind %q: poison tooling works on the amqp broker (the embedded broker's poison topic lives only inside its process)", cfg.Broker.Kind)
+// NewPoisoned describes msg as it was read from a poison topic.
+func NewPoisoned(msg *message.Message, at time.Time) Poisoned {
+	p := Poisoned{ID: msg.Metadata.Get(MetaMessageID), UUID: msg.UUID, Metadata: msg.Metadata, Payload: msg.Payload, PoisonedAt: at}
+	if p.ID == "" {
+		p.ID = msg.UUID
 	}
-	q := amqp.NewPoisonQueue(cfg.Broker.AMQP.URL, cfg.Topics.Poison, MetaMessageID)
-	q.MaxLength = cfg.Topics.PoisonMaxLength
-	return &Poison{queue: q, cfg: cfg, logger: logger}, nil
+	return p
 }
 
-// List returns the poisoned messages, leaving them in place.
-func (p *Poison) List(ctx context.Context) ([]amqp.Poisoned, error) { return p.queue.List(ctx) }
+// Reason is why the message was poisoned.
+func (p Poisoned) Reason() string { return p.Metadata.Get(middleware.ReasonForPoisonedKey) }
 
-// Purge drops the selected messages.
-func (p *Poison) Purge(ctx context.Context, sel amqp.Selector) (int, error) {
-	return p.queue.Purge(ctx, sel)
-}
+// Handler is the handler that gave up on the message.
+func (p Poisoned) Handler() string { return p.Metadata.Get(middleware.PoisonedHandlerKey) }
 
-// Replay re-publishes the selected messages to the push topic.
-func (p *Poison) Replay(ctx context.Context, sel amqp.Selector) (int, error) {
-	pub, err := amqp.NewBoundedPublisher(p.cfg.Broker.AMQP.URL, WatermillLogger(p.logger), 1, amqp.Limits(maxLengths(p.cfg.Topics)), p.cfg.Topics.Push)
-	if err != nil {
-		return 0, err
+// Replayable is the message to publish again: p without the metadata
+// the poison middleware added, so a replayed message that fails again is
+// poisoned afresh, with its new reason.
+func (p Poisoned) Replayable(ctx context.Context) *message.Message {
+	msg := message.NewMessage(p.UUID, p.Payload)
+	msg.Metadata = maps.Clone(p.Metadata)
+	for _, k := range []string{middleware.ReasonForPoisonedKey, middleware.PoisonedTopicKey, middleware.PoisonedHandlerKey, middleware.PoisonedSubscriberKey} {
+		delete(msg.Metadata, k)
 	}
-	defer pub.Close()
-	return p.queue.Replay(ctx, sel, pub, p.cfg.Topics.Push, poisonKeys()...)
+	msg.SetContext(ctx)
+	return msg
+}
+
+// Selector picks the poisoned messages an operation applies to.
+type Selector func(Poisoned) bool
+
+// All selects every message.
+func All(Poisoned) bool { return true }
+
+// IDs selects the messages with the given ids.
+func IDs(ids ...string) Selector {
+	return func(p Poisoned) bool { return slices.Contains(ids, p.ID) }
+}
+
+// PoisonAdmin lets an operator list, replay and purge the messages of a
+// broker's poison topic. Every broker adapter implements it and passes
+// adapters/poisontest.
+//
+// Watermill's components/requeuer re-publishes every message of a poison
+// topic after a delay, as a running consumer: it has no way to look
+// without taking, or to pick messages by id, which is what an operator
+// does after fixing the cause of one failure. So each adapter reads its
+// broker's own way (a queue get, a stream range) and replay re-publishes
+// through the adapter's own publisher.
+type PoisonAdmin interface {
+	// List returns the poisoned messages, oldest first, leaving them in
+	// place.
+	List(ctx context.Context) ([]Poisoned, error)
+	// Replay re-publishes the selected messages (Replayable) to the topic
+	// the admin was opened for and removes each from the poison topic once
+	// the broker accepted it; it returns how many it replayed.
+	Replay(ctx context.Context, sel Selector) (int, error)
+	// Purge drops the selected messages and returns how many it dropped.
+	Purge(ctx context.Context, sel Selector) (int, error)
+	Close() error
 }

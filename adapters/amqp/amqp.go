@@ -8,11 +8,13 @@ import (
 
 	"github.com/ThreeDotsLabs/watermill"
 	amqp091 "github.com/rabbitmq/amqp091-go"
+
+	"imcloud/pipeline"
 )
 
 // ErrQueueFull is returned for a message a queue refused for being at its
 // length limit (x-max-length with x-overflow reject-publish).
-var ErrQueueFull = errors.New("rabbitmq queue full")
+var ErrQueueFull = fmt.Errorf("rabbitmq queue full: %w", pipeline.ErrQueueFull)
 
 // Limits maps a queue to the most ready messages it holds; a queue not
 // listed is unbounded. At the limit the queue refuses new messages

@@ -3,58 +3,38 @@ package amqp
 import (
 	"context"
 	"fmt"
-	"maps"
-	"slices"
-	"time"
 
 	"github.com/ThreeDotsLabs/watermill"
-	"github.com/ThreeDotsLabs/watermill/message"
 	amqp091 "github.com/rabbitmq/amqp091-go"
+
+	"imcloud/pipeline"
 )
 
-// Poisoned is one message in a poison queue.
-type Poisoned struct {
-	// ID is the message's id (its id metadata, else its UUID).
-	ID       string
-	UUID     string
-	Metadata message.Metadata
-	Payload  []byte
-	// PoisonedAt is when the message was published to the poison queue.
-	PoisonedAt time.Time
-}
-
-// PoisonQueue reads and re-drives the messages of a poison queue. It takes
-// each message off the queue, and acks only what it dropped or re-published
-// with a confirm; everything else goes back.
+// PoisonQueue lists, replays and purges the messages of a poison queue
+// (pipeline.PoisonAdmin). It takes each message off the queue, and acks
+// only what it dropped or re-published with a confirm; everything else
+// goes back.
 type PoisonQueue struct {
 	url, queue string
-	idKey      string
-	// MaxLength is the queue's length limit, as its publishers declare
-	// it; 0 declares it unbounded (a queue that exists keeps its own).
-	MaxLength int64
+	// target is the topic Replay publishes to.
+	target string
+	limits Limits
+	logger watermill.LoggerAdapter
 }
 
-// NewPoisonQueue opens the poison queue named queue; idKey is the metadata
-// key holding a message's id.
-func NewPoisonQueue(url, queue, idKey string) *PoisonQueue {
-	return &PoisonQueue{url: url, queue: queue, idKey: idKey}
+// NewPoisonQueue opens the poison queue named queue, whose messages Replay
+// re-publishes to target. limits are the queues' length limits, as their
+// publishers declare them (a queue that exists keeps its own).
+func NewPoisonQueue(url, queue, target string, limits Limits, logger watermill.LoggerAdapter) *PoisonQueue {
+	return &PoisonQueue{url: url, queue: queue, target: target, limits: limits, logger: logger}
 }
 
-// Selector picks the messages an operation applies to.
-type Selector func(Poisoned) bool
-
-// All selects every message.
-func All(Poisoned) bool { return true }
-
-// IDs selects the messages with the given ids.
-func IDs(ids ...string) Selector {
-	return func(p Poisoned) bool { return slices.Contains(ids, p.ID) }
-}
+var _ pipeline.PoisonAdmin = (*PoisonQueue)(nil)
 
 // List returns the messages in the queue, leaving them there.
-func (q *PoisonQueue) List(ctx context.Context) ([]Poisoned, error) {
-	var out []Poisoned
-	err := q.each(ctx, func(p Poisoned) (bool, error) {
+func (q *PoisonQueue) List(ctx context.Context) ([]pipeline.Poisoned, error) {
+	var out []pipeline.Poisoned
+	err := q.each(ctx, func(p pipeline.Poisoned) (bool, error) {
 		out = append(out, p)
 		return false, nil
 	})
@@ -62,9 +42,9 @@ func (q *PoisonQueue) List(ctx context.Context) ([]Poisoned, error) {
 }
 
 // Purge drops the selected messages and returns how many it dropped.
-func (q *PoisonQueue) Purge(ctx context.Context, sel Selector) (int, error) {
+func (q *PoisonQueue) Purge(ctx context.Context, sel pipeline.Selector) (int, error) {
 	n := 0
-	err := q.each(ctx, func(p Poisoned) (bool, error) {
+	err := q.each(ctx, func(p pipeline.Poisoned) (bool, error) {
 		if !sel(p) {
 			return false, nil
 		}
@@ -74,22 +54,21 @@ func (q *PoisonQueue) Purge(ctx context.Context, sel Selector) (int, error) {
 	return n, err
 }
 
-// Replay publishes the selected messages to topic through pub, without
+// Replay publishes the selected messages to the target topic, without
 // their poison metadata, and removes each from the poison queue once its
 // publish is confirmed. It returns how many it replayed.
-func (q *PoisonQueue) Replay(ctx context.Context, sel Selector, pub message.Publisher, topic string, poisonKeys ...string) (int, error) {
+func (q *PoisonQueue) Replay(ctx context.Context, sel pipeline.Selector) (int, error) {
+	pub, err := NewBoundedPublisher(q.url, q.logger, 1, q.limits, q.target)
+	if err != nil {
+		return 0, err
+	}
+	defer pub.Close()
 	n := 0
-	err := q.each(ctx, func(p Poisoned) (bool, error) {
+	err = q.each(ctx, func(p pipeline.Poisoned) (bool, error) {
 		if !sel(p) {
 			return false, nil
 		}
-		msg := message.NewMessage(p.UUID, p.Payload)
-		msg.Metadata = maps.Clone(p.Metadata)
-		for _, k := range poisonKeys {
-			delete(msg.Metadata, k)
-		}
-		msg.SetContext(ctx)
-		if err := pub.Publish(topic, msg); err != nil {
+		if err := pub.Publish(q.target, p.Replayable(ctx)); err != nil {
 			return false, fmt.Errorf("replay %s: %w", p.ID, err)
 		}
 		n++
@@ -98,10 +77,14 @@ func (q *PoisonQueue) Replay(ctx context.Context, sel Selector, pub message.Publ
 	return n, err
 }
 
+// Close releases nothing: each operation opens and closes its own
+// connection.
+func (q *PoisonQueue) Close() error { return nil }
+
 // each takes every message currently in the queue and calls fn; a message
 // fn says to consume is acked, every other one is put back when done. A
 // message is never taken twice in one pass: all stay unacked until the end.
-func (q *PoisonQueue) each(ctx context.Context, fn func(Poisoned) (consume bool, err error)) error {
+func (q *PoisonQueue) each(ctx context.Context, fn func(pipeline.Poisoned) (consume bool, err error)) error {
 	conn, err := amqp091.Dial(q.url)
 	if err != nil {
 		return fmt.Errorf("%w: dial: %w", ErrUnavailable, err)
@@ -112,7 +95,7 @@ func (q *PoisonQueue) each(ctx context.Context, fn func(Poisoned) (consume bool,
 		return fmt.Errorf("open channel: %w", err)
 	}
 	defer ch.Close()
-	if err := declareQueue(conn, q.queue, Limits{q.queue: q.MaxLength}, watermill.NopLogger{}); err != nil {
+	if err := declareQueue(conn, q.queue, q.limits, watermill.NopLogger{}); err != nil {
 		return fmt.Errorf("poison queue: %w", err)
 	}
 	var fnErr error
@@ -129,10 +112,7 @@ func (q *PoisonQueue) each(ctx context.Context, fn func(Poisoned) (consume bool,
 			_ = d.Nack(false, true)
 			return fmt.Errorf("decode poisoned message: %w", err)
 		}
-		p := Poisoned{ID: msg.Metadata.Get(q.idKey), UUID: msg.UUID, Metadata: msg.Metadata, Payload: msg.Payload, PoisonedAt: d.Timestamp}
-		if p.ID == "" {
-			p.ID = msg.UUID
-		}
+		p := pipeline.NewPoisoned(msg, d.Timestamp)
 		var consume bool
 		consume, fnErr = fn(p)
 		if consume {

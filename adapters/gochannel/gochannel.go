@@ -12,6 +12,8 @@ import (
 	"github.com/ThreeDotsLabs/watermill"
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/ThreeDotsLabs/watermill/pubsub/gochannel"
+
+	"imcloud/pipeline"
 )
 
 // outputBuffer lets a burst of publishes queue without blocking the HTTP
@@ -20,7 +22,7 @@ const outputBuffer = 4096
 
 // ErrQueueFull is returned for a message refused because maxPending
 // messages are published and not yet acked.
-var ErrQueueFull = errors.New("embedded broker full")
+var ErrQueueFull = fmt.Errorf("embedded broker full: %w", pipeline.ErrQueueFull)
 
 // errClosed is returned for a publish after Close.
 var errClosed = errors.New("embedded broker closed")

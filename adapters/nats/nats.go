@@ -13,6 +13,8 @@ import (
 	"github.com/ThreeDotsLabs/watermill/message"
 	nc "github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"imcloud/pipeline"
 )
 
 const (
@@ -36,7 +38,7 @@ func streamName(topic string) string { return strings.ReplaceAll(topic, ".", "_"
 
 // ErrQueueFull is returned for a message a stream refused for holding its
 // limit of messages.
-var ErrQueueFull = errors.New("nats stream full")
+var ErrQueueFull = fmt.Errorf("nats stream full: %w", pipeline.ErrQueueFull)
 
 // Limits maps a topic to the most messages its stream holds; a topic not
 // listed is unbounded.

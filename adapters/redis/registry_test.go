@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"imcloud/adapters/registrytest"
+	"imcloud/pipeline"
 )
 
 func testAddr() string {
@@ -24,7 +25,7 @@ func TestIntegrationRegistryContract(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = rdb.Close() })
-	registrytest.Run(t, func(t *testing.T, sessionTTL, nodeTTL time.Duration) registrytest.Registry {
+	registrytest.Run(t, func(t *testing.T, sessionTTL, nodeTTL time.Duration) pipeline.Registry {
 		prefix := registrytest.Prefix(t)
 		t.Cleanup(func() {
 			ctx := context.Background()

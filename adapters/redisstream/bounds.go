@@ -2,7 +2,6 @@ package redisstream
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -13,11 +12,13 @@ import (
 	"github.com/ThreeDotsLabs/watermill"
 	"github.com/ThreeDotsLabs/watermill/message"
 	goredis "github.com/redis/go-redis/v9"
+
+	"imcloud/pipeline"
 )
 
 // ErrQueueFull is returned for a message refused because its stream holds
 // its limit of entries.
-var ErrQueueFull = errors.New("redis stream full")
+var ErrQueueFull = fmt.Errorf("redis stream full: %w", pipeline.ErrQueueFull)
 
 // TrimEvery is how often BoundedPublisher trims its streams and checks
 // their length. A stream may pass its limit by what is published in one

@@ -11,23 +11,13 @@ import (
 	"testing"
 	"time"
 
+	"imcloud/pipeline"
 	"imcloud/proto/pb"
 )
 
-// Registry is the contract under test (stages/logic.Registry).
-type Registry interface {
-	AddSession(ctx context.Context, mid int64, key, server string, conn uint64) (string, uint64, error)
-	RenewSession(ctx context.Context, mid int64, key, server string, conn uint64) error
-	DelSession(ctx context.Context, mid int64, key, server string, conn uint64) (bool, error)
-	ServersByKeys(ctx context.Context, keys []string) (map[string]string, error)
-	KeysByMids(ctx context.Context, mids []int64) (map[int64]map[string]string, error)
-	RenewNode(ctx context.Context, node *pb.NodeInfo) (map[string]int32, error)
-	Nodes(ctx context.Context) ([]*pb.NodeInfo, error)
-}
-
 // Factory returns an empty registry whose sessions and nodes expire after
 // the given TTLs without renewal.
-type Factory func(t *testing.T, sessionTTL, nodeTTL time.Duration) Registry
+type Factory func(t *testing.T, sessionTTL, nodeTTL time.Duration) pipeline.Registry
 
 // Run runs the contract against registries from newRegistry.
 func Run(t *testing.T, newRegistry Factory) {
@@ -41,7 +31,7 @@ func Run(t *testing.T, newRegistry Factory) {
 // checked wraps r so that every call fails the test on an error.
 type checked struct {
 	t *testing.T
-	r Registry
+	r pipeline.Registry
 }
 
 func (c checked) fatal(err error) {

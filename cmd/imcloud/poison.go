@@ -9,9 +9,7 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
-
-	"imcloud/adapters/amqp"
+	"imcloud/adapters"
 	"imcloud/pipeline"
 )
 
@@ -41,21 +39,22 @@ func cmdPoison(ctx context.Context, args []string, stdout, stderr io.Writer, env
 	if err != nil {
 		return err
 	}
-	p, err := pipeline.OpenPoison(cfg, slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
+	p, err := adapters.OpenPoison(cfg, slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
 	if err != nil {
 		return err
 	}
+	defer p.Close()
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	var sel amqp.Selector
+	var sel pipeline.Selector
 	if action != "list" {
 		switch {
 		case all && len(ids) > 0:
 			return errors.New("poison: give --id or --all, not both")
 		case all:
-			sel = amqp.All
+			sel = pipeline.All
 		case len(ids) > 0:
-			sel = amqp.IDs(ids...)
+			sel = pipeline.IDs(ids...)
 		default:
 			return fmt.Errorf("poison %s: say which messages with --id or --all", action)
 		}
@@ -69,7 +68,7 @@ func cmdPoison(ctx context.Context, args []string, stdout, stderr io.Writer, env
 		tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
 		fmt.Fprintln(tw, "ID\tPOISONED AT\tHANDLER\tREASON")
 		for _, m := range msgs {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", m.ID, m.PoisonedAt.UTC().Format(time.RFC3339), m.Metadata.Get(middleware.PoisonedHandlerKey), m.Metadata.Get(middleware.ReasonForPoisonedKey))
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", m.ID, m.PoisonedAt.UTC().Format(time.RFC3339), m.Handler(), m.Reason())
 		}
 		if err := tw.Flush(); err != nil {
 			return err

@@ -184,6 +184,11 @@ type Topics struct {
 	UpstreamMaxLength int64 `koanf:"upstream_max_length"`
 }
 
+// MaxLengths maps each topic to its length limit.
+func (t Topics) MaxLengths() map[string]int64 {
+	return map[string]int64{t.Push: t.PushMaxLength, t.Poison: t.PoisonMaxLength, t.Upstream: t.UpstreamMaxLength}
+}
+
 // Logic configures the logic stage.
 type Logic struct {
 	HTTPAddr        string   `koanf:"http_addr"`

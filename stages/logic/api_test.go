@@ -36,7 +36,7 @@ type apiServer struct {
 }
 
 type apiOptions struct {
-	registry Registry
+	registry pipeline.Registry
 	replies  ReplyStore
 	pub      message.Publisher
 	apiKeys  []string
@@ -238,7 +238,7 @@ func deref(s *string) string {
 // failingRegistry is a registry that is down, or that holds a corrupt
 // entry (a bug: a server id that is not UTF-8).
 type failingRegistry struct {
-	Registry
+	pipeline.Registry
 	down    bool
 	corrupt bool
 }
@@ -425,7 +425,7 @@ func TestFailedIdempotentRequestReleasesTheKey(t *testing.T) {
 }
 
 type toggleRegistry struct {
-	Registry
+	pipeline.Registry
 	mu   sync.Mutex
 	down bool
 }
@@ -626,7 +626,7 @@ func TestGoimNodesShapes(t *testing.T) {
 
 // panickyRegistry panics once, as a bug would.
 type panickyRegistry struct {
-	Registry
+	pipeline.Registry
 	mu     sync.Mutex
 	panics bool
 }

@@ -20,7 +20,7 @@ import (
 type grpcServer struct {
 	pb.UnimplementedLogicServer
 	auth     token.Authenticator
-	registry Registry
+	registry pipeline.Registry
 	replacer *replacer
 	logger   *slog.Logger
 	// sessionTTL is told to cloud nodes, which forward heartbeats at most
@@ -40,7 +40,7 @@ type grpcServer struct {
 // next line counts what was left out.
 const logEvery = 10 * time.Second
 
-func newGRPCServer(cfg config.Logic, auth token.Authenticator, registry Registry, replacer *replacer, logger *slog.Logger) *grpcServer {
+func newGRPCServer(cfg config.Logic, auth token.Authenticator, registry pipeline.Registry, replacer *replacer, logger *slog.Logger) *grpcServer {
 	return &grpcServer{
 		auth: auth, registry: registry, replacer: replacer, logger: logger, sessionTTL: cfg.SessionTTL,
 		connects:    newConnectLimiter(cfg.ConnectRate, cfg.ConnectBurst),

@@ -43,7 +43,7 @@ type ReplyStore = idempotency.Store
 
 // Options are the logic stage's collaborators.
 type Options struct {
-	Registry  Registry
+	Registry  pipeline.Registry
 	Publisher message.Publisher
 	PushTopic string
 	Replies   ReplyStore

@@ -27,7 +27,7 @@ var ErrRegistry = errors.New("registry unavailable")
 
 // Pusher resolves push targets and publishes one PushMsg per cloud node.
 type Pusher struct {
-	registry  Registry
+	registry  pipeline.Registry
 	publisher message.Publisher
 	topic     string
 }

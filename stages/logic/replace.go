@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"time"
 
+	"imcloud/pipeline"
 	"imcloud/proto/pb"
 	"imcloud/stages/internal/cloudconn"
 )
@@ -16,7 +17,7 @@ const closeTimeout = 5 * time.Second
 // replacer closes a key's connection on the node it was on when the key
 // connects on another: one session per key across the cluster.
 type replacer struct {
-	registry Registry
+	registry pipeline.Registry
 	logger   *slog.Logger
 	clouds   *cloudconn.Pool
 }

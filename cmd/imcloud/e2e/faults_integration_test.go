@@ -15,7 +15,7 @@ import (
 
 	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
 
-	"imcloud/adapters/amqp"
+	"imcloud/adapters"
 	"imcloud/pipeline"
 	"imcloud/proto/client"
 	"imcloud/stages/logic/token"
@@ -136,11 +136,11 @@ func TestIntegrationUnreachableCloudIsPoisonedThenReplayed(t *testing.T) {
 	expect(t, "client on the live node", onA, 1000, body)
 
 	cfg := a.cfg
-	p, err := pipeline.OpenPoison(cfg, slog.New(slog.DiscardHandler))
+	p, err := adapters.OpenPoison(cfg, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
-	var poisoned []amqp.Poisoned
+	var poisoned []pipeline.Poisoned
 	for deadline := time.Now().Add(wait); len(poisoned) == 0; time.Sleep(20 * time.Millisecond) {
 		if poisoned, err = p.List(ctx); err != nil {
 			t.Fatal(err)
@@ -155,7 +155,7 @@ func TestIntegrationUnreachableCloudIsPoisonedThenReplayed(t *testing.T) {
 
 	b2 := start(t, bSets...)
 	onB := b2.connect("tcp", token.Claims{Mid: 2, Rooms: []string{"live://p"}})
-	if n, err := p.Replay(ctx, amqp.IDs(poisoned[0].ID)); err != nil || n != 1 {
+	if n, err := p.Replay(ctx, pipeline.IDs(poisoned[0].ID)); err != nil || n != 1 {
 		t.Fatalf("replay: %d, %v", n, err)
 	}
 	expect(t, "client on the node that came back", onB, 1000, body)

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ThreeDotsLabs/watermill"
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
 	amqp091 "github.com/rabbitmq/amqp091-go"
@@ -203,7 +204,7 @@ func TestIntegrationCloudRestartWithBacklog(t *testing.T) {
 
 	// The pushes to the client that never came back are in the poison
 	// queue with the reason, each once, carrying its key.
-	pq := amqp.NewPoisonQueue(amqpURL(), topicOf(t, topics, "poison"), pipeline.MetaMessageID)
+	pq := amqp.NewPoisonQueue(amqpURL(), topicOf(t, topics, "poison"), topicOf(t, topics, "push"), nil, watermill.NopLogger{})
 	poisoned := map[string]string{} // body -> reason
 	allPoisoned := func() bool {
 		list, err := pq.List(context.Background())

@@ -21,8 +21,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"imcloud/adapters/memory"
-	"imcloud/adapters/redis"
+	"imcloud/adapters"
 	"imcloud/pipeline"
 	"imcloud/pipeline/clusterauth"
 	"imcloud/pipeline/config"
@@ -62,8 +61,7 @@ type Process struct {
 	logicConn  *grpc.ClientConn
 	router     *message.Router
 	jobStage   *job.Stage
-	registry   logic.Registry
-	replies    logic.ReplyStore
+	stores     *adapters.Stores
 	closers    []func() error // closed last, after the broker
 
 	// grpcServerOpts and grpcDialOpts authenticate the internal gRPC
@@ -179,26 +177,15 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Proc
 		Admin: addrOf(adminLn),
 	}
 
-	// A node that misses three reports is gone.
-	nodeTTL := 3 * cfg.Cloud.RenewInterval
-	switch cfg.Registry.Kind {
-	case config.RegistryRedis:
-		rc := cfg.Registry.Redis
-		rdb, err := redis.Connect(runCtx, rc.Addr, rc.Password, rc.DB)
-		if err != nil {
-			return nil, fmt.Errorf("registry.redis: %w", err)
-		}
-		n.closers = append(n.closers, rdb.Close)
-		n.registry = redis.NewRegistry(rdb, rc.Prefix, cfg.Logic.SessionTTL, nodeTTL)
-		n.replies = redis.NewReplies(rdb, rc.Prefix+"reply:", cfg.Logic.IdempotencyTTL)
-	default:
-		mem := memory.New(cfg.Logic.SessionTTL, nodeTTL)
-		n.goLoop(mem.Run, runCtx)
-		n.registry = mem
-		n.replies = memoryReplies(cfg.Logic, logger)
+	n.stores, err = adapters.OpenStores(runCtx, cfg, logger)
+	if err != nil {
+		return nil, err
 	}
-
-	n.broker, err = pipeline.NewBroker(cfg.Broker, cfg.Topics, logger)
+	n.closers = append(n.closers, n.stores.Close)
+	if n.stores.Run != nil {
+		n.goLoop(n.stores.Run, runCtx)
+	}
+	n.broker, err = adapters.OpenBroker(cfg, logger)
 	if err != nil {
 		return nil, fmt.Errorf("connect broker: %w", err)
 	}
@@ -206,8 +193,8 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Proc
 	var logicStage *logic.Stage
 	if hasLogic {
 		logicStage, err = logic.New(cfg.Logic, logic.Options{
-			Registry: n.registry, Publisher: n.broker.Publisher, PushTopic: cfg.Topics.Push,
-			Replies: n.replies, Logger: logger.With("stage", "logic"),
+			Registry: n.stores.Registry, Publisher: n.broker.Publisher, PushTopic: cfg.Topics.Push,
+			Replies: n.stores.Replies, Logger: logger.With("stage", "logic"),
 			Heartbeat: cfg.Cloud.HeartbeatInterval, CloudDial: n.grpcDialOpts,
 		})
 		if err != nil {
@@ -339,24 +326,9 @@ func (n *Process) startJob(ctx context.Context) error {
 	case len(cfg.Job.CloudAddrs) > 0:
 		nodes = job.StaticNodes(cfg.Job.CloudAddrs)
 	case cfg.Has(config.StageLogic) || cfg.Registry.Kind == config.RegistryRedis:
-		nodes = n.registry
+		nodes = n.stores.Registry
 	default:
 		return errors.New("job.cloud_addrs: job cannot see the cloud nodes: use registry.kind = \"redis\", list them here, or run job with logic (the memory registry lives in logic's process)")
-	}
-	var store pipeline.DedupeStore
-	if cfg.Job.Dedupe.Enabled {
-		switch cfg.Job.Dedupe.Store {
-		case config.DedupeRedis:
-			rc := cfg.Registry.Redis
-			rdb, err := redis.Connect(ctx, rc.Addr, rc.Password, rc.DB)
-			if err != nil {
-				return fmt.Errorf("job.dedupe.store: %w", err)
-			}
-			n.closers = append(n.closers, rdb.Close)
-			store = redis.NewDedupe(rdb, rc.Prefix+"dedupe:")
-		default:
-			store = memory.NewDedupe(cfg.Job.Dedupe.TTL)
-		}
 	}
 	n.jobStage = job.New(job.Options{
 		Nodes: nodes, Logger: n.logger.With("stage", "job"),
@@ -369,7 +341,7 @@ func (n *Process) startJob(ctx context.Context) error {
 	if err := n.jobStage.CheckClouds(ctx); err != nil {
 		return err
 	}
-	router, err := pipeline.NewRouter(cfg.Job, cfg.Topics.Poison, n.broker.Publisher, store, n.logger.With("stage", "job"))
+	router, err := pipeline.NewRouter(cfg.Job, cfg.Topics.Poison, n.broker.Publisher, n.stores.Dedupe, n.logger.With("stage", "job"))
 	if err != nil {
 		return err
 	}
@@ -581,10 +553,4 @@ func adminHandler() http.Handler {
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	return mux
-}
-
-// memoryReplies is the in-memory idempotency store cfg asks for, warning
-// on the node's logger when it forgets replies early.
-func memoryReplies(cfg config.Logic, logger *slog.Logger) *memory.Replies {
-	return memory.NewRepliesLimited(cfg.IdempotencyTTL, cfg.IdempotencyMaxBytes, logger.With("stage", "logic", "component", "idempotency store"))
 }

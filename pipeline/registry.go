@@ -1,4 +1,4 @@
-package logic
+package pipeline
 
 import (
 	"context"
@@ -7,7 +7,8 @@ import (
 )
 
 // Registry keeps which cloud node holds each session, and the cloud nodes
-// themselves. adapters/memory and adapters/redis implement it; both pass
+// themselves: logic writes it, job reads the nodes from it.
+// adapters/memory and adapters/redis implement it; both pass
 // adapters/registrytest.
 type Registry interface {
 	// AddSession records key (of user mid) on server as connection conn

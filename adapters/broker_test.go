@@ -1,4 +1,4 @@
-package pipeline
+package adapters
 
 import (
 	"bytes"
@@ -19,7 +19,7 @@ func TestEmbeddedBrokerLogsUnheardOnce(t *testing.T) {
 	var logs bytes.Buffer
 	cfg := config.Default()
 	cfg.Broker.Kind = config.BrokerGoChannel
-	b, err := NewBroker(cfg.Broker, cfg.Topics, slog.New(slog.NewTextHandler(&logs, nil)))
+	b, err := OpenBroker(cfg, slog.New(slog.NewTextHandler(&logs, nil)))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,41 +1,31 @@
-package process
+package adapters
 
 import (
-	"bytes"
 	"context"
 	"log/slog"
 	"strings"
-	"sync"
 	"testing"
 
+	"imcloud/adapters/memory"
 	"imcloud/pipeline/config"
 )
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
-}
-
 // TestMemoryRepliesFollowConfigAndLogger: the in-memory idempotency store
-// holds logic.idempotency_max_bytes and warns on the node's logger. On
+// holds logic.idempotency_max_bytes and warns on the process's logger. On
 // main its cap was a constant and it logged through slog.Default().
 func TestMemoryRepliesFollowConfigAndLogger(t *testing.T) {
 	var logs syncBuffer
-	cfg := config.Default().Logic
-	cfg.IdempotencyMaxBytes = 4096
-	s := memoryReplies(cfg, slog.New(slog.NewJSONHandler(&logs, nil)))
+	all := config.Default()
+	all.Logic.IdempotencyMaxBytes = 4096
+	cfg := all.Logic
+	stores, err := OpenStores(context.Background(), all, slog.New(slog.NewJSONHandler(&logs, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, ok := stores.Replies.(*memory.Replies)
+	if !ok {
+		t.Fatalf("registry.kind memory opened replies %T, want *memory.Replies", stores.Replies)
+	}
 	ctx := context.Background()
 	for _, key := range []string{"a", "b"} {
 		e, err := s.Reserve(ctx, key, strings.Repeat("f", 64))

@@ -1,15 +1,13 @@
 //go:build integration
 
-package pipeline
+package adapters
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -18,6 +16,7 @@ import (
 	amqp091 "github.com/rabbitmq/amqp091-go"
 	goredis "github.com/redis/go-redis/v9"
 
+	"imcloud/pipeline"
 	"imcloud/pipeline/config"
 )
 
@@ -49,28 +48,12 @@ func deleteQueues(t *testing.T, topics config.Topics) {
 	})
 }
 
-// syncBuffer is a log destination the broker's goroutines may write to.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-func openBroker(t *testing.T, cfg config.Broker, topics config.Topics) (*Broker, *syncBuffer) {
+func openBroker(t *testing.T, bc config.Broker, topics config.Topics) (*pipeline.Broker, *syncBuffer) {
 	t.Helper()
 	logs := &syncBuffer{}
-	b, err := NewBroker(cfg, topics, slog.New(slog.NewTextHandler(logs, nil)))
+	cfg := config.Default()
+	cfg.Broker, cfg.Topics = bc, topics
+	b, err := OpenBroker(cfg, slog.New(slog.NewTextHandler(logs, nil)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -78,14 +61,14 @@ func openBroker(t *testing.T, cfg config.Broker, topics config.Topics) (*Broker,
 	return b, logs
 }
 
-func publish(b *Broker, topic string, i int) error {
+func publish(b *pipeline.Broker, topic string, i int) error {
 	msg := message.NewMessage(fmt.Sprint("m", i), []byte("x"))
 	msg.SetContext(context.Background())
 	return b.Publisher.Publish(topic, msg)
 }
 
 // fillUntilRefused publishes until a publish fails, up to max tries.
-func fillUntilRefused(t *testing.T, b *Broker, topic string, max int) (accepted int, err error) {
+func fillUntilRefused(t *testing.T, b *pipeline.Broker, topic string, max int) (accepted int, err error) {
 	t.Helper()
 	for i := range max {
 		if err := publish(b, topic, i); err != nil {
@@ -109,12 +92,12 @@ func TestIntegrationAMQPQueueAtItsLimitRefusesThePublishWithErrQueueFull(t *test
 			deleteQueues(t, topics)
 			b, logs := openBroker(t, config.Broker{Kind: config.BrokerAMQP, AMQP: config.AMQP{URL: amqpURL, Channels: 1, Prefetch: 1}}, topics)
 			accepted, err := fillUntilRefused(t, b, tt.topic(topics), 10)
-			if accepted != 3 || !errors.Is(err, ErrQueueFull) {
-				t.Fatalf("accepted %d publishes, then %v; want 3, then ErrQueueFull", accepted, err)
+			if accepted != 3 || !errors.Is(err, pipeline.ErrQueueFull) {
+				t.Fatalf("accepted %d publishes, then %v; want 3, then pipeline.ErrQueueFull", accepted, err)
 			}
 			for i := range 5 {
-				if err := publish(b, tt.topic(topics), 100+i); !errors.Is(err, ErrQueueFull) {
-					t.Fatalf("publish to a full queue: %v, want ErrQueueFull", err)
+				if err := publish(b, tt.topic(topics), 100+i); !errors.Is(err, pipeline.ErrQueueFull) {
+					t.Fatalf("publish to a full queue: %v, want pipeline.ErrQueueFull", err)
 				}
 			}
 			if b.Refused() != 6 {
@@ -172,8 +155,8 @@ func TestIntegrationNATSStreamAtItsLimitRefusesThePublishWithErrQueueFull(t *tes
 	})
 	b, _ := openBroker(t, config.Broker{Kind: config.BrokerNATS, NATS: config.NATS{URL: nc.DefaultURL}, AMQP: config.AMQP{Prefetch: 1}}, topics)
 	accepted, err := fillUntilRefused(t, b, topics.Upstream, 10)
-	if accepted != 3 || !errors.Is(err, ErrQueueFull) {
-		t.Fatalf("accepted %d publishes, then %v; want 3, then ErrQueueFull", accepted, err)
+	if accepted != 3 || !errors.Is(err, pipeline.ErrQueueFull) {
+		t.Fatalf("accepted %d publishes, then %v; want 3, then pipeline.ErrQueueFull", accepted, err)
 	}
 }
 
@@ -232,8 +215,8 @@ func TestIntegrationRedisStreamAckedEntriesAreTrimmed(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	if !errors.Is(refused, ErrQueueFull) {
-		t.Fatalf("publish to a full stream: %v, want ErrQueueFull", refused)
+	if !errors.Is(refused, pipeline.ErrQueueFull) {
+		t.Fatalf("publish to a full stream: %v, want pipeline.ErrQueueFull", refused)
 	}
 	if l, _ := rdb.XLen(ctx, topics.Upstream).Result(); l < 3 {
 		t.Fatalf("stream refused publishes at %d entries, below its limit of 3", l)

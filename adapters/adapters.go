@@ -1,0 +1,123 @@
+// Package adapters opens the adapters a configuration names: the broker
+// (broker.kind), the session registry and idempotency store
+// (registry.kind) and job's deduplication store (job.dedupe.store). It is
+// the one place that maps a kind to an adapter: adding a broker is a new
+// package beside this one and a case here. The stages never import it;
+// the composition root (cmd/imcloud/internal/process) and the CLI do.
+package adapters
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill"
+
+	"imcloud/adapters/amqp"
+	"imcloud/adapters/gochannel"
+	"imcloud/adapters/nats"
+	"imcloud/adapters/redisstream"
+	"imcloud/pipeline"
+	"imcloud/pipeline/config"
+)
+
+// OpenBroker connects to the broker cfg.Broker.Kind names. Queues of the
+// push and upstream topics are declared before anything is published, so
+// no message is dropped for want of a consumer. Every queue or stream it
+// creates holds at most its topics.*_max_length messages; a publish to a
+// full one fails with pipeline.ErrQueueFull; the embedded gochannel
+// broker bounds the messages it holds in memory
+// (broker.gochannel.max_pending).
+func OpenBroker(cfg config.Config, logger *slog.Logger) (*pipeline.Broker, error) {
+	bc, topics := cfg.Broker, cfg.Topics
+	wlog := pipeline.WatermillLogger(logger)
+	limits := topics.MaxLengths()
+	switch bc.Kind {
+	case config.BrokerGoChannel:
+		// Only this process can subscribe to the embedded broker: in
+		// standalone nothing reads topics.upstream (and topics.poison),
+		// and what clients send with op 4 is answered op 5 and dropped.
+		// It is said once a minute, with the count left out between.
+		unheard := pipeline.NewRateLog(logger, slog.LevelWarn, time.Minute)
+		gc := gochannel.New(wlog, bc.GoChannel.MaxPending, func(topic string, msgs int) {
+			unheard.Log("embedded broker dropped messages: nothing in this process subscribes to their topic (broker.kind gochannel); use a shared broker to read it from another process",
+				"topic", topic, "messages", msgs)
+		})
+		return pipeline.NewBroker(gc, gc, false, logger, gc.Close), nil
+	case config.BrokerAMQP:
+		pub, err := amqp.NewBoundedPublisher(bc.AMQP.URL, wlog, bc.AMQP.Channels, limits, topics.Push, topics.Poison, topics.Upstream)
+		if err != nil {
+			return nil, err
+		}
+		// Only job reads the push topic, through amqp.Subscriber, which
+		// unpacks batches; poison and upstream stay one message each for
+		// the poison tooling and business consumers.
+		pub.Coalesce(func(topic string) bool { return topic == topics.Push })
+		sub, err := amqp.NewBoundedSubscriber(bc.AMQP.URL, wlog, bc.AMQP.Prefetch, limits)
+		if err != nil {
+			_ = pub.Close()
+			return nil, err
+		}
+		return pipeline.NewBroker(pub, sub, true, logger, pub.Close, sub.Close), nil
+	case config.BrokerNATS:
+		pub, err := nats.NewPublisher(bc.NATS.URL, limits)
+		if err != nil {
+			return nil, err
+		}
+		sub, err := nats.NewSubscriber(bc.NATS.URL, redeliverAfter, bc.AMQP.Prefetch, limits)
+		if err != nil {
+			_ = pub.Close()
+			return nil, err
+		}
+		return pipeline.NewBroker(pub, sub, true, logger, pub.Close, sub.Close), nil
+	case config.BrokerRedisStream:
+		// Publisher and subscriber each close the client they are given.
+		pubClient, subClient := redisstream.NewClient(bc.RedisStream.Addr), redisstream.NewClient(bc.RedisStream.Addr)
+		if err := pubClient.Ping(context.Background()).Err(); err != nil {
+			_, _ = pubClient.Close(), subClient.Close()
+			return nil, fmt.Errorf("redis %s: %w", bc.RedisStream.Addr, err)
+		}
+		rpub, err := redisstream.NewPublisher(pubClient, wlog)
+		if err != nil {
+			return nil, err
+		}
+		pub := redisstream.NewBoundedPublisher(rpub, pubClient, limits, redisstream.TrimEvery, wlog)
+		timing := redisstream.DefaultTiming()
+		timing.MaxIdle = redeliverAfter
+		sub, err := redisstream.NewSubscriber(subClient, consumerName(), timing, wlog)
+		if err != nil {
+			_ = pub.Close()
+			return nil, err
+		}
+		return pipeline.NewBroker(pub, sub, true, logger, pub.Close, sub.Close), nil
+	default:
+		return nil, fmt.Errorf("broker.kind %q: this build has no adapter for it", bc.Kind)
+	}
+}
+
+// OpenPoison opens the poison topic of the configured broker; replay
+// re-publishes to the push topic.
+func OpenPoison(cfg config.Config, logger *slog.Logger) (pipeline.PoisonAdmin, error) {
+	bc, topics := cfg.Broker, cfg.Topics
+	switch bc.Kind {
+	case config.BrokerAMQP:
+		return amqp.NewPoisonQueue(bc.AMQP.URL, topics.Poison, topics.Push, topics.MaxLengths(), pipeline.WatermillLogger(logger)), nil
+	case config.BrokerGoChannel:
+		return nil, fmt.Errorf("broker.kind %q: the embedded broker's poison topic lives only inside its process; use a shared broker (amqp, nats, redisstream) to inspect it from another", bc.Kind)
+	default:
+		return nil, fmt.Errorf("broker.kind %q: poison tooling is not implemented for it", bc.Kind)
+	}
+}
+
+// redeliverAfter is how long a message may stay unacked before the broker
+// hands it to another job, its handler presumed dead. It exceeds the time
+// job's default retries take, so a message being retried is not doubled.
+const redeliverAfter = 2 * time.Minute
+
+// consumerName names this process among a consumer group's members.
+func consumerName() string {
+	host, _ := os.Hostname()
+	return fmt.Sprintf("%s-%d-%s", host, os.Getpid(), watermill.NewShortUUID())
+}
