@@ -26,16 +26,20 @@ func cmdBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = os.Stdin, stdout, stderr
 	if err := cmd.Run(); err != nil {
 		var exit *exec.ExitError
-		if errors.As(err, &exit) {
+		if errors.As(err, &exit) && exit.ExitCode() > 0 {
 			// imcloud-bench has said why on stderr.
-			return errBenchFailed
+			return exitCode(exit.ExitCode())
 		}
 		return fmt.Errorf("bench: run %s: %w", path, err)
 	}
 	return nil
 }
 
-var errBenchFailed = errors.New("bench: imcloud-bench failed")
+// exitCode ends imcloud with a status and no message of its own: the
+// command it ran has said why.
+type exitCode int
+
+func (c exitCode) Error() string { return fmt.Sprintf("exit status %d", int(c)) }
 
 // findBench looks for imcloud-bench beside this executable, then on PATH.
 func findBench() (string, error) {

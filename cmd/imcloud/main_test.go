@@ -3,8 +3,10 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -180,5 +182,32 @@ func TestStandaloneAnonymous(t *testing.T) {
 				t.Fatalf("push without Authorization: %d, want %d", resp.StatusCode, tt.want)
 			}
 		})
+	}
+}
+
+// TestBenchRunsTheLoadGenerator: the load generator is its own binary;
+// "imcloud bench" runs the imcloud-bench found on PATH (or beside imcloud)
+// with its arguments and exit status, and says how to build it when there
+// is none.
+func TestBenchRunsTheLoadGenerator(t *testing.T) {
+	goBin, err := exec.LookPath("go")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	t.Setenv("PATH", dir)
+	_, _, err = runCmd(t, nil, "bench", "push")
+	if err == nil || !strings.Contains(err.Error(), "make build") {
+		t.Fatalf("without imcloud-bench: %v, want an error saying how to build it", err)
+	}
+	bin := filepath.Join(dir, benchCommand)
+	out, buildErr := exec.Command(goBin, "build", "-o", bin, "../imcloud-bench").CombinedOutput()
+	if buildErr != nil {
+		t.Fatalf("build imcloud-bench: %v\n%s", buildErr, out)
+	}
+	_, stderr, err := runCmd(t, nil, "bench", "no-such-mode")
+	var code exitCode
+	if !errors.As(err, &code) || code != 1 || !strings.Contains(stderr, `unknown mode "no-such-mode"`) {
+		t.Fatalf("imcloud bench no-such-mode: err %v, stderr %q; want imcloud-bench's exit status 1 and its message", err, stderr)
 	}
 }
