@@ -150,7 +150,7 @@ func (j Job) RetryBackoff() time.Duration {
 		if cur == d {
 			// Every further sleep is d (max_interval, or a multiplier
 			// of 1): no need to loop through a large max_retries.
-			return addDur(total, mulDur(r.MaxInterval, r.MaxRetries-i-1))
+			return addDur(total, mulDur(d, r.MaxRetries-i-1))
 		}
 	}
 	return total
