@@ -20,12 +20,18 @@ const ConfigFaultHold = 30 * time.Second
 // named in messages but not checked.
 const RabbitMQConsumerTimeout = 30 * time.Minute
 
+// NATSMaxAckPending is JetStream's default MaxAckPending, which the job
+// consumer keeps: at most this many messages of the push stream are
+// unacked at once, across every job sharing the consumer.
+const NATSMaxAckPending = 1000
+
 // WorstCase is job's longest time between receiving one message from the
 // broker and settling it (ack, nack or poison), term by term as the
 // middleware of pipeline.NewRouter runs them (outermost first):
 //
 //   - Throttle: waiting for the throttle's ticker behind every other
-//     message this job holds (job.throttle; the broker's prefetch);
+//     message this job may hold unacked (job.throttle), counted where a
+//     broker's redelivery window sees it (nats, redisstream);
 //   - ConfigHold: a message the cloud nodes refuse for this node's
 //     configuration is re-run for up to ConfigFaultHold, and the run that
 //     starts before it ends may take all that follows;
@@ -44,14 +50,22 @@ type WorstCase struct {
 	Backoff      time.Duration
 }
 
-// Total is the sum of the terms, saturating rather than overflowing.
-func (w WorstCase) Total() time.Duration {
-	return addDur(w.Throttle, w.ConfigHold, w.OfflineGrace, mulDur(w.Timeout, w.Attempts), w.Backoff)
+// Total is how long the message may stay unacked: every term, saturating
+// rather than overflowing. The broker's redelivery window must exceed it.
+func (w WorstCase) Total() time.Duration { return addDur(w.Throttle, w.Handling()) }
+
+// Handling is the time from the first attempt to settling: Total without
+// the throttle's wait, before which no cloud node has seen the message.
+// cloud.dedupe_ttl must exceed it.
+func (w WorstCase) Handling() time.Duration {
+	return addDur(w.ConfigHold, w.OfflineGrace, mulDur(w.Timeout, w.Attempts), w.Backoff)
 }
 
 // String spells the sum with the key behind each term, e.g.
 // "job.timeout 30s × 6 attempts + backoff 14.2s via job.retry.* + job.offline_grace 30s + ...".
-func (w WorstCase) String() string {
+func (w WorstCase) String() string { return w.terms(true) }
+
+func (w WorstCase) terms(throttle bool) string {
 	terms := []string{fmt.Sprintf("job.timeout %s × %d attempts", w.Timeout, w.Attempts)}
 	if w.Backoff > 0 {
 		terms = append(terms, fmt.Sprintf("backoff %s via job.retry.*", w.Backoff))
@@ -62,7 +76,7 @@ func (w WorstCase) String() string {
 	if w.ConfigHold > 0 {
 		terms = append(terms, fmt.Sprintf("%s holding a message refused for cluster.secret", w.ConfigHold))
 	}
-	if w.Throttle > 0 {
+	if throttle && w.Throttle > 0 {
 		terms = append(terms, fmt.Sprintf("%s waiting for job.throttle", w.Throttle))
 	}
 	return strings.Join(terms, " + ")
@@ -82,23 +96,25 @@ func (c Config) JobWorstCase() WorstCase {
 	if j.Throttle > 0 {
 		// Watermill's throttle lets one message through per tick of
 		// 1s/throttle; the last of those held waits for all the others.
-		held := int64(max(j.Concurrency, 1)) * int64(c.Broker.prefetch())
-		w.Throttle = mulDur(time.Second/time.Duration(j.Throttle), int(min(held, math.MaxInt32)))
+		w.Throttle = mulDur(time.Second/time.Duration(j.Throttle), c.heldUnacked())
 	}
 	return w
 }
 
-// prefetch is how many messages one job consumer holds at once on the
-// active broker: the Redis Streams and embedded subscribers wait for each
-// message's ack before the next.
-func (b Broker) prefetch() int {
-	switch b.Kind {
-	case BrokerAMQP:
-		return max(b.AMQP.Prefetch, 1)
+// heldUnacked is how many messages one job may hold unacked at once where
+// a redelivery window counts their time: the router starts a handler for
+// each message as it arrives. On NATS the subscriptions hand over every
+// message they pull, so the consumer's MaxAckPending bounds them; Redis
+// Streams hands each subscription one message at a time. RabbitMQ and the
+// embedded broker have no such window (0).
+func (c Config) heldUnacked() int {
+	switch c.Broker.Kind {
 	case BrokerNATS:
-		return max(b.NATS.Prefetch, 1)
+		return NATSMaxAckPending
+	case BrokerRedisStream:
+		return max(c.Job.Concurrency, 1)
 	default:
-		return 1
+		return 0
 	}
 }
 
@@ -161,7 +177,8 @@ func (j Job) RetryBackoff() time.Duration {
 // broker's redelivery window (a second job would take the message while
 // the first still holds it) and cloud.dedupe_ttl (a cloud node would
 // forget it delivered the message while job may still retry it, and
-// deliver it twice). job.dedupe.ttl must outlast both the worst case and
+// deliver it twice; the throttle's wait does not count, for no cloud node
+// has seen the message before it). job.dedupe.ttl must outlast both the worst case and
 // the broker's window, for it catches a copy the broker hands out again
 // after this job delivered the message (its ack lost).
 //
@@ -177,19 +194,23 @@ func (c Config) CheckWorstCase() error {
 	lower := "lower job.timeout, job.retry.max_retries, job.retry.max_interval or job.offline_grace"
 	var errs []error
 	if key, window, ok := c.Broker.RedeliverWindow(); ok && total >= window {
+		lowerAll := lower
+		if w.Throttle > 0 {
+			lowerAll += ", raise job.throttle"
+		}
 		errs = append(errs, fmt.Errorf("job: worst case %s on one message (%s) is not below %s %s: the broker would hand the message to another job while this one still holds it, and it would be delivered twice; %s, or raise %s above %s",
-			total, w, key, window, lower, key, total))
+			total, w, key, window, lowerAll, key, total))
 	}
-	if total >= c.Cloud.DedupeTTL {
+	if handling := w.Handling(); handling >= c.Cloud.DedupeTTL {
 		amqp := ""
 		if c.Broker.Kind == BrokerAMQP {
 			amqp = fmt.Sprintf(" (on RabbitMQ also keep it below the server's consumer_timeout, %s by default)", RabbitMQConsumerTimeout)
 		}
 		errs = append(errs, fmt.Errorf("job: worst case %s on one message (%s) is not below cloud.dedupe_ttl %s: a cloud node would forget delivering the message while job may still retry it, and deliver it twice; %s%s, or raise cloud.dedupe_ttl above %s on every cloud node",
-			total, w, c.Cloud.DedupeTTL, lower, amqp, total))
+			handling, w.terms(false), c.Cloud.DedupeTTL, lower, amqp, handling))
 	}
 	if c.Job.Dedupe.Enabled {
-		need, what := total, "job's worst case on one message"
+		need, what := w.Handling(), "job's worst case on one message"
 		if key, window, ok := c.Broker.RedeliverWindow(); ok && window > need {
 			need, what = window, key
 		}
@@ -209,8 +230,7 @@ func (c Config) worstCaseSound() bool {
 	return j.Timeout > 0 && j.Throttle >= 0 && j.OfflineGrace >= 0 && j.Concurrency > 0 &&
 		r.MaxRetries >= 0 && r.InitialInterval > 0 && r.MaxInterval > 0 && r.Multiplier >= 1 &&
 		j.Dedupe.TTL > 0 && c.Cloud.DedupeTTL > 0 &&
-		c.Broker.NATS.RedeliverAfter > 0 && c.Broker.RedisStream.RedeliverAfter > 0 &&
-		c.Broker.AMQP.Prefetch > 0 && c.Broker.NATS.Prefetch > 0
+		c.Broker.NATS.RedeliverAfter > 0 && c.Broker.RedisStream.RedeliverAfter > 0
 }
 
 // addDur adds durations, saturating at the largest one.
