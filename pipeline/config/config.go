@@ -267,7 +267,8 @@ type Job struct {
 	// were online when logic accepted it but are not connected at delivery
 	// (their node restarted and they have not reconnected yet); after it
 	// the push goes to the poison topic as "recipients offline". 0 sends
-	// it there at once.
+	// it there at once. The held message stays unacked: the grace counts
+	// in job's worst case on one message (JobWorstCase).
 	OfflineGrace time.Duration `koanf:"offline_grace"`
 }
 
@@ -322,7 +323,8 @@ type Cloud struct {
 	Sndbuf int `koanf:"sndbuf"`
 	Rcvbuf int `koanf:"rcvbuf"`
 	// DedupeTTL is how long a node remembers delivered message ids; it
-	// must exceed the time job spends retrying a message.
+	// must exceed job's worst case on one message (JobWorstCase), which
+	// validation checks where job runs.
 	DedupeTTL time.Duration `koanf:"dedupe_ttl"`
 	// DrainTimeout bounds how long shutdown waits for queued packets to
 	// reach clients.
