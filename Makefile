@@ -52,3 +52,6 @@ lint:
 	test -z "$$(gofmt -l $$(git ls-files '*.go'))"
 	$(GO) vet -tags integration ./...
 	$(GO) tool staticcheck -tags integration ./...
+	@# No tracked file over 1 MB: data, binaries and profiles stay out of git.
+	@big=$$(git ls-files -z | xargs -0 sh -c 'find /dev/null "$$@" -type f -size +1048576c' sh 2>/dev/null); \
+	if [ -n "$$big" ]; then printf 'lint: tracked files over 1 MB (keep them out of git):\n%s\n' "$$big" >&2; exit 1; fi

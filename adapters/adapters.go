@@ -66,7 +66,7 @@ func OpenBroker(cfg config.Config, logger *slog.Logger) (*pipeline.Broker, error
 		if err != nil {
 			return nil, err
 		}
-		sub, err := nats.NewSubscriber(bc.NATS.URL, redeliverAfter, bc.AMQP.Prefetch, limits)
+		sub, err := nats.NewSubscriber(bc.NATS.URL, bc.NATS.RedeliverAfter, bc.NATS.Prefetch, limits)
 		if err != nil {
 			_ = pub.Close()
 			return nil, err
@@ -85,7 +85,7 @@ func OpenBroker(cfg config.Config, logger *slog.Logger) (*pipeline.Broker, error
 		}
 		pub := redisstream.NewBoundedPublisher(rpub, pubClient, limits, redisstream.TrimEvery, wlog)
 		timing := redisstream.DefaultTiming()
-		timing.MaxIdle = redeliverAfter
+		timing.MaxIdle = bc.RedisStream.RedeliverAfter
 		sub, err := redisstream.NewSubscriber(subClient, consumerName(), timing, wlog)
 		if err != nil {
 			_ = pub.Close()
@@ -110,11 +110,6 @@ func OpenPoison(cfg config.Config, logger *slog.Logger) (pipeline.PoisonAdmin, e
 		return nil, fmt.Errorf("broker.kind %q: poison tooling is not implemented for it", bc.Kind)
 	}
 }
-
-// redeliverAfter is how long a message may stay unacked before the broker
-// hands it to another job, its handler presumed dead. It exceeds the time
-// job's default retries take, so a message being retried is not doubled.
-const redeliverAfter = 2 * time.Minute
 
 // consumerName names this process among a consumer group's members.
 func consumerName() string {

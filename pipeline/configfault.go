@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
+
+	"imcloud/pipeline/config"
 )
 
 // ConfigError is returned by a handler that failed because of this node's
@@ -33,17 +35,20 @@ type holdTiming struct {
 	// first and max bound the wait between two attempts.
 	first, max time.Duration
 	// total bounds how long one delivery of a message is held before it
-	// goes back to the broker; it stays below redeliverAfter, so that the
-	// broker does not hand a held message to a second job meanwhile.
+	// goes back to the broker. It counts in job's worst case on one
+	// message (config.JobWorstCase), which validation keeps below the
+	// broker's redelivery window, so that the broker does not hand a held
+	// message to a second job meanwhile.
 	total time.Duration
 }
 
 // A misconfigured job tries each message it holds every 5 s at most, and
-// hands it back after 30 s, a quarter of redeliverAfter.
+// hands it back after config.ConfigFaultHold (30 s, a quarter of the
+// default 2 m redelivery window).
 const (
 	configHoldFirst = 500 * time.Millisecond
 	configHoldMax   = 5 * time.Second
-	configHoldTotal = 30 * time.Second
+	configHoldTotal = config.ConfigFaultHold
 )
 
 // holdConfigFault re-runs the handler while it fails with a ConfigError,

@@ -37,6 +37,11 @@ import (
 //	Timeout        bounds each attempt by job.timeout (a fresh context per retry)
 //	Recoverer      turns a handler panic into an error the layers above see
 //
+// Throttle, the holds and Retry keep a message unacked; config.JobWorstCase
+// sums how long, and configuration validation keeps it below the broker's
+// redelivery window and cloud.dedupe_ttl. A change to this stack that
+// holds a message longer must change that sum too.
+//
 // store may be nil when cfg.Dedupe is disabled.
 func NewRouter(cfg config.Job, poisonTopic string, poisonPub message.Publisher, store DedupeStore, logger *slog.Logger) (*message.Router, error) {
 	return newRouter(cfg, poisonTopic, poisonPub, store, logger, holdTiming{first: configHoldFirst, max: configHoldMax, total: configHoldTotal})

@@ -177,10 +177,14 @@ type Subscriber struct {
 	wg        sync.WaitGroup
 }
 
-// NewSubscriber connects a subscriber. A subscription holds up to prefetch
-// unacked messages; one unacked for longer than ackWait is redelivered to
-// any job (its handler presumed gone), so ackWait must exceed the time a
-// job spends retrying one message.
+// NewSubscriber connects a subscriber. A subscription pulls up to prefetch
+// messages ahead and hands each to the router as it arrives, which starts
+// its handler at once: what bounds the unacked messages is the consumer's
+// MaxAckPending (JetStream's default, 1000, shared by every job). One
+// unacked for longer than ackWait is redelivered to any job (its handler
+// presumed gone), so ackWait (broker.nats.redeliver_after) must exceed
+// job's worst case on one message, which config validation checks
+// (config.JobWorstCase).
 // Streams it creates get limits, as the publishers to them give them.
 func NewSubscriber(url string, ackWait time.Duration, prefetch int, limits Limits) (*Subscriber, error) {
 	conn, js, err := connect(url, "imcloud-subscriber")

@@ -31,9 +31,10 @@ func NewPublisher(rdb goredis.UniversalClient, logger watermill.LoggerAdapter) (
 // Timing tunes redelivery.
 type Timing struct {
 	// MaxIdle is how long a message may stay unacked before another
-	// consumer claims it (its consumer presumed dead). It must exceed the
-	// time a job spends retrying one message, or a message still being
-	// retried is delivered twice.
+	// consumer claims it (its consumer presumed dead). It must exceed
+	// job's worst case on one message, or a message still being retried
+	// is delivered twice; broker.redisstream.redeliver_after sets it and
+	// config validation checks it (config.JobWorstCase).
 	MaxIdle time.Duration
 	// ClaimEvery is how often idle messages are looked for.
 	ClaimEvery time.Duration
@@ -42,7 +43,9 @@ type Timing struct {
 	NackDelay time.Duration
 }
 
-// DefaultTiming suits job's default retry settings.
+// DefaultTiming suits job's default settings: MaxIdle is
+// broker.redisstream.redeliver_after's default, above job's default worst
+// case on one message (1m44.2s).
 func DefaultTiming() Timing {
 	return Timing{MaxIdle: 2 * time.Minute, ClaimEvery: 10 * time.Second, NackDelay: time.Second}
 }

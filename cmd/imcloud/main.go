@@ -147,7 +147,7 @@ func cmdToken(args []string, stdout, stderr io.Writer, environ []string) error {
 	fs.Int64Var(&mid, "mid", 0, "user id (required)")
 	fs.StringSliceVar(&rooms, "rooms", nil, "rooms to join, e.g. live://1000")
 	fs.Int32SliceVar(&accepts, "accepts", nil, "operations to accept; empty accepts all")
-	fs.StringVar(&key, "key", "", "connection key; empty lets the server make one")
+	fs.StringVar(&key, "key", "", "the session's connection key (the token's key claim, not a secret); empty lets the server make one")
 	fs.StringVar(&platform, "platform", "", "client platform")
 	fs.DurationVar(&ttl, "ttl", 24*time.Hour, "token lifetime")
 	if err := fs.Parse(args); err != nil {
@@ -179,7 +179,9 @@ func cmdToken(args []string, stdout, stderr io.Writer, environ []string) error {
 	}
 	// The token is for clients, so only the auth settings matter here:
 	// as job, neither logic's required secret nor the listeners' rules
-	// apply, and an empty secret is refused below.
+	// apply, and an empty secret is refused below. job's timing rule
+	// (config.CheckWorstCase) does: a file job would refuse is refused
+	// here too.
 	cfg, err := cf.load(environ, nil, "stages=job")
 	if err != nil {
 		return err

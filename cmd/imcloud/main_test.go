@@ -84,6 +84,35 @@ func TestCommandErrors(t *testing.T) {
 	}
 }
 
+// TestCheckRefusesJobWorstCase: a 30s job.timeout with the default
+// retries keeps a message up to 4m14.2s, past cloud.dedupe_ttl and, on
+// NATS, past the broker's redelivery window; check refuses it, naming the
+// keys and the numbers.
+func TestCheckRefusesJobWorstCase(t *testing.T) {
+	valid := []string{"--set", "logic.auth.jwt_secret=x", "--set", "logic.api_keys=0123456789abcdef-key"}
+	tests := []struct {
+		name string
+		sets []string
+		want []string
+	}{
+		{"amqp", []string{"--set", "job.timeout=30s"}, []string{"worst case 4m14.2s", "job.timeout 30s × 6 attempts", "job.retry.*", "job.offline_grace", "cloud.dedupe_ttl 2m0s"}},
+		{"nats", []string{"--set", "job.timeout=30s", "--set", "broker.kind=nats"}, []string{"worst case 4m14.2s", "broker.nats.redeliver_after 2m0s", "cloud.dedupe_ttl 2m0s"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, _, err := runCmd(t, nil, append(append([]string{"check"}, valid...), tt.sets...)...)
+			if err == nil {
+				t.Fatal("check accepted job.timeout=30s with the default retries")
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error lacks %q:\n%v", w, err)
+				}
+			}
+		})
+	}
+}
+
 func TestCheckAndVersion(t *testing.T) {
 	out, _, err := runCmd(t, nil, "check", "--config", "../../config.example.toml", "--set", "logic.auth.jwt_secret=x", "--set", "logic.api_keys=0123456789abcdef-key")
 	if err != nil || !strings.Contains(out, "ok") {

@@ -148,11 +148,23 @@ type AMQP struct {
 // NATS configures the NATS JetStream broker.
 type NATS struct {
 	URL string `koanf:"url"`
+	// Prefetch is how many messages one subscription pulls ahead of its
+	// handlers.
+	Prefetch int `koanf:"prefetch"`
+	// RedeliverAfter is how long a message may stay unacked before
+	// JetStream hands it to another job (the consumer's AckWait), its
+	// handler presumed dead. It must exceed job's worst case on one
+	// message (Config.JobWorstCase), which validation checks.
+	RedeliverAfter time.Duration `koanf:"redeliver_after"`
 }
 
 // RedisStream configures the Redis Streams broker.
 type RedisStream struct {
 	Addr string `koanf:"addr"`
+	// RedeliverAfter is how long a message may stay pending (unacked)
+	// before another job claims it (XAUTOCLAIM's min idle time). It must
+	// exceed job's worst case on one message, as for NATS.
+	RedeliverAfter time.Duration `koanf:"redeliver_after"`
 }
 
 // Registry selects where sessions and nodes are kept.
@@ -255,7 +267,8 @@ type Job struct {
 	// were online when logic accepted it but are not connected at delivery
 	// (their node restarted and they have not reconnected yet); after it
 	// the push goes to the poison topic as "recipients offline". 0 sends
-	// it there at once.
+	// it there at once. The held message stays unacked: the grace counts
+	// in job's worst case on one message (JobWorstCase).
 	OfflineGrace time.Duration `koanf:"offline_grace"`
 }
 
@@ -310,7 +323,8 @@ type Cloud struct {
 	Sndbuf int `koanf:"sndbuf"`
 	Rcvbuf int `koanf:"rcvbuf"`
 	// DedupeTTL is how long a node remembers delivered message ids; it
-	// must exceed the time job spends retrying a message.
+	// must exceed job's worst case on one message (JobWorstCase), which
+	// validation checks where job runs.
 	DedupeTTL time.Duration `koanf:"dedupe_ttl"`
 	// DrainTimeout bounds how long shutdown waits for queued packets to
 	// reach clients.
@@ -355,8 +369,8 @@ func Default() Config {
 			Kind:        BrokerAMQP,
 			GoChannel:   GoChannel{MaxPending: 50_000},
 			AMQP:        AMQP{URL: "amqp://guest:guest@127.0.0.1:5672/", Channels: 4, Prefetch: 16},
-			NATS:        NATS{URL: "nats://127.0.0.1:4222"},
-			RedisStream: RedisStream{Addr: "127.0.0.1:6379"},
+			NATS:        NATS{URL: "nats://127.0.0.1:4222", Prefetch: 16, RedeliverAfter: 2 * time.Minute},
+			RedisStream: RedisStream{Addr: "127.0.0.1:6379", RedeliverAfter: 2 * time.Minute},
 		},
 		Registry: Registry{Kind: RegistryMemory, Redis: Redis{Addr: "127.0.0.1:6379", Prefix: "imcloud:"}},
 		Topics:   Topics{Push: "imcloud.push", Poison: "imcloud.push.poison", Upstream: "imcloud.upstream", PushMaxLength: 1_000_000, PoisonMaxLength: 1_000_000, UpstreamMaxLength: 100_000},
@@ -589,6 +603,9 @@ func (c Config) Validate() error {
 	oneOf("broker.kind", c.Broker.Kind, BrokerAMQP, BrokerGoChannel, BrokerNATS, BrokerRedisStream)
 	positive("broker.amqp.channels", c.Broker.AMQP.Channels)
 	positive("broker.amqp.prefetch", c.Broker.AMQP.Prefetch)
+	positive("broker.nats.prefetch", c.Broker.NATS.Prefetch)
+	positiveDur("broker.nats.redeliver_after", c.Broker.NATS.RedeliverAfter)
+	positiveDur("broker.redisstream.redeliver_after", c.Broker.RedisStream.RedeliverAfter)
 	oneOf("registry.kind", c.Registry.Kind, RegistryMemory, RegistryRedis)
 	for key, v := range map[string]string{"topics.push": c.Topics.Push, "topics.poison": c.Topics.Poison, "topics.upstream": c.Topics.Upstream} {
 		if v == "" {
@@ -640,10 +657,10 @@ func (c Config) Validate() error {
 	if c.Job.Throttle < 0 {
 		bad("job.throttle", "must not be negative")
 	}
-	// A held message stays unacked; past the broker's redelivery time (2
-	// minutes, pipeline.redeliverAfter) another job would take it too.
-	if c.Job.OfflineGrace < 0 || c.Job.OfflineGrace > time.Minute {
-		bad("job.offline_grace", "must be between 0s and 1m, got %s", c.Job.OfflineGrace)
+	// Its upper bound is the broker's redelivery window and the dedupe
+	// windows: checkWorstCase below.
+	if c.Job.OfflineGrace < 0 {
+		bad("job.offline_grace", "must not be negative, got %s", c.Job.OfflineGrace)
 	}
 	for key, v := range map[string]int64{"topics.push_max_length": c.Topics.PushMaxLength, "topics.poison_max_length": c.Topics.PoisonMaxLength, "topics.upstream_max_length": c.Topics.UpstreamMaxLength} {
 		if v < 1 {
@@ -715,7 +732,7 @@ func (c Config) Validate() error {
 	if tlsSet := []bool{cl.TLSCertFile != "", cl.TLSKeyFile != "", cl.TLSCAFile != ""}; slices.Contains(tlsSet, true) && slices.Contains(tlsSet, false) {
 		bad("cluster.tls_cert_file", "mutual TLS needs all of cluster.tls_cert_file, cluster.tls_key_file and cluster.tls_ca_file")
 	}
-	errs = append(errs, c.CheckBinds())
+	errs = append(errs, c.CheckWorstCase(), c.CheckBinds())
 	return errors.Join(errs...)
 }
 

@@ -52,8 +52,13 @@ const maxWriteBatch = 128
 //
 // It has no writer goroutine while idle: the first packet queued starts
 // one, which writes everything pending in as few writes as it can and ends
-// when the queue is empty. An idle connection so costs one goroutine (its
-// reader) and no queue memory.
+// when the queue is empty. Nor, on Linux with cloud.park_idle, a reader:
+// once nothing is buffered the reader hands the socket to the parker (an
+// epoll set, park_linux.go) and ends, and a new one starts when the client
+// sends, the connection is closed or its heartbeat deadline passes. An idle
+// connection so costs no goroutine, and no queue beyond keptQueue slots; a
+// TLS (wss) connection, another OS, or a parker that could not be created
+// keeps its reader blocked in a read, one goroutine.
 type channel struct {
 	mid    int64
 	key    string

@@ -465,18 +465,27 @@ func (n *Process) Done() <-chan struct{} { return n.done }
 // Err is the failure that closed Done.
 func (n *Process) Err() error { return n.err }
 
-// Shutdown stops the node: cloud stops accepting and closes its clients
-// with 1001, job finishes the messages in hand, then logic and the broker
-// stop. ctx bounds the wait for clients and in-flight work.
+// Shutdown stops the node in the order stop gives: the push API stops
+// taking pushes, job finishes the messages in hand, cloud stops accepting
+// and closes its clients with 1001, then the gRPC servers, the broker and
+// the stores stop. ctx bounds the wait for clients and in-flight work.
 func (n *Process) Shutdown(ctx context.Context) error {
 	n.stop(ctx)
 	n.fail(nil)
 	return nil
 }
 
-// stop shuts down in the order that loses nothing accepted: the push API
-// stops taking pushes, job finishes the deliveries in hand, and only then
-// do clients go.
+// stop shuts down in the order that loses nothing accepted:
+//
+//  1. logic's push API (and the admin listener) stops taking requests;
+//  2. job's router closes, finishing the deliveries in hand;
+//  3. cloud stops accepting (WebSocket and TCP listeners) and drains:
+//     what is queued is written, then each client is closed with 1001,
+//     for up to cloud.drain_timeout;
+//  4. cloud's and logic's gRPC servers stop gracefully (until ctx ends);
+//  5. job's connections to cloud nodes, cloud's connection to logic, the
+//     broker and the stores close, and the stages' goroutines are waited
+//     for.
 func (n *Process) stop(ctx context.Context) {
 	for _, s := range n.httpSrvs {
 		_ = s.Shutdown(ctx)
