@@ -94,12 +94,15 @@ func IDs(ids ...string) Selector {
 // broker's poison topic. Every broker adapter implements it and passes
 // adapters/poisontest.
 //
-// Watermill's components/requeuer re-publishes every message of a poison
-// topic after a delay, as a running consumer: it has no way to look
-// without taking, or to pick messages by id, which is what an operator
-// does after fixing the cause of one failure. So each adapter reads its
-// broker's own way (a queue get, a stream range) and replay re-publishes
-// through the adapter's own publisher.
+// Watermill's components/requeuer (v1.5) re-publishes every message of a
+// poison topic after a delay, as a router handler subscribed to it: it
+// has no way to look without taking, or to pick messages by id, which is
+// what an operator does after fixing the cause of one failure; and it
+// keeps the poison metadata (adding its own retry count) rather than
+// leaving a replayed message to be poisoned afresh. So each adapter reads
+// its broker's own way (a queue get, a stream range, a get by sequence,
+// the embedded broker's memory) and replay re-publishes in the adapter's
+// own encoding.
 type PoisonAdmin interface {
 	// List returns the poisoned messages, oldest first, leaving them in
 	// place. An entry that is not a message of the broker's encoding is
