@@ -37,14 +37,18 @@ func OpenBroker(cfg config.Config, logger *slog.Logger) (*pipeline.Broker, error
 	switch bc.Kind {
 	case config.BrokerGoChannel:
 		// Only this process can subscribe to the embedded broker: in
-		// standalone nothing reads topics.upstream (and topics.poison),
-		// and what clients send with op 4 is answered op 5 and dropped.
+		// standalone nothing reads topics.upstream, and what clients send
+		// with op 4 is answered op 5 and dropped.
 		// It is said once a minute, with the count left out between.
 		unheard := pipeline.NewRateLog(logger, slog.LevelWarn, time.Minute)
 		gc := gochannel.New(wlog, bc.GoChannel.MaxPending, func(topic string, msgs int) {
 			unheard.Log("embedded broker dropped messages: nothing in this process subscribes to their topic (broker.kind gochannel); use a shared broker to read it from another process",
 				"topic", topic, "messages", msgs)
 		})
+		// The poison topic is held, not dropped, so that an admin in this
+		// process (gochannel.PubSub.PoisonAdmin) can list and replay it;
+		// bounded like any queue of the broker, by the smaller limit.
+		gc.Keep(topics.Poison, int(min(int64(bc.GoChannel.MaxPending), positiveOr(topics.PoisonMaxLength, int64(bc.GoChannel.MaxPending)))))
 		return pipeline.NewBroker(gc, gc, false, logger, gc.Close), nil
 	case config.BrokerAMQP:
 		pub, err := amqp.NewBoundedPublisher(bc.AMQP.URL, wlog, bc.AMQP.Channels, limits, topics.Push, topics.Poison, topics.Upstream)
@@ -98,17 +102,32 @@ func OpenBroker(cfg config.Config, logger *slog.Logger) (*pipeline.Broker, error
 }
 
 // OpenPoison opens the poison topic of the configured broker; replay
-// re-publishes to the push topic.
+// re-publishes to the push topic. Every shared broker's admin works from
+// any process (the CLI); the embedded broker's poison topic lives inside
+// the process that runs it, whose admin is gochannel.PubSub.PoisonAdmin.
 func OpenPoison(cfg config.Config, logger *slog.Logger) (pipeline.PoisonAdmin, error) {
 	bc, topics := cfg.Broker, cfg.Topics
+	wlog := pipeline.WatermillLogger(logger)
 	switch bc.Kind {
 	case config.BrokerAMQP:
-		return amqp.NewPoisonQueue(bc.AMQP.URL, topics.Poison, topics.Push, topics.MaxLengths(), pipeline.WatermillLogger(logger)), nil
+		return amqp.NewPoisonQueue(bc.AMQP.URL, topics.Poison, topics.Push, topics.MaxLengths(), wlog), nil
+	case config.BrokerNATS:
+		return nats.NewPoisonStream(bc.NATS.URL, topics.Poison, topics.Push, topics.MaxLengths())
+	case config.BrokerRedisStream:
+		return redisstream.NewPoisonStream(bc.RedisStream.Addr, topics.Poison, topics.Push, topics.MaxLengths(), wlog)
 	case config.BrokerGoChannel:
-		return nil, fmt.Errorf("broker.kind %q: the embedded broker's poison topic lives only inside its process; use a shared broker (amqp, nats, redisstream) to inspect it from another", bc.Kind)
+		return nil, fmt.Errorf("broker.kind %q: the embedded broker's poison topic lives only in the memory of the process running it, out of reach of this one; use a shared broker (amqp, nats, redisstream) to inspect it from another process", bc.Kind)
 	default:
 		return nil, fmt.Errorf("broker.kind %q: poison tooling is not implemented for it", bc.Kind)
 	}
+}
+
+// positiveOr is n, or or when n is not positive (no limit).
+func positiveOr(n, or int64) int64 {
+	if n > 0 {
+		return n
+	}
+	return or
 }
 
 // consumerName names this process among a consumer group's members.

@@ -2,8 +2,11 @@ package pipeline
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"maps"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
@@ -21,6 +24,31 @@ type Poisoned struct {
 	// PoisonedAt is when the message was published to the poison topic;
 	// zero where the broker does not record it.
 	PoisonedAt time.Time
+	// Undecodable, when not empty, says why the entry could not be read as
+	// a message of the adapter's encoding (something else wrote to the
+	// topic). ID is then the broker's own name for the entry and Payload
+	// its raw bytes, so an operator can see it and purge it; it is never
+	// replayed.
+	Undecodable string
+}
+
+// ErrUndecodable is returned by Replay when it selected entries that are
+// not messages: it leaves them in place, for Purge.
+var ErrUndecodable = errors.New("poisoned entry is not a message of the broker's encoding")
+
+// NewUndecodable describes an entry of a poison topic that could not be
+// decoded: id is the broker's name for it, raw its bytes, err why.
+func NewUndecodable(id string, raw []byte, at time.Time, err error) Poisoned {
+	return Poisoned{ID: id, Payload: raw, Metadata: message.Metadata{}, PoisonedAt: at, Undecodable: err.Error()}
+}
+
+// LeftUndecodable is Replay's error for the undecodable entries it
+// selected and left in place; nil when there are none.
+func LeftUndecodable(ids []string) error {
+	if len(ids) == 0 {
+		return nil
+	}
+	return fmt.Errorf("%w: left in place, purge them: %s", ErrUndecodable, strings.Join(ids, ", "))
 }
 
 // NewPoisoned describes msg as it was read from a poison topic.
@@ -66,19 +94,30 @@ func IDs(ids ...string) Selector {
 // broker's poison topic. Every broker adapter implements it and passes
 // adapters/poisontest.
 //
-// Watermill's components/requeuer re-publishes every message of a poison
-// topic after a delay, as a running consumer: it has no way to look
-// without taking, or to pick messages by id, which is what an operator
-// does after fixing the cause of one failure. So each adapter reads its
-// broker's own way (a queue get, a stream range) and replay re-publishes
-// through the adapter's own publisher.
+// Watermill's components/requeuer (v1.5) re-publishes every message of a
+// poison topic after a delay, as a router handler subscribed to it: it
+// has no way to look without taking, or to pick messages by id, which is
+// what an operator does after fixing the cause of one failure; and it
+// keeps the poison metadata (adding its own retry count) rather than
+// leaving a replayed message to be poisoned afresh. So each adapter reads
+// its broker's own way (a queue get, a stream range, a get by sequence,
+// the embedded broker's memory) and replay re-publishes in the adapter's
+// own encoding.
 type PoisonAdmin interface {
 	// List returns the poisoned messages, oldest first, leaving them in
-	// place.
+	// place. An entry that is not a message of the broker's encoding is
+	// listed with Undecodable set, never dropped and never a failure of
+	// the whole list.
 	List(ctx context.Context) ([]Poisoned, error)
 	// Replay re-publishes the selected messages (Replayable) to the topic
 	// the admin was opened for and removes each from the poison topic once
-	// the broker accepted it; it returns how many it replayed.
+	// the broker accepted it; it returns how many it replayed. Selected
+	// undecodable entries stay, and the error wraps ErrUndecodable.
+	// Admins racing on one message (two replays, or a replay and a purge)
+	// replay it at most once between them, and a message another admin
+	// purged after this one listed it is not replayed. (Whether a purge
+	// that loses a race to a replay counts the message is the adapter's;
+	// each says.)
 	Replay(ctx context.Context, sel Selector) (int, error)
 	// Purge drops the selected messages and returns how many it dropped.
 	Purge(ctx context.Context, sel Selector) (int, error)

@@ -2,9 +2,13 @@ package amqp
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
 	"fmt"
 
 	"github.com/ThreeDotsLabs/watermill"
+	wamqp "github.com/ThreeDotsLabs/watermill-amqp/v3/pkg/amqp"
 	amqp091 "github.com/rabbitmq/amqp091-go"
 
 	"imcloud/pipeline"
@@ -13,7 +17,9 @@ import (
 // PoisonQueue lists, replays and purges the messages of a poison queue
 // (pipeline.PoisonAdmin). It takes each message off the queue, and acks
 // only what it dropped or re-published with a confirm; everything else
-// goes back.
+// goes back. A message one admin holds is not seen by another until it
+// goes back, so admins racing on a message act on it once between them
+// (a List racing a Replay or Purge may miss what the other holds).
 type PoisonQueue struct {
 	url, queue string
 	// target is the topic Replay publishes to.
@@ -64,8 +70,13 @@ func (q *PoisonQueue) Replay(ctx context.Context, sel pipeline.Selector) (int, e
 	}
 	defer pub.Close()
 	n := 0
+	var undecodable []string
 	err = q.each(ctx, func(p pipeline.Poisoned) (bool, error) {
 		if !sel(p) {
+			return false, nil
+		}
+		if p.Undecodable != "" {
+			undecodable = append(undecodable, p.ID)
 			return false, nil
 		}
 		if err := pub.Publish(q.target, p.Replayable(ctx)); err != nil {
@@ -74,7 +85,31 @@ func (q *PoisonQueue) Replay(ctx context.Context, sel pipeline.Selector) (int, e
 		n++
 		return true, nil
 	})
-	return n, err
+	if err != nil {
+		return n, err
+	}
+	return n, pipeline.LeftUndecodable(undecodable)
+}
+
+// decode reads a delivery as the publisher wrote it. One without the
+// message UUID header was not written by a Watermill publisher: it is
+// described as undecodable, named by a digest of its headers and body
+// (RabbitMQ gives a message no id of its own that stays put across gets).
+func decode(d amqp091.Delivery) pipeline.Poisoned {
+	_, hasUUID := d.Headers[wamqp.DefaultMessageUUIDHeaderKey]
+	msg, err := marshaler{}.Unmarshal(d)
+	if err == nil && !hasUUID {
+		err = fmt.Errorf("no %s header: not written by imcloud's publisher", wamqp.DefaultMessageUUIDHeaderKey)
+	}
+	if err != nil {
+		h := sha256.New()
+		headers, _ := json.Marshal(d.Headers) // map keys sorted: stable
+		h.Write(headers)
+		h.Write(d.Body)
+		id := "sha256:" + hex.EncodeToString(h.Sum(nil))[:16]
+		return pipeline.NewUndecodable(id, d.Body, d.Timestamp, fmt.Errorf("amqp message %s: %w", id, err))
+	}
+	return pipeline.NewPoisoned(msg, d.Timestamp)
 }
 
 // Close releases nothing: each operation opens and closes its own
@@ -107,12 +142,7 @@ func (q *PoisonQueue) each(ctx context.Context, fn func(pipeline.Poisoned) (cons
 		if !ok {
 			break
 		}
-		msg, err := marshaler{}.Unmarshal(d)
-		if err != nil {
-			_ = d.Nack(false, true)
-			return fmt.Errorf("decode poisoned message: %w", err)
-		}
-		p := pipeline.NewPoisoned(msg, d.Timestamp)
+		p := decode(d)
 		var consume bool
 		consume, fnErr = fn(p)
 		if consume {

@@ -36,7 +36,9 @@ var errClosed = errors.New("embedded broker closed")
 // ErrQueueFull. A message to a topic nobody in the process subscribes to
 // is dropped at once, as Watermill does, but not silently: it is counted
 // (Unheard) and reported to the unheard callback (the node logs it), since
-// the publisher took it as accepted (an op 4 was answered op 5).
+// the publisher took it as accepted (an op 4 was answered op 5). A topic
+// Keep names (the poison topic) is held instead, bounded, for a
+// PoisonAdmin.
 type PubSub struct {
 	gc      *gochannel.GoChannel
 	max     int64
@@ -48,6 +50,8 @@ type PubSub struct {
 
 	mu   sync.Mutex
 	subs map[string]int64 // live subscriptions per topic; each gets a copy
+	// kept holds the messages of the topics Keep names (the poison topic).
+	kept map[string]*kept
 }
 
 // New returns an in-process Pub/Sub holding at most maxPending unacked
@@ -55,7 +59,7 @@ type PubSub struct {
 // without a subscriber, whose messages are dropped.
 func New(logger watermill.LoggerAdapter, maxPending int, onUnheard func(topic string, msgs int)) *PubSub {
 	gc := gochannel.NewGoChannel(gochannel.Config{OutputChannelBuffer: outputBuffer}, logger)
-	return &PubSub{gc: gc, max: int64(max(maxPending, 1)), subs: map[string]int64{}, onUnheard: onUnheard}
+	return &PubSub{gc: gc, max: int64(max(maxPending, 1)), subs: map[string]int64{}, kept: map[string]*kept{}, onUnheard: onUnheard}
 }
 
 // Pending is how many message copies wait for their subscriber's ack.
@@ -73,8 +77,13 @@ func (p *PubSub) Publish(topic string, msgs ...*message.Message) error {
 	}
 	p.mu.Lock()
 	n := int64(len(msgs)) * p.subs[topic]
+	k := p.kept[topic]
 	p.mu.Unlock()
-	if n == 0 && len(msgs) > 0 {
+	if k != nil {
+		if err := k.add(msgs); err != nil {
+			return err
+		}
+	} else if n == 0 && len(msgs) > 0 {
 		p.unheard.Add(int64(len(msgs)))
 		if p.onUnheard != nil {
 			p.onUnheard(topic, len(msgs))

@@ -240,7 +240,8 @@ func (s *Subscriber) Subscribe(ctx context.Context, topic string) (<-chan *messa
 
 		msg := message.NewMessage(m.Headers().Get(uuidHeader), m.Data())
 		for k, vs := range m.Headers() {
-			if k != uuidHeader && len(vs) > 0 {
+			// Nats-Msg-Id is JetStream's (poison replay dedupes with it).
+			if k != uuidHeader && k != jetstream.MsgIDHeader && len(vs) > 0 {
 				msg.Metadata.Set(k, vs[0])
 			}
 		}

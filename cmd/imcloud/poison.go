@@ -68,7 +68,12 @@ func cmdPoison(ctx context.Context, args []string, stdout, stderr io.Writer, env
 		tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
 		fmt.Fprintln(tw, "ID\tPOISONED AT\tHANDLER\tREASON")
 		for _, m := range msgs {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", m.ID, m.PoisonedAt.UTC().Format(time.RFC3339), m.Handler(), m.Reason())
+			handler, reason := m.Handler(), m.Reason()
+			if m.Undecodable != "" {
+				// Not a message: it can only be purged, by this id.
+				handler, reason = "-", "UNDECODABLE: "+m.Undecodable
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", m.ID, m.PoisonedAt.UTC().Format(time.RFC3339), handler, reason)
 		}
 		if err := tw.Flush(); err != nil {
 			return err

@@ -3,13 +3,22 @@
 package main
 
 import (
+	"context"
 	"fmt"
+	"log/slog"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/ThreeDotsLabs/watermill"
+	"github.com/ThreeDotsLabs/watermill/message"
+	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
+	"github.com/nats-io/nats.go"
 	amqp091 "github.com/rabbitmq/amqp091-go"
+	goredis "github.com/redis/go-redis/v9"
 
+	"imcloud/adapters"
+	"imcloud/pipeline"
 	"imcloud/pipeline/config"
 )
 
@@ -36,5 +45,98 @@ func TestIntegrationPoisonCommand(t *testing.T) {
 	out, _, err = runCmd(t, nil, append([]string{"poison", "replay", "--all"}, sets...)...)
 	if err != nil || !strings.Contains(out, "replayed 0") {
 		t.Fatalf("replay: %q %v", out, err)
+	}
+}
+
+// TestIntegrationPoisonCommandStreams drives `imcloud poison` against NATS
+// JetStream and Redis Streams: a message written to the poison topic as
+// the poison middleware writes it is listed, replayed to the push topic
+// (and read back from it) and, another, purged.
+func TestIntegrationPoisonCommandStreams(t *testing.T) {
+	for _, kind := range []string{config.BrokerNATS, config.BrokerRedisStream} {
+		t.Run(kind, func(t *testing.T) {
+			cfg := config.Default()
+			cfg.Broker.Kind = kind
+			topic := fmt.Sprintf("imcloud.test.cli.%s.%d", kind, time.Now().UnixNano())
+			cfg.Topics.Poison, cfg.Topics.Push = topic+".poison", topic+".push"
+			t.Cleanup(func() { dropTopics(t, cfg) })
+			sets := []string{"--set", "broker.kind=" + kind, "--set", "topics.poison=" + cfg.Topics.Poison, "--set", "topics.push=" + cfg.Topics.Push}
+			poison := func(args ...string) string {
+				t.Helper()
+				out, errOut, err := runCmd(t, nil, append(append([]string{"poison"}, args...), sets...)...)
+				if err != nil {
+					t.Fatalf("poison %v: %v\n%s%s", args, err, out, errOut)
+				}
+				return out
+			}
+
+			b, err := adapters.OpenBroker(cfg, slog.New(slog.DiscardHandler))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer b.Close()
+			for _, id := range []string{"cli-replay", "cli-purge"} {
+				msg := message.NewMessage(watermill.NewUUID(), []byte("payload of "+id))
+				msg.Metadata.Set(pipeline.MetaMessageID, id)
+				msg.Metadata.Set(middleware.ReasonForPoisonedKey, "boom "+id)
+				msg.Metadata.Set(middleware.PoisonedHandlerKey, "job")
+				if err := b.Publisher.Publish(cfg.Topics.Poison, msg); err != nil {
+					t.Fatal(err)
+				}
+			}
+
+			out := poison("list")
+			if !strings.Contains(out, "2 poisoned message(s)") || !strings.Contains(out, "cli-replay") || !strings.Contains(out, "boom cli-purge") {
+				t.Fatalf("list:\n%s", out)
+			}
+			if out := poison("replay", "--id", "cli-replay"); !strings.Contains(out, "replayed 1 message(s) to "+cfg.Topics.Push) {
+				t.Fatalf("replay:\n%s", out)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			msgs, err := b.Subscriber.Subscribe(ctx, cfg.Topics.Push)
+			if err != nil {
+				t.Fatal(err)
+			}
+			select {
+			case m := <-msgs:
+				m.Ack()
+				if m.Metadata.Get(pipeline.MetaMessageID) != "cli-replay" || string(m.Payload) != "payload of cli-replay" || m.Metadata.Get(middleware.ReasonForPoisonedKey) != "" {
+					t.Fatalf("push topic got %v %q", m.Metadata, m.Payload)
+				}
+			case <-ctx.Done():
+				t.Fatal("replayed message not read back from the push topic")
+			}
+			if out := poison("purge", "--id", "cli-purge"); !strings.Contains(out, "purged 1 message(s)") {
+				t.Fatalf("purge:\n%s", out)
+			}
+			if out := poison("list"); !strings.Contains(out, "0 poisoned message(s)") {
+				t.Fatalf("list after replay and purge:\n%s", out)
+			}
+		})
+	}
+}
+
+// dropTopics deletes the streams of cfg's poison and push topics.
+func dropTopics(t *testing.T, cfg config.Config) {
+	switch cfg.Broker.Kind {
+	case config.BrokerNATS:
+		conn, err := nats.Connect(cfg.Broker.NATS.URL)
+		if err != nil {
+			t.Logf("cleanup: %v", err)
+			return
+		}
+		defer conn.Close()
+		js, err := conn.JetStream()
+		if err != nil {
+			return
+		}
+		for _, topic := range []string{cfg.Topics.Poison, cfg.Topics.Push} {
+			_ = js.DeleteStream(strings.ReplaceAll(topic, ".", "_"))
+		}
+	case config.BrokerRedisStream:
+		rdb := goredis.NewClient(&goredis.Options{Addr: cfg.Broker.RedisStream.Addr})
+		defer rdb.Close()
+		rdb.Del(context.Background(), cfg.Topics.Poison, cfg.Topics.Push)
 	}
 }

@@ -1,0 +1,213 @@
+package nats
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+
+	"github.com/ThreeDotsLabs/watermill/message"
+	nc "github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"imcloud/pipeline"
+)
+
+// PoisonStream lists, replays and purges the messages of a poison stream
+// (pipeline.PoisonAdmin). The stream is a work queue like every topic's,
+// so it is read by sequence (GetMsg, next for the subject) rather than
+// through a consumer: a second consumer on a work queue would take the
+// messages of any business consumer of the poison topic, and what it
+// acks is gone. Purge deletes by sequence (DeleteMsg).
+//
+// Replay publishes each message with a JetStream message id naming its
+// place in the poison stream, then deletes it: two admins racing on one
+// message publish the same id within the target's duplicate window (two
+// minutes by default), JetStream stores it once and the loser, told it
+// was a duplicate, does not count it. A replay that read a message just
+// before another admin purged it may still replay it; the purge then
+// counts it too.
+type PoisonStream struct {
+	conn           *nc.Conn
+	js             jetstream.JetStream
+	streams        *streams
+	stream, target string // stream names
+}
+
+var _ pipeline.PoisonAdmin = (*PoisonStream)(nil)
+
+// NewPoisonStream opens the poison stream of topic poison, whose messages
+// Replay re-publishes to topic target; streams it creates get limits.
+func NewPoisonStream(url, poison, target string, limits Limits) (*PoisonStream, error) {
+	conn, js, err := connect(url, "imcloud-poison")
+	if err != nil {
+		return nil, err
+	}
+	s := &PoisonStream{conn: conn, js: js, streams: newStreams(js, limits), stream: streamName(poison), target: streamName(target)}
+	// The poison stream is made now, as a publisher would, so that what
+	// is published to its topic from here on is kept.
+	ctx, cancel := context.WithTimeout(context.Background(), publishTimeout)
+	defer cancel()
+	if _, err := s.streams.get(ctx, s.stream); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+// List returns the stream's messages, oldest first.
+func (s *PoisonStream) List(ctx context.Context) ([]pipeline.Poisoned, error) {
+	var out []pipeline.Poisoned
+	err := s.each(ctx, func(p pipeline.Poisoned, _ *jetstream.RawStreamMsg, _ string) error {
+		out = append(out, p)
+		return nil
+	})
+	return out, err
+}
+
+// Purge deletes the selected messages; one already deleted is not counted.
+func (s *PoisonStream) Purge(ctx context.Context, sel pipeline.Selector) (int, error) {
+	n := 0
+	err := s.each(ctx, func(p pipeline.Poisoned, m *jetstream.RawStreamMsg, _ string) error {
+		if !sel(p) {
+			return nil
+		}
+		gone, err := s.delete(ctx, m.Sequence)
+		if gone {
+			n++
+		}
+		return err
+	})
+	return n, err
+}
+
+// Replay publishes the selected messages to the target and deletes each
+// once JetStream stored it.
+func (s *PoisonStream) Replay(ctx context.Context, sel pipeline.Selector) (int, error) {
+	if _, err := s.streams.get(ctx, s.target); err != nil {
+		return 0, err
+	}
+	n := 0
+	var undecodable []string
+	err := s.each(ctx, func(p pipeline.Poisoned, m *jetstream.RawStreamMsg, replayID string) error {
+		if !sel(p) {
+			return nil
+		}
+		if p.Undecodable != "" {
+			undecodable = append(undecodable, p.ID)
+			return nil
+		}
+		dup, err := s.publish(ctx, p.Replayable(ctx), replayID)
+		if err != nil {
+			return fmt.Errorf("replay %s to %s: %w", p.ID, s.target, err)
+		}
+		if !dup {
+			n++
+		}
+		_, err = s.delete(ctx, m.Sequence)
+		return err
+	})
+	if err != nil {
+		return n, err
+	}
+	return n, pipeline.LeftUndecodable(undecodable)
+}
+
+// publish publishes msg to the target with JetStream message id id, and
+// says whether JetStream had it already.
+func (s *PoisonStream) publish(ctx context.Context, msg *message.Message, id string) (duplicate bool, err error) {
+	m := nc.NewMsg(s.target)
+	m.Header.Set(uuidHeader, msg.UUID)
+	for k, v := range msg.Metadata {
+		m.Header.Set(k, v)
+	}
+	m.Data = msg.Payload
+	ack, err := s.js.PublishMsg(ctx, m, jetstream.WithMsgID(id))
+	if err != nil {
+		var ae *jetstream.APIError
+		if errors.As(err, &ae) && ae.ErrorCode == jsStoreFailed {
+			err = fmt.Errorf("%w: %w", ErrQueueFull, err)
+		}
+		return false, err
+	}
+	return ack.Duplicate, nil
+}
+
+// delete deletes seq from the poison stream; gone says this call did.
+func (s *PoisonStream) delete(ctx context.Context, seq uint64) (gone bool, err error) {
+	st, err := s.streams.get(ctx, s.stream)
+	if err != nil {
+		return false, err
+	}
+	if err := st.DeleteMsg(ctx, seq); err != nil {
+		// The client renders the server's reason into the message.
+		if errors.Is(err, jetstream.ErrMsgNotFound) || errors.Is(err, jetstream.ErrMsgDeleteUnsuccessful) && strings.Contains(err.Error(), "no message found") {
+			return false, nil
+		}
+		return false, fmt.Errorf("delete %d of %s: %w", seq, s.stream, err)
+	}
+	return true, nil
+}
+
+// each reads the stream's messages up to its last at the call, oldest
+// first, and calls fn with each, as stored and decoded, and the JetStream
+// message id its replay publishes with.
+func (s *PoisonStream) each(ctx context.Context, fn func(p pipeline.Poisoned, m *jetstream.RawStreamMsg, replayID string) error) error {
+	st, err := s.streams.get(ctx, s.stream)
+	if err != nil {
+		return err
+	}
+	info, err := st.Info(ctx)
+	if err != nil {
+		return fmt.Errorf("stream %s: %w", s.stream, err)
+	}
+	if info.State.Msgs == 0 {
+		return nil
+	}
+	// The stream's creation time tells a stream deleted and made again,
+	// whose sequences start over, from the one whose messages were
+	// replayed before.
+	prefix := fmt.Sprintf("imcloud-replay:%s:%d:", s.stream, info.Created.UnixNano())
+	last := info.State.LastSeq
+	for seq := info.State.FirstSeq; seq <= last; {
+		m, err := st.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(s.stream))
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("read %s from %d: %w", s.stream, seq, err)
+		}
+		if m.Sequence > last {
+			return nil
+		}
+		if err := fn(decode(m), m, prefix+strconv.FormatUint(m.Sequence, 10)); err != nil {
+			return err
+		}
+		seq = m.Sequence + 1
+	}
+	return nil
+}
+
+// decode reads a stored message as Publisher wrote it: a message without
+// its UUID header was not, and is described as undecodable.
+func decode(m *jetstream.RawStreamMsg) pipeline.Poisoned {
+	uuid := m.Header.Get(uuidHeader)
+	if uuid == "" {
+		return pipeline.NewUndecodable(fmt.Sprintf("seq:%d", m.Sequence), m.Data, m.Time,
+			fmt.Errorf("nats message %d of %s has no %s header: not written by imcloud's publisher", m.Sequence, m.Subject, uuidHeader))
+	}
+	msg := message.NewMessage(uuid, m.Data)
+	for k, vs := range m.Header {
+		if k != uuidHeader && k != jetstream.MsgIDHeader && len(vs) > 0 {
+			msg.Metadata.Set(k, vs[0])
+		}
+	}
+	return pipeline.NewPoisoned(msg, m.Time)
+}
+
+// Close closes the connection.
+func (s *PoisonStream) Close() error {
+	s.conn.Close()
+	return nil
+}

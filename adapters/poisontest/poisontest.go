@@ -1,0 +1,435 @@
+// Package poisontest is the contract every broker adapter's
+// pipeline.PoisonAdmin passes: list, replay and purge on a poison topic
+// that the broker's own publisher wrote, as Watermill's poison middleware
+// does.
+package poisontest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill/message"
+	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
+
+	"imcloud/pipeline"
+)
+
+// Broker is one broker under test.
+type Broker struct {
+	// Publisher publishes to the broker's topics, as the poison middleware
+	// and the stages do.
+	Publisher message.Publisher
+	// Subscriber reads the replay target.
+	Subscriber message.Subscriber
+	// Admin opens an admin over poison whose Replay publishes to target.
+	// The suite opens it before publishing to poison (the embedded broker
+	// keeps only a topic it was told to), and opens two on one topic to
+	// race them; it closes them.
+	Admin func(t *testing.T, poison, target string) pipeline.PoisonAdmin
+	// Garbage writes to poison an entry that is not a message of the
+	// adapter's encoding. Nil only where the broker holds decoded
+	// messages, with no encoding to break (the embedded broker).
+	Garbage func(t *testing.T, poison string)
+	// RecordsTime says the broker records when each message was written,
+	// to the second at least.
+	RecordsTime bool
+}
+
+// Run runs the contract. Topics are prefix followed by something unique;
+// clean them up after by prefix.
+func Run(t *testing.T, prefix string, newBroker func(t *testing.T) Broker) {
+	tests := []struct {
+		name string
+		run  func(t *testing.T, e *env)
+	}{
+		{"EmptyList", testEmpty},
+		{"ListOldestFirstLeavesInPlace", testList},
+		{"PurgeIDs", testPurgeIDs},
+		{"ReplayIDs", testReplayIDs},
+		{"ReplayAndPurgeAll", testAll},
+		{"UnknownIDSelectsNothing", testUnknown},
+		{"PurgedByAnotherIsNotReplayed", testPurgedByAnother},
+		{"ConcurrentReplaysReplayOnce", testConcurrentReplays},
+		{"Undecodable", testUndecodable},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := newBroker(t)
+			unique := fmt.Sprintf("%s%d", prefix, time.Now().UnixNano())
+			e := &env{b: b, poison: unique + ".poison", target: unique + ".target"}
+			e.admin = e.open(t)
+			tt.run(t, e)
+		})
+	}
+}
+
+type env struct {
+	b              Broker
+	poison, target string
+	admin          pipeline.PoisonAdmin
+}
+
+func (e *env) open(t *testing.T) pipeline.PoisonAdmin {
+	t.Helper()
+	a := e.b.Admin(t, e.poison, e.target)
+	t.Cleanup(func() {
+		if err := a.Close(); err != nil {
+			t.Errorf("close admin: %v", err)
+		}
+	})
+	return a
+}
+
+func ctxFor(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// poisoned is message i as the poison middleware writes it.
+func poisoned(i int) *message.Message {
+	msg := message.NewMessage(fmt.Sprintf("uuid-%d-%d", i, time.Now().UnixNano()), fmt.Appendf(nil, "payload %d", i))
+	msg.Metadata = message.Metadata{
+		pipeline.MetaMessageID:           fmt.Sprintf("id-%d", i),
+		"kept":                           fmt.Sprintf("kept %d", i),
+		middleware.ReasonForPoisonedKey:  fmt.Sprintf("reason %d", i),
+		middleware.PoisonedTopicKey:      "push",
+		middleware.PoisonedHandlerKey:    "job",
+		middleware.PoisonedSubscriberKey: "sub",
+	}
+	return msg
+}
+
+// publish writes messages 1..n to the poison topic, one at a time so that
+// their order is the broker's order.
+func (e *env) publish(t *testing.T, n int) []*message.Message {
+	t.Helper()
+	var out []*message.Message
+	for i := 1; i <= n; i++ {
+		msg := poisoned(i)
+		if err := e.b.Publisher.Publish(e.poison, msg); err != nil {
+			t.Fatalf("publish %d to %s: %v", i, e.poison, err)
+		}
+		out = append(out, msg)
+	}
+	return out
+}
+
+func ids(ps []pipeline.Poisoned) []string {
+	out := make([]string, 0, len(ps))
+	for _, p := range ps {
+		out = append(out, p.ID)
+	}
+	return out
+}
+
+func (e *env) list(t *testing.T, a pipeline.PoisonAdmin) []pipeline.Poisoned {
+	t.Helper()
+	ps, err := a.List(ctxFor(t))
+	if err != nil {
+		t.Fatalf("list: %v", err)
+	}
+	return ps
+}
+
+func (e *env) wantIDs(t *testing.T, want ...string) {
+	t.Helper()
+	if got := ids(e.list(t, e.admin)); !slices.Equal(got, want) {
+		t.Fatalf("listed %v, want %v", got, want)
+	}
+}
+
+// receiver collects what arrives on the replay target.
+type receiver struct {
+	mu  sync.Mutex
+	got []*message.Message
+	ch  chan struct{}
+}
+
+// receive subscribes to the target before anything is replayed to it.
+func (e *env) receive(t *testing.T) *receiver {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	msgs, err := e.b.Subscriber.Subscribe(ctx, e.target)
+	if err != nil {
+		t.Fatalf("subscribe %s: %v", e.target, err)
+	}
+	r := &receiver{ch: make(chan struct{}, 1)}
+	go func() {
+		for m := range msgs {
+			m.Ack()
+			r.mu.Lock()
+			r.got = append(r.got, m)
+			r.mu.Unlock()
+			select {
+			case r.ch <- struct{}{}:
+			default:
+			}
+		}
+	}()
+	return r
+}
+
+// waitFor waits until the messages with the given MetaMessageIDs have all
+// arrived, and returns every message received so far.
+func (r *receiver) waitFor(t *testing.T, want ...string) []*message.Message {
+	t.Helper()
+	deadline := time.After(30 * time.Second)
+	for {
+		r.mu.Lock()
+		got := slices.Clone(r.got)
+		r.mu.Unlock()
+		have := map[string]bool{}
+		for _, m := range got {
+			have[m.Metadata.Get(pipeline.MetaMessageID)] = true
+		}
+		if !slices.ContainsFunc(want, func(id string) bool { return !have[id] }) {
+			return got
+		}
+		select {
+		case <-r.ch:
+		case <-deadline:
+			t.Fatalf("replay target received %v, want %v among them", receivedIDs(got), want)
+		}
+	}
+}
+
+func receivedIDs(msgs []*message.Message) []string {
+	out := make([]string, 0, len(msgs))
+	for _, m := range msgs {
+		out = append(out, m.Metadata.Get(pipeline.MetaMessageID))
+	}
+	return out
+}
+
+// sentinel replays one more message after the ones under test and waits
+// for it and want, then returns what arrived. The target is read in order
+// by one subscriber, so a duplicate replayed before the sentinel arrives
+// before it, or in the same burst.
+func (e *env) sentinel(t *testing.T, r *receiver, want ...string) []*message.Message {
+	t.Helper()
+	s := poisoned(999)
+	s.Metadata.Set(pipeline.MetaMessageID, "sentinel")
+	if err := e.b.Publisher.Publish(e.poison, s); err != nil {
+		t.Fatalf("publish sentinel: %v", err)
+	}
+	if n, err := e.admin.Replay(ctxFor(t), pipeline.IDs("sentinel")); err != nil || n != 1 {
+		t.Fatalf("replay sentinel: %d, %v", n, err)
+	}
+	got := r.waitFor(t, append(want, "sentinel")...)
+	var out []*message.Message
+	for _, m := range got {
+		if m.Metadata.Get(pipeline.MetaMessageID) != "sentinel" {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+func testEmpty(t *testing.T, e *env) {
+	if ps := e.list(t, e.admin); len(ps) != 0 {
+		t.Fatalf("fresh poison topic lists %v", ids(ps))
+	}
+}
+
+func testList(t *testing.T, e *env) {
+	before := time.Now().Truncate(time.Second)
+	sent := e.publish(t, 3)
+	after := time.Now().Add(time.Second)
+	first := e.list(t, e.admin)
+	if len(first) != len(sent) {
+		t.Fatalf("listed %v, want 3", ids(first))
+	}
+	for i, p := range first {
+		want := sent[i]
+		if p.ID != want.Metadata.Get(pipeline.MetaMessageID) || p.UUID != want.UUID || string(p.Payload) != string(want.Payload) {
+			t.Errorf("entry %d: id %q uuid %q payload %q, want %q %q %q", i, p.ID, p.UUID, p.Payload, want.Metadata.Get(pipeline.MetaMessageID), want.UUID, want.Payload)
+		}
+		for k, v := range want.Metadata {
+			if p.Metadata.Get(k) != v {
+				t.Errorf("entry %d: metadata %s = %q, want %q", i, k, p.Metadata.Get(k), v)
+			}
+		}
+		if p.Reason() != fmt.Sprintf("reason %d", i+1) || p.Handler() != "job" || p.Undecodable != "" {
+			t.Errorf("entry %d: reason %q handler %q undecodable %q", i, p.Reason(), p.Handler(), p.Undecodable)
+		}
+		if e.b.RecordsTime && (p.PoisonedAt.Before(before) || p.PoisonedAt.After(after)) {
+			t.Errorf("entry %d: poisoned at %v, want within [%v, %v]", i, p.PoisonedAt, before, after)
+		}
+	}
+	second := e.list(t, e.admin)
+	if !slices.Equal(ids(first), ids(second)) {
+		t.Fatalf("second list %v differs from first %v", ids(second), ids(first))
+	}
+	for i := range first {
+		if !maps.Equal(first[i].Metadata, second[i].Metadata) || string(first[i].Payload) != string(second[i].Payload) || !first[i].PoisonedAt.Equal(second[i].PoisonedAt) {
+			t.Errorf("entry %d changed between lists: %+v then %+v", i, first[i], second[i])
+		}
+	}
+}
+
+func testPurgeIDs(t *testing.T, e *env) {
+	e.publish(t, 3)
+	n, err := e.admin.Purge(ctxFor(t), pipeline.IDs("id-1", "id-3"))
+	if err != nil || n != 2 {
+		t.Fatalf("purge id-1, id-3: %d, %v; want 2", n, err)
+	}
+	e.wantIDs(t, "id-2")
+}
+
+func testReplayIDs(t *testing.T, e *env) {
+	r := e.receive(t)
+	sent := e.publish(t, 3)
+	n, err := e.admin.Replay(ctxFor(t), pipeline.IDs("id-2"))
+	if err != nil || n != 1 {
+		t.Fatalf("replay id-2: %d, %v; want 1", n, err)
+	}
+	e.wantIDs(t, "id-1", "id-3")
+	got := e.sentinel(t, r, "id-2")
+	if len(got) != 1 {
+		t.Fatalf("target received %v, want id-2 once", receivedIDs(got))
+	}
+	m, want := got[0], sent[1]
+	if string(m.Payload) != string(want.Payload) || m.UUID != want.UUID {
+		t.Errorf("replayed uuid %q payload %q, want %q %q", m.UUID, m.Payload, want.UUID, want.Payload)
+	}
+	if m.Metadata.Get("kept") != "kept 2" || m.Metadata.Get(pipeline.MetaMessageID) != "id-2" {
+		t.Errorf("replayed metadata %v lost what it carried", m.Metadata)
+	}
+	for _, k := range []string{middleware.ReasonForPoisonedKey, middleware.PoisonedTopicKey, middleware.PoisonedHandlerKey, middleware.PoisonedSubscriberKey} {
+		if _, ok := m.Metadata[k]; ok {
+			t.Errorf("replayed message still carries poison metadata %s: %v", k, m.Metadata)
+		}
+	}
+}
+
+func testAll(t *testing.T, e *env) {
+	r := e.receive(t)
+	e.publish(t, 3)
+	n, err := e.admin.Replay(ctxFor(t), pipeline.All)
+	if err != nil || n != 3 {
+		t.Fatalf("replay all: %d, %v; want 3", n, err)
+	}
+	e.wantIDs(t)
+	got := e.sentinel(t, r, "id-1", "id-2", "id-3")
+	if ids := receivedIDs(got); len(ids) != 3 {
+		t.Fatalf("target received %v, want id-1..3 once each", ids)
+	}
+	e.publish(t, 2)
+	n, err = e.admin.Purge(ctxFor(t), pipeline.All)
+	if err != nil || n != 2 {
+		t.Fatalf("purge all: %d, %v; want 2", n, err)
+	}
+	e.wantIDs(t)
+}
+
+func testUnknown(t *testing.T, e *env) {
+	e.publish(t, 2)
+	if n, err := e.admin.Replay(ctxFor(t), pipeline.IDs("no-such-id")); err != nil || n != 0 {
+		t.Fatalf("replay unknown id: %d, %v; want 0", n, err)
+	}
+	if n, err := e.admin.Purge(ctxFor(t), pipeline.IDs("no-such-id")); err != nil || n != 0 {
+		t.Fatalf("purge unknown id: %d, %v; want 0", n, err)
+	}
+	e.wantIDs(t, "id-1", "id-2")
+}
+
+// testPurgedByAnother: an operator lists, another purges what was listed,
+// then the first replays it by id: nothing is replayed.
+func testPurgedByAnother(t *testing.T, e *env) {
+	r := e.receive(t)
+	e.publish(t, 2)
+	other := e.open(t)
+	if got := ids(e.list(t, e.admin)); !slices.Equal(got, []string{"id-1", "id-2"}) {
+		t.Fatalf("listed %v", got)
+	}
+	if n, err := other.Purge(ctxFor(t), pipeline.IDs("id-1")); err != nil || n != 1 {
+		t.Fatalf("other admin purge id-1: %d, %v; want 1", n, err)
+	}
+	if n, err := e.admin.Replay(ctxFor(t), pipeline.IDs("id-1")); err != nil || n != 0 {
+		t.Fatalf("replay of a purged id: %d, %v; want 0", n, err)
+	}
+	if got := receivedIDs(e.sentinel(t, r)); len(got) != 0 {
+		t.Fatalf("target received %v, want nothing", got)
+	}
+	e.wantIDs(t, "id-2")
+}
+
+// testConcurrentReplays races two admins replaying everything: each
+// message is replayed once between them.
+func testConcurrentReplays(t *testing.T, e *env) {
+	const n = 20
+	r := e.receive(t)
+	e.publish(t, n)
+	admins := []pipeline.PoisonAdmin{e.admin, e.open(t)}
+	counts := make([]int, len(admins))
+	errs := make([]error, len(admins))
+	var wg sync.WaitGroup
+	for i, a := range admins {
+		wg.Go(func() { counts[i], errs[i] = a.Replay(ctxFor(t), pipeline.All) })
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		t.Fatalf("concurrent replays: %v", err)
+	}
+	if counts[0]+counts[1] != n {
+		t.Errorf("concurrent replays counted %v, want %d between them", counts, n)
+	}
+	e.wantIDs(t)
+	var want []string
+	for i := 1; i <= n; i++ {
+		want = append(want, fmt.Sprintf("id-%d", i))
+	}
+	got := receivedIDs(e.sentinel(t, r, want...))
+	slices.Sort(got)
+	slices.Sort(want)
+	if !slices.Equal(got, want) {
+		t.Fatalf("target received %v, want each of %v once", got, want)
+	}
+}
+
+// testUndecodable: an entry that is not a message of the adapter's
+// encoding is listed, marked, beside the good ones; replay leaves it with
+// an error saying so; purge by its id drops it.
+func testUndecodable(t *testing.T, e *env) {
+	if e.b.Garbage == nil {
+		// The embedded broker holds decoded messages: nothing can be
+		// undecodable, which this asserts by listing a good message.
+		e.publish(t, 1)
+		e.wantIDs(t, "id-1")
+		return
+	}
+	r := e.receive(t)
+	e.b.Garbage(t, e.poison)
+	e.publish(t, 1)
+	ps := e.list(t, e.admin)
+	if len(ps) != 2 {
+		t.Fatalf("listed %v, want the undecodable entry and id-1", ids(ps))
+	}
+	bad := ps[0]
+	if bad.Undecodable == "" || bad.ID == "" {
+		t.Fatalf("garbage listed as %+v, want an id and why it is undecodable", bad)
+	}
+	if ps[1].ID != "id-1" || ps[1].Undecodable != "" {
+		t.Fatalf("good message listed as %+v", ps[1])
+	}
+	n, err := e.admin.Replay(ctxFor(t), pipeline.All)
+	if !errors.Is(err, pipeline.ErrUndecodable) || n != 1 {
+		t.Fatalf("replay all beside garbage: %d, %v; want 1 and ErrUndecodable", n, err)
+	}
+	if got := receivedIDs(e.sentinel(t, r, "id-1")); !slices.Equal(got, []string{"id-1"}) {
+		t.Fatalf("target received %v, want id-1", got)
+	}
+	e.wantIDs(t, bad.ID)
+	if n, err := e.admin.Purge(ctxFor(t), pipeline.IDs(bad.ID)); err != nil || n != 1 {
+		t.Fatalf("purge undecodable %s: %d, %v; want 1", bad.ID, n, err)
+	}
+	e.wantIDs(t)
+}
