@@ -17,6 +17,7 @@ import (
 
 	"imcloud/adapters/amqp"
 	"imcloud/adapters/gochannel"
+	"imcloud/adapters/internal/settle"
 	"imcloud/adapters/nats"
 	"imcloud/adapters/redisstream"
 	"imcloud/pipeline"
@@ -66,7 +67,7 @@ func OpenBroker(cfg config.Config, logger *slog.Logger) (*pipeline.Broker, error
 		if err != nil {
 			return nil, err
 		}
-		sub, err := nats.NewSubscriber(bc.NATS.URL, redeliverAfter, bc.AMQP.Prefetch, limits)
+		sub, err := nats.NewSubscriber(bc.NATS.URL, redeliverAfter(), bc.AMQP.Prefetch, limits)
 		if err != nil {
 			_ = pub.Close()
 			return nil, err
@@ -85,7 +86,7 @@ func OpenBroker(cfg config.Config, logger *slog.Logger) (*pipeline.Broker, error
 		}
 		pub := redisstream.NewBoundedPublisher(rpub, pubClient, limits, redisstream.TrimEvery, wlog)
 		timing := redisstream.DefaultTiming()
-		timing.MaxIdle = redeliverAfter
+		timing.MaxIdle = redeliverAfter()
 		sub, err := redisstream.NewSubscriber(subClient, consumerName(), timing, wlog)
 		if err != nil {
 			_ = pub.Close()
@@ -112,9 +113,9 @@ func OpenPoison(cfg config.Config, logger *slog.Logger) (pipeline.PoisonAdmin, e
 }
 
 // redeliverAfter is how long a message may stay unacked before the broker
-// hands it to another job, its handler presumed dead. It exceeds the time
-// job's default retries take, so a message being retried is not doubled.
-const redeliverAfter = 2 * time.Minute
+// hands it to another job, its handler presumed dead: settle's
+// AckTimeout, which says why it is 2 min. The AMQP subscriber uses it too.
+func redeliverAfter() time.Duration { return settle.DefaultTiming().AckTimeout }
 
 // consumerName names this process among a consumer group's members.
 func consumerName() string {

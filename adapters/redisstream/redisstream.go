@@ -9,6 +9,8 @@ import (
 	"github.com/ThreeDotsLabs/watermill"
 	"github.com/ThreeDotsLabs/watermill-redisstream/pkg/redisstream"
 	goredis "github.com/redis/go-redis/v9"
+
+	"imcloud/adapters/internal/settle"
 )
 
 // group is the consumer group jobs share.
@@ -42,9 +44,13 @@ type Timing struct {
 	NackDelay time.Duration
 }
 
-// DefaultTiming suits job's default retry settings.
+// DefaultTiming suits job's default retry settings: the ack timeout and
+// nack delay every adapter shares (settle.Timing says why each), and idle
+// messages looked for every 10 s, so a dead consumer's message waits at
+// most MaxIdle plus 10 s.
 func DefaultTiming() Timing {
-	return Timing{MaxIdle: 2 * time.Minute, ClaimEvery: 10 * time.Second, NackDelay: time.Second}
+	t := settle.DefaultTiming()
+	return Timing{MaxIdle: t.AckTimeout, ClaimEvery: 10 * time.Second, NackDelay: t.NackDelay}
 }
 
 // NewSubscriber returns a subscriber in the shared consumer group, named
