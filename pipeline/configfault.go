@@ -33,13 +33,14 @@ type holdTiming struct {
 	// first and max bound the wait between two attempts.
 	first, max time.Duration
 	// total bounds how long one delivery of a message is held before it
-	// goes back to the broker; it stays below redeliverAfter, so that the
-	// broker does not hand a held message to a second job meanwhile.
+	// goes back to the broker; it stays below the broker's redelivery time
+	// (2 min, AckTimeout in adapters/internal/settle), so that the broker
+	// does not hand a held message to a second job meanwhile.
 	total time.Duration
 }
 
 // A misconfigured job tries each message it holds every 5 s at most, and
-// hands it back after 30 s, a quarter of redeliverAfter.
+// hands it back after 30 s, a quarter of the broker's redelivery time.
 const (
 	configHoldFirst = 500 * time.Millisecond
 	configHoldMax   = 5 * time.Second

@@ -641,7 +641,7 @@ func (c Config) Validate() error {
 		bad("job.throttle", "must not be negative")
 	}
 	// A held message stays unacked; past the broker's redelivery time (2
-	// minutes, pipeline.redeliverAfter) another job would take it too.
+	// minutes, AckTimeout in adapters/internal/settle) another job would take it too.
 	if c.Job.OfflineGrace < 0 || c.Job.OfflineGrace > time.Minute {
 		bad("job.offline_grace", "must be between 0s and 1m, got %s", c.Job.OfflineGrace)
 	}

@@ -27,9 +27,11 @@ type Timing struct {
 	// before its handler is presumed gone and the broker gives the
 	// message to another job (JetStream AckWait, Redis Streams MaxIdle,
 	// and the AMQP subscriber's requeue). It must exceed what job spends
-	// on one message, or a message still being worked on is doubled:
-	// with the defaults (job.timeout 5 s, 5 retries from 100 ms doubling,
-	// job.offline_grace 30 s) that is at most ~65 s; 2 min leaves room.
+	// on one message, or a message still being worked on is doubled: with
+	// the defaults, retries take at most ~33 s (6 attempts of up to
+	// job.timeout 5 s, 3.1 s of backoff), and a held message stays
+	// unacked up to job.offline_grace (30 s, at most 1 min) or 30 s for a
+	// configuration fault. 2 min exceeds each.
 	AckTimeout time.Duration
 	// ReconnectFirst and ReconnectMax bound the backoff between attempts
 	// to reach a broker that dropped the connection: the first retry
