@@ -176,6 +176,10 @@ func (p *Publisher) Close() error {
 }
 
 // Subscriber consumes a topic's stream through the shared durable consumer.
+// A refused message is redelivered after settle.Timing.NackDelay; one
+// unsettled at AckWait is redelivered by JetStream to any job, and its
+// context ends here; when a subscription stops, the messages it still has
+// unsettled are naked, so they are redelivered at once, not after AckWait.
 type Subscriber struct {
 	conn     *nc.Conn
 	streams  *streams
