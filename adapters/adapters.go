@@ -64,6 +64,7 @@ func OpenBroker(cfg config.Config, logger *slog.Logger) (*pipeline.Broker, error
 			_ = pub.Close()
 			return nil, err
 		}
+		sub.SetAckTimeout(bc.AMQP.RedeliverAfter)
 		return pipeline.NewBroker(pub, sub, true, logger, pub.Close, sub.Close), nil
 	case config.BrokerNATS:
 		pub, err := nats.NewPublisher(bc.NATS.URL, limits)

@@ -1,5 +1,23 @@
 // Package amqp is the RabbitMQ broker: a durable work queue per topic shared
 // by every consumer, persistent messages, and pipelined publisher confirms.
+//
+// Publisher and Subscriber are ours, not watermill-amqp/v3's:
+//
+//   - watermill-amqp's ConnectionWrapper reassigns its connected channel in
+//     handleConnectionClose without the lock its other writer takes, while
+//     IsConnected selects on it (watermill issue #693, open, filed against
+//     v3.1.0): any broker blip fails -race. We hit it in the RabbitMQ
+//     restart test (commit 114279f).
+//   - Its publisher waits out one confirm round trip per message per
+//     channel: 5.5k confirmed/s here with 32 channels and 64 publishers.
+//     Ours keeps many confirms in flight (9.5k/s on version 2 queues, then
+//     bound by RabbitMQ's queue process) and coalesces concurrent pushes
+//     into one confirmed message: 45.9k/s in BenchmarkPublishConfirmed,
+//     11.4k confirmed pushes/s through logic's HTTP API where it was 4.8k
+//     (commits 603a5f4, d55d46d, 6b03824).
+//
+// The subscriber's waits for acks, nack delay and drain on close are
+// adapters/internal/settle's, shared with the NATS adapter.
 package amqp
 
 import (

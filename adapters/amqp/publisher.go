@@ -11,6 +11,8 @@ import (
 	"github.com/ThreeDotsLabs/watermill"
 	"github.com/ThreeDotsLabs/watermill/message"
 	amqp091 "github.com/rabbitmq/amqp091-go"
+
+	"imcloud/adapters/internal/settle"
 )
 
 // ErrUnavailable is returned while the publisher has no broker connection.
@@ -18,9 +20,6 @@ var ErrUnavailable = errors.New("rabbitmq unavailable")
 
 // ErrNacked is returned for a message the broker refused.
 var ErrNacked = errors.New("rabbitmq nacked the message")
-
-// confirmTimeout bounds the wait for a confirm when the caller set none.
-const confirmTimeout = 10 * time.Second
 
 // Publisher publishes to durable queues and returns once RabbitMQ has
 // confirmed each message. Confirms are pipelined: a channel carries many
@@ -111,16 +110,15 @@ func (p *Publisher) watch(conn *amqp091.Connection, closed <-chan *amqp091.Error
 		p.conn, p.chans = nil, nil
 	}
 	p.mu.Unlock()
-	backoff := 100 * time.Millisecond
+	timing := settle.DefaultTiming()
+	backoff := timing.NextBackoff(0)
 	for {
-		select {
-		case <-p.done:
+		if !settle.Hold(p.done, backoff) {
 			return
-		case <-time.After(backoff):
 		}
 		if err := p.connect(); err != nil {
+			backoff = timing.NextBackoff(backoff)
 			p.logger.Info("rabbitmq publisher reconnect failed", watermill.LogFields{"err": err.Error(), "retry_in": backoff.String()})
-			backoff = min(backoff*2, 5*time.Second)
 			continue
 		}
 		p.logger.Info("rabbitmq publisher reconnected", nil)
@@ -228,8 +226,9 @@ func (p *Publisher) refused(queue string, err error) error {
 	return err
 }
 
-// waitConfirm waits for a confirm within ctx and confirmTimeout.
+// waitConfirm waits for a confirm within ctx and the confirm timeout.
 func waitConfirm(ctx context.Context, wait waiter) error {
+	confirmTimeout := settle.DefaultTiming().ConfirmTimeout
 	wctx, cancel := context.WithTimeout(ctx, confirmTimeout)
 	defer cancel()
 	err := wait(wctx)

@@ -10,22 +10,25 @@ import (
 	"github.com/ThreeDotsLabs/watermill"
 	"github.com/ThreeDotsLabs/watermill/message"
 	amqp091 "github.com/rabbitmq/amqp091-go"
-)
 
-// nackDelay holds a message a handler refused before it goes back to the
-// queue, so that a failing message is not redelivered in a hot loop.
-const nackDelay = time.Second
+	"imcloud/adapters/internal/settle"
+)
 
 // Subscriber consumes durable queues with manual acks. One subscription
 // hands out up to prefetch messages at a time, each acked or nacked when
 // its handler is done, so a single subscription processes prefetch
-// messages concurrently. After the connection drops it reconnects with
-// backoff; messages that were unacked then are redelivered by RabbitMQ.
+// messages concurrently. A nacked delivery is requeued after
+// settle.Timing.NackDelay; one unsettled for AckTimeout is requeued for
+// another job, its handler presumed gone (RabbitMQ's own consumer_timeout,
+// 30 min by default, would close the whole channel instead). After the
+// connection drops it reconnects with backoff; messages that were unacked
+// then are redelivered by RabbitMQ.
 type Subscriber struct {
 	url      string
 	prefetch int
 	limits   Limits
 	logger   watermill.LoggerAdapter
+	timing   settle.Timing
 
 	closing   chan struct{}
 	closeOnce sync.Once
@@ -47,7 +50,16 @@ func NewBoundedSubscriber(url string, logger watermill.LoggerAdapter, prefetch i
 		return nil, fmt.Errorf("%w: dial: %w", ErrUnavailable, err)
 	}
 	_ = conn.Close()
-	return &Subscriber{url: url, prefetch: max(prefetch, 1), limits: limits, logger: logger, closing: make(chan struct{})}, nil
+	return &Subscriber{url: url, prefetch: max(prefetch, 1), limits: limits, logger: logger, timing: settle.DefaultTiming(), closing: make(chan struct{})}, nil
+}
+
+// SetAckTimeout sets how long a delivery may stay unsettled before it is
+// given back to the queue (broker.amqp.redeliver_after); call it before
+// Subscribe. 0 keeps the default.
+func (s *Subscriber) SetAckTimeout(d time.Duration) {
+	if d > 0 {
+		s.timing.AckTimeout = d
+	}
 }
 
 // Subscribe consumes the queue named topic (declaring it) until ctx ends
@@ -92,27 +104,23 @@ func (s *Subscriber) consume(queue string) (*amqp091.Connection, <-chan amqp091.
 
 // run hands deliveries out, reconnecting whenever the connection drops.
 func (s *Subscriber) run(ctx context.Context, queue string, out chan<- *message.Message, conn *amqp091.Connection, deliveries <-chan amqp091.Delivery) {
-	var inflight sync.WaitGroup
+	flight := settle.Start(ctx, s.closing)
 	defer func() {
-		inflight.Wait()
+		flight.Wait()
 		close(out)
 	}()
 	for {
-		s.deliver(ctx, out, deliveries, &inflight)
+		s.deliver(ctx, out, deliveries, flight)
 		// Unacked messages go back to the queue with the connection.
 		_ = conn.Close()
-		if s.stopped(ctx) {
+		if stopped(flight) {
 			return
 		}
 		s.logger.Error("rabbitmq subscription lost; reconnecting", errors.New("delivery channel closed"), watermill.LogFields{"queue": queue})
 		var err error
-		for backoff := 100 * time.Millisecond; ; backoff = min(backoff*2, 5*time.Second) {
-			select {
-			case <-ctx.Done():
+		for backoff := s.timing.NextBackoff(0); ; backoff = s.timing.NextBackoff(backoff) {
+			if !settle.Hold(flight.Stopping(), backoff) {
 				return
-			case <-s.closing:
-				return
-			case <-time.After(backoff):
 			}
 			if conn, deliveries, err = s.consume(queue); err == nil {
 				s.logger.Info("rabbitmq subscription resumed", watermill.LogFields{"queue": queue})
@@ -122,11 +130,9 @@ func (s *Subscriber) run(ctx context.Context, queue string, out chan<- *message.
 	}
 }
 
-func (s *Subscriber) stopped(ctx context.Context) bool {
+func stopped(f *settle.Flight) bool {
 	select {
-	case <-ctx.Done():
-		return true
-	case <-s.closing:
+	case <-f.Stopping():
 		return true
 	default:
 		return false
@@ -134,15 +140,13 @@ func (s *Subscriber) stopped(ctx context.Context) bool {
 }
 
 // deliver passes messages on until the deliveries end or the subscription
-// stops. Each message's ack or nack is awaited in its own goroutine: the
+// stops. Each delivery's outcome is awaited in its own goroutine: the
 // prefetch count, not this loop, bounds how many are in flight.
-func (s *Subscriber) deliver(ctx context.Context, out chan<- *message.Message, deliveries <-chan amqp091.Delivery, inflight *sync.WaitGroup) {
+func (s *Subscriber) deliver(ctx context.Context, out chan<- *message.Message, deliveries <-chan amqp091.Delivery, flight *settle.Flight) {
 	for {
 		var d amqp091.Delivery
 		select {
-		case <-ctx.Done():
-			return
-		case <-s.closing:
+		case <-flight.Stopping():
 			return
 		case dd, ok := <-deliveries:
 			if !ok {
@@ -160,52 +164,36 @@ func (s *Subscriber) deliver(ctx context.Context, out chan<- *message.Message, d
 		msgCtx, cancel := context.WithCancel(ctx)
 		for _, msg := range msgs {
 			msg.SetContext(msgCtx)
+		}
+		flight.Settle(cancel, s.timing, msgs, func(o settle.Outcome) { s.settle(flight, d, len(msgs), o) })
+		for _, msg := range msgs {
 			select {
 			case out <- msg:
-			case <-ctx.Done():
-				cancel()
-				return
-			case <-s.closing:
-				cancel()
+			case <-flight.Stopping():
 				return
 			}
 		}
-		inflight.Add(1)
-		go func() {
-			defer inflight.Done()
-			defer cancel()
-			s.settle(ctx, d, msgs)
-		}()
 	}
 }
 
 // settle acks d once every message it carried was acked. If any was
-// nacked, d goes back to the queue after nackDelay, all of it: the
+// nacked, d goes back to the queue after NackDelay, all of it: the
 // messages already handled come again, and the dedupe middleware drops
-// them.
-func (s *Subscriber) settle(ctx context.Context, d amqp091.Delivery, msgs []*message.Message) {
-	nacked := false
-	for _, msg := range msgs {
-		select {
-		case <-msg.Acked():
-		case <-msg.Nacked():
-			nacked = true
-		case <-ctx.Done():
-			return // the connection's close returns d to the queue
-		case <-s.closing:
-			return
-		}
-	}
-	if !nacked {
+// them. If the subscription stops first, d goes back at once (the
+// connection's close would return it too).
+func (s *Subscriber) settle(flight *settle.Flight, d amqp091.Delivery, msgs int, o settle.Outcome) {
+	switch o {
+	case settle.Acked:
 		if err := d.Ack(false); err != nil {
-			s.logger.Info("ack failed; RabbitMQ will redeliver", watermill.LogFields{"err": err.Error(), "messages": len(msgs)})
+			s.logger.Info("ack failed; RabbitMQ will redeliver", watermill.LogFields{"err": err.Error(), "messages": msgs})
 		}
 		return
-	}
-	select {
-	case <-time.After(nackDelay):
-	case <-s.closing:
-	case <-ctx.Done():
+	case settle.Nacked:
+		settle.Hold(flight.Stopping(), s.timing.NackDelay)
+	case settle.TimedOut:
+		s.logger.Error("message unsettled past the ack timeout; requeueing it for another job", errors.New(o.String()),
+			watermill.LogFields{"ack_timeout": s.timing.AckTimeout.String(), "messages": msgs})
+	case settle.Stopped:
 	}
 	_ = d.Nack(false, true)
 }

@@ -1,5 +1,18 @@
 // Package nats is the NATS JetStream broker: a work-queue stream per topic,
 // consumed through one durable pull consumer that every job shares.
+//
+// Publisher and Subscriber are ours, not watermill-nats': its jetstream
+// subscriber closes its output channel (consumer.go, monitor) while a
+// Consume callback may still send on it (message_handler.go), a data race
+// watermill-nats PR #18 ("jetstream: fix test_race failures", open since
+// 2023-11) reports and that Watermill's universal Pub/Sub suite hit here
+// under -race (commit d6709b8). Ours counts each hand-out in flight and
+// closes the channel only after the last (settle.Flight); the universal
+// suite passes under -race. No throughput was measured against upstream:
+// the reason is the race, not speed.
+//
+// The subscriber's waits for acks, nack delay and drain on close are
+// adapters/internal/settle's, shared with the AMQP adapter.
 package nats
 
 import (
@@ -14,6 +27,7 @@ import (
 	nc "github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"imcloud/adapters/internal/settle"
 	"imcloud/pipeline"
 )
 
@@ -24,12 +38,6 @@ const (
 	// uuidHeader carries the Watermill message UUID; other headers are
 	// its metadata.
 	uuidHeader = "Imcloud-Uuid"
-	// nackDelay holds a refused message before redelivery, so that a
-	// failing message does not loop hot.
-	nackDelay = time.Second
-	// publishTimeout bounds the wait for JetStream's ack when the message
-	// carries no deadline.
-	publishTimeout = 10 * time.Second
 )
 
 // streamName maps a topic to a stream (and its one subject): stream names
@@ -129,7 +137,9 @@ func NewPublisher(url string, limits Limits) (*Publisher, error) {
 func (p *Publisher) Publish(topic string, msgs ...*message.Message) error {
 	name := streamName(topic)
 	for _, msg := range msgs {
-		ctx, cancel := context.WithTimeout(msg.Context(), publishTimeout)
+		// JetStream's ack of the publish, bounded when the message
+		// carries no deadline.
+		ctx, cancel := context.WithTimeout(msg.Context(), settle.DefaultTiming().ConfirmTimeout)
 		err := p.publish(ctx, name, msg)
 		cancel()
 		if err != nil {
@@ -166,10 +176,14 @@ func (p *Publisher) Close() error {
 }
 
 // Subscriber consumes a topic's stream through the shared durable consumer.
+// A refused message is redelivered after settle.Timing.NackDelay; one
+// unsettled at AckWait is redelivered by JetStream to any job, and its
+// context ends here; when a subscription stops, the messages it still has
+// unsettled are naked, so they are redelivered at once, not after AckWait.
 type Subscriber struct {
 	conn     *nc.Conn
 	streams  *streams
-	ackWait  time.Duration
+	timing   settle.Timing // AckTimeout is the consumer's AckWait
 	prefetch int
 
 	closing   chan struct{}
@@ -191,9 +205,11 @@ func NewSubscriber(url string, ackWait time.Duration, prefetch int, limits Limit
 	if err != nil {
 		return nil, err
 	}
+	timing := settle.DefaultTiming()
+	timing.AckTimeout = ackWait
 	return &Subscriber{
 		conn: conn, streams: newStreams(js, limits),
-		ackWait: ackWait, prefetch: max(prefetch, 1), closing: make(chan struct{}),
+		timing: timing, prefetch: max(prefetch, 1), closing: make(chan struct{}),
 	}, nil
 }
 
@@ -213,30 +229,22 @@ func (s *Subscriber) Subscribe(ctx context.Context, topic string) (<-chan *messa
 		return nil, err
 	}
 	consumer, err := st.CreateOrUpdateConsumer(ctx, jetstream.ConsumerConfig{
-		Durable: consumerName, AckPolicy: jetstream.AckExplicitPolicy, AckWait: s.ackWait,
+		Durable: consumerName, AckPolicy: jetstream.AckExplicitPolicy, AckWait: s.timing.AckTimeout,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("create consumer on %s: %w", name, err)
 	}
 
 	out := make(chan *message.Message)
-	stop := make(chan struct{})
-	msgCtx, cancelMsgs := context.WithCancel(ctx)
-	var (
-		mu       sync.RWMutex // orders inflight.Add before the final Wait
-		stopped  bool
-		inflight sync.WaitGroup
-	)
+	flight := settle.Start(ctx, s.closing)
 	handle := func(m jetstream.Msg) {
-		mu.RLock()
-		if stopped {
-			mu.RUnlock()
+		// Counted in flight while it may send on out, so that out is not
+		// closed under it (watermill-nats PR #18).
+		if !flight.Enter() {
 			_ = m.Nak()
 			return
 		}
-		inflight.Add(1)
-		mu.RUnlock()
-		defer inflight.Done()
+		defer flight.Leave()
 
 		msg := message.NewMessage(m.Headers().Get(uuidHeader), m.Data())
 		for k, vs := range m.Headers() {
@@ -246,51 +254,44 @@ func (s *Subscriber) Subscribe(ctx context.Context, topic string) (<-chan *messa
 			}
 		}
 		// Each message's context ends when it is settled.
-		ctx, cancel := context.WithCancel(msgCtx)
-		msg.SetContext(ctx)
+		msgCtx, cancel := context.WithCancel(ctx)
+		msg.SetContext(msgCtx)
+		flight.Settle(cancel, s.timing, []*message.Message{msg}, func(o settle.Outcome) { settleMsg(m, s.timing, o) })
 		select {
 		case out <- msg:
-		case <-stop:
-			cancel()
-			_ = m.Nak()
-			return
+		case <-flight.Stopping():
 		}
-		inflight.Add(1)
-		go func() {
-			defer inflight.Done()
-			defer cancel()
-			select {
-			case <-msg.Acked():
-				_ = m.Ack()
-			case <-msg.Nacked():
-				_ = m.NakWithDelay(nackDelay)
-			case <-stop:
-				// Unacked, it is redelivered after ackWait.
-			}
-		}()
 	}
 	cc, err := consumer.Consume(handle, jetstream.PullMaxMessages(s.prefetch))
 	if err != nil {
-		cancelMsgs()
+		flight.Stop()
 		return nil, fmt.Errorf("consume %s: %w", name, err)
 	}
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
-		select {
-		case <-ctx.Done():
-		case <-s.closing:
-		}
-		mu.Lock()
-		stopped = true
-		close(stop)
-		mu.Unlock()
+		<-flight.Stopping()
 		cc.Stop()
-		inflight.Wait()
-		cancelMsgs()
+		flight.Wait()
 		close(out)
 	}()
 	return out, nil
+}
+
+// settleMsg acks or naks m at JetStream as its message's outcome says.
+func settleMsg(m jetstream.Msg, t settle.Timing, o settle.Outcome) {
+	switch o {
+	case settle.Acked:
+		_ = m.Ack()
+	case settle.Nacked:
+		// JetStream holds it for the delay itself.
+		_ = m.NakWithDelay(t.NackDelay)
+	case settle.TimedOut:
+		// JetStream redelivers it on its own at AckWait, to any job.
+	case settle.Stopped:
+		// Handed back at once rather than after AckWait.
+		_ = m.Nak()
+	}
 }
 
 // Close stops every subscription, waits for them, and closes the connection.

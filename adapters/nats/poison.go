@@ -11,6 +11,7 @@ import (
 	nc "github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"imcloud/adapters/internal/settle"
 	"imcloud/pipeline"
 )
 
@@ -47,7 +48,7 @@ func NewPoisonStream(url, poison, target string, limits Limits) (*PoisonStream, 
 	s := &PoisonStream{conn: conn, js: js, streams: newStreams(js, limits), stream: streamName(poison), target: streamName(target)}
 	// The poison stream is made now, as a publisher would, so that what
 	// is published to its topic from here on is kept.
-	ctx, cancel := context.WithTimeout(context.Background(), publishTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), settle.DefaultTiming().ConfirmTimeout)
 	defer cancel()
 	if _, err := s.streams.get(ctx, s.stream); err != nil {
 		conn.Close()

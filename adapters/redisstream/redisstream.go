@@ -1,5 +1,16 @@
 // Package redisstream is the Redis Streams broker: a stream per topic,
 // consumed by one consumer group that every job shares.
+//
+// Publisher and Subscriber are watermill-redisstream's, which passes
+// Watermill's universal Pub/Sub suite here (commit d261cf4): no race made
+// us replace it. What is ours is BoundedPublisher: upstream's only bound
+// is XADD MAXLEN (PublisherConfig.Maxlens), which drops the oldest
+// entries whether or not a consumer acked them, and acked entries are
+// never removed. Ours trims each stream to what every group acked and
+// refuses with ErrQueueFull at its limit (commit 071e3ea), passing the
+// limit by at most one TrimEvery of publishes (30k entries at 30k
+// pushes/s). Its nack delay and redelivery time are the defaults every
+// adapter shares (adapters/internal/settle).
 package redisstream
 
 import (
@@ -9,6 +20,8 @@ import (
 	"github.com/ThreeDotsLabs/watermill"
 	"github.com/ThreeDotsLabs/watermill-redisstream/pkg/redisstream"
 	goredis "github.com/redis/go-redis/v9"
+
+	"imcloud/adapters/internal/settle"
 )
 
 // group is the consumer group jobs share.
@@ -43,11 +56,14 @@ type Timing struct {
 	NackDelay time.Duration
 }
 
-// DefaultTiming suits job's default settings: MaxIdle is
-// broker.redisstream.redeliver_after's default, above job's default worst
-// case on one message (1m44.2s).
+// DefaultTiming suits job's default settings: the ack timeout and nack
+// delay every adapter shares (settle.Timing says why each), idle messages
+// looked for every 10 s, so a dead consumer's message waits at most
+// MaxIdle plus 10 s. MaxIdle is broker.redisstream.redeliver_after's
+// default, above job's default worst case on one message (1m44.2s).
 func DefaultTiming() Timing {
-	return Timing{MaxIdle: 2 * time.Minute, ClaimEvery: 10 * time.Second, NackDelay: time.Second}
+	t := settle.DefaultTiming()
+	return Timing{MaxIdle: t.AckTimeout, ClaimEvery: 10 * time.Second, NackDelay: t.NackDelay}
 }
 
 // NewSubscriber returns a subscriber in the shared consumer group, named

@@ -143,6 +143,13 @@ type AMQP struct {
 	// Prefetch is how many unacked messages one consumer holds, and so how
 	// many a job handles at once per consumer.
 	Prefetch int `koanf:"prefetch"`
+	// RedeliverAfter is how long a delivery may stay unsettled before the
+	// subscriber gives it back to the queue for another job, its handler
+	// presumed stuck (settle's ack timeout). Without it a stuck delivery
+	// waits for RabbitMQ's consumer_timeout (30 min by default), which
+	// closes the whole channel: keep it below that. It must exceed job's
+	// worst case on one message, as for NATS.
+	RedeliverAfter time.Duration `koanf:"redeliver_after"`
 }
 
 // NATS configures the NATS JetStream broker.
@@ -368,7 +375,7 @@ func Default() Config {
 		Broker: Broker{
 			Kind:        BrokerAMQP,
 			GoChannel:   GoChannel{MaxPending: 50_000},
-			AMQP:        AMQP{URL: "amqp://guest:guest@127.0.0.1:5672/", Channels: 4, Prefetch: 16},
+			AMQP:        AMQP{URL: "amqp://guest:guest@127.0.0.1:5672/", Channels: 4, Prefetch: 16, RedeliverAfter: 2 * time.Minute},
 			NATS:        NATS{URL: "nats://127.0.0.1:4222", Prefetch: 16, RedeliverAfter: 2 * time.Minute},
 			RedisStream: RedisStream{Addr: "127.0.0.1:6379", RedeliverAfter: 2 * time.Minute},
 		},
@@ -604,6 +611,7 @@ func (c Config) Validate() error {
 	positive("broker.amqp.channels", c.Broker.AMQP.Channels)
 	positive("broker.amqp.prefetch", c.Broker.AMQP.Prefetch)
 	positive("broker.nats.prefetch", c.Broker.NATS.Prefetch)
+	positiveDur("broker.amqp.redeliver_after", c.Broker.AMQP.RedeliverAfter)
 	positiveDur("broker.nats.redeliver_after", c.Broker.NATS.RedeliverAfter)
 	positiveDur("broker.redisstream.redeliver_after", c.Broker.RedisStream.RedeliverAfter)
 	oneOf("registry.kind", c.Registry.Kind, RegistryMemory, RegistryRedis)

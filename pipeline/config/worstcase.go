@@ -14,12 +14,6 @@ import (
 // (pipeline.holdConfigFault). It counts in JobWorstCase.
 const ConfigFaultHold = 30 * time.Second
 
-// RabbitMQConsumerTimeout is RabbitMQ's default consumer_timeout: a channel
-// holding one delivery unacked longer is closed by the server and its
-// messages redelivered. It is the server's setting, not ours, so it is
-// named in messages but not checked.
-const RabbitMQConsumerTimeout = 30 * time.Minute
-
 // NATSMaxAckPending is JetStream's default MaxAckPending, which the job
 // consumer keeps: at most this many messages of the push stream are
 // unacked at once, across every job sharing the consumer.
@@ -105,10 +99,15 @@ func (c Config) JobWorstCase() WorstCase {
 // a redelivery window counts their time: the router starts a handler for
 // each message as it arrives. On NATS the subscriptions hand over every
 // message they pull, so the consumer's MaxAckPending bounds them; Redis
-// Streams hands each subscription one message at a time. RabbitMQ and the
-// embedded broker have no such window (0).
+// Streams hands each subscription one message at a time; RabbitMQ hands
+// each of job.concurrency consumers up to broker.amqp.prefetch deliveries
+// (a delivery may carry a batch of pushes, each its own message to the
+// throttle: this undercounts a batched queue). The embedded broker has no
+// window (0).
 func (c Config) heldUnacked() int {
 	switch c.Broker.Kind {
+	case BrokerAMQP:
+		return max(c.Broker.AMQP.Prefetch, 1) * max(c.Job.Concurrency, 1)
 	case BrokerNATS:
 		return NATSMaxAckPending
 	case BrokerRedisStream:
@@ -119,12 +118,13 @@ func (c Config) heldUnacked() int {
 }
 
 // RedeliverWindow is the active broker's redelivery window and its key:
-// how long a message may stay unacked before the broker hands it to
-// another job. ok is false for a broker without one: RabbitMQ redelivers
-// when the consumer's channel closes (or when its consumer_timeout closes
-// it, RabbitMQConsumerTimeout by default), the embedded broker never.
+// how long a message may stay unacked before the broker (or, on RabbitMQ,
+// our subscriber) hands it to another job. ok is false for the embedded
+// broker, which never does.
 func (b Broker) RedeliverWindow() (key string, d time.Duration, ok bool) {
 	switch b.Kind {
+	case BrokerAMQP:
+		return "broker.amqp.redeliver_after", b.AMQP.RedeliverAfter, true
 	case BrokerNATS:
 		return "broker.nats.redeliver_after", b.NATS.RedeliverAfter, true
 	case BrokerRedisStream:
@@ -202,12 +202,8 @@ func (c Config) CheckWorstCase() error {
 			total, w, key, window, lowerAll, key, total))
 	}
 	if handling := w.Handling(); handling >= c.Cloud.DedupeTTL {
-		amqp := ""
-		if c.Broker.Kind == BrokerAMQP {
-			amqp = fmt.Sprintf(" (on RabbitMQ also keep it below the server's consumer_timeout, %s by default)", RabbitMQConsumerTimeout)
-		}
-		errs = append(errs, fmt.Errorf("job: worst case %s on one message (%s) is not below cloud.dedupe_ttl %s: a cloud node would forget delivering the message while job may still retry it, and deliver it twice; %s%s, or raise cloud.dedupe_ttl above %s on every cloud node",
-			handling, w.terms(false), c.Cloud.DedupeTTL, lower, amqp, handling))
+		errs = append(errs, fmt.Errorf("job: worst case %s on one message (%s) is not below cloud.dedupe_ttl %s: a cloud node would forget delivering the message while job may still retry it, and deliver it twice; %s, or raise cloud.dedupe_ttl above %s on every cloud node",
+			handling, w.terms(false), c.Cloud.DedupeTTL, lower, handling))
 	}
 	if c.Job.Dedupe.Enabled {
 		need, what := w.Handling(), "job's worst case on one message"
@@ -230,7 +226,7 @@ func (c Config) worstCaseSound() bool {
 	return j.Timeout > 0 && j.Throttle >= 0 && j.OfflineGrace >= 0 && j.Concurrency > 0 &&
 		r.MaxRetries >= 0 && r.InitialInterval > 0 && r.MaxInterval > 0 && r.Multiplier >= 1 &&
 		j.Dedupe.TTL > 0 && c.Cloud.DedupeTTL > 0 &&
-		c.Broker.NATS.RedeliverAfter > 0 && c.Broker.RedisStream.RedeliverAfter > 0
+		c.Broker.AMQP.RedeliverAfter > 0 && c.Broker.NATS.RedeliverAfter > 0 && c.Broker.RedisStream.RedeliverAfter > 0
 }
 
 // addDur adds durations, saturating at the largest one.

@@ -23,9 +23,10 @@ func TestJobWorstCase(t *testing.T) {
 		{"constant backoff", []string{"job.retry.max_retries=3", "job.retry.multiplier=1", "job.retry.initial_interval=1s", "job.offline_grace=0s"}, 3 * time.Second, 30*time.Second + 4*5*time.Second + 3*time.Second},
 		// Past the cap every sleep is max_interval, however many retries.
 		{"many retries", []string{"job.retry.max_retries=1000000", "job.offline_grace=0s", "job.timeout=1ms"}, 200*time.Millisecond + 800*time.Millisecond + 3200*time.Millisecond + (1000000-3)*5*time.Second, 30*time.Second + 1000001*time.Millisecond + 200*time.Millisecond + 800*time.Millisecond + 3200*time.Millisecond + (1000000-3)*5*time.Second},
-		// RabbitMQ has no redelivery window; cloud sees nothing before the
-		// throttle: its wait does not count.
-		{"throttle amqp", []string{"job.throttle=32"}, 14200 * time.Millisecond, 30*time.Second + 30*time.Second + 6*5*time.Second + 14200*time.Millisecond},
+		// On RabbitMQ each of the 4 consumers holds up to 16 deliveries
+		// (prefetch): 64 at 32 per second.
+		{"throttle amqp", []string{"job.throttle=32"}, 14200 * time.Millisecond, 2*time.Second + 30*time.Second + 30*time.Second + 6*5*time.Second + 14200*time.Millisecond},
+		{"throttle gochannel", []string{"job.throttle=32", "broker.kind=gochannel"}, 14200 * time.Millisecond, 30*time.Second + 30*time.Second + 6*5*time.Second + 14200*time.Millisecond},
 		// Every unacked message of the consumer (MaxAckPending 1000) may
 		// wait in this job's throttle: 1000 at 100 per second.
 		{"throttle nats", []string{"job.throttle=100", "broker.kind=nats"}, 14200 * time.Millisecond, 10*time.Second + 30*time.Second + 30*time.Second + 6*5*time.Second + 14200*time.Millisecond},
@@ -49,7 +50,7 @@ func TestJobWorstCase(t *testing.T) {
 // loadUnchecked loads the defaults with sets, not validating them.
 func loadUnchecked(t *testing.T, sets []string) Config {
 	t.Helper()
-	cfg, err := Load(Sources{Sets: append([]string{"job.dedupe.ttl=200000h", "cloud.dedupe_ttl=100000h", "broker.nats.redeliver_after=100000h", "broker.redisstream.redeliver_after=100000h"}, sets...), Defaults: withSecret})
+	cfg, err := Load(Sources{Sets: append([]string{"job.dedupe.ttl=200000h", "cloud.dedupe_ttl=100000h", "broker.amqp.redeliver_after=100000h", "broker.nats.redeliver_after=100000h", "broker.redisstream.redeliver_after=100000h"}, sets...), Defaults: withSecret})
 	if err != nil {
 		t.Fatalf("Load %v: %v", sets, err)
 	}
@@ -70,7 +71,7 @@ func TestWorstCaseRefused(t *testing.T) {
 		{"defaults redisstream", []string{"broker.kind=redisstream"}, nil},
 		{"defaults gochannel", []string{"broker.kind=gochannel"}, nil},
 		{"amqp long timeout", []string{long},
-			[]string{"worst case 4m14.2s", "job.timeout 30s × 6 attempts", "backoff 14.2s via job.retry.*", "job.offline_grace 30s", "cloud.dedupe_ttl 2m0s", "consumer_timeout"}},
+			[]string{"worst case 4m14.2s", "job.timeout 30s × 6 attempts", "backoff 14.2s via job.retry.*", "job.offline_grace 30s", "broker.amqp.redeliver_after 2m0s", "raise broker.amqp.redeliver_after above 4m14.2s", "cloud.dedupe_ttl 2m0s"}},
 		{"nats long timeout", []string{long, "broker.kind=nats"},
 			[]string{"worst case 4m14.2s", "broker.nats.redeliver_after 2m0s", "raise broker.nats.redeliver_after above 4m14.2s", "cloud.dedupe_ttl 2m0s"}},
 		{"redisstream long timeout", []string{long, "broker.kind=redisstream"},
@@ -89,7 +90,9 @@ func TestWorstCaseRefused(t *testing.T) {
 		{"throttle does not count for cloud", []string{"job.throttle=1", "broker.kind=redisstream", "cloud.dedupe_ttl=1m46s"}, nil},
 		{"job dedupe below the nats window", []string{"broker.kind=nats", "job.dedupe.ttl=1m50s"},
 			[]string{"job.dedupe.ttl: 1m50s is not above broker.nats.redeliver_after (2m0s)"}},
-		{"job dedupe below the worst case", []string{"job.dedupe.ttl=1m"},
+		{"amqp window short", []string{"broker.amqp.redeliver_after=1m"},
+			[]string{"worst case 1m44.2s", "broker.amqp.redeliver_after 1m0s"}},
+		{"job dedupe below the worst case", []string{"job.dedupe.ttl=1m", "broker.kind=gochannel"},
 			[]string{"job.dedupe.ttl: 1m0s is not above job's worst case on one message (1m44.2s)"}},
 		{"job dedupe off", []string{"job.dedupe.enabled=false", "job.dedupe.ttl=1m"}, nil},
 		// Cloud nodes configured apart from job are not checked: their
