@@ -7,8 +7,6 @@ import (
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
-
-	"imcloud/pipeline/config"
 )
 
 // ConfigError is returned by a handler that failed because of this node's
@@ -43,12 +41,11 @@ type holdTiming struct {
 }
 
 // A misconfigured job tries each message it holds every 5 s at most, and
-// hands it back after config.ConfigFaultHold (30 s, a quarter of the
-// default 2 m redelivery window).
+// hands it back after RouterConfig.ConfigHold (config.ConfigFaultHold,
+// 30 s: a quarter of the default 2 m redelivery window).
 const (
 	configHoldFirst = 500 * time.Millisecond
 	configHoldMax   = 5 * time.Second
-	configHoldTotal = config.ConfigFaultHold
 )
 
 // holdConfigFault re-runs the handler while it fails with a ConfigError,

@@ -7,9 +7,29 @@ import (
 
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
-
-	"imcloud/pipeline/config"
 )
+
+// RouterConfig is how job's router delivers: the job.* keys, which the
+// composition root maps here, so that the framework needs no
+// configuration loader.
+type RouterConfig struct {
+	// Throttle caps messages per second (job.throttle); 0 is no cap.
+	Throttle int
+	// Timeout bounds each attempt (job.timeout).
+	Timeout time.Duration
+	// MaxRetries, InitialInterval, MaxInterval and Multiplier are the
+	// retry backoff (job.retry.*).
+	MaxRetries                   int
+	InitialInterval, MaxInterval time.Duration
+	Multiplier                   float64
+	// DedupeTTL is how long a delivered id is remembered (job.dedupe.ttl);
+	// 0 turns deduplication off.
+	DedupeTTL time.Duration
+	// ConfigHold is how long one delivery of a message the cloud nodes
+	// refuse for this node's configuration is held before it goes back to
+	// the broker (config.ConfigFaultHold, which job's worst case counts).
+	ConfigHold time.Duration
+}
 
 // NewRouter returns a router whose handlers run inside the delivery
 // middleware stack built from cfg. The order is what makes delivery
@@ -42,12 +62,12 @@ import (
 // redelivery window and cloud.dedupe_ttl. A change to this stack that
 // holds a message longer must change that sum too.
 //
-// store may be nil when cfg.Dedupe is disabled.
-func NewRouter(cfg config.Job, poisonTopic string, poisonPub message.Publisher, store DedupeStore, logger *slog.Logger) (*message.Router, error) {
-	return newRouter(cfg, poisonTopic, poisonPub, store, logger, holdTiming{first: configHoldFirst, max: configHoldMax, total: configHoldTotal})
+// store may be nil when cfg.DedupeTTL is 0.
+func NewRouter(cfg RouterConfig, poisonTopic string, poisonPub message.Publisher, store DedupeStore, logger *slog.Logger) (*message.Router, error) {
+	return newRouter(cfg, poisonTopic, poisonPub, store, logger, holdTiming{first: configHoldFirst, max: configHoldMax, total: cfg.ConfigHold})
 }
 
-func newRouter(cfg config.Job, poisonTopic string, poisonPub message.Publisher, store DedupeStore, logger *slog.Logger, hold holdTiming) (*message.Router, error) {
+func newRouter(cfg RouterConfig, poisonTopic string, poisonPub message.Publisher, store DedupeStore, logger *slog.Logger, hold holdTiming) (*message.Router, error) {
 	wlog := WatermillLogger(logger)
 	r, err := message.NewRouter(message.RouterConfig{}, wlog)
 	if err != nil {
@@ -62,20 +82,20 @@ func newRouter(cfg config.Job, poisonTopic string, poisonPub message.Publisher, 
 		r.AddMiddleware(middleware.NewThrottle(int64(cfg.Throttle), time.Second).Middleware)
 	}
 	r.AddMiddleware(poison, keepContext)
-	if cfg.Dedupe.Enabled {
+	if cfg.DedupeTTL > 0 {
 		if store == nil {
 			return nil, fmt.Errorf("job.dedupe.enabled: no dedupe store given")
 		}
-		r.AddMiddleware(dedupe(store, cfg.Dedupe.TTL, logger))
+		r.AddMiddleware(dedupe(store, cfg.DedupeTTL, logger))
 	}
 	r.AddMiddleware(
 		holdConfigFault(logger, hold),
 		holdUndelivered(logger),
 		middleware.Retry{
-			MaxRetries:          cfg.Retry.MaxRetries,
-			InitialInterval:     cfg.Retry.InitialInterval,
-			MaxInterval:         cfg.Retry.MaxInterval,
-			Multiplier:          cfg.Retry.Multiplier,
+			MaxRetries:          cfg.MaxRetries,
+			InitialInterval:     cfg.InitialInterval,
+			MaxInterval:         cfg.MaxInterval,
+			Multiplier:          cfg.Multiplier,
 			ResetContextOnRetry: true,
 			ShouldRetry:         func(p middleware.RetryParams) bool { return retryable(p.Err) },
 			Logger:              wlog,

@@ -14,7 +14,6 @@ import (
 	"github.com/ThreeDotsLabs/watermill/pubsub/gochannel"
 
 	"imcloud/adapters/memory"
-	"imcloud/pipeline/config"
 	"imcloud/proto/pb"
 )
 
@@ -65,7 +64,7 @@ func (a *attempts) get(id string) int {
 // returning means the stack is done with the message.
 func runRouter(t *testing.T, handler func(msg *message.Message, attempt int) error) (pub func(id string) error, poisoned <-chan *message.Message, tries *attempts) {
 	t.Helper()
-	return runRouterWith(t, slog.New(slog.DiscardHandler), holdTiming{first: configHoldFirst, max: configHoldMax, total: configHoldTotal}, handler)
+	return runRouterWith(t, slog.New(slog.DiscardHandler), holdTiming{first: configHoldFirst, max: configHoldMax, total: 30 * time.Second}, handler)
 }
 
 // runRouterWith is runRouter with logger and holdConfigFault's timing.
@@ -73,10 +72,7 @@ func runRouterWith(t *testing.T, logger *slog.Logger, hold holdTiming, handler f
 	t.Helper()
 	pubsub := gochannel.NewGoChannel(gochannel.Config{BlockPublishUntilSubscriberAck: true}, WatermillLogger(logger))
 	t.Cleanup(func() { _ = pubsub.Close() })
-	cfg := config.Default().Job
-	cfg.Retry.MaxRetries = maxRetries
-	cfg.Retry.InitialInterval = time.Millisecond
-	cfg.Retry.MaxInterval = 5 * time.Millisecond
+	cfg := RouterConfig{Timeout: 5 * time.Second, MaxRetries: maxRetries, InitialInterval: time.Millisecond, MaxInterval: 5 * time.Millisecond, Multiplier: 2, DedupeTTL: 10 * time.Minute}
 	r, err := newRouter(cfg, "poison", pubsub, liveContextStore{t, memory.NewDedupe(time.Minute)}, logger, hold)
 	if err != nil {
 		t.Fatal(err)

@@ -23,17 +23,17 @@ import (
 // 20+40+80+150 = 290ms.
 func TestRetryBackoffMatchesConfig(t *testing.T) {
 	logger := slog.New(slog.DiscardHandler)
-	cfg := config.Default().Job
-	cfg.Dedupe.Enabled = false
-	cfg.Retry = config.Retry{MaxRetries: 4, InitialInterval: 20 * time.Millisecond, MaxInterval: 150 * time.Millisecond, Multiplier: 2}
-	want := cfg.RetryBackoff()
+	job := config.Default().Job
+	job.Retry = config.Retry{MaxRetries: 4, InitialInterval: 20 * time.Millisecond, MaxInterval: 150 * time.Millisecond, Multiplier: 2}
+	want := job.RetryBackoff()
+	cfg := RouterConfig{Timeout: job.Timeout, MaxRetries: 4, InitialInterval: 20 * time.Millisecond, MaxInterval: 150 * time.Millisecond, Multiplier: 2}
 	if want != 490*time.Millisecond {
 		t.Fatalf("RetryBackoff() = %s, want 490ms", want)
 	}
 
 	pubsub := gochannel.NewGoChannel(gochannel.Config{BlockPublishUntilSubscriberAck: true}, WatermillLogger(logger))
 	t.Cleanup(func() { _ = pubsub.Close() })
-	r, err := newRouter(cfg, "poison", pubsub, nil, logger, holdTiming{first: configHoldFirst, max: configHoldMax, total: configHoldTotal})
+	r, err := newRouter(cfg, "poison", pubsub, nil, logger, holdTiming{first: configHoldFirst, max: configHoldMax, total: config.ConfigFaultHold})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -73,8 +73,8 @@ func TestRetryBackoffMatchesConfig(t *testing.T) {
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	if len(times) != cfg.Retry.MaxRetries+1 {
-		t.Fatalf("handler ran %d times, want %d", len(times), cfg.Retry.MaxRetries+1)
+	if len(times) != cfg.MaxRetries+1 {
+		t.Fatalf("handler ran %d times, want %d", len(times), cfg.MaxRetries+1)
 	}
 	slept := times[len(times)-1].Sub(times[0])
 	// Timers fire late, never early; a second of slack for a loaded

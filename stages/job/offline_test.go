@@ -176,9 +176,9 @@ func runJob(t *testing.T, nodes Nodes, grace time.Duration) *pipe {
 	logger := slog.New(slog.DiscardHandler)
 	pubsub := gochannel.NewGoChannel(gochannel.Config{BlockPublishUntilSubscriberAck: true}, pipeline.WatermillLogger(logger))
 	t.Cleanup(func() { _ = pubsub.Close() })
-	cfg := config.Default().Job
-	cfg.Retry.InitialInterval = time.Millisecond
-	cfg.Retry.MaxInterval = 5 * time.Millisecond
+	def := config.Default().Job
+	cfg := pipeline.RouterConfig{Timeout: def.Timeout, MaxRetries: def.Retry.MaxRetries, InitialInterval: time.Millisecond, MaxInterval: 5 * time.Millisecond,
+		Multiplier: def.Retry.Multiplier, DedupeTTL: def.Dedupe.TTL, ConfigHold: config.ConfigFaultHold}
 	r, err := pipeline.NewRouter(cfg, "poison", pubsub, memory.NewDedupe(time.Minute), logger)
 	if err != nil {
 		t.Fatal(err)

@@ -341,7 +341,7 @@ func (n *Process) startJob(ctx context.Context) error {
 	if err := n.jobStage.CheckClouds(ctx); err != nil {
 		return err
 	}
-	router, err := pipeline.NewRouter(cfg.Job, cfg.Topics.Poison, n.broker.Publisher, n.stores.Dedupe, n.logger.With("stage", "job"))
+	router, err := pipeline.NewRouter(routerConfig(cfg.Job), cfg.Topics.Poison, n.broker.Publisher, n.stores.Dedupe, n.logger.With("stage", "job"))
 	if err != nil {
 		return err
 	}
@@ -562,4 +562,18 @@ func adminHandler() http.Handler {
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	return mux
+}
+
+// routerConfig maps the job.* keys to job's router.
+func routerConfig(j config.Job) pipeline.RouterConfig {
+	rc := pipeline.RouterConfig{
+		Throttle: j.Throttle, Timeout: j.Timeout,
+		MaxRetries: j.Retry.MaxRetries, InitialInterval: j.Retry.InitialInterval,
+		MaxInterval: j.Retry.MaxInterval, Multiplier: j.Retry.Multiplier,
+		ConfigHold: config.ConfigFaultHold,
+	}
+	if j.Dedupe.Enabled {
+		rc.DedupeTTL = j.Dedupe.TTL
+	}
+	return rc
 }
