@@ -1,6 +1,7 @@
-// Package node assembles the stages a configuration asks for into one
-// running process: it binds the listeners, connects the broker and the
-// registry, wires the stages together and shuts them down in order.
+// Package process is imcloud's composition root: it assembles the stages
+// a configuration asks for into one running process. It binds the
+// listeners, opens the broker and the stores through the adapters
+// package, wires the stages together and shuts them down in order.
 package process
 
 import (
@@ -31,7 +32,7 @@ import (
 	"imcloud/stages/logic"
 )
 
-// Addrs are the addresses the node's listeners are bound to; empty where a
+// Addrs are the addresses the process's listeners are bound to; empty where a
 // listener is off.
 type Addrs struct {
 	HTTP, LogicGRPC                        string
@@ -109,7 +110,7 @@ func addrOf(ln net.Listener) string {
 }
 
 // Start runs the stages cfg names. It returns once every listener is bound
-// and the cloud stage is registered, so the node is ready to serve.
+// and the cloud stage is registered, so the process is ready to serve.
 func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Process, err error) {
 	// config.Load refuses these too; a Config built in code must not
 	// slip past them.
@@ -126,7 +127,7 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Proc
 	}
 	warnExposure(cfg, logger)
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	n := &Process{cfg: cfg, logger: logger, cancel: cancel, done: make(chan struct{}), grpcServerOpts: serverOpts, grpcDialOpts: dialOpts}
+	p := &Process{cfg: cfg, logger: logger, cancel: cancel, done: make(chan struct{}), grpcServerOpts: serverOpts, grpcDialOpts: dialOpts}
 	var lns []net.Listener
 	defer func() {
 		if err != nil {
@@ -135,7 +136,7 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Proc
 					_ = ln.Close()
 				}
 			}
-			n.stop(context.Background())
+			p.stop(context.Background())
 		}
 	}()
 	bind := func(key, addr string) (net.Listener, error) {
@@ -171,21 +172,21 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Proc
 	if adminLn, err = bind("admin.addr", cfg.Admin.Addr); err != nil {
 		return nil, err
 	}
-	n.addrs = Addrs{
+	p.addrs = Addrs{
 		HTTP: addrOf(httpLn), LogicGRPC: addrOf(logicLn),
 		CloudTCP: addrOf(tcpLn), CloudWS: addrOf(wsLn), CloudWSS: addrOf(wssLn), CloudGRPC: addrOf(cloudLn),
 		Admin: addrOf(adminLn),
 	}
 
-	n.stores, err = adapters.OpenStores(runCtx, cfg, logger)
+	p.stores, err = adapters.OpenStores(runCtx, cfg, logger)
 	if err != nil {
 		return nil, err
 	}
-	n.closers = append(n.closers, n.stores.Close)
-	if n.stores.Run != nil {
-		n.goLoop(n.stores.Run, runCtx)
+	p.closers = append(p.closers, p.stores.Close)
+	if p.stores.Run != nil {
+		p.goLoop(p.stores.Run, runCtx)
 	}
-	n.broker, err = adapters.OpenBroker(cfg, logger)
+	p.broker, err = adapters.OpenBroker(cfg, logger)
 	if err != nil {
 		return nil, fmt.Errorf("connect broker: %w", err)
 	}
@@ -193,27 +194,27 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Proc
 	var logicStage *logic.Stage
 	if hasLogic {
 		logicStage, err = logic.New(cfg.Logic, logic.Options{
-			Registry: n.stores.Registry, Publisher: n.broker.Publisher, PushTopic: cfg.Topics.Push,
-			Replies: n.stores.Replies, Logger: logger.With("stage", "logic"),
-			Heartbeat: cfg.Cloud.HeartbeatInterval, CloudDial: n.grpcDialOpts,
+			Registry: p.stores.Registry, Publisher: p.broker.Publisher, PushTopic: cfg.Topics.Push,
+			Replies: p.stores.Replies, Logger: logger.With("stage", "logic"),
+			Heartbeat: cfg.Cloud.HeartbeatInterval, CloudDial: p.grpcDialOpts,
 		})
 		if err != nil {
 			return nil, err
 		}
-		n.logicGRPC = grpc.NewServer(n.grpcServerOpts...)
-		logicStage.RegisterGRPC(n.logicGRPC)
-		n.closers = append(n.closers, logicStage.Close)
-		n.serve("logic grpc", func() error { return n.logicGRPC.Serve(logicLn) })
+		p.logicGRPC = grpc.NewServer(p.grpcServerOpts...)
+		logicStage.RegisterGRPC(p.logicGRPC)
+		p.closers = append(p.closers, logicStage.Close)
+		p.serve("logic grpc", func() error { return p.logicGRPC.Serve(logicLn) })
 	}
 
 	if hasCloud {
-		if err := n.startCloud(runCtx, tcpLn, wsLn, wssLn, cloudLn); err != nil {
+		if err := p.startCloud(runCtx, tcpLn, wsLn, wssLn, cloudLn); err != nil {
 			return nil, err
 		}
 	}
 
 	if hasJob {
-		if err := n.startJob(runCtx); err != nil {
+		if err := p.startJob(runCtx); err != nil {
 			return nil, err
 		}
 	}
@@ -221,28 +222,28 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Proc
 	// The push API opens last: an embedded broker drops what is published
 	// before job subscribes, and a 200 must never stand for a dropped push.
 	if logicStage != nil {
-		n.serveHTTP(&n.httpSrvs, "logic http", logicStage.Handler(), httpLn, false)
+		p.serveHTTP(&p.httpSrvs, "logic http", logicStage.Handler(), httpLn, false)
 	}
 	if adminLn != nil {
-		n.serveHTTP(&n.httpSrvs, "admin", adminHandler(), adminLn, false)
+		p.serveHTTP(&p.httpSrvs, "admin", adminHandler(), adminLn, false)
 	}
-	return n, nil
+	return p, nil
 }
 
-func (n *Process) startCloud(ctx context.Context, tcpLn, wsLn, wssLn, grpcLn net.Listener) error {
-	cfg := n.cfg
+func (p *Process) startCloud(ctx context.Context, tcpLn, wsLn, wssLn, grpcLn net.Listener) error {
+	cfg := p.cfg
 	logicAddr := cfg.Cloud.LogicAddr
-	if n.addrs.LogicGRPC != "" {
-		logicAddr = n.addrs.LogicGRPC
+	if p.addrs.LogicGRPC != "" {
+		logicAddr = p.addrs.LogicGRPC
 	}
-	conn, err := grpc.NewClient(logicAddr, n.grpcDialOpts...)
+	conn, err := grpc.NewClient(logicAddr, p.grpcDialOpts...)
 	if err != nil {
 		return fmt.Errorf("cloud.logic_addr %s: %w", logicAddr, err)
 	}
-	n.logicConn = conn
+	p.logicConn = conn
 	advertise := cfg.Cloud.AdvertiseAddr
 	if advertise == "" {
-		advertise = advertiseAddr(n.addrs.CloudGRPC, cfg.Has(config.StageJob))
+		advertise = advertiseAddr(p.addrs.CloudGRPC, cfg.Has(config.StageJob))
 	}
 	nodeID := cfg.NodeID
 	if nodeID == "" {
@@ -254,18 +255,18 @@ func (n *Process) startCloud(ctx context.Context, tcpLn, wsLn, wssLn, grpcLn net
 	}
 	self := &pb.NodeInfo{
 		Id: nodeID, GrpcAddr: advertise, Host: host, Weight: int32(cfg.Cloud.Weight),
-		TcpPort: port(n.addrs.CloudTCP), WsPort: port(n.addrs.CloudWS), WssPort: port(n.addrs.CloudWSS),
+		TcpPort: port(p.addrs.CloudTCP), WsPort: port(p.addrs.CloudWS), WssPort: port(p.addrs.CloudWSS),
 	}
 	st := cloud.New(cfg.Cloud, cloud.Options{
 		Self:     self,
 		Logic:    pb.NewLogicClient(conn),
-		Upstream: n.broker.Publisher, UpstreamTopic: cfg.Topics.Upstream,
-		Logger: n.logger.With("stage", "cloud"),
+		Upstream: p.broker.Publisher, UpstreamTopic: cfg.Topics.Upstream,
+		Logger: p.logger.With("stage", "cloud"),
 	})
-	n.cloudStage = st
-	n.cloudGRPC = grpc.NewServer(n.grpcServerOpts...)
-	st.RegisterGRPC(n.cloudGRPC)
-	n.serve("cloud grpc", func() error { return n.cloudGRPC.Serve(grpcLn) })
+	p.cloudStage = st
+	p.cloudGRPC = grpc.NewServer(p.grpcServerOpts...)
+	st.RegisterGRPC(p.cloudGRPC)
+	p.serve("cloud grpc", func() error { return p.cloudGRPC.Serve(grpcLn) })
 	regCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	if err := st.Register(regCtx); err != nil {
@@ -278,16 +279,16 @@ func (n *Process) startCloud(ctx context.Context, tcpLn, wsLn, wssLn, grpcLn net
 		}
 		return fmt.Errorf("cloud: %w (%s)", err, hint)
 	}
-	n.goLoop(st.Run, ctx)
+	p.goLoop(st.Run, ctx)
 	if tcpLn != nil {
-		n.cloudTCP = tcpLn
-		n.serve("cloud tcp", func() error { return st.ServeTCP(tcpLn) })
+		p.cloudTCP = tcpLn
+		p.serve("cloud tcp", func() error { return st.ServeTCP(tcpLn) })
 	}
 	if wsLn != nil {
-		n.serveHTTP(&n.cloudHTTP, "cloud ws", st.WSHandler(), st.Listener(wsLn), false)
+		p.serveHTTP(&p.cloudHTTP, "cloud ws", st.WSHandler(), st.Listener(wsLn), false)
 	}
 	if wssLn != nil {
-		n.serveHTTP(&n.cloudHTTP, "cloud wss", st.WSHandler(), st.Listener(wssLn), true)
+		p.serveHTTP(&p.cloudHTTP, "cloud wss", st.WSHandler(), st.Listener(wssLn), true)
 	}
 	return nil
 }
@@ -319,64 +320,65 @@ func advertiseAddr(bound string, jobInProcess bool) string {
 	return net.JoinHostPort(host, port)
 }
 
-func (n *Process) startJob(ctx context.Context) error {
-	cfg := n.cfg
+func (p *Process) startJob(ctx context.Context) error {
+	cfg := p.cfg
 	var nodes job.Nodes
 	switch {
 	case len(cfg.Job.CloudAddrs) > 0:
 		nodes = job.StaticNodes(cfg.Job.CloudAddrs)
 	case cfg.Has(config.StageLogic) || cfg.Registry.Kind == config.RegistryRedis:
-		nodes = n.stores.Registry
+		nodes = p.stores.Registry
 	default:
 		return errors.New("job.cloud_addrs: job cannot see the cloud nodes: use registry.kind = \"redis\", list them here, or run job with logic (the memory registry lives in logic's process)")
 	}
-	n.jobStage = job.New(job.Options{
-		Nodes: nodes, Logger: n.logger.With("stage", "job"),
+	p.jobStage = job.New(job.Options{
+		Nodes: nodes, Logger: p.logger.With("stage", "job"),
 		BatchWindow: cfg.Job.RoomBatchWindow, BatchSize: cfg.Job.RoomBatchSize, Timeout: cfg.Job.Timeout,
-		CloudDial:    n.grpcDialOpts,
+		CloudDial:    p.grpcDialOpts,
 		OfflineGrace: cfg.Job.OfflineGrace,
 	})
 	// A job the cloud nodes refuse would take messages and deliver none:
 	// it stops here, as a cloud node with a wrong secret does at Register.
-	if err := n.jobStage.CheckClouds(ctx); err != nil {
+	if err := p.jobStage.CheckClouds(ctx); err != nil {
 		return err
 	}
-	router, err := pipeline.NewRouter(routerConfig(cfg.Job), cfg.Topics.Poison, n.broker.Publisher, n.stores.Dedupe, n.logger.With("stage", "job"))
+	router, err := pipeline.NewRouter(routerConfig(cfg.Job), cfg.Topics.Poison, p.broker.Publisher, p.stores.Dedupe, p.logger.With("stage", "job"))
 	if err != nil {
 		return err
 	}
-	n.router = router
+	p.router = router
 	consumers := 1
-	if n.broker.SharedQueue {
+	if p.broker.SharedQueue {
 		consumers = cfg.Job.Concurrency
 	}
-	n.jobStage.AddHandlers(router, n.broker.Subscriber, cfg.Topics.Push, consumers)
-	n.serve("job router", func() error { return router.Run(ctx) })
+	p.jobStage.AddHandlers(router, p.broker.Subscriber, cfg.Topics.Push, consumers)
+	p.serve("job router", func() error { return router.Run(ctx) })
 	select {
 	case <-router.Running():
 		return nil
-	case <-n.done:
-		return n.err
+	case <-p.done:
+		return p.err
 	case <-time.After(30 * time.Second):
 		return errors.New("job router did not start within 30s")
 	}
 }
 
-// serve runs fn for the node's lifetime; an error from it stops the node.
-func (n *Process) serve(name string, fn func() error) {
-	n.wg.Add(1)
+// serve runs fn for the process's lifetime; an error from it stops the
+// process.
+func (p *Process) serve(name string, fn func() error) {
+	p.wg.Add(1)
 	go func() {
-		defer n.wg.Done()
+		defer p.wg.Done()
 		if err := fn(); err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, grpc.ErrServerStopped) {
-			n.fail(fmt.Errorf("%s: %w", name, err))
+			p.fail(fmt.Errorf("%s: %w", name, err))
 		}
 	}()
 }
 
-func (n *Process) goLoop(fn func(context.Context), ctx context.Context) {
-	n.wg.Add(1)
+func (p *Process) goLoop(fn func(context.Context), ctx context.Context) {
+	p.wg.Add(1)
 	go func() {
-		defer n.wg.Done()
+		defer p.wg.Done()
 		fn(ctx)
 	}()
 }
@@ -394,10 +396,10 @@ type httpLimits struct {
 }
 
 // httpLimitsFor returns the limits of the server named name.
-func (n *Process) httpLimitsFor(name string) httpLimits {
+func (p *Process) httpLimitsFor(name string) httpLimits {
 	switch name {
 	case "logic http":
-		l := n.cfg.Logic
+		l := p.cfg.Logic
 		return httpLimits{readHeader: min(10*time.Second, l.ReadTimeout), read: l.ReadTimeout, write: l.WriteTimeout, idle: l.IdleTimeout, maxHeaderBytes: l.MaxHeaderBytes}
 	case "admin":
 		// The write timeout leaves room for /debug/pprof/profile and
@@ -410,7 +412,7 @@ func (n *Process) httpLimitsFor(name string) httpLimits {
 		// over, so these end nothing after the upgrade.
 		// The upgrade request is read within the handshake timeout, as
 		// the auth packet is after it.
-		hs := n.cfg.Cloud.HandshakeTimeout
+		hs := p.cfg.Cloud.HandshakeTimeout
 		return httpLimits{readHeader: hs, read: hs, write: 10 * time.Second, idle: hs, maxHeaderBytes: 32 << 10, oneRequest: true}
 	default:
 		panic("process: no HTTP limits for server " + name)
@@ -435,43 +437,43 @@ func newHTTPServer(h http.Handler, lim httpLimits, logger *slog.Logger) *http.Se
 	return srv
 }
 
-func (n *Process) serveHTTP(into *[]*http.Server, name string, h http.Handler, ln net.Listener, tls bool) {
-	srv := newHTTPServer(h, n.httpLimitsFor(name), n.logger)
+func (p *Process) serveHTTP(into *[]*http.Server, name string, h http.Handler, ln net.Listener, tls bool) {
+	srv := newHTTPServer(h, p.httpLimitsFor(name), p.logger)
 	*into = append(*into, srv)
-	n.serve(name, func() error {
+	p.serve(name, func() error {
 		if tls {
-			return srv.ServeTLS(ln, n.cfg.Cloud.TLSCertFile, n.cfg.Cloud.TLSKeyFile)
+			return srv.ServeTLS(ln, p.cfg.Cloud.TLSCertFile, p.cfg.Cloud.TLSKeyFile)
 		}
 		return srv.Serve(ln)
 	})
 }
 
-func (n *Process) fail(err error) {
-	n.errOnce.Do(func() {
-		n.err = err
-		close(n.done)
+func (p *Process) fail(err error) {
+	p.errOnce.Do(func() {
+		p.err = err
+		close(p.done)
 	})
 }
 
-// Addrs returns where the node listens.
-func (n *Process) Addrs() Addrs { return n.addrs }
+// Addrs returns where the process listens.
+func (p *Process) Addrs() Addrs { return p.addrs }
 
-// Broker is the node's broker connection.
-func (n *Process) Broker() *pipeline.Broker { return n.broker }
+// Broker is the process's broker connection.
+func (p *Process) Broker() *pipeline.Broker { return p.broker }
 
 // Done is closed when a stage fails; Err says why.
-func (n *Process) Done() <-chan struct{} { return n.done }
+func (p *Process) Done() <-chan struct{} { return p.done }
 
 // Err is the failure that closed Done.
-func (n *Process) Err() error { return n.err }
+func (p *Process) Err() error { return p.err }
 
-// Shutdown stops the node in the order stop gives: the push API stops
+// Shutdown stops the process in the order stop gives: the push API stops
 // taking pushes, job finishes the messages in hand, cloud stops accepting
 // and closes its clients with 1001, then the gRPC servers, the broker and
 // the stores stop. ctx bounds the wait for clients and in-flight work.
-func (n *Process) Shutdown(ctx context.Context) error {
-	n.stop(ctx)
-	n.fail(nil)
+func (p *Process) Shutdown(ctx context.Context) error {
+	p.stop(ctx)
+	p.fail(nil)
 	return nil
 }
 
@@ -486,47 +488,47 @@ func (n *Process) Shutdown(ctx context.Context) error {
 //  5. job's connections to cloud nodes, cloud's connection to logic, the
 //     broker and the stores close, and the stages' goroutines are waited
 //     for.
-func (n *Process) stop(ctx context.Context) {
-	for _, s := range n.httpSrvs {
+func (p *Process) stop(ctx context.Context) {
+	for _, s := range p.httpSrvs {
 		_ = s.Shutdown(ctx)
 	}
-	if n.router != nil {
-		_ = n.router.Close()
+	if p.router != nil {
+		_ = p.router.Close()
 	}
-	for _, s := range n.cloudHTTP {
+	for _, s := range p.cloudHTTP {
 		_ = s.Shutdown(ctx)
 	}
-	if n.cloudTCP != nil {
-		_ = n.cloudTCP.Close()
+	if p.cloudTCP != nil {
+		_ = p.cloudTCP.Close()
 	}
-	if n.cloudStage != nil {
-		dctx, cancel := context.WithTimeout(ctx, n.cfg.Cloud.DrainTimeout)
-		if err := n.cloudStage.Drain(dctx); err != nil {
-			n.logger.Warn("shutdown", "err", err)
+	if p.cloudStage != nil {
+		dctx, cancel := context.WithTimeout(ctx, p.cfg.Cloud.DrainTimeout)
+		if err := p.cloudStage.Drain(dctx); err != nil {
+			p.logger.Warn("shutdown", "err", err)
 		}
 		cancel()
 	}
-	for _, g := range []*grpc.Server{n.cloudGRPC, n.logicGRPC} {
+	for _, g := range []*grpc.Server{p.cloudGRPC, p.logicGRPC} {
 		if g != nil {
 			gracefulStop(ctx, g)
 		}
 	}
-	n.cancel()
-	if n.jobStage != nil {
-		_ = n.jobStage.Close()
+	p.cancel()
+	if p.jobStage != nil {
+		_ = p.jobStage.Close()
 	}
-	if n.logicConn != nil {
-		_ = n.logicConn.Close()
+	if p.logicConn != nil {
+		_ = p.logicConn.Close()
 	}
-	if n.broker != nil {
-		if err := n.broker.Close(); err != nil {
-			n.logger.Warn("close broker", "err", err)
+	if p.broker != nil {
+		if err := p.broker.Close(); err != nil {
+			p.logger.Warn("close broker", "err", err)
 		}
 	}
-	for _, c := range n.closers {
+	for _, c := range p.closers {
 		_ = c()
 	}
-	n.wg.Wait()
+	p.wg.Wait()
 }
 
 func gracefulStop(ctx context.Context, g *grpc.Server) {
