@@ -224,7 +224,11 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Proc
 		n.serveHTTP(&n.httpSrvs, "logic http", logicStage.Handler(), httpLn, false)
 	}
 	if adminLn != nil {
-		n.serveHTTP(&n.httpSrvs, "admin", adminHandler(), adminLn, false)
+		h, err := n.adminHandler()
+		if err != nil {
+			return nil, err
+		}
+		n.serveHTTP(&n.httpSrvs, "admin", h, adminLn, false)
 	}
 	return n, nil
 }
@@ -547,10 +551,27 @@ func warnExposure(cfg config.Config, logger *slog.Logger) {
 	}
 }
 
-// adminHandler serves health and profiles. It never serves
-// /debug/pprof/cmdline: the command line holds whatever was given with
-// --set, secrets included.
-func adminHandler() http.Handler {
+// adminHandler serves health, profiles and, with the embedded broker,
+// its poison topic (poison.go). It never serves /debug/pprof/cmdline: the
+// command line holds whatever was given with --set, secrets included.
+func (n *Process) adminHandler() (http.Handler, error) {
+	mux := baseAdminMux()
+	admin, local, err := adapters.LocalPoison(n.cfg, n.broker)
+	if err != nil {
+		return nil, err
+	}
+	if local {
+		n.closers = append(n.closers, admin.Close)
+		h := &poisonHandler{admin: admin, topic: n.cfg.Topics.Poison, target: n.cfg.Topics.Push, logger: n.logger.With("component", "admin")}
+		h.register(mux)
+	} else {
+		registerNoPoison(mux, n.cfg.Broker.Kind)
+	}
+	return mux, nil
+}
+
+// baseAdminMux serves health and profiles.
+func baseAdminMux() *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/livez", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
