@@ -29,7 +29,8 @@ import (
 // creates holds at most its topics.*_max_length messages; a publish to a
 // full one fails with pipeline.ErrQueueFull; the embedded gochannel
 // broker bounds the messages it holds in memory
-// (broker.gochannel.max_pending).
+// (broker.gochannel.max_pending), and keeps its poison topic in a ring
+// that evicts the oldest instead (broker.gochannel.max_poisoned).
 func OpenBroker(cfg config.Config, logger *slog.Logger) (*pipeline.Broker, error) {
 	bc, topics := cfg.Broker, cfg.Topics
 	wlog := pipeline.WatermillLogger(logger)
