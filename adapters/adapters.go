@@ -29,7 +29,8 @@ import (
 // creates holds at most its topics.*_max_length messages; a publish to a
 // full one fails with pipeline.ErrQueueFull; the embedded gochannel
 // broker bounds the messages it holds in memory
-// (broker.gochannel.max_pending).
+// (broker.gochannel.max_pending), and keeps its poison topic in a ring
+// that evicts the oldest instead (broker.gochannel.max_poisoned).
 func OpenBroker(cfg config.Config, logger *slog.Logger) (*pipeline.Broker, error) {
 	bc, topics := cfg.Broker, cfg.Topics
 	wlog := pipeline.WatermillLogger(logger)
@@ -45,10 +46,19 @@ func OpenBroker(cfg config.Config, logger *slog.Logger) (*pipeline.Broker, error
 			unheard.Log("embedded broker dropped messages: nothing in this process subscribes to their topic (broker.kind gochannel); use a shared broker to read it from another process",
 				"topic", topic, "messages", msgs)
 		})
-		// The poison topic is held, not dropped, so that an admin in this
-		// process (gochannel.PubSub.PoisonAdmin) can list and replay it;
-		// bounded like any queue of the broker, by the smaller limit.
-		gc.Keep(topics.Poison, int(min(int64(bc.GoChannel.MaxPending), positiveOr(topics.PoisonMaxLength, int64(bc.GoChannel.MaxPending)))))
+		// The poison topic is held, not dropped, so that the admin
+		// listener (gochannel.PubSub.PoisonAdmin, /poison) can list and
+		// replay it: a ring of broker.gochannel.max_poisoned messages at
+		// most (and topics.poison_max_length), the oldest evicted when
+		// full. It never refuses: a refused poison publish fails the
+		// poison middleware's handler, and the message came back for ever,
+		// holding a max_pending slot.
+		evicted := pipeline.NewRateLog(logger, slog.LevelWarn, time.Minute)
+		gc.Keep(topics.Poison, int(min(int64(bc.GoChannel.MaxPoisoned), positiveOr(topics.PoisonMaxLength, int64(bc.GoChannel.MaxPoisoned)))),
+			func(topic string, msgs int, total int64) {
+				evicted.Log("embedded broker evicted the oldest poisoned messages to keep newer ones (broker.gochannel.max_poisoned is full); list, replay or purge them on the admin listener's /poison",
+					"topic", topic, "evicted", msgs, "evicted_total", total)
+			})
 		return pipeline.NewBroker(gc, gc, false, logger, gc.Close), nil
 	case config.BrokerAMQP:
 		pub, err := amqp.NewBoundedPublisher(bc.AMQP.URL, wlog, bc.AMQP.Channels, limits, topics.Push, topics.Poison, topics.Upstream)
@@ -105,7 +115,8 @@ func OpenBroker(cfg config.Config, logger *slog.Logger) (*pipeline.Broker, error
 // OpenPoison opens the poison topic of the configured broker; replay
 // re-publishes to the push topic. Every shared broker's admin works from
 // any process (the CLI); the embedded broker's poison topic lives inside
-// the process that runs it, whose admin is gochannel.PubSub.PoisonAdmin.
+// the process that runs it, whose admin is gochannel.PubSub.PoisonAdmin,
+// served on that process's admin listener (LocalPoison).
 func OpenPoison(cfg config.Config, logger *slog.Logger) (pipeline.PoisonAdmin, error) {
 	bc, topics := cfg.Broker, cfg.Topics
 	wlog := pipeline.WatermillLogger(logger)
@@ -117,10 +128,28 @@ func OpenPoison(cfg config.Config, logger *slog.Logger) (pipeline.PoisonAdmin, e
 	case config.BrokerRedisStream:
 		return redisstream.NewPoisonStream(bc.RedisStream.Addr, topics.Poison, topics.Push, topics.MaxLengths(), wlog)
 	case config.BrokerGoChannel:
-		return nil, fmt.Errorf("broker.kind %q: the embedded broker's poison topic lives only in the memory of the process running it, out of reach of this one; use a shared broker (amqp, nats, redisstream) to inspect it from another process", bc.Kind)
+		return nil, fmt.Errorf("broker.kind %q: the embedded broker's poison topic lives only in the memory of the process running it; reach it through that process's admin listener (imcloud poison --admin ADDR, with admin.addr set on the running standalone process)", bc.Kind)
 	default:
 		return nil, fmt.Errorf("broker.kind %q: poison tooling is not implemented for it", bc.Kind)
 	}
+}
+
+// LocalPoison is the admin of b's poison topic when it lives in this
+// process (the embedded broker), replaying to the push topic; ok is false
+// for a shared broker, whose poison topic OpenPoison reaches from
+// anywhere.
+func LocalPoison(cfg config.Config, b *pipeline.Broker) (admin pipeline.PoisonAdmin, ok bool, err error) {
+	keeper, ok := b.Subscriber.(interface {
+		PoisonAdmin(topic, target string) (pipeline.PoisonAdmin, error)
+	})
+	if !ok {
+		return nil, false, nil
+	}
+	admin, err = keeper.PoisonAdmin(cfg.Topics.Poison, cfg.Topics.Push)
+	if err != nil {
+		return nil, true, fmt.Errorf("open the embedded broker's poison admin: %w", err)
+	}
+	return admin, true, nil
 }
 
 // positiveOr is n, or or when n is not positive (no limit).

@@ -44,8 +44,8 @@ var errClosed = errors.New("embedded broker closed")
 // is dropped at once, as Watermill does, but not silently: it is counted
 // (Unheard) and reported to the unheard callback (the node logs it), since
 // the publisher took it as accepted (an op 4 was answered op 5). A topic
-// Keep names (the poison topic) is held instead, bounded, for a
-// PoisonAdmin.
+// Keep names (the poison topic) is held instead, for a PoisonAdmin, in a
+// bounded ring that evicts its oldest message when full.
 type PubSub struct {
 	gc      *gochannel.GoChannel
 	max     int64
@@ -87,9 +87,7 @@ func (p *PubSub) Publish(topic string, msgs ...*message.Message) error {
 	k := p.kept[topic]
 	p.mu.Unlock()
 	if k != nil {
-		if err := k.add(msgs); err != nil {
-			return err
-		}
+		k.add(msgs)
 	} else if n == 0 && len(msgs) > 0 {
 		p.unheard.Add(int64(len(msgs)))
 		if p.onUnheard != nil {

@@ -70,7 +70,7 @@ func TestCommandErrors(t *testing.T) {
 		{"check refuses an open push API", []string{"check", "--set", "logic.auth.jwt_secret=x"}, "logic.allow_anonymous"},
 		{"check refuses open internal gRPC", []string{"check", "--set", "logic.auth.jwt_secret=x", "--set", "logic.api_keys=0123456789abcdef-key", "--set", "cloud.grpc_addr=:3109"}, "cluster.secret"},
 		{"anonymous standalone beyond loopback", []string{"standalone", "--anonymous", "--set", "logic.http_addr=0.0.0.0:0"}, "logic.allow_anonymous"},
-		{"poison on the embedded broker", []string{"poison", "list", "--set", "broker.kind=gochannel"}, "amqp"},
+		{"poison on the embedded broker without --admin", []string{"poison", "list", "--set", "broker.kind=gochannel"}, "--admin"},
 		{"poison replay of nothing chosen", []string{"poison", "replay"}, "--id or --all"},
 		{"poison purge with both", []string{"poison", "purge", "--all", "--id", "x"}, "not both"},
 	}

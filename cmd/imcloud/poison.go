@@ -2,31 +2,44 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
+	"net/url"
+	"strings"
 	"text/tabwriter"
 	"time"
 
 	"imcloud/adapters"
+	"imcloud/cmd/imcloud/internal/process"
 	"imcloud/pipeline"
+	"imcloud/pipeline/config"
 )
 
-// cmdPoison inspects and re-drives the poison queue.
+// cmdPoison inspects and re-drives the poison queue: on a shared broker
+// directly, on the embedded one through the running standalone process's
+// admin listener, where its poisoned messages live.
 func cmdPoison(ctx context.Context, args []string, stdout, stderr io.Writer, environ []string) error {
 	var (
-		cf  configFlags
-		ids []string
-		all bool
+		cf    configFlags
+		ids   []string
+		all   bool
+		admin string
 	)
-	fs := newFlagSet("poison", `imcloud poison list|replay|purge [--id ID]... [--all] [--config F]
+	fs := newFlagSet("poison", `imcloud poison list|replay|purge [--id ID]... [--all] [--config F] [--admin ADDR]
   list     show poisoned messages with their reason, handler and time
   replay   re-publish the chosen messages to the push topic
-  purge    drop the chosen messages`, stderr)
+  purge    drop the chosen messages
+With broker.kind = gochannel the poisoned messages live in the memory of
+the running standalone process: reach them through its admin listener
+(--admin, or admin.addr from the configuration).`, stderr)
 	cf.register(fs)
 	fs.StringSliceVar(&ids, "id", nil, "message ids to replay or purge (repeatable, or comma-separated)")
 	fs.BoolVar(&all, "all", false, "replay or purge every poisoned message")
+	fs.StringVar(&admin, "admin", "", "broker.kind gochannel only: the running standalone process's admin listener, host:port (default admin.addr)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -35,29 +48,45 @@ func cmdPoison(ctx context.Context, args []string, stdout, stderr io.Writer, env
 		return errors.New("poison: want one of list, replay, purge")
 	}
 	action := fs.Arg(0)
+	switch action {
+	case "list", "replay", "purge":
+	default:
+		return fmt.Errorf("poison: unknown action %q (want list, replay or purge)", action)
+	}
 	cfg, err := cf.load(environ, nil, "stages=job")
 	if err != nil {
 		return err
+	}
+	if action != "list" {
+		switch {
+		case all && len(ids) > 0:
+			return errors.New("poison: give --id or --all, not both")
+		case !all && len(ids) == 0:
+			return fmt.Errorf("poison %s: say which messages with --id or --all", action)
+		}
+	}
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	if cfg.Broker.Kind == config.BrokerGoChannel {
+		if admin == "" {
+			admin = cfg.Admin.Addr
+		}
+		if admin == "" {
+			return fmt.Errorf("broker.kind %q: the embedded broker's poisoned messages live in the memory of the running standalone process; give --admin ADDR, the admin.addr that process listens on", cfg.Broker.Kind)
+		}
+		return poisonOverAdmin(ctx, admin, action, ids, all, stdout)
+	}
+	if admin != "" {
+		return fmt.Errorf("poison --admin: broker.kind %q is a shared broker, reached directly with the configuration; --admin is for the embedded broker (gochannel) of a standalone process", cfg.Broker.Kind)
 	}
 	p, err := adapters.OpenPoison(cfg, slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
 	if err != nil {
 		return err
 	}
 	defer p.Close()
-	ctx, cancel := context.WithTimeout(ctx, time.Minute)
-	defer cancel()
-	var sel pipeline.Selector
-	if action != "list" {
-		switch {
-		case all && len(ids) > 0:
-			return errors.New("poison: give --id or --all, not both")
-		case all:
-			sel = pipeline.All
-		case len(ids) > 0:
-			sel = pipeline.IDs(ids...)
-		default:
-			return fmt.Errorf("poison %s: say which messages with --id or --all", action)
-		}
+	sel := pipeline.Selector(pipeline.All)
+	if !all {
+		sel = pipeline.IDs(ids...)
 	}
 	switch action {
 	case "list":
@@ -65,30 +94,109 @@ func cmdPoison(ctx context.Context, args []string, stdout, stderr io.Writer, env
 		if err != nil {
 			return err
 		}
-		tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "ID\tPOISONED AT\tHANDLER\tREASON")
+		entries := make([]process.PoisonEntry, 0, len(msgs))
 		for _, m := range msgs {
-			handler, reason := m.Handler(), m.Reason()
-			if m.Undecodable != "" {
-				// Not a message: it can only be purged, by this id.
-				handler, reason = "-", "UNDECODABLE: "+m.Undecodable
-			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", m.ID, m.PoisonedAt.UTC().Format(time.RFC3339), handler, reason)
+			entries = append(entries, process.PoisonEntryOf(m, false))
 		}
-		if err := tw.Flush(); err != nil {
-			return err
-		}
-		fmt.Fprintf(stdout, "%d poisoned message(s) in %s\n", len(msgs), cfg.Topics.Poison)
+		return printPoisonList(stdout, cfg.Topics.Poison, entries)
 	case "replay":
 		n, err := p.Replay(ctx, sel)
 		fmt.Fprintf(stdout, "replayed %d message(s) to %s\n", n, cfg.Topics.Push)
 		return err
-	case "purge":
+	default:
 		n, err := p.Purge(ctx, sel)
 		fmt.Fprintf(stdout, "purged %d message(s)\n", n)
 		return err
-	default:
-		return fmt.Errorf("poison: unknown action %q (want list, replay or purge)", action)
+	}
+}
+
+func printPoisonList(stdout io.Writer, topic string, msgs []process.PoisonEntry) error {
+	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tPOISONED AT\tHANDLER\tREASON")
+	for _, m := range msgs {
+		handler, reason := m.Handler, m.Reason
+		if m.Undecodable != "" {
+			// Not a message: it can only be purged, by this id.
+			handler, reason = "-", "UNDECODABLE: "+m.Undecodable
+		}
+		at := "-"
+		if !m.PoisonedAt.IsZero() {
+			at = m.PoisonedAt.UTC().Format(time.RFC3339)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", m.ID, at, handler, reason)
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	_, err := fmt.Fprintf(stdout, "%d poisoned message(s) in %s\n", len(msgs), topic)
+	return err
+}
+
+// poisonOverAdmin runs action on the poison endpoints of the admin
+// listener at addr (process/poison.go).
+func poisonOverAdmin(ctx context.Context, addr, action string, ids []string, all bool, stdout io.Writer) error {
+	base := addr
+	if !strings.Contains(base, "://") {
+		base = "http://" + base
+	}
+	var req *http.Request
+	var err error
+	if action == "list" {
+		req, err = http.NewRequestWithContext(ctx, http.MethodGet, base+process.PoisonPath, nil)
+	} else {
+		form := url.Values{"id": ids}
+		if all {
+			form = url.Values{"all": {"true"}}
+		}
+		path := process.PoisonReplayPath
+		if action == "purge" {
+			path = process.PoisonPurgePath
+		}
+		req, err = http.NewRequestWithContext(ctx, http.MethodPost, base+path, strings.NewReader(form.Encode()))
+		if req != nil {
+			req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("poison --admin %s: %w", addr, err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return fmt.Errorf("poison: reach the admin listener at %s (is the standalone process running, with admin.addr set to it?): %w", addr, err)
+	}
+	defer resp.Body.Close()
+	// A list of the default 10,000 messages is about 2.5 MB of JSON.
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	if err != nil {
+		return fmt.Errorf("poison: read the answer of %s: %w", addr, err)
+	}
+	if !strings.HasPrefix(resp.Header.Get("Content-Type"), "application/json") {
+		return fmt.Errorf("poison: the admin listener at %s answered %s: %s", addr, resp.Status, strings.TrimSpace(string(body)))
+	}
+	if action == "list" {
+		var l process.PoisonList
+		if err := json.Unmarshal(body, &l); err != nil {
+			return fmt.Errorf("poison: the list from %s: %w", addr, err)
+		}
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("poison: the admin listener at %s answered %s", addr, resp.Status)
+		}
+		return printPoisonList(stdout, l.Topic, l.Messages)
+	}
+	var res process.PoisonResult
+	if err := json.Unmarshal(body, &res); err != nil {
+		return fmt.Errorf("poison: the answer of %s: %w", addr, err)
+	}
+	if action == "replay" {
+		fmt.Fprintf(stdout, "replayed %d message(s) to %s\n", res.Count, res.Target)
+	} else {
+		fmt.Fprintf(stdout, "purged %d message(s)\n", res.Count)
+	}
+	if res.Error != "" {
+		return fmt.Errorf("poison %s: %s", action, res.Error)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("poison %s: the admin listener at %s answered %s", action, addr, resp.Status)
 	}
 	return nil
 }

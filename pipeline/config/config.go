@@ -132,6 +132,15 @@ type GoChannel struct {
 	// memory (about 8 KB each besides the body); past it a publish is
 	// refused (503 from the push API).
 	MaxPending int `koanf:"max_pending"`
+	// MaxPoisoned bounds the poisoned messages the embedded broker keeps
+	// in memory for the admin listener's /poison (with
+	// topics.poison_max_length, the smaller one); when full, the oldest
+	// goes for each new one. 10,000 holds about 9 MB with 100-byte
+	// pushes (0.9 KB each, measured) and under 50 MB at
+	// logic.max_message_bytes: a standalone process's poison is looked
+	// at by hand, and hours of one client's "recipients offline" pushes
+	// fit.
+	MaxPoisoned int `koanf:"max_poisoned"`
 }
 
 // AMQP configures the RabbitMQ broker.
@@ -374,7 +383,7 @@ func Default() Config {
 		Admin:  Admin{Addr: ""},
 		Broker: Broker{
 			Kind:        BrokerAMQP,
-			GoChannel:   GoChannel{MaxPending: 50_000},
+			GoChannel:   GoChannel{MaxPending: 50_000, MaxPoisoned: 10_000},
 			AMQP:        AMQP{URL: "amqp://guest:guest@127.0.0.1:5672/", Channels: 4, Prefetch: 16, RedeliverAfter: 2 * time.Minute},
 			NATS:        NATS{URL: "nats://127.0.0.1:4222", Prefetch: 16, RedeliverAfter: 2 * time.Minute},
 			RedisStream: RedisStream{Addr: "127.0.0.1:6379", RedeliverAfter: 2 * time.Minute},
@@ -646,6 +655,7 @@ func (c Config) Validate() error {
 	}
 
 	positive("broker.gochannel.max_pending", c.Broker.GoChannel.MaxPending)
+	positive("broker.gochannel.max_poisoned", c.Broker.GoChannel.MaxPoisoned)
 	positive("job.concurrency", c.Job.Concurrency)
 	positive("job.room_batch_size", c.Job.RoomBatchSize)
 	if c.Job.RoomBatchWindow < 0 {

@@ -93,6 +93,7 @@ func TestErrorsNameTheKey(t *testing.T) {
 		{name: "negative offline grace", sets: []string{"job.offline_grace=-1s"}, wantKey: "job.offline_grace"},
 		{name: "unbounded upstream", sets: []string{"topics.upstream_max_length=0"}, wantKey: "topics.upstream_max_length"},
 		{name: "no gochannel room", sets: []string{"broker.gochannel.max_pending=0"}, wantKey: "broker.gochannel.max_pending"},
+		{name: "no room for poisoned messages", sets: []string{"broker.gochannel.max_poisoned=0"}, wantKey: "broker.gochannel.max_poisoned"},
 		{name: "negative connect rate", sets: []string{"logic.connect_rate=-1"}, wantKey: "logic.connect_rate"},
 		{name: "connect rate without burst", sets: []string{"logic.connect_burst=0"}, wantKey: "logic.connect_burst"},
 		{name: "negative session cap", sets: []string{"logic.max_sessions_per_mid=-1"}, wantKey: "logic.max_sessions_per_mid"},

@@ -225,7 +225,11 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Proc
 		p.serveHTTP(&p.httpSrvs, "logic http", logicStage.Handler(), httpLn, false)
 	}
 	if adminLn != nil {
-		p.serveHTTP(&p.httpSrvs, "admin", adminHandler(), adminLn, false)
+		h, err := p.adminHandler()
+		if err != nil {
+			return nil, err
+		}
+		p.serveHTTP(&p.httpSrvs, "admin", h, adminLn, false)
 	}
 	return p, nil
 }
@@ -549,10 +553,27 @@ func warnExposure(cfg config.Config, logger *slog.Logger) {
 	}
 }
 
-// adminHandler serves health and profiles. It never serves
-// /debug/pprof/cmdline: the command line holds whatever was given with
-// --set, secrets included.
-func adminHandler() http.Handler {
+// adminHandler serves health, profiles and, with the embedded broker,
+// its poison topic (poison.go). It never serves /debug/pprof/cmdline: the
+// command line holds whatever was given with --set, secrets included.
+func (p *Process) adminHandler() (http.Handler, error) {
+	mux := baseAdminMux()
+	admin, local, err := adapters.LocalPoison(p.cfg, p.broker)
+	if err != nil {
+		return nil, err
+	}
+	if local {
+		p.closers = append(p.closers, admin.Close)
+		h := &poisonHandler{admin: admin, topic: p.cfg.Topics.Poison, target: p.cfg.Topics.Push, logger: p.logger.With("component", "admin")}
+		h.register(mux)
+	} else {
+		registerNoPoison(mux, p.cfg.Broker.Kind)
+	}
+	return mux, nil
+}
+
+// baseAdminMux serves health and profiles.
+func baseAdminMux() *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/livez", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })

@@ -1,0 +1,194 @@
+package process
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"time"
+
+	"imcloud/pipeline"
+)
+
+// The admin listener's poison endpoints, served when the process runs the
+// embedded broker, whose poison topic lives in its memory and nowhere
+// else (imcloud poison --admin is their client):
+//
+//	GET  /poison          list, oldest first (?payload=true adds the bodies)
+//	POST /poison/replay   re-publish to the push topic
+//	POST /poison/purge    drop
+//
+// Replay and purge take the messages as repeated id values (query or
+// form body) or all=true, and answer PoisonResult.
+const (
+	PoisonPath        = "/poison"
+	PoisonReplayPath  = "/poison/replay"
+	PoisonPurgePath   = "/poison/purge"
+	poisonMaxFormBody = 1 << 20 // about 25,000 ids: more than the ring holds by default
+)
+
+// PoisonEntry is one poisoned message as GET /poison lists it.
+type PoisonEntry struct {
+	ID           string    `json:"id"`
+	PoisonedAt   time.Time `json:"poisoned_at"`
+	Handler      string    `json:"handler"`
+	Reason       string    `json:"reason"`
+	PayloadBytes int       `json:"payload_bytes"`
+	// Payload is sent only when asked for (?payload=true): a push's body
+	// is the application's, and a list is for finding ids and reasons.
+	Payload     []byte `json:"payload,omitempty"`
+	Undecodable string `json:"undecodable,omitempty"`
+}
+
+// PoisonEntryOf describes m, with its payload if withPayload.
+func PoisonEntryOf(m pipeline.Poisoned, withPayload bool) PoisonEntry {
+	e := PoisonEntry{ID: m.ID, PoisonedAt: m.PoisonedAt, Handler: m.Handler(), Reason: m.Reason(), PayloadBytes: len(m.Payload), Undecodable: m.Undecodable}
+	if withPayload {
+		e.Payload = m.Payload
+	}
+	return e
+}
+
+// PoisonList is GET /poison's answer.
+type PoisonList struct {
+	Topic    string        `json:"topic"`
+	Messages []PoisonEntry `json:"messages"`
+}
+
+// PoisonResult answers a replay or purge: how many messages it acted on,
+// and, when it failed (with Count done before), why.
+type PoisonResult struct {
+	Action string `json:"action"`
+	Count  int    `json:"count"`
+	// Target is the topic a replay published to.
+	Target string `json:"target,omitempty"`
+	Error  string `json:"error,omitempty"`
+}
+
+// poisonHandler serves the poison endpoints over admin, which replays to
+// target.
+type poisonHandler struct {
+	admin         pipeline.PoisonAdmin
+	topic, target string
+	logger        *slog.Logger
+}
+
+func (h *poisonHandler) register(mux *http.ServeMux) {
+	mux.HandleFunc(PoisonPath, h.list)
+	mux.HandleFunc(PoisonReplayPath, func(w http.ResponseWriter, r *http.Request) { h.act(w, r, "replay") })
+	mux.HandleFunc(PoisonPurgePath, func(w http.ResponseWriter, r *http.Request) { h.act(w, r, "purge") })
+}
+
+// registerNoPoison answers the poison endpoints on a process whose broker
+// is shared: its poison topic is reached from anywhere, not through here.
+func registerNoPoison(mux *http.ServeMux, kind string) {
+	for _, p := range []string{PoisonPath, PoisonReplayPath, PoisonPurgePath} {
+		mux.HandleFunc(p, func(w http.ResponseWriter, _ *http.Request) {
+			http.Error(w, fmt.Sprintf("not served: broker.kind %q is a shared broker; use imcloud poison with its configuration, without --admin", kind), http.StatusNotFound)
+		})
+	}
+}
+
+func (h *poisonHandler) list(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		w.Header().Set("Allow", "GET, HEAD")
+		http.Error(w, "use GET", http.StatusMethodNotAllowed)
+		return
+	}
+	withPayload := false
+	if v := r.URL.Query().Get("payload"); v != "" {
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			http.Error(w, fmt.Sprintf("payload=%q: want true or false", v), http.StatusBadRequest)
+			return
+		}
+		withPayload = b
+	}
+	msgs, err := h.admin.List(r.Context())
+	if err != nil {
+		h.logger.Warn("poison: list", "err", err)
+		http.Error(w, "list poisoned messages: "+err.Error(), http.StatusInternalServerError)
+		return
+	}
+	out := PoisonList{Topic: h.topic, Messages: make([]PoisonEntry, 0, len(msgs))}
+	for _, m := range msgs {
+		out.Messages = append(out.Messages, PoisonEntryOf(m, withPayload))
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+// act replays or purges the messages the request names.
+func (h *poisonHandler) act(w http.ResponseWriter, r *http.Request, action string) {
+	if r.Method != http.MethodPost {
+		w.Header().Set("Allow", "POST")
+		http.Error(w, "use POST", http.StatusMethodNotAllowed)
+		return
+	}
+	// The listener has no authentication, only loopback: a page in a
+	// browser on this machine may post a form to it, and a browser says
+	// where such a request comes from; the CLI and curl say nothing.
+	if o := r.Header.Get("Origin"); o != "" {
+		http.Error(w, "refused: a request from a web page ("+o+")", http.StatusForbidden)
+		return
+	}
+	r.Body = http.MaxBytesReader(w, r.Body, poisonMaxFormBody)
+	if err := r.ParseForm(); err != nil {
+		code := http.StatusBadRequest
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			code = http.StatusRequestEntityTooLarge
+		}
+		http.Error(w, "read the form: "+err.Error(), code)
+		return
+	}
+	sel, err := selection(r.Form["id"], r.Form.Get("all"))
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	res := PoisonResult{Action: action}
+	switch action {
+	case "replay":
+		res.Target = h.target
+		res.Count, err = h.admin.Replay(r.Context(), sel)
+	default:
+		res.Count, err = h.admin.Purge(r.Context(), sel)
+	}
+	code := http.StatusOK
+	if err != nil {
+		res.Error = err.Error()
+		code = http.StatusInternalServerError
+	}
+	h.logger.Info("poison: "+action+" over the admin listener", "count", res.Count, "err", err)
+	writeJSON(w, code, res)
+}
+
+// selection is what id values or all=true pick; one of them, not both.
+func selection(ids []string, all string) (pipeline.Selector, error) {
+	everything := false
+	if all != "" {
+		b, err := strconv.ParseBool(all)
+		if err != nil {
+			return nil, fmt.Errorf("all=%q: want true or false", all)
+		}
+		everything = b
+	}
+	switch {
+	case everything && len(ids) > 0:
+		return nil, errors.New("give id values or all=true, not both")
+	case everything:
+		return pipeline.All, nil
+	case len(ids) > 0:
+		return pipeline.IDs(ids...), nil
+	default:
+		return nil, errors.New("say which messages: id (repeatable) or all=true")
+	}
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(v)
+}
