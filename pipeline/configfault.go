@@ -42,7 +42,7 @@ type holdTiming struct {
 
 // A misconfigured job tries each message it holds every 5 s at most, and
 // hands it back after RouterConfig.ConfigHold (config.ConfigFaultHold,
-// 30 s: a quarter of the default 2 m redelivery window).
+// 20 s: a sixth of the default 2 m redelivery window).
 const (
 	configHoldFirst = 500 * time.Millisecond
 	configHoldMax   = 5 * time.Second

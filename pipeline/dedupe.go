@@ -29,9 +29,13 @@ func dedupe(store DedupeStore, ttl time.Duration, logger *slog.Logger) message.H
 			if id == "" {
 				return h(msg)
 			}
-			// The layers inside leave a cancelled context on the message.
+			// The layers inside leave a cancelled context on the message;
+			// each store call is bounded, for it counts in job's worst case
+			// on one message (SettleTimeout).
 			ctx := msg.Context()
-			seen, err := store.Delivered(ctx, id)
+			dctx, cancel := context.WithTimeout(ctx, SettleTimeout)
+			seen, err := store.Delivered(dctx, id)
+			cancel()
 			if err != nil {
 				// Delivering twice beats not delivering: go on.
 				logger.Warn("dedupe store unavailable; delivering without the check", "message_id", id, "err", err)
@@ -44,7 +48,9 @@ func dedupe(store DedupeStore, ttl time.Duration, logger *slog.Logger) message.H
 			if err != nil {
 				return nil, err
 			}
-			if err := store.MarkDelivered(ctx, id, ttl); err != nil {
+			mctx, cancel := context.WithTimeout(ctx, SettleTimeout)
+			defer cancel()
+			if err := store.MarkDelivered(mctx, id, ttl); err != nil {
 				logger.Warn("remember delivered message", "message_id", id, "err", err)
 			}
 			return out, nil

@@ -1,6 +1,7 @@
 package pipeline
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"time"
@@ -73,7 +74,7 @@ func newRouter(cfg RouterConfig, poisonTopic string, poisonPub message.Publisher
 	if err != nil {
 		return nil, fmt.Errorf("create router: %w", err)
 	}
-	poison, err := middleware.PoisonQueueWithFilter(poisonPub, poisonTopic, notPoison)
+	poison, err := middleware.PoisonQueueWithFilter(timedPublisher{poisonPub}, poisonTopic, notPoison)
 	if err != nil {
 		return nil, fmt.Errorf("create poison queue middleware: %w", err)
 	}
@@ -104,4 +105,31 @@ func newRouter(cfg RouterConfig, poisonTopic string, poisonPub message.Publisher
 		middleware.Recoverer,
 	)
 	return r, nil
+}
+
+// SettleTimeout bounds each step job takes around a message's attempts:
+// a dedupe store call and the poison publish after the last retry. A
+// broker or store that stops answering would otherwise hold the message
+// unacked without end; with it, job's worst case on one message
+// (config.JobWorstCase, which counts config.SettleSteps of them) holds.
+// It equals config.SettleTimeout (a test checks).
+const SettleTimeout = 5 * time.Second
+
+// timedPublisher publishes each message with its context bounded by
+// SettleTimeout.
+type timedPublisher struct{ message.Publisher }
+
+func (p timedPublisher) Publish(topic string, msgs ...*message.Message) error {
+	for _, m := range msgs {
+		ctx, cancel := context.WithTimeout(m.Context(), SettleTimeout)
+		orig := m.Context()
+		m.SetContext(ctx)
+		err := p.Publisher.Publish(topic, m)
+		m.SetContext(orig)
+		cancel()
+		if err != nil {
+			return err
+		}
+	}
+	return nil
 }

@@ -83,3 +83,43 @@ func TestRetryBackoffMatchesConfig(t *testing.T) {
 		t.Fatalf("attempts spanned %s, want %s (config.Job.RetryBackoff) to %s", slept, want, want+time.Second)
 	}
 }
+
+// TestSettleTimeoutMatchesConfig: job's worst case counts the bound the
+// router puts on the dedupe store and the poison publish.
+func TestSettleTimeoutMatchesConfig(t *testing.T) {
+	if SettleTimeout != config.SettleTimeout {
+		t.Fatalf("pipeline.SettleTimeout %s, config.SettleTimeout %s: the worst case counts the wrong bound", SettleTimeout, config.SettleTimeout)
+	}
+}
+
+type deadlineRecorder struct {
+	message.Publisher
+	got chan time.Duration
+}
+
+func (d deadlineRecorder) Publish(topic string, msgs ...*message.Message) error {
+	dl, ok := msgs[0].Context().Deadline()
+	if !ok {
+		d.got <- -1
+		return nil
+	}
+	d.got <- time.Until(dl)
+	return nil
+}
+
+// TestPoisonPublishBounded: the poison publish after the last attempt runs
+// under SettleTimeout, so a broker that stops answering cannot hold the
+// message past job's worst case.
+func TestPoisonPublishBounded(t *testing.T) {
+	rec := deadlineRecorder{got: make(chan time.Duration, 1)}
+	msg := message.NewMessage("1", nil)
+	if err := (timedPublisher{rec}).Publish("poison", msg); err != nil {
+		t.Fatal(err)
+	}
+	if d := <-rec.got; d <= 0 || d > SettleTimeout {
+		t.Fatalf("poison publish deadline in %s, want within SettleTimeout %s", d, SettleTimeout)
+	}
+	if _, ok := msg.Context().Deadline(); ok {
+		t.Fatal("the message kept the publish's deadline")
+	}
+}

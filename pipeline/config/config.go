@@ -374,6 +374,9 @@ type Cloud struct {
 	MaxHandshakesPerIP int `koanf:"max_handshakes_per_ip"`
 }
 
+// maxThrottle bounds job.throttle (messages per second).
+const maxThrottle = 1_000_000
+
 // Default returns the configuration used where nothing overrides it; it is
 // what config.example.toml shows.
 func Default() Config {
@@ -672,8 +675,11 @@ func (c Config) Validate() error {
 	}
 	positiveDur("job.dedupe.ttl", c.Job.Dedupe.TTL)
 	oneOf("job.dedupe.store", c.Job.Dedupe.Store, DedupeMemory, DedupeRedis)
-	if c.Job.Throttle < 0 {
-		bad("job.throttle", "must not be negative")
+	// Watermill's throttle ticks every second/throttle: past a million a
+	// second the tick is below a microsecond (at 1e9+ it is 0 and the
+	// router panics), a cap nothing can use.
+	if c.Job.Throttle < 0 || c.Job.Throttle > maxThrottle {
+		bad("job.throttle", "must be between 0 (no cap) and %d messages per second, got %d", maxThrottle, c.Job.Throttle)
 	}
 	// Its upper bound is the broker's redelivery window and the dedupe
 	// windows: checkWorstCase below.

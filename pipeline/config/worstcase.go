@@ -12,7 +12,17 @@ import (
 // cloud nodes refuse for this node's own configuration (a wrong
 // cluster.secret) before handing it back to the broker
 // (pipeline.holdConfigFault). It counts in JobWorstCase.
-const ConfigFaultHold = 30 * time.Second
+const ConfigFaultHold = 20 * time.Second
+
+// SettleTimeout bounds each step job takes around a message's attempts,
+// and SettleSteps is how many one message may take: a dedupe store call
+// before, and after the last attempt the store's mark or the poison
+// publish (pipeline.SettleTimeout, which a test keeps equal). 5 s is
+// thousands of times a healthy Redis or broker's answer on loopback.
+const (
+	SettleTimeout = 5 * time.Second
+	SettleSteps   = 2
+)
 
 // NATSMaxAckPending is JetStream's default MaxAckPending, which the job
 // consumer keeps: at most this many messages of the push stream are
@@ -34,7 +44,9 @@ const NATSMaxAckPending = 1000
 //     later than this message's first attempt), and again the last run may
 //     take all that follows;
 //   - Attempts × Timeout + Backoff: the Retry middleware's runs, each bounded
-//     by job.timeout, with its sleeps between them (RetryBackoff).
+//     by job.timeout, with its sleeps between them (RetryBackoff);
+//   - Settle: the dedupe store's calls and the poison publish, each bounded
+//     by SettleTimeout.
 type WorstCase struct {
 	Throttle     time.Duration
 	ConfigHold   time.Duration
@@ -42,6 +54,7 @@ type WorstCase struct {
 	Attempts     int
 	Timeout      time.Duration
 	Backoff      time.Duration
+	Settle       time.Duration
 }
 
 // Total is how long the message may stay unacked: every term, saturating
@@ -52,7 +65,7 @@ func (w WorstCase) Total() time.Duration { return addDur(w.Throttle, w.Handling(
 // the throttle's wait, before which no cloud node has seen the message.
 // cloud.dedupe_ttl must exceed it.
 func (w WorstCase) Handling() time.Duration {
-	return addDur(w.ConfigHold, w.OfflineGrace, mulDur(w.Timeout, w.Attempts), w.Backoff)
+	return addDur(w.ConfigHold, w.OfflineGrace, mulDur(w.Timeout, w.Attempts), w.Backoff, w.Settle)
 }
 
 // String spells the sum with the key behind each term, e.g.
@@ -70,6 +83,9 @@ func (w WorstCase) terms(throttle bool) string {
 	if w.ConfigHold > 0 {
 		terms = append(terms, fmt.Sprintf("%s holding a message refused for cluster.secret", w.ConfigHold))
 	}
+	if w.Settle > 0 {
+		terms = append(terms, fmt.Sprintf("%s for the dedupe store and the poison publish", w.Settle))
+	}
 	if throttle && w.Throttle > 0 {
 		terms = append(terms, fmt.Sprintf("%s waiting for job.throttle", w.Throttle))
 	}
@@ -82,6 +98,7 @@ func (c Config) JobWorstCase() WorstCase {
 	j := c.Job
 	w := WorstCase{
 		ConfigHold:   ConfigFaultHold,
+		Settle:       SettleTimeout * SettleSteps,
 		OfflineGrace: max(j.OfflineGrace, 0),
 		Attempts:     max(j.Retry.MaxRetries, 0) + 1,
 		Timeout:      j.Timeout,

@@ -94,6 +94,7 @@ func TestWorstCaseRefused(t *testing.T) {
 			[]string{"worst case 1m44.2s", "broker.amqp.redeliver_after 1m0s"}},
 		{"job dedupe below the worst case", []string{"job.dedupe.ttl=1m", "broker.kind=gochannel"},
 			[]string{"job.dedupe.ttl: 1m0s is not above job's worst case on one message (1m44.2s)"}},
+		{"throttle past a million a second", []string{"job.throttle=2000000000"}, []string{"job.throttle", "1000000"}},
 		{"job dedupe off", []string{"job.dedupe.enabled=false", "job.dedupe.ttl=1m"}, nil},
 		// Cloud nodes configured apart from job are not checked: their
 		// job is, with the cloud.dedupe_ttl its own file states.
