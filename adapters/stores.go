@@ -25,6 +25,9 @@ type Stores struct {
 	// Run expires the in-memory registry's sessions and nodes until ctx
 	// ends; nil for a registry that expires its own (Redis).
 	Run func(ctx context.Context)
+	// Shared is true when the registry is shared between processes, so a
+	// job without logic in its process can read the cloud nodes from it.
+	Shared bool
 
 	rdb *goredis.Client
 }
@@ -59,7 +62,7 @@ func OpenStores(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ 
 		if err != nil {
 			return nil, err
 		}
-		s.Registry = redis.NewRegistry(rdb, rc.Prefix, cfg.Logic.SessionTTL, nodeTTL)
+		s.Registry, s.Shared = redis.NewRegistry(rdb, rc.Prefix, cfg.Logic.SessionTTL, nodeTTL), true
 		s.Replies = redis.NewReplies(rdb, rc.Prefix+"reply:", cfg.Logic.IdempotencyTTL)
 	case config.RegistryMemory:
 		mem := memory.New(cfg.Logic.SessionTTL, nodeTTL)

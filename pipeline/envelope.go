@@ -1,8 +1,8 @@
 // Package pipeline is imcloud's queue-agnostic framework: the Watermill
 // router with its middleware stack (retry, poison queue, deduplication),
-// the message envelope and its metadata vocabulary, and the interfaces the
-// stages need — Broker, DedupeStore, Registry, PoisonAdmin and the
-// idempotency store. It knows no queue: adapters/ implements the
+// the message envelope and its metadata vocabulary, the Broker a stage
+// publishes and subscribes through, and the interfaces the stages need —
+// DedupeStore, Registry, PoisonAdmin and the idempotency store. It knows no queue: adapters/ implements the
 // interfaces, and the adapters package opens the ones a configuration
 // names, so a new broker touches adapters/ and one line of wiring.
 package pipeline

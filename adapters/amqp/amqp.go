@@ -14,7 +14,8 @@
 //     bound by RabbitMQ's queue process) and coalesces concurrent pushes
 //     into one confirmed message: 45.9k/s in BenchmarkPublishConfirmed,
 //     11.4k confirmed pushes/s through logic's HTTP API where it was 4.8k
-//     (commits 603a5f4, d55d46d, 6b03824).
+//     when coalescing landed (commits 603a5f4, d55d46d, 6b03824); about
+//     20k/s with later work on logic (BENCHMARKS.md, make bench).
 //
 // The subscriber's waits for acks, nack delay and drain on close are
 // adapters/internal/settle's, shared with the NATS adapter.

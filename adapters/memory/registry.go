@@ -1,6 +1,8 @@
-// Package memory keeps the session registry in this process: sessions,
-// cloud nodes and online counts, for standalone runs and single-logic
-// deployments.
+// Package memory keeps state in this process, for standalone runs and
+// single-logic deployments: the session registry (sessions, cloud nodes
+// and online counts; pipeline.Registry), logic's idempotent replies
+// (idempotency.Store) and job's delivered-message ids
+// (pipeline.DedupeStore).
 package memory
 
 import (

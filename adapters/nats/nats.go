@@ -73,7 +73,17 @@ func streamConfig(name string, maxMsgs int64) jetstream.StreamConfig {
 const jsStoreFailed jetstream.ErrorCode = 10077
 
 func connect(url, name string) (*nc.Conn, jetstream.JetStream, error) {
-	conn, err := nc.Connect(url, nc.Name(name), nc.RetryOnFailedConnect(true), nc.ReconnectWait(time.Second), nc.MaxReconnects(-1))
+	// Reconnects back off as the other adapters' do (settle.Timing),
+	// rather than the client's fixed 2 s wait.
+	timing := settle.DefaultTiming()
+	reconnectDelay := func(attempts int) time.Duration {
+		d := timing.NextBackoff(0)
+		for range min(attempts, 32) - 1 {
+			d = timing.NextBackoff(d)
+		}
+		return d
+	}
+	conn, err := nc.Connect(url, nc.Name(name), nc.RetryOnFailedConnect(true), nc.CustomReconnectDelay(reconnectDelay), nc.MaxReconnects(-1))
 	if err != nil {
 		return nil, nil, fmt.Errorf("connect nats %s: %w", url, err)
 	}

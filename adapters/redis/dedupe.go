@@ -1,5 +1,7 @@
-// Package redis keeps shared state in Redis: the delivered-message ids
-// several jobs deduplicate against.
+// Package redis keeps the state several processes share in Redis: the
+// session registry (pipeline.Registry), logic's idempotent replies
+// (idempotency.Store) and the delivered-message ids several jobs
+// deduplicate against (pipeline.DedupeStore).
 package redis
 
 import (

@@ -49,7 +49,10 @@ type Timing struct {
 	// is delivered twice; broker.redisstream.redeliver_after sets it and
 	// config validation checks it (config.JobWorstCase).
 	MaxIdle time.Duration
-	// ClaimEvery is how often idle messages are looked for.
+	// ClaimEvery is how often idle messages are looked for (XAUTOCLAIM):
+	// Redis-only, so not among settle's shared timings; 10 s adds at most
+	// that to a dead consumer's message's wait, and is one cheap command
+	// per subscription per interval.
 	ClaimEvery time.Duration
 	// NackDelay holds a nacked message before it is redelivered, so that a
 	// failing message does not loop hot.

@@ -13,8 +13,8 @@ import (
 	"imcloud/stages/logic/token"
 )
 
-// ClientConfig says how bench clients connect.
-type ClientConfig struct {
+// clientConfig says how bench clients connect.
+type clientConfig struct {
 	// Target is ws://host:port/sub or host:port (TCP).
 	Target string
 	// Secret signs the clients' tokens (logic.auth.jwt_secret).
@@ -43,7 +43,7 @@ func targetHost(target string) string {
 
 // connectAll opens n authenticated clients, 128 at a time; claims gives
 // client i's token claims. It reports progress through connected.
-func connectAll(ctx context.Context, c ClientConfig, n int, claims func(i int) token.Claims, connected *atomic.Int64) ([]*client.Conn, error) {
+func connectAll(ctx context.Context, c clientConfig, n int, claims func(i int) token.Claims, connected *atomic.Int64) ([]*client.Conn, error) {
 	if err := loopbackOnly(targetHost(c.Target)); err != nil {
 		return nil, err
 	}

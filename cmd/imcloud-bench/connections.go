@@ -14,9 +14,9 @@ import (
 	"imcloud/stages/logic/token"
 )
 
-// ConnectionsConfig opens idle connections.
-type ConnectionsConfig struct {
-	ClientConfig
+// connectionsConfig opens idle connections.
+type connectionsConfig struct {
+	clientConfig
 	Clients int
 	// ServerPID, when set, is read from /proc for the server's memory.
 	ServerPID int
@@ -24,8 +24,8 @@ type ConnectionsConfig struct {
 	Hold time.Duration
 }
 
-// ConnectionsResult is what the connections mode measured.
-type ConnectionsResult struct {
+// connectionsResult is what the connections mode measured.
+type connectionsResult struct {
 	Clients        int     `json:"clients"`
 	Seconds        float64 `json:"connect_seconds"`
 	PerSecond      float64 `json:"connects_per_second"`
@@ -34,11 +34,11 @@ type ConnectionsResult struct {
 	BytesPerConn   float64 `json:"server_bytes_per_connection,omitempty"`
 }
 
-// Connections opens Clients idle, authenticated connections.
-func Connections(ctx context.Context, c ConnectionsConfig, progress io.Writer) (ConnectionsResult, error) {
+// connections opens Clients idle, authenticated connections.
+func connections(ctx context.Context, c connectionsConfig, progress io.Writer) (connectionsResult, error) {
 	before, err := rss(c.ServerPID)
 	if err != nil {
-		return ConnectionsResult{}, err
+		return connectionsResult{}, err
 	}
 	var connected atomic.Int64
 	stop := make(chan struct{})
@@ -46,14 +46,14 @@ func Connections(ctx context.Context, c ConnectionsConfig, progress io.Writer) (
 		return fmt.Sprintf("connections %s: %d of %d", e, connected.Load(), c.Clients)
 	})
 	start := time.Now()
-	conns, err := connectAll(ctx, c.ClientConfig, c.Clients, func(i int) token.Claims { return token.Claims{Mid: int64(i + 1)} }, &connected)
+	conns, err := connectAll(ctx, c.clientConfig, c.Clients, func(i int) token.Claims { return token.Claims{Mid: int64(i + 1)} }, &connected)
 	close(stop)
 	if err != nil {
-		return ConnectionsResult{}, err
+		return connectionsResult{}, err
 	}
 	defer closeAll(conns)
 	secs := time.Since(start).Seconds()
-	res := ConnectionsResult{Clients: c.Clients, Seconds: secs, PerSecond: float64(c.Clients) / secs}
+	res := connectionsResult{Clients: c.Clients, Seconds: secs, PerSecond: float64(c.Clients) / secs}
 	select {
 	case <-time.After(c.Hold):
 	case <-ctx.Done():
@@ -95,7 +95,7 @@ func rss(pid int) (int64, error) {
 }
 
 // Print writes the summary table.
-func (r ConnectionsResult) Print(w io.Writer) {
+func (r connectionsResult) Print(w io.Writer) {
 	rows := [][2]string{
 		{"mode", "connections"},
 		{"clients", fmt.Sprint(r.Clients)},

@@ -15,9 +15,9 @@ import (
 	"imcloud/stages/logic/token"
 )
 
-// FanoutConfig: clients spread over rooms, room pushes at a steady rate.
-type FanoutConfig struct {
-	ClientConfig
+// fanoutConfig: clients spread over rooms, room pushes at a steady rate.
+type fanoutConfig struct {
+	clientConfig
 	API      string // logic's HTTP address
 	APIKey   string
 	Clients  int
@@ -28,8 +28,8 @@ type FanoutConfig struct {
 	Drain time.Duration
 }
 
-// FanoutResult is what the fanout mode measured.
-type FanoutResult struct {
+// fanoutResult is what the fanout mode measured.
+type fanoutResult struct {
 	Clients      int         `json:"clients"`
 	Rooms        int         `json:"rooms"`
 	Pushes       int64       `json:"pushes_accepted"`
@@ -39,28 +39,28 @@ type FanoutResult struct {
 	Lost         int64       `json:"lost"`
 	Duplicated   int64       `json:"duplicated"`
 	PerSecond    float64     `json:"delivered_per_second"`
-	LatencyMs    Percentiles `json:"latency_ms"`
+	LatencyMs    percentiles `json:"latency_ms"`
 	Seconds      float64     `json:"seconds"` // first push to last delivery
 }
 
 // The message body: send time (Unix ns) and push sequence number.
 const bodyLen = 16
 
-// Fanout connects the clients, pushes to their rooms at Rate for
+// fanout connects the clients, pushes to their rooms at Rate for
 // Duration, and counts what arrives, when.
-func Fanout(ctx context.Context, c FanoutConfig, progress io.Writer) (FanoutResult, error) {
+func fanout(ctx context.Context, c fanoutConfig, progress io.Writer) (fanoutResult, error) {
 	if err := loopbackOnly(c.API); err != nil {
-		return FanoutResult{}, err
+		return fanoutResult{}, err
 	}
 	rooms := max(c.Rooms, 1)
 	room := func(i int) string { return fmt.Sprintf("bench-%d", i%rooms) }
 	var connected atomic.Int64
 	fmt.Fprintf(progress, "connecting %d clients to %s\n", c.Clients, c.Target)
-	conns, err := connectAll(ctx, c.ClientConfig, c.Clients, func(i int) token.Claims {
+	conns, err := connectAll(ctx, c.clientConfig, c.Clients, func(i int) token.Claims {
 		return token.Claims{Mid: int64(i + 1), Rooms: []string{"live://" + room(i)}}
 	}, &connected)
 	if err != nil {
-		return FanoutResult{}, err
+		return fanoutResult{}, err
 	}
 	defer closeAll(conns)
 	members := make([]int64, rooms)
@@ -70,7 +70,7 @@ func Fanout(ctx context.Context, c FanoutConfig, progress io.Writer) (FanoutResu
 
 	maxPushes := c.Rate*int(c.Duration/time.Second+1) + c.Rate
 	var (
-		lat       Latencies
+		lat       latencies
 		delivered atomic.Int64
 		dups      atomic.Int64
 		last      atomic.Int64 // Unix ns of the latest delivery
@@ -99,17 +99,17 @@ func Fanout(ctx context.Context, c FanoutConfig, progress io.Writer) (FanoutResu
 	// The rate counts from the first push to the last delivery: when the
 	// server falls behind, deliveries run on after the pushes stop.
 	secs := max(pushSecs, time.Duration(last.Load()-start.UnixNano()).Seconds())
-	res := FanoutResult{
+	res := fanoutResult{
 		Clients: c.Clients, Rooms: rooms, Pushes: accepted, PushFailures: failures,
 		Expected: expected, Delivered: delivered.Load(), Duplicated: dups.Load(),
 		Lost: max(expected-delivered.Load(), 0), PerSecond: float64(delivered.Load()) / secs,
-		LatencyMs: lat.Percentiles(), Seconds: secs,
+		LatencyMs: lat.percentiles(), Seconds: secs,
 	}
 	return res, nil
 }
 
 // read counts the distinct pushes a client receives and their latency.
-func read(conn *client.Conn, maxPushes int, lat *Latencies, delivered, dups, last *atomic.Int64) {
+func read(conn *client.Conn, maxPushes int, lat *latencies, delivered, dups, last *atomic.Int64) {
 	seen := make([]bool, maxPushes)
 	var mine []time.Duration
 	var latest int64
@@ -146,7 +146,7 @@ func read(conn *client.Conn, maxPushes int, lat *Latencies, delivered, dups, las
 // pushAtRate sends room pushes at c.Rate for c.Duration from a pool of
 // workers; pushes[seq] is the room index of each accepted push, -1 if it
 // failed.
-func pushAtRate(ctx context.Context, c FanoutConfig, rooms int, room func(int) string, delivered *atomic.Int64, progress io.Writer) ([]int, int64, float64) {
+func pushAtRate(ctx context.Context, c fanoutConfig, rooms int, room func(int) string, delivered *atomic.Int64, progress io.Writer) ([]int, int64, float64) {
 	total := c.Rate * int(c.Duration/time.Second)
 	pushes := make([]int, total)
 	var failures atomic.Int64
@@ -201,7 +201,7 @@ func pushAtRate(ctx context.Context, c FanoutConfig, rooms int, room func(int) s
 }
 
 // Print writes the summary table.
-func (r FanoutResult) Print(w io.Writer) {
+func (r fanoutResult) Print(w io.Writer) {
 	table(w, [][2]string{
 		{"mode", "fanout"},
 		{"clients / rooms", fmt.Sprintf("%d / %d", r.Clients, r.Rooms)},

@@ -85,19 +85,19 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		}
 		defer pprof.StopCPUProfile()
 	}
-	cc := ClientConfig{Target: target, Secret: secret}
+	cc := clientConfig{Target: target, Secret: secret}
 	var (
 		result interface{ Print(io.Writer) }
 		err    error
 	)
 	switch fs.Arg(0) {
 	case "fanout":
-		result, err = Fanout(ctx, FanoutConfig{ClientConfig: cc, API: api, APIKey: apiKey,
+		result, err = fanout(ctx, fanoutConfig{clientConfig: cc, API: api, APIKey: apiKey,
 			Clients: clients, Rooms: rooms, Rate: rate, Duration: duration, Drain: drain}, stderr)
 	case "connections":
-		result, err = Connections(ctx, ConnectionsConfig{ClientConfig: cc, Clients: clients, ServerPID: pid, Hold: hold}, stderr)
+		result, err = connections(ctx, connectionsConfig{clientConfig: cc, Clients: clients, ServerPID: pid, Hold: hold}, stderr)
 	case "push":
-		result, err = Push(ctx, PushConfig{API: api, APIKey: apiKey, Concurrency: conc, Duration: duration, Route: route}, stderr)
+		result, err = push(ctx, pushConfig{API: api, APIKey: apiKey, Concurrency: conc, Duration: duration, Route: route}, stderr)
 	default:
 		return fmt.Errorf("bench: unknown mode %q", fs.Arg(0))
 	}

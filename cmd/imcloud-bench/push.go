@@ -13,8 +13,8 @@ import (
 	"github.com/valyala/fasthttp"
 )
 
-// PushConfig drives the HTTP push API.
-type PushConfig struct {
+// pushConfig drives the HTTP push API.
+type pushConfig struct {
 	API         string // logic's HTTP address, host:port
 	APIKey      string
 	Concurrency int
@@ -23,24 +23,24 @@ type PushConfig struct {
 	Route string
 }
 
-// PushResult is what the push mode measured.
-type PushResult struct {
+// pushResult is what the push mode measured.
+type pushResult struct {
 	Requests    int64       `json:"requests"`
 	Failed      int64       `json:"failed"`
 	PerSecond   float64     `json:"requests_per_second"`
-	LatencyMs   Percentiles `json:"latency_ms"`
+	LatencyMs   percentiles `json:"latency_ms"`
 	Concurrency int         `json:"concurrency"`
 	Seconds     float64     `json:"seconds"`
 }
 
-// Push sends pushes from Concurrency workers for Duration.
-func Push(ctx context.Context, c PushConfig, progress io.Writer) (PushResult, error) {
+// push sends pushes from Concurrency workers for Duration.
+func push(ctx context.Context, c pushConfig, progress io.Writer) (pushResult, error) {
 	if err := loopbackOnly(c.API); err != nil {
-		return PushResult{}, err
+		return pushResult{}, err
 	}
 	target := "http://" + c.API + c.Route
 	if _, err := url.Parse(target); err != nil {
-		return PushResult{}, fmt.Errorf("route %q: %w", c.Route, err)
+		return pushResult{}, fmt.Errorf("route %q: %w", c.Route, err)
 	}
 	// fasthttp rather than net/http: the load generator shares the cores
 	// with the server it measures, and net/http's client (two goroutines
@@ -51,7 +51,7 @@ func Push(ctx context.Context, c PushConfig, progress io.Writer) (PushResult, er
 	ctx, cancel := context.WithTimeout(ctx, c.Duration)
 	defer cancel()
 	var ok, failed atomic.Int64
-	var lat Latencies
+	var lat latencies
 	stop := make(chan struct{})
 	go ticker(progress, stop, func(e time.Duration) string {
 		return fmt.Sprintf("push %s: %d ok, %d failed", e, ok.Load(), failed.Load())
@@ -89,14 +89,14 @@ func Push(ctx context.Context, c PushConfig, progress io.Writer) (PushResult, er
 	wg.Wait()
 	close(stop)
 	secs := time.Since(start).Seconds()
-	return PushResult{
+	return pushResult{
 		Requests: ok.Load(), Failed: failed.Load(), PerSecond: float64(ok.Load()) / secs,
-		LatencyMs: lat.Percentiles(), Concurrency: c.Concurrency, Seconds: secs,
+		LatencyMs: lat.percentiles(), Concurrency: c.Concurrency, Seconds: secs,
 	}, nil
 }
 
 // Print writes the summary table.
-func (r PushResult) Print(w io.Writer) {
+func (r pushResult) Print(w io.Writer) {
 	table(w, [][2]string{
 		{"mode", "push"},
 		{"concurrency", fmt.Sprint(r.Concurrency)},

@@ -1,6 +1,3 @@
-// Package bench is imcloud's load tool: it drives a running server over
-// loopback (HTTP pushes, WebSocket and TCP clients) and reports
-// throughput, latency percentiles, losses and memory.
 package main
 
 import (
@@ -13,43 +10,43 @@ import (
 	"time"
 )
 
-// Latencies collects samples from many goroutines.
-type Latencies struct {
+// latencies collects samples from many goroutines.
+type latencies struct {
 	mu      sync.Mutex
 	samples []time.Duration
 }
 
 // Add records one sample.
-func (l *Latencies) Add(d time.Duration) {
+func (l *latencies) Add(d time.Duration) {
 	l.mu.Lock()
 	l.samples = append(l.samples, d)
 	l.mu.Unlock()
 }
 
 // AddAll records a goroutine's batch of samples.
-func (l *Latencies) AddAll(ds []time.Duration) {
+func (l *latencies) AddAll(ds []time.Duration) {
 	l.mu.Lock()
 	l.samples = append(l.samples, ds...)
 	l.mu.Unlock()
 }
 
-// Percentiles of the samples, in milliseconds.
-type Percentiles struct {
+// percentiles of the samples, in milliseconds.
+type percentiles struct {
 	P50, P90, P99, P999, Max float64
 }
 
-// Percentiles computes the summary.
-func (l *Latencies) Percentiles() Percentiles {
+// percentiles computes the summary.
+func (l *latencies) percentiles() percentiles {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if len(l.samples) == 0 {
-		return Percentiles{}
+		return percentiles{}
 	}
 	slices.Sort(l.samples)
 	at := func(q float64) float64 {
 		return float64(l.samples[int(q*float64(len(l.samples)-1))]) / float64(time.Millisecond)
 	}
-	return Percentiles{P50: at(0.5), P90: at(0.9), P99: at(0.99), P999: at(0.999), Max: at(1)}
+	return percentiles{P50: at(0.5), P90: at(0.9), P99: at(0.99), P999: at(0.999), Max: at(1)}
 }
 
 // table prints rows of name/value pairs aligned.

@@ -17,21 +17,23 @@ import (
 // Timing holds the adapters' timing defaults; every value says why.
 type Timing struct {
 	// NackDelay holds a nacked message before the broker redelivers it,
-	// so that a failing message is not redelivered in a hot loop. A nack
-	// comes after job's retry middleware gave up (6 attempts, 3.1 s of
-	// backoff), so the delay only paces the loop; 1 s was chosen, not
-	// measured, when the AMQP subscriber (114279f) and the NATS one
-	// (d261cf4) were written, and Redis Streams uses the same.
+	// so that a failing message is not redelivered in a hot loop. Job
+	// nacks only what it hands back: a message held for a configuration
+	// fault (a wrong cluster.secret), or one whose poison publish failed;
+	// what fails every retry is poisoned and acked. The delay only paces
+	// that loop; 1 s was chosen, not measured, when the AMQP subscriber
+	// (114279f) and the NATS one (d261cf4) were written, and Redis
+	// Streams uses the same.
 	NackDelay time.Duration
 	// AckTimeout is how long a handed-out message may stay unsettled
 	// before its handler is presumed gone and the broker gives the
 	// message to another job (JetStream AckWait, Redis Streams MaxIdle,
 	// and the AMQP subscriber's requeue). It must exceed what job spends
-	// on one message, or a message still being worked on is doubled: with
-	// the defaults, retries take at most ~33 s (6 attempts of up to
-	// job.timeout 5 s, 3.1 s of backoff), and a held message stays
-	// unacked up to job.offline_grace (30 s, at most 1 min) or 30 s for a
-	// configuration fault. 2 min exceeds each.
+	// on one message, or a message still being worked on is doubled:
+	// config.JobWorstCase sums it (1m44.2s with the defaults), and the
+	// adapters package sets this from broker.*.redeliver_after, which
+	// start-up refuses at or below that sum. 2 min is those keys'
+	// default; this one serves an adapter built without them (tests).
 	AckTimeout time.Duration
 	// ReconnectFirst and ReconnectMax bound the backoff between attempts
 	// to reach a broker that dropped the connection: the first retry

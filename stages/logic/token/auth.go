@@ -1,3 +1,8 @@
+// Package token verifies what a client sends to authenticate (a signed
+// JWT, or goim's plain JSON in insecure-json mode) and turns it into an
+// Identity, and signs client tokens. It is the one place token claims
+// are read and written: logic verifies with it, and imcloud token, the
+// load generator and the tests sign with it, so they cannot drift.
 package token
 
 import (

@@ -330,7 +330,7 @@ func (p *Process) startJob(ctx context.Context) error {
 	switch {
 	case len(cfg.Job.CloudAddrs) > 0:
 		nodes = job.StaticNodes(cfg.Job.CloudAddrs)
-	case cfg.Has(config.StageLogic) || cfg.Registry.Kind == config.RegistryRedis:
+	case cfg.Has(config.StageLogic) || p.stores.Shared:
 		nodes = p.stores.Registry
 	default:
 		return errors.New("job.cloud_addrs: job cannot see the cloud nodes: use registry.kind = \"redis\", list them here, or run job with logic (the memory registry lives in logic's process)")
