@@ -21,6 +21,326 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type HistoryReq struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Stream string                 `protobuf:"bytes,1,opt,name=stream,proto3" json:"stream,omitempty"`
+	// The epoch the caller's position belongs to.
+	Epoch string `protobuf:"bytes,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	// Entries after this position are wanted.
+	After uint64 `protobuf:"varint,3,opt,name=after,proto3" json:"after,omitempty"`
+	// At most this many; logic caps it.
+	Limit         int32 `protobuf:"varint,4,opt,name=limit,proto3" json:"limit,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HistoryReq) Reset() {
+	*x = HistoryReq{}
+	mi := &file_logic_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HistoryReq) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HistoryReq) ProtoMessage() {}
+
+func (x *HistoryReq) ProtoReflect() protoreflect.Message {
+	mi := &file_logic_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HistoryReq.ProtoReflect.Descriptor instead.
+func (*HistoryReq) Descriptor() ([]byte, []int) {
+	return file_logic_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *HistoryReq) GetStream() string {
+	if x != nil {
+		return x.Stream
+	}
+	return ""
+}
+
+func (x *HistoryReq) GetEpoch() string {
+	if x != nil {
+		return x.Epoch
+	}
+	return ""
+}
+
+func (x *HistoryReq) GetAfter() uint64 {
+	if x != nil {
+		return x.After
+	}
+	return 0
+}
+
+func (x *HistoryReq) GetLimit() int32 {
+	if x != nil {
+		return x.Limit
+	}
+	return 0
+}
+
+type HistoryReply struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Oldest first.
+	Entries []*HistoryEntry `protobuf:"bytes,1,rep,name=entries,proto3" json:"entries,omitempty"`
+	// The stream's current epoch and last position.
+	Top *StreamPos `protobuf:"bytes,2,opt,name=top,proto3" json:"top,omitempty"`
+	// Set when not every entry after `after` can be given: "epoch" (the
+	// stream's history was lost since: the position means nothing now) or
+	// "trimmed" (some are older than the history keeps).
+	Unrecoverable string `protobuf:"bytes,3,opt,name=unrecoverable,proto3" json:"unrecoverable,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HistoryReply) Reset() {
+	*x = HistoryReply{}
+	mi := &file_logic_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HistoryReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HistoryReply) ProtoMessage() {}
+
+func (x *HistoryReply) ProtoReflect() protoreflect.Message {
+	mi := &file_logic_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HistoryReply.ProtoReflect.Descriptor instead.
+func (*HistoryReply) Descriptor() ([]byte, []int) {
+	return file_logic_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *HistoryReply) GetEntries() []*HistoryEntry {
+	if x != nil {
+		return x.Entries
+	}
+	return nil
+}
+
+func (x *HistoryReply) GetTop() *StreamPos {
+	if x != nil {
+		return x.Top
+	}
+	return nil
+}
+
+func (x *HistoryReply) GetUnrecoverable() string {
+	if x != nil {
+		return x.Unrecoverable
+	}
+	return ""
+}
+
+type TopsReq struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Streams       []string               `protobuf:"bytes,1,rep,name=streams,proto3" json:"streams,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TopsReq) Reset() {
+	*x = TopsReq{}
+	mi := &file_logic_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TopsReq) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TopsReq) ProtoMessage() {}
+
+func (x *TopsReq) ProtoReflect() protoreflect.Message {
+	mi := &file_logic_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TopsReq.ProtoReflect.Descriptor instead.
+func (*TopsReq) Descriptor() ([]byte, []int) {
+	return file_logic_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *TopsReq) GetStreams() []string {
+	if x != nil {
+		return x.Streams
+	}
+	return nil
+}
+
+type TopsReply struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Tops          []*StreamPos           `protobuf:"bytes,1,rep,name=tops,proto3" json:"tops,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TopsReply) Reset() {
+	*x = TopsReply{}
+	mi := &file_logic_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TopsReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TopsReply) ProtoMessage() {}
+
+func (x *TopsReply) ProtoReflect() protoreflect.Message {
+	mi := &file_logic_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TopsReply.ProtoReflect.Descriptor instead.
+func (*TopsReply) Descriptor() ([]byte, []int) {
+	return file_logic_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *TopsReply) GetTops() []*StreamPos {
+	if x != nil {
+		return x.Tops
+	}
+	return nil
+}
+
+type AckReq struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Mid           int64                  `protobuf:"varint,1,opt,name=mid,proto3" json:"mid,omitempty"`
+	Epoch         string                 `protobuf:"bytes,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	Pos           uint64                 `protobuf:"varint,3,opt,name=pos,proto3" json:"pos,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AckReq) Reset() {
+	*x = AckReq{}
+	mi := &file_logic_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AckReq) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AckReq) ProtoMessage() {}
+
+func (x *AckReq) ProtoReflect() protoreflect.Message {
+	mi := &file_logic_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AckReq.ProtoReflect.Descriptor instead.
+func (*AckReq) Descriptor() ([]byte, []int) {
+	return file_logic_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *AckReq) GetMid() int64 {
+	if x != nil {
+		return x.Mid
+	}
+	return 0
+}
+
+func (x *AckReq) GetEpoch() string {
+	if x != nil {
+		return x.Epoch
+	}
+	return ""
+}
+
+func (x *AckReq) GetPos() uint64 {
+	if x != nil {
+		return x.Pos
+	}
+	return 0
+}
+
+type AckReply struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AckReply) Reset() {
+	*x = AckReply{}
+	mi := &file_logic_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AckReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AckReply) ProtoMessage() {}
+
+func (x *AckReply) ProtoReflect() protoreflect.Message {
+	mi := &file_logic_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AckReply.ProtoReflect.Descriptor instead.
+func (*AckReply) Descriptor() ([]byte, []int) {
+	return file_logic_proto_rawDescGZIP(), []int{5}
+}
+
 type ConnectReq struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Node id of the cloud node the client is connected to.
@@ -40,7 +360,7 @@ type ConnectReq struct {
 
 func (x *ConnectReq) Reset() {
 	*x = ConnectReq{}
-	mi := &file_logic_proto_msgTypes[0]
+	mi := &file_logic_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -52,7 +372,7 @@ func (x *ConnectReq) String() string {
 func (*ConnectReq) ProtoMessage() {}
 
 func (x *ConnectReq) ProtoReflect() protoreflect.Message {
-	mi := &file_logic_proto_msgTypes[0]
+	mi := &file_logic_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -65,7 +385,7 @@ func (x *ConnectReq) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConnectReq.ProtoReflect.Descriptor instead.
 func (*ConnectReq) Descriptor() ([]byte, []int) {
-	return file_logic_proto_rawDescGZIP(), []int{0}
+	return file_logic_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ConnectReq) GetServer() string {
@@ -122,7 +442,7 @@ type ConnectReply struct {
 
 func (x *ConnectReply) Reset() {
 	*x = ConnectReply{}
-	mi := &file_logic_proto_msgTypes[1]
+	mi := &file_logic_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -134,7 +454,7 @@ func (x *ConnectReply) String() string {
 func (*ConnectReply) ProtoMessage() {}
 
 func (x *ConnectReply) ProtoReflect() protoreflect.Message {
-	mi := &file_logic_proto_msgTypes[1]
+	mi := &file_logic_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -147,7 +467,7 @@ func (x *ConnectReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConnectReply.ProtoReflect.Descriptor instead.
 func (*ConnectReply) Descriptor() ([]byte, []int) {
-	return file_logic_proto_rawDescGZIP(), []int{1}
+	return file_logic_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ConnectReply) GetMid() int64 {
@@ -233,7 +553,7 @@ type DisconnectReq struct {
 
 func (x *DisconnectReq) Reset() {
 	*x = DisconnectReq{}
-	mi := &file_logic_proto_msgTypes[2]
+	mi := &file_logic_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -245,7 +565,7 @@ func (x *DisconnectReq) String() string {
 func (*DisconnectReq) ProtoMessage() {}
 
 func (x *DisconnectReq) ProtoReflect() protoreflect.Message {
-	mi := &file_logic_proto_msgTypes[2]
+	mi := &file_logic_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -258,7 +578,7 @@ func (x *DisconnectReq) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DisconnectReq.ProtoReflect.Descriptor instead.
 func (*DisconnectReq) Descriptor() ([]byte, []int) {
-	return file_logic_proto_rawDescGZIP(), []int{2}
+	return file_logic_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *DisconnectReq) GetMid() int64 {
@@ -298,7 +618,7 @@ type DisconnectReply struct {
 
 func (x *DisconnectReply) Reset() {
 	*x = DisconnectReply{}
-	mi := &file_logic_proto_msgTypes[3]
+	mi := &file_logic_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -310,7 +630,7 @@ func (x *DisconnectReply) String() string {
 func (*DisconnectReply) ProtoMessage() {}
 
 func (x *DisconnectReply) ProtoReflect() protoreflect.Message {
-	mi := &file_logic_proto_msgTypes[3]
+	mi := &file_logic_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -323,7 +643,7 @@ func (x *DisconnectReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DisconnectReply.ProtoReflect.Descriptor instead.
 func (*DisconnectReply) Descriptor() ([]byte, []int) {
-	return file_logic_proto_rawDescGZIP(), []int{3}
+	return file_logic_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *DisconnectReply) GetHas() bool {
@@ -346,7 +666,7 @@ type HeartbeatReq struct {
 
 func (x *HeartbeatReq) Reset() {
 	*x = HeartbeatReq{}
-	mi := &file_logic_proto_msgTypes[4]
+	mi := &file_logic_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -358,7 +678,7 @@ func (x *HeartbeatReq) String() string {
 func (*HeartbeatReq) ProtoMessage() {}
 
 func (x *HeartbeatReq) ProtoReflect() protoreflect.Message {
-	mi := &file_logic_proto_msgTypes[4]
+	mi := &file_logic_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -371,7 +691,7 @@ func (x *HeartbeatReq) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatReq.ProtoReflect.Descriptor instead.
 func (*HeartbeatReq) Descriptor() ([]byte, []int) {
-	return file_logic_proto_rawDescGZIP(), []int{4}
+	return file_logic_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *HeartbeatReq) GetMid() int64 {
@@ -410,7 +730,7 @@ type HeartbeatReply struct {
 
 func (x *HeartbeatReply) Reset() {
 	*x = HeartbeatReply{}
-	mi := &file_logic_proto_msgTypes[5]
+	mi := &file_logic_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -422,7 +742,7 @@ func (x *HeartbeatReply) String() string {
 func (*HeartbeatReply) ProtoMessage() {}
 
 func (x *HeartbeatReply) ProtoReflect() protoreflect.Message {
-	mi := &file_logic_proto_msgTypes[5]
+	mi := &file_logic_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -435,7 +755,7 @@ func (x *HeartbeatReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use HeartbeatReply.ProtoReflect.Descriptor instead.
 func (*HeartbeatReply) Descriptor() ([]byte, []int) {
-	return file_logic_proto_rawDescGZIP(), []int{5}
+	return file_logic_proto_rawDescGZIP(), []int{11}
 }
 
 type RenewOnlineReq struct {
@@ -447,7 +767,7 @@ type RenewOnlineReq struct {
 
 func (x *RenewOnlineReq) Reset() {
 	*x = RenewOnlineReq{}
-	mi := &file_logic_proto_msgTypes[6]
+	mi := &file_logic_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -459,7 +779,7 @@ func (x *RenewOnlineReq) String() string {
 func (*RenewOnlineReq) ProtoMessage() {}
 
 func (x *RenewOnlineReq) ProtoReflect() protoreflect.Message {
-	mi := &file_logic_proto_msgTypes[6]
+	mi := &file_logic_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -472,7 +792,7 @@ func (x *RenewOnlineReq) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewOnlineReq.ProtoReflect.Descriptor instead.
 func (*RenewOnlineReq) Descriptor() ([]byte, []int) {
-	return file_logic_proto_rawDescGZIP(), []int{6}
+	return file_logic_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *RenewOnlineReq) GetNode() *NodeInfo {
@@ -508,7 +828,7 @@ type NodeInfo struct {
 
 func (x *NodeInfo) Reset() {
 	*x = NodeInfo{}
-	mi := &file_logic_proto_msgTypes[7]
+	mi := &file_logic_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -520,7 +840,7 @@ func (x *NodeInfo) String() string {
 func (*NodeInfo) ProtoMessage() {}
 
 func (x *NodeInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_logic_proto_msgTypes[7]
+	mi := &file_logic_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -533,7 +853,7 @@ func (x *NodeInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeInfo.ProtoReflect.Descriptor instead.
 func (*NodeInfo) Descriptor() ([]byte, []int) {
-	return file_logic_proto_rawDescGZIP(), []int{7}
+	return file_logic_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *NodeInfo) GetId() string {
@@ -623,7 +943,7 @@ type RenewOnlineReply struct {
 
 func (x *RenewOnlineReply) Reset() {
 	*x = RenewOnlineReply{}
-	mi := &file_logic_proto_msgTypes[8]
+	mi := &file_logic_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -635,7 +955,7 @@ func (x *RenewOnlineReply) String() string {
 func (*RenewOnlineReply) ProtoMessage() {}
 
 func (x *RenewOnlineReply) ProtoReflect() protoreflect.Message {
-	mi := &file_logic_proto_msgTypes[8]
+	mi := &file_logic_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -648,7 +968,7 @@ func (x *RenewOnlineReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RenewOnlineReply.ProtoReflect.Descriptor instead.
 func (*RenewOnlineReply) Descriptor() ([]byte, []int) {
-	return file_logic_proto_rawDescGZIP(), []int{8}
+	return file_logic_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *RenewOnlineReply) GetAllRoomCount() map[string]int32 {
@@ -669,7 +989,7 @@ type ReceiveReq struct {
 
 func (x *ReceiveReq) Reset() {
 	*x = ReceiveReq{}
-	mi := &file_logic_proto_msgTypes[9]
+	mi := &file_logic_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -681,7 +1001,7 @@ func (x *ReceiveReq) String() string {
 func (*ReceiveReq) ProtoMessage() {}
 
 func (x *ReceiveReq) ProtoReflect() protoreflect.Message {
-	mi := &file_logic_proto_msgTypes[9]
+	mi := &file_logic_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -694,7 +1014,7 @@ func (x *ReceiveReq) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReceiveReq.ProtoReflect.Descriptor instead.
 func (*ReceiveReq) Descriptor() ([]byte, []int) {
-	return file_logic_proto_rawDescGZIP(), []int{9}
+	return file_logic_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ReceiveReq) GetMid() int64 {
@@ -726,7 +1046,7 @@ type ReceiveReply struct {
 
 func (x *ReceiveReply) Reset() {
 	*x = ReceiveReply{}
-	mi := &file_logic_proto_msgTypes[10]
+	mi := &file_logic_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -738,7 +1058,7 @@ func (x *ReceiveReply) String() string {
 func (*ReceiveReply) ProtoMessage() {}
 
 func (x *ReceiveReply) ProtoReflect() protoreflect.Message {
-	mi := &file_logic_proto_msgTypes[10]
+	mi := &file_logic_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -751,7 +1071,7 @@ func (x *ReceiveReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReceiveReply.ProtoReflect.Descriptor instead.
 func (*ReceiveReply) Descriptor() ([]byte, []int) {
-	return file_logic_proto_rawDescGZIP(), []int{10}
+	return file_logic_proto_rawDescGZIP(), []int{16}
 }
 
 type NodesReq struct {
@@ -764,7 +1084,7 @@ type NodesReq struct {
 
 func (x *NodesReq) Reset() {
 	*x = NodesReq{}
-	mi := &file_logic_proto_msgTypes[11]
+	mi := &file_logic_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -776,7 +1096,7 @@ func (x *NodesReq) String() string {
 func (*NodesReq) ProtoMessage() {}
 
 func (x *NodesReq) ProtoReflect() protoreflect.Message {
-	mi := &file_logic_proto_msgTypes[11]
+	mi := &file_logic_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -789,7 +1109,7 @@ func (x *NodesReq) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodesReq.ProtoReflect.Descriptor instead.
 func (*NodesReq) Descriptor() ([]byte, []int) {
-	return file_logic_proto_rawDescGZIP(), []int{11}
+	return file_logic_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *NodesReq) GetPlatform() string {
@@ -821,7 +1141,7 @@ type NodesReply struct {
 
 func (x *NodesReply) Reset() {
 	*x = NodesReply{}
-	mi := &file_logic_proto_msgTypes[12]
+	mi := &file_logic_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -833,7 +1153,7 @@ func (x *NodesReply) String() string {
 func (*NodesReply) ProtoMessage() {}
 
 func (x *NodesReply) ProtoReflect() protoreflect.Message {
-	mi := &file_logic_proto_msgTypes[12]
+	mi := &file_logic_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -846,7 +1166,7 @@ func (x *NodesReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodesReply.ProtoReflect.Descriptor instead.
 func (*NodesReply) Descriptor() ([]byte, []int) {
-	return file_logic_proto_rawDescGZIP(), []int{12}
+	return file_logic_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *NodesReply) GetNodes() []string {
@@ -904,7 +1224,27 @@ const file_logic_proto_rawDesc = "" +
 	"\n" +
 	"\vlogic.proto\x12\n" +
 	"imcloud.v1\x1a\n" +
-	"push.proto\"o\n" +
+	"push.proto\"f\n" +
+	"\n" +
+	"HistoryReq\x12\x16\n" +
+	"\x06stream\x18\x01 \x01(\tR\x06stream\x12\x14\n" +
+	"\x05epoch\x18\x02 \x01(\tR\x05epoch\x12\x14\n" +
+	"\x05after\x18\x03 \x01(\x04R\x05after\x12\x14\n" +
+	"\x05limit\x18\x04 \x01(\x05R\x05limit\"\x91\x01\n" +
+	"\fHistoryReply\x122\n" +
+	"\aentries\x18\x01 \x03(\v2\x18.imcloud.v1.HistoryEntryR\aentries\x12'\n" +
+	"\x03top\x18\x02 \x01(\v2\x15.imcloud.v1.StreamPosR\x03top\x12$\n" +
+	"\runrecoverable\x18\x03 \x01(\tR\runrecoverable\"#\n" +
+	"\aTopsReq\x12\x18\n" +
+	"\astreams\x18\x01 \x03(\tR\astreams\"6\n" +
+	"\tTopsReply\x12)\n" +
+	"\x04tops\x18\x01 \x03(\v2\x15.imcloud.v1.StreamPosR\x04tops\"B\n" +
+	"\x06AckReq\x12\x10\n" +
+	"\x03mid\x18\x01 \x01(\x03R\x03mid\x12\x14\n" +
+	"\x05epoch\x18\x02 \x01(\tR\x05epoch\x12\x10\n" +
+	"\x03pos\x18\x03 \x01(\x04R\x03pos\"\n" +
+	"\n" +
+	"\bAckReply\"o\n" +
 	"\n" +
 	"ConnectReq\x12\x16\n" +
 	"\x06server\x18\x01 \x01(\tR\x06server\x12\x14\n" +
@@ -982,7 +1322,7 @@ const file_logic_proto_rawDesc = "" +
 	"\bwss_port\x18\x04 \x01(\x05R\awssPort\x12\x1c\n" +
 	"\theartbeat\x18\x05 \x01(\x05R\theartbeat\x12#\n" +
 	"\rheartbeat_max\x18\x06 \x01(\x05R\fheartbeatMax\x12*\n" +
-	"\x11backoff_max_delay\x18\a \x01(\x05R\x0fbackoffMaxDelay2\x8a\x03\n" +
+	"\x11backoff_max_delay\x18\a \x01(\x05R\x0fbackoffMaxDelay2\xac\x04\n" +
 	"\x05Logic\x12;\n" +
 	"\aConnect\x12\x16.imcloud.v1.ConnectReq\x1a\x18.imcloud.v1.ConnectReply\x12D\n" +
 	"\n" +
@@ -990,7 +1330,10 @@ const file_logic_proto_rawDesc = "" +
 	"\tHeartbeat\x12\x18.imcloud.v1.HeartbeatReq\x1a\x1a.imcloud.v1.HeartbeatReply\x12G\n" +
 	"\vRenewOnline\x12\x1a.imcloud.v1.RenewOnlineReq\x1a\x1c.imcloud.v1.RenewOnlineReply\x12;\n" +
 	"\aReceive\x12\x16.imcloud.v1.ReceiveReq\x1a\x18.imcloud.v1.ReceiveReply\x125\n" +
-	"\x05Nodes\x12\x14.imcloud.v1.NodesReq\x1a\x16.imcloud.v1.NodesReplyB\x15Z\x13imcloud/proto/pb;pbb\x06proto3"
+	"\x05Nodes\x12\x14.imcloud.v1.NodesReq\x1a\x16.imcloud.v1.NodesReply\x12;\n" +
+	"\aHistory\x12\x16.imcloud.v1.HistoryReq\x1a\x18.imcloud.v1.HistoryReply\x122\n" +
+	"\x04Tops\x12\x13.imcloud.v1.TopsReq\x1a\x15.imcloud.v1.TopsReply\x12/\n" +
+	"\x03Ack\x12\x12.imcloud.v1.AckReq\x1a\x14.imcloud.v1.AckReplyB\x15Z\x13imcloud/proto/pb;pbb\x06proto3"
 
 var (
 	file_logic_proto_rawDescOnce sync.Once
@@ -1004,47 +1347,64 @@ func file_logic_proto_rawDescGZIP() []byte {
 	return file_logic_proto_rawDescData
 }
 
-var file_logic_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_logic_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
 var file_logic_proto_goTypes = []any{
-	(*ConnectReq)(nil),       // 0: imcloud.v1.ConnectReq
-	(*ConnectReply)(nil),     // 1: imcloud.v1.ConnectReply
-	(*DisconnectReq)(nil),    // 2: imcloud.v1.DisconnectReq
-	(*DisconnectReply)(nil),  // 3: imcloud.v1.DisconnectReply
-	(*HeartbeatReq)(nil),     // 4: imcloud.v1.HeartbeatReq
-	(*HeartbeatReply)(nil),   // 5: imcloud.v1.HeartbeatReply
-	(*RenewOnlineReq)(nil),   // 6: imcloud.v1.RenewOnlineReq
-	(*NodeInfo)(nil),         // 7: imcloud.v1.NodeInfo
-	(*RenewOnlineReply)(nil), // 8: imcloud.v1.RenewOnlineReply
-	(*ReceiveReq)(nil),       // 9: imcloud.v1.ReceiveReq
-	(*ReceiveReply)(nil),     // 10: imcloud.v1.ReceiveReply
-	(*NodesReq)(nil),         // 11: imcloud.v1.NodesReq
-	(*NodesReply)(nil),       // 12: imcloud.v1.NodesReply
-	nil,                      // 13: imcloud.v1.NodeInfo.RoomCountEntry
-	nil,                      // 14: imcloud.v1.RenewOnlineReply.AllRoomCountEntry
-	(*Proto)(nil),            // 15: imcloud.v1.Proto
+	(*HistoryReq)(nil),       // 0: imcloud.v1.HistoryReq
+	(*HistoryReply)(nil),     // 1: imcloud.v1.HistoryReply
+	(*TopsReq)(nil),          // 2: imcloud.v1.TopsReq
+	(*TopsReply)(nil),        // 3: imcloud.v1.TopsReply
+	(*AckReq)(nil),           // 4: imcloud.v1.AckReq
+	(*AckReply)(nil),         // 5: imcloud.v1.AckReply
+	(*ConnectReq)(nil),       // 6: imcloud.v1.ConnectReq
+	(*ConnectReply)(nil),     // 7: imcloud.v1.ConnectReply
+	(*DisconnectReq)(nil),    // 8: imcloud.v1.DisconnectReq
+	(*DisconnectReply)(nil),  // 9: imcloud.v1.DisconnectReply
+	(*HeartbeatReq)(nil),     // 10: imcloud.v1.HeartbeatReq
+	(*HeartbeatReply)(nil),   // 11: imcloud.v1.HeartbeatReply
+	(*RenewOnlineReq)(nil),   // 12: imcloud.v1.RenewOnlineReq
+	(*NodeInfo)(nil),         // 13: imcloud.v1.NodeInfo
+	(*RenewOnlineReply)(nil), // 14: imcloud.v1.RenewOnlineReply
+	(*ReceiveReq)(nil),       // 15: imcloud.v1.ReceiveReq
+	(*ReceiveReply)(nil),     // 16: imcloud.v1.ReceiveReply
+	(*NodesReq)(nil),         // 17: imcloud.v1.NodesReq
+	(*NodesReply)(nil),       // 18: imcloud.v1.NodesReply
+	nil,                      // 19: imcloud.v1.NodeInfo.RoomCountEntry
+	nil,                      // 20: imcloud.v1.RenewOnlineReply.AllRoomCountEntry
+	(*HistoryEntry)(nil),     // 21: imcloud.v1.HistoryEntry
+	(*StreamPos)(nil),        // 22: imcloud.v1.StreamPos
+	(*Proto)(nil),            // 23: imcloud.v1.Proto
 }
 var file_logic_proto_depIdxs = []int32{
-	7,  // 0: imcloud.v1.RenewOnlineReq.node:type_name -> imcloud.v1.NodeInfo
-	13, // 1: imcloud.v1.NodeInfo.room_count:type_name -> imcloud.v1.NodeInfo.RoomCountEntry
-	14, // 2: imcloud.v1.RenewOnlineReply.all_room_count:type_name -> imcloud.v1.RenewOnlineReply.AllRoomCountEntry
-	15, // 3: imcloud.v1.ReceiveReq.proto:type_name -> imcloud.v1.Proto
-	0,  // 4: imcloud.v1.Logic.Connect:input_type -> imcloud.v1.ConnectReq
-	2,  // 5: imcloud.v1.Logic.Disconnect:input_type -> imcloud.v1.DisconnectReq
-	4,  // 6: imcloud.v1.Logic.Heartbeat:input_type -> imcloud.v1.HeartbeatReq
-	6,  // 7: imcloud.v1.Logic.RenewOnline:input_type -> imcloud.v1.RenewOnlineReq
-	9,  // 8: imcloud.v1.Logic.Receive:input_type -> imcloud.v1.ReceiveReq
-	11, // 9: imcloud.v1.Logic.Nodes:input_type -> imcloud.v1.NodesReq
-	1,  // 10: imcloud.v1.Logic.Connect:output_type -> imcloud.v1.ConnectReply
-	3,  // 11: imcloud.v1.Logic.Disconnect:output_type -> imcloud.v1.DisconnectReply
-	5,  // 12: imcloud.v1.Logic.Heartbeat:output_type -> imcloud.v1.HeartbeatReply
-	8,  // 13: imcloud.v1.Logic.RenewOnline:output_type -> imcloud.v1.RenewOnlineReply
-	10, // 14: imcloud.v1.Logic.Receive:output_type -> imcloud.v1.ReceiveReply
-	12, // 15: imcloud.v1.Logic.Nodes:output_type -> imcloud.v1.NodesReply
-	10, // [10:16] is the sub-list for method output_type
-	4,  // [4:10] is the sub-list for method input_type
-	4,  // [4:4] is the sub-list for extension type_name
-	4,  // [4:4] is the sub-list for extension extendee
-	0,  // [0:4] is the sub-list for field type_name
+	21, // 0: imcloud.v1.HistoryReply.entries:type_name -> imcloud.v1.HistoryEntry
+	22, // 1: imcloud.v1.HistoryReply.top:type_name -> imcloud.v1.StreamPos
+	22, // 2: imcloud.v1.TopsReply.tops:type_name -> imcloud.v1.StreamPos
+	13, // 3: imcloud.v1.RenewOnlineReq.node:type_name -> imcloud.v1.NodeInfo
+	19, // 4: imcloud.v1.NodeInfo.room_count:type_name -> imcloud.v1.NodeInfo.RoomCountEntry
+	20, // 5: imcloud.v1.RenewOnlineReply.all_room_count:type_name -> imcloud.v1.RenewOnlineReply.AllRoomCountEntry
+	23, // 6: imcloud.v1.ReceiveReq.proto:type_name -> imcloud.v1.Proto
+	6,  // 7: imcloud.v1.Logic.Connect:input_type -> imcloud.v1.ConnectReq
+	8,  // 8: imcloud.v1.Logic.Disconnect:input_type -> imcloud.v1.DisconnectReq
+	10, // 9: imcloud.v1.Logic.Heartbeat:input_type -> imcloud.v1.HeartbeatReq
+	12, // 10: imcloud.v1.Logic.RenewOnline:input_type -> imcloud.v1.RenewOnlineReq
+	15, // 11: imcloud.v1.Logic.Receive:input_type -> imcloud.v1.ReceiveReq
+	17, // 12: imcloud.v1.Logic.Nodes:input_type -> imcloud.v1.NodesReq
+	0,  // 13: imcloud.v1.Logic.History:input_type -> imcloud.v1.HistoryReq
+	2,  // 14: imcloud.v1.Logic.Tops:input_type -> imcloud.v1.TopsReq
+	4,  // 15: imcloud.v1.Logic.Ack:input_type -> imcloud.v1.AckReq
+	7,  // 16: imcloud.v1.Logic.Connect:output_type -> imcloud.v1.ConnectReply
+	9,  // 17: imcloud.v1.Logic.Disconnect:output_type -> imcloud.v1.DisconnectReply
+	11, // 18: imcloud.v1.Logic.Heartbeat:output_type -> imcloud.v1.HeartbeatReply
+	14, // 19: imcloud.v1.Logic.RenewOnline:output_type -> imcloud.v1.RenewOnlineReply
+	16, // 20: imcloud.v1.Logic.Receive:output_type -> imcloud.v1.ReceiveReply
+	18, // 21: imcloud.v1.Logic.Nodes:output_type -> imcloud.v1.NodesReply
+	1,  // 22: imcloud.v1.Logic.History:output_type -> imcloud.v1.HistoryReply
+	3,  // 23: imcloud.v1.Logic.Tops:output_type -> imcloud.v1.TopsReply
+	5,  // 24: imcloud.v1.Logic.Ack:output_type -> imcloud.v1.AckReply
+	16, // [16:25] is the sub-list for method output_type
+	7,  // [7:16] is the sub-list for method input_type
+	7,  // [7:7] is the sub-list for extension type_name
+	7,  // [7:7] is the sub-list for extension extendee
+	0,  // [0:7] is the sub-list for field type_name
 }
 
 func init() { file_logic_proto_init() }
@@ -1059,7 +1419,7 @@ func file_logic_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_logic_proto_rawDesc), len(file_logic_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   15,
+			NumMessages:   21,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

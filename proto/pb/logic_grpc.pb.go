@@ -25,6 +25,9 @@ const (
 	Logic_RenewOnline_FullMethodName = "/imcloud.v1.Logic/RenewOnline"
 	Logic_Receive_FullMethodName     = "/imcloud.v1.Logic/Receive"
 	Logic_Nodes_FullMethodName       = "/imcloud.v1.Logic/Nodes"
+	Logic_History_FullMethodName     = "/imcloud.v1.Logic/History"
+	Logic_Tops_FullMethodName        = "/imcloud.v1.Logic/Tops"
+	Logic_Ack_FullMethodName         = "/imcloud.v1.Logic/Ack"
 )
 
 // LogicClient is the client API for Logic service.
@@ -40,6 +43,14 @@ type LogicClient interface {
 	RenewOnline(ctx context.Context, in *RenewOnlineReq, opts ...grpc.CallOption) (*RenewOnlineReply, error)
 	Receive(ctx context.Context, in *ReceiveReq, opts ...grpc.CallOption) (*ReceiveReply, error)
 	Nodes(ctx context.Context, in *NodesReq, opts ...grpc.CallOption) (*NodesReply, error)
+	// History returns a stream's messages after a position, for a node that
+	// fills a gap in what it received or recovers a client.
+	History(ctx context.Context, in *HistoryReq, opts ...grpc.CallOption) (*HistoryReply, error)
+	// Tops returns the current position of each stream, for a node that
+	// starts ordering a stream (its first client in a room, of a user).
+	Tops(ctx context.Context, in *TopsReq, opts ...grpc.CallOption) (*TopsReply, error)
+	// Ack moves a user's acknowledged position forward.
+	Ack(ctx context.Context, in *AckReq, opts ...grpc.CallOption) (*AckReply, error)
 }
 
 type logicClient struct {
@@ -110,6 +121,36 @@ func (c *logicClient) Nodes(ctx context.Context, in *NodesReq, opts ...grpc.Call
 	return out, nil
 }
 
+func (c *logicClient) History(ctx context.Context, in *HistoryReq, opts ...grpc.CallOption) (*HistoryReply, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(HistoryReply)
+	err := c.cc.Invoke(ctx, Logic_History_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *logicClient) Tops(ctx context.Context, in *TopsReq, opts ...grpc.CallOption) (*TopsReply, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(TopsReply)
+	err := c.cc.Invoke(ctx, Logic_Tops_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *logicClient) Ack(ctx context.Context, in *AckReq, opts ...grpc.CallOption) (*AckReply, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(AckReply)
+	err := c.cc.Invoke(ctx, Logic_Ack_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // LogicServer is the server API for Logic service.
 // All implementations must embed UnimplementedLogicServer
 // for forward compatibility.
@@ -123,6 +164,14 @@ type LogicServer interface {
 	RenewOnline(context.Context, *RenewOnlineReq) (*RenewOnlineReply, error)
 	Receive(context.Context, *ReceiveReq) (*ReceiveReply, error)
 	Nodes(context.Context, *NodesReq) (*NodesReply, error)
+	// History returns a stream's messages after a position, for a node that
+	// fills a gap in what it received or recovers a client.
+	History(context.Context, *HistoryReq) (*HistoryReply, error)
+	// Tops returns the current position of each stream, for a node that
+	// starts ordering a stream (its first client in a room, of a user).
+	Tops(context.Context, *TopsReq) (*TopsReply, error)
+	// Ack moves a user's acknowledged position forward.
+	Ack(context.Context, *AckReq) (*AckReply, error)
 	mustEmbedUnimplementedLogicServer()
 }
 
@@ -150,6 +199,15 @@ func (UnimplementedLogicServer) Receive(context.Context, *ReceiveReq) (*ReceiveR
 }
 func (UnimplementedLogicServer) Nodes(context.Context, *NodesReq) (*NodesReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method Nodes not implemented")
+}
+func (UnimplementedLogicServer) History(context.Context, *HistoryReq) (*HistoryReply, error) {
+	return nil, status.Error(codes.Unimplemented, "method History not implemented")
+}
+func (UnimplementedLogicServer) Tops(context.Context, *TopsReq) (*TopsReply, error) {
+	return nil, status.Error(codes.Unimplemented, "method Tops not implemented")
+}
+func (UnimplementedLogicServer) Ack(context.Context, *AckReq) (*AckReply, error) {
+	return nil, status.Error(codes.Unimplemented, "method Ack not implemented")
 }
 func (UnimplementedLogicServer) mustEmbedUnimplementedLogicServer() {}
 func (UnimplementedLogicServer) testEmbeddedByValue()               {}
@@ -280,6 +338,60 @@ func _Logic_Nodes_Handler(srv interface{}, ctx context.Context, dec func(interfa
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Logic_History_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(HistoryReq)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(LogicServer).History(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Logic_History_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(LogicServer).History(ctx, req.(*HistoryReq))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Logic_Tops_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(TopsReq)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(LogicServer).Tops(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Logic_Tops_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(LogicServer).Tops(ctx, req.(*TopsReq))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Logic_Ack_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(AckReq)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(LogicServer).Ack(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Logic_Ack_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(LogicServer).Ack(ctx, req.(*AckReq))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Logic_ServiceDesc is the grpc.ServiceDesc for Logic service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -310,6 +422,18 @@ var Logic_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Nodes",
 			Handler:    _Logic_Nodes_Handler,
+		},
+		{
+			MethodName: "History",
+			Handler:    _Logic_History_Handler,
+		},
+		{
+			MethodName: "Tops",
+			Handler:    _Logic_Tops_Handler,
+		},
+		{
+			MethodName: "Ack",
+			Handler:    _Logic_Ack_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

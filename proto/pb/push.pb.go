@@ -78,10 +78,14 @@ type PushMsg struct {
 	// Broadcast pacing: messages per second per node; 0 means unpaced.
 	Speed int32 `protobuf:"varint,3,opt,name=speed,proto3" json:"speed,omitempty"`
 	// Node id of the cloud node holding keys (PUSH only).
-	Server        string   `protobuf:"bytes,4,opt,name=server,proto3" json:"server,omitempty"`
-	Room          string   `protobuf:"bytes,5,opt,name=room,proto3" json:"room,omitempty"`
-	Keys          []string `protobuf:"bytes,6,rep,name=keys,proto3" json:"keys,omitempty"`
-	Msg           []byte   `protobuf:"bytes,7,opt,name=msg,proto3" json:"msg,omitempty"`
+	Server string   `protobuf:"bytes,4,opt,name=server,proto3" json:"server,omitempty"`
+	Room   string   `protobuf:"bytes,5,opt,name=room,proto3" json:"room,omitempty"`
+	Keys   []string `protobuf:"bytes,6,rep,name=keys,proto3" json:"keys,omitempty"`
+	Msg    []byte   `protobuf:"bytes,7,opt,name=msg,proto3" json:"msg,omitempty"`
+	// The message's place in each stream it goes to, given when logic
+	// accepted it: the room's stream for a room push, each user's stream for
+	// a mid or key push. None for a broadcast.
+	Positions     []*StreamPos `protobuf:"bytes,8,rep,name=positions,proto3" json:"positions,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -165,6 +169,157 @@ func (x *PushMsg) GetMsg() []byte {
 	return nil
 }
 
+func (x *PushMsg) GetPositions() []*StreamPos {
+	if x != nil {
+		return x.Positions
+	}
+	return nil
+}
+
+// StreamPos is a message's place in one stream: a room's ("room:" + room)
+// or a user's ("user:" + mid). Positions of a stream rise in the order
+// logic accepted its messages. The epoch changes when the stream's history
+// is lost (a memory store restarted), so a position is only ever compared
+// with one of the same epoch.
+type StreamPos struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Stream        string                 `protobuf:"bytes,1,opt,name=stream,proto3" json:"stream,omitempty"`
+	Epoch         string                 `protobuf:"bytes,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	Pos           uint64                 `protobuf:"varint,3,opt,name=pos,proto3" json:"pos,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StreamPos) Reset() {
+	*x = StreamPos{}
+	mi := &file_push_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StreamPos) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StreamPos) ProtoMessage() {}
+
+func (x *StreamPos) ProtoReflect() protoreflect.Message {
+	mi := &file_push_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StreamPos.ProtoReflect.Descriptor instead.
+func (*StreamPos) Descriptor() ([]byte, []int) {
+	return file_push_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *StreamPos) GetStream() string {
+	if x != nil {
+		return x.Stream
+	}
+	return ""
+}
+
+func (x *StreamPos) GetEpoch() string {
+	if x != nil {
+		return x.Epoch
+	}
+	return ""
+}
+
+func (x *StreamPos) GetPos() uint64 {
+	if x != nil {
+		return x.Pos
+	}
+	return 0
+}
+
+// HistoryEntry is one message kept in a stream's history.
+type HistoryEntry struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Pos   uint64                 `protobuf:"varint,1,opt,name=pos,proto3" json:"pos,omitempty"`
+	// The broker message id.
+	Id   string `protobuf:"bytes,2,opt,name=id,proto3" json:"id,omitempty"`
+	Op   int32  `protobuf:"varint,3,opt,name=op,proto3" json:"op,omitempty"`
+	Body []byte `protobuf:"bytes,4,opt,name=body,proto3" json:"body,omitempty"`
+	// When logic accepted it, Unix milliseconds.
+	AtUnixMs      int64 `protobuf:"varint,5,opt,name=at_unix_ms,json=atUnixMs,proto3" json:"at_unix_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HistoryEntry) Reset() {
+	*x = HistoryEntry{}
+	mi := &file_push_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HistoryEntry) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HistoryEntry) ProtoMessage() {}
+
+func (x *HistoryEntry) ProtoReflect() protoreflect.Message {
+	mi := &file_push_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HistoryEntry.ProtoReflect.Descriptor instead.
+func (*HistoryEntry) Descriptor() ([]byte, []int) {
+	return file_push_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *HistoryEntry) GetPos() uint64 {
+	if x != nil {
+		return x.Pos
+	}
+	return 0
+}
+
+func (x *HistoryEntry) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *HistoryEntry) GetOp() int32 {
+	if x != nil {
+		return x.Op
+	}
+	return 0
+}
+
+func (x *HistoryEntry) GetBody() []byte {
+	if x != nil {
+		return x.Body
+	}
+	return nil
+}
+
+func (x *HistoryEntry) GetAtUnixMs() int64 {
+	if x != nil {
+		return x.AtUnixMs
+	}
+	return 0
+}
+
 // Proto is one goim v2 wire packet.
 type Proto struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -174,14 +329,17 @@ type Proto struct {
 	Body  []byte                 `protobuf:"bytes,4,opt,name=body,proto3" json:"body,omitempty"`
 	// The broker message id: a cloud node delivers each id once, so a call
 	// job retries after a timeout does not deliver twice.
-	Id            string `protobuf:"bytes,5,opt,name=id,proto3" json:"id,omitempty"`
+	Id string `protobuf:"bytes,5,opt,name=id,proto3" json:"id,omitempty"`
+	// As PushMsg.positions: a room push carries its room's, a key push one
+	// per user among its keys (a node picks the one of each key's user).
+	Positions     []*StreamPos `protobuf:"bytes,6,rep,name=positions,proto3" json:"positions,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Proto) Reset() {
 	*x = Proto{}
-	mi := &file_push_proto_msgTypes[1]
+	mi := &file_push_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -193,7 +351,7 @@ func (x *Proto) String() string {
 func (*Proto) ProtoMessage() {}
 
 func (x *Proto) ProtoReflect() protoreflect.Message {
-	mi := &file_push_proto_msgTypes[1]
+	mi := &file_push_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -206,7 +364,7 @@ func (x *Proto) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Proto.ProtoReflect.Descriptor instead.
 func (*Proto) Descriptor() ([]byte, []int) {
-	return file_push_proto_rawDescGZIP(), []int{1}
+	return file_push_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *Proto) GetVer() int32 {
@@ -244,6 +402,13 @@ func (x *Proto) GetId() string {
 	return ""
 }
 
+func (x *Proto) GetPositions() []*StreamPos {
+	if x != nil {
+		return x.Positions
+	}
+	return nil
+}
+
 // Batch carries several broker messages in one: the AMQP publisher gathers
 // concurrent publishes to a topic into one message, confirmed once, and the
 // subscriber hands them out one by one.
@@ -256,7 +421,7 @@ type Batch struct {
 
 func (x *Batch) Reset() {
 	*x = Batch{}
-	mi := &file_push_proto_msgTypes[2]
+	mi := &file_push_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -268,7 +433,7 @@ func (x *Batch) String() string {
 func (*Batch) ProtoMessage() {}
 
 func (x *Batch) ProtoReflect() protoreflect.Message {
-	mi := &file_push_proto_msgTypes[2]
+	mi := &file_push_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -281,7 +446,7 @@ func (x *Batch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Batch.ProtoReflect.Descriptor instead.
 func (*Batch) Descriptor() ([]byte, []int) {
-	return file_push_proto_rawDescGZIP(), []int{2}
+	return file_push_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Batch) GetMessages() []*Envelope {
@@ -303,7 +468,7 @@ type Envelope struct {
 
 func (x *Envelope) Reset() {
 	*x = Envelope{}
-	mi := &file_push_proto_msgTypes[3]
+	mi := &file_push_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -315,7 +480,7 @@ func (x *Envelope) String() string {
 func (*Envelope) ProtoMessage() {}
 
 func (x *Envelope) ProtoReflect() protoreflect.Message {
-	mi := &file_push_proto_msgTypes[3]
+	mi := &file_push_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -328,7 +493,7 @@ func (x *Envelope) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Envelope.ProtoReflect.Descriptor instead.
 func (*Envelope) Descriptor() ([]byte, []int) {
-	return file_push_proto_rawDescGZIP(), []int{3}
+	return file_push_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Envelope) GetUuid() string {
@@ -358,7 +523,7 @@ const file_push_proto_rawDesc = "" +
 	"\n" +
 	"\n" +
 	"push.proto\x12\n" +
-	"imcloud.v1\"\xe8\x01\n" +
+	"imcloud.v1\"\x9d\x02\n" +
 	"\aPushMsg\x12,\n" +
 	"\x04type\x18\x01 \x01(\x0e2\x18.imcloud.v1.PushMsg.TypeR\x04type\x12\x1c\n" +
 	"\toperation\x18\x02 \x01(\x05R\toperation\x12\x14\n" +
@@ -366,17 +531,30 @@ const file_push_proto_rawDesc = "" +
 	"\x06server\x18\x04 \x01(\tR\x06server\x12\x12\n" +
 	"\x04room\x18\x05 \x01(\tR\x04room\x12\x12\n" +
 	"\x04keys\x18\x06 \x03(\tR\x04keys\x12\x10\n" +
-	"\x03msg\x18\a \x01(\fR\x03msg\")\n" +
+	"\x03msg\x18\a \x01(\fR\x03msg\x123\n" +
+	"\tpositions\x18\b \x03(\v2\x15.imcloud.v1.StreamPosR\tpositions\")\n" +
 	"\x04Type\x12\b\n" +
 	"\x04PUSH\x10\x00\x12\b\n" +
 	"\x04ROOM\x10\x01\x12\r\n" +
-	"\tBROADCAST\x10\x02\"_\n" +
+	"\tBROADCAST\x10\x02\"K\n" +
+	"\tStreamPos\x12\x16\n" +
+	"\x06stream\x18\x01 \x01(\tR\x06stream\x12\x14\n" +
+	"\x05epoch\x18\x02 \x01(\tR\x05epoch\x12\x10\n" +
+	"\x03pos\x18\x03 \x01(\x04R\x03pos\"r\n" +
+	"\fHistoryEntry\x12\x10\n" +
+	"\x03pos\x18\x01 \x01(\x04R\x03pos\x12\x0e\n" +
+	"\x02id\x18\x02 \x01(\tR\x02id\x12\x0e\n" +
+	"\x02op\x18\x03 \x01(\x05R\x02op\x12\x12\n" +
+	"\x04body\x18\x04 \x01(\fR\x04body\x12\x1c\n" +
+	"\n" +
+	"at_unix_ms\x18\x05 \x01(\x03R\batUnixMs\"\x94\x01\n" +
 	"\x05Proto\x12\x10\n" +
 	"\x03ver\x18\x01 \x01(\x05R\x03ver\x12\x0e\n" +
 	"\x02op\x18\x02 \x01(\x05R\x02op\x12\x10\n" +
 	"\x03seq\x18\x03 \x01(\x05R\x03seq\x12\x12\n" +
 	"\x04body\x18\x04 \x01(\fR\x04body\x12\x0e\n" +
-	"\x02id\x18\x05 \x01(\tR\x02id\"9\n" +
+	"\x02id\x18\x05 \x01(\tR\x02id\x123\n" +
+	"\tpositions\x18\x06 \x03(\v2\x15.imcloud.v1.StreamPosR\tpositions\"9\n" +
 	"\x05Batch\x120\n" +
 	"\bmessages\x18\x01 \x03(\v2\x14.imcloud.v1.EnvelopeR\bmessages\"\xb5\x01\n" +
 	"\bEnvelope\x12\x12\n" +
@@ -400,24 +578,28 @@ func file_push_proto_rawDescGZIP() []byte {
 }
 
 var file_push_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_push_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
+var file_push_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
 var file_push_proto_goTypes = []any{
-	(PushMsg_Type)(0), // 0: imcloud.v1.PushMsg.Type
-	(*PushMsg)(nil),   // 1: imcloud.v1.PushMsg
-	(*Proto)(nil),     // 2: imcloud.v1.Proto
-	(*Batch)(nil),     // 3: imcloud.v1.Batch
-	(*Envelope)(nil),  // 4: imcloud.v1.Envelope
-	nil,               // 5: imcloud.v1.Envelope.MetadataEntry
+	(PushMsg_Type)(0),    // 0: imcloud.v1.PushMsg.Type
+	(*PushMsg)(nil),      // 1: imcloud.v1.PushMsg
+	(*StreamPos)(nil),    // 2: imcloud.v1.StreamPos
+	(*HistoryEntry)(nil), // 3: imcloud.v1.HistoryEntry
+	(*Proto)(nil),        // 4: imcloud.v1.Proto
+	(*Batch)(nil),        // 5: imcloud.v1.Batch
+	(*Envelope)(nil),     // 6: imcloud.v1.Envelope
+	nil,                  // 7: imcloud.v1.Envelope.MetadataEntry
 }
 var file_push_proto_depIdxs = []int32{
 	0, // 0: imcloud.v1.PushMsg.type:type_name -> imcloud.v1.PushMsg.Type
-	4, // 1: imcloud.v1.Batch.messages:type_name -> imcloud.v1.Envelope
-	5, // 2: imcloud.v1.Envelope.metadata:type_name -> imcloud.v1.Envelope.MetadataEntry
-	3, // [3:3] is the sub-list for method output_type
-	3, // [3:3] is the sub-list for method input_type
-	3, // [3:3] is the sub-list for extension type_name
-	3, // [3:3] is the sub-list for extension extendee
-	0, // [0:3] is the sub-list for field type_name
+	2, // 1: imcloud.v1.PushMsg.positions:type_name -> imcloud.v1.StreamPos
+	2, // 2: imcloud.v1.Proto.positions:type_name -> imcloud.v1.StreamPos
+	6, // 3: imcloud.v1.Batch.messages:type_name -> imcloud.v1.Envelope
+	7, // 4: imcloud.v1.Envelope.metadata:type_name -> imcloud.v1.Envelope.MetadataEntry
+	5, // [5:5] is the sub-list for method output_type
+	5, // [5:5] is the sub-list for method input_type
+	5, // [5:5] is the sub-list for extension type_name
+	5, // [5:5] is the sub-list for extension extendee
+	0, // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_push_proto_init() }
@@ -431,7 +613,7 @@ func file_push_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_push_proto_rawDesc), len(file_push_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   5,
+			NumMessages:   7,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

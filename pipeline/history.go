@@ -1,0 +1,96 @@
+package pipeline
+
+import (
+	"context"
+	"errors"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Streams. Every room and every user is a stream of messages, each with a
+// position that rises in the order logic accepted them. A stream's epoch
+// changes when its history is lost, so a position is only ever compared
+// with one of the same epoch.
+
+// RoomStream is the stream of a room's messages.
+func RoomStream(room string) string { return "room:" + room }
+
+// UserStream is the stream of a user's messages (mid and key pushes).
+func UserStream(mid int64) string { return "user:" + strconv.FormatInt(mid, 10) }
+
+// StreamMid is the user of a user stream; ok is false for another stream.
+func StreamMid(stream string) (mid int64, ok bool) {
+	s, ok := strings.CutPrefix(stream, "user:")
+	if !ok {
+		return 0, false
+	}
+	mid, err := strconv.ParseInt(s, 10, 64)
+	return mid, err == nil
+}
+
+// StreamRoom is the room of a room stream; ok is false for another stream.
+func StreamRoom(stream string) (room string, ok bool) { return strings.CutPrefix(stream, "room:") }
+
+// StreamPos is a message's place in a stream.
+type StreamPos struct {
+	Stream string
+	Epoch  string
+	Pos    uint64
+}
+
+// StreamLimit is what a stream's history keeps: at most Size messages, none
+// older than TTL. Size 0 keeps none: the stream still gives positions (and
+// so order), but a gap cannot be filled nor a client recovered.
+type StreamLimit struct {
+	Size int
+	TTL  time.Duration
+}
+
+// HistoryEntry is one message in a stream's history.
+type HistoryEntry struct {
+	Pos  uint64
+	ID   string // the broker message id
+	Op   int32
+	Body []byte
+	At   time.Time // when logic accepted it
+}
+
+// History errors. Each names why the entries after a position cannot all
+// be given; the caller tells the client, who resyncs.
+var (
+	// ErrEpochChanged: the stream's history was lost since the position
+	// was given; the position means nothing in the current epoch.
+	ErrEpochChanged = errors.New("stream epoch changed")
+	// ErrTrimmed: some entries after the position are older than the
+	// history keeps.
+	ErrTrimmed = errors.New("stream history trimmed")
+	// ErrFuturePosition: the position is past the stream's last one.
+	ErrFuturePosition = errors.New("position past the stream's last")
+)
+
+// History gives each stream's messages their positions and keeps the last
+// of them. adapters/memory keeps it in one process, adapters/redis for a
+// cluster; both pass adapters/historytest.
+type History interface {
+	// Append gives e the next position in each of streams, each in one
+	// atomic step, and keeps it within limit(stream). Of two Appends to a
+	// stream, the one that returned first has the lower position. The
+	// result is in the order of streams; e.Pos is ignored.
+	Append(ctx context.Context, streams []string, e HistoryEntry, limit func(stream string) StreamLimit) ([]StreamPos, error)
+	// Since returns up to max entries of stream after position after,
+	// oldest first, and the stream's current top. With ErrEpochChanged,
+	// ErrTrimmed or ErrFuturePosition it returns the top and no entries.
+	// after 0 asks for everything kept.
+	Since(ctx context.Context, stream, epoch string, after uint64, max int) ([]HistoryEntry, StreamPos, error)
+	// Tops returns each stream's epoch and last position (0 for a stream
+	// with no message yet), in the order of streams.
+	Tops(ctx context.Context, streams []string) ([]StreamPos, error)
+	// Ack moves stream's acknowledged position forward to pos (never
+	// back); ErrEpochChanged if epoch is not the stream's, and
+	// ErrFuturePosition past its last position.
+	Ack(ctx context.Context, stream, epoch string, pos uint64) error
+	// Acked returns stream's acknowledged position in its current epoch (0:
+	// none).
+	Acked(ctx context.Context, stream string) (StreamPos, error)
+}
