@@ -19,6 +19,9 @@ type Stores struct {
 	Registry pipeline.Registry
 	// Replies keeps logic's idempotent replies.
 	Replies idempotency.Store
+	// History keeps each stream's positions and last messages (issue 12:
+	// nil until its stores land).
+	History pipeline.History
 	// Dedupe is job's deduplication store; nil when job.dedupe is off or
 	// the process runs no job.
 	Dedupe pipeline.DedupeStore

@@ -47,6 +47,9 @@ type Options struct {
 	Publisher message.Publisher
 	PushTopic string
 	Replies   ReplyStore
+	// History gives pushes their stream positions and keeps the last
+	// messages of each stream (issue 12; wired, not yet used).
+	History pipeline.History
 	// Heartbeat is the period clients are told to heartbeat at.
 	Heartbeat time.Duration
 	Logger    *slog.Logger
