@@ -113,6 +113,18 @@ func (f *fakeLogic) Nodes(context.Context, *pb.NodesReq, ...grpc.CallOption) (*p
 	return nil, status.Error(codes.Unimplemented, "")
 }
 
+func (f *fakeLogic) History(context.Context, *pb.HistoryReq, ...grpc.CallOption) (*pb.HistoryReply, error) {
+	return nil, status.Error(codes.Unimplemented, "")
+}
+
+func (f *fakeLogic) Tops(context.Context, *pb.TopsReq, ...grpc.CallOption) (*pb.TopsReply, error) {
+	return nil, status.Error(codes.Unimplemented, "")
+}
+
+func (f *fakeLogic) Ack(context.Context, *pb.AckReq, ...grpc.CallOption) (*pb.AckReply, error) {
+	return nil, status.Error(codes.Unimplemented, "")
+}
+
 // node is a cloud stage on real loopback listeners, driven directly through
 // its gRPC service implementation.
 type node struct {
