@@ -43,7 +43,7 @@ const (
 	MaxRecoverStreams = MaxClaimRooms + 1
 	// MaxRecoverBytes bounds a recover request's body before it is parsed,
 	// whatever the node's packet limit: MaxRecoverStreams entries of the
-	// longest stream and epoch take 13.9 KB.
+	// longest stream and epoch take 13.7 KB (measured, compact JSON).
 	MaxRecoverBytes = 16 << 10
 	// streamMsgFixed is the positioned body without stream, epoch and
 	// business body: two length bytes, the position and the operation.
