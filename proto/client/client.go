@@ -25,12 +25,23 @@ import (
 // can be much larger than a single packet.
 const maxBody = 16 << 20
 
-// AuthReply is the op 8 body.
+// AuthReply is the op 8 body. Recover, Acks and Streams are only sent to
+// a connection that opted in to positioned delivery (a goim client's op 8
+// is unchanged).
 type AuthReply struct {
 	Mid       int64    `json:"mid"`
 	Key       string   `json:"key"`
 	Rooms     []string `json:"rooms"`
 	Heartbeat int64    `json:"heartbeat"`
+	// Recover: the connection receives business messages as op 20, with
+	// their stream, epoch and position, and may send op 21 and op 23.
+	Recover bool `json:"recover,omitempty"`
+	// Acks: acks (op 23) of the user stream are kept.
+	Acks bool `json:"acks,omitempty"`
+	// Streams are the connection's streams (its user's and its rooms'),
+	// each with the position after which it will receive the stream
+	// unless its op 21 names the stream.
+	Streams []wire.StreamPos `json:"streams,omitempty"`
 }
 
 // Conn is one client connection. Read is for one goroutine; Send may be
@@ -47,6 +58,11 @@ type Conn struct {
 	frame   []byte
 	pending []wire.Packet
 	next    int
+	// stash holds packets Recover read past while it waited for op 22,
+	// copied, for Read to return first.
+	stash []wire.Packet
+
+	positions *Positions
 }
 
 // Options tune how a connection is made; the zero value is the defaults.
@@ -57,6 +73,11 @@ type Options struct {
 	TLS *tls.Config
 	// Header is sent with the WebSocket upgrade (Origin, say).
 	Header http.Header
+	// Positions, when set, is where the connection keeps the last
+	// position of each stream it receives: give the same Positions to
+	// the next connection and Resume recovers what was missed between
+	// them. Nil: the connection keeps its own.
+	Positions *Positions
 }
 
 // Dial connects to target: a WebSocket URL (ws://host:port/sub,
@@ -75,14 +96,14 @@ func Dial(ctx context.Context, target string, o Options) (*Conn, error) {
 			return nil, fmt.Errorf("dial %s: %w", target, err)
 		}
 		ws.SetReadLimit(maxBody)
-		return &Conn{ws: ws}, nil
+		return &Conn{ws: ws, positions: positionsOr(o.Positions)}, nil
 	}
 	addr := strings.TrimPrefix(target, "tcp://")
 	c, err := nd.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("dial %s: %w", addr, err)
 	}
-	return &Conn{tcp: c, tcpRead: wire.NewReader(bufio.NewReader(c), maxBody)}, nil
+	return &Conn{tcp: c, tcpRead: wire.NewReader(bufio.NewReader(c), maxBody), positions: positionsOr(o.Positions)}, nil
 }
 
 // Send sends one packet with the next sequence number and returns it.
@@ -124,6 +145,9 @@ func (c *Conn) Auth(token []byte) (AuthReply, error) {
 	if err := json.Unmarshal(p.Body, &r); err != nil {
 		return AuthReply{}, fmt.Errorf("decode auth reply: %w", err)
 	}
+	for _, sp := range r.Streams {
+		c.positions.seed(sp)
+	}
 	return r, nil
 }
 
@@ -131,6 +155,11 @@ func (c *Conn) Auth(token []byte) (AuthReply, error) {
 // The body is valid until the next Read: a load generator reading
 // thousands of connections must not allocate per message.
 func (c *Conn) Read() (wire.Packet, error) {
+	if len(c.stash) > 0 {
+		p := c.stash[0]
+		c.stash = c.stash[1:]
+		return p, nil
+	}
 	for c.next == len(c.pending) {
 		if c.ws != nil {
 			_, r, err := c.ws.NextReader()

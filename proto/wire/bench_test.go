@@ -51,3 +51,35 @@ func BenchmarkReader(b *testing.B) {
 		sink = p.Body
 	}
 }
+
+// BenchmarkAppendStreamMsg is the positioned packet a node builds once per
+// message for its opted-in connections; it must not allocate.
+func BenchmarkAppendStreamMsg(b *testing.B) {
+	body := bytes.Repeat([]byte("x"), 128)
+	buf := make([]byte, 0, 256)
+	b.ReportAllocs()
+	b.SetBytes(int64(StreamMsgSize("room:live://1000", "0123456789abcdef", body)))
+	for b.Loop() {
+		var err error
+		if buf, err = AppendStreamMsg(buf[:0], 1, "room:live://1000", "0123456789abcdef", 123456, 1000, body); err != nil {
+			b.Fatal(err)
+		}
+	}
+	sink = buf
+}
+
+func BenchmarkDecodeStreamMsg(b *testing.B) {
+	pkt, err := AppendStreamMsg(nil, 1, "room:live://1000", "0123456789abcdef", 123456, 1000, bytes.Repeat([]byte("x"), 128))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	b.SetBytes(int64(len(pkt) - HeaderLen))
+	for b.Loop() {
+		m, err := DecodeStreamMsg(pkt[HeaderLen:])
+		if err != nil {
+			b.Fatal(err)
+		}
+		sink = m.Body
+	}
+}
