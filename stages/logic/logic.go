@@ -16,6 +16,7 @@ import (
 
 	"imcloud/pipeline"
 	"imcloud/pipeline/config"
+	"imcloud/pipeline/events"
 	"imcloud/pipeline/idempotency"
 	"imcloud/proto/pb"
 	"imcloud/stages/internal/cloudconn"
@@ -50,6 +51,8 @@ type Options struct {
 	// History gives pushes their stream positions and keeps the last
 	// messages of each stream (issue 12; wired, not yet used).
 	History pipeline.History
+	// Events receives offline events; nil: off.
+	Events *events.Emitter
 	// Heartbeat is the period clients are told to heartbeat at.
 	Heartbeat time.Duration
 	Logger    *slog.Logger
@@ -69,7 +72,7 @@ func New(cfg config.Logic, o Options) (*Stage, error) {
 	return &Stage{
 		cfg:       cfg,
 		heartbeat: o.Heartbeat,
-		pusher:    &Pusher{registry: o.Registry, publisher: o.Publisher, topic: o.PushTopic},
+		pusher:    &Pusher{registry: o.Registry, publisher: o.Publisher, topic: o.PushTopic, events: o.Events},
 		replies:   o.Replies,
 		grpc: newGRPCServer(cfg, auth, o.Registry,
 			&replacer{registry: o.Registry, logger: o.Logger, clouds: cloudconn.New(o.CloudDial...)}, o.Logger),
