@@ -4,6 +4,7 @@
 package logic
 
 import (
+	"context"
 	"crypto/sha256"
 	"fmt"
 	"log/slog"
@@ -35,6 +36,9 @@ type Stage struct {
 	// request, and one line a second says as much as thousands.
 	failLog *pipeline.RateLog
 	apiKeys [][sha256.Size]byte // logic.api_keys, hashed once
+	// presence asks one cloud node for a room's members; nil: over gRPC
+	// (tests replace it).
+	presence func(ctx context.Context, n *pb.NodeInfo, room string) (*pb.PresenceReply, error)
 }
 
 // ReplyStore keeps the reservation and reply of each request made with an
@@ -129,6 +133,8 @@ func (st *Stage) Handler() http.Handler {
 		}
 	}
 	handle(http.MethodGet, "/im/nodes/weighted", st.stats(apiIM, st.nodesWeighted))
+	handle(http.MethodGet, "/im/presence/room", st.presenceRoom(apiIM))
+	handle(http.MethodGet, "/im/online/mids", st.onlineMids(apiIM))
 	handle(http.MethodGet, "/goim/nodes/weighted", st.stats(apiGoim, st.goimNodesWeighted))
 	handle(http.MethodGet, "/goim/nodes/instances", st.stats(apiGoim, goimNodesInstances))
 	// The catch-all "/" matches every method, so ServeMux prefers it to
