@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"net/http"
 	"net/url"
 	"slices"
 	"sync"
@@ -151,4 +152,45 @@ func msgID(t *testing.T, rep apiReply) string {
 		t.Fatalf("reply %s has no msg_id (%v)", rep.Data, err)
 	}
 	return d.MsgID
+}
+
+// TestPresenceAndOnlineAcrossNodes: the routes answer from both cloud
+// nodes' rooms and the registry's sessions.
+func TestPresenceAndOnlineAcrossNodes(t *testing.T) {
+	h := start(t)
+	other := start(t, "stages=cloud", "cloud.logic_addr="+h.addrs.LogicGRPC)
+	h.connect("ws", token.Claims{Mid: 11, Key: "a", Rooms: []string{"live://77"}})
+	other.connect("tcp", token.Claims{Mid: 12, Key: "b", Rooms: []string{"live://77"}})
+	h.connect("tcp", token.Claims{Mid: 13, Key: "c", Rooms: []string{"live://78"}})
+
+	var room struct {
+		Room    string `json:"room"`
+		Members []struct {
+			Mid int64  `json:"mid"`
+			Key string `json:"key"`
+		} `json:"members"`
+		Truncated bool `json:"truncated"`
+		Nodes     int  `json:"nodes"`
+	}
+	if status := h.get("/im/presence/room?type=live&room=77", &room); status != http.StatusOK {
+		t.Fatalf("presence: status %d", status)
+	}
+	if room.Room != "live://77" || room.Truncated || room.Nodes != 2 || len(room.Members) != 2 ||
+		room.Members[0].Mid != 11 || room.Members[0].Key != "a" || room.Members[1].Mid != 12 || room.Members[1].Key != "b" {
+		t.Fatalf("presence of live://77 = %+v, want a (11) and b (12) from 2 nodes", room)
+	}
+
+	var online struct {
+		Online  []int64 `json:"online"`
+		Offline []int64 `json:"offline"`
+	}
+	if status := h.get("/im/online/mids?mids=11,12,13,14", &online); status != http.StatusOK {
+		t.Fatalf("online: status %d", status)
+	}
+	if !slices.Equal(online.Online, []int64{11, 12, 13}) || !slices.Equal(online.Offline, []int64{14}) {
+		t.Fatalf("online = %+v, want 11, 12 and 13 online, 14 offline", online)
+	}
+	if status := h.get("/im/online/mids?mids=abc", nil); status != http.StatusBadRequest {
+		t.Fatalf("bad mids: status %d, want 400", status)
+	}
 }
