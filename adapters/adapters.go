@@ -24,7 +24,7 @@ import (
 )
 
 // OpenBroker connects to the broker cfg.Broker.Kind names. Queues of the
-// push and upstream topics are declared before anything is published, so
+// push and upstream topics (and events, when on) are declared before anything is published, so
 // no message is dropped for want of a consumer. Every queue or stream it
 // creates holds at most its topics.*_max_length messages; a publish to a
 // full one fails with pipeline.ErrQueueFull; the embedded gochannel
@@ -61,7 +61,14 @@ func OpenBroker(cfg config.Config, logger *slog.Logger) (*pipeline.Broker, error
 			})
 		return pipeline.NewBroker(gc, gc, false, logger, gc.Close), nil
 	case config.BrokerAMQP:
-		pub, err := amqp.NewBoundedPublisher(bc.AMQP.URL, wlog, bc.AMQP.Channels, limits, topics.Push, topics.Poison, topics.Upstream)
+		declare := []string{topics.Push, topics.Poison, topics.Upstream}
+		if cfg.Events.Enabled {
+			// Declared before the first event, like the others: an event
+			// published to an undeclared queue would be dropped by the
+			// exchange. Events stay one message each (not coalesced).
+			declare = append(declare, topics.Events)
+		}
+		pub, err := amqp.NewBoundedPublisher(bc.AMQP.URL, wlog, bc.AMQP.Channels, limits, declare...)
 		if err != nil {
 			return nil, err
 		}

@@ -69,7 +69,25 @@ type Config struct {
 	Job      Job      `koanf:"job"`
 	Cloud    Cloud    `koanf:"cloud"`
 	Cluster  Cluster  `koanf:"cluster"`
+	Events   Events   `koanf:"events"`
 }
+
+// Events configures the events topic (topics.events): receipts and
+// presence, best-effort (see pipeline/events).
+type Events struct {
+	// Enabled publishes events; off, no event is built or queued.
+	Enabled bool `koanf:"enabled"`
+	// Kinds lists the kinds published: connect, disconnect, delivered,
+	// offline, acked.
+	Kinds []string `koanf:"kinds"`
+	// Buffer bounds the events queued per process before they are
+	// published; past it events are dropped and counted (never waited
+	// for: an event must not slow a delivery).
+	Buffer int `koanf:"buffer"`
+}
+
+// EventKinds are the event kinds events.kinds accepts.
+func EventKinds() []string { return []string{"connect", "disconnect", "delivered", "offline", "acked"} }
 
 // Cluster authenticates the internal gRPC calls between logic, job and
 // cloud: a shared secret sent with every call, mutual TLS, or both.
@@ -203,6 +221,8 @@ type Topics struct {
 	Push     string `koanf:"push"`
 	Poison   string `koanf:"poison"`
 	Upstream string `koanf:"upstream"`
+	// Events carries receipts and presence when events.enabled.
+	Events string `koanf:"events"`
 	// PushMaxLength, PoisonMaxLength and UpstreamMaxLength bound each
 	// topic's queue or stream (messages; on RabbitMQ a message carries a
 	// batch of pushes). A full one refuses the next publish
@@ -210,11 +230,12 @@ type Topics struct {
 	PushMaxLength     int64 `koanf:"push_max_length"`
 	PoisonMaxLength   int64 `koanf:"poison_max_length"`
 	UpstreamMaxLength int64 `koanf:"upstream_max_length"`
+	EventsMaxLength   int64 `koanf:"events_max_length"`
 }
 
 // MaxLengths maps each topic to its length limit.
 func (t Topics) MaxLengths() map[string]int64 {
-	return map[string]int64{t.Push: t.PushMaxLength, t.Poison: t.PoisonMaxLength, t.Upstream: t.UpstreamMaxLength}
+	return map[string]int64{t.Push: t.PushMaxLength, t.Poison: t.PoisonMaxLength, t.Upstream: t.UpstreamMaxLength, t.Events: t.EventsMaxLength}
 }
 
 // Logic configures the logic stage.
@@ -392,7 +413,11 @@ func Default() Config {
 			RedisStream: RedisStream{Addr: "127.0.0.1:6379", RedeliverAfter: 2 * time.Minute},
 		},
 		Registry: Registry{Kind: RegistryMemory, Redis: Redis{Addr: "127.0.0.1:6379", Prefix: "imcloud:"}},
-		Topics:   Topics{Push: "imcloud.push", Poison: "imcloud.push.poison", Upstream: "imcloud.upstream", PushMaxLength: 1_000_000, PoisonMaxLength: 1_000_000, UpstreamMaxLength: 100_000},
+		Topics: Topics{Push: "imcloud.push", Poison: "imcloud.push.poison", Upstream: "imcloud.upstream", PushMaxLength: 1_000_000, PoisonMaxLength: 1_000_000, UpstreamMaxLength: 100_000,
+			Events: "imcloud.events", EventsMaxLength: 1_000_000},
+		// 10,000 events of ~250 bytes queued: ~2.5 MB, a few seconds of a
+		// busy node's deliveries while the broker catches up.
+		Events: Events{Enabled: false, Kinds: EventKinds(), Buffer: 10_000},
 		Logic: Logic{
 			HTTPAddr:        ":3111",
 			GRPCAddr:        "127.0.0.1:3119",
@@ -686,7 +711,14 @@ func (c Config) Validate() error {
 	if c.Job.OfflineGrace < 0 {
 		bad("job.offline_grace", "must not be negative, got %s", c.Job.OfflineGrace)
 	}
-	for key, v := range map[string]int64{"topics.push_max_length": c.Topics.PushMaxLength, "topics.poison_max_length": c.Topics.PoisonMaxLength, "topics.upstream_max_length": c.Topics.UpstreamMaxLength} {
+	if c.Events.Enabled && c.Topics.Events == "" {
+		bad("topics.events", "a topic name is required when events.enabled")
+	}
+	for _, k := range c.Events.Kinds {
+		oneOf("events.kinds", k, EventKinds()...)
+	}
+	positive("events.buffer", c.Events.Buffer)
+	for key, v := range map[string]int64{"topics.push_max_length": c.Topics.PushMaxLength, "topics.poison_max_length": c.Topics.PoisonMaxLength, "topics.upstream_max_length": c.Topics.UpstreamMaxLength, "topics.events_max_length": c.Topics.EventsMaxLength} {
 		if v < 1 {
 			bad(key, "must be at least 1, got %d", v)
 		}

@@ -96,6 +96,10 @@ func TestErrorsNameTheKey(t *testing.T) {
 		{name: "no room for poisoned messages", sets: []string{"broker.gochannel.max_poisoned=0"}, wantKey: "broker.gochannel.max_poisoned"},
 		{name: "negative connect rate", sets: []string{"logic.connect_rate=-1"}, wantKey: "logic.connect_rate"},
 		{name: "connect rate without burst", sets: []string{"logic.connect_burst=0"}, wantKey: "logic.connect_burst"},
+		{name: "unknown event kind", sets: []string{"events.kinds=connect,read"}, wantKey: "events.kinds"},
+		{name: "events without a topic", sets: []string{"events.enabled=true", "topics.events="}, wantKey: "topics.events"},
+		{name: "no event buffer", sets: []string{"events.buffer=0"}, wantKey: "events.buffer"},
+		{name: "unbounded events", sets: []string{"topics.events_max_length=0"}, wantKey: "topics.events_max_length"},
 		{name: "negative session cap", sets: []string{"logic.max_sessions_per_mid=-1"}, wantKey: "logic.max_sessions_per_mid"},
 	}
 	for _, tt := range tests {

@@ -589,6 +589,164 @@ func (x *CloseReply) GetClosed() bool {
 	return false
 }
 
+type PresenceReq struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Room  string                 `protobuf:"bytes,1,opt,name=room,proto3" json:"room,omitempty"`
+	// At most this many members are returned; the node caps it too.
+	Limit         int32 `protobuf:"varint,2,opt,name=limit,proto3" json:"limit,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PresenceReq) Reset() {
+	*x = PresenceReq{}
+	mi := &file_cloud_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PresenceReq) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PresenceReq) ProtoMessage() {}
+
+func (x *PresenceReq) ProtoReflect() protoreflect.Message {
+	mi := &file_cloud_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PresenceReq.ProtoReflect.Descriptor instead.
+func (*PresenceReq) Descriptor() ([]byte, []int) {
+	return file_cloud_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *PresenceReq) GetRoom() string {
+	if x != nil {
+		return x.Room
+	}
+	return ""
+}
+
+func (x *PresenceReq) GetLimit() int32 {
+	if x != nil {
+		return x.Limit
+	}
+	return 0
+}
+
+type PresenceMember struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Mid           int64                  `protobuf:"varint,1,opt,name=mid,proto3" json:"mid,omitempty"`
+	Key           string                 `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PresenceMember) Reset() {
+	*x = PresenceMember{}
+	mi := &file_cloud_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PresenceMember) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PresenceMember) ProtoMessage() {}
+
+func (x *PresenceMember) ProtoReflect() protoreflect.Message {
+	mi := &file_cloud_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PresenceMember.ProtoReflect.Descriptor instead.
+func (*PresenceMember) Descriptor() ([]byte, []int) {
+	return file_cloud_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *PresenceMember) GetMid() int64 {
+	if x != nil {
+		return x.Mid
+	}
+	return 0
+}
+
+func (x *PresenceMember) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+type PresenceReply struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Members []*PresenceMember      `protobuf:"bytes,1,rep,name=members,proto3" json:"members,omitempty"`
+	// The room has more members on this node than were returned.
+	Truncated     bool `protobuf:"varint,2,opt,name=truncated,proto3" json:"truncated,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PresenceReply) Reset() {
+	*x = PresenceReply{}
+	mi := &file_cloud_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PresenceReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PresenceReply) ProtoMessage() {}
+
+func (x *PresenceReply) ProtoReflect() protoreflect.Message {
+	mi := &file_cloud_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PresenceReply.ProtoReflect.Descriptor instead.
+func (*PresenceReply) Descriptor() ([]byte, []int) {
+	return file_cloud_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *PresenceReply) GetMembers() []*PresenceMember {
+	if x != nil {
+		return x.Members
+	}
+	return nil
+}
+
+func (x *PresenceReply) GetTruncated() bool {
+	if x != nil {
+		return x.Truncated
+	}
+	return false
+}
+
 var File_cloud_proto protoreflect.FileDescriptor
 
 const file_cloud_proto_rawDesc = "" +
@@ -631,14 +789,24 @@ const file_cloud_proto_rawDesc = "" +
 	"\x04conn\x18\x02 \x01(\x04R\x04conn\"$\n" +
 	"\n" +
 	"CloseReply\x12\x16\n" +
-	"\x06closed\x18\x01 \x01(\bR\x06closed2\xf8\x02\n" +
+	"\x06closed\x18\x01 \x01(\bR\x06closed\"7\n" +
+	"\vPresenceReq\x12\x12\n" +
+	"\x04room\x18\x01 \x01(\tR\x04room\x12\x14\n" +
+	"\x05limit\x18\x02 \x01(\x05R\x05limit\"4\n" +
+	"\x0ePresenceMember\x12\x10\n" +
+	"\x03mid\x18\x01 \x01(\x03R\x03mid\x12\x10\n" +
+	"\x03key\x18\x02 \x01(\tR\x03key\"c\n" +
+	"\rPresenceReply\x124\n" +
+	"\amembers\x18\x01 \x03(\v2\x1a.imcloud.v1.PresenceMemberR\amembers\x12\x1c\n" +
+	"\ttruncated\x18\x02 \x01(\bR\ttruncated2\xb8\x03\n" +
 	"\x05Cloud\x12;\n" +
 	"\aPushMsg\x12\x16.imcloud.v1.PushMsgReq\x1a\x18.imcloud.v1.PushMsgReply\x12A\n" +
 	"\tBroadcast\x12\x18.imcloud.v1.BroadcastReq\x1a\x1a.imcloud.v1.BroadcastReply\x12M\n" +
 	"\rBroadcastRoom\x12\x1c.imcloud.v1.BroadcastRoomReq\x1a\x1e.imcloud.v1.BroadcastRoomReply\x125\n" +
 	"\x05Rooms\x12\x14.imcloud.v1.RoomsReq\x1a\x16.imcloud.v1.RoomsReply\x122\n" +
 	"\x04Ping\x12\x13.imcloud.v1.PingReq\x1a\x15.imcloud.v1.PingReply\x125\n" +
-	"\x05Close\x12\x14.imcloud.v1.CloseReq\x1a\x16.imcloud.v1.CloseReplyB\x15Z\x13imcloud/proto/pb;pbb\x06proto3"
+	"\x05Close\x12\x14.imcloud.v1.CloseReq\x1a\x16.imcloud.v1.CloseReply\x12>\n" +
+	"\bPresence\x12\x17.imcloud.v1.PresenceReq\x1a\x19.imcloud.v1.PresenceReplyB\x15Z\x13imcloud/proto/pb;pbb\x06proto3"
 
 var (
 	file_cloud_proto_rawDescOnce sync.Once
@@ -652,7 +820,7 @@ func file_cloud_proto_rawDescGZIP() []byte {
 	return file_cloud_proto_rawDescData
 }
 
-var file_cloud_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
+var file_cloud_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
 var file_cloud_proto_goTypes = []any{
 	(*PushMsgReq)(nil),         // 0: imcloud.v1.PushMsgReq
 	(*PushMsgReply)(nil),       // 1: imcloud.v1.PushMsgReply
@@ -666,32 +834,38 @@ var file_cloud_proto_goTypes = []any{
 	(*PingReply)(nil),          // 9: imcloud.v1.PingReply
 	(*CloseReq)(nil),           // 10: imcloud.v1.CloseReq
 	(*CloseReply)(nil),         // 11: imcloud.v1.CloseReply
-	nil,                        // 12: imcloud.v1.RoomsReply.RoomsEntry
-	(*Proto)(nil),              // 13: imcloud.v1.Proto
+	(*PresenceReq)(nil),        // 12: imcloud.v1.PresenceReq
+	(*PresenceMember)(nil),     // 13: imcloud.v1.PresenceMember
+	(*PresenceReply)(nil),      // 14: imcloud.v1.PresenceReply
+	nil,                        // 15: imcloud.v1.RoomsReply.RoomsEntry
+	(*Proto)(nil),              // 16: imcloud.v1.Proto
 }
 var file_cloud_proto_depIdxs = []int32{
-	13, // 0: imcloud.v1.PushMsgReq.proto:type_name -> imcloud.v1.Proto
-	13, // 1: imcloud.v1.BroadcastReq.proto:type_name -> imcloud.v1.Proto
-	13, // 2: imcloud.v1.BroadcastRoomReq.proto:type_name -> imcloud.v1.Proto
-	13, // 3: imcloud.v1.BroadcastRoomReq.batch:type_name -> imcloud.v1.Proto
-	12, // 4: imcloud.v1.RoomsReply.rooms:type_name -> imcloud.v1.RoomsReply.RoomsEntry
-	0,  // 5: imcloud.v1.Cloud.PushMsg:input_type -> imcloud.v1.PushMsgReq
-	2,  // 6: imcloud.v1.Cloud.Broadcast:input_type -> imcloud.v1.BroadcastReq
-	4,  // 7: imcloud.v1.Cloud.BroadcastRoom:input_type -> imcloud.v1.BroadcastRoomReq
-	6,  // 8: imcloud.v1.Cloud.Rooms:input_type -> imcloud.v1.RoomsReq
-	8,  // 9: imcloud.v1.Cloud.Ping:input_type -> imcloud.v1.PingReq
-	10, // 10: imcloud.v1.Cloud.Close:input_type -> imcloud.v1.CloseReq
-	1,  // 11: imcloud.v1.Cloud.PushMsg:output_type -> imcloud.v1.PushMsgReply
-	3,  // 12: imcloud.v1.Cloud.Broadcast:output_type -> imcloud.v1.BroadcastReply
-	5,  // 13: imcloud.v1.Cloud.BroadcastRoom:output_type -> imcloud.v1.BroadcastRoomReply
-	7,  // 14: imcloud.v1.Cloud.Rooms:output_type -> imcloud.v1.RoomsReply
-	9,  // 15: imcloud.v1.Cloud.Ping:output_type -> imcloud.v1.PingReply
-	11, // 16: imcloud.v1.Cloud.Close:output_type -> imcloud.v1.CloseReply
-	11, // [11:17] is the sub-list for method output_type
-	5,  // [5:11] is the sub-list for method input_type
-	5,  // [5:5] is the sub-list for extension type_name
-	5,  // [5:5] is the sub-list for extension extendee
-	0,  // [0:5] is the sub-list for field type_name
+	16, // 0: imcloud.v1.PushMsgReq.proto:type_name -> imcloud.v1.Proto
+	16, // 1: imcloud.v1.BroadcastReq.proto:type_name -> imcloud.v1.Proto
+	16, // 2: imcloud.v1.BroadcastRoomReq.proto:type_name -> imcloud.v1.Proto
+	16, // 3: imcloud.v1.BroadcastRoomReq.batch:type_name -> imcloud.v1.Proto
+	15, // 4: imcloud.v1.RoomsReply.rooms:type_name -> imcloud.v1.RoomsReply.RoomsEntry
+	13, // 5: imcloud.v1.PresenceReply.members:type_name -> imcloud.v1.PresenceMember
+	0,  // 6: imcloud.v1.Cloud.PushMsg:input_type -> imcloud.v1.PushMsgReq
+	2,  // 7: imcloud.v1.Cloud.Broadcast:input_type -> imcloud.v1.BroadcastReq
+	4,  // 8: imcloud.v1.Cloud.BroadcastRoom:input_type -> imcloud.v1.BroadcastRoomReq
+	6,  // 9: imcloud.v1.Cloud.Rooms:input_type -> imcloud.v1.RoomsReq
+	8,  // 10: imcloud.v1.Cloud.Ping:input_type -> imcloud.v1.PingReq
+	10, // 11: imcloud.v1.Cloud.Close:input_type -> imcloud.v1.CloseReq
+	12, // 12: imcloud.v1.Cloud.Presence:input_type -> imcloud.v1.PresenceReq
+	1,  // 13: imcloud.v1.Cloud.PushMsg:output_type -> imcloud.v1.PushMsgReply
+	3,  // 14: imcloud.v1.Cloud.Broadcast:output_type -> imcloud.v1.BroadcastReply
+	5,  // 15: imcloud.v1.Cloud.BroadcastRoom:output_type -> imcloud.v1.BroadcastRoomReply
+	7,  // 16: imcloud.v1.Cloud.Rooms:output_type -> imcloud.v1.RoomsReply
+	9,  // 17: imcloud.v1.Cloud.Ping:output_type -> imcloud.v1.PingReply
+	11, // 18: imcloud.v1.Cloud.Close:output_type -> imcloud.v1.CloseReply
+	14, // 19: imcloud.v1.Cloud.Presence:output_type -> imcloud.v1.PresenceReply
+	13, // [13:20] is the sub-list for method output_type
+	6,  // [6:13] is the sub-list for method input_type
+	6,  // [6:6] is the sub-list for extension type_name
+	6,  // [6:6] is the sub-list for extension extendee
+	0,  // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_cloud_proto_init() }
@@ -706,7 +880,7 @@ func file_cloud_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_cloud_proto_rawDesc), len(file_cloud_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   13,
+			NumMessages:   16,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

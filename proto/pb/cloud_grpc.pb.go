@@ -25,6 +25,7 @@ const (
 	Cloud_Rooms_FullMethodName         = "/imcloud.v1.Cloud/Rooms"
 	Cloud_Ping_FullMethodName          = "/imcloud.v1.Cloud/Ping"
 	Cloud_Close_FullMethodName         = "/imcloud.v1.Cloud/Close"
+	Cloud_Presence_FullMethodName      = "/imcloud.v1.Cloud/Presence"
 )
 
 // CloudClient is the client API for Cloud service.
@@ -40,6 +41,9 @@ type CloudClient interface {
 	Ping(ctx context.Context, in *PingReq, opts ...grpc.CallOption) (*PingReply, error)
 	// Close closes the connection of key on this node (a session replaced elsewhere).
 	Close(ctx context.Context, in *CloseReq, opts ...grpc.CallOption) (*CloseReply, error)
+	// Presence lists the connections in a room on this node, at most limit
+	// of them (logic's GET /im/presence/room merges every node's).
+	Presence(ctx context.Context, in *PresenceReq, opts ...grpc.CallOption) (*PresenceReply, error)
 }
 
 type cloudClient struct {
@@ -110,6 +114,16 @@ func (c *cloudClient) Close(ctx context.Context, in *CloseReq, opts ...grpc.Call
 	return out, nil
 }
 
+func (c *cloudClient) Presence(ctx context.Context, in *PresenceReq, opts ...grpc.CallOption) (*PresenceReply, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PresenceReply)
+	err := c.cc.Invoke(ctx, Cloud_Presence_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // CloudServer is the server API for Cloud service.
 // All implementations must embed UnimplementedCloudServer
 // for forward compatibility.
@@ -123,6 +137,9 @@ type CloudServer interface {
 	Ping(context.Context, *PingReq) (*PingReply, error)
 	// Close closes the connection of key on this node (a session replaced elsewhere).
 	Close(context.Context, *CloseReq) (*CloseReply, error)
+	// Presence lists the connections in a room on this node, at most limit
+	// of them (logic's GET /im/presence/room merges every node's).
+	Presence(context.Context, *PresenceReq) (*PresenceReply, error)
 	mustEmbedUnimplementedCloudServer()
 }
 
@@ -150,6 +167,9 @@ func (UnimplementedCloudServer) Ping(context.Context, *PingReq) (*PingReply, err
 }
 func (UnimplementedCloudServer) Close(context.Context, *CloseReq) (*CloseReply, error) {
 	return nil, status.Error(codes.Unimplemented, "method Close not implemented")
+}
+func (UnimplementedCloudServer) Presence(context.Context, *PresenceReq) (*PresenceReply, error) {
+	return nil, status.Error(codes.Unimplemented, "method Presence not implemented")
 }
 func (UnimplementedCloudServer) mustEmbedUnimplementedCloudServer() {}
 func (UnimplementedCloudServer) testEmbeddedByValue()               {}
@@ -280,6 +300,24 @@ func _Cloud_Close_Handler(srv interface{}, ctx context.Context, dec func(interfa
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Cloud_Presence_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(PresenceReq)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CloudServer).Presence(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Cloud_Presence_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CloudServer).Presence(ctx, req.(*PresenceReq))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Cloud_ServiceDesc is the grpc.ServiceDesc for Cloud service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -310,6 +348,10 @@ var Cloud_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Close",
 			Handler:    _Cloud_Close_Handler,
+		},
+		{
+			MethodName: "Presence",
+			Handler:    _Cloud_Presence_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -22,6 +22,9 @@ type outItem struct {
 	pkt  []byte
 	op   int32 // a push's operation, which the client's accepts filter
 	push bool
+	// written, when set, is called once the packet was written to the
+	// socket (the "delivered" event).
+	written func()
 }
 
 // Close codes sent to WebSocket clients.
@@ -93,6 +96,11 @@ type channel struct {
 	// heartbeatAt is when a heartbeat was last forwarded to logic (unix
 	// nanoseconds); later ones within heartbeatEvery are answered only.
 	heartbeatAt int64
+	// announced: the connect event went out, so disconnect goes too;
+	// closeCode and closeReason are the first close's, for it.
+	announced   bool
+	closeCode   int
+	closeReason string
 }
 
 // grants is what a connection's token lets op 12 and op 14 add. It is set
@@ -353,6 +361,9 @@ func (c *channel) flush() {
 		for rest := batch; len(rest) > 0 && err == nil; {
 			n := min(len(rest), maxWriteBatch)
 			err = c.t.Write(rest[:n], &c.seq)
+			if err == nil {
+				notifyWritten(rest[:n])
+			}
 			rest = rest[n:]
 		}
 		clear(batch) // drop the references to shared packets
@@ -391,6 +402,7 @@ func (c *channel) close(code int, reason string) {
 		return
 	}
 	c.closed = true
+	c.closeCode, c.closeReason = code, reason
 	c.queue = nil
 	c.queued = 0
 	wake := c.wake

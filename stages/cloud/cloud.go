@@ -22,6 +22,7 @@ import (
 
 	"imcloud/pipeline"
 	"imcloud/pipeline/config"
+	"imcloud/pipeline/events"
 	"imcloud/pipeline/expiring"
 	"imcloud/proto/pb"
 	"imcloud/proto/wire"
@@ -43,6 +44,7 @@ type Stage struct {
 	upstream      message.Publisher
 	upstreamTopic string
 	logger        *slog.Logger
+	events        *events.Emitter // nil: events off
 
 	buckets  []*bucket
 	bufs     *sync.Pool // write buffers
@@ -96,6 +98,8 @@ type Options struct {
 	Upstream      message.Publisher
 	UpstreamTopic string
 	Logger        *slog.Logger
+	// Events receives connect, disconnect and delivered events; nil: off.
+	Events *events.Emitter
 }
 
 // New returns a cloud node.
@@ -107,6 +111,7 @@ func New(cfg config.Cloud, o Options) *Stage {
 		logic:         o.Logic,
 		upstream:      o.Upstream,
 		upstreamTopic: o.UpstreamTopic,
+		events:        o.Events,
 		logger:        o.Logger.With("node", o.Self.GetId()),
 		buckets:       newBuckets(cfg.Buckets),
 		bufs:          newBufPool(),

@@ -52,7 +52,7 @@ func (g *grpcServer) PushMsg(_ context.Context, req *pb.PushMsgReq) (*pb.PushMsg
 		case ch != nil && !ch.accepts(item.op):
 			// Connected but not subscribed to the operation: dropped by
 			// the client's choice, not offline (job retries offline keys).
-		case ch != nil && ch.push(item):
+		case ch != nil && ch.push(g.s.deliveredItem(item, ch, req.Proto)):
 			reply.Delivered++
 		default:
 			if id != "" {

@@ -90,6 +90,9 @@ func (s *Stage) session(ch *channel, remote string) {
 	// so that pushes to them are routed here by the time the client
 	// knows it is in them.
 	s.announceRooms(ch.roomList())
+	// connect goes out before anything is written to the client, so that
+	// it precedes every delivered event of the connection.
+	s.emitConnect(ch)
 	ch.release()
 	s.logger.Debug("client connected", "mid", ch.mid, "key", ch.key, "remote", remote)
 
@@ -105,6 +108,7 @@ func (s *Stage) session(ch *channel, remote string) {
 func (s *Stage) endSession(ch *channel, b *bucket, err error) {
 	defer s.conns.Done()
 	ch.close(closeCode(err))
+	s.emitDisconnect(ch)
 	if !b.del(ch) {
 		// The session now belongs to the connection that replaced this one.
 		s.logger.Debug("replaced client disconnected", "mid", ch.mid, "key", ch.key)

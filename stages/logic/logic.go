@@ -4,6 +4,7 @@
 package logic
 
 import (
+	"context"
 	"crypto/sha256"
 	"fmt"
 	"log/slog"
@@ -16,6 +17,7 @@ import (
 
 	"imcloud/pipeline"
 	"imcloud/pipeline/config"
+	"imcloud/pipeline/events"
 	"imcloud/pipeline/idempotency"
 	"imcloud/proto/pb"
 	"imcloud/stages/internal/cloudconn"
@@ -34,6 +36,9 @@ type Stage struct {
 	// request, and one line a second says as much as thousands.
 	failLog *pipeline.RateLog
 	apiKeys [][sha256.Size]byte // logic.api_keys, hashed once
+	// presence asks one cloud node for a room's members; nil: over gRPC
+	// (tests replace it).
+	presence func(ctx context.Context, n *pb.NodeInfo, room string) (*pb.PresenceReply, error)
 }
 
 // ReplyStore keeps the reservation and reply of each request made with an
@@ -50,6 +55,8 @@ type Options struct {
 	// History gives pushes their stream positions and keeps the last
 	// messages of each stream (issue 12; wired, not yet used).
 	History pipeline.History
+	// Events receives offline events; nil: off.
+	Events *events.Emitter
 	// Heartbeat is the period clients are told to heartbeat at.
 	Heartbeat time.Duration
 	Logger    *slog.Logger
@@ -69,7 +76,7 @@ func New(cfg config.Logic, o Options) (*Stage, error) {
 	return &Stage{
 		cfg:       cfg,
 		heartbeat: o.Heartbeat,
-		pusher:    &Pusher{registry: o.Registry, publisher: o.Publisher, topic: o.PushTopic},
+		pusher:    &Pusher{registry: o.Registry, publisher: o.Publisher, topic: o.PushTopic, events: o.Events},
 		replies:   o.Replies,
 		grpc: newGRPCServer(cfg, auth, o.Registry,
 			&replacer{registry: o.Registry, logger: o.Logger, clouds: cloudconn.New(o.CloudDial...)}, o.Logger),
@@ -126,6 +133,8 @@ func (st *Stage) Handler() http.Handler {
 		}
 	}
 	handle(http.MethodGet, "/im/nodes/weighted", st.stats(apiIM, st.nodesWeighted))
+	handle(http.MethodGet, "/im/presence/room", st.presenceRoom(apiIM))
+	handle(http.MethodGet, "/im/online/mids", st.onlineMids(apiIM))
 	handle(http.MethodGet, "/goim/nodes/weighted", st.stats(apiGoim, st.goimNodesWeighted))
 	handle(http.MethodGet, "/goim/nodes/instances", st.stats(apiGoim, goimNodesInstances))
 	// The catch-all "/" matches every method, so ServeMux prefers it to

@@ -11,6 +11,7 @@ import (
 	"github.com/google/uuid"
 
 	"imcloud/pipeline"
+	"imcloud/pipeline/events"
 	"imcloud/proto/pb"
 )
 
@@ -30,6 +31,7 @@ type Pusher struct {
 	registry  pipeline.Registry
 	publisher message.Publisher
 	topic     string
+	events    *events.Emitter // offline events; nil: off
 }
 
 // Push is one push request as the HTTP API received it.
@@ -129,7 +131,11 @@ func (p *Pusher) PushMids(ctx context.Context, push Push, mids []int64) (PushRes
 			res.OfflineMids = append(res.OfflineMids, m)
 		}
 	}
-	return res, p.publishToServers(ctx, push, servers, byMid)
+	if err := p.publishToServers(ctx, push, servers, byMid); err != nil {
+		return res, err
+	}
+	p.emitOffline(push, res.OfflineMids)
+	return res, nil
 }
 
 // PushRoom pushes to every connection in room, on every node.

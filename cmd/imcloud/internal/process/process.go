@@ -26,6 +26,7 @@ import (
 	"imcloud/pipeline"
 	"imcloud/pipeline/clusterauth"
 	"imcloud/pipeline/config"
+	"imcloud/pipeline/events"
 	"imcloud/proto/pb"
 	"imcloud/stages/cloud"
 	"imcloud/stages/job"
@@ -191,12 +192,17 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Proc
 		return nil, fmt.Errorf("connect broker: %w", err)
 	}
 
+	emitter, err := p.startEvents(runCtx)
+	if err != nil {
+		return nil, err
+	}
+
 	var logicStage *logic.Stage
 	if hasLogic {
 		logicStage, err = logic.New(cfg.Logic, logic.Options{
 			Registry: p.stores.Registry, Publisher: p.broker.Publisher, PushTopic: cfg.Topics.Push,
 			Replies: p.stores.Replies, History: p.stores.History, Logger: logger.With("stage", "logic"),
-			Heartbeat: cfg.Cloud.HeartbeatInterval, CloudDial: p.grpcDialOpts,
+			Heartbeat: cfg.Cloud.HeartbeatInterval, CloudDial: p.grpcDialOpts, Events: emitter,
 		})
 		if err != nil {
 			return nil, err
@@ -208,7 +214,7 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Proc
 	}
 
 	if hasCloud {
-		if err := p.startCloud(runCtx, tcpLn, wsLn, wssLn, cloudLn); err != nil {
+		if err := p.startCloud(runCtx, tcpLn, wsLn, wssLn, cloudLn, emitter); err != nil {
 			return nil, err
 		}
 	}
@@ -234,7 +240,7 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Proc
 	return p, nil
 }
 
-func (p *Process) startCloud(ctx context.Context, tcpLn, wsLn, wssLn, grpcLn net.Listener) error {
+func (p *Process) startCloud(ctx context.Context, tcpLn, wsLn, wssLn, grpcLn net.Listener, emitter *events.Emitter) error {
 	cfg := p.cfg
 	logicAddr := cfg.Cloud.LogicAddr
 	if p.addrs.LogicGRPC != "" {
@@ -266,6 +272,7 @@ func (p *Process) startCloud(ctx context.Context, tcpLn, wsLn, wssLn, grpcLn net
 		Logic:    pb.NewLogicClient(conn),
 		Upstream: p.broker.Publisher, UpstreamTopic: cfg.Topics.Upstream,
 		Logger: p.logger.With("stage", "cloud"),
+		Events: emitter,
 	})
 	p.cloudStage = st
 	p.cloudGRPC = grpc.NewServer(p.grpcServerOpts...)
