@@ -9,9 +9,12 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"imcloud/adapters"
 	"imcloud/cmd/imcloud/internal/process"
@@ -23,6 +26,10 @@ import (
 // directly, on the embedded one through the running standalone process's
 // admin listener, where its poisoned messages live.
 func cmdPoison(ctx context.Context, args []string, stdout, stderr io.Writer, environ []string) error {
+	return escapedErr(poison(ctx, args, stdout, stderr, environ))
+}
+
+func poison(ctx context.Context, args []string, stdout, stderr io.Writer, environ []string) error {
 	var (
 		cf    configFlags
 		ids   []string
@@ -123,14 +130,68 @@ func printPoisonList(stdout io.Writer, topic string, msgs []process.PoisonEntry)
 		if !m.PoisonedAt.IsZero() {
 			at = m.PoisonedAt.UTC().Format(time.RFC3339)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", m.ID, at, handler, reason)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", printable(m.ID), at, printable(handler), printable(reason))
 	}
 	if err := tw.Flush(); err != nil {
 		return err
 	}
-	_, err := fmt.Fprintf(stdout, "%d poisoned message(s) in %s\n", len(msgs), topic)
+	_, err := fmt.Fprintf(stdout, "%d poisoned message(s) in %s\n", len(msgs), printable(topic))
 	return err
 }
+
+// maxColumn is how many runes of a column printable keeps: a reason is an
+// error's text, a few hundred bytes at most when honest.
+const maxColumn = 200
+
+// printable is s safe to print in a column of a terminal (escape), cut
+// past maxColumn runes, marked so. Every column of the list but the time
+// comes from the broker, where any publisher writes it.
+func printable(s string) string { return escape(s, maxColumn) }
+
+// escape is s with control characters (escape sequences, and tabs and
+// newlines that would forge rows and columns) and format characters
+// (bidirectional overrides) escaped as Go escapes them in a quoted
+// string, invalid UTF-8 as \xNN and backslashes doubled; past max runes
+// (0 for no cap) it is cut, marked "…[cut]".
+func escape(s string, max int) string {
+	var b strings.Builder
+	for n := 0; len(s) > 0; n++ {
+		if max > 0 && n == max {
+			b.WriteString("…[cut]")
+			break
+		}
+		r, size := utf8.DecodeRuneInString(s)
+		switch {
+		case r == utf8.RuneError && size == 1:
+			fmt.Fprintf(&b, `\x%02x`, s[0])
+		case r == '\\':
+			b.WriteString(`\\`)
+		case unicode.IsControl(r) || unicode.Is(unicode.Cf, r):
+			q := strconv.QuoteRune(r)
+			b.WriteString(q[1 : len(q)-1])
+		default:
+			b.WriteRune(r)
+		}
+		s = s[size:]
+	}
+	return b.String()
+}
+
+// escapedErr is err with its text escaped (not cut), still wrapping err:
+// an error may carry what a publisher wrote (the undecodable entries'
+// names, a reason the admin listener relays).
+func escapedErr(err error) error {
+	if err == nil {
+		return nil
+	}
+	return escaped{err}
+}
+
+type escaped struct{ err error }
+
+func (e escaped) Error() string { return escape(e.err.Error(), 0) }
+
+func (e escaped) Unwrap() error { return e.err }
 
 // poisonOverAdmin runs action on the poison endpoints of the admin
 // listener at addr (process/poison.go).
@@ -188,7 +249,7 @@ func poisonOverAdmin(ctx context.Context, addr, action string, ids []string, all
 		return fmt.Errorf("poison: the answer of %s: %w", addr, err)
 	}
 	if action == "replay" {
-		fmt.Fprintf(stdout, "replayed %d message(s) to %s\n", res.Count, res.Target)
+		fmt.Fprintf(stdout, "replayed %d message(s) to %s\n", res.Count, printable(res.Target))
 	} else {
 		fmt.Fprintf(stdout, "purged %d message(s)\n", res.Count)
 	}
