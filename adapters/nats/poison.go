@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
 	nc "github.com/nats-io/nats.go"
@@ -37,6 +38,11 @@ type PoisonStream struct {
 }
 
 var _ pipeline.PoisonAdmin = (*PoisonStream)(nil)
+
+// settleTimeout bounds the delete that follows a replay's publish once the
+// caller's context is done; one DeleteMsg takes about a millisecond on the
+// local server.
+const settleTimeout = 10 * time.Second
 
 // NewPoisonStream opens the poison stream of topic poison, whose messages
 // Replay re-publishes to topic target; streams it creates get limits.
@@ -99,6 +105,9 @@ func (s *PoisonStream) Replay(ctx context.Context, sel pipeline.Selector) (int, 
 			undecodable = append(undecodable, p.ID)
 			return nil
 		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
 		dup, err := s.publish(ctx, p.Replayable(ctx), replayID)
 		if err != nil {
 			return fmt.Errorf("replay %s to %s: %w", p.ID, s.target, err)
@@ -106,7 +115,12 @@ func (s *PoisonStream) Replay(ctx context.Context, sel pipeline.Selector) (int, 
 		if !dup {
 			n++
 		}
-		_, err = s.delete(ctx, m.Sequence)
+		// Published: the delete must not be cut by the caller's cancel,
+		// or the message stays poisoned and a replay after the target's
+		// duplicate window publishes it again.
+		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), settleTimeout)
+		defer cancel()
+		_, err = s.delete(dctx, m.Sequence)
 		return err
 	})
 	if err != nil {

@@ -15,31 +15,42 @@ import (
 )
 
 const (
-	// listBatch is how many entries one XRANGE reads.
+	// listBatch is how many entries one XRANGE of Replay or Purge reads.
 	listBatch = 500
-	// claimTTL bounds how long an admin's claim on an entry outlives the
-	// admin if it dies between claiming and deleting: one publish and one
-	// XDEL take milliseconds.
-	claimTTL = time.Minute
+	// settleTimeout bounds the one script that replays an entry once the
+	// caller's context is done: the script is atomic on the server, and
+	// waiting for its answer is how the count stays true. One XADD and one
+	// XDEL take well under a millisecond on the local Redis.
+	settleTimeout = 10 * time.Second
 )
+
+// replayScript moves one entry from the poison stream (KEYS[1]) to the
+// target (KEYS[2]) atomically: an entry already gone answers 0, else the
+// entry (ARGV[1]) is added to the target with the fields ARGV[2..] and
+// deleted from the poison stream, answering 1. Being one script, a cancel or a
+// crash never leaves the entry both replayed and still poisoned, and two
+// admins racing on it replay it once between them.
+var replayScript = goredis.NewScript(`
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return 0 end
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+redis.call('XDEL', KEYS[1], ARGV[1])
+return 1
+`)
 
 // PoisonStream lists, replays and purges the entries of a poison stream
 // (pipeline.PoisonAdmin): it reads with XRANGE, decoding with the
-// marshaler Watermill's publisher encodes with, and removes with XDEL.
+// marshaler Watermill's publisher encodes with.
 //
-// Replay and Purge claim each entry first (SET NX on a key of its own,
-// expiring after claimTTL), check it is still there, act, then XDEL it:
-// admins racing on an entry act on it once between them, and each count
-// says what that admin did. An entry another admin claimed is skipped, not
-// waited for.
+// Purge is XDEL, which says whether it deleted. Replay runs replayScript
+// per entry: the XADD to the target and the XDEL are
+// one atomic step, so admins racing on an entry act on it once between
+// them and each count says what that admin did.
 type PoisonStream struct {
 	rdb            goredis.UniversalClient
 	pub            *redisstream.Publisher
 	stream, target string
 	// limit is the target's length limit; 0 for none.
 	limit int64
-	// token marks this admin's claims.
-	token string
 }
 
 var _ pipeline.PoisonAdmin = (*PoisonStream)(nil)
@@ -58,7 +69,7 @@ func NewPoisonStream(addr, stream, target string, limits map[string]int64, logge
 		_ = rdb.Close()
 		return nil, err
 	}
-	return &PoisonStream{rdb: rdb, pub: pub, stream: stream, target: target, limit: limits[target], token: watermill.NewShortUUID()}, nil
+	return &PoisonStream{rdb: rdb, pub: pub, stream: stream, target: target, limit: limits[target]}, nil
 }
 
 // List returns the stream's entries, oldest first.
@@ -71,24 +82,26 @@ func (s *PoisonStream) List(ctx context.Context) ([]pipeline.Poisoned, error) {
 	return out, err
 }
 
-// Purge deletes the selected entries.
+// Purge deletes the selected entries; one another admin deleted first is
+// not counted.
 func (s *PoisonStream) Purge(ctx context.Context, sel pipeline.Selector) (int, error) {
 	n := 0
 	err := s.each(ctx, func(p pipeline.Poisoned, entry string) error {
 		if !sel(p) {
 			return nil
 		}
-		done, err := s.claimed(ctx, entry, func() error { return nil })
-		if done {
-			n++
+		deleted, err := s.rdb.XDel(ctx, s.stream, entry).Result()
+		if err != nil {
+			return fmt.Errorf("delete %s of %s: %w", entry, s.stream, err)
 		}
-		return err
+		n += int(deleted)
+		return nil
 	})
 	return n, err
 }
 
-// Replay publishes the selected messages to the target and deletes each
-// entry once Redis stored the publish.
+// Replay moves the selected messages to the target, each in one atomic
+// step (replayScript).
 func (s *PoisonStream) Replay(ctx context.Context, sel pipeline.Selector) (int, error) {
 	if s.limit > 0 {
 		length, err := Trim(ctx, s.rdb, s.target)
@@ -109,13 +122,11 @@ func (s *PoisonStream) Replay(ctx context.Context, sel pipeline.Selector) (int, 
 			undecodable = append(undecodable, p.ID)
 			return nil
 		}
-		done, err := s.claimed(ctx, entry, func() error {
-			if err := s.pub.Publish(s.target, p.Replayable(ctx)); err != nil {
-				return fmt.Errorf("replay %s to %s: %w", p.ID, s.target, err)
-			}
-			return nil
-		})
-		if done {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		moved, err := s.move(ctx, p, entry)
+		if moved {
 			n++
 		}
 		return err
@@ -126,35 +137,25 @@ func (s *PoisonStream) Replay(ctx context.Context, sel pipeline.Selector) (int, 
 	return n, pipeline.LeftUndecodable(undecodable)
 }
 
-// claimed claims entry, runs act if the entry is still there, and deletes
-// it if act succeeded; done says act ran and the entry is gone. An entry
-// another admin holds, or already removed, is left to it.
-func (s *PoisonStream) claimed(ctx context.Context, entry string, act func() error) (done bool, err error) {
-	key := fmt.Sprintf("imcloud:poison-claim:%s:%s", s.stream, entry)
-	ok, err := s.rdb.SetNX(ctx, key, s.token, claimTTL).Result()
+// move runs replayScript on entry; moved says this call replayed it.
+func (s *PoisonStream) move(ctx context.Context, p pipeline.Poisoned, entry string) (moved bool, err error) {
+	fields, err := redisstream.DefaultMarshallerUnmarshaller{}.Marshal(s.target, p.Replayable(ctx))
 	if err != nil {
-		return false, fmt.Errorf("claim %s of %s: %w", entry, s.stream, err)
+		return false, fmt.Errorf("replay %s: encode: %w", p.ID, err)
 	}
-	if !ok {
-		return false, nil
+	args := []any{entry}
+	for k, v := range fields {
+		args = append(args, k, v)
 	}
-	// Released once done; a deleted entry is not read again, so nothing
-	// waits for the claim in between.
-	defer s.rdb.Del(context.WithoutCancel(ctx), key)
-	still, err := s.rdb.XRange(ctx, s.stream, entry, entry).Result()
+	// Not the caller's context: a cancel must not lose the answer of a
+	// script that ran, or the count would say less than was replayed.
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), settleTimeout)
+	defer cancel()
+	res, err := replayScript.Run(sctx, s.rdb, []string{s.stream, s.target}, args...).Int()
 	if err != nil {
-		return false, fmt.Errorf("read %s of %s: %w", entry, s.stream, err)
+		return false, fmt.Errorf("replay %s to %s: %w", p.ID, s.target, err)
 	}
-	if len(still) == 0 {
-		return false, nil
-	}
-	if err := act(); err != nil {
-		return false, err
-	}
-	if err := s.rdb.XDel(ctx, s.stream, entry).Err(); err != nil {
-		return false, fmt.Errorf("delete %s of %s: %w", entry, s.stream, err)
-	}
-	return true, nil
+	return res == 1, nil
 }
 
 // each reads the stream's entries as it is when called, oldest first, in
