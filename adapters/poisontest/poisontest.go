@@ -39,6 +39,10 @@ type Broker struct {
 	// RecordsTime says the broker records when each message was written,
 	// to the second at least.
 	RecordsTime bool
+	// BoundedAdmin opens an admin as Admin does, with the target bounded
+	// to limit messages as the broker's bounded publisher bounds it. Nil
+	// only where topics have no length limit (the embedded broker).
+	BoundedAdmin func(t *testing.T, poison, target string, limit int) pipeline.PoisonAdmin
 }
 
 // Run runs the contract. Topics are prefix followed by something unique;
@@ -57,6 +61,7 @@ func Run(t *testing.T, prefix string, newBroker func(t *testing.T) Broker) {
 		{"PurgedByAnotherIsNotReplayed", testPurgedByAnother},
 		{"ConcurrentReplaysReplayOnce", testConcurrentReplays},
 		{"Undecodable", testUndecodable},
+		{"ReplayStopsAtTargetLimit", testReplayLimit},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -432,4 +437,32 @@ func testUndecodable(t *testing.T, e *env) {
 		t.Fatalf("purge undecodable %s: %d, %v; want 1", bad.ID, n, err)
 	}
 	e.wantIDs(t)
+}
+
+// testReplayLimit: replay to a target bounded to 3 messages replays 3 of
+// 10, refuses the fourth with ErrQueueFull, and leaves the rest poisoned.
+func testReplayLimit(t *testing.T, e *env) {
+	const limit, n = 3, 10
+	if e.b.BoundedAdmin == nil {
+		// Topics of the embedded broker have no length limit: all go.
+		r := e.receive(t)
+		e.publish(t, n)
+		if got, err := e.admin.Replay(ctxFor(t), pipeline.All); err != nil || got != n {
+			t.Fatalf("replay all: %d, %v; want %d", got, err, n)
+		}
+		r.waitFor(t, "id-1", fmt.Sprintf("id-%d", n))
+		return
+	}
+	a := e.b.BoundedAdmin(t, e.poison, e.target, limit)
+	t.Cleanup(func() { _ = a.Close() })
+	e.publish(t, n)
+	got, err := a.Replay(ctxFor(t), pipeline.All)
+	if !errors.Is(err, pipeline.ErrQueueFull) || got != limit {
+		t.Fatalf("replay all to a target of %d: %d, %v; want %d and ErrQueueFull", limit, got, err, limit)
+	}
+	var want []string
+	for i := limit + 1; i <= n; i++ {
+		want = append(want, fmt.Sprintf("id-%d", i))
+	}
+	e.wantIDs(t, want...)
 }

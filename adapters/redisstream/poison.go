@@ -25,14 +25,17 @@ const (
 )
 
 // replayScript moves one entry from the poison stream (KEYS[1]) to the
-// target (KEYS[2]) atomically: an entry already gone answers 0, else the
-// entry (ARGV[1]) is added to the target with the fields ARGV[2..] and
-// deleted from the poison stream, answering 1. Being one script, a cancel or a
+// target (KEYS[2]) atomically: an entry already gone answers 0, a target
+// holding its limit (ARGV[2], 0 for none) answers -1, else the entry
+// (ARGV[1]) is added to the target with the fields ARGV[3..] and deleted
+// from the poison stream, answering 1. Being one script, a cancel or a
 // crash never leaves the entry both replayed and still poisoned, and two
 // admins racing on it replay it once between them.
 var replayScript = goredis.NewScript(`
 if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return 0 end
-redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+local limit = tonumber(ARGV[2])
+if limit > 0 and redis.call('XLEN', KEYS[2]) >= limit then return -1 end
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
 redis.call('XDEL', KEYS[1], ARGV[1])
 return 1
 `)
@@ -42,9 +45,10 @@ return 1
 // marshaler Watermill's publisher encodes with.
 //
 // Purge is XDEL, which says whether it deleted. Replay runs replayScript
-// per entry: the XADD to the target and the XDEL are
+// per entry: the length check, the XADD to the target and the XDEL are
 // one atomic step, so admins racing on an entry act on it once between
-// them and each count says what that admin did.
+// them, each count says what that admin did, and the target's length
+// limit holds for every entry replayed.
 type PoisonStream struct {
 	rdb            goredis.UniversalClient
 	pub            *redisstream.Publisher
@@ -101,17 +105,9 @@ func (s *PoisonStream) Purge(ctx context.Context, sel pipeline.Selector) (int, e
 }
 
 // Replay moves the selected messages to the target, each in one atomic
-// step (replayScript).
+// step (replayScript). It stops at the first that does not fit the
+// target's limit, with pipeline.ErrQueueFull.
 func (s *PoisonStream) Replay(ctx context.Context, sel pipeline.Selector) (int, error) {
-	if s.limit > 0 {
-		length, err := Trim(ctx, s.rdb, s.target)
-		if err != nil {
-			return 0, err
-		}
-		if length >= s.limit {
-			return 0, fmt.Errorf("replay to %s: %w: it holds its limit of %d entries", s.target, ErrQueueFull, s.limit)
-		}
-	}
 	n := 0
 	var undecodable []string
 	err := s.each(ctx, func(p pipeline.Poisoned, entry string) error {
@@ -137,25 +133,40 @@ func (s *PoisonStream) Replay(ctx context.Context, sel pipeline.Selector) (int, 
 	return n, pipeline.LeftUndecodable(undecodable)
 }
 
-// move runs replayScript on entry; moved says this call replayed it.
+// move runs replayScript on entry; moved says this call replayed it. A
+// full target is trimmed of what its consumers are done with (Trim) and
+// tried once more before the move is refused.
 func (s *PoisonStream) move(ctx context.Context, p pipeline.Poisoned, entry string) (moved bool, err error) {
 	fields, err := redisstream.DefaultMarshallerUnmarshaller{}.Marshal(s.target, p.Replayable(ctx))
 	if err != nil {
 		return false, fmt.Errorf("replay %s: encode: %w", p.ID, err)
 	}
-	args := []any{entry}
+	args := []any{entry, s.limit}
 	for k, v := range fields {
 		args = append(args, k, v)
 	}
-	// Not the caller's context: a cancel must not lose the answer of a
-	// script that ran, or the count would say less than was replayed.
-	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), settleTimeout)
-	defer cancel()
-	res, err := replayScript.Run(sctx, s.rdb, []string{s.stream, s.target}, args...).Int()
-	if err != nil {
-		return false, fmt.Errorf("replay %s to %s: %w", p.ID, s.target, err)
+	for attempt := 0; ; attempt++ {
+		// Not the caller's context: a cancel must not lose the answer
+		// of a script that ran, or the count would say less than was
+		// replayed.
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), settleTimeout)
+		res, err := replayScript.Run(sctx, s.rdb, []string{s.stream, s.target}, args...).Int()
+		cancel()
+		if err != nil {
+			return false, fmt.Errorf("replay %s to %s: %w", p.ID, s.target, err)
+		}
+		switch {
+		case res == 1:
+			return true, nil
+		case res == 0:
+			return false, nil
+		case attempt > 0:
+			return false, fmt.Errorf("replay %s to %s: %w: it holds its limit of %d entries", p.ID, s.target, ErrQueueFull, s.limit)
+		}
+		if _, err := Trim(ctx, s.rdb, s.target); err != nil {
+			return false, fmt.Errorf("replay %s: %w", p.ID, err)
+		}
 	}
-	return res == 1, nil
 }
 
 // each reads the stream's entries as it is when called, oldest first, in

@@ -47,6 +47,13 @@ func TestIntegrationPoisonContract(t *testing.T) {
 				}
 				return a
 			},
+			BoundedAdmin: func(t *testing.T, poison, target string, limit int) pipeline.PoisonAdmin {
+				a, err := NewPoisonStream(testAddr(), poison, target, map[string]int64{target: int64(limit)}, watermill.NopLogger{})
+				if err != nil {
+					t.Fatal(err)
+				}
+				return a
+			},
 			Garbage: func(t *testing.T, poison string) {
 				rdb := NewClient(testAddr())
 				defer rdb.Close()
