@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strconv"
 	"sync"
 	"time"
 
@@ -159,8 +160,10 @@ type poisonAdmin struct {
 	target string
 }
 
+// poisonedOf describes m, keyed by its sequence in the ring: the
+// publisher cannot choose it and it is never reused.
 func poisonedOf(m keptMsg) pipeline.Poisoned {
-	return pipeline.NewPoisoned(m.msg.Copy(), m.at)
+	return pipeline.NewPoisoned(strconv.FormatUint(m.seq, 10), m.msg.Copy(), m.at)
 }
 
 // List returns the kept messages, oldest first.
@@ -199,7 +202,7 @@ func (a *poisonAdmin) Replay(ctx context.Context, sel pipeline.Selector) (int, e
 	for i, m := range taken {
 		if err := a.ps.Publish(a.target, poisonedOf(m).Replayable(ctx)); err != nil {
 			a.k.putBack(taken[i:])
-			return i, fmt.Errorf("replay %s to %s: %w", poisonedOf(m).ID, a.target, err)
+			return i, fmt.Errorf("replay %s to %s: %w", poisonedOf(m).Key, a.target, err)
 		}
 	}
 	return len(taken), nil

@@ -30,6 +30,8 @@ import (
 // was a duplicate, does not count it. A replay that read a message just
 // before another admin purged it may still replay it; the purge then
 // counts it too.
+//
+// A message's key is its stream sequence, which JetStream assigns.
 type PoisonStream struct {
 	conn           *nc.Conn
 	js             jetstream.JetStream
@@ -102,7 +104,7 @@ func (s *PoisonStream) Replay(ctx context.Context, sel pipeline.Selector) (int, 
 			return nil
 		}
 		if p.Undecodable != "" {
-			undecodable = append(undecodable, p.ID)
+			undecodable = append(undecodable, p.Key)
 			return nil
 		}
 		if err := ctx.Err(); err != nil {
@@ -110,7 +112,7 @@ func (s *PoisonStream) Replay(ctx context.Context, sel pipeline.Selector) (int, 
 		}
 		dup, err := s.publish(ctx, p.Replayable(ctx), replayID)
 		if err != nil {
-			return fmt.Errorf("replay %s to %s: %w", p.ID, s.target, err)
+			return fmt.Errorf("replay %s to %s: %w", p.Key, s.target, err)
 		}
 		if !dup {
 			n++
@@ -209,7 +211,7 @@ func (s *PoisonStream) each(ctx context.Context, fn func(p pipeline.Poisoned, m 
 func decode(m *jetstream.RawStreamMsg) pipeline.Poisoned {
 	uuid := m.Header.Get(uuidHeader)
 	if uuid == "" {
-		return pipeline.NewUndecodable(fmt.Sprintf("seq:%d", m.Sequence), m.Data, m.Time,
+		return pipeline.NewUndecodable(strconv.FormatUint(m.Sequence, 10), m.Data, m.Time,
 			fmt.Errorf("nats message %d of %s has no %s header: not written by imcloud's publisher", m.Sequence, m.Subject, uuidHeader))
 	}
 	msg := message.NewMessage(uuid, m.Data)
@@ -218,7 +220,7 @@ func decode(m *jetstream.RawStreamMsg) pipeline.Poisoned {
 			msg.Metadata.Set(k, vs[0])
 		}
 	}
-	return pipeline.NewPoisoned(msg, m.Time)
+	return pipeline.NewPoisoned(strconv.FormatUint(m.Sequence, 10), msg, m.Time)
 }
 
 // Close closes the connection.

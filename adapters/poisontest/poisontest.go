@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -61,6 +62,7 @@ func Run(t *testing.T, prefix string, newBroker func(t *testing.T) Broker) {
 		{"PurgedByAnotherIsNotReplayed", testPurgedByAnother},
 		{"ConcurrentReplaysReplayOnce", testConcurrentReplays},
 		{"Undecodable", testUndecodable},
+		{"KeysAreTheBrokers", testKeys},
 		{"ReplayStopsAtTargetLimit", testReplayLimit},
 	}
 	for _, tt := range tests {
@@ -141,6 +143,14 @@ func (e *env) list(t *testing.T, a pipeline.PoisonAdmin) []pipeline.Poisoned {
 		t.Fatalf("list: %v", err)
 	}
 	return ps
+}
+
+func keys(ps []pipeline.Poisoned) []string {
+	out := make([]string, 0, len(ps))
+	for _, p := range ps {
+		out = append(out, p.Key)
+	}
+	return out
 }
 
 func (e *env) wantIDs(t *testing.T, want ...string) {
@@ -433,10 +443,57 @@ func testUndecodable(t *testing.T, e *env) {
 		t.Fatalf("target received %v, want id-1", got)
 	}
 	e.wantIDs(t, bad.ID)
-	if n, err := e.admin.Purge(ctxFor(t), pipeline.IDs(bad.ID)); err != nil || n != 1 {
-		t.Fatalf("purge undecodable %s: %d, %v; want 1", bad.ID, n, err)
+	if bad.Key == "" || bad.Key == ps[1].Key {
+		t.Fatalf("undecodable entry keyed %q beside %q, want a key of its own", bad.Key, ps[1].Key)
+	}
+	if n, err := e.admin.Purge(ctxFor(t), pipeline.Keys(bad.Key)); err != nil || n != 1 {
+		t.Fatalf("purge undecodable %s: %d, %v; want 1", bad.Key, n, err)
 	}
 	e.wantIDs(t)
+}
+
+// testKeys: a publisher chooses message ids, not keys. Two entries with
+// one id have distinct keys and an id-based selection of them is refused;
+// an id equal to another entry's key selects only its own entry, and the
+// key only the keyed one.
+func testKeys(t *testing.T, e *env) {
+	e.publish(t, 2)
+	decoy := poisoned(2)
+	if err := e.b.Publisher.Publish(e.poison, decoy); err != nil {
+		t.Fatalf("publish decoy: %v", err)
+	}
+	ps := e.list(t, e.admin)
+	if got := ids(ps); !slices.Equal(got, []string{"id-1", "id-2", "id-2"}) {
+		t.Fatalf("listed %v", got)
+	}
+	ks := keys(ps)
+	if slices.Contains(ks, "") || len(slices.Compact(slices.Sorted(slices.Values(ks)))) != 3 {
+		t.Fatalf("keys %v, want three distinct", ks)
+	}
+	_, err := pipeline.ResolveIDs(ctxFor(t), e.admin, "id-2")
+	if !errors.Is(err, pipeline.ErrAmbiguousID) || !strings.Contains(err.Error(), ks[1]) || !strings.Contains(err.Error(), ks[2]) {
+		t.Fatalf("resolve id-2 named twice: %v; want ErrAmbiguousID naming %s and %s", err, ks[1], ks[2])
+	}
+	// An attacker's message whose id is id-1's key.
+	forged := poisoned(3)
+	forged.Metadata.Set(pipeline.MetaMessageID, ks[0])
+	if err := e.b.Publisher.Publish(e.poison, forged); err != nil {
+		t.Fatalf("publish forged: %v", err)
+	}
+	sel, err := pipeline.ResolveIDs(ctxFor(t), e.admin, ks[0])
+	if err != nil {
+		t.Fatalf("resolve id %s: %v", ks[0], err)
+	}
+	if n, err := e.admin.Purge(ctxFor(t), sel); err != nil || n != 1 {
+		t.Fatalf("purge by id %s: %d, %v; want 1", ks[0], n, err)
+	}
+	e.wantIDs(t, "id-1", "id-2", "id-2")
+	if n, err := e.admin.Purge(ctxFor(t), pipeline.Keys(ks[2])); err != nil || n != 1 {
+		t.Fatalf("purge key %s: %d, %v; want 1", ks[2], n, err)
+	}
+	if got := keys(e.list(t, e.admin)); !slices.Equal(got, ks[:2]) {
+		t.Fatalf("after purging the decoy's key, keys %v, want %v", got, ks[:2])
+	}
 }
 
 // testReplayLimit: replay to a target bounded to 3 messages replays 3 of

@@ -42,7 +42,8 @@ return 1
 
 // PoisonStream lists, replays and purges the entries of a poison stream
 // (pipeline.PoisonAdmin): it reads with XRANGE, decoding with the
-// marshaler Watermill's publisher encodes with.
+// marshaler Watermill's publisher encodes with. An entry's key is its
+// stream entry id, which Redis assigns.
 //
 // Purge is XDEL, which says whether it deleted. Replay runs replayScript
 // per entry: the length check, the XADD to the target and the XDEL are
@@ -115,7 +116,7 @@ func (s *PoisonStream) Replay(ctx context.Context, sel pipeline.Selector) (int, 
 			return nil
 		}
 		if p.Undecodable != "" {
-			undecodable = append(undecodable, p.ID)
+			undecodable = append(undecodable, p.Key)
 			return nil
 		}
 		if err := ctx.Err(); err != nil {
@@ -139,7 +140,7 @@ func (s *PoisonStream) Replay(ctx context.Context, sel pipeline.Selector) (int, 
 func (s *PoisonStream) move(ctx context.Context, p pipeline.Poisoned, entry string) (moved bool, err error) {
 	fields, err := redisstream.DefaultMarshallerUnmarshaller{}.Marshal(s.target, p.Replayable(ctx))
 	if err != nil {
-		return false, fmt.Errorf("replay %s: encode: %w", p.ID, err)
+		return false, fmt.Errorf("replay %s: encode: %w", p.Key, err)
 	}
 	args := []any{entry, s.limit}
 	for k, v := range fields {
@@ -153,7 +154,7 @@ func (s *PoisonStream) move(ctx context.Context, p pipeline.Poisoned, entry stri
 		res, err := replayScript.Run(sctx, s.rdb, []string{s.stream, s.target}, args...).Int()
 		cancel()
 		if err != nil {
-			return false, fmt.Errorf("replay %s to %s: %w", p.ID, s.target, err)
+			return false, fmt.Errorf("replay %s to %s: %w", p.Key, s.target, err)
 		}
 		switch {
 		case res == 1:
@@ -161,10 +162,10 @@ func (s *PoisonStream) move(ctx context.Context, p pipeline.Poisoned, entry stri
 		case res == 0:
 			return false, nil
 		case attempt > 0:
-			return false, fmt.Errorf("replay %s to %s: %w: it holds its limit of %d entries", p.ID, s.target, ErrQueueFull, s.limit)
+			return false, fmt.Errorf("replay %s to %s: %w: it holds its limit of %d entries", p.Key, s.target, ErrQueueFull, s.limit)
 		}
 		if _, err := Trim(ctx, s.rdb, s.target); err != nil {
-			return false, fmt.Errorf("replay %s: %w", p.ID, err)
+			return false, fmt.Errorf("replay %s: %w", p.Key, err)
 		}
 	}
 }
@@ -213,7 +214,7 @@ func decode(e goredis.XMessage) (p pipeline.Poisoned) {
 	if err != nil {
 		return undecodable(e, at, err)
 	}
-	return pipeline.NewPoisoned(msg, at)
+	return pipeline.NewPoisoned(e.ID, msg, at)
 }
 
 func undecodable(e goredis.XMessage, at time.Time, err error) pipeline.Poisoned {

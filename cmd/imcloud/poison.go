@@ -26,25 +26,27 @@ import (
 // directly, on the embedded one through the running standalone process's
 // admin listener, where its poisoned messages live.
 func cmdPoison(ctx context.Context, args []string, stdout, stderr io.Writer, environ []string) error {
-	return escapedErr(poison(ctx, args, stdout, stderr, environ))
-}
-
-func poison(ctx context.Context, args []string, stdout, stderr io.Writer, environ []string) error {
 	var (
 		cf    configFlags
+		keys  []string
 		ids   []string
 		all   bool
 		admin string
 	)
-	fs := newFlagSet("poison", `imcloud poison list|replay|purge [--id ID]... [--all] [--config F] [--admin ADDR]
-  list     show poisoned messages with their reason, handler and time
+	fs := newFlagSet("poison", `imcloud poison list|replay|purge [--key KEY]... [--id ID]... [--all] [--config F] [--admin ADDR]
+  list     show poisoned messages with their key, id, reason, handler and
+           time, oldest first
   replay   re-publish the chosen messages to the push topic
   purge    drop the chosen messages
+Choose messages by --key (the broker's own unique name for each entry, the
+KEY column), or by --id (the message id its publisher chose: refused when
+one id names more than one entry), or --all.
 With broker.kind = gochannel the poisoned messages live in the memory of
 the running standalone process: reach them through its admin listener
 (--admin, or admin.addr from the configuration).`, stderr)
 	cf.register(fs)
-	fs.StringSliceVar(&ids, "id", nil, "message ids to replay or purge (repeatable, or comma-separated)")
+	fs.StringSliceVar(&keys, "key", nil, "entry keys to replay or purge, as list shows them (repeatable, or comma-separated)")
+	fs.StringSliceVar(&ids, "id", nil, "message ids to replay or purge (repeatable, or comma-separated); refused if one names more than one entry")
 	fs.BoolVar(&all, "all", false, "replay or purge every poisoned message")
 	fs.StringVar(&admin, "admin", "", "broker.kind gochannel only: the running standalone process's admin listener, host:port (default admin.addr)")
 	if err := fs.Parse(args); err != nil {
@@ -65,13 +67,33 @@ the running standalone process: reach them through its admin listener
 		return err
 	}
 	if action != "list" {
+		given := 0
+		for _, g := range []bool{all, len(keys) > 0, len(ids) > 0} {
+			if g {
+				given++
+			}
+		}
 		switch {
-		case all && len(ids) > 0:
-			return errors.New("poison: give --id or --all, not both")
-		case !all && len(ids) == 0:
-			return fmt.Errorf("poison %s: say which messages with --id or --all", action)
+		case given > 1:
+			return errors.New("poison: give one of --key, --id or --all")
+		case given == 0:
+			return fmt.Errorf("poison %s: say which messages with --key, --id or --all", action)
 		}
 	}
+	// Errors may carry what a publisher wrote (ids, reasons): escaped as
+	// the listing is.
+	return escapedErr(poison(ctx, cfg, action, poisonArgs{keys: keys, ids: ids, all: all, admin: admin}, stdout, stderr))
+}
+
+// poisonArgs is what the flags of imcloud poison chose.
+type poisonArgs struct {
+	keys, ids []string
+	all       bool
+	admin     string
+}
+
+func poison(ctx context.Context, cfg config.Config, action string, a poisonArgs, stdout, stderr io.Writer) error {
+	admin, ids, all := a.admin, a.ids, a.all
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
 	if cfg.Broker.Kind == config.BrokerGoChannel {
@@ -81,7 +103,7 @@ the running standalone process: reach them through its admin listener
 		if admin == "" {
 			return fmt.Errorf("broker.kind %q: the embedded broker's poisoned messages live in the memory of the running standalone process; give --admin ADDR, the admin.addr that process listens on", cfg.Broker.Kind)
 		}
-		return poisonOverAdmin(ctx, admin, action, ids, all, stdout)
+		return poisonOverAdmin(ctx, admin, action, a, stdout)
 	}
 	if admin != "" {
 		return fmt.Errorf("poison --admin: broker.kind %q is a shared broker, reached directly with the configuration; --admin is for the embedded broker (gochannel) of a standalone process", cfg.Broker.Kind)
@@ -91,12 +113,7 @@ the running standalone process: reach them through its admin listener
 		return err
 	}
 	defer p.Close()
-	sel := pipeline.Selector(pipeline.All)
-	if !all {
-		sel = pipeline.IDs(ids...)
-	}
-	switch action {
-	case "list":
+	if action == "list" {
 		msgs, err := p.List(ctx)
 		if err != nil {
 			return err
@@ -106,6 +123,19 @@ the running standalone process: reach them through its admin listener
 			entries = append(entries, process.PoisonEntryOf(m, false))
 		}
 		return printPoisonList(stdout, cfg.Topics.Poison, entries)
+	}
+	var sel pipeline.Selector
+	switch {
+	case all:
+		sel = pipeline.All
+	case len(a.keys) > 0:
+		sel = pipeline.Keys(a.keys...)
+	default:
+		if sel, err = pipeline.ResolveIDs(ctx, p, ids...); err != nil {
+			return err
+		}
+	}
+	switch action {
 	case "replay":
 		n, err := p.Replay(ctx, sel)
 		fmt.Fprintf(stdout, "replayed %d message(s) to %s\n", n, cfg.Topics.Push)
@@ -117,20 +147,23 @@ the running standalone process: reach them through its admin listener
 	}
 }
 
+// printPoisonList prints a page of the list. Every column but the time
+// comes from the broker, where any publisher writes it: each is escaped
+// and cut (printable).
 func printPoisonList(stdout io.Writer, topic string, msgs []process.PoisonEntry) error {
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tPOISONED AT\tHANDLER\tREASON")
+	fmt.Fprintln(tw, "KEY\tID\tPOISONED AT\tHANDLER\tREASON")
 	for _, m := range msgs {
 		handler, reason := m.Handler, m.Reason
 		if m.Undecodable != "" {
-			// Not a message: it can only be purged, by this id.
+			// Not a message: it can only be purged, by this key.
 			handler, reason = "-", "UNDECODABLE: "+m.Undecodable
 		}
 		at := "-"
 		if !m.PoisonedAt.IsZero() {
 			at = m.PoisonedAt.UTC().Format(time.RFC3339)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", printable(m.ID), at, printable(handler), printable(reason))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", printable(m.Key), printable(m.ID), at, printable(handler), printable(reason))
 	}
 	if err := tw.Flush(); err != nil {
 		return err
@@ -144,8 +177,7 @@ func printPoisonList(stdout io.Writer, topic string, msgs []process.PoisonEntry)
 const maxColumn = 200
 
 // printable is s safe to print in a column of a terminal (escape), cut
-// past maxColumn runes, marked so. Every column of the list but the time
-// comes from the broker, where any publisher writes it.
+// past maxColumn runes, marked so.
 func printable(s string) string { return escape(s, maxColumn) }
 
 // escape is s with control characters (escape sequences, and tabs and
@@ -178,8 +210,7 @@ func escape(s string, max int) string {
 }
 
 // escapedErr is err with its text escaped (not cut), still wrapping err:
-// an error may carry what a publisher wrote (the undecodable entries'
-// names, a reason the admin listener relays).
+// an error may carry what a publisher wrote.
 func escapedErr(err error) error {
 	if err == nil {
 		return nil
@@ -195,7 +226,7 @@ func (e escaped) Unwrap() error { return e.err }
 
 // poisonOverAdmin runs action on the poison endpoints of the admin
 // listener at addr (process/poison.go).
-func poisonOverAdmin(ctx context.Context, addr, action string, ids []string, all bool, stdout io.Writer) error {
+func poisonOverAdmin(ctx context.Context, addr, action string, a poisonArgs, stdout io.Writer) error {
 	base := addr
 	if !strings.Contains(base, "://") {
 		base = "http://" + base
@@ -205,9 +236,14 @@ func poisonOverAdmin(ctx context.Context, addr, action string, ids []string, all
 	if action == "list" {
 		req, err = http.NewRequestWithContext(ctx, http.MethodGet, base+process.PoisonPath, nil)
 	} else {
-		form := url.Values{"id": ids}
-		if all {
+		var form url.Values
+		switch {
+		case a.all:
 			form = url.Values{"all": {"true"}}
+		case len(a.keys) > 0:
+			form = url.Values{"key": a.keys}
+		default:
+			form = url.Values{"id": a.ids}
 		}
 		path := process.PoisonReplayPath
 		if action == "purge" {

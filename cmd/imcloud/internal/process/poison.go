@@ -1,6 +1,7 @@
 package process
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -20,8 +21,10 @@ import (
 //	POST /poison/replay   re-publish to the push topic
 //	POST /poison/purge    drop
 //
-// Replay and purge take the messages as repeated id values (query or
-// form body) or all=true, and answer PoisonResult.
+// Replay and purge take the messages as repeated key values (the broker's
+// names for them, unique), repeated id values (refused when one id names
+// more than one entry: a publisher chooses ids), or all=true, and answer
+// PoisonResult.
 const (
 	PoisonPath        = "/poison"
 	PoisonReplayPath  = "/poison/replay"
@@ -31,6 +34,9 @@ const (
 
 // PoisonEntry is one poisoned message as GET /poison lists it.
 type PoisonEntry struct {
+	// Key is the broker's unique name for the entry: select by it.
+	Key string `json:"key"`
+	// ID is the message's id, chosen by its publisher and not unique.
 	ID           string    `json:"id"`
 	PoisonedAt   time.Time `json:"poisoned_at"`
 	Handler      string    `json:"handler"`
@@ -44,7 +50,7 @@ type PoisonEntry struct {
 
 // PoisonEntryOf describes m, with its payload if withPayload.
 func PoisonEntryOf(m pipeline.Poisoned, withPayload bool) PoisonEntry {
-	e := PoisonEntry{ID: m.ID, PoisonedAt: m.PoisonedAt, Handler: m.Handler(), Reason: m.Reason(), PayloadBytes: len(m.Payload), Undecodable: m.Undecodable}
+	e := PoisonEntry{Key: m.Key, ID: m.ID, PoisonedAt: m.PoisonedAt, Handler: m.Handler(), Reason: m.Reason(), PayloadBytes: len(m.Payload), Undecodable: m.Undecodable}
 	if withPayload {
 		e.Payload = m.Payload
 	}
@@ -143,9 +149,13 @@ func (h *poisonHandler) act(w http.ResponseWriter, r *http.Request, action strin
 		http.Error(w, "read the form: "+err.Error(), code)
 		return
 	}
-	sel, err := selection(r.Form["id"], r.Form.Get("all"))
+	sel, err := selection(r.Context(), h.admin, r.Form["key"], r.Form["id"], r.Form.Get("all"))
 	if err != nil {
-		http.Error(w, err.Error(), http.StatusBadRequest)
+		code := http.StatusBadRequest
+		if !errors.Is(err, errSelection) && !errors.Is(err, pipeline.ErrAmbiguousID) {
+			code = http.StatusInternalServerError
+		}
+		http.Error(w, err.Error(), code)
 		return
 	}
 	res := PoisonResult{Action: action}
@@ -165,25 +175,38 @@ func (h *poisonHandler) act(w http.ResponseWriter, r *http.Request, action strin
 	writeJSON(w, code, res)
 }
 
-// selection is what id values or all=true pick; one of them, not both.
-func selection(ids []string, all string) (pipeline.Selector, error) {
+// errSelection marks a request that names its messages wrongly.
+var errSelection = errors.New("bad selection")
+
+// selection is what key values, id values or all=true pick; one of them.
+// Ids are resolved to keys (pipeline.ResolveIDs), refused when one names
+// more than one entry.
+func selection(ctx context.Context, admin pipeline.PoisonAdmin, keys, ids []string, all string) (pipeline.Selector, error) {
 	everything := false
 	if all != "" {
 		b, err := strconv.ParseBool(all)
 		if err != nil {
-			return nil, fmt.Errorf("all=%q: want true or false", all)
+			return nil, fmt.Errorf("%w: all=%q: want true or false", errSelection, all)
 		}
 		everything = b
 	}
+	given := 0
+	for _, g := range []bool{everything, len(keys) > 0, len(ids) > 0} {
+		if g {
+			given++
+		}
+	}
 	switch {
-	case everything && len(ids) > 0:
-		return nil, errors.New("give id values or all=true, not both")
+	case given > 1:
+		return nil, fmt.Errorf("%w: give key values, id values or all=true, one of them", errSelection)
 	case everything:
 		return pipeline.All, nil
+	case len(keys) > 0:
+		return pipeline.Keys(keys...), nil
 	case len(ids) > 0:
-		return pipeline.IDs(ids...), nil
+		return pipeline.ResolveIDs(ctx, admin, ids...)
 	default:
-		return nil, errors.New("say which messages: id (repeatable) or all=true")
+		return nil, fmt.Errorf("%w: say which messages: key or id (repeatable) or all=true", errSelection)
 	}
 }
 
