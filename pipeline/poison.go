@@ -108,25 +108,35 @@ func Keys(keys ...string) Selector {
 	return func(p Poisoned) bool { return slices.Contains(keys, p.Key) }
 }
 
+// ErrBadKey is List's error for an after that names no entry of the
+// topic (not a key of the broker's form or, where the broker pages from the
+// head, gone).
+var ErrBadKey = errors.New("not a key of a poisoned entry")
+
 // ErrAmbiguousID is ResolveIDs' error for an id that names more than one
 // entry: a publisher may give any message any id, so acting on all of
 // them could drop or replay a decoy. Select by key instead.
 var ErrAmbiguousID = errors.New("message id names more than one poisoned entry")
 
-// ResolveIDs lists the poison topic and selects, by key,
+// ResolvePage is how many entries ResolveIDs reads at a time.
+const ResolvePage = 1000
+
+// ResolveIDs reads the whole poison topic in pages and selects, by key,
 // the entries whose ids are ids; it refuses (ErrAmbiguousID, naming the
 // keys) when one id names more than one entry. An entry published after
 // it read is not selected, whatever its id.
 func ResolveIDs(ctx context.Context, a PoisonAdmin, ids ...string) (Selector, error) {
 	found := map[string][]string{}
-	ps, err := a.List(ctx)
+	err := EachPage(ctx, a, ResolvePage, func(ps []Poisoned) error {
+		for _, p := range ps {
+			if slices.Contains(ids, p.ID) {
+				found[p.ID] = append(found[p.ID], p.Key)
+			}
+		}
+		return nil
+	})
 	if err != nil {
 		return nil, err
-	}
-	for _, p := range ps {
-		if slices.Contains(ids, p.ID) {
-			found[p.ID] = append(found[p.ID], p.Key)
-		}
 	}
 	var keys, conflicts []string
 	for _, id := range slices.Sorted(maps.Keys(found)) {
@@ -140,6 +150,25 @@ func ResolveIDs(ctx context.Context, a PoisonAdmin, ids ...string) (Selector, er
 		return nil, fmt.Errorf("%w: %s; select by key", ErrAmbiguousID, strings.Join(conflicts, "; "))
 	}
 	return Keys(keys...), nil
+}
+
+// EachPage lists the whole poison topic, limit entries at a time, oldest
+// first, calling fn with each page.
+func EachPage(ctx context.Context, a PoisonAdmin, limit int, fn func([]Poisoned) error) error {
+	after := ""
+	for {
+		ps, more, err := a.List(ctx, after, limit)
+		if err != nil {
+			return err
+		}
+		if err := fn(ps); err != nil {
+			return err
+		}
+		if !more || len(ps) == 0 {
+			return nil
+		}
+		after = ps[len(ps)-1].Key
+	}
 }
 
 // PoisonAdmin lets an operator list, replay and purge the messages of a
@@ -156,11 +185,14 @@ func ResolveIDs(ctx context.Context, a PoisonAdmin, ids ...string) (Selector, er
 // the embedded broker's memory) and replay re-publishes in the adapter's
 // own encoding.
 type PoisonAdmin interface {
-	// List returns the poisoned messages, oldest first, leaving them in
-	// place. An entry that is not a message of the broker's encoding is
-	// listed with Undecodable set, never dropped and never a failure of
-	// the whole list.
-	List(ctx context.Context) ([]Poisoned, error)
+	// List returns at most limit (> 0) poisoned messages, oldest first,
+	// starting after the entry whose Key is after ("" for the first),
+	// leaving them in place; more says entries remain past the page. An
+	// entry that is not a message of the broker's encoding is listed with
+	// Undecodable set, never dropped and never a failure of the whole
+	// list. Pages bound what is held in memory: a poison topic may hold a
+	// million messages.
+	List(ctx context.Context, after string, limit int) (page []Poisoned, more bool, err error)
 	// Replay re-publishes the selected messages (Replayable) to the topic
 	// the admin was opened for and removes each from the poison topic once
 	// the broker accepted it; it returns how many it replayed. Selected
@@ -171,6 +203,10 @@ type PoisonAdmin interface {
 	// that loses a race to a replay counts the message is the adapter's;
 	// each says.)
 	Replay(ctx context.Context, sel Selector) (int, error)
+	// A replay refused for want of room in the target fails with
+	// ErrQueueFull, counting what went before; a cancelled ctx never
+	// leaves a message both published and still in the poison topic.
+	// Replay and Purge cover the whole topic, reading it in pages.
 	//
 	// Purge drops the selected messages and returns how many it dropped.
 	Purge(ctx context.Context, sel Selector) (int, error)

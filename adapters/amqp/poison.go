@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 
 	"github.com/ThreeDotsLabs/watermill"
@@ -39,14 +40,40 @@ func NewPoisonQueue(url, queue, target string, limits Limits, logger watermill.L
 
 var _ pipeline.PoisonAdmin = (*PoisonQueue)(nil)
 
-// List returns the messages in the queue, leaving them there.
-func (q *PoisonQueue) List(ctx context.Context) ([]pipeline.Poisoned, error) {
+// errPageFull stops each once a page of List is read.
+var errPageFull = errors.New("page full")
+
+// List returns up to limit messages after the one keyed after, leaving
+// them in the queue. AMQP has no way to read a queue without taking from
+// its head: a page after the first takes (unacked, on one channel) every
+// message before it too, skipping them, so reading page k holds k pages
+// unacked on the server while it runs (the client keeps only the page).
+// If the message keyed after is gone (replayed, purged, or taken by a
+// consumer of the poison queue), List fails: list from the start again.
+// A message taken by another admin meanwhile is not seen.
+func (q *PoisonQueue) List(ctx context.Context, after string, limit int) ([]pipeline.Poisoned, bool, error) {
+	limit = max(limit, 1)
 	var out []pipeline.Poisoned
+	more, found := false, after == ""
 	err := q.each(ctx, func(p pipeline.Poisoned) (bool, error) {
-		out = append(out, p)
+		switch {
+		case !found:
+			found = p.Key == after
+		case len(out) == limit:
+			more = true
+			return false, errPageFull
+		default:
+			out = append(out, p)
+		}
 		return false, nil
 	})
-	return out, err
+	if err != nil && !errors.Is(err, errPageFull) {
+		return nil, false, err
+	}
+	if !found {
+		return nil, false, fmt.Errorf("list %s after %q: %w: no such message in the queue (any more); list from the start", q.queue, after, pipeline.ErrBadKey)
+	}
+	return out, more, nil
 }
 
 // Purge drops the selected messages and returns how many it dropped.

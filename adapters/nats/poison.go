@@ -65,14 +65,38 @@ func NewPoisonStream(url, poison, target string, limits Limits) (*PoisonStream, 
 	return s, nil
 }
 
-// List returns the stream's messages, oldest first.
-func (s *PoisonStream) List(ctx context.Context) ([]pipeline.Poisoned, error) {
+// List returns up to limit messages after the sequence after, oldest
+// first: one GetMsg each, limit+1 in all (the last says whether more
+// remain).
+func (s *PoisonStream) List(ctx context.Context, after string, limit int) ([]pipeline.Poisoned, bool, error) {
+	limit = max(limit, 1)
+	var from uint64 = 1
+	if after != "" {
+		n, err := strconv.ParseUint(after, 10, 64)
+		if err != nil {
+			return nil, false, fmt.Errorf("list %s after %q: %w (a stream sequence)", s.stream, after, pipeline.ErrBadKey)
+		}
+		from = n + 1
+	}
+	st, err := s.streams.get(ctx, s.stream)
+	if err != nil {
+		return nil, false, err
+	}
 	var out []pipeline.Poisoned
-	err := s.each(ctx, func(p pipeline.Poisoned, _ *jetstream.RawStreamMsg, _ string) error {
-		out = append(out, p)
-		return nil
-	})
-	return out, err
+	for seq := from; ; {
+		m, err := st.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(s.stream))
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			return out, false, nil
+		}
+		if err != nil {
+			return nil, false, fmt.Errorf("read %s from %d: %w", s.stream, seq, err)
+		}
+		if len(out) == limit {
+			return out, true, nil
+		}
+		out = append(out, decode(m))
+		seq = m.Sequence + 1
+	}
 }
 
 // Purge deletes the selected messages; one already deleted is not counted.

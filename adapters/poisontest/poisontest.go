@@ -62,6 +62,7 @@ func Run(t *testing.T, prefix string, newBroker func(t *testing.T) Broker) {
 		{"PurgedByAnotherIsNotReplayed", testPurgedByAnother},
 		{"ConcurrentReplaysReplayOnce", testConcurrentReplays},
 		{"Undecodable", testUndecodable},
+		{"ListPages", testListPages},
 		{"KeysAreTheBrokers", testKeys},
 		{"ReplayStopsAtTargetLimit", testReplayLimit},
 	}
@@ -136,9 +137,17 @@ func ids(ps []pipeline.Poisoned) []string {
 	return out
 }
 
+// list lists everything, in pages of two so that paging is exercised.
 func (e *env) list(t *testing.T, a pipeline.PoisonAdmin) []pipeline.Poisoned {
 	t.Helper()
-	ps, err := a.List(ctxFor(t))
+	var ps []pipeline.Poisoned
+	err := pipeline.EachPage(ctxFor(t), a, 2, func(page []pipeline.Poisoned) error {
+		if len(page) > 2 {
+			return fmt.Errorf("page of %d entries, asked for 2", len(page))
+		}
+		ps = append(ps, page...)
+		return nil
+	})
 	if err != nil {
 		t.Fatalf("list: %v", err)
 	}
@@ -450,6 +459,36 @@ func testUndecodable(t *testing.T, e *env) {
 		t.Fatalf("purge undecodable %s: %d, %v; want 1", bad.Key, n, err)
 	}
 	e.wantIDs(t)
+}
+
+// testListPages: List returns at most limit entries after the one keyed
+// after, and says whether more remain.
+func testListPages(t *testing.T, e *env) {
+	e.publish(t, 5)
+	var got [][]string
+	after := ""
+	for range 4 {
+		page, more, err := e.admin.List(ctxFor(t), after, 2)
+		if err != nil {
+			t.Fatalf("list after %q: %v", after, err)
+		}
+		got = append(got, ids(page))
+		if !more {
+			break
+		}
+		after = page[len(page)-1].Key
+	}
+	want := [][]string{{"id-1", "id-2"}, {"id-3", "id-4"}, {"id-5"}}
+	if !slices.EqualFunc(got, want, slices.Equal) {
+		t.Fatalf("pages %v, want %v", got, want)
+	}
+	one, more, err := e.admin.List(ctxFor(t), "", 1)
+	if err != nil || len(one) != 1 || !more {
+		t.Fatalf("list of 1: %v, more %v, %v; want id-1 and more", ids(one), more, err)
+	}
+	if _, _, err := e.admin.List(ctxFor(t), "no such key", 2); !errors.Is(err, pipeline.ErrBadKey) {
+		t.Fatalf("list after a key of no entry: %v; want ErrBadKey", err)
+	}
 }
 
 // testKeys: a publisher chooses message ids, not keys. Two entries with

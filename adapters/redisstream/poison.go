@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill"
@@ -77,14 +78,27 @@ func NewPoisonStream(addr, stream, target string, limits map[string]int64, logge
 	return &PoisonStream{rdb: rdb, pub: pub, stream: stream, target: target, limit: limits[target]}, nil
 }
 
-// List returns the stream's entries, oldest first.
-func (s *PoisonStream) List(ctx context.Context) ([]pipeline.Poisoned, error) {
-	var out []pipeline.Poisoned
-	err := s.each(ctx, func(p pipeline.Poisoned, _ string) error {
-		out = append(out, p)
-		return nil
-	})
-	return out, err
+// List returns up to limit entries after the entry id after, oldest first.
+func (s *PoisonStream) List(ctx context.Context, after string, limit int) ([]pipeline.Poisoned, bool, error) {
+	limit = max(limit, 1)
+	start := "-"
+	if after != "" {
+		if !isEntryID(after) {
+			return nil, false, fmt.Errorf("list %s after %q: %w (a stream entry id)", s.stream, after, pipeline.ErrBadKey)
+		}
+		start = "(" + after
+	}
+	entries, err := s.rdb.XRangeN(ctx, s.stream, start, "+", int64(limit)+1).Result()
+	if err != nil {
+		return nil, false, fmt.Errorf("read %s: %w", s.stream, err)
+	}
+	more := len(entries) > limit
+	entries = entries[:min(limit, len(entries))]
+	out := make([]pipeline.Poisoned, 0, len(entries))
+	for _, e := range entries {
+		out = append(out, decode(e))
+	}
+	return out, more, nil
 }
 
 // Purge deletes the selected entries; one another admin deleted first is
@@ -231,4 +245,14 @@ func (s *PoisonStream) Close() error {
 		return fmt.Errorf("close redis client: %w", err)
 	}
 	return nil
+}
+
+// isEntryID says id is a stream entry id, digits-digits: anything else
+// would change the meaning of the XRANGE bound it is put in.
+func isEntryID(id string) bool {
+	ms, seq, ok := strings.Cut(id, "-")
+	digits := func(s string) bool {
+		return s != "" && strings.Trim(s, "0123456789") == ""
+	}
+	return ok && digits(ms) && digits(seq)
 }

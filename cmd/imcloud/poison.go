@@ -32,10 +32,12 @@ func cmdPoison(ctx context.Context, args []string, stdout, stderr io.Writer, env
 		ids   []string
 		all   bool
 		admin string
+		limit int
+		after string
 	)
-	fs := newFlagSet("poison", `imcloud poison list|replay|purge [--key KEY]... [--id ID]... [--all] [--config F] [--admin ADDR]
+	fs := newFlagSet("poison", `imcloud poison list|replay|purge [--key KEY]... [--id ID]... [--all] [--limit N] [--after KEY] [--config F] [--admin ADDR]
   list     show poisoned messages with their key, id, reason, handler and
-           time, oldest first
+           time, oldest first, at most --limit after --after
   replay   re-publish the chosen messages to the push topic
   purge    drop the chosen messages
 Choose messages by --key (the broker's own unique name for each entry, the
@@ -47,6 +49,8 @@ the running standalone process: reach them through its admin listener
 	cf.register(fs)
 	fs.StringSliceVar(&keys, "key", nil, "entry keys to replay or purge, as list shows them (repeatable, or comma-separated)")
 	fs.StringSliceVar(&ids, "id", nil, "message ids to replay or purge (repeatable, or comma-separated); refused if one names more than one entry")
+	fs.IntVar(&limit, "limit", process.PoisonListDefault, fmt.Sprintf("list: at most this many messages (1 to %d)", process.PoisonListMax))
+	fs.StringVar(&after, "after", "", "list: start after the entry with this key (the last key of the previous page)")
 	fs.BoolVar(&all, "all", false, "replay or purge every poisoned message")
 	fs.StringVar(&admin, "admin", "", "broker.kind gochannel only: the running standalone process's admin listener, host:port (default admin.addr)")
 	if err := fs.Parse(args); err != nil {
@@ -79,17 +83,20 @@ the running standalone process: reach them through its admin listener
 		case given == 0:
 			return fmt.Errorf("poison %s: say which messages with --key, --id or --all", action)
 		}
+	} else if limit < 1 || limit > process.PoisonListMax {
+		return fmt.Errorf("poison list: --limit %d: want 1 to %d", limit, process.PoisonListMax)
 	}
 	// Errors may carry what a publisher wrote (ids, reasons): escaped as
 	// the listing is.
-	return escapedErr(poison(ctx, cfg, action, poisonArgs{keys: keys, ids: ids, all: all, admin: admin}, stdout, stderr))
+	return escapedErr(poison(ctx, cfg, action, poisonArgs{keys: keys, ids: ids, all: all, admin: admin, limit: limit, after: after}, stdout, stderr))
 }
 
 // poisonArgs is what the flags of imcloud poison chose.
 type poisonArgs struct {
-	keys, ids []string
-	all       bool
-	admin     string
+	keys, ids    []string
+	all          bool
+	admin, after string
+	limit        int
 }
 
 func poison(ctx context.Context, cfg config.Config, action string, a poisonArgs, stdout, stderr io.Writer) error {
@@ -114,7 +121,7 @@ func poison(ctx context.Context, cfg config.Config, action string, a poisonArgs,
 	}
 	defer p.Close()
 	if action == "list" {
-		msgs, err := p.List(ctx)
+		msgs, more, err := p.List(ctx, a.after, a.limit)
 		if err != nil {
 			return err
 		}
@@ -122,7 +129,7 @@ func poison(ctx context.Context, cfg config.Config, action string, a poisonArgs,
 		for _, m := range msgs {
 			entries = append(entries, process.PoisonEntryOf(m, false))
 		}
-		return printPoisonList(stdout, cfg.Topics.Poison, entries)
+		return printPoisonList(stdout, cfg.Topics.Poison, entries, more)
 	}
 	var sel pipeline.Selector
 	switch {
@@ -150,7 +157,7 @@ func poison(ctx context.Context, cfg config.Config, action string, a poisonArgs,
 // printPoisonList prints a page of the list. Every column but the time
 // comes from the broker, where any publisher writes it: each is escaped
 // and cut (printable).
-func printPoisonList(stdout io.Writer, topic string, msgs []process.PoisonEntry) error {
+func printPoisonList(stdout io.Writer, topic string, msgs []process.PoisonEntry, more bool) error {
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "KEY\tID\tPOISONED AT\tHANDLER\tREASON")
 	for _, m := range msgs {
@@ -168,8 +175,14 @@ func printPoisonList(stdout io.Writer, topic string, msgs []process.PoisonEntry)
 	if err := tw.Flush(); err != nil {
 		return err
 	}
-	_, err := fmt.Fprintf(stdout, "%d poisoned message(s) in %s\n", len(msgs), printable(topic))
-	return err
+	if _, err := fmt.Fprintf(stdout, "%d poisoned message(s) in %s\n", len(msgs), printable(topic)); err != nil {
+		return err
+	}
+	if more && len(msgs) > 0 {
+		_, err := fmt.Fprintf(stdout, "more remain: list on with --after %s\n", printable(msgs[len(msgs)-1].Key))
+		return err
+	}
+	return nil
 }
 
 // maxColumn is how many runes of a column printable keeps: a reason is an
@@ -234,7 +247,11 @@ func poisonOverAdmin(ctx context.Context, addr, action string, a poisonArgs, std
 	var req *http.Request
 	var err error
 	if action == "list" {
-		req, err = http.NewRequestWithContext(ctx, http.MethodGet, base+process.PoisonPath, nil)
+		q := url.Values{"limit": {strconv.Itoa(a.limit)}}
+		if a.after != "" {
+			q.Set("after", a.after)
+		}
+		req, err = http.NewRequestWithContext(ctx, http.MethodGet, base+process.PoisonPath+"?"+q.Encode(), nil)
 	} else {
 		var form url.Values
 		switch {
@@ -262,7 +279,7 @@ func poisonOverAdmin(ctx context.Context, addr, action string, a poisonArgs, std
 		return fmt.Errorf("poison: reach the admin listener at %s (is the standalone process running, with admin.addr set to it?): %w", addr, err)
 	}
 	defer resp.Body.Close()
-	// A list of the default 10,000 messages is about 2.5 MB of JSON.
+	// A page of at most PoisonListMax messages is about 2.5 MB of JSON.
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
 	if err != nil {
 		return fmt.Errorf("poison: read the answer of %s: %w", addr, err)
@@ -278,7 +295,7 @@ func poisonOverAdmin(ctx context.Context, addr, action string, a poisonArgs, std
 		if resp.StatusCode != http.StatusOK {
 			return fmt.Errorf("poison: the admin listener at %s answered %s", addr, resp.Status)
 		}
-		return printPoisonList(stdout, l.Topic, l.Messages)
+		return printPoisonList(stdout, l.Topic, l.Messages, l.More)
 	}
 	var res process.PoisonResult
 	if err := json.Unmarshal(body, &res); err != nil {

@@ -100,6 +100,12 @@ func TestIntegrationPoisonCommandStreams(t *testing.T) {
 			if len(purgeKeys) != 2 || purgeKeys[0] == purgeKeys[1] {
 				t.Fatalf("keys of cli-purge %v, want two distinct in:\n%s", purgeKeys, out)
 			}
+			if out := poison("list", "--limit", "2"); !strings.Contains(out, "2 poisoned message(s)") || !strings.Contains(out, "more remain: list on with --after "+purgeKeys[0]) {
+				t.Fatalf("list --limit 2:\n%s", out)
+			}
+			if out := poison("list", "--after", purgeKeys[0]); !strings.Contains(out, "1 poisoned message(s)") || !strings.Contains(out, purgeKeys[1]) || strings.Contains(out, "more remain") {
+				t.Fatalf("list --after %s:\n%s", purgeKeys[0], out)
+			}
 			_, _, err = runCmd(t, nil, append([]string{"poison", "purge", "--id", "cli-purge"}, sets...)...)
 			if !errors.Is(err, pipeline.ErrAmbiguousID) || !strings.Contains(err.Error(), purgeKeys[0]) || !strings.Contains(err.Error(), purgeKeys[1]) {
 				t.Fatalf("purge --id naming two: %v; want ErrAmbiguousID naming both keys", err)

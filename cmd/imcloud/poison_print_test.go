@@ -33,7 +33,7 @@ func TestPrintPoisonListEscapes(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			var out bytes.Buffer
 			tt.entry.PoisonedAt = time.Unix(0, 0)
-			if err := printPoisonList(&out, "poison\x1b]0;t\x07", []process.PoisonEntry{tt.entry}); err != nil {
+			if err := printPoisonList(&out, "poison\x1b]0;t\x07", []process.PoisonEntry{tt.entry}, false); err != nil {
 				t.Fatal(err)
 			}
 			s := out.String()

@@ -17,7 +17,9 @@ import (
 // embedded broker, whose poison topic lives in its memory and nowhere
 // else (imcloud poison --admin is their client):
 //
-//	GET  /poison          list, oldest first (?payload=true adds the bodies)
+//	GET  /poison          list, oldest first, a page of at most limit
+//	                      (default 1000) entries after the key after
+//	                      (?payload=true adds the bodies)
 //	POST /poison/replay   re-publish to the push topic
 //	POST /poison/purge    drop
 //
@@ -30,6 +32,10 @@ const (
 	PoisonReplayPath  = "/poison/replay"
 	PoisonPurgePath   = "/poison/purge"
 	poisonMaxFormBody = 1 << 20 // about 25,000 ids: more than the ring holds by default
+	// PoisonListDefault and PoisonListMax bound a page of GET /poison: an
+	// entry is about 250 bytes of JSON without its payload.
+	PoisonListDefault = 1000
+	PoisonListMax     = 10000
 )
 
 // PoisonEntry is one poisoned message as GET /poison lists it.
@@ -61,6 +67,9 @@ func PoisonEntryOf(m pipeline.Poisoned, withPayload bool) PoisonEntry {
 type PoisonList struct {
 	Topic    string        `json:"topic"`
 	Messages []PoisonEntry `json:"messages"`
+	// More says entries remain after this page: ask again with after set
+	// to the last message's key.
+	More bool `json:"more"`
 }
 
 // PoisonResult answers a replay or purge: how many messages it acted on,
@@ -112,13 +121,26 @@ func (h *poisonHandler) list(w http.ResponseWriter, r *http.Request) {
 		}
 		withPayload = b
 	}
-	msgs, err := h.admin.List(r.Context())
+	limit := PoisonListDefault
+	if v := r.URL.Query().Get("limit"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > PoisonListMax {
+			http.Error(w, fmt.Sprintf("limit=%q: want 1 to %d", v, PoisonListMax), http.StatusBadRequest)
+			return
+		}
+		limit = n
+	}
+	msgs, more, err := h.admin.List(r.Context(), r.URL.Query().Get("after"), limit)
 	if err != nil {
+		code := http.StatusInternalServerError
+		if errors.Is(err, pipeline.ErrBadKey) {
+			code = http.StatusBadRequest
+		}
 		h.logger.Warn("poison: list", "err", err)
-		http.Error(w, "list poisoned messages: "+err.Error(), http.StatusInternalServerError)
+		http.Error(w, "list poisoned messages: "+err.Error(), code)
 		return
 	}
-	out := PoisonList{Topic: h.topic, Messages: make([]PoisonEntry, 0, len(msgs))}
+	out := PoisonList{Topic: h.topic, Messages: make([]PoisonEntry, 0, len(msgs)), More: more}
 	for _, m := range msgs {
 		out.Messages = append(out.Messages, PoisonEntryOf(m, withPayload))
 	}

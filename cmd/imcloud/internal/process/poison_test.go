@@ -52,7 +52,13 @@ func TestPoisonEndpoints(t *testing.T) {
 		wantBody                   string // a substring of the answer
 	}{
 		{"list", "GET", "/poison", "", nil, 200, `"key":"1","id":"a","poisoned_at":`},
-		{"list names entries by key", "GET", "/poison", "", nil, 200, `"key":"4","id":"dup"`},
+		{"list a page", "GET", "/poison?limit=2", "", nil, 200, `"id":"b","poisoned_at":`},
+		{"a page says more remain", "GET", "/poison?limit=2", "", nil, 200, `"more":true`},
+		{"list after a key", "GET", "/poison?after=3&limit=2", "", nil, 200, `"key":"4","id":"dup"`},
+		{"the last page says none remain", "GET", "/poison?after=3&limit=2", "", nil, 200, `"more":false`},
+		{"list with a bad limit", "GET", "/poison?limit=0", "", nil, 400, "limit"},
+		{"list with too big a limit", "GET", "/poison?limit=10001", "", nil, 400, "limit"},
+		{"list after a bad key", "GET", "/poison?after=x", "", nil, 400, "not a key"},
 		{"purge an id naming two", "POST", "/poison/purge?id=dup", "", nil, 400, `"dup" has keys 4, 5`},
 		{"purge by key", "POST", "/poison/purge?key=5", "", nil, 200, `{"action":"purge","count":1}`},
 		{"purge the id now naming one", "POST", "/poison/purge?id=dup", "", nil, 200, `{"action":"purge","count":1}`},
