@@ -63,7 +63,7 @@ func TestEmbeddedBrokerKeepsPoison(t *testing.T) {
 	if err != nil || !local {
 		t.Fatalf("LocalPoison of the embedded broker: %v, %v; want its admin", local, err)
 	}
-	msgs, err := admin.List(context.Background())
+	msgs, _, err := admin.List(context.Background(), "", 1000)
 	if err != nil || len(msgs) != 1 || msgs[0].ID != "m1" {
 		t.Fatalf("listed %+v, %v; want m1", msgs, err)
 	}
@@ -128,7 +128,7 @@ func TestEmbeddedBrokerEvictsOldestPoison(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			msgs, err := admin.List(context.Background())
+			msgs, _, err := admin.List(context.Background(), "", 1000)
 			if err != nil || len(msgs) != tt.want || msgs[0].ID != fmt.Sprint(tt.publish-tt.want) {
 				t.Fatalf("kept %d (first %+v), %v; want the newest %d", len(msgs), msgs, err, tt.want)
 			}

@@ -16,7 +16,16 @@ import (
 // Poisoned is one message in a poison topic: a message job gave up on,
 // with the reason the poison middleware wrote beside it.
 type Poisoned struct {
+	// Key is the broker's own name for the entry, unique in the poison
+	// topic and not set by whoever published the message: a Redis stream
+	// entry id, a JetStream sequence, the embedded broker's sequence. AMQP
+	// has none: there it is a digest of the message's headers and body
+	// (its UUID among them), so only byte-identical messages share one.
+	// Select by Key (Keys): ID is the publisher's to choose.
+	Key string
 	// ID is the message's id (its MetaMessageID metadata, else its UUID).
+	// Any publisher sets it and nothing makes it unique: it is for reading,
+	// and selecting by it (ResolveIDs) refuses an id that names two.
 	ID       string
 	UUID     string
 	Metadata message.Metadata
@@ -37,9 +46,10 @@ type Poisoned struct {
 var ErrUndecodable = errors.New("poisoned entry is not a message of the broker's encoding")
 
 // NewUndecodable describes an entry of a poison topic that could not be
-// decoded: id is the broker's name for it, raw its bytes, err why.
-func NewUndecodable(id string, raw []byte, at time.Time, err error) Poisoned {
-	return Poisoned{ID: id, Payload: raw, Metadata: message.Metadata{}, PoisonedAt: at, Undecodable: err.Error()}
+// decoded: key is the broker's name for it (its ID too), raw its bytes,
+// err why.
+func NewUndecodable(key string, raw []byte, at time.Time, err error) Poisoned {
+	return Poisoned{Key: key, ID: key, Payload: raw, Metadata: message.Metadata{}, PoisonedAt: at, Undecodable: err.Error()}
 }
 
 // LeftUndecodable is Replay's error for the undecodable entries it
@@ -51,9 +61,10 @@ func LeftUndecodable(ids []string) error {
 	return fmt.Errorf("%w: left in place, purge them: %s", ErrUndecodable, strings.Join(ids, ", "))
 }
 
-// NewPoisoned describes msg as it was read from a poison topic.
-func NewPoisoned(msg *message.Message, at time.Time) Poisoned {
-	p := Poisoned{ID: msg.Metadata.Get(MetaMessageID), UUID: msg.UUID, Metadata: msg.Metadata, Payload: msg.Payload, PoisonedAt: at}
+// NewPoisoned describes msg as it was read from a poison topic, where the
+// broker names it key.
+func NewPoisoned(key string, msg *message.Message, at time.Time) Poisoned {
+	p := Poisoned{Key: key, ID: msg.Metadata.Get(MetaMessageID), UUID: msg.UUID, Metadata: msg.Metadata, Payload: msg.Payload, PoisonedAt: at}
 	if p.ID == "" {
 		p.ID = msg.UUID
 	}
@@ -85,9 +96,79 @@ type Selector func(Poisoned) bool
 // All selects every message.
 func All(Poisoned) bool { return true }
 
-// IDs selects the messages with the given ids.
+// IDs selects the messages with the given ids. Ids are not unique and
+// any publisher chooses them: an operator's selection goes through
+// ResolveIDs, which refuses an id naming two entries.
 func IDs(ids ...string) Selector {
 	return func(p Poisoned) bool { return slices.Contains(ids, p.ID) }
+}
+
+// Keys selects the entries with the given broker keys (Poisoned.Key).
+func Keys(keys ...string) Selector {
+	return func(p Poisoned) bool { return slices.Contains(keys, p.Key) }
+}
+
+// ErrBadKey is List's error for an after that names no entry of the
+// topic (not a key of the broker's form or, where the broker pages from the
+// head, gone).
+var ErrBadKey = errors.New("not a key of a poisoned entry")
+
+// ErrAmbiguousID is ResolveIDs' error for an id that names more than one
+// entry: a publisher may give any message any id, so acting on all of
+// them could drop or replay a decoy. Select by key instead.
+var ErrAmbiguousID = errors.New("message id names more than one poisoned entry")
+
+// ResolvePage is how many entries ResolveIDs reads at a time.
+const ResolvePage = 1000
+
+// ResolveIDs reads the whole poison topic in pages and selects, by key,
+// the entries whose ids are ids; it refuses (ErrAmbiguousID, naming the
+// keys) when one id names more than one entry. An entry published after
+// it read is not selected, whatever its id.
+func ResolveIDs(ctx context.Context, a PoisonAdmin, ids ...string) (Selector, error) {
+	found := map[string][]string{}
+	err := EachPage(ctx, a, ResolvePage, func(ps []Poisoned) error {
+		for _, p := range ps {
+			if slices.Contains(ids, p.ID) {
+				found[p.ID] = append(found[p.ID], p.Key)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	var keys, conflicts []string
+	for _, id := range slices.Sorted(maps.Keys(found)) {
+		ks := found[id]
+		if len(ks) > 1 {
+			conflicts = append(conflicts, fmt.Sprintf("%q has keys %s", id, strings.Join(ks, ", ")))
+		}
+		keys = append(keys, ks...)
+	}
+	if len(conflicts) > 0 {
+		return nil, fmt.Errorf("%w: %s; select by key", ErrAmbiguousID, strings.Join(conflicts, "; "))
+	}
+	return Keys(keys...), nil
+}
+
+// EachPage lists the whole poison topic, limit entries at a time, oldest
+// first, calling fn with each page.
+func EachPage(ctx context.Context, a PoisonAdmin, limit int, fn func([]Poisoned) error) error {
+	after := ""
+	for {
+		ps, more, err := a.List(ctx, after, limit)
+		if err != nil {
+			return err
+		}
+		if err := fn(ps); err != nil {
+			return err
+		}
+		if !more || len(ps) == 0 {
+			return nil
+		}
+		after = ps[len(ps)-1].Key
+	}
 }
 
 // PoisonAdmin lets an operator list, replay and purge the messages of a
@@ -104,11 +185,14 @@ func IDs(ids ...string) Selector {
 // the embedded broker's memory) and replay re-publishes in the adapter's
 // own encoding.
 type PoisonAdmin interface {
-	// List returns the poisoned messages, oldest first, leaving them in
-	// place. An entry that is not a message of the broker's encoding is
-	// listed with Undecodable set, never dropped and never a failure of
-	// the whole list.
-	List(ctx context.Context) ([]Poisoned, error)
+	// List returns at most limit (> 0) poisoned messages, oldest first,
+	// starting after the entry whose Key is after ("" for the first),
+	// leaving them in place; more says entries remain past the page. An
+	// entry that is not a message of the broker's encoding is listed with
+	// Undecodable set, never dropped and never a failure of the whole
+	// list. Pages bound what is held in memory: a poison topic may hold a
+	// million messages.
+	List(ctx context.Context, after string, limit int) (page []Poisoned, more bool, err error)
 	// Replay re-publishes the selected messages (Replayable) to the topic
 	// the admin was opened for and removes each from the poison topic once
 	// the broker accepted it; it returns how many it replayed. Selected
@@ -119,6 +203,11 @@ type PoisonAdmin interface {
 	// that loses a race to a replay counts the message is the adapter's;
 	// each says.)
 	Replay(ctx context.Context, sel Selector) (int, error)
+	// A replay refused for want of room in the target fails with
+	// ErrQueueFull, counting what went before; a cancelled ctx never
+	// leaves a message both published and still in the poison topic.
+	// Replay and Purge cover the whole topic, reading it in pages.
+	//
 	// Purge drops the selected messages and returns how many it dropped.
 	Purge(ctx context.Context, sel Selector) (int, error)
 	Close() error

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 
 	"github.com/ThreeDotsLabs/watermill"
@@ -20,6 +21,8 @@ import (
 // goes back. A message one admin holds is not seen by another until it
 // goes back, so admins racing on a message act on it once between them
 // (a List racing a Replay or Purge may miss what the other holds).
+// A message's key is a digest of its bytes (keyOf): AMQP has no id of its
+// own for it.
 type PoisonQueue struct {
 	url, queue string
 	// target is the topic Replay publishes to.
@@ -37,14 +40,40 @@ func NewPoisonQueue(url, queue, target string, limits Limits, logger watermill.L
 
 var _ pipeline.PoisonAdmin = (*PoisonQueue)(nil)
 
-// List returns the messages in the queue, leaving them there.
-func (q *PoisonQueue) List(ctx context.Context) ([]pipeline.Poisoned, error) {
+// errPageFull stops each once a page of List is read.
+var errPageFull = errors.New("page full")
+
+// List returns up to limit messages after the one keyed after, leaving
+// them in the queue. AMQP has no way to read a queue without taking from
+// its head: a page after the first takes (unacked, on one channel) every
+// message before it too, skipping them, so reading page k holds k pages
+// unacked on the server while it runs (the client keeps only the page).
+// If the message keyed after is gone (replayed, purged, or taken by a
+// consumer of the poison queue), List fails: list from the start again.
+// A message taken by another admin meanwhile is not seen.
+func (q *PoisonQueue) List(ctx context.Context, after string, limit int) ([]pipeline.Poisoned, bool, error) {
+	limit = max(limit, 1)
 	var out []pipeline.Poisoned
+	more, found := false, after == ""
 	err := q.each(ctx, func(p pipeline.Poisoned) (bool, error) {
-		out = append(out, p)
+		switch {
+		case !found:
+			found = p.Key == after
+		case len(out) == limit:
+			more = true
+			return false, errPageFull
+		default:
+			out = append(out, p)
+		}
 		return false, nil
 	})
-	return out, err
+	if err != nil && !errors.Is(err, errPageFull) {
+		return nil, false, err
+	}
+	if !found {
+		return nil, false, fmt.Errorf("list %s after %q: %w: no such message in the queue (any more); list from the start", q.queue, after, pipeline.ErrBadKey)
+	}
+	return out, more, nil
 }
 
 // Purge drops the selected messages and returns how many it dropped.
@@ -76,11 +105,11 @@ func (q *PoisonQueue) Replay(ctx context.Context, sel pipeline.Selector) (int, e
 			return false, nil
 		}
 		if p.Undecodable != "" {
-			undecodable = append(undecodable, p.ID)
+			undecodable = append(undecodable, p.Key)
 			return false, nil
 		}
 		if err := pub.Publish(q.target, p.Replayable(ctx)); err != nil {
-			return false, fmt.Errorf("replay %s: %w", p.ID, err)
+			return false, fmt.Errorf("replay %s: %w", p.Key, err)
 		}
 		n++
 		return true, nil
@@ -91,25 +120,37 @@ func (q *PoisonQueue) Replay(ctx context.Context, sel pipeline.Selector) (int, e
 	return n, pipeline.LeftUndecodable(undecodable)
 }
 
-// decode reads a delivery as the publisher wrote it. One without the
-// message UUID header was not written by a Watermill publisher: it is
-// described as undecodable, named by a digest of its headers and body
-// (RabbitMQ gives a message no id of its own that stays put across gets).
+// decode reads a delivery as the publisher wrote it, keyed by keyOf. One
+// without the message UUID header was not written by a Watermill
+// publisher: it is described as undecodable.
 func decode(d amqp091.Delivery) pipeline.Poisoned {
+	key := keyOf(d)
 	_, hasUUID := d.Headers[wamqp.DefaultMessageUUIDHeaderKey]
 	msg, err := marshaler{}.Unmarshal(d)
 	if err == nil && !hasUUID {
 		err = fmt.Errorf("no %s header: not written by imcloud's publisher", wamqp.DefaultMessageUUIDHeaderKey)
 	}
 	if err != nil {
-		h := sha256.New()
-		headers, _ := json.Marshal(d.Headers) // map keys sorted: stable
-		h.Write(headers)
-		h.Write(d.Body)
-		id := "sha256:" + hex.EncodeToString(h.Sum(nil))[:16]
-		return pipeline.NewUndecodable(id, d.Body, d.Timestamp, fmt.Errorf("amqp message %s: %w", id, err))
+		return pipeline.NewUndecodable(key, d.Body, d.Timestamp, fmt.Errorf("amqp message %s: %w", key, err))
 	}
-	return pipeline.NewPoisoned(msg, d.Timestamp)
+	return pipeline.NewPoisoned(key, msg, d.Timestamp)
+}
+
+// keyOf names a delivery by a SHA-256 digest of its headers (the message
+// UUID among them), message id, timestamp and body. RabbitMQ gives a
+// message no id of its own that stays put across gets, and a delivery
+// tag is per channel; the digest is what is left. A publisher can choose
+// every byte hashed, so it is unique only as far as messages differ: two
+// byte-identical messages share a key, and selecting it selects both,
+// which are the same message twice. It cannot make a key equal another
+// message's without that message's bytes (128 bits of the digest kept).
+func keyOf(d amqp091.Delivery) string {
+	h := sha256.New()
+	headers, _ := json.Marshal(d.Headers) // map keys sorted: stable
+	h.Write(headers)
+	fmt.Fprintf(h, "\x00%q\x00%d\x00", d.MessageId, d.Timestamp.UnixNano())
+	h.Write(d.Body)
+	return "sha256:" + hex.EncodeToString(h.Sum(nil))[:32]
 }
 
 // Close releases nothing: each operation opens and closes its own
@@ -119,6 +160,10 @@ func (q *PoisonQueue) Close() error { return nil }
 // each takes every message currently in the queue and calls fn; a message
 // fn says to consume is acked, every other one is put back when done. A
 // message is never taken twice in one pass: all stay unacked until the end.
+// So a Replay or Purge of everything holds the whole queue unacked on one
+// channel while it runs (RabbitMQ keeps them; this process keeps none past
+// fn): basic.get has no way to page without taking, and putting each back
+// at once would hand it to the next get again.
 func (q *PoisonQueue) each(ctx context.Context, fn func(pipeline.Poisoned) (consume bool, err error)) error {
 	conn, err := amqp091.Dial(q.url)
 	if err != nil {
@@ -147,7 +192,7 @@ func (q *PoisonQueue) each(ctx context.Context, fn func(pipeline.Poisoned) (cons
 		consume, fnErr = fn(p)
 		if consume {
 			if err := d.Ack(false); err != nil {
-				return fmt.Errorf("ack %s: %w", p.ID, err)
+				return fmt.Errorf("ack %s: %w", p.Key, err)
 			}
 		}
 	}

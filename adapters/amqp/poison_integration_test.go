@@ -35,6 +35,9 @@ func TestIntegrationPoisonContract(t *testing.T) {
 			Admin: func(t *testing.T, poison, target string) pipeline.PoisonAdmin {
 				return NewPoisonQueue(testURL(), poison, target, nil, watermill.NopLogger{})
 			},
+			BoundedAdmin: func(t *testing.T, poison, target string, limit int) pipeline.PoisonAdmin {
+				return NewPoisonQueue(testURL(), poison, target, Limits{target: int64(limit)}, watermill.NopLogger{})
+			},
 			// A body with none of the headers Watermill's marshaler writes.
 			Garbage: func(t *testing.T, poison string) {
 				conn, err := amqp091.Dial(testURL())

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strconv"
 	"sync"
 	"time"
 
@@ -159,19 +160,34 @@ type poisonAdmin struct {
 	target string
 }
 
+// poisonedOf describes m, keyed by its sequence in the ring: the
+// publisher cannot choose it and it is never reused.
 func poisonedOf(m keptMsg) pipeline.Poisoned {
-	return pipeline.NewPoisoned(m.msg.Copy(), m.at)
+	return pipeline.NewPoisoned(strconv.FormatUint(m.seq, 10), m.msg.Copy(), m.at)
 }
 
-// List returns the kept messages, oldest first.
-func (a *poisonAdmin) List(context.Context) ([]pipeline.Poisoned, error) {
+// List returns up to limit kept messages after the one keyed after,
+// oldest first.
+func (a *poisonAdmin) List(_ context.Context, after string, limit int) ([]pipeline.Poisoned, bool, error) {
+	var from uint64
+	if after != "" {
+		n, err := strconv.ParseUint(after, 10, 64)
+		if err != nil {
+			return nil, false, fmt.Errorf("list after %q: %w (the embedded broker's are sequence numbers)", after, pipeline.ErrBadKey)
+		}
+		from = n
+	}
+	limit = max(limit, 1)
 	a.k.mu.Lock()
 	defer a.k.mu.Unlock()
-	out := make([]pipeline.Poisoned, 0, len(a.k.msgs))
-	for _, m := range a.k.msgs {
+	i, _ := slices.BinarySearchFunc(a.k.msgs, from+1, func(m keptMsg, seq uint64) int { return cmp.Compare(m.seq, seq) })
+	rest := a.k.msgs[i:]
+	page := rest[:min(limit, len(rest))]
+	out := make([]pipeline.Poisoned, 0, len(page))
+	for _, m := range page {
 		out = append(out, poisonedOf(m))
 	}
-	return out, nil
+	return out, len(rest) > len(page), nil
 }
 
 // Purge drops the selected messages.
@@ -199,7 +215,7 @@ func (a *poisonAdmin) Replay(ctx context.Context, sel pipeline.Selector) (int, e
 	for i, m := range taken {
 		if err := a.ps.Publish(a.target, poisonedOf(m).Replayable(ctx)); err != nil {
 			a.k.putBack(taken[i:])
-			return i, fmt.Errorf("replay %s to %s: %w", poisonedOf(m).ID, a.target, err)
+			return i, fmt.Errorf("replay %s to %s: %w", poisonedOf(m).Key, a.target, err)
 		}
 	}
 	return len(taken), nil

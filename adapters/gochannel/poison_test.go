@@ -55,7 +55,7 @@ func TestPoisonKept(t *testing.T) {
 	if err == nil || n != 0 {
 		t.Fatalf("replay with no subscriber to the target: %d, %v; want 0 and an error", n, err)
 	}
-	if msgs, _ := a.List(context.Background()); len(msgs) != 2 {
+	if msgs, _, _ := a.List(context.Background(), "", 1000); len(msgs) != 2 {
 		t.Fatalf("refused replay lost messages: %d left", len(msgs))
 	}
 	if _, err := ps.PoisonAdmin("other", "push"); err == nil {
@@ -110,7 +110,7 @@ func TestPoisonKeptEvictsOldest(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			listed, err := a.List(context.Background())
+			listed, _, err := a.List(context.Background(), "", 1000)
 			if err != nil {
 				t.Fatal(err)
 			}

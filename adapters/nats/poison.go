@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
 	nc "github.com/nats-io/nats.go"
@@ -29,6 +30,8 @@ import (
 // was a duplicate, does not count it. A replay that read a message just
 // before another admin purged it may still replay it; the purge then
 // counts it too.
+//
+// A message's key is its stream sequence, which JetStream assigns.
 type PoisonStream struct {
 	conn           *nc.Conn
 	js             jetstream.JetStream
@@ -37,6 +40,11 @@ type PoisonStream struct {
 }
 
 var _ pipeline.PoisonAdmin = (*PoisonStream)(nil)
+
+// settleTimeout bounds the delete that follows a replay's publish once the
+// caller's context is done; one DeleteMsg takes about a millisecond on the
+// local server.
+const settleTimeout = 10 * time.Second
 
 // NewPoisonStream opens the poison stream of topic poison, whose messages
 // Replay re-publishes to topic target; streams it creates get limits.
@@ -57,14 +65,38 @@ func NewPoisonStream(url, poison, target string, limits Limits) (*PoisonStream, 
 	return s, nil
 }
 
-// List returns the stream's messages, oldest first.
-func (s *PoisonStream) List(ctx context.Context) ([]pipeline.Poisoned, error) {
+// List returns up to limit messages after the sequence after, oldest
+// first: one GetMsg each, limit+1 in all (the last says whether more
+// remain).
+func (s *PoisonStream) List(ctx context.Context, after string, limit int) ([]pipeline.Poisoned, bool, error) {
+	limit = max(limit, 1)
+	var from uint64 = 1
+	if after != "" {
+		n, err := strconv.ParseUint(after, 10, 64)
+		if err != nil {
+			return nil, false, fmt.Errorf("list %s after %q: %w (a stream sequence)", s.stream, after, pipeline.ErrBadKey)
+		}
+		from = n + 1
+	}
+	st, err := s.streams.get(ctx, s.stream)
+	if err != nil {
+		return nil, false, err
+	}
 	var out []pipeline.Poisoned
-	err := s.each(ctx, func(p pipeline.Poisoned, _ *jetstream.RawStreamMsg, _ string) error {
-		out = append(out, p)
-		return nil
-	})
-	return out, err
+	for seq := from; ; {
+		m, err := st.GetMsg(ctx, seq, jetstream.WithGetMsgSubject(s.stream))
+		if errors.Is(err, jetstream.ErrMsgNotFound) {
+			return out, false, nil
+		}
+		if err != nil {
+			return nil, false, fmt.Errorf("read %s from %d: %w", s.stream, seq, err)
+		}
+		if len(out) == limit {
+			return out, true, nil
+		}
+		out = append(out, decode(m))
+		seq = m.Sequence + 1
+	}
 }
 
 // Purge deletes the selected messages; one already deleted is not counted.
@@ -96,17 +128,25 @@ func (s *PoisonStream) Replay(ctx context.Context, sel pipeline.Selector) (int, 
 			return nil
 		}
 		if p.Undecodable != "" {
-			undecodable = append(undecodable, p.ID)
+			undecodable = append(undecodable, p.Key)
 			return nil
+		}
+		if err := ctx.Err(); err != nil {
+			return err
 		}
 		dup, err := s.publish(ctx, p.Replayable(ctx), replayID)
 		if err != nil {
-			return fmt.Errorf("replay %s to %s: %w", p.ID, s.target, err)
+			return fmt.Errorf("replay %s to %s: %w", p.Key, s.target, err)
 		}
 		if !dup {
 			n++
 		}
-		_, err = s.delete(ctx, m.Sequence)
+		// Published: the delete must not be cut by the caller's cancel,
+		// or the message stays poisoned and a replay after the target's
+		// duplicate window publishes it again.
+		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), settleTimeout)
+		defer cancel()
+		_, err = s.delete(dctx, m.Sequence)
 		return err
 	})
 	if err != nil {
@@ -195,7 +235,7 @@ func (s *PoisonStream) each(ctx context.Context, fn func(p pipeline.Poisoned, m 
 func decode(m *jetstream.RawStreamMsg) pipeline.Poisoned {
 	uuid := m.Header.Get(uuidHeader)
 	if uuid == "" {
-		return pipeline.NewUndecodable(fmt.Sprintf("seq:%d", m.Sequence), m.Data, m.Time,
+		return pipeline.NewUndecodable(strconv.FormatUint(m.Sequence, 10), m.Data, m.Time,
 			fmt.Errorf("nats message %d of %s has no %s header: not written by imcloud's publisher", m.Sequence, m.Subject, uuidHeader))
 	}
 	msg := message.NewMessage(uuid, m.Data)
@@ -204,7 +244,7 @@ func decode(m *jetstream.RawStreamMsg) pipeline.Poisoned {
 			msg.Metadata.Set(k, vs[0])
 		}
 	}
-	return pipeline.NewPoisoned(msg, m.Time)
+	return pipeline.NewPoisoned(strconv.FormatUint(m.Sequence, 10), msg, m.Time)
 }
 
 // Close closes the connection.

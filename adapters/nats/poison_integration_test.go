@@ -39,6 +39,13 @@ func TestIntegrationPoisonContract(t *testing.T) {
 				}
 				return a
 			},
+			BoundedAdmin: func(t *testing.T, poison, target string, limit int) pipeline.PoisonAdmin {
+				a, err := NewPoisonStream(testURL(), poison, target, Limits{target: int64(limit)})
+				if err != nil {
+					t.Fatal(err)
+				}
+				return a
+			},
 			// A message on the stream's subject without the headers
 			// Publisher writes.
 			Garbage: func(t *testing.T, poison string) {

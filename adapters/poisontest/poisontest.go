@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -39,6 +40,10 @@ type Broker struct {
 	// RecordsTime says the broker records when each message was written,
 	// to the second at least.
 	RecordsTime bool
+	// BoundedAdmin opens an admin as Admin does, with the target bounded
+	// to limit messages as the broker's bounded publisher bounds it. Nil
+	// only where topics have no length limit (the embedded broker).
+	BoundedAdmin func(t *testing.T, poison, target string, limit int) pipeline.PoisonAdmin
 }
 
 // Run runs the contract. Topics are prefix followed by something unique;
@@ -57,6 +62,9 @@ func Run(t *testing.T, prefix string, newBroker func(t *testing.T) Broker) {
 		{"PurgedByAnotherIsNotReplayed", testPurgedByAnother},
 		{"ConcurrentReplaysReplayOnce", testConcurrentReplays},
 		{"Undecodable", testUndecodable},
+		{"ListPages", testListPages},
+		{"KeysAreTheBrokers", testKeys},
+		{"ReplayStopsAtTargetLimit", testReplayLimit},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -129,13 +137,29 @@ func ids(ps []pipeline.Poisoned) []string {
 	return out
 }
 
+// list lists everything, in pages of two so that paging is exercised.
 func (e *env) list(t *testing.T, a pipeline.PoisonAdmin) []pipeline.Poisoned {
 	t.Helper()
-	ps, err := a.List(ctxFor(t))
+	var ps []pipeline.Poisoned
+	err := pipeline.EachPage(ctxFor(t), a, 2, func(page []pipeline.Poisoned) error {
+		if len(page) > 2 {
+			return fmt.Errorf("page of %d entries, asked for 2", len(page))
+		}
+		ps = append(ps, page...)
+		return nil
+	})
 	if err != nil {
 		t.Fatalf("list: %v", err)
 	}
 	return ps
+}
+
+func keys(ps []pipeline.Poisoned) []string {
+	out := make([]string, 0, len(ps))
+	for _, p := range ps {
+		out = append(out, p.Key)
+	}
+	return out
 }
 
 func (e *env) wantIDs(t *testing.T, want ...string) {
@@ -428,8 +452,113 @@ func testUndecodable(t *testing.T, e *env) {
 		t.Fatalf("target received %v, want id-1", got)
 	}
 	e.wantIDs(t, bad.ID)
-	if n, err := e.admin.Purge(ctxFor(t), pipeline.IDs(bad.ID)); err != nil || n != 1 {
-		t.Fatalf("purge undecodable %s: %d, %v; want 1", bad.ID, n, err)
+	if bad.Key == "" || bad.Key == ps[1].Key {
+		t.Fatalf("undecodable entry keyed %q beside %q, want a key of its own", bad.Key, ps[1].Key)
+	}
+	if n, err := e.admin.Purge(ctxFor(t), pipeline.Keys(bad.Key)); err != nil || n != 1 {
+		t.Fatalf("purge undecodable %s: %d, %v; want 1", bad.Key, n, err)
 	}
 	e.wantIDs(t)
+}
+
+// testListPages: List returns at most limit entries after the one keyed
+// after, and says whether more remain.
+func testListPages(t *testing.T, e *env) {
+	e.publish(t, 5)
+	var got [][]string
+	after := ""
+	for range 4 {
+		page, more, err := e.admin.List(ctxFor(t), after, 2)
+		if err != nil {
+			t.Fatalf("list after %q: %v", after, err)
+		}
+		got = append(got, ids(page))
+		if !more {
+			break
+		}
+		after = page[len(page)-1].Key
+	}
+	want := [][]string{{"id-1", "id-2"}, {"id-3", "id-4"}, {"id-5"}}
+	if !slices.EqualFunc(got, want, slices.Equal) {
+		t.Fatalf("pages %v, want %v", got, want)
+	}
+	one, more, err := e.admin.List(ctxFor(t), "", 1)
+	if err != nil || len(one) != 1 || !more {
+		t.Fatalf("list of 1: %v, more %v, %v; want id-1 and more", ids(one), more, err)
+	}
+	if _, _, err := e.admin.List(ctxFor(t), "no such key", 2); !errors.Is(err, pipeline.ErrBadKey) {
+		t.Fatalf("list after a key of no entry: %v; want ErrBadKey", err)
+	}
+}
+
+// testKeys: a publisher chooses message ids, not keys. Two entries with
+// one id have distinct keys and an id-based selection of them is refused;
+// an id equal to another entry's key selects only its own entry, and the
+// key only the keyed one.
+func testKeys(t *testing.T, e *env) {
+	e.publish(t, 2)
+	decoy := poisoned(2)
+	if err := e.b.Publisher.Publish(e.poison, decoy); err != nil {
+		t.Fatalf("publish decoy: %v", err)
+	}
+	ps := e.list(t, e.admin)
+	if got := ids(ps); !slices.Equal(got, []string{"id-1", "id-2", "id-2"}) {
+		t.Fatalf("listed %v", got)
+	}
+	ks := keys(ps)
+	if slices.Contains(ks, "") || len(slices.Compact(slices.Sorted(slices.Values(ks)))) != 3 {
+		t.Fatalf("keys %v, want three distinct", ks)
+	}
+	_, err := pipeline.ResolveIDs(ctxFor(t), e.admin, "id-2")
+	if !errors.Is(err, pipeline.ErrAmbiguousID) || !strings.Contains(err.Error(), ks[1]) || !strings.Contains(err.Error(), ks[2]) {
+		t.Fatalf("resolve id-2 named twice: %v; want ErrAmbiguousID naming %s and %s", err, ks[1], ks[2])
+	}
+	// An attacker's message whose id is id-1's key.
+	forged := poisoned(3)
+	forged.Metadata.Set(pipeline.MetaMessageID, ks[0])
+	if err := e.b.Publisher.Publish(e.poison, forged); err != nil {
+		t.Fatalf("publish forged: %v", err)
+	}
+	sel, err := pipeline.ResolveIDs(ctxFor(t), e.admin, ks[0])
+	if err != nil {
+		t.Fatalf("resolve id %s: %v", ks[0], err)
+	}
+	if n, err := e.admin.Purge(ctxFor(t), sel); err != nil || n != 1 {
+		t.Fatalf("purge by id %s: %d, %v; want 1", ks[0], n, err)
+	}
+	e.wantIDs(t, "id-1", "id-2", "id-2")
+	if n, err := e.admin.Purge(ctxFor(t), pipeline.Keys(ks[2])); err != nil || n != 1 {
+		t.Fatalf("purge key %s: %d, %v; want 1", ks[2], n, err)
+	}
+	if got := keys(e.list(t, e.admin)); !slices.Equal(got, ks[:2]) {
+		t.Fatalf("after purging the decoy's key, keys %v, want %v", got, ks[:2])
+	}
+}
+
+// testReplayLimit: replay to a target bounded to 3 messages replays 3 of
+// 10, refuses the fourth with ErrQueueFull, and leaves the rest poisoned.
+func testReplayLimit(t *testing.T, e *env) {
+	const limit, n = 3, 10
+	if e.b.BoundedAdmin == nil {
+		// Topics of the embedded broker have no length limit: all go.
+		r := e.receive(t)
+		e.publish(t, n)
+		if got, err := e.admin.Replay(ctxFor(t), pipeline.All); err != nil || got != n {
+			t.Fatalf("replay all: %d, %v; want %d", got, err, n)
+		}
+		r.waitFor(t, "id-1", fmt.Sprintf("id-%d", n))
+		return
+	}
+	a := e.b.BoundedAdmin(t, e.poison, e.target, limit)
+	t.Cleanup(func() { _ = a.Close() })
+	e.publish(t, n)
+	got, err := a.Replay(ctxFor(t), pipeline.All)
+	if !errors.Is(err, pipeline.ErrQueueFull) || got != limit {
+		t.Fatalf("replay all to a target of %d: %d, %v; want %d and ErrQueueFull", limit, got, err, limit)
+	}
+	var want []string
+	for i := limit + 1; i <= n; i++ {
+		want = append(want, fmt.Sprintf("id-%d", i))
+	}
+	e.wantIDs(t, want...)
 }

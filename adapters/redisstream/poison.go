@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill"
@@ -15,31 +16,47 @@ import (
 )
 
 const (
-	// listBatch is how many entries one XRANGE reads.
+	// listBatch is how many entries one XRANGE of Replay or Purge reads.
 	listBatch = 500
-	// claimTTL bounds how long an admin's claim on an entry outlives the
-	// admin if it dies between claiming and deleting: one publish and one
-	// XDEL take milliseconds.
-	claimTTL = time.Minute
+	// settleTimeout bounds the one script that replays an entry once the
+	// caller's context is done: the script is atomic on the server, and
+	// waiting for its answer is how the count stays true. One XADD and one
+	// XDEL take well under a millisecond on the local Redis.
+	settleTimeout = 10 * time.Second
 )
+
+// replayScript moves one entry from the poison stream (KEYS[1]) to the
+// target (KEYS[2]) atomically: an entry already gone answers 0, a target
+// holding its limit (ARGV[2], 0 for none) answers -1, else the entry
+// (ARGV[1]) is added to the target with the fields ARGV[3..] and deleted
+// from the poison stream, answering 1. Being one script, a cancel or a
+// crash never leaves the entry both replayed and still poisoned, and two
+// admins racing on it replay it once between them.
+var replayScript = goredis.NewScript(`
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1]) == 0 then return 0 end
+local limit = tonumber(ARGV[2])
+if limit > 0 and redis.call('XLEN', KEYS[2]) >= limit then return -1 end
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+redis.call('XDEL', KEYS[1], ARGV[1])
+return 1
+`)
 
 // PoisonStream lists, replays and purges the entries of a poison stream
 // (pipeline.PoisonAdmin): it reads with XRANGE, decoding with the
-// marshaler Watermill's publisher encodes with, and removes with XDEL.
+// marshaler Watermill's publisher encodes with. An entry's key is its
+// stream entry id, which Redis assigns.
 //
-// Replay and Purge claim each entry first (SET NX on a key of its own,
-// expiring after claimTTL), check it is still there, act, then XDEL it:
-// admins racing on an entry act on it once between them, and each count
-// says what that admin did. An entry another admin claimed is skipped, not
-// waited for.
+// Purge is XDEL, which says whether it deleted. Replay runs replayScript
+// per entry: the length check, the XADD to the target and the XDEL are
+// one atomic step, so admins racing on an entry act on it once between
+// them, each count says what that admin did, and the target's length
+// limit holds for every entry replayed.
 type PoisonStream struct {
 	rdb            goredis.UniversalClient
 	pub            *redisstream.Publisher
 	stream, target string
 	// limit is the target's length limit; 0 for none.
 	limit int64
-	// token marks this admin's claims.
-	token string
 }
 
 var _ pipeline.PoisonAdmin = (*PoisonStream)(nil)
@@ -58,47 +75,54 @@ func NewPoisonStream(addr, stream, target string, limits map[string]int64, logge
 		_ = rdb.Close()
 		return nil, err
 	}
-	return &PoisonStream{rdb: rdb, pub: pub, stream: stream, target: target, limit: limits[target], token: watermill.NewShortUUID()}, nil
+	return &PoisonStream{rdb: rdb, pub: pub, stream: stream, target: target, limit: limits[target]}, nil
 }
 
-// List returns the stream's entries, oldest first.
-func (s *PoisonStream) List(ctx context.Context) ([]pipeline.Poisoned, error) {
-	var out []pipeline.Poisoned
-	err := s.each(ctx, func(p pipeline.Poisoned, _ string) error {
-		out = append(out, p)
-		return nil
-	})
-	return out, err
+// List returns up to limit entries after the entry id after, oldest first.
+func (s *PoisonStream) List(ctx context.Context, after string, limit int) ([]pipeline.Poisoned, bool, error) {
+	limit = max(limit, 1)
+	start := "-"
+	if after != "" {
+		if !isEntryID(after) {
+			return nil, false, fmt.Errorf("list %s after %q: %w (a stream entry id)", s.stream, after, pipeline.ErrBadKey)
+		}
+		start = "(" + after
+	}
+	entries, err := s.rdb.XRangeN(ctx, s.stream, start, "+", int64(limit)+1).Result()
+	if err != nil {
+		return nil, false, fmt.Errorf("read %s: %w", s.stream, err)
+	}
+	more := len(entries) > limit
+	entries = entries[:min(limit, len(entries))]
+	out := make([]pipeline.Poisoned, 0, len(entries))
+	for _, e := range entries {
+		out = append(out, decode(e))
+	}
+	return out, more, nil
 }
 
-// Purge deletes the selected entries.
+// Purge deletes the selected entries; one another admin deleted first is
+// not counted.
 func (s *PoisonStream) Purge(ctx context.Context, sel pipeline.Selector) (int, error) {
 	n := 0
 	err := s.each(ctx, func(p pipeline.Poisoned, entry string) error {
 		if !sel(p) {
 			return nil
 		}
-		done, err := s.claimed(ctx, entry, func() error { return nil })
-		if done {
-			n++
+		deleted, err := s.rdb.XDel(ctx, s.stream, entry).Result()
+		if err != nil {
+			return fmt.Errorf("delete %s of %s: %w", entry, s.stream, err)
 		}
-		return err
+		n += int(deleted)
+		return nil
 	})
 	return n, err
 }
 
-// Replay publishes the selected messages to the target and deletes each
-// entry once Redis stored the publish.
+// Replay moves the selected messages to the target, each in one atomic
+// step (replayScript). It stops at the first that does not fit the
+// target's limit, with pipeline.ErrQueueFull.
 func (s *PoisonStream) Replay(ctx context.Context, sel pipeline.Selector) (int, error) {
-	if s.limit > 0 {
-		length, err := Trim(ctx, s.rdb, s.target)
-		if err != nil {
-			return 0, err
-		}
-		if length >= s.limit {
-			return 0, fmt.Errorf("replay to %s: %w: it holds its limit of %d entries", s.target, ErrQueueFull, s.limit)
-		}
-	}
 	n := 0
 	var undecodable []string
 	err := s.each(ctx, func(p pipeline.Poisoned, entry string) error {
@@ -106,16 +130,14 @@ func (s *PoisonStream) Replay(ctx context.Context, sel pipeline.Selector) (int, 
 			return nil
 		}
 		if p.Undecodable != "" {
-			undecodable = append(undecodable, p.ID)
+			undecodable = append(undecodable, p.Key)
 			return nil
 		}
-		done, err := s.claimed(ctx, entry, func() error {
-			if err := s.pub.Publish(s.target, p.Replayable(ctx)); err != nil {
-				return fmt.Errorf("replay %s to %s: %w", p.ID, s.target, err)
-			}
-			return nil
-		})
-		if done {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		moved, err := s.move(ctx, p, entry)
+		if moved {
 			n++
 		}
 		return err
@@ -126,35 +148,40 @@ func (s *PoisonStream) Replay(ctx context.Context, sel pipeline.Selector) (int, 
 	return n, pipeline.LeftUndecodable(undecodable)
 }
 
-// claimed claims entry, runs act if the entry is still there, and deletes
-// it if act succeeded; done says act ran and the entry is gone. An entry
-// another admin holds, or already removed, is left to it.
-func (s *PoisonStream) claimed(ctx context.Context, entry string, act func() error) (done bool, err error) {
-	key := fmt.Sprintf("imcloud:poison-claim:%s:%s", s.stream, entry)
-	ok, err := s.rdb.SetNX(ctx, key, s.token, claimTTL).Result()
+// move runs replayScript on entry; moved says this call replayed it. A
+// full target is trimmed of what its consumers are done with (Trim) and
+// tried once more before the move is refused.
+func (s *PoisonStream) move(ctx context.Context, p pipeline.Poisoned, entry string) (moved bool, err error) {
+	fields, err := redisstream.DefaultMarshallerUnmarshaller{}.Marshal(s.target, p.Replayable(ctx))
 	if err != nil {
-		return false, fmt.Errorf("claim %s of %s: %w", entry, s.stream, err)
+		return false, fmt.Errorf("replay %s: encode: %w", p.Key, err)
 	}
-	if !ok {
-		return false, nil
+	args := []any{entry, s.limit}
+	for k, v := range fields {
+		args = append(args, k, v)
 	}
-	// Released once done; a deleted entry is not read again, so nothing
-	// waits for the claim in between.
-	defer s.rdb.Del(context.WithoutCancel(ctx), key)
-	still, err := s.rdb.XRange(ctx, s.stream, entry, entry).Result()
-	if err != nil {
-		return false, fmt.Errorf("read %s of %s: %w", entry, s.stream, err)
+	for attempt := 0; ; attempt++ {
+		// Not the caller's context: a cancel must not lose the answer
+		// of a script that ran, or the count would say less than was
+		// replayed.
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), settleTimeout)
+		res, err := replayScript.Run(sctx, s.rdb, []string{s.stream, s.target}, args...).Int()
+		cancel()
+		if err != nil {
+			return false, fmt.Errorf("replay %s to %s: %w", p.Key, s.target, err)
+		}
+		switch {
+		case res == 1:
+			return true, nil
+		case res == 0:
+			return false, nil
+		case attempt > 0:
+			return false, fmt.Errorf("replay %s to %s: %w: it holds its limit of %d entries", p.Key, s.target, ErrQueueFull, s.limit)
+		}
+		if _, err := Trim(ctx, s.rdb, s.target); err != nil {
+			return false, fmt.Errorf("replay %s: %w", p.Key, err)
+		}
 	}
-	if len(still) == 0 {
-		return false, nil
-	}
-	if err := act(); err != nil {
-		return false, err
-	}
-	if err := s.rdb.XDel(ctx, s.stream, entry).Err(); err != nil {
-		return false, fmt.Errorf("delete %s of %s: %w", entry, s.stream, err)
-	}
-	return true, nil
 }
 
 // each reads the stream's entries as it is when called, oldest first, in
@@ -201,7 +228,7 @@ func decode(e goredis.XMessage) (p pipeline.Poisoned) {
 	if err != nil {
 		return undecodable(e, at, err)
 	}
-	return pipeline.NewPoisoned(msg, at)
+	return pipeline.NewPoisoned(e.ID, msg, at)
 }
 
 func undecodable(e goredis.XMessage, at time.Time, err error) pipeline.Poisoned {
@@ -218,4 +245,14 @@ func (s *PoisonStream) Close() error {
 		return fmt.Errorf("close redis client: %w", err)
 	}
 	return nil
+}
+
+// isEntryID says id is a stream entry id, digits-digits: anything else
+// would change the meaning of the XRANGE bound it is put in.
+func isEntryID(id string) bool {
+	ms, seq, ok := strings.Cut(id, "-")
+	digits := func(s string) bool {
+		return s != "" && strings.Trim(s, "0123456789") == ""
+	}
+	return ok && digits(ms) && digits(seq)
 }

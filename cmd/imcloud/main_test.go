@@ -72,7 +72,7 @@ func TestCommandErrors(t *testing.T) {
 		{"anonymous standalone beyond loopback", []string{"standalone", "--anonymous", "--set", "logic.http_addr=0.0.0.0:0"}, "logic.allow_anonymous"},
 		{"poison on the embedded broker without --admin", []string{"poison", "list", "--set", "broker.kind=gochannel"}, "--admin"},
 		{"poison replay of nothing chosen", []string{"poison", "replay"}, "--id or --all"},
-		{"poison purge with both", []string{"poison", "purge", "--all", "--id", "x"}, "not both"},
+		{"poison purge with both", []string{"poison", "purge", "--all", "--id", "x"}, "one of --key, --id or --all"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

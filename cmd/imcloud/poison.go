@@ -9,9 +9,12 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"imcloud/adapters"
 	"imcloud/cmd/imcloud/internal/process"
@@ -25,19 +28,29 @@ import (
 func cmdPoison(ctx context.Context, args []string, stdout, stderr io.Writer, environ []string) error {
 	var (
 		cf    configFlags
+		keys  []string
 		ids   []string
 		all   bool
 		admin string
+		limit int
+		after string
 	)
-	fs := newFlagSet("poison", `imcloud poison list|replay|purge [--id ID]... [--all] [--config F] [--admin ADDR]
-  list     show poisoned messages with their reason, handler and time
+	fs := newFlagSet("poison", `imcloud poison list|replay|purge [--key KEY]... [--id ID]... [--all] [--limit N] [--after KEY] [--config F] [--admin ADDR]
+  list     show poisoned messages with their key, id, reason, handler and
+           time, oldest first, at most --limit after --after
   replay   re-publish the chosen messages to the push topic
   purge    drop the chosen messages
+Choose messages by --key (the broker's own unique name for each entry, the
+KEY column), or by --id (the message id its publisher chose: refused when
+one id names more than one entry), or --all.
 With broker.kind = gochannel the poisoned messages live in the memory of
 the running standalone process: reach them through its admin listener
 (--admin, or admin.addr from the configuration).`, stderr)
 	cf.register(fs)
-	fs.StringSliceVar(&ids, "id", nil, "message ids to replay or purge (repeatable, or comma-separated)")
+	fs.StringSliceVar(&keys, "key", nil, "entry keys to replay or purge, as list shows them (repeatable, or comma-separated)")
+	fs.StringSliceVar(&ids, "id", nil, "message ids to replay or purge (repeatable, or comma-separated); refused if one names more than one entry")
+	fs.IntVar(&limit, "limit", process.PoisonListDefault, fmt.Sprintf("list: at most this many messages (1 to %d)", process.PoisonListMax))
+	fs.StringVar(&after, "after", "", "list: start after the entry with this key (the last key of the previous page)")
 	fs.BoolVar(&all, "all", false, "replay or purge every poisoned message")
 	fs.StringVar(&admin, "admin", "", "broker.kind gochannel only: the running standalone process's admin listener, host:port (default admin.addr)")
 	if err := fs.Parse(args); err != nil {
@@ -58,13 +71,36 @@ the running standalone process: reach them through its admin listener
 		return err
 	}
 	if action != "list" {
-		switch {
-		case all && len(ids) > 0:
-			return errors.New("poison: give --id or --all, not both")
-		case !all && len(ids) == 0:
-			return fmt.Errorf("poison %s: say which messages with --id or --all", action)
+		given := 0
+		for _, g := range []bool{all, len(keys) > 0, len(ids) > 0} {
+			if g {
+				given++
+			}
 		}
+		switch {
+		case given > 1:
+			return errors.New("poison: give one of --key, --id or --all")
+		case given == 0:
+			return fmt.Errorf("poison %s: say which messages with --key, --id or --all", action)
+		}
+	} else if limit < 1 || limit > process.PoisonListMax {
+		return fmt.Errorf("poison list: --limit %d: want 1 to %d", limit, process.PoisonListMax)
 	}
+	// Errors may carry what a publisher wrote (ids, reasons): escaped as
+	// the listing is.
+	return escapedErr(poison(ctx, cfg, action, poisonArgs{keys: keys, ids: ids, all: all, admin: admin, limit: limit, after: after}, stdout, stderr))
+}
+
+// poisonArgs is what the flags of imcloud poison chose.
+type poisonArgs struct {
+	keys, ids    []string
+	all          bool
+	admin, after string
+	limit        int
+}
+
+func poison(ctx context.Context, cfg config.Config, action string, a poisonArgs, stdout, stderr io.Writer) error {
+	admin, ids, all := a.admin, a.ids, a.all
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
 	if cfg.Broker.Kind == config.BrokerGoChannel {
@@ -74,7 +110,7 @@ the running standalone process: reach them through its admin listener
 		if admin == "" {
 			return fmt.Errorf("broker.kind %q: the embedded broker's poisoned messages live in the memory of the running standalone process; give --admin ADDR, the admin.addr that process listens on", cfg.Broker.Kind)
 		}
-		return poisonOverAdmin(ctx, admin, action, ids, all, stdout)
+		return poisonOverAdmin(ctx, admin, action, a, stdout)
 	}
 	if admin != "" {
 		return fmt.Errorf("poison --admin: broker.kind %q is a shared broker, reached directly with the configuration; --admin is for the embedded broker (gochannel) of a standalone process", cfg.Broker.Kind)
@@ -84,13 +120,8 @@ the running standalone process: reach them through its admin listener
 		return err
 	}
 	defer p.Close()
-	sel := pipeline.Selector(pipeline.All)
-	if !all {
-		sel = pipeline.IDs(ids...)
-	}
-	switch action {
-	case "list":
-		msgs, err := p.List(ctx)
+	if action == "list" {
+		msgs, more, err := p.List(ctx, a.after, a.limit)
 		if err != nil {
 			return err
 		}
@@ -98,7 +129,20 @@ the running standalone process: reach them through its admin listener
 		for _, m := range msgs {
 			entries = append(entries, process.PoisonEntryOf(m, false))
 		}
-		return printPoisonList(stdout, cfg.Topics.Poison, entries)
+		return printPoisonList(stdout, cfg.Topics.Poison, entries, more)
+	}
+	var sel pipeline.Selector
+	switch {
+	case all:
+		sel = pipeline.All
+	case len(a.keys) > 0:
+		sel = pipeline.Keys(a.keys...)
+	default:
+		if sel, err = pipeline.ResolveIDs(ctx, p, ids...); err != nil {
+			return err
+		}
+	}
+	switch action {
 	case "replay":
 		n, err := p.Replay(ctx, sel)
 		fmt.Fprintf(stdout, "replayed %d message(s) to %s\n", n, cfg.Topics.Push)
@@ -110,31 +154,92 @@ the running standalone process: reach them through its admin listener
 	}
 }
 
-func printPoisonList(stdout io.Writer, topic string, msgs []process.PoisonEntry) error {
+// printPoisonList prints a page of the list. Every column but the time
+// comes from the broker, where any publisher writes it: each is escaped
+// and cut (printable).
+func printPoisonList(stdout io.Writer, topic string, msgs []process.PoisonEntry, more bool) error {
 	tw := tabwriter.NewWriter(stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tPOISONED AT\tHANDLER\tREASON")
+	fmt.Fprintln(tw, "KEY\tID\tPOISONED AT\tHANDLER\tREASON")
 	for _, m := range msgs {
 		handler, reason := m.Handler, m.Reason
 		if m.Undecodable != "" {
-			// Not a message: it can only be purged, by this id.
+			// Not a message: it can only be purged, by this key.
 			handler, reason = "-", "UNDECODABLE: "+m.Undecodable
 		}
 		at := "-"
 		if !m.PoisonedAt.IsZero() {
 			at = m.PoisonedAt.UTC().Format(time.RFC3339)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", m.ID, at, handler, reason)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", printable(m.Key), printable(m.ID), at, printable(handler), printable(reason))
 	}
 	if err := tw.Flush(); err != nil {
 		return err
 	}
-	_, err := fmt.Fprintf(stdout, "%d poisoned message(s) in %s\n", len(msgs), topic)
-	return err
+	if _, err := fmt.Fprintf(stdout, "%d poisoned message(s) in %s\n", len(msgs), printable(topic)); err != nil {
+		return err
+	}
+	if more && len(msgs) > 0 {
+		_, err := fmt.Fprintf(stdout, "more remain: list on with --after %s\n", printable(msgs[len(msgs)-1].Key))
+		return err
+	}
+	return nil
 }
+
+// maxColumn is how many runes of a column printable keeps: a reason is an
+// error's text, a few hundred bytes at most when honest.
+const maxColumn = 200
+
+// printable is s safe to print in a column of a terminal (escape), cut
+// past maxColumn runes, marked so.
+func printable(s string) string { return escape(s, maxColumn) }
+
+// escape is s with control characters (escape sequences, and tabs and
+// newlines that would forge rows and columns) and format characters
+// (bidirectional overrides) escaped as Go escapes them in a quoted
+// string, invalid UTF-8 as \xNN and backslashes doubled; past max runes
+// (0 for no cap) it is cut, marked "…[cut]".
+func escape(s string, max int) string {
+	var b strings.Builder
+	for n := 0; len(s) > 0; n++ {
+		if max > 0 && n == max {
+			b.WriteString("…[cut]")
+			break
+		}
+		r, size := utf8.DecodeRuneInString(s)
+		switch {
+		case r == utf8.RuneError && size == 1:
+			fmt.Fprintf(&b, `\x%02x`, s[0])
+		case r == '\\':
+			b.WriteString(`\\`)
+		case unicode.IsControl(r) || unicode.Is(unicode.Cf, r):
+			q := strconv.QuoteRune(r)
+			b.WriteString(q[1 : len(q)-1])
+		default:
+			b.WriteRune(r)
+		}
+		s = s[size:]
+	}
+	return b.String()
+}
+
+// escapedErr is err with its text escaped (not cut), still wrapping err:
+// an error may carry what a publisher wrote.
+func escapedErr(err error) error {
+	if err == nil {
+		return nil
+	}
+	return escaped{err}
+}
+
+type escaped struct{ err error }
+
+func (e escaped) Error() string { return escape(e.err.Error(), 0) }
+
+func (e escaped) Unwrap() error { return e.err }
 
 // poisonOverAdmin runs action on the poison endpoints of the admin
 // listener at addr (process/poison.go).
-func poisonOverAdmin(ctx context.Context, addr, action string, ids []string, all bool, stdout io.Writer) error {
+func poisonOverAdmin(ctx context.Context, addr, action string, a poisonArgs, stdout io.Writer) error {
 	base := addr
 	if !strings.Contains(base, "://") {
 		base = "http://" + base
@@ -142,11 +247,20 @@ func poisonOverAdmin(ctx context.Context, addr, action string, ids []string, all
 	var req *http.Request
 	var err error
 	if action == "list" {
-		req, err = http.NewRequestWithContext(ctx, http.MethodGet, base+process.PoisonPath, nil)
+		q := url.Values{"limit": {strconv.Itoa(a.limit)}}
+		if a.after != "" {
+			q.Set("after", a.after)
+		}
+		req, err = http.NewRequestWithContext(ctx, http.MethodGet, base+process.PoisonPath+"?"+q.Encode(), nil)
 	} else {
-		form := url.Values{"id": ids}
-		if all {
+		var form url.Values
+		switch {
+		case a.all:
 			form = url.Values{"all": {"true"}}
+		case len(a.keys) > 0:
+			form = url.Values{"key": a.keys}
+		default:
+			form = url.Values{"id": a.ids}
 		}
 		path := process.PoisonReplayPath
 		if action == "purge" {
@@ -165,7 +279,7 @@ func poisonOverAdmin(ctx context.Context, addr, action string, ids []string, all
 		return fmt.Errorf("poison: reach the admin listener at %s (is the standalone process running, with admin.addr set to it?): %w", addr, err)
 	}
 	defer resp.Body.Close()
-	// A list of the default 10,000 messages is about 2.5 MB of JSON.
+	// A page of at most PoisonListMax messages is about 2.5 MB of JSON.
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
 	if err != nil {
 		return fmt.Errorf("poison: read the answer of %s: %w", addr, err)
@@ -181,14 +295,14 @@ func poisonOverAdmin(ctx context.Context, addr, action string, ids []string, all
 		if resp.StatusCode != http.StatusOK {
 			return fmt.Errorf("poison: the admin listener at %s answered %s", addr, resp.Status)
 		}
-		return printPoisonList(stdout, l.Topic, l.Messages)
+		return printPoisonList(stdout, l.Topic, l.Messages, l.More)
 	}
 	var res process.PoisonResult
 	if err := json.Unmarshal(body, &res); err != nil {
 		return fmt.Errorf("poison: the answer of %s: %w", addr, err)
 	}
 	if action == "replay" {
-		fmt.Fprintf(stdout, "replayed %d message(s) to %s\n", res.Count, res.Target)
+		fmt.Fprintf(stdout, "replayed %d message(s) to %s\n", res.Count, printable(res.Target))
 	} else {
 		fmt.Fprintf(stdout, "purged %d message(s)\n", res.Count)
 	}

@@ -4,6 +4,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"strings"
@@ -51,7 +52,8 @@ func TestIntegrationPoisonCommand(t *testing.T) {
 // TestIntegrationPoisonCommandStreams drives `imcloud poison` against NATS
 // JetStream and Redis Streams: a message written to the poison topic as
 // the poison middleware writes it is listed, replayed to the push topic
-// (and read back from it) and, another, purged.
+// (and read back from it) and, another, purged; by --key when its id is
+// also a decoy's, which --id refuses.
 func TestIntegrationPoisonCommandStreams(t *testing.T) {
 	for _, kind := range []string{config.BrokerNATS, config.BrokerRedisStream} {
 		t.Run(kind, func(t *testing.T) {
@@ -75,7 +77,7 @@ func TestIntegrationPoisonCommandStreams(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer b.Close()
-			for _, id := range []string{"cli-replay", "cli-purge"} {
+			for _, id := range []string{"cli-replay", "cli-purge", "cli-purge"} {
 				msg := message.NewMessage(watermill.NewUUID(), []byte("payload of "+id))
 				msg.Metadata.Set(pipeline.MetaMessageID, id)
 				msg.Metadata.Set(middleware.ReasonForPoisonedKey, "boom "+id)
@@ -86,8 +88,30 @@ func TestIntegrationPoisonCommandStreams(t *testing.T) {
 			}
 
 			out := poison("list")
-			if !strings.Contains(out, "2 poisoned message(s)") || !strings.Contains(out, "cli-replay") || !strings.Contains(out, "boom cli-purge") {
+			if !strings.Contains(out, "3 poisoned message(s)") || !strings.Contains(out, "cli-replay") || !strings.Contains(out, "boom cli-purge") {
 				t.Fatalf("list:\n%s", out)
+			}
+			var purgeKeys []string
+			for _, line := range strings.Split(out, "\n") {
+				if f := strings.Fields(line); len(f) > 1 && f[1] == "cli-purge" {
+					purgeKeys = append(purgeKeys, f[0])
+				}
+			}
+			if len(purgeKeys) != 2 || purgeKeys[0] == purgeKeys[1] {
+				t.Fatalf("keys of cli-purge %v, want two distinct in:\n%s", purgeKeys, out)
+			}
+			if out := poison("list", "--limit", "2"); !strings.Contains(out, "2 poisoned message(s)") || !strings.Contains(out, "more remain: list on with --after "+purgeKeys[0]) {
+				t.Fatalf("list --limit 2:\n%s", out)
+			}
+			if out := poison("list", "--after", purgeKeys[0]); !strings.Contains(out, "1 poisoned message(s)") || !strings.Contains(out, purgeKeys[1]) || strings.Contains(out, "more remain") {
+				t.Fatalf("list --after %s:\n%s", purgeKeys[0], out)
+			}
+			_, _, err = runCmd(t, nil, append([]string{"poison", "purge", "--id", "cli-purge"}, sets...)...)
+			if !errors.Is(err, pipeline.ErrAmbiguousID) || !strings.Contains(err.Error(), purgeKeys[0]) || !strings.Contains(err.Error(), purgeKeys[1]) {
+				t.Fatalf("purge --id naming two: %v; want ErrAmbiguousID naming both keys", err)
+			}
+			if out := poison("purge", "--key", purgeKeys[1]); !strings.Contains(out, "purged 1 message(s)") {
+				t.Fatalf("purge --key:\n%s", out)
 			}
 			if out := poison("replay", "--id", "cli-replay"); !strings.Contains(out, "replayed 1 message(s) to "+cfg.Topics.Push) {
 				t.Fatalf("replay:\n%s", out)

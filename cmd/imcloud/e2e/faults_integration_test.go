@@ -142,7 +142,7 @@ func TestIntegrationUnreachableCloudIsPoisonedThenReplayed(t *testing.T) {
 	}
 	var poisoned []pipeline.Poisoned
 	for deadline := time.Now().Add(wait); len(poisoned) == 0; time.Sleep(20 * time.Millisecond) {
-		if poisoned, err = p.List(ctx); err != nil {
+		if poisoned, _, err = p.List(ctx, "", 1000); err != nil {
 			t.Fatal(err)
 		}
 		if time.Now().After(deadline) {
@@ -162,7 +162,7 @@ func TestIntegrationUnreachableCloudIsPoisonedThenReplayed(t *testing.T) {
 	fence := uniq("fence")
 	a.push(request{path: "/im/push/room", query: url.Values{"operation": {"1000"}, "type": {"live"}, "room": {"p"}}, body: fence})
 	expect(t, "client on the live node (must not get the replay)", onA, 1000, fence)
-	if left, _ := p.List(ctx); len(left) != 0 {
+	if left, _, _ := p.List(ctx, "", 1000); len(left) != 0 {
 		t.Fatalf("%d messages still poisoned after the replay", len(left))
 	}
 }

@@ -207,7 +207,7 @@ func TestIntegrationCloudRestartWithBacklog(t *testing.T) {
 	pq := amqp.NewPoisonQueue(amqpURL(), topicOf(t, topics, "poison"), topicOf(t, topics, "push"), nil, watermill.NopLogger{})
 	poisoned := map[string]string{} // body -> reason
 	allPoisoned := func() bool {
-		list, err := pq.List(context.Background())
+		list, _, err := pq.List(context.Background(), "", 1000)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -1,6 +1,7 @@
 package process
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -16,21 +17,32 @@ import (
 // embedded broker, whose poison topic lives in its memory and nowhere
 // else (imcloud poison --admin is their client):
 //
-//	GET  /poison          list, oldest first (?payload=true adds the bodies)
+//	GET  /poison          list, oldest first, a page of at most limit
+//	                      (default 1000) entries after the key after
+//	                      (?payload=true adds the bodies)
 //	POST /poison/replay   re-publish to the push topic
 //	POST /poison/purge    drop
 //
-// Replay and purge take the messages as repeated id values (query or
-// form body) or all=true, and answer PoisonResult.
+// Replay and purge take the messages as repeated key values (the broker's
+// names for them, unique), repeated id values (refused when one id names
+// more than one entry: a publisher chooses ids), or all=true, and answer
+// PoisonResult.
 const (
 	PoisonPath        = "/poison"
 	PoisonReplayPath  = "/poison/replay"
 	PoisonPurgePath   = "/poison/purge"
 	poisonMaxFormBody = 1 << 20 // about 25,000 ids: more than the ring holds by default
+	// PoisonListDefault and PoisonListMax bound a page of GET /poison: an
+	// entry is about 250 bytes of JSON without its payload.
+	PoisonListDefault = 1000
+	PoisonListMax     = 10000
 )
 
 // PoisonEntry is one poisoned message as GET /poison lists it.
 type PoisonEntry struct {
+	// Key is the broker's unique name for the entry: select by it.
+	Key string `json:"key"`
+	// ID is the message's id, chosen by its publisher and not unique.
 	ID           string    `json:"id"`
 	PoisonedAt   time.Time `json:"poisoned_at"`
 	Handler      string    `json:"handler"`
@@ -44,7 +56,7 @@ type PoisonEntry struct {
 
 // PoisonEntryOf describes m, with its payload if withPayload.
 func PoisonEntryOf(m pipeline.Poisoned, withPayload bool) PoisonEntry {
-	e := PoisonEntry{ID: m.ID, PoisonedAt: m.PoisonedAt, Handler: m.Handler(), Reason: m.Reason(), PayloadBytes: len(m.Payload), Undecodable: m.Undecodable}
+	e := PoisonEntry{Key: m.Key, ID: m.ID, PoisonedAt: m.PoisonedAt, Handler: m.Handler(), Reason: m.Reason(), PayloadBytes: len(m.Payload), Undecodable: m.Undecodable}
 	if withPayload {
 		e.Payload = m.Payload
 	}
@@ -55,6 +67,9 @@ func PoisonEntryOf(m pipeline.Poisoned, withPayload bool) PoisonEntry {
 type PoisonList struct {
 	Topic    string        `json:"topic"`
 	Messages []PoisonEntry `json:"messages"`
+	// More says entries remain after this page: ask again with after set
+	// to the last message's key.
+	More bool `json:"more"`
 }
 
 // PoisonResult answers a replay or purge: how many messages it acted on,
@@ -106,13 +121,26 @@ func (h *poisonHandler) list(w http.ResponseWriter, r *http.Request) {
 		}
 		withPayload = b
 	}
-	msgs, err := h.admin.List(r.Context())
+	limit := PoisonListDefault
+	if v := r.URL.Query().Get("limit"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > PoisonListMax {
+			http.Error(w, fmt.Sprintf("limit=%q: want 1 to %d", v, PoisonListMax), http.StatusBadRequest)
+			return
+		}
+		limit = n
+	}
+	msgs, more, err := h.admin.List(r.Context(), r.URL.Query().Get("after"), limit)
 	if err != nil {
+		code := http.StatusInternalServerError
+		if errors.Is(err, pipeline.ErrBadKey) {
+			code = http.StatusBadRequest
+		}
 		h.logger.Warn("poison: list", "err", err)
-		http.Error(w, "list poisoned messages: "+err.Error(), http.StatusInternalServerError)
+		http.Error(w, "list poisoned messages: "+err.Error(), code)
 		return
 	}
-	out := PoisonList{Topic: h.topic, Messages: make([]PoisonEntry, 0, len(msgs))}
+	out := PoisonList{Topic: h.topic, Messages: make([]PoisonEntry, 0, len(msgs)), More: more}
 	for _, m := range msgs {
 		out.Messages = append(out.Messages, PoisonEntryOf(m, withPayload))
 	}
@@ -143,9 +171,13 @@ func (h *poisonHandler) act(w http.ResponseWriter, r *http.Request, action strin
 		http.Error(w, "read the form: "+err.Error(), code)
 		return
 	}
-	sel, err := selection(r.Form["id"], r.Form.Get("all"))
+	sel, err := selection(r.Context(), h.admin, r.Form["key"], r.Form["id"], r.Form.Get("all"))
 	if err != nil {
-		http.Error(w, err.Error(), http.StatusBadRequest)
+		code := http.StatusBadRequest
+		if !errors.Is(err, errSelection) && !errors.Is(err, pipeline.ErrAmbiguousID) {
+			code = http.StatusInternalServerError
+		}
+		http.Error(w, err.Error(), code)
 		return
 	}
 	res := PoisonResult{Action: action}
@@ -165,25 +197,38 @@ func (h *poisonHandler) act(w http.ResponseWriter, r *http.Request, action strin
 	writeJSON(w, code, res)
 }
 
-// selection is what id values or all=true pick; one of them, not both.
-func selection(ids []string, all string) (pipeline.Selector, error) {
+// errSelection marks a request that names its messages wrongly.
+var errSelection = errors.New("bad selection")
+
+// selection is what key values, id values or all=true pick; one of them.
+// Ids are resolved to keys (pipeline.ResolveIDs), refused when one names
+// more than one entry.
+func selection(ctx context.Context, admin pipeline.PoisonAdmin, keys, ids []string, all string) (pipeline.Selector, error) {
 	everything := false
 	if all != "" {
 		b, err := strconv.ParseBool(all)
 		if err != nil {
-			return nil, fmt.Errorf("all=%q: want true or false", all)
+			return nil, fmt.Errorf("%w: all=%q: want true or false", errSelection, all)
 		}
 		everything = b
 	}
+	given := 0
+	for _, g := range []bool{everything, len(keys) > 0, len(ids) > 0} {
+		if g {
+			given++
+		}
+	}
 	switch {
-	case everything && len(ids) > 0:
-		return nil, errors.New("give id values or all=true, not both")
+	case given > 1:
+		return nil, fmt.Errorf("%w: give key values, id values or all=true, one of them", errSelection)
 	case everything:
 		return pipeline.All, nil
+	case len(keys) > 0:
+		return pipeline.Keys(keys...), nil
 	case len(ids) > 0:
-		return pipeline.IDs(ids...), nil
+		return pipeline.ResolveIDs(ctx, admin, ids...)
 	default:
-		return nil, errors.New("say which messages: id (repeatable) or all=true")
+		return nil, fmt.Errorf("%w: say which messages: key or id (repeatable) or all=true", errSelection)
 	}
 }
 

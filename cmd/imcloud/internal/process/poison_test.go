@@ -13,6 +13,7 @@ import (
 	"github.com/ThreeDotsLabs/watermill/message"
 
 	"imcloud/adapters/gochannel"
+	"imcloud/pipeline"
 )
 
 // TestPoisonEndpoints: what the admin listener's poison endpoints refuse,
@@ -35,6 +36,14 @@ func TestPoisonEndpoints(t *testing.T) {
 		}
 	}
 	publish("a", "b", "c")
+	// Two messages whose publisher gave both the id "dup": keys 4 and 5.
+	for range 2 {
+		m := message.NewMessage(watermill.NewUUID(), []byte("dup"))
+		m.Metadata.Set(pipeline.MetaMessageID, "dup")
+		if err := ps.Publish("poison", m); err != nil {
+			t.Fatal(err)
+		}
+	}
 	big := "id=" + strings.Repeat("x", poisonMaxFormBody)
 	tests := []struct {
 		name, method, target, body string
@@ -42,7 +51,18 @@ func TestPoisonEndpoints(t *testing.T) {
 		wantCode                   int
 		wantBody                   string // a substring of the answer
 	}{
-		{"list", "GET", "/poison", "", nil, 200, `"id":"a","poisoned_at":`},
+		{"list", "GET", "/poison", "", nil, 200, `"key":"1","id":"a","poisoned_at":`},
+		{"list a page", "GET", "/poison?limit=2", "", nil, 200, `"id":"b","poisoned_at":`},
+		{"a page says more remain", "GET", "/poison?limit=2", "", nil, 200, `"more":true`},
+		{"list after a key", "GET", "/poison?after=3&limit=2", "", nil, 200, `"key":"4","id":"dup"`},
+		{"the last page says none remain", "GET", "/poison?after=3&limit=2", "", nil, 200, `"more":false`},
+		{"list with a bad limit", "GET", "/poison?limit=0", "", nil, 400, "limit"},
+		{"list with too big a limit", "GET", "/poison?limit=10001", "", nil, 400, "limit"},
+		{"list after a bad key", "GET", "/poison?after=x", "", nil, 400, "not a key"},
+		{"purge an id naming two", "POST", "/poison/purge?id=dup", "", nil, 400, `"dup" has keys 4, 5`},
+		{"purge by key", "POST", "/poison/purge?key=5", "", nil, 200, `{"action":"purge","count":1}`},
+		{"purge the id now naming one", "POST", "/poison/purge?id=dup", "", nil, 200, `{"action":"purge","count":1}`},
+		{"purge with keys and ids", "POST", "/poison/purge?key=1&id=a", "", nil, 400, "one of them"},
 		{"list leaves out the payload", "GET", "/poison", "", nil, 200, `"payload_bytes":6}`},
 		{"list with the payload", "GET", "/poison?payload=true", "", nil, 200, `"payload":"Ym9keS1h"`},
 		{"list with a bad payload flag", "GET", "/poison?payload=maybe", "", nil, 400, "payload"},
@@ -51,7 +71,7 @@ func TestPoisonEndpoints(t *testing.T) {
 		{"purge by PUT", "PUT", "/poison/purge?all=true", "", nil, 405, "POST"},
 		{"purge naming nothing", "POST", "/poison/purge", "", nil, 400, "id (repeatable) or all=true"},
 		{"purge with all=false only", "POST", "/poison/purge?all=false", "", nil, 400, "id (repeatable) or all=true"},
-		{"purge with ids and all", "POST", "/poison/purge?all=true&id=a", "", nil, 400, "not both"},
+		{"purge with ids and all", "POST", "/poison/purge?all=true&id=a", "", nil, 400, "one of them"},
 		{"purge with a bad all", "POST", "/poison/purge?all=yes-please", "", nil, 400, "all="},
 		{"purge from a web page", "POST", "/poison/purge?all=true", "", map[string]string{"Origin": "http://evil.example"}, 403, "web page"},
 		{"purge with too big a body", "POST", "/poison/purge", big, map[string]string{"Content-Type": "application/x-www-form-urlencoded"}, 413, "too large"},
