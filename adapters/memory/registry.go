@@ -14,6 +14,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
+	"imcloud/pipeline"
 	"imcloud/proto/pb"
 )
 
@@ -137,6 +138,21 @@ func (r *Registry) ServersByKeys(_ context.Context, keys []string) (map[string]s
 	for _, k := range keys {
 		if s, ok := r.byKey[k]; ok && now.Before(s.expires) {
 			out[k] = s.server
+		}
+	}
+	return out, nil
+}
+
+// SessionsByKeys maps each live key to its user and server; keys missing
+// from the result are offline.
+func (r *Registry) SessionsByKeys(_ context.Context, keys []string) (map[string]pipeline.Session, error) {
+	now := r.now()
+	out := make(map[string]pipeline.Session, len(keys))
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	for _, k := range keys {
+		if s, ok := r.byKey[k]; ok && now.Before(s.expires) {
+			out[k] = pipeline.Session{Mid: s.mid, Server: s.server}
 		}
 	}
 	return out, nil
