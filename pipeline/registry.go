@@ -39,8 +39,10 @@ type Registry interface {
 	Nodes(ctx context.Context) ([]*pb.NodeInfo, error)
 }
 
-// Session is where a live key is connected, and whose it is.
-type Session struct {
+// Session is where a live key is connected, and whose it is. It is an
+// alias of a plain struct so that adapters/memory implements Registry
+// without importing pipeline: pipeline's own tests import adapters/memory.
+type Session = struct {
 	Mid    int64
 	Server string
 }

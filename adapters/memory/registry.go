@@ -14,7 +14,6 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
-	"imcloud/pipeline"
 	"imcloud/proto/pb"
 )
 
@@ -23,6 +22,13 @@ type session struct {
 	server  string
 	conn    uint64 // the connection on server; 0: unknown (an older node)
 	expires time.Time
+}
+
+// keySession is pipeline.Session, spelled out: this package does not
+// import pipeline, whose tests import it.
+type keySession = struct {
+	Mid    int64
+	Server string
 }
 
 type node struct {
@@ -145,14 +151,14 @@ func (r *Registry) ServersByKeys(_ context.Context, keys []string) (map[string]s
 
 // SessionsByKeys maps each live key to its user and server; keys missing
 // from the result are offline.
-func (r *Registry) SessionsByKeys(_ context.Context, keys []string) (map[string]pipeline.Session, error) {
+func (r *Registry) SessionsByKeys(_ context.Context, keys []string) (map[string]keySession, error) {
 	now := r.now()
-	out := make(map[string]pipeline.Session, len(keys))
+	out := make(map[string]keySession, len(keys))
 	r.mu.RLock()
 	defer r.mu.RUnlock()
 	for _, k := range keys {
 		if s, ok := r.byKey[k]; ok && now.Before(s.expires) {
-			out[k] = pipeline.Session{Mid: s.mid, Server: s.server}
+			out[k] = keySession{Mid: s.mid, Server: s.server}
 		}
 	}
 	return out, nil
