@@ -25,6 +25,10 @@ type Registry interface {
 	DelSession(ctx context.Context, mid int64, key, server string, conn uint64) (bool, error)
 	// ServersByKeys maps live keys to servers; absent keys are offline.
 	ServersByKeys(ctx context.Context, keys []string) (map[string]string, error)
+	// SessionsByKeys maps live keys to their user and server; absent
+	// keys are offline. Logic needs the user of a key push's keys: the
+	// push takes a position in each one's user stream.
+	SessionsByKeys(ctx context.Context, keys []string) (map[string]Session, error)
 	// KeysByMids maps each user with live keys to its keys and their
 	// servers; users with none are absent.
 	KeysByMids(ctx context.Context, mids []int64) (map[int64]map[string]string, error)
@@ -33,4 +37,12 @@ type Registry interface {
 	RenewNode(ctx context.Context, node *pb.NodeInfo) (map[string]int32, error)
 	// Nodes returns the live cloud nodes.
 	Nodes(ctx context.Context) ([]*pb.NodeInfo, error)
+}
+
+// Session is where a live key is connected, and whose it is. It is an
+// alias of a plain struct so that adapters/memory implements Registry
+// without importing pipeline: pipeline's own tests import adapters/memory.
+type Session = struct {
+	Mid    int64
+	Server string
 }

@@ -24,6 +24,13 @@ type session struct {
 	expires time.Time
 }
 
+// keySession is pipeline.Session, spelled out: this package does not
+// import pipeline, whose tests import it.
+type keySession = struct {
+	Mid    int64
+	Server string
+}
+
 type node struct {
 	info    *pb.NodeInfo
 	expires time.Time
@@ -137,6 +144,21 @@ func (r *Registry) ServersByKeys(_ context.Context, keys []string) (map[string]s
 	for _, k := range keys {
 		if s, ok := r.byKey[k]; ok && now.Before(s.expires) {
 			out[k] = s.server
+		}
+	}
+	return out, nil
+}
+
+// SessionsByKeys maps each live key to its user and server; keys missing
+// from the result are offline.
+func (r *Registry) SessionsByKeys(_ context.Context, keys []string) (map[string]keySession, error) {
+	now := r.now()
+	out := make(map[string]keySession, len(keys))
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	for _, k := range keys {
+		if s, ok := r.byKey[k]; ok && now.Before(s.expires) {
+			out[k] = keySession{Mid: s.mid, Server: s.server}
 		}
 	}
 	return out, nil

@@ -11,6 +11,7 @@ import (
 	goredis "github.com/redis/go-redis/v9"
 	"google.golang.org/protobuf/proto"
 
+	"imcloud/pipeline"
 	"imcloud/proto/pb"
 )
 
@@ -146,6 +147,23 @@ func (r *Registry) ServersByKeys(ctx context.Context, keys []string) (map[string
 	out := make(map[string]string, len(s))
 	for k, v := range s {
 		out[k] = v[1]
+	}
+	return out, nil
+}
+
+// SessionsByKeys maps each live key to its user and server.
+func (r *Registry) SessionsByKeys(ctx context.Context, keys []string) (map[string]pipeline.Session, error) {
+	s, err := r.sessions(ctx, keys)
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[string]pipeline.Session, len(s))
+	for k, v := range s {
+		mid, err := strconv.ParseInt(v[0], 10, 64)
+		if err != nil {
+			return nil, fmt.Errorf("redis read session %s: mid %q: %w", k, v[0], err)
+		}
+		out[k] = pipeline.Session{Mid: mid, Server: v[1]}
 	}
 	return out, nil
 }

@@ -26,6 +26,7 @@ func Run(t *testing.T, newRegistry Factory) {
 	t.Run("previous connection", func(t *testing.T) { previousConn(t, checked{t, newRegistry(t, time.Minute, time.Minute)}) })
 	t.Run("session expiry", func(t *testing.T) { sessionExpiry(t, checked{t, newRegistry(t, time.Second, time.Minute)}) })
 	t.Run("nodes", func(t *testing.T) { nodes(t, checked{t, newRegistry(t, time.Minute, time.Second)}) })
+	t.Run("users of keys", func(t *testing.T) { usersOfKeys(t, checked{t, newRegistry(t, time.Minute, time.Minute)}) })
 }
 
 // checked wraps r so that every call fails the test on an error.
@@ -82,9 +83,27 @@ func (c checked) delConn(mid int64, key, server string, conn uint64) bool {
 	return had
 }
 
+// servers returns ServersByKeys, checking that SessionsByKeys names the
+// same keys on the same servers.
 func (c checked) servers(keys ...string) map[string]string {
 	c.t.Helper()
 	s, err := c.r.ServersByKeys(context.Background(), keys)
+	c.fatal(err)
+	sessions := c.sessionsOf(keys...)
+	if len(sessions) != len(s) {
+		c.t.Fatalf("SessionsByKeys(%q) = %v, ServersByKeys = %v: not the same keys", keys, sessions, s)
+	}
+	for k, sess := range sessions {
+		if s[k] != sess.Server {
+			c.t.Fatalf("SessionsByKeys(%q)[%s] is on %q, ServersByKeys says %q", keys, k, sess.Server, s[k])
+		}
+	}
+	return s
+}
+
+func (c checked) sessionsOf(keys ...string) map[string]pipeline.Session {
+	c.t.Helper()
+	s, err := c.r.SessionsByKeys(context.Background(), keys)
 	c.fatal(err)
 	return s
 }
@@ -309,4 +328,29 @@ func nodes(t *testing.T, r checked) {
 // Prefix returns a key prefix unique to the test, for stores shared by runs.
 func Prefix(t *testing.T) string {
 	return fmt.Sprintf("imcloud:test:%d:", time.Now().UnixNano())
+}
+
+// usersOfKeys: SessionsByKeys gives each live key's user and server, the
+// user the key has now (a key may be taken by another user).
+func usersOfKeys(t *testing.T, r checked) {
+	r.add(1, "a", "n1")
+	r.add(1, "b", "n2")
+	r.add(2, "c", "n1")
+	r.add(0, "guest", "n2")
+	want := map[string]pipeline.Session{"a": {Mid: 1, Server: "n1"}, "b": {Mid: 1, Server: "n2"}, "c": {Mid: 2, Server: "n1"}, "guest": {Mid: 0, Server: "n2"}}
+	if got := r.sessionsOf("a", "b", "c", "guest", "offline"); !maps.Equal(got, want) {
+		t.Fatalf("SessionsByKeys = %v, want %v", got, want)
+	}
+	// Key c reconnects as another user, on another node.
+	r.add(3, "c", "n2")
+	if got := r.sessionsOf("c"); got["c"] != (pipeline.Session{Mid: 3, Server: "n2"}) {
+		t.Fatalf("SessionsByKeys(c) after it moved to user 3 on n2 = %v", got)
+	}
+	r.del(1, "a", "n1")
+	if got := r.sessionsOf("a", "b"); len(got) != 1 || got["b"] != (pipeline.Session{Mid: 1, Server: "n2"}) {
+		t.Fatalf("SessionsByKeys(a, b) after a left = %v, want only b", got)
+	}
+	if got := r.sessionsOf(); len(got) != 0 {
+		t.Fatalf("SessionsByKeys() = %v, want none", got)
+	}
 }

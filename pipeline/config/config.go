@@ -5,6 +5,7 @@ package config
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"reflect"
 	"slices"
@@ -70,6 +71,7 @@ type Config struct {
 	Cloud    Cloud    `koanf:"cloud"`
 	Cluster  Cluster  `koanf:"cluster"`
 	Events   Events   `koanf:"events"`
+	History  History  `koanf:"history"`
 }
 
 // Events configures the events topic (topics.events): receipts and
@@ -395,6 +397,80 @@ type Cloud struct {
 	MaxHandshakesPerIP int `koanf:"max_handshakes_per_ip"`
 }
 
+// History configures what each stream keeps (issue 12): every room and
+// every user is a stream, and each class of stream has its limit. A room's
+// class is its type, the part of "type://id" before "://"; every user
+// stream is of class user.
+type History struct {
+	// User is the limit of every user stream (mid and key pushes).
+	User StreamLimit `koanf:"user"`
+	// RoomsDefault is the limit of the rooms whose type Rooms does not
+	// name.
+	RoomsDefault StreamLimit `koanf:"rooms_default"`
+	// Rooms maps a room type to its limit.
+	Rooms map[string]StreamLimit `koanf:"rooms"`
+	// MaxSize caps every class's size: a stream holds at most MaxSize
+	// messages of at most logic.max_message_bytes each, so one stream
+	// never holds more than MaxSize × max_message_bytes of bodies (40 MB
+	// with the defaults) whatever a class asks for.
+	MaxSize int `koanf:"max_size"`
+}
+
+// StreamLimit is what one class of stream keeps: at most Size messages,
+// none older than TTL. Size 0 keeps none: the stream still gives
+// positions (and so order), but a gap cannot be filled nor a client
+// recovered. A stream untouched for TTL is forgotten, positions and
+// epoch with it. It has pipeline.StreamLimit's fields, so it converts to
+// one (config cannot import pipeline: pipeline's tests import config).
+type StreamLimit struct {
+	Size int           `koanf:"size"`
+	TTL  time.Duration `koanf:"ttl"`
+}
+
+// Limit is the limit of a stream named as pipeline names them ("room:" +
+// room, "user:" + mid), capped by MaxSize: User for a user stream, the
+// room type's in Rooms, else RoomsDefault. Convert it with
+// pipeline.StreamLimit(h.Limit(stream)).
+func (h History) Limit(stream string) StreamLimit {
+	l := h.RoomsDefault
+	if strings.HasPrefix(stream, "user:") {
+		l = h.User
+	} else if room, ok := strings.CutPrefix(stream, "room:"); ok {
+		if typ, _, ok := strings.Cut(room, "://"); ok {
+			if rl, ok := h.Rooms[typ]; ok {
+				l = rl
+			}
+		}
+	}
+	if h.MaxSize > 0 && l.Size > h.MaxSize {
+		l.Size = h.MaxSize
+	}
+	return l
+}
+
+// maxRoomType bounds a room type named in history.rooms: a room is at
+// most 255 bytes (proto/wire.MaxRoomLen) with "://" and an id.
+const maxRoomType = 64
+
+// validRoomType reports whether a history.rooms key can be a room type:
+// letters, digits, '_' and '-'. koanf splits keys at '.', so a type with
+// one could never be configured; a type with "://" is not a type.
+func validRoomType(t string) bool {
+	if t == "" || len(t) > maxRoomType {
+		return false
+	}
+	for _, r := range t {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '_' || r == '-') {
+			return false
+		}
+	}
+	return true
+}
+
+// maxHistorySize bounds history.max_size: 100,000 messages of 4 KB are
+// 400 MB for one stream, more than any one stream should hold.
+const maxHistorySize = 100_000
+
 // maxThrottle bounds job.throttle (messages per second).
 const maxThrottle = 1_000_000
 
@@ -478,6 +554,17 @@ func Default() Config {
 			MaxPacedBroadcasts: 4,
 			MaxPacedDuration:   10 * time.Minute,
 			MaxHandshakesPerIP: 64,
+		},
+		History: History{
+			// A day of a user's messages covers an app that stays
+			// closed overnight; 1,000 of 4 KB at most are 4 MB a user.
+			User: StreamLimit{Size: 1000, TTL: 24 * time.Hour},
+			// Rooms are chatty and shared: enough to bridge a
+			// reconnect (a network change, a node drained), not a
+			// replay of the day.
+			RoomsDefault: StreamLimit{Size: 100, TTL: 5 * time.Minute},
+			Rooms:        map[string]StreamLimit{"live": {Size: 100, TTL: 5 * time.Minute}},
+			MaxSize:      10_000,
 		},
 	}
 }
@@ -788,8 +875,48 @@ func (c Config) Validate() error {
 	if tlsSet := []bool{cl.TLSCertFile != "", cl.TLSKeyFile != "", cl.TLSCAFile != ""}; slices.Contains(tlsSet, true) && slices.Contains(tlsSet, false) {
 		bad("cluster.tls_cert_file", "mutual TLS needs all of cluster.tls_cert_file, cluster.tls_key_file and cluster.tls_ca_file")
 	}
+	errs = append(errs, c.History.validate()...)
 	errs = append(errs, c.CheckWorstCase(), c.CheckBinds())
 	return errors.Join(errs...)
+}
+
+// validate checks [history]; each error names its key.
+func (h History) validate() []error {
+	var errs []error
+	if h.MaxSize < 1 || h.MaxSize > maxHistorySize {
+		errs = append(errs, fmt.Errorf("history.max_size: must be from 1 to %d messages, got %d", maxHistorySize, h.MaxSize))
+	}
+	check := func(key string, l StreamLimit) {
+		if l.Size < 0 {
+			errs = append(errs, fmt.Errorf("%s.size: must not be negative (0 keeps positions only), got %d", key, l.Size))
+		}
+		if h.MaxSize >= 1 && l.Size > h.MaxSize {
+			errs = append(errs, fmt.Errorf("%s.size: %d is over history.max_size (%d)", key, l.Size, h.MaxSize))
+		}
+		// A stream's positions and epoch live as long as its TTL
+		// after its last message: 0 would forget them at once.
+		if l.TTL <= 0 {
+			errs = append(errs, fmt.Errorf("%s.ttl: must be greater than 0, got %s", key, l.TTL))
+		}
+	}
+	check("history.user", h.User)
+	check("history.rooms_default", h.RoomsDefault)
+	for _, typ := range slices.Sorted(maps.Keys(h.Rooms)) {
+		if !validRoomType(typ) {
+			errs = append(errs, fmt.Errorf("history.rooms: %q is not a room type (1 to %d letters, digits, '_' or '-'; the part of type://id before \"://\")", truncateKey(typ), maxRoomType))
+			continue
+		}
+		check("history.rooms."+typ, h.Rooms[typ])
+	}
+	return errs
+}
+
+// truncateKey shortens a configured key quoted in an error.
+func truncateKey(s string) string {
+	if len(s) > maxRoomType {
+		return s[:maxRoomType] + "…"
+	}
+	return s
 }
 
 // IsLoopback reports whether a listen address stays on this machine: its

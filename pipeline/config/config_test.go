@@ -101,6 +101,16 @@ func TestErrorsNameTheKey(t *testing.T) {
 		{name: "no event buffer", sets: []string{"events.buffer=0"}, wantKey: "events.buffer"},
 		{name: "unbounded events", sets: []string{"topics.events_max_length=0"}, wantKey: "topics.events_max_length"},
 		{name: "negative session cap", sets: []string{"logic.max_sessions_per_mid=-1"}, wantKey: "logic.max_sessions_per_mid"},
+		{name: "negative user history", sets: []string{"history.user.size=-1"}, wantKey: "history.user.size"},
+		{name: "user history without ttl", sets: []string{"history.user.ttl=0s"}, wantKey: "history.user.ttl"},
+		{name: "room history over the cap", sets: []string{"history.rooms_default.size=20000"}, wantKey: "history.rooms_default.size"},
+		{name: "room type over the cap", file: "[history.rooms]\nchat = {size = 10001, ttl = \"1m\"}\n", wantKey: "history.rooms.chat.size"},
+		{name: "room type without ttl", environ: []string{"IMCLOUD_HISTORY__ROOMS__CHAT__SIZE=5"}, wantKey: "history.rooms.chat.ttl"},
+		{name: "room type ttl without unit", file: "[history.rooms]\nchat = {size = 1, ttl = 60}\n", wantKey: "ttl"},
+		{name: "room type with a scheme", file: "[history.rooms]\n\"chat://\" = {size = 1, ttl = \"1m\"}\n", wantKey: "history.rooms"},
+		{name: "unknown room limit field", file: "[history.rooms]\nchat = {size = 1, ttl = \"1m\", bytes = 5}\n", wantKey: "bytes"},
+		{name: "no history cap", sets: []string{"history.max_size=0"}, wantKey: "history.max_size"},
+		{name: "huge history cap", sets: []string{"history.max_size=1000000"}, wantKey: "history.max_size"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -217,4 +227,52 @@ func TestExposures(t *testing.T) {
 			}
 		})
 	}
+}
+
+func TestHistoryLimit(t *testing.T) {
+	_, err := Load(Sources{
+		File:     writeTemp(t, "[history]\nmax_size = 500\nuser = {size = 800, ttl = \"1h\"}\n[history.rooms]\nchat = {size = 0, ttl = \"1m\"}\n"),
+		Defaults: withSecret,
+	})
+	if err == nil {
+		t.Fatal("user size 800 over max_size 500 was accepted")
+	}
+	cfg, err := Load(Sources{
+		File:     writeTemp(t, "[history]\nuser = {size = 800, ttl = \"1h\"}\n[history.rooms]\nchat = {size = 0, ttl = \"1m\"}\n"),
+		Defaults: withSecret,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		stream string
+		want   StreamLimit
+	}{
+		{"user:7", StreamLimit{Size: 800, TTL: time.Hour}},
+		{"room:chat://1", StreamLimit{Size: 0, TTL: time.Minute}},
+		// The file adds chat; the default live stays.
+		{"room:live://1", StreamLimit{Size: 100, TTL: 5 * time.Minute}},
+		{"room:other://1", StreamLimit{Size: 100, TTL: 5 * time.Minute}},
+		// A room of type "user" is a room, not a user stream.
+		{"room:user://1", StreamLimit{Size: 100, TTL: 5 * time.Minute}},
+		{"room:notype", StreamLimit{Size: 100, TTL: 5 * time.Minute}},
+	}
+	for _, tt := range tests {
+		if got := cfg.History.Limit(tt.stream); got != tt.want {
+			t.Errorf("Limit(%q) = %+v, want %+v", tt.stream, got, tt.want)
+		}
+	}
+	// The cap holds even for a limit that bypassed validation.
+	h := cfg.History
+	h.MaxSize = 10
+	if got := h.Limit("user:7").Size; got != 10 {
+		t.Errorf("Limit past max_size = %d, want the cap 10", got)
+	}
+}
+
+func writeTemp(t *testing.T, content string) string {
+	t.Helper()
+	f := filepath.Join(t.TempDir(), "c.toml")
+	writeFile(t, f, content)
+	return f
 }

@@ -216,7 +216,10 @@ func (s *Stage) handle(msg *message.Message) error {
 	if err != nil {
 		return err
 	}
-	p := &pb.Proto{Ver: 1, Op: pm.Operation, Body: pm.Msg, Id: msg.Metadata.Get(pipeline.MetaMessageID)}
+	// Every call carries the push's stream positions: a room push its
+	// room's (a room batch each proto its own), a key push its users'
+	// (pushKeys narrows them to each node's keys where it can).
+	p := &pb.Proto{Ver: 1, Op: pm.Operation, Body: pm.Msg, Id: msg.Metadata.Get(pipeline.MetaMessageID), Positions: pm.Positions}
 	switch pm.Type {
 	case pb.PushMsg_PUSH:
 		return s.pushKeys(ctx, msg, pm, p, nodes)

@@ -53,7 +53,7 @@ func (s *Stage) pushKeys(ctx context.Context, msg *message.Message, pm *pb.PushM
 			errs = append(errs, err)
 			continue
 		}
-		reply, err := c.PushMsg(ctx, &pb.PushMsgReq{Keys: keys, Proto: p})
+		reply, err := c.PushMsg(ctx, &pb.PushMsgReq{Keys: keys, Proto: plan.protoFor(p, keys)})
 		if err != nil {
 			setAll(state, keys, keyFailed)
 			errs = append(errs, fmt.Errorf("push to %d keys on %s: %w", len(keys), server, err))
@@ -127,6 +127,35 @@ func setAll(m map[string]keyState, keys []string, st keyState) {
 type deliveryPlan struct {
 	targets map[string][]string // server -> keys
 	subs    map[string][]string // key of the message -> its user's new keys
+	// mids maps keys to their users where job knows them (a mid push
+	// after its first round); nil: unknown.
+	mids map[string]int64
+}
+
+// protoFor is p for a node holding keys: with only the positions of the
+// keys' users' streams when the plan knows them. Logic gave each node's
+// message the positions of its keys' users, so in a first round, or for
+// a key push moved to other nodes, p's are sent whole: they are all of
+// users among the message's keys, and a node uses only its keys' users'.
+func (p deliveryPlan) protoFor(proto *pb.Proto, keys []string) *pb.Proto {
+	if len(p.mids) == 0 || len(proto.Positions) == 0 {
+		return proto
+	}
+	want := map[string]bool{}
+	for _, k := range keys {
+		mid, ok := p.mids[k]
+		if !ok {
+			return proto // a key of unknown user: keep every position
+		}
+		want[pipeline.UserStream(mid)] = true
+	}
+	out := &pb.Proto{Ver: proto.Ver, Op: proto.Op, Seq: proto.Seq, Body: proto.Body, Id: proto.Id}
+	for _, sp := range proto.Positions {
+		if want[sp.Stream] {
+			out.Positions = append(out.Positions, sp)
+		}
+	}
+	return out
 }
 
 func (p deliveryPlan) standIns(key string) []string {
@@ -145,7 +174,7 @@ func (p deliveryPlan) standIns(key string) []string {
 // delivered when any of them took the push. The registry may still list
 // a key whose node was killed, until its session expires.
 func (s *Stage) locate(ctx context.Context, msg *message.Message, pm *pb.PushMsg, round int) (deliveryPlan, error) {
-	plan := deliveryPlan{targets: map[string][]string{}, subs: map[string][]string{}}
+	plan := deliveryPlan{targets: map[string][]string{}, subs: map[string][]string{}, mids: map[string]int64{}}
 	if round == 0 || s.locator == nil {
 		plan.targets[pm.Server] = pm.Keys
 		return plan, nil
@@ -175,8 +204,10 @@ func (s *Stage) locate(ctx context.Context, msg *message.Message, pm *pb.PushMsg
 		if !ok {
 			continue
 		}
+		plan.mids[k] = mid
 		for _, nk := range slices.Sorted(maps.Keys(current[mid])) {
 			if !slices.Contains(acceptKeys[mid], nk) {
+				plan.mids[nk] = mid
 				if plan.subs[k] == nil {
 					plan.subs[k] = []string{k}
 				}

@@ -33,6 +33,9 @@ type keyCloud struct {
 	seen   map[string]bool
 	calls  int
 	got    map[string][]string // bodies delivered per key
+	// streams lists, per key, the streams of the positions each delivery
+	// to it carried.
+	streams map[string][]string
 }
 
 func (c *keyCloud) PushMsg(_ context.Context, req *pb.PushMsgReq) (*pb.PushMsgReply, error) {
@@ -48,6 +51,11 @@ func (c *keyCloud) PushMsg(_ context.Context, req *pb.PushMsgReq) (*pb.PushMsgRe
 		case c.online[k]:
 			c.seen[id] = true
 			c.got[k] = append(c.got[k], string(req.Proto.Body))
+			var streams []string
+			for _, sp := range req.Proto.Positions {
+				streams = append(streams, fmt.Sprintf("%s@%s/%d", sp.Stream, sp.Epoch, sp.Pos))
+			}
+			c.streams[k] = append(c.streams[k], strings.Join(streams, " "))
 			reply.Delivered++
 		default:
 			reply.Offline = append(reply.Offline, k)
@@ -80,7 +88,7 @@ func startKeyCloud(t *testing.T, online ...string) (*keyCloud, string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := &keyCloud{online: map[string]bool{}, seen: map[string]bool{}, got: map[string][]string{}}
+	c := &keyCloud{online: map[string]bool{}, seen: map[string]bool{}, got: map[string][]string{}, streams: map[string][]string{}}
 	for _, k := range online {
 		c.online[k] = true
 	}
@@ -207,7 +215,12 @@ func (p *pipe) push(id, server, body string, keys ...string) <-chan error {
 // pushMids publishes a push logic resolved from users' ids, byMid being
 // their keys as logic found them.
 func (p *pipe) pushMids(id, server, body string, byMid map[int64]map[string]string, keys ...string) <-chan error {
-	msg, err := pipeline.NewPushMessage(id, "corr", &pb.PushMsg{Type: pb.PushMsg_PUSH, Operation: 1000, Server: server, Keys: keys, Msg: []byte(body)})
+	return p.pushPositioned(id, server, body, byMid, nil, keys...)
+}
+
+// pushPositioned is pushMids of a push logic gave positions.
+func (p *pipe) pushPositioned(id, server, body string, byMid map[int64]map[string]string, positions []*pb.StreamPos, keys ...string) <-chan error {
+	msg, err := pipeline.NewPushMessage(id, "corr", &pb.PushMsg{Type: pb.PushMsg_PUSH, Operation: 1000, Server: server, Keys: keys, Msg: []byte(body), Positions: positions})
 	if err != nil {
 		p.t.Fatal(err)
 	}

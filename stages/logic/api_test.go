@@ -42,6 +42,8 @@ type apiOptions struct {
 	apiKeys  []string
 	// writeTimeout, when set, replaces logic.write_timeout.
 	writeTimeout time.Duration
+	// history gives positions; nil keeps none.
+	history pipeline.History
 }
 
 func newAPI(t *testing.T, o apiOptions) *apiServer {
@@ -69,7 +71,7 @@ func newAPI(t *testing.T, o apiOptions) *apiServer {
 	if pub == nil {
 		pub = rec
 	}
-	st, err := New(cfg, Options{Registry: reg, Publisher: pub, PushTopic: "push", Replies: replies,
+	st, err := New(cfg, Options{Registry: reg, Publisher: pub, PushTopic: "push", Replies: replies, History: o.history,
 		Heartbeat: 30 * time.Second, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)
@@ -251,6 +253,16 @@ func (f failingRegistry) ServersByKeys(ctx context.Context, keys []string) (map[
 		return map[string]string{keys[0]: "\xff"}, nil
 	}
 	return f.Registry.ServersByKeys(ctx, keys)
+}
+
+func (f failingRegistry) SessionsByKeys(ctx context.Context, keys []string) (map[string]pipeline.Session, error) {
+	if f.down {
+		return nil, errors.New("dial tcp 127.0.0.1:6379: connection refused")
+	}
+	if f.corrupt {
+		return map[string]pipeline.Session{keys[0]: {Mid: 1, Server: "\xff"}}, nil
+	}
+	return f.Registry.SessionsByKeys(ctx, keys)
 }
 
 func (f failingRegistry) Nodes(ctx context.Context) ([]*pb.NodeInfo, error) {
@@ -440,6 +452,16 @@ func (r *toggleRegistry) ServersByKeys(ctx context.Context, keys []string) (map[
 		return nil, errors.New("connection refused")
 	}
 	return r.Registry.ServersByKeys(ctx, keys)
+}
+
+func (r *toggleRegistry) SessionsByKeys(ctx context.Context, keys []string) (map[string]pipeline.Session, error) {
+	r.mu.Lock()
+	down := r.down
+	r.mu.Unlock()
+	if down {
+		return nil, errors.New("connection refused")
+	}
+	return r.Registry.SessionsByKeys(ctx, keys)
 }
 
 // TestGoimRequestsPublishTheBodyVerbatim replays the requests goim's push

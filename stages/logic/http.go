@@ -577,6 +577,11 @@ func (st *Stage) publish(ctx context.Context, ex exchange, t target, push Push, 
 		st.logFailure(ctx, "push not resolved", "route", name, "correlation_id", push.CorrelationID, "err", err)
 		w.Header().Set("Retry-After", "1")
 		writeError(w, http.StatusServiceUnavailable, "registry unavailable, retry later")
+	case errors.Is(err, ErrHistory):
+		release()
+		st.logFailure(ctx, "push not positioned", "route", name, "correlation_id", push.CorrelationID, "err", err)
+		w.Header().Set("Retry-After", "1")
+		writeError(w, http.StatusServiceUnavailable, "history unavailable, retry later")
 	case err != nil:
 		// Input is validated before it gets here: anything else is a bug,
 		// and retrying will not help.

@@ -29,6 +29,7 @@ type Stage struct {
 	cfg       config.Logic
 	heartbeat time.Duration // the clients' heartbeat period, for /nodes/weighted
 	pusher    *Pusher
+	history   pipeline.History // nil: not kept
 	replies   ReplyStore
 	grpc      *grpcServer
 	logger    *slog.Logger
@@ -53,10 +54,14 @@ type Options struct {
 	PushTopic string
 	Replies   ReplyStore
 	// History gives pushes their stream positions and keeps the last
-	// messages of each stream (issue 12; wired, not yet used).
+	// messages of each stream; nil: pushes get no positions and
+	// /im/history answers 404 (history is not kept).
 	History pipeline.History
 	// Events receives offline events; nil: off.
 	Events *events.Emitter
+	// HistoryLimits is what each class of stream keeps ([history]); the
+	// zero value means config.Default()'s.
+	HistoryLimits config.History
 	// Heartbeat is the period clients are told to heartbeat at.
 	Heartbeat time.Duration
 	Logger    *slog.Logger
@@ -73,11 +78,17 @@ func New(cfg config.Logic, o Options) (*Stage, error) {
 	if cfg.Auth.Mode == config.AuthInsecureJSON {
 		o.Logger.Warn("logic.auth.mode is insecure-json: client auth bodies are trusted as is, and any client may join any room (op 12) and subscribe any operation (op 14), as in goim; use it only to migrate goim clients or for local demos")
 	}
+	limits := o.HistoryLimits
+	if limits.MaxSize == 0 {
+		limits = config.Default().History
+	}
 	return &Stage{
 		cfg:       cfg,
 		heartbeat: o.Heartbeat,
-		pusher:    &Pusher{registry: o.Registry, publisher: o.Publisher, topic: o.PushTopic, events: o.Events},
-		replies:   o.Replies,
+		pusher: &Pusher{registry: o.Registry, publisher: o.Publisher, topic: o.PushTopic, events: o.Events, history: o.History,
+			limit: func(stream string) pipeline.StreamLimit { return pipeline.StreamLimit(limits.Limit(stream)) }},
+		history: o.History,
+		replies: o.Replies,
 		grpc: newGRPCServer(cfg, auth, o.Registry,
 			&replacer{registry: o.Registry, logger: o.Logger, clouds: cloudconn.New(o.CloudDial...)}, o.Logger),
 		logger:  o.Logger,
@@ -131,6 +142,7 @@ func (st *Stage) Handler() http.Handler {
 		for path, route := range stats {
 			handle(http.MethodGet, prefix+path, st.stats(a, route))
 		}
+		handle(http.MethodGet, prefix+"history", st.historyRoute(a))
 	}
 	handle(http.MethodGet, "/im/nodes/weighted", st.stats(apiIM, st.nodesWeighted))
 	handle(http.MethodGet, "/im/presence/room", st.presenceRoom(apiIM))

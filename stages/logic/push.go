@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/google/uuid"
@@ -26,12 +27,28 @@ var ErrBroker = errors.New("broker unavailable")
 // may retry, nothing was published.
 var ErrRegistry = errors.New("registry unavailable")
 
-// Pusher resolves push targets and publishes one PushMsg per cloud node.
+// ErrHistory marks a failure to give a push its stream positions: the
+// caller may retry, nothing was published.
+var ErrHistory = errors.New("history unavailable")
+
+// maxAppendStreams bounds the streams of one History.Append: a push to
+// thousands of users takes its positions in several calls, each one
+// short (on Redis one script, during which Redis serves no one else).
+// Each stream is in one call only, so each still gets its position in
+// one atomic step.
+const maxAppendStreams = 100
+
+// Pusher resolves push targets, gives the push its positions in its
+// streams and publishes one PushMsg per cloud node.
 type Pusher struct {
 	registry  pipeline.Registry
 	publisher message.Publisher
 	topic     string
 	events    *events.Emitter // offline events; nil: off
+	// history gives positions; nil gives none (pushes go out as before
+	// streams had positions).
+	history pipeline.History
+	limit   func(stream string) pipeline.StreamLimit
 }
 
 // Push is one push request as the HTTP API received it.
@@ -49,6 +66,16 @@ type PushResult struct {
 	Online      int      `json:"online"`
 	OfflineKeys []string `json:"offline_keys,omitempty"`
 	OfflineMids []int64  `json:"offline_mids,omitempty"`
+	// Positions are the push's place in each stream it went to: the
+	// room's, or each user's; none for a broadcast or without history.
+	Positions []Position `json:"positions,omitempty"`
+}
+
+// Position is a message's place in one stream, as the API shows it.
+type Position struct {
+	Stream string `json:"stream"`
+	Epoch  string `json:"epoch"`
+	Pos    uint64 `json:"pos"`
 }
 
 // MessageID returns the id of a push: random, or derived from the
@@ -66,9 +93,13 @@ func MessageID(idempotencyKey, route, fingerprint string) string {
 
 // PushKeys pushes to connections by key.
 func (p *Pusher) PushKeys(ctx context.Context, push Push, keys []string) (PushResult, error) {
-	servers, err := p.registry.ServersByKeys(ctx, keys)
+	sessions, err := p.registry.SessionsByKeys(ctx, keys)
 	if err != nil {
 		return PushResult{}, fmt.Errorf("%w: resolve keys: %w", ErrRegistry, err)
+	}
+	servers := make(map[string]string, len(sessions))
+	for k, s := range sessions {
+		servers[k] = s.Server
 	}
 	if err := p.dropLapsed(ctx, servers); err != nil {
 		return PushResult{}, err
@@ -79,7 +110,20 @@ func (p *Pusher) PushKeys(ctx context.Context, push Push, keys []string) (PushRe
 			res.OfflineKeys = append(res.OfflineKeys, k)
 		}
 	}
-	return res, p.publishToServers(ctx, push, servers, nil)
+	// The user stream of each online key's user: an offline key's push
+	// is not sent, so it takes no place in its user's stream.
+	midOf := make(map[string]int64, len(servers))
+	var mids []int64
+	for k := range servers {
+		midOf[k] = sessions[k].Mid
+		mids = append(mids, sessions[k].Mid)
+	}
+	pos, err := p.appendUsers(ctx, push, mids)
+	if err != nil {
+		return PushResult{}, err
+	}
+	res.Positions = positions(pos)
+	return res, p.publishToServers(ctx, push, servers, nil, userPositions(midOf, pos))
 }
 
 // dropLapsed removes the keys whose cloud node is no longer registered: a
@@ -131,7 +175,20 @@ func (p *Pusher) PushMids(ctx context.Context, push Push, mids []int64) (PushRes
 			res.OfflineMids = append(res.OfflineMids, m)
 		}
 	}
-	if err := p.publishToServers(ctx, push, servers, byMid); err != nil {
+	// Every user's stream, online or not: what an offline user missed
+	// is history for its next connection.
+	pos, err := p.appendUsers(ctx, push, mids)
+	if err != nil {
+		return PushResult{}, err
+	}
+	res.Positions = positions(pos)
+	midOf := map[string]int64{}
+	for m, keys := range byMid {
+		for k := range keys {
+			midOf[k] = m
+		}
+	}
+	if err := p.publishToServers(ctx, push, servers, byMid, userPositions(midOf, pos)); err != nil {
 		return res, err
 	}
 	p.emitOffline(push, res.OfflineMids)
@@ -142,6 +199,92 @@ func (p *Pusher) PushMids(ctx context.Context, push Push, mids []int64) (PushRes
 func (p *Pusher) PushRoom(ctx context.Context, push Push, room string) (PushResult, error) {
 	pm := &pb.PushMsg{Type: pb.PushMsg_ROOM, Operation: push.Operation, Room: room, Msg: push.Msg}
 	return p.publishCounted(ctx, push, pm, room)
+}
+
+// appendUsers gives push its positions in the user streams of mids (each
+// once; goim's guests of mid 0 share no stream and get none), by user.
+func (p *Pusher) appendUsers(ctx context.Context, push Push, mids []int64) (map[int64]*pb.StreamPos, error) {
+	if p.history == nil {
+		return nil, nil
+	}
+	streams := make([]string, 0, len(mids))
+	seen := make(map[int64]bool, len(mids))
+	for _, m := range mids {
+		if m != 0 && !seen[m] {
+			seen[m] = true
+			streams = append(streams, pipeline.UserStream(m))
+		}
+	}
+	slices.Sort(streams)
+	got, err := p.append(ctx, push, streams)
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[int64]*pb.StreamPos, len(got))
+	for _, sp := range got {
+		if m, ok := pipeline.StreamMid(sp.Stream); ok {
+			out[m] = sp
+		}
+	}
+	return out, nil
+}
+
+// append gives push its positions in streams, maxAppendStreams a call.
+func (p *Pusher) append(ctx context.Context, push Push, streams []string) ([]*pb.StreamPos, error) {
+	if p.history == nil || len(streams) == 0 {
+		return nil, nil
+	}
+	e := pipeline.HistoryEntry{ID: push.ID, Op: push.Operation, Body: push.Msg, At: time.Now()}
+	out := make([]*pb.StreamPos, 0, len(streams))
+	for chunk := range slices.Chunk(streams, maxAppendStreams) {
+		got, err := p.history.Append(ctx, chunk, e, p.limit)
+		if err != nil {
+			return nil, fmt.Errorf("%w: position in %d streams: %w", ErrHistory, len(chunk), err)
+		}
+		if len(got) != len(chunk) {
+			return nil, fmt.Errorf("%w: %d positions for %d streams", ErrHistory, len(got), len(chunk))
+		}
+		for _, sp := range got {
+			out = append(out, &pb.StreamPos{Stream: sp.Stream, Epoch: sp.Epoch, Pos: sp.Pos})
+		}
+	}
+	return out, nil
+}
+
+// positions renders stream positions for the API's reply.
+func positions(byMid map[int64]*pb.StreamPos) []Position {
+	if len(byMid) == 0 {
+		return nil
+	}
+	out := make([]Position, 0, len(byMid))
+	for _, m := range slices.Sorted(maps.Keys(byMid)) {
+		sp := byMid[m]
+		out = append(out, Position{Stream: sp.Stream, Epoch: sp.Epoch, Pos: sp.Pos})
+	}
+	return out
+}
+
+// userPositions returns, for a server's keys, the positions of their
+// users' streams (each once, in key order).
+func userPositions(midOf map[string]int64, pos map[int64]*pb.StreamPos) func(keys []string) []*pb.StreamPos {
+	return func(keys []string) []*pb.StreamPos {
+		if len(pos) == 0 {
+			return nil
+		}
+		var out []*pb.StreamPos
+		seen := map[int64]bool{}
+		for _, k := range keys {
+			m, ok := midOf[k]
+			if !ok || seen[m] {
+				continue
+			}
+			seen[m] = true
+			if sp, ok := pos[m]; ok {
+				out = append(out, sp)
+			}
+		}
+		return out
+	}
 }
 
 // PushAll broadcasts to every connection, paced at speed messages/s per node.
@@ -165,14 +308,29 @@ func (p *Pusher) publishCounted(ctx context.Context, push Push, pm *pb.PushMsg, 
 			online += int(n.RoomCount[room])
 		}
 	}
-	return PushResult{MsgID: push.ID, Online: online}, p.publish(ctx, push, pm)
+	res := PushResult{MsgID: push.ID, Online: online}
+	if pm.Type == pb.PushMsg_ROOM {
+		// A room push takes its place in the room's stream; a
+		// broadcast has none.
+		pos, err := p.append(ctx, push, []string{pipeline.RoomStream(room)})
+		if err != nil {
+			return PushResult{}, err
+		}
+		pm.Positions = pos
+		for _, sp := range pos {
+			res.Positions = append(res.Positions, Position{Stream: sp.Stream, Epoch: sp.Epoch, Pos: sp.Pos})
+		}
+	}
+	return res, p.publish(ctx, push, pm)
 }
 
 // publishToServers publishes one PUSH message per server holding keys.
 // Per-server ids extend the push id in a fixed order so that a retried
 // idempotent request reproduces them. byMid, for a mid push, lets job
 // find a user's new connections if the ones resolved here are gone.
-func (p *Pusher) publishToServers(ctx context.Context, push Push, keyServer map[string]string, byMid map[int64]map[string]string) error {
+// positionsOf gives the stream positions a server's PushMsg carries: those
+// of the users of its keys.
+func (p *Pusher) publishToServers(ctx context.Context, push Push, keyServer map[string]string, byMid map[int64]map[string]string, positionsOf func(keys []string) []*pb.StreamPos) error {
 	byServer := map[string][]string{}
 	for k, s := range keyServer {
 		byServer[s] = append(byServer[s], k)
@@ -181,7 +339,7 @@ func (p *Pusher) publishToServers(ctx context.Context, push Push, keyServer map[
 	for _, server := range slices.Sorted(maps.Keys(byServer)) {
 		keys := byServer[server]
 		slices.Sort(keys)
-		pm := &pb.PushMsg{Type: pb.PushMsg_PUSH, Operation: push.Operation, Server: server, Keys: keys, Msg: push.Msg}
+		pm := &pb.PushMsg{Type: pb.PushMsg_PUSH, Operation: push.Operation, Server: server, Keys: keys, Msg: push.Msg, Positions: positionsOf(keys)}
 		msg, err := pipeline.NewPushMessage(push.ID+"/"+server, push.CorrelationID, pm)
 		if err != nil {
 			return err

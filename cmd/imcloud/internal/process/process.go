@@ -201,7 +201,7 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Proc
 	if hasLogic {
 		logicStage, err = logic.New(cfg.Logic, logic.Options{
 			Registry: p.stores.Registry, Publisher: p.broker.Publisher, PushTopic: cfg.Topics.Push,
-			Replies: p.stores.Replies, History: p.stores.History, Logger: logger.With("stage", "logic"),
+			Replies: p.stores.Replies, History: p.stores.History, HistoryLimits: cfg.History, Logger: logger.With("stage", "logic"),
 			Heartbeat: cfg.Cloud.HeartbeatInterval, CloudDial: p.grpcDialOpts, Events: emitter,
 		})
 		if err != nil {
