@@ -583,8 +583,8 @@ func badPositions(t *testing.T, c checked) {
 }
 
 func tops(t *testing.T, c checked) {
-	a := c.append1("room:t://a", 1, keepAll)
-	a = c.append1("room:t://a", 2, keepAll)
+	c.append1("room:t://a", 1, keepAll)
+	a := c.append1("room:t://a", 2, keepAll)
 	got := c.tops("room:t://a", "room:t://never", "user:5")
 	if got[0] != a {
 		t.Fatalf("Tops of a stream at %+v: %+v", a, got[0])
