@@ -3,6 +3,7 @@
 package adapters
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"os"
@@ -32,8 +33,8 @@ func TestIntegrationHistoryStores(t *testing.T) {
 		t.Fatalf("registry.kind redis opened history %T, want *redis.History", stores.History)
 	}
 	stream := "room:live://stores"
-	t.Cleanup(func() {
-		_ = stores.rdb.Del(t.Context(), cfg.Registry.Redis.Prefix+"history:{"+stream+"}:meta", cfg.Registry.Redis.Prefix+"history:{"+stream+"}:log").Err()
+	t.Cleanup(func() { // t.Context is done by now
+		_ = stores.rdb.Del(context.Background(), cfg.Registry.Redis.Prefix+"history:{"+stream+"}:meta", cfg.Registry.Redis.Prefix+"history:{"+stream+"}:log").Err()
 	})
 	ps, err := stores.History.Append(t.Context(), []string{stream}, pipeline.HistoryEntry{ID: "m"}, func(string) pipeline.StreamLimit {
 		return pipeline.StreamLimit{Size: 10, TTL: time.Minute}

@@ -35,9 +35,10 @@ const historySweepEvery = 10 * time.Second
 // epoch signals as such.
 //
 // Throughput (BenchmarkHistoryAppend, 2 shared cores, 200-byte bodies,
-// 3 allocations an append): about 1.0M appends/s spread over 1,000 streams
-// and 1.8M/s all to one stream (~1 µs and ~0.6 µs each), against the
-// ~29k pushes/s of the standalone push path today: under 3 % of a push.
+// 3 allocations an append; runs vary with the machine's other load):
+// 0.66M-1.06M appends/s spread over 1,000 streams and 1.8M-2.4M/s all to
+// one stream (~1-1.5 µs and ~0.4-0.6 µs each), against the ~29k pushes/s
+// of the standalone push path today (~34 µs a push): under 5 % of a push.
 type History struct {
 	caps       pipeline.HistoryCaps
 	now        func() time.Time
