@@ -19,8 +19,9 @@ type Stores struct {
 	Registry pipeline.Registry
 	// Replies keeps logic's idempotent replies.
 	Replies idempotency.Store
-	// History keeps each stream's positions and last messages (issue 12:
-	// nil until its stores land).
+	// History keeps each stream's positions and last messages: in memory
+	// for registry.kind memory, in Redis (the registry's client) for redis.
+	// Its limits come per call; only its hard caps are set here.
 	History pipeline.History
 	// Dedupe is job's deduplication store; nil when job.dedupe is off or
 	// the process runs no job.
@@ -67,9 +68,11 @@ func OpenStores(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ 
 		}
 		s.Registry, s.Shared = redis.NewRegistry(rdb, rc.Prefix, cfg.Logic.SessionTTL, nodeTTL), true
 		s.Replies = redis.NewReplies(rdb, rc.Prefix+"reply:", cfg.Logic.IdempotencyTTL)
+		s.History = redis.NewHistory(rdb, rc.Prefix+"history:", pipeline.HistoryCaps{})
 	case config.RegistryMemory:
 		mem := memory.New(cfg.Logic.SessionTTL, nodeTTL)
 		s.Registry, s.Run = mem, mem.Run
+		s.History = memory.NewHistory(pipeline.HistoryCaps{})
 		s.Replies = memory.NewRepliesLimited(cfg.Logic.IdempotencyTTL, cfg.Logic.IdempotencyMaxBytes, logger.With("stage", "logic", "component", "idempotency store"))
 	default:
 		return nil, fmt.Errorf("registry.kind %q: this build has no adapter for it", cfg.Registry.Kind)

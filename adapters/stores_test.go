@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"imcloud/adapters/memory"
+	"imcloud/pipeline"
 	"imcloud/pipeline/config"
 )
 
@@ -41,5 +42,24 @@ func TestMemoryRepliesFollowConfigAndLogger(t *testing.T) {
 	}
 	if got := logs.String(); !strings.Contains(got, "idempotency store full") || !strings.Contains(got, `"max_bytes":4096`) || !strings.Contains(got, `"stage":"logic"`) {
 		t.Fatalf("the node's logger got %q, want the store's warning naming max_bytes 4096", got)
+	}
+}
+
+// TestOpenStoresHistory: registry.kind memory keeps the history in memory,
+// a working store.
+func TestOpenStoresHistory(t *testing.T) {
+	stores, err := OpenStores(t.Context(), config.Default(), slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = stores.Close() })
+	if _, ok := stores.History.(*memory.History); !ok {
+		t.Fatalf("registry.kind memory opened history %T, want *memory.History", stores.History)
+	}
+	ps, err := stores.History.Append(t.Context(), []string{"room:live://1"}, pipeline.HistoryEntry{ID: "m"}, func(string) pipeline.StreamLimit {
+		return pipeline.StreamLimit{Size: 10}
+	})
+	if err != nil || ps[0].Pos != 1 {
+		t.Fatalf("Append: %v %v", ps, err)
 	}
 }

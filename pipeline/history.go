@@ -41,7 +41,10 @@ type StreamPos struct {
 
 // StreamLimit is what a stream's history keeps: at most Size messages, none
 // older than TTL. Size 0 keeps none: the stream still gives positions (and
-// so order), but a gap cannot be filled nor a client recovered.
+// so order), but a gap cannot be filled nor a client recovered. TTL 0 sets
+// no age limit. A stream untouched by Append for its TTL (or, with TTL 0,
+// the store's HistoryCaps.Idle) is forgotten whole: its next use starts a
+// new epoch at position 1.
 type StreamLimit struct {
 	Size int
 	TTL  time.Duration
@@ -76,21 +79,30 @@ type History interface {
 	// Append gives e the next position in each of streams, each in one
 	// atomic step, and keeps it within limit(stream). Of two Appends to a
 	// stream, the one that returned first has the lower position. The
-	// result is in the order of streams; e.Pos is ignored.
+	// result is in the order of streams; e.Pos is ignored. At most
+	// MaxHistoryStreams streams of at most MaxStreamLen bytes
+	// (ErrHistoryRequest otherwise, nothing appended).
 	Append(ctx context.Context, streams []string, e HistoryEntry, limit func(stream string) StreamLimit) ([]StreamPos, error)
-	// Since returns up to max entries of stream after position after,
-	// oldest first, and the stream's current top. With ErrEpochChanged,
-	// ErrTrimmed or ErrFuturePosition it returns the top and no entries.
-	// after 0 asks for everything kept.
+	// Since returns up to max (at most MaxHistorySince; ≤ 0 means that)
+	// entries of stream after position after in epoch, oldest first, and
+	// the stream's current top. With ErrEpochChanged, ErrTrimmed or
+	// ErrFuturePosition it returns the top and no entries. Epoch "" with
+	// after 0 asks for everything kept, never ErrTrimmed (a client with
+	// no state; logic's unacked messages after ErrTrimmed); epoch "" with
+	// after > 0 is ErrEpochChanged. A position in the epoch is exact:
+	// (epoch, 0) is ErrTrimmed once position 1 is no longer kept. The
+	// entries' bodies are the store's: read them, never write them.
 	Since(ctx context.Context, stream, epoch string, after uint64, max int) ([]HistoryEntry, StreamPos, error)
 	// Tops returns each stream's epoch and last position (0 for a stream
-	// with no message yet), in the order of streams.
+	// with no message yet), in the order of streams. A stream never seen
+	// is given its epoch now, the one its first Append keeps (unless it
+	// is idle for HistoryCaps.Idle first). Bounds as Append's.
 	Tops(ctx context.Context, streams []string) ([]StreamPos, error)
 	// Ack moves stream's acknowledged position forward to pos (never
 	// back); ErrEpochChanged if epoch is not the stream's, and
 	// ErrFuturePosition past its last position.
 	Ack(ctx context.Context, stream, epoch string, pos uint64) error
 	// Acked returns stream's acknowledged position in its current epoch (0:
-	// none).
+	// none). The cursor lives and dies with the stream's epoch.
 	Acked(ctx context.Context, stream string) (StreamPos, error)
 }

@@ -13,7 +13,6 @@ import (
 	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
 	"github.com/ThreeDotsLabs/watermill/pubsub/gochannel"
 
-	"imcloud/adapters/memory"
 	"imcloud/proto/pb"
 )
 
@@ -59,6 +58,27 @@ func (a *attempts) get(id string) int {
 	return a.n[id]
 }
 
+// mapDedupe is a DedupeStore in a map that never forgets. The tests do not
+// use adapters/memory's, which imports pipeline (its History) and so would
+// be an import cycle here.
+type mapDedupe struct {
+	mu  sync.Mutex
+	ids map[string]bool
+}
+
+func (d *mapDedupe) Delivered(_ context.Context, id string) (bool, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.ids[id], nil
+}
+
+func (d *mapDedupe) MarkDelivered(_ context.Context, id string, _ time.Duration) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.ids[id] = true
+	return nil
+}
+
 // runRouter runs a router with the production middleware stack around
 // handler. Publishing blocks until the message is acked, so a publish
 // returning means the stack is done with the message.
@@ -73,7 +93,7 @@ func runRouterWith(t *testing.T, logger *slog.Logger, hold holdTiming, handler f
 	pubsub := gochannel.NewGoChannel(gochannel.Config{BlockPublishUntilSubscriberAck: true}, WatermillLogger(logger))
 	t.Cleanup(func() { _ = pubsub.Close() })
 	cfg := RouterConfig{Timeout: 5 * time.Second, MaxRetries: maxRetries, InitialInterval: time.Millisecond, MaxInterval: 5 * time.Millisecond, Multiplier: 2, DedupeTTL: 10 * time.Minute}
-	r, err := newRouter(cfg, "poison", pubsub, liveContextStore{t, memory.NewDedupe(time.Minute)}, logger, hold)
+	r, err := newRouter(cfg, "poison", pubsub, liveContextStore{t, &mapDedupe{ids: map[string]bool{}}}, logger, hold)
 	if err != nil {
 		t.Fatal(err)
 	}
