@@ -66,16 +66,18 @@ func New(cfg config.Logic, o Options) (*Stage, error) {
 	if cfg.Auth.Mode == config.AuthInsecureJSON {
 		o.Logger.Warn("logic.auth.mode is insecure-json: client auth bodies are trusted as is, and any client may join any room (op 12) and subscribe any operation (op 14), as in goim; use it only to migrate goim clients or for local demos")
 	}
+	rpc := newGRPCServer(cfg, auth, o.Registry,
+		&replacer{registry: o.Registry, logger: o.Logger, clouds: cloudconn.New(o.CloudDial...)}, o.Logger)
+	rpc.history = o.History
 	return &Stage{
 		cfg:       cfg,
 		heartbeat: o.Heartbeat,
 		pusher:    &Pusher{registry: o.Registry, publisher: o.Publisher, topic: o.PushTopic},
 		replies:   o.Replies,
-		grpc: newGRPCServer(cfg, auth, o.Registry,
-			&replacer{registry: o.Registry, logger: o.Logger, clouds: cloudconn.New(o.CloudDial...)}, o.Logger),
-		logger:  o.Logger,
-		failLog: pipeline.NewRateLog(o.Logger, slog.LevelError, time.Second),
-		apiKeys: hashKeys(cfg.APIKeys),
+		grpc:      rpc,
+		logger:    o.Logger,
+		failLog:   pipeline.NewRateLog(o.Logger, slog.LevelError, time.Second),
+		apiKeys:   hashKeys(cfg.APIKeys),
 	}, nil
 }
 
