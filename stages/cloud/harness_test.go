@@ -34,6 +34,9 @@ type fakeLogic struct {
 	heartbeats  int
 	renewals    int
 	renewErr    error // the last RenewOnline request that would not marshal
+	// hist answers History and Tops and gives ConnectReply its tops; nil:
+	// history is off (see order_test.go).
+	hist *fakeHist
 }
 
 // Connect grants like logic: rooms ending in '*' are patterns, granted
@@ -59,6 +62,9 @@ func (f *fakeLogic) Connect(_ context.Context, in *pb.ConnectReq, _ ...grpc.Call
 		} else {
 			reply.Rooms = append(reply.Rooms, r)
 		}
+	}
+	if f.hist != nil {
+		reply.Tops = f.hist.tops(streamsOf(tok.Mid, reply.Rooms))
 	}
 	return reply, nil
 }
