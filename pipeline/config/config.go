@@ -368,6 +368,11 @@ type Cloud struct {
 	// DrainTimeout bounds how long shutdown waits for queued packets to
 	// reach clients.
 	DrainTimeout time.Duration `koanf:"drain_timeout"`
+	// OrderGapWait is how long a node holds a stream's message that came
+	// ahead of its predecessor before fetching the missing ones from
+	// logic's history (issue 12): job's concurrent handlers swap two
+	// pushes by well under a millisecond, a retry by its backoff.
+	OrderGapWait time.Duration `koanf:"order_gap_wait"`
 	// SendQueueBytes bounds the bytes queued per connection before it is
 	// a slow consumer, as SendQueue bounds its packets.
 	SendQueueBytes int `koanf:"send_queue_bytes"`
@@ -543,6 +548,7 @@ func Default() Config {
 			UpstreamRate:      20,
 			UpstreamBurst:     40,
 			DrainTimeout:      10 * time.Second,
+			OrderGapWait:      200 * time.Millisecond,
 			DedupeTTL:         2 * time.Minute,
 			ParkIdle:          true,
 			SendQueueBytes:    256 << 10,
@@ -845,6 +851,7 @@ func (c Config) Validate() error {
 		bad("cloud.rcvbuf", "must not be negative")
 	}
 	positiveDur("cloud.drain_timeout", c.Cloud.DrainTimeout)
+	positiveDur("cloud.order_gap_wait", c.Cloud.OrderGapWait)
 	positiveDur("cloud.dedupe_ttl", c.Cloud.DedupeTTL)
 	if c.Cloud.SendQueueBytes < c.Cloud.MaxBodyBytes+16 {
 		bad("cloud.send_queue_bytes", "must hold at least one packet (max_body_bytes + 16 = %d), got %d", c.Cloud.MaxBodyBytes+16, c.Cloud.SendQueueBytes)

@@ -435,7 +435,13 @@ type ConnectReply struct {
 	AnyAccept bool `protobuf:"varint,9,opt,name=any_accept,json=anyAccept,proto3" json:"any_accept,omitempty"`
 	// How long logic keeps a session without a heartbeat, in seconds; cloud
 	// forwards a client's heartbeats at most a few times per period.
-	SessionTtl    int64 `protobuf:"varint,10,opt,name=session_ttl,json=sessionTtl,proto3" json:"session_ttl,omitempty"`
+	SessionTtl int64 `protobuf:"varint,10,opt,name=session_ttl,json=sessionTtl,proto3" json:"session_ttl,omitempty"`
+	// The current position of the user's stream and of each room in
+	// `rooms` when logic keeps history: the node delivers each stream's
+	// messages in order from there, without another call. Empty when
+	// history is off or could not be read (the node asks Tops when a
+	// positioned message comes).
+	Tops          []*StreamPos `protobuf:"bytes,11,rep,name=tops,proto3" json:"tops,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -538,6 +544,13 @@ func (x *ConnectReply) GetSessionTtl() int64 {
 		return x.SessionTtl
 	}
 	return 0
+}
+
+func (x *ConnectReply) GetTops() []*StreamPos {
+	if x != nil {
+		return x.Tops
+	}
+	return nil
 }
 
 type DisconnectReq struct {
@@ -1251,7 +1264,7 @@ const file_logic_proto_rawDesc = "" +
 	"\x05token\x18\x02 \x01(\fR\x05token\x12\x1f\n" +
 	"\vremote_addr\x18\x03 \x01(\tR\n" +
 	"remoteAddr\x12\x12\n" +
-	"\x04conn\x18\x04 \x01(\x04R\x04conn\"\x98\x02\n" +
+	"\x04conn\x18\x04 \x01(\x04R\x04conn\"\xc3\x02\n" +
 	"\fConnectReply\x12\x10\n" +
 	"\x03mid\x18\x01 \x01(\x03R\x03mid\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\tR\x03key\x12\x14\n" +
@@ -1266,7 +1279,8 @@ const file_logic_proto_rawDesc = "" +
 	"any_accept\x18\t \x01(\bR\tanyAccept\x12\x1f\n" +
 	"\vsession_ttl\x18\n" +
 	" \x01(\x03R\n" +
-	"sessionTtl\"_\n" +
+	"sessionTtl\x12)\n" +
+	"\x04tops\x18\v \x03(\v2\x15.imcloud.v1.StreamPosR\x04tops\"_\n" +
 	"\rDisconnectReq\x12\x10\n" +
 	"\x03mid\x18\x01 \x01(\x03R\x03mid\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\tR\x03key\x12\x16\n" +
@@ -1378,33 +1392,34 @@ var file_logic_proto_depIdxs = []int32{
 	21, // 0: imcloud.v1.HistoryReply.entries:type_name -> imcloud.v1.HistoryEntry
 	22, // 1: imcloud.v1.HistoryReply.top:type_name -> imcloud.v1.StreamPos
 	22, // 2: imcloud.v1.TopsReply.tops:type_name -> imcloud.v1.StreamPos
-	13, // 3: imcloud.v1.RenewOnlineReq.node:type_name -> imcloud.v1.NodeInfo
-	19, // 4: imcloud.v1.NodeInfo.room_count:type_name -> imcloud.v1.NodeInfo.RoomCountEntry
-	20, // 5: imcloud.v1.RenewOnlineReply.all_room_count:type_name -> imcloud.v1.RenewOnlineReply.AllRoomCountEntry
-	23, // 6: imcloud.v1.ReceiveReq.proto:type_name -> imcloud.v1.Proto
-	6,  // 7: imcloud.v1.Logic.Connect:input_type -> imcloud.v1.ConnectReq
-	8,  // 8: imcloud.v1.Logic.Disconnect:input_type -> imcloud.v1.DisconnectReq
-	10, // 9: imcloud.v1.Logic.Heartbeat:input_type -> imcloud.v1.HeartbeatReq
-	12, // 10: imcloud.v1.Logic.RenewOnline:input_type -> imcloud.v1.RenewOnlineReq
-	15, // 11: imcloud.v1.Logic.Receive:input_type -> imcloud.v1.ReceiveReq
-	17, // 12: imcloud.v1.Logic.Nodes:input_type -> imcloud.v1.NodesReq
-	0,  // 13: imcloud.v1.Logic.History:input_type -> imcloud.v1.HistoryReq
-	2,  // 14: imcloud.v1.Logic.Tops:input_type -> imcloud.v1.TopsReq
-	4,  // 15: imcloud.v1.Logic.Ack:input_type -> imcloud.v1.AckReq
-	7,  // 16: imcloud.v1.Logic.Connect:output_type -> imcloud.v1.ConnectReply
-	9,  // 17: imcloud.v1.Logic.Disconnect:output_type -> imcloud.v1.DisconnectReply
-	11, // 18: imcloud.v1.Logic.Heartbeat:output_type -> imcloud.v1.HeartbeatReply
-	14, // 19: imcloud.v1.Logic.RenewOnline:output_type -> imcloud.v1.RenewOnlineReply
-	16, // 20: imcloud.v1.Logic.Receive:output_type -> imcloud.v1.ReceiveReply
-	18, // 21: imcloud.v1.Logic.Nodes:output_type -> imcloud.v1.NodesReply
-	1,  // 22: imcloud.v1.Logic.History:output_type -> imcloud.v1.HistoryReply
-	3,  // 23: imcloud.v1.Logic.Tops:output_type -> imcloud.v1.TopsReply
-	5,  // 24: imcloud.v1.Logic.Ack:output_type -> imcloud.v1.AckReply
-	16, // [16:25] is the sub-list for method output_type
-	7,  // [7:16] is the sub-list for method input_type
-	7,  // [7:7] is the sub-list for extension type_name
-	7,  // [7:7] is the sub-list for extension extendee
-	0,  // [0:7] is the sub-list for field type_name
+	22, // 3: imcloud.v1.ConnectReply.tops:type_name -> imcloud.v1.StreamPos
+	13, // 4: imcloud.v1.RenewOnlineReq.node:type_name -> imcloud.v1.NodeInfo
+	19, // 5: imcloud.v1.NodeInfo.room_count:type_name -> imcloud.v1.NodeInfo.RoomCountEntry
+	20, // 6: imcloud.v1.RenewOnlineReply.all_room_count:type_name -> imcloud.v1.RenewOnlineReply.AllRoomCountEntry
+	23, // 7: imcloud.v1.ReceiveReq.proto:type_name -> imcloud.v1.Proto
+	6,  // 8: imcloud.v1.Logic.Connect:input_type -> imcloud.v1.ConnectReq
+	8,  // 9: imcloud.v1.Logic.Disconnect:input_type -> imcloud.v1.DisconnectReq
+	10, // 10: imcloud.v1.Logic.Heartbeat:input_type -> imcloud.v1.HeartbeatReq
+	12, // 11: imcloud.v1.Logic.RenewOnline:input_type -> imcloud.v1.RenewOnlineReq
+	15, // 12: imcloud.v1.Logic.Receive:input_type -> imcloud.v1.ReceiveReq
+	17, // 13: imcloud.v1.Logic.Nodes:input_type -> imcloud.v1.NodesReq
+	0,  // 14: imcloud.v1.Logic.History:input_type -> imcloud.v1.HistoryReq
+	2,  // 15: imcloud.v1.Logic.Tops:input_type -> imcloud.v1.TopsReq
+	4,  // 16: imcloud.v1.Logic.Ack:input_type -> imcloud.v1.AckReq
+	7,  // 17: imcloud.v1.Logic.Connect:output_type -> imcloud.v1.ConnectReply
+	9,  // 18: imcloud.v1.Logic.Disconnect:output_type -> imcloud.v1.DisconnectReply
+	11, // 19: imcloud.v1.Logic.Heartbeat:output_type -> imcloud.v1.HeartbeatReply
+	14, // 20: imcloud.v1.Logic.RenewOnline:output_type -> imcloud.v1.RenewOnlineReply
+	16, // 21: imcloud.v1.Logic.Receive:output_type -> imcloud.v1.ReceiveReply
+	18, // 22: imcloud.v1.Logic.Nodes:output_type -> imcloud.v1.NodesReply
+	1,  // 23: imcloud.v1.Logic.History:output_type -> imcloud.v1.HistoryReply
+	3,  // 24: imcloud.v1.Logic.Tops:output_type -> imcloud.v1.TopsReply
+	5,  // 25: imcloud.v1.Logic.Ack:output_type -> imcloud.v1.AckReply
+	17, // [17:26] is the sub-list for method output_type
+	8,  // [8:17] is the sub-list for method input_type
+	8,  // [8:8] is the sub-list for extension type_name
+	8,  // [8:8] is the sub-list for extension extendee
+	0,  // [0:8] is the sub-list for field type_name
 }
 
 func init() { file_logic_proto_init() }

@@ -49,7 +49,7 @@ func (discardTransport) admitted(clientBudget, func() bool) {}
 // in-memory connections and waits until every connection has written it.
 // Sequential: every push is its own round.
 func BenchmarkRoomFanout(b *testing.B) {
-	benchmarkRoomFanout(b, func(push func()) {
+	benchmarkRoomFanout(b, false, func(push func()) {
 		for b.Loop() {
 			push()
 		}
@@ -61,7 +61,7 @@ func BenchmarkRoomFanout(b *testing.B) {
 // next round, several packets per write.
 func BenchmarkRoomFanoutConcurrent(b *testing.B) {
 	b.SetParallelism(4)
-	benchmarkRoomFanout(b, func(push func()) {
+	benchmarkRoomFanout(b, false, func(push func()) {
 		b.RunParallel(func(pb *testing.PB) {
 			for pb.Next() {
 				push()
@@ -70,7 +70,17 @@ func BenchmarkRoomFanoutConcurrent(b *testing.B) {
 	})
 }
 
-func benchmarkRoomFanout(b *testing.B, run func(push func())) {
+// BenchmarkRoomFanoutPositioned is BenchmarkRoomFanout with each push at
+// the next position of the room's stream (issue 12), through the orderer.
+func BenchmarkRoomFanoutPositioned(b *testing.B) {
+	benchmarkRoomFanout(b, true, func(push func()) {
+		for b.Loop() {
+			push()
+		}
+	})
+}
+
+func benchmarkRoomFanout(b *testing.B, positions bool, run func(push func())) {
 	const conns = 10_000
 	cfg := config.Default().Cloud
 	st := New(cfg, Options{Self: &pb.NodeInfo{Id: "bench"}, Logger: slog.New(slog.DiscardHandler)})
@@ -80,13 +90,20 @@ func benchmarkRoomFanout(b *testing.B, run func(push func())) {
 		ch.mid, ch.key, ch.rooms = int64(i+1), fmt.Sprint("k", i), []string{"live://bench"}
 		bucketFor(st.buckets, ch.key).put(ch, time.Now())
 	}
+	if positions {
+		// The room's top, as a ConnectReply gives it.
+		st.order.settle(st.order.lockStream("room:live://bench", false), &pb.StreamPos{Stream: "room:live://bench", Epoch: "e1"})
+	}
 	rpc := &grpcServer{s: st}
 	ctx := context.Background()
-	var pushes atomic.Int64
+	var pushes, pos atomic.Int64
 	b.ReportAllocs()
 	start := time.Now()
 	run(func() {
 		req := &pb.BroadcastRoomReq{RoomId: "live://bench", Proto: &pb.Proto{Op: 1000, Body: make([]byte, 128)}}
+		if positions {
+			req.Proto.Positions = []*pb.StreamPos{{Stream: "room:live://bench", Epoch: "e1", Pos: uint64(pos.Add(1))}}
+		}
 		if _, err := rpc.BroadcastRoom(ctx, req); err != nil {
 			b.Error(err)
 		}

@@ -69,6 +69,9 @@ type Stage struct {
 	// not deliver the message twice.
 	delivered *expiring.Set
 	rounds    *roomRounds
+	// order delivers each room's and user's positioned pushes in stream
+	// order (issue 12; order.go).
+	order *orderer
 
 	limits *connLimiter // cloud.max_conns and cloud.max_handshakes_per_ip
 
@@ -125,6 +128,7 @@ func New(cfg config.Cloud, o Options) *Stage {
 	s.announceLog = pipeline.NewRateLog(s.logger, slog.LevelWarn, logEvery)
 	s.delivered = expiring.NewSet(cfg.DedupeTTL)
 	s.rounds = newRoomRounds()
+	s.order = newOrderer(s, cfg.OrderGapWait)
 	s.announcer = newAnnouncer(func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), logicCallTimeout)
 		defer cancel()
@@ -177,6 +181,7 @@ func (s *Stage) Run(ctx context.Context) {
 			if err := s.renew(ctx); err != nil && ctx.Err() == nil {
 				s.logger.Warn("renew online counts", "err", err)
 			}
+			s.order.sweep()
 		}
 	}
 }

@@ -40,6 +40,9 @@ func (g *grpcServer) PushMsg(_ context.Context, req *pb.PushMsgReq) (*pb.PushMsg
 	if err != nil {
 		return nil, err
 	}
+	if len(req.Proto.Positions) > 0 {
+		return g.s.order.pushKeys(req, item), nil
+	}
 	reply := &pb.PushMsgReply{}
 	id := req.Proto.GetId() // "": always delivered
 	for _, key := range req.Keys {
@@ -55,13 +58,37 @@ func (g *grpcServer) PushMsg(_ context.Context, req *pb.PushMsgReq) (*pb.PushMsg
 		case ch != nil && ch.push(g.s.deliveredItem(item, ch, req.Proto)):
 			reply.Delivered++
 		default:
-			if id != "" {
-				g.s.delivered.RemovePair(id, key)
-			}
-			reply.Offline = append(reply.Offline, key)
+			g.s.offline(reply, id, key)
 		}
 	}
 	return reply, nil
+}
+
+// offline answers key offline, forgetting it got id: job retries it.
+func (s *Stage) offline(reply *pb.PushMsgReply, id, key string) {
+	if id != "" {
+		s.delivered.RemovePair(id, key)
+	}
+	reply.Offline = append(reply.Offline, key)
+}
+
+// fanout queues items to every member of room on the node.
+func (s *Stage) fanout(room string, items []outItem) int {
+	n := 0
+	for _, b := range s.buckets {
+		n += b.roomSend(room, items)
+	}
+	return n
+}
+
+// roomHosted reports whether a client of the node is in room.
+func (s *Stage) roomHosted(room string) bool {
+	for _, b := range s.buckets {
+		if b.roomCount(room) > 0 {
+			return true
+		}
+	}
+	return false
 }
 
 func (g *grpcServer) BroadcastRoom(_ context.Context, req *pb.BroadcastRoomReq) (*pb.BroadcastRoomReply, error) {
@@ -76,6 +103,8 @@ func (g *grpcServer) BroadcastRoom(_ context.Context, req *pb.BroadcastRoomReq) 
 		return nil, status.Error(codes.InvalidArgument, "proto or batch is required")
 	}
 	items := make([]outItem, 0, len(protos))
+	ordered := positioned(protos)
+	kept := protos[:0:0] // the protos of items, when ordered
 	for _, p := range protos {
 		item, err := packet(p)
 		if err != nil {
@@ -83,17 +112,19 @@ func (g *grpcServer) BroadcastRoom(_ context.Context, req *pb.BroadcastRoomReq) 
 		}
 		if g.s.firstDelivery(p) {
 			items = append(items, item)
+			if ordered {
+				kept = append(kept, p)
+			}
 		}
 	}
 	if len(items) == 0 {
 		return &pb.BroadcastRoomReply{}, nil
 	}
+	if ordered {
+		return &pb.BroadcastRoomReply{Delivered: int32(g.s.order.roomPush(req.RoomId, items, kept))}, nil
+	}
 	n := g.s.rounds.send(req.RoomId, items, func(items []outItem) int {
-		n := 0
-		for _, b := range g.s.buckets {
-			n += b.roomSend(req.RoomId, items)
-		}
-		return n
+		return g.s.fanout(req.RoomId, items)
 	})
 	return &pb.BroadcastRoomReply{Delivered: int32(n)}, nil
 }

@@ -34,6 +34,9 @@ type fakeLogic struct {
 	heartbeats  int
 	renewals    int
 	renewErr    error // the last RenewOnline request that would not marshal
+	// hist answers History and Tops and gives ConnectReply its tops; nil:
+	// history is off (see order_test.go).
+	hist *fakeHist
 }
 
 // Connect grants like logic: rooms ending in '*' are patterns, granted
@@ -59,6 +62,9 @@ func (f *fakeLogic) Connect(_ context.Context, in *pb.ConnectReq, _ ...grpc.Call
 		} else {
 			reply.Rooms = append(reply.Rooms, r)
 		}
+	}
+	if f.hist != nil {
+		reply.Tops = f.hist.tops(streamsOf(tok.Mid, reply.Rooms))
 	}
 	return reply, nil
 }
@@ -110,18 +116,6 @@ func (f *fakeLogic) Receive(context.Context, *pb.ReceiveReq, ...grpc.CallOption)
 }
 
 func (f *fakeLogic) Nodes(context.Context, *pb.NodesReq, ...grpc.CallOption) (*pb.NodesReply, error) {
-	return nil, status.Error(codes.Unimplemented, "")
-}
-
-func (f *fakeLogic) History(context.Context, *pb.HistoryReq, ...grpc.CallOption) (*pb.HistoryReply, error) {
-	return nil, status.Error(codes.Unimplemented, "")
-}
-
-func (f *fakeLogic) Tops(context.Context, *pb.TopsReq, ...grpc.CallOption) (*pb.TopsReply, error) {
-	return nil, status.Error(codes.Unimplemented, "")
-}
-
-func (f *fakeLogic) Ack(context.Context, *pb.AckReq, ...grpc.CallOption) (*pb.AckReply, error) {
 	return nil, status.Error(codes.Unimplemented, "")
 }
 

@@ -77,3 +77,44 @@ func (g *roomRounds) handOn(room string) {
 	close(st.next.start)
 	st.next = nil
 }
+
+// join adds items to room's fan-out as send does, but returns at once: the
+// returned run delivers (or waits for the round that does) and returns
+// what send would. Items joined one after another are delivered in that
+// order, so a caller that joins under its own lock orders its deliveries
+// by that lock without holding it through the fan-out. run must be
+// called, or the room's later rounds never start.
+func (g *roomRounds) join(room string, items []outItem, deliver func([]outItem) int) (run func() int) {
+	g.mu.Lock()
+	st := g.rooms[room]
+	if st == nil {
+		g.rooms[room] = &roomState{}
+		g.mu.Unlock()
+		return func() int {
+			n := deliver(items)
+			g.handOn(room)
+			return n
+		}
+	}
+	r := st.next
+	lead := r == nil
+	if lead {
+		r = &round{start: make(chan struct{}), done: make(chan struct{})}
+		st.next = r
+	}
+	r.items = append(r.items, items...)
+	g.mu.Unlock()
+	if !lead {
+		return func() int {
+			<-r.done
+			return r.n
+		}
+	}
+	return func() int {
+		<-r.start
+		r.n = deliver(r.items)
+		close(r.done)
+		g.handOn(room)
+		return r.n
+	}
+}

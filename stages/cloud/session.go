@@ -43,17 +43,18 @@ func (s *Stage) serve(t transport) {
 			s.conns.Done()
 		}
 	}()
-	ch, err := s.handshake(t)
+	ch, tops, err := s.handshake(t)
 	if err != nil {
 		s.handshakeFailed(remote, err)
 		return
 	}
 	handedOff = true
-	go s.session(ch, remote) // ends the session's count in conns
+	go s.session(ch, remote, tops) // ends the session's count in conns
 }
 
-// session runs an authenticated connection until it ends.
-func (s *Stage) session(ch *channel, remote string) {
+// session runs an authenticated connection until it ends; tops are its
+// streams' positions from logic, where their order starts.
+func (s *Stage) session(ch *channel, remote string, tops []*pb.StreamPos) {
 	b := bucketFor(s.buckets, ch.key)
 	r := &reader{s: s, ch: ch, b: b, id: ch.conn, last: time.Now()}
 	defer func() {
@@ -72,6 +73,8 @@ func (s *Stage) session(ch *channel, remote string) {
 	reply := authReply{Mid: ch.mid, Key: ch.key, Rooms: ch.roomList(), Heartbeat: int64(s.cfg.HeartbeatInterval / time.Second)}
 	ch.held = true // no one else has ch yet
 	ch.reply(outItem{pkt: wire.Encode(wire.OpAuthReply, authSeq, reply.encode())})
+	// Its streams are ordered before pushes can find it.
+	s.order.start(ch, ch.roomList(), tops)
 	old, buried := b.put(ch, time.Now())
 	if old != nil {
 		old.close(closeReplaced, "replaced by a new connection")
@@ -168,16 +171,16 @@ func closeCode(err error) (int, string) {
 
 // handshake reads the auth packet within the handshake timeout and has
 // logic authenticate it. Failure closes the connection without op 8.
-func (s *Stage) handshake(t transport) (*channel, error) {
+func (s *Stage) handshake(t transport) (*channel, []*pb.StreamPos, error) {
 	_ = t.SetReadDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
 	ps, err := t.Read()
 	if err != nil {
 		t.Close(closeCode(err))
-		return nil, fmt.Errorf("read auth packet: %w", err)
+		return nil, nil, fmt.Errorf("read auth packet: %w", err)
 	}
 	if len(ps) != 1 || ps[0].Op != wire.OpAuth {
 		t.Close(closeProtocol, "first packet must be auth")
-		return nil, fmt.Errorf("%w: first packet is not auth", errProtocol)
+		return nil, nil, fmt.Errorf("%w: first packet is not auth", errProtocol)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), logicCallTimeout)
 	defer cancel()
@@ -194,19 +197,19 @@ func (s *Stage) handshake(t transport) (*channel, error) {
 		default:
 			t.Close(closeTryAgain, "authentication unavailable, try again later")
 		}
-		return nil, fmt.Errorf("connect to logic: %w", err)
+		return nil, nil, fmt.Errorf("connect to logic: %w", err)
 	}
 	rooms := uniq(reply.Rooms)
 	if err := validReply(reply, rooms); err != nil {
 		// Logic checks what it grants; this keeps a bad grant from an
 		// older or broken logic out of this node's room counts.
 		t.Close(closeAuthFailed, "authentication failed")
-		return nil, fmt.Errorf("connect reply from logic: %w", err)
+		return nil, nil, fmt.Errorf("connect reply from logic: %w", err)
 	}
 	if len(rooms) > s.cfg.MaxRooms {
 		t.Close(closeCode(errTooManyRooms))
 		s.forget(reply.Mid, reply.Key, conn)
-		return nil, fmt.Errorf("%w: the token joins %d rooms, cloud.max_rooms is %d", errTooManyRooms, len(rooms), s.cfg.MaxRooms)
+		return nil, nil, fmt.Errorf("%w: the token joins %d rooms, cloud.max_rooms is %d", errTooManyRooms, len(rooms), s.cfg.MaxRooms)
 	}
 	ch := newChannel(t, s.cfg.SendQueue, s.cfg.SendQueueBytes, &s.slowConsumers, s.logger)
 	ch.mid, ch.key, ch.conn = reply.Mid, reply.Key, conn
@@ -229,7 +232,7 @@ func (s *Stage) handshake(t transport) (*channel, error) {
 	t.admitted(newClientBudget(s.cfg.ClientRate, s.cfg.ClientBurst, s.cfg.MaxBodyBytes), func() bool {
 		return ch.allowPacket(time.Now(), s.cfg.ClientRate, s.cfg.ClientBurst)
 	})
-	return ch, nil
+	return ch, reply.Tops, nil
 }
 
 // heartbeatEvery is the least time between a client's heartbeats forwarded
@@ -457,6 +460,8 @@ func (s *Stage) handle(ch *channel, b *bucket, p wire.Packet) error {
 			if !ch.roomAllowed(room) {
 				return fmt.Errorf("%w: op 12", errRoomNotAllowed)
 			}
+			// A room new to the node is ordered from logic's top.
+			s.order.joinRoom(room)
 		}
 		b.changeRoom(ch, room)
 		if room != "" {

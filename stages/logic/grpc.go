@@ -34,6 +34,11 @@ type grpcServer struct {
 	// clients sending bad tokens made 3,468 attempts/s and 13.8 MB of
 	// log in 10 s, a line each.
 	rejected, limited *pipeline.RateLog
+	// history serves History, Tops and Ack and the tops of a
+	// ConnectReply; nil: history is off. historyFail logs its failures,
+	// which an outage makes one per call.
+	history     pipeline.History
+	historyFail *pipeline.RateLog
 }
 
 // logEvery is the least time between two lines of a rate-limited log; the
@@ -47,6 +52,7 @@ func newGRPCServer(cfg config.Logic, auth token.Authenticator, registry pipeline
 		maxSessions: cfg.MaxSessionsPerMid,
 		rejected:    pipeline.NewRateLog(logger, slog.LevelInfo, logEvery),
 		limited:     pipeline.NewRateLog(logger, slog.LevelInfo, logEvery),
+		historyFail: pipeline.NewRateLog(logger, slog.LevelError, logEvery),
 	}
 }
 
@@ -135,7 +141,7 @@ func (s *grpcServer) Connect(ctx context.Context, req *pb.ConnectReq) (*pb.Conne
 	}
 	return &pb.ConnectReply{Mid: id.Mid, Key: id.Key, Rooms: id.Rooms, Accepts: id.Accepts, Platform: id.Platform,
 		RoomGrants: id.RoomGrants, AnyRoom: id.AnyRoom, AnyAccept: id.AnyAccept,
-		SessionTtl: int64(s.sessionTTL / time.Second)}, nil
+		SessionTtl: int64(s.sessionTTL / time.Second), Tops: s.connectTops(ctx, id.Mid, id.Rooms)}, nil
 }
 
 // admit refuses a connect over the user's connect rate or session cap

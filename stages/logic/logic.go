@@ -82,6 +82,9 @@ func New(cfg config.Logic, o Options) (*Stage, error) {
 	if limits.MaxSize == 0 {
 		limits = config.Default().History
 	}
+	rpc := newGRPCServer(cfg, auth, o.Registry,
+		&replacer{registry: o.Registry, logger: o.Logger, clouds: cloudconn.New(o.CloudDial...)}, o.Logger)
+	rpc.history = o.History
 	return &Stage{
 		cfg:       cfg,
 		heartbeat: o.Heartbeat,
@@ -89,8 +92,7 @@ func New(cfg config.Logic, o Options) (*Stage, error) {
 			limit: func(stream string) pipeline.StreamLimit { return pipeline.StreamLimit(limits.Limit(stream)) }},
 		history: o.History,
 		replies: o.Replies,
-		grpc: newGRPCServer(cfg, auth, o.Registry,
-			&replacer{registry: o.Registry, logger: o.Logger, clouds: cloudconn.New(o.CloudDial...)}, o.Logger),
+		grpc:    rpc,
 		logger:  o.Logger,
 		failLog: pipeline.NewRateLog(o.Logger, slog.LevelError, time.Second),
 		apiKeys: hashKeys(cfg.APIKeys),
