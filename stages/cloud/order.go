@@ -118,6 +118,7 @@ type heldMsg struct {
 	epoch string
 	item  outItem
 	chans []*channel // user streams: its recipients
+	proto *pb.Proto  // user streams: the push, for its delivered events
 }
 
 // sink gathers a room stream's deliveries, fanned out once the stream's
@@ -345,7 +346,7 @@ func (o *orderer) pushKeys(req *pb.PushMsgReq, item outItem) *pb.PushMsgReply {
 			name := pipeline.UserStream(ch.mid)
 			sp := posFor(req.Proto, name)
 			if sp == nil {
-				if !ch.push(item) {
+				if !ch.push(o.s.deliveredItem(item, ch, req.Proto)) {
 					o.s.offline(reply, id, key)
 					continue
 				}
@@ -368,7 +369,7 @@ func (o *orderer) pushKeys(req *pb.PushMsgReq, item outItem) *pb.PushMsgReply {
 		for _, ch := range g.chans {
 			st.addKey(ch.key)
 		}
-		st.offer(&heldMsg{pos: g.sp.Pos, epoch: g.sp.Epoch, item: item, chans: g.chans}, id != "", nil)
+		st.offer(&heldMsg{pos: g.sp.Pos, epoch: g.sp.Epoch, item: item, chans: g.chans, proto: req.Proto}, id != "", nil)
 		st.mu.Unlock()
 	}
 	return reply
@@ -579,7 +580,7 @@ func (st *stream) deliver(m *heldMsg, sk *sink) {
 		return
 	}
 	for _, ch := range m.chans {
-		ch.push(m.item)
+		ch.push(st.o.s.deliveredItem(m.item, ch, m.proto))
 	}
 }
 
@@ -819,9 +820,10 @@ func (st *stream) deliverEntry(e *pb.HistoryEntry, sk *sink) {
 	}
 	// The user's stream is the user's: an entry goes to each of its
 	// connections here, as recovery gives it to any of them.
+	p := &pb.Proto{Id: e.Id, Op: e.Op, Positions: []*pb.StreamPos{{Stream: st.name, Epoch: st.epoch, Pos: e.Pos}}}
 	for _, ch := range st.liveChans() {
 		if e.Id == "" || o.s.delivered.AddPairIfAbsent(e.Id, ch.key) {
-			ch.push(item)
+			ch.push(o.s.deliveredItem(item, ch, p))
 		}
 	}
 }
