@@ -441,7 +441,17 @@ type ConnectReply struct {
 	// messages in order from there, without another call. Empty when
 	// history is off or could not be read (the node asks Tops when a
 	// positioned message comes).
-	Tops          []*StreamPos `protobuf:"bytes,11,rep,name=tops,proto3" json:"tops,omitempty"`
+	Tops []*StreamPos `protobuf:"bytes,11,rep,name=tops,proto3" json:"tops,omitempty"`
+	// The client opted in to positioned delivery and recovery (its token's
+	// `recover` claim, or "recover": true in goim's JSON body).
+	Recover bool `protobuf:"varint,12,opt,name=recover,proto3" json:"recover,omitempty"`
+	// Acks are on for the user's stream class: the client acknowledges
+	// positions of its user stream (op 23).
+	Acks bool `protobuf:"varint,13,opt,name=acks,proto3" json:"acks,omitempty"`
+	// With acks on: the user's acknowledged position. A connection that
+	// names no position of its user stream is recovered from here: it gets
+	// every unacknowledged message still in history, oldest first.
+	Acked         *StreamPos `protobuf:"bytes,14,opt,name=acked,proto3" json:"acked,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -549,6 +559,27 @@ func (x *ConnectReply) GetSessionTtl() int64 {
 func (x *ConnectReply) GetTops() []*StreamPos {
 	if x != nil {
 		return x.Tops
+	}
+	return nil
+}
+
+func (x *ConnectReply) GetRecover() bool {
+	if x != nil {
+		return x.Recover
+	}
+	return false
+}
+
+func (x *ConnectReply) GetAcks() bool {
+	if x != nil {
+		return x.Acks
+	}
+	return false
+}
+
+func (x *ConnectReply) GetAcked() *StreamPos {
+	if x != nil {
+		return x.Acked
 	}
 	return nil
 }
@@ -1264,7 +1295,7 @@ const file_logic_proto_rawDesc = "" +
 	"\x05token\x18\x02 \x01(\fR\x05token\x12\x1f\n" +
 	"\vremote_addr\x18\x03 \x01(\tR\n" +
 	"remoteAddr\x12\x12\n" +
-	"\x04conn\x18\x04 \x01(\x04R\x04conn\"\xc3\x02\n" +
+	"\x04conn\x18\x04 \x01(\x04R\x04conn\"\x9e\x03\n" +
 	"\fConnectReply\x12\x10\n" +
 	"\x03mid\x18\x01 \x01(\x03R\x03mid\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\tR\x03key\x12\x14\n" +
@@ -1280,7 +1311,10 @@ const file_logic_proto_rawDesc = "" +
 	"\vsession_ttl\x18\n" +
 	" \x01(\x03R\n" +
 	"sessionTtl\x12)\n" +
-	"\x04tops\x18\v \x03(\v2\x15.imcloud.v1.StreamPosR\x04tops\"_\n" +
+	"\x04tops\x18\v \x03(\v2\x15.imcloud.v1.StreamPosR\x04tops\x12\x18\n" +
+	"\arecover\x18\f \x01(\bR\arecover\x12\x12\n" +
+	"\x04acks\x18\r \x01(\bR\x04acks\x12+\n" +
+	"\x05acked\x18\x0e \x01(\v2\x15.imcloud.v1.StreamPosR\x05acked\"_\n" +
 	"\rDisconnectReq\x12\x10\n" +
 	"\x03mid\x18\x01 \x01(\x03R\x03mid\x12\x10\n" +
 	"\x03key\x18\x02 \x01(\tR\x03key\x12\x16\n" +
@@ -1393,33 +1427,34 @@ var file_logic_proto_depIdxs = []int32{
 	22, // 1: imcloud.v1.HistoryReply.top:type_name -> imcloud.v1.StreamPos
 	22, // 2: imcloud.v1.TopsReply.tops:type_name -> imcloud.v1.StreamPos
 	22, // 3: imcloud.v1.ConnectReply.tops:type_name -> imcloud.v1.StreamPos
-	13, // 4: imcloud.v1.RenewOnlineReq.node:type_name -> imcloud.v1.NodeInfo
-	19, // 5: imcloud.v1.NodeInfo.room_count:type_name -> imcloud.v1.NodeInfo.RoomCountEntry
-	20, // 6: imcloud.v1.RenewOnlineReply.all_room_count:type_name -> imcloud.v1.RenewOnlineReply.AllRoomCountEntry
-	23, // 7: imcloud.v1.ReceiveReq.proto:type_name -> imcloud.v1.Proto
-	6,  // 8: imcloud.v1.Logic.Connect:input_type -> imcloud.v1.ConnectReq
-	8,  // 9: imcloud.v1.Logic.Disconnect:input_type -> imcloud.v1.DisconnectReq
-	10, // 10: imcloud.v1.Logic.Heartbeat:input_type -> imcloud.v1.HeartbeatReq
-	12, // 11: imcloud.v1.Logic.RenewOnline:input_type -> imcloud.v1.RenewOnlineReq
-	15, // 12: imcloud.v1.Logic.Receive:input_type -> imcloud.v1.ReceiveReq
-	17, // 13: imcloud.v1.Logic.Nodes:input_type -> imcloud.v1.NodesReq
-	0,  // 14: imcloud.v1.Logic.History:input_type -> imcloud.v1.HistoryReq
-	2,  // 15: imcloud.v1.Logic.Tops:input_type -> imcloud.v1.TopsReq
-	4,  // 16: imcloud.v1.Logic.Ack:input_type -> imcloud.v1.AckReq
-	7,  // 17: imcloud.v1.Logic.Connect:output_type -> imcloud.v1.ConnectReply
-	9,  // 18: imcloud.v1.Logic.Disconnect:output_type -> imcloud.v1.DisconnectReply
-	11, // 19: imcloud.v1.Logic.Heartbeat:output_type -> imcloud.v1.HeartbeatReply
-	14, // 20: imcloud.v1.Logic.RenewOnline:output_type -> imcloud.v1.RenewOnlineReply
-	16, // 21: imcloud.v1.Logic.Receive:output_type -> imcloud.v1.ReceiveReply
-	18, // 22: imcloud.v1.Logic.Nodes:output_type -> imcloud.v1.NodesReply
-	1,  // 23: imcloud.v1.Logic.History:output_type -> imcloud.v1.HistoryReply
-	3,  // 24: imcloud.v1.Logic.Tops:output_type -> imcloud.v1.TopsReply
-	5,  // 25: imcloud.v1.Logic.Ack:output_type -> imcloud.v1.AckReply
-	17, // [17:26] is the sub-list for method output_type
-	8,  // [8:17] is the sub-list for method input_type
-	8,  // [8:8] is the sub-list for extension type_name
-	8,  // [8:8] is the sub-list for extension extendee
-	0,  // [0:8] is the sub-list for field type_name
+	22, // 4: imcloud.v1.ConnectReply.acked:type_name -> imcloud.v1.StreamPos
+	13, // 5: imcloud.v1.RenewOnlineReq.node:type_name -> imcloud.v1.NodeInfo
+	19, // 6: imcloud.v1.NodeInfo.room_count:type_name -> imcloud.v1.NodeInfo.RoomCountEntry
+	20, // 7: imcloud.v1.RenewOnlineReply.all_room_count:type_name -> imcloud.v1.RenewOnlineReply.AllRoomCountEntry
+	23, // 8: imcloud.v1.ReceiveReq.proto:type_name -> imcloud.v1.Proto
+	6,  // 9: imcloud.v1.Logic.Connect:input_type -> imcloud.v1.ConnectReq
+	8,  // 10: imcloud.v1.Logic.Disconnect:input_type -> imcloud.v1.DisconnectReq
+	10, // 11: imcloud.v1.Logic.Heartbeat:input_type -> imcloud.v1.HeartbeatReq
+	12, // 12: imcloud.v1.Logic.RenewOnline:input_type -> imcloud.v1.RenewOnlineReq
+	15, // 13: imcloud.v1.Logic.Receive:input_type -> imcloud.v1.ReceiveReq
+	17, // 14: imcloud.v1.Logic.Nodes:input_type -> imcloud.v1.NodesReq
+	0,  // 15: imcloud.v1.Logic.History:input_type -> imcloud.v1.HistoryReq
+	2,  // 16: imcloud.v1.Logic.Tops:input_type -> imcloud.v1.TopsReq
+	4,  // 17: imcloud.v1.Logic.Ack:input_type -> imcloud.v1.AckReq
+	7,  // 18: imcloud.v1.Logic.Connect:output_type -> imcloud.v1.ConnectReply
+	9,  // 19: imcloud.v1.Logic.Disconnect:output_type -> imcloud.v1.DisconnectReply
+	11, // 20: imcloud.v1.Logic.Heartbeat:output_type -> imcloud.v1.HeartbeatReply
+	14, // 21: imcloud.v1.Logic.RenewOnline:output_type -> imcloud.v1.RenewOnlineReply
+	16, // 22: imcloud.v1.Logic.Receive:output_type -> imcloud.v1.ReceiveReply
+	18, // 23: imcloud.v1.Logic.Nodes:output_type -> imcloud.v1.NodesReply
+	1,  // 24: imcloud.v1.Logic.History:output_type -> imcloud.v1.HistoryReply
+	3,  // 25: imcloud.v1.Logic.Tops:output_type -> imcloud.v1.TopsReply
+	5,  // 26: imcloud.v1.Logic.Ack:output_type -> imcloud.v1.AckReply
+	18, // [18:27] is the sub-list for method output_type
+	9,  // [9:18] is the sub-list for method input_type
+	9,  // [9:9] is the sub-list for extension type_name
+	9,  // [9:9] is the sub-list for extension extendee
+	0,  // [0:9] is the sub-list for field type_name
 }
 
 func init() { file_logic_proto_init() }
