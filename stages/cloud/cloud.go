@@ -78,7 +78,7 @@ type Stage struct {
 	disconnectSlots chan struct{} // one per Disconnect call in flight
 	recoverSlots    chan struct{} // one per recovery History call in flight (maxRecoverCalls)
 	recoverLog      *pipeline.RateLog
-	parker          *parker       // nil: every connection keeps its reader
+	parker          *parker // nil: every connection keeps its reader
 	// connIDs names each connection, to the parker and in logic's
 	// registry (ConnectReq.conn); it starts at random so that a restarted
 	// node's connections are not taken for its earlier ones.

@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	"imcloud/pipeline"
 	"imcloud/pipeline/config"
 	"imcloud/proto/client"
 	"imcloud/proto/pb"
@@ -48,6 +49,8 @@ func (f *fakeLogic) Connect(_ context.Context, in *pb.ConnectReq, _ ...grpc.Call
 		Rooms   []string `json:"rooms"`
 		Accepts []int32  `json:"accepts"`
 		AnyRoom bool     `json:"any_room"`
+		Recover bool     `json:"recover"`
+		Acks    bool     `json:"acks"`
 	}
 	if err := json.Unmarshal(in.Token, &tok); err != nil || tok.Mid == 0 {
 		return nil, status.Error(codes.Unauthenticated, "bad token")
@@ -55,7 +58,8 @@ func (f *fakeLogic) Connect(_ context.Context, in *pb.ConnectReq, _ ...grpc.Call
 	if tok.Key == "" {
 		tok.Key = fmt.Sprint("key-", tok.Mid)
 	}
-	reply := &pb.ConnectReply{Mid: tok.Mid, Key: tok.Key, Accepts: tok.Accepts, AnyRoom: tok.AnyRoom, AnyAccept: tok.AnyRoom}
+	reply := &pb.ConnectReply{Mid: tok.Mid, Key: tok.Key, Accepts: tok.Accepts, AnyRoom: tok.AnyRoom, AnyAccept: tok.AnyRoom,
+		Recover: tok.Recover, Acks: tok.Acks}
 	for _, r := range tok.Rooms {
 		if strings.HasSuffix(r, "*") {
 			reply.RoomGrants = append(reply.RoomGrants, r)
@@ -65,6 +69,9 @@ func (f *fakeLogic) Connect(_ context.Context, in *pb.ConnectReq, _ ...grpc.Call
 	}
 	if f.hist != nil {
 		reply.Tops = f.hist.tops(streamsOf(tok.Mid, reply.Rooms))
+		if tok.Acks {
+			reply.Acked = f.hist.acked(pipeline.UserStream(tok.Mid))
+		}
 	}
 	return reply, nil
 }
@@ -173,6 +180,8 @@ type claims struct {
 	Rooms   []string `json:"rooms,omitempty"`
 	Accepts []int32  `json:"accepts,omitempty"`
 	AnyRoom bool     `json:"any_room,omitempty"`
+	Recover bool     `json:"recover,omitempty"`
+	Acks    bool     `json:"acks,omitempty"`
 }
 
 // dial connects over "ws" or "tcp"; dialer tunes the client socket.
