@@ -280,7 +280,7 @@ func (s *Stage) recoverConn(ch *channel, tasks []*recoverTask, seq int32, reply 
 			continue
 		}
 		if err := s.sendMissed(ch, t); err != nil {
-			if !ch.isClosed() {
+			if !ch.ending() {
 				s.recoverLog.Log("recover client: closed to recover again", "mid", ch.mid, "key", ch.key, "stream", t.res.Stream, "err", err)
 				ch.close(closeRecoverAgain, "recovery interrupted, reconnect and recover")
 			}
@@ -298,6 +298,14 @@ func (c *channel) starts() []wire.StreamPos {
 		return nil
 	}
 	return c.rec.starts
+}
+
+// ending reports whether the connection is closed or closing after its
+// queue (a drain): either way nothing more is sent.
+func (c *channel) ending() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.closed || c.draining
 }
 
 // firstPages reads the first page of each task's stream and settles its
