@@ -38,6 +38,9 @@ type fakeLogic struct {
 	// hist answers History and Tops and gives ConnectReply its tops; nil:
 	// history is off (see order_test.go).
 	hist *fakeHist
+	// topsLag makes Connect's tops that much older than the history's:
+	// read before pushes the node delivered during the handshake.
+	topsLag uint64
 }
 
 // Connect grants like logic: rooms ending in '*' are patterns, granted
@@ -69,6 +72,11 @@ func (f *fakeLogic) Connect(_ context.Context, in *pb.ConnectReq, _ ...grpc.Call
 	}
 	if f.hist != nil {
 		reply.Tops = f.hist.tops(streamsOf(tok.Mid, reply.Rooms))
+		f.mu.Lock()
+		for _, t := range reply.Tops {
+			t.Pos -= min(t.Pos, f.topsLag)
+		}
+		f.mu.Unlock()
 		if tok.Acks {
 			reply.Acked = f.hist.acked(pipeline.UserStream(tok.Mid))
 		}

@@ -225,10 +225,32 @@ func (s *Stage) beginRecovery(ch *channel, streams []wire.StreamPos, seq int32, 
 		tasks = append(tasks, t)
 	}
 	if !named[user] && ch.acks && ch.acked != nil {
+		named[user] = true // not a start below
 		tasks = append(tasks, &recoverTask{req: wire.StreamPos{Stream: user, Epoch: ch.acked.Epoch, Pos: ch.acked.Pos}, unacked: true})
+	}
+	// A stream op 21 does not name starts where op 8 said. Logic read
+	// that position before the connection joined its rooms here: what
+	// the node delivered in between never reached it. When the node's
+	// stream moved past the position, the difference comes from history.
+	for _, sp := range ch.starts() {
+		if !named[sp.Stream] && s.order.movedPast(sp) {
+			tasks = append(tasks, &recoverTask{req: sp})
+		}
 	}
 	go s.recoverConn(ch, tasks, seq, reply, named)
 	return nil
+}
+
+// movedPast reports whether the node delivered a position of sp's stream
+// past sp (in its epoch).
+func (o *orderer) movedPast(sp wire.StreamPos) bool {
+	st := o.get(sp.Stream)
+	if st == nil {
+		return false
+	}
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.known && st.epoch == sp.Epoch && st.last > sp.Pos
 }
 
 // receives reports whether a connection of user's stream in rooms gets
@@ -273,7 +295,12 @@ func (s *Stage) recoverConn(ch *channel, tasks []*recoverTask, seq int32, reply 
 		if t.res.Reason == wire.ReasonForbidden {
 			continue
 		}
-		if t.res.Epoch != "" {
+		switch {
+		case !t.reply && !t.res.Recovered:
+			// A start not filled: what it held goes out from the start
+			// (the client sees the gap, as after a skipped position).
+			floors[t.req.Stream] = t.req
+		case t.res.Epoch != "":
 			floors[t.res.Stream] = wire.StreamPos{Stream: t.res.Stream, Epoch: t.res.Epoch, Pos: t.res.Pos}
 		}
 		if !t.res.Recovered {

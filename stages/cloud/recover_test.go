@@ -514,3 +514,31 @@ func TestRecoverConcurrencyBounded(t *testing.T) {
 		t.Fatalf("peak History calls in flight %d, want 2 to %d", h.peak, maxRecoverCalls)
 	}
 }
+
+// TestRecoverStartBehindNode: logic reads a connection's tops before it
+// joins its rooms on the node; what the node delivered in between is sent
+// from history when op 21 does not name the stream, so the connection
+// gets every position after the one op 8 gave, no gap.
+func TestRecoverStartBehindNode(t *testing.T) {
+	n, h := recoverNode(t, func(*config.Cloud) {})
+	a, _ := n.connectWith(t, "ws", claims{Mid: 30, Key: "a30", Rooms: []string{"live://b"}}, nil)
+	for i := 1; i <= 20; i++ {
+		n.pushRoom(t, h, "live://b", strconv.Itoa(i))
+	}
+	readBodies(t, a, 20)
+	n.logic.mu.Lock()
+	n.logic.topsLag = 5
+	n.logic.mu.Unlock()
+	c, r := n.connectWith(t, "tcp", claims{Mid: 31, Key: "b31", Rooms: []string{"live://b"}, Recover: true}, nil)
+	if fmt.Sprint(r.Streams) != "[{user:31 e1 0} {room:live://b e1 15}]" {
+		t.Fatalf("op 8 streams %v", r.Streams)
+	}
+	if _, err := c.Recover(nil); err != nil {
+		t.Fatal(err)
+	}
+	n.pushRoom(t, h, "live://b", "21")
+	got := readStream(t, c, 6)
+	if fmt.Sprint(got) != "[room:live://b@16=16 room:live://b@17=17 room:live://b@18=18 room:live://b@19=19 room:live://b@20=20 room:live://b@21=21]" {
+		t.Fatalf("after op 8's start: %v", got)
+	}
+}
