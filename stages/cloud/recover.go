@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime/debug"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -269,6 +270,13 @@ func receives(stream, user string, rooms []string) bool {
 
 // recoverConn runs a connection's recovery (see the top of the file).
 func (s *Stage) recoverConn(ch *channel, tasks []*recoverTask, seq int32, reply bool, named map[string]bool) {
+	defer func() {
+		// Only this connection ends, as for a panic in its reader.
+		if p := recover(); p != nil {
+			s.logger.Error("panic recovering client; connection closed", "key", ch.key, "panic", p, "stack", string(debug.Stack()))
+			ch.close(closeInternal, "internal error")
+		}
+	}()
 	if err := s.firstPages(ch, tasks); err != nil {
 		s.recoverLog.Log("recover client: logic's history unavailable; client closed with 1013", "mid", ch.mid, "key", ch.key, "err", err)
 		ch.close(closeCode(fmt.Errorf("%w: %w", errUpstream, err)))
@@ -340,6 +348,10 @@ func (c *channel) ending() bool {
 func (s *Stage) firstPages(ch *channel, tasks []*recoverTask) error {
 	s.recoverSlots <- struct{}{}
 	defer func() { <-s.recoverSlots }()
+	if ch.ending() {
+		// Gone while it waited for a slot (a storm's client gave up).
+		return nil
+	}
 	for _, t := range tasks {
 		if t.res.Reason == wire.ReasonForbidden {
 			continue

@@ -542,3 +542,24 @@ func TestRecoverStartBehindNode(t *testing.T) {
 		t.Fatalf("after op 8's start: %v", got)
 	}
 }
+
+// TestRecoverLargeAtClientPace: a recovery longer than the send queue
+// (cloud.send_queue 1,024 packets) is read page by page and sent at the
+// client's pace, never closing it as a slow consumer.
+func TestRecoverLargeAtClientPace(t *testing.T) {
+	n, h := recoverNode(t, func(*config.Cloud) {})
+	const missed = 3000
+	h.set(pipeline.UserStream(40), "e1", missed, 1)
+	c, _ := n.connectWith(t, "ws", claims{Mid: 40, Key: "k40", Recover: true}, nil)
+	r, err := c.Recover([]wire.StreamPos{{Stream: "user:40", Epoch: "e1", Pos: 0}})
+	if err != nil || !r.Streams[0].Recovered || r.Streams[0].Pos != missed {
+		t.Fatalf("op 22 %+v, %v", r, err)
+	}
+	got := readStream(t, c, missed)
+	if got[0] != "user:40@1=1" || got[missed-1] != fmt.Sprintf("user:40@%d=%d", missed, missed) {
+		t.Fatalf("recovered %s … %s", got[0], got[missed-1])
+	}
+	if calls, _ := h.counts(); calls < missed/recoverPage {
+		t.Fatalf("%d History calls for %d entries, want pages of %d", calls, missed, recoverPage)
+	}
+}
