@@ -12,6 +12,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"imcloud/pipeline"
+	"imcloud/proto/pb"
 	"imcloud/proto/wire"
 )
 
@@ -25,6 +27,34 @@ type outItem struct {
 	// written, when set, is called once the packet was written to the
 	// socket (the "delivered" event).
 	written func()
+	// sp is where a positioned push sits in its stream: a connection
+	// that opted in gets it as op 20 (see streamItem); nil for everything
+	// else, which every connection gets as pkt.
+	sp *streamItem
+}
+
+// streamItem is a positioned push's stream, epoch and position. Its op 20
+// packet is encoded once, by the first opted-in recipient, and shared by
+// every other: the frame differs per stream, not per connection.
+type streamItem struct {
+	stream, epoch string
+	pos           uint64
+	once          sync.Once
+	pkt           []byte
+}
+
+// packet is it's op 20 packet; it's own (business) packet when the fields
+// do not fit op 20, which only a broken logic would give.
+func (si *streamItem) packet(it *outItem) []byte {
+	si.once.Do(func() {
+		body := it.pkt[wire.HeaderLen:]
+		b, err := wire.AppendStreamMsg(make([]byte, 0, wire.StreamMsgSize(si.stream, si.epoch, body)), 0, si.stream, si.epoch, si.pos, it.op, body)
+		if err != nil {
+			b = it.pkt
+		}
+		si.pkt = b
+	})
+	return si.pkt
 }
 
 // Close codes sent to WebSocket clients.
@@ -41,6 +71,11 @@ const (
 	closeRateLimited  = 4029
 	closeAuthFailed   = 4401
 	closeForbidden    = 4403 // a room or operation the token does not grant
+	// closeRecoverAgain: a recovery could not keep its promise (more live
+	// messages came meanwhile than a connection may hold, or history
+	// changed under it): reconnect and recover again from the positions
+	// received, which loses nothing.
+	closeRecoverAgain = 4503
 )
 
 // keptQueue is the queue capacity an idle connection keeps, sparing the
@@ -101,6 +136,23 @@ type channel struct {
 	announced   bool
 	closeCode   int
 	closeReason string
+
+	// Positioned delivery (issue 12), for a connection that opted in.
+	// rec is set from the handshake until its recovery ends: positioned
+	// pushes are held there meanwhile. floors are, per stream, the
+	// position at or below which nothing is sent again (what recovery
+	// sent, or where op 8 said the stream starts). space, when set, is
+	// signalled when the writer takes the queue (sendRecovered waits).
+	rec    *recovering
+	floors map[string]wire.StreamPos
+	space  chan struct{}
+
+	// Set at handshake, read only after.
+	optedIn bool          // ConnectReply.recover: op 20, 21, 22 and 23
+	acks    bool          // ConnectReply.acks
+	acked   *pb.StreamPos // ConnectReply.acked
+	// recoverBegun: op 21 came, or the hold ended as if it had.
+	recoverBegun atomic.Bool
 }
 
 // grants is what a connection's token lets op 12 and op 14 add. It is set
@@ -289,15 +341,32 @@ func (c *channel) enqueue(items []outItem, filter bool) bool {
 	}
 	n := len(c.queue)
 	added := 0
+	heldAny := false
 	for _, it := range items {
-		if !filter || c.acceptsLocked(it.op) {
-			c.queue = append(c.queue, it)
-			added += len(it.pkt)
+		if filter && !c.acceptsLocked(it.op) {
+			continue
 		}
+		if it.sp != nil && c.optedIn {
+			if c.rec != nil {
+				if !c.rec.hold(it) {
+					c.mu.Unlock()
+					c.recoverOverflow()
+					return false
+				}
+				heldAny = true
+				continue
+			}
+			if c.belowFloor(it.sp) {
+				continue
+			}
+			it.pkt = it.sp.packet(&it)
+		}
+		c.queue = append(c.queue, it)
+		added += len(it.pkt)
 	}
 	if len(c.queue) == n {
 		c.mu.Unlock()
-		return false
+		return heldAny
 	}
 	if len(c.queue) > c.limit || c.queued+added > c.limitBytes {
 		clear(c.queue[n:])
@@ -355,6 +424,12 @@ func (c *channel) flush() {
 		batch := c.queue
 		c.queue = spare
 		c.queued = 0
+		if c.space != nil {
+			select {
+			case c.space <- struct{}{}:
+			default:
+			}
+		}
 		c.mu.Unlock()
 
 		var err error
@@ -438,18 +513,55 @@ func parseOps(body []byte) ([]int32, bool) {
 	return ops, true
 }
 
-// authReply is the op 8 body.
+// authReply is the op 8 body. Recover, Acks and Streams are only for a
+// connection that opted in: goim's op 8 is unchanged.
 type authReply struct {
 	Mid       int64    `json:"mid"`
 	Key       string   `json:"key"`
 	Rooms     []string `json:"rooms"`
 	Heartbeat int64    `json:"heartbeat"`
+
+	Recover bool             `json:"-"`
+	Acks    bool             `json:"-"`
+	Streams []wire.StreamPos `json:"-"`
 }
 
 func (r authReply) encode() []byte {
 	if r.Rooms == nil {
 		r.Rooms = []string{}
 	}
-	b, _ := json.Marshal(r)
+	if !r.Recover {
+		b, _ := json.Marshal(r)
+		return b
+	}
+	if r.Streams == nil {
+		r.Streams = []wire.StreamPos{}
+	}
+	b, _ := json.Marshal(struct {
+		authReply
+		Recover bool             `json:"recover"`
+		Acks    bool             `json:"acks"`
+		Streams []wire.StreamPos `json:"streams"`
+	}{r, true, r.Acks, r.Streams})
 	return b
+}
+
+// startPositions are where the connection's streams start, for op 8:
+// logic's tops, and for the user stream with acks on its acknowledged
+// position (recovery sends what follows). A stream without an epoch
+// (history off, or unreadable) is left out.
+func (c *channel) startPositions(tops []*pb.StreamPos) []wire.StreamPos {
+	out := make([]wire.StreamPos, 0, len(c.rooms)+1)
+	user := pipeline.UserStream(c.mid)
+	if c.acks && c.acked != nil && c.acked.Epoch != "" {
+		out = append(out, wire.StreamPos{Stream: user, Epoch: c.acked.Epoch, Pos: c.acked.Pos})
+	} else if t := findTop(tops, user); t != nil && t.Epoch != "" {
+		out = append(out, wire.StreamPos{Stream: user, Epoch: t.Epoch, Pos: t.Pos})
+	}
+	for _, r := range c.rooms {
+		if t := findTop(tops, pipeline.RoomStream(r)); t != nil && t.Epoch != "" {
+			out = append(out, wire.StreamPos{Stream: t.Stream, Epoch: t.Epoch, Pos: t.Pos})
+		}
+	}
+	return out
 }

@@ -76,7 +76,9 @@ type Stage struct {
 	limits *connLimiter // cloud.max_conns and cloud.max_handshakes_per_ip
 
 	disconnectSlots chan struct{} // one per Disconnect call in flight
-	parker          *parker       // nil: every connection keeps its reader
+	recoverSlots    chan struct{} // one per recovery History call in flight (maxRecoverCalls)
+	recoverLog      *pipeline.RateLog
+	parker          *parker // nil: every connection keeps its reader
 	// connIDs names each connection, to the parker and in logic's
 	// registry (ConnectReq.conn); it starts at random so that a restarted
 	// node's connections are not taken for its earlier ones.
@@ -141,6 +143,8 @@ func New(cfg config.Cloud, o Options) *Stage {
 	})
 	s.limits = newConnLimiter(maxConns(cfg.MaxConns, s.logger), cfg.MaxHandshakesPerIP, s.logger)
 	s.disconnectSlots = make(chan struct{}, maxDisconnectCalls)
+	s.recoverSlots = make(chan struct{}, maxRecoverCalls)
+	s.recoverLog = pipeline.NewRateLog(s.logger, slog.LevelWarn, logEvery)
 	s.paced = make(chan struct{}, cfg.MaxPacedBroadcasts)
 	s.pacedCtx, s.stopPaced = context.WithCancel(context.Background())
 	if cfg.ParkIdle {

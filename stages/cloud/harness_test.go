@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	"imcloud/pipeline"
 	"imcloud/pipeline/config"
 	"imcloud/proto/client"
 	"imcloud/proto/pb"
@@ -37,6 +38,9 @@ type fakeLogic struct {
 	// hist answers History and Tops and gives ConnectReply its tops; nil:
 	// history is off (see order_test.go).
 	hist *fakeHist
+	// topsLag makes Connect's tops that much older than the history's:
+	// read before pushes the node delivered during the handshake.
+	topsLag uint64
 }
 
 // Connect grants like logic: rooms ending in '*' are patterns, granted
@@ -48,6 +52,8 @@ func (f *fakeLogic) Connect(_ context.Context, in *pb.ConnectReq, _ ...grpc.Call
 		Rooms   []string `json:"rooms"`
 		Accepts []int32  `json:"accepts"`
 		AnyRoom bool     `json:"any_room"`
+		Recover bool     `json:"recover"`
+		Acks    bool     `json:"acks"`
 	}
 	if err := json.Unmarshal(in.Token, &tok); err != nil || tok.Mid == 0 {
 		return nil, status.Error(codes.Unauthenticated, "bad token")
@@ -55,7 +61,8 @@ func (f *fakeLogic) Connect(_ context.Context, in *pb.ConnectReq, _ ...grpc.Call
 	if tok.Key == "" {
 		tok.Key = fmt.Sprint("key-", tok.Mid)
 	}
-	reply := &pb.ConnectReply{Mid: tok.Mid, Key: tok.Key, Accepts: tok.Accepts, AnyRoom: tok.AnyRoom, AnyAccept: tok.AnyRoom}
+	reply := &pb.ConnectReply{Mid: tok.Mid, Key: tok.Key, Accepts: tok.Accepts, AnyRoom: tok.AnyRoom, AnyAccept: tok.AnyRoom,
+		Recover: tok.Recover, Acks: tok.Acks}
 	for _, r := range tok.Rooms {
 		if strings.HasSuffix(r, "*") {
 			reply.RoomGrants = append(reply.RoomGrants, r)
@@ -65,6 +72,14 @@ func (f *fakeLogic) Connect(_ context.Context, in *pb.ConnectReq, _ ...grpc.Call
 	}
 	if f.hist != nil {
 		reply.Tops = f.hist.tops(streamsOf(tok.Mid, reply.Rooms))
+		f.mu.Lock()
+		for _, t := range reply.Tops {
+			t.Pos -= min(t.Pos, f.topsLag)
+		}
+		f.mu.Unlock()
+		if tok.Acks {
+			reply.Acked = f.hist.acked(pipeline.UserStream(tok.Mid))
+		}
 	}
 	return reply, nil
 }
@@ -173,6 +188,8 @@ type claims struct {
 	Rooms   []string `json:"rooms,omitempty"`
 	Accepts []int32  `json:"accepts,omitempty"`
 	AnyRoom bool     `json:"any_room,omitempty"`
+	Recover bool     `json:"recover,omitempty"`
+	Acks    bool     `json:"acks,omitempty"`
 }
 
 // dial connects over "ws" or "tcp"; dialer tunes the client socket.

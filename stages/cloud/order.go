@@ -121,6 +121,14 @@ type heldMsg struct {
 	proto *pb.Proto  // user streams: the push, for its delivered events
 }
 
+// at is item at pos of stream: a connection that opted in gets it as op
+// 20, with the packet every such recipient shares; the others get item's
+// own bytes. One allocation per message and stream, none per connection.
+func at(item outItem, stream, epoch string, pos uint64) outItem {
+	item.sp = &streamItem{stream: stream, epoch: epoch, pos: pos}
+	return item
+}
+
 // sink gathers a room stream's deliveries, fanned out once the stream's
 // lock is released (in the order they were joined).
 type sink struct{ items []outItem }
@@ -310,7 +318,7 @@ func (o *orderer) roomPush(room string, items []outItem, ps []*pb.Proto) int {
 			sk.items = append(sk.items, it)
 			continue
 		}
-		st.offer(&heldMsg{pos: sp.Pos, epoch: sp.Epoch, item: it}, ps[i].GetId() != "", &sk)
+		st.offer(&heldMsg{pos: sp.Pos, epoch: sp.Epoch, item: at(it, name, sp.Epoch, sp.Pos)}, ps[i].GetId() != "", &sk)
 	}
 	run := st.flush(&sk)
 	st.mu.Unlock()
@@ -369,7 +377,7 @@ func (o *orderer) pushKeys(req *pb.PushMsgReq, item outItem) *pb.PushMsgReply {
 		for _, ch := range g.chans {
 			st.addKey(ch.key)
 		}
-		st.offer(&heldMsg{pos: g.sp.Pos, epoch: g.sp.Epoch, item: item, chans: g.chans, proto: req.Proto}, id != "", nil)
+		st.offer(&heldMsg{pos: g.sp.Pos, epoch: g.sp.Epoch, item: at(item, g.name, g.sp.Epoch, g.sp.Pos), chans: g.chans, proto: req.Proto}, id != "", nil)
 		st.mu.Unlock()
 	}
 	return reply
@@ -811,7 +819,7 @@ func (st *stream) deliverEntry(e *pb.HistoryEntry, sk *sink) {
 		return
 	}
 	o.filled.Add(1)
-	item := outItem{pkt: wire.Encode(e.Op, 0, e.Body), op: e.Op, push: true}
+	item := at(outItem{pkt: wire.Encode(e.Op, 0, e.Body), op: e.Op, push: true}, st.name, st.epoch, e.Pos)
 	if st.isRoom {
 		if e.Id == "" || o.s.delivered.AddIfAbsent(e.Id) {
 			sk.items = append(sk.items, item)

@@ -26,12 +26,17 @@ type fakeHist struct {
 	streams map[string]*fakeStream
 	calls   int // History calls
 	tops_   int // Tops calls
+	// delay is how long each History call takes (a slow store); peak is
+	// the most calls that were in flight at once.
+	delay          time.Duration
+	inflight, peak int
 }
 
 type fakeStream struct {
 	epoch    string
 	top      uint64
 	keptFrom uint64 // the oldest position kept; top+1: none (size 0)
+	ackedPos uint64 // what ConnectReply.acked gives with acks on
 	entries  map[uint64]*pb.HistoryEntry
 }
 
@@ -89,6 +94,14 @@ func (f *fakeLogic) History(_ context.Context, in *pb.HistoryReq, _ ...grpc.Call
 		return nil, status.Error(codes.FailedPrecondition, "history is off")
 	}
 	h.mu.Lock()
+	h.inflight++
+	h.peak = max(h.peak, h.inflight)
+	if d := h.delay; d > 0 {
+		h.mu.Unlock()
+		time.Sleep(d) // the store's latency, not synchronisation
+		h.mu.Lock()
+	}
+	h.inflight--
 	defer h.mu.Unlock()
 	h.calls++
 	fs := h.stream(in.Stream)

@@ -71,6 +71,11 @@ func (s *Stage) session(ch *channel, remote string, tops []*pb.StreamPos) {
 	// backlog as a key reconnects) is queued behind op 8, and a client
 	// that has op 8 gets what is pushed to its key and rooms.
 	reply := authReply{Mid: ch.mid, Key: ch.key, Rooms: ch.roomList(), Heartbeat: int64(s.cfg.HeartbeatInterval / time.Second)}
+	if ch.optedIn {
+		// Positioned pushes are held from now until its op 21.
+		ch.rec = &recovering{starts: ch.startPositions(tops)}
+		reply.Recover, reply.Acks, reply.Streams = true, ch.acks, ch.rec.starts
+	}
 	ch.held = true // no one else has ch yet
 	ch.reply(outItem{pkt: wire.Encode(wire.OpAuthReply, authSeq, reply.encode())})
 	// Its streams are ordered before pushes can find it.
@@ -97,6 +102,9 @@ func (s *Stage) session(ch *channel, remote string, tops []*pb.StreamPos) {
 	// it precedes every delivered event of the connection.
 	s.emitConnect(ch)
 	ch.release()
+	if ch.optedIn {
+		s.startHold(ch)
+	}
 	s.logger.Debug("client connected", "mid", ch.mid, "key", ch.key, "remote", remote)
 
 	if s.parker != nil {
@@ -215,6 +223,7 @@ func (s *Stage) handshake(t transport) (*channel, []*pb.StreamPos, error) {
 	ch.mid, ch.key, ch.conn = reply.Mid, reply.Key, conn
 	ch.ip, _, _ = net.SplitHostPort(t.RemoteAddr().String())
 	ch.rooms = rooms
+	ch.optedIn, ch.acks, ch.acked = reply.Recover, reply.Acks, reply.Acked
 	// The token's own accepts first: they are what the grants allow.
 	if len(reply.Accepts) > 0 {
 		_ = ch.setAccepts(reply.Accepts, true) // no grants yet: nothing to refuse
@@ -426,7 +435,27 @@ func (s *Stage) handle(ch *channel, b *bucket, p wire.Packet) error {
 	if !ch.allowPacket(now, s.cfg.ClientRate, s.cfg.ClientBurst) {
 		return fmt.Errorf("%w: more than %v packets/s", errRateLimited, s.cfg.ClientRate)
 	}
+	if ch.optedIn && p.Op != wire.OpRecover && p.Op != wire.OpChangeRoom && !ch.recoverBegun.Load() {
+		// Any packet but op 12 ends the hold as an op 21 naming no
+		// stream would: the client has nothing to recover.
+		_ = s.beginRecovery(ch, nil, 0, false)
+	}
 	switch p.Op {
+	case wire.OpRecover:
+		if !ch.optedIn {
+			return fmt.Errorf("%w: op 21 from a connection that did not opt in", errProtocol)
+		}
+		streams, err := wire.DecodeRecoverRequest(p.Body)
+		if err != nil {
+			return fmt.Errorf("%w: %w", errProtocol, err)
+		}
+		return s.beginRecovery(ch, streams, p.Seq, true)
+	case wire.OpAck:
+		// The ack hook: stages/cloud/ack.go.
+		if !ch.optedIn {
+			return fmt.Errorf("%w: op 23 from a connection that did not opt in", errProtocol)
+		}
+		return s.handleAck(ch, p.Body)
 	case wire.OpHeartbeat:
 		var body [4]byte
 		binary.BigEndian.PutUint32(body[:], uint32(s.onlineCount(ch.firstRoom())))

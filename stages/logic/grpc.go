@@ -140,7 +140,7 @@ func (s *grpcServer) Connect(ctx context.Context, req *pb.ConnectReq) (*pb.Conne
 		s.replacer.replaced(id.Key, prev, prevConn)
 	}
 	return &pb.ConnectReply{Mid: id.Mid, Key: id.Key, Rooms: id.Rooms, Accepts: id.Accepts, Platform: id.Platform,
-		RoomGrants: id.RoomGrants, AnyRoom: id.AnyRoom, AnyAccept: id.AnyAccept,
+		RoomGrants: id.RoomGrants, AnyRoom: id.AnyRoom, AnyAccept: id.AnyAccept, Recover: id.Recover,
 		SessionTtl: int64(s.sessionTTL / time.Second), Tops: s.connectTops(ctx, id.Mid, id.Rooms)}, nil
 }
 

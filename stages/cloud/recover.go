@@ -1,0 +1,469 @@
+package cloud
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"runtime/debug"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"imcloud/pipeline"
+	"imcloud/proto/pb"
+	"imcloud/proto/wire"
+)
+
+// Recovery (issue 12, README "Positioned delivery, recovery and acks").
+// A connection that opted in holds its positioned pushes from its
+// handshake until its first op 21 (or until another packet or
+// cloud.handshake_timeout ends the hold as an op 21 naming no stream
+// would). Recovery then reads, for each stream named, what the client
+// missed from logic's History, answers op 22, queues the missed entries
+// as op 20 at the client's pace, and releases what was held, dropping
+// what recovery already sent: no gap, no duplicate at the seam. From then
+// on a push at or below a stream's floor (the last position recovery
+// sent, or where op 8 said the stream starts) is never sent again — a
+// message accepted before the History read but still in flight from job.
+
+// Bounds of recovery.
+const (
+	// maxRecoverCalls bounds the History calls recoveries make at once
+	// on a node: a reconnect storm of 10,000 clients waits its turn
+	// rather than open 10,000 calls (and as many pages in memory). A
+	// connection holds a slot for its first pages (one call per stream
+	// it names) and takes one per later page.
+	maxRecoverCalls = 64
+	// recoverPage is the entries one History call of a recovery asks for.
+	// A connection holds its first page of each stream named until op 22
+	// goes out: at most 17 streams (cloud.max_rooms 16 and the user's) ×
+	// 100 × the body limit (4 KB) = 6.8 MB, times maxRecoverCalls in the
+	// worst case; a storm of clients 50 messages behind holds a fraction.
+	recoverPage = 100
+	// maxRecoverEntries bounds what one stream's recovery sends: a client
+	// further behind (history configured larger) is answered "trimmed"
+	// and resyncs from the application instead.
+	maxRecoverEntries = 10_000
+	// maxRecoverHeld and maxRecoverHeldBytes bound the live positioned
+	// pushes held for a connection until its recovery ends: 1,024 is ten
+	// seconds of a room at 100 messages/s. Over either the connection is
+	// closed with closeRecoverAgain: it reconnects and recovers again,
+	// from its positions, losing nothing.
+	maxRecoverHeld      = 1024
+	maxRecoverHeldBytes = 1 << 20
+	// recoverStall is the longest a recovery waits for the client to read
+	// what it was sent before giving up on it (as a slow consumer).
+	recoverStall = writeDeadline
+)
+
+// recovering is a connection's hold: the live positioned pushes that came
+// before its recovery ended. Guarded by the channel's mu.
+type recovering struct {
+	held  []outItem
+	bytes int
+	timer *time.Timer // ends the hold at cloud.handshake_timeout
+	// starts are where op 8 said each stream starts: the floors of the
+	// streams op 21 does not name.
+	starts []wire.StreamPos
+}
+
+// hold keeps it, or reports that the connection holds too much.
+func (r *recovering) hold(it outItem) bool {
+	if len(r.held) >= maxRecoverHeld || r.bytes+len(it.pkt) > maxRecoverHeldBytes {
+		return false
+	}
+	r.held = append(r.held, it)
+	r.bytes += len(it.pkt)
+	return true
+}
+
+// recoverOverflow closes a connection whose hold is full.
+func (c *channel) recoverOverflow() {
+	c.logger.Info("closing recovering client: too many live messages held", "mid", c.mid, "key", c.key, "held_max", maxRecoverHeld)
+	c.close(closeRecoverAgain, "recovery overflowed, reconnect and recover")
+}
+
+// belowFloor reports whether a positioned push was already sent, or is
+// before where the connection's stream starts. c.mu is held.
+func (c *channel) belowFloor(sp *streamItem) bool {
+	f, ok := c.floors[sp.stream]
+	return ok && f.Epoch == sp.epoch && sp.pos <= f.Pos
+}
+
+// sendRecovered queues recovered packets, waiting while the queue is over
+// half its bounds, so that a long recovery goes at the client's pace
+// rather than closing it as a slow consumer. False: the connection closed
+// or stalled.
+func (c *channel) sendRecovered(items []outItem) bool {
+	for _, it := range items {
+		stalled := time.Now().Add(recoverStall)
+		for {
+			c.mu.Lock()
+			if c.closed || c.draining {
+				c.mu.Unlock()
+				return false
+			}
+			if !c.acceptsLocked(it.op) {
+				c.mu.Unlock()
+				break
+			}
+			if len(c.queue) == 0 || len(c.queue) < c.limit/2 && c.queued+len(it.pkt) <= c.limitBytes/2 {
+				c.queue = append(c.queue, it)
+				c.queued += len(it.pkt)
+				start := !c.writing && !c.held
+				c.writing = c.writing || start
+				c.mu.Unlock()
+				if start {
+					go c.flush()
+				}
+				break
+			}
+			if c.space == nil {
+				c.space = make(chan struct{}, 1)
+			}
+			space := c.space
+			c.mu.Unlock()
+			left := time.Until(stalled)
+			if left <= 0 {
+				c.close(closeSlowConsumer, "slow consumer")
+				return false
+			}
+			t := time.NewTimer(min(left, time.Second)) // a close does not signal space
+			select {
+			case <-space:
+			case <-t.C:
+			}
+			t.Stop()
+		}
+	}
+	return true
+}
+
+// endRecovery sets the connection's floors and releases what was held
+// after the recovered packets, dropping what recovery sent.
+func (c *channel) endRecovery(floors map[string]wire.StreamPos) {
+	c.mu.Lock()
+	rec := c.rec
+	c.rec = nil
+	c.floors = floors
+	if c.closed || rec == nil {
+		c.mu.Unlock()
+		return
+	}
+	n := len(c.queue)
+	for _, it := range rec.held {
+		if c.belowFloor(it.sp) {
+			continue
+		}
+		it.pkt = it.sp.packet(&it)
+		c.queue = append(c.queue, it)
+		c.queued += len(it.pkt)
+	}
+	// What was held was within maxRecoverHeld; it is queued past the
+	// queue's bound rather than lost.
+	start := len(c.queue) > n && !c.writing && !c.held
+	c.writing = c.writing || start
+	c.mu.Unlock()
+	if start {
+		go c.flush()
+	}
+}
+
+// startHold ends a new opted-in connection's hold after
+// cloud.handshake_timeout if no op 21 came.
+func (s *Stage) startHold(ch *channel) {
+	t := time.AfterFunc(s.cfg.HandshakeTimeout, func() {
+		if !ch.isClosed() {
+			_ = s.beginRecovery(ch, nil, 0, false)
+		}
+	})
+	ch.mu.Lock()
+	if ch.rec != nil {
+		ch.rec.timer = t
+	}
+	ch.mu.Unlock()
+}
+
+// errRecoverTwice is a second op 21, or one after the hold ended.
+var errRecoverTwice = fmt.Errorf("%w: op 21 after the connection's recovery began", errProtocol)
+
+// recoverTask is one stream to recover.
+type recoverTask struct {
+	req   wire.StreamPos
+	reply bool // named in op 21: answered in op 22
+	// unacked: the user stream with acks on, not named: recovered from
+	// the acknowledged position, or from the oldest kept when that is
+	// gone.
+	unacked bool
+	res     wire.RecoverResult
+	entries []*pb.HistoryEntry // the first page
+	target  uint64             // recover through this position
+}
+
+// beginRecovery starts the connection's one recovery: streams named by op
+// 21 (seq is its sequence; reply says op 22 is wanted), or none when
+// another packet or the hold's timeout ended the hold.
+func (s *Stage) beginRecovery(ch *channel, streams []wire.StreamPos, seq int32, reply bool) error {
+	if ch.recoverBegun.Swap(true) {
+		return errRecoverTwice
+	}
+	ch.mu.Lock()
+	if ch.rec != nil && ch.rec.timer != nil {
+		ch.rec.timer.Stop()
+	}
+	rooms := append([]string(nil), ch.rooms...)
+	ch.mu.Unlock()
+	user := pipeline.UserStream(ch.mid)
+	tasks := make([]*recoverTask, 0, len(streams)+1)
+	named := map[string]bool{}
+	for _, sp := range streams {
+		named[sp.Stream] = true
+		t := &recoverTask{req: sp, reply: true}
+		if !receives(sp.Stream, user, rooms) {
+			t.res = wire.RecoverResult{Stream: sp.Stream, Reason: wire.ReasonForbidden, Epoch: sp.Epoch, Pos: sp.Pos}
+		}
+		tasks = append(tasks, t)
+	}
+	if !named[user] && ch.acks && ch.acked != nil {
+		named[user] = true // not a start below
+		tasks = append(tasks, &recoverTask{req: wire.StreamPos{Stream: user, Epoch: ch.acked.Epoch, Pos: ch.acked.Pos}, unacked: true})
+	}
+	// A stream op 21 does not name starts where op 8 said. Logic read
+	// that position before the connection joined its rooms here: what
+	// the node delivered in between never reached it. When the node's
+	// stream moved past the position, the difference comes from history.
+	for _, sp := range ch.starts() {
+		if !named[sp.Stream] && s.order.movedPast(sp) {
+			tasks = append(tasks, &recoverTask{req: sp})
+		}
+	}
+	go s.recoverConn(ch, tasks, seq, reply, named)
+	return nil
+}
+
+// movedPast reports whether the node delivered a position of sp's stream
+// past sp (in its epoch).
+func (o *orderer) movedPast(sp wire.StreamPos) bool {
+	st := o.get(sp.Stream)
+	if st == nil {
+		return false
+	}
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.known && st.epoch == sp.Epoch && st.last > sp.Pos
+}
+
+// receives reports whether a connection of user's stream in rooms gets
+// stream.
+func receives(stream, user string, rooms []string) bool {
+	if stream == user {
+		return true
+	}
+	for _, r := range rooms {
+		if pipeline.RoomStream(r) == stream {
+			return true
+		}
+	}
+	return false
+}
+
+// recoverConn runs a connection's recovery (see the top of the file).
+func (s *Stage) recoverConn(ch *channel, tasks []*recoverTask, seq int32, reply bool, named map[string]bool) {
+	defer func() {
+		// Only this connection ends, as for a panic in its reader.
+		if p := recover(); p != nil {
+			s.logger.Error("panic recovering client; connection closed", "key", ch.key, "panic", p, "stack", string(debug.Stack()))
+			ch.close(closeInternal, "internal error")
+		}
+	}()
+	if err := s.firstPages(ch, tasks); err != nil {
+		s.recoverLog.Log("recover client: logic's history unavailable; client closed with 1013", "mid", ch.mid, "key", ch.key, "err", err)
+		ch.close(closeCode(fmt.Errorf("%w: %w", errUpstream, err)))
+		return
+	}
+	if reply {
+		results := make([]wire.RecoverResult, 0, len(tasks))
+		for _, t := range tasks {
+			if t.reply {
+				results = append(results, t.res)
+			}
+		}
+		body, _ := wire.AppendRecoverReply(nil, results)
+		ch.reply(outItem{pkt: wire.Encode(wire.OpRecoverReply, seq, body)})
+	}
+	floors := map[string]wire.StreamPos{}
+	// A stream op 21 did not name starts where op 8 said.
+	for _, sp := range ch.starts() {
+		if !named[sp.Stream] {
+			floors[sp.Stream] = sp
+		}
+	}
+	for _, t := range tasks {
+		if t.res.Reason == wire.ReasonForbidden {
+			continue
+		}
+		switch {
+		case !t.reply && !t.res.Recovered:
+			// A start not filled: what it held goes out from the start
+			// (the client sees the gap, as after a skipped position).
+			floors[t.req.Stream] = t.req
+		case t.res.Epoch != "":
+			floors[t.res.Stream] = wire.StreamPos{Stream: t.res.Stream, Epoch: t.res.Epoch, Pos: t.res.Pos}
+		}
+		if !t.res.Recovered {
+			continue
+		}
+		if err := s.sendMissed(ch, t); err != nil {
+			if !ch.ending() {
+				s.recoverLog.Log("recover client: closed to recover again", "mid", ch.mid, "key", ch.key, "stream", t.res.Stream, "err", err)
+				ch.close(closeRecoverAgain, "recovery interrupted, reconnect and recover")
+			}
+			return
+		}
+	}
+	ch.endRecovery(floors)
+}
+
+// starts are where op 8 said the connection's streams start.
+func (c *channel) starts() []wire.StreamPos {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.rec == nil {
+		return nil
+	}
+	return c.rec.starts
+}
+
+// ending reports whether the connection is closed or closing after its
+// queue (a drain): either way nothing more is sent.
+func (c *channel) ending() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.closed || c.draining
+}
+
+// firstPages reads the first page of each task's stream and settles its
+// result, holding one of the node's recovery slots.
+func (s *Stage) firstPages(ch *channel, tasks []*recoverTask) error {
+	s.recoverSlots <- struct{}{}
+	defer func() { <-s.recoverSlots }()
+	if ch.ending() {
+		// Gone while it waited for a slot (a storm's client gave up).
+		return nil
+	}
+	for _, t := range tasks {
+		if t.res.Reason == wire.ReasonForbidden {
+			continue
+		}
+		r, err := s.historyPage(t.req.Stream, t.req.Epoch, t.req.Pos)
+		if err != nil {
+			if c := status.Code(err); c == codes.FailedPrecondition || c == codes.Unimplemented {
+				// History is off: there is nothing to recover, nor any
+				// position to drop at.
+				t.res = wire.RecoverResult{Stream: t.req.Stream, Reason: wire.ReasonNoHistory, Epoch: t.req.Epoch, Pos: t.req.Pos}
+				continue
+			}
+			return err
+		}
+		if t.unacked && (r.Unrecoverable == wire.ReasonTrimmed || r.Unrecoverable == wire.ReasonEpoch) {
+			// Unacknowledged messages are the oldest kept ones, now.
+			if r, err = s.historyPage(t.req.Stream, "", 0); err != nil {
+				return err
+			}
+			t.req.Epoch, t.req.Pos = r.GetTop().GetEpoch(), r.GetTop().GetPos()
+			if r.Unrecoverable == "" && len(r.Entries) > 0 {
+				t.req.Pos = r.Entries[0].Pos - 1
+			}
+		}
+		settle(t, r)
+	}
+	return nil
+}
+
+// settle sets a task's result from its first page.
+func settle(t *recoverTask, r *pb.HistoryReply) {
+	top := r.GetTop()
+	t.res = wire.RecoverResult{Stream: t.req.Stream, Epoch: top.GetEpoch(), Pos: top.GetPos()}
+	if t.res.Epoch == "" {
+		// A logic that gives no top: the client's own position.
+		t.res.Epoch, t.res.Pos = t.req.Epoch, t.req.Pos
+	}
+	switch {
+	case r.Unrecoverable != "":
+		t.res.Reason = r.Unrecoverable
+	case top.GetPos() > t.req.Pos && top.GetPos()-t.req.Pos > maxRecoverEntries:
+		t.res.Reason = wire.ReasonTrimmed
+	default:
+		t.res.Recovered = true
+		t.entries = r.Entries
+		t.target = max(top.GetPos(), t.req.Pos)
+	}
+}
+
+// historyPage asks logic for a page of stream after pos.
+func (s *Stage) historyPage(stream, epoch string, after uint64) (*pb.HistoryReply, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), logicCallTimeout)
+	defer cancel()
+	r, err := s.logic.History(ctx, &pb.HistoryReq{Stream: stream, Epoch: epoch, After: after, Limit: recoverPage})
+	if err != nil {
+		return nil, fmt.Errorf("history of %s after %d: %w", stream, after, err)
+	}
+	return r, nil
+}
+
+// errHistoryMoved: the history changed during a recovery (trimmed past
+// the entries still to send, or a new epoch).
+var errHistoryMoved = errors.New("history changed during recovery")
+
+// sendMissed queues a recovered stream's entries after the client's
+// position through the task's target, page by page.
+func (s *Stage) sendMissed(ch *channel, t *recoverTask) error {
+	last, epoch := t.req.Pos, t.res.Epoch
+	entries := t.entries
+	t.entries = nil
+	_, room := pipeline.StreamRoom(t.res.Stream)
+	user := !room
+	for last < t.target {
+		if len(entries) == 0 {
+			s.recoverSlots <- struct{}{}
+			r, err := s.historyPage(t.res.Stream, epoch, last)
+			<-s.recoverSlots
+			if err != nil {
+				return err
+			}
+			if r.Unrecoverable != "" || len(r.Entries) == 0 {
+				return fmt.Errorf("%w: %s after %d: %q", errHistoryMoved, t.res.Stream, last, r.Unrecoverable)
+			}
+			entries = r.Entries
+		}
+		items := make([]outItem, 0, len(entries))
+		for _, e := range entries {
+			if e.Pos <= last || e.Pos > t.target {
+				continue
+			}
+			if e.Pos != last+1 {
+				return fmt.Errorf("%w: %s jumped from %d to %d", errHistoryMoved, t.res.Stream, last, e.Pos)
+			}
+			last = e.Pos
+			if e.Op < wire.MinBusinessOp {
+				continue
+			}
+			pkt, err := wire.AppendStreamMsg(nil, 0, t.res.Stream, epoch, e.Pos, e.Op, e.Body)
+			if err != nil {
+				return fmt.Errorf("encode %s at %d: %w", t.res.Stream, e.Pos, err)
+			}
+			it := outItem{pkt: pkt, op: e.Op, push: true}
+			if user {
+				p := &pb.Proto{Id: e.Id, Op: e.Op, Positions: []*pb.StreamPos{{Stream: t.res.Stream, Epoch: epoch, Pos: e.Pos}}}
+				it = s.deliveredItem(it, ch, p)
+			}
+			items = append(items, it)
+		}
+		entries = nil
+		if !ch.sendRecovered(items) {
+			return errors.New("connection closed during recovery")
+		}
+	}
+	return nil
+}
