@@ -37,6 +37,10 @@ type Identity struct {
 	// KeyMade says Key was made up here, the client naming none: such a
 	// guest can be limited by nothing it sent.
 	KeyMade bool
+	// Recover: the client opted in to positioned delivery, recovery and
+	// acks (issue 12; the `recover` claim). Without it the client gets
+	// goim's frames byte for byte.
+	Recover bool
 }
 
 // Claims are the JWT claims of a client token.
@@ -46,6 +50,9 @@ type Claims struct {
 	Rooms    []string `json:"rooms,omitempty"`
 	Platform string   `json:"platform,omitempty"`
 	Accepts  []int32  `json:"accepts,omitempty"`
+	// Recover opts the client in to positioned delivery, recovery and
+	// acks (README, "Positioned delivery, recovery and acks").
+	Recover bool `json:"recover,omitempty"`
 	jwt.RegisteredClaims
 }
 
@@ -112,7 +119,9 @@ func (a jwtAuth) Authenticate(body []byte) (Identity, error) {
 	if err := strictToken(tok); err != nil {
 		return Identity{}, fmt.Errorf("%w: %w", ErrUnauthenticated, err)
 	}
-	return identity(c.Mid, c.Key, c.Rooms, c.Platform, c.Accepts, false)
+	id, err := identity(c.Mid, c.Key, c.Rooms, c.Platform, c.Accepts, false)
+	id.Recover = c.Recover
+	return id, err
 }
 
 // insecureJSON trusts goim's plain JSON auth body as is.
@@ -126,6 +135,7 @@ func (insecureJSON) Authenticate(body []byte) (Identity, error) {
 		Rooms    []string `json:"rooms"`
 		Platform string   `json:"platform"`
 		Accepts  []int32  `json:"accepts"`
+		Recover  bool     `json:"recover"`
 	}
 	if err := json.Unmarshal(body, &b); err != nil {
 		return Identity{}, fmt.Errorf("%w: auth body is not goim JSON: %w", ErrUnauthenticated, err)
@@ -135,7 +145,9 @@ func (insecureJSON) Authenticate(body []byte) (Identity, error) {
 		rooms = append([]string{b.RoomID}, rooms...)
 	}
 	// goim lets a client join any room and subscribe any operation.
-	return identity(b.Mid, b.Key, rooms, b.Platform, b.Accepts, true)
+	id, err := identity(b.Mid, b.Key, rooms, b.Platform, b.Accepts, true)
+	id.Recover = b.Recover
+	return id, err
 }
 
 // identity checks the claims as the wire accepts them, so that no string

@@ -56,7 +56,7 @@ func strictToken(token string) error {
 
 // claimNames are the names Claims decodes, its own and the registered
 // ones (RFC 7519 §4.1).
-var claimNames = [...]string{"mid", "key", "rooms", "platform", "accepts", "iss", "sub", "aud", "exp", "nbf", "iat", "jti"}
+var claimNames = [...]string{"mid", "key", "rooms", "platform", "accepts", "recover", "iss", "sub", "aud", "exp", "nbf", "iat", "jti"}
 
 // decodeSegment appends the base64url-decoded seg to dst, in dst's array
 // when it fits.
