@@ -85,6 +85,7 @@ func New(cfg config.Logic, o Options) (*Stage, error) {
 	rpc := newGRPCServer(cfg, auth, o.Registry,
 		&replacer{registry: o.Registry, logger: o.Logger, clouds: cloudconn.New(o.CloudDial...)}, o.Logger)
 	rpc.history = o.History
+	rpc.acks = limits.User.Acks
 	return &Stage{
 		cfg:       cfg,
 		heartbeat: o.Heartbeat,
