@@ -72,6 +72,8 @@ type Stage struct {
 	// order delivers each room's and user's positioned pushes in stream
 	// order (issue 12; order.go).
 	order *orderer
+	// acker batches clients' acks (op 23) per user to logic (ack.go).
+	acker *acker
 
 	limits *connLimiter // cloud.max_conns and cloud.max_handshakes_per_ip
 
@@ -129,6 +131,7 @@ func New(cfg config.Cloud, o Options) *Stage {
 	s.delivered = expiring.NewSet(cfg.DedupeTTL)
 	s.rounds = newRoomRounds()
 	s.order = newOrderer(s, cfg.OrderGapWait)
+	s.acker = newAcker(s)
 	s.announcer = newAnnouncer(func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), logicCallTimeout)
 		defer cancel()
