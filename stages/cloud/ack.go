@@ -113,22 +113,23 @@ func (a *connAcks) noteSent(epoch string, pos uint64) {
 	a.sent = max(a.sent, pos)
 }
 
-// noteProto records p's user-stream position, if it has one, for a
+// noteUserProto records p's user-stream position, if it has one, for a
 // connection that acks. Every key and mid push handed to a connection
 // passes here (deliveredItem), live, released from a hold or filled from
 // history.
-func (a *connAcks) noteProto(mid int64, p *pb.Proto) {
-	if !a.optedIn || !a.on || len(p.GetPositions()) == 0 {
+func (c *channel) noteUserProto(p *pb.Proto) {
+	if !c.acks.optedIn || !c.acks.on || len(p.GetPositions()) == 0 {
 		return
 	}
-	if sp := posFor(p, pipeline.UserStream(mid)); sp != nil && sp.Epoch != "" {
-		a.noteSent(sp.Epoch, sp.Pos)
+	if sp := posFor(p, pipeline.UserStream(c.mid)); sp != nil {
+		c.noteUserSent(sp.Epoch, sp.Pos)
 	}
 }
 
-// NoteUserSent records that the connection was given its user stream's
-// position pos of epoch by a path that does not pass deliveredItem (a
-// recovery's entries, or a recovered position the client named).
+// noteUserSent records that the connection was given its user stream's
+// position pos of epoch. A path that does not pass deliveredItem (a
+// recovery's entries, a recovered position the client named) calls it
+// too, so that the client may ack what it got.
 func (c *channel) noteUserSent(epoch string, pos uint64) {
 	if c.acks.optedIn && c.acks.on && epoch != "" {
 		c.acks.noteSent(epoch, pos)

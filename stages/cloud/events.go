@@ -45,7 +45,7 @@ func (s *Stage) emitDisconnect(ch *channel) {
 // writer has written it to the socket; item itself when the kind is off.
 // The packet bytes stay shared: only the 40-byte item is copied.
 func (s *Stage) deliveredItem(item outItem, ch *channel, p *pb.Proto) outItem {
-	ch.acks.noteProto(ch.mid, p) // what an op 23 may acknowledge
+	ch.noteUserProto(p) // what an op 23 may acknowledge
 	if !s.events.Enabled(events.Delivered) {
 		return item
 	}
