@@ -118,7 +118,7 @@ func (a *connAcks) noteSent(epoch string, pos uint64) {
 // passes here (deliveredItem), live, released from a hold or filled from
 // history.
 func (c *channel) noteUserProto(p *pb.Proto) {
-	if !c.acks.optedIn || !c.acks.on || len(p.GetPositions()) == 0 {
+	if !c.ackTrack.optedIn || !c.ackTrack.on || len(p.GetPositions()) == 0 {
 		return
 	}
 	if sp := posFor(p, pipeline.UserStream(c.mid)); sp != nil {
@@ -131,8 +131,8 @@ func (c *channel) noteUserProto(p *pb.Proto) {
 // recovery's entries, a recovered position the client named) calls it
 // too, so that the client may ack what it got.
 func (c *channel) noteUserSent(epoch string, pos uint64) {
-	if c.acks.optedIn && c.acks.on && epoch != "" {
-		c.acks.noteSent(epoch, pos)
+	if c.ackTrack.optedIn && c.ackTrack.on && epoch != "" {
+		c.ackTrack.noteSent(epoch, pos)
 	}
 }
 
@@ -153,20 +153,20 @@ func (a *connAcks) check(epoch string, pos uint64) (forward bool, err error) {
 	return true, nil
 }
 
-// handleAck serves an op 23 packet.
-func (s *Stage) handleAck(ch *channel, p wire.Packet) error {
-	if !ch.acks.optedIn {
+// handleAck serves an op 23 packet's body.
+func (s *Stage) handleAck(ch *channel, body []byte) error {
+	if !ch.ackTrack.optedIn {
 		return fmt.Errorf("%w: op 23 from a connection that did not opt in (the recover claim)", errProtocol)
 	}
-	epoch, pos, err := wire.DecodeAck(p.Body)
+	epoch, pos, err := wire.DecodeAck(body)
 	if err != nil {
 		return fmt.Errorf("%w: op 23: %w", errProtocol, err)
 	}
-	if !ch.acks.on {
+	if !ch.ackTrack.on {
 		s.acker.ignored.Add(1)
 		return nil
 	}
-	forward, err := ch.acks.check(epoch, pos)
+	forward, err := ch.ackTrack.check(epoch, pos)
 	if err != nil {
 		n := s.acker.refused.Add(1)
 		s.acker.log.Log("client acked a position it was not sent; closed with 4422", "mid", ch.mid, "key", ch.key, "err", err, "refused", n)

@@ -77,8 +77,8 @@ type channel struct {
 	limitBytes int
 	grants     *grants // what op 12 and op 14 may add; set at handshake
 
-	// acks is what an op 23 may acknowledge (ack.go).
-	acks connAcks
+	// ackTrack is what an op 23 may acknowledge (ack.go).
+	ackTrack connAcks
 
 	mu        sync.Mutex // guards everything below
 	rooms     []string

@@ -227,7 +227,7 @@ func (s *Stage) handshake(t transport) (*channel, []*pb.StreamPos, error) {
 		maxAccepts:     s.cfg.MaxAccepts,
 		heartbeatEvery: s.heartbeatEvery(reply.SessionTtl),
 	}
-	ch.acks.init(reply)
+	ch.ackTrack.init(reply)
 	// The session's own Connect counts as its first heartbeat.
 	ch.heartbeatAt = time.Now().UnixNano()
 	t.admitted(newClientBudget(s.cfg.ClientRate, s.cfg.ClientBurst, s.cfg.MaxBodyBytes), func() bool {
@@ -428,6 +428,9 @@ func (s *Stage) handle(ch *channel, b *bucket, p wire.Packet) error {
 		return fmt.Errorf("%w: more than %v packets/s", errRateLimited, s.cfg.ClientRate)
 	}
 	switch p.Op {
+	case wire.OpAck:
+		// The ack hook: stages/cloud/ack.go.
+		return s.handleAck(ch, p.Body)
 	case wire.OpHeartbeat:
 		var body [4]byte
 		binary.BigEndian.PutUint32(body[:], uint32(s.onlineCount(ch.firstRoom())))
@@ -478,8 +481,6 @@ func (s *Stage) handle(ch *channel, b *bucket, p wire.Packet) error {
 			return fmt.Errorf("op %d: %w", p.Op, err)
 		}
 		ch.reply(outItem{pkt: wire.Encode(p.Op+1, p.Seq, p.Body)})
-	case wire.OpAck:
-		return s.handleAck(ch, p)
 	case wire.OpAuth:
 		return fmt.Errorf("%w: auth after authentication", errProtocol)
 	default:
