@@ -191,6 +191,9 @@ type acker struct {
 	mu      sync.Mutex
 	pending map[ackKey]*pendingAck
 	stopped bool // the flusher ended (the node drains): add flushes inline
+	// flushMu is held by a flush: one at a time, and drain's, taken
+	// last, waits for the one running.
+	flushMu sync.Mutex
 
 	// sent counts the Ack calls made; failed those logic did not take
 	// (each kind logged once per logEvery); refused the acks of
@@ -272,11 +275,7 @@ func (a *acker) run(ctx context.Context) {
 	for {
 		select {
 		case <-ctx.Done():
-			a.mu.Lock()
-			a.stopped = true
-			batch := a.take()
-			a.mu.Unlock()
-			a.flush(batch)
+			a.drain()
 			return
 		case <-a.kick:
 		}
@@ -291,6 +290,18 @@ func (a *acker) run(ctx context.Context) {
 		a.mu.Unlock()
 		a.flush(batch)
 	}
+}
+
+// drain sends what is pending and what later acks bring, inline from
+// now on, and returns once every flush begun has been answered: Drain
+// calls it when the node's sessions have ended, so that the last acks of
+// its clients reach logic before the process exits.
+func (a *acker) drain() {
+	a.mu.Lock()
+	a.stopped = true
+	batch := a.take()
+	a.mu.Unlock()
+	a.flush(batch)
 }
 
 // take empties pending; a.mu is held.
@@ -308,6 +319,8 @@ func (a *acker) take() map[ackKey]*pendingAck {
 // flush sends each user's ack to logic, ackCallsInFlight at a time, and
 // returns when all are answered: a user's next ack is sent after this one.
 func (a *acker) flush(batch map[ackKey]*pendingAck) {
+	a.flushMu.Lock()
+	defer a.flushMu.Unlock()
 	if len(batch) == 0 {
 		return
 	}

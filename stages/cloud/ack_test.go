@@ -452,3 +452,29 @@ func TestAcksOfManyUsers(t *testing.T) {
 		t.Fatalf("%d Ack calls for %d users acking 10 times each, want %d", calls, users, users)
 	}
 }
+
+// TestAcksFlushedOnDrain: an ack a client sent just before the node
+// drains reaches logic before Drain returns, not a flush interval later
+// (when the process may be gone).
+func TestAcksFlushedOnDrain(t *testing.T) {
+	n := startAckNode(t, true)
+	c := n.connectRecover(t, 5, "k5", true)
+	n.pushKeysAt(t, 5, 1, "m1", "1", "k5")
+	readUntil(t, c, "1")
+	if err := c.Ack("e1", 1); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the ack queued", func() bool {
+		n.st.acker.mu.Lock()
+		defer n.st.acker.mu.Unlock()
+		return len(n.st.acker.pending) == 1
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	if err := n.st.Drain(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if calls, acked := n.logic.state(5); calls != 1 || acked != 1 {
+		t.Fatalf("after Drain logic had %d calls, position %d; want 1 and 1", calls, acked)
+	}
+}

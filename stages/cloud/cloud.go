@@ -440,6 +440,7 @@ func (s *Stage) Drain(ctx context.Context) error {
 	done := make(chan struct{})
 	go func() {
 		s.conns.Wait()
+		s.acker.drain() // the clients' last acks, now that none can come
 		s.pacedWG.Wait()
 		if s.parker != nil {
 			s.parker.close() // nothing is parked once every session ended
