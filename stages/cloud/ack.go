@@ -65,11 +65,12 @@ const (
 // errAckUnsent is an ack of a position the connection was not sent.
 var errAckUnsent = errors.New("ack of a position this connection was not sent")
 
-// connAcks is a connection's side of acks. optedIn and on are set at
-// handshake, before the connection is shared; the rest is guarded by mu.
+// connAcks is the side of acks of a connection that opted in; the
+// others have none (8 bytes of pointer rather than 64 on every
+// connection). on is set at handshake, before the connection is shared;
+// the rest is guarded by mu.
 type connAcks struct {
-	optedIn bool // ConnectReply.recover
-	on      bool // ConnectReply.acks: the user's stream keeps acks
+	on bool // ConnectReply.acks: the user's stream keeps acks
 
 	mu sync.Mutex
 	// epoch is the user stream's epoch as the connection knows it: from
@@ -84,11 +85,15 @@ type connAcks struct {
 	sent, acked uint64
 }
 
-// init sets a connection's ack state from logic's ConnectReply.
-func (a *connAcks) init(reply *pb.ConnectReply) {
-	a.optedIn, a.on = reply.Recover, reply.Acks
-	if !a.optedIn || !a.on {
-		return
+// newConnAcks is a connection's ack state from logic's ConnectReply;
+// nil when the client did not opt in.
+func newConnAcks(reply *pb.ConnectReply) *connAcks {
+	if !reply.Recover {
+		return nil
+	}
+	a := &connAcks{on: reply.Acks}
+	if !a.on {
+		return a
 	}
 	user := pipeline.UserStream(reply.Mid)
 	if top := findTop(reply.Tops, user); top != nil && top.Epoch != "" {
@@ -98,6 +103,7 @@ func (a *connAcks) init(reply *pb.ConnectReply) {
 		a.epoch, a.acked = acked.Epoch, acked.Pos
 		a.top = max(a.top, acked.Pos)
 	}
+	return a
 }
 
 // noteSent records that the user stream's position pos of epoch is on its
@@ -118,7 +124,7 @@ func (a *connAcks) noteSent(epoch string, pos uint64) {
 // passes here (deliveredItem), live, released from a hold or filled from
 // history.
 func (c *channel) noteUserProto(p *pb.Proto) {
-	if !c.ackTrack.optedIn || !c.ackTrack.on || len(p.GetPositions()) == 0 {
+	if c.ackTrack == nil || !c.ackTrack.on || len(p.GetPositions()) == 0 {
 		return
 	}
 	if sp := posFor(p, pipeline.UserStream(c.mid)); sp != nil {
@@ -131,7 +137,7 @@ func (c *channel) noteUserProto(p *pb.Proto) {
 // recovery's entries, a recovered position the client named) calls it
 // too, so that the client may ack what it got.
 func (c *channel) noteUserSent(epoch string, pos uint64) {
-	if c.ackTrack.optedIn && c.ackTrack.on && epoch != "" {
+	if c.ackTrack != nil && c.ackTrack.on && epoch != "" {
 		c.ackTrack.noteSent(epoch, pos)
 	}
 }
@@ -155,7 +161,7 @@ func (a *connAcks) check(epoch string, pos uint64) (forward bool, err error) {
 
 // handleAck serves an op 23 packet's body.
 func (s *Stage) handleAck(ch *channel, body []byte) error {
-	if !ch.ackTrack.optedIn {
+	if ch.ackTrack == nil {
 		return fmt.Errorf("%w: op 23 from a connection that did not opt in (the recover claim)", errProtocol)
 	}
 	epoch, pos, err := wire.DecodeAck(body)
