@@ -34,7 +34,7 @@ Usage:
   imcloud standalone [--config F] [--set key=value]... [--anonymous]
                                                          every stage in one process, embedded broker
   imcloud run --config F [--stages logic,job,cloud] [--set key=value]...
-  imcloud token --mid N [--rooms R1,R2] [--accepts 1000,1001] [--key K] [--ttl D] [--config F]
+  imcloud token --mid N [--rooms R1,R2] [--accepts 1000,1001] [--key K] [--recover] [--ttl D] [--config F]
   imcloud check --config F                                 validate a configuration and exit
   imcloud listen --token T [--ws URL | --tcp ADDR]         connect as a client and print what arrives
   imcloud poison list|replay|purge [--id ID]... [--all]    inspect and re-drive poisoned messages
@@ -134,13 +134,14 @@ func cmdCheck(args []string, stdout, stderr io.Writer, environ []string) error {
 
 func cmdToken(args []string, stdout, stderr io.Writer, environ []string) error {
 	var (
-		cf       configFlags
-		mid      int64
-		rooms    []string
-		accepts  []int32
-		key      string
-		platform string
-		ttl      time.Duration
+		cf           configFlags
+		mid          int64
+		rooms        []string
+		accepts      []int32
+		key          string
+		platform     string
+		ttl          time.Duration
+		recoverClaim bool
 	)
 	fs := newFlagSet("token", "imcloud token: print a client JWT signed with logic.auth.jwt_secret.", stderr)
 	cf.register(fs)
@@ -150,6 +151,7 @@ func cmdToken(args []string, stdout, stderr io.Writer, environ []string) error {
 	fs.StringVar(&key, "key", "", "the session's connection key (the token's key claim, not a secret); empty lets the server make one")
 	fs.StringVar(&platform, "platform", "", "client platform")
 	fs.DurationVar(&ttl, "ttl", 24*time.Hour, "token lifetime")
+	fs.BoolVar(&recoverClaim, "recover", false, "opt the client in to positioned delivery, recovery after reconnect and acks (the recover claim)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -186,7 +188,7 @@ func cmdToken(args []string, stdout, stderr io.Writer, environ []string) error {
 	if err != nil {
 		return err
 	}
-	tok, err := token.Sign(cfg.Logic.Auth.JWTSecret, token.Claims{Mid: mid, Key: key, Rooms: rooms, Platform: platform, Accepts: accepts}, ttl)
+	tok, err := token.Sign(cfg.Logic.Auth.JWTSecret, token.Claims{Mid: mid, Key: key, Rooms: rooms, Platform: platform, Accepts: accepts, Recover: recoverClaim}, ttl)
 	if err != nil {
 		return err
 	}

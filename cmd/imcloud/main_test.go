@@ -38,8 +38,15 @@ func TestToken(t *testing.T) {
 	if err != nil {
 		t.Fatalf("token does not verify: %v", err)
 	}
-	if id.Mid != 9 || id.Key != "k9" || len(id.Rooms) != 2 || len(id.Accepts) != 2 {
+	if id.Mid != 9 || id.Key != "k9" || len(id.Rooms) != 2 || len(id.Accepts) != 2 || id.Recover {
 		t.Fatalf("token identity %+v", id)
+	}
+	out, _, err = runCmd(t, []string{"IMCLOUD_LOGIC__AUTH__JWT_SECRET=s3"}, "token", "--mid", "9", "--recover")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if id, err = a.Authenticate([]byte(strings.TrimSpace(out))); err != nil || !id.Recover {
+		t.Fatalf("--recover token: identity %+v, err %v; want Recover", id, err)
 	}
 }
 

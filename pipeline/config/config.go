@@ -425,17 +425,23 @@ type History struct {
 // none older than TTL. Size 0 keeps none: the stream still gives
 // positions (and so order), but a gap cannot be filled nor a client
 // recovered. A stream untouched for TTL is forgotten, positions and
-// epoch with it. It has pipeline.StreamLimit's fields, so it converts to
-// one (config cannot import pipeline: pipeline's tests import config).
+// epoch with it. Size and TTL are pipeline.StreamLimit's (config cannot
+// import pipeline: pipeline's tests import config).
 type StreamLimit struct {
 	Size int           `koanf:"size"`
 	TTL  time.Duration `koanf:"ttl"`
+	// Acks keeps opted-in clients' acknowledgements (op 23) of the
+	// class's streams: a new connection naming no position then gets
+	// every unacknowledged message still kept. Only the user class has
+	// a cursor per person; a room class refuses it. Off by default: a
+	// client that opts in to recovery but never acks would get up to
+	// Size messages again on every fresh start.
+	Acks bool `koanf:"acks"`
 }
 
 // Limit is the limit of a stream named as pipeline names them ("room:" +
 // room, "user:" + mid), capped by MaxSize: User for a user stream, the
-// room type's in Rooms, else RoomsDefault. Convert it with
-// pipeline.StreamLimit(h.Limit(stream)).
+// room type's in Rooms, else RoomsDefault.
 func (h History) Limit(stream string) StreamLimit {
 	l := h.RoomsDefault
 	if strings.HasPrefix(stream, "user:") {
@@ -908,12 +914,25 @@ func (h History) validate() []error {
 	}
 	check("history.user", h.User)
 	check("history.rooms_default", h.RoomsDefault)
+	// A cursor with nothing kept behind it would redeliver nothing.
+	if h.User.Acks && h.User.Size == 0 {
+		errs = append(errs, errors.New("history.user.acks: needs history.user.size > 0 (acks redeliver unacknowledged messages from history; size 0 keeps none)"))
+	}
+	// A room's stream is shared by everyone in it: one person's ack
+	// cannot say what the others received.
+	roomAcks := func(key string, l StreamLimit) {
+		if l.Acks {
+			errs = append(errs, fmt.Errorf("%s.acks: acks are kept for user streams only (history.user.acks); a room stream is shared and has no cursor per person", key))
+		}
+	}
+	roomAcks("history.rooms_default", h.RoomsDefault)
 	for _, typ := range slices.Sorted(maps.Keys(h.Rooms)) {
 		if !validRoomType(typ) {
 			errs = append(errs, fmt.Errorf("history.rooms: %q is not a room type (1 to %d letters, digits, '_' or '-'; the part of type://id before \"://\")", truncateKey(typ), maxRoomType))
 			continue
 		}
 		check("history.rooms."+typ, h.Rooms[typ])
+		roomAcks("history.rooms."+typ, h.Rooms[typ])
 	}
 	return errs
 }

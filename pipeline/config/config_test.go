@@ -110,6 +110,10 @@ func TestErrorsNameTheKey(t *testing.T) {
 		{name: "room type with a scheme", file: "[history.rooms]\n\"chat://\" = {size = 1, ttl = \"1m\"}\n", wantKey: "history.rooms"},
 		{name: "unknown room limit field", file: "[history.rooms]\nchat = {size = 1, ttl = \"1m\", bytes = 5}\n", wantKey: "bytes"},
 		{name: "no history cap", sets: []string{"history.max_size=0"}, wantKey: "history.max_size"},
+		{name: "acks on the default room class", sets: []string{"history.rooms_default.acks=true"}, wantKey: "history.rooms_default.acks"},
+		{name: "acks on a room type", file: "[history.rooms]\nchat = {size = 10, ttl = \"1m\", acks = true}\n", wantKey: "history.rooms.chat.acks"},
+		{name: "user acks with nothing kept", file: "[history]\nuser = {size = 0, ttl = \"1h\", acks = true}\n", wantKey: "history.user.acks"},
+		{name: "acks not a bool", sets: []string{"history.user.acks=maybe"}, wantKey: "acks"},
 		{name: "huge history cap", sets: []string{"history.max_size=1000000"}, wantKey: "history.max_size"},
 	}
 	for _, tt := range tests {
@@ -261,6 +265,19 @@ func TestHistoryLimit(t *testing.T) {
 		if got := cfg.History.Limit(tt.stream); got != tt.want {
 			t.Errorf("Limit(%q) = %+v, want %+v", tt.stream, got, tt.want)
 		}
+	}
+	if cfg.History.User.Acks {
+		t.Error("acks are on without being configured: the default is off")
+	}
+	on, err := Load(Sources{File: writeTemp(t, "[history]\nuser = {size = 10, ttl = \"1h\", acks = true}\n"), Defaults: withSecret})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := on.History.Limit("user:7"); !got.Acks || got.Size != 10 {
+		t.Errorf("Limit(user:7) with acks on = %+v", got)
+	}
+	if on.History.Limit("room:live://1").Acks {
+		t.Error("a room stream has acks on")
 	}
 	// The cap holds even for a limit that bypassed validation.
 	h := cfg.History

@@ -112,6 +112,10 @@ type channel struct {
 	limitBytes int
 	grants     *grants // what op 12 and op 14 may add; set at handshake
 
+	// ackTrack is what an op 23 may acknowledge (ack.go); nil when the
+	// client did not opt in. Set at handshake.
+	ackTrack *connAcks
+
 	mu        sync.Mutex // guards everything below
 	rooms     []string
 	acceptOps map[int32]struct{} // nil accepts every operation

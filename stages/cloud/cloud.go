@@ -72,6 +72,8 @@ type Stage struct {
 	// order delivers each room's and user's positioned pushes in stream
 	// order (issue 12; order.go).
 	order *orderer
+	// acker batches clients' acks (op 23) per user to logic (ack.go).
+	acker *acker
 
 	limits *connLimiter // cloud.max_conns and cloud.max_handshakes_per_ip
 
@@ -131,6 +133,7 @@ func New(cfg config.Cloud, o Options) *Stage {
 	s.delivered = expiring.NewSet(cfg.DedupeTTL)
 	s.rounds = newRoomRounds()
 	s.order = newOrderer(s, cfg.OrderGapWait)
+	s.acker = newAcker(s)
 	s.announcer = newAnnouncer(func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), logicCallTimeout)
 		defer cancel()
@@ -441,6 +444,7 @@ func (s *Stage) Drain(ctx context.Context) error {
 	done := make(chan struct{})
 	go func() {
 		s.conns.Wait()
+		s.acker.drain() // the clients' last acks, now that none can come
 		s.pacedWG.Wait()
 		if s.parker != nil {
 			s.parker.close() // nothing is parked once every session ended

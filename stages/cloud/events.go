@@ -45,6 +45,7 @@ func (s *Stage) emitDisconnect(ch *channel) {
 // writer has written it to the socket; item itself when the kind is off.
 // The packet bytes stay shared: only the 40-byte item is copied.
 func (s *Stage) deliveredItem(item outItem, ch *channel, p *pb.Proto) outItem {
+	ch.noteUserProto(p) // what an op 23 may acknowledge
 	if !s.events.Enabled(events.Delivered) {
 		return item
 	}
@@ -77,6 +78,5 @@ func notifyWritten(items []outItem) {
 	}
 }
 
-// The ack op's handler reports each ack it accepts with
-// s.events.Acked(s.nodeID, ch.mid, ch.key, position): the emission point
-// of the acked event (pipeline/events.Emitter.Acked).
+// The acked event is emitted by the acker (ack.go) once logic took a
+// user's ack: s.events.Acked(node, mid, key, position).

@@ -236,6 +236,7 @@ func (s *Stage) handshake(t transport) (*channel, []*pb.StreamPos, error) {
 		maxAccepts:     s.cfg.MaxAccepts,
 		heartbeatEvery: s.heartbeatEvery(reply.SessionTtl),
 	}
+	ch.ackTrack = newConnAcks(reply)
 	// The session's own Connect counts as its first heartbeat.
 	ch.heartbeatAt = time.Now().UnixNano()
 	t.admitted(newClientBudget(s.cfg.ClientRate, s.cfg.ClientBurst, s.cfg.MaxBodyBytes), func() bool {

@@ -39,6 +39,9 @@ type grpcServer struct {
 	// which an outage makes one per call.
 	history     pipeline.History
 	historyFail *pipeline.RateLog
+	// acks: history.user.acks, user streams keep acknowledged positions
+	// (only with a history store).
+	acks bool
 }
 
 // logEvery is the least time between two lines of a rate-limited log; the
@@ -139,9 +142,16 @@ func (s *grpcServer) Connect(ctx context.Context, req *pb.ConnectReq) (*pb.Conne
 	if prev != "" {
 		s.replacer.replaced(id.Key, prev, prevConn)
 	}
-	return &pb.ConnectReply{Mid: id.Mid, Key: id.Key, Rooms: id.Rooms, Accepts: id.Accepts, Platform: id.Platform,
-		RoomGrants: id.RoomGrants, AnyRoom: id.AnyRoom, AnyAccept: id.AnyAccept, Recover: id.Recover,
-		SessionTtl: int64(s.sessionTTL / time.Second), Tops: s.connectTops(ctx, id.Mid, id.Rooms)}, nil
+	reply := &pb.ConnectReply{Mid: id.Mid, Key: id.Key, Rooms: id.Rooms, Accepts: id.Accepts, Platform: id.Platform,
+		RoomGrants: id.RoomGrants, AnyRoom: id.AnyRoom, AnyAccept: id.AnyAccept,
+		SessionTtl: int64(s.sessionTTL / time.Second), Tops: s.connectTops(ctx, id.Mid, id.Rooms),
+		Recover: id.Recover, Acks: s.acksFor(id.Mid)}
+	// Only a client that opted in is recovered from its cursor: goim's
+	// clients cost no store read.
+	if reply.Recover && reply.Acks {
+		reply.Acked = s.connectAcked(ctx, id.Mid)
+	}
+	return reply, nil
 }
 
 // admit refuses a connect over the user's connect rate or session cap

@@ -164,13 +164,44 @@ func (s *grpcServer) Tops(ctx context.Context, req *pb.TopsReq) (*pb.TopsReply, 
 	return reply, nil
 }
 
-// Ack moves a user's acknowledged position forward (never back). A
+// errAcksOff answers an Ack when history.user.acks is off: the node was
+// told so at connect (ConnectReply.acks) and should not have asked.
+var errAcksOff = status.Error(codes.FailedPrecondition, "acks are off for user streams (history.user.acks): no cursor is kept")
+
+// acksFor says whether mid's user stream keeps acks: history.user.acks,
+// with a history store, for a user (mid 0 is every goim guest at once:
+// no one's cursor).
+func (s *grpcServer) acksFor(mid int64) bool {
+	return s.acks && s.history != nil && mid > 0
+}
+
+// connectAcked reads a connecting user's acknowledged position for its
+// ConnectReply: a connection naming no position of its user stream is
+// recovered from there. A fresh stream is given its epoch at position 0,
+// so such a connection gets everything kept. A failing store leaves it
+// out (logged): the node then starts the user stream at its top, as with
+// acks off, and the connect still succeeds.
+func (s *grpcServer) connectAcked(ctx context.Context, mid int64) *pb.StreamPos {
+	acked, err := s.history.Acked(ctx, pipeline.UserStream(mid))
+	if err != nil {
+		s.historyFail.Log("read the acknowledged position for a connect; the connection starts at the stream's top", "mid", mid, "err", err)
+		return nil
+	}
+	return streamPosPB(acked)
+}
+
+// Ack moves a user's acknowledged position forward (never back;
+// cumulative: a position acknowledges every earlier one of its epoch). A
 // foreign epoch is FailedPrecondition, a position past the stream's last
 // OutOfRange: the node tells its client, who sent a position it was never
-// given.
+// given. With acks off (history.user.acks) every Ack is
+// FailedPrecondition: nothing is stored.
 func (s *grpcServer) Ack(ctx context.Context, req *pb.AckReq) (*pb.AckReply, error) {
 	if s.history == nil {
 		return nil, errHistoryOff
+	}
+	if !s.acks {
+		return nil, errAcksOff
 	}
 	// Mid 0 is every guest at once: no one's cursor.
 	if req.Mid <= 0 {

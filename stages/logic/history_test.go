@@ -83,6 +83,7 @@ func historyServer(t *testing.T, h pipeline.History, logger *slog.Logger) *grpcS
 	if h != nil {
 		s.history = h
 	}
+	s.acks = true // history.user.acks: the Ack RPC's tests need it on
 	return s
 }
 

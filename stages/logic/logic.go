@@ -85,11 +85,15 @@ func New(cfg config.Logic, o Options) (*Stage, error) {
 	rpc := newGRPCServer(cfg, auth, o.Registry,
 		&replacer{registry: o.Registry, logger: o.Logger, clouds: cloudconn.New(o.CloudDial...)}, o.Logger)
 	rpc.history = o.History
+	rpc.acks = limits.User.Acks
 	return &Stage{
 		cfg:       cfg,
 		heartbeat: o.Heartbeat,
 		pusher: &Pusher{registry: o.Registry, publisher: o.Publisher, topic: o.PushTopic, events: o.Events, history: o.History,
-			limit: func(stream string) pipeline.StreamLimit { return pipeline.StreamLimit(limits.Limit(stream)) }},
+			limit: func(stream string) pipeline.StreamLimit {
+				l := limits.Limit(stream)
+				return pipeline.StreamLimit{Size: l.Size, TTL: l.TTL}
+			}},
 		history: o.History,
 		replies: o.Replies,
 		grpc:    rpc,

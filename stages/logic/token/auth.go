@@ -37,7 +37,9 @@ type Identity struct {
 	// KeyMade says Key was made up here, the client naming none: such a
 	// guest can be limited by nothing it sent.
 	KeyMade bool
-	// Recover: the client opted in to positioned delivery and recovery.
+	// Recover: the client opted in to positioned delivery, recovery and
+	// acks (issue 12; the `recover` claim). Without it the client gets
+	// goim's frames byte for byte.
 	Recover bool
 }
 
@@ -48,7 +50,8 @@ type Claims struct {
 	Rooms    []string `json:"rooms,omitempty"`
 	Platform string   `json:"platform,omitempty"`
 	Accepts  []int32  `json:"accepts,omitempty"`
-	// Recover opts in to positioned delivery and recovery (ops 20–23).
+	// Recover opts the client in to positioned delivery, recovery and
+	// acks (README, "Positioned delivery, recovery and acks").
 	Recover bool `json:"recover,omitempty"`
 	jwt.RegisteredClaims
 }

@@ -8,6 +8,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -120,5 +121,54 @@ func TestGoimGuestsAuthenticate(t *testing.T) {
 		if _, err := jwtAuth.Authenticate([]byte(tok)); !errors.Is(err, ErrUnauthenticated) {
 			t.Fatalf("jwt with mid %d: err = %v, want ErrUnauthenticated", mid, err)
 		}
+	}
+}
+
+// TestRecoverClaim: a client opts in to positioned delivery with the
+// `recover` claim, or "recover": true in goim's JSON; nothing else opts
+// it in, and a claim spelled in another case is refused like any other.
+func TestRecoverClaim(t *testing.T) {
+	jwtAuth, err := NewAuthenticator(config.Auth{Mode: config.AuthJWT, JWTSecret: "secret"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	goim, _ := NewAuthenticator(config.Auth{Mode: config.AuthInsecureJSON})
+	signed := func(c Claims) []byte {
+		s, err := Sign("secret", c, time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return []byte(s)
+	}
+	exp := time.Now().Add(time.Hour).Unix()
+	cases := []struct {
+		name        string
+		a           Authenticator
+		body        []byte
+		ok, recover bool
+	}{
+		{"jwt with the claim", jwtAuth, signed(Claims{Mid: 3, Recover: true}), true, true},
+		{"jwt without it", jwtAuth, signed(Claims{Mid: 3}), true, false},
+		{"jwt with it false", jwtAuth, []byte(signRaw(t, "secret", `{"alg":"HS256","typ":"JWT"}`, fmt.Sprintf(`{"mid":3,"recover":false,"exp":%d}`, exp))), true, false},
+		{"jwt in another case", jwtAuth, []byte(signRaw(t, "secret", `{"alg":"HS256","typ":"JWT"}`, fmt.Sprintf(`{"mid":3,"Recover":true,"exp":%d}`, exp))), false, false},
+		{"jwt twice", jwtAuth, []byte(signRaw(t, "secret", `{"alg":"HS256","typ":"JWT"}`, fmt.Sprintf(`{"mid":3,"recover":false,"recover":true,"exp":%d}`, exp))), false, false},
+		{"jwt not a bool", jwtAuth, []byte(signRaw(t, "secret", `{"alg":"HS256","typ":"JWT"}`, fmt.Sprintf(`{"mid":3,"recover":"yes","exp":%d}`, exp))), false, false},
+		{"goim json with it", goim, []byte(`{"mid":3,"key":"k","recover":true}`), true, true},
+		{"goim json without it", goim, []byte(`{"mid":3,"key":"k"}`), true, false},
+		{"goim json not a bool", goim, []byte(`{"mid":3,"key":"k","recover":1}`), false, false},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			id, err := c.a.Authenticate(c.body)
+			if (err == nil) != c.ok {
+				t.Fatalf("Authenticate: err %v, want ok %v", err, c.ok)
+			}
+			if err != nil && !errors.Is(err, ErrUnauthenticated) {
+				t.Fatalf("err %v is not ErrUnauthenticated", err)
+			}
+			if c.ok && id.Recover != c.recover {
+				t.Fatalf("Recover %v, want %v", id.Recover, c.recover)
+			}
+		})
 	}
 }
