@@ -44,6 +44,9 @@ type reconnectResult struct {
 	// Recovered clients got every missed message, in order, once.
 	Recovered    int64 `json:"recovered"`
 	NotRecovered int64 `json:"not_recovered"` // op 22 said no, or the storm timed out
+	// Reasons counts why clients were not recovered: op 22's reason, or
+	// "read" for a client whose messages did not all arrive.
+	Reasons map[string]int64 `json:"not_recovered_reasons,omitempty"`
 	Failed       int64 `json:"failed"`        // could not reconnect
 	Gaps         int64 `json:"gaps"`
 	Duplicated   int64 `json:"duplicated"`
@@ -149,6 +152,14 @@ func reconnect(ctx context.Context, c reconnectConfig, progress io.Writer) (reco
 		}
 	}()
 	var recovered, notRecovered, failed, gaps, dups atomic.Int64
+	var reasonsMu sync.Mutex
+	res.Reasons = map[string]int64{}
+	notRecoveredBecause := func(why string) {
+		notRecovered.Add(1)
+		reasonsMu.Lock()
+		res.Reasons[why]++
+		reasonsMu.Unlock()
+	}
 	var lat latencies
 	conns := make([]*client.Conn, c.Clients)
 	deadline := time.Now().Add(c.Timeout)
@@ -183,14 +194,24 @@ func reconnect(ctx context.Context, c reconnectConfig, progress io.Writer) (reco
 				failed.Add(1)
 				return
 			}
-			if len(reply.Streams) != 1 || !reply.Streams[0].Recovered {
-				notRecovered.Add(1)
+			// Op 8 gave the client its user stream and its room's; both
+			// must be recovered (the user stream missed nothing).
+			roomAnswered := false
+			for _, r := range reply.Streams {
+				if !r.Recovered {
+					notRecoveredBecause(r.Stream[:strings.IndexByte(r.Stream, ':')] + " " + r.Reason)
+					return
+				}
+				roomAnswered = roomAnswered || r.Stream == stream
+			}
+			if !roomAnswered {
+				notRecoveredBecause("room not in op 22")
 				return
 			}
 			for got := 0; got < c.Behind; {
 				m, err := conn.ReadMessage()
 				if err != nil {
-					notRecovered.Add(1)
+					notRecoveredBecause("read")
 					return
 				}
 				if m.Stream != stream {
@@ -307,7 +328,7 @@ func (r reconnectResult) Print(w io.Writer) {
 		{"mode", "reconnect"},
 		{"clients / rooms / behind", fmt.Sprintf("%d / %d / %d", r.Clients, r.Rooms, r.Behind)},
 		{"recovered", fmt.Sprint(r.Recovered)},
-		{"not recovered / failed", fmt.Sprintf("%d / %d", r.NotRecovered, r.Failed)},
+		{"not recovered / failed", fmt.Sprintf("%d / %d %v", r.NotRecovered, r.Failed, r.Reasons)},
 		{"gaps / duplicated", fmt.Sprintf("%d / %d", r.Gaps, r.Duplicated)},
 		{"all recovered after", fmt.Sprintf("%.2f s", r.Seconds)},
 		{"per client p50/p90/p99/max ms", fmt.Sprintf("%.1f / %.1f / %.1f / %.1f", r.PerClientMs.P50, r.PerClientMs.P90, r.PerClientMs.P99, r.PerClientMs.Max)},
