@@ -21,7 +21,8 @@ type Stores struct {
 	Replies idempotency.Store
 	// History keeps each stream's positions and last messages: in memory
 	// for registry.kind memory, in Redis (the registry's client) for redis.
-	// Its limits come per call; only its hard caps are set here.
+	// Its limits come per call; only its hard caps are set here. nil when
+	// history.enabled is off: logic then gives no positions.
 	History pipeline.History
 	// Dedupe is job's deduplication store; nil when job.dedupe is off or
 	// the process runs no job.
@@ -68,11 +69,15 @@ func OpenStores(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ 
 		}
 		s.Registry, s.Shared = redis.NewRegistry(rdb, rc.Prefix, cfg.Logic.SessionTTL, nodeTTL), true
 		s.Replies = redis.NewReplies(rdb, rc.Prefix+"reply:", cfg.Logic.IdempotencyTTL)
-		s.History = redis.NewHistory(rdb, rc.Prefix+"history:", pipeline.HistoryCaps{})
+		if cfg.History.Enabled {
+			s.History = redis.NewHistory(rdb, rc.Prefix+"history:", pipeline.HistoryCaps{})
+		}
 	case config.RegistryMemory:
 		mem := memory.New(cfg.Logic.SessionTTL, nodeTTL)
 		s.Registry, s.Run = mem, mem.Run
-		s.History = memory.NewHistory(pipeline.HistoryCaps{})
+		if cfg.History.Enabled {
+			s.History = memory.NewHistory(pipeline.HistoryCaps{})
+		}
 		s.Replies = memory.NewRepliesLimited(cfg.Logic.IdempotencyTTL, cfg.Logic.IdempotencyMaxBytes, logger.With("stage", "logic", "component", "idempotency store"))
 	default:
 		return nil, fmt.Errorf("registry.kind %q: this build has no adapter for it", cfg.Registry.Kind)

@@ -47,3 +47,26 @@ func TestIntegrationHistoryStores(t *testing.T) {
 		t.Fatalf("the stream's meta key under the registry prefix: %d %v", n, err)
 	}
 }
+
+// TestIntegrationHistoryStoresDisabled: history.enabled = false opens no
+// history on the Redis registry either.
+func TestIntegrationHistoryStoresDisabled(t *testing.T) {
+	cfg := config.Default()
+	cfg.Registry.Kind = config.RegistryRedis
+	cfg.History.Enabled = false
+	if a := os.Getenv("IMCLOUD_TEST_REDIS_ADDR"); a != "" {
+		cfg.Registry.Redis.Addr = a
+	}
+	cfg.Registry.Redis.Prefix = fmt.Sprintf("imcloud:test:%d:", time.Now().UnixNano())
+	stores, err := OpenStores(t.Context(), cfg, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = stores.Close() })
+	if stores.History != nil {
+		t.Fatalf("history.enabled = false opened history %T, want none", stores.History)
+	}
+	if _, ok := stores.Registry.(*redis.Registry); !ok {
+		t.Fatalf("registry.kind redis opened registry %T, want *redis.Registry", stores.Registry)
+	}
+}

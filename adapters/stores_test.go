@@ -63,3 +63,22 @@ func TestOpenStoresHistory(t *testing.T) {
 		t.Fatalf("Append: %v %v", ps, err)
 	}
 }
+
+// TestOpenStoresHistoryDisabled: history.enabled = false opens no history
+// store, so logic gives no positions (the Redis registry reads the same
+// switch; its case is in stores_integration_test.go).
+func TestOpenStoresHistoryDisabled(t *testing.T) {
+	cfg := config.Default()
+	cfg.History.Enabled = false
+	stores, err := OpenStores(t.Context(), cfg, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = stores.Close() })
+	if stores.History != nil {
+		t.Fatalf("history.enabled = false opened history %T, want none", stores.History)
+	}
+	if stores.Registry == nil || stores.Replies == nil {
+		t.Fatalf("history.enabled = false must still open the registry and replies: %+v", stores)
+	}
+}

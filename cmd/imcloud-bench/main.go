@@ -37,15 +37,18 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		api, apiKey, target, secret, route string
 		cpuProfile, save                   string
 		clients, rooms, rate, conc, pid    int
+		behind                             int
 		duration, drain, hold              time.Duration
 		asJSON                             bool
 	)
 	fs := pflag.NewFlagSet("imcloud-bench", pflag.ContinueOnError)
 	fs.SetOutput(stderr)
-	synopsis := `imcloud-bench fanout|connections|push [flags]: load a server on this machine.
+	synopsis := `imcloud-bench fanout|connections|push|reconnect [flags]: load a server on this machine.
   fanout       clients spread over rooms; room pushes at --rate; delivered/s, latency, lost, duplicated
   connections  --clients idle authenticated connections; connect rate, server memory per connection
-  push         the HTTP push API at --concurrency; requests/s and latency`
+  push         the HTTP push API at --concurrency; requests/s and latency
+  reconnect    --clients that opted in to recovery, over --rooms, disconnect; --behind pushes to each
+               room; all reconnect at once with their positions: time until all recovered, peak RSS`
 	fs.Usage = func() { fmt.Fprintf(stderr, "%s\n\nFlags:\n%s", synopsis, fs.FlagUsages()) }
 	fs.StringVar(&api, "api", "127.0.0.1:3111", "logic HTTP address")
 	fs.StringVar(&apiKey, "api-key", "", "API key (logic.api_keys)")
@@ -56,9 +59,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.IntVar(&rate, "rate", 10, "room pushes per second (fanout)")
 	fs.IntVar(&conc, "concurrency", 64, "concurrent requests (push)")
 	fs.StringVar(&route, "route", "/im/push/room?operation=1000&type=live&room=bench", "push route and query (push)")
-	fs.IntVar(&pid, "server-pid", 0, "server process, for memory per connection (connections)")
+	fs.IntVar(&pid, "server-pid", 0, "server process, for memory per connection (connections) and peak memory (reconnect)")
+	fs.IntVar(&behind, "behind", 50, "messages pushed to each room while the clients are away (reconnect)")
 	fs.DurationVar(&duration, "duration", 10*time.Second, "how long to push (fanout, push)")
-	fs.DurationVar(&drain, "drain", 5*time.Second, "how long to wait for deliveries after the last push (fanout)")
+	fs.DurationVar(&drain, "drain", 5*time.Second, "how long to wait for deliveries after the last push (fanout); for every client to recover (reconnect)")
 	fs.DurationVar(&hold, "hold", 2*time.Second, "how long to hold connections before measuring (connections)")
 	fs.BoolVar(&asJSON, "json", false, "print the result as JSON")
 	fs.StringVar(&save, "save", "", "also write the result as JSON to this file")
@@ -68,7 +72,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	if fs.NArg() != 1 {
 		fs.Usage()
-		return errors.New("bench: want one of fanout, connections, push")
+		return errors.New("bench: want one of fanout, connections, push, reconnect")
 	}
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt)
 	defer stop()
@@ -98,6 +102,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		result, err = connections(ctx, connectionsConfig{clientConfig: cc, Clients: clients, ServerPID: pid, Hold: hold}, stderr)
 	case "push":
 		result, err = push(ctx, pushConfig{API: api, APIKey: apiKey, Concurrency: conc, Duration: duration, Route: route}, stderr)
+	case "reconnect":
+		result, err = reconnect(ctx, reconnectConfig{clientConfig: cc, API: api, APIKey: apiKey,
+			Clients: clients, Rooms: rooms, Behind: behind, ServerPID: pid, Timeout: drain}, stderr)
 	default:
 		return fmt.Errorf("bench: unknown mode %q", fs.Arg(0))
 	}

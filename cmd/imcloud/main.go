@@ -38,7 +38,7 @@ Usage:
   imcloud check --config F                                 validate a configuration and exit
   imcloud listen --token T [--ws URL | --tcp ADDR]         connect as a client and print what arrives
   imcloud poison list|replay|purge [--id ID]... [--all]    inspect and re-drive poisoned messages
-  imcloud bench fanout|connections|push [flags]            load a server on this machine and measure it
+  imcloud bench fanout|connections|push|reconnect [flags]  load a server on this machine and measure it
   imcloud version
 
 Run "imcloud <command> --help" for a command's flags.

@@ -407,6 +407,12 @@ type Cloud struct {
 // class is its type, the part of "type://id" before "://"; every user
 // stream is of class user.
 type History struct {
+	// Enabled keeps streams at all. Off, logic gives no positions and
+	// keeps no history, as before issue 12: no order promise past job's
+	// concurrency and retries, no GET /im/history, no recovery, no acks.
+	// It exists to measure what history costs (BENCHMARKS.md, "History
+	// on vs off") and for deployments that want the old throughput.
+	Enabled bool `koanf:"enabled"`
 	// User is the limit of every user stream (mid and key pushes).
 	User StreamLimit `koanf:"user"`
 	// RoomsDefault is the limit of the rooms whose type Rooms does not
@@ -568,6 +574,7 @@ func Default() Config {
 			MaxHandshakesPerIP: 64,
 		},
 		History: History{
+			Enabled: true,
 			// A day of a user's messages covers an app that stays
 			// closed overnight; 1,000 of 4 KB at most are 4 MB a user.
 			User: StreamLimit{Size: 1000, TTL: 24 * time.Hour},
