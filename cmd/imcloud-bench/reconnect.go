@@ -46,10 +46,10 @@ type reconnectResult struct {
 	NotRecovered int64 `json:"not_recovered"` // op 22 said no, or the storm timed out
 	// Reasons counts why clients were not recovered: op 22's reason, or
 	// "read" for a client whose messages did not all arrive.
-	Reasons map[string]int64 `json:"not_recovered_reasons,omitempty"`
-	Failed       int64 `json:"failed"`        // could not reconnect
-	Gaps         int64 `json:"gaps"`
-	Duplicated   int64 `json:"duplicated"`
+	Reasons    map[string]int64 `json:"not_recovered_reasons,omitempty"`
+	Failed     int64            `json:"failed"` // could not reconnect
+	Gaps       int64            `json:"gaps"`
+	Duplicated int64            `json:"duplicated"`
 	// Seconds from the first reconnect to the last client recovered.
 	Seconds float64 `json:"seconds"`
 	// PerClientMs: from a client's reconnect to its last missed message.
