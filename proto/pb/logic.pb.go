@@ -99,8 +99,10 @@ type HistoryReply struct {
 	// The stream's current epoch and last position.
 	Top *StreamPos `protobuf:"bytes,2,opt,name=top,proto3" json:"top,omitempty"`
 	// Set when not every entry after `after` can be given: "epoch" (the
-	// stream's history was lost since: the position means nothing now) or
-	// "trimmed" (some are older than the history keeps).
+	// stream's history was lost since: the position means nothing now),
+	// "trimmed" (some are older than the history keeps), "no_history" (the
+	// stream's class keeps none, size 0: they were never kept) or "future"
+	// (`after` is past the top). The reasons of op 22 (proto/wire).
 	Unrecoverable string `protobuf:"bytes,3,opt,name=unrecoverable,proto3" json:"unrecoverable,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

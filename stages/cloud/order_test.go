@@ -38,6 +38,9 @@ type fakeStream struct {
 	keptFrom uint64 // the oldest position kept; top+1: none (size 0)
 	ackedPos uint64 // what ConnectReply.acked gives with acks on
 	entries  map[uint64]*pb.HistoryEntry
+	// noHistory: the stream's class keeps none (size 0); a position
+	// behind the top is answered no_history, as logic does.
+	noHistory bool
 }
 
 func newFakeHist() *fakeHist { return &fakeHist{streams: map[string]*fakeStream{}} }
@@ -52,6 +55,15 @@ func (h *fakeHist) set(stream, epoch string, top, keptFrom uint64) {
 		fs.entries[p] = &pb.HistoryEntry{Pos: p, Id: fmt.Sprint(stream, "/", epoch, "/", p), Op: 1000, Body: []byte(strconv.FormatUint(p, 10))}
 	}
 	h.streams[stream] = fs
+}
+
+// setNoHistory makes stream one of a class that keeps no history (size
+// 0): positions up to top, no entries.
+func (h *fakeHist) setNoHistory(stream, epoch string, top uint64) {
+	h.set(stream, epoch, top, top+1)
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.streams[stream].noHistory = true
 }
 
 func (h *fakeHist) stream(name string) *fakeStream {
@@ -115,6 +127,9 @@ func (f *fakeLogic) History(_ context.Context, in *pb.HistoryReq, _ ...grpc.Call
 		return r, nil
 	case in.After != 0 && in.After+1 < fs.keptFrom:
 		r.Unrecoverable = "trimmed"
+		if fs.noHistory {
+			r.Unrecoverable = "no_history"
+		}
 		return r, nil
 	}
 	for p := in.After + 1; p <= fs.top && len(r.Entries) < int(in.Limit); p++ {
@@ -233,23 +248,34 @@ func TestOrderGapFilledFromHistory(t *testing.T) {
 // and counted, what follows flows, and the missing message, if it comes
 // after all, is delivered late rather than lost.
 func TestOrderGapHistoryCannotFill(t *testing.T) {
-	n, h := orderNode(t, 20*time.Millisecond, func(*config.Cloud) {})
-	c := n.connect(t, "tcp", claims{Mid: 1, Rooms: []string{"live://s"}})
-	stream := pipeline.RoomStream("live://s")
-	h.set(stream, "e1", 4, 5) // size 0: positions, no entries
-	n.roomAt(t, "live://s", "e1", 1, "a", "1")
-	n.roomAt(t, "live://s", "e1", 3, "c", "3")
-	n.roomAt(t, "live://s", "e1", 4, "d", "4")
-	expectBodies(t, c, "1", "3", "4")
-	if got := n.st.order.skipped.Load(); got != 1 {
-		t.Fatalf("skipped %d positions, want 1", got)
-	}
-	n.roomAt(t, "live://s", "e1", 5, "e", "5")
-	expectBodies(t, c, "5")
-	n.roomAt(t, "live://s", "e1", 2, "b", "2 late")
-	expectBodies(t, c, "2 late")
-	if got := n.st.order.late.Load(); got != 1 {
-		t.Fatalf("late %d, want 1", got)
+	for _, tc := range []struct {
+		name string
+		set  func(h *fakeHist, stream string)
+	}{
+		// Every entry trimmed: logic answers "trimmed".
+		{"trimmed", func(h *fakeHist, stream string) { h.set(stream, "e1", 4, 5) }},
+		// A class of size 0: logic answers "no_history".
+		{"no history", func(h *fakeHist, stream string) { h.setNoHistory(stream, "e1", 4) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			n, h := orderNode(t, 20*time.Millisecond, func(*config.Cloud) {})
+			c := n.connect(t, "tcp", claims{Mid: 1, Rooms: []string{"live://s"}})
+			tc.set(h, pipeline.RoomStream("live://s"))
+			n.roomAt(t, "live://s", "e1", 1, "a", "1")
+			n.roomAt(t, "live://s", "e1", 3, "c", "3")
+			n.roomAt(t, "live://s", "e1", 4, "d", "4")
+			expectBodies(t, c, "1", "3", "4")
+			if got := n.st.order.skipped.Load(); got != 1 {
+				t.Fatalf("skipped %d positions, want 1", got)
+			}
+			n.roomAt(t, "live://s", "e1", 5, "e", "5")
+			expectBodies(t, c, "5")
+			n.roomAt(t, "live://s", "e1", 2, "b", "2 late")
+			expectBodies(t, c, "2 late")
+			if got := n.st.order.late.Load(); got != 1 {
+				t.Fatalf("late %d, want 1", got)
+			}
+		})
 	}
 }
 

@@ -38,7 +38,11 @@ func (h *fakeHist) appendMsg(stream, body string) *pb.StreamPos {
 	defer h.mu.Unlock()
 	fs := h.stream(stream)
 	fs.top++
-	fs.entries[fs.top] = &pb.HistoryEntry{Pos: fs.top, Id: fmt.Sprint(stream, "/", fs.epoch, "/", fs.top), Op: 1000, Body: []byte(body)}
+	if fs.noHistory {
+		fs.keptFrom = fs.top + 1
+	} else {
+		fs.entries[fs.top] = &pb.HistoryEntry{Pos: fs.top, Id: fmt.Sprint(stream, "/", fs.epoch, "/", fs.top), Op: 1000, Body: []byte(body)}
+	}
 	return &pb.StreamPos{Stream: stream, Epoch: fs.epoch, Pos: fs.top}
 }
 
@@ -405,6 +409,36 @@ func TestRecoverNotRecovered(t *testing.T) {
 	}
 	if w := `[{user:9 false future e1 0}]`; fmt.Sprint(r.Streams) != w {
 		t.Fatalf("future position: %v, want %s", r.Streams, w)
+	}
+}
+
+// TestRecoverNoHistory: a stream whose class keeps no history (size 0)
+// is answered with logic's reason, no_history, when messages were missed,
+// with the top the client moves to; at the top it is recovered (nothing
+// was missed). Live messages follow either way.
+func TestRecoverNoHistory(t *testing.T) {
+	n, h := recoverNode(t, func(*config.Cloud) {})
+	h.setNoHistory(pipeline.RoomStream("chat://n"), "e1", 10)
+	h.setNoHistory(pipeline.UserStream(7), "e2", 4)
+	c, _ := n.connectWith(t, "ws", claims{Mid: 7, Key: "k7", Rooms: []string{"chat://n"}, Recover: true}, nil)
+	r, err := c.Recover([]wire.StreamPos{
+		{Stream: "room:chat://n", Epoch: "e1", Pos: 6},
+		{Stream: "user:7", Epoch: "e2", Pos: 4},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []wire.RecoverResult{
+		{Stream: "room:chat://n", Reason: wire.ReasonNoHistory, Epoch: "e1", Pos: 10},
+		{Stream: "user:7", Recovered: true, Epoch: "e2", Pos: 4},
+	}
+	if fmt.Sprint(r.Streams) != fmt.Sprint(want) {
+		t.Fatalf("op 22\n got %v\nwant %v", r.Streams, want)
+	}
+	n.pushRoom(t, h, "chat://n", "11")
+	n.pushUser(t, h, 7, "5", "k7")
+	if got := readStream(t, c, 2); fmt.Sprint(got) != "[room:chat://n@11=11 user:7@5=5]" {
+		t.Fatalf("live after no_history: %v", got)
 	}
 }
 

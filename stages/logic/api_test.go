@@ -44,6 +44,8 @@ type apiOptions struct {
 	writeTimeout time.Duration
 	// history gives positions; nil keeps none.
 	history pipeline.History
+	// historyLimits, when its MaxSize is set, replaces [history].
+	historyLimits config.History
 }
 
 func newAPI(t *testing.T, o apiOptions) *apiServer {
@@ -72,7 +74,7 @@ func newAPI(t *testing.T, o apiOptions) *apiServer {
 		pub = rec
 	}
 	st, err := New(cfg, Options{Registry: reg, Publisher: pub, PushTopic: "push", Replies: replies, History: o.history,
-		Heartbeat: 30 * time.Second, Logger: slog.New(slog.DiscardHandler)})
+		HistoryLimits: o.historyLimits, Heartbeat: 30 * time.Second, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -42,6 +42,9 @@ type grpcServer struct {
 	// acks: history.user.acks, user streams keep acknowledged positions
 	// (only with a history store).
 	acks bool
+	// limit is what a stream's class keeps ([history]); nil: not known,
+	// so a size-0 class cannot be told from a trimmed one.
+	limit func(stream string) pipeline.StreamLimit
 }
 
 // logEvery is the least time between two lines of a rate-limited log; the

@@ -86,6 +86,29 @@ func streamPosPB(p pipeline.StreamPos) *pb.StreamPos {
 	return &pb.StreamPos{Stream: p.Stream, Epoch: p.Epoch, Pos: p.Pos}
 }
 
+// unrecoverable names why history cannot serve a position (the reasons of
+// op 22, proto/wire), false for a store failure. The store says trimmed
+// for a stream of a class that keeps no history (size 0): the messages
+// after the position were never kept, and the client is told no_history
+// rather than trimmed, so it does not look for a bigger history setting
+// that would have kept them. The store only errs when messages were
+// missed (a position at the top reads nothing, no error), so no_history
+// is only said then.
+func unrecoverable(err error, limit func(string) pipeline.StreamLimit, stream string) (string, bool) {
+	switch {
+	case errors.Is(err, pipeline.ErrEpochChanged):
+		return wire.ReasonEpoch, true
+	case errors.Is(err, pipeline.ErrTrimmed):
+		if limit != nil && limit(stream).Size == 0 {
+			return wire.ReasonNoHistory, true
+		}
+		return wire.ReasonTrimmed, true
+	case errors.Is(err, pipeline.ErrFuturePosition):
+		return wire.ReasonFuture, true
+	}
+	return "", false
+}
+
 // History returns a stream's entries after a position: a node fills a gap
 // in what job delivered, or recovers a client. A position history cannot
 // serve is answered with the reason in unrecoverable, not an error: the
@@ -113,20 +136,14 @@ func (s *grpcServer) History(ctx context.Context, req *pb.HistoryReq) (*pb.Histo
 	if top.Stream != "" {
 		reply.Top = streamPosPB(top)
 	}
-	switch {
-	case err == nil:
-	case errors.Is(err, pipeline.ErrEpochChanged):
-		reply.Unrecoverable = "epoch"
+	if err != nil {
+		reason, ok := unrecoverable(err, s.limit, req.Stream)
+		if !ok {
+			s.historyFail.Log("read stream history", "stream", req.Stream, "err", err)
+			return nil, status.Error(codes.Unavailable, "history store unavailable")
+		}
+		reply.Unrecoverable = reason
 		return reply, nil
-	case errors.Is(err, pipeline.ErrTrimmed):
-		reply.Unrecoverable = "trimmed"
-		return reply, nil
-	case errors.Is(err, pipeline.ErrFuturePosition):
-		reply.Unrecoverable = "future"
-		return reply, nil
-	default:
-		s.historyFail.Log("read stream history", "stream", req.Stream, "err", err)
-		return nil, status.Error(codes.Unavailable, "history store unavailable")
 	}
 	reply.Entries = make([]*pb.HistoryEntry, len(entries))
 	for i, e := range entries {

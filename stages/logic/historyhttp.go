@@ -2,7 +2,6 @@ package logic
 
 import (
 	"context"
-	"errors"
 	"math"
 	"net/http"
 	"strconv"
@@ -151,13 +150,10 @@ func (st *Stage) historyRoute(a api) http.Handler {
 		}
 		entries, top, err := st.history.Since(ctx, q.stream, q.epoch, q.after, q.limit)
 		out := historyReply{Stream: q.stream, Top: Position{Stream: q.stream, Epoch: top.Epoch, Pos: top.Pos}, Entries: []historyEntry{}}
+		reason, known := unrecoverable(err, st.pusher.limit, q.stream)
 		switch {
-		case errors.Is(err, pipeline.ErrEpochChanged):
-			out.Unrecoverable = "epoch"
-		case errors.Is(err, pipeline.ErrTrimmed):
-			out.Unrecoverable = "trimmed"
-		case errors.Is(err, pipeline.ErrFuturePosition):
-			out.Unrecoverable = "future"
+		case known:
+			out.Unrecoverable = reason
 		case err != nil:
 			st.logFailure(ctx, "read history", "route", r.URL.Path, "stream", q.stream, "err", err)
 			w.Header().Set("Retry-After", "1")

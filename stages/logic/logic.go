@@ -84,16 +84,18 @@ func New(cfg config.Logic, o Options) (*Stage, error) {
 	}
 	rpc := newGRPCServer(cfg, auth, o.Registry,
 		&replacer{registry: o.Registry, logger: o.Logger, clouds: cloudconn.New(o.CloudDial...)}, o.Logger)
+	limit := func(stream string) pipeline.StreamLimit {
+		l := limits.Limit(stream)
+		return pipeline.StreamLimit{Size: l.Size, TTL: l.TTL}
+	}
 	rpc.history = o.History
 	rpc.acks = limits.User.Acks
+	rpc.limit = limit
 	return &Stage{
 		cfg:       cfg,
 		heartbeat: o.Heartbeat,
 		pusher: &Pusher{registry: o.Registry, publisher: o.Publisher, topic: o.PushTopic, events: o.Events, history: o.History,
-			limit: func(stream string) pipeline.StreamLimit {
-				l := limits.Limit(stream)
-				return pipeline.StreamLimit{Size: l.Size, TTL: l.TTL}
-			}},
+			limit: limit},
 		history: o.History,
 		replies: o.Replies,
 		grpc:    rpc,

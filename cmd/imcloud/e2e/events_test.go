@@ -67,63 +67,112 @@ func (l *eventLog) waitLen(t *testing.T, n int) []events.Event {
 	}
 }
 
-// TestEventsOfAScriptedSession: a client connects, a push to its user is
-// delivered, a push to a user with nobody online is offline, the client
-// leaves: exactly connect, delivered, offline and disconnect, in order.
+// TestEventsOfAScriptedSession is issue 12's Events bullet: a scripted
+// session produces exactly its events, in order. A client connects, a push
+// to its user is delivered, a push to a user with nobody online is offline,
+// the client (when it opted in, with acks on) acknowledges the delivered
+// message, and leaves: exactly connect, delivered, offline, acked and
+// disconnect. A plain goim client makes the same session without the
+// acked event.
 func TestEventsOfAScriptedSession(t *testing.T) {
-	h := start(t, "events.enabled=true")
-	log := subscribeEvents(t, h)
+	for _, tc := range []struct {
+		name string
+		// opted: the client opts in to recovery (claim recover) with
+		// history.user.acks on, reads op 20 and acknowledges.
+		opted bool
+	}{
+		{name: "plain client"},
+		{name: "opted in with acks", opted: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			sets := []string{"events.enabled=true"}
+			if tc.opted {
+				sets = append(sets, "history.user.acks=true")
+			}
+			h := start(t, sets...)
+			log := subscribeEvents(t, h)
 
-	c := h.connect("ws", token.Claims{Mid: 7, Key: "k7", Rooms: []string{"live://1000"}})
-	log.waitLen(t, 1)
-	rep := h.push(request{path: "/im/push/mids", query: url.Values{"operation": {"1000"}, "mids": {"7"}}, body: "hello"})
-	deliveredID := msgID(t, rep)
-	expect(t, "user push", c, 1000, "hello")
-	log.waitLen(t, 2)
-	rep = h.push(request{path: "/im/push/mids", query: url.Values{"operation": {"1001"}, "mids": {"8"}}, body: "to nobody"})
-	offlineID := msgID(t, rep)
-	log.waitLen(t, 3)
-	_ = c.Close()
-	evs := log.waitLen(t, 4)
+			claims := token.Claims{Mid: 7, Key: "k7", Rooms: []string{"live://1000"}, Recover: tc.opted}
+			c := h.connect("ws", claims)
+			if tc.opted {
+				// The node holds positioned messages until op 21.
+				if _, err := c.Recover(nil); err != nil {
+					t.Fatalf("recover: %v", err)
+				}
+			}
+			log.waitLen(t, 1)
+			rep := h.push(request{path: "/im/push/mids", query: url.Values{"operation": {"1000"}, "mids": {"7"}}, body: "hello"})
+			deliveredID := msgID(t, rep)
+			var epoch string
+			if tc.opted {
+				m := readStreamMsg(t, c)
+				if m.Stream != "user:7" || m.Pos != 1 || m.Op != 1000 || string(m.Body) != "hello" || m.Epoch == "" {
+					t.Fatalf("user push: %s@%d op %d %q, want user:7@1 op 1000 hello", m.Stream, m.Pos, m.Op, m.Body)
+				}
+				epoch = m.Epoch
+			} else {
+				expect(t, "user push", c, 1000, "hello")
+			}
+			log.waitLen(t, 2)
+			rep = h.push(request{path: "/im/push/mids", query: url.Values{"operation": {"1001"}, "mids": {"8"}}, body: "to nobody"})
+			offlineID := msgID(t, rep)
+			log.waitLen(t, 3)
 
-	node := evs[0].Node
-	want := []events.Event{
-		{Kind: events.Connect, Node: node, Mid: 7, Key: "k7", Rooms: []string{"live://1000"}},
-		{Kind: events.Delivered, Node: node, Mid: 7, Key: "k7", MsgID: deliveredID, Op: 1000},
-		{Kind: events.Offline, Mid: 8, MsgID: offlineID, Op: 1001},
-		{Kind: events.Disconnect, Node: node, Mid: 7, Key: "k7", Rooms: []string{"live://1000"}, Code: 1000},
-	}
-	if node == "" {
-		t.Fatal("connect event names no node")
-	}
-	// A sentinel: the events are published in emission order, so the
-	// sentinel's offline event arriving fifth shows nothing else came.
-	h.push(request{path: "/im/push/mids", query: url.Values{"operation": {"1000"}, "mids": {"99"}}, body: "sentinel"})
-	evs = log.waitLen(t, 5)
-	if s := evs[4]; s.Kind != events.Offline || s.Mid != 99 {
-		t.Fatalf("fifth event %+v, want the sentinel's offline of mid 99; all: %+v", s, evs)
-	}
-	if len(evs) != 5 {
-		t.Fatalf("got %d events, want exactly 5: %+v", len(evs), evs)
-	}
-	for i, ev := range evs[:4] {
-		if ev.At.IsZero() {
-			t.Errorf("event %d has no time", i)
-		}
-		ev.At = time.Time{}
-		w := want[i]
-		if ev.Kind != w.Kind || ev.Node != w.Node || ev.Mid != w.Mid || ev.Key != w.Key || !slices.Equal(ev.Rooms, w.Rooms) ||
-			ev.Code != w.Code || ev.Reason != w.Reason || ev.MsgID != w.MsgID || ev.Op != w.Op {
-			t.Errorf("event %d = %+v, want %+v", i, ev, w)
-		}
-		// The user push is the first message of user 7's stream; no
-		// other event carries a position.
-		switch {
-		case ev.Kind == events.Delivered && (ev.Position == nil || ev.Position.Stream != "user:7" || ev.Position.Pos != 1 || ev.Position.Epoch == ""):
-			t.Errorf("delivered event's position %+v, want user:7 position 1 with an epoch", ev.Position)
-		case ev.Kind != events.Delivered && ev.Position != nil:
-			t.Errorf("event %d (%s) carries a position %+v", i, ev.Kind, ev.Position)
-		}
+			node := log.snapshot()[0].Node
+			if node == "" {
+				t.Fatal("connect event names no node")
+			}
+			userPos := &events.Position{Stream: "user:7", Epoch: epoch, Pos: 1}
+			want := []events.Event{
+				{Kind: events.Connect, Node: node, Mid: 7, Key: "k7", Rooms: []string{"live://1000"}},
+				{Kind: events.Delivered, Node: node, Mid: 7, Key: "k7", MsgID: deliveredID, Op: 1000, Position: userPos},
+				{Kind: events.Offline, Mid: 8, MsgID: offlineID, Op: 1001},
+			}
+			if tc.opted {
+				if ok, err := c.AckUser(7); !ok || err != nil {
+					t.Fatalf("ack: %v %v", ok, err)
+				}
+				log.waitLen(t, len(want)+1)
+				want = append(want, events.Event{Kind: events.Acked, Node: node, Mid: 7, Key: "k7", Position: userPos})
+			}
+			_ = c.Close()
+			want = append(want, events.Event{Kind: events.Disconnect, Node: node, Mid: 7, Key: "k7", Rooms: []string{"live://1000"}, Code: 1000})
+			log.waitLen(t, len(want))
+
+			// A sentinel: the events are published in emission order,
+			// so the sentinel's offline event arriving right after the
+			// session's shows nothing else came (no second acked, no
+			// delivered of the ack, no stray event of any kind).
+			h.push(request{path: "/im/push/mids", query: url.Values{"operation": {"1000"}, "mids": {"99"}}, body: "sentinel"})
+			evs := log.waitLen(t, len(want)+1)
+			if s := evs[len(want)]; s.Kind != events.Offline || s.Mid != 99 {
+				t.Fatalf("event %d %+v, want the sentinel's offline of mid 99; all: %+v", len(want)+1, s, evs)
+			}
+			if len(evs) != len(want)+1 {
+				t.Fatalf("got %d events, want exactly %d: %+v", len(evs), len(want)+1, evs)
+			}
+			for i, ev := range evs[:len(want)] {
+				if ev.At.IsZero() {
+					t.Errorf("event %d has no time", i)
+				}
+				w := want[i]
+				if ev.Kind != w.Kind || ev.Node != w.Node || ev.Mid != w.Mid || ev.Key != w.Key || !slices.Equal(ev.Rooms, w.Rooms) ||
+					ev.Code != w.Code || ev.Reason != w.Reason || ev.MsgID != w.MsgID || ev.Op != w.Op {
+					t.Errorf("event %d = %+v, want %+v", i, ev, w)
+				}
+				// The user push is the first message of user 7's
+				// stream: delivered and acked carry its position
+				// (the epoch the client saw, when it saw one); no
+				// other event carries a position.
+				switch {
+				case w.Position == nil && ev.Position != nil:
+					t.Errorf("event %d (%s) carries a position %+v", i, ev.Kind, ev.Position)
+				case w.Position != nil && (ev.Position == nil || ev.Position.Stream != w.Position.Stream || ev.Position.Pos != w.Position.Pos ||
+					ev.Position.Epoch == "" || (w.Position.Epoch != "" && ev.Position.Epoch != w.Position.Epoch)):
+					t.Errorf("event %d (%s) position %+v, want %+v with an epoch", i, ev.Kind, ev.Position, *w.Position)
+				}
+			}
+		})
 	}
 }
 
