@@ -143,9 +143,10 @@ func TestIntegrationKillCloudRecover(t *testing.T) {
 	const (
 		perStreamInFlight = 2 // pushes in flight per stream, 4 in all
 		// budget bounds the pushing and reading. Measured on 2 cores
-		// under -race (the processes are built without it), with other work on
-		// the machine: 14-29 s of pushing and reading, 18-37 s for the
-		// whole test with the six processes' start (t.Logf at the end gives each run's).
+		// under -race (the processes are built without it), with other
+		// work on the machine: 14-29 s of pushing and reading, 18-37 s
+		// for the whole test with the six processes' start (the t.Logf
+		// at the end gives each run's).
 		budget = 90 * time.Second
 	)
 	bin := buildBinary(t)
