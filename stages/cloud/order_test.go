@@ -442,8 +442,9 @@ func TestOrderUserGapFilledToEveryConnection(t *testing.T) {
 	n.pushKeysAt(t, 8, 2, "", "2", "a", "b")
 	expectBodies(t, a, "1", "2")
 	expectBodies(t, b, "1", "2")
-	// job's copy of 1 (the id the entry has) is not delivered again.
-	n.pushKeysAt(t, 8, 1, stream+"/e1/1", "1 again", "a", "b")
+	// job's copy of 1 is not delivered again: job names it as logic
+	// published it, the entry's id and the node ("<msg_id>/<node>").
+	n.pushKeysAt(t, 8, 1, stream+"/e1/1/node1", "1 again", "a", "b")
 	n.pushKeysAt(t, 8, 3, "", "3", "a", "b")
 	expectBodies(t, a, "3")
 	expectBodies(t, b, "3")
