@@ -57,6 +57,13 @@ type HistoryEntry struct {
 	Op   int32
 	Body []byte
 	At   time.Time // when logic accepted it
+	// Keys are the keys a key push was for: a node gives the entry only
+	// to those connections of the user. Empty: the whole user, or a room.
+	Keys []string
+	// Void marks a position whose message was never accepted (the
+	// publish after Append failed, the caller answered 503): nodes pass
+	// over it, recovery and GET /im/history leave it out.
+	Void bool
 }
 
 // History errors. Each names why the entries after a position cannot all

@@ -250,7 +250,14 @@ type HistoryEntry struct {
 	Op   int32  `protobuf:"varint,3,opt,name=op,proto3" json:"op,omitempty"`
 	Body []byte `protobuf:"bytes,4,opt,name=body,proto3" json:"body,omitempty"`
 	// When logic accepted it, Unix milliseconds.
-	AtUnixMs      int64 `protobuf:"varint,5,opt,name=at_unix_ms,json=atUnixMs,proto3" json:"at_unix_ms,omitempty"`
+	AtUnixMs int64 `protobuf:"varint,5,opt,name=at_unix_ms,json=atUnixMs,proto3" json:"at_unix_ms,omitempty"`
+	// A key push: the keys it was for (a node gives it only to those
+	// connections of the user). Empty: the whole user, or a room.
+	Keys []string `protobuf:"bytes,6,rep,name=keys,proto3" json:"keys,omitempty"`
+	// The position was given but its message was never accepted (the
+	// publish after it failed and the caller was answered 503): a node
+	// passes over it without delivering anything.
+	Void          bool `protobuf:"varint,7,opt,name=void,proto3" json:"void,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -318,6 +325,20 @@ func (x *HistoryEntry) GetAtUnixMs() int64 {
 		return x.AtUnixMs
 	}
 	return 0
+}
+
+func (x *HistoryEntry) GetKeys() []string {
+	if x != nil {
+		return x.Keys
+	}
+	return nil
+}
+
+func (x *HistoryEntry) GetVoid() bool {
+	if x != nil {
+		return x.Void
+	}
+	return false
 }
 
 // Proto is one goim v2 wire packet.
@@ -540,14 +561,16 @@ const file_push_proto_rawDesc = "" +
 	"\tStreamPos\x12\x16\n" +
 	"\x06stream\x18\x01 \x01(\tR\x06stream\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\tR\x05epoch\x12\x10\n" +
-	"\x03pos\x18\x03 \x01(\x04R\x03pos\"r\n" +
+	"\x03pos\x18\x03 \x01(\x04R\x03pos\"\x9a\x01\n" +
 	"\fHistoryEntry\x12\x10\n" +
 	"\x03pos\x18\x01 \x01(\x04R\x03pos\x12\x0e\n" +
 	"\x02id\x18\x02 \x01(\tR\x02id\x12\x0e\n" +
 	"\x02op\x18\x03 \x01(\x05R\x02op\x12\x12\n" +
 	"\x04body\x18\x04 \x01(\fR\x04body\x12\x1c\n" +
 	"\n" +
-	"at_unix_ms\x18\x05 \x01(\x03R\batUnixMs\"\x94\x01\n" +
+	"at_unix_ms\x18\x05 \x01(\x03R\batUnixMs\x12\x12\n" +
+	"\x04keys\x18\x06 \x03(\tR\x04keys\x12\x12\n" +
+	"\x04void\x18\a \x01(\bR\x04void\"\x94\x01\n" +
 	"\x05Proto\x12\x10\n" +
 	"\x03ver\x18\x01 \x01(\x05R\x03ver\x12\x0e\n" +
 	"\x02op\x18\x02 \x01(\x05R\x02op\x12\x10\n" +
