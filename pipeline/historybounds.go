@@ -39,6 +39,29 @@ func CheckHistoryStreams(streams []string) error {
 	return nil
 }
 
+// CheckHistoryPositions checks the positions of one Void: at most
+// MaxHistoryStreams, each of a stream CheckStream accepts.
+func CheckHistoryPositions(positions []StreamPos) error {
+	if len(positions) > MaxHistoryStreams {
+		return fmt.Errorf("%w: %d positions in one call, at most %d", ErrHistoryRequest, len(positions), MaxHistoryStreams)
+	}
+	for _, p := range positions {
+		if err := CheckStream(p.Stream); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// EntryKeysSize is what an entry's keys count toward MaxBytes.
+func EntryKeysSize(keys []string) int {
+	n := 0
+	for _, k := range keys {
+		n += len(k) + 1
+	}
+	return n
+}
+
 // CheckStream checks one stream name against MaxStreamLen.
 func CheckStream(s string) error {
 	if s == "" || len(s) > MaxStreamLen {

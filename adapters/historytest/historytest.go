@@ -7,6 +7,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -69,6 +70,9 @@ func Run(t *testing.T, newStore Factory) {
 	t.Run("tops", func(t *testing.T) { tops(t, open(t)) })
 	t.Run("ack", func(t *testing.T) { ack(t, open(t)) })
 	t.Run("abuse", func(t *testing.T) { abuse(t, open(t)) })
+	t.Run("keys", func(t *testing.T) { keys(t, open(t)) })
+	t.Run("void", func(t *testing.T) { void(t, open(t)) })
+	t.Run("void passed over", func(t *testing.T) { voidPassedOver(t, open(t)) })
 }
 
 // keepAll keeps the last 1,000 entries of every stream for an hour.
@@ -710,4 +714,156 @@ func abuse(t *testing.T, c checked) {
 		t.Fatalf("MaxStreamLen %d, the longest room's stream %d", pipeline.MaxStreamLen, len(s))
 	}
 	c.append1(pipeline.RoomStream(room), 1, keepAll)
+}
+
+// keys: a key push's keys come back with its entry, in every stream it
+// went to; an entry without keys has none.
+func keys(t *testing.T, c checked) {
+	streams := []string{"user:21", "user:22"}
+	plain := c.append(streams, entry(1), keepAll)
+	e := entry(2)
+	e.Keys = []string{"key-a", "key-b", strings.Repeat("k", wire.MaxKeyLen)}
+	keyed := c.append(streams, e, keepAll)
+	e.Keys[0] = "changed by the caller"
+	for i, s := range streams {
+		es, _ := c.since(s, keyed[i].Epoch, plain[i].Pos-1, 0)
+		wantRange(t, es, plain[i].Pos, keyed[i].Pos)
+		if len(es[0].Keys) != 0 {
+			t.Fatalf("%s: an entry without keys has %q", s, es[0].Keys)
+		}
+		want := []string{"key-a", "key-b", strings.Repeat("k", wire.MaxKeyLen)}
+		if !slices.Equal(es[1].Keys, want) {
+			t.Fatalf("%s: keys %q, want %q", s, es[1].Keys, want)
+		}
+		if es[1].ID != "msg-2" || string(es[1].Body) != "body 2" || es[1].Void {
+			t.Fatalf("%s: keyed entry %+v", s, es[1])
+		}
+	}
+}
+
+// void: a voided position keeps its place, its body and keys are gone,
+// Since marks it; the same entry in another stream is untouched.
+func void(t *testing.T, c checked) {
+	ctx := t.Context()
+	const s, other = "user:31", "room:void://1"
+	var ps []pipeline.StreamPos
+	for i := 1; i <= 5; i++ {
+		e := entry(i)
+		e.Keys = []string{fmt.Sprintf("key-%d", i)}
+		ps = append(ps, c.append([]string{s, other}, e, keepAll)[0])
+	}
+	top := ps[4]
+	voided := []pipeline.StreamPos{ps[1], ps[3]} // 2 and 4
+	if err := c.h.Void(ctx, voided); err != nil {
+		t.Fatalf("Void: %v", err)
+	}
+	// Twice is a no-op.
+	if err := c.h.Void(ctx, voided); err != nil {
+		t.Fatalf("Void again: %v", err)
+	}
+	es, got := c.since(s, top.Epoch, 0, 0)
+	if got != top {
+		t.Fatalf("top %+v after Void, want %+v", got, top)
+	}
+	wantRange(t, es, 1, 5)
+	for _, e := range es {
+		want := entry(int(e.Pos))
+		isVoid := e.Pos == 2 || e.Pos == 4
+		switch {
+		case e.Void != isVoid:
+			t.Fatalf("entry %d: void %v, want %v", e.Pos, e.Void, isVoid)
+		case isVoid && (len(e.Body) != 0 || len(e.Keys) != 0 || e.Op != 0 || e.ID != want.ID):
+			t.Fatalf("void entry %d: %+v, want its id and no body, op or keys", e.Pos, e)
+		case !isVoid && (!bytes.Equal(e.Body, want.Body) || e.Op != want.Op || len(e.Keys) != 1):
+			t.Fatalf("entry %d changed by voiding others: %+v", e.Pos, e)
+		}
+	}
+	// The other stream of the same Appends keeps its entries whole.
+	es, _ = c.since(other, "", 0, 0)
+	wantRange(t, es, 1, 5)
+	for _, e := range es {
+		if e.Void || string(e.Body) != fmt.Sprintf("body %d", e.Pos) {
+			t.Fatalf("%s entry %d changed by voiding %s: %+v", other, e.Pos, s, e)
+		}
+	}
+	// Positions go on after the voided ones; an epoch-less read of
+	// everything kept marks them too.
+	if p := c.append1(s, 6, keepAll); p.Pos != 6 || p.Epoch != top.Epoch {
+		t.Fatalf("append after Void at %+v", p)
+	}
+	es, _ = c.since(s, "", 0, 0)
+	if len(es) != 6 || !es[1].Void || !es[3].Void || es[5].Void {
+		t.Fatalf("everything kept after Void: %+v", es)
+	}
+	// Voided entries are trimmed like the others: the history still has
+	// no hole.
+	three := limitOf(pipeline.StreamLimit{Size: 3, TTL: time.Hour})
+	last := c.append1(s, 7, three) // keeps 5..7
+	if err := c.h.Void(ctx, []pipeline.StreamPos{{Stream: s, Epoch: top.Epoch, Pos: 6}}); err != nil {
+		t.Fatal(err)
+	}
+	es, _ = c.since(s, top.Epoch, 4, 0)
+	wantRange(t, es, 5, 7)
+	if es[0].Void || !es[1].Void || es[2].Void {
+		t.Fatalf("after trimming, void marks %v %v %v, want false true false", es[0].Void, es[1].Void, es[2].Void)
+	}
+	c.sinceErr(s, top.Epoch, 3, pipeline.ErrTrimmed, last)
+}
+
+// voidPassedOver: positions Void cannot find — another epoch, never
+// given, no longer kept, in a stream that keeps none or never was — are
+// passed over without an error and change nothing; a refused call
+// voids nothing.
+func voidPassedOver(t *testing.T, c checked) {
+	ctx := t.Context()
+	const s, zero = "user:41", "user:42"
+	var top pipeline.StreamPos
+	for i := 1; i <= 3; i++ {
+		top = c.append1(s, i, limitOf(pipeline.StreamLimit{Size: 2, TTL: time.Hour})) // keeps 2..3
+	}
+	z := c.append1(zero, 1, limitOf(pipeline.StreamLimit{TTL: time.Hour}))
+	err := c.h.Void(ctx, []pipeline.StreamPos{
+		{Stream: s, Epoch: "other", Pos: 2},
+		{Stream: s, Epoch: top.Epoch, Pos: 1}, // trimmed
+		{Stream: s, Epoch: top.Epoch, Pos: 4}, // not given yet
+		{Stream: s, Epoch: top.Epoch, Pos: 1 << 63},
+		{Stream: s, Epoch: top.Epoch, Pos: 0},
+		z, // size 0: not kept
+		{Stream: "user:404", Epoch: top.Epoch, Pos: 1},
+	})
+	if err != nil {
+		t.Fatalf("Void of positions not kept: %v", err)
+	}
+	es, got := c.since(s, top.Epoch, 1, 0)
+	wantRange(t, es, 2, 3)
+	if got != top || es[0].Void || es[1].Void {
+		t.Fatalf("after passed-over voids: top %+v, entries %+v", got, es)
+	}
+	if p := c.append1(s, 4, keepAll); p.Pos != 4 {
+		t.Fatalf("a void of a position not given yet took it: next append at %d", p.Pos)
+	}
+	if es, _ := c.since(s, top.Epoch, 3, 0); len(es) != 1 || es[0].Void {
+		t.Fatalf("position 4, voided before it was given: %+v", es)
+	}
+	if p := c.tops("user:404")[0]; p.Pos != 0 {
+		t.Fatalf("Void of a stream never seen appended: %+v", p)
+	}
+	// Refused: too many positions, a stream name too long; nothing voided.
+	many := make([]pipeline.StreamPos, pipeline.MaxHistoryStreams+1)
+	for i := range many {
+		many[i] = pipeline.StreamPos{Stream: s, Epoch: top.Epoch, Pos: 2}
+	}
+	long := pipeline.StreamPos{Stream: "room:" + strings.Repeat("x", 10<<10), Epoch: top.Epoch, Pos: 1}
+	for name, ps := range map[string][]pipeline.StreamPos{
+		"too many positions": many,
+		"a 10 KB name":       {{Stream: s, Epoch: top.Epoch, Pos: 3}, long},
+		"an empty name":      {{Stream: s, Epoch: top.Epoch, Pos: 3}, {Epoch: top.Epoch, Pos: 1}},
+	} {
+		if err := c.h.Void(ctx, ps); !errors.Is(err, pipeline.ErrHistoryRequest) {
+			t.Fatalf("Void of %s: %v, want ErrHistoryRequest", name, err)
+		}
+	}
+	if es, _ := c.since(s, top.Epoch, 1, 0); es[0].Void || es[1].Void {
+		t.Fatalf("a refused Void voided: %+v", es)
+	}
 }

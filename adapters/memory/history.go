@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"hash/maphash"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"time"
 
@@ -159,8 +160,8 @@ func (h *History) Append(_ context.Context, streams []string, e pipeline.History
 	}
 	// One copy of the entry for all its streams: the caller may reuse its
 	// body.
-	shared := &pipeline.HistoryEntry{ID: e.ID, Op: e.Op, Body: bytes.Clone(e.Body), At: e.At}
-	size := len(shared.Body) + len(shared.ID) + pipeline.EntryOverhead
+	shared := &pipeline.HistoryEntry{ID: e.ID, Op: e.Op, Body: bytes.Clone(e.Body), At: e.At, Keys: slices.Clone(e.Keys)}
+	size := len(shared.Body) + len(shared.ID) + pipeline.EntryKeysSize(shared.Keys) + pipeline.EntryOverhead
 	out := make([]pipeline.StreamPos, len(streams))
 	for i, name := range streams {
 		l := limit(name) // outside the lock: it is the caller's code
@@ -271,6 +272,44 @@ func (h *History) Acked(_ context.Context, stream string) (pipeline.StreamPos, e
 	sh, st := h.lock(stream, h.now(), true)
 	defer sh.mu.Unlock()
 	return pipeline.StreamPos{Stream: stream, Epoch: st.epoch, Pos: st.acked}, nil
+}
+
+// Void marks the entries at positions as never accepted
+// (pipeline.History): each kept one's body and keys are let go at once,
+// its place in the stream stays.
+func (h *History) Void(_ context.Context, positions []pipeline.StreamPos) error {
+	if err := pipeline.CheckHistoryPositions(positions); err != nil {
+		return fmt.Errorf("history void: %w", err)
+	}
+	for _, p := range positions {
+		sh, st := h.lock(p.Stream, h.now(), false)
+		if st != nil && st.epoch == p.Epoch {
+			st.void(p.Pos)
+		}
+		sh.mu.Unlock()
+	}
+	return nil
+}
+
+// void replaces the kept entry at pos, if any, by a void one. The entry
+// itself is shared with the other streams of its Append, which may still
+// deliver it: only this stream's reference changes.
+func (s *memStream) void(pos uint64) {
+	if s.kept() == 0 || pos < s.ents[s.off].pos || pos > s.seq {
+		return
+	}
+	i := s.off + int(pos-s.ents[s.off].pos) // kept entries have no hole
+	if i >= len(s.ents) {
+		return
+	}
+	me := &s.ents[i]
+	if me.e.Void {
+		return
+	}
+	me.e = &pipeline.HistoryEntry{ID: me.e.ID, At: me.e.At, Void: true}
+	size := len(me.e.ID) + pipeline.EntryOverhead
+	s.bytes -= me.size - size
+	me.size = size
 }
 
 // streams is how many streams the store holds, for tests of the sweep.
