@@ -147,7 +147,10 @@ func (s *grpcServer) History(ctx context.Context, req *pb.HistoryReq) (*pb.Histo
 	}
 	reply.Entries = make([]*pb.HistoryEntry, len(entries))
 	for i, e := range entries {
-		reply.Entries[i] = &pb.HistoryEntry{Pos: e.Pos, Id: e.ID, Op: e.Op, Body: e.Body, AtUnixMs: e.At.UnixMilli()}
+		// A void entry goes too, marked: the node passes over its
+		// position rather than wait for it again. Keys let it give a
+		// key push's entry to those connections only.
+		reply.Entries[i] = &pb.HistoryEntry{Pos: e.Pos, Id: e.ID, Op: e.Op, Body: e.Body, AtUnixMs: e.At.UnixMilli(), Keys: e.Keys, Void: e.Void}
 	}
 	return reply, nil
 }

@@ -33,9 +33,13 @@ type historyReply struct {
 	Top Position `json:"top"`
 	// Entries are the messages after the asked position, oldest first.
 	Entries []historyEntry `json:"entries"`
-	// More says the stream has entries after the last one given: ask
-	// again after it.
+	// More says the stream has entries after Last: ask again after it.
 	More bool `json:"more"`
+	// Last is the last position this answer covers (the asked one when
+	// it covers none). Positions of pushes that were answered 503 (never
+	// accepted) are left out of Entries, so Last may be past the last
+	// entry given: ask again after Last, not after that entry.
+	Last uint64 `json:"last"`
 	// Unrecoverable, when set, says why no entry is given and the caller
 	// must resync from Top: "epoch" (the stream's history was lost since
 	// the position was given, or it is of another stream), "trimmed"
@@ -160,7 +164,16 @@ func (st *Stage) historyRoute(a api) http.Handler {
 			writeError(w, http.StatusServiceUnavailable, "history unavailable, retry later")
 			return
 		default:
-			for _, e := range entries[:min(len(entries), q.limit)] {
+			entries = entries[:min(len(entries), q.limit)]
+			out.Last = q.after
+			if q.epoch == "" && q.after == 0 && len(entries) > 0 {
+				out.Last = entries[0].Pos - 1
+			}
+			for _, e := range entries {
+				out.Last = e.Pos
+				if e.Void {
+					continue // never accepted: nothing to show
+				}
 				he := historyEntry{Pos: e.Pos, ID: e.ID, Operation: e.Op, At: e.At.UTC()}
 				if utf8.Valid(e.Body) {
 					s := string(e.Body)
@@ -170,9 +183,7 @@ func (st *Stage) historyRoute(a api) http.Handler {
 				}
 				out.Entries = append(out.Entries, he)
 			}
-			if n := len(out.Entries); n > 0 {
-				out.More = out.Entries[n-1].Pos < top.Pos
-			}
+			out.More = len(entries) > 0 && out.Last < top.Pos
 		}
 		writeJSON(w, http.StatusOK, reply{Code: 0, Message: a.okMessage(), Data: out})
 	})

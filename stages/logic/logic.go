@@ -95,7 +95,7 @@ func New(cfg config.Logic, o Options) (*Stage, error) {
 		cfg:       cfg,
 		heartbeat: o.Heartbeat,
 		pusher: &Pusher{registry: o.Registry, publisher: o.Publisher, topic: o.PushTopic, events: o.Events, history: o.History,
-			limit: limit},
+			limit: limit, voidFail: pipeline.NewRateLog(o.Logger, slog.LevelError, time.Second)},
 		history: o.History,
 		replies: o.Replies,
 		grpc:    rpc,

@@ -95,6 +95,8 @@ func (h *fakeHistory) Acked(_ context.Context, stream string) (pipeline.StreamPo
 	return pipeline.StreamPos{Stream: stream}, nil
 }
 
+func (h *fakeHistory) Void(context.Context, []pipeline.StreamPos) error { return nil }
+
 func (h *fakeHistory) setFail(err error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()

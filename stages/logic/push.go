@@ -38,6 +38,13 @@ var ErrHistory = errors.New("history unavailable")
 // one atomic step.
 const maxAppendStreams = 100
 
+// voidTimeout bounds the Void of a push's positions after its publish
+// failed. It runs on a context of its own (the request's may be what
+// ended): a store that does not answer in time leaves the positions
+// holding a message that was refused, which is logged. One Redis script
+// of 100 streams takes well under 10 ms; 2 s is an outage, not a slow call.
+const voidTimeout = 2 * time.Second
+
 // Pusher resolves push targets, gives the push its positions in its
 // streams and publishes one PushMsg per cloud node.
 type Pusher struct {
@@ -49,6 +56,9 @@ type Pusher struct {
 	// streams had positions).
 	history pipeline.History
 	limit   func(stream string) pipeline.StreamLimit
+	// voidFail logs a failed Void, at most once a second; nil: not
+	// logged (tests).
+	voidFail *pipeline.RateLog
 }
 
 // Push is one push request as the HTTP API received it.
@@ -112,18 +122,27 @@ func (p *Pusher) PushKeys(ctx context.Context, push Push, keys []string) (PushRe
 	}
 	// The user stream of each online key's user: an offline key's push
 	// is not sent, so it takes no place in its user's stream.
+	// Each entry keeps the keys it was for, so that a node filling a gap
+	// or recovering a client gives it to those connections only.
 	midOf := make(map[string]int64, len(servers))
+	keysOf := map[int64][]string{}
 	var mids []int64
 	for k := range servers {
-		midOf[k] = sessions[k].Mid
-		mids = append(mids, sessions[k].Mid)
+		m := sessions[k].Mid
+		midOf[k] = m
+		mids = append(mids, m)
+		keysOf[m] = append(keysOf[m], k)
 	}
-	pos, err := p.appendUsers(ctx, push, mids)
+	pos, err := p.appendUsers(ctx, push, mids, keysOf)
 	if err != nil {
 		return PushResult{}, err
 	}
+	if err := p.publishToServers(ctx, push, servers, nil, userPositions(midOf, pos)); err != nil {
+		p.void(ctx, push, slices.Collect(maps.Values(pos)))
+		return PushResult{}, err
+	}
 	res.Positions = positions(pos)
-	return res, p.publishToServers(ctx, push, servers, nil, userPositions(midOf, pos))
+	return res, nil
 }
 
 // dropLapsed removes the keys whose cloud node is no longer registered: a
@@ -177,11 +196,10 @@ func (p *Pusher) PushMids(ctx context.Context, push Push, mids []int64) (PushRes
 	}
 	// Every user's stream, online or not: what an offline user missed
 	// is history for its next connection.
-	pos, err := p.appendUsers(ctx, push, mids)
+	pos, err := p.appendUsers(ctx, push, mids, nil)
 	if err != nil {
 		return PushResult{}, err
 	}
-	res.Positions = positions(pos)
 	midOf := map[string]int64{}
 	for m, keys := range byMid {
 		for k := range keys {
@@ -189,8 +207,10 @@ func (p *Pusher) PushMids(ctx context.Context, push Push, mids []int64) (PushRes
 		}
 	}
 	if err := p.publishToServers(ctx, push, servers, byMid, userPositions(midOf, pos)); err != nil {
-		return res, err
+		p.void(ctx, push, slices.Collect(maps.Values(pos)))
+		return PushResult{}, err
 	}
+	res.Positions = positions(pos)
 	p.emitOffline(push, res.OfflineMids)
 	return res, nil
 }
@@ -203,7 +223,8 @@ func (p *Pusher) PushRoom(ctx context.Context, push Push, room string) (PushResu
 
 // appendUsers gives push its positions in the user streams of mids (each
 // once; goim's guests of mid 0 share no stream and get none), by user.
-func (p *Pusher) appendUsers(ctx context.Context, push Push, mids []int64) (map[int64]*pb.StreamPos, error) {
+// keysOf, for a key push, are the keys it is for by user.
+func (p *Pusher) appendUsers(ctx context.Context, push Push, mids []int64, keysOf map[int64][]string) (map[int64]*pb.StreamPos, error) {
 	if p.history == nil {
 		return nil, nil
 	}
@@ -216,7 +237,11 @@ func (p *Pusher) appendUsers(ctx context.Context, push Push, mids []int64) (map[
 		}
 	}
 	slices.Sort(streams)
-	got, err := p.append(ctx, push, streams)
+	var chunkKeys func(streams []string) []string
+	if keysOf != nil {
+		chunkKeys = func(streams []string) []string { return streamKeys(streams, keysOf) }
+	}
+	got, err := p.append(ctx, push, streams, chunkKeys)
 	if err != nil {
 		return nil, err
 	}
@@ -229,20 +254,47 @@ func (p *Pusher) appendUsers(ctx context.Context, push Push, mids []int64) (map[
 	return out, nil
 }
 
-// append gives push its positions in streams, maxAppendStreams a call.
-func (p *Pusher) append(ctx context.Context, push Push, streams []string) ([]*pb.StreamPos, error) {
+// streamKeys are the keys of a key push for the users of streams: an
+// Append's entry is one for all its streams, so each user stream of a
+// chunk keeps the keys of the chunk's users (a key names one connection,
+// so another user's key reaches none of this user's). The usual key push
+// is for one user's few keys; the worst, thousands of users of one key
+// each, puts at most maxAppendStreams keys (~3.7 KB of 36-byte keys) in
+// an entry, and one Append a chunk instead of one per user.
+func streamKeys(streams []string, keysOf map[int64][]string) []string {
+	var out []string
+	for _, s := range streams {
+		if m, ok := pipeline.StreamMid(s); ok {
+			out = append(out, keysOf[m]...)
+		}
+	}
+	slices.Sort(out)
+	return slices.Compact(out)
+}
+
+// append gives push its positions in streams, maxAppendStreams a call;
+// keysOf (nil: none) gives the keys each call's entry is for. If a call
+// fails after earlier ones appended, those are voided: the push is
+// answered as not accepted, so no position of it may deliver it.
+func (p *Pusher) append(ctx context.Context, push Push, streams []string, keysOf func(streams []string) []string) ([]*pb.StreamPos, error) {
 	if p.history == nil || len(streams) == 0 {
 		return nil, nil
 	}
 	e := pipeline.HistoryEntry{ID: push.ID, Op: push.Operation, Body: push.Msg, At: time.Now()}
 	out := make([]*pb.StreamPos, 0, len(streams))
 	for chunk := range slices.Chunk(streams, maxAppendStreams) {
-		got, err := p.history.Append(ctx, chunk, e, p.limit)
-		if err != nil {
-			return nil, fmt.Errorf("%w: position in %d streams: %w", ErrHistory, len(chunk), err)
+		if keysOf != nil {
+			e.Keys = keysOf(chunk)
 		}
-		if len(got) != len(chunk) {
-			return nil, fmt.Errorf("%w: %d positions for %d streams", ErrHistory, len(got), len(chunk))
+		got, err := p.history.Append(ctx, chunk, e, p.limit)
+		if err == nil && len(got) != len(chunk) {
+			// Whatever it gave cannot be matched to its streams, so
+			// cannot be voided either: the store is broken.
+			err = fmt.Errorf("%d positions for %d streams", len(got), len(chunk))
+		}
+		if err != nil {
+			p.void(ctx, push, out)
+			return nil, fmt.Errorf("%w: position in %d streams: %w", ErrHistory, len(chunk), err)
 		}
 		for _, sp := range got {
 			out = append(out, &pb.StreamPos{Stream: sp.Stream, Epoch: sp.Epoch, Pos: sp.Pos})
@@ -312,7 +364,7 @@ func (p *Pusher) publishCounted(ctx context.Context, push Push, pm *pb.PushMsg, 
 	if pm.Type == pb.PushMsg_ROOM {
 		// A room push takes its place in the room's stream; a
 		// broadcast has none.
-		pos, err := p.append(ctx, push, []string{pipeline.RoomStream(room)})
+		pos, err := p.append(ctx, push, []string{pipeline.RoomStream(room)}, nil)
 		if err != nil {
 			return PushResult{}, err
 		}
@@ -321,7 +373,39 @@ func (p *Pusher) publishCounted(ctx context.Context, push Push, pm *pb.PushMsg, 
 			res.Positions = append(res.Positions, Position{Stream: sp.Stream, Epoch: sp.Epoch, Pos: sp.Pos})
 		}
 	}
-	return res, p.publish(ctx, push, pm)
+	if err := p.publish(ctx, push, pm); err != nil {
+		p.void(ctx, push, pm.Positions)
+		return PushResult{}, err
+	}
+	return res, nil
+}
+
+// void marks positions, given to push before it failed to publish, as
+// never accepted: the caller is answered that nothing was, so neither a
+// node filling a gap, nor a recovery, nor GET /im/history may give it,
+// and a retry takes new positions. It runs past the request's end (on a
+// failure the request's context may be what ended), within voidTimeout;
+// a failure is logged: those positions then hold a refused message until
+// trimmed.
+func (p *Pusher) void(ctx context.Context, push Push, pos []*pb.StreamPos) {
+	if p.history == nil || len(pos) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), voidTimeout)
+	defer cancel()
+	ps := make([]pipeline.StreamPos, len(pos))
+	for i, sp := range pos {
+		ps[i] = pipeline.StreamPos{Stream: sp.Stream, Epoch: sp.Epoch, Pos: sp.Pos}
+	}
+	for chunk := range slices.Chunk(ps, maxAppendStreams) {
+		if err := p.history.Void(ctx, chunk); err != nil {
+			if p.voidFail != nil {
+				p.voidFail.Log("void the positions of a push that failed to publish; they hold its refused message until trimmed",
+					"msg_id", push.ID, "positions", len(ps), "err", err)
+			}
+			return
+		}
+	}
 }
 
 // publishToServers publishes one PUSH message per server holding keys.
