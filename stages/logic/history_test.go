@@ -69,7 +69,9 @@ func (h *stubHistory) Acked(context.Context, string) (pipeline.StreamPos, error)
 	return pipeline.StreamPos{}, nil
 }
 
-func (h *stubHistory) Void(context.Context, []pipeline.StreamPos) error { return errors.New("not used") }
+func (h *stubHistory) Void(context.Context, []pipeline.StreamPos) error {
+	return errors.New("not used")
+}
 
 func (h *stubHistory) callCount() int {
 	h.mu.Lock()
