@@ -5,6 +5,8 @@ package redis
 import (
 	"context"
 	"fmt"
+	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -90,5 +92,89 @@ func TestIntegrationHistoryThroughput(t *testing.T) {
 	}
 	if tops[0].Pos != 2*8000/100 {
 		t.Fatalf("live://0 at %d, want %d", tops[0].Pos, 2*8000/100)
+	}
+}
+
+// TestIntegrationHistoryAppendCost measures what the append script costs
+// Redis itself (INFO commandstats' evalsha time, server side, so the
+// client's and the network's share is left out) on the push benchmark's
+// shape: one room stream at its limit (100 entries, 5 min), 200-byte
+// bodies, 8 goroutines. Other clients of the same Redis add their own
+// EVALSHA calls to the count: IMCLOUD_TEST_REDIS_ADDR pointing at a
+// private Redis gives the number in History's doc.
+func TestIntegrationHistoryAppendCost(t *testing.T) {
+	ctx := context.Background()
+	rdb, err := Connect(ctx, testAddr(), "", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = rdb.Close() })
+	prefix := registrytest.Prefix(t) + "history:"
+	t.Cleanup(func() {
+		keys, _ := rdb.Keys(context.Background(), prefix+"*").Result()
+		if len(keys) > 0 {
+			_ = rdb.Del(context.Background(), keys...).Err()
+		}
+	})
+	h := NewHistory(rdb, prefix, pipeline.HistoryCaps{})
+	limit := func(string) pipeline.StreamLimit { return pipeline.StreamLimit{Size: 100, TTL: 5 * time.Minute} }
+	e := pipeline.HistoryEntry{ID: "01J0000000000000000000000", Op: 1000, Body: make([]byte, 200), At: time.Now()}
+	s := pipeline.RoomStream("live://bench")
+	// Fill the log to its limit first: the steady state trims.
+	for range 200 {
+		if _, err := h.Append(ctx, []string{s}, e, limit); err != nil {
+			t.Fatal(err)
+		}
+	}
+	evalsha := func() (calls, usec int64) {
+		info, err := rdb.Info(ctx, "commandstats").Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for line := range strings.SplitSeq(info, "\n") {
+			if rest, ok := strings.CutPrefix(strings.TrimSpace(line), "cmdstat_evalsha:"); ok {
+				for kv := range strings.SplitSeq(rest, ",") {
+					k, v, _ := strings.Cut(kv, "=")
+					switch k {
+					case "calls":
+						calls, _ = strconv.ParseInt(v, 10, 64)
+					case "usec":
+						usec, _ = strconv.ParseInt(v, 10, 64)
+					}
+				}
+			}
+		}
+		return calls, usec
+	}
+	const goroutines, each = 8, 2500
+	c0, u0 := evalsha()
+	var wg sync.WaitGroup
+	errs := make(chan error, goroutines)
+	for range goroutines {
+		wg.Go(func() {
+			for range each {
+				if _, err := h.Append(ctx, []string{s}, e, limit); err != nil {
+					errs <- err
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	c1, u1 := evalsha()
+	if c1-c0 < goroutines*each {
+		t.Fatalf("%d EVALSHA calls counted for %d appends", c1-c0, goroutines*each)
+	}
+	t.Logf("append script: %d calls, %.1f µs of Redis time a call", c1-c0, float64(u1-u0)/float64(c1-c0))
+	es, top, err := h.Since(ctx, s, "", 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if top.Pos != 200+goroutines*each || len(es) != 100 || es[0].Pos != top.Pos-99 {
+		t.Fatalf("after %d appends: top %d, %d entries from %d", 200+goroutines*each, top.Pos, len(es), es[0].Pos)
 	}
 }
