@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	goredis "github.com/redis/go-redis/v9"
@@ -66,7 +67,31 @@ type History struct {
 	rdb    goredis.UniversalClient
 	prefix string
 	caps   pipeline.HistoryCaps
+
+	// Appends made while others are on their way to Redis go together,
+	// in one pipeline: one write and one read for all of them instead of
+	// a round trip each (group commit). Each is still its own script
+	// call, run in the order they were queued.
+	mu       sync.Mutex
+	queued   []*appendCall
+	flushing bool // a goroutine is sending queued appends
 }
+
+// appendCall is one Append's script call, waiting for its batch.
+type appendCall struct {
+	keys []string
+	args []any
+	done chan struct{}
+	res  []any
+	err  error
+}
+
+// maxAppendBatch bounds the appends sent in one pipeline.
+const maxAppendBatch = 128
+
+// appendTimeout bounds one batch: it runs apart from its callers (each
+// waits on its own context), so none of their deadlines can stop it.
+const appendTimeout = 5 * time.Second
 
 // NewHistory returns a store in rdb under prefix within caps (a field ≤ 0:
 // its default).
@@ -255,7 +280,7 @@ func (h *History) Append(ctx context.Context, streams []string, e pipeline.Histo
 		keys = append(keys, h.metaKey(s), h.logKey(s))
 		args = append(args, min(max(l.Size, 0), h.caps.MaxSize), max(l.TTL.Milliseconds(), 0), newEpoch())
 	}
-	res, err := appendScript.Run(ctx, h.rdb, keys, args...).Slice()
+	res, err := h.run(ctx, keys, args)
 	if err != nil {
 		return nil, fmt.Errorf("history append to %d streams: %w", len(streams), err)
 	}
@@ -271,6 +296,71 @@ func (h *History) Append(ctx context.Context, streams []string, e pipeline.Histo
 		out[i] = pipeline.StreamPos{Stream: streams[i], Epoch: epoch, Pos: pos}
 	}
 	return out, nil
+}
+
+// run queues an append script call and waits for its batch.
+func (h *History) run(ctx context.Context, keys []string, args []any) ([]any, error) {
+	c := &appendCall{keys: keys, args: args, done: make(chan struct{})}
+	h.mu.Lock()
+	h.queued = append(h.queued, c)
+	if !h.flushing {
+		h.flushing = true
+		go h.flush(context.WithoutCancel(ctx))
+	}
+	h.mu.Unlock()
+	select {
+	case <-c.done:
+		return c.res, c.err
+	case <-ctx.Done():
+		// The append may still be made: its position is then skipped,
+		// as when a call is cut short on the wire.
+		return nil, ctx.Err()
+	}
+}
+
+// flush sends the queued appends, a batch at a time, until none is left.
+func (h *History) flush(ctx context.Context) {
+	for {
+		h.mu.Lock()
+		n := min(len(h.queued), maxAppendBatch)
+		if n == 0 {
+			h.flushing = false
+			h.mu.Unlock()
+			return
+		}
+		batch := h.queued[:n:n]
+		h.queued = h.queued[n:]
+		h.mu.Unlock()
+		bctx, cancel := context.WithTimeout(ctx, appendTimeout)
+		h.send(bctx, batch)
+		cancel()
+		for _, c := range batch {
+			close(c.done)
+		}
+	}
+}
+
+// send runs a batch's script calls: alone as a plain call, else in one
+// pipeline of EVALSHAs; calls Redis did not know the script for (it was
+// flushed or restarted) are run again one by one, loading it.
+func (h *History) send(ctx context.Context, batch []*appendCall) {
+	if len(batch) == 1 {
+		c := batch[0]
+		c.res, c.err = appendScript.Run(ctx, h.rdb, c.keys, c.args...).Slice()
+		return
+	}
+	pipe := h.rdb.Pipeline()
+	cmds := make([]*goredis.Cmd, len(batch))
+	for i, c := range batch {
+		cmds[i] = appendScript.EvalSha(ctx, pipe, c.keys, c.args...)
+	}
+	_, _ = pipe.Exec(ctx) // each command carries its own error
+	for i, c := range batch {
+		c.res, c.err = cmds[i].Slice()
+		if c.err != nil && strings.HasPrefix(c.err.Error(), "NOSCRIPT") {
+			c.res, c.err = appendScript.Run(ctx, h.rdb, c.keys, c.args...).Slice()
+		}
+	}
 }
 
 // Since returns up to max entries of stream after position after
