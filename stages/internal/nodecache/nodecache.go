@@ -66,11 +66,11 @@ func (c *Cache) Nodes(ctx context.Context) ([]*pb.NodeInfo, error) {
 	return c.get(ctx, c.ttl)
 }
 
-// NodesWith returns the node list, refetched when one of ids is not in the
-// kept list and the list is older than a tenth of the TTL: a node that
-// just registered has its keys' pushes delivered without waiting for the
-// TTL, and keys still registered on a lapsed node cost at most ten fetches
-// per TTL.
+// NodesWith returns the node list, read again when one of ids is not in
+// the kept list: a node that just registered has its keys' pushes
+// delivered without waiting for the TTL. Keys still registered on a
+// lapsed node (until their sessions expire) cost a read per push, as
+// every push did before the cache; concurrent ones share it.
 func (c *Cache) NodesWith(ctx context.Context, ids []string) ([]*pb.NodeInfo, error) {
 	nodes, err := c.get(ctx, c.ttl)
 	if err != nil {
@@ -78,7 +78,7 @@ func (c *Cache) NodesWith(ctx context.Context, ids []string) ([]*pb.NodeInfo, er
 	}
 	for _, id := range ids {
 		if !slices.ContainsFunc(nodes, func(n *pb.NodeInfo) bool { return n.Id == id }) {
-			return c.get(ctx, c.ttl/10)
+			return c.get(ctx, 0)
 		}
 	}
 	return nodes, nil

@@ -215,8 +215,7 @@ func TestCallerCancelDoesNotFailOthers(t *testing.T) {
 	}
 }
 
-// NodesWith refetches for an id the kept list lacks, at most once per
-// tenth of the TTL.
+// NodesWith reads the list again for an id the kept list lacks.
 func TestNodesWithMissRefetches(t *testing.T) {
 	src := &source{ids: []string{"a"}}
 	clk := &clock{t: time.Unix(1000, 0)}
@@ -224,21 +223,20 @@ func TestNodesWithMissRefetches(t *testing.T) {
 	ctx := context.Background()
 	steps := []struct {
 		name      string
-		advance   time.Duration
 		change    []string
 		want      []string
 		wantIDs   []string
 		wantCalls int32
 	}{
-		{"first call fetches", 0, nil, []string{"a"}, []string{"a"}, 1},
-		{"known id: kept", 50 * time.Millisecond, []string{"a", "b"}, []string{"a"}, []string{"a"}, 1},
-		{"unknown id, list younger than TTL/10: kept", 0, nil, []string{"b"}, []string{"a"}, 1},
-		{"unknown id, list older than TTL/10: fetched", 50 * time.Millisecond, nil, []string{"b"}, []string{"a", "b"}, 2},
-		{"id of a lapsed node: at most one fetch per TTL/10", 10 * time.Millisecond, nil, []string{"gone"}, []string{"a", "b"}, 2},
-		{"and again after TTL/10", 100 * time.Millisecond, nil, []string{"gone"}, []string{"a", "b"}, 3},
+		{"first call fetches", nil, []string{"a"}, []string{"a"}, 1},
+		{"known id: kept", []string{"a", "b"}, []string{"a"}, []string{"a"}, 1},
+		{"unknown id: fetched", nil, []string{"b"}, []string{"a", "b"}, 2},
+		{"now known: kept", nil, []string{"a", "b"}, []string{"a", "b"}, 2},
+		{"id of a lapsed node: fetched each time", nil, []string{"gone"}, []string{"a", "b"}, 3},
+		{"and again", nil, []string{"gone"}, []string{"a", "b"}, 4},
 	}
 	for _, st := range steps {
-		clk.add(st.advance)
+		clk.add(10 * time.Millisecond)
 		if st.change != nil {
 			src.set(st.change, nil)
 		}
@@ -251,6 +249,51 @@ func TestNodesWithMissRefetches(t *testing.T) {
 		}
 		if n := src.calls.Load(); n != st.wantCalls {
 			t.Errorf("%s: %d fetches, want %d", st.name, n, st.wantCalls)
+		}
+	}
+}
+
+// Concurrent callers missing an id share one fetch.
+func TestNodesWithMissBurstOneFetch(t *testing.T) {
+	src := &source{ids: []string{"a"}}
+	c := New(src, time.Minute, nil)
+	ctx := context.Background()
+	if _, err := c.Nodes(ctx); err != nil {
+		t.Fatal(err)
+	}
+	gate := make(chan struct{})
+	src.mu.Lock()
+	src.ids, src.gate = []string{"a", "new"}, gate
+	src.mu.Unlock()
+	const callers = 32
+	var wg sync.WaitGroup
+	results := make([][]string, callers)
+	for i := range callers {
+		wg.Go(func() {
+			ns, err := c.NodesWith(ctx, []string{"new"})
+			if err != nil {
+				t.Error(err)
+			}
+			results[i] = ids(ns)
+		})
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for src.calls.Load() < 2 {
+		if time.Now().After(deadline) {
+			t.Fatal("no refetch started")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	close(gate)
+	wg.Wait()
+	// Callers that asked after the refetch ended may have started
+	// another: at most a few, never one each.
+	if n := src.calls.Load() - 1; n < 1 || n > callers/4 {
+		t.Errorf("%d refetches for %d concurrent callers", n, callers)
+	}
+	for i, r := range results {
+		if !equal(r, []string{"a", "new"}) {
+			t.Fatalf("caller %d: %v", i, r)
 		}
 	}
 }
