@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -85,6 +86,7 @@ type History struct {
 
 // appendCall is one Append's script call, waiting for its batch.
 type appendCall struct {
+	ctx  context.Context // the caller's: one that gave up is not sent
 	keys []string
 	args []any
 	done chan struct{}
@@ -306,7 +308,7 @@ func (h *History) Append(ctx context.Context, streams []string, e pipeline.Histo
 
 // run queues an append script call and waits for its batch.
 func (h *History) run(ctx context.Context, keys []string, args []any) ([]any, error) {
-	c := &appendCall{keys: keys, args: args, done: make(chan struct{})}
+	c := &appendCall{ctx: ctx, keys: keys, args: args, done: make(chan struct{})}
 	h.mu.Lock()
 	h.queued = append(h.queued, c)
 	if !h.flushing {
@@ -338,7 +340,7 @@ func (h *History) flush(ctx context.Context) {
 		h.queued = h.queued[n:]
 		h.mu.Unlock()
 		bctx, cancel := context.WithTimeout(ctx, appendTimeout)
-		h.send(bctx, batch)
+		h.send(bctx, slices.Clone(batch))
 		cancel()
 		for _, c := range batch {
 			close(c.done)
@@ -350,6 +352,16 @@ func (h *History) flush(ctx context.Context) {
 // pipeline of EVALSHAs; calls Redis did not know the script for (it was
 // flushed or restarted) are run again one by one, loading it.
 func (h *History) send(ctx context.Context, batch []*appendCall) {
+	// A caller that gave up while queued (its request timed out, say
+	// while Redis was slow) gets no position: calls nobody waits for
+	// would otherwise pile up behind an outage.
+	batch = slices.DeleteFunc(batch, func(c *appendCall) bool {
+		c.err = c.ctx.Err()
+		return c.err != nil
+	})
+	if len(batch) == 0 {
+		return
+	}
 	if len(batch) == 1 {
 		c := batch[0]
 		c.res, c.err = appendScript.Run(ctx, h.rdb, c.keys, c.args...).Slice()

@@ -4,6 +4,7 @@ package redis
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -270,5 +271,44 @@ func TestIntegrationHistoryBytesAccounting(t *testing.T) {
 			}
 			logBytes(t, rdb, h, s)
 		})
+	}
+}
+
+// An append whose caller gave up before it was sent is not made: the
+// stream's position does not move.
+func TestIntegrationHistoryCancelledAppend(t *testing.T) {
+	ctx := context.Background()
+	rdb, err := Connect(ctx, testAddr(), "", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = rdb.Close() })
+	prefix := registrytest.Prefix(t) + "history:"
+	t.Cleanup(func() {
+		keys, _ := rdb.Keys(context.Background(), prefix+"*").Result()
+		if len(keys) > 0 {
+			_ = rdb.Del(context.Background(), keys...).Err()
+		}
+	})
+	h := NewHistory(rdb, prefix, pipeline.HistoryCaps{})
+	limit := func(string) pipeline.StreamLimit { return pipeline.StreamLimit{Size: 10, TTL: time.Minute} }
+	s := pipeline.RoomStream("cancel://1")
+	e := pipeline.HistoryEntry{ID: "x", Op: 1000, Body: []byte("b")}
+	if _, err := h.Append(ctx, []string{s}, e, limit); err != nil {
+		t.Fatal(err)
+	}
+	gone, cancel := context.WithCancel(ctx)
+	cancel()
+	for range 20 {
+		if _, err := h.Append(gone, []string{s}, e, limit); !errors.Is(err, context.Canceled) {
+			t.Fatalf("append with a cancelled context: %v", err)
+		}
+	}
+	ps, err := h.Append(ctx, []string{s}, e, limit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ps[0].Pos != 2 {
+		t.Fatalf("next append at %d, want 2: a cancelled append took a position", ps[0].Pos)
 	}
 }
