@@ -91,17 +91,18 @@ const (
 	// apart at most, and a million reads a minute of made-up streams
 	// (~17k/s) keep at most a million alive.
 	DefaultHistoryReadIdle = time.Minute
-	// A million streams are every user of a large standalone process
-	// online at once (a cloud node holds ~1M connections before its
-	// memory runs out) with room for their rooms: a smaller cap would
-	// evict live users' history. Measured ~300 bytes a stream of state
-	// (StreamOverhead), a million are ~300 MB.
+	// A million streams are a million users with messages within their
+	// day (and their rooms) in one standalone process, far past what one
+	// process's connections make: a cap near the live set would evict
+	// live users' history. Measured ~200 bytes a stream of state (counted
+	// as StreamOverhead, 300): a million are ~200 MB.
 	DefaultHistoryMaxStreams = 1_000_000
-	// 512 MiB holds a million streams' state and ~800k kept pushes of
-	// 200 bytes (264 counted each) besides, or 128 users' full 4 MiB
-	// history; it leaves room on a 1 GiB machine for the rest of the
-	// process. Without it a backend pushing to one-off mids grows the
-	// heap until the process dies.
+	// 512 MiB holds a million streams' state and ~750k kept pushes of 200
+	// bytes besides (290 counted each, with a ULID id), or 128 users' full
+	// 4 MiB history; it leaves room on a 1 GiB machine for the rest of
+	// the process. Without it a backend pushing to one-off mids grows the
+	// heap until the process dies (~2.6 billion streams a day at 30
+	// requests/s of 1,000 new mids).
 	DefaultHistoryMaxTotalBytes = 512 << 20
 )
 
@@ -138,6 +139,7 @@ const EntryOverhead = 64
 
 // StreamOverhead is what every stream counts toward MaxTotalBytes beside
 // its name and entries: its state, map slot and links as measured on the
-// heap (adapters/memory TestHistoryStreamOverhead: ~250 bytes a stream
-// with a short name on amd64), rounded up.
+// heap (adapters/memory TestHistoryStreamOverhead: 194 bytes a stream
+// named "user:<7 digits>" on amd64, the map's growth included), with
+// room for a map caught mid-growth.
 const StreamOverhead = 300

@@ -172,11 +172,22 @@ func (h *History) lock(stream string, now time.Time, create bool) (*historyShard
 // unlock enforces the store's caps and unlocks sh: it evicts sh's least
 // recently appended streams but keep (the stream the call is about) while
 // the store is over a cap, then, if sh has none left, other shards'.
+//
+// A stream only read so far (seq 0) never pushes out one that holds
+// messages: rather than that, it is forgotten itself (the read's answer
+// stands; its first Append starts another epoch, which tells a client a
+// history of nothing was lost). So a flood of reads of made-up streams
+// at the cap only churns such streams.
 func (h *History) unlock(sh *historyShard, keep *memStream) {
+	readOnly := keep != nil && keep.seq == 0
 	for h.over() {
 		v := sh.oldest
 		if v != nil && v == keep {
 			v = v.newer
+		}
+		if readOnly && (v == nil || v.seq > 0) {
+			h.evict(sh, keep)
+			break
 		}
 		if v == nil {
 			break
@@ -184,6 +195,9 @@ func (h *History) unlock(sh *historyShard, keep *memStream) {
 		h.evict(sh, v)
 	}
 	sh.mu.Unlock()
+	if readOnly {
+		return
+	}
 	// One shard at a time, never two locks held: no lock order to keep.
 	for misses := 0; misses < historyShards && h.over(); {
 		o := &h.shards[h.evictNext.Add(1)%historyShards]
