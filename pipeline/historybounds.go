@@ -58,9 +58,9 @@ type HistoryCaps struct {
 	// is not kept (nor, so the history has no hole, any before it).
 	MaxBytes int
 	// Idle is how long a stream untouched by Append lives when its limit
-	// has no TTL, or it was only read (Tops, Since, Acked) and never
-	// appended to. A stream with a TTL lives its TTL after its last Append.
-	// Once forgotten, its next use starts a new epoch.
+	// has no TTL. A stream with a TTL lives its TTL after its last Append;
+	// one only read, ReadIdle. Once forgotten, its next use starts a new
+	// epoch.
 	Idle time.Duration
 	// ReadIdle is how long a stream that a read (Tops, Since, Acked)
 	// created, never appended to, lives: long enough that the epoch a

@@ -33,8 +33,8 @@ const evictLogEvery = time.Minute
 // dies with the process: a restarted process gives every stream a new
 // epoch, so clients holding old positions are told their history is lost.
 //
-// A stream not appended to for its TTL (HistoryCaps.Idle with TTL 0, or
-// when only read) is forgotten whole — counter, epoch, entries and ack
+// A stream not appended to for its TTL (HistoryCaps.Idle with TTL 0,
+// ReadIdle when only read) is forgotten whole — counter, epoch, entries and ack
 // cursor — lazily when next used, and by a sweep each shard runs every 10 s
 // on its next use, so millions of one-off user streams do not pile up.
 // Its next use starts a new epoch at position 1: a lost history, which the
@@ -247,6 +247,10 @@ func (h *History) evict(sh *historyShard, st *memStream) {
 // Evictions is how many streams were evicted to keep the store within its
 // caps since it started.
 func (h *History) Evictions() uint64 { return h.evicted.Load() }
+
+// Size is how many streams the store holds and the bytes they count
+// toward HistoryCaps.MaxTotalBytes.
+func (h *History) Size() (streams, bytes int64) { return h.count.Load(), h.bytes.Load() }
 
 // appended moves st to its shard's newest end.
 func (sh *historyShard) appended(st *memStream) {
