@@ -106,6 +106,7 @@ type memStream struct {
 	ttl     time.Duration // the last Append's limit, for trimming on reads
 	touched time.Time     // created or last appended to
 	life    time.Duration // forgotten life after touched
+	counted int           // its share of History.bytes: cost() when last synced
 
 	newer, older *memStream // its shard's list by last Append
 }
@@ -166,8 +167,9 @@ func (h *History) lock(stream string, now time.Time, create bool) (*historyShard
 		st = &memStream{name: stream, epoch: newEpoch(), touched: now, life: h.caps.ReadIdle}
 		sh.streams[stream] = st
 		sh.pushOldest(st)
+		st.counted = st.cost()
 		h.count.Add(1)
-		h.bytes.Add(int64(st.cost()))
+		h.bytes.Add(int64(st.counted))
 	}
 	return sh, st
 }
@@ -182,6 +184,9 @@ func (h *History) lock(stream string, now time.Time, create bool) (*historyShard
 // history of nothing was lost). So a flood of reads of made-up streams
 // at the cap only churns such streams.
 func (h *History) unlock(sh *historyShard, keep *memStream) {
+	if keep != nil {
+		h.sync(keep)
+	}
 	readOnly := keep != nil && keep.seq == 0
 	for h.over() {
 		v := sh.oldest
@@ -219,12 +224,15 @@ func (h *History) unlock(sh *historyShard, keep *memStream) {
 	}
 }
 
-// grew counts n more bytes in the store. A stream at its size trims one
-// entry per entry appended: n is then mostly 0, and the shared counter's
-// cache line is left alone.
-func (h *History) grew(n int) {
-	if n != 0 {
-		h.bytes.Add(int64(n))
+// sync counts st's change in cost since it was last counted: whatever
+// changed its entries (append, trim, void) is counted when its caller
+// unlocks. A stream at its size trims one entry per entry appended: the
+// change is then mostly 0, and the shared counter's cache line is left
+// alone.
+func (h *History) sync(st *memStream) {
+	if d := st.cost() - st.counted; d != 0 {
+		h.bytes.Add(int64(d))
+		st.counted += d
 	}
 }
 
@@ -237,7 +245,7 @@ func (h *History) drop(sh *historyShard, st *memStream) {
 	delete(sh.streams, st.name)
 	sh.unlink(st)
 	h.count.Add(-1)
-	h.bytes.Add(-int64(st.cost()))
+	h.bytes.Add(-int64(st.counted))
 }
 
 // evict drops st to bring the store under its caps, counts it and logs
@@ -356,7 +364,6 @@ func (h *History) Append(_ context.Context, streams []string, e pipeline.History
 		keep := min(max(l.Size, 0), h.caps.MaxSize)
 		now := h.now()
 		sh, st := h.lock(name, now, true)
-		before := st.bytes
 		st.seq++
 		st.ttl, st.touched, st.life = l.TTL, now, l.TTL
 		if l.TTL <= 0 {
@@ -372,7 +379,6 @@ func (h *History) Append(_ context.Context, streams []string, e pipeline.History
 			st.bytes += size
 		}
 		st.trim(now, keep, h.caps.MaxBytes)
-		h.grew(st.bytes - before)
 		sh.appended(st)
 		out[i] = st.top(name)
 		h.unlock(sh, st)
@@ -392,9 +398,7 @@ func (h *History) Since(_ context.Context, stream, epoch string, after uint64, m
 	now := h.now()
 	sh, st := h.lock(stream, now, true)
 	defer h.unlock(sh, st)
-	before := st.bytes
 	st.trim(now, h.caps.MaxSize, h.caps.MaxBytes)
-	h.grew(st.bytes - before)
 	top := st.top(stream)
 	first := st.seq + 1 // the oldest kept position
 	if st.kept() > 0 {

@@ -64,7 +64,10 @@ func (h *History) consistent(t *testing.T) (streams, bytes int64) {
 			if sh.streams[st.name] != st {
 				t.Errorf("shard %d lists %q, which its map does not hold", i, st.name)
 			}
-			bytes += int64(st.cost())
+			if st.counted != st.cost() {
+				t.Errorf("%s counted %d bytes, costs %d", st.name, st.counted, st.cost())
+			}
+			bytes += int64(st.counted)
 		}
 		if listed != len(sh.streams) {
 			t.Errorf("shard %d lists %d streams, holds %d", i, listed, len(sh.streams))
@@ -323,4 +326,38 @@ func TestHistoryReadThenAppendKeepsEpoch(t *testing.T) {
 	if after[1].Epoch == top[1].Epoch {
 		t.Fatalf("read-only stream kept its epoch for 2 h: %+v", after[1])
 	}
+}
+
+// A change to a stream's entries whose caller unlocks without counting it
+// (sh.mu.Unlock, not h.unlock) is counted at the stream's next use, and a
+// stream dropped takes back exactly what was counted: the totals never
+// drift, so the store never evicts for bytes it does not hold.
+func TestHistoryCountsNeverDrift(t *testing.T) {
+	ctx := t.Context()
+	h := NewHistory(pipeline.HistoryCaps{})
+	limit := func(string) pipeline.StreamLimit { return pipeline.StreamLimit{Size: 100, TTL: time.Hour} }
+	for i := range 10 {
+		if _, err := h.Append(ctx, []string{"user:a", "user:b"}, pipeline.HistoryEntry{Body: make([]byte, 100*i)}, limit); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, s := range []string{"user:a", "user:b"} {
+		sh, st := h.lock(s, h.now(), false)
+		st.trim(h.now(), 1, h.caps.MaxBytes) // uncounted
+		sh.mu.Unlock()
+	}
+	if _, err := h.Tops(ctx, []string{"user:a"}); err != nil {
+		t.Fatal(err)
+	}
+	sh, st := h.lock("user:b", h.now(), false)
+	h.drop(sh, st)
+	sh.mu.Unlock()
+	_, bytes := h.Size()
+	sh, a := h.lock("user:a", h.now(), false)
+	want := int64(a.cost())
+	sh.mu.Unlock()
+	if bytes != want {
+		t.Fatalf("store counts %d bytes, holds %d", bytes, want)
+	}
+	h.consistent(t)
 }
