@@ -216,7 +216,9 @@ for i = 1, #KEYS / 2 do
 end
 return out`)
 
-// sinceScript: KEYS meta, log; ARGV epoch, after, max, a new epoch, idle
+// sinceScript: KEYS meta, log; ARGV epoch, after, max, a new epoch, the
+// life of a stream a read creates (HistoryCaps.ReadIdle: a read of any
+// name must not keep a key for a day; an append gives it its own), idle
 // ms, max bytes. Returns {epoch, top, status, entries}.
 var sinceScript = goredis.NewScript(historyLua + `
 local meta, log = KEYS[1], KEYS[2]
@@ -391,7 +393,7 @@ func (h *History) Since(ctx context.Context, stream, epoch string, after uint64,
 		max = pipeline.MaxHistorySince
 	}
 	res, err := sinceScript.Run(ctx, h.rdb, []string{h.metaKey(stream), h.logKey(stream)},
-		epoch, strconv.FormatUint(after, 10), max, newEpoch(), h.caps.Idle.Milliseconds(), h.caps.MaxBytes).Slice()
+		epoch, strconv.FormatUint(after, 10), max, newEpoch(), h.caps.ReadIdle.Milliseconds(), h.caps.MaxBytes).Slice()
 	if err != nil {
 		return nil, pipeline.StreamPos{}, fmt.Errorf("history since %s: %w", stream, err)
 	}
@@ -457,7 +459,7 @@ func (h *History) tops(ctx context.Context, streams []string) ([]topAck, error) 
 	}
 	keys := make([]string, 0, 2*len(streams))
 	args := make([]any, 0, 1+len(streams))
-	args = append(args, h.caps.Idle.Milliseconds())
+	args = append(args, h.caps.ReadIdle.Milliseconds())
 	for _, s := range streams {
 		keys = append(keys, h.metaKey(s), h.logKey(s))
 		args = append(args, newEpoch())

@@ -312,3 +312,43 @@ func TestIntegrationHistoryCancelledAppend(t *testing.T) {
 		t.Fatalf("next append at %d, want 2: a cancelled append took a position", ps[0].Pos)
 	}
 }
+
+// TestIntegrationHistoryReadsKeepNoStreamForADay: a read of a stream no one
+// pushed to (GET /im/history of any name, a connect's tops) creates its
+// keys for HistoryCaps.ReadIdle, not a day; an append gives the stream its
+// class's life.
+func TestIntegrationHistoryReadsKeepNoStreamForADay(t *testing.T) {
+	ctx := context.Background()
+	rdb, err := Connect(ctx, testAddr(), "", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = rdb.Close() })
+	prefix := registrytest.Prefix(t) + "history:"
+	t.Cleanup(func() {
+		keys, _ := rdb.Keys(context.Background(), prefix+"*").Result()
+		if len(keys) > 0 {
+			_ = rdb.Del(context.Background(), keys...).Err()
+		}
+	})
+	h := NewHistory(rdb, prefix, pipeline.HistoryCaps{ReadIdle: time.Minute})
+	read, pushed := pipeline.UserStream(424242), pipeline.UserStream(424243)
+	if _, err := h.Tops(ctx, []string{read}); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := h.Since(ctx, pushed, "", 0, 10); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range []string{read, pushed} {
+		if ttl := rdb.PTTL(ctx, h.metaKey(s)).Val(); ttl <= 0 || ttl > time.Minute {
+			t.Fatalf("a read-created %s lives %s, want at most ReadIdle (1m)", s, ttl)
+		}
+	}
+	limit := func(string) pipeline.StreamLimit { return pipeline.StreamLimit{Size: 10, TTL: time.Hour} }
+	if _, err := h.Append(ctx, []string{pushed}, pipeline.HistoryEntry{ID: "x", Op: 1000, Body: []byte("b")}, limit); err != nil {
+		t.Fatal(err)
+	}
+	if ttl := rdb.PTTL(ctx, h.metaKey(pushed)).Val(); ttl <= time.Minute {
+		t.Fatalf("a stream pushed to with a 1h ttl lives %s, want its class's life", ttl)
+	}
+}
