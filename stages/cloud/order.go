@@ -768,10 +768,18 @@ func (o *orderer) fetch(name, epoch string, after, through uint64) ([]*pb.Histor
 	if err != nil {
 		return nil, nil, "", err
 	}
-	if r.Unrecoverable == "trimmed" {
-		again, err := o.s.logic.History(ctx, &pb.HistoryReq{Stream: name, Epoch: epoch, Limit: limit})
+	if r.Unrecoverable == wire.ReasonTrimmed {
+		// "Everything kept" is epoch "" with after 0 (pipeline.History.
+		// Since): a position in the epoch is exact, so (epoch, 0) is
+		// itself trimmed once position 1 is gone. The oldest kept are
+		// then of whatever epoch the stream has now: another one means
+		// this epoch's history is lost.
+		again, err := o.s.logic.History(ctx, &pb.HistoryReq{Stream: name, Limit: limit})
 		if err == nil && again.Unrecoverable == "" {
-			return again.Entries, again.Top, "trimmed", nil
+			if again.GetTop().GetEpoch() != epoch {
+				return nil, again.Top, wire.ReasonEpoch, nil
+			}
+			return again.Entries, again.Top, wire.ReasonTrimmed, nil
 		}
 	}
 	return r.Entries, r.Top, r.Unrecoverable, nil
