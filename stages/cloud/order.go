@@ -841,6 +841,12 @@ func (st *stream) applyFill(through uint64, entries []*pb.HistoryEntry, top *pb.
 // would have: each id once per room, once per key.
 func (st *stream) deliverEntry(e *pb.HistoryEntry, sk *sink) {
 	o := st.o
+	if e.Void {
+		// The position was given but its message never accepted: there
+		// is nothing to deliver, and nothing was lost. Filled, silently.
+		o.filled.Add(1)
+		return
+	}
 	if e.Op < wire.MinBusinessOp {
 		o.skipped.Add(1)
 		return
@@ -853,12 +859,22 @@ func (st *stream) deliverEntry(e *pb.HistoryEntry, sk *sink) {
 		}
 		return
 	}
-	// The user's stream is the user's: an entry goes to each of its
-	// connections here, as recovery gives it to any of them.
+	// A mid push goes to each of the user's connections here, as
+	// recovery gives it to any of them; a key push only to its keys'
+	// connections (a message for device A never reaches device C).
 	p := &pb.Proto{Id: e.Id, Op: e.Op, Positions: []*pb.StreamPos{{Stream: st.name, Epoch: st.epoch, Pos: e.Pos}}}
 	for _, ch := range st.liveChans() {
+		if !entryFor(e, ch.key) {
+			continue
+		}
 		if e.Id == "" || o.s.delivered.AddPairIfAbsent(e.Id, ch.key) {
 			ch.push(o.s.deliveredItem(item, ch, p))
 		}
 	}
+}
+
+// entryFor reports whether a user stream's entry is for the connection of
+// key: a key push (keys set) only for its keys, any other for all.
+func entryFor(e *pb.HistoryEntry, key string) bool {
+	return len(e.Keys) == 0 || slices.Contains(e.Keys, key)
 }

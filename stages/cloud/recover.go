@@ -446,7 +446,11 @@ func (s *Stage) sendMissed(ch *channel, t *recoverTask) error {
 				return fmt.Errorf("%w: %s jumped from %d to %d", errHistoryMoved, t.res.Stream, last, e.Pos)
 			}
 			last = e.Pos
-			if e.Op < wire.MinBusinessOp {
+			// A void position (its message never accepted) sends
+			// nothing; a key push goes only to a connection of its keys:
+			// a recovering device gets what was for it or for the whole
+			// user, not what another device of the user was sent.
+			if e.Void || e.Op < wire.MinBusinessOp || user && !entryFor(e, ch.key) {
 				continue
 			}
 			pkt, err := wire.AppendStreamMsg(nil, 0, t.res.Stream, epoch, e.Pos, e.Op, e.Body)
