@@ -29,6 +29,20 @@ import (
 //
 // Every client of the node gets the order, opted in to recovery or not:
 // the frames do not change, only when they are written.
+//
+// A gap that is not a loss: a key push takes a position in its user's
+// stream but job sends it only to the node of its keys, and a void
+// position (its publish failed after Append; the push was answered 503)
+// is sent to no node. A node whose connections were not among the keys
+// learns that only from history: it holds the next message for
+// order_gap_wait, reads the gap (deliverEntry passes over an entry for
+// other keys, and a void one, silently) and then delivers. That stall is
+// once per such gap (what comes meanwhile goes out with it), bounded by
+// order_gap_wait plus one History call (logicCallTimeout at worst), and
+// for key pushes happens only to a user with connections on several
+// nodes. Telling the node at once would take job sending a position-only
+// notice to every node of the user for each key push (a registry read
+// and a publish per node): README "The cost of that" says why not.
 
 // Bounds on what the orderer holds. Held messages keep their encoded
 // packet, shared by every recipient.
