@@ -76,7 +76,11 @@ func OpenStores(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ 
 		mem := memory.New(cfg.Logic.SessionTTL, nodeTTL)
 		s.Registry, s.Run = mem, mem.Run
 		if cfg.History.Enabled {
-			s.History = memory.NewHistory(pipeline.HistoryCaps{})
+			s.History = memory.NewHistoryLogged(pipeline.HistoryCaps{
+				MaxSize:       cfg.History.MaxSize,
+				MaxStreams:    cfg.History.MaxStreams,
+				MaxTotalBytes: cfg.History.MaxBytes,
+			}, logger.With("stage", "logic", "component", "history"))
 		}
 		s.Replies = memory.NewRepliesLimited(cfg.Logic.IdempotencyTTL, cfg.Logic.IdempotencyMaxBytes, logger.With("stage", "logic", "component", "idempotency store"))
 	default:

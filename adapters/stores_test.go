@@ -2,9 +2,11 @@ package adapters
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
 	"strings"
 	"testing"
+	"time"
 
 	"imcloud/adapters/memory"
 	"imcloud/pipeline"
@@ -80,5 +82,52 @@ func TestOpenStoresHistoryDisabled(t *testing.T) {
 	}
 	if stores.Registry == nil || stores.Replies == nil {
 		t.Fatalf("history.enabled = false must still open the registry and replies: %+v", stores)
+	}
+}
+
+// TestMemoryHistoryFollowsCapsAndLogger: history.max_streams and
+// history.max_bytes cap the in-memory history, which logs its evictions
+// on the process's logger. Before, the store had no global cap.
+func TestMemoryHistoryFollowsCapsAndLogger(t *testing.T) {
+	for _, tt := range []struct {
+		name       string
+		set        func(*config.Config)
+		maxStreams int64
+		maxBytes   int64
+	}{
+		{"streams", func(c *config.Config) { c.History.MaxStreams = 1000 }, 1000, 512 << 20},
+		{"bytes", func(c *config.Config) { c.History.MaxBytes = 8 << 20 }, 1_000_000, 8 << 20},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var logs syncBuffer
+			cfg := config.Default()
+			tt.set(&cfg)
+			stores, err := OpenStores(t.Context(), cfg, slog.New(slog.NewJSONHandler(&logs, nil)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			h, ok := stores.History.(*memory.History)
+			if !ok {
+				t.Fatalf("registry.kind memory opened history %T, want *memory.History", stores.History)
+			}
+			limit := func(string) pipeline.StreamLimit { return pipeline.StreamLimit{Size: 10, TTL: time.Hour} }
+			body := make([]byte, 1000)
+			names := make([]string, pipeline.MaxHistoryStreams)
+			for round := range 20 {
+				for i := range names {
+					names[i] = fmt.Sprintf("user:%d-%d", round, i)
+				}
+				if _, err := h.Append(t.Context(), names, pipeline.HistoryEntry{Body: body}, limit); err != nil {
+					t.Fatal(err)
+				}
+			}
+			streams, bytes := h.Size()
+			if streams > tt.maxStreams || bytes > tt.maxBytes || h.Evictions() == 0 {
+				t.Fatalf("%d streams, %d bytes, %d evicted; caps %d streams, %d bytes", streams, bytes, h.Evictions(), tt.maxStreams, tt.maxBytes)
+			}
+			if out := logs.String(); !strings.Contains(out, `"component":"history"`) || !strings.Contains(out, `"evicted_total"`) {
+				t.Fatalf("no eviction logged on the process logger: %s", out)
+			}
+		})
 	}
 }

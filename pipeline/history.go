@@ -102,8 +102,10 @@ type History interface {
 	Since(ctx context.Context, stream, epoch string, after uint64, max int) ([]HistoryEntry, StreamPos, error)
 	// Tops returns each stream's epoch and last position (0 for a stream
 	// with no message yet), in the order of streams. A stream never seen
-	// is given its epoch now, the one its first Append keeps (unless it
-	// is idle for HistoryCaps.Idle first). Bounds as Append's.
+	// is given its epoch now, the one its first Append keeps unless it is
+	// forgotten first: HistoryCaps.ReadIdle without an Append, or evicted
+	// by a store at its caps (its first Append then starts another epoch;
+	// nothing was kept in the one Tops gave). Bounds as Append's.
 	Tops(ctx context.Context, streams []string) ([]StreamPos, error)
 	// Ack moves stream's acknowledged position forward to pos (never
 	// back); ErrEpochChanged if epoch is not the stream's, and

@@ -81,10 +81,26 @@ type HistoryCaps struct {
 	// is not kept (nor, so the history has no hole, any before it).
 	MaxBytes int
 	// Idle is how long a stream untouched by Append lives when its limit
-	// has no TTL, or it was only read (Tops, Since, Acked) and never
-	// appended to. A stream with a TTL lives its TTL after its last Append.
-	// Once forgotten, its next use starts a new epoch.
+	// has no TTL. A stream with a TTL lives its TTL after its last Append;
+	// one only read, ReadIdle. Once forgotten, its next use starts a new
+	// epoch.
 	Idle time.Duration
+	// ReadIdle is how long a stream that a read (Tops, Since, Acked)
+	// created, never appended to, lives: long enough that the epoch a
+	// connection was given at connect is the one its first message keeps,
+	// short enough that reads of made-up ids (GET /im/history, connect
+	// Tops) cost nothing lasting. An Append gives it its full life.
+	ReadIdle time.Duration
+	// MaxStreams caps how many streams a store holding its state in its
+	// own process (adapters/memory) keeps at once, and MaxTotalBytes what
+	// they take in all (each stream's entries as counted for MaxBytes,
+	// plus StreamOverhead and its name for the stream itself). Past
+	// either, the least recently appended streams are forgotten whole: an
+	// evicted stream's next use starts a new epoch, which tells its
+	// clients their history is lost. A store in Redis leaves the total to
+	// Redis's maxmemory.
+	MaxStreams    int
+	MaxTotalBytes int
 }
 
 // The caps a field ≤ 0 of HistoryCaps stands for: 10,000 entries, 4 MiB
@@ -94,6 +110,23 @@ const (
 	DefaultHistoryMaxSize  = 10_000
 	DefaultHistoryMaxBytes = 4 << 20
 	DefaultHistoryIdle     = 24 * time.Hour
+	// A minute: a connection's Tops and its first message are seconds
+	// apart at most, and a million reads a minute of made-up streams
+	// (~17k/s) keep at most a million alive.
+	DefaultHistoryReadIdle = time.Minute
+	// A million streams are a million users with messages within their
+	// day (and their rooms) in one standalone process, far past what one
+	// process's connections make: a cap near the live set would evict
+	// live users' history. Measured ~200 bytes a stream of state (counted
+	// as StreamOverhead, 300): a million are ~200 MB.
+	DefaultHistoryMaxStreams = 1_000_000
+	// 512 MiB holds a million streams' state and ~750k kept pushes of 200
+	// bytes besides (290 counted each, with a ULID id), or 128 users' full
+	// 4 MiB history; it leaves room on a 1 GiB machine for the rest of
+	// the process. Without it a backend pushing to one-off mids grows the
+	// heap until the process dies (~2.6 billion streams a day at 30
+	// requests/s of 1,000 new mids).
+	DefaultHistoryMaxTotalBytes = 512 << 20
 )
 
 // Normalized returns c with any field ≤ 0 set to its default.
@@ -107,9 +140,29 @@ func (c HistoryCaps) Normalized() HistoryCaps {
 	if c.Idle <= 0 {
 		c.Idle = DefaultHistoryIdle
 	}
+	if c.ReadIdle <= 0 {
+		c.ReadIdle = DefaultHistoryReadIdle
+	}
+	c.ReadIdle = min(c.ReadIdle, c.Idle)
+	if c.MaxStreams <= 0 {
+		c.MaxStreams = DefaultHistoryMaxStreams
+	}
+	if c.MaxTotalBytes <= 0 {
+		c.MaxTotalBytes = DefaultHistoryMaxTotalBytes
+	}
+	// One stream's full history fits the total, so evicting the others
+	// always brings the total back under it.
+	c.MaxBytes = min(c.MaxBytes, c.MaxTotalBytes/2)
 	return c
 }
 
 // EntryOverhead is what every kept entry counts toward MaxBytes beside
 // its body and id, so that a flood of empty bodies is bounded too.
 const EntryOverhead = 64
+
+// StreamOverhead is what every stream counts toward MaxTotalBytes beside
+// its name and entries: its state, map slot and links as measured on the
+// heap (adapters/memory TestHistoryStreamOverhead: 194 bytes a stream
+// named "user:<7 digits>" on amd64, the map's growth included), with
+// room for a map caught mid-growth.
+const StreamOverhead = 300

@@ -14,7 +14,8 @@
 # profile (admin /debug/pprof/profile, 8 s) into the results directory.
 # Results: a table per run, JSON in bench-results/history/; about 4 min
 # with RUNS=2.
-# Usage: scripts/bench-history.sh [RUNS]
+# ONLY=redis runs only the Redis case (ONLY=memory only the others).
+# Usage: [ONLY=redis|memory] [PROFILE=1] scripts/bench-history.sh [RUNS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-2}
@@ -114,16 +115,20 @@ for run in $(seq "$runs"); do
   # Odd runs measure history on first, even runs off first.
   order=(true false)
   [ $((run % 2)) = 0 ] && order=(false true)
-  for h in "${order[@]}"; do
-    case_ push-room memory "$h" push --duration 10s --concurrency 64
-  done
-  for h in "${order[@]}"; do
-    case_ push-mids memory "$h" push --duration 10s --concurrency 64 --route '/im/push/mids?operation=1000&mids=1'
-  done
-  for h in "${order[@]}"; do
-    case_ fanout-capacity memory "$h" fanout --clients 10000 --rooms 1 --rate 80 --duration 8s --drain 10s
-  done
-  if (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
+  if [ "${ONLY:-}" != redis ]; then
+    for h in "${order[@]}"; do
+      case_ push-room memory "$h" push --duration 10s --concurrency 64
+    done
+    for h in "${order[@]}"; do
+      case_ push-mids memory "$h" push --duration 10s --concurrency 64 --route '/im/push/mids?operation=1000&mids=1'
+    done
+    for h in "${order[@]}"; do
+      case_ fanout-capacity memory "$h" fanout --clients 10000 --rooms 1 --rate 80 --duration 8s --drain 10s
+    done
+  fi
+  if [ "${ONLY:-}" = memory ]; then
+    :
+  elif (exec 3<>/dev/tcp/127.0.0.1/6379) 2>/dev/null; then
     for h in "${order[@]}"; do
       case_ push-room-redis redis "$h" push --duration 10s --concurrency 64
     done

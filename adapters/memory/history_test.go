@@ -69,9 +69,9 @@ func (h *History) forgetProbes() {
 	for i := range h.shards {
 		sh := &h.shards[i]
 		sh.mu.Lock()
-		for name := range sh.streams {
+		for name, st := range sh.streams {
 			if len(name) > 12 && name[:12] == "room:probe:/" {
-				delete(sh.streams, name)
+				h.drop(sh, st)
 			}
 		}
 		sh.mu.Unlock()

@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	goredis "github.com/redis/go-redis/v9"
@@ -21,7 +23,8 @@ import (
 // Cluster slot (issue 16):
 //
 //	{<stream>}:meta  hash epoch, seq     the epoch and last position
-//	                      bytes, ttl     what the log holds, the last limit's TTL
+//	                      bytes, fms     what the log holds, its oldest entry's ms
+//	                      size, ttl      the last limit
 //	                      ack            the acknowledged position (this epoch)
 //	{<stream>}:log   stream of entries   id "<pos>-<ms>", one field e = the entry
 //
@@ -34,8 +37,22 @@ import (
 // from the id without decoding the entry.
 //
 // Append is one Lua script for all its streams: one round trip, each
-// stream's step atomic. It trims every stream it appends to (size, bytes,
-// TTL; Since trims by TTL too) and sets both keys to expire after the
+// stream's step atomic. It trims a stream it appends to only when the
+// trim is due: the log over the byte cap (at once: the cap is hard, and
+// bytes counts every entry the log holds), an entry not kept, the oldest
+// entry past its TTL by an eighth of it (its ms kept in the meta, so the
+// check reads no entry), or the log past its size by a slack of
+// max(16, size/8) entries (XLEN). Since cuts to the exact size and TTL
+// first, so readers never see the slack. Trimming on every append read
+// up to 16 entries back (bodies included) each time: on the push
+// benchmark's shape (TestIntegrationHistoryAppendCost: one room stream at
+// 100 entries, 200-byte bodies, 8 goroutines, a private Redis 7.0 on 2
+// shared cores) the script took 29-34 µs of Redis time a call then, and
+// 14-15.5 µs since, called one at a time (17-20.5 µs inside the group
+// commit's pipelines, which Redis counts a little higher per call, yet
+// each pipeline is one read and one write for all); the rest is its fixed
+// steps (TIME, HMGET, XADD, XLEN, HSET, two PEXPIREs) and the call. It
+// sets both keys to expire after the
 // stream's TTL (HistoryCaps.Idle with TTL 0): an idle stream expires whole
 // — counter, epoch, log and ack cursor — and its next use starts a new
 // epoch, so a lost history is always signalled. The epoch and the counter
@@ -46,15 +63,43 @@ import (
 // (issue 16) would group an Append's streams by slot. One server today.
 //
 // Round trip (TestIntegrationHistoryThroughput, local Redis 7.0, 200-byte
-// bodies, one stream a call, on 2 cores shared with other jobs, load
-// average 5-6): 8 goroutines reached 9k-27k appends/s (0.3-0.9 ms a
-// call), 32 goroutines 6k-28k/s; at best ~35 µs of Redis time an append.
-// The spread is the machine's load, not the store: measure on a quiet one.
+// bodies, one stream a call, 2 cores shared with other jobs): one call a
+// round trip, 8 goroutines reached 9k-27k appends/s, 32 goroutines
+// 6k-28k/s (load average 5-6). Concurrent appends now share a pipeline
+// (group commit, below): 21k-28k/s with 8 goroutines, 40k/s with 32, on a
+// private Redis at load average 5-7. In the push benchmark (BENCHMARKS.md
+// "History on vs off", Redis) that took the server's CPU per room push
+// with history on from 87-157 µs to 58-63 µs.
 type History struct {
 	rdb    goredis.UniversalClient
 	prefix string
 	caps   pipeline.HistoryCaps
+
+	// Appends made while others are on their way to Redis go together,
+	// in one pipeline: one write and one read for all of them instead of
+	// a round trip each (group commit). Each is still its own script
+	// call, run in the order they were queued.
+	mu       sync.Mutex
+	queued   []*appendCall
+	flushing bool // a goroutine is sending queued appends
 }
+
+// appendCall is one Append's script call, waiting for its batch.
+type appendCall struct {
+	ctx  context.Context // the caller's: one that gave up is not sent
+	keys []string
+	args []any
+	done chan struct{}
+	res  []any
+	err  error
+}
+
+// maxAppendBatch bounds the appends sent in one pipeline.
+const maxAppendBatch = 128
+
+// appendTimeout bounds one batch: it runs apart from its callers (each
+// waits on its own context), so none of their deadlines can stop it.
+const appendTimeout = 5 * time.Second
 
 // NewHistory returns a store in rdb under prefix within caps (a field ≤ 0:
 // its default).
@@ -89,12 +134,13 @@ local function create(meta, log, epoch, life)
   redis.call('PEXPIRE', meta, life)
 end
 -- trim drops the log's oldest entries while their position is <= cut,
--- the log holds more than maxBytes or they are ttl ms old (ttl > 0), and
--- returns the bytes left.
-local function trim(log, cut, bytes, maxBytes, ttl, now)
+-- the log holds more than maxBytes or they are ttl ms old (ttl > 0), reading
+-- count entries at a time, and returns the bytes left and the oldest kept
+-- entry's ms (0: the log is empty).
+local function trim(log, cut, bytes, maxBytes, ttl, now, count)
   local start, keep, dropped = '-', nil, false
   while true do
-    local r = redis.call('XRANGE', log, start, '+', 'COUNT', 16)
+    local r = redis.call('XRANGE', log, start, '+', 'COUNT', count)
     if #r == 0 then break end
     for _, e in ipairs(r) do
       local pos, ms = parse(e[1])
@@ -111,8 +157,14 @@ local function trim(log, cut, bytes, maxBytes, ttl, now)
   if dropped then
     if keep then redis.call('XTRIM', log, 'MINID', keep) else redis.call('DEL', log) end
   end
-  if not keep then bytes = 0 end
-  return bytes
+  if not keep then return 0, 0 end
+  local _, ms = parse(keep)
+  return bytes, ms
+end
+-- slack is how many entries past its size a log may hold before an
+-- append trims it: trimming every append read entries back each time.
+local function slack(size)
+  return math.max(16, math.floor(size / 8))
 end
 `
 
@@ -129,20 +181,33 @@ for i = 1, #KEYS / 2 do
   local meta, log = KEYS[2 * i - 1], KEYS[2 * i]
   local a = 3 + 3 * (i - 1)
   local keep, ttl = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  local m = redis.call('HMGET', meta, 'epoch', 'seq', 'bytes')
-  local epoch, seq, bytes = m[1], tonumber(m[2] or 0), tonumber(m[3] or 0)
+  local m = redis.call('HMGET', meta, 'epoch', 'seq', 'bytes', 'fms')
+  local epoch, seq, bytes, fms = m[1], tonumber(m[2] or 0), tonumber(m[3] or 0), tonumber(m[4] or 0)
   if not epoch then
-    epoch, seq, bytes = ARGV[a + 3], 0, 0
+    epoch, seq, bytes, fms = ARGV[a + 3], 0, 0, 0
     create(meta, log, epoch, idle)
   end
   seq = seq + 1
   if size > maxBytes then keep = 0 end
   if keep > 0 then
     redis.call('XADD', log, string.format('%d-%d', seq, now), 'e', blob)
+    if bytes == 0 then fms = now end
     bytes = bytes + size
   end
-  bytes = trim(log, seq - keep, bytes, maxBytes, ttl, now)
-  redis.call('HSET', meta, 'seq', seq, 'bytes', bytes, 'ttl', ttl)
+  -- Trim only when due: over the byte cap, an entry not kept (a history
+  -- has no hole), the oldest entry past its TTL by an eighth, or the log
+  -- past its size by slack entries. Since cuts to the exact size and TTL.
+  if bytes > 0 then
+    local count = 0
+    if bytes > maxBytes or keep == 0 or fms == 0 or (ttl > 0 and now - fms >= ttl + ttl / 8) then
+      count = 16
+    else
+      local over = redis.call('XLEN', log) - keep
+      if over > slack(keep) then count = math.min(over + 1, 256) end
+    end
+    if count > 0 then bytes, fms = trim(log, seq - keep, bytes, maxBytes, ttl, now, count) end
+  end
+  redis.call('HSET', meta, 'seq', seq, 'bytes', bytes, 'ttl', ttl, 'size', keep, 'fms', fms)
   local life = ttl
   if life <= 0 then life = idle end
   redis.call('PEXPIRE', meta, life)
@@ -151,18 +216,23 @@ for i = 1, #KEYS / 2 do
 end
 return out`)
 
-// sinceScript: KEYS meta, log; ARGV epoch, after, max, a new epoch, idle
+// sinceScript: KEYS meta, log; ARGV epoch, after, max, a new epoch, the
+// life of a stream a read creates (HistoryCaps.ReadIdle: a read of any
+// name must not keep a key for a day; an append gives it its own), idle
 // ms, max bytes. Returns {epoch, top, status, entries}.
 var sinceScript = goredis.NewScript(historyLua + `
 local meta, log = KEYS[1], KEYS[2]
-local m = redis.call('HMGET', meta, 'epoch', 'seq', 'bytes', 'ttl')
+local m = redis.call('HMGET', meta, 'epoch', 'seq', 'bytes', 'ttl', 'size')
 if not m[1] then
   create(meta, log, ARGV[4], tonumber(ARGV[5]))
-  m = {ARGV[4], '0', '0', '0'}
+  m = {ARGV[4], '0', '0', '0', '0'}
 end
 local epoch, seq, bytes, ttl = m[1], tonumber(m[2]), tonumber(m[3]), tonumber(m[4])
-local left = trim(log, 0, bytes, tonumber(ARGV[6]), ttl, now_ms())
-if left ~= bytes then redis.call('HSET', meta, 'bytes', left) end
+-- Appends leave up to slack entries past the size: cut them here.
+local cut = 0
+if m[5] then cut = seq - tonumber(m[5]) end
+local left, fms = trim(log, cut, bytes, tonumber(ARGV[6]), ttl, now_ms(), 16)
+if left ~= bytes then redis.call('HSET', meta, 'bytes', left, 'fms', fms) end
 local want, after = ARGV[1], tonumber(ARGV[2])
 local first = seq + 1
 local f = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)
@@ -220,7 +290,7 @@ func (h *History) Append(ctx context.Context, streams []string, e pipeline.Histo
 		keys = append(keys, h.metaKey(s), h.logKey(s))
 		args = append(args, min(max(l.Size, 0), h.caps.MaxSize), max(l.TTL.Milliseconds(), 0), newEpoch())
 	}
-	res, err := appendScript.Run(ctx, h.rdb, keys, args...).Slice()
+	res, err := h.run(ctx, keys, args)
 	if err != nil {
 		return nil, fmt.Errorf("history append to %d streams: %w", len(streams), err)
 	}
@@ -238,6 +308,81 @@ func (h *History) Append(ctx context.Context, streams []string, e pipeline.Histo
 	return out, nil
 }
 
+// run queues an append script call and waits for its batch.
+func (h *History) run(ctx context.Context, keys []string, args []any) ([]any, error) {
+	c := &appendCall{ctx: ctx, keys: keys, args: args, done: make(chan struct{})}
+	h.mu.Lock()
+	h.queued = append(h.queued, c)
+	if !h.flushing {
+		h.flushing = true
+		go h.flush(context.WithoutCancel(ctx))
+	}
+	h.mu.Unlock()
+	select {
+	case <-c.done:
+		return c.res, c.err
+	case <-ctx.Done():
+		// The append may still be made: its position is then skipped,
+		// as when a call is cut short on the wire.
+		return nil, ctx.Err()
+	}
+}
+
+// flush sends the queued appends, a batch at a time, until none is left.
+func (h *History) flush(ctx context.Context) {
+	for {
+		h.mu.Lock()
+		n := min(len(h.queued), maxAppendBatch)
+		if n == 0 {
+			h.flushing = false
+			h.mu.Unlock()
+			return
+		}
+		batch := h.queued[:n:n]
+		h.queued = h.queued[n:]
+		h.mu.Unlock()
+		bctx, cancel := context.WithTimeout(ctx, appendTimeout)
+		h.send(bctx, slices.Clone(batch))
+		cancel()
+		for _, c := range batch {
+			close(c.done)
+		}
+	}
+}
+
+// send runs a batch's script calls: alone as a plain call, else in one
+// pipeline of EVALSHAs; calls Redis did not know the script for (it was
+// flushed or restarted) are run again one by one, loading it.
+func (h *History) send(ctx context.Context, batch []*appendCall) {
+	// A caller that gave up while queued (its request timed out, say
+	// while Redis was slow) gets no position: calls nobody waits for
+	// would otherwise pile up behind an outage.
+	batch = slices.DeleteFunc(batch, func(c *appendCall) bool {
+		c.err = c.ctx.Err()
+		return c.err != nil
+	})
+	if len(batch) == 0 {
+		return
+	}
+	if len(batch) == 1 {
+		c := batch[0]
+		c.res, c.err = appendScript.Run(ctx, h.rdb, c.keys, c.args...).Slice()
+		return
+	}
+	pipe := h.rdb.Pipeline()
+	cmds := make([]*goredis.Cmd, len(batch))
+	for i, c := range batch {
+		cmds[i] = appendScript.EvalSha(ctx, pipe, c.keys, c.args...)
+	}
+	_, _ = pipe.Exec(ctx) // each command carries its own error
+	for i, c := range batch {
+		c.res, c.err = cmds[i].Slice()
+		if c.err != nil && strings.HasPrefix(c.err.Error(), "NOSCRIPT") {
+			c.res, c.err = appendScript.Run(ctx, h.rdb, c.keys, c.args...).Slice()
+		}
+	}
+}
+
 // Since returns up to max entries of stream after position after
 // (pipeline.History).
 func (h *History) Since(ctx context.Context, stream, epoch string, after uint64, max int) ([]pipeline.HistoryEntry, pipeline.StreamPos, error) {
@@ -248,7 +393,7 @@ func (h *History) Since(ctx context.Context, stream, epoch string, after uint64,
 		max = pipeline.MaxHistorySince
 	}
 	res, err := sinceScript.Run(ctx, h.rdb, []string{h.metaKey(stream), h.logKey(stream)},
-		epoch, strconv.FormatUint(after, 10), max, newEpoch(), h.caps.Idle.Milliseconds(), h.caps.MaxBytes).Slice()
+		epoch, strconv.FormatUint(after, 10), max, newEpoch(), h.caps.ReadIdle.Milliseconds(), h.caps.MaxBytes).Slice()
 	if err != nil {
 		return nil, pipeline.StreamPos{}, fmt.Errorf("history since %s: %w", stream, err)
 	}
@@ -314,7 +459,7 @@ func (h *History) tops(ctx context.Context, streams []string) ([]topAck, error) 
 	}
 	keys := make([]string, 0, 2*len(streams))
 	args := make([]any, 0, 1+len(streams))
-	args = append(args, h.caps.Idle.Milliseconds())
+	args = append(args, h.caps.ReadIdle.Milliseconds())
 	for _, s := range streams {
 		keys = append(keys, h.metaKey(s), h.logKey(s))
 		args = append(args, newEpoch())

@@ -4,10 +4,15 @@ package redis
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	goredis "github.com/redis/go-redis/v9"
 
 	"imcloud/adapters/historytest"
 	"imcloud/adapters/registrytest"
@@ -90,5 +95,260 @@ func TestIntegrationHistoryThroughput(t *testing.T) {
 	}
 	if tops[0].Pos != 2*8000/100 {
 		t.Fatalf("live://0 at %d, want %d", tops[0].Pos, 2*8000/100)
+	}
+}
+
+// TestIntegrationHistoryAppendCost measures what the append script costs
+// Redis itself (INFO commandstats' evalsha time, server side, so the
+// client's and the network's share is left out) on the push benchmark's
+// shape: one room stream at its limit (100 entries, 5 min), 200-byte
+// bodies, 8 goroutines. Other clients of the same Redis add their own
+// EVALSHA calls to the count: IMCLOUD_TEST_REDIS_ADDR pointing at a
+// private Redis gives the number in History's doc.
+func TestIntegrationHistoryAppendCost(t *testing.T) {
+	ctx := context.Background()
+	rdb, err := Connect(ctx, testAddr(), "", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = rdb.Close() })
+	prefix := registrytest.Prefix(t) + "history:"
+	t.Cleanup(func() {
+		keys, _ := rdb.Keys(context.Background(), prefix+"*").Result()
+		if len(keys) > 0 {
+			_ = rdb.Del(context.Background(), keys...).Err()
+		}
+	})
+	h := NewHistory(rdb, prefix, pipeline.HistoryCaps{})
+	limit := func(string) pipeline.StreamLimit { return pipeline.StreamLimit{Size: 100, TTL: 5 * time.Minute} }
+	e := pipeline.HistoryEntry{ID: "01J0000000000000000000000", Op: 1000, Body: make([]byte, 200), At: time.Now()}
+	s := pipeline.RoomStream("live://bench")
+	// Fill the log to its limit first: the steady state trims.
+	for range 200 {
+		if _, err := h.Append(ctx, []string{s}, e, limit); err != nil {
+			t.Fatal(err)
+		}
+	}
+	evalsha := func() (calls, usec int64) {
+		info, err := rdb.Info(ctx, "commandstats").Result()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for line := range strings.SplitSeq(info, "\n") {
+			if rest, ok := strings.CutPrefix(strings.TrimSpace(line), "cmdstat_evalsha:"); ok {
+				for kv := range strings.SplitSeq(rest, ",") {
+					k, v, _ := strings.Cut(kv, "=")
+					switch k {
+					case "calls":
+						calls, _ = strconv.ParseInt(v, 10, 64)
+					case "usec":
+						usec, _ = strconv.ParseInt(v, 10, 64)
+					}
+				}
+			}
+		}
+		return calls, usec
+	}
+	const goroutines, each = 8, 2500
+	c0, u0 := evalsha()
+	var wg sync.WaitGroup
+	errs := make(chan error, goroutines)
+	for range goroutines {
+		wg.Go(func() {
+			for range each {
+				if _, err := h.Append(ctx, []string{s}, e, limit); err != nil {
+					errs <- err
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	c1, u1 := evalsha()
+	if c1-c0 < goroutines*each {
+		t.Fatalf("%d EVALSHA calls counted for %d appends", c1-c0, goroutines*each)
+	}
+	t.Logf("append script: %d calls, %.1f µs of Redis time a call", c1-c0, float64(u1-u0)/float64(c1-c0))
+	es, top, err := h.Since(ctx, s, "", 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if top.Pos != 200+goroutines*each || len(es) != 100 || es[0].Pos != top.Pos-99 {
+		t.Fatalf("after %d appends: top %d, %d entries from %d", 200+goroutines*each, top.Pos, len(es), es[0].Pos)
+	}
+}
+
+// logBytes checks that a stream's meta counts the bytes its log holds:
+// appends trim only now and then, and every entry they keep past the
+// stream's size still counts against the byte cap.
+func logBytes(t *testing.T, rdb goredis.UniversalClient, h *History, stream string) int64 {
+	t.Helper()
+	ctx := context.Background()
+	counted, err := rdb.HGet(ctx, h.metaKey(stream), "bytes").Int64()
+	if err != nil {
+		t.Fatalf("meta bytes of %s: %v", stream, err)
+	}
+	es, err := rdb.XRange(ctx, h.logKey(stream), "-", "+").Result()
+	if err != nil {
+		t.Fatalf("log of %s: %v", stream, err)
+	}
+	var held int64
+	for _, e := range es {
+		held += int64(len(e.Values["e"].(string)) + pipeline.EntryOverhead)
+	}
+	if counted != held {
+		t.Fatalf("%s: meta counts %d bytes, the log's %d entries hold %d", stream, counted, len(es), held)
+	}
+	return held
+}
+
+func TestIntegrationHistoryBytesAccounting(t *testing.T) {
+	ctx := context.Background()
+	rdb, err := Connect(ctx, testAddr(), "", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = rdb.Close() })
+	prefix := registrytest.Prefix(t) + "history:"
+	t.Cleanup(func() {
+		keys, _ := rdb.Keys(context.Background(), prefix+"*").Result()
+		if len(keys) > 0 {
+			_ = rdb.Del(context.Background(), keys...).Err()
+		}
+	})
+	const maxBytes = 256 << 10
+	h := NewHistory(rdb, prefix, pipeline.HistoryCaps{MaxSize: 1000, MaxBytes: maxBytes, Idle: time.Hour})
+	cases := []struct {
+		name    string
+		size    int
+		body    int
+		appends int
+		// most is the most entries the log may hold: size + slack,
+		// or what the byte cap leaves.
+		most int
+	}{
+		{"size 1", 1, 100, 100, 1 + 16},
+		{"size 100", 100, 200, 1000, 100 + 16},
+		{"size 800: slack an eighth", 800, 10, 3000, 800 + 100},
+		{"byte cap binds", 1000, 8000, 200, maxBytes / (8000 + pipeline.EntryOverhead)},
+		{"size 0", 0, 100, 50, 0},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			s := pipeline.RoomStream("bytes://" + strings.ReplaceAll(tc.name, " ", "-"))
+			limit := func(string) pipeline.StreamLimit { return pipeline.StreamLimit{Size: tc.size, TTL: time.Hour} }
+			e := pipeline.HistoryEntry{ID: "x", Op: 1000, Body: make([]byte, tc.body)}
+			var top pipeline.StreamPos
+			for i := range tc.appends {
+				ps, err := h.Append(ctx, []string{s}, e, limit)
+				if err != nil {
+					t.Fatal(err)
+				}
+				top = ps[0]
+				if i%97 == 0 {
+					logBytes(t, rdb, h, s)
+				}
+			}
+			held := logBytes(t, rdb, h, s)
+			if held > maxBytes {
+				t.Fatalf("log holds %d bytes, cap %d", held, maxBytes)
+			}
+			if n := rdb.XLen(ctx, h.logKey(s)).Val(); n > int64(tc.most) {
+				t.Fatalf("log holds %d entries, at most %d expected", n, tc.most)
+			}
+			// Since sees exactly the size, whatever the log holds.
+			es, _, err := h.Since(ctx, s, "", 0, pipeline.MaxHistorySince)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := min(tc.size, tc.appends, tc.most, pipeline.MaxHistorySince)
+			if len(es) != want || (want > 0 && es[len(es)-1].Pos != top.Pos) {
+				t.Fatalf("Since returned %d entries, want %d ending at %d", len(es), want, top.Pos)
+			}
+			logBytes(t, rdb, h, s)
+		})
+	}
+}
+
+// An append whose caller gave up before it was sent is not made: the
+// stream's position does not move.
+func TestIntegrationHistoryCancelledAppend(t *testing.T) {
+	ctx := context.Background()
+	rdb, err := Connect(ctx, testAddr(), "", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = rdb.Close() })
+	prefix := registrytest.Prefix(t) + "history:"
+	t.Cleanup(func() {
+		keys, _ := rdb.Keys(context.Background(), prefix+"*").Result()
+		if len(keys) > 0 {
+			_ = rdb.Del(context.Background(), keys...).Err()
+		}
+	})
+	h := NewHistory(rdb, prefix, pipeline.HistoryCaps{})
+	limit := func(string) pipeline.StreamLimit { return pipeline.StreamLimit{Size: 10, TTL: time.Minute} }
+	s := pipeline.RoomStream("cancel://1")
+	e := pipeline.HistoryEntry{ID: "x", Op: 1000, Body: []byte("b")}
+	if _, err := h.Append(ctx, []string{s}, e, limit); err != nil {
+		t.Fatal(err)
+	}
+	gone, cancel := context.WithCancel(ctx)
+	cancel()
+	for range 20 {
+		if _, err := h.Append(gone, []string{s}, e, limit); !errors.Is(err, context.Canceled) {
+			t.Fatalf("append with a cancelled context: %v", err)
+		}
+	}
+	ps, err := h.Append(ctx, []string{s}, e, limit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ps[0].Pos != 2 {
+		t.Fatalf("next append at %d, want 2: a cancelled append took a position", ps[0].Pos)
+	}
+}
+
+// TestIntegrationHistoryReadsKeepNoStreamForADay: a read of a stream no one
+// pushed to (GET /im/history of any name, a connect's tops) creates its
+// keys for HistoryCaps.ReadIdle, not a day; an append gives the stream its
+// class's life.
+func TestIntegrationHistoryReadsKeepNoStreamForADay(t *testing.T) {
+	ctx := context.Background()
+	rdb, err := Connect(ctx, testAddr(), "", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = rdb.Close() })
+	prefix := registrytest.Prefix(t) + "history:"
+	t.Cleanup(func() {
+		keys, _ := rdb.Keys(context.Background(), prefix+"*").Result()
+		if len(keys) > 0 {
+			_ = rdb.Del(context.Background(), keys...).Err()
+		}
+	})
+	h := NewHistory(rdb, prefix, pipeline.HistoryCaps{ReadIdle: time.Minute})
+	read, pushed := pipeline.UserStream(424242), pipeline.UserStream(424243)
+	if _, err := h.Tops(ctx, []string{read}); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := h.Since(ctx, pushed, "", 0, 10); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range []string{read, pushed} {
+		if ttl := rdb.PTTL(ctx, h.metaKey(s)).Val(); ttl <= 0 || ttl > time.Minute {
+			t.Fatalf("a read-created %s lives %s, want at most ReadIdle (1m)", s, ttl)
+		}
+	}
+	limit := func(string) pipeline.StreamLimit { return pipeline.StreamLimit{Size: 10, TTL: time.Hour} }
+	if _, err := h.Append(ctx, []string{pushed}, pipeline.HistoryEntry{ID: "x", Op: 1000, Body: []byte("b")}, limit); err != nil {
+		t.Fatal(err)
+	}
+	if ttl := rdb.PTTL(ctx, h.metaKey(pushed)).Val(); ttl <= time.Minute {
+		t.Fatalf("a stream pushed to with a 1h ttl lives %s, want its class's life", ttl)
 	}
 }

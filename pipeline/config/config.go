@@ -425,6 +425,16 @@ type History struct {
 	// never holds more than MaxSize × max_message_bytes of bodies (40 MB
 	// with the defaults) whatever a class asks for.
 	MaxSize int `koanf:"max_size"`
+	// MaxStreams and MaxBytes cap the in-memory store (registry.kind
+	// memory) as a whole: the number of streams, and the bytes their state
+	// and kept messages take. Past either, the least recently pushed-to
+	// streams are forgotten (their next message starts a new epoch, which
+	// tells clients their history is lost), so a backend pushing to
+	// millions of one-off users costs a bounded heap. The Redis store
+	// leaves this to Redis's maxmemory. pipeline.HistoryCaps says why the
+	// defaults.
+	MaxStreams int `koanf:"max_streams"`
+	MaxBytes   int `koanf:"max_bytes"`
 }
 
 // StreamLimit is what one class of stream keeps: at most Size messages,
@@ -487,6 +497,16 @@ func validRoomType(t string) bool {
 // maxHistorySize bounds history.max_size: 100,000 messages of 4 KB are
 // 400 MB for one stream, more than any one stream should hold.
 const maxHistorySize = 100_000
+
+// Bounds of history.max_streams and history.max_bytes: fewer than 1,000
+// streams or 8 MiB would evict streams in normal use (8 MiB holds one
+// stream's 4 MiB history twice); 100 million streams are ~20 GB of
+// state, past any one process.
+const (
+	minHistoryStreams = 1_000
+	maxHistoryStreams = 100_000_000
+	minHistoryBytes   = 8 << 20
+)
 
 // maxThrottle bounds job.throttle (messages per second).
 const maxThrottle = 1_000_000
@@ -584,6 +604,11 @@ func Default() Config {
 			RoomsDefault: StreamLimit{Size: 100, TTL: 5 * time.Minute},
 			Rooms:        map[string]StreamLimit{"live": {Size: 100, TTL: 5 * time.Minute}},
 			MaxSize:      10_000,
+			// pipeline.DefaultHistoryMaxStreams and MaxTotalBytes:
+			// ~200 MB of stream state at a million streams, and
+			// 512 MiB in all (see there why).
+			MaxStreams: 1_000_000,
+			MaxBytes:   512 << 20,
 		},
 	}
 }
@@ -905,6 +930,12 @@ func (h History) validate() []error {
 	var errs []error
 	if h.MaxSize < 1 || h.MaxSize > maxHistorySize {
 		errs = append(errs, fmt.Errorf("history.max_size: must be from 1 to %d messages, got %d", maxHistorySize, h.MaxSize))
+	}
+	if h.MaxStreams < minHistoryStreams || h.MaxStreams > maxHistoryStreams {
+		errs = append(errs, fmt.Errorf("history.max_streams: must be from %d to %d streams, got %d", minHistoryStreams, maxHistoryStreams, h.MaxStreams))
+	}
+	if h.MaxBytes < minHistoryBytes {
+		errs = append(errs, fmt.Errorf("history.max_bytes: must be at least %d (8 MiB), got %d", minHistoryBytes, h.MaxBytes))
 	}
 	check := func(key string, l StreamLimit) {
 		if l.Size < 0 {

@@ -115,6 +115,11 @@ func TestErrorsNameTheKey(t *testing.T) {
 		{name: "user acks with nothing kept", file: "[history]\nuser = {size = 0, ttl = \"1h\", acks = true}\n", wantKey: "history.user.acks"},
 		{name: "acks not a bool", sets: []string{"history.user.acks=maybe"}, wantKey: "acks"},
 		{name: "huge history cap", sets: []string{"history.max_size=1000000"}, wantKey: "history.max_size"},
+		{name: "too few history streams", sets: []string{"history.max_streams=10"}, wantKey: "history.max_streams"},
+		{name: "no history stream cap", sets: []string{"history.max_streams=0"}, wantKey: "history.max_streams"},
+		{name: "huge history stream cap", sets: []string{"history.max_streams=1000000000"}, wantKey: "history.max_streams"},
+		{name: "tiny history byte cap", sets: []string{"history.max_bytes=1024"}, wantKey: "history.max_bytes"},
+		{name: "history byte cap not a number", sets: []string{"history.max_bytes=lots"}, wantKey: "max_bytes"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

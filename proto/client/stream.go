@@ -29,8 +29,12 @@ type Message struct {
 	Epoch  string
 	Pos    uint64
 	// Gap: the stream's epoch changed, or positions were skipped, since
-	// the message before: messages were lost (their history was gone);
-	// the application resyncs that stream.
+	// the message before. In a room stream (and after an epoch change)
+	// messages were lost, their history gone: the application resyncs
+	// that stream. In a user stream a skipped position may also be a key
+	// push to another of the user's connections, or a push that was
+	// refused (void): the application checks with GET /im/history before
+	// taking it for a loss.
 	Gap bool
 	// Dup: a position the connection had already received. A server
 	// never sends one; the client reports rather than hides it.

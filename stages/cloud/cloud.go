@@ -79,6 +79,8 @@ type Stage struct {
 
 	disconnectSlots chan struct{} // one per Disconnect call in flight
 	recoverSlots    chan struct{} // one per recovery History call in flight (maxRecoverCalls)
+	recoverBounds   recoverBounds
+	recoverBytes    *byteBudget // history bytes recoveries pin (recoverBounds.bytes)
 	recoverLog      *pipeline.RateLog
 	parker          *parker // nil: every connection keeps its reader
 	// connIDs names each connection, to the parker and in logic's
@@ -107,6 +109,9 @@ type Options struct {
 	Logger        *slog.Logger
 	// Events receives connect, disconnect and delivered events; nil: off.
 	Events *events.Emitter
+
+	// recoverBounds replaces defaultRecoverBounds when set (tests).
+	recoverBounds *recoverBounds
 }
 
 // New returns a cloud node.
@@ -147,6 +152,11 @@ func New(cfg config.Cloud, o Options) *Stage {
 	s.limits = newConnLimiter(maxConns(cfg.MaxConns, s.logger), cfg.MaxHandshakesPerIP, s.logger)
 	s.disconnectSlots = make(chan struct{}, maxDisconnectCalls)
 	s.recoverSlots = make(chan struct{}, maxRecoverCalls)
+	s.recoverBounds = defaultRecoverBounds()
+	if o.recoverBounds != nil {
+		s.recoverBounds = *o.recoverBounds
+	}
+	s.recoverBytes = newByteBudget(s.recoverBounds.bytes)
 	s.recoverLog = pipeline.NewRateLog(s.logger, slog.LevelWarn, logEvery)
 	s.paced = make(chan struct{}, cfg.MaxPacedBroadcasts)
 	s.pacedCtx, s.stopPaced = context.WithCancel(context.Background())

@@ -155,11 +155,19 @@ func startNode(t testing.TB, edit func(*config.Cloud)) *node {
 // startNodeLogged is startNode logging to logger.
 func startNodeLogged(t testing.TB, edit func(*config.Cloud), logger *slog.Logger) *node {
 	t.Helper()
+	return startNodeWith(t, edit, logger, nil)
+}
+
+// startNodeWith is startNodeLogged with recovery's bounds (nil: the
+// defaults).
+func startNodeWith(t testing.TB, edit func(*config.Cloud), logger *slog.Logger, rb *recoverBounds) *node {
+	t.Helper()
 	cfg := config.Default().Cloud
 	edit(&cfg)
 	logic := &fakeLogic{disconnects: map[string]int{}, rooms: map[string]int32{}}
 	up := gochannel.NewGoChannel(gochannel.Config{OutputChannelBuffer: 64}, nil)
-	st := New(cfg, Options{Self: &pb.NodeInfo{Id: "n1", GrpcAddr: "127.0.0.1:1"}, Logic: logic, Upstream: up, UpstreamTopic: "up", Logger: logger})
+	st := New(cfg, Options{Self: &pb.NodeInfo{Id: "n1", GrpcAddr: "127.0.0.1:1"}, Logic: logic, Upstream: up, UpstreamTopic: "up", Logger: logger,
+		recoverBounds: rb})
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

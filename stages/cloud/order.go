@@ -29,6 +29,20 @@ import (
 //
 // Every client of the node gets the order, opted in to recovery or not:
 // the frames do not change, only when they are written.
+//
+// A gap that is not a loss: a key push takes a position in its user's
+// stream but job sends it only to the node of its keys, and a void
+// position (its publish failed after Append; the push was answered 503)
+// is sent to no node. A node whose connections were not among the keys
+// learns that only from history: it holds the next message for
+// order_gap_wait, reads the gap (deliverEntry passes over an entry for
+// other keys, and a void one, silently) and then delivers. That stall is
+// once per such gap (what comes meanwhile goes out with it), bounded by
+// order_gap_wait plus one History call (logicCallTimeout at worst), and
+// for key pushes happens only to a user with connections on several
+// nodes. Telling the node at once would take job sending a position-only
+// notice to every node of the user for each key push (a registry read
+// and a publish per node): README "The cost of that" says why not.
 
 // Bounds on what the orderer holds. Held messages keep their encoded
 // packet, shared by every recipient.
@@ -768,10 +782,18 @@ func (o *orderer) fetch(name, epoch string, after, through uint64) ([]*pb.Histor
 	if err != nil {
 		return nil, nil, "", err
 	}
-	if r.Unrecoverable == "trimmed" {
-		again, err := o.s.logic.History(ctx, &pb.HistoryReq{Stream: name, Epoch: epoch, Limit: limit})
+	if r.Unrecoverable == wire.ReasonTrimmed {
+		// "Everything kept" is epoch "" with after 0 (pipeline.History.
+		// Since): a position in the epoch is exact, so (epoch, 0) is
+		// itself trimmed once position 1 is gone. The oldest kept are
+		// then of whatever epoch the stream has now: another one means
+		// this epoch's history is lost.
+		again, err := o.s.logic.History(ctx, &pb.HistoryReq{Stream: name, Limit: limit})
 		if err == nil && again.Unrecoverable == "" {
-			return again.Entries, again.Top, "trimmed", nil
+			if again.GetTop().GetEpoch() != epoch {
+				return nil, again.Top, wire.ReasonEpoch, nil
+			}
+			return again.Entries, again.Top, wire.ReasonTrimmed, nil
 		}
 	}
 	return r.Entries, r.Top, r.Unrecoverable, nil
@@ -833,6 +855,12 @@ func (st *stream) applyFill(through uint64, entries []*pb.HistoryEntry, top *pb.
 // would have: each id once per room, once per key.
 func (st *stream) deliverEntry(e *pb.HistoryEntry, sk *sink) {
 	o := st.o
+	if e.Void {
+		// The position was given but its message never accepted: there
+		// is nothing to deliver, and nothing was lost. Filled, silently.
+		o.filled.Add(1)
+		return
+	}
 	if e.Op < wire.MinBusinessOp {
 		o.skipped.Add(1)
 		return
@@ -845,12 +873,22 @@ func (st *stream) deliverEntry(e *pb.HistoryEntry, sk *sink) {
 		}
 		return
 	}
-	// The user's stream is the user's: an entry goes to each of its
-	// connections here, as recovery gives it to any of them.
+	// A mid push goes to each of the user's connections here, as
+	// recovery gives it to any of them; a key push only to its keys'
+	// connections (a message for device A never reaches device C).
 	p := &pb.Proto{Id: e.Id, Op: e.Op, Positions: []*pb.StreamPos{{Stream: st.name, Epoch: st.epoch, Pos: e.Pos}}}
 	for _, ch := range st.liveChans() {
+		if !entryFor(e, ch.key) {
+			continue
+		}
 		if e.Id == "" || o.s.delivered.AddPairIfAbsent(e.Id, ch.key) {
 			ch.push(o.s.deliveredItem(item, ch, p))
 		}
 	}
+}
+
+// entryFor reports whether a user stream's entry is for the connection of
+// key: a key push (keys set) only for its keys, any other for all.
+func entryFor(e *pb.HistoryEntry, key string) bool {
+	return len(e.Keys) == 0 || slices.Contains(e.Keys, key)
 }

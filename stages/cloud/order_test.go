@@ -30,6 +30,9 @@ type fakeHist struct {
 	// the most calls that were in flight at once.
 	delay          time.Duration
 	inflight, peak int
+	// afterCall, if set, runs (h.mu held) after each History call: the
+	// store changing between two calls.
+	afterCall func(h *fakeHist)
 }
 
 type fakeStream struct {
@@ -116,23 +119,37 @@ func (f *fakeLogic) History(_ context.Context, in *pb.HistoryReq, _ ...grpc.Call
 	h.inflight--
 	defer h.mu.Unlock()
 	h.calls++
+	if h.afterCall != nil {
+		defer h.afterCall(h)
+	}
 	fs := h.stream(in.Stream)
 	r := &pb.HistoryReply{Top: &pb.StreamPos{Stream: in.Stream, Epoch: fs.epoch, Pos: fs.top}}
+	// The stores' contract (pipeline.History.Since, adapters/historytest):
+	// epoch "" with after 0 is everything kept, never trimmed; a position
+	// in the epoch is exact, so (epoch, 0) is trimmed once position 1 is
+	// gone.
+	after := in.After
 	switch {
+	case in.Epoch == "" && after == 0:
+		after = max(fs.keptFrom, 1) - 1
 	case in.Epoch != fs.epoch:
 		r.Unrecoverable = "epoch"
 		return r, nil
-	case in.After > fs.top:
+	case after > fs.top:
 		r.Unrecoverable = "future"
 		return r, nil
-	case in.After != 0 && in.After+1 < fs.keptFrom:
+	case after < fs.top && after+1 < fs.keptFrom:
 		r.Unrecoverable = "trimmed"
 		if fs.noHistory {
 			r.Unrecoverable = "no_history"
 		}
 		return r, nil
 	}
-	for p := in.After + 1; p <= fs.top && len(r.Entries) < int(in.Limit); p++ {
+	limit := int(in.Limit)
+	if limit <= 0 {
+		limit = 1000
+	}
+	for p := after + 1; p <= fs.top && len(r.Entries) < limit; p++ {
 		if e := fs.entries[p]; e != nil {
 			r.Entries = append(r.Entries, e)
 		}
@@ -292,6 +309,36 @@ func TestOrderTrimmedGapPartlyFilled(t *testing.T) {
 	if got := n.st.order.skipped.Load(); got != 2 {
 		t.Fatalf("skipped %d, want 2", got)
 	}
+}
+
+// TestOrderTrimmedGapEpochChanged: when the stream's epoch changes
+// between the trimmed answer and the read of the oldest kept, those
+// entries are of another epoch: nothing of them is delivered as this
+// epoch's, and the gap is the lost epoch's, not a skip.
+func TestOrderTrimmedGapEpochChanged(t *testing.T) {
+	n, h := orderNode(t, 20*time.Millisecond, func(*config.Cloud) {})
+	c := n.connect(t, "ws", claims{Mid: 1, Rooms: []string{"live://te"}})
+	stream := pipeline.RoomStream("live://te")
+	n.roomAt(t, "live://te", "e1", 1, "", "1")
+	h.set(stream, "e1", 6, 4)
+	h.mu.Lock()
+	h.afterCall = func(h *fakeHist) {
+		// The next read finds a new epoch whose entries 1..3 are kept.
+		h.afterCall = nil
+		fs := &fakeStream{epoch: "e2", top: 3, keptFrom: 1, entries: map[uint64]*pb.HistoryEntry{}}
+		for p := uint64(1); p <= 3; p++ {
+			fs.entries[p] = &pb.HistoryEntry{Pos: p, Op: 1000, Body: []byte("e2/" + strconv.FormatUint(p, 10))}
+		}
+		h.streams[stream] = fs
+	}
+	h.mu.Unlock()
+	n.roomAt(t, "live://te", "e1", 6, "", "6")
+	expectBodies(t, c, "1", "6")
+	if got := n.st.order.skipped.Load(); got != 0 {
+		t.Fatalf("skipped %d positions of a lost epoch, want 0", got)
+	}
+	n.roomAt(t, "live://te", "e2", 4, "", "e2/4")
+	expectBodies(t, c, "e2/4")
 }
 
 // TestOrderDuplicatesDropped: a position already delivered is dropped,

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime/debug"
+	"sync"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -19,10 +20,13 @@ import (
 // A connection that opted in holds its positioned pushes from its
 // handshake until its first op 21 (or until another packet or
 // cloud.handshake_timeout ends the hold as an op 21 naming no stream
-// would). Recovery then reads, for each stream named, what the client
-// missed from logic's History, answers op 22, queues the missed entries
-// as op 20 at the client's pace, and releases what was held, dropping
-// what recovery already sent: no gap, no duplicate at the seam. From then
+// would). Recovery then asks logic's History, for each stream named,
+// whether what the client missed can be served (one entry per stream: op
+// 22 needs no more), answers op 22, queues the missed entries as op 20 at
+// the client's pace — read a page at a time, only for the stream being
+// sent, within the node's byte budget — and releases what was held,
+// dropping what recovery already sent: no gap, no duplicate at the seam.
+// From then
 // on a push at or below a stream's floor (the last position recovery
 // sent, or where op 8 said the stream starts) is never sent again — a
 // message accepted before the History read but still in flight from job.
@@ -31,16 +35,20 @@ import (
 const (
 	// maxRecoverCalls bounds the History calls recoveries make at once
 	// on a node: a reconnect storm of 10,000 clients waits its turn
-	// rather than open 10,000 calls (and as many pages in memory). A
-	// connection holds a slot for its first pages (one call per stream
-	// it names) and takes one per later page.
+	// rather than open 10,000 calls. A connection holds a slot for the
+	// calls that settle its op 22 (one per stream it names, each asking
+	// one entry) and takes one per page it sends.
 	maxRecoverCalls = 64
 	// recoverPage is the entries one History call of a recovery asks for.
-	// A connection holds its first page of each stream named until op 22
-	// goes out: at most 17 streams (cloud.max_rooms 16 and the user's) ×
-	// 100 × the body limit (4 KB) = 6.8 MB, times maxRecoverCalls in the
-	// worst case; a storm of clients 50 messages behind holds a fraction.
+	// Pages are read only for the stream being sent, one at a time: a
+	// connection pins at most one page (100 × the 4 KB body limit), and
+	// only while it is being queued.
 	recoverPage = 100
+	// recoverEntryCost is what an entry is counted as before its page is
+	// read: logic's default body limit and room for its id and position.
+	// Once read, an entry counts its body's length and the same extra.
+	recoverEntryCost  = 4096 + recoverEntryExtra
+	recoverEntryExtra = 128
 	// maxRecoverEntries bounds what one stream's recovery sends: a client
 	// further behind (history configured larger) is answered "trimmed"
 	// and resyncs from the application instead.
@@ -52,10 +60,124 @@ const (
 	// from its positions, losing nothing.
 	maxRecoverHeld      = 1024
 	maxRecoverHeldBytes = 1 << 20
-	// recoverStall is the longest a recovery waits for the client to read
-	// what it was sent before giving up on it (as a slow consumer).
-	recoverStall = writeDeadline
+	// recoverBudgetWait is the longest a recovery waits for the node's
+	// byte budget before its client is closed to recover again: the
+	// budget's holders free it within about 17 s at worst (the pace
+	// rule's 10 s grace and a 400 KB page at 64 KiB/s).
+	recoverBudgetWait = 30 * time.Second
 )
+
+// recoverBounds are the node-wide memory bound and the pace rule of
+// recoveries (defaultRecoverBounds; tests make them small).
+type recoverBounds struct {
+	// bytes bounds the history pages all recoveries of the node pin at
+	// once (entries read and not yet queued to their connection).
+	bytes int64
+	// grace, rate and perEntry make the pace rule: by grace + (bytes
+	// queued)/rate + (entries queued) × perEntry after it began (time
+	// spent waiting for the node's slots, pinned bytes and logic not
+	// counted), a recovery must have queued what it queued. A client
+	// that reads slower is closed as a slow consumer and its page
+	// released: it reconnects and recovers from its positions.
+	grace    time.Duration
+	rate     int64 // bytes per second
+	perEntry time.Duration
+}
+
+// defaultRecoverBounds: 32 MiB is 78 full pages (100 × 4 KB) at once —
+// more than maxRecoverCalls can read at once — and what a storm of
+// clients 50 messages behind pins is a fraction of it. 64 KiB/s (a slow
+// mobile link) after a grace of the write deadline (10 s): a client
+// reading one 4 KB packet every 9 s falls behind within about 10 s and
+// frees its page, where a deadline per packet kept it forever.
+func defaultRecoverBounds() recoverBounds {
+	return recoverBounds{bytes: 32 << 20, grace: writeDeadline, rate: 64 << 10, perEntry: time.Millisecond}
+}
+
+// byteBudget is a node-wide count of bytes pinned, with waiting: a
+// semaphore in bytes.
+type byteBudget struct {
+	mu         sync.Mutex
+	max        int64
+	used, peak int64
+	freed      chan struct{} // closed (and replaced) when bytes are released
+}
+
+func newByteBudget(max int64) *byteBudget {
+	return &byteBudget{max: max, freed: make(chan struct{})}
+}
+
+// acquire takes n bytes, waiting for them until deadline or gone; one
+// taker alone may take more than max (it could never be served else).
+func (b *byteBudget) acquire(n int64, deadline time.Time, gone func() bool) bool {
+	for {
+		b.mu.Lock()
+		if b.used+n <= b.max || b.used == 0 {
+			b.used += n
+			b.peak = max(b.peak, b.used)
+			b.mu.Unlock()
+			return true
+		}
+		freed := b.freed
+		b.mu.Unlock()
+		left := time.Until(deadline)
+		if left <= 0 || gone() {
+			return false
+		}
+		t := time.NewTimer(min(left, time.Second)) // a close does not signal freed
+		select {
+		case <-freed:
+		case <-t.C:
+		}
+		t.Stop()
+	}
+}
+
+// take takes n bytes now, over max if need be.
+func (b *byteBudget) take(n int64) {
+	b.mu.Lock()
+	b.used += n
+	b.peak = max(b.peak, b.used)
+	b.mu.Unlock()
+}
+
+func (b *byteBudget) release(n int64) {
+	if n <= 0 {
+		return
+	}
+	b.mu.Lock()
+	b.used -= n
+	close(b.freed)
+	b.freed = make(chan struct{})
+	b.mu.Unlock()
+}
+
+// usage returns the bytes pinned now and the most ever pinned.
+func (b *byteBudget) usage() (used, peak int64) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.used, b.peak
+}
+
+// recoverPace is one recovery's progress rule (recoverBounds).
+type recoverPace struct {
+	b        recoverBounds
+	deadline time.Time
+}
+
+func newRecoverPace(b recoverBounds) *recoverPace {
+	return &recoverPace{b: b, deadline: time.Now().Add(b.grace)}
+}
+
+// queued credits a packet the client took.
+func (p *recoverPace) queued(bytes int) {
+	p.deadline = p.deadline.Add(p.b.perEntry + time.Duration(int64(bytes)*int64(time.Second)/p.b.rate))
+}
+
+// waited credits time spent on the node's side (slots, budget, logic).
+func (p *recoverPace) waited(since time.Time) {
+	p.deadline = p.deadline.Add(time.Since(since))
+}
 
 // recovering is a connection's hold: the live positioned pushes that came
 // before its recovery ended. Guarded by the channel's mu.
@@ -91,53 +213,52 @@ func (c *channel) belowFloor(sp *streamItem) bool {
 	return ok && f.Epoch == sp.epoch && sp.pos <= f.Pos
 }
 
-// sendRecovered queues recovered packets, waiting while the queue is over
-// half its bounds, so that a long recovery goes at the client's pace
-// rather than closing it as a slow consumer. False: the connection closed
-// or stalled.
-func (c *channel) sendRecovered(items []outItem) bool {
-	for _, it := range items {
-		stalled := time.Now().Add(recoverStall)
-		for {
-			c.mu.Lock()
-			if c.closed || c.draining {
-				c.mu.Unlock()
-				return false
-			}
-			if !c.acceptsLocked(it.op) {
-				c.mu.Unlock()
-				break
-			}
-			if len(c.queue) == 0 || len(c.queue) < c.limit/2 && c.queued+len(it.pkt) <= c.limitBytes/2 {
-				c.queue = append(c.queue, it)
-				c.queued += len(it.pkt)
-				start := !c.writing && !c.held
-				c.writing = c.writing || start
-				c.mu.Unlock()
-				if start {
-					go c.flush()
-				}
-				break
-			}
-			if c.space == nil {
-				c.space = make(chan struct{}, 1)
-			}
-			space := c.space
+// sendRecovered queues a recovered packet, waiting while the queue is
+// over half its bounds, so that a long recovery goes at the client's pace
+// rather than closing it as a slow consumer — down to the pace's rule.
+// False: the connection closed or fell behind the pace.
+func (c *channel) sendRecovered(it outItem, pace *recoverPace) bool {
+	for {
+		c.mu.Lock()
+		if c.closed || c.draining {
 			c.mu.Unlock()
-			left := time.Until(stalled)
-			if left <= 0 {
-				c.close(closeSlowConsumer, "slow consumer")
-				return false
-			}
-			t := time.NewTimer(min(left, time.Second)) // a close does not signal space
-			select {
-			case <-space:
-			case <-t.C:
-			}
-			t.Stop()
+			return false
 		}
+		if !c.acceptsLocked(it.op) {
+			c.mu.Unlock()
+			return true
+		}
+		if len(c.queue) == 0 || len(c.queue) < c.limit/2 && c.queued+len(it.pkt) <= c.limitBytes/2 {
+			c.queue = append(c.queue, it)
+			c.queued += len(it.pkt)
+			start := !c.writing && !c.held
+			c.writing = c.writing || start
+			c.mu.Unlock()
+			if start {
+				go c.flush()
+			}
+			pace.queued(len(it.pkt))
+			return true
+		}
+		if c.space == nil {
+			c.space = make(chan struct{}, 1)
+		}
+		space := c.space
+		c.mu.Unlock()
+		left := time.Until(pace.deadline)
+		if left <= 0 {
+			c.logger.Info("closing slow consumer: behind recovery's pace", "mid", c.mid, "key", c.key)
+			c.slow.Add(1)
+			c.close(closeSlowConsumer, "slow consumer")
+			return false
+		}
+		t := time.NewTimer(min(left, time.Second)) // a close does not signal space
+		select {
+		case <-space:
+		case <-t.C:
+		}
+		t.Stop()
 	}
-	return true
 }
 
 // endRecovery sets the connection's floors and releases what was held
@@ -197,8 +318,7 @@ type recoverTask struct {
 	// gone.
 	unacked bool
 	res     wire.RecoverResult
-	entries []*pb.HistoryEntry // the first page
-	target  uint64             // recover through this position
+	target  uint64 // recover through this position
 }
 
 // beginRecovery starts the connection's one recovery: streams named by op
@@ -277,7 +397,7 @@ func (s *Stage) recoverConn(ch *channel, tasks []*recoverTask, seq int32, reply 
 			ch.close(closeInternal, "internal error")
 		}
 	}()
-	if err := s.firstPages(ch, tasks); err != nil {
+	if err := s.settleTasks(ch, tasks); err != nil {
 		s.recoverLog.Log("recover client: logic's history unavailable; client closed with 1013", "mid", ch.mid, "key", ch.key, "err", err)
 		ch.close(closeCode(fmt.Errorf("%w: %w", errUpstream, err)))
 		return
@@ -299,6 +419,7 @@ func (s *Stage) recoverConn(ch *channel, tasks []*recoverTask, seq int32, reply 
 			floors[sp.Stream] = sp
 		}
 	}
+	pace := newRecoverPace(s.recoverBounds)
 	for _, t := range tasks {
 		if t.res.Reason == wire.ReasonForbidden {
 			continue
@@ -314,7 +435,7 @@ func (s *Stage) recoverConn(ch *channel, tasks []*recoverTask, seq int32, reply 
 		if !t.res.Recovered {
 			continue
 		}
-		if err := s.sendMissed(ch, t); err != nil {
+		if err := s.sendMissed(ch, t, pace); err != nil {
 			if !ch.ending() {
 				s.recoverLog.Log("recover client: closed to recover again", "mid", ch.mid, "key", ch.key, "stream", t.res.Stream, "err", err)
 				ch.close(closeRecoverAgain, "recovery interrupted, reconnect and recover")
@@ -343,9 +464,12 @@ func (c *channel) ending() bool {
 	return c.closed || c.draining
 }
 
-// firstPages reads the first page of each task's stream and settles its
-// result, holding one of the node's recovery slots.
-func (s *Stage) firstPages(ch *channel, tasks []*recoverTask) error {
+// settleTasks settles each task's result, holding one of the node's
+// recovery slots. Each call asks one entry: op 22 needs the stream's top
+// and whether the position can be served (and an unacked stream the
+// oldest kept position), not the entries, which are read page by page as
+// they are sent.
+func (s *Stage) settleTasks(ch *channel, tasks []*recoverTask) error {
 	s.recoverSlots <- struct{}{}
 	defer func() { <-s.recoverSlots }()
 	if ch.ending() {
@@ -356,7 +480,7 @@ func (s *Stage) firstPages(ch *channel, tasks []*recoverTask) error {
 		if t.res.Reason == wire.ReasonForbidden {
 			continue
 		}
-		r, err := s.historyPage(t.req.Stream, t.req.Epoch, t.req.Pos)
+		r, err := s.historyPage(t.req.Stream, t.req.Epoch, t.req.Pos, 1)
 		if err != nil {
 			if c := status.Code(err); c == codes.FailedPrecondition || c == codes.Unimplemented {
 				// History is off: there is nothing to recover, nor any
@@ -368,7 +492,7 @@ func (s *Stage) firstPages(ch *channel, tasks []*recoverTask) error {
 		}
 		if t.unacked && (r.Unrecoverable == wire.ReasonTrimmed || r.Unrecoverable == wire.ReasonEpoch) {
 			// Unacknowledged messages are the oldest kept ones, now.
-			if r, err = s.historyPage(t.req.Stream, "", 0); err != nil {
+			if r, err = s.historyPage(t.req.Stream, "", 0, 1); err != nil {
 				return err
 			}
 			t.req.Epoch, t.req.Pos = r.GetTop().GetEpoch(), r.GetTop().GetPos()
@@ -381,7 +505,7 @@ func (s *Stage) firstPages(ch *channel, tasks []*recoverTask) error {
 	return nil
 }
 
-// settle sets a task's result from its first page.
+// settle sets a task's result from its first call's reply.
 func settle(t *recoverTask, r *pb.HistoryReply) {
 	top := r.GetTop()
 	t.res = wire.RecoverResult{Stream: t.req.Stream, Epoch: top.GetEpoch(), Pos: top.GetPos()}
@@ -396,16 +520,15 @@ func settle(t *recoverTask, r *pb.HistoryReply) {
 		t.res.Reason = wire.ReasonTrimmed
 	default:
 		t.res.Recovered = true
-		t.entries = r.Entries
 		t.target = max(top.GetPos(), t.req.Pos)
 	}
 }
 
-// historyPage asks logic for a page of stream after pos.
-func (s *Stage) historyPage(stream, epoch string, after uint64) (*pb.HistoryReply, error) {
+// historyPage asks logic for up to limit entries of stream after pos.
+func (s *Stage) historyPage(stream, epoch string, after uint64, limit int32) (*pb.HistoryReply, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), logicCallTimeout)
 	defer cancel()
-	r, err := s.logic.History(ctx, &pb.HistoryReq{Stream: stream, Epoch: epoch, After: after, Limit: recoverPage})
+	r, err := s.logic.History(ctx, &pb.HistoryReq{Stream: stream, Epoch: epoch, After: after, Limit: limit})
 	if err != nil {
 		return nil, fmt.Errorf("history of %s after %d: %w", stream, after, err)
 	}
@@ -416,53 +539,94 @@ func (s *Stage) historyPage(stream, epoch string, after uint64) (*pb.HistoryRepl
 // the entries still to send, or a new epoch).
 var errHistoryMoved = errors.New("history changed during recovery")
 
+// errRecoverBusy: the node's recovery byte budget stayed taken for
+// recoverBudgetWait.
+var errRecoverBusy = errors.New("node's recovery memory busy")
+
 // sendMissed queues a recovered stream's entries after the client's
-// position through the task's target, page by page.
-func (s *Stage) sendMissed(ch *channel, t *recoverTask) error {
+// position through the task's target, page by page: a page is read only
+// once the one before is queued, within the node's byte budget, and each
+// entry's bytes are released as the client takes it.
+func (s *Stage) sendMissed(ch *channel, t *recoverTask, pace *recoverPace) error {
 	last, epoch := t.req.Pos, t.res.Epoch
-	entries := t.entries
-	t.entries = nil
 	_, room := pipeline.StreamRoom(t.res.Stream)
 	user := !room
+	var pinned int64
+	defer func() { s.recoverBytes.release(pinned) }()
 	for last < t.target {
-		if len(entries) == 0 {
-			s.recoverSlots <- struct{}{}
-			r, err := s.historyPage(t.res.Stream, epoch, last)
-			<-s.recoverSlots
-			if err != nil {
-				return err
-			}
-			if r.Unrecoverable != "" || len(r.Entries) == 0 {
-				return fmt.Errorf("%w: %s after %d: %q", errHistoryMoved, t.res.Stream, last, r.Unrecoverable)
-			}
-			entries = r.Entries
+		// Pin a full page's worth before reading it: the reply is in
+		// memory from the moment it arrives.
+		want := int64(min(t.target-last, recoverPage))
+		since := time.Now()
+		if !s.recoverBytes.acquire(want*recoverEntryCost, since.Add(recoverBudgetWait), ch.ending) {
+			return errRecoverBusy
 		}
-		items := make([]outItem, 0, len(entries))
-		for _, e := range entries {
+		pinned = want * recoverEntryCost
+		s.recoverSlots <- struct{}{}
+		r, err := s.historyPage(t.res.Stream, epoch, last, int32(want))
+		<-s.recoverSlots
+		pace.waited(since)
+		if err != nil {
+			return err
+		}
+		if r.Unrecoverable != "" || len(r.Entries) == 0 {
+			return fmt.Errorf("%w: %s after %d: %q", errHistoryMoved, t.res.Stream, last, r.Unrecoverable)
+		}
+		entries := r.Entries
+		// Count what came; an entry larger than guessed (logic allows
+		// bodies over 4 KB) is kept only if the pinned bytes cover it or
+		// it is the page's first: the rest is read again next page.
+		var used int64
+		for i, e := range entries {
+			cost := int64(len(e.Body)) + recoverEntryExtra
+			if i > 0 && used+cost > pinned {
+				clear(entries[i:])
+				entries = entries[:i]
+				break
+			}
+			used += cost
+		}
+		if used > pinned {
+			// One entry larger than a whole page's guess: pinned beyond
+			// the budget rather than never sent (logic bounds bodies).
+			s.recoverBytes.take(used - pinned)
+			pinned = used
+		}
+		s.recoverBytes.release(pinned - used)
+		pinned = used
+		r = nil
+		for i, e := range entries {
+			entries[i] = nil
+			cost := int64(len(e.Body)) + recoverEntryExtra
 			if e.Pos <= last || e.Pos > t.target {
+				s.recoverBytes.release(cost)
+				pinned -= cost
 				continue
 			}
 			if e.Pos != last+1 {
 				return fmt.Errorf("%w: %s jumped from %d to %d", errHistoryMoved, t.res.Stream, last, e.Pos)
 			}
 			last = e.Pos
-			if e.Op < wire.MinBusinessOp {
-				continue
+			// A void position (its message never accepted) sends
+			// nothing; a key push goes only to a connection of its keys:
+			// a recovering device gets what was for it or for the whole
+			// user, not what another device of the user was sent.
+			if !e.Void && e.Op >= wire.MinBusinessOp && (!user || entryFor(e, ch.key)) {
+				pkt, err := wire.AppendStreamMsg(nil, 0, t.res.Stream, epoch, e.Pos, e.Op, e.Body)
+				if err != nil {
+					return fmt.Errorf("encode %s at %d: %w", t.res.Stream, e.Pos, err)
+				}
+				it := outItem{pkt: pkt, op: e.Op, push: true}
+				if user {
+					p := &pb.Proto{Id: e.Id, Op: e.Op, Positions: []*pb.StreamPos{{Stream: t.res.Stream, Epoch: epoch, Pos: e.Pos}}}
+					it = s.deliveredItem(it, ch, p)
+				}
+				if !ch.sendRecovered(it, pace) {
+					return errors.New("connection closed, or too slow, during recovery")
+				}
 			}
-			pkt, err := wire.AppendStreamMsg(nil, 0, t.res.Stream, epoch, e.Pos, e.Op, e.Body)
-			if err != nil {
-				return fmt.Errorf("encode %s at %d: %w", t.res.Stream, e.Pos, err)
-			}
-			it := outItem{pkt: pkt, op: e.Op, push: true}
-			if user {
-				p := &pb.Proto{Id: e.Id, Op: e.Op, Positions: []*pb.StreamPos{{Stream: t.res.Stream, Epoch: epoch, Pos: e.Pos}}}
-				it = s.deliveredItem(it, ch, p)
-			}
-			items = append(items, it)
-		}
-		entries = nil
-		if !ch.sendRecovered(items) {
-			return errors.New("connection closed during recovery")
+			s.recoverBytes.release(cost)
+			pinned -= cost
 		}
 	}
 	return nil

@@ -22,6 +22,7 @@ import (
 	"imcloud/pipeline"
 	"imcloud/proto/pb"
 	"imcloud/stages/internal/cloudconn"
+	"imcloud/stages/internal/nodecache"
 )
 
 // Nodes lists the live cloud nodes.
@@ -44,10 +45,25 @@ func (s StaticNodes) Nodes(context.Context) ([]*pb.NodeInfo, error) {
 // addrs maps the live nodes' ids to their gRPC addresses; given a room,
 // only the nodes that host it, where nodes report their rooms.
 func (s *Stage) addrs(ctx context.Context, room string) (map[string]string, error) {
-	nodes, err := s.nodes.Nodes(ctx)
+	nodes, err := s.list.Nodes(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("list cloud nodes: %w", err)
 	}
+	return addrMap(nodes, room), nil
+}
+
+// addrsWith is addrs for a key push to the nodes ids when the kept node
+// list (cache, not nil) lacks one: it is read again, as the node may have
+// just registered.
+func (s *Stage) addrsWith(ctx context.Context, ids []string) (map[string]string, error) {
+	nodes, err := s.cache.NodesWith(ctx, ids)
+	if err != nil {
+		return nil, fmt.Errorf("list cloud nodes: %w", err)
+	}
+	return addrMap(nodes, ""), nil
+}
+
+func addrMap(nodes []*pb.NodeInfo, room string) map[string]string {
 	m := make(map[string]string, len(nodes))
 	for _, n := range nodes {
 		if room != "" && n.ReportsRooms && n.RoomCount[room] == 0 {
@@ -55,7 +71,7 @@ func (s *Stage) addrs(ctx context.Context, room string) (map[string]string, erro
 		}
 		m[n.Id] = n.GrpcAddr
 	}
-	return m, nil
+	return m
 }
 
 // KeyLocator finds the node each key is connected to now; a registry
@@ -74,8 +90,10 @@ type MidLocator interface {
 // Stage delivers pushes to cloud nodes.
 type Stage struct {
 	nodes   Nodes
-	locator KeyLocator // nil when Nodes cannot locate keys
-	mids    MidLocator // nil when Nodes cannot locate users
+	list    Nodes            // nodes, or cache
+	cache   *nodecache.Cache // nil: nodes read on every push
+	locator KeyLocator       // nil when Nodes cannot locate keys
+	mids    MidLocator       // nil when Nodes cannot locate users
 	logger  *slog.Logger
 	rooms   *roomBatcher // nil when room batching is off
 	clouds  *cloudconn.Pool
@@ -99,11 +117,21 @@ type Options struct {
 	// push may stay offline at delivery before the push is given up on
 	// (job.offline_grace).
 	OfflineGrace time.Duration
+	// NodesTTL is how long deliveries may use Nodes' list before reading
+	// it again; 0: every delivery reads it (a memory registry or a static
+	// list, where reading costs nothing). See nodecache for the bound on
+	// how late a lapsed node is dropped.
+	NodesTTL time.Duration
 }
 
 // New returns a job stage.
 func New(o Options) *Stage {
 	s := &Stage{nodes: o.Nodes, logger: o.Logger, clouds: cloudconn.New(o.CloudDial...), grace: o.OfflineGrace, offline: newOfflineKeys(maxOfflineKeys)}
+	s.list = o.Nodes
+	if o.NodesTTL > 0 {
+		s.cache = nodecache.New(o.Nodes, o.NodesTTL, nil)
+		s.list = s.cache
+	}
 	if l, ok := o.Nodes.(KeyLocator); ok {
 		s.locator = l
 	}

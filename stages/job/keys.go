@@ -34,6 +34,15 @@ func (s *Stage) pushKeys(ctx context.Context, msg *message.Message, pm *pb.PushM
 	if err != nil {
 		return err
 	}
+	for server := range plan.targets {
+		if _, ok := nodes[server]; !ok && s.cache != nil {
+			// A kept node list may predate the node: look again once.
+			if nodes, err = s.addrsWith(ctx, slices.Collect(maps.Keys(plan.targets))); err != nil {
+				return err
+			}
+			break
+		}
+	}
 	state := map[string]keyState{} // by target key
 	var (
 		errs  []error

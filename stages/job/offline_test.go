@@ -181,6 +181,12 @@ type pipe struct {
 
 func runJob(t *testing.T, nodes Nodes, grace time.Duration) *pipe {
 	t.Helper()
+	return runJobKeeping(t, nodes, grace, 0)
+}
+
+// runJobKeeping is runJob keeping the node list for nodesTTL.
+func runJobKeeping(t *testing.T, nodes Nodes, grace, nodesTTL time.Duration) *pipe {
+	t.Helper()
 	logger := slog.New(slog.DiscardHandler)
 	pubsub := gochannel.NewGoChannel(gochannel.Config{BlockPublishUntilSubscriberAck: true}, pipeline.WatermillLogger(logger))
 	t.Cleanup(func() { _ = pubsub.Close() })
@@ -191,7 +197,7 @@ func runJob(t *testing.T, nodes Nodes, grace time.Duration) *pipe {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := New(Options{Nodes: nodes, Logger: logger, Timeout: 5 * time.Second, OfflineGrace: grace})
+	s := New(Options{Nodes: nodes, Logger: logger, Timeout: 5 * time.Second, OfflineGrace: grace, NodesTTL: nodesTTL})
 	t.Cleanup(func() { _ = s.Close() })
 	s.AddHandlers(r, pubsub, "push", 1)
 	ctx, cancel := context.WithCancel(context.Background())

@@ -67,6 +67,11 @@ type Options struct {
 	Logger    *slog.Logger
 	// CloudDial authenticates the calls to cloud nodes (clusterauth).
 	CloudDial []grpc.DialOption
+	// NodesTTL is how long pushes may use the registry's node list before
+	// reading it again; 0: every push reads it (the memory registry, where
+	// reading costs nothing). See nodecache for the bound on how late a
+	// lapsed node is dropped.
+	NodesTTL time.Duration
 }
 
 // New assembles the logic stage.
@@ -94,7 +99,7 @@ func New(cfg config.Logic, o Options) (*Stage, error) {
 	return &Stage{
 		cfg:       cfg,
 		heartbeat: o.Heartbeat,
-		pusher: &Pusher{registry: o.Registry, publisher: o.Publisher, topic: o.PushTopic, events: o.Events, history: o.History,
+		pusher: &Pusher{registry: o.Registry, nodes: newNodeLister(o.Registry, o.NodesTTL), publisher: o.Publisher, topic: o.PushTopic, events: o.Events, history: o.History,
 			limit: limit, voidFail: pipeline.NewRateLog(o.Logger, slog.LevelError, time.Second)},
 		history: o.History,
 		replies: o.Replies,

@@ -14,6 +14,7 @@ import (
 	"imcloud/pipeline"
 	"imcloud/pipeline/events"
 	"imcloud/proto/pb"
+	"imcloud/stages/internal/nodecache"
 )
 
 // idempotencyNamespace derives message ids from Idempotency-Key headers.
@@ -48,7 +49,11 @@ const voidTimeout = 2 * time.Second
 // Pusher resolves push targets, gives the push its positions in its
 // streams and publishes one PushMsg per cloud node.
 type Pusher struct {
-	registry  pipeline.Registry
+	registry pipeline.Registry
+	// nodes lists the live cloud nodes for each push: the registry, or
+	// with a shared registry a copy of its list kept briefly
+	// (Options.NodesTTL).
+	nodes     nodeLister
 	publisher message.Publisher
 	topic     string
 	events    *events.Emitter // offline events; nil: off
@@ -152,7 +157,13 @@ func (p *Pusher) dropLapsed(ctx context.Context, servers map[string]string) erro
 	if len(servers) == 0 {
 		return nil
 	}
-	nodes, err := p.registry.Nodes(ctx)
+	ids := make([]string, 0, 1)
+	for _, s := range servers {
+		if !slices.Contains(ids, s) {
+			ids = append(ids, s)
+		}
+	}
+	nodes, err := p.nodes.NodesWith(ctx, ids)
 	if err != nil {
 		return fmt.Errorf("%w: list cloud nodes: %w", ErrRegistry, err)
 	}
@@ -348,7 +359,7 @@ func (p *Pusher) PushAll(ctx context.Context, push Push, speed int32) (PushResul
 // publishCounted publishes a room or broadcast push; its online count is
 // the one the cloud nodes last reported.
 func (p *Pusher) publishCounted(ctx context.Context, push Push, pm *pb.PushMsg, room string) (PushResult, error) {
-	nodes, err := p.registry.Nodes(ctx)
+	nodes, err := p.nodes.Nodes(ctx)
 	if err != nil {
 		return PushResult{}, fmt.Errorf("%w: count online: %w", ErrRegistry, err)
 	}
@@ -453,4 +464,28 @@ func (p *Pusher) send(ctx context.Context, msgs ...*message.Message) error {
 		return fmt.Errorf("%w: publish to %s: %w", ErrBroker, p.topic, err)
 	}
 	return nil
+}
+
+// nodeLister lists the live cloud nodes; NodesWith may look again when
+// ids are not among them (nodecache.Cache).
+type nodeLister interface {
+	Nodes(ctx context.Context) ([]*pb.NodeInfo, error)
+	NodesWith(ctx context.Context, ids []string) ([]*pb.NodeInfo, error)
+}
+
+// registryNodes reads the registry on every call.
+type registryNodes struct{ r pipeline.Registry }
+
+func (n registryNodes) Nodes(ctx context.Context) ([]*pb.NodeInfo, error) { return n.r.Nodes(ctx) }
+func (n registryNodes) NodesWith(ctx context.Context, _ []string) ([]*pb.NodeInfo, error) {
+	return n.r.Nodes(ctx)
+}
+
+// newNodeLister keeps the registry's node list for ttl; 0 reads it every
+// time.
+func newNodeLister(r pipeline.Registry, ttl time.Duration) nodeLister {
+	if ttl <= 0 {
+		return registryNodes{r}
+	}
+	return nodecache.New(r, ttl, nil)
 }

@@ -203,6 +203,7 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Proc
 			Registry: p.stores.Registry, Publisher: p.broker.Publisher, PushTopic: cfg.Topics.Push,
 			Replies: p.stores.Replies, History: p.stores.History, HistoryLimits: cfg.History, Logger: logger.With("stage", "logic"),
 			Heartbeat: cfg.Cloud.HeartbeatInterval, CloudDial: p.grpcDialOpts, Events: emitter,
+			NodesTTL: p.nodesTTL(),
 		})
 		if err != nil {
 			return nil, err
@@ -331,6 +332,29 @@ func advertiseAddr(bound string, jobInProcess bool) string {
 	return net.JoinHostPort(host, port)
 }
 
+// nodesTTL is how long logic and job use the shared registry's node list
+// before reading it again: a tenth of cloud.renew_interval (1 s by
+// default). Reading it was two of a room push's four Redis round trips
+// and 30 % of the server's CPU (BENCHMARKS.md "History on vs off").
+//
+// The bound on a dead node: the registry drops a node 3 renew intervals
+// after its last report (adapters.Stores' node TTL), and a kept list is
+// at most a tenth of one older, so pushes stop going to it at most 3.1
+// intervals after its last report instead of 3 — a node that stops
+// reporting is dropped within the same order of time, and its keys were
+// already retried by job until job.offline_grace. The list's room counts
+// are up to one interval old anyway (nodes report them at each renewal),
+// so what job skips by room is no staler than before by more than that
+// tenth. A node that just registered is looked for again by a key push
+// to it (nodecache.NodesWith). The memory registry (standalone, or logic
+// and job sharing a process without Redis) is read every time: 0.
+func (p *Process) nodesTTL() time.Duration {
+	if !p.stores.Shared {
+		return 0
+	}
+	return p.cfg.Cloud.RenewInterval / 10
+}
+
 func (p *Process) startJob(ctx context.Context) error {
 	cfg := p.cfg
 	var nodes job.Nodes
@@ -347,6 +371,7 @@ func (p *Process) startJob(ctx context.Context) error {
 		BatchWindow: cfg.Job.RoomBatchWindow, BatchSize: cfg.Job.RoomBatchSize, Timeout: cfg.Job.Timeout,
 		CloudDial:    p.grpcDialOpts,
 		OfflineGrace: cfg.Job.OfflineGrace,
+		NodesTTL:     p.nodesTTL(),
 	})
 	// A job the cloud nodes refuse would take messages and deliver none:
 	// it stops here, as a cloud node with a wrong secret does at Register.
