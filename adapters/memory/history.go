@@ -484,7 +484,7 @@ func (h *History) Void(_ context.Context, positions []pipeline.StreamPos) error 
 		if st != nil && st.epoch == p.Epoch {
 			st.void(p.Pos)
 		}
-		sh.mu.Unlock()
+		h.unlock(sh, st) // counts the bytes let go in the store's total
 	}
 	return nil
 }
