@@ -26,6 +26,7 @@ import (
 //	                      bytes, fms     what the log holds, its oldest entry's ms
 //	                      size, ttl      the last limit
 //	                      ack            the acknowledged position (this epoch)
+//	                      void           voided positions still kept (historyvoid.go)
 //	{<stream>}:log   stream of entries   id "<pos>-<ms>", one field e = the entry
 //
 // The log is a Redis Stream, not a sorted set: entries are read by
@@ -219,10 +220,10 @@ return out`)
 // sinceScript: KEYS meta, log; ARGV epoch, after, max, a new epoch, the
 // life of a stream a read creates (HistoryCaps.ReadIdle: a read of any
 // name must not keep a key for a day; an append gives it its own), idle
-// ms, max bytes. Returns {epoch, top, status, entries}.
+// ms, max bytes. Returns {epoch, top, status, entries, void positions}.
 var sinceScript = goredis.NewScript(historyLua + `
 local meta, log = KEYS[1], KEYS[2]
-local m = redis.call('HMGET', meta, 'epoch', 'seq', 'bytes', 'ttl', 'size')
+local m = redis.call('HMGET', meta, 'epoch', 'seq', 'bytes', 'ttl', 'size', 'void')
 if not m[1] then
   create(meta, log, ARGV[4], tonumber(ARGV[5]))
   m = {ARGV[4], '0', '0', '0', '0'}
@@ -247,7 +248,7 @@ elseif after + 1 < first then
   return {epoch, seq, 'trimmed'}
 end
 if after >= seq then return {epoch, seq, 'ok', {}} end
-return {epoch, seq, 'ok', redis.call('XRANGE', log, string.format('%d', after + 1), '+', 'COUNT', tonumber(ARGV[3]))}`)
+return {epoch, seq, 'ok', redis.call('XRANGE', log, string.format('%d', after + 1), '+', 'COUNT', tonumber(ARGV[3])), m[6] or ''}`)
 
 // topsScript: KEYS meta, log of each stream; ARGV idle ms, then a new
 // epoch for each stream. Returns {epoch, top, acked} for each stream.
@@ -429,6 +430,10 @@ func (h *History) Since(ctx context.Context, stream, epoch string, after uint64,
 			return nil, top, fmt.Errorf("history since %s: %w", stream, err)
 		}
 	}
+	if len(res) > 4 {
+		void, _ := res[4].(string)
+		markVoid(out, void)
+	}
 	return out, top, nil
 }
 
@@ -532,9 +537,10 @@ func epochPos(r any) (string, uint64, error) {
 }
 
 // An entry in the log: op (4 bytes), At in Unix ns (8; 0: none), the id's
-// length (uvarint), the id, the body.
+// length (uvarint), the id, the number of keys (uvarint), each key's
+// length (uvarint) and the key, the body.
 func encodeEntry(e pipeline.HistoryEntry) []byte {
-	b := make([]byte, 12, 12+binary.MaxVarintLen64+len(e.ID)+len(e.Body))
+	b := make([]byte, 12, 12+2*binary.MaxVarintLen64+len(e.ID)+pipeline.EntryKeysSize(e.Keys)+len(e.Body))
 	binary.BigEndian.PutUint32(b, uint32(e.Op))
 	var at int64
 	if !e.At.IsZero() {
@@ -543,6 +549,11 @@ func encodeEntry(e pipeline.HistoryEntry) []byte {
 	binary.BigEndian.PutUint64(b[4:], uint64(at))
 	b = binary.AppendUvarint(b, uint64(len(e.ID)))
 	b = append(b, e.ID...)
+	b = binary.AppendUvarint(b, uint64(len(e.Keys)))
+	for _, k := range e.Keys {
+		b = binary.AppendUvarint(b, uint64(len(k)))
+		b = append(b, k...)
+	}
 	return append(b, e.Body...)
 }
 
@@ -569,11 +580,35 @@ func decodeLogEntry(r any) (pipeline.HistoryEntry, error) {
 	if at := int64(binary.BigEndian.Uint64([]byte(b[4:12]))); at != 0 {
 		e.At = time.Unix(0, at)
 	}
-	n, k := binary.Uvarint([]byte(b[12:min(len(b), 12+binary.MaxVarintLen64)]))
-	if k <= 0 || n > uint64(len(b)-12-k) {
-		return pipeline.HistoryEntry{}, fmt.Errorf("%w: id length at %d", errBadEntry, pos)
+	rest := b[12:]
+	// field reads a uvarint length and that many bytes from rest.
+	field := func(what string) (string, error) {
+		n, k := binary.Uvarint([]byte(rest[:min(len(rest), binary.MaxVarintLen64)]))
+		if k <= 0 || n > uint64(len(rest)-k) {
+			return "", fmt.Errorf("%w: %s length at %d", errBadEntry, what, pos)
+		}
+		f := rest[k : k+int(n)]
+		rest = rest[k+int(n):]
+		return f, nil
 	}
-	rest := b[12+k:]
-	e.ID, e.Body = rest[:n], []byte(rest[n:])
+	if e.ID, err = field("id"); err != nil {
+		return pipeline.HistoryEntry{}, err
+	}
+	nkeys, k := binary.Uvarint([]byte(rest[:min(len(rest), binary.MaxVarintLen64)]))
+	// Each key takes at least its length's byte: a count past the bytes
+	// left is malformed, and cannot make a huge slice.
+	if k <= 0 || nkeys > uint64(len(rest)-k) {
+		return pipeline.HistoryEntry{}, fmt.Errorf("%w: key count at %d", errBadEntry, pos)
+	}
+	rest = rest[k:]
+	if nkeys > 0 {
+		e.Keys = make([]string, nkeys)
+		for i := range e.Keys {
+			if e.Keys[i], err = field("key"); err != nil {
+				return pipeline.HistoryEntry{}, err
+			}
+		}
+	}
+	e.Body = []byte(rest)
 	return e, nil
 }
