@@ -115,12 +115,15 @@ type History interface {
 	// none). The cursor lives and dies with the stream's epoch.
 	Acked(ctx context.Context, stream string) (StreamPos, error)
 	// Void marks the entries at positions as never accepted: the caller
-	// appended them, then failed to publish and answered that nothing was
-	// accepted. Their bodies (and keys) are dropped, their positions stay
-	// taken: Since gives them with Void set and only Pos, ID and At, so a node
-	// waiting on the position passes over it instead of waiting again;
-	// recovery and GET /im/history leave them out. A position of another
-	// epoch, not kept (size 0, trimmed) or not given yet is passed over.
-	// Voiding twice is a no-op. Bounds as Append's on the streams named.
+	// appended them, then failed to publish and answered that nothing
+	// was accepted. Their positions stay taken; their bodies and keys are
+	// never given again (memory lets them go at once, Redis when they are
+	// trimmed). Since gives them with Void set and only Pos, ID and At,
+	// so a node waiting on the position passes over it instead of waiting
+	// again; recovery and GET /im/history leave them out. A position of
+	// another epoch, not kept (size 0, trimmed) or not given yet is
+	// passed over. Voiding twice is a no-op. At most MaxHistoryStreams
+	// positions of streams of at most MaxStreamLen bytes
+	// (ErrHistoryRequest otherwise, nothing voided).
 	Void(ctx context.Context, positions []StreamPos) error
 }
