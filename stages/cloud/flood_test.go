@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"strings"
 	"testing"
 	"time"
 
@@ -304,5 +305,32 @@ func TestFragmentedLargestPacketsWithinBudget(t *testing.T) {
 		if _, p, err := ws.ReadMessage(); err != nil || len(p) < wire.HeaderLen {
 			t.Fatalf("packet %d of %d frames: reply %q, %v; want it answered", i, frames, p, err)
 		}
+	}
+}
+
+// TestSilentClientClosedNamed: a WebSocket client that sends nothing after
+// auth is closed at its read deadline with 1000 and a reason that names
+// it, so the disconnect event tells a client that went silent from one
+// that left (1000, no reason).
+func TestSilentClientClosedNamed(t *testing.T) {
+	n := startNode(t, func(c *config.Cloud) {
+		c.HeartbeatInterval = 300 * time.Millisecond
+		c.HandshakeTimeout = 300 * time.Millisecond
+	})
+	c := n.connect(t, "ws", claims{Mid: 1, Key: "silent"})
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	for {
+		_, err := c.Read()
+		if err == nil {
+			continue
+		}
+		if isTimeout(err) {
+			t.Fatal("silent client still open after 10 s")
+		}
+		var ce *websocket.CloseError
+		if !errors.As(err, &ce) || ce.Code != websocket.CloseNormalClosure || !strings.Contains(ce.Text, "read deadline") {
+			t.Fatalf("silent client closed with %v, want 1000 naming the read deadline", err)
+		}
+		return
 	}
 }

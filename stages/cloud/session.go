@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"runtime/debug"
 	"slices"
 	"strconv"
@@ -172,9 +173,22 @@ func closeCode(err error) (int, string) {
 		return closeTryAgain, "upstream unavailable, try again later"
 	case errors.Is(err, errInternal):
 		return closeInternal, "internal error"
+	case readTimeout(err):
+		// A normal close, but named: the disconnect event tells a client
+		// that went silent (no heartbeat, no auth in time) from one that
+		// left.
+		return closeNormal, "read deadline passed: no packet in time"
 	default:
 		return closeNormal, ""
 	}
+}
+
+// readTimeout reports a read deadline that passed. gorilla/websocket
+// wraps it in an error of its own that does not unwrap to
+// os.ErrDeadlineExceeded, but says Timeout().
+func readTimeout(err error) bool {
+	var ne net.Error
+	return errors.Is(err, os.ErrDeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout())
 }
 
 // handshake reads the auth packet within the handshake timeout and has
