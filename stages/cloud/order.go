@@ -378,7 +378,7 @@ func (o *orderer) pushKeys(req *pb.PushMsgReq, item outItem) *pb.PushMsgReply {
 			sp := posFor(req.Proto, name)
 			if sp == nil {
 				if !ch.push(o.s.deliveredItem(item, ch, req.Proto)) {
-					o.s.offline(reply, id, key)
+					o.s.offline(reply, pairID, key)
 					continue
 				}
 				reply.Delivered++
@@ -392,7 +392,7 @@ func (o *orderer) pushKeys(req *pb.PushMsgReq, item outItem) *pb.PushMsgReply {
 			}
 			groups[i].chans = append(groups[i].chans, ch)
 		default:
-			o.s.offline(reply, id, key)
+			o.s.offline(reply, pairID, key)
 		}
 	}
 	for _, g := range groups {
