@@ -126,13 +126,8 @@ func readHistoryRequest(p *params) (historyRequest, error) {
 // stream's messages after a position.
 func (st *Stage) historyRoute(a api) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		values, err := queryParams(r)
+		p, err := getParams(r)
 		if err != nil {
-			writeError(w, http.StatusBadRequest, err.Error())
-			return
-		}
-		p := &params{values: values}
-		if err := p.check(); err != nil {
 			writeError(w, http.StatusBadRequest, err.Error())
 			return
 		}

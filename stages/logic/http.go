@@ -255,6 +255,16 @@ func (p *params) operation() (int32, error) {
 	return int32(op), err
 }
 
+// getParams reads a GET route's query string.
+func getParams(r *http.Request) (*params, error) {
+	values, err := queryParams(r)
+	if err != nil {
+		return nil, err
+	}
+	p := &params{values: values}
+	return p, p.check()
+}
+
 // readParams reads a push request. The message is the raw body, or, for
 // /im/ with PushJSONType, the JSON object's msg: a JSON string as its
 // text, anything else as its encoding.

@@ -229,13 +229,3 @@ func midList(p *params) ([]int64, error) {
 	slices.Sort(mids)
 	return mids, nil
 }
-
-// getParams reads a GET route's query string.
-func getParams(r *http.Request) (*params, error) {
-	values, err := queryParams(r)
-	if err != nil {
-		return nil, err
-	}
-	p := &params{values: values}
-	return p, p.check()
-}

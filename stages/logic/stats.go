@@ -18,13 +18,8 @@ type statsRoute func(p *params) (func(nodes []*pb.NodeInfo) any, error)
 
 func (st *Stage) stats(a api, route statsRoute) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		values, err := queryParams(r)
+		p, err := getParams(r)
 		if err != nil {
-			writeError(w, http.StatusBadRequest, err.Error())
-			return
-		}
-		p := &params{values: values}
-		if err := p.check(); err != nil {
 			writeError(w, http.StatusBadRequest, err.Error())
 			return
 		}
