@@ -77,26 +77,37 @@ type History struct {
 	caps   pipeline.HistoryCaps
 
 	// Appends made while others are on their way to Redis go together,
-	// in one pipeline: one write and one read for all of them instead of
-	// a round trip each (group commit). Each is still its own script
-	// call, run in the order they were queued.
+	// in one script call that makes them in the order they were queued:
+	// one round trip, and Redis's per-call cost paid once, for all of
+	// them (group commit).
 	mu       sync.Mutex
 	queued   []*appendCall
 	flushing bool // a goroutine is sending queued appends
-}
 
-// appendCall is one Append's script call, waiting for its batch.
-type appendCall struct {
-	ctx  context.Context // the caller's: one that gave up is not sent
+	// The flushing goroutine's buffers for a batch's script call (go-redis
+	// copies them into its command), reused from batch to batch.
 	keys []string
 	args []any
-	done chan struct{}
-	res  []any
-	err  error
 }
 
-// maxAppendBatch bounds the appends sent in one pipeline.
-const maxAppendBatch = 128
+// appendCall is one Append waiting for its batch.
+type appendCall struct {
+	ctx     context.Context // the caller's: one that gave up is not sent
+	streams []string
+	entry   []byte
+	limits  []int64 // size and TTL ms of each stream
+	done    chan struct{}
+	res     []any // {epoch, position} of each stream
+	err     error
+}
+
+// maxAppendBatch bounds the appends of one batch; maxBatchStreams bounds
+// its streams (a batch takes at least one append, whatever its streams):
+// one script call of MaxHistoryStreams streams takes Redis ~1 ms.
+const (
+	maxAppendBatch  = 128
+	maxBatchStreams = pipeline.MaxHistoryStreams
+)
 
 // appendTimeout bounds one batch: it runs apart from its callers (each
 // waits on its own context), so none of their deadlines can stop it.
@@ -114,6 +125,13 @@ func (h *History) logKey(stream string) string  { return h.prefix + "{" + stream
 // newEpoch is a stream's epoch: 64 random bits. Redis uses it only when
 // the stream has none.
 func newEpoch() string { return fmt.Sprintf("%016x", rand.Uint64()) }
+
+// newEpochs is a batch's 48 random bits (12 hex digits) that the append
+// script completes with a 16-bit count into the epoch of each stream it
+// creates: one random number a batch instead of a formatted epoch per
+// stream per append, used only when a stream is new. A batch creates at
+// most maxBatchStreams + MaxHistoryStreams < 65,536 streams.
+func newEpochs() string { return fmt.Sprintf("%012x", rand.Uint64()>>16) }
 
 // historyLua is shared by the scripts: the clock, the id parser, the
 // creation of a stream's state and the trimming of its log.
@@ -169,51 +187,75 @@ local function slack(size)
 end
 `
 
-// appendScript: KEYS meta, log of each stream; ARGV entry, max bytes, idle
-// ms, then size, ttl ms and a new epoch for each stream. Returns {epoch,
-// position} for each stream.
+// appendScript makes a batch of appends, in order. KEYS meta, log of each
+// stream of each append; ARGV max bytes, idle ms, the batch's epoch
+// prefix (newEpochs), then for each append its number of streams, its
+// entry and each stream's size and TTL ms. Returns for each append
+// {epoch, position} of each of its streams.
+//
+// A stream's meta is read once a batch and written once at its end
+// (HMGET, HSET and two PEXPIREs a stream, not an append): the script is
+// atomic, so nobody sees the meta between. Each append still XADDs its
+// entry and trims when due, as it did alone, so the log is the one
+// appends made one by one would leave.
 var appendScript = goredis.NewScript(historyLua + `
 local now = now_ms()
-local blob = ARGV[1]
-local size = #blob + OVERHEAD
-local maxBytes, idle = tonumber(ARGV[2]), tonumber(ARGV[3])
-local out = {}
-for i = 1, #KEYS / 2 do
-  local meta, log = KEYS[2 * i - 1], KEYS[2 * i]
-  local a = 3 + 3 * (i - 1)
-  local keep, ttl = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  local m = redis.call('HMGET', meta, 'epoch', 'seq', 'bytes', 'fms')
-  local epoch, seq, bytes, fms = m[1], tonumber(m[2] or 0), tonumber(m[3] or 0), tonumber(m[4] or 0)
-  if not epoch then
-    epoch, seq, bytes, fms = ARGV[a + 3], 0, 0, 0
-    create(meta, log, epoch, idle)
-  end
-  seq = seq + 1
-  if size > maxBytes then keep = 0 end
-  if keep > 0 then
-    redis.call('XADD', log, string.format('%d-%d', seq, now), 'e', blob)
-    if bytes == 0 then fms = now end
-    bytes = bytes + size
-  end
-  -- Trim only when due: over the byte cap, an entry not kept (a history
-  -- has no hole), the oldest entry past its TTL by an eighth, or the log
-  -- past its size by slack entries. Since cuts to the exact size and TTL.
-  if bytes > 0 then
-    local count = 0
-    if bytes > maxBytes or keep == 0 or fms == 0 or (ttl > 0 and now - fms >= ttl + ttl / 8) then
-      count = 16
-    else
-      local over = redis.call('XLEN', log) - keep
-      if over > slack(keep) then count = math.min(over + 1, 256) end
+local maxBytes, idle, fresh = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local made, state, order, out = 0, {}, {}, {}
+local k, a = 1, 4
+while a <= #ARGV do
+  local n, blob = tonumber(ARGV[a]), ARGV[a + 1]
+  a = a + 2
+  local size = #blob + OVERHEAD
+  local res = {}
+  for i = 1, n do
+    local meta, log = KEYS[k], KEYS[k + 1]
+    local keep, ttl = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+    k, a = k + 2, a + 2
+    local st = state[meta]
+    if not st then
+      local m = redis.call('HMGET', meta, 'epoch', 'seq', 'bytes', 'fms')
+      st = {log = log, epoch = m[1], seq = tonumber(m[2] or 0), bytes = tonumber(m[3] or 0), fms = tonumber(m[4] or 0)}
+      if not st.epoch then
+        made = made + 1
+        st.epoch, st.seq, st.bytes, st.fms = fresh .. string.format('%04x', made), 0, 0, 0
+        create(meta, log, st.epoch, idle)
+      end
+      state[meta] = st
+      order[#order + 1] = meta
     end
-    if count > 0 then bytes, fms = trim(log, seq - keep, bytes, maxBytes, ttl, now, count) end
+    st.seq = st.seq + 1
+    if size > maxBytes then keep = 0 end
+    if keep > 0 then
+      redis.call('XADD', log, string.format('%d-%d', st.seq, now), 'e', blob)
+      if st.bytes == 0 then st.fms = now end
+      st.bytes = st.bytes + size
+    end
+    -- Trim only when due: over the byte cap, an entry not kept (a history
+    -- has no hole), the oldest entry past its TTL by an eighth, or the log
+    -- past its size by slack entries. Since cuts to the exact size and TTL.
+    if st.bytes > 0 then
+      local count = 0
+      if st.bytes > maxBytes or keep == 0 or st.fms == 0 or (ttl > 0 and now - st.fms >= ttl + ttl / 8) then
+        count = 16
+      else
+        local over = redis.call('XLEN', log) - keep
+        if over > slack(keep) then count = math.min(over + 1, 256) end
+      end
+      if count > 0 then st.bytes, st.fms = trim(log, st.seq - keep, st.bytes, maxBytes, ttl, now, count) end
+    end
+    st.keep, st.ttl = keep, ttl
+    res[i] = {st.epoch, st.seq}
   end
-  redis.call('HSET', meta, 'seq', seq, 'bytes', bytes, 'ttl', ttl, 'size', keep, 'fms', fms)
-  local life = ttl
+  out[#out + 1] = res
+end
+for _, meta in ipairs(order) do
+  local st = state[meta]
+  redis.call('HSET', meta, 'seq', st.seq, 'bytes', st.bytes, 'ttl', st.ttl, 'size', st.keep, 'fms', st.fms)
+  local life = st.ttl
   if life <= 0 then life = idle end
   redis.call('PEXPIRE', meta, life)
-  redis.call('PEXPIRE', log, life)
-  out[i] = {epoch, seq}
+  redis.call('PEXPIRE', st.log, life)
 end
 return out`)
 
@@ -283,15 +325,12 @@ func (h *History) Append(ctx context.Context, streams []string, e pipeline.Histo
 	if len(streams) == 0 {
 		return []pipeline.StreamPos{}, nil
 	}
-	keys := make([]string, 0, 2*len(streams))
-	args := make([]any, 0, 3+3*len(streams))
-	args = append(args, encodeEntry(e), h.caps.MaxBytes, h.caps.Idle.Milliseconds())
+	limits := make([]int64, 0, 2*len(streams))
 	for _, s := range streams {
 		l := limit(s)
-		keys = append(keys, h.metaKey(s), h.logKey(s))
-		args = append(args, min(max(l.Size, 0), h.caps.MaxSize), max(l.TTL.Milliseconds(), 0), newEpoch())
+		limits = append(limits, int64(min(max(l.Size, 0), h.caps.MaxSize)), max(l.TTL.Milliseconds(), 0))
 	}
-	res, err := h.run(ctx, keys, args)
+	res, err := h.run(ctx, &appendCall{ctx: ctx, streams: streams, entry: encodeEntry(e), limits: limits, done: make(chan struct{})})
 	if err != nil {
 		return nil, fmt.Errorf("history append to %d streams: %w", len(streams), err)
 	}
@@ -309,9 +348,8 @@ func (h *History) Append(ctx context.Context, streams []string, e pipeline.Histo
 	return out, nil
 }
 
-// run queues an append script call and waits for its batch.
-func (h *History) run(ctx context.Context, keys []string, args []any) ([]any, error) {
-	c := &appendCall{ctx: ctx, keys: keys, args: args, done: make(chan struct{})}
+// run queues an append and waits for its batch.
+func (h *History) run(ctx context.Context, c *appendCall) ([]any, error) {
 	h.mu.Lock()
 	h.queued = append(h.queued, c)
 	if !h.flushing {
@@ -333,7 +371,11 @@ func (h *History) run(ctx context.Context, keys []string, args []any) ([]any, er
 func (h *History) flush(ctx context.Context) {
 	for {
 		h.mu.Lock()
-		n := min(len(h.queued), maxAppendBatch)
+		n, streams := 0, 0
+		for n < min(len(h.queued), maxAppendBatch) && (n == 0 || streams+len(h.queued[n].streams) <= maxBatchStreams) {
+			streams += len(h.queued[n].streams)
+			n++
+		}
 		if n == 0 {
 			h.flushing = false
 			h.mu.Unlock()
@@ -351,9 +393,11 @@ func (h *History) flush(ctx context.Context) {
 	}
 }
 
-// send runs a batch's script calls: alone as a plain call, else in one
-// pipeline of EVALSHAs; calls Redis did not know the script for (it was
-// flushed or restarted) are run again one by one, loading it.
+// send makes a batch's appends in one script call (EVALSHA, loading the
+// script if Redis does not know it: it was flushed or restarted). An
+// error fails every append of the batch; those the script made before it
+// failed keep their positions, skipped, as when a call is cut short on
+// the wire.
 func (h *History) send(ctx context.Context, batch []*appendCall) {
 	// A caller that gave up while queued (its request timed out, say
 	// while Redis was slow) gets no position: calls nobody waits for
@@ -365,22 +409,29 @@ func (h *History) send(ctx context.Context, batch []*appendCall) {
 	if len(batch) == 0 {
 		return
 	}
-	if len(batch) == 1 {
-		c := batch[0]
-		c.res, c.err = appendScript.Run(ctx, h.rdb, c.keys, c.args...).Slice()
-		return
-	}
-	pipe := h.rdb.Pipeline()
-	cmds := make([]*goredis.Cmd, len(batch))
-	for i, c := range batch {
-		cmds[i] = appendScript.EvalSha(ctx, pipe, c.keys, c.args...)
-	}
-	_, _ = pipe.Exec(ctx) // each command carries its own error
-	for i, c := range batch {
-		c.res, c.err = cmds[i].Slice()
-		if c.err != nil && strings.HasPrefix(c.err.Error(), "NOSCRIPT") {
-			c.res, c.err = appendScript.Run(ctx, h.rdb, c.keys, c.args...).Slice()
+	keys, args := h.keys[:0], h.args[:0]
+	args = append(args, h.caps.MaxBytes, h.caps.Idle.Milliseconds(), newEpochs())
+	for _, c := range batch {
+		args = append(args, len(c.streams), c.entry)
+		for i, s := range c.streams {
+			keys = append(keys, h.metaKey(s), h.logKey(s))
+			args = append(args, c.limits[2*i], c.limits[2*i+1])
 		}
+	}
+	res, err := appendScript.Run(ctx, h.rdb, keys, args...).Slice()
+	// Drop the references to the batch's keys and entries.
+	clear(keys)
+	clear(args)
+	h.keys, h.args = keys[:0], args[:0]
+	if err == nil && len(res) != len(batch) {
+		err = fmt.Errorf("%d results for a batch of %d appends", len(res), len(batch))
+	}
+	for i, c := range batch {
+		if err != nil {
+			c.err = err
+			continue
+		}
+		c.res, _ = res[i].([]any)
 	}
 }
 
