@@ -38,8 +38,9 @@ import (
 // from the id without decoding the entry.
 //
 // Append is one Lua script for all its streams: one round trip, each
-// stream's step atomic. It trims a stream it appends to only when the
-// trim is due: the log over the byte cap (at once: the cap is hard, and
+// stream's step atomic; appends made while others are in flight share one
+// call of it (group commit, below). It trims a stream it appends to only
+// when the trim is due: the log over the byte cap (at once: the cap is hard, and
 // bytes counts every entry the log holds), an entry not kept, the oldest
 // entry past its TTL by an eighth of it (its ms kept in the meta, so the
 // check reads no entry), or the log past its size by a slack of
@@ -49,19 +50,21 @@ import (
 // benchmark's shape (TestIntegrationHistoryAppendCost: one room stream at
 // 100 entries, 200-byte bodies, 8 goroutines, a private Redis 7.0 on 2
 // shared cores) the script took 29-34 µs of Redis time a call then, and
-// 14-15.5 µs since, called one at a time (17-20.5 µs inside the group
-// commit's pipelines, which Redis counts a little higher per call, yet
-// each pipeline is one read and one write for all); the rest is its fixed
-// steps (TIME, HMGET, XADD, XLEN, HSET, two PEXPIREs) and the call. It
-// sets both keys to expire after the
-// stream's TTL (HistoryCaps.Idle with TTL 0): an idle stream expires whole
+// 14-15.5 µs since, called one at a time or in a pipeline of calls, and
+// 10.2-10.5 µs an append since a batch is one call (3.9 appends a call:
+// the call's cost, TIME, and the stream's HMGET, HSET and two PEXPIREs
+// paid once a batch, not once an append; XADD and XLEN stay per append).
+// It sets both keys to expire after the stream's TTL (HistoryCaps.Idle
+// with TTL 0): an idle stream expires whole
 // — counter, epoch, log and ack cursor — and its next use starts a new
 // epoch, so a lost history is always signalled. The epoch and the counter
 // are fields of one hash, so they cannot expire apart; a log left without
 // its meta is deleted when the meta is created again.
 //
-// Under Redis Cluster one script can only touch one slot: the caller
-// (issue 16) would group an Append's streams by slot. One server today.
+// Under Redis Cluster one script can only touch one slot, and a batch's
+// call touches every stream of every append in it: cluster mode (issue
+// 16) will group a batch (and an Append's streams) by slot, one call a
+// slot. The store is single-node today.
 //
 // Round trip (TestIntegrationHistoryThroughput, local Redis 7.0, 200-byte
 // bodies, one stream a call, 2 cores shared with other jobs): one call a
@@ -70,33 +73,46 @@ import (
 // (group commit, below): 21k-28k/s with 8 goroutines, 40k/s with 32, on a
 // private Redis at load average 5-7. In the push benchmark (BENCHMARKS.md
 // "History on vs off", Redis) that took the server's CPU per room push
-// with history on from 87-157 µs to 58-63 µs.
+// with history on from 87-157 µs to 58-63 µs; one script call per batch
+// then took the history-on median from 17.7k to 20.9k req/s (−37 % to
+// −23 % against history off) and its CPU from 60-66 to 55-60 µs.
 type History struct {
 	rdb    goredis.UniversalClient
 	prefix string
 	caps   pipeline.HistoryCaps
 
 	// Appends made while others are on their way to Redis go together,
-	// in one pipeline: one write and one read for all of them instead of
-	// a round trip each (group commit). Each is still its own script
-	// call, run in the order they were queued.
+	// in one script call that makes them in the order they were queued:
+	// one round trip, and Redis's per-call cost paid once, for all of
+	// them (group commit).
 	mu       sync.Mutex
 	queued   []*appendCall
 	flushing bool // a goroutine is sending queued appends
-}
 
-// appendCall is one Append's script call, waiting for its batch.
-type appendCall struct {
-	ctx  context.Context // the caller's: one that gave up is not sent
+	// The flushing goroutine's buffers for a batch's script call (go-redis
+	// copies them into its command), reused from batch to batch.
 	keys []string
 	args []any
-	done chan struct{}
-	res  []any
-	err  error
 }
 
-// maxAppendBatch bounds the appends sent in one pipeline.
-const maxAppendBatch = 128
+// appendCall is one Append waiting for its batch.
+type appendCall struct {
+	ctx     context.Context // the caller's: one that gave up is not sent
+	streams []string
+	entry   []byte
+	limits  []int64 // size and TTL ms of each stream
+	done    chan struct{}
+	res     []any // {epoch, position} of each stream
+	err     error
+}
+
+// maxAppendBatch bounds the appends of one batch; maxBatchStreams bounds
+// its streams (a batch takes at least one append, whatever its streams):
+// one script call of MaxHistoryStreams streams takes Redis ~1 ms.
+const (
+	maxAppendBatch  = 128
+	maxBatchStreams = pipeline.MaxHistoryStreams
+)
 
 // appendTimeout bounds one batch: it runs apart from its callers (each
 // waits on its own context), so none of their deadlines can stop it.
@@ -114,6 +130,13 @@ func (h *History) logKey(stream string) string  { return h.prefix + "{" + stream
 // newEpoch is a stream's epoch: 64 random bits. Redis uses it only when
 // the stream has none.
 func newEpoch() string { return fmt.Sprintf("%016x", rand.Uint64()) }
+
+// newEpochs is a batch's 48 random bits (12 hex digits) that the append
+// script completes with a 16-bit count into the epoch of each stream it
+// creates: one random number a batch instead of a formatted epoch per
+// stream per append, used only when a stream is new. A batch creates at
+// most maxBatchStreams + MaxHistoryStreams < 65,536 streams.
+func newEpochs() string { return fmt.Sprintf("%012x", rand.Uint64()>>16) }
 
 // historyLua is shared by the scripts: the clock, the id parser, the
 // creation of a stream's state and the trimming of its log.
@@ -169,51 +192,75 @@ local function slack(size)
 end
 `
 
-// appendScript: KEYS meta, log of each stream; ARGV entry, max bytes, idle
-// ms, then size, ttl ms and a new epoch for each stream. Returns {epoch,
-// position} for each stream.
+// appendScript makes a batch of appends, in order. KEYS meta, log of each
+// stream of each append; ARGV max bytes, idle ms, the batch's epoch
+// prefix (newEpochs), then for each append its number of streams, its
+// entry and each stream's size and TTL ms. Returns for each append
+// {epoch, position} of each of its streams.
+//
+// A stream's meta is read once a batch and written once at its end
+// (HMGET, HSET and two PEXPIREs a stream, not an append): the script is
+// atomic, so nobody sees the meta between. Each append still XADDs its
+// entry and trims when due, as it did alone, so the log is the one
+// appends made one by one would leave.
 var appendScript = goredis.NewScript(historyLua + `
 local now = now_ms()
-local blob = ARGV[1]
-local size = #blob + OVERHEAD
-local maxBytes, idle = tonumber(ARGV[2]), tonumber(ARGV[3])
-local out = {}
-for i = 1, #KEYS / 2 do
-  local meta, log = KEYS[2 * i - 1], KEYS[2 * i]
-  local a = 3 + 3 * (i - 1)
-  local keep, ttl = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  local m = redis.call('HMGET', meta, 'epoch', 'seq', 'bytes', 'fms')
-  local epoch, seq, bytes, fms = m[1], tonumber(m[2] or 0), tonumber(m[3] or 0), tonumber(m[4] or 0)
-  if not epoch then
-    epoch, seq, bytes, fms = ARGV[a + 3], 0, 0, 0
-    create(meta, log, epoch, idle)
-  end
-  seq = seq + 1
-  if size > maxBytes then keep = 0 end
-  if keep > 0 then
-    redis.call('XADD', log, string.format('%d-%d', seq, now), 'e', blob)
-    if bytes == 0 then fms = now end
-    bytes = bytes + size
-  end
-  -- Trim only when due: over the byte cap, an entry not kept (a history
-  -- has no hole), the oldest entry past its TTL by an eighth, or the log
-  -- past its size by slack entries. Since cuts to the exact size and TTL.
-  if bytes > 0 then
-    local count = 0
-    if bytes > maxBytes or keep == 0 or fms == 0 or (ttl > 0 and now - fms >= ttl + ttl / 8) then
-      count = 16
-    else
-      local over = redis.call('XLEN', log) - keep
-      if over > slack(keep) then count = math.min(over + 1, 256) end
+local maxBytes, idle, fresh = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local made, state, order, out = 0, {}, {}, {}
+local k, a = 1, 4
+while a <= #ARGV do
+  local n, blob = tonumber(ARGV[a]), ARGV[a + 1]
+  a = a + 2
+  local size = #blob + OVERHEAD
+  local res = {}
+  for i = 1, n do
+    local meta, log = KEYS[k], KEYS[k + 1]
+    local keep, ttl = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+    k, a = k + 2, a + 2
+    local st = state[meta]
+    if not st then
+      local m = redis.call('HMGET', meta, 'epoch', 'seq', 'bytes', 'fms')
+      st = {log = log, epoch = m[1], seq = tonumber(m[2] or 0), bytes = tonumber(m[3] or 0), fms = tonumber(m[4] or 0)}
+      if not st.epoch then
+        made = made + 1
+        st.epoch, st.seq, st.bytes, st.fms = fresh .. string.format('%04x', made), 0, 0, 0
+        create(meta, log, st.epoch, idle)
+      end
+      state[meta] = st
+      order[#order + 1] = meta
     end
-    if count > 0 then bytes, fms = trim(log, seq - keep, bytes, maxBytes, ttl, now, count) end
+    st.seq = st.seq + 1
+    if size > maxBytes then keep = 0 end
+    if keep > 0 then
+      redis.call('XADD', log, string.format('%d-%d', st.seq, now), 'e', blob)
+      if st.bytes == 0 then st.fms = now end
+      st.bytes = st.bytes + size
+    end
+    -- Trim only when due: over the byte cap, an entry not kept (a history
+    -- has no hole), the oldest entry past its TTL by an eighth, or the log
+    -- past its size by slack entries. Since cuts to the exact size and TTL.
+    if st.bytes > 0 then
+      local count = 0
+      if st.bytes > maxBytes or keep == 0 or st.fms == 0 or (ttl > 0 and now - st.fms >= ttl + ttl / 8) then
+        count = 16
+      else
+        local over = redis.call('XLEN', log) - keep
+        if over > slack(keep) then count = math.min(over + 1, 256) end
+      end
+      if count > 0 then st.bytes, st.fms = trim(log, st.seq - keep, st.bytes, maxBytes, ttl, now, count) end
+    end
+    st.keep, st.ttl = keep, ttl
+    res[i] = {st.epoch, st.seq}
   end
-  redis.call('HSET', meta, 'seq', seq, 'bytes', bytes, 'ttl', ttl, 'size', keep, 'fms', fms)
-  local life = ttl
+  out[#out + 1] = res
+end
+for _, meta in ipairs(order) do
+  local st = state[meta]
+  redis.call('HSET', meta, 'seq', st.seq, 'bytes', st.bytes, 'ttl', st.ttl, 'size', st.keep, 'fms', st.fms)
+  local life = st.ttl
   if life <= 0 then life = idle end
   redis.call('PEXPIRE', meta, life)
-  redis.call('PEXPIRE', log, life)
-  out[i] = {epoch, seq}
+  redis.call('PEXPIRE', st.log, life)
 end
 return out`)
 
@@ -283,15 +330,12 @@ func (h *History) Append(ctx context.Context, streams []string, e pipeline.Histo
 	if len(streams) == 0 {
 		return []pipeline.StreamPos{}, nil
 	}
-	keys := make([]string, 0, 2*len(streams))
-	args := make([]any, 0, 3+3*len(streams))
-	args = append(args, encodeEntry(e), h.caps.MaxBytes, h.caps.Idle.Milliseconds())
+	limits := make([]int64, 0, 2*len(streams))
 	for _, s := range streams {
 		l := limit(s)
-		keys = append(keys, h.metaKey(s), h.logKey(s))
-		args = append(args, min(max(l.Size, 0), h.caps.MaxSize), max(l.TTL.Milliseconds(), 0), newEpoch())
+		limits = append(limits, int64(min(max(l.Size, 0), h.caps.MaxSize)), max(l.TTL.Milliseconds(), 0))
 	}
-	res, err := h.run(ctx, keys, args)
+	res, err := h.run(ctx, &appendCall{ctx: ctx, streams: streams, entry: encodeEntry(e), limits: limits, done: make(chan struct{})})
 	if err != nil {
 		return nil, fmt.Errorf("history append to %d streams: %w", len(streams), err)
 	}
@@ -309,9 +353,8 @@ func (h *History) Append(ctx context.Context, streams []string, e pipeline.Histo
 	return out, nil
 }
 
-// run queues an append script call and waits for its batch.
-func (h *History) run(ctx context.Context, keys []string, args []any) ([]any, error) {
-	c := &appendCall{ctx: ctx, keys: keys, args: args, done: make(chan struct{})}
+// run queues an append and waits for its batch.
+func (h *History) run(ctx context.Context, c *appendCall) ([]any, error) {
 	h.mu.Lock()
 	h.queued = append(h.queued, c)
 	if !h.flushing {
@@ -333,7 +376,11 @@ func (h *History) run(ctx context.Context, keys []string, args []any) ([]any, er
 func (h *History) flush(ctx context.Context) {
 	for {
 		h.mu.Lock()
-		n := min(len(h.queued), maxAppendBatch)
+		n, streams := 0, 0
+		for n < min(len(h.queued), maxAppendBatch) && (n == 0 || streams+len(h.queued[n].streams) <= maxBatchStreams) {
+			streams += len(h.queued[n].streams)
+			n++
+		}
 		if n == 0 {
 			h.flushing = false
 			h.mu.Unlock()
@@ -351,9 +398,11 @@ func (h *History) flush(ctx context.Context) {
 	}
 }
 
-// send runs a batch's script calls: alone as a plain call, else in one
-// pipeline of EVALSHAs; calls Redis did not know the script for (it was
-// flushed or restarted) are run again one by one, loading it.
+// send makes a batch's appends in one script call (EVALSHA, loading the
+// script if Redis does not know it: it was flushed or restarted). An
+// error fails every append of the batch; those the script made before it
+// failed keep their positions, skipped, as when a call is cut short on
+// the wire.
 func (h *History) send(ctx context.Context, batch []*appendCall) {
 	// A caller that gave up while queued (its request timed out, say
 	// while Redis was slow) gets no position: calls nobody waits for
@@ -365,22 +414,29 @@ func (h *History) send(ctx context.Context, batch []*appendCall) {
 	if len(batch) == 0 {
 		return
 	}
-	if len(batch) == 1 {
-		c := batch[0]
-		c.res, c.err = appendScript.Run(ctx, h.rdb, c.keys, c.args...).Slice()
-		return
-	}
-	pipe := h.rdb.Pipeline()
-	cmds := make([]*goredis.Cmd, len(batch))
-	for i, c := range batch {
-		cmds[i] = appendScript.EvalSha(ctx, pipe, c.keys, c.args...)
-	}
-	_, _ = pipe.Exec(ctx) // each command carries its own error
-	for i, c := range batch {
-		c.res, c.err = cmds[i].Slice()
-		if c.err != nil && strings.HasPrefix(c.err.Error(), "NOSCRIPT") {
-			c.res, c.err = appendScript.Run(ctx, h.rdb, c.keys, c.args...).Slice()
+	keys, args := h.keys[:0], h.args[:0]
+	args = append(args, h.caps.MaxBytes, h.caps.Idle.Milliseconds(), newEpochs())
+	for _, c := range batch {
+		args = append(args, len(c.streams), c.entry)
+		for i, s := range c.streams {
+			keys = append(keys, h.metaKey(s), h.logKey(s))
+			args = append(args, c.limits[2*i], c.limits[2*i+1])
 		}
+	}
+	res, err := appendScript.Run(ctx, h.rdb, keys, args...).Slice()
+	// Drop the references to the batch's keys and entries.
+	clear(keys)
+	clear(args)
+	h.keys, h.args = keys[:0], args[:0]
+	if err == nil && len(res) != len(batch) {
+		err = fmt.Errorf("%d results for a batch of %d appends", len(res), len(batch))
+	}
+	for i, c := range batch {
+		if err != nil {
+			c.err = err
+			continue
+		}
+		c.res, _ = res[i].([]any)
 	}
 }
 
