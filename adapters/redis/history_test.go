@@ -50,18 +50,7 @@ func TestIntegrationHistoryContract(t *testing.T) {
 // of one stream from 8 and 32 goroutines, and logs appends/s (the number in
 // History's doc).
 func TestIntegrationHistoryThroughput(t *testing.T) {
-	rdb, err := Connect(context.Background(), testAddr(), "", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = rdb.Close() })
-	prefix := registrytest.Prefix(t) + "history:"
-	t.Cleanup(func() {
-		keys, _ := rdb.Keys(context.Background(), prefix+"*").Result()
-		if len(keys) > 0 {
-			_ = rdb.Del(context.Background(), keys...).Err()
-		}
-	})
+	rdb, prefix := historyRedis(t)
 	h := NewHistory(rdb, prefix, pipeline.HistoryCaps{})
 	limit := func(string) pipeline.StreamLimit { return pipeline.StreamLimit{Size: 100, TTL: time.Minute} }
 	e := pipeline.HistoryEntry{ID: "01J0000000000000000000000", Op: 1000, Body: make([]byte, 200), At: time.Now()}
@@ -108,18 +97,7 @@ func TestIntegrationHistoryThroughput(t *testing.T) {
 // private Redis gives the number in History's doc.
 func TestIntegrationHistoryAppendCost(t *testing.T) {
 	ctx := context.Background()
-	rdb, err := Connect(ctx, testAddr(), "", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = rdb.Close() })
-	prefix := registrytest.Prefix(t) + "history:"
-	t.Cleanup(func() {
-		keys, _ := rdb.Keys(context.Background(), prefix+"*").Result()
-		if len(keys) > 0 {
-			_ = rdb.Del(context.Background(), keys...).Err()
-		}
-	})
+	rdb, prefix := historyRedis(t)
 	h := NewHistory(rdb, prefix, pipeline.HistoryCaps{})
 	limit := func(string) pipeline.StreamLimit { return pipeline.StreamLimit{Size: 100, TTL: 5 * time.Minute} }
 	e := pipeline.HistoryEntry{ID: "01J0000000000000000000000", Op: 1000, Body: make([]byte, 200), At: time.Now()}
@@ -213,18 +191,7 @@ func logBytes(t *testing.T, rdb goredis.UniversalClient, h *History, stream stri
 
 func TestIntegrationHistoryBytesAccounting(t *testing.T) {
 	ctx := context.Background()
-	rdb, err := Connect(ctx, testAddr(), "", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = rdb.Close() })
-	prefix := registrytest.Prefix(t) + "history:"
-	t.Cleanup(func() {
-		keys, _ := rdb.Keys(context.Background(), prefix+"*").Result()
-		if len(keys) > 0 {
-			_ = rdb.Del(context.Background(), keys...).Err()
-		}
-	})
+	rdb, prefix := historyRedis(t)
 	const maxBytes = 256 << 10
 	h := NewHistory(rdb, prefix, pipeline.HistoryCaps{MaxSize: 1000, MaxBytes: maxBytes, Idle: time.Hour})
 	cases := []struct {
@@ -283,18 +250,7 @@ func TestIntegrationHistoryBytesAccounting(t *testing.T) {
 // stream's position does not move.
 func TestIntegrationHistoryCancelledAppend(t *testing.T) {
 	ctx := context.Background()
-	rdb, err := Connect(ctx, testAddr(), "", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = rdb.Close() })
-	prefix := registrytest.Prefix(t) + "history:"
-	t.Cleanup(func() {
-		keys, _ := rdb.Keys(context.Background(), prefix+"*").Result()
-		if len(keys) > 0 {
-			_ = rdb.Del(context.Background(), keys...).Err()
-		}
-	})
+	rdb, prefix := historyRedis(t)
 	h := NewHistory(rdb, prefix, pipeline.HistoryCaps{})
 	limit := func(string) pipeline.StreamLimit { return pipeline.StreamLimit{Size: 10, TTL: time.Minute} }
 	s := pipeline.RoomStream("cancel://1")
@@ -324,18 +280,7 @@ func TestIntegrationHistoryCancelledAppend(t *testing.T) {
 // class's life.
 func TestIntegrationHistoryReadsKeepNoStreamForADay(t *testing.T) {
 	ctx := context.Background()
-	rdb, err := Connect(ctx, testAddr(), "", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = rdb.Close() })
-	prefix := registrytest.Prefix(t) + "history:"
-	t.Cleanup(func() {
-		keys, _ := rdb.Keys(context.Background(), prefix+"*").Result()
-		if len(keys) > 0 {
-			_ = rdb.Del(context.Background(), keys...).Err()
-		}
-	})
+	rdb, prefix := historyRedis(t)
 	h := NewHistory(rdb, prefix, pipeline.HistoryCaps{ReadIdle: time.Minute})
 	read, pushed := pipeline.UserStream(424242), pipeline.UserStream(424243)
 	if _, err := h.Tops(ctx, []string{read}); err != nil {
@@ -363,18 +308,7 @@ func TestIntegrationHistoryReadsKeepNoStreamForADay(t *testing.T) {
 // and each stream the batch creates gets its own epoch.
 func TestIntegrationHistoryBatch(t *testing.T) {
 	ctx := context.Background()
-	rdb, err := Connect(ctx, testAddr(), "", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = rdb.Close() })
-	prefix := registrytest.Prefix(t) + "history:"
-	t.Cleanup(func() {
-		keys, _ := rdb.Keys(context.Background(), prefix+"*").Result()
-		if len(keys) > 0 {
-			_ = rdb.Del(context.Background(), keys...).Err()
-		}
-	})
+	rdb, prefix := historyRedis(t)
 	h := NewHistory(rdb, prefix, pipeline.HistoryCaps{})
 	s1, s2, s3 := pipeline.RoomStream("batch://1"), pipeline.RoomStream("batch://2"), pipeline.RoomStream("batch://3")
 	gone, cancel := context.WithCancel(ctx)
@@ -449,4 +383,23 @@ func TestIntegrationHistoryBatch(t *testing.T) {
 	if fmt.Sprint(meta) != "[3 10 60000]" {
 		t.Fatalf("%s meta seq, size, ttl: %v", s1, meta)
 	}
+}
+
+// historyRedis connects to the test Redis and gives the test a key prefix
+// of its own, whose keys are deleted when it ends.
+func historyRedis(t *testing.T) (*goredis.Client, string) {
+	t.Helper()
+	rdb, err := Connect(context.Background(), testAddr(), "", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	prefix := registrytest.Prefix(t) + "history:"
+	t.Cleanup(func() {
+		keys, _ := rdb.Keys(context.Background(), prefix+"*").Result()
+		if len(keys) > 0 {
+			_ = rdb.Del(context.Background(), keys...).Err()
+		}
+		_ = rdb.Close()
+	})
+	return rdb, prefix
 }
