@@ -283,6 +283,18 @@ func (s *Stage) firstDelivery(p *pb.Proto) bool {
 	return p.GetId() == "" || s.delivered.AddIfAbsent(p.Id)
 }
 
+// firstDeliveries keeps the items (one per proto of ps) whose message was
+// not delivered before, in place.
+func (s *Stage) firstDeliveries(items []outItem, ps []*pb.Proto) []outItem {
+	kept := items[:0]
+	for i, p := range ps {
+		if s.firstDelivery(p) {
+			kept = append(kept, items[i])
+		}
+	}
+	return kept
+}
+
 // RefusedConns counts the client connections closed at accept for being
 // over cloud.max_conns or cloud.max_handshakes_per_ip.
 func (s *Stage) RefusedConns() int64 { return s.limits.refused.Load() }

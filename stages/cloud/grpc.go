@@ -103,25 +103,20 @@ func (g *grpcServer) BroadcastRoom(_ context.Context, req *pb.BroadcastRoomReq) 
 		return nil, status.Error(codes.InvalidArgument, "proto or batch is required")
 	}
 	items := make([]outItem, 0, len(protos))
-	ordered := positioned(protos)
-	kept := protos[:0:0] // the protos of items, when ordered
 	for _, p := range protos {
 		item, err := packet(p)
 		if err != nil {
 			return nil, err
 		}
-		if g.s.firstDelivery(p) {
-			items = append(items, item)
-			if ordered {
-				kept = append(kept, p)
-			}
-		}
+		items = append(items, item)
 	}
+	if positioned(protos) {
+		// The orderer marks them delivered itself (roomPush).
+		return &pb.BroadcastRoomReply{Delivered: int32(g.s.order.roomPush(req.RoomId, items, protos))}, nil
+	}
+	items = g.s.firstDeliveries(items, protos)
 	if len(items) == 0 {
 		return &pb.BroadcastRoomReply{}, nil
-	}
-	if ordered {
-		return &pb.BroadcastRoomReply{Delivered: int32(g.s.order.roomPush(req.RoomId, items, kept))}, nil
 	}
 	n := g.s.rounds.send(req.RoomId, items, func(items []outItem) int {
 		return g.s.fanout(req.RoomId, items)

@@ -71,6 +71,11 @@ const (
 	maxStreamKeys = 64
 	// fillLimit is the entries one gap fill asks for: logic's cap.
 	fillLimit = 1000
+	// maxFillTries: a gap fill logic did not answer is tried again after
+	// another order_gap_wait, three times in all, before the gap is
+	// skipped: one lost call (a logic restarting, a timeout under load)
+	// no longer costs the stream its order and a late message its place.
+	maxFillTries = 3
 )
 
 // orderer holds the node's streams.
@@ -121,10 +126,13 @@ type stream struct {
 	held    map[uint64]*heldMsg
 	armed   bool // the gap timer is set
 	filling bool // a history call is in flight
-	timer   *time.Timer
-	skipped []uint64            // room streams: passed-over positions, oldest first
-	keys    map[string]struct{} // user streams: keys seen, to find the user's connections
-	marked  bool                // no client at the last sweep
+	// fillFails counts the gap fills in a row logic did not answer; at
+	// maxFillTries the gap is skipped.
+	fillFails int
+	timer     *time.Timer
+	skipped   []uint64            // room streams: passed-over positions, oldest first
+	keys      map[string]struct{} // user streams: keys seen, to find the user's connections
+	marked    bool                // no client at the last sweep
 }
 
 // heldMsg is one message waiting for its predecessors.
@@ -323,11 +331,24 @@ func (o *orderer) roomPush(room string, items []outItem, ps []*pb.Proto) int {
 	name := pipeline.RoomStream(room)
 	if o.get(name) == nil && !o.s.roomHosted(room) {
 		// No member here: nothing to order, nothing to remember.
+		items = o.s.firstDeliveries(items, ps)
+		if len(items) == 0 {
+			return 0
+		}
 		return o.s.rounds.send(room, items, func(items []outItem) int { return o.s.fanout(room, items) })
 	}
 	st := o.lockStream(name, true)
 	var sk sink
 	for i, it := range items {
+		// Marked delivered under the stream's lock: a gap fill marks and
+		// delivers the same id under it (deliverEntry), so exactly one of
+		// the two sends it. Marked before the lock, job's copy could be
+		// marked, then lose the lock to a fill that took the id for
+		// delivered and moved past it: the message was sent by neither
+		// (TestOrderUnderJobLikeDelivery, 1 run in 10).
+		if !o.s.firstDelivery(ps[i]) {
+			continue
+		}
 		sp := posFor(ps[i], name)
 		if sp == nil {
 			sk.items = append(sk.items, it)
@@ -365,42 +386,47 @@ func (o *orderer) pushKeys(req *pb.PushMsgReq, item outItem) *pb.PushMsgReply {
 	// (TestIntegrationKillCloudRecover, 1 in ~5,000 user pushes).
 	pairID := historyID(id)
 	for _, key := range req.Keys {
+		ch := bucketFor(o.s.buckets, key).get(key)
+		if ch != nil && ch.accepts(item.op) && !ch.isClosed() {
+			if name := pipeline.UserStream(ch.mid); posFor(req.Proto, name) != nil {
+				// Counted delivered: it is, was, or is held to be. The
+				// pair is marked under the stream's lock, below.
+				reply.Delivered++
+				i := slices.IndexFunc(groups, func(g group) bool { return g.name == name })
+				if i < 0 {
+					groups = append(groups, group{sp: posFor(req.Proto, name), name: name})
+					i = len(groups) - 1
+				}
+				groups[i].chans = append(groups[i].chans, ch)
+				continue
+			}
+		}
 		if id != "" && !o.s.delivered.AddPairIfAbsent(pairID, key) {
 			reply.Delivered++ // by an earlier call with this id
 			continue
 		}
-		ch := bucketFor(o.s.buckets, key).get(key)
 		switch {
 		case ch != nil && !ch.accepts(item.op):
 			// Not subscribed: dropped by the client's choice, as PushMsg.
-		case ch != nil && !ch.isClosed():
-			name := pipeline.UserStream(ch.mid)
-			sp := posFor(req.Proto, name)
-			if sp == nil {
-				if !ch.push(o.s.deliveredItem(item, ch, req.Proto)) {
-					o.s.offline(reply, pairID, key)
-					continue
-				}
-				reply.Delivered++
-				continue
-			}
+		case ch != nil && !ch.isClosed() && ch.push(o.s.deliveredItem(item, ch, req.Proto)):
 			reply.Delivered++
-			i := slices.IndexFunc(groups, func(g group) bool { return g.name == name })
-			if i < 0 {
-				groups = append(groups, group{sp: sp, name: name})
-				i = len(groups) - 1
-			}
-			groups[i].chans = append(groups[i].chans, ch)
 		default:
 			o.s.offline(reply, pairID, key)
 		}
 	}
 	for _, g := range groups {
 		st := o.lockStream(g.name, true)
+		chans := g.chans[:0]
 		for _, ch := range g.chans {
 			st.addKey(ch.key)
+			// Under the stream's lock, as roomPush marks a room's.
+			if id == "" || o.s.delivered.AddPairIfAbsent(pairID, ch.key) {
+				chans = append(chans, ch)
+			}
 		}
-		st.offer(&heldMsg{pos: g.sp.Pos, epoch: g.sp.Epoch, item: at(item, g.name, g.sp.Epoch, g.sp.Pos), chans: g.chans, proto: req.Proto}, id != "", nil)
+		if len(chans) > 0 {
+			st.offer(&heldMsg{pos: g.sp.Pos, epoch: g.sp.Epoch, item: at(item, g.name, g.sp.Epoch, g.sp.Pos), chans: chans, proto: req.Proto}, id != "", nil)
+		}
 		st.mu.Unlock()
 	}
 	return reply
@@ -625,6 +651,15 @@ func (st *stream) deliver(m *heldMsg, sk *sink) {
 	}
 }
 
+// maxHeldPos is the highest position held (0: none).
+func (st *stream) maxHeldPos() uint64 {
+	var high uint64
+	for pos := range st.held {
+		high = max(high, pos)
+	}
+	return high
+}
+
 // minHeld is the held message of the lowest position.
 func (st *stream) minHeld() *heldMsg {
 	var low *heldMsg
@@ -744,6 +779,9 @@ func (st *stream) fill() {
 			return
 		}
 		after, through, epoch := st.last, low.pos-1, st.epoch
+		// What is held now came before the read: history's top will be
+		// at or past it. What comes during the read may be past that top.
+		held := st.maxHeldPos()
 		st.filling = true
 		st.mu.Unlock()
 
@@ -756,7 +794,7 @@ func (st *stream) fill() {
 			return
 		}
 		var sk sink
-		more := st.applyFill(through, entries, top, unrec, err, &sk)
+		more := st.applyFill(through, held, entries, top, unrec, err, &sk)
 		if !more && len(st.held) > 0 {
 			st.arm(o.wait)
 		}
@@ -800,12 +838,19 @@ func (o *orderer) fetch(name, epoch string, after, through uint64) ([]*pb.Histor
 }
 
 // applyFill delivers a fill's entries and skips what it lacks; more says
-// a full page came and the rest of the gap is to be asked at once.
-func (st *stream) applyFill(through uint64, entries []*pb.HistoryEntry, top *pb.StreamPos, unrec string, err error, sk *sink) (more bool) {
+// a full page came and the rest of the gap is to be asked at once. held
+// is the highest position held when the read began.
+func (st *stream) applyFill(through, held uint64, entries []*pb.HistoryEntry, top *pb.StreamPos, unrec string, err error, sk *sink) (more bool) {
 	o := st.o
 	if err != nil {
 		o.noteErr(err)
+		if st.fillFails++; st.fillFails < maxFillTries && !o.off.Load() {
+			// Logic did not answer: the gap is still fillable. The
+			// caller arms the timer again; the hold bounds what waits.
+			return false
+		}
 	}
+	st.fillFails = 0
 	for _, e := range entries {
 		if e.Pos <= st.last {
 			continue
@@ -823,11 +868,14 @@ func (st *stream) applyFill(through uint64, entries []*pb.HistoryEntry, top *pb.
 	if err == nil && unrec == "" && len(entries) == fillLimit && st.last < through {
 		return true
 	}
-	// A held position past the stream's top in its epoch was never given
-	// by logic: delivered, but the stream does not move to it.
+	// A position held before the read and past the top it read was never
+	// given by logic: delivered, but the stream does not move to it. One
+	// that came during the read may be past that top and genuine: it
+	// waits as any other (ordered out of order when the top read was
+	// taken as final: TestOrderUnderJobLikeDelivery).
 	if top != nil && top.Epoch == st.epoch {
 		for pos, h := range st.held {
-			if pos > top.Pos {
+			if pos > top.Pos && pos <= held {
 				delete(st.held, pos)
 				o.release(h)
 				o.unordered.Add(1)

@@ -30,6 +30,11 @@ type fakeHist struct {
 	// the most calls that were in flight at once.
 	delay          time.Duration
 	inflight, peak int
+	// fail is how many History calls to come fail as unavailable.
+	fail int
+	// lag is how long a History reply takes to come back once read: what
+	// is accepted meanwhile is past the reply's top.
+	lag time.Duration
 	// afterCall, if set, runs (h.mu held) after each History call: the
 	// store changing between two calls.
 	afterCall func(h *fakeHist)
@@ -103,11 +108,27 @@ func streamsOf(mid int64, rooms []string) []string {
 	return out
 }
 
-func (f *fakeLogic) History(_ context.Context, in *pb.HistoryReq, _ ...grpc.CallOption) (*pb.HistoryReply, error) {
+func (f *fakeLogic) History(ctx context.Context, in *pb.HistoryReq, opts ...grpc.CallOption) (*pb.HistoryReply, error) {
 	h := f.hist
 	if h == nil {
 		return nil, status.Error(codes.FailedPrecondition, "history is off")
 	}
+	h.mu.Lock()
+	lag := h.lag
+	if h.fail > 0 {
+		h.fail--
+		h.calls++
+		h.mu.Unlock()
+		return nil, status.Error(codes.Unavailable, "history store unavailable")
+	}
+	h.mu.Unlock()
+	r, err := f.history(in)
+	time.Sleep(lag) // the reply's way back, not synchronisation
+	return r, err
+}
+
+func (f *fakeLogic) history(in *pb.HistoryReq) (*pb.HistoryReply, error) {
+	h := f.hist
 	h.mu.Lock()
 	h.inflight++
 	h.peak = max(h.peak, h.inflight)
@@ -291,6 +312,40 @@ func TestOrderGapHistoryCannotFill(t *testing.T) {
 			expectBodies(t, c, "2 late")
 			if got := n.st.order.late.Load(); got != 1 {
 				t.Fatalf("late %d, want 1", got)
+			}
+		})
+	}
+}
+
+// TestOrderGapFillRetried: a gap fill logic does not answer is tried
+// again after another gap wait, maxFillTries in all, before the gap is
+// skipped: one failed call no longer costs the order.
+func TestOrderGapFillRetried(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		fail      int
+		want      []string
+		filled    int64
+		skippedAt int64
+	}{
+		{"answered at the last try", maxFillTries - 1, []string{"1", "2", "3"}, 1, 0},
+		{"never answered", maxFillTries, []string{"1", "3"}, 0, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			n, h := orderNode(t, 10*time.Millisecond, func(*config.Cloud) {})
+			c := n.connect(t, "tcp", claims{Mid: 1, Rooms: []string{"live://r"}})
+			stream := pipeline.RoomStream("live://r")
+			n.roomAt(t, "live://r", "e1", 1, stream+"/e1/1", "1")
+			h.set(stream, "e1", 3, 1)
+			h.mu.Lock()
+			h.fail = tc.fail
+			h.mu.Unlock()
+			n.roomAt(t, "live://r", "e1", 3, stream+"/e1/3", "3")
+			expectBodies(t, c, tc.want...)
+			o := n.st.order
+			if calls, _ := h.counts(); calls != maxFillTries || o.filled.Load() != tc.filled || o.skipped.Load() != tc.skippedAt {
+				t.Fatalf("%d History calls, %d filled, %d skipped; want %d, %d, %d",
+					calls, o.filled.Load(), o.skipped.Load(), maxFillTries, tc.filled, tc.skippedAt)
 			}
 		})
 	}

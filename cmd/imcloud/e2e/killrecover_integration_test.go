@@ -169,14 +169,6 @@ func TestIntegrationKillCloudRecover(t *testing.T) {
 		// may recover from anywhere.
 		"--set", "history.rooms.kill.size=" + hist, "--set", "history.rooms.kill.ttl=10m",
 		"--set", "history.user.size=" + hist, "--set", "history.user.ttl=10m",
-		// A known defect (issue 12, open): with the default 200 ms gap
-		// wait, a message that reaches a node more than 200 ms after its
-		// successor is now and then delivered after it (room 121 after
-		// 122) or lost (room 2919), about one run in four on an idle
-		// machine; with 1 s, 8 runs of 8 passed. The cause is in the gap
-		// fill's handling of late copies (stages/cloud/order.go), not yet
-		// found; this test keeps its strict checks meanwhile.
-		"--set", "cloud.order_gap_wait=1s",
 	}
 	for _, s := range amqpTopics(t) {
 		common = append(common, "--set", s)
