@@ -115,3 +115,47 @@ func TestRecoverVoidAndKeyed(t *testing.T) {
 		t.Fatalf("room stream recovered %v, want %s", rs, w)
 	}
 }
+
+// TestOrderPartlyPublishedPushRetried: a user push published to this node
+// but not to another (the broker failed part-way; logic answered 503 and
+// voided its position) is delivered here; its retry with the same
+// Idempotency-Key reproduces the per-node message id at a new position,
+// which this node neither delivers again live nor when a gap fill finds
+// it, and the stream goes on.
+func TestOrderPartlyPublishedPushRetried(t *testing.T) {
+	n, h := orderNode(t, 20*time.Millisecond, func(*config.Cloud) {})
+	a := n.connect(t, "ws", claims{Mid: 6, Key: "a"})
+	stream := pipeline.UserStream(6)
+	h.set(stream, "e1", 3, 1)
+	// The first attempt: "m" at 1, published for this node.
+	n.pushKeysAt(t, 6, 1, stream+"/e1/1/node-a", "m", "a")
+	expectBodies(t, a, "m")
+	h.editEntry(t, stream, 1, nil, true) // its 503 voided 1
+	// The retry took 2 with the same id; its history entry keeps "m"'s id.
+	h.mu.Lock()
+	h.streams[stream].entries[2].Id = stream + "/e1/1"
+	h.mu.Unlock()
+	if r := n.pushKeysAt(t, 6, 2, stream+"/e1/1/node-a", "m again", "a"); r.Delivered != 1 {
+		t.Fatalf("retry: %+v, want it counted delivered (it was)", r)
+	}
+	n.pushKeysAt(t, 6, 3, "next/node-a", "next", "a")
+	expectBodies(t, a, "next")
+	// And when job's retry is slower than the next push, the gap fill
+	// finds the retry's entry and passes over it for a.
+	h.appendMsg(stream, "other") // 4: another such push, delivered here
+	h.mu.Lock()
+	h.streams[stream].entries[4].Id = "other"
+	h.mu.Unlock()
+	n.pushKeysAt(t, 6, 4, "other/node-a", "other", "a")
+	expectBodies(t, a, "other")
+	h.appendMsg(stream, "other again") // 5: its retry, entry id "other" below
+	h.mu.Lock()
+	h.streams[stream].entries[5].Id = "other"
+	h.mu.Unlock()
+	sp := h.appendMsg(stream, "after") // 6
+	n.pushKeysAt(t, 6, sp.Pos, "after/node-a", "after", "a")
+	expectBodies(t, a, "after")
+	if got := n.st.order.skipped.Load(); got != 0 {
+		t.Fatalf("skipped %d, want 0", got)
+	}
+}
