@@ -25,8 +25,6 @@ const (
 	// tops: a connection is in at most cloud.max_rooms rooms (16 by
 	// default) plus its user stream.
 	maxTopsStreams = 1000
-	// maxEpochLen bounds an epoch: stores make them 16 hex characters.
-	maxEpochLen = 64
 	// maxMidDigits is the longest int64 in decimal.
 	maxMidDigits = 19
 )
@@ -61,8 +59,8 @@ func validStream(stream string) error {
 	return nil
 }
 
-// validEpoch checks an epoch: letters, digits, '-' and '_', at most
-// maxEpochLen. Empty only where allowed says.
+// validEpoch checks an epoch as the wire does (wire.ValidEpoch: what a
+// client may send in op 21 or 23). Empty only where allowed says.
 func validEpoch(epoch string, allowEmpty bool) error {
 	if epoch == "" {
 		if allowEmpty {
@@ -70,16 +68,7 @@ func validEpoch(epoch string, allowEmpty bool) error {
 		}
 		return errors.New("epoch is required")
 	}
-	if len(epoch) > maxEpochLen {
-		return fmt.Errorf("epoch longer than %d", maxEpochLen)
-	}
-	for i := 0; i < len(epoch); i++ {
-		c := epoch[i]
-		if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c == '-' || c == '_') {
-			return errors.New("epoch has a character other than letters, digits, '-' and '_'")
-		}
-	}
-	return nil
+	return wire.ValidEpoch(epoch)
 }
 
 func streamPosPB(p pipeline.StreamPos) *pb.StreamPos {

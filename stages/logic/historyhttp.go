@@ -2,7 +2,6 @@ package logic
 
 import (
 	"context"
-	"math"
 	"net/http"
 	"strconv"
 	"strings"
@@ -21,9 +20,6 @@ const (
 	// logic.max_message_bytes (4 KB) are a reply of about 4 MB (up to
 	// 8 MB as base64), read from the store in one call.
 	historyMaxLimit = 1000
-	// maxEpochBytes bounds the epoch a caller names; the stores' epochs
-	// are 16 hex characters.
-	maxEpochBytes = 64
 )
 
 // historyReply is the data of a GET /im/history answer.
@@ -96,16 +92,16 @@ func readHistoryRequest(p *params) (historyRequest, error) {
 	}
 	if p.has("after") {
 		s, _ := p.string("after")
-		if q.after, err = strconv.ParseUint(strings.TrimSpace(s), 10, 64); err != nil {
-			return q, badParam("after", "want a position from 0 to %d, got %s", uint64(math.MaxUint64), echo(s))
+		if q.after, err = strconv.ParseUint(strings.TrimSpace(s), 10, 64); err != nil || q.after > wire.MaxPos {
+			return q, badParam("after", "want a position from 0 to %d, got %s", uint64(wire.MaxPos), echo(s))
 		}
 	}
 	if q.epoch, err = p.string("epoch"); err != nil {
 		return q, err
 	}
 	if q.epoch != "" {
-		if err := checkText("epoch", q.epoch, maxEpochBytes); err != nil {
-			return q, err
+		if err := wire.ValidEpoch(q.epoch); err != nil {
+			return q, wireError("epoch", err)
 		}
 	} else if q.after > 0 {
 		// A position means nothing without its epoch.

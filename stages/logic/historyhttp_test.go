@@ -44,7 +44,7 @@ func TestHistoryRoute(t *testing.T) {
 		}
 	}
 	const room = "stream=room:live://1"
-	const roomEpoch = "&epoch=e-room:live://1"
+	const roomEpoch = "&epoch=e-room_live___1"
 	tests := []struct {
 		name          string
 		path          string
@@ -62,7 +62,7 @@ func TestHistoryRoute(t *testing.T) {
 		{name: "trimmed", path: "/im/history?" + room + roomEpoch + "&after=2", status: 200, unrecoverable: "trimmed"},
 		{name: "foreign epoch", path: "/im/history?" + room + "&epoch=other&after=3", status: 200, unrecoverable: "epoch"},
 		{name: "future", path: "/im/history?" + room + roomEpoch + "&after=106", status: 200, unrecoverable: "future"},
-		{name: "huge after", path: "/im/history?" + room + roomEpoch + "&after=18446744073709551615", status: 200, unrecoverable: "future"},
+		{name: "huge after", path: "/im/history?" + room + roomEpoch + "&after=9007199254740991", status: 200, unrecoverable: "future"},
 		{name: "user stream", path: "/im/history?stream=user:1", status: 200, first: 1, n: 2},
 		{name: "a stream never pushed to", path: "/im/history?stream=room:chat://9", status: 200},
 
@@ -83,6 +83,10 @@ func TestHistoryRoute(t *testing.T) {
 		{name: "after past uint64", path: "/im/history?" + room + roomEpoch + "&after=18446744073709551616", status: 400, errField: "after"},
 		{name: "empty after", path: "/im/history?" + room + roomEpoch + "&after=", status: 400, errField: "after"},
 		{name: "long epoch", path: "/im/history?" + room + "&epoch=" + strings.Repeat("e", 65), status: 400, errField: "epoch"},
+		{name: "epoch past the wire's 32", path: "/im/history?" + room + "&after=1&epoch=" + strings.Repeat("e", 33), status: 400, errField: "epoch"},
+		{name: "epoch with a punctuation mark", path: "/im/history?" + room + "&after=1&epoch=a!b", status: 400, errField: "epoch"},
+		{name: "epoch not ASCII", path: "/im/history?" + room + "&after=1&epoch=%E2%98%83", status: 400, errField: "epoch"},
+		{name: "after past 2^53-1", path: "/im/history?" + room + roomEpoch + "&after=9007199254740992", status: 400, errField: "after"},
 		{name: "negative limit", path: "/im/history?" + room + "&limit=-1", status: 400, errField: "limit"},
 		{name: "zero limit", path: "/im/history?" + room + "&limit=0", status: 400, errField: "limit"},
 		{name: "limit over the cap", path: "/im/history?" + room + "&limit=1001", status: 400, errField: "limit"},

@@ -681,6 +681,20 @@ func canonicalList[T any](vs []T) string {
 	return strings.Join(parts, ",")
 }
 
+// unique drops the repeats of a target list, keeping the first of each
+// in order.
+func unique[T comparable](list []T) []T {
+	seen := make(map[T]struct{}, len(list))
+	out := list[:0]
+	for _, v := range list {
+		if _, ok := seen[v]; !ok {
+			seen[v] = struct{}{}
+			out = append(out, v)
+		}
+	}
+	return out
+}
+
 func (st *Stage) pushKeys(_ api, p *params) (target, error) {
 	keys, err := p.strings("keys")
 	if err != nil {
@@ -689,6 +703,9 @@ func (st *Stage) pushKeys(_ api, p *params) (target, error) {
 	if len(keys) == 0 {
 		return target{}, badParam("keys", "required")
 	}
+	// A key named twice is one recipient: one offline_keys entry, one
+	// offline event (a repeated key was listed, and evented, twice).
+	keys = unique(keys)
 	for _, k := range keys {
 		// A key a client may hold, and no other.
 		if err := wire.ValidKey(k); err != nil {
@@ -724,6 +741,7 @@ func (st *Stage) pushMids(a api, p *params) (target, error) {
 		}
 		mids = append(mids, m)
 	}
+	mids = unique(mids)
 	return target{
 		canonical: func() string { return "mids=" + canonicalList(mids) },
 		run: func(ctx context.Context, push Push) (PushResult, error) {

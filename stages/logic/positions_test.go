@@ -16,7 +16,7 @@ import (
 )
 
 // fakeHistory is a pipeline.History in memory: one epoch per stream
-// ("e-" + stream), positions from 1, the last limit(stream).Size entries
+// ("e-" and the stream, see epochOf), positions from 1, the last limit(stream).Size entries
 // kept. It records each Append's streams, and fails while fail is set.
 type fakeHistory struct {
 	mu      sync.Mutex
@@ -30,7 +30,11 @@ func newFakeHistory() *fakeHistory {
 	return &fakeHistory{top: map[string]uint64{}, kept: map[string][]pipeline.HistoryEntry{}}
 }
 
-func epochOf(stream string) string { return "e-" + stream }
+// epochOf is a stream's epoch in the fake: "e-" and the stream, with the
+// characters an epoch may not hold as '_'.
+func epochOf(stream string) string {
+	return "e-" + strings.NewReplacer(":", "_", "/", "_").Replace(stream)
+}
 
 func (h *fakeHistory) Append(_ context.Context, streams []string, e pipeline.HistoryEntry, limit func(string) pipeline.StreamLimit) ([]pipeline.StreamPos, error) {
 	h.mu.Lock()
@@ -152,13 +156,13 @@ func TestPushesTakeTheirPositions(t *testing.T) {
 		published []string // positions of each PushMsg, by server
 		appends   int      // History.Append calls
 	}{
-		{"room", "/im/push/room?operation=1000&type=live&room=1", "room:live://1@e-room:live://1/1", []string{"room:live://1@e-room:live://1/1"}, 1},
-		{"mids online and offline", "/im/push/mids?operation=1000&mids=2&mids=1&mids=3&mids=1", "user:1@e-user:1/1 user:2@e-user:2/1 user:3@e-user:3/1",
-			[]string{"user:1@e-user:1/1 user:2@e-user:2/1"}, 1},
-		{"mid offline only", "/im/push/mids?operation=1000&mids=3", "user:3@e-user:3/1", nil, 1},
-		{"keys", "/im/push/keys?operation=1000&keys=k2&keys=k1&keys=gone", "user:1@e-user:1/1 user:2@e-user:2/1", []string{"user:1@e-user:1/1 user:2@e-user:2/1"}, 1},
-		{"keys of one user", "/im/push/keys?operation=1000&keys=k1&keys=k1b", "user:1@e-user:1/1", []string{"user:1@e-user:1/1"}, 1},
-		{"key on the other node", "/im/push/keys?operation=1000&keys=k9", "user:9@e-user:9/1", []string{"user:9@e-user:9/1"}, 1},
+		{"room", "/im/push/room?operation=1000&type=live&room=1", "room:live://1@e-room_live___1/1", []string{"room:live://1@e-room_live___1/1"}, 1},
+		{"mids online and offline", "/im/push/mids?operation=1000&mids=2&mids=1&mids=3&mids=1", "user:1@e-user_1/1 user:2@e-user_2/1 user:3@e-user_3/1",
+			[]string{"user:1@e-user_1/1 user:2@e-user_2/1"}, 1},
+		{"mid offline only", "/im/push/mids?operation=1000&mids=3", "user:3@e-user_3/1", nil, 1},
+		{"keys", "/im/push/keys?operation=1000&keys=k2&keys=k1&keys=gone", "user:1@e-user_1/1 user:2@e-user_2/1", []string{"user:1@e-user_1/1 user:2@e-user_2/1"}, 1},
+		{"keys of one user", "/im/push/keys?operation=1000&keys=k1&keys=k1b", "user:1@e-user_1/1", []string{"user:1@e-user_1/1"}, 1},
+		{"key on the other node", "/im/push/keys?operation=1000&keys=k9", "user:9@e-user_9/1", []string{"user:9@e-user_9/1"}, 1},
 		{"offline keys only", "/im/push/keys?operation=1000&keys=gone", "", nil, 0},
 		{"guest key", "/im/push/keys?operation=1000&keys=guest", "", []string{""}, 0},
 		{"goim guests", "/goim/push/mids?operation=1000&mids=0", "", []string{""}, 0},
@@ -223,7 +227,7 @@ func TestKeyPushSplitsPositionsByNode(t *testing.T) {
 	for _, pm := range a.published() {
 		got[pm.Server] = pbPosText(pm.Positions)
 	}
-	want := map[string]string{"n1": "user:1@e-user:1/1", "n2": "user:1@e-user:1/1 user:2@e-user:2/1"}
+	want := map[string]string{"n1": "user:1@e-user_1/1", "n2": "user:1@e-user_1/1 user:2@e-user_2/1"}
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Fatalf("positions by node %v, want %v", got, want)
 	}
@@ -364,7 +368,7 @@ func TestHistoryDownIs503AndPublishesNothing(t *testing.T) {
 	h.setFail(nil)
 	path := "/im/push/room?operation=1000&type=live&room=1"
 	r := a.do("POST", path, "", "x", http.Header{"Idempotency-Key": {"k-" + path}})
-	if r.status != 200 || r.header.Get("Idempotent-Replayed") != "" || posText(r.push(t).Positions) != "room:live://1@e-room:live://1/1" {
+	if r.status != 200 || r.header.Get("Idempotent-Replayed") != "" || posText(r.push(t).Positions) != "room:live://1@e-room_live___1/1" {
 		t.Fatalf("retry once history is back: status %d replayed %q positions %v; want a fresh 200 at position 1", r.status, r.header.Get("Idempotent-Replayed"), r.push(t).Positions)
 	}
 }

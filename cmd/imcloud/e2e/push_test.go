@@ -115,7 +115,8 @@ func buildRequest(t *testing.T, path, form string, op int32, params map[string]a
 func TestPushReplyReportsOnlineAndOffline(t *testing.T) {
 	h := start(t)
 	h.connect("ws", token.Claims{Mid: 5, Key: "k5"})
-	rep := h.push(request{path: "/im/push/keys", query: url.Values{"operation": {"1000"}, "keys": {"k5", "gone"}}, body: "x"})
+	// Targets named twice are one recipient each: listed once.
+	rep := h.push(request{path: "/im/push/keys", query: url.Values{"operation": {"1000"}, "keys": {"k5", "gone", "k5", "gone"}}, body: "x"})
 	var data struct {
 		MsgID       string   `json:"msg_id"`
 		Online      int      `json:"online"`
@@ -127,7 +128,7 @@ func TestPushReplyReportsOnlineAndOffline(t *testing.T) {
 	if data.MsgID == "" || data.Online != 1 || !slices.Equal(data.OfflineKeys, []string{"gone"}) {
 		t.Fatalf("reply data = %+v, want a msg_id, 1 online, offline [gone]", data)
 	}
-	rep = h.push(request{path: "/im/push/mids", query: url.Values{"operation": {"1000"}, "mids": {"5", "6"}}, body: "x"})
+	rep = h.push(request{path: "/im/push/mids", query: url.Values{"operation": {"1000"}, "mids": {"5", "6", "6"}}, body: "x"})
 	var mids struct {
 		Online      int     `json:"online"`
 		OfflineMids []int64 `json:"offline_mids"`
