@@ -11,6 +11,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/url"
 	"os"
 	"os/signal"
 	"strings"
@@ -221,9 +222,18 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, envi
 		extra    []string
 	)
 	if standalone {
+		// standalone fixes these; a --set of one would be silently
+		// overridden (a newcomer's broker.kind=amqp ran on gochannel).
+		for _, set := range cf.sets {
+			key, _, _ := strings.Cut(set, "=")
+			if key == "broker.kind" || key == "registry.kind" || key == "stages" {
+				return fmt.Errorf("standalone runs every stage on the embedded broker and memory registry; --set %s is for imcloud run (e.g. imcloud run --stages logic,job,cloud --set %s)", key, set)
+			}
+		}
 		// Every stage is in this process, so a random cluster secret
 		// authenticates its gRPC whatever address it is bound to.
-		defaults = map[string]any{"logic.auth.jwt_secret": randomHex(32), "logic.api_keys": []string{randomHex(16)}, "cluster.secret": randomHex(32)}
+		defaults = map[string]any{"logic.auth.jwt_secret": randomHex(32), "logic.api_keys": []string{randomHex(16)}, "cluster.secret": randomHex(32),
+			"cloud.demo": true}
 		if anonymous {
 			// Keyless only on loopback: a non-loopback logic.http_addr is
 			// still refused unless logic.allow_anonymous says so.
@@ -239,7 +249,14 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, envi
 	if err != nil {
 		return err
 	}
+	if standalone && cfg.Cloud.Demo && len(cfg.Logic.CORSOrigins) == 0 {
+		// The demo page pushes through the API from the node's origin.
+		cfg.Logic.CORSOrigins = demoOrigins(cfg.Cloud.WSAddr)
+	}
 	logger := newLogger(cfg.Log, stderr)
+	if cfg.Events.Enabled && cfg.Broker.Kind == config.BrokerGoChannel {
+		logger.Warn("events.enabled on the embedded broker (gochannel): only this process could read topics.events, and nothing in it does; run on a shared broker to consume them (README \"Events and presence\")")
+	}
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	n, err := process.Start(ctx, cfg, logger)
@@ -335,7 +352,42 @@ func printWelcome(w io.Writer, cfg config.Config, a process.Addrs) {
 		ws := "ws://" + localURL(a.CloudWS) + "/sub"
 		fmt.Fprintf(w, "Watch it arrive:\n  %s listen --ws %s --token '%s'\n", executable(), ws, authBody)
 		fmt.Fprintf(w, "Clients connect to %s and send the token as an op 7 packet (see README).\n", ws)
+		if cfg.Cloud.Demo && cfg.Logic.Auth.Mode == config.AuthJWT {
+			fmt.Fprintf(w, "\nDemo page (receives what you push; pushes with the API key):\n  %s\n", demoURL(cfg, a))
+		}
 	}
+	if cfg.Logic.Auth.Mode == config.AuthJWT {
+		fmt.Fprintf(w, "\nThe JWT secret is random for this run: to sign your own tokens with %s token, start with\nIMCLOUD_LOGIC__AUTH__JWT_SECRET=<at least 32 characters> and sign with the same.\n", executable())
+	}
+}
+
+// demoOrigins are the origins a browser gives the demo page served on
+// the cloud's WebSocket address: loopback by number and by name, or the
+// address's own host.
+func demoOrigins(wsAddr string) []string {
+	host, port, err := net.SplitHostPort(wsAddr)
+	if err != nil {
+		return nil
+	}
+	if ip := net.ParseIP(host); host == "" || (ip != nil && (ip.IsUnspecified() || ip.IsLoopback())) {
+		return []string{"http://127.0.0.1:" + port, "http://localhost:" + port, "http://[::1]:" + port}
+	}
+	return []string{"http://" + net.JoinHostPort(host, port)}
+}
+
+// demoURL is the demo page with a token for mid 1 (opted in to recovery),
+// the push API and its key in the fragment: a fragment is never sent to
+// a server, so neither lands in an access log.
+func demoURL(cfg config.Config, a process.Addrs) string {
+	tok, err := token.Sign(cfg.Logic.Auth.JWTSecret, token.Claims{Mid: 1, Rooms: []string{"live://1000"}, Recover: true}, 24*time.Hour)
+	if err != nil {
+		return "(none: " + err.Error() + ")"
+	}
+	frag := url.Values{"token": {tok}, "api": {"http://" + localURL(a.HTTP)}}
+	if len(cfg.Logic.APIKeys) > 0 {
+		frag.Set("key", cfg.Logic.APIKeys[0])
+	}
+	return "http://" + localURL(a.CloudWS) + "/demo#" + frag.Encode()
 }
 
 // executable is how the user ran this binary (bin/imcloud after make run),

@@ -76,6 +76,8 @@ func TestCommandErrors(t *testing.T) {
 		{"poison without action", []string{"poison"}, "list, replay, purge"},
 		{"check refuses an open push API", []string{"check", "--set", "logic.auth.jwt_secret=x"}, "logic.allow_anonymous"},
 		{"check refuses open internal gRPC", []string{"check", "--set", "logic.auth.jwt_secret=x", "--set", "logic.api_keys=0123456789abcdef-key", "--set", "cloud.grpc_addr=:3109"}, "cluster.secret"},
+		{"standalone with another broker", []string{"standalone", "--set", "broker.kind=amqp"}, "imcloud run"},
+		{"standalone with the Redis registry", []string{"standalone", "--set", "registry.kind=redis"}, "imcloud run"},
 		{"anonymous standalone beyond loopback", []string{"standalone", "--anonymous", "--set", "logic.http_addr=0.0.0.0:0"}, "logic.allow_anonymous"},
 		{"poison on the embedded broker without --admin", []string{"poison", "list", "--set", "broker.kind=gochannel"}, "--admin"},
 		{"poison replay of nothing chosen", []string{"poison", "replay"}, "--id or --all"},

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"maps"
 	"net"
+	"net/url"
 	"reflect"
 	"slices"
 	"strings"
@@ -255,6 +256,10 @@ type Logic struct {
 	// AllowAnonymous lets the push API listen beyond loopback with no
 	// api_keys; without it such a configuration is refused.
 	AllowAnonymous bool `koanf:"allow_anonymous"`
+	// CORSOrigins are the web origins ("https://app.example.com") whose
+	// pages may call the push API from a browser (with an API key);
+	// empty: none. /im/nodes/weighted, which needs no key, answers any.
+	CORSOrigins []string `koanf:"cors_origins"`
 	// ReadTimeout bounds reading one request, headers and body: a caller
 	// that trickles its body is cut off.
 	ReadTimeout time.Duration `koanf:"read_timeout"`
@@ -330,15 +335,17 @@ type Dedupe struct {
 
 // Cloud configures the cloud stage.
 type Cloud struct {
-	TCPAddr           string        `koanf:"tcp_addr"`
-	WSAddr            string        `koanf:"ws_addr"`
-	WSSAddr           string        `koanf:"wss_addr"`
-	GRPCAddr          string        `koanf:"grpc_addr"`
-	AdvertiseAddr     string        `koanf:"advertise_addr"`
-	LogicAddr         string        `koanf:"logic_addr"`
-	TLSCertFile       string        `koanf:"tls_cert_file"`
-	TLSKeyFile        string        `koanf:"tls_key_file"`
-	AllowedOrigins    []string      `koanf:"allowed_origins"`
+	TCPAddr        string   `koanf:"tcp_addr"`
+	WSAddr         string   `koanf:"ws_addr"`
+	WSSAddr        string   `koanf:"wss_addr"`
+	GRPCAddr       string   `koanf:"grpc_addr"`
+	AdvertiseAddr  string   `koanf:"advertise_addr"`
+	LogicAddr      string   `koanf:"logic_addr"`
+	TLSCertFile    string   `koanf:"tls_cert_file"`
+	TLSKeyFile     string   `koanf:"tls_key_file"`
+	AllowedOrigins []string `koanf:"allowed_origins"`
+	// Demo serves the live demo page (/demo) on the WebSocket listener.
+	Demo              bool          `koanf:"demo"`
 	HandshakeTimeout  time.Duration `koanf:"handshake_timeout"`
 	HeartbeatInterval time.Duration `koanf:"heartbeat_interval"`
 	MaxBodyBytes      int           `koanf:"max_body_bytes"`
@@ -552,6 +559,7 @@ func Default() Config {
 			ConnectRate:       2,
 			ConnectBurst:      20,
 			MaxSessionsPerMid: 64,
+			CORSOrigins:       []string{},
 		},
 		Job: Job{
 			Concurrency:     4,
@@ -907,6 +915,11 @@ func (c Config) Validate() error {
 	}
 	positive("cloud.max_handshakes_per_ip", c.Cloud.MaxHandshakesPerIP)
 
+	for _, o := range c.Logic.CORSOrigins {
+		if err := validOrigin(o); err != nil {
+			bad("logic.cors_origins", "%v", err)
+		}
+	}
 	for i, k := range c.Logic.APIKeys {
 		if len(k) < MinAPIKey {
 			// The key itself is a secret: name its position, not its value.
@@ -1021,6 +1034,12 @@ func (c Config) Exposures() []string {
 	if c.Has(StageCloud) && slices.Contains(c.Cloud.AllowedOrigins, "*") {
 		out = append(out, "cloud.allowed_origins contains \"*\": any web page may open WebSocket connections with its visitors' tokens; list your sites instead")
 	}
+	if c.Has(StageLogic) && slices.Contains(c.Logic.CORSOrigins, "*") {
+		out = append(out, "logic.cors_origins contains \"*\": any web page may call the push API with a key it holds; list your sites instead")
+	}
+	if c.Has(StageLogic) && len(c.Logic.CORSOrigins) > 0 {
+		out = append(out, "logic.cors_origins is set: an API key used from a browser is readable by whoever uses that browser; give pages a key only where that is meant (a demo, an admin console)")
+	}
 	if c.Admin.Addr != "" && !IsLoopback(c.Admin.Addr) {
 		out = append(out, fmt.Sprintf("admin.addr %q: profiles and goroutine dumps are served beyond loopback; bind it to 127.0.0.1 or firewall it", c.Admin.Addr))
 	}
@@ -1085,4 +1104,17 @@ func (c Config) CheckBinds() error {
 			"or set logic.allow_anonymous = true to let anyone who reaches it push", c.Logic.HTTPAddr))
 	}
 	return errors.Join(errs...)
+}
+
+// validOrigin checks a web origin as a browser sends it: "*", or
+// scheme://host[:port] with scheme http or https and nothing after.
+func validOrigin(o string) error {
+	if o == "*" {
+		return nil
+	}
+	u, err := url.Parse(o)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.Path != "" || u.RawQuery != "" || u.Fragment != "" || u.User != nil {
+		return fmt.Errorf("%q is not an origin: want \"*\" or scheme://host[:port], e.g. https://app.example.com", o)
+	}
+	return nil
 }

@@ -97,6 +97,9 @@ func TestErrorsNameTheKey(t *testing.T) {
 		{name: "negative connect rate", sets: []string{"logic.connect_rate=-1"}, wantKey: "logic.connect_rate"},
 		{name: "connect rate without burst", sets: []string{"logic.connect_burst=0"}, wantKey: "logic.connect_burst"},
 		{name: "unknown event kind", sets: []string{"events.kinds=connect,read"}, wantKey: "events.kinds"},
+		{name: "CORS origin without a scheme", sets: []string{"logic.cors_origins=demo.test"}, wantKey: "logic.cors_origins"},
+		{name: "CORS origin with a path", sets: []string{"logic.cors_origins=https://demo.test/app"}, wantKey: "logic.cors_origins"},
+		{name: "CORS origin of another scheme", sets: []string{"logic.cors_origins=ftp://demo.test"}, wantKey: "logic.cors_origins"},
 		{name: "events without a topic", sets: []string{"events.enabled=true", "topics.events="}, wantKey: "topics.events"},
 		{name: "no event buffer", sets: []string{"events.buffer=0"}, wantKey: "events.buffer"},
 		{name: "unbounded events", sets: []string{"topics.events_max_length=0"}, wantKey: "topics.events_max_length"},
@@ -216,6 +219,8 @@ func TestExposures(t *testing.T) {
 		{"short client-token secret", []string{"logic.http_addr=127.0.0.1:3111", "logic.auth.jwt_secret=short"}, []string{"logic.auth.jwt_secret"}},
 		{"clients trusted as they claim", []string{"logic.http_addr=127.0.0.1:3111", "logic.auth.mode=insecure-json"}, []string{"insecure-json"}},
 		{"any origin", []string{"logic.http_addr=127.0.0.1:3111", "cloud.allowed_origins=*"}, []string{"cloud.allowed_origins"}},
+		{"pages calling the push API", []string{"logic.http_addr=127.0.0.1:3111", "logic.cors_origins=https://admin.example.com"}, []string{"logic.cors_origins is set"}},
+		{"any page calling the push API", []string{"logic.http_addr=127.0.0.1:3111", "logic.cors_origins=*"}, []string{"logic.cors_origins contains", "logic.cors_origins is set"}},
 		{"remote peers with mutual TLS", append([]string{"stages=cloud,job", "cluster.secret=0123456789abcdef", "cloud.logic_addr=10.0.0.1:3119",
 			"cloud.advertise_addr=10.0.0.11:3109", "job.cloud_addrs=cloud2.internal:3109"}, "cluster.tls_cert_file=c.pem", "cluster.tls_key_file=k.pem", "cluster.tls_ca_file=ca.pem"), nil},
 	}

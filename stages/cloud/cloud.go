@@ -410,7 +410,8 @@ func (s *Stage) ServeTCP(ln net.Listener) error {
 	}
 }
 
-// WSHandler serves WebSocket clients on /sub.
+// WSHandler serves WebSocket clients on /sub, and the demo page on /demo
+// with cloud.demo.
 func (s *Stage) WSHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/sub", func(w http.ResponseWriter, r *http.Request) {
@@ -431,6 +432,10 @@ func (s *Stage) WSHandler() http.Handler {
 		// then costs about what an idle TCP client does.
 		go s.serve(t)
 	})
+	if s.cfg.Demo {
+		mux.Handle("/demo", demoHandler())
+		mux.Handle("/demo/", demoHandler())
+	}
 	return mux
 }
 

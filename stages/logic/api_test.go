@@ -46,6 +46,8 @@ type apiOptions struct {
 	history pipeline.History
 	// historyLimits, when its MaxSize is set, replaces [history].
 	historyLimits config.History
+	// corsOrigins is logic.cors_origins.
+	corsOrigins []string
 }
 
 func newAPI(t *testing.T, o apiOptions) *apiServer {
@@ -53,6 +55,7 @@ func newAPI(t *testing.T, o apiOptions) *apiServer {
 	cfg := config.Default().Logic
 	cfg.Auth.JWTSecret = "s"
 	cfg.APIKeys = o.apiKeys
+	cfg.CORSOrigins = o.corsOrigins
 	if o.writeTimeout > 0 {
 		cfg.WriteTimeout = o.writeTimeout
 	}

@@ -175,7 +175,10 @@ func (st *Stage) Handler() http.Handler {
 	// The key is checked before routing: a caller without one learns
 	// nothing, not even which routes exist, and its body is never read.
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !st.authorized(r) {
+		if st.cors(w, r) {
+			return
+		}
+		if !publicRoutes[r.URL.Path] && !st.authorized(r) {
 			refuse(w)
 			return
 		}

@@ -15,7 +15,7 @@ await build({
   bundle: true,
   minify: true,
   format: "esm",
-  target: "es2020",
+  target: "es2022",
   platform: "browser",
   outfile: out,
   legalComments: "none",
