@@ -40,6 +40,10 @@ func (r *Registry) midKey(mid int64) string  { return r.prefix + "mid:" + strcon
 func (r *Registry) nodeKey(id string) string { return r.prefix + "node:" + id }
 func (r *Registry) nodesKey() string         { return r.prefix + "nodes" }
 
+// nodesVersionKey counts the node reports: a reader that kept the node
+// list can ask whether it changed with one GET (NodesVersion).
+func (r *Registry) nodesVersionKey() string { return r.prefix + "nodes:version" }
+
 // addSession records the session and returns the server that held the key
 // before and the connection there ({server, conn}; conn absent, stored by
 // an older logic, is "0"), atomically. ARGV[6] "1" makes it a renewal: a
@@ -213,6 +217,7 @@ func (r *Registry) RenewNode(ctx context.Context, info *pb.NodeInfo) (map[string
 	pipe := r.rdb.TxPipeline()
 	pipe.Set(ctx, r.nodeKey(info.Id), b, r.nodeTTL)
 	pipe.SAdd(ctx, r.nodesKey(), info.Id)
+	pipe.Incr(ctx, r.nodesVersionKey())
 	if _, err := pipe.Exec(ctx); err != nil {
 		return nil, fmt.Errorf("redis renew node %s: %w", info.Id, err)
 	}
@@ -229,6 +234,21 @@ func (r *Registry) RenewNode(ctx context.Context, info *pb.NodeInfo) (map[string
 		}
 	}
 	return all, nil
+}
+
+// NodesVersion is a number that changes with every node report
+// (RenewNode): a node list read after version v was read is current while
+// the version is still v (nodecache.Versioned). Lapsed nodes do not
+// change it; they only leave the list.
+func (r *Registry) NodesVersion(ctx context.Context) (uint64, error) {
+	v, err := r.rdb.Get(ctx, r.nodesVersionKey()).Uint64()
+	if errors.Is(err, goredis.Nil) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("redis read the node list's version: %w", err)
+	}
+	return v, nil
 }
 
 // Nodes returns the live cloud nodes, by id; ids whose node lapsed are

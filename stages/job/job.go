@@ -45,7 +45,18 @@ func (s StaticNodes) Nodes(context.Context) ([]*pb.NodeInfo, error) {
 // addrs maps the live nodes' ids to their gRPC addresses; given a room,
 // only the nodes that host it, where nodes report their rooms.
 func (s *Stage) addrs(ctx context.Context, room string) (map[string]string, error) {
-	nodes, err := s.list.Nodes(ctx)
+	var (
+		nodes []*pb.NodeInfo
+		err   error
+	)
+	if room != "" && s.cache != nil {
+		// A room's new member was reported before its client was told it
+		// joined, so before this push was accepted, so before now: a list
+		// current as of now has it.
+		nodes, err = s.cache.NodesSince(ctx, time.Now())
+	} else {
+		nodes, err = s.list.Nodes(ctx)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("list cloud nodes: %w", err)
 	}

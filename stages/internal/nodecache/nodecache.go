@@ -25,6 +25,14 @@ type Lister interface {
 	Nodes(ctx context.Context) ([]*pb.NodeInfo, error)
 }
 
+// Versioned is a Lister that tells, cheaply, whether its list changed:
+// the Redis registry counts node reports. NodesSince then costs one small
+// read, not the whole list, when nothing changed.
+type Versioned interface {
+	Lister
+	NodesVersion(ctx context.Context) (uint64, error)
+}
+
 // fetchTimeout bounds one refresh: it runs apart from the caller that
 // started it (others wait on it), so the caller's deadline cannot stop it.
 const fetchTimeout = 5 * time.Second
@@ -42,11 +50,14 @@ type Cache struct {
 
 	mu      sync.Mutex
 	nodes   []*pb.NodeInfo
-	fetched time.Time // zero: nothing kept
+	fetched time.Time // the list was current then; zero: nothing kept
+	version uint64    // the source's version when the list was read
+	hasVer  bool      // version was read with the list
 	flight  *flight   // nil: no fetch running
 }
 
 type flight struct {
+	start time.Time // what it returns is current as of this
 	done  chan struct{}
 	nodes []*pb.NodeInfo
 	err   error
@@ -63,7 +74,7 @@ func New(src Lister, ttl time.Duration, now func() time.Time) *Cache {
 
 // Nodes returns the node list, fetched at most TTL ago.
 func (c *Cache) Nodes(ctx context.Context) ([]*pb.NodeInfo, error) {
-	return c.get(ctx, c.ttl)
+	return c.get(ctx, func(fetched time.Time) bool { return c.now().Sub(fetched) < c.ttl }, time.Time{})
 }
 
 // NodesWith returns the node list, read again when one of ids is not in
@@ -72,52 +83,86 @@ func (c *Cache) Nodes(ctx context.Context) ([]*pb.NodeInfo, error) {
 // lapsed node (until their sessions expire) cost a read per push, as
 // every push did before the cache; concurrent ones share it.
 func (c *Cache) NodesWith(ctx context.Context, ids []string) ([]*pb.NodeInfo, error) {
-	nodes, err := c.get(ctx, c.ttl)
+	nodes, err := c.Nodes(ctx)
 	if err != nil {
 		return nil, err
 	}
 	for _, id := range ids {
 		if !slices.ContainsFunc(nodes, func(n *pb.NodeInfo) bool { return n.Id == id }) {
-			return c.get(ctx, 0)
+			return c.get(ctx, func(time.Time) bool { return false }, time.Time{})
 		}
 	}
 	return nodes, nil
 }
 
-// get returns the kept list if it is younger than maxAge, else joins or
-// starts a fetch.
-func (c *Cache) get(ctx context.Context, maxAge time.Duration) ([]*pb.NodeInfo, error) {
-	c.mu.Lock()
-	if !c.fetched.IsZero() && c.now().Sub(c.fetched) < maxAge {
-		nodes := c.nodes
+// NodesSince returns a list holding every node report made before since:
+// job routes a room push by it, and a node reports a room's first member
+// before that client is told it joined, so a push accepted after the
+// join — received by job after since — reaches the node. A list of the
+// TTL missed such a member for up to a TTL (TestRoomPushRightAfterJoin).
+// From a Versioned source a kept list is confirmed with one small read
+// when the version did not move; callers arriving during a read that
+// began before their since wait for the next, which all of them share.
+func (c *Cache) NodesSince(ctx context.Context, since time.Time) ([]*pb.NodeInfo, error) {
+	return c.get(ctx, func(fetched time.Time) bool { return !fetched.Before(since) }, since)
+}
+
+// get returns the kept list if fresh says it may, else the result of a
+// fetch that began at or after after (joining one, or starting one).
+func (c *Cache) get(ctx context.Context, fresh func(fetched time.Time) bool, after time.Time) ([]*pb.NodeInfo, error) {
+	for {
+		c.mu.Lock()
+		if !c.fetched.IsZero() && fresh(c.fetched) {
+			nodes := c.nodes
+			c.mu.Unlock()
+			return nodes, nil
+		}
+		f := c.flight
+		if f == nil {
+			f = &flight{start: c.now(), done: make(chan struct{})}
+			c.flight = f
+			// The fetch outlives a caller that gives up: the others wait on it.
+			fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), fetchTimeout)
+			go c.fetch(fctx, cancel, f)
+		}
 		c.mu.Unlock()
-		return nodes, nil
-	}
-	f := c.flight
-	if f == nil {
-		f = &flight{done: make(chan struct{})}
-		c.flight = f
-		// The fetch outlives a caller that gives up: the others wait on it.
-		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), fetchTimeout)
-		go c.fetch(fctx, cancel, f)
-	}
-	c.mu.Unlock()
-	select {
-	case <-f.done:
+		select {
+		case <-f.done:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("wait for the node list: %w", ctx.Err())
+		}
+		if f.start.Before(after) {
+			continue // begun too early for this caller: the next one
+		}
 		return f.nodes, f.err
-	case <-ctx.Done():
-		return nil, fmt.Errorf("wait for the node list: %w", ctx.Err())
 	}
 }
 
 func (c *Cache) fetch(ctx context.Context, cancel context.CancelFunc, f *flight) {
 	defer cancel()
-	// The clock is read before the fetch: the list is at least this old.
-	at := c.now()
-	f.nodes, f.err = c.src.Nodes(ctx)
+	// The version is read before the list, and the clock before both: the
+	// list is at least that new, and a report between the two reads only
+	// makes the next check read the list again.
+	c.mu.Lock()
+	kept, keptVer, hasVer := c.nodes, c.version, c.hasVer && !c.fetched.IsZero()
+	c.mu.Unlock()
+	var (
+		ver uint64
+		vok bool
+	)
+	if v, ok := c.src.(Versioned); ok {
+		var err error
+		ver, err = v.NodesVersion(ctx)
+		vok = err == nil
+	}
+	if vok && hasVer && ver == keptVer {
+		f.nodes = kept
+	} else {
+		f.nodes, f.err = c.src.Nodes(ctx)
+	}
 	c.mu.Lock()
 	if f.err == nil {
-		c.nodes, c.fetched = f.nodes, at
+		c.nodes, c.fetched, c.version, c.hasVer = f.nodes, f.start, ver, vok
 	}
 	c.flight = nil
 	c.mu.Unlock()

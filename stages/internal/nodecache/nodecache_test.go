@@ -297,3 +297,123 @@ func TestNodesWithMissBurstOneFetch(t *testing.T) {
 		}
 	}
 }
+
+// versioned is a source with a version that moves when its list does.
+type versioned struct {
+	source
+	ver      atomic.Uint64
+	verCalls atomic.Int32
+}
+
+func (v *versioned) NodesVersion(context.Context) (uint64, error) {
+	v.verCalls.Add(1)
+	return v.ver.Load(), nil
+}
+
+// report changes the list and its version, as a node report does.
+func (v *versioned) report(ids []string) {
+	v.set(ids, nil)
+	v.ver.Add(1)
+}
+
+// TestNodesSince: a list asked for as of a time is read, or confirmed by
+// its version, after that time — never the kept one alone when it is
+// older, however young for the TTL — and the version spares reading the
+// list when nothing changed.
+func TestNodesSince(t *testing.T) {
+	src := &versioned{}
+	src.report([]string{"a"})
+	clk := &clock{t: time.Unix(1000, 0)}
+	c := New(src, time.Hour, clk.now)
+	ctx := context.Background()
+	get := func(since time.Time) []string {
+		t.Helper()
+		ns, err := c.NodesSince(ctx, since)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ids(ns)
+	}
+	if got := get(clk.now()); len(got) != 1 || src.calls.Load() != 1 {
+		t.Fatalf("first: %v after %d list reads", got, src.calls.Load())
+	}
+	// Asked as of the time it was read: kept, nothing read.
+	get(clk.now())
+	if src.calls.Load() != 1 || src.verCalls.Load() != 1 {
+		t.Fatalf("as of the read: %d list and %d version reads, want 1 and 1", src.calls.Load(), src.verCalls.Load())
+	}
+	// Later, nothing reported: the version confirms the kept list.
+	clk.add(time.Millisecond)
+	get(clk.now())
+	if src.calls.Load() != 1 || src.verCalls.Load() != 2 {
+		t.Fatalf("unchanged: %d list and %d version reads, want 1 and 2", src.calls.Load(), src.verCalls.Load())
+	}
+	// A node reports a room's first member; a push after it gets it,
+	// though the kept list is far younger than the TTL.
+	src.report([]string{"a", "b"})
+	clk.add(time.Millisecond)
+	if got := get(clk.now()); len(got) != 2 || src.calls.Load() != 2 {
+		t.Fatalf("after a report: %v after %d list reads, want a, b after 2", got, src.calls.Load())
+	}
+	// Nodes (the TTL) still serves the kept list without any read.
+	before := src.verCalls.Load()
+	if _, err := c.Nodes(ctx); err != nil || src.verCalls.Load() != before {
+		t.Fatalf("Nodes within the TTL read the version: %v", err)
+	}
+}
+
+// TestNodesSinceWaitsForALaterRead: a caller whose time is after an
+// in-flight read began does not take that read's answer (it may predate
+// the report the caller needs): it waits for the next, shared by all
+// such callers.
+func TestNodesSinceWaitsForALaterRead(t *testing.T) {
+	src := &versioned{}
+	src.report([]string{"a"})
+	clk := &clock{t: time.Unix(1000, 0)}
+	c := New(src, time.Hour, clk.now)
+	ctx := context.Background()
+	gate := make(chan struct{})
+	src.mu.Lock()
+	src.gate = gate
+	src.mu.Unlock()
+	first := make(chan []string)
+	go func() {
+		ns, _ := c.NodesSince(ctx, clk.now())
+		first <- ids(ns)
+	}()
+	waitCalls(t, &src.calls, 1)
+	// While the first read is held, b reports and time moves on.
+	src.report([]string{"a", "b"})
+	clk.add(time.Millisecond)
+	const later = 8
+	results := make(chan []string, later)
+	for range later {
+		go func() {
+			ns, _ := c.NodesSince(ctx, clk.now())
+			results <- ids(ns)
+		}()
+	}
+	close(gate)
+	if got := <-first; len(got) < 1 {
+		t.Fatalf("first read: %v", got)
+	}
+	for range later {
+		if got := <-results; len(got) != 2 {
+			t.Fatalf("a caller after the report got %v, want a and b", got)
+		}
+	}
+	if n := src.calls.Load(); n != 2 {
+		t.Fatalf("%d list reads for the later callers, want 1 shared (2 in all)", n)
+	}
+}
+
+func waitCalls(t *testing.T, n *atomic.Int32, want int32) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for n.Load() < want {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d calls, want %d", n.Load(), want)
+		}
+		time.Sleep(time.Millisecond) // polling a counter with a deadline
+	}
+}
