@@ -468,6 +468,10 @@ export class Client {
       // The first ack of a connection sends the position as it stands.
       this.acked = null;
     }
+    // One heartbeat now: its reply carries the room's online count, which
+    // otherwise would wait a whole interval (4 minutes by default).
+    this.missed = 1;
+    ws.send(encode(Op.Heartbeat, this.nextSeq()));
     this.scheduleHeartbeat(ws);
     this.emit("connected", { ...this.sess });
   }
