@@ -3,11 +3,30 @@ BIN := bin/imcloud
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 
-.PHONY: build run run-cluster stop-cluster test test-integration bench bench-go proto lint
+.PHONY: build sdk run run-cluster stop-cluster test test-integration test-js bench bench-go proto lint
 
-build:
+build: sdk
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/imcloud
 	$(GO) build -o bin/imcloud-bench ./cmd/imcloud-bench
+
+# The TypeScript SDK (sdk/js) and its browser bundle, which the binary
+# embeds for the demo page (stages/cloud/demo). Without npm the binary is
+# built all the same; its demo page then says how to get the bundle.
+SDK_DEPS := sdk/js/node_modules/.package-lock.json
+SDK_BUNDLE := stages/cloud/demo/imcloud-client.js
+ifeq ($(shell command -v npm 2>/dev/null),)
+sdk:
+	@echo "make: npm not found: imcloud is built without the demo page's SDK bundle (install Node 20+ and npm, or run scripts/js-deps.sh)" >&2
+else
+sdk: $(SDK_BUNDLE)
+endif
+
+$(SDK_DEPS): sdk/js/package.json sdk/js/package-lock.json
+	cd sdk/js && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+$(SDK_BUNDLE): $(SDK_DEPS) $(wildcard sdk/js/src/*.ts) sdk/js/scripts/bundle.mjs sdk/js/tsconfig.json
+	cd sdk/js && npm run --silent build
 
 # Standalone: every stage in one process, embedded broker and registry.
 run: build
@@ -27,6 +46,18 @@ test:
 # Needs RabbitMQ, Redis and NATS on their standard ports (scripts/services.sh).
 test-integration:
 	$(GO) test -race -count=1 -tags integration -run Integration -p 1 -v ./...
+
+# The SDK's tests: unit (codec against proto/wire's bytes, fake clock and
+# socket), against a real imcloud built from this tree (the restart test
+# keeps history in Redis on 127.0.0.1:6379), npm pack in a fresh project,
+# and the demo page in Chromium (CHROMIUM, default /usr/bin/chromium).
+# scripts/js-deps.sh installs Node, npm and Chromium; scripts/services.sh redis.
+# Screenshots go to sdk/js/build/test-output.
+test-js: build
+	cd sdk/js && npx tsc -p tsconfig.test.json
+	$(GO) run ./proto/wire/internal/fixtures > sdk/js/build/fixtures.json
+	cd sdk/js && IMCLOUD_BIN=$(CURDIR)/$(BIN) node --experimental-websocket --test --test-reporter=spec \
+		build/test/unit/ build/test/integration/ build/test/browser/
 
 # A short run of every imcloud bench mode (under two minutes); BENCHMARKS.md
 # has the longer runs.
