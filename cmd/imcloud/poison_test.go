@@ -33,7 +33,7 @@ func TestStandalonePoisonOverAdmin(t *testing.T) {
 	cfg, err := config.Load(config.Sources{Sets: []string{
 		"broker.kind=gochannel", "registry.kind=memory",
 		"logic.http_addr=127.0.0.1:0", "logic.grpc_addr=127.0.0.1:0",
-		"cloud.tcp_addr=127.0.0.1:0", "cloud.grpc_addr=127.0.0.1:0",
+		"cloud.tcp_addr=127.0.0.1:0", "cloud.ws_addr=127.0.0.1:0", "cloud.grpc_addr=127.0.0.1:0",
 		"admin.addr=127.0.0.1:0",
 		"logic.auth.jwt_secret=" + secret, "logic.api_keys=poison-test-api-key-0123456789",
 		"cluster.secret=poison-test-cluster-secret-0123456789",
