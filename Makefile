@@ -29,8 +29,9 @@ $(SDK_BUNDLE): $(SDK_DEPS) $(wildcard sdk/js/src/*.ts) sdk/js/scripts/bundle.mjs
 	cd sdk/js && npm run --silent build
 
 # Standalone: every stage in one process, embedded broker and registry.
+# make run ARGS='--set cloud.ws_addr=:8102' passes flags on.
 run: build
-	./$(BIN) standalone
+	./$(BIN) standalone $(ARGS)
 
 # 1 logic, 2 job and 2 cloud processes on the local RabbitMQ and Redis.
 run-cluster:

@@ -268,7 +268,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, envi
 		logger.Warn("--anonymous: logic.api_keys is set, so the push API still asks for a key")
 	}
 	if standalone {
-		printWelcome(stdout, cfg, n.Addrs())
+		printWelcome(stdout, cfg, n.Addrs(), cfg.Logic.Auth.JWTSecret == defaults["logic.auth.jwt_secret"])
 	} else {
 		printAddrs(stdout, n.Addrs())
 	}
@@ -324,7 +324,9 @@ func localURL(addr string) string {
 	return net.JoinHostPort(host, port)
 }
 
-func printWelcome(w io.Writer, cfg config.Config, a process.Addrs) {
+// printWelcome tells a standalone user where everything is; randomSecret
+// says the JWT secret is this run's own (none was configured).
+func printWelcome(w io.Writer, cfg config.Config, a process.Addrs, randomSecret bool) {
 	fmt.Fprintln(w, "imcloud standalone is ready. Listening:")
 	printAddrs(w, a)
 	auth := ""
@@ -353,11 +355,12 @@ func printWelcome(w io.Writer, cfg config.Config, a process.Addrs) {
 		fmt.Fprintf(w, "Watch it arrive:\n  %s listen --ws %s --token '%s'\n", executable(), ws, authBody)
 		fmt.Fprintf(w, "Clients connect to %s and send the token as an op 7 packet (see README).\n", ws)
 		if cfg.Cloud.Demo && cfg.Logic.Auth.Mode == config.AuthJWT {
-			fmt.Fprintf(w, "\nDemo page (receives what you push; pushes with the API key):\n  %s\n", demoURL(cfg, a))
+			fmt.Fprintf(w, "\nDemo page (user 1 with recovery on; receives what you push, pushes with the API key):\n  %s\n", demoURL(cfg, a))
 		}
 	}
-	if cfg.Logic.Auth.Mode == config.AuthJWT {
-		fmt.Fprintf(w, "\nThe JWT secret is random for this run: to sign your own tokens with %s token, start with\nIMCLOUD_LOGIC__AUTH__JWT_SECRET=<at least 32 characters> and sign with the same.\n", executable())
+	if cfg.Logic.Auth.Mode == config.AuthJWT && randomSecret {
+		fmt.Fprintf(w, "\nThe JWT secret is random for this run, so these tokens and links end with it. To sign your own\n"+
+			"tokens with %s token, start with IMCLOUD_LOGIC__AUTH__JWT_SECRET=<at least 32 characters> and sign with the same.\n", executable())
 	}
 }
 

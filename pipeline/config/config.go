@@ -1037,9 +1037,6 @@ func (c Config) Exposures() []string {
 	if c.Has(StageLogic) && slices.Contains(c.Logic.CORSOrigins, "*") {
 		out = append(out, "logic.cors_origins contains \"*\": any web page may call the push API with a key it holds; list your sites instead")
 	}
-	if c.Has(StageLogic) && len(c.Logic.CORSOrigins) > 0 {
-		out = append(out, "logic.cors_origins is set: an API key used from a browser is readable by whoever uses that browser; give pages a key only where that is meant (a demo, an admin console)")
-	}
 	if c.Admin.Addr != "" && !IsLoopback(c.Admin.Addr) {
 		out = append(out, fmt.Sprintf("admin.addr %q: profiles and goroutine dumps are served beyond loopback; bind it to 127.0.0.1 or firewall it", c.Admin.Addr))
 	}

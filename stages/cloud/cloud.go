@@ -63,6 +63,7 @@ type Stage struct {
 	upstreamLog       *pipeline.RateLog
 	handshakeFailures atomic.Int64
 	handshakeLog      *pipeline.RateLog
+	originLog         *pipeline.RateLog // WebSocket upgrades refused for their Origin
 	announceLog       *pipeline.RateLog
 	// delivered remembers recent message ids, so that a call job retries
 	// after its deadline passed (the first one having gone through) does
@@ -134,6 +135,7 @@ func New(cfg config.Cloud, o Options) *Stage {
 	// per event let either flood the log.
 	s.upstreamLog = pipeline.NewRateLog(s.logger, slog.LevelError, logEvery)
 	s.handshakeLog = pipeline.NewRateLog(s.logger, slog.LevelInfo, logEvery)
+	s.originLog = pipeline.NewRateLog(s.logger, slog.LevelInfo, logEvery)
 	s.announceLog = pipeline.NewRateLog(s.logger, slog.LevelWarn, logEvery)
 	s.delivered = expiring.NewSet(cfg.DedupeTTL)
 	s.rounds = newRoomRounds()
@@ -415,6 +417,14 @@ func (s *Stage) ServeTCP(ln net.Listener) error {
 func (s *Stage) WSHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/sub", func(w http.ResponseWriter, r *http.Request) {
+		if websocket.IsWebSocketUpgrade(r) && !originAllowed(s.upgrader, r) {
+			// A page of a site not listed: the browser only says 1006 to
+			// its script, so the node says why, once per 10 s.
+			s.originLog.Log("websocket refused: its Origin is not this node's and not in cloud.allowed_origins",
+				"origin", r.Header.Get("Origin"), "remote", r.RemoteAddr)
+			http.Error(w, "origin not allowed: list it in cloud.allowed_origins", http.StatusForbidden)
+			return
+		}
 		ow := &ownReader{ResponseWriter: w, maxBody: s.cfg.MaxBodyBytes}
 		conn, err := s.upgrader.Upgrade(ow, r, nil)
 		if err != nil {

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/url"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -286,6 +288,20 @@ func upgrader(allowed []string) *websocket.Upgrader {
 		return set["*"] || origin == "" || set[origin]
 	}
 	return u
+}
+
+// originAllowed is the check u makes of r's Origin: its CheckOrigin, or
+// gorilla's default (no Origin, or the Origin's host is the request's).
+func originAllowed(u *websocket.Upgrader, r *http.Request) bool {
+	if u.CheckOrigin != nil {
+		return u.CheckOrigin(r)
+	}
+	origin := r.Header.Get("Origin")
+	if origin == "" {
+		return true
+	}
+	o, err := url.Parse(origin)
+	return err == nil && strings.EqualFold(o.Host, r.Host)
 }
 
 // ownReader makes gorilla read a WebSocket through a bufio.Reader the

@@ -13,7 +13,8 @@ import (
 //   - the public ones (nodesPublic) need no key and say nothing a client
 //     does not need to connect: any origin may read them;
 //   - every other route needs the API key, and only the pages of
-//     logic.cors_origins may call it from a browser. A preflight
+//     logic.cors_origins may call it from a browser: a request with
+//     another Origin is refused (403) before anything runs. A preflight
 //     (OPTIONS with Access-Control-Request-Method) is answered before the
 //     key is checked — a browser never sends credentials on one — and
 //     says nothing to an origin not listed.
@@ -34,15 +35,19 @@ const corsMaxAge = "600"
 // reports whether it did (the request is then done).
 func (st *Stage) cors(w http.ResponseWriter, r *http.Request) bool {
 	origin := r.Header.Get("Origin")
+	public := publicRoutes[r.URL.Path]
+	h := w.Header()
+	if public {
+		// The same answer for every origin, and for none: a cache in
+		// front may keep it whoever asked first.
+		h.Set("Access-Control-Allow-Origin", "*")
+	}
 	if origin == "" {
 		return false
 	}
-	h := w.Header()
 	h.Add("Vary", "Origin")
-	public := publicRoutes[r.URL.Path]
 	switch {
 	case public:
-		h.Set("Access-Control-Allow-Origin", "*")
 	case slices.Contains(st.cfg.CORSOrigins, "*") || slices.Contains(st.cfg.CORSOrigins, origin):
 		h.Set("Access-Control-Allow-Origin", origin)
 		h.Set("Access-Control-Expose-Headers", corsExposeHeaders)
@@ -52,7 +57,13 @@ func (st *Stage) cors(w http.ResponseWriter, r *http.Request) bool {
 			w.WriteHeader(http.StatusNoContent)
 			return true
 		}
-		return false
+		// A page of another site, calling without a preflight (a simple
+		// POST, mode no-cors): refused before anything runs. With API
+		// keys it could not authenticate anyway; without them (a keyless
+		// push API on loopback) any site a developer visits could push
+		// to every client. Callers that are not browsers send no Origin.
+		writeError(w, http.StatusForbidden, "origin "+truncate(origin)+" may not call this API from a browser; list it in logic.cors_origins")
+		return true
 	}
 	if r.Method != http.MethodOptions || r.Header.Get("Access-Control-Request-Method") == "" {
 		return false

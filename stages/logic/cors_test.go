@@ -8,7 +8,8 @@ import (
 
 // TestCORS: pages of logic.cors_origins may call the keyed routes (the
 // preflight answered before the key is checked, the call itself still
-// needing it); other origins learn nothing; /im/nodes/weighted needs no
+// needing it); other origins learn nothing and are refused (no cross-site
+// push, also without keys: TestCORSKeyless); /im/nodes/weighted needs no
 // key and answers any page.
 func TestCORS(t *testing.T) {
 	const key = "0123456789abcdef"
@@ -41,9 +42,11 @@ func TestCORS(t *testing.T) {
 		{"preflight from another origin", "OPTIONS", "/im/push/mids", "http://evil.test", preflight, 204, "", ""},
 		{"push from a listed origin with the key", "POST", "/im/push/mids?operation=1000&mids=1", "http://demo.test:3102", map[string]string{"Authorization": "Bearer " + key}, 200, "http://demo.test:3102", ""},
 		{"push from a listed origin without the key", "POST", "/im/push/mids?operation=1000&mids=1", "http://demo.test:3102", nil, 401, "http://demo.test:3102", ""},
-		{"push from another origin", "POST", "/im/push/mids?operation=1000&mids=1", "http://evil.test", map[string]string{"Authorization": "Bearer " + key}, 200, "", ""},
+		{"push from another origin, even with the key", "POST", "/im/push/mids?operation=1000&mids=1", "http://evil.test", map[string]string{"Authorization": "Bearer " + key}, 403, "", ""},
+		{"push from another origin without a preflight", "POST", "/im/push/all?operation=1000", "http://evil.test", map[string]string{"Content-Type": "text/plain"}, 403, "", ""},
+		{"stats from another origin", "GET", "/im/online/total", "http://evil.test", map[string]string{"Authorization": "Bearer " + key}, 403, "", ""},
 		{"nodes without a key, any origin", "GET", "/im/nodes/weighted?platform=web", "http://anything.test", nil, 200, "*", ""},
-		{"goim nodes without a key", "GET", "/goim/nodes/weighted?platform=web", "", nil, 200, "", ""},
+		{"goim nodes without a key or origin", "GET", "/goim/nodes/weighted?platform=web", "", nil, 200, "*", ""},
 		{"nodes preflight", "OPTIONS", "/im/nodes/weighted", "http://anything.test", map[string]string{"Access-Control-Request-Method": "GET"}, 204, "*", "GET, HEAD"},
 		{"other stats still need the key", "GET", "/im/online/total", "http://demo.test:3102", nil, 401, "http://demo.test:3102", ""},
 		{"OPTIONS without Origin is no preflight", "OPTIONS", "/im/push/mids", "", nil, 401, "", ""},
@@ -64,5 +67,30 @@ func TestCORS(t *testing.T) {
 				t.Error("no Vary: Origin on an origin-specific answer")
 			}
 		})
+	}
+}
+
+// TestCORSKeyless: a keyless push API (standalone --anonymous, on
+// loopback) takes pushes from tools, which send no Origin, but not from a
+// web page of another site, which any site a developer visits could send.
+func TestCORSKeyless(t *testing.T) {
+	a := newAPI(t, apiOptions{})
+	for _, tt := range []struct {
+		origin string
+		status int
+	}{{"", 200}, {"https://evil.example", 403}, {"null", 403}} {
+		req, _ := http.NewRequest("POST", a.url+"/im/push/all?operation=1000", strings.NewReader("csrf"))
+		req.Header.Set("Content-Type", "text/plain")
+		if tt.origin != "" {
+			req.Header.Set("Origin", tt.origin)
+		}
+		res, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		if res.StatusCode != tt.status {
+			t.Errorf("Origin %q: %d, want %d", tt.origin, res.StatusCode, tt.status)
+		}
 	}
 }

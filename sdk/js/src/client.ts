@@ -127,6 +127,10 @@ export interface ClientOptions {
   maxBody?: number;
   /** How long an upstream send, room change or subscription waits for its reply (default 10 s). */
   requestTimeoutMs?: number;
+  /** How long a connection may take from its start to the server's auth reply (default 10 s). */
+  handshakeTimeoutMs?: number;
+  /** The most streams whose positions are kept (default 256): the oldest others are forgotten. */
+  maxStreams?: number;
   WebSocket?: WebSocketFactory;
   fetch?: typeof fetch;
   timers?: Timers;
@@ -206,7 +210,8 @@ const STABLE_MS = 10_000;
 const MAX_RECOVER_STREAMS = 65;
 
 export class Client {
-  private readonly opts: Required<Pick<ClientOptions, "platform" | "autoAck" | "ackIntervalMs" | "maxBody" | "requestTimeoutMs">> & ClientOptions;
+  private readonly opts: Required<Pick<ClientOptions, "platform" | "autoAck" | "ackIntervalMs" | "maxBody" | "requestTimeoutMs" | "handshakeTimeoutMs" | "maxStreams">> &
+    ClientOptions;
   private readonly handlers = new Map<keyof ClientEvents, Set<Handler<never>>>();
   private readonly timers: Timers;
   private readonly random: () => number;
@@ -217,6 +222,9 @@ export class Client {
   private connectedAt = 0;
   private missed = 0;
   private heartbeatTimer: unknown = null;
+  private handshakeTimer: unknown = null;
+  private asked = new Set<string>(); // the streams this connection's op 21 named
+  private dirty = false; // positions changed since the last save
   private retryTimer: unknown = null;
   private ackTimer: unknown = null;
   private pending = new Map<number, Pending>();
@@ -231,12 +239,12 @@ export class Client {
   constructor(options: ClientOptions) {
     if (!options.url && !options.api) throw new TypeError("imcloud-client: url or api is required");
     if (!options.token && !options.getToken) throw new TypeError("imcloud-client: token or getToken is required");
-    this.opts = { platform: "web", autoAck: true, ackIntervalMs: 1000, maxBody: 1 << 20, requestTimeoutMs: 10_000, ...options };
+    this.opts = { platform: "web", autoAck: true, ackIntervalMs: 1000, maxBody: 1 << 20, requestTimeoutMs: 10_000, handshakeTimeoutMs: 10_000, maxStreams: 256, ...options };
     this.timers = options.timers ?? realTimers;
     this.random = options.random ?? Math.random;
     const saved = options.storage?.load();
-    for (const [stream, p] of Object.entries(saved ?? {})) {
-      if (p && typeof p.epoch === "string" && Number.isSafeInteger(p.pos)) this.positions.set(stream, { epoch: p.epoch, pos: p.pos });
+    for (const [stream, p] of Object.entries(saved ?? {}).slice(-this.opts.maxStreams)) {
+      if (validPos(p)) this.positions.set(stream, { epoch: p.epoch, pos: p.pos });
     }
   }
 
@@ -273,10 +281,17 @@ export class Client {
 
   /** Closes the connection for good. */
   close(): void {
-    this.flushAck();
+    try {
+      this.flushAck();
+    } catch (err) {
+      this.emit("error", asError(err));
+    }
+    const was = this.st;
     this.st = "closed";
     this.timers.clearTimeout(this.retryTimer);
     this.teardown(Close.Normal, "closed by the client");
+    this.sess = null;
+    if (was !== "idle" && was !== "closed") this.emit("disconnected", { code: Close.Normal, reason: "closed by the client", reconnect: false });
   }
 
   /** Sends an upstream message (op 4); settled by the server's op 5. */
@@ -347,12 +362,30 @@ export class Client {
     ws.binaryType = "arraybuffer";
     this.ws = ws;
     this.missed = 0;
+    // No auth reply in time (a server that accepts and says nothing, a
+    // proxy that hangs): the attempt failed.
+    this.handshakeTimer = this.timers.setTimeout(() => this.fail(ws, "no auth reply in time"), this.opts.handshakeTimeoutMs);
     ws.onopen = () => this.guard(() => ws.send(encode(Op.Auth, this.nextSeq(), token)));
     ws.onmessage = (ev) => this.guard(() => this.onFrame(ws, ev.data, url));
     ws.onerror = () => {
-      // The close that follows says why.
+      // Browsers follow an error with a close that says why; Node 20's
+      // WebSocket, refused, fires only the error. A socket that never
+      // opened has failed now; an open one gets a moment for its close.
+      if (ws.readyState !== 1) this.fail(ws, "connection failed");
+      else this.timers.setTimeout(() => this.fail(ws, "connection error"), 1000);
     };
     ws.onclose = (ev) => this.guard(() => this.onSocketClose(ws, ev.code, ev.reason));
+  }
+
+  /** Ends a connection that failed without a close from the server. */
+  private fail(ws: WebSocketLike, reason: string): void {
+    if (ws !== this.ws) return;
+    try {
+      ws.close(Close.Normal, reason);
+    } catch {
+      // already closing
+    }
+    this.onSocketClose(ws, Close.Abnormal, reason);
   }
 
   private guard(fn: () => void): void {
@@ -361,8 +394,10 @@ export class Client {
     } catch (err) {
       this.emit("error", asError(err));
       if (err instanceof ProtocolError && this.ws) {
-        // A frame we cannot read: this connection's state is unknown.
-        this.ws.close(Close.ProtocolError, err.message.slice(0, 100));
+        // A frame we cannot read: this connection's state is unknown. A
+        // server bug, so come back with backoff (a page may only close
+        // with 1000 or 3000-4999).
+        this.fail(this.ws, "protocol error: " + err.message.slice(0, 80));
       }
     }
   }
@@ -444,26 +479,32 @@ export class Client {
   }
 
   private onAuth(ws: WebSocketLike, body: Uint8Array, url: string): void {
-    const r = JSON.parse(bodyText(body)) as {
-      mid: number;
-      key: string;
-      rooms?: string[];
-      heartbeat?: number;
-      recover?: boolean;
-      acks?: boolean;
-      streams?: StreamPos[];
-    };
-    this.sess = { mid: r.mid, key: r.key, rooms: r.rooms ?? [], heartbeat: r.heartbeat || 30, recover: !!r.recover, acks: !!r.acks, url };
+    let r: Record<string, unknown>;
+    try {
+      r = JSON.parse(bodyText(body));
+    } catch {
+      throw new ProtocolError("op 8: not JSON");
+    }
+    if (typeof r !== "object" || r === null || !Number.isSafeInteger(r.mid) || typeof r.key !== "string") {
+      throw new ProtocolError("op 8: no mid or key");
+    }
+    const rooms = Array.isArray(r.rooms) ? r.rooms.filter((x): x is string => typeof x === "string") : [];
+    const streams = Array.isArray(r.streams) ? r.streams.filter(validStreamPos) : [];
+    this.timers.clearTimeout(this.handshakeTimer);
+    this.sess = { mid: r.mid as number, key: r.key, rooms, heartbeat: heartbeatSeconds(r.heartbeat), recover: r.recover === true, acks: r.acks === true, url };
     this.st = "connected";
     this.connectedAt = this.timers.now();
+    this.asked.clear();
     if (this.sess.recover) {
       // A stream without a saved position starts where op 8 says; op 21
-      // names every stream kept, the server answers each.
-      for (const s of r.streams ?? []) {
-        if (!this.positions.has(s.stream)) this.positions.set(s.stream, { epoch: s.epoch, pos: s.pos });
+      // names every stream kept (this connection's first), the server
+      // answers each.
+      for (const sp of streams) {
+        if (!this.positions.has(sp.stream)) this.setPosition(sp.stream, sp.epoch, sp.pos);
       }
-      const mine = (r.streams ?? []).map((s) => s.stream);
-      const named = [...this.positions.keys()].sort((a, b) => Number(mine.includes(b)) - Number(mine.includes(a))).slice(0, MAX_RECOVER_STREAMS);
+      const mine = new Set(streams.map((sp) => sp.stream));
+      const named = [...this.positions.keys()].sort((a, b) => Number(mine.has(b)) - Number(mine.has(a))).slice(0, MAX_RECOVER_STREAMS);
+      this.asked = new Set(named);
       ws.send(encode(Op.Recover, this.nextSeq(), encodeRecover(named.map((stream) => ({ stream, ...this.positions.get(stream)! })))));
       // The first ack of a connection sends the position as it stands.
       this.acked = null;
@@ -473,7 +514,20 @@ export class Client {
     this.missed = 1;
     ws.send(encode(Op.Heartbeat, this.nextSeq()));
     this.scheduleHeartbeat(ws);
-    this.emit("connected", { ...this.sess });
+    this.emit("connected", { ...this.sess, rooms: [...rooms] });
+  }
+
+  /** Records a stream's position, keeping at most maxStreams (the least recently moved go first). */
+  private setPosition(stream: string, epoch: string, pos: number): void {
+    this.positions.delete(stream);
+    this.positions.set(stream, { epoch, pos });
+    this.dirty = true;
+    if (this.positions.size > this.opts.maxStreams) {
+      for (const old of this.positions.keys()) {
+        if (this.positions.size <= this.opts.maxStreams) break;
+        if (old !== stream) this.positions.delete(old);
+      }
+    }
   }
 
   private onStreamMessage(p: Packet): void {
@@ -484,7 +538,7 @@ export class Client {
     } else if (known && m.pos <= known.pos) {
       return; // had it: the server does not send one twice, but a stored position may be ahead
     }
-    this.positions.set(m.stream, { epoch: m.epoch, pos: m.pos });
+    this.setPosition(m.stream, m.epoch, m.pos);
     const body = m.body;
     this.emit("message", { op: m.op, seq: p.seq, body, text: () => bodyText(body), stream: m.stream, epoch: m.epoch, pos: m.pos });
     if (this.sess?.acks && this.opts.autoAck && m.stream === `user:${this.sess.mid}`) this.scheduleAck();
@@ -492,23 +546,27 @@ export class Client {
 
   private onRecoverReply(body: Uint8Array): void {
     const results = decodeRecoverReply(body);
-    for (const r of results) {
+    // Only the streams this connection asked for: a server cannot make
+    // the client keep (and store) streams it never had.
+    const mine = results.filter((r) => this.asked.has(r.stream));
+    for (const r of mine) {
       if (!r.recovered) {
         if (r.reason === "forbidden") {
           this.positions.delete(r.stream);
+          this.dirty = true;
         } else {
-          this.positions.set(r.stream, { epoch: r.epoch, pos: r.pos });
+          this.setPosition(r.stream, r.epoch, r.pos);
         }
         this.emit("resync", { stream: r.stream, reason: r.reason ?? "", epoch: r.epoch, pos: r.pos });
       }
     }
-    this.emit("recovered", results);
+    this.emit("recovered", mine);
   }
 
   private scheduleHeartbeat(ws: WebSocketLike): void {
     const ms = (this.sess?.heartbeat ?? 30) * 1000;
     this.heartbeatTimer = this.timers.setTimeout(() => {
-      if (ws !== this.ws) return;
+      if (ws !== this.ws || !this.ws) return;
       if (this.missed >= MAX_MISSED_HEARTBEATS) {
         // Two heartbeats unanswered: the connection is dead, whatever
         // the socket says.
@@ -526,7 +584,7 @@ export class Client {
     if (this.ackTimer !== null) return;
     this.ackTimer = this.timers.setTimeout(() => {
       this.ackTimer = null;
-      this.flushAck();
+      this.guard(() => this.flushAck());
     }, this.opts.ackIntervalMs);
   }
 
@@ -535,13 +593,15 @@ export class Client {
     this.ackTimer = null;
     if (!this.sess?.acks || !this.ws || this.st !== "connected") return;
     const p = this.positions.get(`user:${this.sess.mid}`);
-    if (!p || (this.acked && this.acked.epoch === p.epoch && this.acked.pos >= p.pos)) return;
+    // Position 0 is "nothing received yet" (a new user's stream): nothing to ack.
+    if (!p || p.pos < 1 || (this.acked && this.acked.epoch === p.epoch && this.acked.pos >= p.pos)) return;
     this.ws.send(encode(Op.Ack, this.nextSeq(), encodeAck(p.epoch, p.pos)));
     this.acked = { ...p };
   }
 
   private savePositions(): void {
-    if (!this.opts.storage) return;
+    if (!this.opts.storage || !this.dirty) return;
+    this.dirty = false;
     try {
       this.opts.storage.save(Object.fromEntries(this.positions));
     } catch (err) {
@@ -573,6 +633,7 @@ export class Client {
 
   private teardown(code: number, reason: string): void {
     this.timers.clearTimeout(this.heartbeatTimer);
+    this.timers.clearTimeout(this.handshakeTimer);
     this.timers.clearTimeout(this.ackTimer);
     this.ackTimer = null;
     for (const [seq, req] of this.pending) {
@@ -594,7 +655,8 @@ export class Client {
 
   private onSocketClose(ws: WebSocketLike, code: number, reason: string): void {
     if (ws !== this.ws) return;
-    if (this.st === "connected" && this.timers.now() - this.connectedAt >= STABLE_MS) this.attempt = 0;
+    const wasConnected = this.st === "connected";
+    if (wasConnected && this.timers.now() - this.connectedAt >= STABLE_MS) this.attempt = 0;
     this.teardown(code, reason);
     this.sess = null;
     if (this.st === "closed") return;
@@ -606,7 +668,9 @@ export class Client {
       return;
     }
     if (what === "token") this.tokenRefused = true;
-    if (code === Close.GoingAway && this.nodes.length > 1) this.nodeIndex++; // drained: another node
+    // Drained (1001), or never got as far as op 8 (down, refused, hung):
+    // the next node listed; past the last, the list is asked again.
+    if (this.nodes.length > 0 && (code === Close.GoingAway || !wasConnected)) this.nodeIndex++;
     this.retry(code, reason);
   }
 
@@ -629,4 +693,18 @@ function hostPort(host: string, port: number): string {
 
 function asError(err: unknown): Error {
   return err instanceof Error ? err : new Error(String(err));
+}
+
+/** The heartbeat period op 8 gives, bounded: 1 s to 24 days, 30 s when absent or not a number. */
+function heartbeatSeconds(v: unknown): number {
+  return typeof v === "number" && Number.isFinite(v) && v > 0 ? Math.min(Math.max(v, 1), 24 * 24 * 3600) : 30;
+}
+
+function validPos(p: unknown): p is { epoch: string; pos: number } {
+  const q = p as { epoch?: unknown; pos?: unknown } | null;
+  return !!q && typeof q.epoch === "string" && q.epoch.length >= 1 && q.epoch.length <= 32 && Number.isSafeInteger(q.pos) && (q.pos as number) >= 0;
+}
+
+function validStreamPos(p: unknown): p is StreamPos {
+  return validPos(p) && typeof (p as { stream?: unknown }).stream === "string";
 }

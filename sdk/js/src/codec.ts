@@ -193,6 +193,9 @@ export function decodeRecoverReply(body: Uint8Array): RecoverResult[] {
     if (typeof r?.stream !== "string" || typeof r.recovered !== "boolean" || typeof r.epoch !== "string" || typeof r.pos !== "number") {
       throw new ProtocolError("op 22: a result lacks stream, recovered, epoch or pos");
     }
+    if (r.epoch.length < 1 || r.epoch.length > MAX_EPOCH_LEN || !Number.isSafeInteger(r.pos) || r.pos < 0) {
+      throw new ProtocolError(`op 22: ${r.stream}: epoch ${JSON.stringify(r.epoch).slice(0, 40)} or position ${r.pos} out of range`);
+    }
     const out: RecoverResult = { stream: r.stream, recovered: r.recovered, epoch: r.epoch, pos: r.pos };
     if (typeof r.reason === "string") out.reason = r.reason;
     return out;

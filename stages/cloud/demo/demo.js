@@ -11,6 +11,9 @@ $("token").value = frag.get("token") ?? "";
 $("url").value = frag.get("url") ?? wsDefault;
 $("api").value = frag.get("api") ?? `${location.protocol}//${location.hostname}:3111`;
 $("apikey").value = frag.get("key") ?? "";
+// The token and key now live in the form: out of the address bar, the
+// history and whatever is shared of the screen.
+if (location.hash) history.replaceState(null, "", location.pathname + location.search);
 
 const MAX_SHOWN = 500;
 let client = null;
@@ -47,6 +50,10 @@ function addItem(meta, text, note = false) {
   $("messages").prepend(li);
   while ($("messages").children.length > MAX_SHOWN) $("messages").lastElementChild.remove();
   if (!note) $("count").textContent = String(++shown);
+}
+
+function clearSession() {
+  for (const id of ["mid", "key", "rooms", "online", "positions"]) $(id).textContent = "–";
 }
 
 function showPositions() {
@@ -93,8 +100,14 @@ function connect() {
   c.on("disconnected", (d) => {
     setState(d.reconnect ? "waiting" : "closed", d.reconnect ? `reconnecting in ${(d.backoffMs / 1000).toFixed(1)} s` : "stopped");
     addItem([`closed ${d.code}`], d.reason || (d.reconnect ? "reconnecting" : "stopped"), true);
+    if (!d.reconnect) clearSession();
+    if (d.code === 4401) {
+      showError("The server refused this token (expired, or signed with another secret). If you restarted imcloud, open the new demo URL it printed: standalone makes a new secret each run.");
+    }
   });
-  c.on("error", (e) => showError(e));
+  c.on("error", (e) => {
+    if (!/^token refused/.test(e.message)) showError(e);
+  });
   setState("connecting", "connecting");
   c.connect();
 }
@@ -102,7 +115,9 @@ function connect() {
 $("connect-btn").addEventListener("click", connect);
 $("disconnect-btn").addEventListener("click", () => {
   client?.close();
+  client = null;
   setState("idle", "not connected");
+  clearSession();
 });
 
 $("room-form").addEventListener("submit", async (ev) => {

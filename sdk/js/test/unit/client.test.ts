@@ -256,14 +256,15 @@ test("an event handler that throws is reported as error, and the client goes on"
   assert.equal(s.client.state, "connected");
 });
 
-test("a frame that does not parse closes the connection with 1002 and reconnects", async () => {
+test("a frame that does not parse (a server bug) closes the connection with 1000, a code a page may send, and reconnects", async () => {
   const s = setup();
   const ws = await connected(s);
   ws.deliver(new Uint8Array([0, 0, 0, 99, 0, 16]));
-  assert.equal(ws.closedWith?.code, Close.ProtocolError);
+  assert.equal(ws.closedWith?.code, Close.Normal);
+  assert.match(ws.closedWith?.reason ?? "", /protocol error/);
   assert.ok(s.events.error?.length);
-  ws.serverClose(Close.Abnormal);
   assert.equal(s.client.state, "waiting");
+  assert.equal(s.events.disconnected?.at(-1)?.reconnect, true);
 });
 
 class MemoryStorage implements PositionStorage {
@@ -379,4 +380,108 @@ test("decodeStreamMessage agrees with the helper building op 20 here", () => {
   const p = streamMsg("user:1", "e", 2 ** 40 + 3, "x", 1234);
   const m = decodeStreamMessage(p.subarray(16));
   assert.deepEqual([m.stream, m.epoch, m.pos, m.op], ["user:1", "e", 2 ** 40 + 3, 1234]);
+});
+
+test("a refusal that fires only error (Node 20's WebSocket) is retried, and so is a server that never answers op 7", async () => {
+  const s = setup({ handshakeTimeoutMs: 5000, backoff: { baseMs: 100 } });
+  s.client.connect();
+  await settle();
+  const refused = s.server.last;
+  refused.onerror?.({}); // readyState 0, and no close ever follows
+  assert.equal(s.client.state, "waiting");
+  assert.equal(s.events.disconnected?.[0].code, Close.Abnormal);
+  s.clock.advance(100);
+  await settle();
+  assert.equal(s.server.sockets.length, 2, "reconnected after the backoff");
+  s.server.last.open(); // accepts, then never sends op 8
+  s.clock.advance(4999);
+  assert.equal(s.client.state, "connecting");
+  s.clock.advance(1);
+  assert.equal(s.client.state, "waiting");
+  assert.match(s.events.disconnected!.at(-1)!.reason, /no auth reply/);
+  assert.notEqual(s.server.last.closedWith, null);
+});
+
+test("a malformed op 8 or op 22 is a failed connection: closed with a code a page may use, then retried", async () => {
+  for (const bad of ["<html>", "null", '{"mid":"1","key":"k"}', '{"key":"k"}']) {
+    const s = setup();
+    s.client.connect();
+    await settle();
+    s.server.last.open();
+    s.server.last.deliver(encode(Op.AuthReply, 1, bad));
+    assert.equal(s.client.state, "waiting", bad);
+    assert.equal(s.server.last.closedWith?.code, Close.Normal, bad);
+    assert.ok(s.events.error?.length, bad);
+  }
+  const s = setup();
+  const ws = await connected(s, { mid: 7, key: "k", heartbeat: 30, recover: true, streams: [{ stream: "user:7", epoch: "u", pos: 0 }] });
+  ws.deliver(encode(Op.RecoverReply, 2, JSON.stringify({ streams: [{ stream: "user:7", recovered: false, epoch: "", pos: 0.5 }] })));
+  assert.equal(s.client.state, "waiting");
+  assert.deepEqual(s.client.streamPositions, [{ stream: "user:7", epoch: "u", pos: 0 }], "nothing taken from the bad reply");
+});
+
+test("op 22 results for streams the client did not ask for are ignored", async () => {
+  const storage = new MemoryStorage();
+  const s = setup({ storage });
+  const ws = await connected(s, { mid: 7, key: "k", heartbeat: 30, recover: true, streams: [{ stream: "user:7", epoch: "u", pos: 3 }] });
+  const flood = Array.from({ length: 1000 }, (_, i) => ({ stream: `room:x://${i}`, recovered: false, reason: "trimmed", epoch: "e", pos: 1 }));
+  ws.deliver(encode(Op.RecoverReply, 2, JSON.stringify({ streams: [{ stream: "user:7", recovered: true, epoch: "u", pos: 3 }, ...flood] })));
+  assert.deepEqual(s.client.streamPositions, [{ stream: "user:7", epoch: "u", pos: 3 }]);
+  assert.equal(s.events.resync, undefined);
+  const saves = storage.saves;
+  ws.deliver(encode(Op.HeartbeatReply, 3, new Uint8Array(4)));
+  assert.equal(storage.saves, saves, "a frame that moved no position is not saved");
+});
+
+test("at most maxStreams positions are kept, the least recently moved dropped", async () => {
+  const s = setup({ maxStreams: 3 });
+  const ws = await connected(s, { mid: 7, key: "k", heartbeat: 30, recover: true, streams: [] });
+  for (const r of ["a", "b", "c", "d"]) ws.deliver(streamMsg(`room:x://${r}`, "e", 1, r));
+  assert.deepEqual(
+    s.client.streamPositions.map((p) => p.stream),
+    ["room:x://b", "room:x://c", "room:x://d"],
+  );
+});
+
+test("the heartbeat period op 8 gives is bounded", async () => {
+  for (const [hb, want] of [
+    [3e6, 24 * 24 * 3600 * 1000],
+    [-5, 30_000],
+    ["abc", 30_000],
+    [0.001, 1000],
+  ] as const) {
+    const s = setup();
+    await connected(s, { mid: 1, key: "k", heartbeat: hb });
+    assert.ok(s.clock.pending().includes(want), `heartbeat ${hb}: timers ${s.clock.pending()}, want one of ${want}`);
+  }
+});
+
+test("close() with acks on and nothing received yet does not throw, and says it closed", async () => {
+  const s = setup();
+  await connected(s, { mid: 77, key: "k", heartbeat: 30, recover: true, acks: true, streams: [{ stream: "user:77", epoch: "u", pos: 0 }] });
+  s.client.close();
+  assert.equal(s.client.state, "closed");
+  assert.equal(s.events.error, undefined);
+  assert.deepEqual(s.events.disconnected?.at(-1), { code: Close.Normal, reason: "closed by the client", reconnect: false });
+  assert.ok(!s.server.last.ops().includes(Op.Ack), "acked position 0");
+});
+
+test("a node that fails before op 8 is passed for the next; past the last the list is asked again", async () => {
+  let lists = 0;
+  const fetch = (async () => {
+    lists++;
+    return new Response(JSON.stringify({ code: 0, data: { nodes: [{ host: "a", ws_port: 1 }, { host: "b", ws_port: 2 }] } }));
+  }) as unknown as typeof globalThis.fetch;
+  const s = setup({ url: undefined, api: "http://api", fetch, backoff: { baseMs: 10, maxMs: 10 } });
+  s.client.connect();
+  await settle();
+  const urls = [s.server.last.url];
+  for (let i = 0; i < 2; i++) {
+    s.server.last.onerror?.({}); // down: refused
+    s.clock.advance(10);
+    await settle();
+    urls.push(s.server.last.url);
+  }
+  assert.deepEqual(urls, ["ws://a:1/sub", "ws://b:2/sub", "ws://a:1/sub"]);
+  assert.equal(lists, 2);
 });
