@@ -73,6 +73,11 @@ type Config struct {
 	Cluster  Cluster  `koanf:"cluster"`
 	Events   Events   `koanf:"events"`
 	History  History  `koanf:"history"`
+
+	// ignoredEnv are IMCLOUD_ variables that name no key: not
+	// IMCLOUD_<SECTION>__<KEY> nor a top-level key (Kubernetes' service
+	// links for a Service named imcloud). Exposures warns of them.
+	ignoredEnv []string
 }
 
 // Events configures the events topic (topics.events): receipts and
@@ -650,9 +655,10 @@ func Load(src Sources) (Config, error) {
 			return Config{}, fmt.Errorf("read config file %s: %w", src.File, err)
 		}
 	}
+	environ, ignored := configEnviron(src.Environ, k)
 	envProvider := env.Provider(".", env.Opt{
 		Prefix:        EnvPrefix,
-		EnvironFunc:   func() []string { return src.Environ },
+		EnvironFunc:   func() []string { return environ },
 		TransformFunc: envKey,
 	})
 	if err := k.Load(envProvider, nil); err != nil {
@@ -676,7 +682,29 @@ func Load(src Sources) (Config, error) {
 	if err := cfg.Validate(); err != nil {
 		return Config{}, err
 	}
+	cfg.ignoredEnv = ignored
 	return cfg, nil
+}
+
+// configEnviron keeps the IMCLOUD_ variables that are configuration:
+// IMCLOUD_<SECTION>__<KEY> (a misspelled one is still an error), or a
+// top-level key of k (IMCLOUD_NODE_ID). Others are returned apart:
+// Kubernetes sets IMCLOUD_PORT, IMCLOUD_SERVICE_HOST, IMCLOUD_PORT_3111_TCP…
+// for a Service named imcloud, which refused start-up as unknown keys.
+func configEnviron(environ []string, k *koanf.Koanf) (keep, ignored []string) {
+	for _, kv := range environ {
+		name, _, _ := strings.Cut(kv, "=")
+		rest, ok := strings.CutPrefix(name, EnvPrefix)
+		if !ok {
+			continue
+		}
+		if strings.Contains(rest, "__") || (k.Exists(strings.ToLower(rest)) && !strings.Contains(strings.ToLower(rest), ".")) {
+			keep = append(keep, kv)
+			continue
+		}
+		ignored = append(ignored, name)
+	}
+	return keep, ignored
 }
 
 // envKey maps IMCLOUD_CLOUD__WS_ADDR to cloud.ws_addr.
@@ -1016,6 +1044,10 @@ func IsLoopback(addr string) bool {
 // loopback. Start-up logs them and imcloud check prints them.
 func (c Config) Exposures() []string {
 	var out []string
+	if len(c.ignoredEnv) > 0 {
+		out = append(out, fmt.Sprintf("environment variables %s ignored: configuration is IMCLOUD_<SECTION>__<KEY> (e.g. IMCLOUD_CLOUD__WS_ADDR) or a top-level key (IMCLOUD_NODE_ID); these look like Kubernetes service links",
+			strings.Join(c.ignoredEnv, ", ")))
+	}
 	if c.Has(StageLogic) && len(c.Logic.APIKeys) == 0 && c.Logic.HTTPAddr != "" && !IsLoopback(c.Logic.HTTPAddr) {
 		out = append(out, fmt.Sprintf("logic.http_addr %q: the push API has no API keys and listens beyond loopback (logic.allow_anonymous = true): anyone who reaches it can push to every client", c.Logic.HTTPAddr))
 	}

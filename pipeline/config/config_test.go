@@ -303,3 +303,32 @@ func writeTemp(t *testing.T, content string) string {
 	writeFile(t, f, content)
 	return f
 }
+
+// TestKubernetesServiceLinksIgnored: the variables Kubernetes sets for a
+// Service named imcloud are ignored with one warning; a misspelled
+// IMCLOUD_<SECTION>__<KEY> is still an error, and top-level keys still
+// apply.
+func TestKubernetesServiceLinksIgnored(t *testing.T) {
+	links := []string{"IMCLOUD_PORT=tcp://10.0.0.1:3111", "IMCLOUD_SERVICE_HOST=10.0.0.1", "IMCLOUD_SERVICE_PORT=3111",
+		"IMCLOUD_PORT_3111_TCP=tcp://10.0.0.1:3111", "IMCLOUD_PORT_3111_TCP_PORT=3111", "IMCLOUD_PORT_3111_TCP_ADDR=10.0.0.1", "IMCLOUD_PORT_3111_TCP_PROTO=tcp"}
+	base := []string{"IMCLOUD_LOGIC__HTTP_ADDR=127.0.0.1:3111", "IMCLOUD_LOGIC__AUTH__JWT_SECRET=0123456789abcdef0123456789abcdef", "IMCLOUD_NODE_ID=n7", "PATH=/bin"}
+	cfg, err := Load(Sources{Environ: append(base, links...)})
+	if err != nil {
+		t.Fatalf("service links refused start-up: %v", err)
+	}
+	if cfg.NodeID != "n7" || cfg.Logic.HTTPAddr != "127.0.0.1:3111" {
+		t.Fatalf("configuration variables lost: node_id %q, http_addr %q", cfg.NodeID, cfg.Logic.HTTPAddr)
+	}
+	var warned []string
+	for _, w := range cfg.Exposures() {
+		if strings.Contains(w, "ignored") {
+			warned = append(warned, w)
+		}
+	}
+	if len(warned) != 1 || !strings.Contains(warned[0], "IMCLOUD_PORT_3111_TCP_PORT") || !strings.Contains(warned[0], "IMCLOUD_SERVICE_HOST") {
+		t.Fatalf("warnings %q, want one naming the links", warned)
+	}
+	if _, err := Load(Sources{Environ: append(base, "IMCLOUD_LOGIC__HTTP_ADR=:1")}); err == nil || !strings.Contains(err.Error(), "http_adr") {
+		t.Fatalf("a misspelled IMCLOUD_LOGIC__HTTP_ADR: %v, want an error naming it", err)
+	}
+}
