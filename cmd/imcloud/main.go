@@ -253,12 +253,18 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, envi
 		// The demo page pushes through the API from the node's origin.
 		cfg.Logic.CORSOrigins = demoOrigins(cfg.Cloud.WSAddr)
 	}
-	logger := newLogger(cfg.Log, stderr)
+	level := new(slog.LevelVar)
+	logger := newLevelLogger(cfg.Log, level, stderr)
 	if cfg.Events.Enabled && cfg.Broker.Kind == config.BrokerGoChannel {
 		logger.Warn("events.enabled on the embedded broker (gochannel): only this process could read topics.events, and nothing in it does; run on a shared broker to consume them (README \"Events and presence\")")
 	}
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	// SIGHUP reloads (reload); registered before start so that an early
+	// one never takes the default action, ending the process.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	n, err := process.Start(ctx, cfg, logger)
 	if err != nil {
 		return err
@@ -272,11 +278,37 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, envi
 	} else {
 		printAddrs(stdout, n.Addrs())
 	}
-	select {
-	case <-ctx.Done():
-		logger.Info("shutting down")
-	case <-n.Done():
-		logger.Error("stage failed, shutting down", "err", n.Err())
+	reload := func() {
+		next, err := cf.load(environ, defaults, extra...)
+		if err == nil && standalone && next.Cloud.Demo && len(next.Logic.CORSOrigins) == 0 {
+			next.Logic.CORSOrigins = demoOrigins(next.Cloud.WSAddr)
+		}
+		if err != nil {
+			logger.Error("SIGHUP: configuration not reloaded; the running one stays", "err", err)
+			return
+		}
+		applied, restart, err := n.Reload(next, level)
+		if err != nil {
+			logger.Error("SIGHUP: configuration not reloaded; the running one stays", "err", err)
+			return
+		}
+		logger.Info("SIGHUP: configuration reloaded", "applied", applied, "reloadable", config.Reloadable)
+		if len(restart) > 0 {
+			logger.Warn("SIGHUP: these keys changed but take effect only after a restart", "keys", restart)
+		}
+	}
+wait:
+	for {
+		select {
+		case <-ctx.Done():
+			logger.Info("shutting down")
+			break wait
+		case <-n.Done():
+			logger.Error("stage failed, shutting down", "err", n.Err())
+			break wait
+		case <-hup:
+			reload()
+		}
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
@@ -285,8 +317,14 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, envi
 }
 
 func newLogger(c config.Log, w io.Writer) *slog.Logger {
-	var level slog.Level
-	_ = level.UnmarshalText([]byte(c.Level))
+	return newLevelLogger(c, new(slog.LevelVar), w)
+}
+
+// newLevelLogger logs at level, set from c; a reload changes level.
+func newLevelLogger(c config.Log, level *slog.LevelVar, w io.Writer) *slog.Logger {
+	var l slog.Level
+	_ = l.UnmarshalText([]byte(c.Level))
+	level.Set(l)
 	opts := &slog.HandlerOptions{Level: level}
 	if c.Format == "json" {
 		return slog.New(slog.NewJSONHandler(w, opts))

@@ -1147,3 +1147,41 @@ func validOrigin(o string) error {
 	}
 	return nil
 }
+
+// Reloadable are the keys a running process takes from a reloaded
+// configuration (SIGHUP): the log level, and logic's API keys, client-token
+// keys and browser origins, so that each can be rotated without a restart.
+var Reloadable = []string{"log.level", "logic.api_keys", "logic.auth.jwt_secret", "logic.auth.jwt_public_key_file", "logic.cors_origins"}
+
+// Diff lists the keys whose values differ between a and b, sorted: what a
+// reload changes. Values are not returned: some are secrets.
+func Diff(a, b Config) ([]string, error) {
+	flat := func(c Config) (map[string]any, error) {
+		k := koanf.New(".")
+		if err := k.Load(structs.Provider(c, "koanf"), nil); err != nil {
+			return nil, fmt.Errorf("flatten configuration: %w", err)
+		}
+		return k.All(), nil
+	}
+	fa, err := flat(a)
+	if err != nil {
+		return nil, err
+	}
+	fb, err := flat(b)
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for key, va := range fa {
+		if vb, ok := fb[key]; !ok || fmt.Sprint(va) != fmt.Sprint(vb) {
+			out = append(out, key)
+		}
+	}
+	for key := range fb {
+		if _, ok := fa[key]; !ok {
+			out = append(out, key)
+		}
+	}
+	slices.Sort(out)
+	return out, nil
+}

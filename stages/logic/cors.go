@@ -48,7 +48,7 @@ func (st *Stage) cors(w http.ResponseWriter, r *http.Request) bool {
 	h.Add("Vary", "Origin")
 	switch {
 	case public:
-	case slices.Contains(st.cfg.CORSOrigins, "*") || slices.Contains(st.cfg.CORSOrigins, origin):
+	case slices.Contains(st.access.Load().cors, "*") || slices.Contains(st.access.Load().cors, origin):
 		h.Set("Access-Control-Allow-Origin", origin)
 		h.Set("Access-Control-Expose-Headers", corsExposeHeaders)
 	default:

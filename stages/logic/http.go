@@ -651,7 +651,8 @@ func refuse(w http.ResponseWriter) {
 }
 
 func (st *Stage) authorized(r *http.Request) bool {
-	if len(st.cfg.APIKeys) == 0 {
+	keys := st.access.Load().keys
+	if len(keys) == 0 {
 		return true
 	}
 	// The scheme is case-insensitive (RFC 7235 section 2.1): "bearer" and
@@ -664,7 +665,7 @@ func (st *Stage) authorized(r *http.Request) bool {
 	// whatever the length of what was sent; every key is compared.
 	sum := sha256.Sum256([]byte(got))
 	match := 0
-	for _, want := range st.apiKeys {
+	for _, want := range keys {
 		match |= subtle.ConstantTimeCompare(sum[:], want[:])
 	}
 	return match == 1

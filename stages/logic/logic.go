@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net/http"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
@@ -36,7 +37,9 @@ type Stage struct {
 	// failLog limits logs of failing dependencies: an outage fails every
 	// request, and one line a second says as much as thousands.
 	failLog *pipeline.RateLog
-	apiKeys [][sha256.Size]byte // logic.api_keys, hashed once
+	// access and auth are what SIGHUP reloads (reload.go).
+	access atomic.Pointer[access]
+	auth   *swapAuth
 	// presence asks one cloud node for a room's members; nil: over gRPC
 	// (tests replace it).
 	presence func(ctx context.Context, n *pb.NodeInfo, room string) (*pb.PresenceReply, error)
@@ -87,7 +90,8 @@ func New(cfg config.Logic, o Options) (*Stage, error) {
 	if limits.MaxSize == 0 {
 		limits = config.Default().History
 	}
-	rpc := newGRPCServer(cfg, auth, o.Registry,
+	swap := newSwapAuth(auth)
+	rpc := newGRPCServer(cfg, swap, o.Registry,
 		&replacer{registry: o.Registry, logger: o.Logger, clouds: cloudconn.New(o.CloudDial...)}, o.Logger)
 	limit := func(stream string) pipeline.StreamLimit {
 		l := limits.Limit(stream)
@@ -96,8 +100,9 @@ func New(cfg config.Logic, o Options) (*Stage, error) {
 	rpc.history = o.History
 	rpc.acks = limits.User.Acks
 	rpc.limit = limit
-	return &Stage{
+	st := &Stage{
 		cfg:       cfg,
+		auth:      swap,
 		heartbeat: o.Heartbeat,
 		pusher: &Pusher{registry: o.Registry, nodes: newNodeLister(o.Registry, o.NodesTTL), publisher: o.Publisher, topic: o.PushTopic, events: o.Events, history: o.History,
 			limit: limit, voidFail: pipeline.NewRateLog(o.Logger, slog.LevelError, time.Second)},
@@ -106,8 +111,9 @@ func New(cfg config.Logic, o Options) (*Stage, error) {
 		grpc:    rpc,
 		logger:  o.Logger,
 		failLog: pipeline.NewRateLog(o.Logger, slog.LevelError, time.Second),
-		apiKeys: hashKeys(cfg.APIKeys),
-	}, nil
+	}
+	st.access.Store(newAccess(cfg))
+	return st, nil
 }
 
 func hashKeys(keys []string) [][sha256.Size]byte {

@@ -13,7 +13,9 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"os"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -60,6 +62,7 @@ type Process struct {
 	cloudHTTP  []*http.Server // WS and WSS
 	cloudTCP   net.Listener
 	cloudStage *cloud.Stage
+	logicStage *logic.Stage
 	logicConn  *grpc.ClientConn
 	router     *message.Router
 	jobStage   *job.Stage
@@ -208,6 +211,7 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Proc
 		if err != nil {
 			return nil, err
 		}
+		p.logicStage = logicStage
 		p.logicGRPC = grpc.NewServer(p.grpcServerOpts...)
 		logicStage.RegisterGRPC(p.logicGRPC)
 		p.closers = append(p.closers, logicStage.Close)
@@ -489,6 +493,57 @@ func (p *Process) fail(err error) {
 		p.err = err
 		close(p.done)
 	})
+}
+
+// Reload applies what cfg changes of the reloadable keys
+// (config.Reloadable) and returns, sorted, the keys it applied and those
+// that changed but need a restart. level is the logger's level, set to
+// cfg's. On an error nothing of logic's changed (the log level may have).
+func (p *Process) Reload(cfg config.Config, level *slog.LevelVar) (applied, restart []string, err error) {
+	changed, err := config.Diff(p.cfg, cfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	for _, k := range changed {
+		if slices.Contains(config.Reloadable, k) {
+			applied = append(applied, k)
+		} else {
+			restart = append(restart, k)
+		}
+	}
+	if level != nil {
+		var l slog.Level
+		if err := l.UnmarshalText([]byte(cfg.Log.Level)); err == nil {
+			level.Set(l)
+		}
+	}
+	if p.logicStage != nil && cfg.Logic.Auth.Mode != p.cfg.Logic.Auth.Mode {
+		// Keys of another mode mean nothing to this one: all of it waits
+		// for a restart.
+		var keep []string
+		for _, k := range applied {
+			if strings.HasPrefix(k, "logic.") {
+				restart = append(restart, k)
+			} else {
+				keep = append(keep, k)
+			}
+		}
+		applied = keep
+		slices.Sort(restart)
+		cfg.Logic = p.cfg.Logic
+	}
+	if p.logicStage != nil {
+		// Always: a public key file may have new contents under its old
+		// name.
+		if err := p.logicStage.Reload(cfg.Logic); err != nil {
+			return nil, nil, err
+		}
+	}
+	// What was applied is now the process's; the rest waits for a restart.
+	p.cfg.Log.Level = cfg.Log.Level
+	p.cfg.Logic.APIKeys, p.cfg.Logic.Auth.JWTSecret, p.cfg.Logic.Auth.JWTPublicKeyFile, p.cfg.Logic.CORSOrigins =
+		cfg.Logic.APIKeys, cfg.Logic.Auth.JWTSecret, cfg.Logic.Auth.JWTPublicKeyFile, cfg.Logic.CORSOrigins
+	return applied, restart, nil
 }
 
 // Addrs returns where the process listens.
