@@ -64,6 +64,7 @@ type Stage struct {
 	handshakeFailures atomic.Int64
 	handshakeLog      *pipeline.RateLog
 	originLog         *pipeline.RateLog // WebSocket upgrades refused for their Origin
+	renewedAt         atomic.Int64      // unix ns of logic's last answer to a report; 0: none yet
 	announceLog       *pipeline.RateLog
 	// delivered remembers recent message ids, so that a call job retries
 	// after its deadline passed (the first one having gone through) does
@@ -213,6 +214,7 @@ func (s *Stage) renew(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	s.renewedAt.Store(time.Now().UnixNano())
 	all := reply.AllRoomCount
 	if all == nil {
 		all = map[string]int32{}
@@ -249,7 +251,29 @@ func (s *Stage) info() *pb.NodeInfo {
 	info := proto.Clone(s.self).(*pb.NodeInfo)
 	info.RoomCount, info.ConnCount, info.IpCount = s.counts()
 	info.ReportsRooms = true
+	if s.Draining() {
+		// Still registered (job delivers to the clients it still has),
+		// no longer offered to clients: /im/nodes/weighted lists only
+		// nodes with a public host.
+		info.Host = ""
+	}
 	return info
+}
+
+// Registered reports whether logic took one of the node's reports within
+// the last three renew intervals: past that the registry has dropped the
+// node, and job sends it nothing.
+func (s *Stage) Registered() bool {
+	at := s.renewedAt.Load()
+	return at != 0 && time.Since(time.Unix(0, at)) < 3*s.cfg.RenewInterval
+}
+
+// Draining reports whether Drain began: the node takes no new client and
+// is not ready.
+func (s *Stage) Draining() bool {
+	s.connMu.RLock()
+	defer s.connMu.RUnlock()
+	return s.draining
 }
 
 // counts returns the node's per-room, connection and client IP counts.
@@ -468,6 +492,11 @@ func (s *Stage) Drain(ctx context.Context) error {
 	s.connMu.Lock()
 	s.draining = true
 	s.connMu.Unlock()
+	// Leave /im/nodes/weighted first: clients told to reconnect (1001)
+	// are sent elsewhere, not back here.
+	if err := s.renew(ctx); err != nil {
+		s.logger.Warn("drain: tell logic this node takes no new clients", "err", err)
+	}
 	// Paced broadcasts stop: what they have not queued yet would only
 	// be refused by connections that are closing.
 	s.stopPaced()

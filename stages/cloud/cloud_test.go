@@ -368,3 +368,38 @@ func TestKeyOfflineAtFirstCallGetsTheRetry(t *testing.T) {
 		}
 	}
 }
+
+// TestDrainLeavesTheNodeListFirst: Drain reports the node without its
+// public host (so /im/nodes/weighted stops offering it) before it closes
+// a client, and the node says it is draining.
+func TestDrainLeavesTheNodeListFirst(t *testing.T) {
+	n := startNode(t, func(*config.Cloud) {})
+	n.st.self.Host = "push1.example.com"
+	c := n.connect(t, "tcp", claims{Mid: 1, Key: "k"})
+	if got := n.st.info().Host; got != "push1.example.com" {
+		t.Fatalf("host %q before Drain", got)
+	}
+	if n.st.Draining() {
+		t.Fatal("draining before Drain")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	drained := make(chan error, 1)
+	go func() { drained <- n.st.Drain(ctx) }()
+	// The client's close comes after the report.
+	if _, err := c.Read(); err == nil {
+		t.Fatal("the client was not closed")
+	}
+	n.logic.mu.Lock()
+	last := n.logic.lastNode
+	n.logic.mu.Unlock()
+	if last == nil || last.Host != "" {
+		t.Fatalf("the last report before the close: %+v, want no public host", last)
+	}
+	if !n.st.Draining() {
+		t.Fatal("not draining during Drain")
+	}
+	if err := <-drained; err != nil {
+		t.Fatal(err)
+	}
+}

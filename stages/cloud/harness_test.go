@@ -34,7 +34,8 @@ type fakeLogic struct {
 	rooms       map[string]int32 // what RenewOnline answers
 	heartbeats  int
 	renewals    int
-	renewErr    error // the last RenewOnline request that would not marshal
+	renewErr    error        // the last RenewOnline request that would not marshal
+	lastNode    *pb.NodeInfo // the last RenewOnline's node
 	// hist answers History and Tops and gives ConnectReply its tops; nil:
 	// history is off (see order_test.go).
 	hist *fakeHist
@@ -111,6 +112,7 @@ func (f *fakeLogic) RenewOnline(_ context.Context, in *pb.RenewOnlineReq, _ ...g
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.renewals++
+	f.lastNode = in.GetNode()
 	if err != nil {
 		f.renewErr = err
 		return nil, status.Error(codes.Internal, err.Error())

@@ -58,7 +58,8 @@ type Process struct {
 	broker     *pipeline.Broker
 	logicGRPC  *grpc.Server
 	cloudGRPC  *grpc.Server
-	httpSrvs   []*http.Server // logic API and admin
+	httpSrvs   []*http.Server // logic API
+	adminSrvs  []*http.Server // admin, stopped last
 	cloudHTTP  []*http.Server // WS and WSS
 	cloudTCP   net.Listener
 	cloudStage *cloud.Stage
@@ -240,7 +241,9 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Proc
 		if err != nil {
 			return nil, err
 		}
-		p.serveHTTP(&p.httpSrvs, "admin", h, adminLn, false)
+		// Stopped last (stop): /readyz says "draining" while the node
+		// drains, rather than refuse the probe.
+		p.serveHTTP(&p.adminSrvs, "admin", h, adminLn, false)
 	}
 	return p, nil
 }
@@ -619,6 +622,9 @@ func (p *Process) stop(ctx context.Context) {
 	for _, c := range p.closers {
 		_ = c()
 	}
+	for _, s := range p.adminSrvs {
+		_ = s.Shutdown(ctx)
+	}
 	p.wg.Wait()
 }
 
@@ -645,6 +651,7 @@ func warnExposure(cfg config.Config, logger *slog.Logger) {
 // command line holds whatever was given with --set, secrets included.
 func (p *Process) adminHandler() (http.Handler, error) {
 	mux := baseAdminMux()
+	mux.HandleFunc("/readyz", p.readyz)
 	admin, local, err := adapters.LocalPoison(p.cfg, p.broker)
 	if err != nil {
 		return nil, err
@@ -660,10 +667,59 @@ func (p *Process) adminHandler() (http.Handler, error) {
 }
 
 // baseAdminMux serves health and profiles.
+// readyz answers 200 when every dependency of the stages this process
+// runs is in order, and 503 naming each that is not: a cloud node that
+// drains or that logic has not heard from in three renew intervals, a job
+// router that is not running, a registry that does not answer. Each check
+// is bounded by a second.
+func (p *Process) readyz(w http.ResponseWriter, r *http.Request) {
+	ctx, cancel := context.WithTimeout(r.Context(), time.Second)
+	defer cancel()
+	var lines []string
+	failed := 0
+	check := func(name string, err error) {
+		if err != nil {
+			failed++
+			lines = append(lines, name+": "+err.Error())
+			return
+		}
+		lines = append(lines, name+": ok")
+	}
+	if p.cloudStage != nil {
+		switch {
+		case p.cloudStage.Draining():
+			check("cloud", errors.New("draining: taking no new clients"))
+		case !p.cloudStage.Registered():
+			check("cloud", errors.New("not registered with logic: its last report was not answered in time"))
+		default:
+			check("cloud", nil)
+		}
+	}
+	if p.router != nil {
+		switch {
+		case p.router.IsClosed():
+			check("job", errors.New("router closed"))
+		case !p.router.IsRunning():
+			check("job", errors.New("router not running"))
+		default:
+			check("job", nil)
+		}
+	}
+	if p.stores != nil && p.stores.Registry != nil {
+		_, err := p.stores.Registry.Nodes(ctx)
+		check("registry", err)
+	}
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.Header().Set("Cache-Control", "no-store")
+	if failed > 0 {
+		w.WriteHeader(http.StatusServiceUnavailable)
+	}
+	_, _ = w.Write([]byte(strings.Join(lines, "\n") + "\n"))
+}
+
 func baseAdminMux() *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/livez", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
-	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
 	mux.HandleFunc("/debug/pprof/", pprof.Index)
 	mux.HandleFunc("/debug/pprof/cmdline", func(w http.ResponseWriter, _ *http.Request) {
 		http.Error(w, "not served: the command line can hold secrets", http.StatusNotFound)
