@@ -22,7 +22,7 @@ type DedupeStore interface {
 // redelivery, a poison replay) would be dropped as a duplicate and lost.
 // Keyed on the message-id metadata, never the payload: two pushes of the
 // same text are two messages.
-func dedupe(store DedupeStore, ttl time.Duration, logger *slog.Logger) message.HandlerMiddleware {
+func dedupe(store DedupeStore, ttl time.Duration, logger *slog.Logger, observe func(string)) message.HandlerMiddleware {
 	return func(h message.HandlerFunc) message.HandlerFunc {
 		return func(msg *message.Message) ([]*message.Message, error) {
 			id := msg.Metadata.Get(MetaMessageID)
@@ -42,6 +42,7 @@ func dedupe(store DedupeStore, ttl time.Duration, logger *slog.Logger) message.H
 			}
 			if seen {
 				logger.Debug("dropping duplicate message", "message_id", id)
+				observe("duplicate")
 				return nil, nil
 			}
 			out, err := h(msg)

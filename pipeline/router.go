@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"strings"
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
@@ -30,6 +31,11 @@ type RouterConfig struct {
 	// refuse for this node's configuration is held before it goes back to
 	// the broker (config.ConfigFaultHold, which job's worst case counts).
 	ConfigHold time.Duration
+	// Observe, if set, is told each message's outcome in the router:
+	// "retried" per retry, "duplicate" for one dedupe dropped, "offline"
+	// or "poisoned" for one sent to the poison topic (metrics.Job.Result;
+	// the handler counts "delivered" itself).
+	Observe func(result string)
 }
 
 // NewRouter returns a router whose handlers run inside the delivery
@@ -74,7 +80,11 @@ func newRouter(cfg RouterConfig, poisonTopic string, poisonPub message.Publisher
 	if err != nil {
 		return nil, fmt.Errorf("create router: %w", err)
 	}
-	poison, err := middleware.PoisonQueueWithFilter(timedPublisher{poisonPub}, poisonTopic, notPoison)
+	observe := cfg.Observe
+	if observe == nil {
+		observe = func(string) {}
+	}
+	poison, err := middleware.PoisonQueueWithFilter(timedPublisher{poisonPub, observe}, poisonTopic, notPoison)
 	if err != nil {
 		return nil, fmt.Errorf("create poison queue middleware: %w", err)
 	}
@@ -87,7 +97,7 @@ func newRouter(cfg RouterConfig, poisonTopic string, poisonPub message.Publisher
 		if store == nil {
 			return nil, fmt.Errorf("job.dedupe.enabled: no dedupe store given")
 		}
-		r.AddMiddleware(dedupe(store, cfg.DedupeTTL, logger))
+		r.AddMiddleware(dedupe(store, cfg.DedupeTTL, logger, observe))
 	}
 	r.AddMiddleware(
 		holdConfigFault(logger, hold),
@@ -99,6 +109,7 @@ func newRouter(cfg RouterConfig, poisonTopic string, poisonPub message.Publisher
 			Multiplier:          cfg.Multiplier,
 			ResetContextOnRetry: true,
 			ShouldRetry:         func(p middleware.RetryParams) bool { return retryable(p.Err) },
+			OnRetryHook:         func(int, time.Duration) { observe("retried") },
 			Logger:              wlog,
 		}.Middleware,
 		middleware.Timeout(cfg.Timeout),
@@ -116,8 +127,11 @@ func newRouter(cfg RouterConfig, poisonTopic string, poisonPub message.Publisher
 const SettleTimeout = 5 * time.Second
 
 // timedPublisher publishes each message with its context bounded by
-// SettleTimeout.
-type timedPublisher struct{ message.Publisher }
+// SettleTimeout, and tells observe what it poisoned.
+type timedPublisher struct {
+	message.Publisher
+	observe func(result string)
+}
 
 func (p timedPublisher) Publish(topic string, msgs ...*message.Message) error {
 	for _, m := range msgs {
@@ -129,6 +143,11 @@ func (p timedPublisher) Publish(topic string, msgs ...*message.Message) error {
 		cancel()
 		if err != nil {
 			return err
+		}
+		if strings.Contains(m.Metadata.Get(middleware.ReasonForPoisonedKey), ReasonRecipientsOffline) {
+			p.observe("offline")
+		} else {
+			p.observe("poisoned")
 		}
 	}
 	return nil

@@ -316,10 +316,6 @@ wait:
 	return n.Err()
 }
 
-func newLogger(c config.Log, w io.Writer) *slog.Logger {
-	return newLevelLogger(c, new(slog.LevelVar), w)
-}
-
 // newLevelLogger logs at level, set from c; a reload changes level.
 func newLevelLogger(c config.Log, level *slog.LevelVar, w io.Writer) *slog.Logger {
 	var l slog.Level

@@ -141,6 +141,9 @@ type Log struct {
 // Admin configures the operations listener.
 type Admin struct {
 	Addr string `koanf:"addr"`
+	// Metrics records Prometheus metrics and serves them at /metrics on
+	// Addr; off (or no Addr), nothing is recorded.
+	Metrics bool `koanf:"metrics"`
 }
 
 // Broker selects and configures the message broker.
@@ -529,7 +532,7 @@ func Default() Config {
 	return Config{
 		Stages: []string{StageLogic, StageJob, StageCloud},
 		Log:    Log{Level: "info", Format: "text"},
-		Admin:  Admin{Addr: ""},
+		Admin:  Admin{Addr: "", Metrics: true},
 		Broker: Broker{
 			Kind:        BrokerAMQP,
 			GoChannel:   GoChannel{MaxPending: 50_000, MaxPoisoned: 10_000},

@@ -353,9 +353,12 @@ type Proto struct {
 	Id string `protobuf:"bytes,5,opt,name=id,proto3" json:"id,omitempty"`
 	// As PushMsg.positions: a room push carries its room's, a key push one
 	// per user among its keys (a node picks the one of each key's user).
-	Positions     []*StreamPos `protobuf:"bytes,6,rep,name=positions,proto3" json:"positions,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Positions []*StreamPos `protobuf:"bytes,6,rep,name=positions,proto3" json:"positions,omitempty"`
+	// When logic accepted the push (unix ns, logic's clock), for the node's
+	// delivery-latency histogram; 0 from an older job.
+	AcceptedUnixNano int64 `protobuf:"varint,7,opt,name=accepted_unix_nano,json=acceptedUnixNano,proto3" json:"accepted_unix_nano,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *Proto) Reset() {
@@ -428,6 +431,13 @@ func (x *Proto) GetPositions() []*StreamPos {
 		return x.Positions
 	}
 	return nil
+}
+
+func (x *Proto) GetAcceptedUnixNano() int64 {
+	if x != nil {
+		return x.AcceptedUnixNano
+	}
+	return 0
 }
 
 // Batch carries several broker messages in one: the AMQP publisher gathers
@@ -570,14 +580,15 @@ const file_push_proto_rawDesc = "" +
 	"\n" +
 	"at_unix_ms\x18\x05 \x01(\x03R\batUnixMs\x12\x12\n" +
 	"\x04keys\x18\x06 \x03(\tR\x04keys\x12\x12\n" +
-	"\x04void\x18\a \x01(\bR\x04void\"\x94\x01\n" +
+	"\x04void\x18\a \x01(\bR\x04void\"\xc2\x01\n" +
 	"\x05Proto\x12\x10\n" +
 	"\x03ver\x18\x01 \x01(\x05R\x03ver\x12\x0e\n" +
 	"\x02op\x18\x02 \x01(\x05R\x02op\x12\x10\n" +
 	"\x03seq\x18\x03 \x01(\x05R\x03seq\x12\x12\n" +
 	"\x04body\x18\x04 \x01(\fR\x04body\x12\x0e\n" +
 	"\x02id\x18\x05 \x01(\tR\x02id\x123\n" +
-	"\tpositions\x18\x06 \x03(\v2\x15.imcloud.v1.StreamPosR\tpositions\"9\n" +
+	"\tpositions\x18\x06 \x03(\v2\x15.imcloud.v1.StreamPosR\tpositions\x12,\n" +
+	"\x12accepted_unix_nano\x18\a \x01(\x03R\x10acceptedUnixNano\"9\n" +
 	"\x05Batch\x120\n" +
 	"\bmessages\x18\x01 \x03(\v2\x14.imcloud.v1.EnvelopeR\bmessages\"\xb5\x01\n" +
 	"\bEnvelope\x12\x12\n" +

@@ -1,9 +1,11 @@
 package cloud
 
 import (
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"imcloud/pipeline/metrics"
 	"log/slog"
 	"slices"
 	"strconv"
@@ -106,7 +108,9 @@ type channel struct {
 	logger *slog.Logger
 	limit  int           // packets queued before the client is a slow consumer
 	slow   *atomic.Int64 // the node's count of slow consumers closed
-	seq    atomic.Int32
+	// metrics records socket writes; nil records nothing.
+	metrics *metrics.Cloud
+	seq     atomic.Int32
 	// limitBytes bounds the bytes queued: counting packets alone let a
 	// client that stopped reading pin 1024 echoed 4 KB replies (~4 MB).
 	limitBytes int
@@ -441,6 +445,7 @@ func (c *channel) flush() {
 			n := min(len(rest), maxWriteBatch)
 			err = c.t.Write(rest[:n], &c.seq)
 			if err == nil {
+				c.metrics.Wrote(n)
 				notifyWritten(rest[:n])
 			}
 			rest = rest[n:]
@@ -568,4 +573,25 @@ func (c *channel) startPositions(tops []*pb.StreamPos) []wire.StreamPos {
 		}
 	}
 	return out
+}
+
+// closedWith is the code the connection was closed with (0: open).
+func (c *channel) closedWith() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.closeCode
+}
+
+// transportName is t's kind, the label of imcloud_cloud_connections.
+func transportName(t transport) string {
+	switch t := t.(type) {
+	case *tcpTransport:
+		return "tcp"
+	case *wsTransport:
+		if _, ok := t.conn.NetConn().(*tls.Conn); ok {
+			return "wss"
+		}
+		return "ws"
+	}
+	return "other"
 }

@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"imcloud/pipeline/metrics"
 	"log/slog"
 	"math/rand/v2"
 	"net"
@@ -71,6 +72,7 @@ type Stage struct {
 	// not deliver the message twice.
 	delivered *expiring.Set
 	rounds    *roomRounds
+	metrics   *metrics.Cloud // nil records nothing
 	// order delivers each room's and user's positioned pushes in stream
 	// order (issue 12; order.go).
 	order *orderer
@@ -111,6 +113,8 @@ type Options struct {
 	Logger        *slog.Logger
 	// Events receives connect, disconnect and delivered events; nil: off.
 	Events *events.Emitter
+	// Metrics records connections, closes, writes and latency; nil: off.
+	Metrics *metrics.Cloud
 
 	// recoverBounds replaces defaultRecoverBounds when set (tests).
 	recoverBounds *recoverBounds
@@ -126,6 +130,7 @@ func New(cfg config.Cloud, o Options) *Stage {
 		upstream:      o.Upstream,
 		upstreamTopic: o.UpstreamTopic,
 		events:        o.Events,
+		metrics:       o.Metrics,
 		logger:        o.Logger.With("node", o.Self.GetId()),
 		buckets:       newBuckets(cfg.Buckets),
 		bufs:          newBufPool(),
@@ -267,6 +272,12 @@ func (s *Stage) Registered() bool {
 	at := s.renewedAt.Load()
 	return at != 0 && time.Since(time.Unix(0, at)) < 3*s.cfg.RenewInterval
 }
+
+// Parked is the number of idle connections waiting without a reader.
+func (s *Stage) Parked() int { return s.parker.count() }
+
+// Rooms is the number of rooms with a member here, as last reported.
+func (s *Stage) Rooms() int { return len(*s.reported.Load()) }
 
 // Draining reports whether Drain began: the node takes no new client and
 // is not ready.

@@ -40,6 +40,7 @@ func (g *grpcServer) PushMsg(_ context.Context, req *pb.PushMsgReq) (*pb.PushMsg
 	if err != nil {
 		return nil, err
 	}
+	defer g.s.metrics.Queued("user", req.Proto.GetAcceptedUnixNano())
 	if len(req.Proto.Positions) > 0 {
 		return g.s.order.pushKeys(req, item), nil
 	}
@@ -74,6 +75,7 @@ func (s *Stage) offline(reply *pb.PushMsgReply, id, key string) {
 
 // fanout queues items to every member of room on the node.
 func (s *Stage) fanout(room string, items []outItem) int {
+	s.metrics.Round()
 	n := 0
 	for _, b := range s.buckets {
 		n += b.roomSend(room, items)
@@ -99,6 +101,11 @@ func (g *grpcServer) BroadcastRoom(_ context.Context, req *pb.BroadcastRoomReq) 
 	if req.Proto != nil {
 		protos = append([]*pb.Proto{req.Proto}, protos...)
 	}
+	defer func() {
+		for _, p := range protos {
+			g.s.metrics.Queued("room", p.GetAcceptedUnixNano())
+		}
+	}()
 	if len(protos) == 0 {
 		return nil, status.Error(codes.InvalidArgument, "proto or batch is required")
 	}
@@ -132,6 +139,7 @@ func (g *grpcServer) Broadcast(_ context.Context, req *pb.BroadcastReq) (*pb.Bro
 	if err != nil {
 		return nil, err
 	}
+	defer g.s.metrics.Queued("broadcast", req.Proto.GetAcceptedUnixNano())
 	if req.Speed > 0 {
 		return g.s.startPaced(req.Proto, item, int(req.Speed))
 	}

@@ -58,6 +58,8 @@ func (s *Stage) serve(t transport) {
 func (s *Stage) session(ch *channel, remote string, tops []*pb.StreamPos) {
 	b := bucketFor(s.buckets, ch.key)
 	r := &reader{s: s, ch: ch, b: b, id: ch.conn, last: time.Now()}
+	// Counted in here, out in endSession, which every session reaches.
+	s.metrics.Opened(transportName(ch.t))
 	defer func() {
 		// Only what comes before the reader runs can panic here: the
 		// reader recovers its own. The connection ends, not the node.
@@ -120,6 +122,8 @@ func (s *Stage) session(ch *channel, remote string, tops []*pb.StreamPos) {
 func (s *Stage) endSession(ch *channel, b *bucket, err error) {
 	defer s.conns.Done()
 	ch.close(closeCode(err))
+	s.metrics.Ended(transportName(ch.t))
+	s.metrics.Closed(ch.closedWith())
 	s.emitDisconnect(ch)
 	if !b.del(ch) {
 		// The session now belongs to the connection that replaced this one.
@@ -234,6 +238,7 @@ func (s *Stage) handshake(t transport) (*channel, []*pb.StreamPos, error) {
 		return nil, nil, fmt.Errorf("%w: the token joins %d rooms, cloud.max_rooms is %d", errTooManyRooms, len(rooms), s.cfg.MaxRooms)
 	}
 	ch := newChannel(t, s.cfg.SendQueue, s.cfg.SendQueueBytes, &s.slowConsumers, s.logger)
+	ch.metrics = s.metrics
 	ch.mid, ch.key, ch.conn = reply.Mid, reply.Key, conn
 	ch.ip, _, _ = net.SplitHostPort(t.RemoteAddr().String())
 	ch.rooms = rooms
@@ -492,6 +497,7 @@ func (s *Stage) handle(ch *channel, b *bucket, p wire.Packet) error {
 			s.upstreamFailed(ch, err)
 			return fmt.Errorf("%w: publish: %w", errUpstream, err)
 		}
+		s.metrics.Upstream()
 		ch.reply(outItem{pkt: wire.Encode(wire.OpSendMsgReply, p.Seq, nil)})
 	case wire.OpChangeRoom:
 		// op 12 changes the connection's one room (goim), so a connection
@@ -538,6 +544,7 @@ func (s *Stage) upstreamFailed(ch *channel, err error) {
 
 // handshakeFailed counts a connection that did not authenticate.
 func (s *Stage) handshakeFailed(remote string, err error) {
+	s.metrics.HandshakeFailed(handshakeReason(err))
 	n := s.handshakeFailures.Add(1)
 	s.handshakeLog.Log("handshake failed", "remote", remote, "err", err, "failures", n)
 }
@@ -560,4 +567,25 @@ func (s *Stage) publishUpstream(ch *channel, p wire.Packet) error {
 	msg.Metadata.Set(pipeline.MetaSeq, strconv.FormatInt(int64(p.Seq), 10))
 	msg.Metadata.Set(pipeline.MetaRooms, strings.Join(ch.roomList(), ","))
 	return s.upstream.Publish(s.upstreamTopic, msg)
+}
+
+// handshakeReason names why a handshake failed, from a closed set: the
+// label of imcloud_cloud_handshake_failures_total.
+func handshakeReason(err error) string {
+	var ne net.Error
+	switch {
+	case errors.Is(err, errProtocol):
+		return "protocol"
+	case errors.Is(err, errTooManyRooms):
+		return "too_many_rooms"
+	case status.Code(err) == codes.Unauthenticated:
+		return "unauthenticated"
+	case status.Code(err) == codes.ResourceExhausted:
+		return "rate_limited"
+	case errors.As(err, &ne) && ne.Timeout():
+		return "timeout"
+	case status.Code(err) != codes.Unknown:
+		return "logic_unavailable"
+	}
+	return "closed"
 }

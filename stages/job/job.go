@@ -7,9 +7,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"imcloud/pipeline/metrics"
 	"log/slog"
 	"maps"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -110,6 +112,7 @@ type Stage struct {
 	clouds  *cloudconn.Pool
 	grace   time.Duration
 	offline *offlineKeys
+	metrics *metrics.Job
 }
 
 // Options configure a job stage.
@@ -133,11 +136,13 @@ type Options struct {
 	// list, where reading costs nothing). See nodecache for the bound on
 	// how late a lapsed node is dropped.
 	NodesTTL time.Duration
+	// Metrics counts delivered messages; nil records nothing.
+	Metrics *metrics.Job
 }
 
 // New returns a job stage.
 func New(o Options) *Stage {
-	s := &Stage{nodes: o.Nodes, logger: o.Logger, clouds: cloudconn.New(o.CloudDial...), grace: o.OfflineGrace, offline: newOfflineKeys(maxOfflineKeys)}
+	s := &Stage{nodes: o.Nodes, logger: o.Logger, clouds: cloudconn.New(o.CloudDial...), grace: o.OfflineGrace, offline: newOfflineKeys(maxOfflineKeys), metrics: o.Metrics}
 	s.list = o.Nodes
 	if o.NodesTTL > 0 {
 		s.cache = nodecache.New(o.Nodes, o.NodesTTL, nil)
@@ -245,7 +250,17 @@ func (s *Stage) CheckClouds(ctx context.Context) error {
 	return nil
 }
 
+// handle delivers one message; a success is counted delivered (the
+// router counts retries, duplicates and what it poisons).
 func (s *Stage) handle(msg *message.Message) error {
+	err := s.deliver(msg)
+	if err == nil {
+		s.metrics.Result(metrics.Delivered)
+	}
+	return err
+}
+
+func (s *Stage) deliver(msg *message.Message) error {
 	pm, err := pipeline.DecodePush(msg)
 	if err != nil {
 		return err
@@ -259,6 +274,8 @@ func (s *Stage) handle(msg *message.Message) error {
 	// room's (a room batch each proto its own), a key push its users'
 	// (pushKeys narrows them to each node's keys where it can).
 	p := &pb.Proto{Ver: 1, Op: pm.Operation, Body: pm.Msg, Id: msg.Metadata.Get(pipeline.MetaMessageID), Positions: pm.Positions}
+	// logic's accept time, for the node's delivery-latency histogram.
+	p.AcceptedUnixNano, _ = strconv.ParseInt(msg.Metadata.Get(pipeline.MetaPublishedAt), 10, 64)
 	switch pm.Type {
 	case pb.PushMsg_PUSH:
 		return s.pushKeys(ctx, msg, pm, p, nodes)

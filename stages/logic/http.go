@@ -467,7 +467,13 @@ func fingerprint(name string, op int32, t target, msg []byte) string {
 }
 
 func (st *Stage) push(a api, name string, route pushRoute) http.Handler {
+	label := strings.TrimPrefix(name, "push/") // keys, mids, room, all
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if st.metrics != nil {
+			sw := &statusWriter{ResponseWriter: w, code: http.StatusOK}
+			defer func() { st.metrics.Push(label, sw.code) }()
+			w = sw
+		}
 		corr, err := headerValue(r, "X-Request-ID", maxRequestIDBytes)
 		if err != nil {
 			writeError(w, http.StatusBadRequest, err.Error())

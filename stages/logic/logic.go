@@ -7,6 +7,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"fmt"
+	"imcloud/pipeline/metrics"
 	"log/slog"
 	"net/http"
 	"strings"
@@ -37,6 +38,7 @@ type Stage struct {
 	// failLog limits logs of failing dependencies: an outage fails every
 	// request, and one line a second says as much as thousands.
 	failLog *pipeline.RateLog
+	metrics *metrics.Logic // nil: off
 	// access and auth are what SIGHUP reloads (reload.go).
 	access atomic.Pointer[access]
 	auth   *swapAuth
@@ -75,6 +77,8 @@ type Options struct {
 	// reading costs nothing). See nodecache for the bound on how late a
 	// lapsed node is dropped.
 	NodesTTL time.Duration
+	// Metrics records pushes and publishes; nil records nothing.
+	Metrics *metrics.Logic
 }
 
 // New assembles the logic stage.
@@ -103,9 +107,10 @@ func New(cfg config.Logic, o Options) (*Stage, error) {
 	st := &Stage{
 		cfg:       cfg,
 		auth:      swap,
+		metrics:   o.Metrics,
 		heartbeat: o.Heartbeat,
 		pusher: &Pusher{registry: o.Registry, nodes: newNodeLister(o.Registry, o.NodesTTL), publisher: o.Publisher, topic: o.PushTopic, events: o.Events, history: o.History,
-			limit: limit, voidFail: pipeline.NewRateLog(o.Logger, slog.LevelError, time.Second)},
+			limit: limit, metrics: o.Metrics, voidFail: pipeline.NewRateLog(o.Logger, slog.LevelError, time.Second)},
 		history: o.History,
 		replies: o.Replies,
 		grpc:    rpc,

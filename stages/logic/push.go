@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"imcloud/pipeline/metrics"
 	"maps"
 	"slices"
 	"time"
@@ -50,6 +51,7 @@ const voidTimeout = 2 * time.Second
 // streams and publishes one PushMsg per cloud node.
 type Pusher struct {
 	registry pipeline.Registry
+	metrics  *metrics.Logic // publish latency; nil records nothing
 	// nodes lists the live cloud nodes for each push: the registry, or
 	// with a shared registry a copy of its list kept briefly
 	// (Options.NodesTTL).
@@ -460,7 +462,10 @@ func (p *Pusher) send(ctx context.Context, msgs ...*message.Message) error {
 	for _, m := range msgs {
 		m.SetContext(ctx)
 	}
-	if err := p.publisher.Publish(p.topic, msgs...); err != nil {
+	start := time.Now()
+	err := p.publisher.Publish(p.topic, msgs...)
+	p.metrics.Published(time.Since(start))
+	if err != nil {
 		return fmt.Errorf("%w: publish to %s: %w", ErrBroker, p.topic, err)
 	}
 	return nil

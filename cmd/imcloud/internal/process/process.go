@@ -8,6 +8,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	wmetrics "github.com/ThreeDotsLabs/watermill/components/metrics"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"imcloud/pipeline/metrics"
 	"log/slog"
 	"net"
 	"net/http"
@@ -64,6 +70,8 @@ type Process struct {
 	cloudTCP   net.Listener
 	cloudStage *cloud.Stage
 	logicStage *logic.Stage
+	metrics    *metrics.Metrics // nil: off (no admin.addr, or admin.metrics false)
+	health     []*health.Server // NOT_SERVING once the process stops
 	logicConn  *grpc.ClientConn
 	router     *message.Router
 	jobStage   *job.Stage
@@ -131,8 +139,16 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Proc
 		return nil, err
 	}
 	warnExposure(cfg, logger)
+	var m *metrics.Metrics
+	if cfg.Admin.Addr != "" && cfg.Admin.Metrics {
+		m = metrics.New()
+		serverOpts = append(serverOpts, grpc.ChainUnaryInterceptor(m.GRPCServer.UnaryServerInterceptor()),
+			grpc.ChainStreamInterceptor(m.GRPCServer.StreamServerInterceptor()))
+		dialOpts = append(dialOpts, grpc.WithChainUnaryInterceptor(m.GRPCClient.UnaryClientInterceptor()),
+			grpc.WithChainStreamInterceptor(m.GRPCClient.StreamClientInterceptor()))
+	}
 	runCtx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	p := &Process{cfg: cfg, logger: logger, cancel: cancel, done: make(chan struct{}), grpcServerOpts: serverOpts, grpcDialOpts: dialOpts}
+	p := &Process{cfg: cfg, logger: logger, cancel: cancel, done: make(chan struct{}), grpcServerOpts: serverOpts, grpcDialOpts: dialOpts, metrics: m}
 	var lns []net.Listener
 	defer func() {
 		if err != nil {
@@ -207,13 +223,13 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Proc
 			Registry: p.stores.Registry, Publisher: p.broker.Publisher, PushTopic: cfg.Topics.Push,
 			Replies: p.stores.Replies, History: p.stores.History, HistoryLimits: cfg.History, Logger: logger.With("stage", "logic"),
 			Heartbeat: cfg.Cloud.HeartbeatInterval, CloudDial: p.grpcDialOpts, Events: emitter,
-			NodesTTL: p.nodesTTL(),
+			NodesTTL: p.nodesTTL(), Metrics: p.metrics.LogicPart(),
 		})
 		if err != nil {
 			return nil, err
 		}
 		p.logicStage = logicStage
-		p.logicGRPC = grpc.NewServer(p.grpcServerOpts...)
+		p.logicGRPC = p.grpcServer()
 		logicStage.RegisterGRPC(p.logicGRPC)
 		p.closers = append(p.closers, logicStage.Close)
 		p.serve("logic grpc", func() error { return p.logicGRPC.Serve(logicLn) })
@@ -279,11 +295,12 @@ func (p *Process) startCloud(ctx context.Context, tcpLn, wsLn, wssLn, grpcLn net
 		Self:     self,
 		Logic:    pb.NewLogicClient(conn),
 		Upstream: p.broker.Publisher, UpstreamTopic: cfg.Topics.Upstream,
-		Logger: p.logger.With("stage", "cloud"),
-		Events: emitter,
+		Logger:  p.logger.With("stage", "cloud"),
+		Events:  emitter,
+		Metrics: p.metrics.CloudPart(),
 	})
 	p.cloudStage = st
-	p.cloudGRPC = grpc.NewServer(p.grpcServerOpts...)
+	p.cloudGRPC = p.grpcServer()
 	st.RegisterGRPC(p.cloudGRPC)
 	p.serve("cloud grpc", func() error { return p.cloudGRPC.Serve(grpcLn) })
 	regCtx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -379,15 +396,25 @@ func (p *Process) startJob(ctx context.Context) error {
 		CloudDial:    p.grpcDialOpts,
 		OfflineGrace: cfg.Job.OfflineGrace,
 		NodesTTL:     p.nodesTTL(),
+		Metrics:      p.metrics.JobPart(),
 	})
 	// A job the cloud nodes refuse would take messages and deliver none:
 	// it stops here, as a cloud node with a wrong secret does at Register.
 	if err := p.jobStage.CheckClouds(ctx); err != nil {
 		return err
 	}
-	router, err := pipeline.NewRouter(routerConfig(cfg.Job), cfg.Topics.Poison, p.broker.Publisher, p.stores.Dedupe, p.logger.With("stage", "job"))
+	rc := routerConfig(cfg.Job)
+	if p.metrics != nil {
+		rc.Observe = p.metrics.Job.Result
+	}
+	router, err := pipeline.NewRouter(rc, cfg.Topics.Poison, p.broker.Publisher, p.stores.Dedupe, p.logger.With("stage", "job"))
 	if err != nil {
 		return err
+	}
+	if p.metrics != nil {
+		// Watermill's own: handler executions and their time, publishes
+		// and subscribes, by handler and topic.
+		wmetrics.NewPrometheusMetricsBuilder(p.metrics.Registry, "imcloud", "job").AddPrometheusRouterMetrics(router)
 	}
 	p.router = router
 	consumers := 1
@@ -583,6 +610,9 @@ func (p *Process) Shutdown(ctx context.Context) error {
 //     broker and the stores close, and the stages' goroutines are waited
 //     for.
 func (p *Process) stop(ctx context.Context) {
+	for _, h := range p.health {
+		h.Shutdown() // NOT_SERVING from now on
+	}
 	for _, s := range p.httpSrvs {
 		_ = s.Shutdown(ctx)
 	}
@@ -652,6 +682,10 @@ func warnExposure(cfg config.Config, logger *slog.Logger) {
 func (p *Process) adminHandler() (http.Handler, error) {
 	mux := baseAdminMux()
 	mux.HandleFunc("/readyz", p.readyz)
+	if p.metrics != nil {
+		p.registerFuncs()
+		mux.Handle("/metrics", promhttp.HandlerFor(p.metrics.Registry, promhttp.HandlerOpts{Registry: p.metrics.Registry}))
+	}
 	admin, local, err := adapters.LocalPoison(p.cfg, p.broker)
 	if err != nil {
 		return nil, err
@@ -742,4 +776,38 @@ func routerConfig(j config.Job) pipeline.RouterConfig {
 		rc.DedupeTTL = j.Dedupe.TTL
 	}
 	return rc
+}
+
+// grpcServer is a gRPC server with the cluster's credentials, the
+// metrics interceptors when metrics are on, and the standard health
+// service (grpc.health.v1: SERVING while the process runs).
+func (p *Process) grpcServer() *grpc.Server {
+	s := grpc.NewServer(p.grpcServerOpts...)
+	hs := health.NewServer()
+	p.health = append(p.health, hs)
+	healthpb.RegisterHealthServer(s, hs)
+	if p.metrics != nil {
+		p.metrics.GRPCServer.InitializeMetrics(s)
+	}
+	return s
+}
+
+// registerFuncs registers the metrics read from the stages when scraped:
+// what they count already, at no cost per event.
+func (p *Process) registerFuncs() {
+	reg := p.metrics.Registry
+	if st := p.cloudStage; st != nil {
+		reg.MustRegister(
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "imcloud_cloud_parked_connections",
+				Help: "Idle connections waiting without a reader goroutine (cloud.park_idle)."}, func() float64 { return float64(st.Parked()) }),
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "imcloud_cloud_rooms",
+				Help: "Rooms with a member on this node, as last reported to logic."}, func() float64 { return float64(st.Rooms()) }),
+			prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "imcloud_cloud_slow_consumer_closes_total",
+				Help: "Clients closed for not reading fast enough (4008)."}, func() float64 { return float64(st.SlowConsumers()) }),
+			prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "imcloud_cloud_refused_connections_total",
+				Help: "Connections closed at accept: over cloud.max_conns or cloud.max_handshakes_per_ip."}, func() float64 { return float64(st.RefusedConns()) }),
+			prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "imcloud_cloud_upstream_failures_total",
+				Help: "Client messages (op 4) the broker did not take (the client was closed with 1013)."}, func() float64 { return float64(st.UpstreamFailures()) }),
+		)
+	}
 }

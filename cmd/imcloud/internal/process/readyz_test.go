@@ -2,6 +2,9 @@ package process
 
 import (
 	"context"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"io"
 	"log/slog"
 	"net/http"
@@ -62,6 +65,19 @@ func TestReadyz(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
+	// Both gRPC ports answer the standard health check, without the
+	// cluster secret a probe does not hold.
+	for _, addr := range []string{p.Addrs().CloudGRPC, p.Addrs().LogicGRPC} {
+		conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{})
+		conn.Close()
+		if err != nil || r.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+			t.Fatalf("health check on %s: %v %v", addr, r, err)
+		}
+	}
 	if err := p.cloudStage.Drain(ctx); err != nil {
 		t.Fatal(err)
 	}
