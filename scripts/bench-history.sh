@@ -15,10 +15,13 @@
 # Results: a table per run, JSON in bench-results/history/; about 4 min
 # with RUNS=2.
 # ONLY=redis runs only the Redis case (ONLY=memory only the others).
-# Usage: [ONLY=redis|memory] [PROFILE=1] scripts/bench-history.sh [RUNS]
+# KEY names the boolean compared on and off (default history.enabled):
+# KEY=admin.metrics ONLY=memory measures what recording metrics costs.
+# Usage: [KEY=...] [ONLY=redis|memory] [PROFILE=1] scripts/bench-history.sh [RUNS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-2}
+key_on_off=${KEY:-history.enabled}
 make -s build
 out=bench-results/history
 mkdir -p "$out"
@@ -57,10 +60,10 @@ common=(--set log.level=warn --set logic.auth.jwt_secret=$secret --set logic.api
 # one process on the embedded broker with the Redis registry.
 up() {
   if [ "$1" = memory ]; then
-    bin/imcloud standalone "${common[@]}" --set history.enabled="$2" >/dev/null &
+    bin/imcloud standalone "${common[@]}" --set "$key_on_off=$2" >/dev/null &
   else
     bin/imcloud run "${common[@]}" --stages logic,job,cloud --set broker.kind=gochannel \
-      --set registry.kind=redis --set registry.redis.prefix="$prefix" --set history.enabled="$2" >/dev/null &
+      --set registry.kind=redis --set registry.redis.prefix="$prefix" --set "$key_on_off=$2" >/dev/null &
   fi
   server=$!
   wait_port 24111
@@ -89,7 +92,7 @@ case_() {
   local name=$1 kind=$2 h=$3
   shift 3
   up "$kind" "$h"
-  echo "== $name, history.enabled=$h"
+  echo "== $name, $key_on_off=$h"
   # fanout connects its 10,000 clients first (about 3 s).
   if [ "$h" = true ]; then
     if [ "$1" = fanout ]; then profile "$name-on" 4; else profile "$name-on" 1; fi
@@ -141,10 +144,10 @@ echo "== summary (min–max over $runs runs)"
 for f in push-room push-mids push-room-redis; do
   for h in true false; do
     ls "$out/$f-$h"-*.json >/dev/null 2>&1 || continue
-    jq -s --arg n "$f history=$h" '"\($n): \([.[].requests_per_second]|min|floor)–\([.[].requests_per_second]|max|floor) req/s, server CPU \([.[] | .server_cpu_ms * 1000 / .requests]|min|floor)–\([.[] | .server_cpu_ms * 1000 / .requests]|max|floor) µs per request"' -r "$out/$f-$h"-*.json
+    jq -s --arg n "$f $key_on_off=$h" '"\($n): \([.[].requests_per_second]|min|floor)–\([.[].requests_per_second]|max|floor) req/s, server CPU \([.[] | .server_cpu_ms * 1000 / .requests]|min|floor)–\([.[] | .server_cpu_ms * 1000 / .requests]|max|floor) µs per request"' -r "$out/$f-$h"-*.json
   done
 done
 for h in true false; do
   ls "$out/fanout-capacity-$h"-*.json >/dev/null 2>&1 || continue
-  jq -s --arg n "fanout-capacity history=$h" '"\($n): \([.[].delivered_per_second]|min|floor)–\([.[].delivered_per_second]|max|floor) deliveries/s, lost \([.[].lost]|add), server CPU \([.[] | .server_cpu_ms * 1000 / .deliveries]|min*100|floor/100)–\([.[] | .server_cpu_ms * 1000 / .deliveries]|max*100|floor/100) µs per delivery"' -r "$out/fanout-capacity-$h"-*.json
+  jq -s --arg n "fanout-capacity $key_on_off=$h" '"\($n): \([.[].delivered_per_second]|min|floor)–\([.[].delivered_per_second]|max|floor) deliveries/s, lost \([.[].lost]|add), server CPU \([.[] | .server_cpu_ms * 1000 / .deliveries]|min*100|floor/100)–\([.[] | .server_cpu_ms * 1000 / .deliveries]|max*100|floor/100) µs per delivery"' -r "$out/fanout-capacity-$h"-*.json
 done

@@ -2,12 +2,15 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"imcloud/pipeline"
 	"imcloud/proto/pb"
 	"net"
 	"net/http"
 	"net/url"
+	"os"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -187,11 +190,69 @@ func TestMetricsOfAScriptedSession(t *testing.T) {
 	if grpcHandled < 1 {
 		t.Error("no gRPC server metrics for PushMsg")
 	}
+	checkDashboard(t, admin)
 	for k := range got {
 		for _, leak := range []string{"live://", `"a"`, "gone"} {
 			if strings.Contains(k, leak) {
 				t.Errorf("a label holds client input: %s", k)
 			}
 		}
+	}
+}
+
+// checkDashboard: every metric deploy/grafana/imcloud.json queries is one
+// the process serves (a histogram's _bucket, _sum and _count by its name).
+func checkDashboard(t *testing.T, admin string) {
+	t.Helper()
+	b, err := os.ReadFile("../../../deploy/grafana/imcloud.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dash struct {
+		Panels []struct {
+			Title   string
+			Targets []struct{ Expr string }
+		}
+	}
+	if err := json.Unmarshal(b, &dash); err != nil {
+		t.Fatalf("the dashboard does not parse: %v", err)
+	}
+	res, err := http.Get("http://" + admin + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	families, err := parser.TextToMetricFamilies(res.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := func(name string) bool {
+		if _, ok := families[name]; ok {
+			return true
+		}
+		for _, suffix := range []string{"_bucket", "_sum", "_count"} {
+			if f, ok := families[strings.TrimSuffix(name, suffix)]; ok && strings.HasSuffix(name, suffix) && f.GetType() == dto.MetricType_HISTOGRAM {
+				return true
+			}
+		}
+		return false
+	}
+	ident := regexp.MustCompile(`\b(imcloud|go|process|grpc)_[a-z0-9_]+\b`)
+	// Label names (by (…), without (…), {…}) are not metrics.
+	labels := regexp.MustCompile(`(by|without)\s*\([^)]*\)|\{[^}]*\}`)
+	n := 0
+	for _, p := range dash.Panels {
+		for _, tg := range p.Targets {
+			for _, name := range ident.FindAllString(labels.ReplaceAllString(tg.Expr, ""), -1) {
+				n++
+				if !served(name) {
+					t.Errorf("dashboard panel %q queries %s, which /metrics does not serve", p.Title, name)
+				}
+			}
+		}
+	}
+	if n == 0 {
+		t.Error("the dashboard queries no metric")
 	}
 }
