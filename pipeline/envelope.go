@@ -123,3 +123,18 @@ func MidKeys(msg *message.Message) (map[int64][]string, error) {
 	}
 	return out, nil
 }
+
+// CanaryRoom is the room of job's canaries (job.canary_interval): not a
+// room a client can name (it has no "://"), so no client ever joins it.
+const CanaryRoom = "imcloud:canary"
+
+// NewCanaryMessage is a canary push: a room push to CanaryRoom that job
+// sends to every cloud node, which records its arrival (its readiness
+// and imcloud_canary_* metrics) and delivers it to no one.
+func NewCanaryMessage(source string) (*message.Message, error) {
+	id := fmt.Sprintf("canary/%s/%d", source, time.Now().UnixNano())
+	return NewPushMessage(id, id, &pb.PushMsg{Type: pb.PushMsg_ROOM, Room: CanaryRoom, Operation: 1000})
+}
+
+// IsCanary reports whether pm is a canary.
+func IsCanary(pm *pb.PushMsg) bool { return pm.Type == pb.PushMsg_ROOM && pm.Room == CanaryRoom }

@@ -322,6 +322,10 @@ type Job struct {
 	// it there at once. The held message stays unacked: the grace counts
 	// in job's worst case on one message (JobWorstCase).
 	OfflineGrace time.Duration `koanf:"offline_grace"`
+	// CanaryInterval is how often each job publishes a canary through
+	// the push topic to every cloud node; a node that has seen none for
+	// three intervals is not ready. 0 turns it off.
+	CanaryInterval time.Duration `koanf:"canary_interval"`
 }
 
 // Retry configures job's retry middleware.
@@ -578,6 +582,7 @@ func Default() Config {
 			Dedupe:          Dedupe{Enabled: true, TTL: 10 * time.Minute, Store: DedupeMemory},
 			CloudAddrs:      []string{},
 			OfflineGrace:    30 * time.Second,
+			CanaryInterval:  5 * time.Second,
 		},
 		Cloud: Cloud{
 			TCPAddr:           ":3101",
@@ -860,6 +865,9 @@ func (c Config) Validate() error {
 		bad("job.room_batch_window", "must not be negative")
 	}
 	positiveDur("job.timeout", c.Job.Timeout)
+	if c.Job.CanaryInterval < 0 || (c.Job.CanaryInterval > 0 && c.Job.CanaryInterval < 100*time.Millisecond) {
+		bad("job.canary_interval", "must be 0 (off) or at least 100ms, got %s", c.Job.CanaryInterval)
+	}
 	if c.Job.Retry.MaxRetries < 0 {
 		bad("job.retry.max_retries", "must not be negative")
 	}

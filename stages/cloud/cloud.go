@@ -66,6 +66,9 @@ type Stage struct {
 	handshakeLog      *pipeline.RateLog
 	originLog         *pipeline.RateLog // WebSocket upgrades refused for their Origin
 	renewedAt         atomic.Int64      // unix ns of logic's last answer to a report; 0: none yet
+	canaryAt          atomic.Int64      // unix ns a job's canary last arrived; 0: none yet
+	canaryLag         atomic.Int64      // ns from that canary's publish to its arrival
+	startedAt         time.Time
 	announceLog       *pipeline.RateLog
 	// delivered remembers recent message ids, so that a call job retries
 	// after its deadline passed (the first one having gone through) does
@@ -131,6 +134,7 @@ func New(cfg config.Cloud, o Options) *Stage {
 		upstreamTopic: o.UpstreamTopic,
 		events:        o.Events,
 		metrics:       o.Metrics,
+		startedAt:     time.Now(),
 		logger:        o.Logger.With("node", o.Self.GetId()),
 		buckets:       newBuckets(cfg.Buckets),
 		bufs:          newBufPool(),
@@ -263,6 +267,25 @@ func (s *Stage) info() *pb.NodeInfo {
 		info.Host = ""
 	}
 	return info
+}
+
+// canarySeen records a job's canary, published at publishedUnixNano.
+func (s *Stage) canarySeen(publishedUnixNano int64) {
+	now := time.Now()
+	s.canaryAt.Store(now.UnixNano())
+	if publishedUnixNano > 0 {
+		s.canaryLag.Store(max(0, now.UnixNano()-publishedUnixNano))
+	}
+}
+
+// Canary returns how long ago a job's canary last arrived (since the
+// node started, if none has) and how long that one took from its publish.
+func (s *Stage) Canary() (age, lag time.Duration) {
+	at := s.canaryAt.Load()
+	if at == 0 {
+		return time.Since(s.startedAt), 0
+	}
+	return time.Since(time.Unix(0, at)), time.Duration(s.canaryLag.Load())
 }
 
 // Registered reports whether logic took one of the node's reports within

@@ -2,6 +2,7 @@ package cloud
 
 import (
 	"context"
+	"imcloud/pipeline"
 	"time"
 
 	"google.golang.org/grpc/codes"
@@ -96,6 +97,10 @@ func (s *Stage) roomHosted(room string) bool {
 func (g *grpcServer) BroadcastRoom(_ context.Context, req *pb.BroadcastRoomReq) (*pb.BroadcastRoomReply, error) {
 	if req.RoomId == "" {
 		return nil, status.Error(codes.InvalidArgument, "room_id is required")
+	}
+	if req.RoomId == pipeline.CanaryRoom {
+		g.s.canarySeen(req.GetProto().GetAcceptedUnixNano())
+		return &pb.BroadcastRoomReply{}, nil
 	}
 	protos := req.Batch
 	if req.Proto != nil {

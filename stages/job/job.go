@@ -254,16 +254,26 @@ func (s *Stage) CheckClouds(ctx context.Context) error {
 // router counts retries, duplicates and what it poisons).
 func (s *Stage) handle(msg *message.Message) error {
 	err := s.deliver(msg)
-	if err == nil {
+	switch {
+	case errors.Is(err, errCanary):
+		return nil
+	case err == nil:
 		s.metrics.Result(metrics.Delivered)
 	}
 	return err
 }
 
+// errCanary says deliver handled a canary: nothing to count.
+var errCanary = errors.New("canary")
+
 func (s *Stage) deliver(msg *message.Message) error {
 	pm, err := pipeline.DecodePush(msg)
 	if err != nil {
 		return err
+	}
+	if pipeline.IsCanary(pm) {
+		s.canary(msg)
+		return errCanary
 	}
 	ctx := msg.Context()
 	nodes, err := s.addrs(ctx, roomOf(pm))
@@ -370,4 +380,25 @@ func (s *Stage) deliverRoomBatch(ctx context.Context, room string, items []*batc
 		it.withMsg(func(m *message.Message) { markDelivered(m, ok) })
 	}
 	return err
+}
+
+// canary sends a canary to every live cloud node, hosting anything or
+// not: each records that the pipeline reached it. A node that does not
+// answer is not retried: the next canary, a few seconds on, asks again,
+// and its absence is what the node's readiness reports.
+func (s *Stage) canary(msg *message.Message) {
+	ctx := msg.Context()
+	nodes, err := s.list.Nodes(ctx)
+	if err != nil {
+		s.logger.Debug("canary: list cloud nodes", "err", err)
+		return
+	}
+	p := &pb.Proto{Ver: 1, Op: 1000, Id: msg.Metadata.Get(pipeline.MetaMessageID)}
+	p.AcceptedUnixNano, _ = strconv.ParseInt(msg.Metadata.Get(pipeline.MetaPublishedAt), 10, 64)
+	if _, err := s.callNodes(addrMap(nodes, ""), func(string) bool { return true }, func(c pb.CloudClient) error {
+		_, err := c.BroadcastRoom(ctx, &pb.BroadcastRoomReq{RoomId: pipeline.CanaryRoom, Proto: p})
+		return err
+	}); err != nil {
+		s.logger.Debug("canary not taken by every node", "err", err)
+	}
 }

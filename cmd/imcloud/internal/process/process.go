@@ -23,6 +23,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
@@ -72,11 +73,13 @@ type Process struct {
 	logicStage *logic.Stage
 	metrics    *metrics.Metrics // nil: off (no admin.addr, or admin.metrics false)
 	health     []*health.Server // NOT_SERVING once the process stops
-	logicConn  *grpc.ClientConn
-	router     *message.Router
-	jobStage   *job.Stage
-	stores     *adapters.Stores
-	closers    []func() error // closed last, after the broker
+	// canaryErr is the last canary publish's error ("" when it worked).
+	canaryErr atomic.Pointer[string]
+	logicConn *grpc.ClientConn
+	router    *message.Router
+	jobStage  *job.Stage
+	stores    *adapters.Stores
+	closers   []func() error // closed last, after the broker
 
 	// grpcServerOpts and grpcDialOpts authenticate the internal gRPC
 	// calls with the cluster secret and mutual TLS.
@@ -425,6 +428,9 @@ func (p *Process) startJob(ctx context.Context) error {
 	p.serve("job router", func() error { return router.Run(ctx) })
 	select {
 	case <-router.Running():
+		if cfg.Job.CanaryInterval > 0 {
+			p.goLoop(p.canaries, ctx)
+		}
 		return nil
 	case <-p.done:
 		return p.err
@@ -729,6 +735,18 @@ func (p *Process) readyz(w http.ResponseWriter, r *http.Request) {
 			check("cloud", nil)
 		}
 	}
+	if p.cloudStage != nil && p.cfg.Job.CanaryInterval > 0 {
+		// No job's canary for three intervals: the pipeline does not
+		// reach this node, whatever else is up.
+		if age, _ := p.cloudStage.Canary(); age > 3*p.cfg.Job.CanaryInterval {
+			check("canary", fmt.Errorf("no job canary reached this node for %s (the broker, job or the gRPC path to this node is down)", age.Round(time.Second)))
+		} else {
+			check("canary", nil)
+		}
+	}
+	if e := p.canaryErr.Load(); p.router != nil && e != nil && *e != "" {
+		check("broker", fmt.Errorf("the canary could not be published: %s", *e))
+	}
 	if p.router != nil {
 		switch {
 		case p.router.IsClosed():
@@ -806,8 +824,45 @@ func (p *Process) registerFuncs() {
 				Help: "Clients closed for not reading fast enough (4008)."}, func() float64 { return float64(st.SlowConsumers()) }),
 			prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "imcloud_cloud_refused_connections_total",
 				Help: "Connections closed at accept: over cloud.max_conns or cloud.max_handshakes_per_ip."}, func() float64 { return float64(st.RefusedConns()) }),
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "imcloud_canary_age_seconds",
+				Help: "Since a job's canary last reached this node (since start, before the first)."}, func() float64 { a, _ := st.Canary(); return a.Seconds() }),
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "imcloud_canary_lag_seconds",
+				Help: "From the last canary's publish by a job to its arrival at this node."}, func() float64 { _, l := st.Canary(); return l.Seconds() }),
 			prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "imcloud_cloud_upstream_failures_total",
 				Help: "Client messages (op 4) the broker did not take (the client was closed with 1013)."}, func() float64 { return float64(st.UpstreamFailures()) }),
 		)
+	}
+}
+
+// canaries publishes a canary through the push topic every
+// job.canary_interval until ctx ends: every cloud node records its
+// arrival (its /readyz and imcloud_canary_* metrics), and a publish the
+// broker refuses is this process's /readyz "broker" line.
+func (p *Process) canaries(ctx context.Context) {
+	t := time.NewTicker(p.cfg.Job.CanaryInterval)
+	defer t.Stop()
+	source := p.cfg.NodeID
+	if source == "" {
+		source = fmt.Sprint(os.Getpid())
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		msg, err := pipeline.NewCanaryMessage(source)
+		if err == nil {
+			pctx, cancel := context.WithTimeout(ctx, p.cfg.Job.CanaryInterval)
+			msg.SetContext(pctx)
+			err = p.broker.Publisher.Publish(p.cfg.Topics.Push, msg)
+			cancel()
+		}
+		e := ""
+		if err != nil {
+			e = err.Error()
+			p.logger.Debug("canary not published", "err", err)
+		}
+		p.canaryErr.Store(&e)
 	}
 }

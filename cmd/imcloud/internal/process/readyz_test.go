@@ -86,3 +86,86 @@ func TestReadyz(t *testing.T) {
 		t.Fatalf("a draining node: %d\n%s", code, body)
 	}
 }
+
+// startForReadyz starts a process on the embedded broker with sets over
+// loopback defaults.
+func startForReadyz(t *testing.T, sets ...string) *Process {
+	t.Helper()
+	cfg, err := config.Load(config.Sources{Sets: append([]string{
+		"broker.kind=gochannel", "registry.kind=memory",
+		"logic.http_addr=127.0.0.1:0", "logic.grpc_addr=127.0.0.1:0",
+		"cloud.tcp_addr=127.0.0.1:0", "cloud.ws_addr=127.0.0.1:0", "cloud.grpc_addr=127.0.0.1:0",
+		"admin.addr=127.0.0.1:0", "logic.auth.jwt_secret=readyz-secret", "logic.api_keys=readyz-api-key-0123456789",
+		"cluster.secret=readyz-cluster-secret-0123456789",
+	}, sets...)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := Start(context.Background(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		_ = p.Shutdown(ctx)
+	})
+	return p
+}
+
+// readyzUntil polls /readyz until it answers code holding want, or fails.
+func readyzUntil(t *testing.T, p *Process, code int, want string) string {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		res, err := http.Get("http://" + p.Addrs().Admin + "/readyz")
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		if res.StatusCode == code && strings.Contains(string(b), want) {
+			return string(b)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("/readyz: %d\n%s\nwant %d with %q", res.StatusCode, b, code, want)
+		}
+		time.Sleep(20 * time.Millisecond) // polling the probe, with a deadline
+	}
+}
+
+// TestCanary: job's canary reaches the cloud node through the push topic
+// (its age and lag are metrics); a node no canary reaches — here no job
+// runs — turns not ready within three intervals, naming the canary.
+func TestCanary(t *testing.T) {
+	p := startForReadyz(t, "job.canary_interval=100ms")
+	readyzUntil(t, p, http.StatusOK, "canary: ok")
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		age, lag := p.cloudStage.Canary()
+		if lag > 0 && age < time.Second {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no canary arrived: age %s, lag %s", age, lag)
+		}
+		time.Sleep(20 * time.Millisecond) // polling a condition, with a deadline
+	}
+	res, err := http.Get("http://" + p.Addrs().Admin + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(res.Body)
+	res.Body.Close()
+	for _, name := range []string{"imcloud_canary_age_seconds ", "imcloud_canary_lag_seconds "} {
+		if !strings.Contains(string(b), "\n"+name) {
+			t.Errorf("/metrics has no %s", name)
+		}
+	}
+
+	nojob := startForReadyz(t, "stages=logic,cloud", "job.canary_interval=100ms")
+	body := readyzUntil(t, nojob, http.StatusServiceUnavailable, "canary: no job canary")
+	if !strings.Contains(body, "cloud: ok") {
+		t.Fatalf("the other checks: %s", body)
+	}
+}
