@@ -33,6 +33,7 @@ type apiServer struct {
 	url      string
 	registry *memory.Registry
 	pub      *recordingPublisher
+	st       *Stage
 }
 
 type apiOptions struct {
@@ -83,7 +84,7 @@ func newAPI(t *testing.T, o apiOptions) *apiServer {
 	}
 	srv := httptest.NewServer(st.Handler())
 	t.Cleanup(srv.Close)
-	return &apiServer{t: t, url: srv.URL, registry: mem, pub: rec}
+	return &apiServer{t: t, url: srv.URL, registry: mem, pub: rec, st: st}
 }
 
 // online adds a session for key of mid on n1.
@@ -126,6 +127,7 @@ func (a *apiServer) do(method, pathQuery, contentType, body string, header http.
 		a.t.Fatalf("%s %s: reply %q is not the envelope: %v", method, pathQuery, b, err)
 	}
 	r.status, r.header = resp.StatusCode, resp.Header
+	checkOpenAPI(a.t, method, a.url+pathQuery, contentType, body, header, resp.StatusCode, resp.Header, b)
 	return r
 }
 

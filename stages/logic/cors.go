@@ -20,7 +20,7 @@ import (
 //     says nothing to an origin not listed.
 
 // publicRoutes are served without an API key: where a client connects.
-var publicRoutes = map[string]bool{"/im/nodes/weighted": true, "/goim/nodes/weighted": true}
+var publicRoutes = map[string]bool{"/im/nodes/weighted": true, "/goim/nodes/weighted": true, "/openapi.json": true}
 
 // corsAllowHeaders are the request headers a page may send.
 const corsAllowHeaders = "Authorization, Content-Type, Idempotency-Key, X-Request-ID"

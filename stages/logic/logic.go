@@ -39,6 +39,9 @@ type Stage struct {
 	// request, and one line a second says as much as thousands.
 	failLog *pipeline.RateLog
 	metrics *metrics.Logic // nil: off
+	// routes are the paths Handler serves and their methods (HEAD with
+	// GET): the OpenAPI document's test compares them.
+	routes map[string][]string
 	// access and auth are what SIGHUP reloads (reload.go).
 	access atomic.Pointer[access]
 	auth   *swapAuth
@@ -173,6 +176,8 @@ func (st *Stage) Handler() http.Handler {
 	handle(http.MethodGet, "/im/online/mids", st.onlineMids(apiIM))
 	handle(http.MethodGet, "/goim/nodes/weighted", st.stats(apiGoim, st.goimNodesWeighted))
 	handle(http.MethodGet, "/goim/nodes/instances", st.stats(apiGoim, goimNodesInstances))
+	handle(http.MethodGet, "/openapi.json", http.HandlerFunc(serveOpenAPI))
+	st.routes = allow
 	// The catch-all "/" matches every method, so ServeMux prefers it to
 	// answering 405 for a known path with the wrong method: it does so here.
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {

@@ -7,12 +7,15 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"imcloud/stages/logic"
+	"imcloud/stages/logic/openapitest"
 	"io"
 	"log/slog"
 	"net/http"
 	"net/url"
 	"os"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -176,12 +179,20 @@ func (h *harness) do(r request) (int, apiReply) {
 	}
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
+	if c, err := openAPI(); err != nil {
+		h.t.Errorf("logic's OpenAPI document: %v", err)
+	} else {
+		c.Check(h.t, http.MethodPost, u, r.contentType, r.body, req.Header, resp.StatusCode, resp.Header, b)
+	}
 	var rep apiReply
 	if err := json.Unmarshal(b, &rep); err != nil {
 		h.t.Fatalf("reply to %s is not the JSON envelope: %q", r.path, b)
 	}
 	return resp.StatusCode, rep
 }
+
+// openAPI checks every exchange h.do makes against logic's document.
+var openAPI = sync.OnceValues(func() (*openapitest.Checker, error) { return openapitest.New(logic.OpenAPI()) })
 
 // push posts and fails the test unless it got 200.
 func (h *harness) push(r request) apiReply {

@@ -133,7 +133,7 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Proc
 	if err := cfg.CheckBinds(); err != nil {
 		return nil, err
 	}
-	serverOpts, err := clusterauth.ServerOptions(cfg.Cluster, logger.With("component", "cluster auth"))
+	serverOpts, err := clusterauth.ServerOptions(cfg.Cluster, logger.With("component", "cluster auth"), clusterauth.HealthCheckMethod)
 	if err != nil {
 		return nil, err
 	}
