@@ -28,7 +28,7 @@ func TestOrderUnderJobLikeDelivery(t *testing.T) {
 		workers = 4
 		gap     = 5 * time.Millisecond
 	)
-	for _, kind := range []string{"room", "user"} {
+	for _, kind := range []string{"room", "room batches", "user"} {
 		t.Run(kind, func(t *testing.T) {
 			node, h := orderNode(t, gap, func(c *config.Cloud) {
 				c.SendQueue = 1 << 16
@@ -45,8 +45,16 @@ func TestOrderUnderJobLikeDelivery(t *testing.T) {
 			if kind == "user" {
 				stream = pipeline.UserStream(mid)
 			}
-			deliver := func(p *pb.Proto) {
+			deliver := func(ps ...*pb.Proto) {
 				var err error
+				if kind == "room batches" {
+					_, err = node.rpc.BroadcastRoom(context.Background(), &pb.BroadcastRoomReq{RoomId: room, Batch: ps})
+					if err != nil {
+						t.Error(err)
+					}
+					return
+				}
+				p := ps[0]
 				if kind == "room" {
 					_, err = node.rpc.BroadcastRoom(context.Background(), &pb.BroadcastRoomReq{RoomId: room, Proto: p})
 				} else {
@@ -65,6 +73,13 @@ func TestOrderUnderJobLikeDelivery(t *testing.T) {
 				seed := uint64(i)
 				wg.Go(func() {
 					r := rand.New(rand.NewPCG(seed, 7))
+					var batch []*pb.Proto
+					flush := func() {
+						if len(batch) > 0 {
+							deliver(batch...)
+							batch = nil
+						}
+					}
 					for p := range queues[i] {
 						if r.IntN(50) == 0 {
 							// A slow handler or a retry's wait: the
@@ -72,11 +87,24 @@ func TestOrderUnderJobLikeDelivery(t *testing.T) {
 							// for anything.
 							time.Sleep(time.Duration(1+r.IntN(8)) * gap)
 						}
+						if kind == "room batches" {
+							// job gathers a room's messages, up to 20 a
+							// call; a retried one goes alone.
+							batch = append(batch, p)
+							if len(batch) == 20 || r.IntN(5) == 0 {
+								flush()
+							}
+							if r.IntN(40) == 0 {
+								deliver(p)
+							}
+							continue
+						}
 						deliver(p)
 						if r.IntN(40) == 0 {
 							deliver(p) // job's retry after a lost reply
 						}
 					}
+					flush()
 				})
 			}
 			go func() {
