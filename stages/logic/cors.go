@@ -80,17 +80,3 @@ func (st *Stage) cors(w http.ResponseWriter, r *http.Request) bool {
 	w.WriteHeader(http.StatusNoContent)
 	return true
 }
-
-// statusWriter remembers the status a handler answered with, for metrics.
-type statusWriter struct {
-	http.ResponseWriter
-	code int
-}
-
-func (w *statusWriter) WriteHeader(code int) {
-	w.code = code
-	w.ResponseWriter.WriteHeader(code)
-}
-
-// Unwrap lets http.ResponseController reach the connection beneath.
-func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }

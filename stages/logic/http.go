@@ -796,3 +796,17 @@ func (st *Stage) pushAll(_ api, p *params) (target, error) {
 
 // RoomKey is the room id clients join: type://room.
 func RoomKey(typ, room string) string { return typ + "://" + room }
+
+// statusWriter remembers the status a handler answered with, for metrics.
+type statusWriter struct {
+	http.ResponseWriter
+	code int
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	w.code = code
+	w.ResponseWriter.WriteHeader(code)
+}
+
+// Unwrap lets http.ResponseController reach the connection beneath.
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
