@@ -193,6 +193,9 @@ type PoisonAdmin interface {
 	// list. Pages bound what is held in memory: a poison topic may hold a
 	// million messages.
 	List(ctx context.Context, after string, limit int) (page []Poisoned, more bool, err error)
+	// Depth is how many messages the poison topic holds now (what
+	// replays and purges have not taken): imcloud_poison_messages.
+	Depth(ctx context.Context) (int64, error)
 	// Replay re-publishes the selected messages (Replayable) to the topic
 	// the admin was opened for and removes each from the poison topic once
 	// the broker accepted it; it returns how many it replayed. Selected

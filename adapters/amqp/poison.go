@@ -202,3 +202,27 @@ func (q *PoisonQueue) each(ctx context.Context, fn func(pipeline.Poisoned) (cons
 	}
 	return ctx.Err()
 }
+
+// Depth is how many messages the poison queue holds, ready or not (a
+// passive declare's count: messages a consumer holds unacked are not in
+// it).
+func (q *PoisonQueue) Depth(ctx context.Context) (int64, error) {
+	conn, err := amqp091.Dial(q.url)
+	if err != nil {
+		return 0, fmt.Errorf("%w: dial: %w", ErrUnavailable, err)
+	}
+	defer conn.Close()
+	ch, err := conn.Channel()
+	if err != nil {
+		return 0, fmt.Errorf("open channel: %w", err)
+	}
+	defer ch.Close()
+	if err := declareQueue(conn, q.queue, q.limits, watermill.NopLogger{}); err != nil {
+		return 0, fmt.Errorf("poison queue: %w", err)
+	}
+	st, err := ch.QueueDeclarePassive(q.queue, true, false, false, false, nil)
+	if err != nil {
+		return 0, fmt.Errorf("inspect %s: %w", q.queue, err)
+	}
+	return int64(st.Messages), ctx.Err()
+}

@@ -223,3 +223,10 @@ func (a *poisonAdmin) Replay(ctx context.Context, sel pipeline.Selector) (int, e
 
 // Close releases nothing: the messages stay with the broker.
 func (a *poisonAdmin) Close() error { return nil }
+
+// Depth is how many poisoned messages the process keeps.
+func (a *poisonAdmin) Depth(context.Context) (int64, error) {
+	a.k.mu.Lock()
+	defer a.k.mu.Unlock()
+	return int64(len(a.k.msgs)), nil
+}

@@ -252,3 +252,16 @@ func (s *PoisonStream) Close() error {
 	s.conn.Close()
 	return nil
 }
+
+// Depth is how many messages the poison stream holds.
+func (s *PoisonStream) Depth(ctx context.Context) (int64, error) {
+	st, err := s.streams.get(ctx, s.stream)
+	if err != nil {
+		return 0, err
+	}
+	info, err := st.Info(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("stream %s: %w", s.stream, err)
+	}
+	return int64(info.State.Msgs), nil
+}

@@ -261,6 +261,15 @@ func testEmpty(t *testing.T, e *env) {
 	if ps := e.list(t, e.admin); len(ps) != 0 {
 		t.Fatalf("fresh poison topic lists %v", ids(ps))
 	}
+	e.wantDepth(t, 0)
+}
+
+// wantDepth checks the admin's Depth.
+func (e *env) wantDepth(t *testing.T, want int64) {
+	t.Helper()
+	if got, err := e.admin.Depth(ctxFor(t)); err != nil || got != want {
+		t.Fatalf("depth %d, %v; want %d", got, err, want)
+	}
 }
 
 func testList(t *testing.T, e *env) {
@@ -301,11 +310,13 @@ func testList(t *testing.T, e *env) {
 
 func testPurgeIDs(t *testing.T, e *env) {
 	e.publish(t, 3)
+	e.wantDepth(t, 3)
 	n, err := e.admin.Purge(ctxFor(t), pipeline.IDs("id-1", "id-3"))
 	if err != nil || n != 2 {
 		t.Fatalf("purge id-1, id-3: %d, %v; want 2", n, err)
 	}
 	e.wantIDs(t, "id-2")
+	e.wantDepth(t, 1)
 }
 
 func testReplayIDs(t *testing.T, e *env) {

@@ -256,3 +256,12 @@ func isEntryID(id string) bool {
 	}
 	return ok && digits(ms) && digits(seq)
 }
+
+// Depth is the poison stream's length.
+func (s *PoisonStream) Depth(ctx context.Context) (int64, error) {
+	n, err := s.rdb.XLen(ctx, s.stream).Result()
+	if err != nil {
+		return 0, fmt.Errorf("length of %s: %w", s.stream, err)
+	}
+	return n, nil
+}

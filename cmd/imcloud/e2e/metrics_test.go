@@ -150,6 +150,7 @@ func TestMetricsOfAScriptedSession(t *testing.T) {
 		`imcloud_logic_pushes_total{code="200",route="room"}`:              1 + flood,
 		`imcloud_job_deliveries_total{result="delivered"}`:                 2 + flood,
 		`imcloud_job_deliveries_total{result="offline"}`:                   1,
+		`imcloud_poison_messages`:                                          1,
 		`imcloud_job_deliveries_total{result="duplicate"}`:                 0,
 		`imcloud_delivery_latency_seconds{kind="room"}_count`:              1 + flood,
 		`imcloud_delivery_latency_seconds{kind="user"}_count`:              1,

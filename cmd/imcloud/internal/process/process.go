@@ -15,6 +15,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"imcloud/pipeline/metrics"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"net/http/pprof"
@@ -688,10 +689,6 @@ func warnExposure(cfg config.Config, logger *slog.Logger) {
 func (p *Process) adminHandler() (http.Handler, error) {
 	mux := baseAdminMux()
 	mux.HandleFunc("/readyz", p.readyz)
-	if p.metrics != nil {
-		p.registerFuncs()
-		mux.Handle("/metrics", promhttp.HandlerFor(p.metrics.Registry, promhttp.HandlerOpts{Registry: p.metrics.Registry}))
-	}
 	admin, local, err := adapters.LocalPoison(p.cfg, p.broker)
 	if err != nil {
 		return nil, err
@@ -702,6 +699,22 @@ func (p *Process) adminHandler() (http.Handler, error) {
 		h.register(mux)
 	} else {
 		registerNoPoison(mux, p.cfg.Broker.Kind)
+	}
+	if p.metrics != nil {
+		if p.router != nil && !local {
+			// A shared broker's poison topic, for its depth.
+			if admin, err = adapters.OpenPoison(p.cfg, p.logger); err != nil {
+				p.logger.Warn("poison depth not measured", "err", err)
+				admin = nil
+			} else {
+				p.closers = append(p.closers, admin.Close)
+			}
+		}
+		if p.router == nil {
+			admin = nil // job does not run here: another process reports it
+		}
+		p.registerFuncs(admin)
+		mux.Handle("/metrics", promhttp.HandlerFor(p.metrics.Registry, promhttp.HandlerOpts{Registry: p.metrics.Registry}))
 	}
 	return mux, nil
 }
@@ -812,8 +825,20 @@ func (p *Process) grpcServer() *grpc.Server {
 
 // registerFuncs registers the metrics read from the stages when scraped:
 // what they count already, at no cost per event.
-func (p *Process) registerFuncs() {
+func (p *Process) registerFuncs(poison pipeline.PoisonAdmin) {
 	reg := p.metrics.Registry
+	if poison != nil {
+		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "imcloud_poison_messages",
+			Help: "Messages in the poison topic now (read from the broker when scraped; NaN if it does not answer within 2 s)."}, func() float64 {
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			n, err := poison.Depth(ctx)
+			if err != nil {
+				return math.NaN()
+			}
+			return float64(n)
+		}))
+	}
 	if st := p.cloudStage; st != nil {
 		reg.MustRegister(
 			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "imcloud_cloud_parked_connections",
