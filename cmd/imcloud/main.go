@@ -293,6 +293,20 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, envi
 			return
 		}
 		logger.Info("SIGHUP: configuration reloaded", "applied", applied, "reloadable", config.Reloadable)
+		// The environment is the process's from its start: a key set there
+		// overrides the file and is never re-read.
+		var fromEnv []string
+		for _, kv := range environ {
+			name, _, _ := strings.Cut(kv, "=")
+			for _, key := range config.Reloadable {
+				if name == config.EnvPrefix+strings.ToUpper(strings.ReplaceAll(key, ".", "__")) {
+					fromEnv = append(fromEnv, name)
+				}
+			}
+		}
+		if len(fromEnv) > 0 {
+			logger.Warn("SIGHUP: these are set in the environment, which overrides the file and is not re-read: to rotate them, set them in the configuration file", "variables", fromEnv)
+		}
 		if len(restart) > 0 {
 			logger.Warn("SIGHUP: these keys changed but take effect only after a restart", "keys", restart)
 		}

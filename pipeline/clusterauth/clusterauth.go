@@ -62,9 +62,11 @@ func DialOptions(c config.Cluster) ([]grpc.DialOption, error) {
 // ServerOptions are what logic's and cloud's gRPC servers run with: they
 // require a client certificate from the cluster CA when mutual TLS is
 // configured, and refuse every call without the secret when one is set,
-// with codes.Unauthenticated — but the methods named in open (full names,
-// e.g. HealthCheckMethod), which anyone reaching the port may call.
-func ServerOptions(c config.Cluster, logger *slog.Logger, open ...string) ([]grpc.ServerOption, error) {
+// with codes.Unauthenticated. Every method, the health check included: a
+// call taken without the secret is read whole before any handler runs
+// (up to MaxMessageBytes a stream), which the tap exists to prevent — an
+// open health check let one connection with no secret pin 630 MB.
+func ServerOptions(c config.Cluster, logger *slog.Logger) ([]grpc.ServerOption, error) {
 	var opts []grpc.ServerOption
 	if c.MTLS() {
 		cert, pool, err := load(c)
@@ -79,9 +81,6 @@ func ServerOptions(c config.Cluster, logger *slog.Logger, open ...string) ([]grp
 	opts = append(opts, limits()...)
 	if c.Secret != "" {
 		ck := newChecker(c.Secret, logger)
-		for _, m := range open {
-			ck.open[m] = true
-		}
 		// The tap handle checks the secret when a call's headers arrive,
 		// before grpc-go reads a byte of its message: the interceptors run
 		// only once the whole request is read, so on their own they let a
@@ -188,7 +187,6 @@ var errRefused = status.Error(codes.Unauthenticated, "internal gRPC call refused
 type checker struct {
 	want   [sha256.Size]byte
 	logger *slog.Logger
-	open   map[string]bool // methods taken without the secret
 
 	mu      sync.Mutex
 	logged  map[string]time.Time // peer host -> last refusal logged
@@ -206,15 +204,9 @@ const (
 	logPerSec = 1
 )
 
-// HealthCheckMethod is the standard health check: the processes take it
-// without the secret, for a probe (kubelet's grpc probe,
-// grpc_health_probe) holds none, and its answer says only SERVING or
-// NOT_SERVING.
-const HealthCheckMethod = "/grpc.health.v1.Health/Check"
-
 func newChecker(secret string, logger *slog.Logger) *checker {
 	return &checker{
-		want: sha256.Sum256([]byte(secret)), logger: logger, open: map[string]bool{},
+		want: sha256.Sum256([]byte(secret)), logger: logger,
 		logged: map[string]time.Time{}, skipped: map[string]int{},
 		lines: rate.NewLimiter(logPerSec, logBurst),
 	}
@@ -223,9 +215,6 @@ func newChecker(secret string, logger *slog.Logger) *checker {
 // check compares hashes, so the comparison takes the same time whatever
 // the length of what was sent. md is the call's incoming metadata.
 func (c *checker) check(ctx context.Context, md metadata.MD, method string) error {
-	if c.open[method] {
-		return nil
-	}
 	got, sent := "", false
 	if v := md.Get(MetadataKey); len(v) == 1 {
 		got, sent = v[0], true

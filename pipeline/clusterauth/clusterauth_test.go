@@ -23,7 +23,6 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
@@ -288,40 +287,5 @@ func TestBadFiles(t *testing.T) {
 				t.Errorf("DialOptions: %v, want an error naming %s", err, tt.key)
 			}
 		})
-	}
-}
-
-// TestOpenMethods: a method named open is taken without the secret (the
-// health check a probe makes); every other still needs it.
-func TestOpenMethods(t *testing.T) {
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	opts, err := ServerOptions(config.Cluster{Secret: "0123456789abcdef"}, slog.New(slog.DiscardHandler), HealthCheckMethod)
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := grpc.NewServer(opts...)
-	healthpb.RegisterHealthServer(srv, health.NewServer())
-	go func() { _ = srv.Serve(lis) }()
-	t.Cleanup(srv.Stop)
-	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	hc := healthpb.NewHealthClient(conn)
-	if _, err := hc.Check(ctx, &healthpb.HealthCheckRequest{}); err != nil {
-		t.Fatalf("health check without the secret: %v", err)
-	}
-	st, err := hc.Watch(ctx, &healthpb.HealthCheckRequest{})
-	if err == nil {
-		_, err = st.Recv()
-	}
-	if status.Code(err) != codes.Unauthenticated {
-		t.Fatalf("Watch without the secret: %v, want Unauthenticated", err)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/url"
 	"reflect"
+	"regexp"
 	"slices"
 	"strings"
 	"time"
@@ -387,6 +388,12 @@ type Cloud struct {
 	// DrainTimeout bounds how long shutdown waits for queued packets to
 	// reach clients.
 	DrainTimeout time.Duration `koanf:"drain_timeout"`
+	// CanaryTimeout: a node that no job's canary reached for this long is
+	// not ready (/readyz); 0 leaves the canary out of readiness (its age
+	// is still a metric). Set it above three of the jobs'
+	// job.canary_interval, and off where pulling every node from the load
+	// balancer at once when delivery stalls is worse than keeping them.
+	CanaryTimeout time.Duration `koanf:"canary_timeout"`
 	// OrderGapWait is how long a node holds a stream's message that came
 	// ahead of its predecessor before fetching the missing ones from
 	// logic's history (issue 12): job's concurrent handlers swap two
@@ -601,6 +608,7 @@ func Default() Config {
 			UpstreamRate:      20,
 			UpstreamBurst:     40,
 			DrainTimeout:      10 * time.Second,
+			CanaryTimeout:     15 * time.Second,
 			OrderGapWait:      200 * time.Millisecond,
 			DedupeTTL:         2 * time.Minute,
 			ParkIdle:          true,
@@ -663,7 +671,7 @@ func Load(src Sources) (Config, error) {
 			return Config{}, fmt.Errorf("read config file %s: %w", src.File, err)
 		}
 	}
-	environ, ignored := configEnviron(src.Environ, k)
+	environ, ignored := configEnviron(src.Environ)
 	envProvider := env.Provider(".", env.Opt{
 		Prefix:        EnvPrefix,
 		EnvironFunc:   func() []string { return environ },
@@ -694,23 +702,28 @@ func Load(src Sources) (Config, error) {
 	return cfg, nil
 }
 
-// configEnviron keeps the IMCLOUD_ variables that are configuration:
-// IMCLOUD_<SECTION>__<KEY> (a misspelled one is still an error), or a
-// top-level key of k (IMCLOUD_NODE_ID). Others are returned apart:
-// Kubernetes sets IMCLOUD_PORT, IMCLOUD_SERVICE_HOST, IMCLOUD_PORT_3111_TCP…
-// for a Service named imcloud, which refused start-up as unknown keys.
-func configEnviron(environ []string, k *koanf.Koanf) (keep, ignored []string) {
+// serviceLink matches, after IMCLOUD_, the variables Kubernetes sets for a
+// Service named imcloud: SERVICE_HOST, SERVICE_PORT[_<name>], PORT and
+// PORT_<port>_<TCP|UDP|SCTP>[_PROTO|_PORT|_ADDR].
+var serviceLink = regexp.MustCompile(`^(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_[0-9]+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)$`)
+
+// configEnviron keeps the IMCLOUD_ variables that are configuration and
+// returns apart Kubernetes' service links, which refused start-up as
+// unknown keys; any other unknown name is still an error.
+func configEnviron(environ []string) (keep, ignored []string) {
 	for _, kv := range environ {
 		name, _, _ := strings.Cut(kv, "=")
 		rest, ok := strings.CutPrefix(name, EnvPrefix)
 		if !ok {
 			continue
 		}
-		if strings.Contains(rest, "__") || (k.Exists(strings.ToLower(rest)) && !strings.Contains(strings.ToLower(rest), ".")) {
-			keep = append(keep, kv)
+		if serviceLink.MatchString(rest) {
+			ignored = append(ignored, name)
 			continue
 		}
-		ignored = append(ignored, name)
+		// Everything else is configuration, a misspelling (IMCLOUD_ADMIN_ADDR
+		// for IMCLOUD_ADMIN__ADDR) refused as an unknown key.
+		keep = append(keep, kv)
 	}
 	return keep, ignored
 }
@@ -1056,7 +1069,7 @@ func IsLoopback(addr string) bool {
 func (c Config) Exposures() []string {
 	var out []string
 	if len(c.ignoredEnv) > 0 {
-		out = append(out, fmt.Sprintf("environment variables %s ignored: configuration is IMCLOUD_<SECTION>__<KEY> (e.g. IMCLOUD_CLOUD__WS_ADDR) or a top-level key (IMCLOUD_NODE_ID); these look like Kubernetes service links",
+		out = append(out, fmt.Sprintf("environment variables %s ignored: Kubernetes service links, not configuration (IMCLOUD_<SECTION>__<KEY>)",
 			strings.Join(c.ignoredEnv, ", ")))
 	}
 	if c.Has(StageLogic) && len(c.Logic.APIKeys) == 0 && c.Logic.HTTPAddr != "" && !IsLoopback(c.Logic.HTTPAddr) {

@@ -302,6 +302,23 @@ func (s *Stage) Parked() int { return s.parker.count() }
 // Rooms is the number of rooms with a member here, as last reported.
 func (s *Stage) Rooms() int { return len(*s.reported.Load()) }
 
+// Leave takes the node out of /im/nodes/weighted and turns it not ready
+// (Draining), refusing new clients: the first step of a shutdown, before
+// the listeners close, so that clients told to reconnect (1001) are sent
+// elsewhere, not back here. Drain calls it; a second call does nothing.
+func (s *Stage) Leave(ctx context.Context) {
+	s.connMu.Lock()
+	was := s.draining
+	s.draining = true
+	s.connMu.Unlock()
+	if was {
+		return
+	}
+	if err := s.renew(ctx); err != nil {
+		s.logger.Warn("drain: tell logic this node takes no new clients", "err", err)
+	}
+}
+
 // Draining reports whether Drain began: the node takes no new client and
 // is not ready.
 func (s *Stage) Draining() bool {
@@ -523,14 +540,7 @@ func (s *Stage) begin() bool {
 // logic its session is gone) or for ctx; then it closes what remains.
 // Stop the listeners first: a client accepted during Drain is not drained.
 func (s *Stage) Drain(ctx context.Context) error {
-	s.connMu.Lock()
-	s.draining = true
-	s.connMu.Unlock()
-	// Leave /im/nodes/weighted first: clients told to reconnect (1001)
-	// are sent elsewhere, not back here.
-	if err := s.renew(ctx); err != nil {
-		s.logger.Warn("drain: tell logic this node takes no new clients", "err", err)
-	}
+	s.Leave(ctx)
 	// Paced broadcasts stop: what they have not queued yet would only
 	// be refused by connections that are closing.
 	s.stopPaced()

@@ -20,7 +20,7 @@ import (
 // grows; started again, the process is ready again and no push accepted
 // before, during or after is lost.
 func TestIntegrationReadyzWhenRabbitMQStops(t *testing.T) {
-	h := start(t, append(amqpTopics(t), "admin.addr=127.0.0.1:0", "job.canary_interval=500ms")...)
+	h := start(t, append(amqpTopics(t), "admin.addr=127.0.0.1:0", "job.canary_interval=500ms", "cloud.canary_timeout=1500ms")...)
 	readyz := func() (int, string) {
 		res, err := http.Get("http://" + h.addrs.Admin + "/readyz")
 		if err != nil {

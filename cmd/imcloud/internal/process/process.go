@@ -134,7 +134,7 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Proc
 	if err := cfg.CheckBinds(); err != nil {
 		return nil, err
 	}
-	serverOpts, err := clusterauth.ServerOptions(cfg.Cluster, logger.With("component", "cluster auth"), clusterauth.HealthCheckMethod)
+	serverOpts, err := clusterauth.ServerOptions(cfg.Cluster, logger.With("component", "cluster auth"))
 	if err != nil {
 		return nil, err
 	}
@@ -250,11 +250,26 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Proc
 			return nil, err
 		}
 	}
+	// Processes that publish to the push topic send canaries through it:
+	// each job's reach every cloud node, and a logic that cannot publish
+	// says so in its /readyz ("broker") before a push fails.
+	if cfg.Job.CanaryInterval > 0 && (cfg.Has(config.StageJob) || cfg.Has(config.StageLogic)) {
+		p.goLoop(p.canaries, runCtx)
+	}
 
 	// The push API opens last: an embedded broker drops what is published
 	// before job subscribes, and a 200 must never stand for a dropped push.
 	if logicStage != nil {
 		p.serveHTTP(&p.httpSrvs, "logic http", logicStage.Handler(), httpLn, false)
+	}
+	if p.metrics != nil {
+		// Every method's series from 0, now that the services are
+		// registered.
+		for _, g := range []*grpc.Server{p.logicGRPC, p.cloudGRPC} {
+			if g != nil {
+				p.metrics.GRPCServer.InitializeMetrics(g)
+			}
+		}
 	}
 	if adminLn != nil {
 		h, err := p.adminHandler()
@@ -429,9 +444,6 @@ func (p *Process) startJob(ctx context.Context) error {
 	p.serve("job router", func() error { return router.Run(ctx) })
 	select {
 	case <-router.Running():
-		if cfg.Job.CanaryInterval > 0 {
-			p.goLoop(p.canaries, ctx)
-		}
 		return nil
 	case <-p.done:
 		return p.err
@@ -620,6 +632,11 @@ func (p *Process) stop(ctx context.Context) {
 	for _, h := range p.health {
 		h.Shutdown() // NOT_SERVING from now on
 	}
+	if p.cloudStage != nil {
+		// Out of the node list and not ready first, while logic, job and
+		// the listeners still run.
+		p.cloudStage.Leave(ctx)
+	}
 	for _, s := range p.httpSrvs {
 		_ = s.Shutdown(ctx)
 	}
@@ -748,16 +765,16 @@ func (p *Process) readyz(w http.ResponseWriter, r *http.Request) {
 			check("cloud", nil)
 		}
 	}
-	if p.cloudStage != nil && p.cfg.Job.CanaryInterval > 0 {
-		// No job's canary for three intervals: the pipeline does not
-		// reach this node, whatever else is up.
-		if age, _ := p.cloudStage.Canary(); age > 3*p.cfg.Job.CanaryInterval {
+	if p.cloudStage != nil && p.cfg.Cloud.CanaryTimeout > 0 {
+		// No job's canary for cloud.canary_timeout: the pipeline does
+		// not reach this node, whatever else is up.
+		if age, _ := p.cloudStage.Canary(); age > p.cfg.Cloud.CanaryTimeout {
 			check("canary", fmt.Errorf("no job canary reached this node for %s (the broker, job or the gRPC path to this node is down)", age.Round(time.Second)))
 		} else {
 			check("canary", nil)
 		}
 	}
-	if e := p.canaryErr.Load(); p.router != nil && e != nil && *e != "" {
+	if e := p.canaryErr.Load(); e != nil && *e != "" {
 		check("broker", fmt.Errorf("the canary could not be published: %s", *e))
 	}
 	if p.router != nil {
@@ -817,9 +834,6 @@ func (p *Process) grpcServer() *grpc.Server {
 	hs := health.NewServer()
 	p.health = append(p.health, hs)
 	healthpb.RegisterHealthServer(s, hs)
-	if p.metrics != nil {
-		p.metrics.GRPCServer.InitializeMetrics(s)
-	}
 	return s
 }
 

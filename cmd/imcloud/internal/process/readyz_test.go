@@ -3,8 +3,11 @@ package process
 import (
 	"context"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
+	"imcloud/pipeline/clusterauth"
 	"io"
 	"log/slog"
 	"net/http"
@@ -65,10 +68,24 @@ func TestReadyz(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	// Both gRPC ports answer the standard health check, without the
-	// cluster secret a probe does not hold.
+	// Both gRPC ports answer the standard health check, to a caller with
+	// the cluster secret (grpc_health_probe -rpc-header), and to none
+	// without it.
+	dial, err := clusterauth.DialOptions(cfg.Cluster)
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, addr := range []string{p.Addrs().CloudGRPC, p.Addrs().LogicGRPC} {
-		conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		bare, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = healthpb.NewHealthClient(bare).Check(ctx, &healthpb.HealthCheckRequest{})
+		bare.Close()
+		if status.Code(err) != codes.Unauthenticated {
+			t.Fatalf("health check on %s without the secret: %v, want Unauthenticated", addr, err)
+		}
+		conn, err := grpc.NewClient(addr, dial...)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -138,7 +155,7 @@ func readyzUntil(t *testing.T, p *Process, code int, want string) string {
 // (its age and lag are metrics); a node no canary reaches — here no job
 // runs — turns not ready within three intervals, naming the canary.
 func TestCanary(t *testing.T) {
-	p := startForReadyz(t, "job.canary_interval=100ms")
+	p := startForReadyz(t, "job.canary_interval=100ms", "cloud.canary_timeout=300ms")
 	readyzUntil(t, p, http.StatusOK, "canary: ok")
 	deadline := time.Now().Add(10 * time.Second)
 	for {
@@ -163,7 +180,7 @@ func TestCanary(t *testing.T) {
 		}
 	}
 
-	nojob := startForReadyz(t, "stages=logic,cloud", "job.canary_interval=100ms")
+	nojob := startForReadyz(t, "stages=logic,cloud", "job.canary_interval=100ms", "cloud.canary_timeout=300ms")
 	body := readyzUntil(t, nojob, http.StatusServiceUnavailable, "canary: no job canary")
 	if !strings.Contains(body, "cloud: ok") {
 		t.Fatalf("the other checks: %s", body)
