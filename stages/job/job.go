@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
@@ -113,6 +114,10 @@ type Stage struct {
 	grace   time.Duration
 	offline *offlineKeys
 	metrics *metrics.Job
+	// canaryFails counts the canaries in a row not taken by every node;
+	// canaryErr is the last one's error.
+	canaryFails atomic.Int64
+	canaryErr   atomic.Pointer[string]
 }
 
 // Options configure a job stage.
@@ -399,6 +404,21 @@ func (s *Stage) canary(msg *message.Message) {
 		_, err := c.BroadcastRoom(ctx, &pb.BroadcastRoomReq{RoomId: pipeline.CanaryRoom, Proto: p})
 		return err
 	}); err != nil {
+		s.canaryFails.Add(1)
+		s.canaryErr.Store(new(err.Error()))
 		s.logger.Debug("canary not taken by every node", "err", err)
+		return
 	}
+	s.canaryFails.Store(0)
+}
+
+// CanaryFailures is how many canaries in a row this job could not hand
+// to every cloud node, and the last one's error: a job that reaches no
+// node (or not all) takes messages it cannot deliver.
+func (s *Stage) CanaryFailures() (int64, string) {
+	n := s.canaryFails.Load()
+	if n == 0 {
+		return 0, ""
+	}
+	return n, *s.canaryErr.Load()
 }

@@ -777,6 +777,13 @@ func (p *Process) readyz(w http.ResponseWriter, r *http.Request) {
 	if e := p.canaryErr.Load(); e != nil && *e != "" {
 		check("broker", fmt.Errorf("the canary could not be published: %s", *e))
 	}
+	if p.jobStage != nil {
+		// Two canaries in a row this job could not hand to every cloud
+		// node: it takes messages it cannot deliver everywhere.
+		if n, e := p.jobStage.CanaryFailures(); n >= 2 {
+			check("delivery", fmt.Errorf("%d canaries in a row did not reach every cloud node: %s", n, e))
+		}
+	}
 	if p.router != nil {
 		switch {
 		case p.router.IsClosed():
