@@ -104,7 +104,7 @@ test("the server restarting: the client reconnects, recovers and misses nothing"
   // Pushed before the client is back: recovery must bring them.
   for (let i = 6; i <= 10; i++) await pushBoth(i);
   await waitFor("all twenty", () => got.length >= 20, 20_000).catch((err) => {
-    throw new Error(`${err.message}; got ${got.map((m) => `${m.stream}#${m.pos} ${m.text()}`)}; client ${states}; server:\n${srv.log.slice(-3000)}`);
+    throw new Error(`${err.message}; got ${got.map((m) => `${m.stream}#${m.pos} ${m.text()}`)}; client ${states}, now ${c.state}; server:\n${srv.log.slice(-3000)}`);
   });
   for (const stream of [`user:${mid}`, `room:${room}`]) {
     const mine = got.filter((m) => m.stream === stream);

@@ -485,3 +485,16 @@ test("a node that fails before op 8 is passed for the next; past the last the li
   assert.deepEqual(urls, ["ws://a:1/sub", "ws://b:2/sub", "ws://a:1/sub"]);
   assert.equal(lists, 2);
 });
+
+test("a socket whose close() dispatches another error (Node 20, connecting) fails once, not in a loop", async () => {
+  const s = setup({ backoff: { baseMs: 100 } });
+  s.client.connect();
+  await settle();
+  s.server.last.errorOnClose = true;
+  s.server.last.onerror?.({});
+  assert.equal(s.client.state, "waiting");
+  assert.equal(s.events.disconnected?.length, 1, "one failure, one retry");
+  s.clock.advance(100);
+  await settle();
+  assert.equal(s.server.sockets.length, 2, "the retry went out");
+});

@@ -72,8 +72,11 @@ export class FakeSocket implements WebSocketLike {
   send(data: Uint8Array): void {
     this.sent.push(...decode(data));
   }
+  /** Like Node 20's WebSocket: close() on a socket still connecting dispatches an error, at once. */
+  errorOnClose = false;
   close(code?: number, reason?: string): void {
     this.closedWith ??= { code, reason };
+    if (this.errorOnClose && this.readyState === 0) this.onerror?.({});
   }
   // The server's side.
   open(): void {
