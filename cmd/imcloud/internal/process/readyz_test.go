@@ -23,44 +23,8 @@ import (
 // turns it 503, naming the node as draining, while the admin listener
 // still answers.
 func TestReadyz(t *testing.T) {
-	cfg, err := config.Load(config.Sources{Sets: []string{
-		"broker.kind=gochannel", "registry.kind=memory",
-		"logic.http_addr=127.0.0.1:0", "logic.grpc_addr=127.0.0.1:0",
-		"cloud.tcp_addr=127.0.0.1:0", "cloud.ws_addr=127.0.0.1:0", "cloud.grpc_addr=127.0.0.1:0",
-		"admin.addr=127.0.0.1:0", "logic.auth.jwt_secret=readyz-secret", "logic.api_keys=readyz-api-key-0123456789",
-		"cluster.secret=readyz-cluster-secret-0123456789",
-	}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	p, err := Start(context.Background(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		_ = p.Shutdown(ctx)
-	})
-	get := func() (int, string) {
-		t.Helper()
-		res, err := http.Get("http://" + p.Addrs().Admin + "/readyz")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer res.Body.Close()
-		b, _ := io.ReadAll(res.Body)
-		return res.StatusCode, string(b)
-	}
-	deadline := time.Now().Add(10 * time.Second)
-	code, body := get()
-	for code != 200 && time.Now().Before(deadline) {
-		time.Sleep(10 * time.Millisecond) // polling the probe, with a deadline
-		code, body = get()
-	}
-	if code != 200 {
-		t.Fatalf("a started process: %d\n%s", code, body)
-	}
+	p := startForReadyz(t)
+	body := readyzUntil(t, p, http.StatusOK, "")
 	for _, want := range []string{"cloud: ok", "job: ok", "registry: ok"} {
 		if !strings.Contains(body, want) {
 			t.Errorf("/readyz does not say %q:\n%s", want, body)
@@ -71,7 +35,7 @@ func TestReadyz(t *testing.T) {
 	// Both gRPC ports answer the standard health check, to a caller with
 	// the cluster secret (grpc_health_probe -rpc-header), and to none
 	// without it.
-	dial, err := clusterauth.DialOptions(cfg.Cluster)
+	dial, err := clusterauth.DialOptions(p.cfg.Cluster)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -98,9 +62,8 @@ func TestReadyz(t *testing.T) {
 	if err := p.cloudStage.Drain(ctx); err != nil {
 		t.Fatal(err)
 	}
-	code, body = get()
-	if code != http.StatusServiceUnavailable || !strings.Contains(body, "cloud: draining") || !strings.Contains(body, "job: ok") {
-		t.Fatalf("a draining node: %d\n%s", code, body)
+	if body := readyzUntil(t, p, http.StatusServiceUnavailable, "cloud: draining"); !strings.Contains(body, "job: ok") {
+		t.Fatalf("a draining node:\n%s", body)
 	}
 }
 
