@@ -25,9 +25,8 @@ import (
 	"imcloud/stages/logic/token"
 )
 
-// scrape reads the process's /metrics: each sample by its name and
-// labels, e.g. `imcloud_cloud_closes_total{code="4008"}`.
-func scrape(t *testing.T, admin string) map[string]float64 {
+// metricFamilies reads the process's /metrics, parsed.
+func metricFamilies(t *testing.T, admin string) map[string]*dto.MetricFamily {
 	t.Helper()
 	res, err := http.Get("http://" + admin + "/metrics")
 	if err != nil {
@@ -39,6 +38,14 @@ func scrape(t *testing.T, admin string) map[string]float64 {
 	if err != nil {
 		t.Fatalf("/metrics does not parse: %v", err)
 	}
+	return families
+}
+
+// scrape reads the process's /metrics: each sample by its name and
+// labels, e.g. `imcloud_cloud_closes_total{code="4008"}`.
+func scrape(t *testing.T, admin string) map[string]float64 {
+	t.Helper()
+	families := metricFamilies(t, admin)
 	out := map[string]float64{}
 	for name, f := range families {
 		for _, m := range f.GetMetric() {
@@ -218,16 +225,7 @@ func checkDashboard(t *testing.T, admin string) {
 	if err := json.Unmarshal(b, &dash); err != nil {
 		t.Fatalf("the dashboard does not parse: %v", err)
 	}
-	res, err := http.Get("http://" + admin + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer res.Body.Close()
-	parser := expfmt.NewTextParser(model.UTF8Validation)
-	families, err := parser.TextToMetricFamilies(res.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
+	families := metricFamilies(t, admin)
 	served := func(name string) bool {
 		if _, ok := families[name]; ok {
 			return true
