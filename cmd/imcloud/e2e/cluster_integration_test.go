@@ -16,7 +16,6 @@ import (
 
 	"github.com/ThreeDotsLabs/watermill"
 	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
-	goredis "github.com/redis/go-redis/v9"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -37,15 +36,7 @@ import (
 // and nothing else is.
 func TestIntegrationCluster(t *testing.T) {
 	bin := buildBinary(t)
-	prefix := uniq("imcloud:test") + ":"
-	t.Cleanup(func() {
-		rdb := goredis.NewClient(&goredis.Options{Addr: "127.0.0.1:6379"})
-		defer rdb.Close()
-		ctx := context.Background()
-		if keys, _ := rdb.Keys(ctx, prefix+"*").Result(); len(keys) > 0 {
-			rdb.Del(ctx, keys...)
-		}
-	})
+	prefix := redisPrefix(t)
 	common := []string{"run",
 		"--set", "registry.kind=redis", "--set", "registry.redis.prefix=" + prefix, "--set", "job.dedupe.store=redis",
 		"--set", "logic.auth.jwt_secret=" + testSecret, "--set", "logic.api_keys=" + testAPIKey,

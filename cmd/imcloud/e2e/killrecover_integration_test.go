@@ -19,8 +19,6 @@ import (
 	"testing"
 	"time"
 
-	goredis "github.com/redis/go-redis/v9"
-
 	"imcloud/proto/client"
 	"imcloud/proto/wire"
 	"imcloud/stages/logic"
@@ -150,15 +148,7 @@ func TestIntegrationKillCloudRecover(t *testing.T) {
 		budget = 90 * time.Second
 	)
 	bin := buildBinary(t)
-	prefix := uniq("imcloud:test") + ":"
-	t.Cleanup(func() {
-		rdb := goredis.NewClient(&goredis.Options{Addr: "127.0.0.1:6379"})
-		defer rdb.Close()
-		ctx := context.Background()
-		if keys, _ := rdb.Keys(ctx, prefix+"*").Result(); len(keys) > 0 {
-			rdb.Del(ctx, keys...)
-		}
-	})
+	prefix := redisPrefix(t)
 	hist := strconv.Itoa(killPushes + 1)
 	common := []string{"run",
 		"--set", "registry.kind=redis", "--set", "registry.redis.prefix=" + prefix, "--set", "job.dedupe.store=redis",

@@ -19,7 +19,6 @@ import (
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
 	amqp091 "github.com/rabbitmq/amqp091-go"
-	goredis "github.com/redis/go-redis/v9"
 
 	"imcloud/adapters/amqp"
 	"imcloud/pipeline"
@@ -75,15 +74,7 @@ func TestIntegrationCloudRestartWithBacklog(t *testing.T) {
 		grace   = 5 * time.Second
 	)
 	bin := buildBinary(t)
-	prefix := uniq("imcloud:test") + ":"
-	t.Cleanup(func() {
-		rdb := goredis.NewClient(&goredis.Options{Addr: "127.0.0.1:6379"})
-		defer rdb.Close()
-		ctx := context.Background()
-		if keys, _ := rdb.Keys(ctx, prefix+"*").Result(); len(keys) > 0 {
-			rdb.Del(ctx, keys...)
-		}
-	})
+	prefix := redisPrefix(t)
 	topics := amqpTopics(t)
 	common := []string{"run",
 		"--set", "registry.kind=redis", "--set", "registry.redis.prefix=" + prefix, "--set", "job.dedupe.store=redis",

@@ -22,15 +22,7 @@ import (
 // first second after such a join went to no node: found by the
 // TypeScript SDK's restart test, 5 of 5 room pushes lost.
 func TestIntegrationRoomPushRightAfterJoin(t *testing.T) {
-	prefix := uniq("imcloud:test") + ":"
-	t.Cleanup(func() {
-		rdb := goredis.NewClient(&goredis.Options{Addr: "127.0.0.1:6379"})
-		defer rdb.Close()
-		ctx := context.Background()
-		if keys, _ := rdb.Keys(ctx, prefix+"*").Result(); len(keys) > 0 {
-			rdb.Del(ctx, keys...)
-		}
-	})
+	prefix := redisPrefix(t)
 	h := start(t, "registry.kind=redis", "registry.redis.prefix="+prefix)
 	const rounds = 20
 	for i := range rounds {
@@ -73,4 +65,19 @@ func TestIntegrationRoomPushRightAfterJoin(t *testing.T) {
 			_ = c.Close()
 		}
 	}
+}
+
+// redisPrefix is a key prefix of the test's own on the local Redis; its
+// keys are deleted when the test ends.
+func redisPrefix(t *testing.T) string {
+	prefix := uniq("imcloud:test") + ":"
+	t.Cleanup(func() {
+		rdb := goredis.NewClient(&goredis.Options{Addr: "127.0.0.1:6379"})
+		defer rdb.Close()
+		ctx := context.Background()
+		if keys, _ := rdb.Keys(ctx, prefix+"*").Result(); len(keys) > 0 {
+			rdb.Del(ctx, keys...)
+		}
+	})
+	return prefix
 }
