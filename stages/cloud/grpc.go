@@ -106,11 +106,15 @@ func (g *grpcServer) BroadcastRoom(_ context.Context, req *pb.BroadcastRoomReq) 
 	if req.Proto != nil {
 		protos = append([]*pb.Proto{req.Proto}, protos...)
 	}
-	defer func() {
-		for _, p := range protos {
-			g.s.metrics.Queued("room", p.GetAcceptedUnixNano())
-		}
-	}()
+	if g.s.metrics != nil {
+		// Per message of the batch, and only with metrics on: no closure
+		// per call otherwise.
+		defer func() {
+			for _, p := range protos {
+				g.s.metrics.Queued("room", p.GetAcceptedUnixNano())
+			}
+		}()
+	}
 	if len(protos) == 0 {
 		return nil, status.Error(codes.InvalidArgument, "proto or batch is required")
 	}
