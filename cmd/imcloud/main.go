@@ -245,13 +245,18 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, envi
 	if len(stages) > 0 {
 		extra = append(extra, "stages="+strings.Join(stages, ","))
 	}
-	cfg, err := cf.load(environ, defaults, extra...)
+	// load reads the configuration, at start and on SIGHUP.
+	load := func() (config.Config, error) {
+		cfg, err := cf.load(environ, defaults, extra...)
+		if err == nil && standalone && cfg.Cloud.Demo && len(cfg.Logic.CORSOrigins) == 0 {
+			// The demo page pushes through the API from the node's origin.
+			cfg.Logic.CORSOrigins = demoOrigins(cfg.Cloud.WSAddr)
+		}
+		return cfg, err
+	}
+	cfg, err := load()
 	if err != nil {
 		return err
-	}
-	if standalone && cfg.Cloud.Demo && len(cfg.Logic.CORSOrigins) == 0 {
-		// The demo page pushes through the API from the node's origin.
-		cfg.Logic.CORSOrigins = demoOrigins(cfg.Cloud.WSAddr)
 	}
 	level := new(slog.LevelVar)
 	logger := newLevelLogger(cfg.Log, level, stderr)
@@ -279,10 +284,7 @@ func cmdServe(ctx context.Context, args []string, stdout, stderr io.Writer, envi
 		printAddrs(stdout, n.Addrs())
 	}
 	reload := func() {
-		next, err := cf.load(environ, defaults, extra...)
-		if err == nil && standalone && next.Cloud.Demo && len(next.Logic.CORSOrigins) == 0 {
-			next.Logic.CORSOrigins = demoOrigins(next.Cloud.WSAddr)
-		}
+		next, err := load()
 		if err != nil {
 			logger.Error("SIGHUP: configuration not reloaded; the running one stays", "err", err)
 			return
