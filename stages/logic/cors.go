@@ -48,7 +48,7 @@ func (st *Stage) cors(w http.ResponseWriter, r *http.Request) bool {
 	h.Add("Vary", "Origin")
 	switch {
 	case public:
-	case slices.Contains(st.access.Load().cors, "*") || slices.Contains(st.access.Load().cors, origin):
+	case allowedOrigin(st.access.Load().cors, origin):
 		h.Set("Access-Control-Allow-Origin", origin)
 		h.Set("Access-Control-Expose-Headers", corsExposeHeaders)
 	default:
@@ -79,4 +79,9 @@ func (st *Stage) cors(w http.ResponseWriter, r *http.Request) bool {
 	h.Set("Access-Control-Max-Age", corsMaxAge)
 	w.WriteHeader(http.StatusNoContent)
 	return true
+}
+
+// allowedOrigin reports whether origin is in cors, or cors allows any.
+func allowedOrigin(cors []string, origin string) bool {
+	return slices.Contains(cors, "*") || slices.Contains(cors, origin)
 }
