@@ -1,9 +1,11 @@
-// Package deploy holds the packaging (Dockerfile, compose.yaml, the
-// systemd unit, Prometheus and Grafana files); its test checks what can
-// be checked without Docker: compose.yaml parses, its services refer to
-// each other correctly, every imcloud service's environment loads as a
-// valid imcloud configuration, and Prometheus scrapes each of them.
-package deploy
+package main
+
+// deploy/ holds the packaging (Dockerfile, compose.yaml, the systemd
+// unit, Prometheus and Grafana files) and no Go; this test checks what
+// can be checked without Docker: compose.yaml parses, its services refer
+// to each other correctly, every imcloud service's environment loads as
+// a valid configuration of this binary, and Prometheus scrapes each of
+// them.
 
 import (
 	"fmt"
@@ -17,6 +19,9 @@ import (
 
 	"imcloud/pipeline/config"
 )
+
+// deployDir is the packaging folder, seen from this package.
+const deployDir = "../../deploy/"
 
 type composeFile struct {
 	Services map[string]struct {
@@ -34,7 +39,7 @@ type composeFile struct {
 var varRef = regexp.MustCompile(`\$\{([A-Z_]+)(:\?[^}]*)?\}`)
 
 func TestComposeFile(t *testing.T) {
-	b, err := os.ReadFile("compose.yaml")
+	b, err := os.ReadFile(deployDir + "compose.yaml")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -47,7 +52,7 @@ func TestComposeFile(t *testing.T) {
 			t.Errorf("no service %s", want)
 		}
 	}
-	prom, err := os.ReadFile("prometheus/prometheus.yml")
+	prom, err := os.ReadFile(deployDir + "prometheus/prometheus.yml")
 	if err != nil {
 		t.Fatal(err)
 	}
