@@ -21,7 +21,6 @@ import (
 
 	"github.com/google/uuid"
 
-	"imcloud/pipeline"
 	"imcloud/pipeline/idempotency"
 	"imcloud/proto/wire"
 )
@@ -439,7 +438,7 @@ type target struct {
 	// Idempotency-Key; only such a request pays for it (a list of
 	// thousands of targets is sorted).
 	canonical func() string
-	run       func(ctx context.Context, push Push) (PushResult, error)
+	resolve   func(ctx context.Context, push Push) (*plan, error)
 }
 
 // pushRoute validates a request's parameters into a target.
@@ -507,49 +506,25 @@ func (st *Stage) push(a api, name string, route pushRoute) http.Handler {
 		if corr == "" {
 			corr = uuid.NewString()
 		}
-		// net/http does not cancel a handler's context at WriteTimeout: a
-		// publish blocked on the broker would run on, past the moment its
-		// Idempotency-Key reservation lapses (idempotency.InFlightTTL),
-		// and a retry could then reserve the key and publish again. Bound
-		// the whole exchange well inside both.
-		budget := min(st.cfg.WriteTimeout, idempotency.InFlightTTL)
-		ctx, cancel := context.WithTimeout(r.Context(), budget*pushShare/100)
+		ctx, cancel, settle := st.pushBudget(r.Context())
 		defer cancel()
-		fp := "" // a push without an Idempotency-Key needs none
-		if idemKey != "" {
-			fp = fingerprint(name, op, t, p.msg)
-		}
-		push := Push{ID: MessageID(idemKey, name, fp), CorrelationID: corr, Operation: op, Msg: p.msg}
-		ex := exchange{w: w, r: r, settle: budget * settleShare / 100, a: a, name: name}
-		if idemKey == "" || st.replies == nil {
-			st.publish(ctx, ex, t, push, "", nil)
-			return
-		}
-
-		storeKey := name + "\x00" + idemKey
-		e, err := st.replies.Reserve(ctx, storeKey, fp)
-		if err != nil {
-			st.logFailure(ctx, "idempotency store unavailable", "route", name, "correlation_id", corr, "err", err)
-			w.Header().Set("Retry-After", "1")
-			writeError(w, http.StatusServiceUnavailable, "idempotency store unavailable, retry later")
-			return
-		}
-		switch {
-		case e.Fingerprint != fp:
-			writeError(w, http.StatusUnprocessableEntity, "Idempotency-Key: already used for a request with other parameters or another message")
-		case e.State == idempotency.InFlight:
-			w.Header().Set("Retry-After", "1")
-			writeError(w, http.StatusConflict, "Idempotency-Key: a request with this key is still being processed")
-		case e.State == idempotency.Done:
-			// The store keeps the reply's data, not its envelope: a retry
-			// is answered in the shape of the API it came by (goim's
-			// message is "", imcloud's "ok"), whichever the first used.
-			w.Header().Set("Idempotent-Replayed", "true")
-			writeData(w, a.okMessage(), e.Reply)
-		default:
-			st.publish(ctx, ex, t, push, storeKey, &e)
-		}
+		req := newRequest(name, idemKey, corr, op, p.msg, t)
+		o := st.accept(ctx, []pushRequest{req}, settle)[0]
+		writeOutcome(w, a, o)
 	})
+}
+
+// pushBudget bounds a push request: ctx for reserving, resolving and
+// publishing, settle for completing or releasing its idempotency key.
+// net/http does not cancel a handler's context at WriteTimeout: a publish
+// blocked on the broker would run on, past the moment its Idempotency-Key
+// reservation lapses (idempotency.InFlightTTL), and a retry could then
+// reserve the key and publish again. The whole exchange is bounded well
+// inside both.
+func (st *Stage) pushBudget(parent context.Context) (ctx context.Context, cancel context.CancelFunc, settle time.Duration) {
+	budget := min(st.cfg.WriteTimeout, idempotency.InFlightTTL)
+	ctx, cancel = context.WithTimeout(parent, budget*pushShare/100)
+	return ctx, cancel, budget * settleShare / 100
 }
 
 // Shares of min(logic.write_timeout, idempotency.InFlightTTL), in percent:
@@ -561,82 +536,19 @@ const (
 	settleShare = 20
 )
 
-// exchange is one push request being answered.
-type exchange struct {
-	w      http.ResponseWriter
-	r      *http.Request
-	settle time.Duration // for completing or releasing its key
-	a      api
-	name   string
-}
-
-// publish runs a validated push and answers it. With a reservation, a
-// success stores the reply and a failure releases the key so that a retry
-// can run. ctx is the request's, bounded by its push budget.
-func (st *Stage) publish(ctx context.Context, ex exchange, t target, push Push, storeKey string, res *idempotency.Entry) {
-	w, name := ex.w, ex.name
-	settled := res == nil
-	// settleCtx outlives the request's context: the caller may have left,
-	// or the push budget run out, and the key must be settled regardless.
-	settleCtx := func() (context.Context, context.CancelFunc) {
-		return context.WithTimeout(context.WithoutCancel(ex.r.Context()), ex.settle)
+// writeOutcome answers a single push.
+func writeOutcome(w http.ResponseWriter, a api, o outcome) {
+	if o.status != http.StatusOK {
+		if o.retryable() {
+			w.Header().Set("Retry-After", "1")
+		}
+		writeError(w, o.status, o.err)
+		return
 	}
-	release := func() {
-		if settled {
-			return
-		}
-		settled = true
-		ctx, cancel := settleCtx()
-		defer cancel()
-		if err := st.replies.Release(ctx, storeKey, res.Token); err != nil {
-			st.logFailure(ctx, "release idempotency key", "route", name, "err", err)
-		}
+	if o.replayed {
+		w.Header().Set("Idempotent-Replayed", "true")
 	}
-	// A panic in run must not hold the key until idempotency.InFlightTTL.
-	defer release()
-	out, err := t.run(ctx, push)
-	var perr *paramError
-	switch {
-	case errors.As(err, &perr):
-		release()
-		writeError(w, http.StatusBadRequest, perr.Error())
-	case errors.Is(err, ErrBroker):
-		release()
-		st.logFailure(ctx, "push not accepted", "route", name, "correlation_id", push.CorrelationID, "err", err)
-		w.Header().Set("Retry-After", "1")
-		msg := "broker unavailable, retry later"
-		if errors.Is(err, pipeline.ErrQueueFull) {
-			msg = "push queue full, retry later"
-		}
-		writeError(w, http.StatusServiceUnavailable, msg)
-	case errors.Is(err, ErrRegistry):
-		release()
-		st.logFailure(ctx, "push not resolved", "route", name, "correlation_id", push.CorrelationID, "err", err)
-		w.Header().Set("Retry-After", "1")
-		writeError(w, http.StatusServiceUnavailable, "registry unavailable, retry later")
-	case errors.Is(err, ErrHistory):
-		release()
-		st.logFailure(ctx, "push not positioned", "route", name, "correlation_id", push.CorrelationID, "err", err)
-		w.Header().Set("Retry-After", "1")
-		writeError(w, http.StatusServiceUnavailable, "history unavailable, retry later")
-	case err != nil:
-		// Input is validated before it gets here: anything else is a bug,
-		// and retrying will not help.
-		release()
-		st.logFailure(ctx, "push failed", "route", name, "correlation_id", push.CorrelationID, "err", err)
-		writeError(w, http.StatusInternalServerError, "internal error (logged with correlation id "+push.CorrelationID+")")
-	default:
-		data, _ := json.Marshal(out)
-		if !settled {
-			settled = true
-			ctx, cancel := settleCtx()
-			if err := st.replies.Complete(ctx, storeKey, res.Token, data); err != nil {
-				st.logFailure(ctx, "remember idempotent reply", "route", name, "err", err)
-			}
-			cancel()
-		}
-		writeData(w, ex.a.okMessage(), data)
-	}
+	writeData(w, a.okMessage(), o.data)
 }
 
 // logFailure logs a failing dependency, at most once a second: a broker
@@ -721,8 +633,8 @@ func (st *Stage) pushKeys(_ api, p *params) (target, error) {
 	}
 	return target{
 		canonical: func() string { return "keys=" + canonicalList(keys) },
-		run: func(ctx context.Context, push Push) (PushResult, error) {
-			return st.pusher.PushKeys(ctx, push, keys)
+		resolve: func(ctx context.Context, push Push) (*plan, error) {
+			return st.pusher.resolveKeys(ctx, push, keys)
 		},
 	}, nil
 }
@@ -751,8 +663,8 @@ func (st *Stage) pushMids(a api, p *params) (target, error) {
 	mids = unique(mids)
 	return target{
 		canonical: func() string { return "mids=" + canonicalList(mids) },
-		run: func(ctx context.Context, push Push) (PushResult, error) {
-			return st.pusher.PushMids(ctx, push, mids)
+		resolve: func(ctx context.Context, push Push) (*plan, error) {
+			return st.pusher.resolveMids(ctx, push, mids)
 		},
 	}, nil
 }
@@ -772,8 +684,8 @@ func (st *Stage) pushRoom(_ api, p *params) (target, error) {
 	key := RoomKey(typ, room)
 	return target{
 		canonical: func() string { return "room=" + strconv.Quote(key) },
-		run: func(ctx context.Context, push Push) (PushResult, error) {
-			return st.pusher.PushRoom(ctx, push, key)
+		resolve: func(ctx context.Context, push Push) (*plan, error) {
+			return st.pusher.resolveRoom(ctx, push, key)
 		},
 	}, nil
 }
@@ -788,8 +700,8 @@ func (st *Stage) pushAll(_ api, p *params) (target, error) {
 	}
 	return target{
 		canonical: func() string { return "speed=" + strconv.FormatInt(speed, 10) },
-		run: func(ctx context.Context, push Push) (PushResult, error) {
-			return st.pusher.PushAll(ctx, push, int32(speed))
+		resolve: func(ctx context.Context, push Push) (*plan, error) {
+			return st.pusher.resolveAll(ctx, push, int32(speed))
 		},
 	}, nil
 }

@@ -7,6 +7,7 @@ import (
 	"imcloud/pipeline/metrics"
 	"maps"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
@@ -108,23 +109,79 @@ func MessageID(idempotencyKey, route, fingerprint string) string {
 	return uuid.NewSHA1(idempotencyNamespace, []byte(route+"\x00"+idempotencyKey+"\x00"+fingerprint)).String()
 }
 
+// plan is a push resolved to its recipients. A push goes in three steps:
+// resolve (read the registry), position (append to its streams' history),
+// publish; a batch takes each step for all its pushes before the next, so
+// that its publishes go to the broker in one call.
+type plan struct {
+	push Push
+	res  PushResult
+	// streams take a position for the push, sorted; keysOf (nil: none)
+	// gives the keys the history entry of a chunk of them is for.
+	streams []string
+	keysOf  func(streams []string) []string
+	// pos are the push's positions once it has them, one per stream.
+	pos []*pb.StreamPos
+	// messages renders what is published from pos, and sets
+	// res.Positions.
+	messages func() ([]*message.Message, error)
+	// offlineMids are evented once the push is accepted.
+	offlineMids []int64
+}
+
 // PushKeys pushes to connections by key.
 func (p *Pusher) PushKeys(ctx context.Context, push Push, keys []string) (PushResult, error) {
+	pl, err := p.resolveKeys(ctx, push, keys)
+	if err != nil {
+		return PushResult{}, err
+	}
+	return p.run(ctx, pl)
+}
+
+// PushMids pushes to every connection of the users.
+func (p *Pusher) PushMids(ctx context.Context, push Push, mids []int64) (PushResult, error) {
+	pl, err := p.resolveMids(ctx, push, mids)
+	if err != nil {
+		return PushResult{}, err
+	}
+	return p.run(ctx, pl)
+}
+
+// PushRoom pushes to every connection in room, on every node.
+func (p *Pusher) PushRoom(ctx context.Context, push Push, room string) (PushResult, error) {
+	pl, err := p.resolveRoom(ctx, push, room)
+	if err != nil {
+		return PushResult{}, err
+	}
+	return p.run(ctx, pl)
+}
+
+// PushAll broadcasts to every connection, paced at speed messages/s per node.
+func (p *Pusher) PushAll(ctx context.Context, push Push, speed int32) (PushResult, error) {
+	pl, err := p.resolveAll(ctx, push, speed)
+	if err != nil {
+		return PushResult{}, err
+	}
+	return p.run(ctx, pl)
+}
+
+// resolveKeys resolves a push to connections by key.
+func (p *Pusher) resolveKeys(ctx context.Context, push Push, keys []string) (*plan, error) {
 	sessions, err := p.registry.SessionsByKeys(ctx, keys)
 	if err != nil {
-		return PushResult{}, fmt.Errorf("%w: resolve keys: %w", ErrRegistry, err)
+		return nil, fmt.Errorf("%w: resolve keys: %w", ErrRegistry, err)
 	}
 	servers := make(map[string]string, len(sessions))
 	for k, s := range sessions {
 		servers[k] = s.Server
 	}
 	if err := p.dropLapsed(ctx, servers); err != nil {
-		return PushResult{}, err
+		return nil, err
 	}
-	res := PushResult{MsgID: push.ID, Online: len(servers)}
+	pl := &plan{push: push, res: PushResult{MsgID: push.ID, Online: len(servers)}}
 	for _, k := range keys {
 		if _, ok := servers[k]; !ok {
-			res.OfflineKeys = append(res.OfflineKeys, k)
+			pl.res.OfflineKeys = append(pl.res.OfflineKeys, k)
 		}
 	}
 	// The user stream of each online key's user: an offline key's push
@@ -140,16 +197,14 @@ func (p *Pusher) PushKeys(ctx context.Context, push Push, keys []string) (PushRe
 		mids = append(mids, m)
 		keysOf[m] = append(keysOf[m], k)
 	}
-	pos, err := p.appendUsers(ctx, push, mids, keysOf)
-	if err != nil {
-		return PushResult{}, err
+	pl.streams = p.userStreams(mids)
+	pl.keysOf = func(streams []string) []string { return streamKeys(streams, keysOf) }
+	pl.messages = func() ([]*message.Message, error) {
+		pos := byMid(pl.pos)
+		pl.res.Positions = positions(pos)
+		return serverMessages(push, servers, nil, userPositions(midOf, pos))
 	}
-	if err := p.publishToServers(ctx, push, servers, nil, userPositions(midOf, pos)); err != nil {
-		p.void(ctx, push, slices.Collect(maps.Values(pos)))
-		return PushResult{}, err
-	}
-	res.Positions = positions(pos)
-	return res, nil
+	return pl, nil
 }
 
 // dropLapsed removes the keys whose cloud node is no longer registered: a
@@ -181,65 +236,202 @@ func (p *Pusher) dropLapsed(ctx context.Context, servers map[string]string) erro
 	return nil
 }
 
-// PushMids pushes to every connection of the users.
-func (p *Pusher) PushMids(ctx context.Context, push Push, mids []int64) (PushResult, error) {
-	byMid, err := p.registry.KeysByMids(ctx, mids)
+// resolveMids resolves a push to every connection of the users.
+func (p *Pusher) resolveMids(ctx context.Context, push Push, mids []int64) (*plan, error) {
+	byMidKeys, err := p.registry.KeysByMids(ctx, mids)
 	if err != nil {
-		return PushResult{}, fmt.Errorf("%w: resolve mids: %w", ErrRegistry, err)
+		return nil, fmt.Errorf("%w: resolve mids: %w", ErrRegistry, err)
 	}
 	servers := map[string]string{}
-	for _, keys := range byMid {
+	for _, keys := range byMidKeys {
 		maps.Copy(servers, keys)
 	}
 	if err := p.dropLapsed(ctx, servers); err != nil {
-		return PushResult{}, err
+		return nil, err
 	}
-	res := PushResult{MsgID: push.ID, Online: len(servers)}
+	pl := &plan{push: push, res: PushResult{MsgID: push.ID, Online: len(servers)}}
 	for _, m := range mids {
 		online := false
-		for k := range byMid[m] {
+		for k := range byMidKeys[m] {
 			_, online = servers[k]
 			if online {
 				break
 			}
 		}
 		if !online {
-			res.OfflineMids = append(res.OfflineMids, m)
+			pl.res.OfflineMids = append(pl.res.OfflineMids, m)
 		}
 	}
+	pl.offlineMids = pl.res.OfflineMids
 	// Every user's stream, online or not: what an offline user missed
 	// is history for its next connection.
-	pos, err := p.appendUsers(ctx, push, mids, nil)
-	if err != nil {
-		return PushResult{}, err
+	pl.streams = p.userStreams(mids)
+	pl.messages = func() ([]*message.Message, error) {
+		pos := byMid(pl.pos)
+		pl.res.Positions = positions(pos)
+		midOf := map[string]int64{}
+		for m, keys := range byMidKeys {
+			for k := range keys {
+				midOf[k] = m
+			}
+		}
+		return serverMessages(push, servers, byMidKeys, userPositions(midOf, pos))
 	}
-	midOf := map[string]int64{}
-	for m, keys := range byMid {
-		for k := range keys {
-			midOf[k] = m
+	return pl, nil
+}
+
+// resolveRoom resolves a push to every connection in room, on every
+// node: it counts those online, and takes a place in the room's stream.
+func (p *Pusher) resolveRoom(ctx context.Context, push Push, room string) (*plan, error) {
+	pm := &pb.PushMsg{Type: pb.PushMsg_ROOM, Operation: push.Operation, Room: room, Msg: push.Msg}
+	return p.resolveCounted(ctx, push, pm, room)
+}
+
+// resolveAll resolves a broadcast, paced at speed messages/s per node.
+func (p *Pusher) resolveAll(ctx context.Context, push Push, speed int32) (*plan, error) {
+	pm := &pb.PushMsg{Type: pb.PushMsg_BROADCAST, Operation: push.Operation, Speed: speed, Msg: push.Msg}
+	return p.resolveCounted(ctx, push, pm, "")
+}
+
+// resolveCounted resolves a room or broadcast push; its online count is
+// the one the cloud nodes last reported.
+func (p *Pusher) resolveCounted(ctx context.Context, push Push, pm *pb.PushMsg, room string) (*plan, error) {
+	nodes, err := p.nodes.Nodes(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("%w: count online: %w", ErrRegistry, err)
+	}
+	online := 0
+	for _, n := range nodes {
+		if room == "" {
+			online += int(n.ConnCount)
+		} else {
+			online += int(n.RoomCount[room])
 		}
 	}
-	if err := p.publishToServers(ctx, push, servers, byMid, userPositions(midOf, pos)); err != nil {
-		p.void(ctx, push, slices.Collect(maps.Values(pos)))
+	pl := &plan{push: push, res: PushResult{MsgID: push.ID, Online: online}}
+	if pm.Type == pb.PushMsg_ROOM && p.history != nil {
+		// A room push takes its place in the room's stream; a
+		// broadcast has none.
+		pl.streams = []string{pipeline.RoomStream(room)}
+	}
+	pl.messages = func() ([]*message.Message, error) {
+		pm.Positions = pl.pos
+		for _, sp := range pl.pos {
+			pl.res.Positions = append(pl.res.Positions, Position{Stream: sp.Stream, Epoch: sp.Epoch, Pos: sp.Pos})
+		}
+		msg, err := pipeline.NewPushMessage(push.ID, push.CorrelationID, pm)
+		if err != nil {
+			return nil, err
+		}
+		return []*message.Message{msg}, nil
+	}
+	return pl, nil
+}
+
+// run positions and publishes one resolved push.
+func (p *Pusher) run(ctx context.Context, pl *plan) (PushResult, error) {
+	if err := p.position(ctx, pl); err != nil {
 		return PushResult{}, err
 	}
-	res.Positions = positions(pos)
-	p.emitOffline(push, res.OfflineMids)
-	return res, nil
+	msgs, err := pl.messages()
+	if err == nil {
+		err = p.send(ctx, msgs...)
+	}
+	if err != nil {
+		p.void(ctx, pl.push, pl.pos)
+		return PushResult{}, err
+	}
+	p.emitOffline(pl.push, pl.offlineMids)
+	return pl.res, nil
 }
 
-// PushRoom pushes to every connection in room, on every node.
-func (p *Pusher) PushRoom(ctx context.Context, push Push, room string) (PushResult, error) {
-	pm := &pb.PushMsg{Type: pb.PushMsg_ROOM, Operation: push.Operation, Room: room, Msg: push.Msg}
-	return p.publishCounted(ctx, push, pm, room)
+// runBatch positions and publishes resolved pushes: their publishes go to
+// the broker in one call, in order. errs holds what failed before (a nil
+// plan has one); runBatch fills in the rest. Each push waits for its
+// position only on the earlier pushes of the batch that share a stream
+// with it, so pushes to one room or user take their positions in batch
+// order, and the others' history round trips overlap (at most parallel at
+// once).
+func (p *Pusher) runBatch(ctx context.Context, plans []*plan, errs []error, parallel int) {
+	p.positionAll(ctx, plans, errs, parallel)
+	var msgs []*message.Message
+	sent := make([]int, 0, len(plans))
+	for i, pl := range plans {
+		if errs[i] != nil {
+			continue
+		}
+		m, err := pl.messages()
+		if err != nil {
+			errs[i] = err
+			p.void(ctx, pl.push, pl.pos)
+			continue
+		}
+		msgs = append(msgs, m...)
+		sent = append(sent, i)
+	}
+	// One call: the broker adapter publishes them together (one confirm
+	// round on AMQP). A failure fails them all: some may have reached the
+	// broker, as with a push to several nodes (README: a 503 may have
+	// reached some; a retry with the same Idempotency-Key delivers once).
+	err := p.send(ctx, msgs...)
+	for _, i := range sent {
+		if err != nil {
+			errs[i] = err
+			p.void(ctx, plans[i].push, plans[i].pos)
+			continue
+		}
+		p.emitOffline(plans[i].push, plans[i].offlineMids)
+	}
 }
 
-// appendUsers gives push its positions in the user streams of mids (each
-// once; goim's guests of mid 0 share no stream and get none), by user.
-// keysOf, for a key push, are the keys it is for by user.
-func (p *Pusher) appendUsers(ctx context.Context, push Push, mids []int64, keysOf map[int64][]string) (map[int64]*pb.StreamPos, error) {
+// positionAll positions plans whose errs entry is nil, each after the
+// earlier ones sharing a stream with it.
+func (p *Pusher) positionAll(ctx context.Context, plans []*plan, errs []error, parallel int) {
 	if p.history == nil {
-		return nil, nil
+		return
+	}
+	last := map[string]chan struct{}{}
+	sem := make(chan struct{}, max(parallel, 1))
+	var wg sync.WaitGroup
+	for i, pl := range plans {
+		if errs[i] != nil || len(pl.streams) == 0 {
+			continue
+		}
+		var after []chan struct{}
+		done := make(chan struct{})
+		for _, s := range pl.streams {
+			if c, ok := last[s]; ok && !slices.Contains(after, c) {
+				after = append(after, c)
+			}
+			last[s] = done
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer close(done)
+			for _, c := range after {
+				<-c
+			}
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			errs[i] = p.position(ctx, pl)
+		}()
+	}
+	wg.Wait()
+}
+
+// position gives a resolved push its positions in its streams.
+func (p *Pusher) position(ctx context.Context, pl *plan) error {
+	pos, err := p.append(ctx, pl.push, pl.streams, pl.keysOf)
+	pl.pos = pos
+	return err
+}
+
+// userStreams are the user streams of mids, each once and sorted; goim's
+// guests of mid 0 share no stream and get none. None without history.
+func (p *Pusher) userStreams(mids []int64) []string {
+	if p.history == nil {
+		return nil
 	}
 	streams := make([]string, 0, len(mids))
 	seen := make(map[int64]bool, len(mids))
@@ -250,21 +442,21 @@ func (p *Pusher) appendUsers(ctx context.Context, push Push, mids []int64, keysO
 		}
 	}
 	slices.Sort(streams)
-	var chunkKeys func(streams []string) []string
-	if keysOf != nil {
-		chunkKeys = func(streams []string) []string { return streamKeys(streams, keysOf) }
+	return streams
+}
+
+// byMid indexes user stream positions by their user.
+func byMid(pos []*pb.StreamPos) map[int64]*pb.StreamPos {
+	if len(pos) == 0 {
+		return nil
 	}
-	got, err := p.append(ctx, push, streams, chunkKeys)
-	if err != nil {
-		return nil, err
-	}
-	out := make(map[int64]*pb.StreamPos, len(got))
-	for _, sp := range got {
+	out := make(map[int64]*pb.StreamPos, len(pos))
+	for _, sp := range pos {
 		if m, ok := pipeline.StreamMid(sp.Stream); ok {
 			out[m] = sp
 		}
 	}
-	return out, nil
+	return out
 }
 
 // streamKeys are the keys of a key push for the users of streams: an
@@ -352,47 +544,6 @@ func userPositions(midOf map[string]int64, pos map[int64]*pb.StreamPos) func(key
 	}
 }
 
-// PushAll broadcasts to every connection, paced at speed messages/s per node.
-func (p *Pusher) PushAll(ctx context.Context, push Push, speed int32) (PushResult, error) {
-	pm := &pb.PushMsg{Type: pb.PushMsg_BROADCAST, Operation: push.Operation, Speed: speed, Msg: push.Msg}
-	return p.publishCounted(ctx, push, pm, "")
-}
-
-// publishCounted publishes a room or broadcast push; its online count is
-// the one the cloud nodes last reported.
-func (p *Pusher) publishCounted(ctx context.Context, push Push, pm *pb.PushMsg, room string) (PushResult, error) {
-	nodes, err := p.nodes.Nodes(ctx)
-	if err != nil {
-		return PushResult{}, fmt.Errorf("%w: count online: %w", ErrRegistry, err)
-	}
-	online := 0
-	for _, n := range nodes {
-		if room == "" {
-			online += int(n.ConnCount)
-		} else {
-			online += int(n.RoomCount[room])
-		}
-	}
-	res := PushResult{MsgID: push.ID, Online: online}
-	if pm.Type == pb.PushMsg_ROOM {
-		// A room push takes its place in the room's stream; a
-		// broadcast has none.
-		pos, err := p.append(ctx, push, []string{pipeline.RoomStream(room)}, nil)
-		if err != nil {
-			return PushResult{}, err
-		}
-		pm.Positions = pos
-		for _, sp := range pos {
-			res.Positions = append(res.Positions, Position{Stream: sp.Stream, Epoch: sp.Epoch, Pos: sp.Pos})
-		}
-	}
-	if err := p.publish(ctx, push, pm); err != nil {
-		p.void(ctx, push, pm.Positions)
-		return PushResult{}, err
-	}
-	return res, nil
-}
-
 // void marks positions, given to push before it failed to publish, as
 // never accepted: the caller is answered that nothing was, so neither a
 // node filling a gap, nor a recovery, nor GET /im/history may give it,
@@ -421,13 +572,13 @@ func (p *Pusher) void(ctx context.Context, push Push, pos []*pb.StreamPos) {
 	}
 }
 
-// publishToServers publishes one PUSH message per server holding keys.
+// serverMessages renders one PUSH message per server holding keys.
 // Per-server ids extend the push id in a fixed order so that a retried
 // idempotent request reproduces them. byMid, for a mid push, lets job
 // find a user's new connections if the ones resolved here are gone.
 // positionsOf gives the stream positions a server's PushMsg carries: those
 // of the users of its keys.
-func (p *Pusher) publishToServers(ctx context.Context, push Push, keyServer map[string]string, byMid map[int64]map[string]string, positionsOf func(keys []string) []*pb.StreamPos) error {
+func serverMessages(push Push, keyServer map[string]string, byMid map[int64]map[string]string, positionsOf func(keys []string) []*pb.StreamPos) ([]*message.Message, error) {
 	byServer := map[string][]string{}
 	for k, s := range keyServer {
 		byServer[s] = append(byServer[s], k)
@@ -439,20 +590,12 @@ func (p *Pusher) publishToServers(ctx context.Context, push Push, keyServer map[
 		pm := &pb.PushMsg{Type: pb.PushMsg_PUSH, Operation: push.Operation, Server: server, Keys: keys, Msg: push.Msg, Positions: positionsOf(keys)}
 		msg, err := pipeline.NewPushMessage(push.ID+"/"+server, push.CorrelationID, pm)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		pipeline.SetMidKeys(msg, keys, byMid)
 		msgs = append(msgs, msg)
 	}
-	return p.send(ctx, msgs...)
-}
-
-func (p *Pusher) publish(ctx context.Context, push Push, pm *pb.PushMsg) error {
-	msg, err := pipeline.NewPushMessage(push.ID, push.CorrelationID, pm)
-	if err != nil {
-		return err
-	}
-	return p.send(ctx, msg)
+	return msgs, nil
 }
 
 func (p *Pusher) send(ctx context.Context, msgs ...*message.Message) error {

@@ -1,0 +1,222 @@
+package logic
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"strconv"
+	"sync"
+	"time"
+
+	"imcloud/pipeline"
+	"imcloud/pipeline/idempotency"
+)
+
+// pushRequest is one validated push, whichever API it came by: a single
+// HTTP push, an item of a batch, or a gRPC call.
+type pushRequest struct {
+	name    string // the route: push/keys, push/mids, push/room, push/all
+	idemKey string // "": none
+	fp      string // the fingerprint; only with an idempotency key
+	push    Push
+	t       target
+}
+
+// newRequest derives a push's id from its idempotency key and content.
+func newRequest(name, idemKey, corr string, op int32, msg []byte, t target) pushRequest {
+	fp := "" // a push without an Idempotency-Key needs none
+	if idemKey != "" {
+		fp = fingerprint(name, op, t, msg)
+	}
+	return pushRequest{name: name, idemKey: idemKey, fp: fp, t: t,
+		push: Push{ID: MessageID(idemKey, name, fp), CorrelationID: corr, Operation: op, Msg: msg}}
+}
+
+// storeKey is the request's key in the idempotency store: the key is the
+// caller's per route, whichever API the request came by, so a batch item
+// retried as a single push is answered from the item's reply.
+func (r *pushRequest) storeKey() string { return r.name + "\x00" + r.idemKey }
+
+// outcome is how one push is answered, as an HTTP status (the gRPC API
+// maps it to a code).
+type outcome struct {
+	status int
+	// err is the message of a failure; data the PushResult's JSON of a
+	// success (stored as is for a retry).
+	err      string
+	data     []byte
+	replayed bool // answered from the idempotency store
+}
+
+func failed(status int, msg string) outcome { return outcome{status: status, err: msg} }
+
+// retryable reports whether a retry of the same push may succeed: the
+// HTTP API says so with Retry-After.
+func (o outcome) retryable() bool {
+	return o.status == http.StatusServiceUnavailable || o.status == http.StatusConflict
+}
+
+// acceptParallel bounds how many of a batch's pushes wait on the
+// registry, the idempotency store or the history at once: on Redis each is
+// a round trip, and overlapping them is what makes a batch cheaper than
+// as many single pushes; 32 in flight keeps a loopback Redis busy without
+// one batch taking the whole client pool (go-redis' default, 10 per CPU).
+const acceptParallel = 32
+
+// accept publishes reqs and answers each, in order: through the
+// idempotency store (a retry is answered from it, a concurrent one
+// refused), resolved, positioned, and published in one call to the
+// broker. ctx bounds publishing; settle bounds completing or releasing
+// the keys, which happens even if ctx has ended.
+func (st *Stage) accept(ctx context.Context, reqs []pushRequest, settle time.Duration) []outcome {
+	out := make([]outcome, len(reqs))
+	tokens := make([]string, len(reqs)) // "": no reservation to settle
+	errs := make([]error, len(reqs))
+	pending := func(i int) bool { return out[i].status == 0 }
+
+	if st.replies != nil {
+		first := map[string]int{}
+		for i := range reqs {
+			if reqs[i].idemKey == "" {
+				continue
+			}
+			k := reqs[i].storeKey()
+			if j, dup := first[k]; dup {
+				out[i] = failed(http.StatusConflict, "idempotency_key: also given to item "+strconv.Itoa(j)+" of this batch for the same route")
+				continue
+			}
+			first[k] = i
+		}
+		each(len(reqs), func(i int) {
+			if reqs[i].idemKey == "" || !pending(i) {
+				return
+			}
+			out[i], tokens[i] = st.reserve(ctx, &reqs[i])
+		})
+	}
+
+	// Settle every reservation, even if ctx ended (the caller may have
+	// left, or the push budget run out) or a push panicked: a key held
+	// would refuse retries until idempotency.InFlightTTL.
+	defer func() {
+		settleCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), settle)
+		defer cancel()
+		each(len(reqs), func(i int) {
+			if tokens[i] != "" {
+				st.settle(settleCtx, &reqs[i], tokens[i], out[i])
+			}
+		})
+	}()
+
+	plans := make([]*plan, len(reqs))
+	each(len(reqs), func(i int) {
+		if !pending(i) {
+			errs[i] = errAnswered
+			return
+		}
+		plans[i], errs[i] = reqs[i].t.resolve(ctx, reqs[i].push)
+	})
+	if len(reqs) == 1 {
+		if errs[0] == nil {
+			plans[0].res, errs[0] = st.pusher.run(ctx, plans[0])
+		}
+	} else {
+		st.pusher.runBatch(ctx, plans, errs, acceptParallel)
+	}
+	for i := range reqs {
+		if pending(i) {
+			out[i] = st.outcomeOf(ctx, &reqs[i], plans[i], errs[i])
+		}
+	}
+
+	return out
+}
+
+// errAnswered marks a request answered before it was resolved (by the
+// idempotency store): runBatch skips it.
+var errAnswered = errors.New("answered")
+
+// reserve claims a request's idempotency key. A zero status means the
+// request holds the key (token) and is to run.
+func (st *Stage) reserve(ctx context.Context, r *pushRequest) (outcome, string) {
+	e, err := st.replies.Reserve(ctx, r.storeKey(), r.fp)
+	switch {
+	case err != nil:
+		st.logFailure(ctx, "idempotency store unavailable", "route", r.name, "correlation_id", r.push.CorrelationID, "err", err)
+		return failed(http.StatusServiceUnavailable, "idempotency store unavailable, retry later"), ""
+	case e.Fingerprint != r.fp:
+		return failed(http.StatusUnprocessableEntity, "Idempotency-Key: already used for a request with other parameters or another message"), ""
+	case e.State == idempotency.InFlight:
+		return failed(http.StatusConflict, "Idempotency-Key: a request with this key is still being processed"), ""
+	case e.State == idempotency.Done:
+		// The store keeps the reply's data, not its envelope: a retry
+		// is answered in the shape of the API it came by.
+		return outcome{status: http.StatusOK, data: e.Reply, replayed: true}, ""
+	}
+	return outcome{}, e.Token
+}
+
+// settle stores a reserved request's reply, or frees its key when it
+// failed so that a retry can run.
+func (st *Stage) settle(ctx context.Context, r *pushRequest, token string, o outcome) {
+	if o.status == http.StatusOK {
+		if err := st.replies.Complete(ctx, r.storeKey(), token, o.data); err != nil {
+			st.logFailure(ctx, "remember idempotent reply", "route", r.name, "err", err)
+		}
+		return
+	}
+	if err := st.replies.Release(ctx, r.storeKey(), token); err != nil {
+		st.logFailure(ctx, "release idempotency key", "route", r.name, "err", err)
+	}
+}
+
+// outcomeOf answers a resolved and published push from its error.
+func (st *Stage) outcomeOf(ctx context.Context, r *pushRequest, pl *plan, err error) outcome {
+	var perr *paramError
+	switch {
+	case err == nil:
+		data, _ := json.Marshal(pl.res)
+		return outcome{status: http.StatusOK, data: data}
+	case errors.As(err, &perr):
+		return failed(http.StatusBadRequest, perr.Error())
+	case errors.Is(err, ErrBroker):
+		st.logFailure(ctx, "push not accepted", "route", r.name, "correlation_id", r.push.CorrelationID, "err", err)
+		if errors.Is(err, pipeline.ErrQueueFull) {
+			return failed(http.StatusServiceUnavailable, "push queue full, retry later")
+		}
+		return failed(http.StatusServiceUnavailable, "broker unavailable, retry later")
+	case errors.Is(err, ErrRegistry):
+		st.logFailure(ctx, "push not resolved", "route", r.name, "correlation_id", r.push.CorrelationID, "err", err)
+		return failed(http.StatusServiceUnavailable, "registry unavailable, retry later")
+	case errors.Is(err, ErrHistory):
+		st.logFailure(ctx, "push not positioned", "route", r.name, "correlation_id", r.push.CorrelationID, "err", err)
+		return failed(http.StatusServiceUnavailable, "history unavailable, retry later")
+	default:
+		// Input is validated before it gets here: anything else is a bug,
+		// and retrying will not help.
+		st.logFailure(ctx, "push failed", "route", r.name, "correlation_id", r.push.CorrelationID, "err", err)
+		return failed(http.StatusInternalServerError, "internal error (logged with correlation id "+r.push.CorrelationID+")")
+	}
+}
+
+// each runs fn for 0..n-1, at most acceptParallel at once; one runs
+// inline, so a single push pays for no goroutine.
+func each(n int, fn func(i int)) {
+	if n == 1 {
+		fn(0)
+		return
+	}
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, acceptParallel)
+	for i := range n {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			fn(i)
+		}()
+	}
+	wg.Wait()
+}
