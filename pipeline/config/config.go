@@ -256,6 +256,10 @@ type Logic struct {
 	GRPCAddr        string   `koanf:"grpc_addr"`
 	APIKeys         []string `koanf:"api_keys"`
 	MaxMessageBytes int      `koanf:"max_message_bytes"`
+	// MaxBatchItems and MaxBatchBytes bound one POST /im/push/batch (and
+	// one gRPC PushBatch): past either the request is refused whole (413).
+	MaxBatchItems int `koanf:"max_batch_items"`
+	MaxBatchBytes int `koanf:"max_batch_bytes"`
 	// SessionTTL bounds how long a session lives without a heartbeat.
 	SessionTTL time.Duration `koanf:"session_ttl"`
 	// IdempotencyTTL is how long a reply to a request with an
@@ -562,6 +566,8 @@ func Default() Config {
 			GRPCAddr:        "127.0.0.1:3119",
 			APIKeys:         []string{},
 			MaxMessageBytes: 4096 - 16,
+			MaxBatchItems:   1000,
+			MaxBatchBytes:   4 << 20,
 			SessionTTL:      10 * time.Minute,
 			IdempotencyTTL:  24 * time.Hour,
 			Auth:            Auth{Mode: AuthJWT},
@@ -849,6 +855,8 @@ func (c Config) Validate() error {
 	addr("logic.http_addr", c.Logic.HTTPAddr, c.Has(StageLogic))
 	addr("logic.grpc_addr", c.Logic.GRPCAddr, c.Has(StageLogic))
 	positive("logic.max_message_bytes", c.Logic.MaxMessageBytes)
+	positive("logic.max_batch_items", c.Logic.MaxBatchItems)
+	positive("logic.max_batch_bytes", c.Logic.MaxBatchBytes)
 	positiveDur("logic.session_ttl", c.Logic.SessionTTL)
 	positiveDur("logic.idempotency_ttl", c.Logic.IdempotencyTTL)
 	positive("logic.idempotency_max_bytes", c.Logic.IdempotencyMaxBytes)

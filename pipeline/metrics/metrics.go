@@ -180,7 +180,7 @@ type Logic struct {
 func newLogic(reg prometheus.Registerer) *Logic {
 	l := &Logic{
 		pushes: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "imcloud_logic_pushes_total",
-			Help: "Push requests answered, by route (keys, mids, room, all) and HTTP status."}, []string{"route", "code"}),
+			Help: "Push requests answered, by route (keys, mids, room, all; batch for a batch refused whole or an item naming no route) and HTTP status; each item of a batch counts under its route."}, []string{"route", "code"}),
 		publish: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "imcloud_logic_publish_seconds",
 			Help: "Publishing a push's messages to the broker (confirmed where the broker confirms).", Buckets: latencyBuckets}),
 	}

@@ -321,30 +321,44 @@ func readParams(r *http.Request, a api, maxMsg int) (*params, error) {
 	if !isJSON {
 		p.msg = body
 	} else {
-		if p.json, err = decodeObject(body); err != nil {
+		obj, err := decodeObject(body)
+		if err != nil {
 			return nil, err
 		}
-		allowed := map[string]bool{"operation": true, "keys": true, "mids": true, "type": true, "room": true, "speed": true, "msg": true}
-		for f := range p.json {
-			if !allowed[f] {
-				return nil, badParam(truncate(f), "unknown field")
-			}
-		}
-		raw, ok := p.json["msg"]
-		if !ok {
-			return nil, badParam("msg", "required in a JSON body")
-		}
-		var s string
-		if err := json.Unmarshal(raw, &s); err == nil {
-			p.msg = []byte(s)
-		} else {
-			p.msg = bytes.TrimSpace(raw)
+		if err := p.setJSON(obj, pushFields); err != nil {
+			return nil, err
 		}
 	}
 	if len(p.msg) > maxMsg {
 		return nil, &tooLargeError{fmt.Sprintf("msg: larger than %d bytes", maxMsg)}
 	}
 	return p, p.check()
+}
+
+// pushFields are the members of a PushJSONType object.
+var pushFields = map[string]bool{"operation": true, "keys": true, "mids": true, "type": true, "room": true, "speed": true, "msg": true}
+
+// setJSON takes a push's parameters from a JSON object whose members are
+// among allowed: the message is its msg, a JSON string as its text and
+// anything else as its encoding.
+func (p *params) setJSON(obj map[string]json.RawMessage, allowed map[string]bool) error {
+	for f := range obj {
+		if !allowed[f] {
+			return badParam(truncate(f), "unknown field")
+		}
+	}
+	raw, ok := obj["msg"]
+	if !ok {
+		return badParam("msg", "required in a JSON body")
+	}
+	var s string
+	if err := json.Unmarshal(raw, &s); err == nil {
+		p.msg = []byte(s)
+	} else {
+		p.msg = bytes.TrimSpace(raw)
+	}
+	p.json = obj
+	return nil
 }
 
 // jsonBodyLimit bounds a JSON parameter body for a message of at most

@@ -171,6 +171,7 @@ func (st *Stage) Handler() http.Handler {
 		}
 		handle(http.MethodGet, prefix+"history", st.historyRoute(a))
 	}
+	handle(http.MethodPost, "/im/push/batch", http.HandlerFunc(st.pushBatch))
 	handle(http.MethodGet, "/im/nodes/weighted", st.stats(apiIM, st.nodesWeighted))
 	handle(http.MethodGet, "/im/presence/room", st.presenceRoom(apiIM))
 	handle(http.MethodGet, "/im/online/mids", st.onlineMids(apiIM))

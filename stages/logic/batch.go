@@ -1,0 +1,297 @@
+package logic
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"mime"
+	"net/http"
+	"strconv"
+	"strings"
+
+	"github.com/google/uuid"
+)
+
+// BatchNDJSONType is the media type of a batch sent as newline-delimited
+// JSON, one push object a line; application/json sends a JSON array.
+const BatchNDJSONType = "application/x-ndjson"
+
+// batchFields are the members of a batch item: a push's parameters, with
+// its route named by which of keys, mids, room and all it holds, and its
+// own idempotency key and correlation id.
+var batchFields = map[string]bool{"operation": true, "keys": true, "mids": true, "type": true, "room": true,
+	"all": true, "speed": true, "msg": true, "idempotency_key": true, "request_id": true}
+
+// batchRoutes name an item's route by the member that holds its targets.
+var batchRoutes = []struct{ field, name string }{
+	{"keys", "push/keys"}, {"mids", "push/mids"}, {"room", "push/room"}, {"all", "push/all"},
+}
+
+// pushBatch is POST /im/push/batch: many pushes in one request, each
+// validated, deduplicated and answered on its own, published to the broker
+// in one call. Only a request that cannot be read as a list of objects
+// (or is over a size limit) fails whole, and then publishes nothing.
+func (st *Stage) pushBatch(w http.ResponseWriter, r *http.Request) {
+	count := func(label string, code int) {
+		if st.metrics != nil {
+			st.metrics.Push(label, code)
+		}
+	}
+	fail := func(code int, err error) {
+		count("batch", code)
+		writeError(w, code, err.Error())
+	}
+	corr, err := headerValue(r, "X-Request-ID", maxRequestIDBytes)
+	if err != nil {
+		fail(http.StatusBadRequest, err)
+		return
+	}
+	if len(r.Header.Values("Idempotency-Key")) > 0 {
+		fail(http.StatusBadRequest, badParam("Idempotency-Key", "not taken by a batch: give each item its idempotency_key"))
+		return
+	}
+	items, err := readBatch(r, st.cfg.MaxBatchItems, st.cfg.MaxBatchBytes)
+	var tooLarge *tooLargeError
+	if errors.As(err, &tooLarge) {
+		fail(http.StatusRequestEntityTooLarge, err)
+		return
+	}
+	if err != nil {
+		fail(http.StatusBadRequest, err)
+		return
+	}
+	if corr == "" {
+		corr = uuid.NewString()
+	}
+	out := make([]outcome, len(items))
+	labels := make([]string, len(items))
+	reqs := make([]pushRequest, 0, len(items))
+	at := make([]int, 0, len(items)) // reqs[j] is item at[j]
+	for i, raw := range items {
+		req, err := st.batchItem(raw, corr, i)
+		labels[i] = strings.TrimPrefix(req.name, "push/")
+		if labels[i] == "" {
+			labels[i] = "batch"
+		}
+		if errors.As(err, &tooLarge) {
+			out[i] = failed(http.StatusRequestEntityTooLarge, err.Error())
+			continue
+		}
+		if err != nil {
+			out[i] = failed(http.StatusBadRequest, err.Error())
+			continue
+		}
+		reqs = append(reqs, req)
+		at = append(at, i)
+	}
+	if len(reqs) > 0 {
+		ctx, cancel, settle := st.pushBudget(r.Context())
+		defer cancel()
+		for j, o := range st.accept(ctx, reqs, settle) {
+			out[at[j]] = o
+		}
+	}
+	retry := false
+	for i, o := range out {
+		count(labels[i], o.status)
+		retry = retry || o.retryable()
+	}
+	if retry {
+		w.Header().Set("Retry-After", "1")
+	}
+	writeBatch(w, out)
+}
+
+// readBatch reads a batch's items: a JSON array, or newline-delimited
+// JSON (BatchNDJSONType; a body without a Content-Type is read as an
+// array if it starts with '['). Each item is one JSON value, checked as a
+// push on its own; what does not parse as JSON at all fails the request.
+func readBatch(r *http.Request, maxItems, maxBytes int) ([]json.RawMessage, error) {
+	vs := r.Header.Values("Content-Type")
+	if len(vs) > 1 {
+		return nil, badParam("Content-Type", "given %d times, want once", len(vs))
+	}
+	mt := ""
+	if len(vs) == 1 && strings.TrimSpace(vs[0]) != "" {
+		var err error
+		if mt, _, err = mime.ParseMediaType(vs[0]); err != nil {
+			return nil, badParam("Content-Type", "%s does not parse: %v", echo(vs[0]), err)
+		}
+		if mt != "application/json" && mt != BatchNDJSONType {
+			return nil, badParam("Content-Type", "%s: want application/json (an array of pushes) or %s (one push a line)", echo(mt), BatchNDJSONType)
+		}
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, int64(maxBytes)))
+	var tooBig *http.MaxBytesError
+	if errors.As(err, &tooBig) {
+		return nil, &tooLargeError{fmt.Sprintf("body: larger than %d bytes (logic.max_batch_bytes)", maxBytes)}
+	}
+	if err != nil {
+		return nil, badParam("body", "read: %v", err)
+	}
+	if mt == "" {
+		mt = BatchNDJSONType
+		if t := bytes.TrimLeft(body, " \t\r\n"); len(t) > 0 && t[0] == '[' {
+			mt = "application/json"
+		}
+	}
+	tooMany := &tooLargeError{fmt.Sprintf("body: more than %d pushes (logic.max_batch_items)", maxItems)}
+	var items []json.RawMessage
+	if mt == BatchNDJSONType {
+		for n, line := range bytes.Split(body, []byte("\n")) {
+			line = bytes.TrimSpace(line)
+			if len(line) == 0 {
+				continue
+			}
+			if !json.Valid(line) {
+				return nil, badParam("body", "line %d is not JSON", n+1)
+			}
+			if len(items) == maxItems {
+				return nil, tooMany
+			}
+			items = append(items, line)
+		}
+	} else {
+		notArray := badParam("body", "want a JSON array of pushes")
+		dec := json.NewDecoder(bytes.NewReader(body))
+		if tok, err := dec.Token(); err != nil || tok != json.Delim('[') {
+			return nil, notArray
+		}
+		for dec.More() {
+			var raw json.RawMessage
+			if err := dec.Decode(&raw); err != nil {
+				return nil, badParam("body", "item %d is not JSON", len(items))
+			}
+			if len(items) == maxItems {
+				return nil, tooMany
+			}
+			items = append(items, raw)
+		}
+		if tok, err := dec.Token(); err != nil || tok != json.Delim(']') {
+			return nil, notArray
+		}
+		if _, err := dec.Token(); err != io.EOF {
+			return nil, badParam("body", "want one JSON array, found more after it")
+		}
+	}
+	if len(items) == 0 {
+		return nil, badParam("body", "no pushes")
+	}
+	return items, nil
+}
+
+// batchItem validates item i of a batch into a push request. Its name is
+// set as soon as its route is known, for metrics.
+func (st *Stage) batchItem(raw json.RawMessage, corr string, i int) (pushRequest, error) {
+	obj, err := decodeObject(raw)
+	if err != nil {
+		var perr *paramError
+		if errors.As(err, &perr) && perr.field == "body" {
+			return pushRequest{}, badParam("item", "want a JSON object")
+		}
+		return pushRequest{}, err
+	}
+	name := ""
+	for _, r := range batchRoutes {
+		if _, ok := obj[r.field]; !ok {
+			continue
+		}
+		if name != "" {
+			return pushRequest{}, badParam(r.field, "a push names one of keys, mids, room and all; this one also names %s", strings.TrimPrefix(name, "push/"))
+		}
+		name = r.name
+	}
+	req := pushRequest{name: name}
+	if name == "" {
+		return req, badParam("item", "names none of keys, mids, room and all")
+	}
+	if _, ok := obj["type"]; ok && name != "push/room" {
+		return req, badParam("type", "only with room")
+	}
+	if _, ok := obj["speed"]; ok && name != "push/all" {
+		return req, badParam("speed", "only with all")
+	}
+	if name == "push/all" && !bytes.Equal(bytes.TrimSpace(obj["all"]), []byte("true")) {
+		return req, badParam("all", "want true")
+	}
+	p := &params{}
+	if err := p.setJSON(obj, batchFields); err != nil {
+		return req, err
+	}
+	if len(p.msg) > st.cfg.MaxMessageBytes {
+		return req, &tooLargeError{fmt.Sprintf("msg: larger than %d bytes", st.cfg.MaxMessageBytes)}
+	}
+	op, err := p.operation()
+	if err != nil {
+		return req, err
+	}
+	route := map[string]pushRoute{"push/keys": st.pushKeys, "push/mids": st.pushMids, "push/room": st.pushRoom, "push/all": st.pushAll}[name]
+	t, err := route(apiIM, p)
+	if err != nil {
+		return req, err
+	}
+	idemKey, err := p.string("idempotency_key")
+	if err == nil && idemKey != "" {
+		err = checkText("idempotency_key", idemKey, MaxIdempotencyKeyBytes)
+	}
+	if err != nil {
+		return req, err
+	}
+	itemCorr, err := p.string("request_id")
+	if err == nil && itemCorr != "" {
+		err = checkText("request_id", itemCorr, maxRequestIDBytes)
+	}
+	if err != nil {
+		return req, err
+	}
+	if itemCorr == "" {
+		itemCorr = corr + "/" + strconv.Itoa(i)
+	}
+	return newRequest(name, idemKey, itemCorr, op, p.msg, t), nil
+}
+
+// writeBatch answers a batch: 200 with one result per push, in order,
+// each with its index and status, and a success's PushResult members or a
+// failure's error. The counts let a caller see at a glance whether to
+// look further.
+func writeBatch(w http.ResponseWriter, out []outcome) {
+	buf := make([]byte, 0, 96*len(out)+64)
+	ok := 0
+	for _, o := range out {
+		if o.status == http.StatusOK {
+			ok++
+		}
+	}
+	buf = fmt.Appendf(buf, `{"code":0,"message":"ok","data":{"accepted":%d,"failed":%d,"results":[`, ok, len(out)-ok)
+	for i, o := range out {
+		if i > 0 {
+			buf = append(buf, ',')
+		}
+		buf = fmt.Appendf(buf, `{"index":%d,"status":%d`, i, o.status)
+		switch {
+		case o.status != http.StatusOK:
+			msg, _ := json.Marshal(o.err)
+			buf = append(buf, `,"error":`...)
+			buf = append(buf, msg...)
+			buf = append(buf, '}')
+		default:
+			if o.replayed {
+				buf = append(buf, `,"replayed":true`...)
+			}
+			// data is a PushResult's JSON object (made here, or kept by
+			// the idempotency store): its members join the result's.
+			if d := bytes.TrimSpace(o.data); len(d) > 2 && d[0] == '{' {
+				buf = append(buf, ',')
+				buf = append(buf, d[1:]...)
+			} else {
+				buf = append(buf, '}')
+			}
+		}
+	}
+	buf = append(buf, "]}}\n"...)
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(buf)
+}
