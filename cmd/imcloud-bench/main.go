@@ -37,7 +37,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		api, apiKey, target, secret, route string
 		cpuProfile, save                   string
 		clients, rooms, rate, conc, pid    int
-		behind                             int
+		behind, batch                      int
 		duration, drain, hold              time.Duration
 		asJSON                             bool
 	)
@@ -60,6 +60,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.IntVar(&conc, "concurrency", 64, "concurrent requests (push)")
 	fs.StringVar(&route, "route", "/im/push/room?operation=1000&type=live&room=bench", "push route and query (push)")
 	fs.IntVar(&pid, "server-pid", 0, "server process, for memory per connection (connections) and peak memory (reconnect)")
+	fs.IntVar(&batch, "batch", 0, "pushes per request through POST /im/push/batch, in place of --route (push)")
 	fs.IntVar(&behind, "behind", 50, "messages pushed to each room while the clients are away (reconnect)")
 	fs.DurationVar(&duration, "duration", 10*time.Second, "how long to push (fanout, push)")
 	fs.DurationVar(&drain, "drain", 5*time.Second, "how long to wait for deliveries after the last push (fanout); for every client to recover (reconnect)")
@@ -101,7 +102,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	case "connections":
 		result, err = connections(ctx, connectionsConfig{clientConfig: cc, Clients: clients, ServerPID: pid, Hold: hold}, stderr)
 	case "push":
-		result, err = push(ctx, pushConfig{API: api, APIKey: apiKey, Concurrency: conc, Duration: duration, Route: route}, stderr)
+		result, err = push(ctx, pushConfig{API: api, APIKey: apiKey, Concurrency: conc, Duration: duration, Route: route, Batch: batch}, stderr)
 	case "reconnect":
 		result, err = reconnect(ctx, reconnectConfig{clientConfig: cc, API: api, APIKey: apiKey,
 			Clients: clients, Rooms: rooms, Behind: behind, ServerPID: pid, Timeout: drain}, stderr)

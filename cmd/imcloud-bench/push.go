@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -21,16 +22,23 @@ type pushConfig struct {
 	Duration    time.Duration
 	// Route is the push path and query, e.g. /im/push/room?operation=1000&type=live&room=1.
 	Route string
+	// Batch, when above 0, sends POST /im/push/batch requests of Batch
+	// room pushes each (NDJSON) instead of Route.
+	Batch int
 }
 
 // pushResult is what the push mode measured.
 type pushResult struct {
-	Requests    int64       `json:"requests"`
-	Failed      int64       `json:"failed"`
-	PerSecond   float64     `json:"requests_per_second"`
-	LatencyMs   percentiles `json:"latency_ms"`
-	Concurrency int         `json:"concurrency"`
-	Seconds     float64     `json:"seconds"`
+	Requests  int64   `json:"requests"`
+	Failed    int64   `json:"failed"`
+	PerSecond float64 `json:"requests_per_second"`
+	// Batch is the pushes per request (1: single pushes); a batch counts
+	// as failed unless every push in it was accepted.
+	Batch           int         `json:"batch"`
+	PushesPerSecond float64     `json:"pushes_per_second"`
+	LatencyMs       percentiles `json:"latency_ms"`
+	Concurrency     int         `json:"concurrency"`
+	Seconds         float64     `json:"seconds"`
 }
 
 // push sends pushes from Concurrency workers for Duration.
@@ -38,7 +46,11 @@ func push(ctx context.Context, c pushConfig, progress io.Writer) (pushResult, er
 	if err := loopbackOnly(c.API); err != nil {
 		return pushResult{}, err
 	}
-	target := "http://" + c.API + c.Route
+	route, body := c.Route, []byte("bench")
+	if c.Batch > 0 {
+		route, body = "/im/push/batch", batchBody(c.Batch)
+	}
+	target := "http://" + c.API + route
 	if _, err := url.Parse(target); err != nil {
 		return pushResult{}, fmt.Errorf("route %q: %w", c.Route, err)
 	}
@@ -67,7 +79,10 @@ func push(ctx context.Context, c pushConfig, progress io.Writer) (pushResult, er
 			req.SetRequestURI(target)
 			req.Header.SetMethod(http.MethodPost)
 			req.Header.Set("Authorization", "Bearer "+c.APIKey)
-			req.SetBodyString("bench")
+			req.SetBody(body)
+			if c.Batch > 0 {
+				req.Header.SetContentType("application/x-ndjson")
+			}
 			for ctx.Err() == nil {
 				t0 := time.Now()
 				if err := client.DoTimeout(req, resp, 30*time.Second); err != nil {
@@ -76,7 +91,7 @@ func push(ctx context.Context, c pushConfig, progress io.Writer) (pushResult, er
 					}
 					continue
 				}
-				if resp.StatusCode() != http.StatusOK {
+				if resp.StatusCode() != http.StatusOK || (c.Batch > 0 && !bytes.Contains(resp.Body(), []byte(`"failed":0,`))) {
 					failed.Add(1)
 					continue
 				}
@@ -89,10 +104,22 @@ func push(ctx context.Context, c pushConfig, progress io.Writer) (pushResult, er
 	wg.Wait()
 	close(stop)
 	secs := time.Since(start).Seconds()
+	batch := max(c.Batch, 1)
 	return pushResult{
 		Requests: ok.Load(), Failed: failed.Load(), PerSecond: float64(ok.Load()) / secs,
+		Batch: batch, PushesPerSecond: float64(ok.Load()*int64(batch)) / secs,
 		LatencyMs: lat.percentiles(), Concurrency: c.Concurrency, Seconds: secs,
 	}, nil
+}
+
+// batchBody is a batch of n room pushes, spread over 16 rooms so that
+// their positions are not all taken in one stream.
+func batchBody(n int) []byte {
+	var b bytes.Buffer
+	for i := range n {
+		fmt.Fprintf(&b, `{"type":"live","room":"bench%d","operation":1000,"msg":"bench"}`+"\n", i%16)
+	}
+	return b.Bytes()
 }
 
 // Print writes the summary table.
@@ -103,6 +130,8 @@ func (r pushResult) Print(w io.Writer) {
 		{"requests ok", fmt.Sprint(r.Requests)},
 		{"failed", fmt.Sprint(r.Failed)},
 		{"requests/s", fmt.Sprintf("%.0f", r.PerSecond)},
+		{"pushes per request", fmt.Sprint(r.Batch)},
+		{"pushes/s", fmt.Sprintf("%.0f", r.PushesPerSecond)},
 		{"latency p50/p90/p99/p99.9 ms", fmt.Sprintf("%.2f / %.2f / %.2f / %.2f", r.LatencyMs.P50, r.LatencyMs.P90, r.LatencyMs.P99, r.LatencyMs.P999)},
 	})
 }
