@@ -65,17 +65,13 @@ func OpenBroker(cfg config.Config, logger *slog.Logger) (*pipeline.Broker, error
 		if cfg.Events.Enabled {
 			// Declared before the first event, like the others: an event
 			// published to an undeclared queue would be dropped by the
-			// exchange. Events stay one message each (not coalesced).
+			// exchange.
 			declare = append(declare, topics.Events)
 		}
 		pub, err := amqp.NewBoundedPublisher(bc.AMQP.URL, wlog, bc.AMQP.Channels, limits, declare...)
 		if err != nil {
 			return nil, err
 		}
-		// Only job reads the push topic, through amqp.Subscriber, which
-		// unpacks batches; poison and upstream stay one message each for
-		// the poison tooling and business consumers.
-		pub.Coalesce(func(topic string) bool { return topic == topics.Push })
 		sub, err := amqp.NewBoundedSubscriber(bc.AMQP.URL, wlog, bc.AMQP.Prefetch, limits)
 		if err != nil {
 			_ = pub.Close()

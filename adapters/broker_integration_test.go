@@ -84,7 +84,7 @@ func TestIntegrationAMQPQueueAtItsLimitRefusesThePublishWithErrQueueFull(t *test
 		topic func(config.Topics) string
 	}{
 		{"upstream, one message each", func(c config.Topics) string { return c.Upstream }},
-		{"push, coalesced into batches", func(c config.Topics) string { return c.Push }},
+		{"push", func(c config.Topics) string { return c.Push }},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

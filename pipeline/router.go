@@ -42,6 +42,9 @@ type RouterConfig struct {
 // middleware stack built from cfg. The order is what makes delivery
 // correct; Watermill wraps the first middleware added outermost:
 //
+//	unbundle       runs each message of a bundle (Bundler) down the rest of
+//	               the stack on its own, all at once; acks the bundle when
+//	               all are settled
 //	growStack      grows the goroutine Watermill starts per message in one step
 //	CorrelationID  copies the correlation id onto anything a handler emits
 //	Throttle       caps messages per second (job.throttle; 0 = off)
@@ -88,7 +91,7 @@ func newRouter(cfg RouterConfig, poisonTopic string, poisonPub message.Publisher
 	if err != nil {
 		return nil, fmt.Errorf("create poison queue middleware: %w", err)
 	}
-	r.AddMiddleware(growStack, middleware.CorrelationID)
+	r.AddMiddleware(unbundle, growStack, middleware.CorrelationID)
 	if cfg.Throttle > 0 {
 		r.AddMiddleware(middleware.NewThrottle(int64(cfg.Throttle), time.Second).Middleware)
 	}

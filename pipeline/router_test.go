@@ -90,6 +90,20 @@ func runRouter(t *testing.T, handler func(msg *message.Message, attempt int) err
 // runRouterWith is runRouter with logger and holdConfigFault's timing.
 func runRouterWith(t *testing.T, logger *slog.Logger, hold holdTiming, handler func(msg *message.Message, attempt int) error) (pub func(id string) error, poisoned <-chan *message.Message, tries *attempts) {
 	t.Helper()
+	publish, poisoned, tries := startRouter(t, logger, hold, handler)
+	return func(id string) error {
+		msg, err := NewPushMessage(id, "corr-"+id, &pb.PushMsg{Operation: 1000})
+		if err != nil {
+			return err
+		}
+		return publish(msg)
+	}, poisoned, tries
+}
+
+// startRouter runs the production middleware stack around handler on the
+// "push" topic; publish returns once the stack acked (or nacked) msg.
+func startRouter(t *testing.T, logger *slog.Logger, hold holdTiming, handler func(msg *message.Message, attempt int) error) (publish func(msg *message.Message) error, poisoned <-chan *message.Message, tries *attempts) {
+	t.Helper()
 	pubsub := gochannel.NewGoChannel(gochannel.Config{BlockPublishUntilSubscriberAck: true}, WatermillLogger(logger))
 	t.Cleanup(func() { _ = pubsub.Close() })
 	cfg := RouterConfig{Timeout: 5 * time.Second, MaxRetries: maxRetries, InitialInterval: time.Millisecond, MaxInterval: 5 * time.Millisecond, Multiplier: 2, DedupeTTL: 10 * time.Minute}
@@ -110,13 +124,7 @@ func runRouterWith(t *testing.T, logger *slog.Logger, hold holdTiming, handler f
 	go func() { _ = r.Run(ctx) }()
 	<-r.Running()
 	t.Cleanup(func() { _ = r.Close() })
-	return func(id string) error {
-		msg, err := NewPushMessage(id, "corr-"+id, &pb.PushMsg{Operation: 1000})
-		if err != nil {
-			return err
-		}
-		return pubsub.Publish("push", msg)
-	}, poison, tries
+	return func(msg *message.Message) error { return pubsub.Publish("push", msg) }, poison, tries
 }
 
 // inBackground runs fn (a publish that waits for the test to ack a poisoned

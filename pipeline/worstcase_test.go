@@ -87,6 +87,9 @@ func TestRetryBackoffMatchesConfig(t *testing.T) {
 // TestSettleTimeoutMatchesConfig: job's worst case counts the bound the
 // router puts on the dedupe store and the poison publish.
 func TestSettleTimeoutMatchesConfig(t *testing.T) {
+	if MaxBundle != config.MaxBundle {
+		t.Fatalf("pipeline.MaxBundle %d, config.MaxBundle %d: the worst case counts the wrong bundle", MaxBundle, config.MaxBundle)
+	}
 	if SettleTimeout != config.SettleTimeout {
 		t.Fatalf("pipeline.SettleTimeout %s, config.SettleTimeout %s: the worst case counts the wrong bound", SettleTimeout, config.SettleTimeout)
 	}

@@ -11,11 +11,12 @@
 //   - Its publisher waits out one confirm round trip per message per
 //     channel: 5.5k confirmed/s here with 32 channels and 64 publishers.
 //     Ours keeps many confirms in flight (9.5k/s on version 2 queues, then
-//     bound by RabbitMQ's queue process) and coalesces concurrent pushes
-//     into one confirmed message: 45.9k/s in BenchmarkPublishConfirmed,
-//     11.4k confirmed pushes/s through logic's HTTP API where it was 4.8k
-//     when coalescing landed (commits 603a5f4, d55d46d, 6b03824); about
-//     20k/s with later work on logic (BENCHMARKS.md, make bench).
+//     bound by RabbitMQ's queue process). Gathering concurrent pushes into
+//     one confirmed message, first done here (45.9k/s in
+//     BenchmarkPublishConfirmed where it was 9.5k/s; commits 603a5f4,
+//     d55d46d, 6b03824), is now the pipeline's, for every broker
+//     (pipeline.Bundler); the subscriber still reads the batches this
+//     publisher used to write.
 //
 // The subscriber's waits for acks, nack delay and drain on close are
 // adapters/internal/settle's, shared with the NATS adapter.

@@ -4,6 +4,7 @@ package amqp
 
 import (
 	"fmt"
+	"imcloud/pipeline"
 	"os"
 	"strings"
 	"testing"
@@ -39,22 +40,25 @@ func tempQueue(tb testing.TB) string {
 }
 
 // BenchmarkPublishConfirmed measures confirmed publishes per second with
-// concurrent publishers, the way logic's HTTP handlers publish.
+// concurrent publishers, the way logic's HTTP handlers publish: each
+// message alone, and bundled as logic's push publisher does
+// (pipeline.Bundler).
 func BenchmarkPublishConfirmed(b *testing.B) {
-	for _, coalesce := range []bool{false, true} {
-		b.Run(fmt.Sprintf("coalesce=%v", coalesce), func(b *testing.B) { publishConfirmed(b, coalesce) })
+	for _, bundle := range []bool{false, true} {
+		b.Run(fmt.Sprintf("bundle=%v", bundle), func(b *testing.B) { publishConfirmed(b, bundle) })
 	}
 }
 
-func publishConfirmed(b *testing.B, coalesce bool) {
+func publishConfirmed(b *testing.B, bundle bool) {
 	q := tempQueue(b)
-	pub, err := NewPublisher(testURL(), watermill.NopLogger{}, 4, q)
+	amqpPub, err := NewPublisher(testURL(), watermill.NopLogger{}, 4, q)
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer pub.Close()
-	if coalesce {
-		pub.Coalesce(func(string) bool { return true })
+	defer amqpPub.Close()
+	var pub message.Publisher = amqpPub
+	if bundle {
+		pub = pipeline.NewBundler(amqpPub)
 	}
 	payload := make([]byte, 128)
 	b.SetParallelism(64)

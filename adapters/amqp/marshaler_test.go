@@ -7,6 +7,9 @@ import (
 
 	"github.com/ThreeDotsLabs/watermill/message"
 	amqp091 "github.com/rabbitmq/amqp091-go"
+	"google.golang.org/protobuf/proto"
+
+	"imcloud/proto/pb"
 )
 
 func TestMarshalerToleratesBrokerHeaders(t *testing.T) {
@@ -32,5 +35,28 @@ func TestMarshalerToleratesBrokerHeaders(t *testing.T) {
 	}
 	if !strings.Contains(got.Metadata.Get("x-death"), "rejected") || got.Metadata.Get("x-delivery-count") != "3" {
 		t.Fatalf("broker headers not rendered: %v", got.Metadata)
+	}
+}
+
+// TestOlderBatchesAreRead: a delivery in the batch format this adapter's
+// publisher wrote before bundling moved into the pipeline is still read
+// as its messages, so a queue an older version filled is consumed.
+func TestOlderBatchesAreRead(t *testing.T) {
+	body, err := proto.Marshal(&pb.Batch{Messages: []*pb.Envelope{
+		{Uuid: "a", Metadata: map[string]string{"message_id": "a"}, Payload: []byte("1")},
+		{Uuid: "b", Payload: []byte("2")},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	msgs, err := unbatch(amqp091.Delivery{ContentType: batchContentType, Body: body})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(msgs) != 2 || msgs[0].UUID != "a" || msgs[0].Metadata.Get("message_id") != "a" || string(msgs[1].Payload) != "2" {
+		t.Fatalf("read %v", msgs)
+	}
+	if _, err := unbatch(amqp091.Delivery{ContentType: batchContentType, Body: []byte{0xff}}); err == nil {
+		t.Fatal("a batch that does not decode was read")
 	}
 }

@@ -35,12 +35,6 @@ type Publisher struct {
 	logger  watermill.LoggerAdapter
 	marshal marshaler
 
-	// coalesceIf picks the topics whose publishes are gathered into batch
-	// messages; set before the first publish.
-	coalesceIf func(topic string) bool
-	cmu        sync.Mutex
-	coalescers map[string]*coalescer
-
 	mu       sync.RWMutex
 	conn     *amqp091.Connection
 	chans    []*confirmChannel
@@ -60,7 +54,7 @@ func NewPublisher(url string, logger watermill.LoggerAdapter, channels int, topi
 // NewBoundedPublisher is NewPublisher declaring queues with limits; a
 // publish a full queue refuses fails with ErrQueueFull.
 func NewBoundedPublisher(url string, logger watermill.LoggerAdapter, channels int, limits Limits, topics ...string) (*Publisher, error) {
-	p := &Publisher{url: url, queues: topics, limits: limits, size: max(channels, 1), logger: logger, done: make(chan struct{}), coalescers: map[string]*coalescer{}}
+	p := &Publisher{url: url, queues: topics, limits: limits, size: max(channels, 1), logger: logger, done: make(chan struct{})}
 	if err := p.connect(); err != nil {
 		return nil, err
 	}
@@ -138,26 +132,6 @@ func (p *Publisher) channel() (*confirmChannel, error) {
 	return p.chans[p.next.Add(1)%uint64(len(p.chans))], nil
 }
 
-// Coalesce makes concurrent publishes to the topics it picks travel
-// together in batch messages (see coalescer); only Subscriber can read
-// them, so pick topics nothing else consumes. Call it before publishing.
-func (p *Publisher) Coalesce(pick func(topic string) bool) { p.coalesceIf = pick }
-
-// coalescer returns topic's coalescer, or nil when topic is not coalesced.
-func (p *Publisher) coalescer(topic string) *coalescer {
-	if p.coalesceIf == nil || !p.coalesceIf(topic) {
-		return nil
-	}
-	p.cmu.Lock()
-	defer p.cmu.Unlock()
-	c := p.coalescers[topic]
-	if c == nil {
-		c = &coalescer{p: p, topic: topic, senders: p.size}
-		p.coalescers[topic] = c
-	}
-	return c
-}
-
 // declare makes sure the queue of topic exists: RabbitMQ confirms, then
 // drops, a message routed to no queue.
 func (p *Publisher) declare(topic string) error {
@@ -188,12 +162,7 @@ func (p *Publisher) Publish(topic string, msgs ...*message.Message) error {
 		return err
 	}
 	waits := make([]waiter, 0, len(msgs))
-	co := p.coalescer(topic)
 	for _, msg := range msgs {
-		if c := co; c != nil {
-			waits = append(waits, c.publish(msg))
-			continue
-		}
 		pub, err := p.marshal.Marshal(msg)
 		if err != nil {
 			return fmt.Errorf("marshal message %s: %w", msg.UUID, err)

@@ -3,7 +3,6 @@
 package amqp
 
 import (
-	"fmt"
 	"os/exec"
 	"strings"
 	"testing"
@@ -16,29 +15,21 @@ import (
 )
 
 // TestIntegrationUniversalPubSub runs Watermill's Pub/Sub test suite
-// against our publisher and subscriber on the local RabbitMQ, with and
-// without coalescing.
+// against our publisher and subscriber on the local RabbitMQ.
 func TestIntegrationUniversalPubSub(t *testing.T) {
 	t.Cleanup(func() { deleteQueues(t, pubsubtest.Prefix) })
-	for _, coalesce := range []bool{false, true} {
-		t.Run(fmt.Sprintf("coalesce=%v", coalesce), func(t *testing.T) {
-			pubsubtest.Run(t, func(t *testing.T) (message.Publisher, message.Subscriber) {
-				logger := watermill.NopLogger{}
-				pub, err := NewPublisher(testURL(), logger, 4)
-				if err != nil {
-					t.Fatal(err)
-				}
-				if coalesce {
-					pub.Coalesce(func(string) bool { return true })
-				}
-				sub, err := NewSubscriber(testURL(), logger, 16)
-				if err != nil {
-					t.Fatal(err)
-				}
-				return pub, sub
-			})
-		})
-	}
+	pubsubtest.Run(t, func(t *testing.T) (message.Publisher, message.Subscriber) {
+		logger := watermill.NopLogger{}
+		pub, err := NewPublisher(testURL(), logger, 4)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sub, err := NewSubscriber(testURL(), logger, 16)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return pub, sub
+	})
 }
 
 // deleteQueues deletes the queues whose names start with prefix.

@@ -13,6 +13,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"sync"
 	"sync/atomic"
 
@@ -69,7 +70,8 @@ func New(logger watermill.LoggerAdapter, maxPending int, onUnheard func(topic st
 	return &PubSub{gc: gc, max: int64(max(maxPending, 1)), subs: map[string]int64{}, kept: map[string]*kept{}, onUnheard: onUnheard}
 }
 
-// Pending is how many message copies wait for their subscriber's ack.
+// Pending is how many message copies wait for their subscriber's ack, a
+// bundle counting as the messages it carries.
 func (p *PubSub) Pending() int64 { return p.pending.Load() }
 
 // Unheard is how many messages were published to a topic without a
@@ -83,15 +85,16 @@ func (p *PubSub) Publish(topic string, msgs ...*message.Message) error {
 		return errClosed
 	}
 	p.mu.Lock()
-	n := int64(len(msgs)) * p.subs[topic]
+	n := weight(msgs...) * p.subs[topic]
 	k := p.kept[topic]
 	p.mu.Unlock()
 	if k != nil {
 		k.add(msgs)
 	} else if n == 0 && len(msgs) > 0 {
-		p.unheard.Add(int64(len(msgs)))
+		w := weight(msgs...)
+		p.unheard.Add(w)
 		if p.onUnheard != nil {
-			p.onUnheard(topic, len(msgs))
+			p.onUnheard(topic, int(w))
 		}
 	}
 	if n > 0 {
@@ -151,7 +154,22 @@ func (p *PubSub) settle(ctx context.Context, m *message.Message) {
 		return // resent as a new copy, which settles it
 	case <-ctx.Done():
 	}
-	p.pending.Add(-1)
+	p.pending.Add(-weight(m))
+}
+
+// weight counts msgs as the pushes they carry: a bundle
+// (pipeline.MetaBundle) as its messages, so that maxPending bounds pushes
+// (and the memory they hold) whether or not logic bundled them.
+func weight(msgs ...*message.Message) int64 {
+	var n int64
+	for _, m := range msgs {
+		w, err := strconv.Atoi(m.Metadata.Get(pipeline.MetaBundle))
+		if err != nil || w < 1 {
+			w = 1
+		}
+		n += int64(w)
+	}
+	return n
 }
 
 // Close refuses further publishes and closes the Pub/Sub.

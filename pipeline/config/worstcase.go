@@ -112,23 +112,28 @@ func (c Config) JobWorstCase() WorstCase {
 	return w
 }
 
-// heldUnacked is how many messages one job may hold unacked at once where
-// a redelivery window counts their time: the router starts a handler for
-// each message as it arrives. On NATS the subscriptions hand over every
-// message they pull, so the consumer's MaxAckPending bounds them; Redis
-// Streams hands each subscription one message at a time; RabbitMQ hands
-// each of job.concurrency consumers up to broker.amqp.prefetch deliveries
-// (a delivery may carry a batch of pushes, each its own message to the
-// throttle: this undercounts a batched queue). The embedded broker has no
-// window (0).
+// MaxBundle is how many pushes one broker message may carry
+// (pipeline.MaxBundle, which a test keeps equal): logic bundles the pushes
+// it publishes together, and job's router runs each on its own, the
+// throttle included.
+const MaxBundle = 256
+
+// heldUnacked is how many pushes one job may hold unacked at once where a
+// redelivery window counts their time: the router starts a handler for
+// each message as it arrives, and each push of a bundle at once. On NATS
+// the subscriptions hand over every message they pull, so the consumer's
+// MaxAckPending bounds them; Redis Streams hands each subscription one
+// message at a time; RabbitMQ hands each of job.concurrency consumers up
+// to broker.amqp.prefetch deliveries. Each message may be a bundle of
+// MaxBundle pushes. The embedded broker has no window (0).
 func (c Config) heldUnacked() int {
 	switch c.Broker.Kind {
 	case BrokerAMQP:
-		return max(c.Broker.AMQP.Prefetch, 1) * max(c.Job.Concurrency, 1)
+		return max(c.Broker.AMQP.Prefetch, 1) * max(c.Job.Concurrency, 1) * MaxBundle
 	case BrokerNATS:
-		return NATSMaxAckPending
+		return NATSMaxAckPending * MaxBundle
 	case BrokerRedisStream:
-		return max(c.Job.Concurrency, 1)
+		return max(c.Job.Concurrency, 1) * MaxBundle
 	default:
 		return 0
 	}

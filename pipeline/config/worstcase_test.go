@@ -24,14 +24,17 @@ func TestJobWorstCase(t *testing.T) {
 		// Past the cap every sleep is max_interval, however many retries.
 		{"many retries", []string{"job.retry.max_retries=1000000", "job.offline_grace=0s", "job.timeout=1ms"}, 200*time.Millisecond + 800*time.Millisecond + 3200*time.Millisecond + (1000000-3)*5*time.Second, 30*time.Second + 1000001*time.Millisecond + 200*time.Millisecond + 800*time.Millisecond + 3200*time.Millisecond + (1000000-3)*5*time.Second},
 		// On RabbitMQ each of the 4 consumers holds up to 16 deliveries
-		// (prefetch): 64 at 32 per second.
-		{"throttle amqp", []string{"job.throttle=32"}, 14200 * time.Millisecond, 2*time.Second + 30*time.Second + 30*time.Second + 6*5*time.Second + 14200*time.Millisecond},
+		// (prefetch), each a bundle of up to 256 pushes: 16,384 at 8,000
+		// per second.
+		{"throttle amqp", []string{"job.throttle=8000"}, 14200 * time.Millisecond, 2048*time.Millisecond + 30*time.Second + 30*time.Second + 6*5*time.Second + 14200*time.Millisecond},
 		{"throttle gochannel", []string{"job.throttle=32", "broker.kind=gochannel"}, 14200 * time.Millisecond, 30*time.Second + 30*time.Second + 6*5*time.Second + 14200*time.Millisecond},
-		// Every unacked message of the consumer (MaxAckPending 1000) may
-		// wait in this job's throttle: 1000 at 100 per second.
-		{"throttle nats", []string{"job.throttle=100", "broker.kind=nats"}, 14200 * time.Millisecond, 10*time.Second + 30*time.Second + 30*time.Second + 6*5*time.Second + 14200*time.Millisecond},
-		// Redis Streams hands each of the 4 subscriptions one message at a time.
-		{"throttle redisstream", []string{"job.throttle=4", "broker.kind=redisstream"}, 14200 * time.Millisecond, time.Second + 30*time.Second + 30*time.Second + 6*5*time.Second + 14200*time.Millisecond},
+		// Every unacked message of the consumer (MaxAckPending 1000), each
+		// a bundle of up to 256, may wait in this job's throttle: 256,000
+		// at 25,000 per second.
+		{"throttle nats", []string{"job.throttle=25000", "broker.kind=nats"}, 14200 * time.Millisecond, 10240*time.Millisecond + 30*time.Second + 30*time.Second + 6*5*time.Second + 14200*time.Millisecond},
+		// Redis Streams hands each of the 4 subscriptions one message (a
+		// bundle of up to 256) at a time.
+		{"throttle redisstream", []string{"job.throttle=1000", "broker.kind=redisstream"}, 14200 * time.Millisecond, 1024*time.Millisecond + 30*time.Second + 30*time.Second + 6*5*time.Second + 14200*time.Millisecond},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -85,9 +88,10 @@ func TestWorstCaseRefused(t *testing.T) {
 			[]string{"worst case 1m44.2s", "broker.redisstream.redeliver_after 1m0s"}},
 		{"amqp ignores the nats window", []string{"broker.nats.redeliver_after=1m"}, nil},
 		{"long offline grace", []string{"job.offline_grace=5m"}, []string{"job.offline_grace 5m0s", "cloud.dedupe_ttl"}},
-		{"throttle counts on nats", []string{"job.throttle=50", "broker.kind=nats"}, []string{"worst case 2m4.2s", "20s waiting for job.throttle", "broker.nats.redeliver_after 2m0s", "raise job.throttle"}},
+		// 1000 bundles of 256 at 12,800 a second: 20 s.
+		{"throttle counts on nats", []string{"job.throttle=12800", "broker.kind=nats"}, []string{"worst case 2m4.2s", "20s waiting for job.throttle", "broker.nats.redeliver_after 2m0s", "raise job.throttle"}},
 		// Handling 1m44.2s, with the throttle 1m48.2s.
-		{"throttle does not count for cloud", []string{"job.throttle=1", "broker.kind=redisstream", "cloud.dedupe_ttl=1m46s"}, nil},
+		{"throttle does not count for cloud", []string{"job.throttle=256", "broker.kind=redisstream", "cloud.dedupe_ttl=1m46s"}, nil},
 		{"job dedupe below the nats window", []string{"broker.kind=nats", "job.dedupe.ttl=1m50s"},
 			[]string{"job.dedupe.ttl: 1m50s is not above broker.nats.redeliver_after (2m0s)"}},
 		{"amqp window short", []string{"broker.amqp.redeliver_after=1m"},

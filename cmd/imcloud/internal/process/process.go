@@ -224,7 +224,9 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Proc
 	var logicStage *logic.Stage
 	if hasLogic {
 		logicStage, err = logic.New(cfg.Logic, logic.Options{
-			Registry: p.stores.Registry, Publisher: p.broker.Publisher, PushTopic: cfg.Topics.Push,
+			// Concurrent pushes travel to job together: one broker
+			// message and one router pass for up to pipeline.MaxBundle.
+			Registry: p.stores.Registry, Publisher: pipeline.NewBundler(p.broker.Publisher), PushTopic: cfg.Topics.Push,
 			Replies: p.stores.Replies, History: p.stores.History, HistoryLimits: cfg.History, Logger: logger.With("stage", "logic"),
 			Heartbeat: cfg.Cloud.HeartbeatInterval, CloudDial: p.grpcDialOpts, Events: emitter,
 			NodesTTL: p.nodesTTL(), Metrics: p.metrics.LogicPart(),

@@ -1,0 +1,272 @@
+package pipeline
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill/message"
+	"github.com/google/uuid"
+	"google.golang.org/protobuf/proto"
+
+	"imcloud/proto/pb"
+)
+
+// MetaBundle marks a message that carries others (a pb.Batch of
+// pb.Envelope): its value is how many. Only job's router reads the push
+// topic, and it unbundles (see unbundle); poison, upstream and events
+// messages are never bundled.
+const MetaBundle = "bundle"
+
+// Bundle limits. 256 messages: at that size a bundle's share of the
+// broker's and the router's per-message work is under 1 % of a push's
+// cost, and 256 room pushes held by one unbundled delivery stay a small
+// fraction of a job's concurrency. 512 KiB: below NATS' default
+// max_payload (1 MiB), the smallest broker limit; a message over it goes
+// alone, as it always did.
+const (
+	MaxBundle      = 256
+	MaxBundleBytes = 512 << 10
+)
+
+// bundleSenders is how many bundles of one topic may be out at once:
+// RabbitMQ confirms them pipelined (a bundle waits one confirm round
+// trip), so a few in flight keep its queue process busy while the next
+// ones fill.
+const bundleSenders = 4
+
+// Bundler is a Publisher that gathers concurrent publishes into bundle
+// messages, the way a database group-commits: a publish that finds no
+// bundle being sent goes at once (alone: byte for byte the message it
+// was); what arrives while bundles are out waits for the next, which
+// takes all of it (up to the limits). There is no timer, so an idle
+// system adds no latency, and a loaded one hands the broker and job's
+// router one message per bundle instead of one per push: the per-message
+// costs of both (a Watermill goroutine, the middleware, an ack, a queue
+// entry) are paid once for up to MaxBundle pushes. A Publish returns when
+// the bundle holding its messages was published, with that publish's
+// error; the messages of one Publish call travel together where the
+// limits allow, in order.
+type Bundler struct {
+	pub message.Publisher
+
+	mu     sync.Mutex
+	topics map[string]*bundleQueue
+}
+
+// NewBundler bundles what is published through pub.
+func NewBundler(pub message.Publisher) *Bundler {
+	return &Bundler{pub: pub, topics: map[string]*bundleQueue{}}
+}
+
+type bundleQueue struct {
+	mu      sync.Mutex
+	calls   []*bundleCall
+	sending int
+}
+
+// bundleCall is one Publish call waiting for its bundle.
+type bundleCall struct {
+	msgs []*message.Message
+	done chan error
+}
+
+// Publish publishes msgs to topic in the next bundle and waits for it.
+func (b *Bundler) Publish(topic string, msgs ...*message.Message) error {
+	if len(msgs) == 0 {
+		return nil
+	}
+	b.mu.Lock()
+	q := b.topics[topic]
+	if q == nil {
+		q = &bundleQueue{}
+		b.topics[topic] = q
+	}
+	b.mu.Unlock()
+	c := &bundleCall{msgs: msgs, done: make(chan error, 1)}
+	q.mu.Lock()
+	q.calls = append(q.calls, c)
+	start := q.sending < bundleSenders
+	if start {
+		q.sending++
+	}
+	q.mu.Unlock()
+	if start {
+		b.send(topic, q)
+	}
+	return <-c.done
+}
+
+// send publishes what is queued, bundle after bundle, until nothing is.
+// It runs on the goroutine of a caller (the first to find a sender free),
+// which may so publish others' messages before it returns: its own are
+// in the first bundle it takes.
+func (b *Bundler) send(topic string, q *bundleQueue) {
+	for {
+		q.mu.Lock()
+		if len(q.calls) == 0 {
+			q.sending--
+			q.mu.Unlock()
+			return
+		}
+		calls := take(&q.calls)
+		q.mu.Unlock()
+
+		err := b.publish(topic, calls)
+		for _, c := range calls {
+			c.done <- err
+		}
+	}
+}
+
+// take removes from the front of calls those that fit in one bundle: at
+// least one call, and whole calls only.
+func take(calls *[]*bundleCall) []*bundleCall {
+	n, msgs, size := 0, 0, 0
+	for _, c := range *calls {
+		cs := 0
+		for _, m := range c.msgs {
+			cs += len(m.Payload)
+		}
+		if n > 0 && (msgs+len(c.msgs) > MaxBundle || size+cs > MaxBundleBytes) {
+			break
+		}
+		n, msgs, size = n+1, msgs+len(c.msgs), size+cs
+	}
+	out := (*calls)[:n:n]
+	*calls = (*calls)[n:]
+	return out
+}
+
+// publish sends calls' messages in as few bundles as the limits allow, in
+// one call to the broker. The bundles' context has the latest deadline
+// of the messages': none of the callers is cut short by another's.
+func (b *Bundler) publish(topic string, calls []*bundleCall) error {
+	var msgs []*message.Message
+	for _, c := range calls {
+		msgs = append(msgs, c.msgs...)
+	}
+	if len(msgs) == 1 {
+		return b.pub.Publish(topic, msgs[0])
+	}
+	ctx, cancel := latestDeadline(msgs)
+	defer cancel()
+	var out []*message.Message
+	for len(msgs) > 0 {
+		n, size := 0, 0
+		for n < len(msgs) && n < MaxBundle && (n == 0 || size+len(msgs[n].Payload) <= MaxBundleBytes) {
+			size += len(msgs[n].Payload)
+			n++
+		}
+		m, err := NewBundle(msgs[:n])
+		if err != nil {
+			return err
+		}
+		m.SetContext(ctx)
+		out = append(out, m)
+		msgs = msgs[n:]
+	}
+	return b.pub.Publish(topic, out...)
+}
+
+// latestDeadline is a context that ends at the latest deadline among
+// msgs' contexts, or never if one has none; cancelling one caller's
+// request does not end it.
+func latestDeadline(msgs []*message.Message) (context.Context, context.CancelFunc) {
+	var latest time.Time
+	for _, m := range msgs {
+		d, ok := m.Context().Deadline()
+		if !ok {
+			return context.Background(), func() {}
+		}
+		if d.After(latest) {
+			latest = d
+		}
+	}
+	return context.WithDeadline(context.Background(), latest)
+}
+
+// Close closes the publisher beneath.
+func (b *Bundler) Close() error { return b.pub.Close() }
+
+// NewBundle packs msgs (their ids, metadata and payloads) into one
+// message; one alone is returned as it is.
+func NewBundle(msgs []*message.Message) (*message.Message, error) {
+	if len(msgs) == 1 {
+		return msgs[0], nil
+	}
+	batch := &pb.Batch{Messages: make([]*pb.Envelope, len(msgs))}
+	for i, m := range msgs {
+		batch.Messages[i] = &pb.Envelope{Uuid: m.UUID, Metadata: m.Metadata, Payload: m.Payload}
+	}
+	body, err := proto.Marshal(batch)
+	if err != nil {
+		return nil, fmt.Errorf("marshal bundle: %w", err)
+	}
+	id := uuid.NewString()
+	out := message.NewMessage(id, body)
+	out.Metadata.Set(MetaMessageID, id)
+	out.Metadata.Set(MetaBundle, strconv.Itoa(len(msgs)))
+	out.Metadata.Set(MetaPublishedAt, strconv.FormatInt(time.Now().UnixNano(), 10))
+	return out, nil
+}
+
+// Unbundle returns the messages a bundle carries, each with the bundle's
+// context; a message that is no bundle is returned alone.
+func Unbundle(msg *message.Message) ([]*message.Message, error) {
+	if msg.Metadata.Get(MetaBundle) == "" {
+		return []*message.Message{msg}, nil
+	}
+	var batch pb.Batch
+	if err := proto.Unmarshal(msg.Payload, &batch); err != nil {
+		return nil, fmt.Errorf("decode bundle %s: %w", msg.UUID, err)
+	}
+	out := make([]*message.Message, len(batch.Messages))
+	for i, e := range batch.Messages {
+		m := message.NewMessage(e.Uuid, e.Payload)
+		if e.Metadata != nil {
+			m.Metadata = e.Metadata
+		}
+		m.SetContext(msg.Context())
+		out[i] = m
+	}
+	return out, nil
+}
+
+// unbundle is the router's outermost middleware: a bundle's messages go
+// down the rest of the stack each on its own, all at once (each on its
+// own goroutine, as Watermill runs a message), so that each is
+// deduplicated, retried, held and poisoned alone, and a bundle takes no
+// longer than its slowest message (config.JobWorstCase holds per
+// bundle). The bundle is acked when every message was settled — delivered,
+// dropped as a duplicate or poisoned — and nacked if any failed to be
+// (a poison publish failed, a message handed back at shutdown): it comes
+// again whole, and the dedupe middleware drops those already delivered.
+// A bundle that does not decode goes down the stack itself, to be
+// poisoned as it is.
+func unbundle(h message.HandlerFunc) message.HandlerFunc {
+	return func(msg *message.Message) ([]*message.Message, error) {
+		if msg.Metadata.Get(MetaBundle) == "" {
+			return h(msg)
+		}
+		msgs, err := Unbundle(msg)
+		if err != nil {
+			return h(msg)
+		}
+		produced := make([][]*message.Message, len(msgs))
+		errs := make([]error, len(msgs))
+		var wg sync.WaitGroup
+		for i, m := range msgs {
+			wg.Go(func() { produced[i], errs[i] = h(m) })
+		}
+		wg.Wait()
+		var out []*message.Message
+		for _, p := range produced {
+			out = append(out, p...)
+		}
+		return out, errors.Join(errs...)
+	}
+}

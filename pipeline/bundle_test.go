@@ -1,0 +1,313 @@
+package pipeline
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill/message"
+	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
+
+	"imcloud/proto/pb"
+)
+
+// gatePublisher records what reaches the broker; while gate is set, each
+// Publish call waits for it to close.
+type gatePublisher struct {
+	mu      sync.Mutex
+	calls   [][]*message.Message
+	gate    chan struct{}
+	entered chan struct{}
+	fail    error
+}
+
+func (g *gatePublisher) Publish(_ string, msgs ...*message.Message) error {
+	g.mu.Lock()
+	gate := g.gate
+	g.mu.Unlock()
+	if gate != nil {
+		g.entered <- struct{}{}
+		<-gate
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.fail != nil {
+		return g.fail
+	}
+	g.calls = append(g.calls, msgs)
+	return nil
+}
+
+func (g *gatePublisher) Close() error { return nil }
+
+// received returns the ids that reached the broker, bundles opened, and
+// how many broker messages carried them.
+func (g *gatePublisher) received(t *testing.T) (ids []string, brokerMsgs int) {
+	t.Helper()
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for _, call := range g.calls {
+		for _, m := range call {
+			brokerMsgs++
+			inner, err := Unbundle(m)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, in := range inner {
+				ids = append(ids, in.UUID)
+			}
+		}
+	}
+	return ids, brokerMsgs
+}
+
+func testMsg(id string, size int) *message.Message {
+	m := message.NewMessage(id, make([]byte, size))
+	m.Metadata.Set(MetaMessageID, id)
+	m.SetContext(context.Background())
+	return m
+}
+
+// TestBundlerAloneIsUnchanged: a publish that finds no other reaches the
+// broker as the very message it was.
+func TestBundlerAloneIsUnchanged(t *testing.T) {
+	g := &gatePublisher{}
+	b := NewBundler(g)
+	m := testMsg("a", 10)
+	if err := b.Publish("t", m); err != nil {
+		t.Fatal(err)
+	}
+	if len(g.calls) != 1 || len(g.calls[0]) != 1 || g.calls[0][0] != m {
+		t.Fatalf("broker got %v, want the message itself", g.calls)
+	}
+}
+
+// TestBundlerGathersWhatWaits: publishes that arrive while every sender
+// is out travel in one bundle when one comes back, each caller's messages
+// together and in order, and every caller learns its bundle's outcome.
+func TestBundlerGathersWhatWaits(t *testing.T) {
+	for _, fail := range []error{nil, errors.New("broker down")} {
+		t.Run(fmt.Sprint("fail=", fail), func(t *testing.T) {
+			g := &gatePublisher{gate: make(chan struct{}), entered: make(chan struct{}, 100), fail: fail}
+			b := NewBundler(g)
+			errs := make(chan error, 100)
+			// Occupy every sender.
+			for i := range bundleSenders {
+				go func() { errs <- b.Publish("t", testMsg(fmt.Sprint("busy", i), 10)) }()
+				<-g.entered
+			}
+			// These wait: 20 calls of 3 messages each.
+			var want []string
+			var queued sync.WaitGroup
+			for i := range 20 {
+				ids := []string{fmt.Sprint("c", i, ".0"), fmt.Sprint("c", i, ".1"), fmt.Sprint("c", i, ".2")}
+				want = append(want, ids...)
+				queued.Go(func() {
+					errs <- b.Publish("t", testMsg(ids[0], 10), testMsg(ids[1], 10), testMsg(ids[2], 10))
+				})
+			}
+			// Every waiting call is queued once the bundler's queue holds
+			// them all; the senders are all stuck in the gate.
+			deadline := time.Now().Add(5 * time.Second)
+			for queuedCalls(b, "t") < 20 {
+				if time.Now().After(deadline) {
+					t.Fatalf("%d calls queued, want 20", queuedCalls(b, "t"))
+				}
+				time.Sleep(time.Millisecond)
+			}
+			g.mu.Lock()
+			close(g.gate)
+			g.gate = nil
+			g.mu.Unlock()
+			queued.Wait()
+			for range bundleSenders + 20 {
+				if err := <-errs; !errors.Is(err, fail) {
+					t.Fatalf("a caller got %v, want %v", err, fail)
+				}
+			}
+			if fail != nil {
+				return
+			}
+			ids, brokerMsgs := g.received(t)
+			var got []string
+			for _, id := range ids {
+				if strings.HasPrefix(id, "c") {
+					got = append(got, id)
+				}
+			}
+			slices.Sort(got)
+			sorted := slices.Sorted(slices.Values(want))
+			if !slices.Equal(got, sorted) {
+				t.Fatalf("the broker got %v, want %v", got, sorted)
+			}
+			// 60 waiting messages fit one bundle: one sender coming back
+			// takes them all.
+			if brokerMsgs != bundleSenders+1 {
+				t.Fatalf("%d broker messages, want %d alone and one bundle", brokerMsgs, bundleSenders)
+			}
+			// Each call's three messages sit together, in order.
+			for i, id := range ids {
+				if strings.HasSuffix(id, ".0") && (ids[i+1] != strings.TrimSuffix(id, "0")+"1" || ids[i+2] != strings.TrimSuffix(id, "0")+"2") {
+					t.Fatalf("a call's messages apart or out of order: %v", ids)
+				}
+			}
+		})
+	}
+}
+
+func queuedCalls(b *Bundler, topic string) int {
+	b.mu.Lock()
+	q := b.topics[topic]
+	b.mu.Unlock()
+	if q == nil {
+		return 0
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return len(q.calls)
+}
+
+// TestBundleLimits: one call of more messages or bytes than a bundle
+// holds goes in several bundles of one broker call; a message over the
+// byte limit goes alone.
+func TestBundleLimits(t *testing.T) {
+	g := &gatePublisher{}
+	b := NewBundler(g)
+	var msgs []*message.Message
+	for i := range 2*MaxBundle + 10 {
+		msgs = append(msgs, testMsg(fmt.Sprint(i), 100))
+	}
+	big := testMsg("big", MaxBundleBytes+1)
+	msgs = append(msgs, big, testMsg("after", 100))
+	if err := b.Publish("t", msgs...); err != nil {
+		t.Fatal(err)
+	}
+	if len(g.calls) != 1 {
+		t.Fatalf("%d broker calls, want 1", len(g.calls))
+	}
+	var sizes []int
+	for _, m := range g.calls[0] {
+		inner, err := Unbundle(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sizes = append(sizes, len(inner))
+		if len(m.Payload) > MaxBundleBytes+1024 {
+			t.Fatalf("a broker message of %d bytes", len(m.Payload))
+		}
+	}
+	if !slices.Equal(sizes, []int{MaxBundle, MaxBundle, 10, 1, 1}) {
+		t.Fatalf("bundles of %v messages", sizes)
+	}
+	if g.calls[0][3] != big {
+		t.Fatal("the message over the byte limit was not sent alone as itself")
+	}
+	ids, _ := g.received(t)
+	for i := range 2*MaxBundle + 10 {
+		if ids[i] != fmt.Sprint(i) {
+			t.Fatalf("message %d is %s: out of order", i, ids[i])
+		}
+	}
+}
+
+// TestBundleContextHasTheLatestDeadline: one caller's deadline does not
+// cut the others' publish short.
+func TestBundleContextHasTheLatestDeadline(t *testing.T) {
+	g := &gatePublisher{}
+	b := NewBundler(g)
+	soon, cancel1 := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel1()
+	late, cancel2 := context.WithTimeout(context.Background(), time.Hour)
+	defer cancel2()
+	m1, m2 := testMsg("1", 1), testMsg("2", 1)
+	m1.SetContext(soon)
+	m2.SetContext(late)
+	if err := b.Publish("t", m1, m2); err != nil {
+		t.Fatal(err)
+	}
+	d, ok := g.calls[0][0].Context().Deadline()
+	if want, _ := late.Deadline(); !ok || !d.Equal(want) {
+		t.Fatalf("bundle deadline %v, want %v", d, want)
+	}
+}
+
+// TestUnbundledMessagesSettleAlone: the router runs each message of a
+// bundle down the middleware on its own: a duplicate is dropped, a
+// failing one is retried and poisoned alone (as itself, not the bundle),
+// the others are delivered, and the bundle is acked once all are settled.
+// A bundle that does not decode is poisoned as it is.
+func TestUnbundledMessagesSettleAlone(t *testing.T) {
+	var mu sync.Mutex
+	delivered := map[string]int{}
+	publish, poisoned, tries := startRouter(t, slog.New(slog.DiscardHandler), holdTiming{first: configHoldFirst, max: configHoldMax, total: time.Second},
+		func(msg *message.Message, _ int) error {
+			id := msg.Metadata.Get(MetaMessageID)
+			if id == "bad" {
+				return errors.New("cloud unreachable")
+			}
+			if _, err := DecodePush(msg); err != nil {
+				return err
+			}
+			mu.Lock()
+			delivered[id]++
+			mu.Unlock()
+			return nil
+		})
+	push := func(id string) *message.Message {
+		m, err := NewPushMessage(id, "corr-"+id, &pb.PushMsg{Operation: 1000})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	if err := publish(push("seen")); err != nil {
+		t.Fatal(err)
+	}
+	bundle, err := NewBundle([]*message.Message{push("a"), push("seen"), push("bad"), push("b")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := inBackground(func() error { return publish(bundle) })
+	select {
+	case p := <-poisoned:
+		if p.Metadata.Get(MetaMessageID) != "bad" || p.Metadata.Get(MetaBundle) != "" || middleware.MessageCorrelationID(p) != "corr-bad" {
+			t.Fatalf("poisoned %v, want the failing message alone", p.Metadata)
+		}
+		p.Ack()
+	case <-time.After(10 * time.Second):
+		t.Fatal("nothing poisoned")
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	got := fmt.Sprint(delivered)
+	mu.Unlock()
+	if got != "map[a:1 b:1 seen:1]" || tries.get("bad") != maxRetries+1 || tries.get("seen") != 1 {
+		t.Fatalf("delivered %s, bad tried %d times, seen %d; want a, b and seen once, bad %d times",
+			got, tries.get("bad"), tries.get("seen"), maxRetries+1)
+	}
+
+	corrupt := message.NewMessage("corrupt", []byte{0xff, 0xff})
+	corrupt.Metadata.Set(MetaMessageID, "corrupt")
+	corrupt.Metadata.Set(MetaBundle, "2")
+	done = inBackground(func() error { return publish(corrupt) })
+	select {
+	case p := <-poisoned:
+		if p.UUID != "corrupt" {
+			t.Fatalf("poisoned %s, want the corrupt bundle", p.UUID)
+		}
+		p.Ack()
+	case <-time.After(10 * time.Second):
+		t.Fatal("corrupt bundle not poisoned")
+	}
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
