@@ -252,8 +252,14 @@ func (t Topics) MaxLengths() map[string]int64 {
 
 // Logic configures the logic stage.
 type Logic struct {
-	HTTPAddr        string   `koanf:"http_addr"`
-	GRPCAddr        string   `koanf:"grpc_addr"`
+	HTTPAddr string `koanf:"http_addr"`
+	GRPCAddr string `koanf:"grpc_addr"`
+	// APIGRPCAddr serves the push API over gRPC (imcloud.api.v1,
+	// proto/api.proto) for backends; "" (the default) serves none.
+	APIGRPCAddr string `koanf:"api_grpc_addr"`
+	// APIStreamWindow bounds the pushes of one PushStream that are
+	// received and not yet answered.
+	APIStreamWindow int      `koanf:"api_stream_window"`
 	APIKeys         []string `koanf:"api_keys"`
 	MaxMessageBytes int      `koanf:"max_message_bytes"`
 	// MaxBatchItems and MaxBatchBytes bound one POST /im/push/batch (and
@@ -567,6 +573,7 @@ func Default() Config {
 			APIKeys:         []string{},
 			MaxMessageBytes: 4096 - 16,
 			MaxBatchItems:   1000,
+			APIStreamWindow: 4096,
 			MaxBatchBytes:   4 << 20,
 			SessionTTL:      10 * time.Minute,
 			IdempotencyTTL:  24 * time.Hour,
@@ -857,6 +864,7 @@ func (c Config) Validate() error {
 	positive("logic.max_message_bytes", c.Logic.MaxMessageBytes)
 	positive("logic.max_batch_items", c.Logic.MaxBatchItems)
 	positive("logic.max_batch_bytes", c.Logic.MaxBatchBytes)
+	positive("logic.api_stream_window", c.Logic.APIStreamWindow)
 	positiveDur("logic.session_ttl", c.Logic.SessionTTL)
 	positiveDur("logic.idempotency_ttl", c.Logic.IdempotencyTTL)
 	positive("logic.idempotency_max_bytes", c.Logic.IdempotencyMaxBytes)
@@ -1159,10 +1167,12 @@ func (c Config) CheckBinds() error {
 			}
 		}
 	}
-	if c.Has(StageLogic) && c.Logic.HTTPAddr != "" && !IsLoopback(c.Logic.HTTPAddr) && len(c.Logic.APIKeys) == 0 && !c.Logic.AllowAnonymous {
-		errs = append(errs, fmt.Errorf("logic.http_addr: %q serves the push API beyond loopback with no logic.api_keys: "+
-			"set logic.api_keys (e.g. IMCLOUD_LOGIC__API_KEYS=$(openssl rand -hex 16)), bind it to 127.0.0.1, "+
-			"or set logic.allow_anonymous = true to let anyone who reaches it push", c.Logic.HTTPAddr))
+	for _, l := range []struct{ key, addr string }{{"logic.http_addr", c.Logic.HTTPAddr}, {"logic.api_grpc_addr", c.Logic.APIGRPCAddr}} {
+		if c.Has(StageLogic) && l.addr != "" && !IsLoopback(l.addr) && len(c.Logic.APIKeys) == 0 && !c.Logic.AllowAnonymous {
+			errs = append(errs, fmt.Errorf("%s: %q serves the push API beyond loopback with no logic.api_keys: "+
+				"set logic.api_keys (e.g. IMCLOUD_LOGIC__API_KEYS=$(openssl rand -hex 16)), bind it to 127.0.0.1, "+
+				"or set logic.allow_anonymous = true to let anyone who reaches it push", l.key, l.addr))
+		}
 	}
 	return errors.Join(errs...)
 }

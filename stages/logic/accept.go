@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -130,6 +131,47 @@ func (st *Stage) accept(ctx context.Context, reqs []pushRequest, settle time.Dur
 		}
 	}
 
+	return out
+}
+
+// acceptEach validates n pushes with item and accepts the valid ones,
+// answering each in order (a push that failed validation with 400, or 413
+// when too large) and counting each under its route ("batch" when it
+// named none). item returns its request's name as soon as it knows it.
+func (st *Stage) acceptEach(ctx context.Context, n int, item func(i int) (pushRequest, error)) []outcome {
+	out := make([]outcome, n)
+	labels := make([]string, n)
+	reqs := make([]pushRequest, 0, n)
+	at := make([]int, 0, n) // reqs[j] is item at[j]
+	for i := range n {
+		req, err := item(i)
+		labels[i] = strings.TrimPrefix(req.name, "push/")
+		if labels[i] == "" {
+			labels[i] = "batch"
+		}
+		var tooLarge *tooLargeError
+		switch {
+		case errors.As(err, &tooLarge):
+			out[i] = failed(http.StatusRequestEntityTooLarge, err.Error())
+		case err != nil:
+			out[i] = failed(http.StatusBadRequest, err.Error())
+		default:
+			reqs = append(reqs, req)
+			at = append(at, i)
+		}
+	}
+	if len(reqs) > 0 {
+		pctx, cancel, settle := st.pushBudget(ctx)
+		for j, o := range st.accept(pctx, reqs, settle) {
+			out[at[j]] = o
+		}
+		cancel()
+	}
+	if st.metrics != nil {
+		for i, o := range out {
+			st.metrics.Push(labels[i], o.status)
+		}
+	}
 	return out
 }
 

@@ -34,13 +34,10 @@ var batchRoutes = []struct{ field, name string }{
 // in one call. Only a request that cannot be read as a list of objects
 // (or is over a size limit) fails whole, and then publishes nothing.
 func (st *Stage) pushBatch(w http.ResponseWriter, r *http.Request) {
-	count := func(label string, code int) {
-		if st.metrics != nil {
-			st.metrics.Push(label, code)
-		}
-	}
 	fail := func(code int, err error) {
-		count("batch", code)
+		if st.metrics != nil {
+			st.metrics.Push("batch", code)
+		}
 		writeError(w, code, err.Error())
 	}
 	corr, err := headerValue(r, "X-Request-ID", maxRequestIDBytes)
@@ -65,37 +62,9 @@ func (st *Stage) pushBatch(w http.ResponseWriter, r *http.Request) {
 	if corr == "" {
 		corr = uuid.NewString()
 	}
-	out := make([]outcome, len(items))
-	labels := make([]string, len(items))
-	reqs := make([]pushRequest, 0, len(items))
-	at := make([]int, 0, len(items)) // reqs[j] is item at[j]
-	for i, raw := range items {
-		req, err := st.batchItem(raw, corr, i)
-		labels[i] = strings.TrimPrefix(req.name, "push/")
-		if labels[i] == "" {
-			labels[i] = "batch"
-		}
-		if errors.As(err, &tooLarge) {
-			out[i] = failed(http.StatusRequestEntityTooLarge, err.Error())
-			continue
-		}
-		if err != nil {
-			out[i] = failed(http.StatusBadRequest, err.Error())
-			continue
-		}
-		reqs = append(reqs, req)
-		at = append(at, i)
-	}
-	if len(reqs) > 0 {
-		ctx, cancel, settle := st.pushBudget(r.Context())
-		defer cancel()
-		for j, o := range st.accept(ctx, reqs, settle) {
-			out[at[j]] = o
-		}
-	}
+	out := st.acceptEach(r.Context(), len(items), func(i int) (pushRequest, error) { return st.batchItem(items[i], corr, i) })
 	retry := false
-	for i, o := range out {
-		count(labels[i], o.status)
+	for _, o := range out {
 		retry = retry || o.retryable()
 	}
 	if retry {

@@ -583,13 +583,19 @@ func refuse(w http.ResponseWriter) {
 }
 
 func (st *Stage) authorized(r *http.Request) bool {
+	return st.keyAccepted(r.Header.Get("Authorization"))
+}
+
+// keyAccepted reports whether an Authorization value ("Bearer <key>")
+// holds one of logic.api_keys; with none configured, every value is.
+func (st *Stage) keyAccepted(authorization string) bool {
 	keys := st.access.Load().keys
 	if len(keys) == 0 {
 		return true
 	}
 	// The scheme is case-insensitive (RFC 7235 section 2.1): "bearer" and
 	// "BEARER" are the same scheme as "Bearer".
-	scheme, got, ok := strings.Cut(r.Header.Get("Authorization"), " ")
+	scheme, got, ok := strings.Cut(authorization, " ")
 	if !ok || !strings.EqualFold(scheme, "Bearer") {
 		return false
 	}

@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net/http"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -45,6 +46,9 @@ type Stage struct {
 	// access and auth are what SIGHUP reloads (reload.go).
 	access atomic.Pointer[access]
 	auth   *swapAuth
+	// streamsStop is closed by StopStreams.
+	streamsStop chan struct{}
+	stopStreams sync.Once
 	// presence asks one cloud node for a room's members; nil: over gRPC
 	// (tests replace it).
 	presence func(ctx context.Context, n *pb.NodeInfo, room string) (*pb.PresenceReply, error)
@@ -119,6 +123,8 @@ func New(cfg config.Logic, o Options) (*Stage, error) {
 		grpc:    rpc,
 		logger:  o.Logger,
 		failLog: pipeline.NewRateLog(o.Logger, slog.LevelError, time.Second),
+
+		streamsStop: make(chan struct{}),
 	}
 	st.access.Store(newAccess(cfg))
 	return st, nil

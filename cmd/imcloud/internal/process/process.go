@@ -46,7 +46,7 @@ import (
 // Addrs are the addresses the process's listeners are bound to; empty where a
 // listener is off.
 type Addrs struct {
-	HTTP, LogicGRPC                        string
+	HTTP, LogicGRPC, APIGRPC               string
 	CloudTCP, CloudWS, CloudWSS, CloudGRPC string
 	Admin                                  string
 }
@@ -65,6 +65,7 @@ type Process struct {
 
 	broker     *pipeline.Broker
 	logicGRPC  *grpc.Server
+	apiGRPC    *grpc.Server // the push API over gRPC (logic.api_grpc_addr)
 	cloudGRPC  *grpc.Server
 	httpSrvs   []*http.Server // logic API
 	adminSrvs  []*http.Server // admin, stopped last
@@ -171,9 +172,12 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Proc
 	}
 
 	hasLogic, hasJob, hasCloud := cfg.Has(config.StageLogic), cfg.Has(config.StageJob), cfg.Has(config.StageCloud)
-	var httpLn, logicLn, tcpLn, wsLn, wssLn, cloudLn, adminLn net.Listener
+	var httpLn, apiLn, logicLn, tcpLn, wsLn, wssLn, cloudLn, adminLn net.Listener
 	if hasLogic {
 		if httpLn, err = bind("logic.http_addr", cfg.Logic.HTTPAddr); err != nil {
+			return nil, err
+		}
+		if apiLn, err = bind("logic.api_grpc_addr", cfg.Logic.APIGRPCAddr); err != nil {
 			return nil, err
 		}
 		if logicLn, err = bind("logic.grpc_addr", cfg.Logic.GRPCAddr); err != nil {
@@ -198,7 +202,7 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Proc
 		return nil, err
 	}
 	p.addrs = Addrs{
-		HTTP: addrOf(httpLn), LogicGRPC: addrOf(logicLn),
+		HTTP: addrOf(httpLn), APIGRPC: addrOf(apiLn), LogicGRPC: addrOf(logicLn),
 		CloudTCP: addrOf(tcpLn), CloudWS: addrOf(wsLn), CloudWSS: addrOf(wssLn), CloudGRPC: addrOf(cloudLn),
 		Admin: addrOf(adminLn),
 	}
@@ -263,11 +267,24 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Proc
 	// before job subscribes, and a 200 must never stand for a dropped push.
 	if logicStage != nil {
 		p.serveHTTP(&p.httpSrvs, "logic http", logicStage.Handler(), httpLn, false)
+		if apiLn != nil {
+			opts := logicStage.APIServerOptions()
+			if p.metrics != nil {
+				opts = append(opts, grpc.ChainUnaryInterceptor(p.metrics.GRPCServer.UnaryServerInterceptor()),
+					grpc.ChainStreamInterceptor(p.metrics.GRPCServer.StreamServerInterceptor()))
+			}
+			p.apiGRPC = grpc.NewServer(opts...)
+			hs := health.NewServer()
+			p.health = append(p.health, hs)
+			healthpb.RegisterHealthServer(p.apiGRPC, hs)
+			logicStage.RegisterAPI(p.apiGRPC)
+			p.serve("logic api grpc", func() error { return p.apiGRPC.Serve(apiLn) })
+		}
 	}
 	if p.metrics != nil {
 		// Every method's series from 0, now that the services are
 		// registered.
-		for _, g := range []*grpc.Server{p.logicGRPC, p.cloudGRPC} {
+		for _, g := range []*grpc.Server{p.logicGRPC, p.cloudGRPC, p.apiGRPC} {
 			if g != nil {
 				p.metrics.GRPCServer.InitializeMetrics(g)
 			}
@@ -621,7 +638,8 @@ func (p *Process) Shutdown(ctx context.Context) error {
 
 // stop shuts down in the order that loses nothing accepted:
 //
-//  1. logic's push API (and the admin listener) stops taking requests;
+//  1. logic's push API, HTTP and gRPC (and the admin listener), stops
+//     taking requests;
 //  2. job's router closes, finishing the deliveries in hand;
 //  3. cloud stops accepting (WebSocket and TCP listeners) and drains:
 //     what is queued is written, then each client is closed with 1001,
@@ -641,6 +659,10 @@ func (p *Process) stop(ctx context.Context) {
 	}
 	for _, s := range p.httpSrvs {
 		_ = s.Shutdown(ctx)
+	}
+	if p.apiGRPC != nil {
+		p.logicStage.StopStreams()
+		gracefulStop(ctx, p.apiGRPC)
 	}
 	if p.router != nil {
 		_ = p.router.Close()

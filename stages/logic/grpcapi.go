@@ -1,0 +1,328 @@
+package logic
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/google/uuid"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/grpc/tap"
+
+	"imcloud/proto/pb"
+)
+
+// pushAPI serves imcloud.api.v1.PushService (proto/api.proto): the HTTP
+// API's pushes over gRPC, through the same validation and accept path.
+type pushAPI struct {
+	pb.UnimplementedPushServiceServer
+	st *Stage
+}
+
+// StopStreams makes every PushStream answer what it has received and end
+// (UNAVAILABLE: the sender retries the rest elsewhere), so that a graceful
+// stop of the API's server does not wait for producers that never hang up.
+func (st *Stage) StopStreams() { st.stopStreams.Do(func() { close(st.streamsStop) }) }
+
+// RegisterAPI adds the public push service to s, a server made with
+// APIServerOptions.
+func (st *Stage) RegisterAPI(s *grpc.Server) { pb.RegisterPushServiceServer(s, &pushAPI{st: st}) }
+
+// Limits of the API's gRPC server: backends hold a few long-lived
+// connections, so streams per connection and idle time are generous, and
+// the largest message is a PushBatch of logic.max_batch_bytes (plus the
+// protobuf framing of its fields).
+const (
+	apiMaxStreams     = 256
+	apiConnTimeout    = 10 * time.Second
+	apiMaxIdle        = 5 * time.Minute
+	apiPingMinTime    = 10 * time.Second
+	apiFramingAllowed = 64 << 10
+)
+
+// APIServerOptions are the options of the gRPC server for RegisterAPI:
+// the API key is checked when a call's headers arrive, before a byte of
+// its message is read (grpc.InTapHandle), so a caller without one makes
+// the server buffer nothing; and the limits above.
+func (st *Stage) APIServerOptions() []grpc.ServerOption {
+	return []grpc.ServerOption{
+		grpc.InTapHandle(st.apiTap),
+		grpc.MaxRecvMsgSize(st.cfg.MaxBatchBytes + apiFramingAllowed),
+		grpc.MaxConcurrentStreams(apiMaxStreams),
+		grpc.ConnectionTimeout(apiConnTimeout),
+		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionIdle: apiMaxIdle}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: apiPingMinTime, PermitWithoutStream: true}),
+	}
+}
+
+// apiTap refuses a call without a valid API key ("authorization: Bearer
+// <key>" in its metadata), as the HTTP API refuses a request.
+func (st *Stage) apiTap(ctx context.Context, info *tap.Info) (context.Context, error) {
+	auth := info.Header.Get("authorization")
+	if len(auth) > 1 || !st.keyAccepted(strings.Join(auth, "")) {
+		return ctx, status.Error(codes.Unauthenticated, "missing or wrong API key (metadata authorization: Bearer <key>)")
+	}
+	return ctx, nil
+}
+
+// grpcCode is the gRPC code of an HTTP status the accept path answers.
+func grpcCode(httpStatus int) codes.Code {
+	switch httpStatus {
+	case http.StatusOK:
+		return codes.OK
+	case http.StatusBadRequest, http.StatusRequestEntityTooLarge:
+		return codes.InvalidArgument
+	case http.StatusConflict:
+		return codes.Aborted
+	case http.StatusUnprocessableEntity:
+		return codes.FailedPrecondition
+	case http.StatusServiceUnavailable:
+		return codes.Unavailable
+	default:
+		return codes.Internal
+	}
+}
+
+// apiRequest validates one push of the gRPC API through the HTTP API's
+// route validators. The returned name is set once the route is known.
+func (st *Stage) apiRequest(r *pb.PushRequest, corr string) (pushRequest, error) {
+	if r == nil {
+		return pushRequest{}, badParam("push", "required")
+	}
+	v := url.Values{"operation": {strconv.FormatInt(int64(r.Operation), 10)}}
+	var name string
+	var route pushRoute
+	switch t := r.Target.(type) {
+	case *pb.PushRequest_Keys:
+		name, route, v["keys"] = "push/keys", st.pushKeys, t.Keys.GetKeys()
+	case *pb.PushRequest_Mids:
+		name, route = "push/mids", st.pushMids
+		for _, m := range t.Mids.GetMids() {
+			v.Add("mids", strconv.FormatInt(m, 10))
+		}
+	case *pb.PushRequest_Room:
+		name, route = "push/room", st.pushRoom
+		v.Set("type", t.Room.GetType())
+		v.Set("room", t.Room.GetRoom())
+	case *pb.PushRequest_All:
+		name, route = "push/all", st.pushAll
+		v.Set("speed", strconv.FormatInt(int64(t.All.GetSpeed()), 10))
+	default:
+		return pushRequest{}, badParam("target", "want one of keys, mids, room and all")
+	}
+	req := pushRequest{name: name}
+	if len(r.Msg) > st.cfg.MaxMessageBytes {
+		return req, &tooLargeError{fmt.Sprintf("msg: larger than %d bytes", st.cfg.MaxMessageBytes)}
+	}
+	p := &params{values: v}
+	op, err := p.operation()
+	if err != nil {
+		return req, err
+	}
+	t, err := route(apiIM, p)
+	if err != nil {
+		return req, err
+	}
+	if r.IdempotencyKey != "" {
+		if err := checkText("idempotency_key", r.IdempotencyKey, MaxIdempotencyKeyBytes); err != nil {
+			return req, err
+		}
+	}
+	if r.RequestId != "" {
+		if err := checkText("request_id", r.RequestId, maxRequestIDBytes); err != nil {
+			return req, err
+		}
+		corr = r.RequestId
+	}
+	return newRequest(name, r.IdempotencyKey, corr, op, r.Msg, t), nil
+}
+
+// acceptAPI validates and accepts pushes of the gRPC API, answering each
+// in order; corr names the call (its x-request-id, or a new one).
+func (a *pushAPI) acceptAPI(ctx context.Context, pushes []*pb.PushRequest, corr string) []*pb.PushResult {
+	out := a.st.acceptEach(ctx, len(pushes), func(i int) (pushRequest, error) {
+		c := corr
+		if len(pushes) > 1 {
+			c = corr + "/" + strconv.Itoa(i)
+		}
+		return a.st.apiRequest(pushes[i], c)
+	})
+	results := make([]*pb.PushResult, len(out))
+	for i, o := range out {
+		results[i] = apiResult(o)
+	}
+	return results
+}
+
+// apiResult renders an outcome for the gRPC API.
+func apiResult(o outcome) *pb.PushResult {
+	if o.status != http.StatusOK {
+		return &pb.PushResult{Code: int32(grpcCode(o.status)), Error: o.err}
+	}
+	var r PushResult
+	if err := json.Unmarshal(o.data, &r); err != nil {
+		// The data is a PushResult logic marshalled, here or in the
+		// idempotency store: it always decodes.
+		return &pb.PushResult{Code: int32(codes.Internal), Error: "stored reply does not decode: " + err.Error()}
+	}
+	reply := &pb.PushReply{MsgId: r.MsgID, Online: int32(r.Online), OfflineKeys: r.OfflineKeys, OfflineMids: r.OfflineMids, Replayed: o.replayed}
+	for _, p := range r.Positions {
+		reply.Positions = append(reply.Positions, &pb.Position{Stream: p.Stream, Epoch: p.Epoch, Pos: p.Pos})
+	}
+	return &pb.PushResult{Reply: reply}
+}
+
+// callID is the call's x-request-id (checked as the HTTP header is), or a
+// new id.
+func callID(ctx context.Context) (string, error) {
+	md, _ := metadata.FromIncomingContext(ctx)
+	vs := md.Get("x-request-id")
+	switch {
+	case len(vs) > 1:
+		return "", status.Error(codes.InvalidArgument, "x-request-id: given more than once")
+	case len(vs) == 1:
+		if err := checkText("x-request-id", vs[0], maxRequestIDBytes); err != nil {
+			return "", status.Error(codes.InvalidArgument, err.Error())
+		}
+		return vs[0], nil
+	}
+	return uuid.NewString(), nil
+}
+
+// Push publishes one push.
+func (a *pushAPI) Push(ctx context.Context, r *pb.PushRequest) (*pb.PushReply, error) {
+	corr, err := callID(ctx)
+	if err != nil {
+		return nil, err
+	}
+	res := a.acceptAPI(ctx, []*pb.PushRequest{r}, corr)[0]
+	if res.Code != int32(codes.OK) {
+		return nil, status.Error(codes.Code(res.Code), res.Error)
+	}
+	return res.Reply, nil
+}
+
+// PushBatch publishes many pushes, answering each.
+func (a *pushAPI) PushBatch(ctx context.Context, r *pb.PushBatchRequest) (*pb.PushBatchReply, error) {
+	corr, err := callID(ctx)
+	if err != nil {
+		return nil, err
+	}
+	switch n := len(r.Pushes); {
+	case n == 0:
+		return nil, status.Error(codes.InvalidArgument, "pushes: none")
+	case n > a.st.cfg.MaxBatchItems:
+		return nil, status.Errorf(codes.InvalidArgument, "pushes: %d, more than %d (logic.max_batch_items)", n, a.st.cfg.MaxBatchItems)
+	}
+	return &pb.PushBatchReply{Results: a.acceptAPI(ctx, r.Pushes, corr)}, nil
+}
+
+// PushStream takes pushes as they come and answers each once the broker
+// has it. Up to logic.api_stream_window pushes are unanswered at once;
+// then it stops reading until results go out, and HTTP/2's flow control
+// holds the sender. What has arrived while the previous pushes were
+// published goes together (up to logic.max_batch_items): one bundle, one
+// broker round trip. Batches go one after another, so pushes of the
+// stream to one room or user take their positions in the order sent.
+func (a *pushAPI) PushStream(stream pb.PushService_PushStreamServer) error {
+	ctx := stream.Context()
+	corr, err := callID(ctx)
+	if err != nil {
+		return err
+	}
+	window := a.st.cfg.APIStreamWindow
+	slots := make(chan struct{}, window)
+	in := make(chan *pb.StreamPush, window)
+	readErr := make(chan error, 1)
+	go func() {
+		defer close(in)
+		for {
+			select {
+			case slots <- struct{}{}:
+			case <-ctx.Done():
+				readErr <- ctx.Err()
+				return
+			}
+			m, err := stream.Recv()
+			if err != nil {
+				if err == io.EOF {
+					err = nil
+				}
+				readErr <- err
+				return
+			}
+			in <- m
+		}
+	}()
+	var n uint64
+	for {
+		var first *pb.StreamPush
+		select {
+		case m, ok := <-in:
+			if !ok {
+				return <-readErr
+			}
+			first = m
+		case <-a.st.streamsStop:
+			// Shutting down: what was received is answered, then the
+			// stream ends; the sender retries what it has no result for.
+			for {
+				select {
+				case m, ok := <-in:
+					if ok {
+						if err := a.answer(ctx, stream, []*pb.StreamPush{m}, corr+"/last"); err != nil {
+							return err
+						}
+						continue
+					}
+				default:
+				}
+				return status.Error(codes.Unavailable, "logic is shutting down: retry the pushes without a result elsewhere")
+			}
+		}
+		batch := []*pb.StreamPush{first}
+	gather:
+		for len(batch) < a.st.cfg.MaxBatchItems {
+			select {
+			case m, ok := <-in:
+				if !ok {
+					break gather
+				}
+				batch = append(batch, m)
+			default:
+				break gather
+			}
+		}
+		if err := a.answer(ctx, stream, batch, corr+"/"+strconv.FormatUint(n, 10)); err != nil {
+			return err
+		}
+		n++
+		for range batch {
+			<-slots
+		}
+	}
+}
+
+// answer accepts a stream's batch and sends each push's result.
+func (a *pushAPI) answer(ctx context.Context, stream pb.PushService_PushStreamServer, batch []*pb.StreamPush, corr string) error {
+	pushes := make([]*pb.PushRequest, len(batch))
+	for i, m := range batch {
+		pushes[i] = m.Push
+	}
+	for i, res := range a.acceptAPI(ctx, pushes, corr) {
+		if err := stream.Send(&pb.StreamResult{Id: batch[i].Id, Result: res}); err != nil {
+			return err
+		}
+	}
+	return nil
+}
