@@ -38,6 +38,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		cpuProfile, save                   string
 		clients, rooms, rate, conc, pid    int
 		behind, batch                      int
+		grpcAddr                           string
 		duration, drain, hold              time.Duration
 		asJSON                             bool
 	)
@@ -60,6 +61,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.IntVar(&conc, "concurrency", 64, "concurrent requests (push)")
 	fs.StringVar(&route, "route", "/im/push/room?operation=1000&type=live&room=bench", "push route and query (push)")
 	fs.IntVar(&pid, "server-pid", 0, "server process, for memory per connection (connections) and peak memory (reconnect)")
+	fs.StringVar(&grpcAddr, "grpc", "", "drive the gRPC push API's PushStream at this address (logic.api_grpc_addr), --concurrency streams, in place of HTTP (push)")
 	fs.IntVar(&batch, "batch", 0, "pushes per request through POST /im/push/batch, in place of --route (push)")
 	fs.IntVar(&behind, "behind", 50, "messages pushed to each room while the clients are away (reconnect)")
 	fs.DurationVar(&duration, "duration", 10*time.Second, "how long to push (fanout, push)")
@@ -102,6 +104,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	case "connections":
 		result, err = connections(ctx, connectionsConfig{clientConfig: cc, Clients: clients, ServerPID: pid, Hold: hold}, stderr)
 	case "push":
+		if grpcAddr != "" {
+			result, err = grpcPush(ctx, pushConfig{APIKey: apiKey, Concurrency: conc, Duration: duration}, grpcAddr, stderr)
+			break
+		}
 		result, err = push(ctx, pushConfig{API: api, APIKey: apiKey, Concurrency: conc, Duration: duration, Route: route, Batch: batch}, stderr)
 	case "reconnect":
 		result, err = reconnect(ctx, reconnectConfig{clientConfig: cc, API: api, APIKey: apiKey,
