@@ -34,8 +34,8 @@ func apiCtx(ctx context.Context) context.Context {
 	return metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+testAPIKey)
 }
 
-// readBodies reads n packets from c and returns their bodies.
-func readBodies(t *testing.T, name string, c *client.Conn, n int) []string {
+// readInOrder reads n packets from c and returns their bodies in order.
+func readInOrder(t *testing.T, name string, c *client.Conn, n int) []string {
 	t.Helper()
 	out := make([]string, 0, n)
 	for range n {
@@ -96,7 +96,7 @@ func TestGRPCPushAPI(t *testing.T) {
 		}
 		acked[r.Id] = true
 	}
-	got := readBodies(t, "A", a, n)
+	got := readInOrder(t, "A", a, n)
 	for i, b := range got {
 		if b != strconv.Itoa(i) {
 			t.Fatalf("message %d is %q: out of order", i, b)
@@ -136,7 +136,7 @@ func TestGRPCPushStreamFlowControl(t *testing.T) {
 	// The first push arrives; then wait until the pushes the server took
 	// are delivered and nothing more comes: the count of deliveries does
 	// not move across three fences in a row.
-	if b := readBodies(t, "A", a, 1)[0]; b != "0" {
+	if b := readInOrder(t, "A", a, 1)[0]; b != "0" {
 		t.Fatalf("first delivery %q", b)
 	}
 	accepted, still := 1, 0
@@ -145,7 +145,7 @@ func TestGRPCPushStreamFlowControl(t *testing.T) {
 		h.push(request{path: "/im/push/room", query: url.Values{"operation": {"1000"}, "type": {"live"}, "room": {room}}, body: fence})
 		before := accepted
 		for {
-			b := readBodies(t, "A", a, 1)[0]
+			b := readInOrder(t, "A", a, 1)[0]
 			if b == fence {
 				break
 			}
@@ -176,7 +176,7 @@ func TestGRPCPushStreamFlowControl(t *testing.T) {
 	if got := <-sent; got != n {
 		t.Fatalf("sent %d", got)
 	}
-	for i, b := range readBodies(t, "A", a, n-accepted) {
+	for i, b := range readInOrder(t, "A", a, n-accepted) {
 		if b != fmt.Sprint(accepted+i) {
 			t.Fatalf("delivery %d is %q", accepted+i, b)
 		}
