@@ -74,7 +74,9 @@ type bundleCall struct {
 	done chan error
 }
 
-// Publish publishes msgs to topic in the next bundle and waits for it.
+// Publish publishes msgs to topic in the next bundle and waits for it,
+// or until the first message's context ends: its messages may then still
+// reach the broker with their bundle, as with any publish cut short.
 func (b *Bundler) Publish(topic string, msgs ...*message.Message) error {
 	if len(msgs) == 0 {
 		return nil
@@ -95,16 +97,24 @@ func (b *Bundler) Publish(topic string, msgs ...*message.Message) error {
 	}
 	q.mu.Unlock()
 	if start {
-		b.send(topic, q)
+		b.send(topic, q, c)
 	}
-	return <-c.done
+	ctx := msgs[0].Context()
+	select {
+	case err := <-c.done:
+		return err
+	case <-ctx.Done():
+		return fmt.Errorf("wait for the bundle's publish: %w", ctx.Err())
+	}
 }
 
-// send publishes what is queued, bundle after bundle, until nothing is.
-// It runs on the goroutine of a caller (the first to find a sender free),
-// which may so publish others' messages before it returns: its own are
-// in the first bundle it takes.
-func (b *Bundler) send(topic string, q *bundleQueue) {
+// send publishes what is queued, bundle after bundle. A caller (own set)
+// sends until its own call is out, then hands the sender's role to a
+// goroutine of its own if more wait: no caller waits for others' pushes
+// past its own. A sender without a call of its own sends until nothing
+// is queued.
+func (b *Bundler) send(topic string, q *bundleQueue, own *bundleCall) {
+	ownSent := false
 	for {
 		q.mu.Lock()
 		if len(q.calls) == 0 {
@@ -112,14 +122,32 @@ func (b *Bundler) send(topic string, q *bundleQueue) {
 			q.mu.Unlock()
 			return
 		}
+		if ownSent {
+			q.mu.Unlock()
+			go b.send(topic, q, nil) // keeps the sending slot
+			return
+		}
 		calls := take(&q.calls)
 		q.mu.Unlock()
 
-		err := b.publish(topic, calls)
+		err := b.publishSafe(topic, calls)
 		for _, c := range calls {
 			c.done <- err
+			ownSent = ownSent || c == own
 		}
 	}
+}
+
+// publishSafe is publish turning a panic (in a broker adapter) into the
+// error every caller of the bundle gets, so that none waits for ever and
+// the sending slot is not lost.
+func (b *Bundler) publishSafe(topic string, calls []*bundleCall) (err error) {
+	defer func() {
+		if v := recover(); v != nil {
+			err = fmt.Errorf("publish to %s panicked: %v", topic, v)
+		}
+	}()
+	return b.publish(topic, calls)
 }
 
 // take removes from the front of calls those that fit in one bundle: at
@@ -129,7 +157,7 @@ func take(calls *[]*bundleCall) []*bundleCall {
 	for _, c := range *calls {
 		cs := 0
 		for _, m := range c.msgs {
-			cs += len(m.Payload)
+			cs += entrySize(m)
 		}
 		if n > 0 && (msgs+len(c.msgs) > MaxBundle || size+cs > MaxBundleBytes) {
 			break
@@ -139,6 +167,17 @@ func take(calls *[]*bundleCall) []*bundleCall {
 	out := (*calls)[:n:n]
 	*calls = (*calls)[n:]
 	return out
+}
+
+// entrySize bounds what m adds to a bundle's body: its id, payload and
+// metadata (a mid push's mid_keys can be as large as its message), with
+// protobuf's tags and lengths.
+func entrySize(m *message.Message) int {
+	n := len(m.UUID) + len(m.Payload) + 16
+	for k, v := range m.Metadata {
+		n += len(k) + len(v) + 8
+	}
+	return n
 }
 
 // publish sends calls' messages in as few bundles as the limits allow, in
@@ -157,8 +196,8 @@ func (b *Bundler) publish(topic string, calls []*bundleCall) error {
 	var out []*message.Message
 	for len(msgs) > 0 {
 		n, size := 0, 0
-		for n < len(msgs) && n < MaxBundle && (n == 0 || size+len(msgs[n].Payload) <= MaxBundleBytes) {
-			size += len(msgs[n].Payload)
+		for n < len(msgs) && n < MaxBundle && (n == 0 || size+entrySize(msgs[n]) <= MaxBundleBytes) {
+			size += entrySize(msgs[n])
 			n++
 		}
 		m, err := NewBundle(msgs[:n])

@@ -311,3 +311,80 @@ func TestUnbundledMessagesSettleAlone(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// panicPublisher panics on every publish.
+type panicPublisher struct{}
+
+func (panicPublisher) Publish(string, ...*message.Message) error { panic("adapter bug") }
+func (panicPublisher) Close() error                              { return nil }
+
+// TestBundlerSurvivesAPanickingBroker: a panic in the broker's Publish
+// reaches its callers as an error, and frees the sender: later publishes
+// are answered too, not left waiting.
+func TestBundlerSurvivesAPanickingBroker(t *testing.T) {
+	b := NewBundler(panicPublisher{})
+	for i := range 2 * bundleSenders {
+		if err := b.Publish("t", testMsg(fmt.Sprint(i), 1)); err == nil || !strings.Contains(err.Error(), "panicked") {
+			t.Fatalf("publish %d: %v, want the panic as an error", i, err)
+		}
+	}
+}
+
+// TestBundlerCallerLeavesAfterItsOwn: the caller that sends returns once
+// its own messages are out, though others keep arriving; they are sent
+// by a sender of their own.
+func TestBundlerCallerLeavesAfterItsOwn(t *testing.T) {
+	g := &gatePublisher{gate: make(chan struct{}), entered: make(chan struct{}, 1000)}
+	b := NewBundler(g)
+	first := inBackground(func() error { return b.Publish("t", testMsg("first", 1)) })
+	<-g.entered
+	// More arrive while the first is out, and keep arriving.
+	var others sync.WaitGroup
+	for i := range 8 {
+		others.Go(func() { _ = b.Publish("t", testMsg(fmt.Sprint("o", i), 1)) })
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for queuedCalls(b, "t") < 8-(bundleSenders-1) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d calls queued", queuedCalls(b, "t"))
+		}
+		time.Sleep(time.Millisecond)
+	}
+	g.mu.Lock()
+	close(g.gate)
+	g.gate = nil
+	g.mu.Unlock()
+	if err := <-first; err != nil {
+		t.Fatal(err)
+	}
+	others.Wait()
+	ids, _ := g.received(t)
+	if len(ids) != 9 {
+		t.Fatalf("the broker got %v", ids)
+	}
+}
+
+// TestBundleSizeCountsMetadata: a bundle's byte limit counts each
+// message's metadata, which can be as large as its payload (a mid push's
+// mid_keys), so no bundle body is much over MaxBundleBytes.
+func TestBundleSizeCountsMetadata(t *testing.T) {
+	g := &gatePublisher{}
+	b := NewBundler(g)
+	var msgs []*message.Message
+	for i := range 200 {
+		m := testMsg(fmt.Sprint(i), 2000)
+		m.Metadata.Set(MetaMidKeys, strings.Repeat("k", 2000))
+		msgs = append(msgs, m)
+	}
+	if err := b.Publish("t", msgs...); err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range g.calls[0] {
+		if len(m.Payload) > MaxBundleBytes+4096 {
+			t.Fatalf("a bundle body of %d bytes, limit %d", len(m.Payload), MaxBundleBytes)
+		}
+	}
+	if len(g.calls[0]) < 2 {
+		t.Fatalf("800 KB of messages in %d bundle", len(g.calls[0]))
+	}
+}

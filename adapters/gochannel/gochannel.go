@@ -134,7 +134,9 @@ func (p *PubSub) Subscribe(ctx context.Context, topic string) (<-chan *message.M
 		for m := range in {
 			// Its context, read before the subscriber may replace it,
 			// ends when Watermill is done with this copy.
-			go p.settle(m.Context(), m)
+			// Its weight too: once handed over, the handler may write
+			// its metadata while settle waits.
+			go p.settle(m.Context(), m, weight(m))
 			select {
 			case out <- m:
 			case <-ctx.Done():
@@ -147,14 +149,14 @@ func (p *PubSub) Subscribe(ctx context.Context, topic string) (<-chan *message.M
 }
 
 // settle frees m's slot once it is acked or dropped with its subscription.
-func (p *PubSub) settle(ctx context.Context, m *message.Message) {
+func (p *PubSub) settle(ctx context.Context, m *message.Message, w int64) {
 	select {
 	case <-m.Acked():
 	case <-m.Nacked():
 		return // resent as a new copy, which settles it
 	case <-ctx.Done():
 	}
-	p.pending.Add(-weight(m))
+	p.pending.Add(-w)
 }
 
 // weight counts msgs as the pushes they carry: a bundle
