@@ -45,11 +45,14 @@ type PushServiceClient interface {
 	PushBatch(ctx context.Context, in *PushBatchRequest, opts ...grpc.CallOption) (*PushBatchReply, error)
 	// PushStream is for high-rate producers: each StreamPush is answered by
 	// a StreamResult with its id once the broker has it (or it failed), in
-	// the order they complete, not necessarily sent. At most
-	// logic.api_stream_window pushes of a stream are unanswered at once:
-	// past it the server stops reading, and HTTP/2 flow control holds the
-	// sender. Pushes of one stream to one room or user take their positions
-	// in the order sent.
+	// the order sent. At most logic.api_stream_window pushes (and 1 MiB) of
+	// a stream are unanswered at once: past it the server stops reading,
+	// and HTTP/2 flow control holds the sender. Pushes of one stream to one
+	// room or user take their positions in the order sent. A push larger
+	// than a single push may be is answered INVALID_ARGUMENT; a logic serves
+	// at most 256 streams at once (RESOURCE_EXHAUSTED past it); a stream
+	// whose API key is revoked ends UNAUTHENTICATED, and one open when logic
+	// shuts down gets the results of what it sent, then UNAVAILABLE.
 	PushStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[StreamPush, StreamResult], error)
 }
 
@@ -106,11 +109,14 @@ type PushServiceServer interface {
 	PushBatch(context.Context, *PushBatchRequest) (*PushBatchReply, error)
 	// PushStream is for high-rate producers: each StreamPush is answered by
 	// a StreamResult with its id once the broker has it (or it failed), in
-	// the order they complete, not necessarily sent. At most
-	// logic.api_stream_window pushes of a stream are unanswered at once:
-	// past it the server stops reading, and HTTP/2 flow control holds the
-	// sender. Pushes of one stream to one room or user take their positions
-	// in the order sent.
+	// the order sent. At most logic.api_stream_window pushes (and 1 MiB) of
+	// a stream are unanswered at once: past it the server stops reading,
+	// and HTTP/2 flow control holds the sender. Pushes of one stream to one
+	// room or user take their positions in the order sent. A push larger
+	// than a single push may be is answered INVALID_ARGUMENT; a logic serves
+	// at most 256 streams at once (RESOURCE_EXHAUSTED past it); a stream
+	// whose API key is revoked ends UNAUTHENTICATED, and one open when logic
+	// shuts down gets the results of what it sent, then UNAVAILABLE.
 	PushStream(grpc.BidiStreamingServer[StreamPush, StreamResult]) error
 	mustEmbedUnimplementedPushServiceServer()
 }

@@ -4,8 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -74,27 +74,38 @@ func (st *Stage) accept(ctx context.Context, reqs []pushRequest, settle time.Dur
 	out := make([]outcome, len(reqs))
 	tokens := make([]string, len(reqs)) // "": no reservation to settle
 	errs := make([]error, len(reqs))
-	pending := func(i int) bool { return out[i].status == 0 }
+
+	// A key given twice in one request is one push: the later ones are
+	// answered as its retries would be, once it is (dupOf[i] is the first).
+	dupOf := make([]int, len(reqs))
+	first := map[string]int{}
+	for i := range reqs {
+		dupOf[i] = -1
+		if reqs[i].idemKey == "" || st.replies == nil {
+			continue
+		}
+		if j, dup := first[reqs[i].storeKey()]; dup {
+			dupOf[i] = j
+			errs[i] = errAnswered
+			continue
+		}
+		first[reqs[i].storeKey()] = i
+	}
+	pending := func(i int) bool { return out[i].status == 0 && dupOf[i] < 0 }
+	internal := func(what string) func(i int, v any) {
+		return func(i int, v any) {
+			st.logFailure(ctx, "panic while accepting a push: "+what, "route", reqs[i].name, "correlation_id", reqs[i].push.CorrelationID, "panic", fmt.Sprint(v))
+			out[i] = failed(http.StatusInternalServerError, "internal error (logged with correlation id "+reqs[i].push.CorrelationID+")")
+		}
+	}
 
 	if st.replies != nil {
-		first := map[string]int{}
-		for i := range reqs {
-			if reqs[i].idemKey == "" {
-				continue
-			}
-			k := reqs[i].storeKey()
-			if j, dup := first[k]; dup {
-				out[i] = failed(http.StatusConflict, "idempotency_key: also given to item "+strconv.Itoa(j)+" of this batch for the same route")
-				continue
-			}
-			first[k] = i
-		}
 		each(len(reqs), func(i int) {
 			if reqs[i].idemKey == "" || !pending(i) {
 				return
 			}
 			out[i], tokens[i] = st.reserve(ctx, &reqs[i])
-		})
+		}, internal("reserve"))
 	}
 
 	// Settle every reservation, even if ctx ended (the caller may have
@@ -107,6 +118,8 @@ func (st *Stage) accept(ctx context.Context, reqs []pushRequest, settle time.Dur
 			if tokens[i] != "" {
 				st.settle(settleCtx, &reqs[i], tokens[i], out[i])
 			}
+		}, func(i int, v any) {
+			st.logFailure(ctx, "panic while settling an idempotency key", "route", reqs[i].name, "panic", fmt.Sprint(v))
 		})
 	}()
 
@@ -117,7 +130,12 @@ func (st *Stage) accept(ctx context.Context, reqs []pushRequest, settle time.Dur
 			return
 		}
 		plans[i], errs[i] = reqs[i].t.resolve(ctx, reqs[i].push)
-	})
+	}, internal("resolve"))
+	for i := range reqs {
+		if out[i].status != 0 && errs[i] == nil {
+			errs[i] = errAnswered // a panic answered it
+		}
+	}
 	if len(reqs) == 1 {
 		if errs[0] == nil {
 			plans[0].res, errs[0] = st.pusher.run(ctx, plans[0])
@@ -130,7 +148,16 @@ func (st *Stage) accept(ctx context.Context, reqs []pushRequest, settle time.Dur
 			out[i] = st.outcomeOf(ctx, &reqs[i], plans[i], errs[i])
 		}
 	}
-
+	for i, j := range dupOf {
+		switch {
+		case j < 0:
+		case reqs[i].fp != reqs[j].fp:
+			out[i] = failed(http.StatusUnprocessableEntity, "Idempotency-Key: given in this request to another push of other parameters or another message")
+		default:
+			out[i] = out[j]
+			out[i].replayed = out[j].status == http.StatusOK
+		}
+	}
 	return out
 }
 
@@ -243,10 +270,20 @@ func (st *Stage) outcomeOf(ctx context.Context, r *pushRequest, pl *plan, err er
 }
 
 // each runs fn for 0..n-1, at most acceptParallel at once; one runs
-// inline, so a single push pays for no goroutine.
-func each(n int, fn func(i int)) {
+// inline, so a single push pays for no goroutine. A panic in fn(i) is
+// given to onPanic(i, value) (on fn's goroutine) instead of ending the
+// process: a batch's pushes run on goroutines no server recovers.
+func each(n int, fn func(i int), onPanic func(i int, v any)) {
+	run := func(i int) {
+		defer func() {
+			if v := recover(); v != nil {
+				onPanic(i, v)
+			}
+		}()
+		fn(i)
+	}
 	if n == 1 {
-		fn(0)
+		run(0)
 		return
 	}
 	var wg sync.WaitGroup
@@ -257,7 +294,7 @@ func each(n int, fn func(i int)) {
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			fn(i)
+			run(i)
 		}()
 	}
 	wg.Wait()

@@ -230,17 +230,26 @@ func TestBatchIdempotencyPerItem(t *testing.T) {
 		t.Errorf("the retried batch published %d messages, want 1 (its item without a key)", n-published)
 	}
 
+	before := a.pub.count()
 	_, mixed := a.batch("application/json", `[{"mids":[7],"operation":1000,"msg":"other","idempotency_key":"o-1"},
 		{"mids":[7],"operation":1000,"msg":"d","idempotency_key":"o-3"},
-		{"mids":[7],"operation":1000,"msg":"d","idempotency_key":"o-3"}]`, nil)
+		{"mids":[7],"operation":1000,"msg":"d","idempotency_key":"o-3"},
+		{"mids":[7],"operation":1000,"msg":"e","idempotency_key":"o-3"}]`, nil)
 	if r := mixed.Results[0]; r.Status != http.StatusUnprocessableEntity {
 		t.Errorf("key reused with other content: %+v, want 422", r)
 	}
 	if r := mixed.Results[1]; r.Status != 200 || r.Replayed {
 		t.Errorf("new key: %+v", r)
 	}
-	if r := mixed.Results[2]; r.Status != http.StatusConflict || !strings.Contains(r.Error, "item 1") {
-		t.Errorf("key given twice: %+v, want 409 naming item 1", r)
+	// The same key twice in one request is one push, answered twice.
+	if r := mixed.Results[2]; r.Status != 200 || !r.Replayed || r.MsgID != mixed.Results[1].MsgID {
+		t.Errorf("key given twice: %+v, want the first's reply, replayed", r)
+	}
+	if r := mixed.Results[3]; r.Status != http.StatusUnprocessableEntity {
+		t.Errorf("key given twice with other content: %+v, want 422", r)
+	}
+	if n := a.pub.count() - before; n != 1 {
+		t.Errorf("%d messages published, want 1", n)
 	}
 
 	// The same push as a single request with the item's key.
@@ -329,5 +338,20 @@ func TestBatchBrokerDown(t *testing.T) {
 	}
 	if n := pub.count(); n != 2 {
 		t.Fatalf("%d messages published, want 2", n)
+	}
+}
+
+// TestBatchItemOverASinglePushIs413: an item larger than a single push's
+// JSON body (a message with thousands of targets) fails alone with 413.
+func TestBatchItemOverASinglePushIs413(t *testing.T) {
+	a := newAPI(t, apiOptions{})
+	var mids []string
+	for i := range 20000 {
+		mids = append(mids, fmt.Sprint(i+1))
+	}
+	body := `[{"mids":[` + strings.Join(mids, ",") + `],"operation":1000,"msg":"x"},{"mids":[1],"operation":1000,"msg":"y"}]`
+	_, d := a.batch("application/json", body, nil)
+	if d.Results[0].Status != http.StatusRequestEntityTooLarge || !strings.HasPrefix(d.Results[0].Error, "item") || d.Results[1].Status != 200 {
+		t.Fatalf("results %+v", d.Results)
 	}
 }

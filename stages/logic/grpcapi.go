@@ -12,12 +12,15 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/recovery"
+	"golang.org/x/sync/semaphore"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/grpc/tap"
+	"google.golang.org/protobuf/proto"
 
 	"imcloud/proto/pb"
 )
@@ -55,8 +58,16 @@ const (
 // its message is read (grpc.InTapHandle), so a caller without one makes
 // the server buffer nothing; and the limits above.
 func (st *Stage) APIServerOptions() []grpc.ServerOption {
+	// A panic in a handler is answered INTERNAL and logged, as net/http
+	// does for the HTTP API, instead of ending the process.
+	onPanic := recovery.WithRecoveryHandler(func(v any) error {
+		st.logFailure(context.Background(), "panic in the gRPC push API", "panic", fmt.Sprint(v))
+		return status.Error(codes.Internal, "internal error (logged)")
+	})
 	return []grpc.ServerOption{
 		grpc.InTapHandle(st.apiTap),
+		grpc.ChainUnaryInterceptor(recovery.UnaryServerInterceptor(onPanic)),
+		grpc.ChainStreamInterceptor(recovery.StreamServerInterceptor(onPanic)),
 		grpc.MaxRecvMsgSize(st.cfg.MaxBatchBytes + apiFramingAllowed),
 		grpc.MaxConcurrentStreams(apiMaxStreams),
 		grpc.ConnectionTimeout(apiConnTimeout),
@@ -121,6 +132,11 @@ func (st *Stage) apiRequest(r *pb.PushRequest, corr string) (pushRequest, error)
 		return pushRequest{}, badParam("target", "want one of keys, mids, room and all")
 	}
 	req := pushRequest{name: name}
+	if n, max := proto.Size(r), int(jsonBodyLimit(st.cfg.MaxMessageBytes)); n > max {
+		// As a single HTTP push's JSON body: a push of thousands of
+		// targets is split over several.
+		return req, &tooLargeError{fmt.Sprintf("push: %d bytes, at most %d (a message of logic.max_message_bytes with its targets)", n, max)}
+	}
 	if len(r.Msg) > st.cfg.MaxMessageBytes {
 		return req, &tooLargeError{fmt.Sprintf("msg: larger than %d bytes", st.cfg.MaxMessageBytes)}
 	}
@@ -227,22 +243,52 @@ func (a *pushAPI) PushBatch(ctx context.Context, r *pb.PushBatchRequest) (*pb.Pu
 	return &pb.PushBatchReply{Results: a.acceptAPI(ctx, r.Pushes, corr)}, nil
 }
 
+// Bounds of PushStream beyond its window of pushes: the bytes its
+// received and unanswered pushes may hold, and how many streams one logic
+// serves at once. A stream so holds at most apiStreamBytes plus the one
+// message being read (at most the server's MaxRecvMsgSize); 256 streams,
+// some hundreds of MiB at worst, and that only with valid keys.
+const (
+	apiStreamBytes    = 1 << 20
+	apiMaxOpenStreams = 256
+)
+
+// streamItem is a push received on a stream, with the bytes it holds of
+// the stream's budget; err answers it without running it.
+type streamItem struct {
+	m    *pb.StreamPush
+	size int64
+	err  error
+}
+
 // PushStream takes pushes as they come and answers each once the broker
-// has it. Up to logic.api_stream_window pushes are unanswered at once;
-// then it stops reading until results go out, and HTTP/2's flow control
-// holds the sender. What has arrived while the previous pushes were
-// published goes together (up to logic.max_batch_items): one bundle, one
-// broker round trip. Batches go one after another, so pushes of the
-// stream to one room or user take their positions in the order sent.
+// has it. Up to logic.api_stream_window pushes (and apiStreamBytes) are
+// unanswered at once; then it stops reading until results go out, and
+// HTTP/2's flow control holds the sender. What has arrived while the
+// previous pushes were published goes together (up to
+// logic.max_batch_items): one bundle, one broker round trip. Batches go
+// one after another, so pushes of the stream to one room or user take
+// their positions in the order sent, and results go out in that order. The
+// API key is checked again before each batch: a key SIGHUP removed ends
+// the streams it opened.
 func (a *pushAPI) PushStream(stream pb.PushService_PushStreamServer) error {
 	ctx := stream.Context()
 	corr, err := callID(ctx)
 	if err != nil {
 		return err
 	}
+	if n := a.st.streams.Add(1); n > apiMaxOpenStreams {
+		a.st.streams.Add(-1)
+		return status.Errorf(codes.ResourceExhausted, "%d push streams open on this logic, at most %d: push on an open one", n-1, apiMaxOpenStreams)
+	}
+	defer a.st.streams.Add(-1)
+	md, _ := metadata.FromIncomingContext(ctx)
+	auth := strings.Join(md.Get("authorization"), "")
+	maxPush := int(jsonBodyLimit(a.st.cfg.MaxMessageBytes))
 	window := a.st.cfg.APIStreamWindow
 	slots := make(chan struct{}, window)
-	in := make(chan *pb.StreamPush, window)
+	bytes := semaphore.NewWeighted(apiStreamBytes)
+	in := make(chan streamItem, window)
 	readErr := make(chan error, 1)
 	go func() {
 		defer close(in)
@@ -261,26 +307,36 @@ func (a *pushAPI) PushStream(stream pb.PushService_PushStreamServer) error {
 				readErr <- err
 				return
 			}
-			in <- m
+			it := streamItem{m: m, size: int64(proto.Size(m))}
+			if it.size > int64(maxPush) {
+				// Answered without running, and without holding its bytes.
+				it.err = &tooLargeError{fmt.Sprintf("push: %d bytes, at most %d (a message of logic.max_message_bytes with its targets)", it.size, maxPush)}
+				m.Push, it.size = nil, 0
+			}
+			if err := bytes.Acquire(ctx, it.size); err != nil {
+				readErr <- err
+				return
+			}
+			in <- it
 		}
 	}()
 	var n uint64
 	for {
-		var first *pb.StreamPush
+		var first streamItem
 		select {
-		case m, ok := <-in:
+		case it, ok := <-in:
 			if !ok {
 				return <-readErr
 			}
-			first = m
+			first = it
 		case <-a.st.streamsStop:
 			// Shutting down: what was received is answered, then the
 			// stream ends; the sender retries what it has no result for.
 			for {
 				select {
-				case m, ok := <-in:
+				case it, ok := <-in:
 					if ok {
-						if err := a.answer(ctx, stream, []*pb.StreamPush{m}, corr+"/last"); err != nil {
+						if err := a.answer(ctx, stream, []streamItem{it}, corr+"/last"); err != nil {
 							return err
 						}
 						continue
@@ -290,15 +346,18 @@ func (a *pushAPI) PushStream(stream pb.PushService_PushStreamServer) error {
 				return status.Error(codes.Unavailable, "logic is shutting down: retry the pushes without a result elsewhere")
 			}
 		}
-		batch := []*pb.StreamPush{first}
+		if !a.st.keyAccepted(auth) {
+			return status.Error(codes.Unauthenticated, "the API key of this stream was revoked")
+		}
+		batch := []streamItem{first}
 	gather:
 		for len(batch) < a.st.cfg.MaxBatchItems {
 			select {
-			case m, ok := <-in:
+			case it, ok := <-in:
 				if !ok {
 					break gather
 				}
-				batch = append(batch, m)
+				batch = append(batch, it)
 			default:
 				break gather
 			}
@@ -307,20 +366,23 @@ func (a *pushAPI) PushStream(stream pb.PushService_PushStreamServer) error {
 			return err
 		}
 		n++
-		for range batch {
+		for _, it := range batch {
+			bytes.Release(it.size)
 			<-slots
 		}
 	}
 }
 
-// answer accepts a stream's batch and sends each push's result.
-func (a *pushAPI) answer(ctx context.Context, stream pb.PushService_PushStreamServer, batch []*pb.StreamPush, corr string) error {
-	pushes := make([]*pb.PushRequest, len(batch))
-	for i, m := range batch {
-		pushes[i] = m.Push
-	}
-	for i, res := range a.acceptAPI(ctx, pushes, corr) {
-		if err := stream.Send(&pb.StreamResult{Id: batch[i].Id, Result: res}); err != nil {
+// answer accepts a stream's batch and sends each push's result, in order.
+func (a *pushAPI) answer(ctx context.Context, stream pb.PushService_PushStreamServer, batch []streamItem, corr string) error {
+	out := a.st.acceptEach(ctx, len(batch), func(i int) (pushRequest, error) {
+		if batch[i].err != nil {
+			return pushRequest{}, batch[i].err
+		}
+		return a.st.apiRequest(batch[i].m.Push, corr+"/"+strconv.Itoa(i))
+	})
+	for i, o := range out {
+		if err := stream.Send(&pb.StreamResult{Id: batch[i].m.Id, Result: apiResult(o)}); err != nil {
 			return err
 		}
 	}

@@ -258,3 +258,46 @@ func TestGRPCAPIStreamOrderAndShutdown(t *testing.T) {
 		t.Fatalf("after StopStreams: %v, want Unavailable", err)
 	}
 }
+
+// TestGRPCAPIStreamBounds: a push over a single push's size is answered
+// INVALID_ARGUMENT without running and the stream goes on; a key revoked
+// (by SIGHUP) ends the streams it opened at their next batch.
+func TestGRPCAPIStreamBounds(t *testing.T) {
+	pub := &recordingPublisher{}
+	a := newGRPCAPI(t, pub, nil)
+	s, err := a.client.PushStream(withKey(apiTestKey))
+	if err != nil {
+		t.Fatal(err)
+	}
+	huge := &pb.PushRequest{Operation: 1000, Msg: make([]byte, 100<<10), Target: &pb.PushRequest_All{All: &pb.All{}}}
+	if err := s.Send(&pb.StreamPush{Id: 1, Push: huge}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Send(&pb.StreamPush{Id: 2, Push: roomPush("1", "ok")}); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []struct {
+		id   uint64
+		code codes.Code
+	}{{1, codes.InvalidArgument}, {2, codes.OK}} {
+		r, err := s.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.Id != want.id || codes.Code(r.Result.Code) != want.code {
+			t.Fatalf("result %v, want id %d code %v", r, want.id, want.code)
+		}
+	}
+	cfg := a.st.cfg
+	cfg.APIKeys = []string{"the-new-key-0123456789"}
+	a.st.access.Store(newAccess(cfg))
+	if err := s.Send(&pb.StreamPush{Id: 3, Push: roomPush("1", "after")}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Recv(); status.Code(err) != codes.Unauthenticated {
+		t.Fatalf("after the key was revoked: %v, want Unauthenticated", err)
+	}
+	if n := pub.count(); n != 1 {
+		t.Fatalf("%d published, want 1", n)
+	}
+}

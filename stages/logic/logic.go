@@ -46,8 +46,10 @@ type Stage struct {
 	// access and auth are what SIGHUP reloads (reload.go).
 	access atomic.Pointer[access]
 	auth   *swapAuth
-	// streamsStop is closed by StopStreams.
+	// streamsStop is closed by StopStreams; streams counts the open
+	// PushStreams.
 	streamsStop chan struct{}
+	streams     atomic.Int64
 	stopStreams sync.Once
 	// presence asks one cloud node for a room's members; nil: over gRPC
 	// (tests replace it).

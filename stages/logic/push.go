@@ -414,6 +414,13 @@ func (p *Pusher) positionAll(ctx context.Context, plans []*plan, errs []error, p
 			}
 			sem <- struct{}{}
 			defer func() { <-sem }()
+			// No server recovers this goroutine: a panic in a history
+			// store fails its push (500, logged) instead of the process.
+			defer func() {
+				if v := recover(); v != nil {
+					errs[i] = fmt.Errorf("position: panic: %v", v)
+				}
+			}()
 			errs[i] = p.position(ctx, pl)
 		}()
 	}

@@ -661,8 +661,13 @@ func (p *Process) stop(ctx context.Context) {
 		_ = s.Shutdown(ctx)
 	}
 	if p.apiGRPC != nil {
+		// Streams answer what they hold and end; one whose producer
+		// stopped reading its results is cut after apiStopWait, so that
+		// job and cloud keep the rest of ctx to deliver what was accepted.
 		p.logicStage.StopStreams()
-		gracefulStop(ctx, p.apiGRPC)
+		sctx, cancel := context.WithTimeout(ctx, apiStopWait)
+		gracefulStop(sctx, p.apiGRPC)
+		cancel()
 	}
 	if p.router != nil {
 		_ = p.router.Close()
@@ -705,6 +710,9 @@ func (p *Process) stop(ctx context.Context) {
 	}
 	p.wg.Wait()
 }
+
+// apiStopWait bounds the gRPC push API's graceful stop.
+const apiStopWait = 5 * time.Second
 
 func gracefulStop(ctx context.Context, g *grpc.Server) {
 	stopped := make(chan struct{})
