@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/protobuf/proto"
@@ -47,6 +48,16 @@ type Registry struct {
 	byKey map[string]session
 	byMid map[int64]map[string]struct{}
 	nodes map[string]node
+	// live is the list Nodes answers until the first of its nodes
+	// expires, dropped when a node reports or is swept: every push and
+	// every delivery asks for it, and building and sorting it under the
+	// registry's lock was 5.5 % of a batch's CPU (pprof, 84k pushes/s).
+	live atomic.Pointer[nodeList]
+}
+
+type nodeList struct {
+	nodes []*pb.NodeInfo
+	until time.Time
 }
 
 // New returns a registry whose sessions live sessionTTL past their last
@@ -191,6 +202,7 @@ func (r *Registry) RenewNode(_ context.Context, info *pb.NodeInfo) (map[string]i
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.nodes[info.Id] = node{info: info, expires: now.Add(r.nodeTTL)}
+	r.live.Store(nil)
 	all := make(map[string]int32, len(info.RoomCount))
 	for _, n := range r.nodes {
 		if now.After(n.expires) {
@@ -208,16 +220,23 @@ func (r *Registry) RenewNode(_ context.Context, info *pb.NodeInfo) (map[string]i
 // Nodes returns the live cloud nodes, by id.
 func (r *Registry) Nodes(_ context.Context) ([]*pb.NodeInfo, error) {
 	now := r.now()
+	if l := r.live.Load(); l != nil && now.Before(l.until) {
+		return slices.Clone(l.nodes), nil
+	}
 	r.mu.RLock()
 	defer r.mu.RUnlock()
-	out := make([]*pb.NodeInfo, 0, len(r.nodes))
+	l := &nodeList{nodes: make([]*pb.NodeInfo, 0, len(r.nodes)), until: now.Add(r.nodeTTL)}
 	for _, n := range r.nodes {
 		if now.Before(n.expires) {
-			out = append(out, n.info)
+			l.nodes = append(l.nodes, n.info)
+			if n.expires.Before(l.until) {
+				l.until = n.expires
+			}
 		}
 	}
-	slices.SortFunc(out, func(a, b *pb.NodeInfo) int { return strings.Compare(a.Id, b.Id) })
-	return out, nil
+	slices.SortFunc(l.nodes, func(a, b *pb.NodeInfo) int { return strings.Compare(a.Id, b.Id) })
+	r.live.Store(l)
+	return slices.Clone(l.nodes), nil
 }
 
 // Run sweeps expired entries every minute until ctx ends, bounding memory.
@@ -250,4 +269,5 @@ func (r *Registry) Sweep() {
 			delete(r.nodes, id)
 		}
 	}
+	r.live.Store(nil)
 }
