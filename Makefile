@@ -3,7 +3,7 @@ BIN := bin/imcloud
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 
-.PHONY: build sdk run run-cluster stop-cluster test test-integration test-js bench bench-go proto lint
+.PHONY: build sdk run run-cluster stop-cluster test test-integration test-js bench bench-cluster bench-go proto lint
 
 build: sdk
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/imcloud
@@ -64,6 +64,11 @@ test-js: build
 # has the longer runs.
 bench:
 	scripts/bench.sh
+
+# 100,000 WebSocket clients on six cloud processes, logic and job on
+# RabbitMQ and Redis (about 3 minutes; CLIENTS, NODES, USERS, RATE, SPEED).
+bench-cluster:
+	scripts/bench-cluster.sh
 
 # Go micro-benchmarks: codec, room fan-out, memory per idle connection.
 bench-go:

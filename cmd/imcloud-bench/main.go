@@ -17,6 +17,8 @@ import (
 	"os"
 	"os/signal"
 	"runtime/pprof"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/spf13/pflag"
@@ -39,6 +41,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		clients, rooms, rate, conc, pid    int
 		behind, batch                      int
 		grpcAddr                           string
+		control, swarms, nodes             string
+		midBase                            int64
+		speed, users                       int
+		wait                               time.Duration
 		duration, drain, hold              time.Duration
 		asJSON                             bool
 	)
@@ -49,7 +55,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
   connections  --clients idle authenticated connections; connect rate, server memory per connection
   push         the HTTP push API at --concurrency; requests/s and latency
   reconnect    --clients that opted in to recovery, over --rooms, disconnect; --behind pushes to each
-               room; all reconnect at once with their positions: time until all recovered, peak RSS`
+               room; all reconnect at once with their positions: time until all recovered, peak RSS
+  swarm        --clients (mids from --mid-base) held on one cloud node for --hold, reporting what they
+               receive to a cluster driver on --control (scripts/bench-cluster.sh starts several)
+  cluster      drive --swarms: wait for every client, then a room push to all, a push/all at --speed,
+               and --users push/mids at --rate; delivered, lost, latency, RSS per connection (--nodes)`
 	fs.Usage = func() { fmt.Fprintf(stderr, "%s\n\nFlags:\n%s", synopsis, fs.FlagUsages()) }
 	fs.StringVar(&api, "api", "127.0.0.1:3111", "logic HTTP address")
 	fs.StringVar(&apiKey, "api-key", "", "API key (logic.api_keys)")
@@ -62,11 +72,18 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&route, "route", "/im/push/room?operation=1000&type=live&room=bench", "push route and query (push)")
 	fs.IntVar(&pid, "server-pid", 0, "server process, for memory per connection (connections) and peak memory (reconnect)")
 	fs.StringVar(&grpcAddr, "grpc", "", "drive the gRPC push API's PushStream at this address (logic.api_grpc_addr), --concurrency streams, in place of HTTP (push)")
+	fs.StringVar(&control, "control", "127.0.0.1:26300", "where a swarm answers its driver (swarm)")
+	fs.Int64Var(&midBase, "mid-base", 1, "the first client's user id (swarm); the first swarm's (cluster)")
+	fs.StringVar(&swarms, "swarms", "", "the swarms' control addresses, comma-separated (cluster)")
+	fs.StringVar(&nodes, "nodes", "", "cloud processes as pid:rss-before:clients, comma-separated, for RSS per connection (cluster)")
+	fs.IntVar(&speed, "speed", 5000, "push/all pacing, connections per second per node (cluster)")
+	fs.IntVar(&users, "users", 10000, "distinct users pushed to by mid (cluster)")
+	fs.DurationVar(&wait, "wait", 3*time.Minute, "how long to wait for the clients, and for each phase's deliveries (cluster)")
 	fs.IntVar(&batch, "batch", 0, "pushes per request through POST /im/push/batch, in place of --route (push)")
 	fs.IntVar(&behind, "behind", 50, "messages pushed to each room while the clients are away (reconnect)")
 	fs.DurationVar(&duration, "duration", 10*time.Second, "how long to push (fanout, push)")
 	fs.DurationVar(&drain, "drain", 5*time.Second, "how long to wait for deliveries after the last push (fanout); for every client to recover (reconnect)")
-	fs.DurationVar(&hold, "hold", 2*time.Second, "how long to hold connections before measuring (connections)")
+	fs.DurationVar(&hold, "hold", 2*time.Second, "how long to hold connections before measuring (connections); how long a swarm runs (swarm)")
 	fs.BoolVar(&asJSON, "json", false, "print the result as JSON")
 	fs.StringVar(&save, "save", "", "also write the result as JSON to this file")
 	fs.StringVar(&cpuProfile, "cpuprofile", "", "write the load generator's own CPU profile to this file")
@@ -75,7 +92,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	if fs.NArg() != 1 {
 		fs.Usage()
-		return errors.New("bench: want one of fanout, connections, push, reconnect")
+		return errors.New("bench: want one of fanout, connections, push, reconnect, swarm, cluster")
 	}
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt)
 	defer stop()
@@ -109,6 +126,14 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			break
 		}
 		result, err = push(ctx, pushConfig{API: api, APIKey: apiKey, Concurrency: conc, Duration: duration, Route: route, Batch: batch}, stderr)
+	case "swarm":
+		result, err = swarm(ctx, swarmConfig{clientConfig: cc, Clients: clients, MidBase: midBase, Control: control, Hold: hold}, stderr)
+	case "cluster":
+		var ns []clusterNode
+		if ns, err = parseNodes(nodes); err == nil {
+			result, err = cluster(ctx, clusterConfig{API: api, APIKey: apiKey, Swarms: splitList(swarms), Nodes: ns,
+				Speed: speed, Users: users, Rate: rate, MidBase: midBase, Wait: wait}, stderr)
+		}
 	case "reconnect":
 		result, err = reconnect(ctx, reconnectConfig{clientConfig: cc, API: api, APIKey: apiKey,
 			Clients: clients, Rooms: rooms, Behind: behind, ServerPID: pid, Timeout: drain}, stderr)
@@ -134,4 +159,38 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	result.Print(stdout)
 	return nil
+}
+
+// splitList splits a comma-separated flag, dropping empty entries.
+func splitList(s string) []string {
+	var out []string
+	for _, f := range strings.Split(s, ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+// parseNodes reads --nodes: pid:rss-before:clients, comma-separated.
+func parseNodes(s string) ([]clusterNode, error) {
+	var out []clusterNode
+	for _, f := range splitList(s) {
+		parts := strings.Split(f, ":")
+		if len(parts) != 3 {
+			return nil, fmt.Errorf("--nodes %q: want pid:rss-before:clients", f)
+		}
+		var n clusterNode
+		var err error
+		if n.PID, err = strconv.Atoi(parts[0]); err == nil {
+			if n.BaseRSS, err = strconv.ParseInt(parts[1], 10, 64); err == nil {
+				n.Clients, err = strconv.Atoi(parts[2])
+			}
+		}
+		if err != nil {
+			return nil, fmt.Errorf("--nodes %q: %w", f, err)
+		}
+		out = append(out, n)
+	}
+	return out, nil
 }

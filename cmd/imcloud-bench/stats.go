@@ -30,6 +30,27 @@ func (l *latencies) AddAll(ds []time.Duration) {
 	l.mu.Unlock()
 }
 
+// millis returns the samples in milliseconds.
+func (l *latencies) millis() []float64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	out := make([]float64, len(l.samples))
+	for i, d := range l.samples {
+		out[i] = float64(d) / float64(time.Millisecond)
+	}
+	return out
+}
+
+// percentilesOf summarises samples given in milliseconds.
+func percentilesOf(ms []float64) percentiles {
+	if len(ms) == 0 {
+		return percentiles{}
+	}
+	slices.Sort(ms)
+	at := func(q float64) float64 { return ms[int(q*float64(len(ms)-1))] }
+	return percentiles{P50: at(0.5), P90: at(0.9), P99: at(0.99), P999: at(0.999), Max: at(1)}
+}
+
 // percentiles of the samples, in milliseconds.
 type percentiles struct {
 	P50, P90, P99, P999, Max float64
