@@ -89,7 +89,7 @@ done
 swarms=()
 for i in $(seq 0 $((nodes - 1))); do
   n=$(( i == nodes - 1 ? clients - per * (nodes - 1) : per ))
-  bin/imcloud bench swarm --target ws://127.0.0.1:$((26210 + i))/sub --secret $secret \
+  bin/imcloud-bench swarm --target ws://127.0.0.1:$((26210 + i))/sub --secret $secret \
     --clients $n --mid-base $((1 + i * per)) --control 127.0.0.1:$((26300 + i)) --hold 10m \
     >"$out/swarm-$i.log" 2>&1 &
   pids+=($!)
@@ -99,6 +99,6 @@ for i in $(seq 0 $((nodes - 1))); do wait_port $((26300 + i)); done
 
 echo "== $clients WebSocket clients over $nodes cloud nodes (RabbitMQ + Redis): connect, room push to all," \
   "push/all at $speed/s per node, push/mids to $users users at $rate/s"
-bin/imcloud bench cluster --api 127.0.0.1:26111 --api-key $key \
+bin/imcloud-bench cluster --api 127.0.0.1:26111 --api-key $key --clients "$clients" \
   --swarms "$(IFS=,; echo "${swarms[*]}")" --nodes "$(IFS=,; echo "${node_args[*]}")" \
   --mid-base 1 --users "$users" --rate "$rate" --speed "$speed" --wait 3m --save "$out/cluster.json"

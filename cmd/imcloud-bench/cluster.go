@@ -36,6 +36,8 @@ type clusterConfig struct {
 	// Wait bounds each wait: for the clients to connect, and for a
 	// phase's deliveries.
 	Wait time.Duration
+	// Clients is how many clients the swarms hold together.
+	Clients int
 }
 
 type clusterNode struct {
@@ -113,6 +115,9 @@ func cluster(ctx context.Context, c clusterConfig, progress io.Writer) (clusterR
 				connected += r.Connected
 				secs = max(secs, r.ConnectSeconds)
 				done = done && r.Connected == int64(r.Clients) && r.ConnectSeconds > 0
+			}
+			if clients != int64(c.Clients) {
+				return res, fmt.Errorf("the swarms hold %d clients, want %d: is a swarm of another run on one of %v?", clients, c.Clients, c.Swarms)
 			}
 			fmt.Fprintf(progress, "cluster: %d of %d clients connected\n", connected, clients)
 			if done {

@@ -65,7 +65,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs.StringVar(&apiKey, "api-key", "", "API key (logic.api_keys)")
 	fs.StringVar(&target, "target", "ws://127.0.0.1:3102/sub", "client endpoint: ws://host:port/sub or host:port for TCP")
 	fs.StringVar(&secret, "secret", "", "logic.auth.jwt_secret, to sign client tokens")
-	fs.IntVar(&clients, "clients", 1000, "clients (fanout, connections)")
+	fs.IntVar(&clients, "clients", 1000, "clients (fanout, connections, swarm); all the swarms hold (cluster)")
 	fs.IntVar(&rooms, "rooms", 1, "rooms the clients are spread over (fanout)")
 	fs.IntVar(&rate, "rate", 10, "room pushes per second (fanout)")
 	fs.IntVar(&conc, "concurrency", 64, "concurrent requests (push)")
@@ -132,7 +132,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		var ns []clusterNode
 		if ns, err = parseNodes(nodes); err == nil {
 			result, err = cluster(ctx, clusterConfig{API: api, APIKey: apiKey, Swarms: splitList(swarms), Nodes: ns,
-				Speed: speed, Users: users, Rate: rate, MidBase: midBase, Wait: wait}, stderr)
+				Speed: speed, Users: users, Rate: rate, MidBase: midBase, Wait: wait, Clients: clients}, stderr)
 		}
 	case "reconnect":
 		result, err = reconnect(ctx, reconnectConfig{clientConfig: cc, API: api, APIKey: apiKey,
