@@ -13,28 +13,30 @@ import (
 )
 
 // Dedupe remembers delivered message ids in Redis, shared by every job.
+// Its checks and marks go to Redis in pipelines (autoPipeline): a bundle's
+// pushes make them all at once.
 type Dedupe struct {
-	rdb    goredis.UniversalClient
 	prefix string
+	pipe   *autoPipeline
 }
 
 // NewDedupe stores ids under prefix in rdb.
 func NewDedupe(rdb goredis.UniversalClient, prefix string) *Dedupe {
-	return &Dedupe{rdb: rdb, prefix: prefix}
+	return &Dedupe{prefix: prefix, pipe: newAutoPipeline(rdb)}
 }
 
 // Delivered reports whether id was marked and has not expired.
 func (d *Dedupe) Delivered(ctx context.Context, id string) (bool, error) {
-	n, err := d.rdb.Exists(ctx, d.prefix+id).Result()
+	cmd, err := d.pipe.do(ctx, func(p goredis.Pipeliner) goredis.Cmder { return p.Exists(ctx, d.prefix+id) })
 	if err != nil {
 		return false, fmt.Errorf("redis exists %s: %w", id, err)
 	}
-	return n == 1, nil
+	return cmd.(*goredis.IntCmd).Val() == 1, nil
 }
 
 // MarkDelivered remembers id for ttl.
 func (d *Dedupe) MarkDelivered(ctx context.Context, id string, ttl time.Duration) error {
-	if err := d.rdb.Set(ctx, d.prefix+id, 1, ttl).Err(); err != nil {
+	if _, err := d.pipe.do(ctx, func(p goredis.Pipeliner) goredis.Cmder { return p.Set(ctx, d.prefix+id, 1, ttl) }); err != nil {
 		return fmt.Errorf("redis set %s: %w", id, err)
 	}
 	return nil
