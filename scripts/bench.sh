@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # make bench: a short run of every imcloud bench mode on this machine, under
 # two minutes, against the targets:
-#   standalone: push API, fan-out to 10,000 WebSocket clients, light-load
-#   latency, idle connections;
-#   through RabbitMQ (when it runs on 127.0.0.1:5672): confirmed pushes, and
-#   light-load latency with every stage on the AMQP broker.
+#   standalone: push API (single pushes, batches of 100, one gRPC stream),
+#   fan-out to 10,000 WebSocket clients, light-load latency, idle
+#   connections and the server CPU per connect;
+#   through RabbitMQ (when it runs on 127.0.0.1:5672): confirmed pushes,
+#   single and in batches, and light-load latency with every stage on the
+#   AMQP broker.
+# 100,000 clients over six cloud processes: make bench-cluster.
 # Each result is printed as a table and saved as JSON in bench-results/.
 # Longer runs: see BENCHMARKS.md for the commands behind its numbers.
 set -euo pipefail
@@ -64,7 +67,7 @@ standalone() {
   bin/imcloud standalone "${common[@]}" \
     --set logic.http_addr=127.0.0.1:23111 --set logic.grpc_addr=127.0.0.1:23119 \
     --set cloud.tcp_addr=127.0.0.1:23101 --set cloud.ws_addr=127.0.0.1:23102 --set cloud.grpc_addr=127.0.0.1:23109 \
-    >/dev/null &
+    --set logic.api_grpc_addr=127.0.0.1:23113 >/dev/null &
   server=$!
   pids+=($server)
   wait_port 23111
@@ -72,8 +75,12 @@ standalone() {
 }
 
 standalone
-echo "== push API, standalone: 64 concurrent, 10s (target >= 30,000/s)"
+echo "== push API, standalone: 64 concurrent, 10s (target >= 80,000/s, p99 <= 10 ms)"
 b push-standalone 231 push --duration 10s --concurrency 64
+echo "== batch push API, standalone: batches of 100, 8 concurrent, 10s (target >= 500,000 pushes/s)"
+b push-batch-standalone 231 push --duration 10s --concurrency 8 --batch 100
+echo "== gRPC push API, standalone: one PushStream, 10s (target >= 150,000 confirmed pushes/s)"
+b push-grpc-standalone 231 push --duration 10s --concurrency 1 --grpc 127.0.0.1:23113
 echo "== fan-out, standalone: 10,000 WebSocket clients, one room, 50 pushes/s, 10s (target >= 500,000/s, 0 lost)"
 b fanout 231 fanout --clients 10000 --rooms 1 --rate 50 --duration 10s --drain 10s
 echo "== fan-out capacity, standalone: the same at 80 pushes/s, 800,000 deliveries/s offered, 8s"
@@ -85,7 +92,7 @@ stop "$server"
 # A fresh server, so that the memory the runs above left behind does not
 # count against the idle connections.
 standalone
-echo "== idle connections: $idle WebSocket clients (target <= 8 KB each)"
+echo "== idle connections: $idle WebSocket clients (target <= 8 KB each; server CPU per connect <= 300 µs)"
 b connections 231 connections --clients "$idle" --server-pid "$server" --hold 2s
 stop "$server"
 
@@ -106,8 +113,10 @@ amqp push --stages logic --set logic.http_addr=127.0.0.1:23211 --set logic.grpc_
 logic=$!
 pids+=($logic)
 wait_port 23211
-echo "== push API through RabbitMQ, confirmed: 128 concurrent, 10s (target >= 10,000/s)"
+echo "== push API through RabbitMQ, confirmed: 128 concurrent, 10s (target >= 40,000/s)"
 b push-amqp 232 push --duration 10s --concurrency 128
+echo "== batch push API through RabbitMQ, confirmed: batches of 100, 8 concurrent, 10s (target >= 150,000 pushes/s)"
+b push-batch-amqp 232 push --duration 10s --concurrency 8 --batch 100
 stop "$logic"
 
 amqp light --stages logic,job,cloud \
