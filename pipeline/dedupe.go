@@ -16,12 +16,29 @@ type DedupeStore interface {
 	MarkDelivered(ctx context.Context, id string, ttl time.Duration) error
 }
 
-// InProcess is implemented by a DedupeStore that answers from this
-// process's memory and never blocks: the middleware calls it without
-// bounding each call by SettleTimeout. Those two timer contexts per
-// message were 6 % of a standalone node's CPU at 80k pushes/s (pprof).
+// InProcess is implemented by a store (dedupe, registry, history,
+// idempotency) that answers from this process's memory and never blocks.
+// What calls it may then skip what only a remote store needs: the dedupe
+// middleware bounds no call by SettleTimeout (two timer contexts per
+// message were 6 % of a standalone node's CPU at 80k pushes/s, pprof), and
+// logic runs a batch's lookups one after another instead of overlapping
+// them on goroutines.
 type InProcess interface {
 	InProcess()
+}
+
+// IsInProcess reports whether every store given is InProcess; a nil one
+// (not configured) counts as in process.
+func IsInProcess(stores ...any) bool {
+	for _, s := range stores {
+		if s == nil {
+			continue
+		}
+		if _, ok := s.(InProcess); !ok {
+			return false
+		}
+	}
+	return true
 }
 
 // dedupe drops a message whose id was already delivered, and marks an id

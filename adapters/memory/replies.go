@@ -154,3 +154,7 @@ func (s *Replies) removeLocked(e *replyEntry) {
 	delete(s.entries, e.key)
 	s.bytes -= e.size()
 }
+
+// InProcess says the store answers from memory without blocking
+// (pipeline.InProcess).
+func (*Replies) InProcess() {}

@@ -46,6 +46,9 @@ type Stage struct {
 	// access and auth are what SIGHUP reloads (reload.go).
 	access atomic.Pointer[access]
 	auth   *swapAuth
+	// inProcess: every store logic uses answers from memory
+	// (pipeline.InProcess), so a batch's lookups run one after another.
+	inProcess bool
 	// streamsStop is closed by StopStreams; streams counts the open
 	// PushStreams.
 	streamsStop chan struct{}
@@ -127,6 +130,7 @@ func New(cfg config.Logic, o Options) (*Stage, error) {
 		failLog: pipeline.NewRateLog(o.Logger, slog.LevelError, time.Second),
 
 		streamsStop: make(chan struct{}),
+		inProcess:   pipeline.IsInProcess(o.Registry, o.History, o.Replies),
 	}
 	st.access.Store(newAccess(cfg))
 	return st, nil

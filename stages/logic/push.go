@@ -390,6 +390,16 @@ func (p *Pusher) positionAll(ctx context.Context, plans []*plan, errs []error, p
 	if p.history == nil {
 		return
 	}
+	if parallel <= 1 {
+		// In order, one after another: each stream's positions follow
+		// the batch's order as they are taken.
+		for i, pl := range plans {
+			if errs[i] == nil && len(pl.streams) > 0 {
+				errs[i] = p.positionSafe(ctx, pl)
+			}
+		}
+		return
+	}
 	last := map[string]chan struct{}{}
 	sem := make(chan struct{}, max(parallel, 1))
 	var wg sync.WaitGroup
@@ -414,17 +424,22 @@ func (p *Pusher) positionAll(ctx context.Context, plans []*plan, errs []error, p
 			}
 			sem <- struct{}{}
 			defer func() { <-sem }()
-			// No server recovers this goroutine: a panic in a history
-			// store fails its push (500, logged) instead of the process.
-			defer func() {
-				if v := recover(); v != nil {
-					errs[i] = fmt.Errorf("position: panic: %v", v)
-				}
-			}()
-			errs[i] = p.position(ctx, pl)
+			errs[i] = p.positionSafe(ctx, pl)
 		}()
 	}
 	wg.Wait()
+}
+
+// positionSafe is position on a batch's goroutines, which no server
+// recovers: a panic in a history store fails its push (500, logged)
+// instead of the process.
+func (p *Pusher) positionSafe(ctx context.Context, pl *plan) (err error) {
+	defer func() {
+		if v := recover(); v != nil {
+			err = fmt.Errorf("position: panic: %v", v)
+		}
+	}()
+	return p.position(ctx, pl)
 }
 
 // position gives a resolved push its positions in its streams.
