@@ -47,11 +47,16 @@ import (
 // Bounds on what the orderer holds. Held messages keep their encoded
 // packet, shared by every recipient.
 const (
-	// maxHeldPerStream: a room at 5,000 pushes/s (about what one logic
-	// accepts) whose gap lasts the 200 ms order_gap_wait holds 1,000. At
-	// the bound the gap is fetched at once, and what comes meanwhile
-	// goes out unordered (counted) rather than grow the hold.
-	maxHeldPerStream = 1024
+	// maxHeldPerStream: a room at 80,000 pushes/s (what one logic now
+	// accepts through batches or a gRPC stream; it was 5,000 when this was
+	// 1,024) whose gap lasts the 200 ms order_gap_wait holds 16,000. Job
+	// runs a bundle's pushes at once, so one can reach the node a
+	// bundle or two behind its successors: at 1,024, 3,000 pushes to a
+	// room over one stream overflowed and went out unordered
+	// (TestGRPCPushAPI). At the bound the gap is fetched at once, and
+	// what comes meanwhile goes out unordered (counted) rather than grow
+	// the hold; the node's bounds below still cap the memory.
+	maxHeldPerStream = 16_384
 	// maxHeldPerNode and maxHeldBytes bound the whole node: 64 full
 	// streams, or 64 MiB of bodies (push bodies are at most logic's body
 	// limit). Past them a message is delivered unordered, never dropped.

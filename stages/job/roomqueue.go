@@ -1,0 +1,167 @@
+package job
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"time"
+
+	"imcloud/proto/pb"
+)
+
+// roomQueues sends room pushes to each cloud node in the order they come,
+// one call in flight per room and node: what arrives while a call is out
+// goes in the next, as one op 9 batch (up to size). Bundles made room
+// pushes arrive by the hundred at once; sent as independent calls, up to
+// a thousand of one room were in flight to a node together and reached it
+// in any order, past what its orderer holds for a stream (1,024), which
+// then delivered out of order (TestGRPCPushAPI, 3,000 pushes to a room
+// over one stream). A queue per node, not per room, so that a node that
+// does not answer holds up its own deliveries, not the others'.
+type roomQueues struct {
+	size    int
+	timeout time.Duration
+	call    func(ctx context.Context, addr string, req *pb.BroadcastRoomReq) error
+
+	mu     sync.Mutex
+	queues map[roomNode]*roomQueue
+}
+
+type roomNode struct{ room, node string }
+
+type roomQueue struct {
+	addr    string
+	pending []*roomItem
+}
+
+type roomItem struct {
+	proto *pb.Proto
+	done  chan error
+}
+
+// position is the item's place in its room's stream: its epoch and
+// position (none without history).
+func (it *roomItem) position() (string, uint64) {
+	if len(it.proto.Positions) == 0 {
+		return "", 0
+	}
+	return it.proto.Positions[0].Epoch, it.proto.Positions[0].Pos
+}
+
+// inPositionOrder sorts a queue's items by their position in the room's
+// stream (epochs in the order they first appear, items without one where
+// they came): a bundle's pushes reach the queue in whatever order their
+// goroutines run, and one that came late would otherwise wait behind
+// those after it while the node holds them for it.
+func inPositionOrder(items []*roomItem) {
+	rank := map[string]int{}
+	for _, it := range items {
+		if e, _ := it.position(); e != "" {
+			if _, ok := rank[e]; !ok {
+				rank[e] = len(rank)
+			}
+		}
+	}
+	if len(rank) == 0 {
+		return
+	}
+	slices.SortStableFunc(items, func(a, b *roomItem) int {
+		ea, pa := a.position()
+		eb, pb := b.position()
+		if ea == "" || eb == "" {
+			return 0
+		}
+		if c := rank[ea] - rank[eb]; c != 0 {
+			return c
+		}
+		return cmp.Compare(pa, pb)
+	})
+}
+
+func newRoomQueues(size int, timeout time.Duration, call func(context.Context, string, *pb.BroadcastRoomReq) error) *roomQueues {
+	return &roomQueues{size: max(size, 1), timeout: timeout, call: call, queues: map[roomNode]*roomQueue{}}
+}
+
+// send queues p for room on each of nodes (id to address) and waits until
+// each took it or failed, or ctx ends. ok are the nodes that took it.
+func (r *roomQueues) send(ctx context.Context, room string, nodes map[string]string, p *pb.Proto) (ok []string, err error) {
+	ids := slices.Sorted(func(yield func(string) bool) {
+		for id := range nodes {
+			if !yield(id) {
+				return
+			}
+		}
+	})
+	items := make([]*roomItem, len(ids))
+	for i, id := range ids {
+		it := &roomItem{proto: p, done: make(chan error, 1)}
+		items[i] = it
+		key := roomNode{room, id}
+		r.mu.Lock()
+		q := r.queues[key]
+		start := q == nil
+		if start {
+			q = &roomQueue{addr: nodes[id]}
+			r.queues[key] = q
+		}
+		q.pending = append(q.pending, it)
+		r.mu.Unlock()
+		if start {
+			go r.run(key, q)
+		}
+	}
+	var errs []error
+	for i, it := range items {
+		select {
+		case e := <-it.done:
+			if e != nil {
+				errs = append(errs, fmt.Errorf("cloud %s: %w", ids[i], e))
+				continue
+			}
+			ok = append(ok, ids[i])
+		case <-ctx.Done():
+			// What is queued may still be sent; a retry then reaches
+			// those nodes again, and their per-recipient memory drops it.
+			return ok, ctx.Err()
+		}
+	}
+	return ok, errors.Join(errs...)
+}
+
+// run sends a queue's items, batch after batch, until none is left; the
+// queue is then forgotten (under the lock, so nothing is added to it
+// after).
+func (r *roomQueues) run(key roomNode, q *roomQueue) {
+	for {
+		r.mu.Lock()
+		if len(q.pending) == 0 {
+			delete(r.queues, key)
+			r.mu.Unlock()
+			return
+		}
+		inPositionOrder(q.pending)
+		n := min(len(q.pending), r.size)
+		batch := q.pending[:n:n]
+		q.pending = q.pending[n:]
+		r.mu.Unlock()
+
+		req := &pb.BroadcastRoomReq{RoomId: key.room}
+		if len(batch) == 1 {
+			req.Proto = batch[0].proto
+		} else {
+			req.Batch = make([]*pb.Proto, len(batch))
+			for i, it := range batch {
+				req.Batch[i] = it.proto
+			}
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), r.timeout)
+		err := r.call(ctx, q.addr, req)
+		cancel()
+		for _, it := range batch {
+			it.done <- err
+		}
+	}
+}
