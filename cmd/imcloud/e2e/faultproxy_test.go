@@ -93,12 +93,13 @@ func (p *faultProxy) handle(_ any, stream grpc.ServerStream) error {
 	if err := stream.RecvMsg(&req); err != nil {
 		return err
 	}
-	failIt, before, err := p.decide(method, req)
+	failing, before, err := p.decide(method, req)
 	if err != nil {
 		return status.Error(codes.Internal, err.Error())
 	}
+	failIt := failing > 0
 	if failIt && before {
-		p.injected.Add(1)
+		p.injected.Add(int64(failing))
 		return status.Error(codes.Unavailable, "fault proxy: injected failure before delivery")
 	}
 	ctx := stream.Context()
@@ -116,31 +117,32 @@ func (p *faultProxy) handle(_ any, stream grpc.ServerStream) error {
 		return err
 	}
 	if failIt {
-		p.injected.Add(1)
+		p.injected.Add(int64(failing))
 		return status.Error(codes.Unavailable, "fault proxy: injected failure after delivery")
 	}
 	return stream.SendMsg(&reply)
 }
 
-// decide reports whether the call fails: it does when it carries a
-// message fail picks whose id was not failed before.
-func (p *faultProxy) decide(method string, req []byte) (failIt, before bool, err error) {
+// decide reports how many of the call's messages fail it: those fail
+// picks whose id was not failed before (a room batch may carry several;
+// each counts as one injected failure).
+func (p *faultProxy) decide(method string, req []byte) (failing int, before bool, err error) {
 	var protos []*pb.Proto
 	switch method {
 	case pb.Cloud_PushMsg_FullMethodName:
 		var r pb.PushMsgReq
 		if err := proto.Unmarshal(req, &r); err != nil {
-			return false, false, fmt.Errorf("decode %s: %w", method, err)
+			return 0, false, fmt.Errorf("decode %s: %w", method, err)
 		}
 		protos = []*pb.Proto{r.Proto}
 	case pb.Cloud_BroadcastRoom_FullMethodName:
 		var r pb.BroadcastRoomReq
 		if err := proto.Unmarshal(req, &r); err != nil {
-			return false, false, fmt.Errorf("decode %s: %w", method, err)
+			return 0, false, fmt.Errorf("decode %s: %w", method, err)
 		}
 		protos = append([]*pb.Proto{r.Proto}, r.Batch...)
 	default:
-		return false, false, nil
+		return 0, false, nil
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -149,13 +151,13 @@ func (p *faultProxy) decide(method string, req []byte) (failIt, before bool, err
 			continue
 		}
 		if pr.Id == "" {
-			return false, false, errors.New("a proto without a message id")
+			return 0, false, errors.New("a proto without a message id")
 		}
 		f, b := p.fail(pr.Body)
 		if f && !p.failed[pr.Id] {
 			p.failed[pr.Id] = true
-			failIt, before = true, before || b
+			failing, before = failing+1, before || b
 		}
 	}
-	return failIt, before, nil
+	return failing, before, nil
 }
