@@ -287,8 +287,13 @@ func TestHistoryReadsDoNotKeepStreams(t *testing.T) {
 	if _, err := h.Tops(ctx, probes); err != nil {
 		t.Fatal(err)
 	}
-	if streams, _ := h.consistent(t); streams != int64(len(kept)+1+len(probes)) {
-		t.Fatalf("%d streams a minute after the reads, want the %d appended ones and %d probes", streams, len(kept)+1, len(probes))
+	// user:new was appended with the store at its cap: when its shard
+	// held no read-only stream to let go (the flood's are spread over 256
+	// shards at random), the least recently pushed-to appended one went
+	// instead (1 run in about 30 failed here, in CI too), so one fewer
+	// may be held.
+	if streams, _ := h.consistent(t); streams != int64(len(kept)+1+len(probes)) && streams != int64(len(kept)+len(probes)) {
+		t.Fatalf("%d streams a minute after the reads, want the %d appended ones (or one fewer) and %d probes", streams, len(kept)+1, len(probes))
 	}
 	if p, err := h.Tops(ctx, []string{"user:new"}); err != nil || p[0] != ps[0] {
 		t.Fatalf("appended stream after a minute: %+v, %v; was %+v", p, err, ps[0])

@@ -2,7 +2,7 @@ package redis
 
 import (
 	"context"
-	"fmt"
+	"errors"
 	"sync"
 	"time"
 
@@ -29,11 +29,20 @@ type autoPipeline struct {
 // pipedCmd is one caller's command: add queues it on a pipeline, and the
 // Cmder it returns holds the reply once done is closed.
 type pipedCmd struct {
+	ctx  context.Context // the caller's: one that gave up is not sent
 	add  func(p goredis.Pipeliner) goredis.Cmder
 	cmd  goredis.Cmder
 	err  error
 	done chan struct{}
 }
+
+// maxPipeQueue bounds the commands waiting for a pipeline: a Redis that
+// stops answering takes pipeTimeout per pipeline, and what came meanwhile
+// would otherwise pile up. Past it a command fails at once.
+const maxPipeQueue = 16384
+
+// errPipeFull is a command refused because maxPipeQueue wait.
+var errPipeFull = errors.New("redis pipeline queue full: redis is not keeping up")
 
 // Bounds of the auto-pipeline: commands per round trip, pipelines out at
 // once, and how long one may take (it runs apart from its callers, each of
@@ -49,8 +58,12 @@ func newAutoPipeline(rdb goredis.UniversalClient) *autoPipeline { return &autoPi
 // do runs one command in the next pipeline and returns it, answered, or
 // the context's error if it ends first.
 func (a *autoPipeline) do(ctx context.Context, add func(p goredis.Pipeliner) goredis.Cmder) (goredis.Cmder, error) {
-	c := &pipedCmd{add: add, done: make(chan struct{})}
+	c := &pipedCmd{ctx: ctx, add: add, done: make(chan struct{})}
 	a.mu.Lock()
+	if len(a.queue) >= maxPipeQueue {
+		a.mu.Unlock()
+		return nil, errPipeFull
+	}
 	a.queue = append(a.queue, c)
 	start := a.sending < pipeSenders
 	if start {
@@ -89,21 +102,26 @@ func (a *autoPipeline) exec(batch []*pipedCmd) {
 	ctx, cancel := context.WithTimeout(context.Background(), pipeTimeout)
 	defer cancel()
 	p := a.rdb.Pipeline()
+	sent := batch[:0:0]
 	for _, c := range batch {
-		c.cmd = c.add(p)
-	}
-	// Exec's error is the first command's that failed; each command
-	// carries its own, which is what its caller gets.
-	if _, err := p.Exec(ctx); err != nil && err != goredis.Nil {
-		for _, c := range batch {
-			if c.cmd.Err() == nil {
-				c.err = fmt.Errorf("redis pipeline: %w", err)
-			}
+		if err := c.ctx.Err(); err != nil {
+			c.err = err // its caller has gone: not sent
+			close(c.done)
+			continue
 		}
+		c.cmd = c.add(p)
+		sent = append(sent, c)
 	}
-	for _, c := range batch {
-		if c.err == nil && c.cmd.Err() != nil && c.cmd.Err() != goredis.Nil {
-			c.err = c.cmd.Err()
+	if len(sent) == 0 {
+		return
+	}
+	// Each command carries its own outcome: go-redis stamps a transport
+	// failure on every command and leaves each its own reply's error, so
+	// one command's (a SET refused at maxmemory) is not the others'.
+	_, _ = p.Exec(ctx)
+	for _, c := range sent {
+		if err := c.cmd.Err(); err != nil && err != goredis.Nil {
+			c.err = err
 		}
 		close(c.done)
 	}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"imcloud/proto/pb"
@@ -22,7 +23,10 @@ import (
 // over one stream). A queue per node, not per room, so that a node that
 // does not answer holds up its own deliveries, not the others'.
 type roomQueues struct {
-	size    int
+	size int
+	// timeout bounds one call: half of job.timeout, so that a push that
+	// waits for the call before it (at most that long) and then rides
+	// the next still ends within its attempt's job.timeout.
 	timeout time.Duration
 	call    func(ctx context.Context, addr string, req *pb.BroadcastRoomReq) error
 
@@ -40,7 +44,20 @@ type roomQueue struct {
 type roomItem struct {
 	proto *pb.Proto
 	done  chan error
+	// gone: its caller stopped waiting (its attempt ended); it is not
+	// sent, so a retry does not queue behind its own earlier copy.
+	gone atomic.Bool
 }
+
+// maxQueued bounds what waits for one room on one node: a node that does
+// not answer takes a call's timeout per batch, and what came meanwhile
+// would otherwise pile up and all go when it is back. Past it a push
+// fails at once for that node, and is retried.
+const maxQueued = 4096
+
+// errQueueFull is a push refused because its node's queue for the room
+// holds maxQueued.
+var errQueueFull = errors.New("room queue to this node full: the node is not keeping up")
 
 // position is the item's place in its room's stream: its epoch and
 // position (none without history).
@@ -81,8 +98,8 @@ func inPositionOrder(items []*roomItem) {
 	})
 }
 
-func newRoomQueues(size int, timeout time.Duration, call func(context.Context, string, *pb.BroadcastRoomReq) error) *roomQueues {
-	return &roomQueues{size: max(size, 1), timeout: timeout, call: call, queues: map[roomNode]*roomQueue{}}
+func newRoomQueues(size int, jobTimeout time.Duration, call func(context.Context, string, *pb.BroadcastRoomReq) error) *roomQueues {
+	return &roomQueues{size: max(size, 1), timeout: jobTimeout / 2, call: call, queues: map[roomNode]*roomQueue{}}
 }
 
 // send queues p for room on each of nodes (id to address) and waits until
@@ -104,29 +121,51 @@ func (r *roomQueues) send(ctx context.Context, room string, nodes map[string]str
 		q := r.queues[key]
 		start := q == nil
 		if start {
-			q = &roomQueue{addr: nodes[id]}
+			q = &roomQueue{}
 			r.queues[key] = q
 		}
-		q.pending = append(q.pending, it)
+		// The node's address as the caller knows it now: a node that
+		// restarted elsewhere under its id is called there from the next
+		// batch on.
+		q.addr = nodes[id]
+		if len(q.pending) >= maxQueued {
+			it.done <- errQueueFull
+		} else {
+			q.pending = append(q.pending, it)
+		}
 		r.mu.Unlock()
 		if start {
 			go r.run(key, q)
 		}
 	}
 	var errs []error
+	ended := false
 	for i, it := range items {
-		select {
-		case e := <-it.done:
-			if e != nil {
-				errs = append(errs, fmt.Errorf("cloud %s: %w", ids[i], e))
+		var e error
+		if !ended {
+			select {
+			case e = <-it.done:
+			case <-ctx.Done():
+				ended = true
+			}
+		}
+		if ended {
+			// The attempt ended: take what is already known (a node
+			// that took it is recorded, so a retry skips it) and drop
+			// the rest from their queues.
+			select {
+			case e = <-it.done:
+			default:
+				it.gone.Store(true)
+				errs = append(errs, fmt.Errorf("cloud %s: %w", ids[i], ctx.Err()))
 				continue
 			}
-			ok = append(ok, ids[i])
-		case <-ctx.Done():
-			// What is queued may still be sent; a retry then reaches
-			// those nodes again, and their per-recipient memory drops it.
-			return ok, ctx.Err()
 		}
+		if e != nil {
+			errs = append(errs, fmt.Errorf("cloud %s: %w", ids[i], e))
+			continue
+		}
+		ok = append(ok, ids[i])
 	}
 	return ok, errors.Join(errs...)
 }
@@ -137,6 +176,7 @@ func (r *roomQueues) send(ctx context.Context, room string, nodes map[string]str
 func (r *roomQueues) run(key roomNode, q *roomQueue) {
 	for {
 		r.mu.Lock()
+		q.pending = slices.DeleteFunc(q.pending, func(it *roomItem) bool { return it.gone.Load() })
 		if len(q.pending) == 0 {
 			delete(r.queues, key)
 			r.mu.Unlock()
@@ -146,6 +186,7 @@ func (r *roomQueues) run(key roomNode, q *roomQueue) {
 		n := min(len(q.pending), r.size)
 		batch := q.pending[:n:n]
 		q.pending = q.pending[n:]
+		addr := q.addr
 		r.mu.Unlock()
 
 		req := &pb.BroadcastRoomReq{RoomId: key.room}
@@ -158,7 +199,7 @@ func (r *roomQueues) run(key roomNode, q *roomQueue) {
 			}
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), r.timeout)
-		err := r.call(ctx, q.addr, req)
+		err := r.call(ctx, addr, req)
 		cancel()
 		for _, it := range batch {
 			it.done <- err
