@@ -29,7 +29,11 @@ q="imcloud.bench.cluster.$$"
 prefix="imcloud:bench:cluster:$$:"
 per=$(( (clients + nodes - 1) / nodes ))
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-if [ "$(ulimit -n)" -lt $((per + 1000)) ]; then
+# A cloud node takes connections up to its descriptor limit less a reserve
+# (a tenth, at least 256; README "Connections per node").
+limit=$(ulimit -n)
+reserve=$(( limit / 10 > 256 ? limit / 10 : 256 ))
+if [ $((limit - reserve)) -lt $((per + 100)) ]; then
   echo "bench-cluster: $per clients per node need more than the $(ulimit -n) descriptors a process may hold: raise NODES" >&2
   exit 1
 fi

@@ -194,7 +194,7 @@ func cluster(ctx context.Context, c clusterConfig, progress io.Writer) (clusterR
 		return nil
 	}
 	if err := phase("room push to every client", phaseRoom, func() (int, int, int64) {
-		if push("/im/push/room", "operation=1000&type=live&room=cluster", swarmBody(phaseRoom, 0)) {
+		if push("/im/push/room", "operation=1000&type=live&room=cluster", swarmBody(phaseRoom, 0, time.Now())) {
 			return 1, 0, res.Clients
 		}
 		return 0, 1, 0
@@ -202,7 +202,7 @@ func cluster(ctx context.Context, c clusterConfig, progress io.Writer) (clusterR
 		return res, err
 	}
 	if err := phase(fmt.Sprintf("push/all, speed %d per node", c.Speed), phaseAll, func() (int, int, int64) {
-		if push("/im/push/all", "operation=1000&speed="+strconv.Itoa(c.Speed), swarmBody(phaseAll, 0)) {
+		if push("/im/push/all", "operation=1000&speed="+strconv.Itoa(c.Speed), swarmBody(phaseAll, 0, time.Now())) {
 			return 1, 0, res.Clients
 		}
 		return 0, 1, 0
@@ -214,11 +214,14 @@ func cluster(ctx context.Context, c clusterConfig, progress io.Writer) (clusterR
 		var ok, failed atomic.Int64
 		work := make(chan int, 256)
 		var wg sync.WaitGroup
+		start := time.Now()
+		interval := time.Second / time.Duration(max(c.Rate, 1))
 		for range 32 {
 			wg.Go(func() {
 				for i := range work {
 					mid := c.MidBase + int64(i)*step
-					if push("/im/push/mids", "operation=1000&mids="+strconv.FormatInt(mid, 10), swarmBody(phaseMids, uint64(i))) {
+					at := start.Add(time.Duration(i) * interval)
+					if push("/im/push/mids", "operation=1000&mids="+strconv.FormatInt(mid, 10), swarmBody(phaseMids, uint64(i), at)) {
 						ok.Add(1)
 					} else {
 						failed.Add(1)
@@ -226,8 +229,6 @@ func cluster(ctx context.Context, c clusterConfig, progress io.Writer) (clusterR
 				}
 			})
 		}
-		start := time.Now()
-		interval := time.Second / time.Duration(max(c.Rate, 1))
 		for i := 0; i < c.Users && ctx.Err() == nil; i++ {
 			if d := time.Until(start.Add(time.Duration(i) * interval)); d > 0 {
 				time.Sleep(d)
@@ -236,6 +237,9 @@ func cluster(ctx context.Context, c clusterConfig, progress io.Writer) (clusterR
 		}
 		close(work)
 		wg.Wait()
+		if secs := time.Since(start).Seconds(); secs > 0 {
+			fmt.Fprintf(progress, "cluster: %d mid pushes in %.1f s (%.0f/s; asked %d/s)\n", c.Users, secs, float64(c.Users)/secs, c.Rate)
+		}
 		return int(ok.Load()), int(failed.Load()), ok.Load()
 	}); err != nil {
 		return res, err

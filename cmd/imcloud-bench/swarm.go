@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"imcloud/proto/client"
+	"imcloud/proto/wire"
 	"imcloud/stages/logic/token"
 )
 
@@ -140,6 +141,21 @@ func swarm(ctx context.Context, c swarmConfig, progress io.Writer) (swarmReport,
 			}
 		})
 	}
+	// Heartbeats, spread over a minute: a node closes a client silent for
+	// two heartbeat intervals (8 minutes by default), and a slow run's
+	// waits add up to more than that.
+	go func() {
+		t := time.NewTicker(time.Minute / time.Duration(max(len(conns), 1)))
+		defer t.Stop()
+		for i := 0; ; i = (i + 1) % len(conns) {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				_ = conns[i].WriteRaw(wire.Encode(wire.OpHeartbeat, 0, nil))
+			}
+		}
+	}()
 	<-ctx.Done()
 	closeAll(conns)
 	readers.Wait()
@@ -177,11 +193,12 @@ func swarmRead(conn *client.Conn, stats map[byte]*phaseStats) {
 	}
 }
 
-// swarmBody is a push's body for phase and seq, stamped now.
-func swarmBody(phase byte, seq uint64) []byte {
+// swarmBody is a push's body for phase and seq, stamped at (a paced
+// push's scheduled time, so that a driver that falls behind shows it).
+func swarmBody(phase byte, seq uint64, at time.Time) []byte {
 	b := make([]byte, swarmBodyLen)
 	b[0] = phase
-	binary.BigEndian.PutUint64(b[1:9], uint64(time.Now().UnixNano()))
+	binary.BigEndian.PutUint64(b[1:9], uint64(at.UnixNano()))
 	binary.BigEndian.PutUint64(b[9:], seq)
 	return b
 }

@@ -57,11 +57,16 @@ const (
 	// what comes meanwhile goes out unordered (counted) rather than grow
 	// the hold; the node's bounds below still cap the memory.
 	maxHeldPerStream = 16_384
-	// maxHeldPerNode and maxHeldBytes bound the whole node: 64 full
-	// streams, or 64 MiB of bodies (push bodies are at most logic's body
-	// limit). Past them a message is delivered unordered, never dropped.
-	maxHeldPerNode = 65_536
-	maxHeldBytes   = 64 << 20
+	// maxHeldPerNode and maxHeldBytes bound the whole node: 4 streams
+	// held full, or 64 MiB of packets (push bodies are at most logic's
+	// body limit), and maxHeldBytesPerStream keeps one stream with a gap
+	// that does not close (16,384 packets of 4 KiB would be all 64 MiB)
+	// from taking more than an eighth of it, so that the node's other
+	// streams stay ordered. Past them a message is delivered unordered,
+	// never dropped.
+	maxHeldPerNode        = 65_536
+	maxHeldBytes          = 64 << 20
+	maxHeldBytesPerStream = maxHeldBytes / 8
 	// maxSkippedKept: positions a room stream skipped (history could not
 	// give them) are remembered, so that one arriving late from job is
 	// still delivered, late, rather than taken for a duplicate. 1,024
@@ -129,8 +134,11 @@ type stream struct {
 	last    uint64
 	retired []string
 	held    map[uint64]*heldMsg
-	armed   bool // the gap timer is set
-	filling bool // a history call is in flight
+	// heldBytes is what held's packets take (st.mu): one stream may hold
+	// at most maxHeldBytesPerStream of the node's maxHeldBytes.
+	heldBytes int64
+	armed     bool // the gap timer is set
+	filling   bool // a history call is in flight
 	// fillFails counts the gap fills in a row logic did not answer; at
 	// maxFillTries the gap is skipped.
 	fillFails int
@@ -476,7 +484,7 @@ func (o *orderer) sweep() {
 				st.timer.Stop()
 			}
 			for pos, h := range st.held {
-				o.release(h)
+				o.release(st, h)
 				delete(st.held, pos)
 			}
 			o.mu.Lock()
@@ -496,9 +504,10 @@ func (o *orderer) streamCount() int {
 	return len(o.streams)
 }
 
-func (o *orderer) release(h *heldMsg) {
+func (o *orderer) release(st *stream, h *heldMsg) {
 	o.held.Add(-1)
 	o.heldBytes.Add(-int64(len(h.item.pkt)))
+	st.heldBytes -= int64(len(h.item.pkt))
 }
 
 // Everything below runs with st.mu held.
@@ -590,7 +599,8 @@ func (st *stream) hold(m *heldMsg, sk *sink) {
 		return
 	}
 	size := int64(len(m.item.pkt))
-	if len(st.held) >= maxHeldPerStream || o.held.Load() >= maxHeldPerNode || o.heldBytes.Load()+size > maxHeldBytes {
+	if len(st.held) >= maxHeldPerStream || st.heldBytes+size > maxHeldBytesPerStream ||
+		o.held.Load() >= maxHeldPerNode || o.heldBytes.Load()+size > maxHeldBytes {
 		n := o.unordered.Add(1)
 		o.log.Log("stream holds too much; delivering out of order", "stream", st.name, "held", len(st.held), "node_held", o.held.Load(), "unordered", n)
 		st.deliver(m, sk)
@@ -600,6 +610,7 @@ func (st *stream) hold(m *heldMsg, sk *sink) {
 		return
 	}
 	st.held[m.pos] = m
+	st.heldBytes += size
 	o.held.Add(1)
 	o.heldBytes.Add(size)
 	if st.known {
@@ -635,7 +646,7 @@ func (st *stream) drain(sk *sink) {
 			break
 		}
 		delete(st.held, h.pos)
-		st.o.release(h)
+		st.o.release(st, h)
 		st.deliver(h, sk)
 		st.last = h.pos
 	}
@@ -681,7 +692,7 @@ func (st *stream) takeHeld() []*heldMsg {
 	hs := make([]*heldMsg, 0, len(st.held))
 	for pos, h := range st.held {
 		hs = append(hs, h)
-		st.o.release(h)
+		st.o.release(st, h)
 		delete(st.held, pos)
 	}
 	slices.SortFunc(hs, func(a, b *heldMsg) int {
@@ -882,7 +893,7 @@ func (st *stream) applyFill(through, held uint64, entries []*pb.HistoryEntry, to
 		for pos, h := range st.held {
 			if pos > top.Pos && pos <= held {
 				delete(st.held, pos)
-				o.release(h)
+				o.release(st, h)
 				o.unordered.Add(1)
 				st.deliver(h, sk)
 			}
