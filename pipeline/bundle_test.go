@@ -388,3 +388,67 @@ func TestBundleSizeCountsMetadata(t *testing.T) {
 		t.Fatalf("800 KB of messages in %d bundle", len(g.calls[0]))
 	}
 }
+
+// TestBundledFirstTry: a bundled message's first try goes straight to the
+// handler; one that fails or panics there is retried through the stack
+// (and delivered once, in no more attempts than before), one that
+// succeeds is marked delivered, so the same bundle again is dropped whole
+// as duplicates.
+func TestBundledFirstTry(t *testing.T) {
+	var mu sync.Mutex
+	delivered := map[string]int{}
+	publish, poisoned, tries := startRouter(t, slog.New(slog.DiscardHandler), holdTiming{first: configHoldFirst, max: configHoldMax, total: time.Second},
+		func(msg *message.Message, attempt int) error {
+			id := msg.Metadata.Get(MetaMessageID)
+			switch {
+			case id == "flaky" && attempt == 1:
+				return errors.New("cloud unreachable once")
+			case id == "panicky" && attempt == 1:
+				panic("a bug, once")
+			case id == "never":
+				return errors.New("cloud unreachable")
+			}
+			mu.Lock()
+			delivered[id]++
+			mu.Unlock()
+			return nil
+		})
+	push := func(id string) *message.Message {
+		m, err := NewPushMessage(id, "corr-"+id, &pb.PushMsg{Operation: 1000})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	for round := range 2 {
+		bundle, err := NewBundle([]*message.Message{push("ok"), push("flaky"), push("panicky"), push("never")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		done := inBackground(func() error { return publish(bundle) })
+		select {
+		case p := <-poisoned:
+			if p.Metadata.Get(MetaMessageID) != "never" {
+				t.Fatalf("round %d: poisoned %v", round, p.Metadata)
+			}
+			p.Ack()
+		case <-time.After(10 * time.Second):
+			t.Fatalf("round %d: nothing poisoned", round)
+		}
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	}
+	mu.Lock()
+	got := fmt.Sprint(delivered)
+	mu.Unlock()
+	if got != "map[flaky:1 ok:1 panicky:1]" {
+		t.Fatalf("delivered %s, want each once", got)
+	}
+	// The try is the first attempt: never was tried max_retries + 1 times
+	// a round, as without bundles.
+	if tries.get("ok") != 1 || tries.get("flaky") != 2 || tries.get("panicky") != 2 || tries.get("never") != 2*(maxRetries+1) {
+		t.Fatalf("tries ok %d flaky %d panicky %d never %d, want 1, 2, 2, %d",
+			tries.get("ok"), tries.get("flaky"), tries.get("panicky"), tries.get("never"), 2*(maxRetries+1))
+	}
+}

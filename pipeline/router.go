@@ -38,13 +38,14 @@ type RouterConfig struct {
 	Observe func(result string)
 }
 
-// NewRouter returns a router whose handlers run inside the delivery
-// middleware stack built from cfg. The order is what makes delivery
+// NewRouter returns a router whose handlers (AddConsumer) run inside the
+// delivery middleware stack built from cfg. The order is what makes delivery
 // correct; Watermill wraps the first middleware added outermost:
 //
 //	unbundle       runs each message of a bundle (Bundler) down the rest of
 //	               the stack on its own, all at once; acks the bundle when
-//	               all are settled
+//	               all are settled (its first try goes straight to the
+//	               handler: firstTry)
 //	growStack      grows the goroutine Watermill starts per message in one step
 //	CorrelationID  copies the correlation id onto anything a handler emits
 //	Throttle       caps messages per second (job.throttle; 0 = off)
@@ -73,13 +74,26 @@ type RouterConfig struct {
 // holds a message longer must change that sum too.
 //
 // store may be nil when cfg.DedupeTTL is 0.
-func NewRouter(cfg RouterConfig, poisonTopic string, poisonPub message.Publisher, store DedupeStore, logger *slog.Logger) (*message.Router, error) {
+func NewRouter(cfg RouterConfig, poisonTopic string, poisonPub message.Publisher, store DedupeStore, logger *slog.Logger) (*Router, error) {
 	return newRouter(cfg, poisonTopic, poisonPub, store, logger, holdTiming{first: configHoldFirst, max: configHoldMax, total: cfg.ConfigHold})
 }
 
-func newRouter(cfg RouterConfig, poisonTopic string, poisonPub message.Publisher, store DedupeStore, logger *slog.Logger, hold holdTiming) (*message.Router, error) {
+// Router is job's Watermill router with the delivery middleware of
+// NewRouter. Handlers are added with AddConsumer, which puts the stack
+// around them; middleware added to the embedded router itself (the
+// Prometheus metrics builder's) wraps each broker message, a bundle as
+// one.
+type Router struct {
+	*message.Router
+	// stack is the middleware, outermost first; retried is the same with
+	// one retry fewer, for a bundled message whose first try failed.
+	stack, retried []message.HandlerMiddleware
+	first          *firstTry // nil: a bundle's messages go down the stack
+}
+
+func newRouter(cfg RouterConfig, poisonTopic string, poisonPub message.Publisher, store DedupeStore, logger *slog.Logger, hold holdTiming) (*Router, error) {
 	wlog := WatermillLogger(logger)
-	r, err := message.NewRouter(message.RouterConfig{}, wlog)
+	mr, err := message.NewRouter(message.RouterConfig{}, wlog)
 	if err != nil {
 		return nil, fmt.Errorf("create router: %w", err)
 	}
@@ -91,22 +105,12 @@ func newRouter(cfg RouterConfig, poisonTopic string, poisonPub message.Publisher
 	if err != nil {
 		return nil, fmt.Errorf("create poison queue middleware: %w", err)
 	}
-	r.AddMiddleware(unbundle, growStack, middleware.CorrelationID)
-	if cfg.Throttle > 0 {
-		r.AddMiddleware(middleware.NewThrottle(int64(cfg.Throttle), time.Second).Middleware)
+	if cfg.DedupeTTL > 0 && store == nil {
+		return nil, fmt.Errorf("job.dedupe.enabled: no dedupe store given")
 	}
-	r.AddMiddleware(poison, keepContext)
-	if cfg.DedupeTTL > 0 {
-		if store == nil {
-			return nil, fmt.Errorf("job.dedupe.enabled: no dedupe store given")
-		}
-		r.AddMiddleware(dedupe(store, cfg.DedupeTTL, logger, observe))
-	}
-	r.AddMiddleware(
-		holdConfigFault(logger, hold),
-		holdUndelivered(logger),
-		middleware.Retry{
-			MaxRetries:          cfg.MaxRetries,
+	retry := func(maxRetries int) message.HandlerMiddleware {
+		return middleware.Retry{
+			MaxRetries:          maxRetries,
 			InitialInterval:     cfg.InitialInterval,
 			MaxInterval:         cfg.MaxInterval,
 			Multiplier:          cfg.Multiplier,
@@ -114,11 +118,71 @@ func newRouter(cfg RouterConfig, poisonTopic string, poisonPub message.Publisher
 			ShouldRetry:         func(p middleware.RetryParams) bool { return retryable(p.Err) },
 			OnRetryHook:         func(int, time.Duration) { observe("retried") },
 			Logger:              wlog,
-		}.Middleware,
-		middleware.Timeout(cfg.Timeout),
-		middleware.Recoverer,
-	)
+		}.Middleware
+	}
+	var throttle message.HandlerMiddleware
+	if cfg.Throttle > 0 {
+		throttle = middleware.NewThrottle(int64(cfg.Throttle), time.Second).Middleware
+	}
+	configFault, undelivered := holdConfigFault(logger, hold), holdUndelivered(logger)
+	var dedupeMW message.HandlerMiddleware
+	if cfg.DedupeTTL > 0 {
+		dedupeMW = dedupe(store, cfg.DedupeTTL, logger, observe)
+	}
+	stack := func(retries int) []message.HandlerMiddleware {
+		s := []message.HandlerMiddleware{growStack, middleware.CorrelationID}
+		if throttle != nil {
+			s = append(s, throttle)
+		}
+		s = append(s, poison, keepContext)
+		if dedupeMW != nil {
+			s = append(s, dedupeMW)
+		}
+		return append(s, configFault, undelivered, retry(retries), middleware.Timeout(cfg.Timeout), middleware.Recoverer)
+	}
+	r := &Router{Router: mr, stack: stack(cfg.MaxRetries)}
+	// A bundled message's first try skips the stack (firstTry); when it
+	// fails, the stack runs with one retry fewer, so that no message gets
+	// more attempts, nor job's worst case more time, than before. Not with
+	// a throttle, which must see every message, nor without retries,
+	// where the try would be one attempt more.
+	if throttle == nil && cfg.MaxRetries > 0 {
+		r.retried = stack(cfg.MaxRetries - 1)
+		r.first = &firstTry{timeout: cfg.Timeout, observe: observe, logger: logger}
+		if cfg.DedupeTTL > 0 {
+			r.first.store, r.first.ttl = store, cfg.DedupeTTL
+		}
+	}
 	return r, nil
+}
+
+// AddConsumer adds a handler of topic's messages behind the delivery
+// middleware; each message of a bundle goes through it on its own.
+func (r *Router) AddConsumer(name, topic string, sub message.Subscriber, h message.NoPublishHandlerFunc) {
+	handler := func(msg *message.Message) ([]*message.Message, error) { return nil, h(msg) }
+	compose := func(stack []message.HandlerMiddleware) message.HandlerFunc {
+		chain := message.HandlerFunc(handler)
+		for i := len(stack) - 1; i >= 0; i-- {
+			chain = stack[i](chain)
+		}
+		return chain
+	}
+	chain := compose(r.stack)
+	each := chain
+	if r.first != nil {
+		retried := compose(r.retried)
+		each = func(msg *message.Message) ([]*message.Message, error) {
+			if r.first.try(msg, handler) {
+				return nil, nil
+			}
+			return retried(msg)
+		}
+	}
+	bundled := unbundle(chain, each)
+	r.Router.AddConsumerHandler(name, topic, sub, func(msg *message.Message) error {
+		_, err := bundled(msg)
+		return err
+	})
 }
 
 // SettleTimeout bounds each step job takes around a message's attempts:

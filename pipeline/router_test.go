@@ -112,7 +112,7 @@ func startRouter(t *testing.T, logger *slog.Logger, hold holdTiming, handler fun
 		t.Fatal(err)
 	}
 	tries = &attempts{n: map[string]int{}}
-	r.AddConsumerHandler("h", "push", pubsub, func(msg *message.Message) error {
+	r.AddConsumer("h", "push", pubsub, func(msg *message.Message) error {
 		return handler(msg, tries.add(msg.Metadata.Get(MetaMessageID)))
 	})
 	ctx, cancel := context.WithCancel(context.Background())

@@ -41,7 +41,7 @@ func TestRetryBackoffMatchesConfig(t *testing.T) {
 		mu    sync.Mutex
 		times []time.Time
 	)
-	r.AddConsumerHandler("h", "push", pubsub, func(*message.Message) error {
+	r.AddConsumer("h", "push", pubsub, func(*message.Message) error {
 		mu.Lock()
 		times = append(times, time.Now())
 		mu.Unlock()

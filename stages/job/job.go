@@ -182,9 +182,9 @@ func New(o Options) *Stage {
 }
 
 // AddHandlers subscribes consumers handlers to topic on r.
-func (s *Stage) AddHandlers(r *message.Router, sub message.Subscriber, topic string, consumers int) {
+func (s *Stage) AddHandlers(r *pipeline.Router, sub message.Subscriber, topic string, consumers int) {
 	for i := range consumers {
-		r.AddConsumerHandler(fmt.Sprintf("job.push.%d", i), topic, sub, s.Handle)
+		r.AddConsumer(fmt.Sprintf("job.push.%d", i), topic, sub, s.Handle)
 	}
 }
 

@@ -27,7 +27,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/ThreeDotsLabs/watermill/message"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -78,7 +77,7 @@ type Process struct {
 	// canaryErr is the last canary publish's error ("" when it worked).
 	canaryErr atomic.Pointer[string]
 	logicConn *grpc.ClientConn
-	router    *message.Router
+	router    *pipeline.Router
 	jobStage  *job.Stage
 	stores    *adapters.Stores
 	closers   []func() error // closed last, after the broker
@@ -452,7 +451,7 @@ func (p *Process) startJob(ctx context.Context) error {
 	if p.metrics != nil {
 		// Watermill's own: handler executions and their time, publishes
 		// and subscribes, by handler and topic.
-		wmetrics.NewPrometheusMetricsBuilder(p.metrics.Registry, "imcloud", "job").AddPrometheusRouterMetrics(router)
+		wmetrics.NewPrometheusMetricsBuilder(p.metrics.Registry, "imcloud", "job").AddPrometheusRouterMetrics(router.Router)
 	}
 	p.router = router
 	consumers := 1
