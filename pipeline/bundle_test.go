@@ -259,13 +259,7 @@ func TestUnbundledMessagesSettleAlone(t *testing.T) {
 			mu.Unlock()
 			return nil
 		})
-	push := func(id string) *message.Message {
-		m, err := NewPushMessage(id, "corr-"+id, &pb.PushMsg{Operation: 1000})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return m
-	}
+	push := func(id string) *message.Message { return testPush(t, id) }
 	if err := publish(push("seen")); err != nil {
 		t.Fatal(err)
 	}
@@ -413,13 +407,7 @@ func TestBundledFirstTry(t *testing.T) {
 			mu.Unlock()
 			return nil
 		})
-	push := func(id string) *message.Message {
-		m, err := NewPushMessage(id, "corr-"+id, &pb.PushMsg{Operation: 1000})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return m
-	}
+	push := func(id string) *message.Message { return testPush(t, id) }
 	for round := range 2 {
 		bundle, err := NewBundle([]*message.Message{push("ok"), push("flaky"), push("panicky"), push("never")})
 		if err != nil {
@@ -451,4 +439,14 @@ func TestBundledFirstTry(t *testing.T) {
 		t.Fatalf("tries ok %d flaky %d panicky %d never %d, want 1, 2, 2, %d",
 			tries.get("ok"), tries.get("flaky"), tries.get("panicky"), tries.get("never"), 2*(maxRetries+1))
 	}
+}
+
+// testPush is a push message with id, correlation id "corr-" and id.
+func testPush(t *testing.T, id string) *message.Message {
+	t.Helper()
+	m, err := NewPushMessage(id, "corr-"+id, &pb.PushMsg{Operation: 1000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
 }
