@@ -146,8 +146,7 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Proc
 	var m *metrics.Metrics
 	if cfg.Admin.Addr != "" && cfg.Admin.Metrics {
 		m = metrics.New()
-		serverOpts = append(serverOpts, grpc.ChainUnaryInterceptor(m.GRPCServer.UnaryServerInterceptor()),
-			grpc.ChainStreamInterceptor(m.GRPCServer.StreamServerInterceptor()))
+		serverOpts = append(serverOpts, serverMetrics(m)...)
 		dialOpts = append(dialOpts, grpc.WithChainUnaryInterceptor(m.GRPCClient.UnaryClientInterceptor()),
 			grpc.WithChainStreamInterceptor(m.GRPCClient.StreamClientInterceptor()))
 	}
@@ -267,15 +266,12 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Proc
 	if logicStage != nil {
 		p.serveHTTP(&p.httpSrvs, "logic http", logicStage.Handler(), httpLn, false)
 		if apiLn != nil {
+			// The API key, not the cluster's credentials.
 			opts := logicStage.APIServerOptions()
 			if p.metrics != nil {
-				opts = append(opts, grpc.ChainUnaryInterceptor(p.metrics.GRPCServer.UnaryServerInterceptor()),
-					grpc.ChainStreamInterceptor(p.metrics.GRPCServer.StreamServerInterceptor()))
+				opts = append(opts, serverMetrics(p.metrics)...)
 			}
-			p.apiGRPC = grpc.NewServer(opts...)
-			hs := health.NewServer()
-			p.health = append(p.health, hs)
-			healthpb.RegisterHealthServer(p.apiGRPC, hs)
+			p.apiGRPC = p.newGRPCServer(opts...)
 			logicStage.RegisterAPI(p.apiGRPC)
 			p.serve("logic api grpc", func() error { return p.apiGRPC.Serve(apiLn) })
 		}
@@ -867,12 +863,22 @@ func routerConfig(j config.Job) pipeline.RouterConfig {
 // grpcServer is a gRPC server with the cluster's credentials, the
 // metrics interceptors when metrics are on, and the standard health
 // service (grpc.health.v1: SERVING while the process runs).
-func (p *Process) grpcServer() *grpc.Server {
-	s := grpc.NewServer(p.grpcServerOpts...)
+func (p *Process) grpcServer() *grpc.Server { return p.newGRPCServer(p.grpcServerOpts...) }
+
+// newGRPCServer is a gRPC server with opts and the standard health
+// service, which shutdown turns NOT_SERVING.
+func (p *Process) newGRPCServer(opts ...grpc.ServerOption) *grpc.Server {
+	s := grpc.NewServer(opts...)
 	hs := health.NewServer()
 	p.health = append(p.health, hs)
 	healthpb.RegisterHealthServer(s, hs)
 	return s
+}
+
+// serverMetrics are the interceptors that record a gRPC server's calls.
+func serverMetrics(m *metrics.Metrics) []grpc.ServerOption {
+	return []grpc.ServerOption{grpc.ChainUnaryInterceptor(m.GRPCServer.UnaryServerInterceptor()),
+		grpc.ChainStreamInterceptor(m.GRPCServer.StreamServerInterceptor())}
 }
 
 // registerFuncs registers the metrics read from the stages when scraped:
