@@ -238,8 +238,7 @@ func (st *Stage) batchItem(raw json.RawMessage, corr string, i int) (pushRequest
 	if err != nil {
 		return req, err
 	}
-	route := map[string]pushRoute{"push/keys": st.pushKeys, "push/mids": st.pushMids, "push/room": st.pushRoom, "push/all": st.pushAll}[name]
-	t, err := route(apiIM, p)
+	t, err := st.pushes[name](apiIM, p)
 	if err != nil {
 		return req, err
 	}

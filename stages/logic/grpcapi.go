@@ -112,21 +112,20 @@ func (st *Stage) apiRequest(r *pb.PushRequest, corr string) (pushRequest, error)
 	}
 	v := url.Values{"operation": {strconv.FormatInt(int64(r.Operation), 10)}}
 	var name string
-	var route pushRoute
 	switch t := r.Target.(type) {
 	case *pb.PushRequest_Keys:
-		name, route, v["keys"] = "push/keys", st.pushKeys, t.Keys.GetKeys()
+		name, v["keys"] = "push/keys", t.Keys.GetKeys()
 	case *pb.PushRequest_Mids:
-		name, route = "push/mids", st.pushMids
+		name = "push/mids"
 		for _, m := range t.Mids.GetMids() {
 			v.Add("mids", strconv.FormatInt(m, 10))
 		}
 	case *pb.PushRequest_Room:
-		name, route = "push/room", st.pushRoom
+		name = "push/room"
 		v.Set("type", t.Room.GetType())
 		v.Set("room", t.Room.GetRoom())
 	case *pb.PushRequest_All:
-		name, route = "push/all", st.pushAll
+		name = "push/all"
 		v.Set("speed", strconv.FormatInt(int64(t.All.GetSpeed()), 10))
 	default:
 		return pushRequest{}, badParam("target", "want one of keys, mids, room and all")
@@ -145,7 +144,7 @@ func (st *Stage) apiRequest(r *pb.PushRequest, corr string) (pushRequest, error)
 	if err != nil {
 		return req, err
 	}
-	t, err := route(apiIM, p)
+	t, err := st.pushes[name](apiIM, p)
 	if err != nil {
 		return req, err
 	}

@@ -43,6 +43,8 @@ type Stage struct {
 	// routes are the paths Handler serves and their methods (HEAD with
 	// GET): the OpenAPI document's test compares them.
 	routes map[string][]string
+	// pushes are the push routes by name (pushRoutes), for batch items.
+	pushes map[string]pushRoute
 	// access and auth are what SIGHUP reloads (reload.go).
 	access atomic.Pointer[access]
 	auth   *swapAuth
@@ -132,6 +134,7 @@ func New(cfg config.Logic, o Options) (*Stage, error) {
 		streamsStop: make(chan struct{}),
 		inProcess:   pipeline.IsInProcess(o.Registry, o.History, o.Replies),
 	}
+	st.pushes = st.pushRoutes()
 	st.access.Store(newAccess(cfg))
 	return st, nil
 }
@@ -150,15 +153,21 @@ func (st *Stage) Close() error { return st.grpc.replacer.Close() }
 // RegisterGRPC adds the Logic service to s.
 func (st *Stage) RegisterGRPC(s *grpc.Server) { pb.RegisterLogicServer(s, st.grpc) }
 
-// Handler returns the HTTP API, answering under /im/ and /goim/.
-func (st *Stage) Handler() http.Handler {
-	mux := http.NewServeMux()
-	routes := map[string]pushRoute{
+// pushRoutes are the push routes by name, as the HTTP API serves them
+// and a batch item or gRPC push names them.
+func (st *Stage) pushRoutes() map[string]pushRoute {
+	return map[string]pushRoute{
 		"push/keys": st.pushKeys,
 		"push/mids": st.pushMids,
 		"push/room": st.pushRoom,
 		"push/all":  st.pushAll,
 	}
+}
+
+// Handler returns the HTTP API, answering under /im/ and /goim/.
+func (st *Stage) Handler() http.Handler {
+	mux := http.NewServeMux()
+	routes := st.pushes
 	stats := map[string]statsRoute{
 		"online/top":   onlineTop,
 		"online/room":  onlineRoom,
