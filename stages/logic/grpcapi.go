@@ -286,7 +286,7 @@ func (a *pushAPI) PushStream(stream pb.PushService_PushStreamServer) error {
 	maxPush := int(jsonBodyLimit(a.st.cfg.MaxMessageBytes))
 	window := a.st.cfg.APIStreamWindow
 	slots := make(chan struct{}, window)
-	bytes := semaphore.NewWeighted(apiStreamBytes)
+	budget := semaphore.NewWeighted(apiStreamBytes)
 	in := make(chan streamItem, window)
 	readErr := make(chan error, 1)
 	go func() {
@@ -312,7 +312,7 @@ func (a *pushAPI) PushStream(stream pb.PushService_PushStreamServer) error {
 				it.err = &tooLargeError{fmt.Sprintf("push: %d bytes, at most %d (a message of logic.max_message_bytes with its targets)", it.size, maxPush)}
 				m.Push, it.size = nil, 0
 			}
-			if err := bytes.Acquire(ctx, it.size); err != nil {
+			if err := budget.Acquire(ctx, it.size); err != nil {
 				readErr <- err
 				return
 			}
@@ -366,7 +366,7 @@ func (a *pushAPI) PushStream(stream pb.PushService_PushStreamServer) error {
 		}
 		n++
 		for _, it := range batch {
-			bytes.Release(it.size)
+			budget.Release(it.size)
 			<-slots
 		}
 	}
