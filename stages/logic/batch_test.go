@@ -355,3 +355,32 @@ func TestBatchItemOverASinglePushIs413(t *testing.T) {
 		t.Fatalf("results %+v", d.Results)
 	}
 }
+
+// TestBatchItemHeaderFields: an item's request_id and idempotency_key are
+// held to the headers' rules (text, at most 255 bytes), each failing its
+// item alone; an X-Request-ID header given twice fails the batch.
+func TestBatchItemHeaderFields(t *testing.T) {
+	a := newAPI(t, apiOptions{})
+	a.online(7, "k7")
+	body := `[{"mids":[7],"operation":1000,"msg":"x","request_id":"r\u0001"},
+	          {"mids":[7],"operation":1000,"msg":"x","request_id":"` + strings.Repeat("r", 256) + `"},
+	          {"mids":[7],"operation":1000,"msg":"x","idempotency_key":"k` + "\xff" + `"},
+	          {"mids":[7],"operation":1000,"msg":"x","idempotency_key":["a","b"]},
+	          {"mids":[7],"operation":1000,"msg":"ok","request_id":"fine"}]`
+	_, d := a.batch("application/json", body, nil)
+	for i, field := range []string{"request_id", "request_id", "idempotency_key", "idempotency_key"} {
+		if r := d.Results[i]; r.Status != http.StatusBadRequest || !strings.HasPrefix(r.Error, field) {
+			t.Errorf("item %d: %+v, want 400 naming %s", i, r, field)
+		}
+	}
+	if r := d.Results[4]; r.Status != 200 {
+		t.Errorf("good item: %+v", r)
+	}
+	if n := a.pub.count(); n != 1 {
+		t.Errorf("%d published, want 1", n)
+	}
+	r, _ := a.batch("application/json", `[{"mids":[7],"operation":1000,"msg":"x"}]`, http.Header{"X-Request-Id": {"a", "b"}})
+	if r.status != http.StatusBadRequest {
+		t.Errorf("X-Request-ID twice: %d", r.status)
+	}
+}

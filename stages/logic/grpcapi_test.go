@@ -156,6 +156,8 @@ func TestGRPCAPIPush(t *testing.T) {
 		{"too large", &pb.PushRequest{Operation: 1000, Msg: make([]byte, 5000), Target: &pb.PushRequest_All{All: &pb.All{}}}, "msg"},
 		{"long idempotency key", &pb.PushRequest{Operation: 1000, Target: &pb.PushRequest_All{All: &pb.All{}}, IdempotencyKey: strings.Repeat("i", 256)}, "idempotency_key"},
 		{"negative speed", &pb.PushRequest{Operation: 1000, Target: &pb.PushRequest_All{All: &pb.All{Speed: -1}}}, "speed"},
+		{"request id with a control character", &pb.PushRequest{Operation: 1000, Target: &pb.PushRequest_All{All: &pb.All{}}, RequestId: "r\x01"}, "request_id"},
+		{"request id too long", &pb.PushRequest{Operation: 1000, Target: &pb.PushRequest_All{All: &pb.All{}}, RequestId: strings.Repeat("r", 256)}, "request_id"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			_, err := a.client.Push(ctx, tt.r)
@@ -299,5 +301,39 @@ func TestGRPCAPIStreamBounds(t *testing.T) {
 	}
 	if n := pub.count(); n != 1 {
 		t.Fatalf("%d published, want 1", n)
+	}
+}
+
+// TestGRPCAPIRequestIDMetadata: x-request-id in a call's metadata is held
+// to the HTTP header's rules: once, at most 255 bytes. (Metadata that is
+// not printable ASCII, and protobuf strings that are not UTF-8, are
+// refused by gRPC itself before a handler runs.)
+func TestGRPCAPIRequestIDMetadata(t *testing.T) {
+	pub := &recordingPublisher{}
+	a := newGRPCAPI(t, pub, nil)
+	for name, ids := range map[string][]string{
+		"twice":    {"a", "b"},
+		"too long": {strings.Repeat("r", 256)},
+	} {
+		t.Run(name, func(t *testing.T) {
+			ctx := withKey(apiTestKey)
+			for _, id := range ids {
+				ctx = metadata.AppendToOutgoingContext(ctx, "x-request-id", id)
+			}
+			if _, err := a.client.Push(ctx, roomPush("1", "x")); status.Code(err) != codes.InvalidArgument {
+				t.Fatalf("Push: %v, want InvalidArgument", err)
+			}
+			s, err := a.client.PushStream(ctx)
+			if err == nil {
+				_ = s.Send(&pb.StreamPush{Id: 1, Push: roomPush("1", "x")})
+				_, err = s.Recv()
+			}
+			if status.Code(err) != codes.InvalidArgument {
+				t.Fatalf("PushStream: %v, want InvalidArgument", err)
+			}
+		})
+	}
+	if n := pub.count(); n != 0 {
+		t.Fatalf("%d published", n)
 	}
 }
