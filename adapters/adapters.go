@@ -61,7 +61,7 @@ func OpenBroker(cfg config.Config, logger *slog.Logger) (*pipeline.Broker, error
 			})
 		return pipeline.NewBroker(gc, gc, false, logger, gc.Close), nil
 	case config.BrokerAMQP:
-		declare := []string{topics.Push, topics.Poison, topics.Upstream}
+		declare := append(topics.PushTopics(), topics.Poison, topics.Upstream)
 		if cfg.Events.Enabled {
 			// Declared before the first event, like the others: an event
 			// published to an undeclared queue would be dropped by the

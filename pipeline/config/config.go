@@ -11,6 +11,7 @@ import (
 	"reflect"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -239,15 +240,64 @@ type Topics struct {
 	// topic's queue or stream (messages; on RabbitMQ a message carries a
 	// batch of pushes). A full one refuses the next publish
 	// (pipeline.ErrQueueFull) rather than dropping what it holds.
-	PushMaxLength     int64 `koanf:"push_max_length"`
+	PushMaxLength int64 `koanf:"push_max_length"`
+	// PushShards spreads pushes over this many queues or streams
+	// (PushTopics); a room's pushes all go to one, and a user's to one, so
+	// that each keeps its order through the broker. Every process of a
+	// cluster must agree on it (checked at start through a shared
+	// registry).
+	PushShards        int   `koanf:"push_shards"`
 	PoisonMaxLength   int64 `koanf:"poison_max_length"`
 	UpstreamMaxLength int64 `koanf:"upstream_max_length"`
 	EventsMaxLength   int64 `koanf:"events_max_length"`
 }
 
-// MaxLengths maps each topic to its length limit.
+// MaxPushShards bounds topics.push_shards: each shard is a queue or
+// stream on the broker, and every job process consumes each of its shards
+// with job.concurrency handlers; 1,024 is far past what one broker serves
+// well (a RabbitMQ queue is one Erlang process; BENCHMARKS.md has what N
+// of them sustain here).
+const MaxPushShards = 1024
+
+// PushTopics are the push topic's shards in order: topics.push itself
+// when push_shards is 1 (the layout before shards, so that a cluster can
+// keep its queue), else topics.push.0 … topics.push.<N-1>.
+func (t Topics) PushTopics() []string {
+	n := max(t.PushShards, 1)
+	if n == 1 {
+		return []string{t.Push}
+	}
+	out := make([]string, n)
+	for i := range out {
+		out[i] = t.Push + "." + strconv.Itoa(i)
+	}
+	return out
+}
+
+// JobTopics are the push shards a job consumes: those job.shards lists,
+// or all.
+func (c Config) JobTopics() []string {
+	all := c.Topics.PushTopics()
+	if len(c.Job.Shards) == 0 {
+		return all
+	}
+	out := make([]string, 0, len(c.Job.Shards))
+	for _, i := range c.Job.Shards {
+		if i >= 0 && i < len(all) {
+			out = append(out, all[i])
+		}
+	}
+	return out
+}
+
+// MaxLengths maps each topic to its length limit; each push shard holds
+// push_max_length.
 func (t Topics) MaxLengths() map[string]int64 {
-	return map[string]int64{t.Push: t.PushMaxLength, t.Poison: t.PoisonMaxLength, t.Upstream: t.UpstreamMaxLength, t.Events: t.EventsMaxLength}
+	m := map[string]int64{t.Poison: t.PoisonMaxLength, t.Upstream: t.UpstreamMaxLength, t.Events: t.EventsMaxLength}
+	for _, p := range t.PushTopics() {
+		m[p] = t.PushMaxLength
+	}
+	return m
 }
 
 // Logic configures the logic stage.
@@ -337,6 +387,10 @@ type Job struct {
 	// the push topic to every cloud node; a node that has seen none for
 	// three intervals is not ready. 0 turns it off.
 	CanaryInterval time.Duration `koanf:"canary_interval"`
+	// Shards are the push topic's shards this job consumes (indexes in
+	// 0 … topics.push_shards-1); empty: all of them. Jobs consuming the
+	// same shard share its messages.
+	Shards []int `koanf:"shards"`
 }
 
 // Retry configures job's retry middleware.
@@ -562,7 +616,7 @@ func Default() Config {
 			RedisStream: RedisStream{Addr: "127.0.0.1:6379", RedeliverAfter: 2 * time.Minute},
 		},
 		Registry: Registry{Kind: RegistryMemory, Redis: Redis{Addr: "127.0.0.1:6379", Prefix: "imcloud:"}},
-		Topics: Topics{Push: "imcloud.push", Poison: "imcloud.push.poison", Upstream: "imcloud.upstream", PushMaxLength: 1_000_000, PoisonMaxLength: 1_000_000, UpstreamMaxLength: 100_000,
+		Topics: Topics{Push: "imcloud.push", Poison: "imcloud.push.poison", Upstream: "imcloud.upstream", PushMaxLength: 1_000_000, PushShards: 1, PoisonMaxLength: 1_000_000, UpstreamMaxLength: 100_000,
 			Events: "imcloud.events", EventsMaxLength: 1_000_000},
 		// 10,000 events of ~250 bytes queued: ~2.5 MB, a few seconds of a
 		// busy node's deliveries while the broker catches up.
@@ -601,6 +655,7 @@ func Default() Config {
 			Retry:           Retry{MaxRetries: 5, InitialInterval: 100 * time.Millisecond, MaxInterval: 5 * time.Second, Multiplier: 2},
 			Dedupe:          Dedupe{Enabled: true, TTL: 10 * time.Minute, Store: DedupeMemory},
 			CloudAddrs:      []string{},
+			Shards:          []int{},
 			OfflineGrace:    30 * time.Second,
 			CanaryInterval:  5 * time.Second,
 		},
@@ -856,6 +911,29 @@ func (c Config) Validate() error {
 	for key, v := range map[string]string{"topics.push": c.Topics.Push, "topics.poison": c.Topics.Poison, "topics.upstream": c.Topics.Upstream} {
 		if v == "" {
 			bad(key, "a topic name is required")
+		}
+	}
+	if c.Topics.PushShards < 1 || c.Topics.PushShards > MaxPushShards {
+		bad("topics.push_shards", "must be 1 to %d, got %d", MaxPushShards, c.Topics.PushShards)
+	} else {
+		// A shard named like another topic would mix the two queues.
+		others := map[string]string{c.Topics.Poison: "topics.poison", c.Topics.Upstream: "topics.upstream"}
+		if c.Events.Enabled {
+			others[c.Topics.Events] = "topics.events"
+		}
+		for _, t := range c.Topics.PushTopics() {
+			if key, ok := others[t]; ok {
+				bad("topics.push", "its shard %q is also %s", t, key)
+			}
+		}
+		seen := map[int]bool{}
+		for _, i := range c.Job.Shards {
+			if i < 0 || i >= c.Topics.PushShards {
+				bad("job.shards", "shard %d is not one of 0 … %d (topics.push_shards = %d)", i, c.Topics.PushShards-1, c.Topics.PushShards)
+			} else if seen[i] {
+				bad("job.shards", "shard %d is listed twice", i)
+			}
+			seen[i] = true
 		}
 	}
 

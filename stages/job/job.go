@@ -181,10 +181,18 @@ func New(o Options) *Stage {
 	return s
 }
 
-// AddHandlers subscribes consumers handlers to topic on r.
-func (s *Stage) AddHandlers(r *pipeline.Router, sub message.Subscriber, topic string, consumers int) {
-	for i := range consumers {
-		r.AddConsumer(fmt.Sprintf("job.push.%d", i), topic, sub, s.Handle)
+// AddHandlers subscribes consumers handlers to each of topics (the push
+// shards this job consumes) on r. Handlers are named job.push.<i> with
+// one topic, as before shards, and job.<topic>.<i> with several.
+func (s *Stage) AddHandlers(r *pipeline.Router, sub message.Subscriber, topics []string, consumers int) {
+	for _, topic := range topics {
+		for i := range consumers {
+			name := fmt.Sprintf("job.push.%d", i)
+			if len(topics) > 1 {
+				name = fmt.Sprintf("job.%s.%d", topic, i)
+			}
+			r.AddConsumer(name, topic, sub, s.Handle)
+		}
 	}
 }
 

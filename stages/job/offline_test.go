@@ -199,7 +199,7 @@ func runJobKeeping(t *testing.T, nodes Nodes, grace, nodesTTL time.Duration) *pi
 	}
 	s := New(Options{Nodes: nodes, Logger: logger, Timeout: 5 * time.Second, OfflineGrace: grace, NodesTTL: nodesTTL})
 	t.Cleanup(func() { _ = s.Close() })
-	s.AddHandlers(r, pubsub, "push", 1)
+	s.AddHandlers(r, pubsub, []string{"push"}, 1)
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	poison, err := pubsub.Subscribe(ctx, "poison")

@@ -77,7 +77,7 @@ func newAPI(t *testing.T, o apiOptions) *apiServer {
 	if pub == nil {
 		pub = rec
 	}
-	st, err := New(cfg, Options{Registry: reg, Publisher: pub, PushTopic: "push", Replies: replies, History: o.history,
+	st, err := New(cfg, Options{Registry: reg, Publisher: pub, PushTopics: []string{"push"}, Replies: replies, History: o.history,
 		HistoryLimits: o.historyLimits, Heartbeat: 30 * time.Second, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)

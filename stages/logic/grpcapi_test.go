@@ -51,7 +51,7 @@ func newGRPCAPI(t *testing.T, pub message.Publisher, edit func(*config.Logic)) *
 		t.Fatal(err)
 	}
 	hist := newFakeHistory()
-	st, err := New(cfg, Options{Registry: reg, Publisher: pub, PushTopic: "push", Replies: memory.NewReplies(time.Minute),
+	st, err := New(cfg, Options{Registry: reg, Publisher: pub, PushTopics: []string{"push"}, Replies: memory.NewReplies(time.Minute),
 		History: hist, Heartbeat: 30 * time.Second, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)

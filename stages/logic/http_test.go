@@ -48,7 +48,7 @@ func newTestServer(t *testing.T, pub message.Publisher) *httptest.Server {
 	cfg := config.Default().Logic
 	cfg.Auth.JWTSecret = "s"
 	st, err := New(cfg, Options{
-		Registry: memory.New(time.Minute, time.Minute), Publisher: pub, PushTopic: "push",
+		Registry: memory.New(time.Minute, time.Minute), Publisher: pub, PushTopics: []string{"push"},
 		Replies: memory.NewReplies(time.Minute), Logger: slog.New(slog.DiscardHandler),
 	})
 	if err != nil {

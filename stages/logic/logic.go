@@ -70,8 +70,10 @@ type ReplyStore = idempotency.Store
 type Options struct {
 	Registry  pipeline.Registry
 	Publisher message.Publisher
-	PushTopic string
-	Replies   ReplyStore
+	// PushTopics are the push topic's shards (config.Topics.PushTopics):
+	// each push goes to the shard of its room or user (pipeline.ShardOf).
+	PushTopics []string
+	Replies    ReplyStore
 	// History gives pushes their stream positions and keeps the last
 	// messages of each stream; nil: pushes get no positions and
 	// /im/history answers 404 (history is not kept).
@@ -123,7 +125,7 @@ func New(cfg config.Logic, o Options) (*Stage, error) {
 		auth:      swap,
 		metrics:   o.Metrics,
 		heartbeat: o.Heartbeat,
-		pusher: &Pusher{registry: o.Registry, nodes: newNodeLister(o.Registry, o.NodesTTL), publisher: o.Publisher, topic: o.PushTopic, events: o.Events, history: o.History,
+		pusher: &Pusher{registry: o.Registry, nodes: newNodeLister(o.Registry, o.NodesTTL), publisher: o.Publisher, topics: o.PushTopics, events: o.Events, history: o.History,
 			limit: limit, metrics: o.Metrics, voidFail: pipeline.NewRateLog(o.Logger, slog.LevelError, time.Second)},
 		history: o.History,
 		replies: o.Replies,

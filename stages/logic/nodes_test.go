@@ -45,7 +45,7 @@ func TestPushNodeListKept(t *testing.T) {
 			if _, err := mem.RenewNode(ctx, &pb.NodeInfo{Id: "n1", RoomCount: map[string]int32{"live://1": 2}}); err != nil {
 				t.Fatal(err)
 			}
-			p := &Pusher{registry: reg, nodes: newNodeLister(reg, tc.ttl), publisher: &recordingPublisher{}, topic: "push"}
+			p := &Pusher{registry: reg, nodes: newNodeLister(reg, tc.ttl), publisher: &recordingPublisher{}, topics: []string{"push"}}
 			var reads []int32
 			for range 2 {
 				res, err := p.PushRoom(ctx, Push{ID: "m", Operation: 1000}, "live://1")

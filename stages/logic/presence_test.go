@@ -26,7 +26,7 @@ func presenceServer(t *testing.T, reg pipeline.Registry, members map[string]map[
 	cfg := config.Default().Logic
 	cfg.Auth.JWTSecret = "s"
 	cfg.APIKeys = []string{"0123456789abcdef-key"}
-	st, err := New(cfg, Options{Registry: reg, Publisher: &recordingPublisher{}, PushTopic: "push",
+	st, err := New(cfg, Options{Registry: reg, Publisher: &recordingPublisher{}, PushTopics: []string{"push"},
 		Replies: memory.NewReplies(time.Minute), Heartbeat: 30 * time.Second, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)

@@ -1,12 +1,15 @@
 package logic
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"imcloud/pipeline/metrics"
 	"maps"
 	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -58,8 +61,10 @@ type Pusher struct {
 	// (Options.NodesTTL).
 	nodes     nodeLister
 	publisher message.Publisher
-	topic     string
-	events    *events.Emitter // offline events; nil: off
+	// topics are the push topic's shards; a message goes to the one
+	// pipeline.SetShard named (ShardOf its room's or user's stream).
+	topics []string
+	events *events.Emitter // offline events; nil: off
 	// history gives positions; nil gives none (pushes go out as before
 	// streams had positions).
 	history pipeline.History
@@ -202,7 +207,7 @@ func (p *Pusher) resolveKeys(ctx context.Context, push Push, keys []string) (*pl
 	pl.messages = func() ([]*message.Message, error) {
 		pos := byMid(pl.pos)
 		pl.res.Positions = positions(pos)
-		return serverMessages(push, servers, nil, userPositions(midOf, pos))
+		return serverMessages(push, servers, nil, userPositions(midOf, pos), p.keyShard(midOf))
 	}
 	return pl, nil
 }
@@ -275,7 +280,7 @@ func (p *Pusher) resolveMids(ctx context.Context, push Push, mids []int64) (*pla
 				midOf[k] = m
 			}
 		}
-		return serverMessages(push, servers, byMidKeys, userPositions(midOf, pos))
+		return serverMessages(push, servers, byMidKeys, userPositions(midOf, pos), p.keyShard(midOf))
 	}
 	return pl, nil
 }
@@ -323,6 +328,13 @@ func (p *Pusher) resolveCounted(ctx context.Context, push Push, pm *pb.PushMsg, 
 		if err != nil {
 			return nil, err
 		}
+		// A room's pushes share a shard, which keeps their order through
+		// the broker; a broadcast has no order to keep and goes to any.
+		order := push.ID
+		if room != "" {
+			order = pipeline.RoomStream(room)
+		}
+		pipeline.SetShard(msg, pipeline.ShardOf(order, len(p.topics)))
 		return []*message.Message{msg}, nil
 	}
 	return pl, nil
@@ -594,32 +606,65 @@ func (p *Pusher) void(ctx context.Context, push Push, pos []*pb.StreamPos) {
 	}
 }
 
-// serverMessages renders one PUSH message per server holding keys.
-// Per-server ids extend the push id in a fixed order so that a retried
-// idempotent request reproduces them. byMid, for a mid push, lets job
-// find a user's new connections if the ones resolved here are gone.
-// positionsOf gives the stream positions a server's PushMsg carries: those
-// of the users of its keys.
-func serverMessages(push Push, keyServer map[string]string, byMid map[int64]map[string]string, positionsOf func(keys []string) []*pb.StreamPos) ([]*message.Message, error) {
-	byServer := map[string][]string{}
-	for k, s := range keyServer {
-		byServer[s] = append(byServer[s], k)
+// serverMessages renders one PUSH message per server holding keys, and
+// per push shard (shardOf a key) when there are several: each user's
+// messages keep to one shard. Per-server ids extend the push id in a fixed
+// order so that a retried idempotent request reproduces them. byMid, for
+// a mid push, lets job find a user's new connections if the ones resolved
+// here are gone. positionsOf gives the stream positions a server's PushMsg
+// carries: those of the users of its keys.
+func serverMessages(push Push, keyServer map[string]string, byMid map[int64]map[string]string, positionsOf func(keys []string) []*pb.StreamPos, shardOf func(key string) int) ([]*message.Message, error) {
+	type target struct {
+		server string
+		shard  int
 	}
-	msgs := make([]*message.Message, 0, len(byServer))
-	for _, server := range slices.Sorted(maps.Keys(byServer)) {
-		keys := byServer[server]
+	byTarget := map[target][]string{}
+	for k, s := range keyServer {
+		t := target{server: s, shard: shardOf(k)}
+		byTarget[t] = append(byTarget[t], k)
+	}
+	targets := slices.SortedFunc(maps.Keys(byTarget), func(a, b target) int {
+		return cmp.Or(strings.Compare(a.server, b.server), cmp.Compare(a.shard, b.shard))
+	})
+	msgs := make([]*message.Message, 0, len(byTarget))
+	for _, t := range targets {
+		keys := byTarget[t]
 		slices.Sort(keys)
-		pm := &pb.PushMsg{Type: pb.PushMsg_PUSH, Operation: push.Operation, Server: server, Keys: keys, Msg: push.Msg, Positions: positionsOf(keys)}
-		msg, err := pipeline.NewPushMessage(push.ID+"/"+server, push.CorrelationID, pm)
+		pm := &pb.PushMsg{Type: pb.PushMsg_PUSH, Operation: push.Operation, Server: t.server, Keys: keys, Msg: push.Msg, Positions: positionsOf(keys)}
+		id := push.ID + "/" + t.server
+		if t.shard > 0 {
+			// Shard 0 keeps the id a push had before shards, for a
+			// retried request made across the change.
+			id += "/" + strconv.Itoa(t.shard)
+		}
+		msg, err := pipeline.NewPushMessage(id, push.CorrelationID, pm)
 		if err != nil {
 			return nil, err
 		}
 		pipeline.SetMidKeys(msg, keys, byMid)
+		pipeline.SetShard(msg, t.shard)
 		msgs = append(msgs, msg)
 	}
 	return msgs, nil
 }
 
+// keyShard is the push shard of a key: its user's stream's, or for a
+// guest of mid 0, who has no stream, its own.
+func (p *Pusher) keyShard(midOf map[string]int64) func(key string) int {
+	n := len(p.topics)
+	return func(key string) int {
+		if n <= 1 {
+			return 0
+		}
+		if m := midOf[key]; m != 0 {
+			return pipeline.ShardOf(pipeline.UserStream(m), n)
+		}
+		return pipeline.ShardOf("key:"+key, n)
+	}
+}
+
+// send publishes msgs, each to its shard (pipeline.SetShard); those of a
+// shard in one call, in their order; the shards' calls at once.
 func (p *Pusher) send(ctx context.Context, msgs ...*message.Message) error {
 	if len(msgs) == 0 {
 		return nil
@@ -628,10 +673,50 @@ func (p *Pusher) send(ctx context.Context, msgs ...*message.Message) error {
 		m.SetContext(ctx)
 	}
 	start := time.Now()
-	err := p.publisher.Publish(p.topic, msgs...)
+	err := p.publish(msgs)
 	p.metrics.Published(time.Since(start))
-	if err != nil {
-		return fmt.Errorf("%w: publish to %s: %w", ErrBroker, p.topic, err)
+	return err
+}
+
+func (p *Pusher) publish(msgs []*message.Message) error {
+	var byShard map[int][]*message.Message
+	for i, m := range msgs {
+		s := pipeline.TakeShard(m)
+		if s >= len(p.topics) {
+			return fmt.Errorf("%w: push shard %d of %d", ErrBroker, s, len(p.topics))
+		}
+		if byShard == nil && s != 0 {
+			byShard = map[int][]*message.Message{0: msgs[:i:i]}
+		}
+		if byShard != nil {
+			byShard[s] = append(byShard[s], m)
+		}
+	}
+	if byShard == nil {
+		return p.publishTo(p.topics[0], msgs)
+	}
+	if len(byShard[0]) == 0 {
+		delete(byShard, 0)
+	}
+	if len(byShard) == 1 {
+		for s, m := range byShard {
+			return p.publishTo(p.topics[s], m)
+		}
+	}
+	errs := make(chan error, len(byShard))
+	for s, m := range byShard {
+		go func() { errs <- p.publishTo(p.topics[s], m) }()
+	}
+	var err error
+	for range byShard {
+		err = cmp.Or(err, <-errs)
+	}
+	return err
+}
+
+func (p *Pusher) publishTo(topic string, msgs []*message.Message) error {
+	if err := p.publisher.Publish(topic, msgs...); err != nil {
+		return fmt.Errorf("%w: publish to %s: %w", ErrBroker, topic, err)
 	}
 	return nil
 }

@@ -28,7 +28,7 @@ func BenchmarkPushMids(b *testing.B) {
 		}
 		b.Run(name, func(b *testing.B) {
 			reg := memory.New(time.Minute, time.Minute)
-			p := &Pusher{registry: reg, nodes: newNodeLister(reg, 0), publisher: discardPublisher{}, topic: "push"}
+			p := &Pusher{registry: reg, nodes: newNodeLister(reg, 0), publisher: discardPublisher{}, topics: []string{"push"}}
 			if on {
 				p.history = memory.NewHistory(pipeline.HistoryCaps{})
 				p.limit = func(string) pipeline.StreamLimit { return pipeline.StreamLimit{Size: 1000, TTL: time.Hour} }

@@ -32,7 +32,7 @@ func serveLogic(t *testing.T, lim httpLimits) string {
 	cfg.Auth.JWTSecret = "s"
 	cfg.APIKeys = []string{"key"}
 	st, err := logic.New(cfg, logic.Options{Registry: memory.New(time.Minute, time.Minute), Publisher: nopPublisher{},
-		PushTopic: "push", Replies: memory.NewReplies(time.Minute), Logger: slog.New(slog.DiscardHandler)})
+		PushTopics: []string{"push"}, Replies: memory.NewReplies(time.Minute), Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -228,7 +228,7 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Proc
 		logicStage, err = logic.New(cfg.Logic, logic.Options{
 			// Concurrent pushes travel to job together: one broker
 			// message and one router pass for up to pipeline.MaxBundle.
-			Registry: p.stores.Registry, Publisher: pipeline.NewBundler(p.broker.Publisher), PushTopic: cfg.Topics.Push,
+			Registry: p.stores.Registry, Publisher: pipeline.NewBundler(p.broker.Publisher), PushTopics: cfg.Topics.PushTopics(),
 			Replies: p.stores.Replies, History: p.stores.History, HistoryLimits: cfg.History, Logger: logger.With("stage", "logic"),
 			Heartbeat: cfg.Cloud.HeartbeatInterval, CloudDial: p.grpcDialOpts, Events: emitter,
 			NodesTTL: p.nodesTTL(), Metrics: p.metrics.LogicPart(),
@@ -454,7 +454,7 @@ func (p *Process) startJob(ctx context.Context) error {
 	if p.broker.SharedQueue {
 		consumers = cfg.Job.Concurrency
 	}
-	p.jobStage.AddHandlers(router, p.broker.Subscriber, cfg.Topics.Push, consumers)
+	p.jobStage.AddHandlers(router, p.broker.Subscriber, cfg.JobTopics(), consumers)
 	p.serve("job router", func() error { return router.Run(ctx) })
 	select {
 	case <-router.Running():
@@ -917,7 +917,7 @@ func (p *Process) registerFuncs(poison pipeline.PoisonAdmin) {
 	}
 }
 
-// canaries publishes a canary through the push topic every
+// canaries publishes a canary through each push shard job consumes every
 // job.canary_interval until ctx ends: every cloud node records its
 // arrival (its /readyz and imcloud_canary_* metrics), and a publish the
 // broker refuses is this process's /readyz "broker" line.
@@ -934,12 +934,20 @@ func (p *Process) canaries(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		msg, err := pipeline.NewCanaryMessage(source)
-		if err == nil {
-			pctx, cancel := context.WithTimeout(ctx, p.cfg.Job.CanaryInterval)
-			msg.SetContext(pctx)
-			err = p.broker.Publisher.Publish(p.cfg.Topics.Push, msg)
-			cancel()
+		// One through each shard this job consumes: a shard whose
+		// queue stopped taking messages is this process's /readyz too.
+		var err error
+		for _, topic := range p.cfg.JobTopics() {
+			msg, merr := pipeline.NewCanaryMessage(source)
+			if merr == nil {
+				pctx, cancel := context.WithTimeout(ctx, p.cfg.Job.CanaryInterval)
+				msg.SetContext(pctx)
+				merr = p.broker.Publisher.Publish(topic, msg)
+				cancel()
+			}
+			if merr != nil {
+				err = fmt.Errorf("canary to %s: %w", topic, merr)
+			}
 		}
 		e := ""
 		if err != nil {
