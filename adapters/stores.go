@@ -30,6 +30,9 @@ type Stores struct {
 	// Run expires the in-memory registry's sessions and nodes until ctx
 	// ends; nil for a registry that expires its own (Redis).
 	Run func(ctx context.Context)
+	// Agreements records the settings every process of a cluster must
+	// share (topics.push_shards); nil for a registry of one process.
+	Agreements pipeline.Agreements
 	// Shared is true when the registry is shared between processes, so a
 	// job without logic in its process can read the cloud nodes from it.
 	Shared bool
@@ -69,6 +72,7 @@ func OpenStores(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ 
 		}
 		s.Registry, s.Shared = redis.NewRegistry(rdb, rc.Prefix, cfg.Logic.SessionTTL, nodeTTL), true
 		s.Replies = redis.NewReplies(rdb, rc.Prefix+"reply:", cfg.Logic.IdempotencyTTL)
+		s.Agreements = redis.NewAgreements(rdb, rc.Prefix)
 		if cfg.History.Enabled {
 			s.History = redis.NewHistory(rdb, rc.Prefix+"history:", pipeline.HistoryCaps{})
 		}

@@ -2,6 +2,7 @@ package pipeline
 
 import (
 	"context"
+	"time"
 
 	"imcloud/proto/pb"
 )
@@ -46,3 +47,18 @@ type Session = struct {
 	Mid    int64
 	Server string
 }
+
+// Agreements records what every process of a cluster must agree on, such
+// as topics.push_shards: a process that disagrees with one still running
+// is refused at start, before it publishes or consumes anything.
+type Agreements interface {
+	// Agree records that member runs with name = value for ttl (call
+	// again before it passes to stay recorded), unless a live member runs
+	// with another value: that one is returned, and nothing is recorded.
+	Agree(ctx context.Context, name, value, member string, ttl time.Duration) (Agreed, error)
+	// Leave removes member's record of name.
+	Leave(ctx context.Context, name, member string) error
+}
+
+// Agreed is a live member's value of a setting; zero when none disagrees.
+type Agreed struct{ Value, Member string }

@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -123,6 +124,14 @@ func TestErrorsNameTheKey(t *testing.T) {
 		{name: "huge history stream cap", sets: []string{"history.max_streams=1000000000"}, wantKey: "history.max_streams"},
 		{name: "tiny history byte cap", sets: []string{"history.max_bytes=1024"}, wantKey: "history.max_bytes"},
 		{name: "history byte cap not a number", sets: []string{"history.max_bytes=lots"}, wantKey: "max_bytes"},
+		{name: "no push shards", sets: []string{"topics.push_shards=0"}, wantKey: "topics.push_shards"},
+		{name: "too many push shards", sets: []string{"topics.push_shards=1025"}, wantKey: "topics.push_shards"},
+		{name: "push shards not a number", sets: []string{"topics.push_shards=four"}, wantKey: "push_shards"},
+		{name: "a push shard named like the upstream topic", sets: []string{"topics.push_shards=2", "topics.push=q", "topics.upstream=q.1"}, wantKey: "topics.push"},
+		{name: "a job shard past the shards", sets: []string{"topics.push_shards=4", "job.shards=1,4"}, wantKey: "job.shards"},
+		{name: "a negative job shard", sets: []string{"topics.push_shards=4", "job.shards=-1"}, wantKey: "job.shards"},
+		{name: "a job shard twice", sets: []string{"topics.push_shards=4", "job.shards=2,2"}, wantKey: "job.shards"},
+		{name: "a job shard without shards", sets: []string{"job.shards=1"}, wantKey: "job.shards"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -334,6 +343,37 @@ func TestKubernetesServiceLinksIgnored(t *testing.T) {
 	for _, typo := range []string{"IMCLOUD_LOGIC__HTTP_ADR=:1", "IMCLOUD_ADMIN_ADDR=127.0.0.1:9090", "IMCLOUD_PORTS=1"} {
 		if _, err := Load(Sources{Environ: append(base, typo)}); err == nil {
 			t.Errorf("%s: accepted, want an error naming it", typo)
+		}
+	}
+}
+
+// TestPushShards: one shard is the push topic itself, as before shards;
+// N are push.0 … push.N-1, each with the push topic's length limit; a job
+// consumes those job.shards lists, in its order, or all.
+func TestPushShards(t *testing.T) {
+	for _, tc := range []struct {
+		sets       []string
+		push, jobs []string
+	}{
+		{nil, []string{"imcloud.push"}, []string{"imcloud.push"}},
+		{[]string{"topics.push_shards=3"}, []string{"imcloud.push.0", "imcloud.push.1", "imcloud.push.2"}, []string{"imcloud.push.0", "imcloud.push.1", "imcloud.push.2"}},
+		{[]string{"topics.push_shards=4", "job.shards=3,1", "topics.push=p"}, []string{"p.0", "p.1", "p.2", "p.3"}, []string{"p.3", "p.1"}},
+	} {
+		c, err := Load(Sources{Sets: tc.sets, Defaults: withSecret})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := c.Topics.PushTopics(); !slices.Equal(got, tc.push) {
+			t.Errorf("%v: push topics %v, want %v", tc.sets, got, tc.push)
+		}
+		if got := c.JobTopics(); !slices.Equal(got, tc.jobs) {
+			t.Errorf("%v: job topics %v, want %v", tc.sets, got, tc.jobs)
+		}
+		limits := c.Topics.MaxLengths()
+		for _, p := range tc.push {
+			if limits[p] != c.Topics.PushMaxLength {
+				t.Errorf("%v: %s limited to %d, want %d", tc.sets, p, limits[p], c.Topics.PushMaxLength)
+			}
 		}
 	}
 }

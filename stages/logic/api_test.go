@@ -49,6 +49,8 @@ type apiOptions struct {
 	historyLimits config.History
 	// corsOrigins is logic.cors_origins.
 	corsOrigins []string
+	// topics are the push shards; nil: one, "push".
+	topics []string
 }
 
 func newAPI(t *testing.T, o apiOptions) *apiServer {
@@ -77,7 +79,11 @@ func newAPI(t *testing.T, o apiOptions) *apiServer {
 	if pub == nil {
 		pub = rec
 	}
-	st, err := New(cfg, Options{Registry: reg, Publisher: pub, PushTopics: []string{"push"}, Replies: replies, History: o.history,
+	topics := o.topics
+	if topics == nil {
+		topics = []string{"push"}
+	}
+	st, err := New(cfg, Options{Registry: reg, Publisher: pub, PushTopics: topics, Replies: replies, History: o.history,
 		HistoryLimits: o.historyLimits, Heartbeat: 30 * time.Second, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)

@@ -81,6 +81,9 @@ type Process struct {
 	jobStage  *job.Stage
 	stores    *adapters.Stores
 	closers   []func() error // closed last, after the broker
+	// leave removes this process from the cluster's shard agreement
+	// (agreeShards); nil when it took no part.
+	leave func()
 
 	// grpcServerOpts and grpcDialOpts authenticate the internal gRPC
 	// calls with the cluster secret and mutual TLS.
@@ -212,6 +215,11 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Proc
 	p.closers = append(p.closers, p.stores.Close)
 	if p.stores.Run != nil {
 		p.goLoop(p.stores.Run, runCtx)
+	}
+	if hasLogic || hasJob {
+		if err := p.agreeShards(runCtx); err != nil {
+			return nil, err
+		}
 	}
 	p.broker, err = adapters.OpenBroker(cfg, logger)
 	if err != nil {
@@ -696,6 +704,9 @@ func (p *Process) stop(ctx context.Context) {
 		if err := p.broker.Close(); err != nil {
 			p.logger.Warn("close broker", "err", err)
 		}
+	}
+	if p.leave != nil {
+		p.leave()
 	}
 	for _, c := range p.closers {
 		_ = c()

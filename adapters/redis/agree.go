@@ -1,0 +1,89 @@
+package redis
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	goredis "github.com/redis/go-redis/v9"
+
+	"imcloud/pipeline"
+)
+
+// Agreements keeps, per setting, which live process runs with which
+// value (pipeline.Agreements): one sorted set a setting, under a prefix,
+//
+//	agree:{name}   member "<value>\x00<process>", score the ms it lapses at
+//
+// One key a setting, so that one script reads and writes it atomically on
+// a Redis Cluster too.
+type Agreements struct {
+	rdb    goredis.UniversalClient
+	prefix string
+}
+
+// NewAgreements returns the agreements kept in rdb under prefix.
+func NewAgreements(rdb goredis.UniversalClient, prefix string) *Agreements {
+	return &Agreements{rdb: rdb, prefix: prefix}
+}
+
+func (a *Agreements) key(name string) string { return a.prefix + "agree:{" + name + "}" }
+
+// agreeScript drops lapsed members, returns the first live one of another
+// value (and records nothing), or records ARGV[2] for ARGV[3] until
+// ARGV[1] ms from now. Redis's clock, not the callers', decides what
+// lapsed: processes on several hosts need not agree on the time.
+var agreeScript = goredis.NewScript(`
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local mine = ARGV[2] .. '\0' .. ARGV[3]
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local sep = string.find(m, '\0', 1, true)
+  if sep and string.sub(m, 1, sep - 1) ~= ARGV[2] and string.sub(m, sep + 1) ~= ARGV[3] then return m end
+end
+-- A member renewing with a new value (it cannot, today: values are read
+-- at start) would otherwise keep its old entry beside the new one.
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local sep = string.find(m, '\0', 1, true)
+  if sep and string.sub(m, sep + 1) == ARGV[3] and m ~= mine then redis.call('ZREM', KEYS[1], m) end
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), mine)
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return false`)
+
+// Agree records that member runs with name = value for ttl, unless a live
+// member runs with another value: that one is returned, and nothing is
+// recorded.
+func (a *Agreements) Agree(ctx context.Context, name, value, member string, ttl time.Duration) (pipeline.Agreed, error) {
+	if strings.ContainsRune(value, 0) || strings.ContainsRune(member, 0) {
+		return pipeline.Agreed{}, fmt.Errorf("agree on %s: value and member must not hold NUL", name)
+	}
+	res, err := agreeScript.Run(ctx, a.rdb, []string{a.key(name)}, max(ttl.Milliseconds(), 1), value, member).Text()
+	if errors.Is(err, goredis.Nil) {
+		return pipeline.Agreed{}, nil
+	}
+	if err != nil {
+		return pipeline.Agreed{}, fmt.Errorf("redis agree on %s: %w", name, err)
+	}
+	v, m, _ := strings.Cut(res, "\x00")
+	return pipeline.Agreed{Value: v, Member: m}, nil
+}
+
+// Leave removes member's record of name: a process stopping cleanly lets
+// the cluster change the setting at once, not after its ttl.
+func (a *Agreements) Leave(ctx context.Context, name, member string) error {
+	if err := leaveScript.Run(ctx, a.rdb, []string{a.key(name)}, member).Err(); err != nil && !errors.Is(err, goredis.Nil) {
+		return fmt.Errorf("redis leave %s: %w", name, err)
+	}
+	return nil
+}
+
+var leaveScript = goredis.NewScript(`
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local sep = string.find(m, '\0', 1, true)
+  if sep and string.sub(m, sep + 1) == ARGV[1] then redis.call('ZREM', KEYS[1], m) end
+end
+return 0`)

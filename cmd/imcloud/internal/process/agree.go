@@ -1,0 +1,83 @@
+package process
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"strconv"
+	"time"
+
+	"github.com/google/uuid"
+
+	"imcloud/pipeline"
+)
+
+// shardsSetting is the name the push topic's shard count is agreed under.
+const shardsSetting = "topics.push_shards"
+
+// agreeShards refuses to start a process that publishes or consumes
+// pushes with a topics.push_shards other than the one a live process of
+// the cluster runs with: logic would put a room's pushes on a shard the
+// other jobs do not read, or read another order than theirs. Then it
+// keeps this process's record alive until ctx ends (stop removes it). A
+// registry of one process (memory) has nothing to agree with.
+func (p *Process) agreeShards(ctx context.Context) error {
+	agreements := p.stores.Agreements
+	if agreements == nil {
+		return nil
+	}
+	value := strconv.Itoa(max(p.cfg.Topics.PushShards, 1))
+	member := p.cfg.NodeID
+	if member == "" {
+		host, _ := os.Hostname()
+		member = fmt.Sprintf("%s/%d", host, os.Getpid())
+	}
+	// Two processes of one node id (a restart while the old one drains)
+	// must not take each other's record for their own.
+	member += "/" + uuid.NewString()[:8]
+	every := p.cfg.Cloud.RenewInterval
+	ttl := 3 * every
+	agree := func(ctx context.Context) error {
+		actx, cancel := context.WithTimeout(ctx, every)
+		defer cancel()
+		other, err := agreements.Agree(actx, shardsSetting, value, member, ttl)
+		if err != nil {
+			return fmt.Errorf("check %s with the cluster: %w", shardsSetting, err)
+		}
+		if other != (pipeline.Agreed{}) {
+			return fmt.Errorf("%s = %s here, but %s runs with %s: every process of a cluster must use the same; to change it, drain the push queues, stop every logic and job, then start them all with the new value (README \"Scaling\")",
+				shardsSetting, value, other.Member, other.Value)
+		}
+		return nil
+	}
+	if err := agree(ctx); err != nil {
+		return err
+	}
+	p.leave = func() {
+		lctx, cancel := context.WithTimeout(context.Background(), every)
+		defer cancel()
+		if err := agreements.Leave(lctx, shardsSetting, member); err != nil {
+			p.logger.Warn("leave the cluster's shard agreement; a restart with another topics.push_shards waits for it to lapse", "after", ttl, "err", err)
+		}
+	}
+	failed := pipeline.NewRateLog(p.logger, slog.LevelError, time.Minute)
+	p.goLoop(func(ctx context.Context) {
+		t := time.NewTicker(every)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			// A record that lapsed (Redis unreachable for ttl) is made
+			// again; a process that disagrees and started meanwhile is
+			// only logged: this one cannot take back what it published.
+			if err := agree(ctx); err != nil && ctx.Err() == nil {
+				failed.Log("shard agreement", "err", err)
+			}
+		}
+	}, ctx)
+	return nil
+}

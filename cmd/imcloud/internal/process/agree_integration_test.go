@@ -1,0 +1,80 @@
+//go:build integration
+
+package process
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"imcloud/pipeline/config"
+)
+
+// TestIntegrationShardAgreement: a logic or job with a topics.push_shards
+// other than a running one's is refused at start, naming the value the
+// cluster runs with; a cloud-only process takes no part; once the running
+// one stops cleanly, the new value starts at once.
+func TestIntegrationShardAgreement(t *testing.T) {
+	addr := os.Getenv("IMCLOUD_TEST_REDIS_ADDR")
+	if addr == "" {
+		addr = "127.0.0.1:6379"
+	}
+	prefix := "imcloud-test:" + strings.ReplaceAll(t.Name(), "/", "-") + ":" + time.Now().Format("150405.000000") + ":"
+	start := func(shards string, sets ...string) (*Process, error) {
+		cfg, err := config.Load(config.Sources{Sets: append([]string{
+			"broker.kind=gochannel", "registry.kind=redis", "registry.redis.addr=" + addr, "registry.redis.prefix=" + prefix,
+			"topics.push_shards=" + shards,
+			"logic.http_addr=127.0.0.1:0", "logic.grpc_addr=127.0.0.1:0",
+			"cloud.tcp_addr=127.0.0.1:0", "cloud.ws_addr=127.0.0.1:0", "cloud.grpc_addr=127.0.0.1:0",
+			"logic.auth.jwt_secret=agree-secret", "logic.api_keys=agree-api-key-0123456789",
+			"cluster.secret=agree-cluster-secret-0123456789", "job.canary_interval=0", "cloud.canary_timeout=0",
+		}, sets...)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return Start(context.Background(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	}
+	shutdown := func(p *Process) {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := p.Shutdown(ctx); err != nil {
+			t.Error(err)
+		}
+	}
+
+	first, err := start("4", "stages=logic,job")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, stages := range []string{"logic", "job"} {
+		p, err := start("2", "stages="+stages)
+		if err == nil {
+			shutdown(p)
+			t.Fatalf("stages=%s with 2 shards started beside one with 4", stages)
+		}
+		if !strings.Contains(err.Error(), "topics.push_shards = 2 here") || !strings.Contains(err.Error(), "runs with 4") {
+			t.Fatalf("stages=%s refused with %v; want it to name both values", stages, err)
+		}
+	}
+	same, err := start("4", "stages=job")
+	if err != nil {
+		t.Fatalf("a job agreeing with the cluster: %v", err)
+	}
+	cloud, err := start("2", "stages=cloud", "cloud.logic_addr="+first.Addrs().LogicGRPC)
+	if err != nil {
+		t.Fatalf("a cloud node (it reads no push topic): %v", err)
+	}
+	shutdown(cloud)
+
+	shutdown(same)
+	shutdown(first)
+	after, err := start("2", "stages=logic,job")
+	if err != nil {
+		t.Fatalf("after every process with 4 stopped: %v", err)
+	}
+	shutdown(after)
+}
