@@ -3,7 +3,7 @@ BIN := bin/imcloud
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 
-.PHONY: build sdk run run-cluster stop-cluster test test-integration test-js bench bench-cluster bench-go proto lint
+.PHONY: build sdk run run-cluster stop-cluster test test-integration test-js bench bench-cluster bench-shards bench-go proto lint
 
 build: sdk
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/imcloud
@@ -69,6 +69,11 @@ bench:
 # RabbitMQ and Redis (about 3 minutes; CLIENTS, NODES, USERS, RATE, SPEED).
 bench-cluster:
 	scripts/bench-cluster.sh
+
+# Confirmed pushes/s through RabbitMQ with 1, 2, 4 push shards and 1, 2, 4
+# job processes (about three minutes).
+bench-shards:
+	scripts/bench-shards.sh
 
 # Go micro-benchmarks: codec, room fan-out, memory per idle connection.
 bench-go:
