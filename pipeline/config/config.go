@@ -935,6 +935,11 @@ func (c Config) Validate() error {
 			}
 			seen[i] = true
 		}
+		// The embedded broker drops what no subscriber of this process
+		// reads: a shard left out would lose its pushes.
+		if c.Broker.Kind == BrokerGoChannel && len(c.Job.Shards) > 0 && len(seen) < c.Topics.PushShards {
+			bad("job.shards", "broker.kind %q has one job, which must consume every shard: leave job.shards empty", BrokerGoChannel)
+		}
 	}
 
 	addr("logic.http_addr", c.Logic.HTTPAddr, c.Has(StageLogic))

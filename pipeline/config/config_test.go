@@ -132,6 +132,7 @@ func TestErrorsNameTheKey(t *testing.T) {
 		{name: "a negative job shard", sets: []string{"topics.push_shards=4", "job.shards=-1"}, wantKey: "job.shards"},
 		{name: "a job shard twice", sets: []string{"topics.push_shards=4", "job.shards=2,2"}, wantKey: "job.shards"},
 		{name: "a job shard without shards", sets: []string{"job.shards=1"}, wantKey: "job.shards"},
+		{name: "some shards on the embedded broker", sets: []string{"broker.kind=gochannel", "topics.push_shards=4", "job.shards=1,3"}, wantKey: "job.shards"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
