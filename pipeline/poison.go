@@ -115,7 +115,8 @@ func (t ReplayTargets) Check() error {
 
 // For is the topic p is replayed to: the push shard it was poisoned from,
 // as the poison middleware recorded it (middleware.PoisonedTopicKey), when
-// that is one of t; else t[0], the first shard.
+// that is one of t; else t[0], the first shard. t must pass Check, as
+// every adapter's constructor makes sure.
 //
 // The recorded topic is metadata any publisher to the poison topic
 // writes, so it is only ever compared with t, never published to as it
