@@ -116,7 +116,7 @@ func OpenBroker(cfg config.Config, logger *slog.Logger) (*pipeline.Broker, error
 }
 
 // OpenPoison opens the poison topic of the configured broker; replay
-// re-publishes to the push topic. Every shared broker's admin works from
+// re-publishes to the push shards (ReplayTargets). Every shared broker's admin works from
 // any process (the CLI); the embedded broker's poison topic lives inside
 // the process that runs it, whose admin is gochannel.PubSub.PoisonAdmin,
 // served on that process's admin listener (LocalPoison).
@@ -125,11 +125,11 @@ func OpenPoison(cfg config.Config, logger *slog.Logger) (pipeline.PoisonAdmin, e
 	wlog := pipeline.WatermillLogger(logger)
 	switch bc.Kind {
 	case config.BrokerAMQP:
-		return amqp.NewPoisonQueue(bc.AMQP.URL, topics.Poison, topics.Push, topics.MaxLengths(), wlog), nil
+		return amqp.NewPoisonQueue(bc.AMQP.URL, topics.Poison, ReplayTargets(cfg), topics.MaxLengths(), wlog)
 	case config.BrokerNATS:
-		return nats.NewPoisonStream(bc.NATS.URL, topics.Poison, topics.Push, topics.MaxLengths())
+		return nats.NewPoisonStream(bc.NATS.URL, topics.Poison, ReplayTargets(cfg), topics.MaxLengths())
 	case config.BrokerRedisStream:
-		return redisstream.NewPoisonStream(bc.RedisStream.Addr, topics.Poison, topics.Push, topics.MaxLengths(), wlog)
+		return redisstream.NewPoisonStream(bc.RedisStream.Addr, topics.Poison, ReplayTargets(cfg), topics.MaxLengths(), wlog)
 	case config.BrokerGoChannel:
 		return nil, fmt.Errorf("broker.kind %q: the embedded broker's poison topic lives only in the memory of the process running it; reach it through that process's admin listener (imcloud poison --admin ADDR, with admin.addr set on the running standalone process)", bc.Kind)
 	default:
@@ -137,23 +137,39 @@ func OpenPoison(cfg config.Config, logger *slog.Logger) (pipeline.PoisonAdmin, e
 	}
 }
 
+// ReplayTargets are where a replay of cfg's poison topic may publish: all
+// the push shards, not only those this process's job consumes
+// (job.shards), since a message goes back to the shard it was poisoned
+// from and other processes consume the rest.
+func ReplayTargets(cfg config.Config) pipeline.ReplayTargets {
+	return pipeline.ReplayTargets(cfg.Topics.PushTopics())
+}
+
 // LocalPoison is the admin of b's poison topic when it lives in this
-// process (the embedded broker), replaying to the push topic; ok is false
-// for a shared broker, whose poison topic OpenPoison reaches from
+// process (the embedded broker), replaying to the push shards; ok is
+// false for a shared broker, whose poison topic OpenPoison reaches from
 // anywhere.
 func LocalPoison(cfg config.Config, b *pipeline.Broker) (admin pipeline.PoisonAdmin, ok bool, err error) {
-	keeper, ok := b.Subscriber.(interface {
-		PoisonAdmin(topic, target string) (pipeline.PoisonAdmin, error)
-	})
+	keeper, ok := b.Subscriber.(poisonKeeper)
 	if !ok {
 		return nil, false, nil
 	}
-	admin, err = keeper.PoisonAdmin(cfg.Topics.Poison, cfg.Topics.Push)
+	admin, err = keeper.PoisonAdmin(cfg.Topics.Poison, ReplayTargets(cfg))
 	if err != nil {
 		return nil, true, fmt.Errorf("open the embedded broker's poison admin: %w", err)
 	}
 	return admin, true, nil
 }
+
+// poisonKeeper is a broker whose poison topic lives in this process.
+type poisonKeeper interface {
+	PoisonAdmin(topic string, targets pipeline.ReplayTargets) (pipeline.PoisonAdmin, error)
+}
+
+// LocalPoison finds the embedded broker's admin by this interface: were
+// the method's signature to drift from it, the assertion would fail
+// quietly and the admin listener would say the broker is shared.
+var _ poisonKeeper = (*gochannel.PubSub)(nil)
 
 // positiveOr is n, or or when n is not positive (no limit).
 func positiveOr(n, or int64) int64 {

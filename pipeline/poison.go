@@ -90,6 +90,68 @@ func (p Poisoned) Replayable(ctx context.Context) *message.Message {
 	return msg
 }
 
+// ReplayTargets are the topics a replay may publish to, in order: the
+// push shards (config.Topics.PushTopics), the queues job consumes. An
+// admin declares, creates or bounds each of them before it publishes, and
+// publishes nowhere else.
+type ReplayTargets []string
+
+// Check refuses targets a replay cannot choose from: none, or a name that
+// is empty or given twice.
+func (t ReplayTargets) Check() error {
+	if len(t) == 0 {
+		return errors.New("replay targets: none given; want the push shards")
+	}
+	for i, topic := range t {
+		if topic == "" {
+			return fmt.Errorf("replay targets: target %d has no name", i)
+		}
+		if slices.Index(t, topic) != i {
+			return fmt.Errorf("replay targets: %q given twice", topic)
+		}
+	}
+	return nil
+}
+
+// For is the topic p is replayed to: the push shard it was poisoned from,
+// as the poison middleware recorded it (middleware.PoisonedTopicKey), when
+// that is one of t; else t[0], the first shard. t must pass Check, as
+// every adapter's constructor makes sure.
+//
+// The recorded topic is metadata any publisher to the poison topic
+// writes, so it is only ever compared with t, never published to as it
+// stands: a forged one cannot send a replay to the upstream or poison
+// topic, or to a queue nobody consumes. A recorded topic outside t is
+// absent (not written by the middleware), forged, or a shard of an
+// earlier topics.push_shards. Such a message goes to the first shard
+// rather than to the shard its room or user hashes to now: finding that
+// means decoding a body anyone may have written, and it buys nothing,
+// because the order promise is per stream, enforced by positions at the
+// cloud node, so any shard job consumes delivers the message rightly.
+// One fixed shard makes where it went predictable (and the CLI says so);
+// its cost is that, after a resharding, a large replay loads shard 0 alone
+// and may stop at its length limit (ErrQueueFull), to be replayed again
+// once job has drained it.
+func (t ReplayTargets) For(p Poisoned) string {
+	if topic := p.Metadata.Get(middleware.PoisonedTopicKey); topic != "" && slices.Contains(t, topic) {
+		return topic
+	}
+	return t[0]
+}
+
+// Replayed counts the messages a replay re-published, by the topic each
+// went to.
+type Replayed map[string]int
+
+// Total is how many messages the replay re-published, to any topic.
+func (r Replayed) Total() int {
+	n := 0
+	for _, c := range r {
+		n += c
+	}
+	return n
+}
+
 // Selector picks the poisoned messages an operation applies to.
 type Selector func(Poisoned) bool
 
@@ -196,16 +258,17 @@ type PoisonAdmin interface {
 	// Depth is how many messages the poison topic holds now (what
 	// replays and purges have not taken): imcloud_poison_messages.
 	Depth(ctx context.Context) (int64, error)
-	// Replay re-publishes the selected messages (Replayable) to the topic
-	// the admin was opened for and removes each from the poison topic once
-	// the broker accepted it; it returns how many it replayed. Selected
+	// Replay re-publishes the selected messages (Replayable), each to
+	// the topic ReplayTargets.For chooses among those the admin was opened
+	// with, and removes each from the poison topic once the broker accepted
+	// it; it returns how many it replayed to each topic. Selected
 	// undecodable entries stay, and the error wraps ErrUndecodable.
 	// Admins racing on one message (two replays, or a replay and a purge)
 	// replay it at most once between them, and a message another admin
 	// purged after this one listed it is not replayed. (Whether a purge
 	// that loses a race to a replay counts the message is the adapter's;
 	// each says.)
-	Replay(ctx context.Context, sel Selector) (int, error)
+	Replay(ctx context.Context, sel Selector) (Replayed, error)
 	// A replay refused for want of room in the target fails with
 	// ErrQueueFull, counting what went before; a cancelled ctx never
 	// leaves a message both published and still in the poison topic.

@@ -7,6 +7,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 
 	"github.com/ThreeDotsLabs/watermill"
 	wamqp "github.com/ThreeDotsLabs/watermill-amqp/v3/pkg/amqp"
@@ -25,17 +27,21 @@ import (
 // own for it.
 type PoisonQueue struct {
 	url, queue string
-	// target is the topic Replay publishes to.
-	target string
-	limits Limits
-	logger watermill.LoggerAdapter
+	// targets are the topics Replay publishes to, one per message.
+	targets pipeline.ReplayTargets
+	limits  Limits
+	logger  watermill.LoggerAdapter
 }
 
 // NewPoisonQueue opens the poison queue named queue, whose messages Replay
-// re-publishes to target. limits are the queues' length limits, as their
-// publishers declare them (a queue that exists keeps its own).
-func NewPoisonQueue(url, queue, target string, limits Limits, logger watermill.LoggerAdapter) *PoisonQueue {
-	return &PoisonQueue{url: url, queue: queue, target: target, limits: limits, logger: logger}
+// re-publishes to targets (pipeline.ReplayTargets.For picks one per
+// message). limits are the queues' length limits, as their publishers
+// declare them (a queue that exists keeps its own).
+func NewPoisonQueue(url, queue string, targets pipeline.ReplayTargets, limits Limits, logger watermill.LoggerAdapter) (*PoisonQueue, error) {
+	if err := targets.Check(); err != nil {
+		return nil, fmt.Errorf("poison queue %s: %w", queue, err)
+	}
+	return &PoisonQueue{url: url, queue: queue, targets: slices.Clone(targets), limits: limits, logger: logger}, nil
 }
 
 var _ pipeline.PoisonAdmin = (*PoisonQueue)(nil)
@@ -89,16 +95,18 @@ func (q *PoisonQueue) Purge(ctx context.Context, sel pipeline.Selector) (int, er
 	return n, err
 }
 
-// Replay publishes the selected messages to the target topic, without
+// Replay publishes the selected messages, each to its target, without
 // their poison metadata, and removes each from the poison queue once its
-// publish is confirmed. It returns how many it replayed.
-func (q *PoisonQueue) Replay(ctx context.Context, sel pipeline.Selector) (int, error) {
-	pub, err := NewBoundedPublisher(q.url, q.logger, 1, q.limits, q.target)
+// publish is confirmed. Every target is declared first, with its limit,
+// so that none is published to before its queue exists. It returns how
+// many it replayed to each.
+func (q *PoisonQueue) Replay(ctx context.Context, sel pipeline.Selector) (pipeline.Replayed, error) {
+	done := pipeline.Replayed{}
+	pub, err := NewBoundedPublisher(q.url, q.logger, 1, q.limits, q.targets...)
 	if err != nil {
-		return 0, err
+		return done, fmt.Errorf("replay: declare %s: %w", strings.Join(q.targets, ", "), err)
 	}
 	defer pub.Close()
-	n := 0
 	var undecodable []string
 	err = q.each(ctx, func(p pipeline.Poisoned) (bool, error) {
 		if !sel(p) {
@@ -108,16 +116,17 @@ func (q *PoisonQueue) Replay(ctx context.Context, sel pipeline.Selector) (int, e
 			undecodable = append(undecodable, p.Key)
 			return false, nil
 		}
-		if err := pub.Publish(q.target, p.Replayable(ctx)); err != nil {
-			return false, fmt.Errorf("replay %s: %w", p.Key, err)
+		to := q.targets.For(p)
+		if err := pub.Publish(to, p.Replayable(ctx)); err != nil {
+			return false, fmt.Errorf("replay %s to %s: %w", p.Key, to, err)
 		}
-		n++
+		done[to]++
 		return true, nil
 	})
 	if err != nil {
-		return n, err
+		return done, err
 	}
-	return n, pipeline.LeftUndecodable(undecodable)
+	return done, pipeline.LeftUndecodable(undecodable)
 }
 
 // decode reads a delivery as the publisher wrote it, keyed by keyOf. One

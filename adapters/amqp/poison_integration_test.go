@@ -32,11 +32,19 @@ func TestIntegrationPoisonContract(t *testing.T) {
 		return poisontest.Broker{
 			// RabbitMQ's timestamp property is in seconds.
 			Publisher: pub, Subscriber: sub, RecordsTime: true,
-			Admin: func(t *testing.T, poison, target string) pipeline.PoisonAdmin {
-				return NewPoisonQueue(testURL(), poison, target, nil, watermill.NopLogger{})
+			Admin: func(t *testing.T, poison string, targets pipeline.ReplayTargets) pipeline.PoisonAdmin {
+				a, err := NewPoisonQueue(testURL(), poison, targets, nil, watermill.NopLogger{})
+				if err != nil {
+					t.Fatal(err)
+				}
+				return a
 			},
-			BoundedAdmin: func(t *testing.T, poison, target string, limit int) pipeline.PoisonAdmin {
-				return NewPoisonQueue(testURL(), poison, target, Limits{target: int64(limit)}, watermill.NopLogger{})
+			BoundedAdmin: func(t *testing.T, poison string, targets pipeline.ReplayTargets, limits map[string]int64) pipeline.PoisonAdmin {
+				a, err := NewPoisonQueue(testURL(), poison, targets, Limits(limits), watermill.NopLogger{})
+				if err != nil {
+					t.Fatal(err)
+				}
+				return a
 			},
 			// A body with none of the headers Watermill's marshaler writes.
 			Garbage: func(t *testing.T, poison string) {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -138,16 +139,20 @@ func (p *PubSub) Evicted(topic string) int64 {
 	return k.Evicted()
 }
 
-// PoisonAdmin lists, replays to target and purges the messages of a
-// topic Keep names. It lives in this process, as the messages do.
-func (p *PubSub) PoisonAdmin(topic, target string) (pipeline.PoisonAdmin, error) {
+// PoisonAdmin lists, replays to targets (pipeline.ReplayTargets.For picks
+// one per message) and purges the messages of a topic Keep names. It
+// lives in this process, as the messages do.
+func (p *PubSub) PoisonAdmin(topic string, targets pipeline.ReplayTargets) (pipeline.PoisonAdmin, error) {
+	if err := targets.Check(); err != nil {
+		return nil, fmt.Errorf("poison admin of %s: %w", topic, err)
+	}
 	p.mu.Lock()
 	k := p.kept[topic]
 	p.mu.Unlock()
 	if k == nil {
 		return nil, fmt.Errorf("embedded broker keeps no messages of %s: Keep it first", topic)
 	}
-	return &poisonAdmin{ps: p, k: k, target: target}, nil
+	return &poisonAdmin{ps: p, k: k, targets: slices.Clone(targets)}, nil
 }
 
 // poisonAdmin is the embedded broker's pipeline.PoisonAdmin. Replay and
@@ -155,9 +160,9 @@ func (p *PubSub) PoisonAdmin(topic, target string) (pipeline.PoisonAdmin, error)
 // on a message act on it once between them, and the count of each says
 // what it did.
 type poisonAdmin struct {
-	ps     *PubSub
-	k      *kept
-	target string
+	ps      *PubSub
+	k       *kept
+	targets pipeline.ReplayTargets
 }
 
 // poisonedOf describes m, keyed by its sequence in the ring: the
@@ -195,30 +200,40 @@ func (a *poisonAdmin) Purge(_ context.Context, sel pipeline.Selector) (int, erro
 	return len(a.k.take(func(m keptMsg) bool { return sel(poisonedOf(m)) })), nil
 }
 
-// Replay publishes the selected messages to the target. The embedded
-// broker drops what is published to a topic nobody in the process
-// subscribes to, so with no subscriber to the target it replays nothing
-// and says so. A message whose publish fails goes back in its place, with
-// the ones after it.
-func (a *poisonAdmin) Replay(ctx context.Context, sel pipeline.Selector) (int, error) {
+// Replay publishes the selected messages, each to its target. The
+// embedded broker drops what is published to a topic nobody in the
+// process subscribes to, so when any of the targets chosen has no
+// subscriber it replays nothing and says so. A message whose publish
+// fails goes back in its place, with the ones after it.
+func (a *poisonAdmin) Replay(ctx context.Context, sel pipeline.Selector) (pipeline.Replayed, error) {
 	taken := a.k.take(func(m keptMsg) bool { return sel(poisonedOf(m)) })
+	done := pipeline.Replayed{}
 	if len(taken) == 0 {
-		return 0, nil
+		return done, nil
 	}
+	to := make([]string, len(taken))
+	var unheard []string
 	a.ps.mu.Lock()
-	subs := a.ps.subs[a.target]
-	a.ps.mu.Unlock()
-	if subs == 0 {
-		a.k.putBack(taken)
-		return 0, fmt.Errorf("replay to %s: nothing in this process subscribes to it, and the embedded broker would drop what is replayed", a.target)
-	}
 	for i, m := range taken {
-		if err := a.ps.Publish(a.target, poisonedOf(m).Replayable(ctx)); err != nil {
-			a.k.putBack(taken[i:])
-			return i, fmt.Errorf("replay %s to %s: %w", poisonedOf(m).Key, a.target, err)
+		to[i] = a.targets.For(poisonedOf(m))
+		if a.ps.subs[to[i]] == 0 && !slices.Contains(unheard, to[i]) {
+			unheard = append(unheard, to[i])
 		}
 	}
-	return len(taken), nil
+	a.ps.mu.Unlock()
+	if len(unheard) > 0 {
+		a.k.putBack(taken)
+		return done, fmt.Errorf("replay to %s: nothing in this process subscribes to it, and the embedded broker would drop what is replayed", strings.Join(unheard, ", "))
+	}
+	for i, m := range taken {
+		p := poisonedOf(m)
+		if err := a.ps.Publish(to[i], p.Replayable(ctx)); err != nil {
+			a.k.putBack(taken[i:])
+			return done, fmt.Errorf("replay %s to %s: %w", p.Key, to[i], err)
+		}
+		done[to[i]]++
+	}
+	return done, nil
 }
 
 // Close releases nothing: the messages stay with the broker.

@@ -21,9 +21,9 @@ func TestPoisonContract(t *testing.T) {
 		t.Cleanup(func() { _ = ps.Close() })
 		return poisontest.Broker{
 			Publisher: ps, Subscriber: ps, RecordsTime: true,
-			Admin: func(t *testing.T, poison, target string) pipeline.PoisonAdmin {
+			Admin: func(t *testing.T, poison string, targets pipeline.ReplayTargets) pipeline.PoisonAdmin {
 				ps.Keep(poison, 100, nil)
-				a, err := ps.PoisonAdmin(poison, target)
+				a, err := ps.PoisonAdmin(poison, targets)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -47,18 +47,18 @@ func TestPoisonKept(t *testing.T) {
 	if ps.Unheard() != 0 {
 		t.Fatalf("kept messages counted unheard: %d", ps.Unheard())
 	}
-	a, err := ps.PoisonAdmin("poison", "push")
+	a, err := ps.PoisonAdmin("poison", pipeline.ReplayTargets{"push"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	n, err := a.Replay(context.Background(), pipeline.All)
-	if err == nil || n != 0 {
-		t.Fatalf("replay with no subscriber to the target: %d, %v; want 0 and an error", n, err)
+	if err == nil || n.Total() != 0 {
+		t.Fatalf("replay with no subscriber to the target: %v, %v; want 0 and an error", n, err)
 	}
 	if msgs, _, _ := a.List(context.Background(), "", 1000); len(msgs) != 2 {
 		t.Fatalf("refused replay lost messages: %d left", len(msgs))
 	}
-	if _, err := ps.PoisonAdmin("other", "push"); err == nil {
+	if _, err := ps.PoisonAdmin("other", pipeline.ReplayTargets{"push"}); err == nil {
 		t.Fatal("admin over a topic not kept: no error")
 	}
 }
@@ -106,7 +106,7 @@ func TestPoisonKeptEvictsOldest(t *testing.T) {
 					t.Fatalf("publish %v to a kept topic: %v; want it taken", batch, err)
 				}
 			}
-			a, err := ps.PoisonAdmin("poison", "push")
+			a, err := ps.PoisonAdmin("poison", pipeline.ReplayTargets{"push"})
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -32,11 +33,19 @@ import (
 // counts it too.
 //
 // A message's key is its stream sequence, which JetStream assigns.
+//
+// Each message goes to the push shard pipeline.ReplayTargets.For picks;
+// admins racing on it pick the same one (and so the same duplicate
+// window) when opened with the same targets, as every process of a
+// cluster is.
 type PoisonStream struct {
-	conn           *nc.Conn
-	js             jetstream.JetStream
-	streams        *streams
-	stream, target string // stream names
+	conn    *nc.Conn
+	js      jetstream.JetStream
+	streams *streams
+	stream  string // stream name
+	// targets are topic names, as For compares them with the recorded
+	// topic: streamName maps each to its stream.
+	targets pipeline.ReplayTargets
 }
 
 var _ pipeline.PoisonAdmin = (*PoisonStream)(nil)
@@ -47,13 +56,17 @@ var _ pipeline.PoisonAdmin = (*PoisonStream)(nil)
 const settleTimeout = 10 * time.Second
 
 // NewPoisonStream opens the poison stream of topic poison, whose messages
-// Replay re-publishes to topic target; streams it creates get limits.
-func NewPoisonStream(url, poison, target string, limits Limits) (*PoisonStream, error) {
+// Replay re-publishes to targets (pipeline.ReplayTargets.For picks one per
+// message); streams it creates get limits.
+func NewPoisonStream(url, poison string, targets pipeline.ReplayTargets, limits Limits) (*PoisonStream, error) {
+	if err := targets.Check(); err != nil {
+		return nil, fmt.Errorf("poison stream of %s: %w", poison, err)
+	}
 	conn, js, err := connect(url, "imcloud-poison")
 	if err != nil {
 		return nil, err
 	}
-	s := &PoisonStream{conn: conn, js: js, streams: newStreams(js, limits), stream: streamName(poison), target: streamName(target)}
+	s := &PoisonStream{conn: conn, js: js, streams: newStreams(js, limits), stream: streamName(poison), targets: slices.Clone(targets)}
 	// The poison stream is made now, as a publisher would, so that what
 	// is published to its topic from here on is kept.
 	ctx, cancel := context.WithTimeout(context.Background(), settle.DefaultTiming().ConfirmTimeout)
@@ -115,13 +128,16 @@ func (s *PoisonStream) Purge(ctx context.Context, sel pipeline.Selector) (int, e
 	return n, err
 }
 
-// Replay publishes the selected messages to the target and deletes each
-// once JetStream stored it.
-func (s *PoisonStream) Replay(ctx context.Context, sel pipeline.Selector) (int, error) {
-	if _, err := s.streams.get(ctx, s.target); err != nil {
-		return 0, err
+// Replay publishes the selected messages, each to its target's stream,
+// and deletes each once JetStream stored it. Every target's stream is
+// made first, with its limit, as a publisher would make it.
+func (s *PoisonStream) Replay(ctx context.Context, sel pipeline.Selector) (pipeline.Replayed, error) {
+	done := pipeline.Replayed{}
+	for _, t := range s.targets {
+		if _, err := s.streams.get(ctx, streamName(t)); err != nil {
+			return done, fmt.Errorf("replay: %w", err)
+		}
 	}
-	n := 0
 	var undecodable []string
 	err := s.each(ctx, func(p pipeline.Poisoned, m *jetstream.RawStreamMsg, replayID string) error {
 		if !sel(p) {
@@ -134,12 +150,13 @@ func (s *PoisonStream) Replay(ctx context.Context, sel pipeline.Selector) (int, 
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		dup, err := s.publish(ctx, p.Replayable(ctx), replayID)
+		to := s.targets.For(p)
+		dup, err := s.publish(ctx, streamName(to), p.Replayable(ctx), replayID)
 		if err != nil {
-			return fmt.Errorf("replay %s to %s: %w", p.Key, s.target, err)
+			return fmt.Errorf("replay %s to %s: %w", p.Key, to, err)
 		}
 		if !dup {
-			n++
+			done[to]++
 		}
 		// Published: the delete must not be cut by the caller's cancel,
 		// or the message stays poisoned and a replay after the target's
@@ -150,15 +167,16 @@ func (s *PoisonStream) Replay(ctx context.Context, sel pipeline.Selector) (int, 
 		return err
 	})
 	if err != nil {
-		return n, err
+		return done, err
 	}
-	return n, pipeline.LeftUndecodable(undecodable)
+	return done, pipeline.LeftUndecodable(undecodable)
 }
 
-// publish publishes msg to the target with JetStream message id id, and
-// says whether JetStream had it already.
-func (s *PoisonStream) publish(ctx context.Context, msg *message.Message, id string) (duplicate bool, err error) {
-	m := nc.NewMsg(s.target)
+// publish publishes msg to the stream named subject (a stream's subject
+// is its name) with JetStream message id id, and says whether JetStream
+// had it already.
+func (s *PoisonStream) publish(ctx context.Context, subject string, msg *message.Message, id string) (duplicate bool, err error) {
+	m := nc.NewMsg(subject)
 	m.Header.Set(uuidHeader, msg.UUID)
 	for k, v := range msg.Metadata {
 		m.Header.Set(k, v)

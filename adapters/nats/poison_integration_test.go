@@ -32,15 +32,15 @@ func TestIntegrationPoisonContract(t *testing.T) {
 		t.Cleanup(func() { _, _ = pub.Close(), sub.Close() })
 		return poisontest.Broker{
 			Publisher: pub, Subscriber: sub, RecordsTime: true,
-			Admin: func(t *testing.T, poison, target string) pipeline.PoisonAdmin {
-				a, err := NewPoisonStream(testURL(), poison, target, nil)
+			Admin: func(t *testing.T, poison string, targets pipeline.ReplayTargets) pipeline.PoisonAdmin {
+				a, err := NewPoisonStream(testURL(), poison, targets, nil)
 				if err != nil {
 					t.Fatal(err)
 				}
 				return a
 			},
-			BoundedAdmin: func(t *testing.T, poison, target string, limit int) pipeline.PoisonAdmin {
-				a, err := NewPoisonStream(testURL(), poison, target, Limits{target: int64(limit)})
+			BoundedAdmin: func(t *testing.T, poison string, targets pipeline.ReplayTargets, limits map[string]int64) pipeline.PoisonAdmin {
+				a, err := NewPoisonStream(testURL(), poison, targets, Limits(limits))
 				if err != nil {
 					t.Fatal(err)
 				}

@@ -26,13 +26,13 @@ type Broker struct {
 	// Publisher publishes to the broker's topics, as the poison middleware
 	// and the stages do.
 	Publisher message.Publisher
-	// Subscriber reads the replay target.
+	// Subscriber reads the replay targets.
 	Subscriber message.Subscriber
-	// Admin opens an admin over poison whose Replay publishes to target.
+	// Admin opens an admin over poison whose Replay publishes to targets.
 	// The suite opens it before publishing to poison (the embedded broker
 	// keeps only a topic it was told to), and opens two on one topic to
 	// race them; it closes them.
-	Admin func(t *testing.T, poison, target string) pipeline.PoisonAdmin
+	Admin func(t *testing.T, poison string, targets pipeline.ReplayTargets) pipeline.PoisonAdmin
 	// Garbage writes to poison an entry that is not a message of the
 	// adapter's encoding. Nil only where the broker holds decoded
 	// messages, with no encoding to break (the embedded broker).
@@ -40,10 +40,11 @@ type Broker struct {
 	// RecordsTime says the broker records when each message was written,
 	// to the second at least.
 	RecordsTime bool
-	// BoundedAdmin opens an admin as Admin does, with the target bounded
-	// to limit messages as the broker's bounded publisher bounds it. Nil
-	// only where topics have no length limit (the embedded broker).
-	BoundedAdmin func(t *testing.T, poison, target string, limit int) pipeline.PoisonAdmin
+	// BoundedAdmin opens an admin as Admin does, each target named in
+	// limits bounded to that many messages as the broker's bounded
+	// publisher bounds it (the others unbounded). Nil only where topics
+	// have no length limit (the embedded broker).
+	BoundedAdmin func(t *testing.T, poison string, targets pipeline.ReplayTargets, limits map[string]int64) pipeline.PoisonAdmin
 }
 
 // Run runs the contract. Topics are prefix followed by something unique;
@@ -65,12 +66,17 @@ func Run(t *testing.T, prefix string, newBroker func(t *testing.T) Broker) {
 		{"ListPages", testListPages},
 		{"KeysAreTheBrokers", testKeys},
 		{"ReplayStopsAtTargetLimit", testReplayLimit},
+		{"ReplayToTheShardPoisonedFrom", testReplayShards},
+		{"ReplayLimitIsTheChosenShards", testReplayShardLimit},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			b := newBroker(t)
 			unique := fmt.Sprintf("%s%d", prefix, time.Now().UnixNano())
-			e := &env{b: b, poison: unique + ".poison", target: unique + ".target"}
+			// Two push shards, named as config.Topics.PushTopics names
+			// them; the first is where most cases replay to.
+			targets := pipeline.ReplayTargets{unique + ".push.0", unique + ".push.1"}
+			e := &env{b: b, poison: unique + ".poison", target: targets[0], targets: targets, outside: unique + ".push.2"}
 			e.admin = e.open(t)
 			tt.run(t, e)
 		})
@@ -78,14 +84,21 @@ func Run(t *testing.T, prefix string, newBroker func(t *testing.T) Broker) {
 }
 
 type env struct {
-	b              Broker
-	poison, target string
-	admin          pipeline.PoisonAdmin
+	b      Broker
+	poison string
+	// targets are the push shards the admins replay to; target is the
+	// first, where a message poisoned from it (or from outside them) goes.
+	targets pipeline.ReplayTargets
+	target  string
+	// outside is a topic no admin is given: a shard of a larger
+	// push_shards, which a replay must never publish to.
+	outside string
+	admin   pipeline.PoisonAdmin
 }
 
 func (e *env) open(t *testing.T) pipeline.PoisonAdmin {
 	t.Helper()
-	a := e.b.Admin(t, e.poison, e.target)
+	a := e.b.Admin(t, e.poison, e.targets)
 	t.Cleanup(func() {
 		if err := a.Close(); err != nil {
 			t.Errorf("close admin: %v", err)
@@ -100,14 +113,15 @@ func ctxFor(t *testing.T) context.Context {
 	return ctx
 }
 
-// poisoned is message i as the poison middleware writes it.
-func poisoned(i int) *message.Message {
+// poisoned is message i as the poison middleware writes it on giving up
+// on it in the first shard.
+func (e *env) poisoned(i int) *message.Message {
 	msg := message.NewMessage(fmt.Sprintf("uuid-%d-%d", i, time.Now().UnixNano()), fmt.Appendf(nil, "payload %d", i))
 	msg.Metadata = message.Metadata{
 		pipeline.MetaMessageID:           fmt.Sprintf("id-%d", i),
 		"kept":                           fmt.Sprintf("kept %d", i),
 		middleware.ReasonForPoisonedKey:  fmt.Sprintf("reason %d", i),
-		middleware.PoisonedTopicKey:      "push",
+		middleware.PoisonedTopicKey:      e.target,
 		middleware.PoisonedHandlerKey:    "job",
 		middleware.PoisonedSubscriberKey: "sub",
 	}
@@ -120,7 +134,7 @@ func (e *env) publish(t *testing.T, n int) []*message.Message {
 	t.Helper()
 	var out []*message.Message
 	for i := 1; i <= n; i++ {
-		msg := poisoned(i)
+		msg := e.poisoned(i)
 		if err := e.b.Publisher.Publish(e.poison, msg); err != nil {
 			t.Fatalf("publish %d to %s: %v", i, e.poison, err)
 		}
@@ -176,14 +190,18 @@ type receiver struct {
 	ch  chan struct{}
 }
 
-// receive subscribes to the target before anything is replayed to it.
-func (e *env) receive(t *testing.T) *receiver {
+// receive subscribes to the first target before anything is replayed to
+// it.
+func (e *env) receive(t *testing.T) *receiver { return e.receiveFrom(t, e.target) }
+
+// receiveFrom subscribes to topic before anything is replayed to it.
+func (e *env) receiveFrom(t *testing.T, topic string) *receiver {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	msgs, err := e.b.Subscriber.Subscribe(ctx, e.target)
+	msgs, err := e.b.Subscriber.Subscribe(ctx, topic)
 	if err != nil {
-		t.Fatalf("subscribe %s: %v", e.target, err)
+		t.Fatalf("subscribe %s: %v", topic, err)
 	}
 	r := &receiver{ch: make(chan struct{}, 1)}
 	go func() {
@@ -233,19 +251,27 @@ func receivedIDs(msgs []*message.Message) []string {
 	return out
 }
 
-// sentinel replays one more message after the ones under test and waits
-// for it and want, then returns what arrived. The target is read in order
-// by one subscriber, so a duplicate replayed before the sentinel arrives
-// before it, or in the same burst.
+// sentinel replays one more message to the first target after the ones
+// under test and waits for it and want, then returns what arrived (r's).
+// The target is read in order by one subscriber, so a duplicate replayed
+// before the sentinel arrives before it, or in the same burst.
 func (e *env) sentinel(t *testing.T, r *receiver, want ...string) []*message.Message {
 	t.Helper()
-	s := poisoned(999)
+	return e.sentinelTo(t, r, e.target, want...)
+}
+
+// sentinelTo is sentinel through target, one of e.targets: the sentinel
+// is poisoned from it, so replay sends it back there.
+func (e *env) sentinelTo(t *testing.T, r *receiver, target string, want ...string) []*message.Message {
+	t.Helper()
+	s := e.poisoned(999)
 	s.Metadata.Set(pipeline.MetaMessageID, "sentinel")
+	s.Metadata.Set(middleware.PoisonedTopicKey, target)
 	if err := e.b.Publisher.Publish(e.poison, s); err != nil {
 		t.Fatalf("publish sentinel: %v", err)
 	}
-	if n, err := e.admin.Replay(ctxFor(t), pipeline.IDs("sentinel")); err != nil || n != 1 {
-		t.Fatalf("replay sentinel: %d, %v", n, err)
+	if got, err := e.admin.Replay(ctxFor(t), pipeline.IDs("sentinel")); err != nil || !only(got, target, 1) {
+		t.Fatalf("replay sentinel: %v, %v; want 1 to %s", got, err, target)
 	}
 	got := r.waitFor(t, append(want, "sentinel")...)
 	var out []*message.Message
@@ -255,6 +281,11 @@ func (e *env) sentinel(t *testing.T, r *receiver, want ...string) []*message.Mes
 		}
 	}
 	return out
+}
+
+// only says got counts n messages, all replayed to target.
+func only(got pipeline.Replayed, target string, n int) bool {
+	return got.Total() == n && got[target] == n
 }
 
 func testEmpty(t *testing.T, e *env) {
@@ -323,8 +354,8 @@ func testReplayIDs(t *testing.T, e *env) {
 	r := e.receive(t)
 	sent := e.publish(t, 3)
 	n, err := e.admin.Replay(ctxFor(t), pipeline.IDs("id-2"))
-	if err != nil || n != 1 {
-		t.Fatalf("replay id-2: %d, %v; want 1", n, err)
+	if err != nil || !only(n, e.target, 1) {
+		t.Fatalf("replay id-2: %v, %v; want 1 to %s", n, err, e.target)
 	}
 	e.wantIDs(t, "id-1", "id-3")
 	got := e.sentinel(t, r, "id-2")
@@ -348,9 +379,9 @@ func testReplayIDs(t *testing.T, e *env) {
 func testAll(t *testing.T, e *env) {
 	r := e.receive(t)
 	e.publish(t, 3)
-	n, err := e.admin.Replay(ctxFor(t), pipeline.All)
-	if err != nil || n != 3 {
-		t.Fatalf("replay all: %d, %v; want 3", n, err)
+	replayed, err := e.admin.Replay(ctxFor(t), pipeline.All)
+	if err != nil || !only(replayed, e.target, 3) {
+		t.Fatalf("replay all: %v, %v; want 3 to %s", replayed, err, e.target)
 	}
 	e.wantIDs(t)
 	got := e.sentinel(t, r, "id-1", "id-2", "id-3")
@@ -358,7 +389,7 @@ func testAll(t *testing.T, e *env) {
 		t.Fatalf("target received %v, want id-1..3 once each", ids)
 	}
 	e.publish(t, 2)
-	n, err = e.admin.Purge(ctxFor(t), pipeline.All)
+	n, err := e.admin.Purge(ctxFor(t), pipeline.All)
 	if err != nil || n != 2 {
 		t.Fatalf("purge all: %d, %v; want 2", n, err)
 	}
@@ -367,8 +398,8 @@ func testAll(t *testing.T, e *env) {
 
 func testUnknown(t *testing.T, e *env) {
 	e.publish(t, 2)
-	if n, err := e.admin.Replay(ctxFor(t), pipeline.IDs("no-such-id")); err != nil || n != 0 {
-		t.Fatalf("replay unknown id: %d, %v; want 0", n, err)
+	if n, err := e.admin.Replay(ctxFor(t), pipeline.IDs("no-such-id")); err != nil || n.Total() != 0 {
+		t.Fatalf("replay unknown id: %v, %v; want 0", n, err)
 	}
 	if n, err := e.admin.Purge(ctxFor(t), pipeline.IDs("no-such-id")); err != nil || n != 0 {
 		t.Fatalf("purge unknown id: %d, %v; want 0", n, err)
@@ -388,8 +419,8 @@ func testPurgedByAnother(t *testing.T, e *env) {
 	if n, err := other.Purge(ctxFor(t), pipeline.IDs("id-1")); err != nil || n != 1 {
 		t.Fatalf("other admin purge id-1: %d, %v; want 1", n, err)
 	}
-	if n, err := e.admin.Replay(ctxFor(t), pipeline.IDs("id-1")); err != nil || n != 0 {
-		t.Fatalf("replay of a purged id: %d, %v; want 0", n, err)
+	if n, err := e.admin.Replay(ctxFor(t), pipeline.IDs("id-1")); err != nil || n.Total() != 0 {
+		t.Fatalf("replay of a purged id: %v, %v; want 0", n, err)
 	}
 	if got := receivedIDs(e.sentinel(t, r)); len(got) != 0 {
 		t.Fatalf("target received %v, want nothing", got)
@@ -404,7 +435,7 @@ func testConcurrentReplays(t *testing.T, e *env) {
 	r := e.receive(t)
 	e.publish(t, n)
 	admins := []pipeline.PoisonAdmin{e.admin, e.open(t)}
-	counts := make([]int, len(admins))
+	counts := make([]pipeline.Replayed, len(admins))
 	errs := make([]error, len(admins))
 	var wg sync.WaitGroup
 	for i, a := range admins {
@@ -414,7 +445,7 @@ func testConcurrentReplays(t *testing.T, e *env) {
 	if err := errors.Join(errs...); err != nil {
 		t.Fatalf("concurrent replays: %v", err)
 	}
-	if counts[0]+counts[1] != n {
+	if counts[0][e.target]+counts[1][e.target] != n || counts[0].Total()+counts[1].Total() != n {
 		t.Errorf("concurrent replays counted %v, want %d between them", counts, n)
 	}
 	e.wantIDs(t)
@@ -455,9 +486,9 @@ func testUndecodable(t *testing.T, e *env) {
 	if ps[1].ID != "id-1" || ps[1].Undecodable != "" {
 		t.Fatalf("good message listed as %+v", ps[1])
 	}
-	n, err := e.admin.Replay(ctxFor(t), pipeline.All)
-	if !errors.Is(err, pipeline.ErrUndecodable) || n != 1 {
-		t.Fatalf("replay all beside garbage: %d, %v; want 1 and ErrUndecodable", n, err)
+	replayed, err := e.admin.Replay(ctxFor(t), pipeline.All)
+	if !errors.Is(err, pipeline.ErrUndecodable) || !only(replayed, e.target, 1) {
+		t.Fatalf("replay all beside garbage: %v, %v; want 1 and ErrUndecodable", replayed, err)
 	}
 	if got := receivedIDs(e.sentinel(t, r, "id-1")); !slices.Equal(got, []string{"id-1"}) {
 		t.Fatalf("target received %v, want id-1", got)
@@ -508,7 +539,7 @@ func testListPages(t *testing.T, e *env) {
 // key only the keyed one.
 func testKeys(t *testing.T, e *env) {
 	e.publish(t, 2)
-	decoy := poisoned(2)
+	decoy := e.poisoned(2)
 	if err := e.b.Publisher.Publish(e.poison, decoy); err != nil {
 		t.Fatalf("publish decoy: %v", err)
 	}
@@ -525,7 +556,7 @@ func testKeys(t *testing.T, e *env) {
 		t.Fatalf("resolve id-2 named twice: %v; want ErrAmbiguousID naming %s and %s", err, ks[1], ks[2])
 	}
 	// An attacker's message whose id is id-1's key.
-	forged := poisoned(3)
+	forged := e.poisoned(3)
 	forged.Metadata.Set(pipeline.MetaMessageID, ks[0])
 	if err := e.b.Publisher.Publish(e.poison, forged); err != nil {
 		t.Fatalf("publish forged: %v", err)
@@ -554,22 +585,112 @@ func testReplayLimit(t *testing.T, e *env) {
 		// Topics of the embedded broker have no length limit: all go.
 		r := e.receive(t)
 		e.publish(t, n)
-		if got, err := e.admin.Replay(ctxFor(t), pipeline.All); err != nil || got != n {
-			t.Fatalf("replay all: %d, %v; want %d", got, err, n)
+		if got, err := e.admin.Replay(ctxFor(t), pipeline.All); err != nil || !only(got, e.target, n) {
+			t.Fatalf("replay all: %v, %v; want %d", got, err, n)
 		}
 		r.waitFor(t, "id-1", fmt.Sprintf("id-%d", n))
 		return
 	}
-	a := e.b.BoundedAdmin(t, e.poison, e.target, limit)
+	a := e.b.BoundedAdmin(t, e.poison, e.targets, map[string]int64{e.target: limit})
 	t.Cleanup(func() { _ = a.Close() })
 	e.publish(t, n)
 	got, err := a.Replay(ctxFor(t), pipeline.All)
-	if !errors.Is(err, pipeline.ErrQueueFull) || got != limit {
-		t.Fatalf("replay all to a target of %d: %d, %v; want %d and ErrQueueFull", limit, got, err, limit)
+	if !errors.Is(err, pipeline.ErrQueueFull) || !only(got, e.target, limit) {
+		t.Fatalf("replay all to a target of %d: %v, %v; want %d and ErrQueueFull", limit, got, err, limit)
 	}
 	var want []string
 	for i := limit + 1; i <= n; i++ {
 		want = append(want, fmt.Sprintf("id-%d", i))
 	}
 	e.wantIDs(t, want...)
+}
+
+// publishFrom writes to the poison topic message i (as poisoned makes it)
+// for each topic of from, in order, recording that it was poisoned from
+// it: "" records nothing, as a message not written by the middleware.
+func (e *env) publishFrom(t *testing.T, from ...string) {
+	t.Helper()
+	for i, topic := range from {
+		msg := e.poisoned(i + 1)
+		if topic == "" {
+			delete(msg.Metadata, middleware.PoisonedTopicKey)
+		} else {
+			msg.Metadata.Set(middleware.PoisonedTopicKey, topic)
+		}
+		if err := e.b.Publisher.Publish(e.poison, msg); err != nil {
+			t.Fatalf("publish %d to %s: %v", i+1, e.poison, err)
+		}
+	}
+}
+
+// testReplayShards: each message goes back to the push shard it was
+// poisoned from; one whose recorded topic is none of the shards the admin
+// was given (a shard of a larger push_shards, the poison topic itself,
+// or none at all) goes to the first shard, and nothing goes anywhere
+// else.
+func testReplayShards(t *testing.T, e *env) {
+	r0, r1, outside := e.receiveFrom(t, e.targets[0]), e.receiveFrom(t, e.targets[1]), e.receiveFrom(t, e.outside)
+	e.publishFrom(t,
+		e.targets[1], // id-1
+		e.targets[0], // id-2
+		e.outside,    // id-3: a shard of a larger push_shards
+		"",           // id-4: no record
+		e.targets[1], // id-5
+		e.poison,     // id-6: forged, a loop were it followed
+	)
+	got, err := e.admin.Replay(ctxFor(t), pipeline.All)
+	if want := (pipeline.Replayed{e.targets[0]: 4, e.targets[1]: 2}); err != nil || !maps.Equal(got, want) {
+		t.Fatalf("replay all: %v, %v; want %v", got, err, want)
+	}
+	// Replayed to the poison topic, id-6 would be listed again.
+	e.wantIDs(t)
+	for _, c := range []struct {
+		r      *receiver
+		target string
+		want   []string
+	}{
+		{r0, e.targets[0], []string{"id-2", "id-3", "id-4", "id-6"}},
+		{r1, e.targets[1], []string{"id-1", "id-5"}},
+	} {
+		got := receivedIDs(e.sentinelTo(t, c.r, c.target, c.want...))
+		slices.Sort(got)
+		if !slices.Equal(got, c.want) {
+			t.Errorf("%s received %v, want %v once each", c.target, got, c.want)
+		}
+	}
+	// The outside topic is read in order too: anything replayed to it
+	// arrives before a marker published after the replay.
+	marker := e.poisoned(998)
+	marker.Metadata.Set(pipeline.MetaMessageID, "marker")
+	if err := e.b.Publisher.Publish(e.outside, marker); err != nil {
+		t.Fatalf("publish marker to %s: %v", e.outside, err)
+	}
+	if got := receivedIDs(outside.waitFor(t, "marker")); !slices.Equal(got, []string{"marker"}) {
+		t.Errorf("%s, a topic outside the targets, received %v", e.outside, got)
+	}
+}
+
+// testReplayShardLimit: each message is held to the length limit of the
+// shard it goes to. The second shard, unbounded, takes its five; the
+// first, bounded to 3, takes three of its five and refuses the fourth.
+func testReplayShardLimit(t *testing.T, e *env) {
+	if e.b.BoundedAdmin == nil {
+		t.Skip("topics of the embedded broker have no length limit")
+	}
+	const limit = 3
+	a := e.b.BoundedAdmin(t, e.poison, e.targets, map[string]int64{e.targets[0]: limit})
+	t.Cleanup(func() { _ = a.Close() })
+	var from []string
+	for range 5 {
+		from = append(from, e.targets[1])
+	}
+	for range 5 {
+		from = append(from, e.targets[0])
+	}
+	e.publishFrom(t, from...)
+	got, err := a.Replay(ctxFor(t), pipeline.All)
+	if want := (pipeline.Replayed{e.targets[1]: 5, e.targets[0]: limit}); !errors.Is(err, pipeline.ErrQueueFull) || !maps.Equal(got, want) {
+		t.Fatalf("replay all: %v, %v; want %v and ErrQueueFull", got, err, want)
+	}
+	e.wantIDs(t, "id-9", "id-10")
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -49,22 +50,33 @@ return 1
 // Purge is XDEL, which says whether it deleted. Replay runs replayScript
 // per entry: the length check, the XADD to the target and the XDEL are
 // one atomic step, so admins racing on an entry act on it once between
-// them, each count says what that admin did, and the target's length
-// limit holds for every entry replayed.
+// them, each count says what that admin did, and the length limit of the
+// target each entry goes to (pipeline.ReplayTargets.For) holds for it.
 type PoisonStream struct {
-	rdb            goredis.UniversalClient
-	pub            *redisstream.Publisher
-	stream, target string
-	// limit is the target's length limit; 0 for none.
-	limit int64
+	rdb     goredis.UniversalClient
+	pub     *redisstream.Publisher
+	stream  string
+	targets pipeline.ReplayTargets
+	// limits are the targets' length limits; 0 (or absent) for none.
+	limits map[string]int64
 }
 
 var _ pipeline.PoisonAdmin = (*PoisonStream)(nil)
 
 // NewPoisonStream opens the poison stream of addr named stream, whose
-// messages Replay re-publishes to target; limits are the streams' length
-// limits, as the publishers bound them. Close it to close its client.
-func NewPoisonStream(addr, stream, target string, limits map[string]int64, logger watermill.LoggerAdapter) (*PoisonStream, error) {
+// messages Replay re-publishes to targets (pipeline.ReplayTargets.For
+// picks one per message); limits are the streams' length limits, as the
+// publishers bound them. Close it to close its client.
+func NewPoisonStream(addr, stream string, targets pipeline.ReplayTargets, limits map[string]int64, logger watermill.LoggerAdapter) (*PoisonStream, error) {
+	if err := targets.Check(); err != nil {
+		return nil, fmt.Errorf("poison stream %s: %w", stream, err)
+	}
+	// Only the targets' limits: the map is the caller's, and no other
+	// stream is written to.
+	own := make(map[string]int64, len(targets))
+	for _, t := range targets {
+		own[t] = limits[t]
+	}
 	rdb := NewClient(addr)
 	if err := rdb.Ping(context.Background()).Err(); err != nil {
 		_ = rdb.Close()
@@ -75,7 +87,7 @@ func NewPoisonStream(addr, stream, target string, limits map[string]int64, logge
 		_ = rdb.Close()
 		return nil, err
 	}
-	return &PoisonStream{rdb: rdb, pub: pub, stream: stream, target: target, limit: limits[target]}, nil
+	return &PoisonStream{rdb: rdb, pub: pub, stream: stream, targets: slices.Clone(targets), limits: own}, nil
 }
 
 // List returns up to limit entries after the entry id after, oldest first.
@@ -119,11 +131,11 @@ func (s *PoisonStream) Purge(ctx context.Context, sel pipeline.Selector) (int, e
 	return n, err
 }
 
-// Replay moves the selected messages to the target, each in one atomic
-// step (replayScript). It stops at the first that does not fit the
+// Replay moves the selected messages, each to its target, each in one
+// atomic step (replayScript). It stops at the first that does not fit its
 // target's limit, with pipeline.ErrQueueFull.
-func (s *PoisonStream) Replay(ctx context.Context, sel pipeline.Selector) (int, error) {
-	n := 0
+func (s *PoisonStream) Replay(ctx context.Context, sel pipeline.Selector) (pipeline.Replayed, error) {
+	done := pipeline.Replayed{}
 	var undecodable []string
 	err := s.each(ctx, func(p pipeline.Poisoned, entry string) error {
 		if !sel(p) {
@@ -136,27 +148,30 @@ func (s *PoisonStream) Replay(ctx context.Context, sel pipeline.Selector) (int, 
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		moved, err := s.move(ctx, p, entry)
+		to := s.targets.For(p)
+		moved, err := s.move(ctx, p, entry, to)
 		if moved {
-			n++
+			done[to]++
 		}
 		return err
 	})
 	if err != nil {
-		return n, err
+		return done, err
 	}
-	return n, pipeline.LeftUndecodable(undecodable)
+	return done, pipeline.LeftUndecodable(undecodable)
 }
 
-// move runs replayScript on entry; moved says this call replayed it. A
-// full target is trimmed of what its consumers are done with (Trim) and
-// tried once more before the move is refused.
-func (s *PoisonStream) move(ctx context.Context, p pipeline.Poisoned, entry string) (moved bool, err error) {
-	fields, err := redisstream.DefaultMarshallerUnmarshaller{}.Marshal(s.target, p.Replayable(ctx))
+// move runs replayScript on entry, to the stream target with target's
+// limit; moved says this call replayed it. A full target is trimmed of
+// what its consumers are done with (Trim) and tried once more before the
+// move is refused.
+func (s *PoisonStream) move(ctx context.Context, p pipeline.Poisoned, entry, target string) (moved bool, err error) {
+	fields, err := redisstream.DefaultMarshallerUnmarshaller{}.Marshal(target, p.Replayable(ctx))
 	if err != nil {
 		return false, fmt.Errorf("replay %s: encode: %w", p.Key, err)
 	}
-	args := []any{entry, s.limit}
+	limit := s.limits[target]
+	args := []any{entry, limit}
 	for k, v := range fields {
 		args = append(args, k, v)
 	}
@@ -165,10 +180,10 @@ func (s *PoisonStream) move(ctx context.Context, p pipeline.Poisoned, entry stri
 		// of a script that ran, or the count would say less than was
 		// replayed.
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), settleTimeout)
-		res, err := replayScript.Run(sctx, s.rdb, []string{s.stream, s.target}, args...).Int()
+		res, err := replayScript.Run(sctx, s.rdb, []string{s.stream, target}, args...).Int()
 		cancel()
 		if err != nil {
-			return false, fmt.Errorf("replay %s to %s: %w", p.Key, s.target, err)
+			return false, fmt.Errorf("replay %s to %s: %w", p.Key, target, err)
 		}
 		switch {
 		case res == 1:
@@ -176,9 +191,9 @@ func (s *PoisonStream) move(ctx context.Context, p pipeline.Poisoned, entry stri
 		case res == 0:
 			return false, nil
 		case attempt > 0:
-			return false, fmt.Errorf("replay %s to %s: %w: it holds its limit of %d entries", p.Key, s.target, ErrQueueFull, s.limit)
+			return false, fmt.Errorf("replay %s to %s: %w: it holds its limit of %d entries", p.Key, target, ErrQueueFull, limit)
 		}
-		if _, err := Trim(ctx, s.rdb, s.target); err != nil {
+		if _, err := Trim(ctx, s.rdb, target); err != nil {
 			return false, fmt.Errorf("replay %s: %w", p.Key, err)
 		}
 	}

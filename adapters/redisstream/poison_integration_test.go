@@ -40,15 +40,15 @@ func TestIntegrationPoisonContract(t *testing.T) {
 		t.Cleanup(func() { _, _ = pub.Close(), sub.Close() })
 		return poisontest.Broker{
 			Publisher: pub, Subscriber: sub, RecordsTime: true,
-			Admin: func(t *testing.T, poison, target string) pipeline.PoisonAdmin {
-				a, err := NewPoisonStream(testAddr(), poison, target, nil, watermill.NopLogger{})
+			Admin: func(t *testing.T, poison string, targets pipeline.ReplayTargets) pipeline.PoisonAdmin {
+				a, err := NewPoisonStream(testAddr(), poison, targets, nil, watermill.NopLogger{})
 				if err != nil {
 					t.Fatal(err)
 				}
 				return a
 			},
-			BoundedAdmin: func(t *testing.T, poison, target string, limit int) pipeline.PoisonAdmin {
-				a, err := NewPoisonStream(testAddr(), poison, target, map[string]int64{target: int64(limit)}, watermill.NopLogger{})
+			BoundedAdmin: func(t *testing.T, poison string, targets pipeline.ReplayTargets, limits map[string]int64) pipeline.PoisonAdmin {
+				a, err := NewPoisonStream(testAddr(), poison, targets, limits, watermill.NopLogger{})
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -123,7 +123,7 @@ func TestIntegrationPoisonReplayCancelledAfterPublish(t *testing.T) {
 	if err := pub.Publish(poison, msg); err != nil {
 		t.Fatal(err)
 	}
-	a, err := NewPoisonStream(testAddr(), poison, target, nil, watermill.NopLogger{})
+	a, err := NewPoisonStream(testAddr(), poison, pipeline.ReplayTargets{target}, nil, watermill.NopLogger{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -137,14 +137,14 @@ func TestIntegrationPoisonReplayCancelledAfterPublish(t *testing.T) {
 	})
 	n, err := a.Replay(ctx, pipeline.All)
 	if ctx.Err() == nil {
-		t.Fatalf("the hook never saw a write to %s (replay: %d, %v)", target, n, err)
+		t.Fatalf("the hook never saw a write to %s (replay: %v, %v)", target, n, err)
 	}
-	if n != 1 {
-		t.Errorf("cancelled replay counted %d (err %v), want the 1 it published", n, err)
+	if n[target] != 1 || n.Total() != 1 {
+		t.Errorf("cancelled replay counted %v (err %v), want the 1 it published", n, err)
 	}
 	n, err = a.Replay(context.Background(), pipeline.All)
-	if err != nil || n != 0 {
-		t.Errorf("second replay: %d, %v; want 0", n, err)
+	if err != nil || n.Total() != 0 {
+		t.Errorf("second replay: %v, %v; want 0", n, err)
 	}
 	check := NewClient(testAddr())
 	defer check.Close()

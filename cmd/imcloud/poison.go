@@ -7,8 +7,10 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -38,7 +40,9 @@ func cmdPoison(ctx context.Context, args []string, stdout, stderr io.Writer, env
 	fs := newFlagSet("poison", `imcloud poison list|replay|purge [--key KEY]... [--id ID]... [--all] [--limit N] [--after KEY] [--config F] [--admin ADDR]
   list     show poisoned messages with their key, id, reason, handler and
            time, oldest first, at most --limit after --after
-  replay   re-publish the chosen messages to the push topic
+  replay   re-publish each chosen message to the push shard it was
+           poisoned from, or to the first shard when that is not one of
+           them (a message from before a change of topics.push_shards)
   purge    drop the chosen messages
 Choose messages by --key (the broker's own unique name for each entry, the
 KEY column), or by --id (the message id its publisher chose: refused when
@@ -110,7 +114,7 @@ func poison(ctx context.Context, cfg config.Config, action string, a poisonArgs,
 		if admin == "" {
 			return fmt.Errorf("broker.kind %q: the embedded broker's poisoned messages live in the memory of the running standalone process; give --admin ADDR, the admin.addr that process listens on", cfg.Broker.Kind)
 		}
-		return poisonOverAdmin(ctx, admin, action, a, stdout)
+		return poisonOverAdmin(ctx, admin, action, a, cfg.Topics.PushTopics(), stdout)
 	}
 	if admin != "" {
 		return fmt.Errorf("poison --admin: broker.kind %q is a shared broker, reached directly with the configuration; --admin is for the embedded broker (gochannel) of a standalone process", cfg.Broker.Kind)
@@ -144,14 +148,45 @@ func poison(ctx context.Context, cfg config.Config, action string, a poisonArgs,
 	}
 	switch action {
 	case "replay":
-		n, err := p.Replay(ctx, sel)
-		fmt.Fprintf(stdout, "replayed %d message(s) to %s\n", n, cfg.Topics.Push)
+		replayed, err := p.Replay(ctx, sel)
+		fmt.Fprintln(stdout, replayedLine(replayed, cfg.Topics.PushTopics()))
 		return err
 	default:
 		n, err := p.Purge(ctx, sel)
 		fmt.Fprintf(stdout, "purged %d message(s)\n", n)
 		return err
 	}
+}
+
+// replayedLine says how many messages a replay re-published and where:
+// "replayed N message(s) to T" when all went to one topic, else the count
+// of each, in the order of shards (the push topics in order; any other
+// after, by name). A topic is escaped: over the admin listener it comes
+// from another process.
+func replayedLine(r pipeline.Replayed, shards []string) string {
+	var topics []string
+	for _, t := range shards {
+		if r[t] > 0 {
+			topics = append(topics, t)
+		}
+	}
+	for _, t := range slices.Sorted(maps.Keys(r)) {
+		if r[t] > 0 && !slices.Contains(shards, t) {
+			topics = append(topics, t)
+		}
+	}
+	line := fmt.Sprintf("replayed %d message(s)", r.Total())
+	switch len(topics) {
+	case 0:
+		return line
+	case 1:
+		return line + " to " + printable(topics[0])
+	}
+	each := make([]string, 0, len(topics))
+	for _, t := range topics {
+		each = append(each, fmt.Sprintf("%d to %s", r[t], printable(t)))
+	}
+	return line + ": " + strings.Join(each, ", ")
 }
 
 // printPoisonList prints a page of the list. Every column but the time
@@ -238,8 +273,8 @@ func (e escaped) Error() string { return escape(e.err.Error(), 0) }
 func (e escaped) Unwrap() error { return e.err }
 
 // poisonOverAdmin runs action on the poison endpoints of the admin
-// listener at addr (process/poison.go).
-func poisonOverAdmin(ctx context.Context, addr, action string, a poisonArgs, stdout io.Writer) error {
+// listener at addr (process/poison.go); shards order what a replay says.
+func poisonOverAdmin(ctx context.Context, addr, action string, a poisonArgs, shards []string, stdout io.Writer) error {
 	base := addr
 	if !strings.Contains(base, "://") {
 		base = "http://" + base
@@ -302,7 +337,7 @@ func poisonOverAdmin(ctx context.Context, addr, action string, a poisonArgs, std
 		return fmt.Errorf("poison: the answer of %s: %w", addr, err)
 	}
 	if action == "replay" {
-		fmt.Fprintf(stdout, "replayed %d message(s) to %s\n", res.Count, printable(res.Target))
+		fmt.Fprintln(stdout, replayedLine(res.Replayed, shards))
 	} else {
 		fmt.Fprintf(stdout, "purged %d message(s)\n", res.Count)
 	}

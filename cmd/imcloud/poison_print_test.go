@@ -10,6 +10,7 @@ import (
 	"unicode/utf8"
 
 	"imcloud/cmd/imcloud/internal/process"
+	"imcloud/pipeline"
 )
 
 // TestPrintPoisonListEscapes: what a publisher wrote into a poisoned
@@ -71,5 +72,27 @@ func TestPoisonErrorsEscaped(t *testing.T) {
 	}
 	if escapedErr(nil) != nil {
 		t.Error("escapedErr(nil) is not nil")
+	}
+}
+
+// TestReplayedLine: what imcloud poison replay says of where messages
+// went, in shard order, with a topic from another process escaped.
+func TestReplayedLine(t *testing.T) {
+	shards := []string{"p.0", "p.1", "p.2", "p.10"}
+	tests := []struct {
+		name string
+		r    pipeline.Replayed
+		want string
+	}{
+		{"none", nil, "replayed 0 message(s)"},
+		{"one shard", pipeline.Replayed{"p.1": 3}, "replayed 3 message(s) to p.1"},
+		{"shard order", pipeline.Replayed{"p.10": 1, "p.2": 2, "p.0": 4}, "replayed 7 message(s): 4 to p.0, 2 to p.2, 1 to p.10"},
+		{"zero counts left out", pipeline.Replayed{"p.0": 0, "p.1": 1}, "replayed 1 message(s) to p.1"},
+		{"a topic not a shard, escaped", pipeline.Replayed{"p.0": 1, "x\x1b[2J": 1}, `replayed 2 message(s): 1 to p.0, 1 to x\x1b[2J`},
+	}
+	for _, tt := range tests {
+		if got := replayedLine(tt.r, shards); got != tt.want {
+			t.Errorf("%s: %q, want %q", tt.name, got, tt.want)
+		}
 	}
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -23,8 +24,16 @@ import (
 // keeps what job poisons and serves it on its admin listener; imcloud
 // poison --admin lists, replays and purges it there. A push to a key that
 // is offline, with job.offline_grace 0s, is poisoned; once the key is
-// connected, its replay reaches it.
+// connected, its replay reaches it. With push_shards 2 the push is
+// poisoned from the last shard and replayed there: topics.push itself is
+// no queue then, and the embedded broker would drop what went to it.
 func TestStandalonePoisonOverAdmin(t *testing.T) {
+	for _, shards := range []int{1, 2} {
+		t.Run(fmt.Sprintf("push_shards=%d", shards), func(t *testing.T) { testStandalonePoisonOverAdmin(t, shards) })
+	}
+}
+
+func testStandalonePoisonOverAdmin(t *testing.T, shards int) {
 	const (
 		secret = "poison-test-secret"
 		key    = "k-poison"
@@ -38,10 +47,12 @@ func TestStandalonePoisonOverAdmin(t *testing.T) {
 		"logic.auth.jwt_secret=" + secret, "logic.api_keys=poison-test-api-key-0123456789",
 		"cluster.secret=poison-test-cluster-secret-0123456789",
 		"job.offline_grace=0s", "job.retry.initial_interval=10ms", "job.retry.max_retries=1",
+		fmt.Sprintf("topics.push_shards=%d", shards),
 	}})
 	if err != nil {
 		t.Fatal(err)
 	}
+	shard := cfg.Topics.PushTopics()[shards-1]
 	ctx := context.Background()
 	n, err := process.Start(ctx, cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
@@ -83,7 +94,7 @@ func TestStandalonePoisonOverAdmin(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := n.Broker().Publisher.Publish(cfg.Topics.Push, msg); err != nil {
+		if err := n.Broker().Publisher.Publish(shard, msg); err != nil {
 			t.Fatal(err)
 		}
 		deadline := time.Now().Add(wait)
@@ -122,7 +133,7 @@ func TestStandalonePoisonOverAdmin(t *testing.T) {
 	if _, err := c.Auth([]byte(tok)); err != nil {
 		t.Fatal(err)
 	}
-	if out := cli("replay", "--id", first.ID); !strings.Contains(out, "replayed 1 message(s) to "+cfg.Topics.Push) {
+	if out := cli("replay", "--id", first.ID); !strings.Contains(out, "replayed 1 message(s) to "+shard+"\n") {
 		t.Fatalf("poison replay: %s", out)
 	}
 	_ = c.SetReadDeadline(time.Now().Add(wait))

@@ -198,7 +198,7 @@ func TestIntegrationCluster(t *testing.T) {
 	}
 	collect(t, "user 7 on cloud1", u7a, []string{body})
 	waitFor(t, "total drops to 1", func() bool { return total(logicHTTP[0]) == 1 })
-	poisoned, _, err := amqp.NewPoisonQueue(amqpURL(), topicOf(t, topics, "poison"), topicOf(t, topics, "push"), nil, watermill.NopLogger{}).List(context.Background(), "", 1000)
+	poisoned, _, err := poisonQueue(t, topics).List(context.Background(), "", 1000)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -27,6 +27,17 @@ import (
 )
 
 // topicOf returns the queue a topics.<name>=… setting names.
+// poisonQueue opens the AMQP poison queue of the topics sets name, which
+// replays to their push topic (one shard).
+func poisonQueue(t *testing.T, sets []string) *amqp.PoisonQueue {
+	t.Helper()
+	pq, err := amqp.NewPoisonQueue(amqpURL(), topicOf(t, sets, "poison"), pipeline.ReplayTargets{topicOf(t, sets, "push")}, nil, watermill.NopLogger{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pq
+}
+
 func topicOf(t *testing.T, sets []string, name string) string {
 	t.Helper()
 	for _, s := range sets {
@@ -195,7 +206,7 @@ func TestIntegrationCloudRestartWithBacklog(t *testing.T) {
 
 	// The pushes to the client that never came back are in the poison
 	// queue with the reason, each once, carrying its key.
-	pq := amqp.NewPoisonQueue(amqpURL(), topicOf(t, topics, "poison"), topicOf(t, topics, "push"), nil, watermill.NopLogger{})
+	pq := poisonQueue(t, topics)
 	poisoned := map[string]string{} // body -> reason
 	allPoisoned := func() bool {
 		list, _, err := pq.List(context.Background(), "", 1000)

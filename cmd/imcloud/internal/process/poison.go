@@ -20,7 +20,8 @@ import (
 //	GET  /poison          list, oldest first, a page of at most limit
 //	                      (default 1000) entries after the key after
 //	                      (?payload=true adds the bodies)
-//	POST /poison/replay   re-publish to the push topic
+//	POST /poison/replay   re-publish, each to the push shard it was
+//	                      poisoned from (pipeline.ReplayTargets.For)
 //	POST /poison/purge    drop
 //
 // Replay and purge take the messages as repeated key values (the broker's
@@ -77,17 +78,17 @@ type PoisonList struct {
 type PoisonResult struct {
 	Action string `json:"action"`
 	Count  int    `json:"count"`
-	// Target is the topic a replay published to.
-	Target string `json:"target,omitempty"`
-	Error  string `json:"error,omitempty"`
+	// Replayed is how many a replay published to each push shard.
+	Replayed pipeline.Replayed `json:"replayed,omitempty"`
+	Error    string            `json:"error,omitempty"`
 }
 
 // poisonHandler serves the poison endpoints over admin, which replays to
-// target.
+// the push shards.
 type poisonHandler struct {
-	admin         pipeline.PoisonAdmin
-	topic, target string
-	logger        *slog.Logger
+	admin  pipeline.PoisonAdmin
+	topic  string
+	logger *slog.Logger
 }
 
 func (h *poisonHandler) register(mux *http.ServeMux) {
@@ -183,8 +184,8 @@ func (h *poisonHandler) act(w http.ResponseWriter, r *http.Request, action strin
 	res := PoisonResult{Action: action}
 	switch action {
 	case "replay":
-		res.Target = h.target
-		res.Count, err = h.admin.Replay(r.Context(), sel)
+		res.Replayed, err = h.admin.Replay(r.Context(), sel)
+		res.Count = res.Replayed.Total()
 	default:
 		res.Count, err = h.admin.Purge(r.Context(), sel)
 	}
@@ -193,7 +194,7 @@ func (h *poisonHandler) act(w http.ResponseWriter, r *http.Request, action strin
 		res.Error = err.Error()
 		code = http.StatusInternalServerError
 	}
-	h.logger.Info("poison: "+action+" over the admin listener", "count", res.Count, "err", err)
+	h.logger.Info("poison: "+action+" over the admin listener", "count", res.Count, "replayed", res.Replayed, "err", err)
 	writeJSON(w, code, res)
 }
 

@@ -22,12 +22,12 @@ func TestPoisonEndpoints(t *testing.T) {
 	ps := gochannel.New(watermill.NopLogger{}, 100, nil)
 	defer ps.Close()
 	ps.Keep("poison", 10, nil)
-	admin, err := ps.PoisonAdmin("poison", "push")
+	admin, err := ps.PoisonAdmin("poison", pipeline.ReplayTargets{"push"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	mux := http.NewServeMux()
-	(&poisonHandler{admin: admin, topic: "poison", target: "push", logger: slog.New(slog.DiscardHandler)}).register(mux)
+	(&poisonHandler{admin: admin, topic: "poison", logger: slog.New(slog.DiscardHandler)}).register(mux)
 	publish := func(ids ...string) {
 		for _, id := range ids {
 			if err := ps.Publish("poison", message.NewMessage(id, []byte("body-"+id))); err != nil {
@@ -77,7 +77,7 @@ func TestPoisonEndpoints(t *testing.T) {
 		{"purge with too big a body", "POST", "/poison/purge", big, map[string]string{"Content-Type": "application/x-www-form-urlencoded"}, 413, "too large"},
 		{"purge an unknown id", "POST", "/poison/purge?id=zzz", "", nil, 200, `"count":0`},
 		{"purge ids in the form", "POST", "/poison/purge", url.Values{"id": {"a", "b"}}.Encode(), map[string]string{"Content-Type": "application/x-www-form-urlencoded"}, 200, `{"action":"purge","count":2}`},
-		{"replay with nothing subscribed", "POST", "/poison/replay?all=true", "", nil, 500, `"count":0,"target":"push","error":`},
+		{"replay with nothing subscribed", "POST", "/poison/replay?all=true", "", nil, 500, `"count":0,"error":`},
 		{"still listed after a refused replay", "GET", "/poison", "", nil, 200, `"id":"c"`},
 		{"purge all", "POST", "/poison/purge?all=true", "", nil, 200, `"count":1`},
 		{"list empty", "GET", "/poison", "", nil, 200, `"messages":[]`},

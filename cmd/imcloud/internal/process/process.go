@@ -750,7 +750,7 @@ func (p *Process) adminHandler() (http.Handler, error) {
 	}
 	if local {
 		p.closers = append(p.closers, admin.Close)
-		h := &poisonHandler{admin: admin, topic: p.cfg.Topics.Poison, target: p.cfg.Topics.Push, logger: p.logger.With("component", "admin")}
+		h := &poisonHandler{admin: admin, topic: p.cfg.Topics.Poison, logger: p.logger.With("component", "admin")}
 		h.register(mux)
 	} else {
 		registerNoPoison(mux, p.cfg.Broker.Kind)
