@@ -41,13 +41,3 @@ func (d *Dedupe) MarkDelivered(ctx context.Context, id string, ttl time.Duration
 	}
 	return nil
 }
-
-// Connect opens a client and checks the server answers.
-func Connect(ctx context.Context, addr, password string, db int) (*goredis.Client, error) {
-	c := goredis.NewClient(&goredis.Options{Addr: addr, Password: password, DB: db})
-	if err := c.Ping(ctx).Err(); err != nil {
-		_ = c.Close()
-		return nil, fmt.Errorf("redis %s: %w", addr, err)
-	}
-	return c, nil
-}
