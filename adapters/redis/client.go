@@ -2,13 +2,18 @@ package redis
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	goredis "github.com/redis/go-redis/v9"
 
 	"imcloud/pipeline/config"
 )
+
+// connectTimeout bounds Connect's first exchange with Redis.
+const connectTimeout = 10 * time.Second
 
 // Connect opens the client registry.redis describes — one server, the
 // master a set of sentinels names, or a Redis Cluster — and checks that it
@@ -40,8 +45,16 @@ func Connect(ctx context.Context, rc config.Redis) (goredis.UniversalClient, err
 		return nil, fmt.Errorf("redis: mode %q is not one of %s, %s, %s", rc.Mode, config.RedisSingle, config.RedisSentinel, config.RedisCluster)
 	}
 	c := goredis.NewUniversalClient(opts)
+	// A server that takes the TLS handshake for a command waits for a
+	// newline that never comes: bounded, start-up fails instead of
+	// hanging on go-redis' retries.
+	ctx, cancel := context.WithTimeout(ctx, connectTimeout)
+	defer cancel()
 	if err := c.Ping(ctx).Err(); err != nil {
 		_ = c.Close()
+		if errors.Is(err, context.DeadlineExceeded) {
+			return nil, fmt.Errorf("redis %s %s: no answer within %s (down, or tls not what the server speaks?): %w", rc.Mode, describe(rc), connectTimeout, err)
+		}
 		return nil, fmt.Errorf("redis %s %s: %w", rc.Mode, describe(rc), err)
 	}
 	return c, nil
