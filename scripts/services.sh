@@ -90,7 +90,10 @@ redis_node() {
   shift 2
   port_open "$port" && return 0
   mkdir -p "$dir"
+  # shutdown-on-sigterm "nosave now": stop does not wait the 10 s a
+  # master gives its replicas to catch up; these hold test data only.
   redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --save "" --appendonly no \
+    --shutdown-on-sigterm "nosave now" \
     --dir "$dir" --logfile "$dir/redis.log" --pidfile "$dir/redis.pid" "$@"
   wait_port "redis on $port" "$port" 30
 }
@@ -172,14 +175,17 @@ CONF
 # stop_redis_dirs stops the redis processes whose pid files are under dir
 # (started by this script) and removes dir.
 stop_redis_dirs() {
-  local dir=$1 f pid
+  local dir=$1 f pid pids=()
   [ -d "$dir" ] || return 0
+  # All at once, then wait: a sentinel left running alone would start a
+  # failover while the others stop.
   for f in "$dir"/*/*.pid; do
     [ -f "$f" ] || continue
     pid=$(cat "$f")
-    if kill "$pid" 2>/dev/null; then
-      wait_for "redis process $pid to exit" 30 sh -c "! kill -0 $pid"
-    fi
+    kill "$pid" 2>/dev/null && pids+=("$pid")
+  done
+  for pid in "${pids[@]}"; do
+    wait_for "redis process $pid to exit" 30 sh -c "! kill -0 $pid"
   done
   rm -rf "$dir"
 }
