@@ -121,25 +121,42 @@ type scriptCall struct {
 // runScripts runs script once for each call and returns their commands, in
 // order. One call goes alone (Script.Run: EVALSHA, then EVAL if Redis lost
 // the script); several share one pipeline, which go-redis' ClusterClient
-// sends to each call's node at once, and a call Redis answers NOSCRIPT
-// (the script flushed, or a node restarted or promoted) is run again
-// alone.
+// sends to each call's node at once. Calls Redis answers NOSCRIPT (the
+// script flushed, or a node restarted or promoted: every call to it) are
+// run again in one pipeline once the script is loaded — on every master
+// under Cluster — rather than each sending the script's text.
 func runScripts(ctx context.Context, rdb goredis.UniversalClient, script *goredis.Script, calls []scriptCall) []*goredis.Cmd {
 	cmds := make([]*goredis.Cmd, len(calls))
 	if len(calls) == 1 {
 		cmds[0] = script.Run(ctx, rdb, calls[0].keys, calls[0].args...)
 		return cmds
 	}
-	pipe := rdb.Pipeline()
-	for i, c := range calls {
-		cmds[i] = script.EvalSha(ctx, pipe, c.keys, c.args...)
+	evalSha := func(which []int) {
+		pipe := rdb.Pipeline()
+		for _, i := range which {
+			cmds[i] = script.EvalSha(ctx, pipe, calls[i].keys, calls[i].args...)
+		}
+		// Each command carries its own outcome.
+		_, _ = pipe.Exec(ctx)
 	}
-	// Each command carries its own outcome.
-	_, _ = pipe.Exec(ctx)
-	for i, c := range calls {
-		if goredis.HasErrorPrefix(cmds[i].Err(), "NOSCRIPT") {
-			cmds[i] = script.Run(ctx, rdb, c.keys, c.args...)
+	all := make([]int, len(calls))
+	for i := range all {
+		all[i] = i
+	}
+	evalSha(all)
+	var lost []int
+	for i, cmd := range cmds {
+		if goredis.HasErrorPrefix(cmd.Err(), "NOSCRIPT") {
+			lost = append(lost, i)
 		}
 	}
+	if len(lost) == 0 {
+		return cmds
+	}
+	if err := script.Load(ctx, rdb).Err(); err != nil {
+		// Each call's NOSCRIPT stands; the next batch tries again.
+		return cmds
+	}
+	evalSha(lost)
 	return cmds
 }

@@ -95,6 +95,11 @@ func TestIntegrationHistoryClusterSlots(t *testing.T) {
 	for s := range want {
 		batchSlots[keySlot(h.metaKey(s))] = true
 	}
+	// Loaded on every master: the count below is then one call a slot,
+	// with no reruns for NOSCRIPT (checked at the end).
+	if err := appendScript.Load(ctx, rdb).Err(); err != nil {
+		t.Fatal(err)
+	}
 	before := counter.n.Load()
 	h.send(ctx, slices.Clone(batch))
 	if calls := counter.n.Load() - before; calls != int64(len(batchSlots)) {
@@ -178,6 +183,30 @@ func TestIntegrationHistoryClusterSlots(t *testing.T) {
 		if top.Stream != s || top.Epoch != epochs[s] && epochs[s] != "" || top.Pos != next[s]+uint64(len(seen[s])) {
 			t.Fatalf("%s: top %+v, want %d appended in the batch and %d since", s, top, next[s], len(seen[s]))
 		}
+	}
+
+	// Every master lost its scripts (restarted, or a replica promoted):
+	// a batch over every slot loads the script again and is made.
+	if err := cc.ForEachMaster(ctx, func(ctx context.Context, c *goredis.Client) error { return c.ScriptFlush(ctx).Err() }); err != nil {
+		t.Fatal(err)
+	}
+	before = counter.n.Load()
+	var again []*appendCall
+	for _, s := range streams {
+		e := pipeline.HistoryEntry{ID: "after flush", Op: 1000}
+		again = append(again, &appendCall{ctx: ctx, streams: []string{s}, entry: encodeEntry(e), limits: limit})
+	}
+	h.send(ctx, slices.Clone(again))
+	for i, c := range again {
+		if c.err != nil || len(c.res) != 1 {
+			t.Fatalf("append to %s after a script flush: %v", c.streams[0], c.err)
+		}
+		if _, pos, err := epochPos(c.res[0]); err != nil || pos != next[streams[i]]+uint64(len(seen[streams[i]]))+1 {
+			t.Fatalf("append to %s after a script flush: position %d (%v)", streams[i], pos, err)
+		}
+	}
+	if calls, want := counter.n.Load()-before, 2*int64(len(slots)); calls != want {
+		t.Fatalf("after a script flush a batch over %d slots took %d script calls, want %d (each sent, then again once loaded)", len(slots), calls, want)
 	}
 
 	// Void across slots: the first position of every stream the batch
