@@ -37,7 +37,7 @@ type Stores struct {
 	// job without logic in its process can read the cloud nodes from it.
 	Shared bool
 
-	rdb *goredis.Client
+	rdb goredis.UniversalClient
 }
 
 // OpenStores opens the registry and idempotency store registry.kind names
@@ -52,12 +52,22 @@ func OpenStores(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ 
 		}
 	}()
 	rc := cfg.Registry.Redis
-	client := func(key string) (*goredis.Client, error) {
+	client := func(key string) (goredis.UniversalClient, error) {
 		if s.rdb == nil {
-			rdb, err := redis.Connect(ctx, rc.Addr, rc.Password, rc.DB)
+			rdb, err := redis.Connect(ctx, rc)
 			if err != nil {
 				return nil, fmt.Errorf("%s: %w", key, err)
 			}
+			attrs := []any{"mode", rc.Mode, "tls", rc.TLS}
+			switch rc.Mode {
+			case config.RedisSingle:
+				attrs = append(attrs, "addr", rc.Addr)
+			case config.RedisSentinel:
+				attrs = append(attrs, "sentinels", rc.Addrs, "master_name", rc.MasterName)
+			default:
+				attrs = append(attrs, "seeds", rc.Addrs)
+			}
+			logger.Info("redis connected", attrs...)
 			s.rdb = rdb
 		}
 		return s.rdb, nil

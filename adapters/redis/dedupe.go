@@ -1,7 +1,20 @@
 // Package redis keeps the state several processes share in Redis: the
 // session registry (pipeline.Registry), logic's idempotent replies
-// (idempotency.Store) and the delivered-message ids several jobs
-// deduplicate against (pipeline.DedupeStore).
+// (idempotency.Store), the delivered-message ids several jobs
+// deduplicate against (pipeline.DedupeStore) and the streams' history
+// (pipeline.History).
+//
+// One client (Connect) serves them all, on one server, the master a set of
+// sentinels names, or a Redis Cluster. Under Cluster every Lua script and
+// transaction touches keys of one hash slot only: a history stream's keys
+// share the {stream} tag and a batch is split by slot, the node keys share
+// {nodes}, and a session's key and its user's index are written by
+// separate commands. What that changed in the stored layout (issue 16):
+// the registry's node keys moved from node:<id>, nodes and nodes:version to
+// {nodes}:node:<id>, {nodes}:ids and {nodes}:version, and a user's index
+// entries hold "server conn" rather than the server (Registry says what a
+// rolling upgrade sees); sessions, replies, dedupe marks and history keep
+// their keys.
 package redis
 
 import (
@@ -40,14 +53,4 @@ func (d *Dedupe) MarkDelivered(ctx context.Context, id string, ttl time.Duration
 		return fmt.Errorf("redis set %s: %w", id, err)
 	}
 	return nil
-}
-
-// Connect opens a client and checks the server answers.
-func Connect(ctx context.Context, addr, password string, db int) (*goredis.Client, error) {
-	c := goredis.NewClient(&goredis.Options{Addr: addr, Password: password, DB: db})
-	if err := c.Ping(ctx).Err(); err != nil {
-		_ = c.Close()
-		return nil, fmt.Errorf("redis %s: %w", addr, err)
-	}
-	return c, nil
 }

@@ -18,20 +18,12 @@ import (
 )
 
 func TestIntegrationDedupeContract(t *testing.T) {
-	rdb, err := Connect(context.Background(), testAddr(), "", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = rdb.Close() })
-	dedupetest.Run(t, func(t *testing.T, _ time.Duration) pipeline.DedupeStore {
-		prefix := registrytest.Prefix(t) + "dedupe:"
-		t.Cleanup(func() {
-			keys, _ := rdb.Keys(context.Background(), prefix+"*").Result()
-			if len(keys) > 0 {
-				_ = rdb.Del(context.Background(), keys...).Err()
-			}
+	eachSetup(t, func(t *testing.T, rdb goredis.UniversalClient) {
+		dedupetest.Run(t, func(t *testing.T, _ time.Duration) pipeline.DedupeStore {
+			prefix := registrytest.Prefix(t) + "dedupe:"
+			t.Cleanup(func() { dropKeys(t, rdb, prefix+"*") })
+			return NewDedupe(rdb, prefix)
 		})
-		return NewDedupe(rdb, prefix)
 	})
 }
 
@@ -50,20 +42,11 @@ func (c *pipelineCounter) ProcessPipelineHook(next goredis.ProcessPipelineHook) 
 // TestIntegrationDedupePipelined: concurrent checks and marks are answered
 // each as if alone, in far fewer round trips than commands.
 func TestIntegrationDedupePipelined(t *testing.T) {
-	rdb, err := Connect(context.Background(), testAddr(), "", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = rdb.Close() })
+	rdb := connect(t, setup(t, "single"))
 	counter := &pipelineCounter{}
 	rdb.AddHook(counter)
 	prefix := registrytest.Prefix(t) + "dedupe:"
-	t.Cleanup(func() {
-		keys, _ := rdb.Keys(context.Background(), prefix+"*").Result()
-		if len(keys) > 0 {
-			_ = rdb.Del(context.Background(), keys...).Err()
-		}
-	})
+	t.Cleanup(func() { dropKeys(t, rdb, prefix+"*") })
 	d := NewDedupe(rdb, prefix)
 	ctx := context.Background()
 	const n = 2000

@@ -1,6 +1,7 @@
 package redis
 
 import (
+	"cmp"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -61,10 +62,15 @@ import (
 // are fields of one hash, so they cannot expire apart; a log left without
 // its meta is deleted when the meta is created again.
 //
-// Under Redis Cluster one script can only touch one slot, and a batch's
-// call touches every stream of every append in it: cluster mode (issue
-// 16) will group a batch (and an Append's streams) by slot, one call a
-// slot. The store is single-node today.
+// Under Redis Cluster one script may only touch keys of one slot: a stream's
+// two keys share its hash tag, and on a *goredis.ClusterClient a batch is
+// split by slot — one script call for the streams of each slot, every
+// append's streams of that slot in queue order, the calls sent at once in
+// one pipeline (go-redis sends each to its node). An Append to streams of
+// several slots is then made slot by slot rather than in one atomic step;
+// each stream's positions still follow the queue's order. Tops and Void
+// are split the same way. On one server (single, Sentinel) a batch stays
+// one call.
 //
 // Round trip (TestIntegrationHistoryThroughput, local Redis 7.0, 200-byte
 // bodies, one stream a call, 2 cores shared with other jobs): one call a
@@ -398,11 +404,11 @@ func (h *History) flush(ctx context.Context) {
 	}
 }
 
-// send makes a batch's appends in one script call (EVALSHA, loading the
-// script if Redis does not know it: it was flushed or restarted). An
-// error fails every append of the batch; those the script made before it
-// failed keep their positions, skipped, as when a call is cut short on
-// the wire.
+// send makes a batch's appends in one script call, or one a slot under
+// Redis Cluster (EVALSHA, loading the script if Redis does not know it:
+// it was flushed or restarted). An error fails every append of the call;
+// those the script made before it failed keep their positions, skipped,
+// as when a call is cut short on the wire.
 func (h *History) send(ctx context.Context, batch []*appendCall) {
 	// A caller that gave up while queued (its request timed out, say
 	// while Redis was slow) gets no position: calls nobody waits for
@@ -414,30 +420,129 @@ func (h *History) send(ctx context.Context, batch []*appendCall) {
 	if len(batch) == 0 {
 		return
 	}
-	keys, args := h.keys[:0], h.args[:0]
-	args = append(args, h.caps.MaxBytes, h.caps.Idle.Milliseconds(), newEpochs())
+	groups := h.appendGroups(batch)
+	calls := make([]scriptCall, len(groups))
+	for i, g := range groups {
+		calls[i] = g.scriptCall
+	}
+	cmds := runScripts(ctx, h.rdb, appendScript, calls)
+	if !clustered(h.rdb) {
+		// Drop the references to the batch's keys and entries, and keep
+		// the buffers for the next batch.
+		g := groups[0]
+		clear(g.keys)
+		clear(g.args)
+		h.keys, h.args = g.keys[:0], g.args[:0]
+	}
 	for _, c := range batch {
-		args = append(args, len(c.streams), c.entry)
-		for i, s := range c.streams {
-			keys = append(keys, h.metaKey(s), h.logKey(s))
-			args = append(args, c.limits[2*i], c.limits[2*i+1])
+		c.res = make([]any, len(c.streams))
+	}
+	for i, g := range groups {
+		res, err := cmds[i].Slice()
+		if err == nil && len(res) != len(g.parts) {
+			err = fmt.Errorf("%d results for a batch of %d appends", len(res), len(g.parts))
+		}
+		for j, part := range g.parts {
+			c := batch[part.call]
+			if err != nil {
+				c.err = cmp.Or(c.err, err)
+				continue
+			}
+			r, _ := res[j].([]any)
+			if len(r) != len(part.streams) {
+				c.err = cmp.Or(c.err, fmt.Errorf("%d results for an append to %d streams", len(r), len(part.streams)))
+				continue
+			}
+			for k, si := range part.streams {
+				c.res[si] = r[k]
+			}
 		}
 	}
-	res, err := appendScript.Run(ctx, h.rdb, keys, args...).Slice()
-	// Drop the references to the batch's keys and entries.
-	clear(keys)
-	clear(args)
-	h.keys, h.args = keys[:0], args[:0]
-	if err == nil && len(res) != len(batch) {
-		err = fmt.Errorf("%d results for a batch of %d appends", len(res), len(batch))
+}
+
+// appendGroup is one call of the append script: its keys and arguments,
+// and the appends it makes (all of a batch, or their streams of one slot
+// under Redis Cluster).
+type appendGroup struct {
+	scriptCall
+	parts []appendPart
+}
+
+// appendPart is the share of one append that a call makes: the append's
+// index in its batch, the indexes of its streams there, and where its
+// stream count is among the call's arguments.
+type appendPart struct {
+	call     int
+	streams  []int
+	countArg int
+}
+
+// appendGroups lays a batch out as calls of the append script: one on one
+// server, one a slot under Redis Cluster.
+func (h *History) appendGroups(batch []*appendCall) []*appendGroup {
+	cluster := clustered(h.rdb)
+	var groups []*appendGroup
+	var bySlot map[int]*appendGroup
+	if cluster {
+		bySlot = map[int]*appendGroup{}
 	}
-	for i, c := range batch {
-		if err != nil {
-			c.err = err
-			continue
+	for ci, c := range batch {
+		for si, s := range c.streams {
+			var g *appendGroup
+			switch {
+			case cluster:
+				slot := keySlot(h.metaKey(s))
+				if g = bySlot[slot]; g == nil {
+					g = &appendGroup{}
+					bySlot[slot] = g
+				}
+			case len(groups) == 1:
+				g = groups[0]
+			default:
+				g = &appendGroup{scriptCall: scriptCall{keys: h.keys[:0], args: h.args[:0]}}
+			}
+			if len(g.args) == 0 {
+				g.args = append(g.args, h.caps.MaxBytes, h.caps.Idle.Milliseconds(), newEpochs())
+				groups = append(groups, g)
+			}
+			if n := len(g.parts); n == 0 || g.parts[n-1].call != ci {
+				g.parts = append(g.parts, appendPart{call: ci, countArg: len(g.args)})
+				g.args = append(g.args, 0, c.entry)
+			}
+			part := &g.parts[len(g.parts)-1]
+			part.streams = append(part.streams, si)
+			g.args[part.countArg] = len(part.streams)
+			g.keys = append(g.keys, h.metaKey(s), h.logKey(s))
+			g.args = append(g.args, c.limits[2*si], c.limits[2*si+1])
 		}
-		c.res, _ = res[i].([]any)
 	}
+	return groups
+}
+
+// streamGroups splits streams (by index) into those one script call may
+// touch together: all of them on one server, those of one slot under
+// Redis Cluster.
+func (h *History) streamGroups(streams []string) [][]int {
+	if !clustered(h.rdb) {
+		all := make([]int, len(streams))
+		for i := range all {
+			all[i] = i
+		}
+		return [][]int{all}
+	}
+	var groups [][]int
+	bySlot := map[int]int{}
+	for i, s := range streams {
+		slot := keySlot(h.metaKey(s))
+		g, ok := bySlot[slot]
+		if !ok {
+			g = len(groups)
+			bySlot[slot] = g
+			groups = append(groups, nil)
+		}
+		groups[g] = append(groups[g], i)
+	}
+	return groups
 }
 
 // Since returns up to max entries of stream after position after
@@ -518,29 +623,37 @@ func (h *History) tops(ctx context.Context, streams []string) ([]topAck, error) 
 	if len(streams) == 0 {
 		return nil, nil
 	}
-	keys := make([]string, 0, 2*len(streams))
-	args := make([]any, 0, 1+len(streams))
-	args = append(args, h.caps.ReadIdle.Milliseconds())
-	for _, s := range streams {
-		keys = append(keys, h.metaKey(s), h.logKey(s))
-		args = append(args, newEpoch())
-	}
-	res, err := topsScript.Run(ctx, h.rdb, keys, args...).Slice()
-	if err != nil {
-		return nil, err
-	}
-	if len(res) != len(streams) {
-		return nil, fmt.Errorf("%d results for %d streams", len(res), len(streams))
-	}
-	out := make([]topAck, len(streams))
-	for i, r := range res {
-		vs, _ := r.([]any)
-		epoch, top, err := epochPos(vs)
-		if err != nil || len(vs) != 3 {
-			return nil, fmt.Errorf("stream %s: bad reply %v", streams[i], r)
+	groups := h.streamGroups(streams)
+	calls := make([]scriptCall, len(groups))
+	for i, g := range groups {
+		keys := make([]string, 0, 2*len(g))
+		args := make([]any, 0, 1+len(g))
+		args = append(args, h.caps.ReadIdle.Milliseconds())
+		for _, si := range g {
+			keys = append(keys, h.metaKey(streams[si]), h.logKey(streams[si]))
+			args = append(args, newEpoch())
 		}
-		ack, _ := vs[2].(int64)
-		out[i] = topAck{epoch, top, uint64(ack)}
+		calls[i] = scriptCall{keys: keys, args: args}
+	}
+	cmds := runScripts(ctx, h.rdb, topsScript, calls)
+	out := make([]topAck, len(streams))
+	for i, g := range groups {
+		res, err := cmds[i].Slice()
+		if err != nil {
+			return nil, err
+		}
+		if len(res) != len(g) {
+			return nil, fmt.Errorf("%d results for %d streams", len(res), len(g))
+		}
+		for j, si := range g {
+			vs, _ := res[j].([]any)
+			epoch, top, err := epochPos(vs)
+			if err != nil || len(vs) != 3 {
+				return nil, fmt.Errorf("stream %s: bad reply %v", streams[si], res[j])
+			}
+			ack, _ := vs[2].(int64)
+			out[si] = topAck{epoch, top, uint64(ack)}
+		}
 	}
 	return out, nil
 }

@@ -21,28 +21,17 @@ import (
 )
 
 func TestIntegrationHistoryContract(t *testing.T) {
-	rdb, err := Connect(context.Background(), testAddr(), "", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = rdb.Close() })
-	historytest.Run(t, func(t *testing.T, caps pipeline.HistoryCaps) (pipeline.History, func() pipeline.History) {
-		prefix := registrytest.Prefix(t) + "history:"
-		drop := func() {
-			keys, err := rdb.Keys(context.Background(), prefix+"*").Result()
-			if err != nil {
-				t.Errorf("keys %s*: %v", prefix, err)
+	eachSetup(t, func(t *testing.T, rdb goredis.UniversalClient) {
+		historytest.Run(t, func(t *testing.T, caps pipeline.HistoryCaps) (pipeline.History, func() pipeline.History) {
+			prefix := registrytest.Prefix(t) + "history:"
+			drop := func() { dropKeys(t, rdb, prefix+"*") }
+			t.Cleanup(drop)
+			// Lost state: the keys flushed or expired.
+			return NewHistory(rdb, prefix, caps), func() pipeline.History {
+				drop()
+				return NewHistory(rdb, prefix, caps)
 			}
-			if len(keys) > 0 {
-				_ = rdb.Del(context.Background(), keys...).Err()
-			}
-		}
-		t.Cleanup(drop)
-		// Lost state: the keys flushed or expired.
-		return NewHistory(rdb, prefix, caps), func() pipeline.History {
-			drop()
-			return NewHistory(rdb, prefix, caps)
-		}
+		})
 	})
 }
 
@@ -385,21 +374,12 @@ func TestIntegrationHistoryBatch(t *testing.T) {
 	}
 }
 
-// historyRedis connects to the test Redis and gives the test a key prefix
-// of its own, whose keys are deleted when it ends.
-func historyRedis(t *testing.T) (*goredis.Client, string) {
+// historyRedis connects to the test Redis (single) and gives the test a
+// key prefix of its own, whose keys are deleted when it ends.
+func historyRedis(t *testing.T) (goredis.UniversalClient, string) {
 	t.Helper()
-	rdb, err := Connect(context.Background(), testAddr(), "", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	rdb := connect(t, setup(t, "single"))
 	prefix := registrytest.Prefix(t) + "history:"
-	t.Cleanup(func() {
-		keys, _ := rdb.Keys(context.Background(), prefix+"*").Result()
-		if len(keys) > 0 {
-			_ = rdb.Del(context.Background(), keys...).Err()
-		}
-		_ = rdb.Close()
-	})
+	t.Cleanup(func() { dropKeys(t, rdb, prefix+"*") })
 	return rdb, prefix
 }

@@ -1,11 +1,14 @@
 package redis
 
 import (
+	"fmt"
 	"slices"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	goredis "github.com/redis/go-redis/v9"
 
 	"imcloud/pipeline"
 )
@@ -46,6 +49,85 @@ func TestHistoryEntryEncoding(t *testing.T) {
 	} {
 		if _, err := decodeLogEntry(bad); err == nil {
 			t.Fatalf("decoded %v", bad)
+		}
+	}
+}
+
+// TestAppendGroupsBySlot: under Redis Cluster a batch becomes one script
+// call a slot, each holding only keys of its slot and each append's
+// streams of that slot in queue order; on one server it stays one call.
+func TestAppendGroupsBySlot(t *testing.T) {
+	// Neither client dials until used: only its type matters here.
+	cluster := goredis.NewClusterClient(&goredis.ClusterOptions{Addrs: []string{"127.0.0.1:1"}})
+	single := goredis.NewClient(&goredis.Options{Addr: "127.0.0.1:1"})
+	t.Cleanup(func() { _ = cluster.Close(); _ = single.Close() })
+	var streams []string
+	for i := range 40 {
+		streams = append(streams, pipeline.RoomStream(fmt.Sprintf("slots://%d", i)))
+	}
+	call := func(id string, streams ...string) *appendCall {
+		limits := make([]int64, 0, 2*len(streams))
+		for i := range streams {
+			limits = append(limits, int64(i+1), 60_000)
+		}
+		return &appendCall{streams: streams, entry: encodeEntry(pipeline.HistoryEntry{ID: id}), limits: limits}
+	}
+	batch := []*appendCall{call("a", streams[:20]...), call("b", streams[10:]...), call("c", streams[0], streams[39], streams[0])}
+
+	h := NewHistory(single, "p:", pipeline.HistoryCaps{})
+	if groups := h.appendGroups(batch); len(groups) != 1 || len(groups[0].parts) != len(batch) || len(groups[0].keys) != 2*(20+30+3) {
+		t.Fatalf("one server: %d calls, want one call of every append", len(groups))
+	}
+
+	h = NewHistory(cluster, "p:", pipeline.HistoryCaps{})
+	groups := h.appendGroups(batch)
+	if len(groups) < 2 {
+		t.Fatalf("40 streams in %d calls: not split by slot", len(groups))
+	}
+	made := make([][]int, len(batch)) // the stream indexes made of each append
+	for _, g := range groups {
+		slot := keySlot(g.keys[0])
+		for _, k := range g.keys {
+			if keySlot(k) != slot {
+				t.Fatalf("one call holds keys of slots %d and %d", slot, keySlot(k))
+			}
+		}
+		// The arguments: max bytes, idle, epochs, then per append its
+		// stream count, entry and two limits a stream.
+		a, k, last := 3, 0, -1
+		for _, part := range g.parts {
+			if part.call <= last {
+				t.Fatalf("appends out of queue order in a call: %d after %d", part.call, last)
+			}
+			last = part.call
+			c := batch[part.call]
+			if g.args[a] != len(part.streams) || string(g.args[a+1].([]byte)) != string(c.entry) {
+				t.Fatalf("append %d: count %v and entry in the arguments, want %d", part.call, g.args[a], len(part.streams))
+			}
+			a += 2
+			for _, si := range part.streams {
+				if g.keys[k] != h.metaKey(c.streams[si]) || g.keys[k+1] != h.logKey(c.streams[si]) {
+					t.Fatalf("append %d stream %d: keys %v", part.call, si, g.keys[k:k+2])
+				}
+				if g.args[a] != c.limits[2*si] || g.args[a+1] != c.limits[2*si+1] {
+					t.Fatalf("append %d stream %d: limits %v, want %v", part.call, si, g.args[a:a+2], c.limits[2*si:2*si+2])
+				}
+				k, a = k+2, a+2
+				made[part.call] = append(made[part.call], si)
+			}
+		}
+		if k != len(g.keys) || a != len(g.args) {
+			t.Fatalf("a call's keys and arguments do not add up: %d of %d keys, %d of %d arguments", k, len(g.keys), a, len(g.args))
+		}
+	}
+	for ci, c := range batch {
+		got := slices.Sorted(slices.Values(made[ci]))
+		want := make([]int, len(c.streams))
+		for i := range want {
+			want[i] = i
+		}
+		if !slices.Equal(got, want) {
+			t.Fatalf("append %d: streams %v made, want each of its %d once", ci, got, len(c.streams))
 		}
 	}
 }

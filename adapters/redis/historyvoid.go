@@ -59,14 +59,26 @@ func (h *History) Void(ctx context.Context, positions []pipeline.StreamPos) erro
 	if len(positions) == 0 {
 		return nil
 	}
-	keys := make([]string, 0, 2*len(positions))
-	args := make([]any, 0, 2*len(positions))
-	for _, p := range positions {
-		keys = append(keys, h.metaKey(p.Stream), h.logKey(p.Stream))
-		args = append(args, p.Epoch, strconv.FormatUint(p.Pos, 10))
+	streams := make([]string, len(positions))
+	for i, p := range positions {
+		streams[i] = p.Stream
 	}
-	if err := voidScript.Run(ctx, h.rdb, keys, args...).Err(); err != nil {
-		return fmt.Errorf("history void %d positions: %w", len(positions), err)
+	groups := h.streamGroups(streams)
+	calls := make([]scriptCall, len(groups))
+	for i, g := range groups {
+		keys := make([]string, 0, 2*len(g))
+		args := make([]any, 0, 2*len(g))
+		for _, pi := range g {
+			p := positions[pi]
+			keys = append(keys, h.metaKey(p.Stream), h.logKey(p.Stream))
+			args = append(args, p.Epoch, strconv.FormatUint(p.Pos, 10))
+		}
+		calls[i] = scriptCall{keys: keys, args: args}
+	}
+	for _, cmd := range runScripts(ctx, h.rdb, voidScript, calls) {
+		if err := cmd.Err(); err != nil {
+			return fmt.Errorf("history void %d positions: %w", len(positions), err)
+		}
 	}
 	return nil
 }

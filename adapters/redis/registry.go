@@ -1,6 +1,7 @@
 package redis
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -18,11 +19,33 @@ import (
 // Registry keeps sessions and cloud nodes in Redis, shared by every logic
 // and job node of a cluster. Keys, under a prefix:
 //
-//	key:{key}   hash mid, server,    a session; expires without heartbeats
-//	            conn                 (conn: the connection on server; absent = 0)
-//	mid:{mid}   hash key → server    a user's keys; entries are checked against key:{key}
-//	node:{id}   NodeInfo (protobuf)  a cloud node; expires unless renewed
-//	nodes       set of node ids      stale ids are dropped when read
+//	key:{key}            hash mid, server,    a session; expires without heartbeats
+//	                     conn                 (conn: the connection on server; absent = 0)
+//	mid:{mid}            hash key →           a user's keys; entries are checked against
+//	                     "server conn"        key:{key} on read
+//	{nodes}:node:{id}    NodeInfo (protobuf)  a cloud node; expires unless renewed
+//	{nodes}:ids          set of node ids      stale ids are dropped when read
+//	{nodes}:version      counter              bumped by every node report
+//
+// Under Redis Cluster a script or transaction may only touch one slot. A
+// session's two keys hash apart, so no script touches both: the mid index
+// is written in its own commands, before the session's script in one
+// pipeline (go-redis' ClusterClient sends each part to its node), and
+// cleaned after a delete succeeded, by a script that drops the entry only
+// while it still names the deleted connection. The index may therefore
+// name a key whose session is gone or refused a renewal; readers check
+// every entry against key:{key}, as they always did. The node keys share
+// the {nodes} hash tag, so a node report stays one transaction and the
+// node list one MGET.
+//
+// Layout changes (issue 16): the node keys were node:{id}, nodes and
+// nodes:version, without a hash tag, and mid entries held the server
+// alone. A node reported under the old names is not seen by a process of
+// this version (nor the reverse) until it reports again under the new
+// ones: upgrade every process of a cluster together, or expect cloud nodes
+// to be missing from the node list for one renewal interval. Old mid
+// entries stay readable (only their keys are read) and expire with their
+// hash.
 type Registry struct {
 	rdb        goredis.UniversalClient
 	prefix     string
@@ -37,39 +60,50 @@ func NewRegistry(rdb goredis.UniversalClient, prefix string, sessionTTL, nodeTTL
 
 func (r *Registry) keyKey(key string) string { return r.prefix + "key:" + key }
 func (r *Registry) midKey(mid int64) string  { return r.prefix + "mid:" + strconv.FormatInt(mid, 10) }
-func (r *Registry) nodeKey(id string) string { return r.prefix + "node:" + id }
-func (r *Registry) nodesKey() string         { return r.prefix + "nodes" }
+func (r *Registry) nodeKey(id string) string { return r.prefix + "{nodes}:node:" + id }
+func (r *Registry) nodesKey() string         { return r.prefix + "{nodes}:ids" }
 
 // nodesVersionKey counts the node reports: a reader that kept the node
 // list can ask whether it changed with one GET (NodesVersion).
-func (r *Registry) nodesVersionKey() string { return r.prefix + "nodes:version" }
+func (r *Registry) nodesVersionKey() string { return r.prefix + "{nodes}:version" }
+
+// indexEntry is a session's value in its user's mid index: which
+// connection wrote it, so that deleting one session cannot drop the entry
+// a newer connection of the same key wrote meanwhile.
+func indexEntry(server string, conn uint64) string {
+	return server + " " + strconv.FormatUint(conn, 10)
+}
 
 // addSession records the session and returns the server that held the key
 // before and the connection there ({server, conn}; conn absent, stored by
-// an older logic, is "0"), atomically. ARGV[6] "1" makes it a renewal: a
+// an older logic, is "0"), atomically. ARGV[5] "1" makes it a renewal: a
 // live session of another connection (both conns named, and different) is
-// left alone.
+// left alone. KEYS[1] is the session alone: the mid index is written apart
+// (AddSession).
 var addSession = goredis.NewScript(`
 local s = redis.call('HMGET', KEYS[1], 'server', 'conn')
 local prev = s[1]
-if ARGV[6] == '1' and prev and ARGV[5] ~= '0' and s[2] and s[2] ~= '0' and s[2] ~= ARGV[5] then return false end
-redis.call('HSET', KEYS[1], 'mid', ARGV[1], 'server', ARGV[2], 'conn', ARGV[5])
+if ARGV[5] == '1' and prev and ARGV[4] ~= '0' and s[2] and s[2] ~= '0' and s[2] ~= ARGV[4] then return false end
+redis.call('HSET', KEYS[1], 'mid', ARGV[1], 'server', ARGV[2], 'conn', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('HSET', KEYS[2], ARGV[4], ARGV[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
 if not prev or prev == ARGV[2] then return false end
 return {prev, s[2] or '0'}`)
 
 // delSession deletes the session only if it is still mid's on server as
-// connection ARGV[4]. A conn of 0 on either side (absent: stored by an
+// connection ARGV[3]. A conn of 0 on either side (absent: stored by an
 // older logic) matches any connection.
 var delSession = goredis.NewScript(`
 local s = redis.call('HMGET', KEYS[1], 'mid', 'server', 'conn')
 if s[1] ~= ARGV[1] or s[2] ~= ARGV[2] then return 0 end
-if ARGV[4] ~= '0' and s[3] and s[3] ~= '0' and s[3] ~= ARGV[4] then return 0 end
+if ARGV[3] ~= '0' and s[3] and s[3] ~= '0' and s[3] ~= ARGV[3] then return 0 end
 redis.call('DEL', KEYS[1])
-redis.call('HDEL', KEYS[2], ARGV[3])
 return 1`)
+
+// delIndexEntry drops field ARGV[1] of the mid index KEYS[1] if it still
+// holds ARGV[2], the deleted session's entry.
+var delIndexEntry = goredis.NewScript(`
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 0`)
 
 // AddSession records key (of user mid) on server as connection conn and
 // returns the server and connection that held it before, if on another
@@ -83,8 +117,24 @@ func (r *Registry) addSession(ctx context.Context, mid int64, key, server string
 	if renew {
 		renewArg = "1"
 	}
-	prev, err := addSession.Run(ctx, r.rdb, []string{r.keyKey(key), r.midKey(mid)},
-		mid, server, r.sessionTTL.Milliseconds(), key, strconv.FormatUint(conn, 10), renewArg).StringSlice()
+	keys := []string{r.keyKey(key)}
+	args := []any{mid, server, r.sessionTTL.Milliseconds(), strconv.FormatUint(conn, 10), renewArg}
+	// The index first: a reader that finds the session through its user
+	// finds the entry. A renewal the script refuses has written it all
+	// the same; readers check it against the session.
+	pipe := r.rdb.Pipeline()
+	index := pipe.HSet(ctx, r.midKey(mid), key, indexEntry(server, conn))
+	expire := pipe.PExpire(ctx, r.midKey(mid), r.sessionTTL)
+	session := addSession.EvalSha(ctx, pipe, keys, args...)
+	_, _ = pipe.Exec(ctx)
+	if err := cmp.Or(index.Err(), expire.Err()); err != nil {
+		return "", 0, fmt.Errorf("redis add session %s: index it under user %d: %w", key, mid, err)
+	}
+	if goredis.HasErrorPrefix(session.Err(), "NOSCRIPT") {
+		// Redis lost the script (flushed, restarted, a replica promoted).
+		session = addSession.Run(ctx, r.rdb, keys, args...)
+	}
+	prev, err := session.StringSlice()
 	if errors.Is(err, goredis.Nil) {
 		return "", 0, nil
 	}
@@ -111,13 +161,22 @@ func (r *Registry) RenewSession(ctx context.Context, mid int64, key, server stri
 
 // DelSession removes key's session if it is still mid's on server as
 // connection conn (0 on either side matches any: an older node or logic).
+// True with an error: the session is gone but its entry in the user's
+// index could not be dropped (readers skip it; it expires with the index).
 func (r *Registry) DelSession(ctx context.Context, mid int64, key, server string, conn uint64) (bool, error) {
-	n, err := delSession.Run(ctx, r.rdb, []string{r.keyKey(key), r.midKey(mid)},
-		mid, server, key, strconv.FormatUint(conn, 10)).Int()
+	n, err := delSession.Run(ctx, r.rdb, []string{r.keyKey(key)}, mid, server, strconv.FormatUint(conn, 10)).Int()
 	if err != nil {
 		return false, fmt.Errorf("redis delete session %s: %w", key, err)
 	}
-	return n == 1, nil
+	if n != 1 {
+		return false, nil
+	}
+	// The session is gone: a failure here leaves an index entry that
+	// readers drop (it names no session) and that expires with the index.
+	if err := delIndexEntry.Run(ctx, r.rdb, []string{r.midKey(mid)}, key, indexEntry(server, conn)).Err(); err != nil {
+		return true, fmt.Errorf("redis delete session %s: drop it from user %d's index: %w", key, mid, err)
+	}
+	return true, nil
 }
 
 // sessions reads mid and server of each key; expired keys are absent.

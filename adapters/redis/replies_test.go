@@ -8,26 +8,20 @@ import (
 	"testing"
 	"time"
 
+	goredis "github.com/redis/go-redis/v9"
+
 	"imcloud/adapters/registrytest"
 	"imcloud/pipeline/idempotency"
 	"imcloud/pipeline/idempotency/idemtest"
 )
 
 func TestIntegrationRepliesContract(t *testing.T) {
-	ctx := context.Background()
-	rdb, err := Connect(ctx, testAddr(), "", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = rdb.Close() })
-	idemtest.Run(t, func(t *testing.T) idempotency.Store {
-		prefix := registrytest.Prefix(t) + "reply:"
-		t.Cleanup(func() {
-			if keys, _ := rdb.Keys(ctx, prefix+"*").Result(); len(keys) > 0 {
-				rdb.Del(ctx, keys...)
-			}
+	eachSetup(t, func(t *testing.T, rdb goredis.UniversalClient) {
+		idemtest.Run(t, func(t *testing.T) idempotency.Store {
+			prefix := registrytest.Prefix(t) + "reply:"
+			t.Cleanup(func() { dropKeys(t, rdb, prefix+"*") })
+			return NewReplies(rdb, prefix, time.Minute)
 		})
-		return NewReplies(rdb, prefix, time.Minute)
 	})
 }
 
@@ -36,17 +30,9 @@ func TestIntegrationRepliesContract(t *testing.T) {
 // other replays, for the TTL.
 func TestIntegrationRepliesAcrossNodes(t *testing.T) {
 	ctx := context.Background()
-	rdb, err := Connect(ctx, testAddr(), "", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rdb.Close()
+	rdb := connect(t, setup(t, "single"))
 	prefix := registrytest.Prefix(t) + "reply:"
-	t.Cleanup(func() {
-		if keys, _ := rdb.Keys(ctx, prefix+"*").Result(); len(keys) > 0 {
-			rdb.Del(ctx, keys...)
-		}
-	})
+	t.Cleanup(func() { dropKeys(t, rdb, prefix+"*") })
 	a, b := NewReplies(rdb, prefix, 10*time.Minute), NewReplies(rdb, prefix, 10*time.Minute)
 	fp := fmt.Sprintf("%064x", 7)
 	e, err := a.Reserve(ctx, "k", fp)

@@ -220,13 +220,47 @@ type Registry struct {
 	Redis Redis  `koanf:"redis"`
 }
 
-// Redis configures a Redis connection.
+// Redis modes (registry.redis.mode).
+const (
+	RedisSingle   = "single"
+	RedisSentinel = "sentinel"
+	RedisCluster  = "cluster"
+)
+
+// Redis configures the Redis the registry, the idempotency store, job's
+// dedupe store and the history share: one server (Addr), a master found
+// through Sentinel (Addrs are the sentinels, MasterName the master) or a
+// Redis Cluster (Addrs are seed nodes).
 type Redis struct {
-	Addr     string `koanf:"addr"`
-	Password string `koanf:"password"`
-	DB       int    `koanf:"db"`
-	// Prefix starts every key imcloud writes, so clusters can share a Redis.
+	Mode string `koanf:"mode"`
+	// Addr is the server in single mode; the other modes use Addrs, so
+	// that its default cannot leave a sentinel or cluster setup pointing
+	// at a stray single server.
+	Addr       string   `koanf:"addr"`
+	Addrs      []string `koanf:"addrs"`
+	MasterName string   `koanf:"master_name"`
+	// Username and Password authenticate to the data nodes (ACL; no
+	// username is the default user); the sentinel ones to the sentinels,
+	// which often have credentials of their own.
+	Username         string `koanf:"username"`
+	Password         string `koanf:"password"`
+	SentinelUsername string `koanf:"sentinel_username"`
+	SentinelPassword string `koanf:"sentinel_password"`
+	// DB is the database number; a Redis Cluster has only 0.
+	DB int `koanf:"db"`
+	// Prefix starts every key imcloud writes, so clusters can share a
+	// Redis. No braces: imcloud's keys carry their own Redis Cluster
+	// hash tags, and a brace in the prefix would move which part of a key
+	// picks its slot.
 	Prefix string `koanf:"prefix"`
+	// TLS, with the sentinels as with the data nodes. The CA file
+	// replaces the system's roots; a client certificate is sent when
+	// the server asks for one (tls-auth-clients).
+	TLS           bool   `koanf:"tls"`
+	TLSCAFile     string `koanf:"tls_ca_file"`
+	TLSCertFile   string `koanf:"tls_cert_file"`
+	TLSKeyFile    string `koanf:"tls_key_file"`
+	TLSServerName string `koanf:"tls_server_name"`
 }
 
 // Topics names the broker topics.
@@ -615,7 +649,7 @@ func Default() Config {
 			NATS:        NATS{URL: "nats://127.0.0.1:4222", Prefetch: 16, RedeliverAfter: 2 * time.Minute},
 			RedisStream: RedisStream{Addr: "127.0.0.1:6379", RedeliverAfter: 2 * time.Minute},
 		},
-		Registry: Registry{Kind: RegistryMemory, Redis: Redis{Addr: "127.0.0.1:6379", Prefix: "imcloud:"}},
+		Registry: Registry{Kind: RegistryMemory, Redis: Redis{Mode: RedisSingle, Addr: "127.0.0.1:6379", Addrs: []string{}, Prefix: "imcloud:"}},
 		Topics: Topics{Push: "imcloud.push", Poison: "imcloud.push.poison", Upstream: "imcloud.upstream", PushMaxLength: 1_000_000, PushShards: 1, PoisonMaxLength: 1_000_000, UpstreamMaxLength: 100_000,
 			Events: "imcloud.events", EventsMaxLength: 1_000_000},
 		// 10,000 events of ~250 bytes queued: ~2.5 MB, a few seconds of a
@@ -1085,6 +1119,7 @@ func (c Config) Validate() error {
 		bad("cluster.tls_cert_file", "mutual TLS needs all of cluster.tls_cert_file, cluster.tls_key_file and cluster.tls_ca_file")
 	}
 	errs = append(errs, c.History.validate()...)
+	errs = append(errs, c.Registry.Redis.validate()...)
 	errs = append(errs, c.CheckWorstCase(), c.CheckBinds())
 	return errors.Join(errs...)
 }

@@ -1,0 +1,162 @@
+package redis
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	goredis "github.com/redis/go-redis/v9"
+
+	"imcloud/pipeline/config"
+)
+
+// connectTimeout bounds Connect's first exchange with Redis.
+const connectTimeout = 10 * time.Second
+
+// Connect opens the client registry.redis describes — one server, the
+// master a set of sentinels names, or a Redis Cluster — and checks that it
+// answers. The stores take it as a goredis.UniversalClient whatever the
+// mode; under Cluster (a *goredis.ClusterClient) they keep each script's
+// keys in one slot.
+func Connect(ctx context.Context, rc config.Redis) (goredis.UniversalClient, error) {
+	tlsConfig, err := rc.TLSConfig()
+	if err != nil {
+		return nil, err
+	}
+	opts := &goredis.UniversalOptions{
+		Username:  rc.Username,
+		Password:  rc.Password,
+		DB:        rc.DB,
+		TLSConfig: tlsConfig,
+	}
+	switch rc.Mode {
+	case config.RedisSingle:
+		opts.Addrs = []string{rc.Addr}
+	case config.RedisSentinel:
+		opts.Addrs, opts.MasterName = rc.Addrs, rc.MasterName
+		opts.SentinelUsername, opts.SentinelPassword = rc.SentinelUsername, rc.SentinelPassword
+	case config.RedisCluster:
+		// IsClusterMode: one seed address is a cluster too, not a
+		// single server.
+		opts.Addrs, opts.IsClusterMode = rc.Addrs, true
+	default:
+		return nil, fmt.Errorf("redis: mode %q is not one of %s, %s, %s", rc.Mode, config.RedisSingle, config.RedisSentinel, config.RedisCluster)
+	}
+	c := goredis.NewUniversalClient(opts)
+	// A server that takes the TLS handshake for a command waits for a
+	// newline that never comes: bounded, start-up fails instead of
+	// hanging on go-redis' retries.
+	ctx, cancel := context.WithTimeout(ctx, connectTimeout)
+	defer cancel()
+	if err := c.Ping(ctx).Err(); err != nil {
+		_ = c.Close()
+		if errors.Is(err, context.DeadlineExceeded) {
+			return nil, fmt.Errorf("redis %s %s: no answer within %s (down, or tls not what the server speaks?): %w", rc.Mode, describe(rc), connectTimeout, err)
+		}
+		return nil, fmt.Errorf("redis %s %s: %w", rc.Mode, describe(rc), err)
+	}
+	return c, nil
+}
+
+// describe names where a mode connects, for errors and logs; never a
+// credential.
+func describe(rc config.Redis) string {
+	switch rc.Mode {
+	case config.RedisSingle:
+		return rc.Addr
+	case config.RedisSentinel:
+		return fmt.Sprintf("master %q via %s", rc.MasterName, strings.Join(rc.Addrs, ","))
+	}
+	return strings.Join(rc.Addrs, ",")
+}
+
+// clustered reports whether rdb spreads keys over a Redis Cluster's slots,
+// where one script may only touch keys of one slot.
+func clustered(rdb goredis.UniversalClient) bool {
+	_, ok := rdb.(*goredis.ClusterClient)
+	return ok
+}
+
+// clusterSlots is the number of Redis Cluster hash slots.
+const clusterSlots = 16384
+
+// keySlot is the Redis Cluster slot of key (CLUSTER KEYSLOT): CRC16 of its
+// hash tag — what is between the first '{' and the first '}' after it,
+// when that is not empty — or else of the whole key, modulo 16384.
+// go-redis has one but keeps it internal.
+func keySlot(key string) int {
+	if open := strings.IndexByte(key, '{'); open >= 0 {
+		if n := strings.IndexByte(key[open+1:], '}'); n > 0 {
+			key = key[open+1 : open+1+n]
+		}
+	}
+	return int(crc16(key) % clusterSlots)
+}
+
+// crc16 is CRC-16/XMODEM (polynomial 0x1021, initial value 0), the one
+// Redis Cluster hashes keys with.
+func crc16(s string) uint16 {
+	var crc uint16
+	for i := 0; i < len(s); i++ {
+		crc ^= uint16(s[i]) << 8
+		for range 8 {
+			if crc&0x8000 != 0 {
+				crc = crc<<1 ^ 0x1021
+			} else {
+				crc <<= 1
+			}
+		}
+	}
+	return crc
+}
+
+// scriptCall is one call of a script: its keys and arguments.
+type scriptCall struct {
+	keys []string
+	args []any
+}
+
+// runScripts runs script once for each call and returns their commands, in
+// order. One call goes alone (Script.Run: EVALSHA, then EVAL if Redis lost
+// the script); several share one pipeline, which go-redis' ClusterClient
+// sends to each call's node at once. Calls Redis answers NOSCRIPT (the
+// script flushed, or a node restarted or promoted: every call to it) are
+// run again in one pipeline once the script is loaded — on every master
+// under Cluster — rather than each sending the script's text.
+func runScripts(ctx context.Context, rdb goredis.UniversalClient, script *goredis.Script, calls []scriptCall) []*goredis.Cmd {
+	cmds := make([]*goredis.Cmd, len(calls))
+	if len(calls) == 1 {
+		cmds[0] = script.Run(ctx, rdb, calls[0].keys, calls[0].args...)
+		return cmds
+	}
+	evalSha := func(which []int) {
+		pipe := rdb.Pipeline()
+		for _, i := range which {
+			cmds[i] = script.EvalSha(ctx, pipe, calls[i].keys, calls[i].args...)
+		}
+		// Each command carries its own outcome.
+		_, _ = pipe.Exec(ctx)
+	}
+	all := make([]int, len(calls))
+	for i := range all {
+		all[i] = i
+	}
+	evalSha(all)
+	var lost []int
+	for i, cmd := range cmds {
+		if goredis.HasErrorPrefix(cmd.Err(), "NOSCRIPT") {
+			lost = append(lost, i)
+		}
+	}
+	if len(lost) == 0 {
+		return cmds
+	}
+	if err := script.Load(ctx, rdb).Err(); err != nil {
+		// Each call's NOSCRIPT stands; the next batch tries again.
+		return cmds
+	}
+	evalSha(lost)
+	return cmds
+}
