@@ -84,7 +84,7 @@ func OpenStores(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ 
 		s.Replies = redis.NewReplies(rdb, rc.Prefix+"reply:", cfg.Logic.IdempotencyTTL)
 		s.Agreements = redis.NewAgreements(rdb, rc.Prefix)
 		if cfg.History.Enabled {
-			s.History = redis.NewHistory(rdb, rc.Prefix+"history:", pipeline.HistoryCaps{})
+			s.History = redis.NewHistory(rdb, rc.Prefix+"history:", pipeline.HistoryCaps{}).WithReplicaWait(rc.WaitReplicas, rc.WaitTimeout)
 		}
 	case config.RegistryMemory:
 		mem := memory.New(cfg.Logic.SessionTTL, nodeTTL)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"time"
 
 	goredis "github.com/redis/go-redis/v9"
@@ -159,4 +160,91 @@ func runScripts(ctx context.Context, rdb goredis.UniversalClient, script *goredi
 	}
 	evalSha(lost)
 	return cmds
+}
+
+// scriptNode is where runScriptsWait sends calls: the client itself, or
+// under Cluster the master of the calls' slot.
+type scriptNode interface {
+	goredis.Scripter
+	Pipeline() goredis.Pipeliner
+}
+
+// runScriptsWait is runScripts, then WAIT on each connection that ran
+// calls: a call whose writes fewer than replicas replicas acknowledged
+// within timeout fails. Redis replicates asynchronously; a master that
+// dies with writes not yet sent to its replica loses them when the
+// replica is promoted, and for the history that is a position given twice
+// (the second message taken for the first at the cloud node). WAIT is the
+// only way to know a write reached a replica, and it only counts the
+// writes of its own connection: hence one pipeline a master, calls and
+// WAIT together.
+func runScriptsWait(ctx context.Context, rdb goredis.UniversalClient, script *goredis.Script, calls []scriptCall, replicas int, timeout time.Duration) []*goredis.Cmd {
+	cmds := make([]*goredis.Cmd, len(calls))
+	groups := map[scriptNode][]int{}
+	var nodes []scriptNode
+	if cc, ok := rdb.(*goredis.ClusterClient); ok {
+		for i, c := range calls {
+			m, err := cc.MasterForKey(ctx, c.keys[0])
+			if err != nil {
+				cmds[i] = goredis.NewCmd(ctx)
+				cmds[i].SetErr(fmt.Errorf("find the master of %s: %w", c.keys[0], err))
+				continue
+			}
+			if _, ok := groups[m]; !ok {
+				nodes = append(nodes, m)
+			}
+			groups[m] = append(groups[m], i)
+		}
+	} else {
+		nodes = []scriptNode{rdb}
+		for i := range calls {
+			groups[rdb] = append(groups[rdb], i)
+		}
+	}
+	var wg sync.WaitGroup
+	for _, n := range nodes {
+		wg.Go(func() { runOnNode(ctx, n, script, calls, groups[n], cmds, replicas, timeout) })
+	}
+	wg.Wait()
+	return cmds
+}
+
+// runOnNode runs the calls which on node in one pipeline ending in WAIT,
+// and those Redis answered NOSCRIPT again (the script loaded) in another.
+func runOnNode(ctx context.Context, node scriptNode, script *goredis.Script, calls []scriptCall, which []int, cmds []*goredis.Cmd, replicas int, timeout time.Duration) {
+	run := func(which []int) {
+		pipe := node.Pipeline()
+		for _, i := range which {
+			cmds[i] = script.EvalSha(ctx, pipe, calls[i].keys, calls[i].args...)
+		}
+		wait := pipe.Do(ctx, "wait", replicas, timeout.Milliseconds())
+		_, _ = pipe.Exec(ctx) // each command carries its own outcome
+		n, err := wait.Int64()
+		if err == nil && int(n) < replicas {
+			err = fmt.Errorf("%d of %d replicas acknowledged within %s", n, replicas, timeout)
+		}
+		if err == nil {
+			return
+		}
+		err = fmt.Errorf("wait for replicas: %w", err)
+		for _, i := range which {
+			if cmds[i].Err() == nil {
+				cmds[i].SetErr(err)
+			}
+		}
+	}
+	run(which)
+	var lost []int
+	for _, i := range which {
+		if goredis.HasErrorPrefix(cmds[i].Err(), "NOSCRIPT") {
+			lost = append(lost, i)
+		}
+	}
+	if len(lost) == 0 {
+		return
+	}
+	if err := script.Load(ctx, node).Err(); err != nil {
+		return // each call's NOSCRIPT stands; the next batch tries again
+	}
+	run(lost)
 }

@@ -95,6 +95,12 @@ type History struct {
 	queued   []*appendCall
 	flushing bool // a goroutine is sending queued appends
 
+	// waitReplicas, when above 0, is how many replicas must have a
+	// batch's appends before its positions are given (WAIT, for at most
+	// waitTimeout): WithReplicaWait.
+	waitReplicas int
+	waitTimeout  time.Duration
+
 	// The flushing goroutine's buffers for a batch's script call (go-redis
 	// copies them into its command), reused from batch to batch.
 	keys []string
@@ -128,6 +134,17 @@ const appendTimeout = 5 * time.Second
 // its default).
 func NewHistory(rdb goredis.UniversalClient, prefix string, caps pipeline.HistoryCaps) *History {
 	return &History{rdb: rdb, prefix: prefix, caps: caps.Normalized()}
+}
+
+// WithReplicaWait makes every batch of appends wait until replicas
+// replicas have it (registry.redis.wait_replicas), for at most timeout;
+// one that times out fails, and its pushes with it (503). Without it a
+// position given just before the master died may be given again by the
+// promoted replica, and the cloud node takes the second message for a
+// copy of the first. It returns h; call it before the first Append.
+func (h *History) WithReplicaWait(replicas int, timeout time.Duration) *History {
+	h.waitReplicas, h.waitTimeout = replicas, timeout
+	return h
 }
 
 func (h *History) metaKey(stream string) string { return h.prefix + "{" + stream + "}:meta" }
@@ -425,7 +442,12 @@ func (h *History) send(ctx context.Context, batch []*appendCall) {
 	for i, g := range groups {
 		calls[i] = g.scriptCall
 	}
-	cmds := runScripts(ctx, h.rdb, appendScript, calls)
+	var cmds []*goredis.Cmd
+	if h.waitReplicas > 0 {
+		cmds = runScriptsWait(ctx, h.rdb, appendScript, calls, h.waitReplicas, h.waitTimeout)
+	} else {
+		cmds = runScripts(ctx, h.rdb, appendScript, calls)
+	}
 	if !clustered(h.rdb) {
 		// Drop the references to the batch's keys and entries, and keep
 		// the buffers for the next batch.

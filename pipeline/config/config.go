@@ -261,6 +261,11 @@ type Redis struct {
 	TLSCertFile   string `koanf:"tls_cert_file"`
 	TLSKeyFile    string `koanf:"tls_key_file"`
 	TLSServerName string `koanf:"tls_server_name"`
+	// WaitReplicas is how many replicas must have a push's history
+	// positions before it is accepted (Redis WAIT); 0: none, Redis's
+	// asynchronous replication as it is. WaitTimeout bounds that wait.
+	WaitReplicas int           `koanf:"wait_replicas"`
+	WaitTimeout  time.Duration `koanf:"wait_timeout"`
 }
 
 // Topics names the broker topics.
@@ -649,7 +654,7 @@ func Default() Config {
 			NATS:        NATS{URL: "nats://127.0.0.1:4222", Prefetch: 16, RedeliverAfter: 2 * time.Minute},
 			RedisStream: RedisStream{Addr: "127.0.0.1:6379", RedeliverAfter: 2 * time.Minute},
 		},
-		Registry: Registry{Kind: RegistryMemory, Redis: Redis{Mode: RedisSingle, Addr: "127.0.0.1:6379", Addrs: []string{}, Prefix: "imcloud:"}},
+		Registry: Registry{Kind: RegistryMemory, Redis: Redis{Mode: RedisSingle, Addr: "127.0.0.1:6379", Addrs: []string{}, Prefix: "imcloud:", WaitTimeout: time.Second}},
 		Topics: Topics{Push: "imcloud.push", Poison: "imcloud.push.poison", Upstream: "imcloud.upstream", PushMaxLength: 1_000_000, PushShards: 1, PoisonMaxLength: 1_000_000, UpstreamMaxLength: 100_000,
 			Events: "imcloud.events", EventsMaxLength: 1_000_000},
 		// 10,000 events of ~250 bytes queued: ~2.5 MB, a few seconds of a

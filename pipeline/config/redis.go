@@ -8,11 +8,19 @@ import (
 	"os"
 	"slices"
 	"strings"
+	"time"
 )
 
 // maxRedisAddrs bounds registry.redis.addrs: go-redis dials each it is
 // given, and a few seed nodes or sentinels are all a deployment needs.
 const maxRedisAddrs = 64
+
+// maxWaitReplicas and maxWaitTimeout bound registry.redis.wait_*: a push
+// waits for them while its HTTP request is open (logic.write_timeout).
+const (
+	maxWaitReplicas = 16
+	maxWaitTimeout  = 10 * time.Second
+)
 
 // validate checks [registry.redis]; each error names its key. It is checked
 // whatever registry.kind says: a Redis configured wrong is a mistake even
@@ -68,6 +76,12 @@ func (r Redis) validate() []error {
 	}
 	if r.DB < 0 {
 		bad("db", "must not be negative, got %d", r.DB)
+	}
+	if r.WaitReplicas < 0 || r.WaitReplicas > maxWaitReplicas {
+		bad("wait_replicas", "must be 0 to %d, got %d", maxWaitReplicas, r.WaitReplicas)
+	}
+	if r.WaitTimeout <= 0 || r.WaitTimeout > maxWaitTimeout {
+		bad("wait_timeout", "must be above 0 and at most %s, got %s", maxWaitTimeout, r.WaitTimeout)
 	}
 	if strings.ContainsAny(r.Prefix, "{}") {
 		bad("prefix", "%q has a brace: imcloud's keys carry their own Redis Cluster hash tags, and a brace in the prefix would change which part of a key picks its slot", truncateKey(r.Prefix))

@@ -92,6 +92,12 @@ func TestRedisModes(t *testing.T) {
 		{name: "an address twice", sets: []string{"registry.redis.mode=cluster", "registry.redis.addrs=10.0.0.1:7000,10.0.0.1:7000"}, wantErr: "listed twice"},
 		{name: "an empty address", sets: []string{"registry.redis.mode=cluster", "registry.redis.addrs=10.0.0.1:7000,,10.0.0.2:7000"}, wantErr: "registry.redis.addrs"},
 		{name: "negative db", sets: []string{"registry.redis.db=-1"}, wantErr: "registry.redis.db"},
+		{name: "sentinel waiting for its replica", sets: []string{"registry.redis.mode=sentinel", "registry.redis.addrs=10.0.0.1:26379", "registry.redis.master_name=m",
+			"registry.redis.wait_replicas=1", "registry.redis.wait_timeout=500ms"}},
+		{name: "negative wait_replicas", sets: []string{"registry.redis.wait_replicas=-1"}, wantErr: "registry.redis.wait_replicas"},
+		{name: "too many wait_replicas", sets: []string{"registry.redis.wait_replicas=17"}, wantErr: "registry.redis.wait_replicas"},
+		{name: "no wait_timeout", sets: []string{"registry.redis.wait_timeout=0s"}, wantErr: "registry.redis.wait_timeout"},
+		{name: "a wait_timeout past any request", sets: []string{"registry.redis.wait_timeout=1m"}, wantErr: "registry.redis.wait_timeout"},
 
 		{name: "tls files without tls", sets: []string{"registry.redis.tls_ca_file=" + ca}, wantErr: "registry.redis.tls"},
 		{name: "server name without tls", sets: []string{"registry.redis.tls_server_name=redis.internal"}, wantErr: "registry.redis.tls"},
@@ -193,7 +199,7 @@ func TestRedisTLSConfig(t *testing.T) {
 // TestRedisDefaults: the default is today's single Redis on 127.0.0.1:6379.
 func TestRedisDefaults(t *testing.T) {
 	r := Default().Registry.Redis
-	want := Redis{Mode: RedisSingle, Addr: "127.0.0.1:6379", Addrs: []string{}, Prefix: "imcloud:"}
+	want := Redis{Mode: RedisSingle, Addr: "127.0.0.1:6379", Addrs: []string{}, Prefix: "imcloud:", WaitTimeout: time.Second}
 	if !reflect.DeepEqual(r, want) {
 		t.Fatalf("defaults %+v, want %+v", r, want)
 	}

@@ -1,0 +1,63 @@
+//go:build integration
+
+package redis
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"imcloud/adapters/registrytest"
+	"imcloud/pipeline"
+)
+
+// TestIntegrationHistoryReplicaWait: with WithReplicaWait, an append is
+// given its positions only once that many replicas have it. On the
+// Sentinel setup (one replica) one replica is had and positions follow;
+// two are not, and the append fails — the push is refused, not accepted
+// with a position a failover could give again. On the Cluster (masters
+// without replicas) each slot's master is asked, and none has one.
+func TestIntegrationHistoryReplicaWait(t *testing.T) {
+	ctx := context.Background()
+	limit := func(string) pipeline.StreamLimit { return pipeline.StreamLimit{Size: 100, TTL: time.Minute} }
+	entry := pipeline.HistoryEntry{Op: 1000, Body: []byte("w")}
+	for _, tc := range []struct {
+		setup    string
+		replicas int
+		ok       bool
+	}{
+		{"sentinel", 1, true},
+		{"sentinel", 2, false},
+		{"cluster", 1, false},
+		{"cluster", 0, true},
+	} {
+		t.Run(fmt.Sprintf("%s/%d", tc.setup, tc.replicas), func(t *testing.T) {
+			rdb := connect(t, setup(t, tc.setup))
+			prefix := registrytest.Prefix(t) + "history:"
+			t.Cleanup(func() { dropKeys(t, rdb, prefix+"*") })
+			h := NewHistory(rdb, prefix, pipeline.HistoryCaps{}).WithReplicaWait(tc.replicas, 200*time.Millisecond)
+			// Streams over several slots, so that under Cluster several
+			// masters are asked.
+			streams := []string{"user:1", "user:2", "user:3", "room:live://w"}
+			for round := uint64(1); round <= 3; round++ {
+				pos, err := h.Append(ctx, streams, entry, limit)
+				if !tc.ok {
+					if err == nil || !strings.Contains(err.Error(), "replicas") {
+						t.Fatalf("append with %d replicas to wait for on %s: %v, want a failure naming the replicas", tc.replicas, tc.setup, err)
+					}
+					return
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+				for i, p := range pos {
+					if p.Pos != round {
+						t.Fatalf("round %d: %s at %d", round, streams[i], p.Pos)
+					}
+				}
+			}
+		})
+	}
+}
