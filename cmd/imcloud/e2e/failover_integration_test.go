@@ -32,10 +32,10 @@ import (
 // this test's own, on free ports: the test kills the master, which the
 // shared setup of scripts/services.sh must keep for the others.
 type sentinelSetup struct {
-	master          *exec.Cmd
-	masterAddr      string
-	sentinels       []string
-	name            string
+	master     *exec.Cmd
+	masterAddr string
+	sentinels  []string
+	name       string
 }
 
 // freePort is a loopback port nothing listens on now.
