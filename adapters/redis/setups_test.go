@@ -57,7 +57,7 @@ func redisSetups() []redisSetup {
 }
 
 // setup returns the setup named name.
-func setup(t *testing.T, name string) redisSetup {
+func setup(t testing.TB, name string) redisSetup {
 	t.Helper()
 	for _, s := range redisSetups() {
 		if s.name == name {
@@ -70,7 +70,7 @@ func setup(t *testing.T, name string) redisSetup {
 
 // connect opens a client on s, closed when the test ends. An absent
 // service fails the test: integration tests run, never skip.
-func connect(t *testing.T, s redisSetup) goredis.UniversalClient {
+func connect(t testing.TB, s redisSetup) goredis.UniversalClient {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -92,7 +92,7 @@ func eachSetup(t *testing.T, f func(t *testing.T, rdb goredis.UniversalClient)) 
 // dropKeys deletes the keys matching pattern: on every master of a Redis
 // Cluster (KEYS sees one node's keys), one DEL a key (a DEL of several
 // keys must not cross slots).
-func dropKeys(t *testing.T, rdb goredis.UniversalClient, pattern string) {
+func dropKeys(t testing.TB, rdb goredis.UniversalClient, pattern string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
