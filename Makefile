@@ -44,7 +44,10 @@ test:
 	$(GO) vet ./...
 	$(GO) test -race -count=1 ./...
 
-# Needs RabbitMQ, Redis and NATS on their standard ports (scripts/services.sh).
+# Needs RabbitMQ, Redis and NATS on their standard ports, and the Redis
+# Cluster and Sentinel setups: scripts/services.sh rabbitmq redis nats
+# redis-cluster redis-sentinel (the Sentinel failover test starts its own
+# redis-server processes). A missing service fails a test; none skips.
 test-integration:
 	$(GO) test -race -count=1 -tags integration -run Integration -p 1 -v ./...
 
