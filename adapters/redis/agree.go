@@ -51,7 +51,10 @@ for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   if sep and string.sub(m, sep + 1) == ARGV[3] and m ~= mine then redis.call('ZREM', KEYS[1], m) end
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), mine)
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
+-- The set lives as long as its longest-lived member, whatever ttl this
+-- one renews with.
+local top = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[1], top[2])
 return false`)
 
 // Agree records that member runs with name = value for ttl, unless a live

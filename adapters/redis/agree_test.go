@@ -67,6 +67,18 @@ func TestIntegrationAgreements(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 
+	// A member renewing with a short ttl does not cut the others' short:
+	// the set lives as long as its longest-lived member.
+	if o := agree("8", "long", time.Minute); o != (pipeline.Agreed{}) {
+		t.Fatalf("long: disagreed with %+v", o)
+	}
+	if o := agree("8", "brief", 100*time.Millisecond); o != (pipeline.Agreed{}) {
+		t.Fatalf("brief: disagreed with %+v", o)
+	}
+	if ttl := rdb.PTTL(ctx, a.key("shards")).Val(); ttl < 50*time.Second {
+		t.Fatalf("after a brief member's renewal the set expires in %s, before the long one's minute", ttl)
+	}
+
 	if _, err := a.Agree(ctx, "shards", "4\x00x", "e", time.Minute); err == nil {
 		t.Fatal("a value holding NUL was recorded")
 	}

@@ -32,6 +32,12 @@ func Connect(ctx context.Context, rc config.Redis) (goredis.UniversalClient, err
 		DB:        rc.DB,
 		TLSConfig: tlsConfig,
 	}
+	if rc.WaitReplicas > 0 {
+		// A reply is read within ReadTimeout (go-redis's default: 3 s),
+		// and a pipeline whose read timed out is sent again — the appends
+		// before its WAIT made twice. WAIT answers within wait_timeout.
+		opts.ReadTimeout = rc.WaitTimeout + 3*time.Second
+	}
 	switch rc.Mode {
 	case config.RedisSingle:
 		opts.Addrs = []string{rc.Addr}
@@ -162,6 +168,11 @@ func runScripts(ctx context.Context, rdb goredis.UniversalClient, script *goredi
 	return cmds
 }
 
+// errReplicaWait marks a call runScriptsWait made whose writes too few
+// replicas acknowledged: the script ran, and its result is in the
+// command's Val.
+var errReplicaWait = errors.New("wait for replicas")
+
 // scriptNode is where runScriptsWait sends calls: the client itself, or
 // under Cluster the master of the calls' slot.
 type scriptNode interface {
@@ -226,7 +237,7 @@ func runOnNode(ctx context.Context, node scriptNode, script *goredis.Script, cal
 		if err == nil {
 			return
 		}
-		err = fmt.Errorf("wait for replicas: %w", err)
+		err = fmt.Errorf("%w: %w", errReplicaWait, err)
 		for _, i := range which {
 			if cmds[i].Err() == nil {
 				cmds[i].SetErr(err)

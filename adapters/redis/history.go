@@ -461,13 +461,21 @@ func (h *History) send(ctx context.Context, batch []*appendCall) {
 	}
 	for i, g := range groups {
 		res, err := cmds[i].Slice()
-		if err == nil && len(res) != len(g.parts) {
-			err = fmt.Errorf("%d results for a batch of %d appends", len(res), len(g.parts))
+		if errors.Is(err, errReplicaWait) {
+			// Made, but no replica has it: its positions are voided
+			// below, like those of the slots that did answer when
+			// another failed.
+			res, _ = cmds[i].Val().([]any)
+		}
+		if res != nil && len(res) != len(g.parts) {
+			err, res = cmp.Or(err, fmt.Errorf("%d results for a batch of %d appends", len(res), len(g.parts))), nil
 		}
 		for j, part := range g.parts {
 			c := batch[part.call]
 			if err != nil {
 				c.err = cmp.Or(c.err, err)
+			}
+			if res == nil {
 				continue
 			}
 			r, _ := res[j].([]any)
@@ -478,6 +486,34 @@ func (h *History) send(ctx context.Context, batch []*appendCall) {
 			for k, si := range part.streams {
 				c.res[si] = r[k]
 			}
+		}
+	}
+	h.voidFailed(ctx, batch)
+}
+
+// voidFailed voids the positions a failed append took all the same — in
+// the slots that answered when another did not, or where the append was
+// made but no replica confirmed it (WAIT) — so that a push answered 503
+// is not delivered later by a gap fill or a history read (pipeline.History:
+// no position of a failed Append may deliver its entry). One that cannot
+// be voided says so in the append's error.
+func (h *History) voidFailed(ctx context.Context, batch []*appendCall) {
+	for _, c := range batch {
+		if c.err == nil {
+			continue
+		}
+		var taken []pipeline.StreamPos
+		for i, r := range c.res {
+			if epoch, pos, err := epochPos(r); r != nil && err == nil {
+				taken = append(taken, pipeline.StreamPos{Stream: c.streams[i], Epoch: epoch, Pos: pos})
+			}
+		}
+		c.res = nil
+		if len(taken) == 0 {
+			continue
+		}
+		if err := h.Void(ctx, taken); err != nil {
+			c.err = fmt.Errorf("%w; the %d positions it took are not voided: %w", c.err, len(taken), err)
 		}
 	}
 }

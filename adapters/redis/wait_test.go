@@ -47,6 +47,17 @@ func TestIntegrationHistoryReplicaWait(t *testing.T) {
 					if err == nil || !strings.Contains(err.Error(), "replicas") {
 						t.Fatalf("append with %d replicas to wait for on %s: %v, want a failure naming the replicas", tc.replicas, tc.setup, err)
 					}
+					// Made all the same, the append is void: a gap fill
+					// or a history read never delivers the refused push.
+					for _, s := range streams {
+						es, top, err := h.Since(ctx, s, "", 0, 10)
+						if err != nil {
+							t.Fatal(err)
+						}
+						if top.Pos != 1 || len(es) != 1 || !es[0].Void {
+							t.Fatalf("%s after a refused append: top %d, entries %+v; want position 1 void", s, top.Pos, es)
+						}
+					}
 					return
 				}
 				if err != nil {

@@ -80,8 +80,9 @@ func (r Redis) validate() []error {
 	if r.WaitReplicas < 0 || r.WaitReplicas > maxWaitReplicas {
 		bad("wait_replicas", "must be 0 to %d, got %d", maxWaitReplicas, r.WaitReplicas)
 	}
-	if r.WaitTimeout <= 0 || r.WaitTimeout > maxWaitTimeout {
-		bad("wait_timeout", "must be above 0 and at most %s, got %s", maxWaitTimeout, r.WaitTimeout)
+	// WAIT takes whole milliseconds, and WAIT n 0 blocks for ever.
+	if r.WaitTimeout < time.Millisecond || r.WaitTimeout > maxWaitTimeout {
+		bad("wait_timeout", "must be 1ms to %s, got %s", maxWaitTimeout, r.WaitTimeout)
 	}
 	if strings.ContainsAny(r.Prefix, "{}") {
 		bad("prefix", "%q has a brace: imcloud's keys carry their own Redis Cluster hash tags, and a brace in the prefix would change which part of a key picks its slot", truncateKey(r.Prefix))

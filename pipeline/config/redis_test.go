@@ -97,6 +97,7 @@ func TestRedisModes(t *testing.T) {
 		{name: "negative wait_replicas", sets: []string{"registry.redis.wait_replicas=-1"}, wantErr: "registry.redis.wait_replicas"},
 		{name: "too many wait_replicas", sets: []string{"registry.redis.wait_replicas=17"}, wantErr: "registry.redis.wait_replicas"},
 		{name: "no wait_timeout", sets: []string{"registry.redis.wait_timeout=0s"}, wantErr: "registry.redis.wait_timeout"},
+		{name: "a wait_timeout WAIT would take for 0 (for ever)", sets: []string{"registry.redis.wait_timeout=500us"}, wantErr: "registry.redis.wait_timeout"},
 		{name: "a wait_timeout past any request", sets: []string{"registry.redis.wait_timeout=1m"}, wantErr: "registry.redis.wait_timeout"},
 
 		{name: "tls files without tls", sets: []string{"registry.redis.tls_ca_file=" + ca}, wantErr: "registry.redis.tls"},

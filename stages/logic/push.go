@@ -367,7 +367,9 @@ func (p *Pusher) run(ctx context.Context, pl *plan) (PushResult, error) {
 func (p *Pusher) runBatch(ctx context.Context, plans []*plan, errs []error, parallel int) {
 	p.positionAll(ctx, plans, errs, parallel)
 	var msgs []*message.Message
-	sent := make([]int, 0, len(plans))
+	// sent are the plans published, each with its messages' range.
+	type span struct{ plan, from, to int }
+	sent := make([]span, 0, len(plans))
 	for i, pl := range plans {
 		if errs[i] != nil {
 			continue
@@ -378,21 +380,23 @@ func (p *Pusher) runBatch(ctx context.Context, plans []*plan, errs []error, para
 			p.void(ctx, pl.push, pl.pos)
 			continue
 		}
+		sent = append(sent, span{i, len(msgs), len(msgs) + len(m)})
 		msgs = append(msgs, m...)
-		sent = append(sent, i)
 	}
-	// One call: the broker adapter publishes them together (one confirm
-	// round on AMQP). A failure fails them all: some may have reached the
-	// broker, as with a push to several nodes (README: a 503 may have
-	// reached some; a retry with the same Idempotency-Key delivers once).
-	err := p.send(ctx, msgs...)
-	for _, i := range sent {
-		if err != nil {
-			errs[i] = err
-			p.void(ctx, plans[i].push, plans[i].pos)
+	// One call a shard: the broker adapter publishes them together (one
+	// confirm round on AMQP). A push fails when a shard it has a message
+	// on fails: some of its messages may have reached the broker, as with
+	// a push to several nodes (README: a 503 may have reached some; a
+	// retry with the same Idempotency-Key delivers once); the pushes of
+	// the other shards stand.
+	sendErrs := p.sendEach(ctx, msgs)
+	for _, sp := range sent {
+		if err := cmp.Or(sendErrs[sp.from:sp.to]...); err != nil {
+			errs[sp.plan] = err
+			p.void(ctx, plans[sp.plan].push, plans[sp.plan].pos)
 			continue
 		}
-		p.emitOffline(plans[i].push, plans[i].offlineMids)
+		p.emitOffline(plans[sp.plan].push, plans[sp.plan].offlineMids)
 	}
 }
 
@@ -607,7 +611,7 @@ func (p *Pusher) void(ctx context.Context, push Push, pos []*pb.StreamPos) {
 }
 
 // serverMessages renders one PUSH message per server holding keys, and
-// per push shard (shardOf a key) when there are several: each user's
+// per push shard (shardOf a key; nil: one shard) when there are several: each user's
 // messages keep to one shard. Per-server ids extend the push id in a fixed
 // order so that a retried idempotent request reproduces them. byMid, for
 // a mid push, lets job find a user's new connections if the ones resolved
@@ -620,7 +624,10 @@ func serverMessages(push Push, keyServer map[string]string, byMid map[int64]map[
 	}
 	byTarget := map[target][]string{}
 	for k, s := range keyServer {
-		t := target{server: s, shard: shardOf(k)}
+		t := target{server: s}
+		if shardOf != nil {
+			t.shard = shardOf(k)
+		}
 		byTarget[t] = append(byTarget[t], k)
 	}
 	targets := slices.SortedFunc(maps.Keys(byTarget), func(a, b target) int {
@@ -632,10 +639,11 @@ func serverMessages(push Push, keyServer map[string]string, byMid map[int64]map[
 		slices.Sort(keys)
 		pm := &pb.PushMsg{Type: pb.PushMsg_PUSH, Operation: push.Operation, Server: t.server, Keys: keys, Msg: push.Msg, Positions: positionsOf(keys)}
 		id := push.ID + "/" + t.server
-		if t.shard > 0 {
-			// Shard 0 keeps the id a push had before shards, for a
-			// retried request made across the change.
-			id += "/" + strconv.Itoa(t.shard)
+		if shardOf != nil {
+			// Node ids are free text: the length keeps node "a/1" of
+			// shard 0 and node "a" of shard 1 apart. Unsharded, the id a
+			// push always had.
+			id = push.ID + "/" + strconv.Itoa(len(t.server)) + ":" + t.server + "/" + strconv.Itoa(t.shard)
 		}
 		msg, err := pipeline.NewPushMessage(id, push.CorrelationID, pm)
 		if err != nil {
@@ -649,13 +657,13 @@ func serverMessages(push Push, keyServer map[string]string, byMid map[int64]map[
 }
 
 // keyShard is the push shard of a key: its user's stream's, or for a
-// guest of mid 0, who has no stream, its own.
+// guest of mid 0, who has no stream, its own; nil when unsharded.
 func (p *Pusher) keyShard(midOf map[string]int64) func(key string) int {
 	n := len(p.topics)
+	if n <= 1 {
+		return nil
+	}
 	return func(key string) int {
-		if n <= 1 {
-			return 0
-		}
 		if m := midOf[key]; m != 0 {
 			return pipeline.ShardOf(pipeline.UserStream(m), n)
 		}
@@ -666,52 +674,77 @@ func (p *Pusher) keyShard(midOf map[string]int64) func(key string) int {
 // send publishes msgs, each to its shard (pipeline.SetShard); those of a
 // shard in one call, in their order; the shards' calls at once.
 func (p *Pusher) send(ctx context.Context, msgs ...*message.Message) error {
+	for _, err := range p.sendEach(ctx, msgs) {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// sendEach is send answering for each message: a shard the broker refused
+// (full, say) fails its own messages, not the other shards'.
+func (p *Pusher) sendEach(ctx context.Context, msgs []*message.Message) []error {
+	errs := make([]error, len(msgs))
 	if len(msgs) == 0 {
-		return nil
+		return errs
 	}
 	for _, m := range msgs {
 		m.SetContext(ctx)
 	}
 	start := time.Now()
-	err := p.publish(msgs)
+	p.publish(msgs, errs)
 	p.metrics.Published(time.Since(start))
-	return err
+	return errs
 }
 
-func (p *Pusher) publish(msgs []*message.Message) error {
-	var byShard map[int][]*message.Message
+// publish sends msgs, each to its shard, filling errs: the messages of a
+// shard in one call, in their order; the shards' calls at once.
+func (p *Pusher) publish(msgs []*message.Message, errs []error) {
+	if len(p.topics) == 1 {
+		// Unsharded, the hot path: no grouping to pay for. Shards are
+		// set from len(p.topics), so every message is shard 0.
+		for _, m := range msgs {
+			pipeline.TakeShard(m)
+		}
+		if err := p.publishTo(p.topics[0], msgs); err != nil {
+			for i := range errs {
+				errs[i] = err
+			}
+		}
+		return
+	}
+	byShard := map[int][]int{}
 	for i, m := range msgs {
 		s := pipeline.TakeShard(m)
 		if s >= len(p.topics) {
-			return fmt.Errorf("%w: push shard %d of %d", ErrBroker, s, len(p.topics))
+			errs[i] = fmt.Errorf("%w: push shard %d of %d", ErrBroker, s, len(p.topics))
+			continue
 		}
-		if byShard == nil && s != 0 {
-			byShard = map[int][]*message.Message{0: msgs[:i:i]}
-		}
-		if byShard != nil {
-			byShard[s] = append(byShard[s], m)
-		}
+		byShard[s] = append(byShard[s], i)
 	}
-	if byShard == nil {
-		return p.publishTo(p.topics[0], msgs)
-	}
-	if len(byShard[0]) == 0 {
-		delete(byShard, 0)
+	one := func(s int, idx []int) {
+		batch := make([]*message.Message, len(idx))
+		for j, i := range idx {
+			batch[j] = msgs[i]
+		}
+		if err := p.publishTo(p.topics[s], batch); err != nil {
+			for _, i := range idx {
+				errs[i] = err
+			}
+		}
 	}
 	if len(byShard) == 1 {
-		for s, m := range byShard {
-			return p.publishTo(p.topics[s], m)
+		for s, idx := range byShard {
+			one(s, idx)
 		}
+		return
 	}
-	errs := make(chan error, len(byShard))
-	for s, m := range byShard {
-		go func() { errs <- p.publishTo(p.topics[s], m) }()
+	var wg sync.WaitGroup
+	for s, idx := range byShard {
+		wg.Go(func() { one(s, idx) })
 	}
-	var err error
-	for range byShard {
-		err = cmp.Or(err, <-errs)
-	}
-	return err
+	wg.Wait()
 }
 
 func (p *Pusher) publishTo(topic string, msgs []*message.Message) error {

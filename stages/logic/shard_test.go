@@ -1,6 +1,7 @@
 package logic
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/url"
 	"slices"
@@ -19,6 +20,8 @@ import (
 type topicPublisher struct {
 	mu   sync.Mutex
 	sent []sentMsg
+	// fail refuses every publish to this topic.
+	fail string
 }
 
 type sentMsg struct {
@@ -29,6 +32,9 @@ type sentMsg struct {
 func (p *topicPublisher) Publish(topic string, msgs ...*message.Message) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if topic == p.fail {
+		return fmt.Errorf("%s: %w", topic, pipeline.ErrQueueFull)
+	}
 	for _, m := range msgs {
 		p.sent = append(p.sent, sentMsg{topic, m})
 	}
@@ -212,6 +218,46 @@ func TestShardOfIsStable(t *testing.T) {
 	for i, c := range counts {
 		if c < 800 || c > 1200 {
 			t.Errorf("shard %d of 8 took %d of 8,000 users", i, c)
+		}
+	}
+}
+
+// TestAFullShardFailsOnlyItsPushes: in a batch, a shard the broker refuses
+// fails the pushes with a message on it; those on other shards are
+// accepted and published.
+func TestAFullShardFailsOnlyItsPushes(t *testing.T) {
+	topics := []string{"push.0", "push.1", "push.2", "push.3"}
+	pub := &topicPublisher{fail: "push.2"}
+	a := newAPI(t, apiOptions{pub: pub, topics: topics})
+	var items []string
+	var onFull []bool
+	for i := range 12 {
+		room := "r" + strconv.Itoa(i)
+		items = append(items, `{"operation":1000,"type":"live","room":"`+room+`","msg":"x"}`)
+		onFull = append(onFull, topics[pipeline.ShardOf(pipeline.RoomStream("live://"+room), 4)] == "push.2")
+	}
+	if !slices.Contains(onFull, true) || !slices.Contains(onFull, false) {
+		t.Fatalf("the rooms do not cover the full shard and the others: %v", onFull)
+	}
+	r := a.do("POST", "/im/push/batch", "application/json", "["+strings.Join(items, ",")+"]", nil)
+	var res struct {
+		Accepted int `json:"accepted"`
+		Results  []struct {
+			Index  int `json:"index"`
+			Status int `json:"status"`
+		} `json:"results"`
+	}
+	if err := json.Unmarshal(r.Data, &res); err != nil || len(res.Results) != len(items) {
+		t.Fatalf("batch: %d %s (%v)", r.status, r.Data, err)
+	}
+	for i, it := range res.Results {
+		if want := map[bool]int{true: 503, false: 200}[onFull[i]]; it.Status != want {
+			t.Errorf("item %d (on the full shard: %t): status %d, want %d", i, onFull[i], it.Status, want)
+		}
+	}
+	for _, s := range pub.take() {
+		if s.topic == "push.2" {
+			t.Errorf("published to the refusing shard")
 		}
 	}
 }

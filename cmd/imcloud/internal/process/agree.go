@@ -54,7 +54,13 @@ func (p *Process) agreeShards(ctx context.Context) error {
 	if err := agree(ctx); err != nil {
 		return err
 	}
+	// The renewals stop, and the last one is answered, before the record
+	// is removed: one still on its way would record it again.
+	ctx, stopRenewing := context.WithCancel(ctx)
+	renewed := make(chan struct{})
 	p.leave = func() {
+		stopRenewing()
+		<-renewed
 		lctx, cancel := context.WithTimeout(context.Background(), every)
 		defer cancel()
 		if err := agreements.Leave(lctx, shardsSetting, member); err != nil {
@@ -63,6 +69,7 @@ func (p *Process) agreeShards(ctx context.Context) error {
 	}
 	failed := pipeline.NewRateLog(p.logger, slog.LevelError, time.Minute)
 	p.goLoop(func(ctx context.Context) {
+		defer close(renewed)
 		t := time.NewTicker(every)
 		defer t.Stop()
 		for {
