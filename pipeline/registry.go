@@ -60,5 +60,9 @@ type Agreements interface {
 	Leave(ctx context.Context, name, member string) error
 }
 
+// PushShardsSetting is the name processes agree on topics.push_shards
+// under.
+const PushShardsSetting = "topics.push_shards"
+
 // Agreed is a live member's value of a setting; zero when none disagrees.
 type Agreed struct{ Value, Member string }

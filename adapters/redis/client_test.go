@@ -1,6 +1,10 @@
 package redis
 
-import "testing"
+import (
+	"strings"
+	"testing"
+	"time"
+)
 
 // TestKeySlot: the slots CLUSTER KEYSLOT answered on a Redis 7.0 cluster
 // (scripts/services.sh redis-cluster), hash tags and their edge cases
@@ -35,5 +39,22 @@ func TestKeySlot(t *testing.T) {
 func TestCRC16(t *testing.T) {
 	if got := crc16("123456789"); got != 0x31c3 {
 		t.Fatalf("crc16(\"123456789\") = %#x, want 0x31c3", got)
+	}
+}
+
+// TestReplyKeysAreDigests: an Idempotency-Key is the caller's to choose,
+// so it never becomes a Redis key as it is: one holding {tag} must not
+// pin replies to a Cluster slot of its choosing, and two keys must not
+// meet.
+func TestReplyKeysAreDigests(t *testing.T) {
+	r := NewReplies(nil, "p:", time.Minute)
+	a, b := r.redisKey("{hot}one"), r.redisKey("{hot}two")
+	for _, k := range []string{a, b} {
+		if strings.ContainsAny(k, "{}") || len(k) != len("p:v4:")+32 {
+			t.Fatalf("reply key %q: want p:v4: and 32 hex digits", k)
+		}
+	}
+	if a == b || keySlot(a) == keySlot(b) && keySlot(a) == keySlot("hot") {
+		t.Fatalf("two keys tagged {hot} share %q / slot %d", a, keySlot(a))
 	}
 }

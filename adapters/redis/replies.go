@@ -2,6 +2,8 @@ package redis
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"strings"
@@ -31,8 +33,9 @@ func NewReplies(rdb goredis.UniversalClient, prefix string, ttl time.Duration) *
 	// v2: values carry a state and a fingerprint; a v1 value (a bare
 	// reply) is never read as one. v3: the reply is the push's data, not
 	// its envelope (logic wraps it in the shape of the API a retry came
-	// by); a v2 envelope is never wrapped again.
-	return &Replies{rdb: rdb, prefix: prefix + "v3:", ttl: ttl}
+	// by); a v2 envelope is never wrapped again. v4: an entry's key is a
+	// digest of the idempotency key (redisKey).
+	return &Replies{rdb: rdb, prefix: prefix + "v4:", ttl: ttl}
 }
 
 const fpLen = 64
@@ -54,13 +57,23 @@ var releaseScript = goredis.NewScript(`
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 return redis.call('DEL', KEYS[1])`)
 
+// redisKey is where key's entry lives: a digest of it, not the key
+// itself, which a caller chooses (the Idempotency-Key header): a key
+// holding {tag} would otherwise pin every reply to one Redis Cluster slot
+// of the caller's choosing, and a long one cost Redis its length in
+// every command. 128 bits of SHA-256: no two keys meet by chance.
+func (r *Replies) redisKey(key string) string {
+	sum := sha256.Sum256([]byte(key))
+	return r.prefix + hex.EncodeToString(sum[:16])
+}
+
 // Reserve claims key for a request with fingerprint fp.
 func (r *Replies) Reserve(ctx context.Context, key, fp string) (idempotency.Entry, error) {
 	if len(fp) != fpLen {
 		return idempotency.Entry{}, fmt.Errorf("reserve idempotency key: fingerprint of %d characters, want %d", len(fp), fpLen)
 	}
 	token := uuid.NewString()
-	v, err := reserveScript.Run(ctx, r.rdb, []string{r.prefix + key}, "P"+fp+token, idempotency.InFlightTTL.Milliseconds()).Text()
+	v, err := reserveScript.Run(ctx, r.rdb, []string{r.redisKey(key)}, "P"+fp+token, idempotency.InFlightTTL.Milliseconds()).Text()
 	if errors.Is(err, goredis.Nil) {
 		return idempotency.Entry{State: idempotency.Reserved, Fingerprint: fp, Token: token}, nil
 	}
@@ -91,7 +104,7 @@ func (r *Replies) Complete(ctx context.Context, key, token string, reply []byte)
 	b.WriteByte('D')
 	b.WriteString(marker[1 : 1+fpLen])
 	b.Write(reply)
-	if err := completeScript.Run(ctx, r.rdb, []string{r.prefix + key}, marker, b.String(), r.ttl.Milliseconds()).Err(); err != nil {
+	if err := completeScript.Run(ctx, r.rdb, []string{r.redisKey(key)}, marker, b.String(), r.ttl.Milliseconds()).Err(); err != nil {
 		return fmt.Errorf("redis store idempotent reply: %w", err)
 	}
 	return nil
@@ -103,7 +116,7 @@ func (r *Replies) Release(ctx context.Context, key, token string) error {
 	if err != nil || marker == "" {
 		return err
 	}
-	if err := releaseScript.Run(ctx, r.rdb, []string{r.prefix + key}, marker).Err(); err != nil {
+	if err := releaseScript.Run(ctx, r.rdb, []string{r.redisKey(key)}, marker).Err(); err != nil {
 		return fmt.Errorf("redis release idempotency key: %w", err)
 	}
 	return nil
@@ -112,7 +125,7 @@ func (r *Replies) Release(ctx context.Context, key, token string) error {
 // marker returns the in-flight value this request set, or "" when the key
 // holds something else (the reservation lapsed).
 func (r *Replies) marker(ctx context.Context, key, token string) (string, error) {
-	v, err := r.rdb.Get(ctx, r.prefix+key).Result()
+	v, err := r.rdb.Get(ctx, r.redisKey(key)).Result()
 	if errors.Is(err, goredis.Nil) {
 		return "", nil
 	}

@@ -39,7 +39,7 @@ func TestIntegrationRepliesAcrossNodes(t *testing.T) {
 	if err != nil || e.State != idempotency.Reserved {
 		t.Fatalf("reserve on a: %v %v", e.State, err)
 	}
-	if ttl := rdb.PTTL(ctx, prefix+"v3:k").Val(); ttl <= 0 || ttl > idempotency.InFlightTTL {
+	if ttl := rdb.PTTL(ctx, a.redisKey("k")).Val(); ttl <= 0 || ttl > idempotency.InFlightTTL {
 		t.Fatalf("in-flight marker TTL %s, want up to %s", ttl, idempotency.InFlightTTL)
 	}
 	if got, err := b.Reserve(ctx, "k", fp); err != nil || got.State != idempotency.InFlight || got.Fingerprint != fp {
@@ -52,7 +52,7 @@ func TestIntegrationRepliesAcrossNodes(t *testing.T) {
 	if err != nil || got.State != idempotency.Done || string(got.Reply) != `{"code":0}` || got.Fingerprint != fp {
 		t.Fatalf("reserve on b after a completed: %+v %v", got, err)
 	}
-	if ttl := rdb.PTTL(ctx, prefix+"v3:k").Val(); ttl <= idempotency.InFlightTTL || ttl > 10*time.Minute {
+	if ttl := rdb.PTTL(ctx, a.redisKey("k")).Val(); ttl <= idempotency.InFlightTTL || ttl > 10*time.Minute {
 		t.Fatalf("reply TTL %s, want the store's 10m", ttl)
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"maps"
 	"net/http"
 	"net/url"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -19,6 +20,7 @@ import (
 	"unicode/utf8"
 
 	"imcloud/adapters"
+	"imcloud/adapters/redis"
 	"imcloud/cmd/imcloud/internal/process"
 	"imcloud/pipeline"
 	"imcloud/pipeline/config"
@@ -148,6 +150,9 @@ func poison(ctx context.Context, cfg config.Config, action string, a poisonArgs,
 	}
 	switch action {
 	case "replay":
+		if err := checkShards(ctx, cfg); err != nil {
+			return err
+		}
 		replayed, err := p.Replay(ctx, sel)
 		fmt.Fprintln(stdout, replayedLine(replayed, cfg.Topics.PushTopics()))
 		return err
@@ -346,6 +351,33 @@ func poisonOverAdmin(ctx context.Context, addr, action string, a poisonArgs, sha
 	}
 	if resp.StatusCode != http.StatusOK {
 		return fmt.Errorf("poison %s: the admin listener at %s answered %s", action, addr, resp.Status)
+	}
+	return nil
+}
+
+// checkShards refuses a replay from a configuration whose
+// topics.push_shards differs from the one the cluster's processes run
+// with (registry.kind redis): its messages would go to queues no job
+// reads. With the memory registry there is no cluster to ask.
+func checkShards(ctx context.Context, cfg config.Config) error {
+	if cfg.Registry.Kind != config.RegistryRedis {
+		return nil
+	}
+	rdb, err := redis.Connect(ctx, cfg.Registry.Redis)
+	if err != nil {
+		return fmt.Errorf("check topics.push_shards with the cluster: %w", err)
+	}
+	defer rdb.Close()
+	a := redis.NewAgreements(rdb, cfg.Registry.Redis.Prefix)
+	value := strconv.Itoa(max(cfg.Topics.PushShards, 1))
+	member := fmt.Sprintf("imcloud poison replay/%d", os.Getpid())
+	other, err := a.Agree(ctx, pipeline.PushShardsSetting, value, member, 10*time.Second)
+	if err != nil {
+		return fmt.Errorf("check topics.push_shards with the cluster: %w", err)
+	}
+	defer func() { _ = a.Leave(context.WithoutCancel(ctx), pipeline.PushShardsSetting, member) }()
+	if other != (pipeline.Agreed{}) {
+		return fmt.Errorf("topics.push_shards = %s here, but %s runs with %s: replay with the configuration the cluster runs with, or its messages go to queues no job reads", value, other.Member, other.Value)
 	}
 	return nil
 }

@@ -19,6 +19,7 @@ import (
 	goredis "github.com/redis/go-redis/v9"
 
 	"imcloud/adapters"
+	"imcloud/adapters/redis"
 	"imcloud/pipeline"
 	"imcloud/pipeline/config"
 )
@@ -46,6 +47,42 @@ func TestIntegrationPoisonCommand(t *testing.T) {
 	out, _, err = runCmd(t, nil, append([]string{"poison", "replay", "--all"}, sets...)...)
 	if err != nil || !strings.Contains(out, "replayed 0") {
 		t.Fatalf("replay: %q %v", out, err)
+	}
+
+	// With a Redis registry, a replay from a configuration whose shards
+	// differ from the running cluster's is refused before it moves
+	// anything: its messages would go to queues no job reads.
+	prefix := fmt.Sprintf("imcloud-test-cli-%d:", time.Now().UnixNano())
+	rdb, err := redis.Connect(context.Background(), config.Default().Registry.Redis)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rdb.Close()
+	running := redis.NewAgreements(rdb, prefix)
+	if o, err := running.Agree(context.Background(), pipeline.PushShardsSetting, "4", "job-1", time.Minute); err != nil || o != (pipeline.Agreed{}) {
+		t.Fatalf("record the running cluster: %+v %v", o, err)
+	}
+	t.Cleanup(func() { _ = running.Leave(context.Background(), pipeline.PushShardsSetting, "job-1") })
+	withRedis := append(sets, "--set", "registry.kind=redis", "--set", "registry.redis.prefix="+prefix)
+	_, _, err = runCmd(t, nil, append([]string{"poison", "replay", "--all"}, withRedis...)...)
+	if err == nil || !strings.Contains(err.Error(), "runs with 4") {
+		t.Fatalf("replay with 1 shard beside a cluster of 4: %v, want refused", err)
+	}
+	shardSets := append(withRedis, "--set", "topics.push_shards=4")
+	t.Cleanup(func() {
+		conn, err := amqp091.Dial(config.Default().Broker.AMQP.URL)
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		if ch, err := conn.Channel(); err == nil {
+			for i := range 4 {
+				_, _ = ch.QueueDelete(fmt.Sprintf("%s.push.%d", topic, i), false, false, false)
+			}
+		}
+	})
+	if out, _, err := runCmd(t, nil, append([]string{"poison", "replay", "--all"}, shardSets...)...); err != nil || !strings.Contains(out, "replayed 0") {
+		t.Fatalf("replay agreeing with the cluster: %q %v", out, err)
 	}
 }
 

@@ -22,6 +22,16 @@ const (
 	maxWaitTimeout  = 10 * time.Second
 )
 
+// redactAddr hides what comes before an @ in an address quoted in an
+// error: a URL given where host:port belongs (redis://:secret@host:6379)
+// carries a password, which the error would print to the logs.
+func redactAddr(a string) string {
+	if i := strings.LastIndex(a, "@"); i >= 0 {
+		return "…@" + a[i+1:]
+	}
+	return a
+}
+
 // validate checks [registry.redis]; each error names its key. It is checked
 // whatever registry.kind says: a Redis configured wrong is a mistake even
 // before a process uses it.
@@ -33,7 +43,7 @@ func (r Redis) validate() []error {
 	switch r.Mode {
 	case RedisSingle:
 		if _, _, err := net.SplitHostPort(r.Addr); err != nil || r.Addr == "" {
-			bad("addr", "%q is not host:port", r.Addr)
+			bad("addr", "%q is not host:port", redactAddr(r.Addr))
 		}
 		if len(r.Addrs) > 0 {
 			bad("addrs", "mode single connects to registry.redis.addr; addrs are for mode sentinel (the sentinels) or cluster (seed nodes)")
@@ -68,7 +78,7 @@ func (r Redis) validate() []error {
 	} else {
 		for i, a := range r.Addrs {
 			if _, _, err := net.SplitHostPort(a); err != nil || a == "" {
-				bad("addrs", "address %d, %q, is not host:port", i+1, truncateKey(a))
+				bad("addrs", "address %d, %q, is not host:port", i+1, truncateKey(redactAddr(a)))
 			} else if slices.Index(r.Addrs, a) < i {
 				bad("addrs", "%q is listed twice", a)
 			}

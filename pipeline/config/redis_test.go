@@ -174,6 +174,23 @@ func TestRedisHostileValues(t *testing.T) {
 	}
 }
 
+// TestRedisAddrErrorsHideCredentials: a URL where host:port belongs is
+// refused without printing its password.
+func TestRedisAddrErrorsHideCredentials(t *testing.T) {
+	for _, sets := range [][]string{
+		{"registry.redis.addr=redis://:hunter2-secret@10.0.0.1:6379"},
+		{"registry.redis.mode=cluster", "registry.redis.addrs=redis://admin:hunter2-secret@10.0.0.1:7000"},
+	} {
+		_, err := Load(Sources{Sets: sets, Defaults: withSecret})
+		if err == nil {
+			t.Fatalf("%v: loaded", sets)
+		}
+		if strings.Contains(err.Error(), "hunter2") || !strings.Contains(err.Error(), "10.0.0.1") {
+			t.Fatalf("%v: error %q shows the password, or not the host", sets, err)
+		}
+	}
+}
+
 // TestRedisTLSConfig: the files end up in the TLS configuration the client
 // dials with, and none is made with tls off.
 func TestRedisTLSConfig(t *testing.T) {

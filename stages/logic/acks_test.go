@@ -169,7 +169,7 @@ func TestAcksConfigReachesConnect(t *testing.T) {
 		limits.User.Acks = on
 		cfg := config.Default().Logic
 		cfg.Auth = config.Auth{Mode: config.AuthInsecureJSON}
-		st, err := New(cfg, Options{Registry: memory.New(time.Minute, time.Minute), History: memory.NewHistory(pipeline.HistoryCaps{}),
+		st, err := New(cfg, Options{Registry: memory.New(time.Minute, time.Minute), PushTopics: []string{"push"}, History: memory.NewHistory(pipeline.HistoryCaps{}),
 			HistoryLimits: limits, Logger: slog.New(slog.DiscardHandler)})
 		if err != nil {
 			t.Fatal(err)

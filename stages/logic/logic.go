@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"imcloud/pipeline/metrics"
 	"log/slog"
+	"slices"
 	"net/http"
 	"strings"
 	"sync"
@@ -99,6 +100,9 @@ type Options struct {
 
 // New assembles the logic stage.
 func New(cfg config.Logic, o Options) (*Stage, error) {
+	if len(o.PushTopics) == 0 || slices.Contains(o.PushTopics, "") {
+		return nil, fmt.Errorf("logic: push topics %q: want at least one, none empty", o.PushTopics)
+	}
 	auth, err := token.NewAuthenticator(cfg.Auth)
 	if err != nil {
 		return nil, fmt.Errorf("logic: %w", err)

@@ -35,7 +35,7 @@ func TestHistoryRPCNoHistoryClass(t *testing.T) {
 	cfg := config.Default().Logic
 	cfg.Auth = config.Auth{Mode: config.AuthInsecureJSON}
 	limits := sizeZeroLimits()
-	st, err := New(cfg, Options{Registry: memory.New(time.Minute, time.Minute), History: store,
+	st, err := New(cfg, Options{Registry: memory.New(time.Minute, time.Minute), PushTopics: []string{"push"}, History: store,
 		HistoryLimits: limits, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)

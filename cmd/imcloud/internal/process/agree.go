@@ -13,9 +13,6 @@ import (
 	"imcloud/pipeline"
 )
 
-// shardsSetting is the name the push topic's shard count is agreed under.
-const shardsSetting = "topics.push_shards"
-
 // agreeShards refuses to start a process that publishes or consumes
 // pushes with a topics.push_shards other than the one a live process of
 // the cluster runs with: logic would put a room's pushes on a shard the
@@ -41,13 +38,13 @@ func (p *Process) agreeShards(ctx context.Context) error {
 	agree := func(ctx context.Context) error {
 		actx, cancel := context.WithTimeout(ctx, every)
 		defer cancel()
-		other, err := agreements.Agree(actx, shardsSetting, value, member, ttl)
+		other, err := agreements.Agree(actx, pipeline.PushShardsSetting, value, member, ttl)
 		if err != nil {
-			return fmt.Errorf("check %s with the cluster: %w", shardsSetting, err)
+			return fmt.Errorf("check %s with the cluster: %w", pipeline.PushShardsSetting, err)
 		}
 		if other != (pipeline.Agreed{}) {
 			return fmt.Errorf("%s = %s here, but %s runs with %s: every process of a cluster must use the same; to change it, drain the push queues, stop every logic and job, then start them all with the new value (README \"Scaling\")",
-				shardsSetting, value, other.Member, other.Value)
+				pipeline.PushShardsSetting, value, other.Member, other.Value)
 		}
 		return nil
 	}
@@ -63,7 +60,7 @@ func (p *Process) agreeShards(ctx context.Context) error {
 		<-renewed
 		lctx, cancel := context.WithTimeout(context.Background(), every)
 		defer cancel()
-		if err := agreements.Leave(lctx, shardsSetting, member); err != nil {
+		if err := agreements.Leave(lctx, pipeline.PushShardsSetting, member); err != nil {
 			p.logger.Warn("leave the cluster's shard agreement; a restart with another topics.push_shards waits for it to lapse", "after", ttl, "err", err)
 		}
 	}
