@@ -84,6 +84,11 @@ func OpenStores(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ 
 		s.Replies = redis.NewReplies(rdb, rc.Prefix+"reply:", cfg.Logic.IdempotencyTTL)
 		s.Agreements = redis.NewAgreements(rdb, rc.Prefix)
 		if cfg.History.Enabled {
+			if cfg.Has(config.StageLogic) {
+				if err := redis.CheckReplicas(ctx, rdb, rc.WaitReplicas); err != nil {
+					return nil, err
+				}
+			}
 			s.History = redis.NewHistory(rdb, rc.Prefix+"history:", pipeline.HistoryCaps{}).WithReplicaWait(rc.WaitReplicas, rc.WaitTimeout)
 		}
 	case config.RegistryMemory:

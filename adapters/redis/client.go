@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -62,9 +64,38 @@ func Connect(ctx context.Context, rc config.Redis) (goredis.UniversalClient, err
 		if errors.Is(err, context.DeadlineExceeded) {
 			return nil, fmt.Errorf("redis %s %s: no answer within %s (down, or tls not what the server speaks?): %w", rc.Mode, describe(rc), connectTimeout, err)
 		}
+		if rc.Mode == config.RedisSentinel {
+			if why := askSentinels(ctx, rc, opts); why != "" {
+				return nil, fmt.Errorf("redis %s %s: %s", rc.Mode, describe(rc), why)
+			}
+		}
 		return nil, fmt.Errorf("redis %s %s: %w", rc.Mode, describe(rc), err)
 	}
 	return c, nil
+}
+
+// askSentinels says why a master could not be found through the
+// sentinels when they answer: go-redis reports a master no sentinel knows
+// as "all sentinels ... are unreachable: redis: nil". "" when none
+// answered, or one knows the master (the fault is elsewhere).
+func askSentinels(ctx context.Context, rc config.Redis, opts *goredis.UniversalOptions) string {
+	answered := 0
+	for _, addr := range rc.Addrs {
+		sc := goredis.NewSentinelClient(&goredis.Options{Addr: addr, Username: rc.SentinelUsername, Password: rc.SentinelPassword,
+			TLSConfig: opts.TLSConfig, MaxRetries: -1, DialTimeout: 2 * time.Second})
+		_, err := sc.GetMasterAddrByName(ctx, rc.MasterName).Result()
+		_ = sc.Close()
+		switch {
+		case err == nil:
+			return ""
+		case errors.Is(err, goredis.Nil):
+			answered++
+		}
+	}
+	if answered == 0 {
+		return ""
+	}
+	return fmt.Sprintf("%d of %d sentinels answered, and none knows a master named %q (registry.redis.master_name; SENTINEL MASTERS lists the names they monitor)", answered, len(rc.Addrs), rc.MasterName)
 }
 
 // describe names where a mode connects, for errors and logs; never a
@@ -258,4 +289,51 @@ func runOnNode(ctx context.Context, node scriptNode, script *goredis.Script, cal
 		return // each call's NOSCRIPT stands; the next batch tries again
 	}
 	run(lost)
+}
+
+// CheckReplicas returns an error naming every master of rdb with fewer
+// than want connected replicas: with registry.redis.wait_replicas above
+// what a master has, every push positioned on it would wait its
+// wait_timeout and be refused, while the process looked healthy.
+func CheckReplicas(ctx context.Context, rdb goredis.UniversalClient, want int) error {
+	if want <= 0 {
+		return nil
+	}
+	var mu sync.Mutex
+	var short []string
+	check := func(ctx context.Context, c *goredis.Client) error {
+		info, err := c.Info(ctx, "replication").Result()
+		if err != nil {
+			return fmt.Errorf("redis %s: read its replicas: %w", c.Options().Addr, err)
+		}
+		n := -1
+		for line := range strings.SplitSeq(info, "\n") {
+			if v, ok := strings.CutPrefix(strings.TrimSpace(line), "connected_slaves:"); ok {
+				n, _ = strconv.Atoi(v)
+			}
+		}
+		if n < want {
+			mu.Lock()
+			short = append(short, fmt.Sprintf("%s has %d", c.Options().Addr, max(n, 0)))
+			mu.Unlock()
+		}
+		return nil
+	}
+	var err error
+	switch c := rdb.(type) {
+	case *goredis.ClusterClient:
+		err = c.ForEachMaster(ctx, check)
+	case *goredis.Client:
+		err = check(ctx, c)
+	default:
+		return fmt.Errorf("check replicas of a %T", rdb)
+	}
+	if err != nil {
+		return err
+	}
+	if len(short) > 0 {
+		slices.Sort(short)
+		return fmt.Errorf("registry.redis.wait_replicas = %d, but %s connected replica(s): every push positioned there would wait registry.redis.wait_timeout and be refused (503); give each master more replicas than wait_replicas (one more, to outlive a failover), or lower it", want, strings.Join(short, ", "))
+	}
+	return nil
 }

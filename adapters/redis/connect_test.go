@@ -4,6 +4,7 @@ package redis
 
 import (
 	"context"
+	"strings"
 	"testing"
 	"time"
 
@@ -70,6 +71,9 @@ func TestIntegrationConnectRefuses(t *testing.T) {
 			}
 			if d := time.Since(start); d > connectTimeout+2*time.Second {
 				t.Fatalf("Connect took %s to fail: %v", d, err)
+			}
+			if name == "a master no sentinel knows" && !strings.Contains(err.Error(), `none knows a master named "no-such-master"`) {
+				t.Fatalf("an unknown master: %v, want it said that no sentinel knows it", err)
 			}
 			t.Log(err)
 		})

@@ -72,3 +72,29 @@ func TestIntegrationHistoryReplicaWait(t *testing.T) {
 		})
 	}
 }
+
+// TestIntegrationCheckReplicas: start-up refuses a wait_replicas the
+// masters cannot meet — on the Cluster (no replicas) naming every master —
+// and takes one they can.
+func TestIntegrationCheckReplicas(t *testing.T) {
+	ctx := context.Background()
+	sentinel, cluster := connect(t, setup(t, "sentinel")), connect(t, setup(t, "cluster"))
+	if err := CheckReplicas(ctx, sentinel, 1); err != nil {
+		t.Fatalf("sentinel, 1 replica wanted: %v", err)
+	}
+	if err := CheckReplicas(ctx, sentinel, 2); err == nil || !strings.Contains(err.Error(), "has 1") {
+		t.Fatalf("sentinel, 2 replicas wanted: %v, want refused naming its 1", err)
+	}
+	err := CheckReplicas(ctx, cluster, 1)
+	if err == nil {
+		t.Fatal("cluster without replicas, 1 wanted: accepted")
+	}
+	for _, port := range []string{"7000", "7001", "7002"} {
+		if !strings.Contains(err.Error(), ":"+port+" has 0") {
+			t.Fatalf("cluster: %v, want every master named", err)
+		}
+	}
+	if err := CheckReplicas(ctx, cluster, 0); err != nil {
+		t.Fatalf("nothing wanted: %v", err)
+	}
+}

@@ -878,18 +878,31 @@ func durationNeedsUnit(from, to reflect.Type, data any) (any, error) {
 }
 
 // trimmedStringToSlice splits comma-separated lists from the environment
-// and --set; an empty string is an empty list.
+// and --set; an empty string is an empty list. The file's own form,
+// [a, b] with its elements quoted or not, is taken too: written on the
+// command line as the README writes it in the file, it was taken as one
+// element, brackets and quotes and all (cloud.allowed_origins =
+// ["https://a.example"] allowed no origin a browser sends).
 func trimmedStringToSlice(from, to reflect.Type, data any) (any, error) {
 	if from.Kind() != reflect.String || to.Kind() != reflect.Slice {
 		return data, nil
 	}
 	s := strings.TrimSpace(data.(string))
+	bracketed := false
+	if inner, ok := strings.CutPrefix(s, "["); ok {
+		if inner, ok = strings.CutSuffix(inner, "]"); ok {
+			s, bracketed = strings.TrimSpace(inner), true
+		}
+	}
 	if s == "" {
 		return []string{}, nil
 	}
 	parts := strings.Split(s, ",")
 	for i := range parts {
 		parts[i] = strings.TrimSpace(parts[i])
+		if bracketed && len(parts[i]) >= 2 && (parts[i][0] == '"' || parts[i][0] == '\'') && parts[i][len(parts[i])-1] == parts[i][0] {
+			parts[i] = parts[i][1 : len(parts[i])-1]
+		}
 	}
 	return parts, nil
 }

@@ -378,3 +378,20 @@ func TestPushShards(t *testing.T) {
 		}
 	}
 }
+
+// TestListsInTheFilesForm: a list given on the command line or in the
+// environment as the file writes it, [a, "b"], is the list, not one
+// element with its brackets and quotes.
+func TestListsInTheFilesForm(t *testing.T) {
+	c, err := Load(Sources{Sets: []string{"topics.push_shards=4", "job.shards=[0, 1]", `cloud.allowed_origins=["https://a.example", 'https://b.example']`}, Defaults: withSecret})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(c.Job.Shards, []int{0, 1}) || !slices.Equal(c.Cloud.AllowedOrigins, []string{"https://a.example", "https://b.example"}) {
+		t.Fatalf("job.shards %v, cloud.allowed_origins %q", c.Job.Shards, c.Cloud.AllowedOrigins)
+	}
+	c, err = Load(Sources{Environ: []string{"IMCLOUD_LOGIC__CORS_ORIGINS=[]"}, Defaults: withSecret})
+	if err != nil || len(c.Logic.CORSOrigins) != 0 {
+		t.Fatalf("[] from the environment: %q %v", c.Logic.CORSOrigins, err)
+	}
+}

@@ -32,6 +32,15 @@ func redactAddr(a string) string {
 	return a
 }
 
+// urlHint points a URL given where host:port belongs to the keys that
+// take what it carries.
+func urlHint(a string) string {
+	if strings.Contains(a, "://") || strings.Contains(a, "@") {
+		return " (not a URL: give host:port, and any credentials in registry.redis.username and registry.redis.password, TLS in registry.redis.tls)"
+	}
+	return ""
+}
+
 // validate checks [registry.redis]; each error names its key. It is checked
 // whatever registry.kind says: a Redis configured wrong is a mistake even
 // before a process uses it.
@@ -43,7 +52,7 @@ func (r Redis) validate() []error {
 	switch r.Mode {
 	case RedisSingle:
 		if _, _, err := net.SplitHostPort(r.Addr); err != nil || r.Addr == "" {
-			bad("addr", "%q is not host:port", redactAddr(r.Addr))
+			bad("addr", "%q is not host:port%s", redactAddr(r.Addr), urlHint(r.Addr))
 		}
 		if len(r.Addrs) > 0 {
 			bad("addrs", "mode single connects to registry.redis.addr; addrs are for mode sentinel (the sentinels) or cluster (seed nodes)")
@@ -65,12 +74,15 @@ func (r Redis) validate() []error {
 	default:
 		bad("mode", "%q is not one of %s, %s, %s", truncateKey(r.Mode), RedisSingle, RedisSentinel, RedisCluster)
 	}
-	if r.Mode != RedisSentinel {
+	// Only for a mode that is one: an unknown mode is its own error.
+	if r.Mode == RedisSingle || r.Mode == RedisCluster {
 		if r.MasterName != "" {
-			bad("master_name", "is for mode sentinel, got mode %q", truncateKey(r.Mode))
+			bad("master_name", "is for mode sentinel, got mode %q", r.Mode)
 		}
-		if r.SentinelUsername != "" || r.SentinelPassword != "" {
-			bad("sentinel_username", "sentinel_username and sentinel_password are for mode sentinel, got mode %q", truncateKey(r.Mode))
+		for key, v := range map[string]string{"sentinel_username": r.SentinelUsername, "sentinel_password": r.SentinelPassword} {
+			if v != "" {
+				bad(key, "is for mode sentinel, got mode %q", r.Mode)
+			}
 		}
 	}
 	if len(r.Addrs) > maxRedisAddrs {
@@ -78,7 +90,7 @@ func (r Redis) validate() []error {
 	} else {
 		for i, a := range r.Addrs {
 			if _, _, err := net.SplitHostPort(a); err != nil || a == "" {
-				bad("addrs", "address %d, %q, is not host:port", i+1, truncateKey(redactAddr(a)))
+				bad("addrs", "address %d, %q, is not host:port%s", i+1, truncateKey(redactAddr(a)), urlHint(a))
 			} else if slices.Index(r.Addrs, a) < i {
 				bad("addrs", "%q is listed twice", a)
 			}

@@ -88,7 +88,7 @@ func TestRedisModes(t *testing.T) {
 		{name: "cluster without addrs", sets: []string{"registry.redis.mode=cluster"}, wantErr: "registry.redis.addrs"},
 		{name: "cluster on db 1", sets: []string{"registry.redis.mode=cluster", "registry.redis.addrs=10.0.0.1:7000", "registry.redis.db=1"}, wantErr: "registry.redis.db"},
 		{name: "cluster with a master name", sets: []string{"registry.redis.mode=cluster", "registry.redis.addrs=10.0.0.1:7000", "registry.redis.master_name=m"}, wantErr: "registry.redis.master_name"},
-		{name: "cluster with sentinel credentials", sets: []string{"registry.redis.mode=cluster", "registry.redis.addrs=10.0.0.1:7000", "registry.redis.sentinel_password=x"}, wantErr: "registry.redis.sentinel_username"},
+		{name: "cluster with sentinel credentials", sets: []string{"registry.redis.mode=cluster", "registry.redis.addrs=10.0.0.1:7000", "registry.redis.sentinel_password=x"}, wantErr: "registry.redis.sentinel_password"},
 		{name: "an address twice", sets: []string{"registry.redis.mode=cluster", "registry.redis.addrs=10.0.0.1:7000,10.0.0.1:7000"}, wantErr: "listed twice"},
 		{name: "an empty address", sets: []string{"registry.redis.mode=cluster", "registry.redis.addrs=10.0.0.1:7000,,10.0.0.2:7000"}, wantErr: "registry.redis.addrs"},
 		{name: "negative db", sets: []string{"registry.redis.db=-1"}, wantErr: "registry.redis.db"},

@@ -6,11 +6,13 @@ import (
 	"log/slog"
 	"os"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/google/uuid"
 
 	"imcloud/pipeline"
+	"imcloud/pipeline/config"
 )
 
 // agreeShards refuses to start a process that publishes or consumes
@@ -25,14 +27,22 @@ func (p *Process) agreeShards(ctx context.Context) error {
 		return nil
 	}
 	value := strconv.Itoa(max(p.cfg.Topics.PushShards, 1))
-	member := p.cfg.NodeID
-	if member == "" {
-		host, _ := os.Hostname()
-		member = fmt.Sprintf("%s/%d", host, os.Getpid())
-	}
-	// Two processes of one node id (a restart while the old one drains)
+	// "logic,job@host/pid/random" (or "@node_id/random"): what a refusal
+	// names, so that the operator finds the process. The random part:
+	// two processes of one node id (a restart while the old one drains)
 	// must not take each other's record for their own.
-	member += "/" + uuid.NewString()[:8]
+	where := p.cfg.NodeID
+	if where == "" {
+		host, _ := os.Hostname()
+		where = fmt.Sprintf("%s/%d", host, os.Getpid())
+	}
+	var stages []string
+	for _, st := range p.cfg.Stages {
+		if st != config.StageCloud {
+			stages = append(stages, st)
+		}
+	}
+	member := strings.Join(stages, ",") + "@" + where + "/" + uuid.NewString()[:8]
 	every := p.cfg.Cloud.RenewInterval
 	ttl := 3 * every
 	agree := func(ctx context.Context) error {

@@ -463,6 +463,7 @@ func (p *Process) startJob(ctx context.Context) error {
 		consumers = cfg.Job.Concurrency
 	}
 	p.jobStage.AddHandlers(router, p.broker.Subscriber, cfg.JobTopics(), consumers)
+	p.logger.Info("job consumes the push shards", "stage", "job", "topics", cfg.JobTopics(), "of", cfg.Topics.PushShards, "handlers_each", consumers)
 	p.serve("job router", func() error { return router.Run(ctx) })
 	select {
 	case <-router.Running():
