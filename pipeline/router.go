@@ -101,7 +101,10 @@ func newRouter(cfg RouterConfig, poisonTopic string, poisonPub message.Publisher
 	if observe == nil {
 		observe = func(string) {}
 	}
-	poison, err := middleware.PoisonQueueWithFilter(timedPublisher{poisonPub, observe}, poisonTopic, notPoison)
+	// A message given up on is said once a second at most (with the
+	// count of those left out): a cloud node down poisons thousands.
+	poisoned := NewRateLog(logger, slog.LevelWarn, time.Second)
+	poison, err := middleware.PoisonQueueWithFilter(timedPublisher{poisonPub, observe, poisoned}, poisonTopic, notPoison)
 	if err != nil {
 		return nil, fmt.Errorf("create poison queue middleware: %w", err)
 	}
@@ -198,6 +201,7 @@ const SettleTimeout = 5 * time.Second
 type timedPublisher struct {
 	message.Publisher
 	observe func(result string)
+	logged  *RateLog
 }
 
 func (p timedPublisher) Publish(topic string, msgs ...*message.Message) error {
@@ -211,11 +215,14 @@ func (p timedPublisher) Publish(topic string, msgs ...*message.Message) error {
 		if err != nil {
 			return err
 		}
-		if strings.Contains(m.Metadata.Get(middleware.ReasonForPoisonedKey), ReasonRecipientsOffline) {
+		reason := m.Metadata.Get(middleware.ReasonForPoisonedKey)
+		if strings.Contains(reason, ReasonRecipientsOffline) {
 			p.observe("offline")
 		} else {
 			p.observe("poisoned")
 		}
+		p.logged.Log("message given up on, moved to the poison topic (imcloud poison list)", "topic", topic,
+			"message_id", m.Metadata.Get(MetaMessageID), "from", m.Metadata.Get(middleware.PoisonedTopicKey), "reason", reason)
 	}
 	return nil
 }

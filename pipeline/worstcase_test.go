@@ -116,7 +116,7 @@ func (d deadlineRecorder) Publish(topic string, msgs ...*message.Message) error 
 func TestPoisonPublishBounded(t *testing.T) {
 	rec := deadlineRecorder{got: make(chan time.Duration, 1)}
 	msg := message.NewMessage("1", nil)
-	if err := (timedPublisher{rec, func(string) {}}).Publish("poison", msg); err != nil {
+	if err := (timedPublisher{rec, func(string) {}, NewRateLog(slog.New(slog.DiscardHandler), slog.LevelWarn, time.Second)}).Publish("poison", msg); err != nil {
 		t.Fatal(err)
 	}
 	if d := <-rec.got; d <= 0 || d > SettleTimeout {
