@@ -251,6 +251,20 @@ func TestIntegrationSentinelFailover(t *testing.T) {
 		})
 	}
 
+	// However the test ends, the readers stop before it does: one that
+	// reports after the end fails the whole binary.
+	t.Cleanup(func() {
+		select {
+		case <-stopRead:
+		default:
+			close(stopRead)
+		}
+		for _, c := range conns {
+			_ = c.Close()
+		}
+		readers.Wait()
+	})
+
 	// One producer, sequential pushes to all four users: each 200 is a
 	// push every client must see, in this order.
 	var (
@@ -324,13 +338,25 @@ func TestIntegrationSentinelFailover(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// Every 200 reaches every client once, in push order.
+	// Every 200 reaches every client once, in push order. A push answered
+	// 503 may arrive too: one whose connection died with the master was
+	// made or not — the replica may have had it — and is voided when it
+	// can be (README: a 503 may have reached some); it must not arrive
+	// twice nor out of order.
 	missing := func() int {
 		mu.Lock()
 		defer mu.Unlock()
 		n := 0
 		for i := range got {
-			n += len(accepted) - len(got[i])
+			have := map[int]bool{}
+			for _, s := range got[i] {
+				have[s] = true
+			}
+			for _, s := range accepted {
+				if !have[s] {
+					n++
+				}
+			}
 		}
 		return n
 	}
@@ -338,26 +364,23 @@ func TestIntegrationSentinelFailover(t *testing.T) {
 	for missing() > 0 && time.Now().Before(waitDeadline) {
 		time.Sleep(20 * time.Millisecond) // waiting on deliveries, with a deadline
 	}
+	if n := missing(); n > 0 {
+		t.Fatalf("%d deliveries of pushes answered 200 missing (%d pushes, %d clients)", n, len(accepted), users)
+	}
+	ok := map[int]bool{}
+	for _, s := range accepted {
+		ok[s] = true
+	}
+	refusedDelivered := 0
 	mu.Lock()
 	for i := range got {
-		have := map[int]bool{}
-		for _, s := range got[i] {
-			have[s] = true
-		}
-		for _, s := range accepted {
-			if !have[s] {
+		for j, s := range got[i] {
+			if j > 0 && s <= got[i][j-1] {
 				mu.Unlock()
-				t.Fatalf("client %d: push %d answered 200 but never delivered (%d of %d delivered)", i, s, len(got[i]), len(accepted))
+				t.Fatalf("client %d: push %d after %d", i, s, got[i][j-1])
 			}
-		}
-		if len(got[i]) != len(accepted) {
-			mu.Unlock()
-			t.Fatalf("client %d: %d deliveries of %d pushes answered 200", i, len(got[i]), len(accepted))
-		}
-		for j := 1; j < len(got[i]); j++ {
-			if got[i][j] <= got[i][j-1] {
-				mu.Unlock()
-				t.Fatalf("client %d: push %d after %d", i, got[i][j], got[i][j-1])
+			if !ok[s] {
+				refusedDelivered++
 			}
 		}
 	}
@@ -371,8 +394,8 @@ func TestIntegrationSentinelFailover(t *testing.T) {
 	if unavailable.Load() == 0 {
 		t.Errorf("no push was answered 503 in a gap of over 3 s: the failover was not under test")
 	}
-	t.Logf("%d pushes answered 200 and delivered to all %d clients in order; %d answered 503 during the failover; the slowest push took %s; the test ended %s after the kill",
-		len(accepted), users, unavailable.Load(), slowest.Round(time.Millisecond), gap.Round(time.Millisecond))
+	t.Logf("%d pushes answered 200 and delivered to all %d clients in order; %d answered 503 during the failover (%d deliveries of them: made before the master died); the slowest push took %s; the test ended %s after the kill",
+		len(accepted), users, unavailable.Load(), refusedDelivered, slowest.Round(time.Millisecond), gap.Round(time.Millisecond))
 
 	// A session the new master does not have (written after its last sync,
 	// or lost) is back with its client's next heartbeat.
@@ -390,9 +413,4 @@ func TestIntegrationSentinelFailover(t *testing.T) {
 		n, err := fc.Exists(ctx, sessionKeys...).Result()
 		return err == nil && n == int64(len(sessionKeys))
 	})
-	close(stopRead)
-	for _, c := range conns {
-		_ = c.Close()
-	}
-	readers.Wait()
 }
