@@ -239,8 +239,14 @@ func NewBundle(msgs []*message.Message) (*message.Message, error) {
 		return msgs[0], nil
 	}
 	batch := &pb.Batch{Messages: make([]*pb.Envelope, len(msgs))}
+	envs := make([]pb.Envelope, len(msgs))
 	for i, m := range msgs {
-		batch.Messages[i] = &pb.Envelope{Uuid: m.UUID, Metadata: m.Metadata, Payload: m.Payload}
+		meta := make([]string, 0, 2*len(m.Metadata))
+		for k, v := range m.Metadata {
+			meta = append(meta, k, v)
+		}
+		envs[i] = pb.Envelope{Uuid: m.UUID, Meta: meta, Payload: m.Payload}
+		batch.Messages[i] = &envs[i]
 	}
 	body, err := proto.Marshal(batch)
 	if err != nil {
@@ -267,13 +273,28 @@ func Unbundle(msg *message.Message) ([]*message.Message, error) {
 	out := make([]*message.Message, len(batch.Messages))
 	for i, e := range batch.Messages {
 		m := message.NewMessage(e.Uuid, e.Payload)
-		if e.Metadata != nil {
-			m.Metadata = e.Metadata
-		}
+		m.Metadata = EnvelopeMetadata(e)
 		m.SetContext(msg.Context())
 		out[i] = m
 	}
 	return out, nil
+}
+
+// EnvelopeMetadata is the metadata an envelope carries: its flattened
+// pairs (meta), or the map an older writer set. A trailing key without
+// its value is dropped.
+func EnvelopeMetadata(e *pb.Envelope) message.Metadata {
+	if len(e.Meta) == 0 {
+		if e.Metadata != nil {
+			return e.Metadata
+		}
+		return message.Metadata{}
+	}
+	md := make(message.Metadata, len(e.Meta)/2)
+	for i := 0; i+1 < len(e.Meta); i += 2 {
+		md[e.Meta[i]] = e.Meta[i+1]
+	}
+	return md
 }
 
 // unbundle runs a message that is no bundle (or does not decode: it is

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
+	"google.golang.org/protobuf/proto"
 
 	"imcloud/proto/pb"
 )
@@ -449,4 +451,45 @@ func testPush(t *testing.T, id string) *message.Message {
 		t.Fatal(err)
 	}
 	return m
+}
+
+// TestUnbundleReadsBothMetadataForms: a bundle written before metadata
+// was flattened (the envelope's map) still reads, as does the flat form
+// NewBundle writes; a flat list with a key and no value drops the key.
+func TestUnbundleReadsBothMetadataForms(t *testing.T) {
+	old := &pb.Batch{Messages: []*pb.Envelope{
+		{Uuid: "a", Metadata: map[string]string{MetaMessageID: "a", "k": "v"}, Payload: []byte("1")},
+		{Uuid: "b", Meta: []string{MetaMessageID, "b", "k", "w", "dangling"}, Payload: []byte("2")},
+		{Uuid: "c", Payload: []byte("3")},
+	}}
+	body, err := proto.Marshal(old)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bundle := message.NewMessage("bundle", body)
+	bundle.Metadata.Set(MetaBundle, "3")
+	msgs, err := Unbundle(bundle)
+	if err != nil || len(msgs) != 3 {
+		t.Fatalf("unbundle: %d messages, %v", len(msgs), err)
+	}
+	want := []message.Metadata{{MetaMessageID: "a", "k": "v"}, {MetaMessageID: "b", "k": "w"}, {}}
+	for i, m := range msgs {
+		if !maps.Equal(m.Metadata, want[i]) || m.Metadata == nil {
+			t.Errorf("message %d: metadata %v, want %v", i, m.Metadata, want[i])
+		}
+	}
+
+	// What NewBundle writes round-trips.
+	in := []*message.Message{message.NewMessage("x", []byte("p")), message.NewMessage("y", []byte("q"))}
+	in[0].Metadata.Set("one", "1")
+	in[1].Metadata.Set("two", "2")
+	in[1].Metadata.Set("three", "3")
+	b, err := NewBundle(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := Unbundle(b)
+	if err != nil || len(out) != 2 || !maps.Equal(out[0].Metadata, in[0].Metadata) || !maps.Equal(out[1].Metadata, in[1].Metadata) {
+		t.Fatalf("round trip: %v %v", out, err)
+	}
 }

@@ -7,6 +7,7 @@ import (
 	amqp091 "github.com/rabbitmq/amqp091-go"
 	"google.golang.org/protobuf/proto"
 
+	"imcloud/pipeline"
 	"imcloud/proto/pb"
 )
 
@@ -34,9 +35,7 @@ func unbatch(d amqp091.Delivery) ([]*message.Message, error) {
 	msgs := make([]*message.Message, len(b.Messages))
 	for i, e := range b.Messages {
 		m := message.NewMessage(e.Uuid, e.Payload)
-		if e.Metadata != nil {
-			m.Metadata = e.Metadata
-		}
+		m.Metadata = pipeline.EnvelopeMetadata(e)
 		msgs[i] = m
 	}
 	return msgs, nil

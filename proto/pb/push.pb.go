@@ -489,10 +489,16 @@ func (x *Batch) GetMessages() []*Envelope {
 
 // Envelope is one Watermill message inside a Batch.
 type Envelope struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Uuid          string                 `protobuf:"bytes,1,opt,name=uuid,proto3" json:"uuid,omitempty"`
-	Metadata      map[string]string      `protobuf:"bytes,2,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	Payload       []byte                 `protobuf:"bytes,3,opt,name=payload,proto3" json:"payload,omitempty"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Uuid  string                 `protobuf:"bytes,1,opt,name=uuid,proto3" json:"uuid,omitempty"`
+	// Written by older logic; read when meta is empty.
+	Metadata map[string]string `protobuf:"bytes,2,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	Payload  []byte            `protobuf:"bytes,3,opt,name=payload,proto3" json:"payload,omitempty"`
+	// The metadata flattened: key, value, key, value. Written in place of
+	// the map, whose entries protobuf encodes and decodes as nested messages
+	// through reflection: 15 % of a standalone node's CPU in batches of 100
+	// (pprof, issue 15).
+	Meta          []string `protobuf:"bytes,4,rep,name=meta,proto3" json:"meta,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -548,6 +554,13 @@ func (x *Envelope) GetPayload() []byte {
 	return nil
 }
 
+func (x *Envelope) GetMeta() []string {
+	if x != nil {
+		return x.Meta
+	}
+	return nil
+}
+
 var File_push_proto protoreflect.FileDescriptor
 
 const file_push_proto_rawDesc = "" +
@@ -590,11 +603,12 @@ const file_push_proto_rawDesc = "" +
 	"\tpositions\x18\x06 \x03(\v2\x15.imcloud.v1.StreamPosR\tpositions\x12,\n" +
 	"\x12accepted_unix_nano\x18\a \x01(\x03R\x10acceptedUnixNano\"9\n" +
 	"\x05Batch\x120\n" +
-	"\bmessages\x18\x01 \x03(\v2\x14.imcloud.v1.EnvelopeR\bmessages\"\xb5\x01\n" +
+	"\bmessages\x18\x01 \x03(\v2\x14.imcloud.v1.EnvelopeR\bmessages\"\xc9\x01\n" +
 	"\bEnvelope\x12\x12\n" +
 	"\x04uuid\x18\x01 \x01(\tR\x04uuid\x12>\n" +
 	"\bmetadata\x18\x02 \x03(\v2\".imcloud.v1.Envelope.MetadataEntryR\bmetadata\x12\x18\n" +
-	"\apayload\x18\x03 \x01(\fR\apayload\x1a;\n" +
+	"\apayload\x18\x03 \x01(\fR\apayload\x12\x12\n" +
+	"\x04meta\x18\x04 \x03(\tR\x04meta\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x15Z\x13imcloud/proto/pb;pbb\x06proto3"
