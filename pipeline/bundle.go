@@ -350,9 +350,13 @@ type firstTry struct {
 }
 
 // try reports whether msg was settled: delivered, or dropped as a
-// duplicate.
+// duplicate. It does not grow its goroutine's stack up front as the
+// stack's first middleware does (growStack): the try's calls are
+// shallower, and the runtime starts goroutines at the stacks they have
+// been using; the forced 16 KB step cost a bundled push 5 µs of CPU
+// (batches of 100 standalone: 114–125k pushes/s at 14.6–16 µs with it,
+// 169–175k at 10.4–10.8 µs without; one gRPC stream 98k → 120k).
 func (f *firstTry) try(msg *message.Message, handler message.HandlerFunc) bool {
-	growStackBy(0)
 	orig := msg.Context()
 	id := msg.Metadata.Get(MetaMessageID)
 	bounded := func() (context.Context, context.CancelFunc) {
