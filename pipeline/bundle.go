@@ -355,7 +355,8 @@ type firstTry struct {
 // shallower, and the runtime starts goroutines at the stacks they have
 // been using; the forced 16 KB step cost a bundled push 5 µs of CPU
 // (batches of 100 standalone: 114–125k pushes/s at 14.6–16 µs with it,
-// 169–175k at 10.4–10.8 µs without; one gRPC stream 98k → 120k).
+// 169–175k at 10.4–10.8 µs without; one gRPC stream from 80–93k to
+// 120k).
 func (f *firstTry) try(msg *message.Message, handler message.HandlerFunc) bool {
 	orig := msg.Context()
 	id := msg.Metadata.Get(MetaMessageID)
