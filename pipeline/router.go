@@ -171,17 +171,19 @@ func (r *Router) AddConsumer(name, topic string, sub message.Subscriber, h messa
 		return chain
 	}
 	chain := compose(r.stack)
-	each := chain
+	each := func(_ context.Context, msg *message.Message) ([]*message.Message, error) { return chain(msg) }
+	var timeout time.Duration
 	if r.first != nil {
 		retried := compose(r.retried)
-		each = func(msg *message.Message) ([]*message.Message, error) {
-			if r.first.try(msg, handler) {
+		each = func(attempt context.Context, msg *message.Message) ([]*message.Message, error) {
+			if r.first.try(msg, handler, attempt) {
 				return nil, nil
 			}
 			return retried(msg)
 		}
+		timeout = r.first.timeout
 	}
-	bundled := unbundle(chain, each)
+	bundled := unbundle(chain, each, timeout)
 	r.Router.AddConsumerHandler(name, topic, sub, func(msg *message.Message) error {
 		_, err := bundled(msg)
 		return err
