@@ -48,6 +48,10 @@ type outcome struct {
 	err      string
 	data     []byte
 	replayed bool // answered from the idempotency store
+	// result is what data encodes, for a push accepted now (nil for one
+	// replayed): the gRPC API answers from it instead of decoding data
+	// again, which was 9 % of a node's CPU on one PushStream (pprof).
+	result *PushResult
 }
 
 func failed(status int, msg string) outcome { return outcome{status: status, err: msg} }
@@ -252,7 +256,7 @@ func (st *Stage) outcomeOf(ctx context.Context, r *pushRequest, pl *plan, err er
 	switch {
 	case err == nil:
 		data, _ := json.Marshal(pl.res)
-		return outcome{status: http.StatusOK, data: data}
+		return outcome{status: http.StatusOK, data: data, result: &pl.res}
 	case errors.As(err, &perr):
 		return failed(http.StatusBadRequest, perr.Error())
 	case errors.Is(err, ErrBroker):

@@ -184,11 +184,14 @@ func apiResult(o outcome) *pb.PushResult {
 	if o.status != http.StatusOK {
 		return &pb.PushResult{Code: int32(grpcCode(o.status)), Error: o.err}
 	}
-	var r PushResult
-	if err := json.Unmarshal(o.data, &r); err != nil {
-		// The data is a PushResult logic marshalled, here or in the
-		// idempotency store: it always decodes.
-		return &pb.PushResult{Code: int32(codes.Internal), Error: "stored reply does not decode: " + err.Error()}
+	r := o.result
+	if r == nil {
+		r = &PushResult{}
+		if err := json.Unmarshal(o.data, r); err != nil {
+			// The data is a PushResult logic marshalled, here or in the
+			// idempotency store: it always decodes.
+			return &pb.PushResult{Code: int32(codes.Internal), Error: "stored reply does not decode: " + err.Error()}
+		}
 	}
 	reply := &pb.PushReply{MsgId: r.MsgID, Online: int32(r.Online), OfflineKeys: r.OfflineKeys, OfflineMids: r.OfflineMids, Replayed: o.replayed}
 	for _, p := range r.Positions {
