@@ -391,7 +391,16 @@ func (f *firstTry) try(msg *message.Message, handler message.HandlerFunc, attemp
 			return true
 		}
 	}
-	msg.SetContext(attemptCtx) // job.timeout from the bundle's start (unbundle)
+	// job.timeout from the bundle's start (unbundle); unless the dedupe
+	// check took a tenth of it (a slow store), when the attempt gets a
+	// whole job.timeout of its own, as it did before the bundle's was
+	// shared.
+	if dl, ok := attemptCtx.Deadline(); ok && time.Until(dl) < f.timeout-f.timeout/10 {
+		var cancel context.CancelFunc
+		attemptCtx, cancel = context.WithTimeout(orig, f.timeout)
+		defer cancel()
+	}
+	msg.SetContext(attemptCtx)
 	ok := attempt(handler, msg)
 	msg.SetContext(orig)
 	if !ok {

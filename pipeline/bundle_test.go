@@ -493,3 +493,57 @@ func TestUnbundleReadsBothMetadataForms(t *testing.T) {
 		t.Fatalf("round trip: %v %v", out, err)
 	}
 }
+
+// slowDedupe answers after delay, as a store under load does.
+type slowDedupe struct{ delay time.Duration }
+
+func (s slowDedupe) Delivered(ctx context.Context, _ string) (bool, error) {
+	select {
+	case <-time.After(s.delay): // the store's latency, simulated
+		return false, nil
+	case <-ctx.Done():
+		return false, ctx.Err()
+	}
+}
+
+func (slowDedupe) MarkDelivered(context.Context, string, time.Duration) error { return nil }
+
+// TestFirstTryTimeout: a bundle's first tries share the bundle's
+// job.timeout; one whose dedupe check took over a tenth of it gets a whole
+// job.timeout of its own, as an attempt always had.
+func TestFirstTryTimeout(t *testing.T) {
+	const timeout = 400 * time.Millisecond
+	for _, tc := range []struct {
+		name   string
+		delay  time.Duration
+		shared bool
+	}{
+		{"a quick check shares the bundle's deadline", 0, true},
+		{"a slow check gets a deadline of its own", timeout / 2, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := &firstTry{store: slowDedupe{tc.delay}, ttl: time.Minute, timeout: timeout, observe: func(string) {}, logger: slog.New(slog.DiscardHandler)}
+			attempt, cancel := context.WithTimeout(context.Background(), timeout)
+			defer cancel()
+			bundleDeadline, _ := attempt.Deadline()
+			msg := testPush(t, "timed")
+			var got time.Time
+			ok := f.try(msg, func(m *message.Message) ([]*message.Message, error) {
+				got, _ = m.Context().Deadline()
+				return nil, nil
+			}, attempt)
+			if !ok {
+				t.Fatal("the try failed")
+			}
+			if tc.shared && !got.Equal(bundleDeadline) {
+				t.Fatalf("deadline %s, want the bundle's %s", got, bundleDeadline)
+			}
+			if !tc.shared && got.Sub(bundleDeadline) < tc.delay/2 {
+				t.Fatalf("deadline %s, only %s after the bundle's: want a whole job.timeout from after the check", got, got.Sub(bundleDeadline))
+			}
+			if msg.Context() != context.Background() {
+				t.Fatalf("the message kept the attempt's context after the try: the retry stack would get it")
+			}
+		})
+	}
+}
