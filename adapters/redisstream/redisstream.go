@@ -63,7 +63,7 @@ type Timing struct {
 // delay every adapter shares (settle.Timing says why each), idle messages
 // looked for every 10 s, so a dead consumer's message waits at most
 // MaxIdle plus 10 s. MaxIdle is broker.redisstream.redeliver_after's
-// default, above job's default worst case on one message (1m44.2s).
+// default, above job's default worst case on one message (1m49.2s).
 func DefaultTiming() Timing {
 	t := settle.DefaultTiming()
 	return Timing{MaxIdle: t.AckTimeout, ClaimEvery: 10 * time.Second, NackDelay: t.NackDelay}

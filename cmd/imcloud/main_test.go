@@ -94,7 +94,7 @@ func TestCommandErrors(t *testing.T) {
 }
 
 // TestCheckRefusesJobWorstCase: a 30s job.timeout with the default
-// retries keeps a message up to 4m14.2s, past cloud.dedupe_ttl and, on
+// retries keeps a message up to 4m19.2s, past cloud.dedupe_ttl and, on
 // NATS, past the broker's redelivery window; check refuses it, naming the
 // keys and the numbers.
 func TestCheckRefusesJobWorstCase(t *testing.T) {
@@ -104,8 +104,8 @@ func TestCheckRefusesJobWorstCase(t *testing.T) {
 		sets []string
 		want []string
 	}{
-		{"amqp", []string{"--set", "job.timeout=30s"}, []string{"worst case 4m14.2s", "job.timeout 30s × 6 attempts", "job.retry.*", "job.offline_grace", "cloud.dedupe_ttl 2m0s"}},
-		{"nats", []string{"--set", "job.timeout=30s", "--set", "broker.kind=nats"}, []string{"worst case 4m14.2s", "broker.nats.redeliver_after 2m0s", "cloud.dedupe_ttl 2m0s"}},
+		{"amqp", []string{"--set", "job.timeout=30s"}, []string{"worst case 4m19.2s", "job.timeout 30s × 6 attempts", "job.retry.*", "job.offline_grace", "cloud.dedupe_ttl 2m0s"}},
+		{"nats", []string{"--set", "job.timeout=30s", "--set", "broker.kind=nats"}, []string{"worst case 4m19.2s", "broker.nats.redeliver_after 2m0s", "cloud.dedupe_ttl 2m0s"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -16,12 +16,14 @@ const ConfigFaultHold = 20 * time.Second
 
 // SettleTimeout bounds each step job takes around a message's attempts,
 // and SettleSteps is how many one message may take: a dedupe store call
-// before, and after the last attempt the store's mark or the poison
-// publish (pipeline.SettleTimeout, which a test keeps equal). 5 s is
+// before a bundled message's first try (pipeline's firstTry), another
+// before the stack's first attempt when that try failed, and after the
+// last attempt the store's mark or the poison publish
+// (pipeline.SettleTimeout, which a test keeps equal). 5 s is
 // thousands of times a healthy Redis or broker's answer on loopback.
 const (
 	SettleTimeout = 5 * time.Second
-	SettleSteps   = 2
+	SettleSteps   = 3
 )
 
 // NATSMaxAckPending is JetStream's default MaxAckPending, which the job

@@ -30,7 +30,7 @@ type Timing struct {
 	// message to another job (JetStream AckWait, Redis Streams MaxIdle,
 	// and the AMQP subscriber's requeue). It must exceed what job spends
 	// on one message, or a message still being worked on is doubled:
-	// config.JobWorstCase sums it (1m44.2s with the defaults), and the
+	// config.JobWorstCase sums it (1m49.2s with the defaults), and the
 	// adapters package sets this from broker.*.redeliver_after, which
 	// start-up refuses at or below that sum. 2 min is those keys'
 	// default; this one serves an adapter built without them (tests).
