@@ -183,7 +183,7 @@ func TestIntegrationSentinelFailover(t *testing.T) {
 		"registry.redis.wait_replicas=1",
 		// Retries that outlast the failover: a push accepted just before
 		// the kill is delivered after it.
-		"job.retry.max_retries=8", "job.retry.initial_interval=100ms", "job.retry.max_interval=2s",
+		"job.retry.max_retries=7", "job.retry.initial_interval=100ms", "job.retry.max_interval=2s",
 		"history.user.size=10000")
 
 	const users = 4
