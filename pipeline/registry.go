@@ -58,7 +58,16 @@ type Agreements interface {
 	Agree(ctx context.Context, name, value, member string, ttl time.Duration) (Agreed, error)
 	// Leave removes member's record of name.
 	Leave(ctx context.Context, name, member string) error
+	// Announce records that member runs with name = value for ttl, in
+	// place of what it recorded before, whatever the others run with.
+	Announce(ctx context.Context, name, value, member string, ttl time.Duration) error
+	// Live returns every live member's value of name.
+	Live(ctx context.Context, name string) ([]Agreed, error)
 }
+
+// JobShardsSetting is the name each job announces the push shards it
+// consumes under, so that logic can say which no live job reads.
+const JobShardsSetting = "job.shards"
 
 // PushShardsSetting is the name processes agree on topics.push_shards
 // under.

@@ -90,3 +90,54 @@ for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   if sep and string.sub(m, sep + 1) == ARGV[1] then redis.call('ZREM', KEYS[1], m) end
 end
 return 0`)
+
+// announceScript records ARGV[2] for member ARGV[3] until ARGV[1] ms from
+// now, in place of what the member recorded before, with no check
+// against the others (Announce).
+var announceScript = goredis.NewScript(`
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local sep = string.find(m, '\0', 1, true)
+  if sep and string.sub(m, sep + 1) == ARGV[3] then redis.call('ZREM', KEYS[1], m) end
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2] .. '\0' .. ARGV[3])
+local top = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[1], top[2])
+return 0`)
+
+// Announce records that member runs with name = value for ttl, whatever
+// the others run with: what each process says of itself where the
+// processes need not agree (job.shards).
+func (a *Agreements) Announce(ctx context.Context, name, value, member string, ttl time.Duration) error {
+	if strings.ContainsRune(value, 0) || strings.ContainsRune(member, 0) {
+		return fmt.Errorf("announce %s: value and member must not hold NUL", name)
+	}
+	if err := announceScript.Run(ctx, a.rdb, []string{a.key(name)}, max(ttl.Milliseconds(), 1), value, member).Err(); err != nil && !errors.Is(err, goredis.Nil) {
+		return fmt.Errorf("redis announce %s: %w", name, err)
+	}
+	return nil
+}
+
+// liveScript returns the members not lapsed, by Redis's clock.
+var liveScript = goredis.NewScript(`
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')`)
+
+// Live returns every live member's value of name.
+func (a *Agreements) Live(ctx context.Context, name string) ([]pipeline.Agreed, error) {
+	ms, err := liveScript.Run(ctx, a.rdb, []string{a.key(name)}).StringSlice()
+	if err != nil && !errors.Is(err, goredis.Nil) {
+		return nil, fmt.Errorf("redis read %s: %w", name, err)
+	}
+	out := make([]pipeline.Agreed, 0, len(ms))
+	for _, m := range ms {
+		v, member, ok := strings.Cut(m, "\x00")
+		if ok {
+			out = append(out, pipeline.Agreed{Value: v, Member: member})
+		}
+	}
+	return out, nil
+}

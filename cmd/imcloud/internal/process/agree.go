@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -61,6 +62,41 @@ func (p *Process) agreeShards(ctx context.Context) error {
 	if err := agree(ctx); err != nil {
 		return err
 	}
+	// A job says which shards it reads; a logic says which no live job
+	// does: their pushes wait in their queues, answered 200, until one
+	// does (README "Scaling").
+	hasJob, hasLogic := p.cfg.Has(config.StageJob), p.cfg.Has(config.StageLogic)
+	var shards []string
+	for _, t := range p.cfg.JobTopics() {
+		shards = append(shards, strconv.Itoa(slices.Index(p.cfg.Topics.PushTopics(), t)))
+	}
+	announce := func(ctx context.Context) error {
+		if !hasJob {
+			return nil
+		}
+		actx, cancel := context.WithTimeout(ctx, every)
+		defer cancel()
+		return agreements.Announce(actx, pipeline.JobShardsSetting, strings.Join(shards, ","), member, ttl)
+	}
+	if err := announce(ctx); err != nil {
+		return fmt.Errorf("announce the push shards this job reads: %w", err)
+	}
+	unread := pipeline.NewRateLog(p.logger, slog.LevelWarn, time.Minute)
+	checkCoverage := func(ctx context.Context) {
+		if !hasLogic {
+			return
+		}
+		actx, cancel := context.WithTimeout(ctx, every)
+		defer cancel()
+		jobs, err := agreements.Live(actx, pipeline.JobShardsSetting)
+		if err != nil {
+			return // the agreement's own renewal says Redis is away
+		}
+		if missing := unreadShards(p.cfg.Topics.PushShards, jobs); len(missing) > 0 {
+			unread.Log("push shards no live job reads: their pushes are accepted and wait in their queues until a job consumes them (job.shards)",
+				"shards", missing, "of", max(p.cfg.Topics.PushShards, 1), "jobs", len(jobs))
+		}
+	}
 	// The renewals stop, and the last one is answered, before the record
 	// is removed: one still on its way would record it again.
 	ctx, stopRenewing := context.WithCancel(ctx)
@@ -72,6 +108,9 @@ func (p *Process) agreeShards(ctx context.Context) error {
 		defer cancel()
 		if err := agreements.Leave(lctx, pipeline.PushShardsSetting, member); err != nil {
 			p.logger.Warn("leave the cluster's shard agreement; a restart with another topics.push_shards waits for it to lapse", "after", ttl, "err", err)
+		}
+		if hasJob {
+			_ = agreements.Leave(lctx, pipeline.JobShardsSetting, member)
 		}
 	}
 	failed := pipeline.NewRateLog(p.logger, slog.LevelError, time.Minute)
@@ -91,7 +130,31 @@ func (p *Process) agreeShards(ctx context.Context) error {
 			if err := agree(ctx); err != nil && ctx.Err() == nil {
 				failed.Log("shard agreement", "err", err)
 			}
+			if err := announce(ctx); err != nil && ctx.Err() == nil {
+				failed.Log("announce the push shards this job reads", "err", err)
+			}
+			checkCoverage(ctx)
 		}
 	}, ctx)
 	return nil
+}
+
+// unreadShards are the push shards of n that none of jobs (each a
+// comma-separated list of the shards one job reads) reads.
+func unreadShards(n int, jobs []pipeline.Agreed) []int {
+	read := make([]bool, max(n, 1))
+	for _, j := range jobs {
+		for f := range strings.SplitSeq(j.Value, ",") {
+			if i, err := strconv.Atoi(f); err == nil && i >= 0 && i < len(read) {
+				read[i] = true
+			}
+		}
+	}
+	var missing []int
+	for i, ok := range read {
+		if !ok {
+			missing = append(missing, i)
+		}
+	}
+	return missing
 }

@@ -3,13 +3,17 @@
 package process
 
 import (
+	"bytes"
 	"context"
 	"io"
 	"log/slog"
 	"os"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	amqp091 "github.com/rabbitmq/amqp091-go"
 
 	"imcloud/pipeline/config"
 )
@@ -77,4 +81,80 @@ func TestIntegrationShardAgreement(t *testing.T) {
 		t.Fatalf("after every process with 4 stopped: %v", err)
 	}
 	shutdown(after)
+}
+
+// syncBuffer is a bytes.Buffer a logger may write to from any goroutine.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// TestIntegrationUnreadShardsAreSaid: a logic says which push shards no
+// live job reads — here a job reads 0 and 1 of 4 — naming them.
+func TestIntegrationUnreadShardsAreSaid(t *testing.T) {
+	addr := os.Getenv("IMCLOUD_TEST_REDIS_ADDR")
+	if addr == "" {
+		addr = "127.0.0.1:6379"
+	}
+	prefix := "imcloud-test:" + strings.ReplaceAll(t.Name(), "/", "-") + ":" + time.Now().Format("150405.000000") + ":"
+	start := func(logs io.Writer, sets ...string) *Process {
+		cfg, err := config.Load(config.Sources{Sets: append([]string{
+			"broker.kind=amqp", "registry.kind=redis", "registry.redis.addr=" + addr, "registry.redis.prefix=" + prefix,
+			"topics.push_shards=4", "topics.push=" + prefix + "push", "topics.poison=" + prefix + "poison", "topics.upstream=" + prefix + "upstream",
+			"cloud.renew_interval=200ms",
+			"logic.http_addr=127.0.0.1:0", "logic.grpc_addr=127.0.0.1:0",
+			"logic.auth.jwt_secret=agree-secret", "logic.api_keys=agree-api-key-0123456789",
+			"cluster.secret=agree-cluster-secret-0123456789", "job.canary_interval=0", "cloud.canary_timeout=0",
+		}, sets...)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		p, err := Start(context.Background(), cfg, slog.New(slog.NewTextHandler(logs, nil)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			_ = p.Shutdown(ctx)
+		})
+		return p
+	}
+	t.Cleanup(func() {
+		conn, err := amqp091.Dial(config.Default().Broker.AMQP.URL)
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		if ch, err := conn.Channel(); err == nil {
+			for _, q := range []string{"push.0", "push.1", "push.2", "push.3", "poison", "upstream"} {
+				_, _ = ch.QueueDelete(prefix+q, false, false, false)
+			}
+		}
+	})
+	start(io.Discard, "stages=job", "job.shards=0,1", "job.cloud_addrs=127.0.0.1:1")
+	var logs syncBuffer
+	start(&logs, "stages=logic")
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(logs.String(), "push shards no live job reads") {
+		if time.Now().After(deadline) {
+			t.Fatalf("no word of the unread shards within 10s:\n%s", logs.String())
+		}
+		time.Sleep(20 * time.Millisecond) // polling the log, with a deadline
+	}
+	if line := logs.String(); !strings.Contains(line, "shards=\"[2 3]\"") && !strings.Contains(line, "shards=[2 3]") {
+		t.Fatalf("the warning does not name shards 2 and 3:\n%s", line)
+	}
 }
