@@ -319,21 +319,25 @@ func CheckReplicas(ctx context.Context, rdb goredis.UniversalClient, want int) e
 		}
 		return nil
 	}
-	var err error
-	switch c := rdb.(type) {
-	case *goredis.ClusterClient:
-		err = c.ForEachMaster(ctx, check)
-	case *goredis.Client:
-		err = check(ctx, c)
-	default:
-		return fmt.Errorf("check replicas of a %T", rdb)
-	}
-	if err != nil {
-		return err
+	if err := forEachMaster(ctx, rdb, check); err != nil {
+		return fmt.Errorf("check replicas: %w", err)
 	}
 	if len(short) > 0 {
 		slices.Sort(short)
 		return fmt.Errorf("registry.redis.wait_replicas = %d, but %s connected replica(s): every push positioned there would wait registry.redis.wait_timeout and be refused (503); give each master more replicas than wait_replicas (one more, to outlive a failover), or lower it", want, strings.Join(short, ", "))
 	}
 	return nil
+}
+
+// forEachMaster calls fn with each master's client: every master of a
+// Redis Cluster (at once, as go-redis does), or the one server.
+func forEachMaster(ctx context.Context, rdb goredis.UniversalClient, fn func(context.Context, *goredis.Client) error) error {
+	switch c := rdb.(type) {
+	case *goredis.ClusterClient:
+		return c.ForEachMaster(ctx, fn)
+	case *goredis.Client:
+		return fn(ctx, c)
+	default:
+		return fmt.Errorf("a %T has no masters to visit", rdb)
+	}
 }

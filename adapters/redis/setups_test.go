@@ -108,16 +108,7 @@ func dropKeys(t testing.TB, rdb goredis.UniversalClient, pattern string) {
 		_, err = pipe.Exec(ctx)
 		return err
 	}
-	var err error
-	switch c := rdb.(type) {
-	case *goredis.ClusterClient:
-		err = c.ForEachMaster(ctx, drop)
-	case *goredis.Client:
-		err = drop(ctx, c)
-	default:
-		t.Fatalf("drop keys: a %T", rdb)
-	}
-	if err != nil {
+	if err := forEachMaster(ctx, rdb, drop); err != nil {
 		t.Errorf("drop keys %s: %v", pattern, err)
 	}
 }
