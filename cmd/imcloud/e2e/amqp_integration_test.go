@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -28,10 +29,14 @@ func amqpURL() string {
 
 // amqpTopics gives the test its own queues and deletes them afterwards, so
 // runs never see each other's messages.
-func amqpTopics(t *testing.T) []string {
+func amqpTopics(t *testing.T) []string { return shardedTopics(t, 1) }
+
+// shardedTopics are amqpTopics with topics.push_shards = n: the shard
+// queues are the test's own too.
+func shardedTopics(t *testing.T, n int) []string {
 	t.Helper()
 	p := uniq("imcloud.test")
-	topics := map[string]string{"push": p + ".push", "poison": p + ".poison", "upstream": p + ".upstream"}
+	topics := config.Topics{Push: p + ".push", Poison: p + ".poison", Upstream: p + ".upstream", PushShards: n}
 	t.Cleanup(func() {
 		conn, err := amqp091.Dial(amqpURL())
 		if err != nil {
@@ -44,13 +49,14 @@ func amqpTopics(t *testing.T) []string {
 			t.Logf("cleanup: %v", err)
 			return
 		}
-		for _, q := range topics {
+		for _, q := range append(topics.PushTopics(), topics.Poison, topics.Upstream) {
 			_, _ = ch.QueueDelete(q, false, false, false)
 		}
 	})
 	return []string{
 		"broker.kind=amqp", "broker.amqp.url=" + amqpURL(),
-		"topics.push=" + topics["push"], "topics.poison=" + topics["poison"], "topics.upstream=" + topics["upstream"],
+		"topics.push=" + topics.Push, "topics.poison=" + topics.Poison, "topics.upstream=" + topics.Upstream,
+		"topics.push_shards=" + strconv.Itoa(n),
 	}
 }
 

@@ -200,69 +200,18 @@ func TestIntegrationSentinelFailover(t *testing.T) {
 	// renewed at most every session_ttl / 3).
 	var mu sync.Mutex
 	got := make([][]int, users)
-	stopRead := make(chan struct{})
-	var readers sync.WaitGroup
-	for i, c := range conns {
-		readers.Go(func() {
-			tick := time.NewTicker(500 * time.Millisecond)
-			defer tick.Stop()
-			for {
-				select {
-				case <-stopRead:
-					return
-				case <-tick.C:
-				}
-				if _, err := c.Send(wire.OpHeartbeat, nil); err != nil {
-					select {
-					case <-stopRead:
-					default:
-						t.Errorf("client %d: heartbeat: %v", i, err)
-					}
-					return
-				}
-			}
-		})
-		// A read deadline would break a WebSocket connection for good:
-		// the reader blocks, and ends when the test closes the connection.
-		readers.Go(func() {
-			for {
-				_ = c.SetReadDeadline(time.Now().Add(time.Minute))
-				p, err := c.Read()
-				if err != nil {
-					select {
-					case <-stopRead:
-					default:
-						t.Errorf("client %d: %v", i, err)
-					}
-					return
-				}
-				if p.Op != 1000 {
-					continue
-				}
-				seq, err := bodySeq(p.Body)
-				if err != nil {
-					t.Errorf("client %d: %v", i, err)
-					return
-				}
-				mu.Lock()
-				got[i] = append(got[i], seq)
-				mu.Unlock()
-			}
-		})
-	}
-
-	// However the test ends, the readers stop before it does: one that
-	// reports after the end fails the whole binary.
-	t.Cleanup(func() {
-		select {
-		case <-stopRead:
-		default:
-			close(stopRead)
+	readAlong(t, conns, 500*time.Millisecond, func(i int, p wire.Packet) error {
+		if p.Op != 1000 {
+			return nil
 		}
-		for _, c := range conns {
-			_ = c.Close()
+		seq, err := bodySeq(p.Body)
+		if err != nil {
+			return err
 		}
-		readers.Wait()
+		mu.Lock()
+		got[i] = append(got[i], seq)
+		mu.Unlock()
+		return nil
 	})
 
 	// One producer, sequential pushes to all four users: each 200 is a

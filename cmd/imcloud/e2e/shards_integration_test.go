@@ -14,46 +14,16 @@ import (
 	"time"
 
 	"github.com/golang-jwt/jwt/v5"
-	amqp091 "github.com/rabbitmq/amqp091-go"
 
 	"imcloud/pipeline"
 	"imcloud/proto/client"
+	"imcloud/proto/wire"
 	"imcloud/stages/logic"
 	"imcloud/stages/logic/token"
 )
 
 // shardCount is the push shards of these tests: the N = 4.
 const shardCount = 4
-
-// shardedTopics are amqpTopics with topics.push_shards = n; the shard
-// queues are deleted after the test with the rest.
-func shardedTopics(t *testing.T, n int) []string {
-	t.Helper()
-	sets := amqpTopics(t)
-	var push string
-	for _, s := range sets {
-		if v, ok := strings.CutPrefix(s, "topics.push="); ok {
-			push = v
-		}
-	}
-	t.Cleanup(func() {
-		conn, err := amqp091.Dial(amqpURL())
-		if err != nil {
-			t.Logf("cleanup: %v", err)
-			return
-		}
-		defer conn.Close()
-		ch, err := conn.Channel()
-		if err != nil {
-			t.Logf("cleanup: %v", err)
-			return
-		}
-		for i := range n {
-			_, _ = ch.QueueDelete(push+"."+strconv.Itoa(i), false, false, false)
-		}
-	})
-	return append(sets, "topics.push_shards="+strconv.Itoa(n))
-}
 
 // startJobs starts n job processes of bin consuming every shard of sets,
 // delivering to the cloud node at cloudAddr.
@@ -212,45 +182,22 @@ func TestIntegrationShardedJobKilled(t *testing.T) {
 		keys = append(keys, k)
 		conns = append(conns, front.connect("ws", token.Claims{Mid: mid, Key: k}))
 	}
-	// Each client is read all along, so none falls behind (4008). A read
-	// deadline would break a WebSocket connection for good: a reader
-	// blocks, and ends when the test closes its connection.
+	// Each client is read all along (readAlong).
 	type seen struct {
 		mu  sync.Mutex
 		got map[string]int
 	}
 	reads := make([]*seen, len(conns))
-	stopRead := make(chan struct{})
-	var readers sync.WaitGroup
-	for i, c := range conns {
+	for i := range reads {
 		reads[i] = &seen{got: map[string]int{}}
-		readers.Go(func() {
-			for {
-				_ = c.SetReadDeadline(time.Now().Add(time.Minute))
-				p, err := c.Read()
-				if err != nil {
-					select {
-					case <-stopRead:
-					default:
-						t.Errorf("client %d: %v", i, err)
-					}
-					return
-				}
-				if p.Op == orderOp || strings.HasPrefix(string(p.Body), "kill-") {
-					reads[i].mu.Lock()
-					reads[i].got[string(p.Body)]++
-					reads[i].mu.Unlock()
-				}
-			}
-		})
 	}
-
-	t.Cleanup(func() {
-		close(stopRead)
-		for _, c := range conns {
-			_ = c.Close()
+	readAlong(t, conns, 0, func(i int, p wire.Packet) error {
+		if p.Op == orderOp || strings.HasPrefix(string(p.Body), "kill-") {
+			reads[i].mu.Lock()
+			reads[i].got[string(p.Body)]++
+			reads[i].mu.Unlock()
 		}
-		readers.Wait()
+		return nil
 	})
 
 	var accepted atomic.Int64
