@@ -36,8 +36,10 @@ func TestIntegrationPoisonCommand(t *testing.T) {
 		}
 		defer conn.Close()
 		if ch, err := conn.Channel(); err == nil {
-			_, _ = ch.QueueDelete(topic+".poison", false, false, false)
-			_, _ = ch.QueueDelete(topic+".push", false, false, false)
+			// The push queue, and its 4 shards of the replay below.
+			for _, q := range []string{".poison", ".push", ".push.0", ".push.1", ".push.2", ".push.3"} {
+				_, _ = ch.QueueDelete(topic+q, false, false, false)
+			}
 		}
 	})
 	out, _, err := runCmd(t, nil, append([]string{"poison", "list"}, sets...)...)
@@ -69,18 +71,6 @@ func TestIntegrationPoisonCommand(t *testing.T) {
 		t.Fatalf("replay with 1 shard beside a cluster of 4: %v, want refused", err)
 	}
 	shardSets := append(withRedis, "--set", "topics.push_shards=4")
-	t.Cleanup(func() {
-		conn, err := amqp091.Dial(config.Default().Broker.AMQP.URL)
-		if err != nil {
-			return
-		}
-		defer conn.Close()
-		if ch, err := conn.Channel(); err == nil {
-			for i := range 4 {
-				_, _ = ch.QueueDelete(fmt.Sprintf("%s.push.%d", topic, i), false, false, false)
-			}
-		}
-	})
 	if out, _, err := runCmd(t, nil, append([]string{"poison", "replay", "--all"}, shardSets...)...); err != nil || !strings.Contains(out, "replayed 0") {
 		t.Fatalf("replay agreeing with the cluster: %q %v", out, err)
 	}

@@ -18,29 +18,40 @@ import (
 	"imcloud/pipeline/config"
 )
 
+// redisPrefix is a registry prefix of the test's own.
+func redisPrefix(t *testing.T) string {
+	return "imcloud-test:" + strings.ReplaceAll(t.Name(), "/", "-") + ":" + time.Now().Format("150405.000000") + ":"
+}
+
+// startOnRedis starts a process on loopback with the registry in the
+// test's Redis under prefix, sets over those, logging to logs.
+func startOnRedis(t *testing.T, prefix string, logs io.Writer, sets ...string) (*Process, error) {
+	t.Helper()
+	addr := os.Getenv("IMCLOUD_TEST_REDIS_ADDR")
+	if addr == "" {
+		addr = "127.0.0.1:6379"
+	}
+	cfg, err := config.Load(config.Sources{Sets: append([]string{
+		"registry.kind=redis", "registry.redis.addr=" + addr, "registry.redis.prefix=" + prefix,
+		"logic.http_addr=127.0.0.1:0", "logic.grpc_addr=127.0.0.1:0",
+		"cloud.tcp_addr=127.0.0.1:0", "cloud.ws_addr=127.0.0.1:0", "cloud.grpc_addr=127.0.0.1:0",
+		"logic.auth.jwt_secret=agree-secret", "logic.api_keys=agree-api-key-0123456789",
+		"cluster.secret=agree-cluster-secret-0123456789", "job.canary_interval=0", "cloud.canary_timeout=0",
+	}, sets...)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return Start(context.Background(), cfg, slog.New(slog.NewTextHandler(logs, nil)))
+}
+
 // TestIntegrationShardAgreement: a logic or job with a topics.push_shards
 // other than a running one's is refused at start, naming the value the
 // cluster runs with; a cloud-only process takes no part; once the running
 // one stops cleanly, the new value starts at once.
 func TestIntegrationShardAgreement(t *testing.T) {
-	addr := os.Getenv("IMCLOUD_TEST_REDIS_ADDR")
-	if addr == "" {
-		addr = "127.0.0.1:6379"
-	}
-	prefix := "imcloud-test:" + strings.ReplaceAll(t.Name(), "/", "-") + ":" + time.Now().Format("150405.000000") + ":"
+	prefix := redisPrefix(t)
 	start := func(shards string, sets ...string) (*Process, error) {
-		cfg, err := config.Load(config.Sources{Sets: append([]string{
-			"broker.kind=gochannel", "registry.kind=redis", "registry.redis.addr=" + addr, "registry.redis.prefix=" + prefix,
-			"topics.push_shards=" + shards,
-			"logic.http_addr=127.0.0.1:0", "logic.grpc_addr=127.0.0.1:0",
-			"cloud.tcp_addr=127.0.0.1:0", "cloud.ws_addr=127.0.0.1:0", "cloud.grpc_addr=127.0.0.1:0",
-			"logic.auth.jwt_secret=agree-secret", "logic.api_keys=agree-api-key-0123456789",
-			"cluster.secret=agree-cluster-secret-0123456789", "job.canary_interval=0", "cloud.canary_timeout=0",
-		}, sets...)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return Start(context.Background(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+		return startOnRedis(t, prefix, io.Discard, append([]string{"broker.kind=gochannel", "topics.push_shards=" + shards}, sets...)...)
 	}
 	shutdown := func(p *Process) {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -104,24 +115,11 @@ func (s *syncBuffer) String() string {
 // TestIntegrationUnreadShardsAreSaid: a logic says which push shards no
 // live job reads — here a job reads 0 and 1 of 4 — naming them.
 func TestIntegrationUnreadShardsAreSaid(t *testing.T) {
-	addr := os.Getenv("IMCLOUD_TEST_REDIS_ADDR")
-	if addr == "" {
-		addr = "127.0.0.1:6379"
-	}
-	prefix := "imcloud-test:" + strings.ReplaceAll(t.Name(), "/", "-") + ":" + time.Now().Format("150405.000000") + ":"
+	prefix := redisPrefix(t)
 	start := func(logs io.Writer, sets ...string) *Process {
-		cfg, err := config.Load(config.Sources{Sets: append([]string{
-			"broker.kind=amqp", "registry.kind=redis", "registry.redis.addr=" + addr, "registry.redis.prefix=" + prefix,
-			"topics.push_shards=4", "topics.push=" + prefix + "push", "topics.poison=" + prefix + "poison", "topics.upstream=" + prefix + "upstream",
-			"cloud.renew_interval=200ms",
-			"logic.http_addr=127.0.0.1:0", "logic.grpc_addr=127.0.0.1:0",
-			"logic.auth.jwt_secret=agree-secret", "logic.api_keys=agree-api-key-0123456789",
-			"cluster.secret=agree-cluster-secret-0123456789", "job.canary_interval=0", "cloud.canary_timeout=0",
-		}, sets...)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		p, err := Start(context.Background(), cfg, slog.New(slog.NewTextHandler(logs, nil)))
+		p, err := startOnRedis(t, prefix, logs, append([]string{"broker.kind=amqp", "topics.push_shards=4",
+			"topics.push=" + prefix + "push", "topics.poison=" + prefix + "poison", "topics.upstream=" + prefix + "upstream",
+			"cloud.renew_interval=200ms"}, sets...)...)
 		if err != nil {
 			t.Fatal(err)
 		}
