@@ -63,14 +63,7 @@ func TestOrderUnderRetries(t *testing.T) {
 	proxy.setBackend(t, h.addrs.CloudGRPC)
 
 	const room, mid = "live://order", 77
-	type target struct {
-		name    string
-		prefix  string // body prefix: "r" or "m"
-		stream  string
-		path    string
-		query   url.Values
-		clients []*orderClient
-	}
+	type target = orderTarget
 	targets := []*target{
 		{name: "room", prefix: "r", stream: "room:" + room, path: "/im/push/room",
 			query: url.Values{"operation": {strconv.Itoa(orderOp)}, "type": {"live"}, "room": {"order"}}},
@@ -112,18 +105,7 @@ func TestOrderUnderRetries(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for seq := range orderPushes {
-				res, err := pushOnce(h.addrs.HTTP, tg.path, tg.query, fmt.Sprintf("%s-%05d", tg.prefix, seq))
-				if err != nil {
-					errs[i] = fmt.Errorf("%s push %d: %w", tg.name, seq, err)
-					return
-				}
-				if len(res.Positions) != 1 || res.Positions[0].Stream != tg.stream {
-					errs[i] = fmt.Errorf("%s push %d: positions %+v, want one in %s", tg.name, seq, res.Positions, tg.stream)
-					return
-				}
-				replies[i] = append(replies[i], res.Positions[0])
-			}
+			replies[i], errs[i] = tg.pushAll(h.addrs.HTTP, orderPushes)
 		}()
 	}
 	wg.Wait()
@@ -149,6 +131,33 @@ func TestOrderUnderRetries(t *testing.T) {
 	if got, want := proxy.injected.Load(), int64(2*orderPushes/10); got != want {
 		t.Fatalf("the proxy failed %d deliveries, want %d: the retries this test is about did not happen", got, want)
 	}
+}
+
+// orderTarget is a stream the order tests push to, and its clients.
+type orderTarget struct {
+	name    string
+	prefix  string // body prefix: "r" or "m"
+	stream  string
+	path    string
+	query   url.Values
+	clients []*orderClient
+}
+
+// pushAll pushes n bodies prefix-NNNNN in sequence, each after the last
+// was answered, and returns each push's position in the stream.
+func (tg *orderTarget) pushAll(addr string, n int) ([]logic.Position, error) {
+	var replies []logic.Position
+	for seq := range n {
+		res, err := pushOnce(addr, tg.path, tg.query, fmt.Sprintf("%s-%05d", tg.prefix, seq))
+		if err != nil {
+			return replies, fmt.Errorf("%s push %d: %w", tg.name, seq, err)
+		}
+		if len(res.Positions) != 1 || res.Positions[0].Stream != tg.stream {
+			return replies, fmt.Errorf("%s push %d: positions %+v, want one in %s", tg.name, seq, res.Positions, tg.stream)
+		}
+		replies = append(replies, res.Positions[0])
+	}
+	return replies, nil
 }
 
 // orderClient is one connection reading a stream's pushes.

@@ -80,11 +80,7 @@ func TestIntegrationShardedOrder(t *testing.T) {
 	startJobs(t, bin, front.addrs.CloudGRPC, 3, sets)
 	shardConsumers(t, sets, 3*4) // job.concurrency 4 each
 
-	type target struct {
-		name, prefix, stream, path string
-		query                      url.Values
-		clients                    []*orderClient
-	}
+	type target = orderTarget
 	// Two rooms and two users, each on a shard of its own.
 	var targets []*target
 	used := map[int]bool{}
@@ -134,18 +130,7 @@ func TestIntegrationShardedOrder(t *testing.T) {
 	began := time.Now()
 	for i, tg := range targets {
 		wg.Go(func() {
-			for seq := range orderPushes {
-				res, err := pushOnce(front.addrs.HTTP, tg.path, tg.query, fmt.Sprintf("%s-%05d", tg.prefix, seq))
-				if err != nil {
-					errs[i] = fmt.Errorf("%s push %d: %w", tg.name, seq, err)
-					return
-				}
-				if len(res.Positions) != 1 || res.Positions[0].Stream != tg.stream {
-					errs[i] = fmt.Errorf("%s push %d: positions %+v, want one in %s", tg.name, seq, res.Positions, tg.stream)
-					return
-				}
-				replies[i] = append(replies[i], res.Positions[0])
-			}
+			replies[i], errs[i] = tg.pushAll(front.addrs.HTTP, orderPushes)
 		})
 	}
 	wg.Wait()
