@@ -32,24 +32,28 @@ func NewAgreements(rdb goredis.UniversalClient, prefix string) *Agreements {
 func (a *Agreements) key(name string) string { return a.prefix + "agree:{" + name + "}" }
 
 // agreeScript drops lapsed members, returns the first live one of another
-// value (and records nothing), or records ARGV[2] for ARGV[3] until
-// ARGV[1] ms from now. Redis's clock, not the callers', decides what
+// value (and records nothing) when ARGV[4] is "1" (Agree; "0": Announce,
+// no check), or records ARGV[2] for ARGV[3] until ARGV[1] ms from now. Redis's clock, not the callers', decides what
 // lapsed: processes on several hosts need not agree on the time.
 var agreeScript = goredis.NewScript(`
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local mine = ARGV[2] .. '\0' .. ARGV[3]
+-- A member's own entries of another value (it cannot change its value
+-- today: values are read at start) are replaced, not kept beside.
+local own = {}
 for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   local sep = string.find(m, '\0', 1, true)
-  if sep and string.sub(m, 1, sep - 1) ~= ARGV[2] and string.sub(m, sep + 1) ~= ARGV[3] then return m end
+  if sep then
+    if string.sub(m, sep + 1) == ARGV[3] then
+      if m ~= mine then own[#own + 1] = m end
+    elseif ARGV[4] == '1' and string.sub(m, 1, sep - 1) ~= ARGV[2] then
+      return m
+    end
+  end
 end
--- A member renewing with a new value (it cannot, today: values are read
--- at start) would otherwise keep its old entry beside the new one.
-for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local sep = string.find(m, '\0', 1, true)
-  if sep and string.sub(m, sep + 1) == ARGV[3] and m ~= mine then redis.call('ZREM', KEYS[1], m) end
-end
+for _, m in ipairs(own) do redis.call('ZREM', KEYS[1], m) end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), mine)
 -- The set lives as long as its longest-lived member, whatever ttl this
 -- one renews with.
@@ -64,7 +68,7 @@ func (a *Agreements) Agree(ctx context.Context, name, value, member string, ttl 
 	if strings.ContainsRune(value, 0) || strings.ContainsRune(member, 0) {
 		return pipeline.Agreed{}, fmt.Errorf("agree on %s: value and member must not hold NUL", name)
 	}
-	res, err := agreeScript.Run(ctx, a.rdb, []string{a.key(name)}, max(ttl.Milliseconds(), 1), value, member).Text()
+	res, err := agreeScript.Run(ctx, a.rdb, []string{a.key(name)}, max(ttl.Milliseconds(), 1), value, member, "1").Text()
 	if errors.Is(err, goredis.Nil) {
 		return pipeline.Agreed{}, nil
 	}
@@ -91,22 +95,6 @@ for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
 end
 return 0`)
 
-// announceScript records ARGV[2] for member ARGV[3] until ARGV[1] ms from
-// now, in place of what the member recorded before, with no check
-// against the others (Announce).
-var announceScript = goredis.NewScript(`
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local sep = string.find(m, '\0', 1, true)
-  if sep and string.sub(m, sep + 1) == ARGV[3] then redis.call('ZREM', KEYS[1], m) end
-end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2] .. '\0' .. ARGV[3])
-local top = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-redis.call('PEXPIREAT', KEYS[1], top[2])
-return 0`)
-
 // Announce records that member runs with name = value for ttl, whatever
 // the others run with: what each process says of itself where the
 // processes need not agree (job.shards).
@@ -114,7 +102,7 @@ func (a *Agreements) Announce(ctx context.Context, name, value, member string, t
 	if strings.ContainsRune(value, 0) || strings.ContainsRune(member, 0) {
 		return fmt.Errorf("announce %s: value and member must not hold NUL", name)
 	}
-	if err := announceScript.Run(ctx, a.rdb, []string{a.key(name)}, max(ttl.Milliseconds(), 1), value, member).Err(); err != nil && !errors.Is(err, goredis.Nil) {
+	if err := agreeScript.Run(ctx, a.rdb, []string{a.key(name)}, max(ttl.Milliseconds(), 1), value, member, "0").Err(); err != nil && !errors.Is(err, goredis.Nil) {
 		return fmt.Errorf("redis announce %s: %w", name, err)
 	}
 	return nil

@@ -4,6 +4,8 @@ package redis
 
 import (
 	"context"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -77,6 +79,23 @@ func TestIntegrationAgreements(t *testing.T) {
 	}
 	if ttl := rdb.PTTL(ctx, a.key("shards")).Val(); ttl < 50*time.Second {
 		t.Fatalf("after a brief member's renewal the set expires in %s, before the long one's minute", ttl)
+	}
+
+	// Announce records what each says of itself, with no check against
+	// the others, one record a member.
+	t.Cleanup(func() { rdb.Del(ctx, a.key("job.shards")) })
+	for _, ann := range [][2]string{{"0,1", "j1"}, {"2", "j2"}, {"2,3", "j2"}} {
+		if err := a.Announce(ctx, "job.shards", ann[0], ann[1], time.Minute); err != nil {
+			t.Fatal(err)
+		}
+	}
+	live, err := a.Live(ctx, "job.shards")
+	if err != nil {
+		t.Fatal(err)
+	}
+	slices.SortFunc(live, func(x, y pipeline.Agreed) int { return strings.Compare(x.Member, y.Member) })
+	if want := []pipeline.Agreed{{Value: "0,1", Member: "j1"}, {Value: "2,3", Member: "j2"}}; !slices.Equal(live, want) {
+		t.Fatalf("live %+v, want %+v", live, want)
 	}
 
 	if _, err := a.Agree(ctx, "shards", "4\x00x", "e", time.Minute); err == nil {
