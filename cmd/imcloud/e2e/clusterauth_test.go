@@ -70,10 +70,16 @@ func TestForgedInternalCalls(t *testing.T) {
 	c := h.connect("ws", token.Claims{Mid: 1, Key: "victim", Rooms: []string{"live://1"}})
 	fake := &pb.NodeInfo{Id: "forged-node", GrpcAddr: "127.0.0.1:1", Host: "forged.example", WsPort: 1, Weight: 1000}
 
-	forge := func(t *testing.T, secret string) (broadcast, closeKey, renew error) {
+	// afterBroadcast, when set, runs between the broadcast and the close:
+	// a broadcast is fanned out apart from the call, so a close right
+	// behind it can reach the client first.
+	forge := func(t *testing.T, secret string, afterBroadcast func()) (broadcast, closeKey, renew error) {
 		cloudConn, ctx := rawConn(t, h.addrs.CloudGRPC, secret)
 		cloud := pb.NewCloudClient(cloudConn)
 		_, broadcast = cloud.Broadcast(ctx, &pb.BroadcastReq{Proto: &pb.Proto{Ver: 1, Op: 1000, Body: []byte("forged broadcast")}})
+		if afterBroadcast != nil && broadcast == nil {
+			afterBroadcast()
+		}
 		_, closeKey = cloud.Close(ctx, &pb.CloseReq{Key: "victim"})
 		logicConn, ctx := rawConn(t, h.addrs.LogicGRPC, secret)
 		_, renew = pb.NewLogicClient(logicConn).RenewOnline(ctx, &pb.RenewOnlineReq{Node: fake})
@@ -84,7 +90,7 @@ func TestForgedInternalCalls(t *testing.T) {
 		{"wrong secret", "not-the-cluster-secret"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			broadcast, closeKey, renew := forge(t, tt.secret)
+			broadcast, closeKey, renew := forge(t, tt.secret, nil)
 			for name, err := range map[string]error{"Broadcast": broadcast, "Close": closeKey, "RenewOnline": renew} {
 				if status.Code(err) != codes.Unauthenticated {
 					t.Errorf("%s: %v, want Unauthenticated", name, err)
@@ -102,11 +108,10 @@ func TestForgedInternalCalls(t *testing.T) {
 	}
 
 	t.Run("the cluster secret", func(t *testing.T) {
-		broadcast, closeKey, renew := forge(t, testClusterSecret)
+		broadcast, closeKey, renew := forge(t, testClusterSecret, func() { expect(t, "client", c, 1000, "forged broadcast") })
 		if broadcast != nil || closeKey != nil || renew != nil {
 			t.Fatalf("calls with the secret: Broadcast %v, Close %v, RenewOnline %v", broadcast, closeKey, renew)
 		}
-		expect(t, "client", c, 1000, "forged broadcast")
 		if err := expectClosed(t, "closed key", c); client.CloseCode(err) != 4009 {
 			t.Fatalf("closed with %v, want 4009", err)
 		}
