@@ -356,11 +356,7 @@ func (c *channel) enqueue(items []outItem, filter bool) bool {
 		}
 		if it.sp != nil && c.optedIn {
 			if c.rec != nil {
-				if !c.rec.hold(it) {
-					c.mu.Unlock()
-					c.recoverOverflow()
-					return false
-				}
+				c.rec.hold(it)
 				heldAny = true
 				continue
 			}

@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"runtime/debug"
+	"slices"
 	"sync"
 	"time"
 
@@ -55,11 +57,18 @@ const (
 	maxRecoverEntries = 10_000
 	// maxRecoverHeld and maxRecoverHeldBytes bound the live positioned
 	// pushes held for a connection until its recovery ends: 1,024 is ten
-	// seconds of a room at 100 messages/s. Over either the connection is
-	// closed with closeRecoverAgain: it reconnects and recovers again,
-	// from its positions, losing nothing.
+	// seconds of a room at 100 messages/s. Past either, what is held is
+	// let go and only each stream's range of positions kept: recovery
+	// reads those from history after the rest (catchUp), so a room faster
+	// than a recovery costs a history read, not the connection.
 	maxRecoverHeld      = 1024
 	maxRecoverHeldBytes = 1 << 20
+	// maxRecoverCatchUps bounds those reads: a recovery that still lets
+	// go of live pushes after as many passes is behind a room it cannot
+	// catch (the pace rule closes a client that reads too slowly; this,
+	// one whose history reads do), and its client is closed with
+	// closeRecoverAgain, to reconnect and recover from its positions.
+	maxRecoverCatchUps = 8
 	// recoverBudgetWait is the longest a recovery waits for the node's
 	// byte budget before its client is closed to recover again: the
 	// budget's holders free it within about 17 s at worst (the pace
@@ -82,6 +91,9 @@ type recoverBounds struct {
 	grace    time.Duration
 	rate     int64 // bytes per second
 	perEntry time.Duration
+	// held is how many live pushes a connection's hold keeps
+	// (maxRecoverHeld).
+	held int
 }
 
 // defaultRecoverBounds: 32 MiB is 78 full pages (100 × 4 KB) at once —
@@ -91,7 +103,7 @@ type recoverBounds struct {
 // reading one 4 KB packet every 9 s falls behind within about 10 s and
 // frees its page, where a deadline per packet kept it forever.
 func defaultRecoverBounds() recoverBounds {
-	return recoverBounds{bytes: 32 << 20, grace: writeDeadline, rate: 64 << 10, perEntry: time.Millisecond}
+	return recoverBounds{bytes: 32 << 20, grace: writeDeadline, rate: 64 << 10, perEntry: time.Millisecond, held: maxRecoverHeld}
 }
 
 // byteBudget is a node-wide count of bytes pinned, with waiting: a
@@ -182,28 +194,69 @@ func (p *recoverPace) waited(since time.Time) {
 // recovering is a connection's hold: the live positioned pushes that came
 // before its recovery ended. Guarded by the channel's mu.
 type recovering struct {
+	max   int // pushes held at most (recoverBounds.held)
 	held  []outItem
 	bytes int
+	// let are the positions of the pushes let go when the hold was full,
+	// per stream: recovery reads them from history (catchUp).
+	let   map[string]*letRange
 	timer *time.Timer // ends the hold at cloud.handshake_timeout
 	// starts are where op 8 said each stream starts: the floors of the
 	// streams op 21 does not name.
 	starts []wire.StreamPos
 }
 
-// hold keeps it, or reports that the connection holds too much.
-func (r *recovering) hold(it outItem) bool {
-	if len(r.held) >= maxRecoverHeld || r.bytes+len(it.pkt) > maxRecoverHeldBytes {
-		return false
+// letRange is the positions of one stream's pushes a full hold let go.
+// Pushes come in position order per stream (the orderer), so everything
+// between min and max that was for this connection was let go too; a
+// push of another epoch than the first makes the range unreadable.
+type letRange struct {
+	epoch    string
+	min, max uint64
+	epochs   bool // another epoch too
+}
+
+// hold keeps it; when the hold is full (max, or maxRecoverHeldBytes),
+// it lets go of everything held, keeping only each stream's range.
+func (r *recovering) hold(it outItem) {
+	if len(r.held) >= r.max || r.bytes+len(it.pkt) > maxRecoverHeldBytes {
+		for _, h := range r.held {
+			r.letGo(h.sp)
+		}
+		clear(r.held)
+		r.held, r.bytes = r.held[:0], 0
+		r.letGo(it.sp)
+		return
 	}
 	r.held = append(r.held, it)
 	r.bytes += len(it.pkt)
-	return true
 }
 
-// recoverOverflow closes a connection whose hold is full.
-func (c *channel) recoverOverflow() {
-	c.logger.Info("closing recovering client: too many live messages held", "mid", c.mid, "key", c.key, "held_max", maxRecoverHeld)
-	c.close(closeRecoverAgain, "recovery overflowed, reconnect and recover")
+func (r *recovering) letGo(sp *streamItem) {
+	if r.let == nil {
+		r.let = map[string]*letRange{}
+	}
+	l := r.let[sp.stream]
+	switch {
+	case l == nil:
+		r.let[sp.stream] = &letRange{epoch: sp.epoch, min: sp.pos, max: sp.pos}
+	case l.epoch != sp.epoch:
+		l.epochs = true
+	default:
+		l.min, l.max = min(l.min, sp.pos), max(l.max, sp.pos)
+	}
+}
+
+// takeLet returns the ranges let go since the last call and forgets them.
+func (c *channel) takeLet() map[string]*letRange {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.rec == nil {
+		return nil
+	}
+	let := c.rec.let
+	c.rec.let = nil
+	return let
 }
 
 // belowFloor reports whether a positioned push was already sent, or is
@@ -443,7 +496,61 @@ func (s *Stage) recoverConn(ch *channel, tasks []*recoverTask, seq int32, reply 
 			return
 		}
 	}
+	if err := s.catchUp(ch, floors, pace); err != nil {
+		if !ch.ending() {
+			s.recoverLog.Log("recover client: closed to recover again", "mid", ch.mid, "key", ch.key, "err", err)
+			ch.close(closeRecoverAgain, "recovery could not catch up, reconnect and recover")
+		}
+		return
+	}
 	ch.endRecovery(floors)
+}
+
+// errCatchUp: a recovery that could not read what its full hold let go.
+var errCatchUp = errors.New("live pushes let go during recovery")
+
+// catchUp reads from history what the connection's full hold let go
+// (recovering.hold), after its floor in each stream, and moves the floor
+// past it; pushes that come meanwhile are held again, and let go again
+// if the hold fills, up to maxRecoverCatchUps passes.
+func (s *Stage) catchUp(ch *channel, floors map[string]wire.StreamPos, pace *recoverPace) error {
+	for pass := 0; ; pass++ {
+		let := ch.takeLet()
+		if len(let) == 0 {
+			return nil
+		}
+		if pass == maxRecoverCatchUps {
+			return fmt.Errorf("%w: still after %d passes", errCatchUp, pass)
+		}
+		for _, stream := range slices.Sorted(maps.Keys(let)) {
+			l := let[stream]
+			if l.epochs {
+				return fmt.Errorf("%w: %s changed epoch", errCatchUp, stream)
+			}
+			from := l.min - 1
+			if f, ok := floors[stream]; ok {
+				if f.Epoch != l.epoch {
+					return fmt.Errorf("%w: %s moved from epoch %q to %q", errCatchUp, stream, f.Epoch, l.epoch)
+				}
+				from = f.Pos
+			}
+			if l.max <= from {
+				continue
+			}
+			if l.max-from > maxRecoverEntries {
+				return fmt.Errorf("%w: %s: %d positions", errCatchUp, stream, l.max-from)
+			}
+			t := &recoverTask{
+				req:    wire.StreamPos{Stream: stream, Epoch: l.epoch, Pos: from},
+				res:    wire.RecoverResult{Stream: stream, Epoch: l.epoch, Pos: l.max, Recovered: true},
+				target: l.max,
+			}
+			if err := s.sendMissed(ch, t, pace); err != nil {
+				return err
+			}
+			floors[stream] = wire.StreamPos{Stream: stream, Epoch: l.epoch, Pos: l.max}
+		}
+	}
 }
 
 // starts are where op 8 said the connection's streams start.

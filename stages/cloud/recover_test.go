@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"slices"
+	"runtime"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -515,16 +516,88 @@ func TestRecoverHoldTimeout(t *testing.T) {
 	}
 }
 
-// TestRecoverHeldOverflow: a connection holding more live messages than
-// maxRecoverHeld while it has not recovered is closed with 4503 (it
-// reconnects and recovers again), never left with a silent gap.
-func TestRecoverHeldOverflow(t *testing.T) {
+// TestRecoverHoldFullCatchesUp: a room faster than a connection's
+// recovery fills its hold (maxRecoverHeld live pushes); what the hold lets
+// go is read from history after the rest, so the client gets every
+// position once, in order, then live pushes — where it was closed with
+// 4503 before, and closed again on every reconnect while the room stayed
+// that fast.
+func TestRecoverHoldFullCatchesUp(t *testing.T) {
 	n, h := recoverNode(t, func(c *config.Cloud) { c.HandshakeTimeout = time.Minute })
+	h.set(pipeline.RoomStream("live://f"), "e1", 20, 1)
 	c, _ := n.connectWith(t, "ws", claims{Mid: 14, Key: "k14", Rooms: []string{"live://f"}, Recover: true}, nil)
-	for i := range maxRecoverHeld + 1 {
-		n.pushRoom(t, h, "live://f", strconv.Itoa(i))
+	const live = maxRecoverHeld + 100
+	for i := range live {
+		n.pushRoom(t, h, "live://f", strconv.Itoa(21+i))
+	}
+	if _, err := c.Recover([]wire.StreamPos{{Stream: pipeline.RoomStream("live://f"), Epoch: "e1", Pos: 10}}); err != nil {
+		t.Fatal(err)
+	}
+	n.pushRoom(t, h, "live://f", "after")
+	got := readStream(t, c, 10+live+1)
+	for i, m := range got[:len(got)-1] {
+		if want := fmt.Sprintf("room:live://f@%d=%d", 11+i, 11+i); m != want {
+			t.Fatalf("message %d: %s, want %s", i, m, want)
+		}
+	}
+	if last, want := got[len(got)-1], fmt.Sprintf("room:live://f@%d=after", 21+live); last != want {
+		t.Fatalf("live after recovery: %s, want %s", last, want)
+	}
+}
+
+// TestRecoverCatchUpBounded: a recovery whose hold fills again during
+// every history read it makes (the room outruns it for good) stops after
+// maxRecoverCatchUps passes: the client is closed with 4503, to recover
+// again from its positions, and the node holds nothing more for it.
+func TestRecoverCatchUpBounded(t *testing.T) {
+	rb := defaultRecoverBounds()
+	rb.held = 2
+	n, h := boundedRecoverNode(t, func(c *config.Cloud) { c.HandshakeTimeout = time.Minute }, rb)
+	const room = "live://fast"
+	h.set(pipeline.RoomStream(room), "e1", 5, 1)
+	h.mu.Lock()
+	h.delay = 50 * time.Millisecond // the store's latency: pushes land during each read
+	h.mu.Unlock()
+	c, _ := n.connectWith(t, "ws", claims{Mid: 16, Key: "k16", Rooms: []string{room}, Recover: true}, nil)
+	// Three pushes (one more than the hold keeps) during each History
+	// call, until the connection is closed.
+	done := make(chan struct{})
+	pushed := make(chan int, 1)
+	go func() {
+		calls := 0
+		defer func() { pushed <- calls }()
+		for {
+			select {
+			case <-done:
+				return
+			default:
+			}
+			h.mu.Lock()
+			busy, before := h.inflight > 0, h.calls
+			h.mu.Unlock()
+			if !busy {
+				runtime.Gosched()
+				continue
+			}
+			calls++
+			for range 3 {
+				n.pushRoom(t, h, room, "x")
+			}
+			for ended := false; !ended; runtime.Gosched() {
+				h.mu.Lock()
+				ended = h.calls > before
+				h.mu.Unlock()
+			}
+		}
+	}()
+	if _, err := c.Recover([]wire.StreamPos{{Stream: pipeline.RoomStream(room), Epoch: "e1", Pos: 3}}); err != nil {
+		t.Fatal(err)
 	}
 	closedWith(t, c, closeRecoverAgain)
+	close(done)
+	if calls := <-pushed; calls < maxRecoverCatchUps {
+		t.Fatalf("closed after %d history calls, want at least %d passes first", calls, maxRecoverCatchUps)
+	}
 }
 
 // TestRecoverUnacked: with acks on, a connection naming no position for

@@ -51,7 +51,7 @@ const pageCost = recoverPage * recoverEntryCost
 // whole-recovery pace — not kept on for as long as it reads a packet
 // now and then — and what it pinned is released.
 func TestRecoverSlowReaderBounded(t *testing.T) {
-	rb := recoverBounds{bytes: 4 * pageCost, grace: 300 * time.Millisecond, rate: 64 << 20, perEntry: 10 * time.Microsecond}
+	rb := recoverBounds{bytes: 4 * pageCost, grace: 300 * time.Millisecond, rate: 64 << 20, perEntry: 10 * time.Microsecond, held: maxRecoverHeld}
 	n, h := boundedRecoverNode(t, func(c *config.Cloud) {
 		c.SendQueue = 16
 		c.SendQueueBytes = 64 << 10

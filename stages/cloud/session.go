@@ -76,7 +76,7 @@ func (s *Stage) session(ch *channel, remote string, tops []*pb.StreamPos) {
 	reply := authReply{Mid: ch.mid, Key: ch.key, Rooms: ch.roomList(), Heartbeat: int64(s.cfg.HeartbeatInterval / time.Second)}
 	if ch.optedIn {
 		// Positioned pushes are held from now until its op 21.
-		ch.rec = &recovering{starts: ch.startPositions(tops)}
+		ch.rec = &recovering{max: s.recoverBounds.held, starts: ch.startPositions(tops)}
 		reply.Recover, reply.Acks, reply.Streams = true, ch.acks, ch.rec.starts
 	}
 	ch.held = true // no one else has ch yet
