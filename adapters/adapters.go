@@ -59,7 +59,7 @@ func OpenBroker(cfg config.Config, logger *slog.Logger) (*pipeline.Broker, error
 				evicted.Log("embedded broker evicted the oldest poisoned messages to keep newer ones (broker.gochannel.max_poisoned is full); list, replay or purge them on the admin listener's /poison",
 					"topic", topic, "evicted", msgs, "evicted_total", total)
 			})
-		return pipeline.NewBroker(gc, gc, false, logger, gc.Close), nil
+		return pipeline.NewBroker(gc, gc, true, logger, gc.Close), nil
 	case config.BrokerAMQP:
 		declare := append(topics.PushTopics(), topics.Poison, topics.Upstream)
 		if cfg.Events.Enabled {

@@ -1,12 +1,20 @@
-// Package gochannel is the embedded broker: Watermill's in-process Go
-// channel Pub/Sub, for standalone runs and fast tests.
+// Package gochannel is the embedded broker: an in-process Pub/Sub for
+// standalone runs and fast tests, with Watermill's Pub/Sub interfaces.
 //
-// It wraps Watermill's GoChannel rather than replacing it: no race was
-// found in it. The wrapper adds what upstream lacks: a bound (upstream
-// holds every unacked message in memory, 7.8 KB each measured with
-// 100-byte bodies, and its Publish never refuses; commit 3aa672a) and a
-// count of messages dropped for want of a subscriber, which upstream
-// drops without a word (commit 5faa0de).
+// It began as a wrapper of Watermill's GoChannel and replaced it (issue
+// 15): GoChannel gives every subscription of a topic a copy of each
+// message and hands a subscription its next message only once the one
+// before is acked, so job read the embedded broker with one handler, one
+// message at a time, however large job.concurrency. Under 64 concurrent
+// single pushes job fell behind logic at about 20,000 pushes/s and the
+// backlog piled up as GoChannel's two goroutines per message (29,000 of
+// them, 24 MB of stacks, GC at 14 % of the CPU). Here subscriptions to a
+// topic share its queue, as a RabbitMQ queue's consumers do, each with a
+// message in flight; a message waiting costs its queue slot and nothing
+// else. What the wrapper added is kept: a bound on unacked messages
+// (upstream held every one, 7.8 KB each measured with 100-byte bodies,
+// and its Publish never refused; commit 3aa672a) and a count of messages
+// dropped for want of a subscriber (commit 5faa0de).
 package gochannel
 
 import (
@@ -19,14 +27,9 @@ import (
 
 	"github.com/ThreeDotsLabs/watermill"
 	"github.com/ThreeDotsLabs/watermill/message"
-	"github.com/ThreeDotsLabs/watermill/pubsub/gochannel"
 
 	"imcloud/pipeline"
 )
-
-// outputBuffer lets a burst of publishes queue without blocking the HTTP
-// handler while job works through them.
-const outputBuffer = 4096
 
 // ErrQueueFull is returned for a message refused because maxPending
 // messages are published and not yet acked.
@@ -37,40 +40,104 @@ var errClosed = errors.New("embedded broker closed")
 
 // PubSub is an in-process Pub/Sub. Messages live only in this process:
 // what is queued when it exits is gone, which is the embedded trade-off.
-// Watermill's Pub/Sub holds each message in memory, with two goroutines,
-// until its subscriber acks it (about 8 KB besides the body: 7.8 KB
-// measured with 100-byte bodies), and publishing does not wait; so the
-// messages waiting are counted, and at maxPending Publish refuses with
-// ErrQueueFull. A message to a topic nobody in the process subscribes to
-// is dropped at once, as Watermill does, but not silently: it is counted
-// (Unheard) and reported to the unheard callback (the node logs it), since
-// the publisher took it as accepted (an op 4 was answered op 5). A topic
-// Keep names (the poison topic) is held instead, for a PoisonAdmin, in a
-// bounded ring that evicts its oldest message when full.
+// Each topic is one queue its subscriptions share (competing consumers,
+// pipeline.Broker.SharedQueue); each subscription has at most one message
+// out, redelivered if nacked. Messages published and not yet acked are
+// counted (a bundle as the pushes it carries), and at maxPending Publish
+// refuses with ErrQueueFull. A message to a topic nobody in the process
+// subscribes to is dropped at once, but not silently: it is counted
+// (Unheard) and reported to the unheard callback (the node logs it),
+// since the publisher took it as accepted (an op 4 was answered op 5). A
+// topic Keep names (the poison topic) is held instead, for a PoisonAdmin,
+// in a bounded ring that evicts its oldest message when full.
 type PubSub struct {
-	gc      *gochannel.GoChannel
 	max     int64
 	pending atomic.Int64
 	closed  atomic.Bool
+	done    chan struct{} // closed by Close
 	unheard atomic.Int64
 	// onUnheard is told of each publish that no subscriber received.
 	onUnheard func(topic string, msgs int)
 
-	mu   sync.Mutex
-	subs map[string]int64 // live subscriptions per topic; each gets a copy
+	mu     sync.Mutex
+	queues map[string]*queue
 	// kept holds the messages of the topics Keep names (the poison topic).
 	kept map[string]*kept
 }
 
 // New returns an in-process Pub/Sub holding at most maxPending unacked
 // messages; onUnheard (if not nil) is called for each publish to a topic
-// without a subscriber, whose messages are dropped.
-func New(logger watermill.LoggerAdapter, maxPending int, onUnheard func(topic string, msgs int)) *PubSub {
-	gc := gochannel.NewGoChannel(gochannel.Config{OutputChannelBuffer: outputBuffer}, logger)
-	return &PubSub{gc: gc, max: int64(max(maxPending, 1)), subs: map[string]int64{}, kept: map[string]*kept{}, onUnheard: onUnheard}
+// without a subscriber, whose messages are dropped. The logger is
+// Watermill's, which the broker no longer writes to.
+func New(_ watermill.LoggerAdapter, maxPending int, onUnheard func(topic string, msgs int)) *PubSub {
+	return &PubSub{max: int64(max(maxPending, 1)), done: make(chan struct{}), queues: map[string]*queue{}, kept: map[string]*kept{}, onUnheard: onUnheard}
 }
 
-// Pending is how many message copies wait for their subscriber's ack, a
+// queue is one topic's messages waiting for a subscription.
+type queue struct {
+	mu    sync.Mutex
+	items []*message.Message
+	head  int
+	subs  int           // live subscriptions; guarded by PubSub.mu
+	ready chan struct{} // a message may be waiting (capacity 1)
+}
+
+func (q *queue) put(m *message.Message) {
+	q.mu.Lock()
+	q.items = append(q.items, m)
+	q.mu.Unlock()
+	select {
+	case q.ready <- struct{}{}:
+	default:
+	}
+}
+
+// take returns the next message, waiting for one until ctx or done ends.
+func (q *queue) take(ctx context.Context, done <-chan struct{}) *message.Message {
+	for {
+		q.mu.Lock()
+		if q.head < len(q.items) {
+			m := q.items[q.head]
+			q.items[q.head] = nil
+			q.head++
+			more := q.head < len(q.items)
+			if !more {
+				// Empty: start again at the front (keeps the slice's
+				// memory, not its messages).
+				q.items, q.head = q.items[:0], 0
+			} else if q.head > len(q.items)/2 && q.head > 1024 {
+				n := copy(q.items, q.items[q.head:])
+				clear(q.items[n:])
+				q.items, q.head = q.items[:n], 0
+			}
+			q.mu.Unlock()
+			if more {
+				// One signal wakes one waiter: pass it on.
+				select {
+				case q.ready <- struct{}{}:
+				default:
+				}
+			}
+			return m
+		}
+		q.mu.Unlock()
+		select {
+		case <-q.ready:
+		case <-ctx.Done():
+			return nil
+		case <-done:
+			return nil
+		}
+	}
+}
+
+// heardLocked reports whether topic has a subscription; p.mu is held.
+func (p *PubSub) heardLocked(topic string) bool {
+	q := p.queues[topic]
+	return q != nil && q.subs > 0
+}
+
+// Pending is how many published messages wait for a subscriber's ack, a
 // bundle counting as the messages it carries.
 func (p *PubSub) Pending() int64 { return p.pending.Load() }
 
@@ -78,85 +145,97 @@ func (p *PubSub) Pending() int64 { return p.pending.Load() }
 // subscriber, and dropped.
 func (p *PubSub) Unheard() int64 { return p.unheard.Load() }
 
-// Publish hands msgs to topic's subscribers and returns without waiting
-// for them, unless maxPending messages are already waiting.
+// Publish queues msgs on topic and returns without waiting for them,
+// unless maxPending messages are already waiting.
 func (p *PubSub) Publish(topic string, msgs ...*message.Message) error {
 	if p.closed.Load() {
 		return errClosed
 	}
 	p.mu.Lock()
-	n := weight(msgs...) * p.subs[topic]
+	q := p.queues[topic]
+	heard := p.heardLocked(topic)
 	k := p.kept[topic]
 	p.mu.Unlock()
+	w := weight(msgs...)
 	if k != nil {
 		k.add(msgs)
-	} else if n == 0 && len(msgs) > 0 {
-		w := weight(msgs...)
+	} else if !heard && len(msgs) > 0 {
 		p.unheard.Add(w)
 		if p.onUnheard != nil {
 			p.onUnheard(topic, int(w))
 		}
 	}
-	if n > 0 {
-		if p.pending.Add(n) > p.max {
-			p.pending.Add(-n)
-			return fmt.Errorf("%w: %d messages wait for their subscriber", ErrQueueFull, p.max)
-		}
+	if !heard {
+		return nil
 	}
-	if err := p.gc.Publish(topic, msgs...); err != nil {
-		p.pending.Add(-n) // nothing was handed over: no slot will be freed
-		return err
+	if p.pending.Add(w) > p.max {
+		p.pending.Add(-w)
+		return fmt.Errorf("%w: %d messages wait for their subscriber", ErrQueueFull, p.max)
+	}
+	for _, m := range msgs {
+		q.put(m)
 	}
 	return nil
 }
 
-// Subscribe subscribes to topic; each message's slot is freed once the
-// subscriber acks it, or its subscription ends with it unacked. A nacked
-// message comes again, counted still.
+// Subscribe subscribes to topic, sharing its messages with the topic's
+// other subscriptions. A message's slot is freed once it is acked, or
+// when its subscription ends with it unacked (it is dropped, as the
+// process is stopping); a nacked message is queued again, counted still.
 func (p *PubSub) Subscribe(ctx context.Context, topic string) (<-chan *message.Message, error) {
+	if p.closed.Load() {
+		return nil, errClosed
+	}
 	p.mu.Lock()
-	in, err := p.gc.Subscribe(ctx, topic)
-	if err == nil {
-		p.subs[topic]++
+	q := p.queues[topic]
+	if q == nil {
+		q = &queue{ready: make(chan struct{}, 1)}
+		p.queues[topic] = q
 	}
+	q.subs++
 	p.mu.Unlock()
-	if err != nil {
-		return nil, err
-	}
 	out := make(chan *message.Message)
 	go func() {
 		defer close(out)
 		defer func() {
 			p.mu.Lock()
-			p.subs[topic]--
+			q.subs--
 			p.mu.Unlock()
 		}()
-		for m := range in {
-			// Its context, read before the subscriber may replace it,
-			// ends when Watermill is done with this copy.
-			// Its weight too: once handed over, the handler may write
-			// its metadata while settle waits.
-			go p.settle(m.Context(), m, weight(m))
+		for {
+			m := q.take(ctx, p.done)
+			if m == nil {
+				return
+			}
+			// Its weight is read from m, not from the copy the handler
+			// may write metadata to.
+			w := weight(m)
+			c := m.Copy()
+			c.SetContext(ctx)
 			select {
-			case out <- m:
+			case out <- c:
 			case <-ctx.Done():
-				// The subscription ended: Watermill drops m, ending its
-				// context, and closes in.
+				q.put(m) // not handed over: another subscription's
+				return
+			case <-p.done:
+				p.pending.Add(-w)
+				return
+			}
+			select {
+			case <-c.Acked():
+				p.pending.Add(-w)
+			case <-c.Nacked():
+				q.put(m)
+			case <-ctx.Done():
+				p.pending.Add(-w)
+				return
+			case <-p.done:
+				p.pending.Add(-w)
+				return
 			}
 		}
 	}()
 	return out, nil
-}
-
-// settle frees m's slot once it is acked or dropped with its subscription.
-func (p *PubSub) settle(ctx context.Context, m *message.Message, w int64) {
-	select {
-	case <-m.Acked():
-	case <-m.Nacked():
-		return // resent as a new copy, which settles it
-	case <-ctx.Done():
-	}
-	p.pending.Add(-w)
 }
 
 // weight counts msgs as the pushes they carry: a bundle
@@ -174,8 +253,10 @@ func weight(msgs ...*message.Message) int64 {
 	return n
 }
 
-// Close refuses further publishes and closes the Pub/Sub.
+// Close refuses further publishes and ends every subscription.
 func (p *PubSub) Close() error {
-	p.closed.Store(true)
-	return p.gc.Close()
+	if !p.closed.Swap(true) {
+		close(p.done)
+	}
+	return nil
 }

@@ -216,7 +216,7 @@ func (a *poisonAdmin) Replay(ctx context.Context, sel pipeline.Selector) (pipeli
 	a.ps.mu.Lock()
 	for i, m := range taken {
 		to[i] = a.targets.For(poisonedOf(m))
-		if a.ps.subs[to[i]] == 0 && !slices.Contains(unheard, to[i]) {
+		if !a.ps.heardLocked(to[i]) && !slices.Contains(unheard, to[i]) {
 			unheard = append(unheard, to[i])
 		}
 	}

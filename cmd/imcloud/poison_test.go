@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -145,8 +146,11 @@ func testStandalonePoisonOverAdmin(t *testing.T, shards int) {
 		t.Fatalf("replayed and delivered, still listed: %+v", l)
 	}
 
-	// Purged over HTTP, and an unknown id through the CLI.
+	// Purged over HTTP, and an unknown id through the CLI. The next push
+	// must find the key offline: a push that raced the close could still
+	// be handed to the closing connection.
 	c.Close()
+	waitOffline(t, n.Addrs().HTTP, "poison-test-api-key-0123456789", 7, wait)
 	second := poison("poison-test-2", "gone for good")
 	if out := cli("purge", "--id", "no-such-id"); !strings.Contains(out, "purged 0 message(s)") {
 		t.Fatalf("purge of an unknown id: %s", out)
@@ -187,5 +191,40 @@ func TestPoisonCLIOnEmbeddedBroker(t *testing.T) {
 				t.Fatalf("err = %v, want one mentioning %q", err, tt.want)
 			}
 		})
+	}
+}
+
+// waitOffline waits until logic's registry has no session of mid.
+func waitOffline(t *testing.T, logicHTTP, apiKey string, mid int64, wait time.Duration) {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodGet, fmt.Sprintf("http://%s/im/online/mids?mids=%d", logicHTTP, mid), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Authorization", "Bearer "+apiKey)
+	deadline := time.Now().Add(wait)
+	for {
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var r struct {
+			Data struct {
+				Online  []int64 `json:"online"`
+				Offline []int64 `json:"offline"`
+			} `json:"data"`
+		}
+		err = json.NewDecoder(resp.Body).Decode(&r)
+		resp.Body.Close()
+		if err != nil || resp.StatusCode != http.StatusOK {
+			t.Fatalf("GET /im/online/mids: %s, %v", resp.Status, err)
+		}
+		if len(r.Data.Online) == 0 && slices.Contains(r.Data.Offline, mid) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("mid %d still online %s after its connection closed", mid, wait)
+		}
+		time.Sleep(10 * time.Millisecond) // polling a condition, with a deadline
 	}
 }
