@@ -196,8 +196,12 @@ func (s *Stage) AddHandlers(r *pipeline.Router, sub message.Subscriber, topics [
 	}
 }
 
-// Close closes the connections to cloud nodes.
-func (s *Stage) Close() error { return s.clouds.Close() }
+// Close ends the room queues' calls (and waits for their goroutines),
+// then closes the connections to cloud nodes.
+func (s *Stage) Close() error {
+	s.roomq.close()
+	return s.clouds.Close()
+}
 
 // roomOf is the room a room push goes to, or "" for any other push.
 func roomOf(pm *pb.PushMsg) string {
@@ -414,10 +418,10 @@ func (s *Stage) deliverRoomBatch(ctx context.Context, room string, items []*batc
 	for i, it := range items {
 		batch[i] = it.proto
 	}
-	ok, err := s.callNodes(nodes, func(string) bool { return true }, func(c pb.CloudClient) error {
-		_, err := c.BroadcastRoom(ctx, &pb.BroadcastRoomReq{RoomId: room, Batch: batch})
-		return err
-	})
+	// Through the room's queue to each node, as single room pushes go:
+	// one call in flight per room and node, so batches reach a node in
+	// the order they filled.
+	ok, err := s.roomq.send(ctx, room, nodes, batch...)
 	for _, it := range items {
 		it.withMsg(func(m *message.Message) { markDelivered(m, ok) })
 	}

@@ -91,11 +91,14 @@ func TestRoomBatching(t *testing.T) {
 		window   time.Duration
 		size     int
 		messages int
-		want     []int // batch sizes the cloud node receives
+		want     [][]int // the batch sizes the cloud node may receive
 	}{
-		{"full batch goes at once", time.Minute, 5, 5, []int{5}},
-		{"window closes a partial batch", 100 * time.Millisecond, 10, 3, []int{3}},
-		{"overflow starts a new batch", time.Minute, 4, 8, []int{4, 4}},
+		{"full batch goes at once", time.Minute, 5, 5, [][]int{{5}}},
+		{"window closes a partial batch", 100 * time.Millisecond, 10, 3, [][]int{{3}}},
+		// Batches go through the room's queue to the node: a second that
+		// fills while the first is out waits for it; one that fills
+		// before the first went out joins its call.
+		{"overflow starts a new batch", time.Minute, 4, 8, [][]int{{4, 4}, {8}}},
 		// Without a window, what arrives while a call is out goes in the
 		// next: how they group depends on when each arrives.
 		{"window 0 sends what waits together", 0, 10, 3, nil},
@@ -117,8 +120,8 @@ func TestRoomBatching(t *testing.T) {
 				}
 				return
 			}
-			if fmt.Sprint(got) != fmt.Sprint(tt.want) {
-				t.Fatalf("cloud got batches of %v, want %v", got, tt.want)
+			if !slices.ContainsFunc(tt.want, func(w []int) bool { return slices.Equal(got, w) }) {
+				t.Fatalf("cloud got batches of %v, want one of %v", got, tt.want)
 			}
 		})
 	}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -30,8 +31,15 @@ type roomQueues struct {
 	timeout time.Duration
 	call    func(ctx context.Context, addr string, req *pb.BroadcastRoomReq) error
 
+	// base ends at close: the calls in flight end with it, and close
+	// waits for the queues' goroutines (running).
+	base    context.Context
+	stop    context.CancelFunc
+	running sync.WaitGroup
+
 	mu     sync.Mutex
 	queues map[roomNode]*roomQueue
+	closed bool
 }
 
 type roomNode struct{ room, node string }
@@ -58,6 +66,9 @@ const maxQueued = 4096
 // errQueueFull is a push refused because its node's queue for the room
 // holds maxQueued.
 var errQueueFull = errors.New("room queue to this node full: the node is not keeping up")
+
+// errQueuesClosed is a push sent after job's stage closed.
+var errQueuesClosed = errors.New("job stage closed")
 
 // position is the item's place in its room's stream: its epoch and
 // position (none without history).
@@ -99,39 +110,57 @@ func inPositionOrder(items []*roomItem) {
 }
 
 func newRoomQueues(size int, jobTimeout time.Duration, call func(context.Context, string, *pb.BroadcastRoomReq) error) *roomQueues {
-	return &roomQueues{size: max(size, 1), timeout: jobTimeout / 2, call: call, queues: map[roomNode]*roomQueue{}}
+	base, stop := context.WithCancel(context.Background())
+	return &roomQueues{size: max(size, 1), timeout: jobTimeout / 2, call: call, base: base, stop: stop, queues: map[roomNode]*roomQueue{}}
 }
 
-// send queues p for room on each of nodes (id to address) and waits until
-// each took it or failed, or ctx ends. ok are the nodes that took it.
-func (r *roomQueues) send(ctx context.Context, room string, nodes map[string]string, p *pb.Proto) (ok []string, err error) {
-	ids := slices.Sorted(func(yield func(string) bool) {
-		for id := range nodes {
-			if !yield(id) {
-				return
-			}
-		}
-	})
-	items := make([]*roomItem, len(ids))
+// close ends the calls in flight, fails what waits and what comes after,
+// and returns once no queue's goroutine runs.
+func (r *roomQueues) close() {
+	r.mu.Lock()
+	r.closed = true
+	r.mu.Unlock()
+	r.stop()
+	r.running.Wait()
+}
+
+// send queues ps (in order) for room on each of nodes (id to address) and
+// waits until each node took them or failed, or ctx ends. ok are the
+// nodes that took every one.
+func (r *roomQueues) send(ctx context.Context, room string, nodes map[string]string, ps ...*pb.Proto) (ok []string, err error) {
+	ids := slices.Sorted(maps.Keys(nodes))
+	items := make([][]*roomItem, len(ids))
 	for i, id := range ids {
-		it := &roomItem{proto: p, done: make(chan error, 1)}
-		items[i] = it
+		items[i] = make([]*roomItem, len(ps))
+		for j, p := range ps {
+			items[i][j] = &roomItem{proto: p, done: make(chan error, 1)}
+		}
 		key := roomNode{room, id}
 		r.mu.Lock()
+		if r.closed {
+			r.mu.Unlock()
+			for _, it := range items[i] {
+				it.done <- errQueuesClosed
+			}
+			continue
+		}
 		q := r.queues[key]
 		start := q == nil
 		if start {
 			q = &roomQueue{}
 			r.queues[key] = q
+			r.running.Add(1)
 		}
 		// The node's address as the caller knows it now: a node that
 		// restarted elsewhere under its id is called there from the next
 		// batch on.
 		q.addr = nodes[id]
-		if len(q.pending) >= maxQueued {
-			it.done <- errQueueFull
-		} else {
-			q.pending = append(q.pending, it)
+		for _, it := range items[i] {
+			if len(q.pending) >= maxQueued {
+				it.done <- errQueueFull
+			} else {
+				q.pending = append(q.pending, it)
+			}
 		}
 		r.mu.Unlock()
 		if start {
@@ -140,29 +169,34 @@ func (r *roomQueues) send(ctx context.Context, room string, nodes map[string]str
 	}
 	var errs []error
 	ended := false
-	for i, it := range items {
-		var e error
-		if !ended {
-			select {
-			case e = <-it.done:
-			case <-ctx.Done():
-				ended = true
+	for i, node := range items {
+		var nodeErr error
+		for _, it := range node {
+			var e error
+			if !ended {
+				select {
+				case e = <-it.done:
+				case <-ctx.Done():
+					ended = true
+				}
+			}
+			if ended {
+				// The attempt ended: take what is already known (a node
+				// that took it is recorded, so a retry skips it) and
+				// drop the rest from their queues.
+				select {
+				case e = <-it.done:
+				default:
+					it.gone.Store(true)
+					e = ctx.Err()
+				}
+			}
+			if e != nil && nodeErr == nil {
+				nodeErr = fmt.Errorf("cloud %s: %w", ids[i], e)
 			}
 		}
-		if ended {
-			// The attempt ended: take what is already known (a node
-			// that took it is recorded, so a retry skips it) and drop
-			// the rest from their queues.
-			select {
-			case e = <-it.done:
-			default:
-				it.gone.Store(true)
-				errs = append(errs, fmt.Errorf("cloud %s: %w", ids[i], ctx.Err()))
-				continue
-			}
-		}
-		if e != nil {
-			errs = append(errs, fmt.Errorf("cloud %s: %w", ids[i], e))
+		if nodeErr != nil {
+			errs = append(errs, nodeErr)
 			continue
 		}
 		ok = append(ok, ids[i])
@@ -174,9 +208,16 @@ func (r *roomQueues) send(ctx context.Context, room string, nodes map[string]str
 // queue is then forgotten (under the lock, so nothing is added to it
 // after).
 func (r *roomQueues) run(key roomNode, q *roomQueue) {
+	defer r.running.Done()
 	for {
 		r.mu.Lock()
 		q.pending = slices.DeleteFunc(q.pending, func(it *roomItem) bool { return it.gone.Load() })
+		if r.closed {
+			for _, it := range q.pending {
+				it.done <- errQueuesClosed
+			}
+			q.pending = nil
+		}
 		if len(q.pending) == 0 {
 			delete(r.queues, key)
 			r.mu.Unlock()
@@ -198,7 +239,7 @@ func (r *roomQueues) run(key roomNode, q *roomQueue) {
 				req.Batch[i] = it.proto
 			}
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), r.timeout)
+		ctx, cancel := context.WithTimeout(r.base, r.timeout)
 		err := r.call(ctx, addr, req)
 		cancel()
 		for _, it := range batch {

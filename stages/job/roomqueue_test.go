@@ -168,3 +168,69 @@ func TestRoomQueueBounded(t *testing.T) {
 		t.Fatalf("%v, want errQueueFull", err)
 	}
 }
+
+// TestRoomQueueBatchesInOrder: a window batch goes through the room's
+// queue to each node like single pushes, so two batches reach a node one
+// after the other, in the order they were sent, where they once went as
+// concurrent calls.
+func TestRoomQueueBatchesInOrder(t *testing.T) {
+	f := &fakeCalls{calls: map[string][][]uint64{}, hang: map[string]bool{}}
+	r := newRoomQueues(256, 2*time.Second, f.call)
+	nodes := map[string]string{"a": "addr-a", "b": "addr-b"}
+	for _, batch := range [][]uint64{{1, 2, 3}, {4, 5}} {
+		ps := make([]*pb.Proto, len(batch))
+		for i, pos := range batch {
+			ps[i] = roomProto(pos)
+		}
+		ok, err := r.send(context.Background(), "live://1", nodes, ps...)
+		if err != nil || !slices.Equal(ok, []string{"a", "b"}) {
+			t.Fatalf("batch %v: ok %v, err %v", batch, ok, err)
+		}
+	}
+	for _, addr := range []string{"addr-a", "addr-b"} {
+		if got := f.sent(addr); !slices.Equal(got, []uint64{1, 2, 3, 4, 5}) {
+			t.Fatalf("%s got %v, want 1 to 5 in order", addr, got)
+		}
+	}
+}
+
+// TestRoomQueueClose: close ends a call in flight (a node that never
+// answers), returns only once the queues' goroutines are gone, and fails
+// what is sent after it at once.
+func TestRoomQueueClose(t *testing.T) {
+	f := &fakeCalls{calls: map[string][][]uint64{}, hang: map[string]bool{"addr-a": true}}
+	r := newRoomQueues(256, time.Hour, f.call)
+	nodes := map[string]string{"a": "addr-a"}
+	sent := make(chan error, 1)
+	go func() {
+		_, err := r.send(context.Background(), "live://1", nodes, roomProto(1))
+		sent <- err
+	}()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		r.mu.Lock()
+		q := r.queues[roomNode{"live://1", "a"}]
+		out := q != nil && len(q.pending) == 0
+		r.mu.Unlock()
+		if out {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the call did not go out")
+		}
+		time.Sleep(time.Millisecond) // polling a condition, with a deadline
+	}
+	r.close()
+	if err := <-sent; !errors.Is(err, context.Canceled) {
+		t.Fatalf("the call in flight ended with %v, want it cancelled by close", err)
+	}
+	r.mu.Lock()
+	left := len(r.queues)
+	r.mu.Unlock()
+	if left != 0 {
+		t.Fatalf("%d queues left after close", left)
+	}
+	if _, err := r.send(context.Background(), "live://1", nodes, roomProto(2)); !errors.Is(err, errQueuesClosed) {
+		t.Fatalf("send after close: %v, want errQueuesClosed", err)
+	}
+}
