@@ -2,19 +2,19 @@
 // standalone runs and fast tests, with Watermill's Pub/Sub interfaces.
 //
 // It began as a wrapper of Watermill's GoChannel and replaced it (issue
-// 15): GoChannel gives every subscription of a topic a copy of each
-// message and hands a subscription its next message only once the one
-// before is acked, so job read the embedded broker with one handler, one
-// message at a time, however large job.concurrency. Under 64 concurrent
-// single pushes job fell behind logic at about 20,000 pushes/s and the
-// backlog piled up as GoChannel's two goroutines per message (29,000 of
-// them, 24 MB of stacks, GC at 14 % of the CPU). Here subscriptions to a
-// topic share its queue, as a RabbitMQ queue's consumers do, each with a
-// message in flight; a message waiting costs its queue slot and nothing
-// else. What the wrapper added is kept: a bound on unacked messages
-// (upstream held every one, 7.8 KB each measured with 100-byte bodies,
-// and its Publish never refused; commit 3aa672a) and a count of messages
-// dropped for want of a subscriber (commit 5faa0de).
+// 15). GoChannel gives every subscription of a topic a copy of each
+// message, and hands each one over the moment it is published, on two
+// goroutines of its own that live until it is acked, however many job
+// already has in hand: under 64 concurrent single pushes (wrk) job fell
+// behind logic and the backlog piled up as those goroutines (29,000 of
+// them, 24 MB of stacks, GC at 14 % of the CPU) at 18–20k pushes/s. Here
+// subscriptions to a topic share its queue, as a RabbitMQ queue's
+// consumers do, each with at most subscriptionWindow messages out, and a
+// message waiting costs its slot in the queue and nothing else: 30–34k
+// pushes/s in the same run. What the wrapper added is kept: a bound on
+// unacked messages (upstream held every one, 7.8 KB each measured with
+// 100-byte bodies, and its Publish never refused; commit 3aa672a) and a
+// count of messages dropped for want of a subscriber (commit 5faa0de).
 package gochannel
 
 import (
@@ -31,6 +31,15 @@ import (
 	"imcloud/pipeline"
 )
 
+// subscriptionWindow is how many messages one subscription has out at
+// once (a RabbitMQ consumer's prefetch). Job's deliveries must overlap:
+// a cloud node writes the room pushes that reach a connection together
+// in one write, and at one message out per subscription each push went
+// alone (10,000 clients × 50 pushes/s: 1.0 packet per write against 2.5,
+// and 1.2 M of 4 M deliveries late). Watermill's GoChannel handed out
+// all it had (4,096 buffered, more waiting as goroutines).
+const subscriptionWindow = 256
+
 // ErrQueueFull is returned for a message refused because maxPending
 // messages are published and not yet acked.
 var ErrQueueFull = fmt.Errorf("embedded broker full: %w", pipeline.ErrQueueFull)
@@ -41,8 +50,8 @@ var errClosed = errors.New("embedded broker closed")
 // PubSub is an in-process Pub/Sub. Messages live only in this process:
 // what is queued when it exits is gone, which is the embedded trade-off.
 // Each topic is one queue its subscriptions share (competing consumers,
-// pipeline.Broker.SharedQueue); each subscription has at most one message
-// out, redelivered if nacked. Messages published and not yet acked are
+// pipeline.Broker.SharedQueue); each subscription has at most
+// subscriptionWindow messages out, and a nacked one is queued again. Messages published and not yet acked are
 // counted (a bundle as the pushes it carries), and at maxPending Publish
 // refuses with ErrQueueFull. A message to a topic nobody in the process
 // subscribes to is dropped at once, but not silently: it is counted
@@ -202,7 +211,19 @@ func (p *PubSub) Subscribe(ctx context.Context, topic string) (<-chan *message.M
 			q.subs--
 			p.mu.Unlock()
 		}()
+		// A slot per message out, freed when it settles.
+		slots := make(chan struct{}, subscriptionWindow)
 		for {
+			select {
+			case slots <- struct{}{}:
+			case <-ctx.Done():
+				return
+			case <-p.done:
+				return
+			}
+			if ctx.Err() != nil {
+				return
+			}
 			m := q.take(ctx, p.done)
 			if m == nil {
 				return
@@ -221,18 +242,19 @@ func (p *PubSub) Subscribe(ctx context.Context, topic string) (<-chan *message.M
 				p.pending.Add(-w)
 				return
 			}
-			select {
-			case <-c.Acked():
-				p.pending.Add(-w)
-			case <-c.Nacked():
-				q.put(m)
-			case <-ctx.Done():
-				p.pending.Add(-w)
-				return
-			case <-p.done:
-				p.pending.Add(-w)
-				return
-			}
+			go func() {
+				defer func() { <-slots }()
+				select {
+				case <-c.Acked():
+					p.pending.Add(-w)
+				case <-c.Nacked():
+					q.put(m)
+				case <-ctx.Done():
+					p.pending.Add(-w)
+				case <-p.done:
+					p.pending.Add(-w)
+				}
+			}()
 		}
 	}()
 	return out, nil

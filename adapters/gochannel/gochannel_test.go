@@ -92,3 +92,68 @@ func TestUnheardCounted(t *testing.T) {
 		t.Fatalf("reported %v, want unheard: 2", reported)
 	}
 }
+
+// TestSubscriptionsShareTheQueue: two subscriptions to one topic share its
+// messages (each message to one of them, none to both), each has up to
+// subscriptionWindow out before acking any, and a nacked message comes
+// again.
+func TestSubscriptionsShareTheQueue(t *testing.T) {
+	p := New(watermill.NopLogger{}, 10*subscriptionWindow, nil)
+	defer p.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	a, err := p.Subscribe(ctx, "t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := p.Subscribe(ctx, "t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 2 * subscriptionWindow
+	for i := range n {
+		if err := p.Publish("t", message.NewMessage(fmt.Sprint(i), nil)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Nothing acked yet: each subscription hands out a window's worth.
+	seen := map[string]int{}
+	var held []*message.Message
+	for _, sub := range []<-chan *message.Message{a, b} {
+		for range subscriptionWindow {
+			select {
+			case m := <-sub:
+				seen[m.UUID]++
+				held = append(held, m)
+			case <-time.After(10 * time.Second):
+				t.Fatalf("a subscription handed out %d of its window unacked", len(held)%subscriptionWindow)
+			}
+		}
+	}
+	if len(seen) != n {
+		t.Fatalf("%d distinct messages of %d handed out: some went to both subscriptions", len(seen), n)
+	}
+	// A nacked message comes again (to either); the rest are acked.
+	held[0].Nack()
+	for _, m := range held[1:] {
+		m.Ack()
+	}
+	var again *message.Message
+	select {
+	case again = <-a:
+	case again = <-b:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the nacked message did not come again")
+	}
+	if again.UUID != held[0].UUID {
+		t.Fatalf("got %s again, want the nacked %s", again.UUID, held[0].UUID)
+	}
+	again.Ack()
+	deadline := time.Now().Add(10 * time.Second)
+	for p.Pending() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("Pending() = %d after every message was acked", p.Pending())
+		}
+		time.Sleep(time.Millisecond) // polling a condition, with a deadline
+	}
+}
