@@ -421,9 +421,9 @@ func (s *Stage) deliverRoomBatch(ctx context.Context, room string, items []*batc
 	// Through the room's queue to each node, as single room pushes go:
 	// one call in flight per room and node, so batches reach a node in
 	// the order they filled.
-	ok, err := s.roomq.send(ctx, room, nodes, batch...)
-	for _, it := range items {
-		it.withMsg(func(m *message.Message) { markDelivered(m, ok) })
+	oks, err := s.roomq.sendAll(ctx, room, nodes, batch)
+	for i, it := range items {
+		it.withMsg(func(m *message.Message) { markDelivered(m, oks[i]) })
 	}
 	return err
 }

@@ -124,10 +124,18 @@ func (r *roomQueues) close() {
 	r.running.Wait()
 }
 
-// send queues ps (in order) for room on each of nodes (id to address) and
-// waits until each node took them or failed, or ctx ends. ok are the
-// nodes that took every one.
-func (r *roomQueues) send(ctx context.Context, room string, nodes map[string]string, ps ...*pb.Proto) (ok []string, err error) {
+// send queues p for room on each of nodes (id to address) and waits until
+// each took it or failed, or ctx ends. ok are the nodes that took it.
+func (r *roomQueues) send(ctx context.Context, room string, nodes map[string]string, p *pb.Proto) (ok []string, err error) {
+	oks, err := r.sendAll(ctx, room, nodes, []*pb.Proto{p})
+	return oks[0], err
+}
+
+// sendAll queues ps (in order) for room on each of nodes and waits until
+// each node took each or failed, or ctx ends. oks[i] are the nodes that
+// took ps[i]: a node's queue may send them in more than one call, and
+// one call may fail where another did not.
+func (r *roomQueues) sendAll(ctx context.Context, room string, nodes map[string]string, ps []*pb.Proto) (oks [][]string, err error) {
 	ids := slices.Sorted(maps.Keys(nodes))
 	items := make([][]*roomItem, len(ids))
 	for i, id := range ids {
@@ -167,11 +175,12 @@ func (r *roomQueues) send(ctx context.Context, room string, nodes map[string]str
 			go r.run(key, q)
 		}
 	}
+	oks = make([][]string, len(ps))
 	var errs []error
 	ended := false
 	for i, node := range items {
 		var nodeErr error
-		for _, it := range node {
+		for j, it := range node {
 			var e error
 			if !ended {
 				select {
@@ -191,17 +200,19 @@ func (r *roomQueues) send(ctx context.Context, room string, nodes map[string]str
 					e = ctx.Err()
 				}
 			}
-			if e != nil && nodeErr == nil {
-				nodeErr = fmt.Errorf("cloud %s: %w", ids[i], e)
+			if e != nil {
+				if nodeErr == nil {
+					nodeErr = fmt.Errorf("cloud %s: %w", ids[i], e)
+				}
+				continue
 			}
+			oks[j] = append(oks[j], ids[i])
 		}
 		if nodeErr != nil {
 			errs = append(errs, nodeErr)
-			continue
 		}
-		ok = append(ok, ids[i])
 	}
-	return ok, errors.Join(errs...)
+	return oks, errors.Join(errs...)
 }
 
 // run sends a queue's items, batch after batch, until none is left; the

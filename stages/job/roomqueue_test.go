@@ -182,9 +182,11 @@ func TestRoomQueueBatchesInOrder(t *testing.T) {
 		for i, pos := range batch {
 			ps[i] = roomProto(pos)
 		}
-		ok, err := r.send(context.Background(), "live://1", nodes, ps...)
-		if err != nil || !slices.Equal(ok, []string{"a", "b"}) {
-			t.Fatalf("batch %v: ok %v, err %v", batch, ok, err)
+		oks, err := r.sendAll(context.Background(), "live://1", nodes, ps)
+		for i, ok := range oks {
+			if err != nil || !slices.Equal(ok, []string{"a", "b"}) {
+				t.Fatalf("batch %v, push %d: ok %v, err %v", batch, i, ok, err)
+			}
 		}
 	}
 	for _, addr := range []string{"addr-a", "addr-b"} {
@@ -232,5 +234,36 @@ func TestRoomQueueClose(t *testing.T) {
 	}
 	if _, err := r.send(context.Background(), "live://1", nodes, roomProto(2)); !errors.Is(err, errQueuesClosed) {
 		t.Fatalf("send after close: %v, want errQueuesClosed", err)
+	}
+}
+
+// TestRoomQueueBatchSplitRecordsEach: a window batch larger than a call
+// goes in several; when one fails, only its pushes miss the node, so a
+// retry of the others skips it (no push delivered twice).
+func TestRoomQueueBatchSplitRecordsEach(t *testing.T) {
+	var mu sync.Mutex
+	calls := 0
+	call := func(ctx context.Context, addr string, req *pb.BroadcastRoomReq) error {
+		mu.Lock()
+		defer mu.Unlock()
+		calls++
+		if calls == 2 {
+			return errors.New("node lost the second call")
+		}
+		return nil
+	}
+	r := newRoomQueues(4, 2*time.Second, call)
+	ps := make([]*pb.Proto, 6)
+	for i := range ps {
+		ps[i] = roomProto(uint64(i + 1))
+	}
+	oks, err := r.sendAll(context.Background(), "live://1", map[string]string{"a": "addr-a"}, ps)
+	if err == nil {
+		t.Fatal("a failed call reported no error")
+	}
+	for i, ok := range oks {
+		if want := i < 4; want != slices.Equal(ok, []string{"a"}) {
+			t.Fatalf("push %d: ok %v, want the node only for the first call's 4", i+1, ok)
+		}
 	}
 }
