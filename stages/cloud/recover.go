@@ -315,15 +315,23 @@ func (c *channel) sendRecovered(it outItem, pace *recoverPace) bool {
 }
 
 // endRecovery sets the connection's floors and releases what was held
-// after the recovered packets, dropping what recovery sent.
-func (c *channel) endRecovery(floors map[string]wire.StreamPos) {
+// after the recovered packets, dropping what recovery sent. It ends
+// nothing and reports false when the hold let pushes go since catchUp
+// last looked (recovering.let): those are read first.
+func (c *channel) endRecovery(floors map[string]wire.StreamPos) bool {
 	c.mu.Lock()
 	rec := c.rec
+	if rec != nil && len(rec.let) > 0 && !c.closed {
+		// The hold let pushes go since catchUp last looked: they are
+		// read from history first, or they would be a gap.
+		c.mu.Unlock()
+		return false
+	}
 	c.rec = nil
 	c.floors = floors
 	if c.closed || rec == nil {
 		c.mu.Unlock()
-		return
+		return true
 	}
 	n := len(c.queue)
 	for _, it := range rec.held {
@@ -342,6 +350,7 @@ func (c *channel) endRecovery(floors map[string]wire.StreamPos) {
 	if start {
 		go c.flush()
 	}
+	return true
 }
 
 // startHold ends a new opted-in connection's hold after
@@ -496,14 +505,18 @@ func (s *Stage) recoverConn(ch *channel, tasks []*recoverTask, seq int32, reply 
 			return
 		}
 	}
-	if err := s.catchUp(ch, floors, pace); err != nil {
-		if !ch.ending() {
-			s.recoverLog.Log("recover client: closed to recover again", "mid", ch.mid, "key", ch.key, "err", err)
-			ch.close(closeRecoverAgain, "recovery could not catch up, reconnect and recover")
+	for passes := 0; ; {
+		if err := s.catchUp(ch, floors, pace, &passes); err != nil {
+			if !ch.ending() {
+				s.recoverLog.Log("recover client: closed to recover again", "mid", ch.mid, "key", ch.key, "err", err)
+				ch.close(closeRecoverAgain, "recovery could not catch up, reconnect and recover")
+			}
+			return
 		}
-		return
+		if ch.endRecovery(floors) {
+			return
+		}
 	}
-	ch.endRecovery(floors)
 }
 
 // errCatchUp: a recovery that could not read what its full hold let go.
@@ -512,15 +525,17 @@ var errCatchUp = errors.New("live pushes let go during recovery")
 // catchUp reads from history what the connection's full hold let go
 // (recovering.hold), after its floor in each stream, and moves the floor
 // past it; pushes that come meanwhile are held again, and let go again
-// if the hold fills, up to maxRecoverCatchUps passes.
-func (s *Stage) catchUp(ch *channel, floors map[string]wire.StreamPos, pace *recoverPace) error {
-	for pass := 0; ; pass++ {
+// if the hold fills, up to maxRecoverCatchUps passes in all (passes
+// counts them across calls: endRecovery refuses to end while the hold
+// has let pushes go, and catchUp runs again).
+func (s *Stage) catchUp(ch *channel, floors map[string]wire.StreamPos, pace *recoverPace, passes *int) error {
+	for ; ; *passes++ {
 		let := ch.takeLet()
 		if len(let) == 0 {
 			return nil
 		}
-		if pass == maxRecoverCatchUps {
-			return fmt.Errorf("%w: still after %d passes", errCatchUp, pass)
+		if *passes == maxRecoverCatchUps {
+			return fmt.Errorf("%w: still after %d passes", errCatchUp, *passes)
 		}
 		for _, stream := range slices.Sorted(maps.Keys(let)) {
 			l := let[stream]
