@@ -200,13 +200,10 @@ func TestHTTPErrors(t *testing.T) {
 }
 
 // TestRoomBatchArrivesAsOneFrame: room messages job gathers into a batch
-// reach a WebSocket client as one op 9 frame. Each push waits in the
-// batch on one of job's handlers, so there are as many handlers as the
-// batch's size: with fewer, a batch fills only from bundles, or goes at
-// its window's end.
+// reach a WebSocket client as one op 9 frame.
 func TestRoomBatchArrivesAsOneFrame(t *testing.T) {
 	const n = 5
-	h := start(t, "job.room_batch_window=1m", fmt.Sprintf("job.room_batch_size=%d", n), fmt.Sprintf("job.concurrency=%d", n))
+	h := start(t, "job.room_batch_window=1m", fmt.Sprintf("job.room_batch_size=%d", n))
 	ws, _, err := websocket.DefaultDialer.Dial("ws://"+h.addrs.CloudWS+"/sub", nil)
 	if err != nil {
 		t.Fatal(err)
