@@ -21,6 +21,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -146,6 +147,16 @@ func (p *PubSub) heardLocked(topic string) bool {
 	return q != nil && q.subs > 0
 }
 
+// drain removes and returns what waits.
+func (q *queue) drain() []*message.Message {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	left := slices.Clone(q.items[q.head:])
+	clear(q.items)
+	q.items, q.head = q.items[:0], 0
+	return left
+}
+
 // Pending is how many published messages wait for a subscriber's ack, a
 // bundle counting as the messages it carries.
 func (p *PubSub) Pending() int64 { return p.pending.Load() }
@@ -160,12 +171,25 @@ func (p *PubSub) Publish(topic string, msgs ...*message.Message) error {
 	if p.closed.Load() {
 		return errClosed
 	}
+	w := weight(msgs...)
+	// Queued under p.mu, so that a topic's last subscription, which
+	// drains what waits as it ends (Subscribe), cannot end in between.
 	p.mu.Lock()
 	q := p.queues[topic]
 	heard := p.heardLocked(topic)
 	k := p.kept[topic]
+	full := false
+	if heard {
+		if p.pending.Add(w) > p.max {
+			p.pending.Add(-w)
+			full = true
+		} else {
+			for _, m := range msgs {
+				q.put(m)
+			}
+		}
+	}
 	p.mu.Unlock()
-	w := weight(msgs...)
 	if k != nil {
 		k.add(msgs)
 	} else if !heard && len(msgs) > 0 {
@@ -174,23 +198,17 @@ func (p *PubSub) Publish(topic string, msgs ...*message.Message) error {
 			p.onUnheard(topic, int(w))
 		}
 	}
-	if !heard {
-		return nil
-	}
-	if p.pending.Add(w) > p.max {
-		p.pending.Add(-w)
+	if full {
 		return fmt.Errorf("%w: %d messages wait for their subscriber", ErrQueueFull, p.max)
-	}
-	for _, m := range msgs {
-		q.put(m)
 	}
 	return nil
 }
 
 // Subscribe subscribes to topic, sharing its messages with the topic's
-// other subscriptions. A message's slot is freed once it is acked, or
-// when its subscription ends with it unacked (it is dropped, as the
-// process is stopping); a nacked message is queued again, counted still.
+// other subscriptions. A message's slot is freed once it is acked; a
+// nacked one is queued again, counted still; when the topic's last
+// subscription ends, what waits is dropped and counted unheard, as a
+// publish to a topic without subscribers is.
 func (p *PubSub) Subscribe(ctx context.Context, topic string) (<-chan *message.Message, error) {
 	if p.closed.Load() {
 		return nil, errClosed
@@ -209,7 +227,12 @@ func (p *PubSub) Subscribe(ctx context.Context, topic string) (<-chan *message.M
 		defer func() {
 			p.mu.Lock()
 			q.subs--
+			var left []*message.Message
+			if q.subs == 0 {
+				left = q.drain()
+			}
 			p.mu.Unlock()
+			p.dropUnheard(topic, left)
 		}()
 		// A slot per message out, freed when it settles.
 		slots := make(chan struct{}, subscriptionWindow)
@@ -221,11 +244,12 @@ func (p *PubSub) Subscribe(ctx context.Context, topic string) (<-chan *message.M
 			case <-p.done:
 				return
 			}
-			if ctx.Err() != nil {
-				return
-			}
 			m := q.take(ctx, p.done)
 			if m == nil {
+				return
+			}
+			if ctx.Err() != nil {
+				p.requeue(topic, q, m) // not handed over: another subscription's
 				return
 			}
 			// Its weight is read from m, not from the copy the handler
@@ -236,21 +260,22 @@ func (p *PubSub) Subscribe(ctx context.Context, topic string) (<-chan *message.M
 			select {
 			case out <- c:
 			case <-ctx.Done():
-				q.put(m) // not handed over: another subscription's
+				p.requeue(topic, q, m)
 				return
 			case <-p.done:
 				p.pending.Add(-w)
 				return
 			}
+			// Settled by its handler even after the subscription ends
+			// (Watermill's router acks or nacks every message it took):
+			// a nack then goes to another subscription, if any.
 			go func() {
 				defer func() { <-slots }()
 				select {
 				case <-c.Acked():
 					p.pending.Add(-w)
 				case <-c.Nacked():
-					q.put(m)
-				case <-ctx.Done():
-					p.pending.Add(-w)
+					p.requeue(topic, q, m)
 				case <-p.done:
 					p.pending.Add(-w)
 				}
@@ -258,6 +283,34 @@ func (p *PubSub) Subscribe(ctx context.Context, topic string) (<-chan *message.M
 		}
 	}()
 	return out, nil
+}
+
+// requeue queues m again for the topic's subscriptions; with none left
+// it is dropped as unheard (its slot freed), not kept where nothing
+// reads it.
+func (p *PubSub) requeue(topic string, q *queue, m *message.Message) {
+	p.mu.Lock()
+	if q.subs > 0 {
+		q.put(m)
+		p.mu.Unlock()
+		return
+	}
+	p.mu.Unlock()
+	p.dropUnheard(topic, []*message.Message{m})
+}
+
+// dropUnheard frees the slots of msgs, which no subscription will read,
+// and counts and reports them as unheard.
+func (p *PubSub) dropUnheard(topic string, msgs []*message.Message) {
+	if len(msgs) == 0 {
+		return
+	}
+	w := weight(msgs...)
+	p.pending.Add(-w)
+	p.unheard.Add(w)
+	if p.onUnheard != nil {
+		p.onUnheard(topic, int(w))
+	}
 }
 
 // weight counts msgs as the pushes they carry: a bundle

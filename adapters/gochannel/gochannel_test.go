@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"testing"
 	"time"
 
@@ -153,6 +154,103 @@ func TestSubscriptionsShareTheQueue(t *testing.T) {
 	for p.Pending() != 0 {
 		if time.Now().After(deadline) {
 			t.Fatalf("Pending() = %d after every message was acked", p.Pending())
+		}
+		time.Sleep(time.Millisecond) // polling a condition, with a deadline
+	}
+}
+
+// TestLastSubscriptionEndsDropsWaiting: when a topic's last subscription
+// ends, what waits for it is dropped and counted unheard (its slots
+// freed), not kept where nothing reads it; a message nacked after its
+// subscription ended goes to another subscription while there is one.
+func TestLastSubscriptionEndsDropsWaiting(t *testing.T) {
+	var reported int
+	var mu sync.Mutex
+	p := New(watermill.NopLogger{}, 100, func(_ string, n int) { mu.Lock(); reported += n; mu.Unlock() })
+	defer p.Close()
+	ctxA, cancelA := context.WithCancel(context.Background())
+	a, err := p.Subscribe(ctxA, "t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctxB, cancelB := context.WithCancel(context.Background())
+	defer cancelB()
+	b, err := p.Subscribe(ctxB, "t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Publish("t", message.NewMessage("1", nil)); err != nil {
+		t.Fatal(err)
+	}
+	var m *message.Message
+	var other <-chan *message.Message
+	select {
+	case m = <-a:
+		other = b
+		cancelA()
+	case m = <-b:
+		other = a
+		cancelB()
+	case <-time.After(10 * time.Second):
+		t.Fatal("nothing delivered")
+	}
+	// Its subscription ended; the handler gives it back: the other
+	// subscription gets it.
+	m.Nack()
+	select {
+	case again := <-other:
+		if again.UUID != "1" {
+			t.Fatalf("got %s, want 1 again", again.UUID)
+		}
+		again.Ack()
+	case <-time.After(10 * time.Second):
+		t.Fatal("a message nacked after its subscription ended was not redelivered to the other")
+	}
+	cancelA()
+	cancelB()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		p.mu.Lock()
+		subs := p.queues["t"].subs
+		p.mu.Unlock()
+		if subs == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d subscriptions still live after their contexts ended", subs)
+		}
+		time.Sleep(time.Millisecond) // polling a condition, with a deadline
+	}
+	if p.Pending() != 0 {
+		t.Fatalf("Pending() = %d after the last subscription ended", p.Pending())
+	}
+
+	// Three wait for a subscription nobody reads; it ends: all three are
+	// dropped as unheard.
+	ctxC, cancelC := context.WithCancel(context.Background())
+	c, err := p.Subscribe(ctxC, "t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		if err := p.Publish("t", message.NewMessage(fmt.Sprint("w", i), nil)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cancelC()
+	for m := range c {
+		m.Nack() // one handed over as it ended: given back
+	}
+	deadline = time.Now().Add(10 * time.Second)
+	for {
+		mu.Lock()
+		got := reported
+		mu.Unlock()
+		if p.Pending() == 0 && got == 3 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("Pending() = %d, reported unheard %d: want 0 and 3", p.Pending(), got)
 		}
 		time.Sleep(time.Millisecond) // polling a condition, with a deadline
 	}
