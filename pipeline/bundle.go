@@ -313,7 +313,10 @@ func EnvelopeMetadata(e *pb.Envelope) message.Metadata {
 // own), since its messages all start at once. A context with a deadline
 // per message registered itself with the bundle's, under its lock: 13 %
 // of a standalone node's CPU in batches of 100 (pprof, issue 15).
-func unbundle(chain message.HandlerFunc, each func(attempt context.Context, msg *message.Message) ([]*message.Message, error), timeout time.Duration) message.HandlerFunc {
+//
+// all, if not nil, takes a bundle's messages together instead of each
+// (firstTry.tryAll).
+func unbundle(chain message.HandlerFunc, each func(attempt context.Context, msg *message.Message) ([]*message.Message, error), all func(attempt context.Context, msgs []*message.Message) ([]*message.Message, error), timeout time.Duration) message.HandlerFunc {
 	return func(msg *message.Message) ([]*message.Message, error) {
 		if msg.Metadata.Get(MetaBundle) == "" {
 			return chain(msg)
@@ -328,19 +331,110 @@ func unbundle(chain message.HandlerFunc, each func(attempt context.Context, msg 
 			attempt, cancel = context.WithTimeout(attempt, timeout)
 			defer cancel()
 		}
-		produced := make([][]*message.Message, len(msgs))
-		errs := make([]error, len(msgs))
-		var wg sync.WaitGroup
-		for i, m := range msgs {
-			wg.Go(func() { produced[i], errs[i] = each(attempt, m) })
+		if all != nil {
+			return all(attempt, msgs)
 		}
-		wg.Wait()
-		var out []*message.Message
-		for _, p := range produced {
-			out = append(out, p...)
-		}
-		return out, errors.Join(errs...)
+		return eachUnsettled(msgs, nil, func(m *message.Message) ([]*message.Message, error) { return each(attempt, m) })
 	}
+}
+
+// eachUnsettled runs h on each message not settled (settled nil: every
+// one), all at once, each on a goroutine of its own, and joins what they
+// produce and their errors.
+func eachUnsettled(msgs []*message.Message, settled []bool, h message.HandlerFunc) ([]*message.Message, error) {
+	produced := make([][]*message.Message, len(msgs))
+	errs := make([]error, len(msgs))
+	var wg sync.WaitGroup
+	for i, m := range msgs {
+		if settled != nil && settled[i] {
+			continue
+		}
+		wg.Go(func() { produced[i], errs[i] = h(m) })
+	}
+	wg.Wait()
+	var out []*message.Message
+	for _, p := range produced {
+		out = append(out, p...)
+	}
+	return out, errors.Join(errs...)
+}
+
+// Starter begins a message's delivery and returns at once; wait returns
+// what the handler would have returned for it. A Starter must not block
+// (it runs on the bundle's goroutine, one message after another), and
+// what it runs on goroutines of its own must not panic out of them.
+type Starter func(msg *message.Message) (wait func() error)
+
+// tryAll is try for a bundle's messages with an in-process dedupe store
+// (or none): each is checked and started in turn on the bundle's
+// goroutine, then each is waited for; the returned flags say which were
+// settled (delivered, or dropped as duplicates). The others go down the
+// stack, as after try.
+func (f *firstTry) tryAll(msgs []*message.Message, start Starter, attemptCtx context.Context) []bool {
+	settled := make([]bool, len(msgs))
+	waits := make([]func() error, len(msgs))
+	origs := make([]context.Context, len(msgs))
+	for i, m := range msgs {
+		if id := m.Metadata.Get(MetaMessageID); f.store != nil && id != "" {
+			seen, err := f.store.Delivered(m.Context(), id)
+			if err != nil {
+				continue
+			}
+			if seen {
+				f.observe("duplicate")
+				settled[i] = true
+				continue
+			}
+		}
+		origs[i] = m.Context()
+		m.SetContext(attemptCtx)
+		waits[i] = started(start, m)
+	}
+	for i, m := range msgs {
+		if waits[i] == nil {
+			continue
+		}
+		err := waited(waits[i])
+		m.SetContext(origs[i])
+		if err != nil {
+			continue
+		}
+		if id := m.Metadata.Get(MetaMessageID); f.store != nil && id != "" {
+			if err := f.store.MarkDelivered(m.Context(), id, f.ttl); err != nil {
+				f.logger.Warn("remember delivered message", "message_id", id, "err", err)
+			}
+		}
+		settled[i] = true
+	}
+	return settled
+}
+
+// errPanicked is a first try that panicked: a failure, which the stack's
+// Recoverer then meets on the retry.
+var errPanicked = errors.New("handler panicked")
+
+// started runs start, a panic in it being the try's failure.
+func started(start Starter, m *message.Message) (wait func() error) {
+	defer func() {
+		if recover() != nil {
+			wait = func() error { return errPanicked }
+		}
+	}()
+	wait = start(m)
+	if wait == nil {
+		return func() error { return nil }
+	}
+	return wait
+}
+
+// waited runs wait, a panic in it being the try's failure.
+func waited(wait func() error) (err error) {
+	defer func() {
+		if recover() != nil {
+			err = errPanicked
+		}
+	}()
+	return wait()
 }
 
 // firstTry is a bundled message's first attempt, straight to the handler:

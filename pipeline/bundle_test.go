@@ -15,6 +15,7 @@ import (
 
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
+	"github.com/ThreeDotsLabs/watermill/pubsub/gochannel"
 	"google.golang.org/protobuf/proto"
 
 	"imcloud/proto/pb"
@@ -563,5 +564,109 @@ func TestFirstTryTimeout(t *testing.T) {
 				t.Fatalf("the message kept the attempt's context after the try: the retry stack would get it")
 			}
 		})
+	}
+}
+
+// inProcessStore is liveContextStore marked InProcess, as the memory
+// dedupe store is: a bundle's first tries are then started in turn.
+type inProcessStore struct{ liveContextStore }
+
+func (inProcessStore) InProcess() {}
+
+// TestBundledFirstTriesStarted: with a Starter and an in-process dedupe
+// store, a bundle's first tries start one after another on the bundle's
+// goroutine and are then waited for; each is still deduplicated, retried
+// down the stack when its start or its wait fails or panics, poisoned
+// after its retries, and delivered once — as with a goroutine per push
+// (TestBundledFirstTry).
+func TestBundledFirstTriesStarted(t *testing.T) {
+	logger := slog.New(slog.DiscardHandler)
+	pubsub := gochannel.NewGoChannel(gochannel.Config{BlockPublishUntilSubscriberAck: true}, WatermillLogger(logger))
+	t.Cleanup(func() { _ = pubsub.Close() })
+	cfg := RouterConfig{Timeout: 5 * time.Second, MaxRetries: maxRetries, InitialInterval: time.Millisecond, MaxInterval: 5 * time.Millisecond, Multiplier: 2, DedupeTTL: 10 * time.Minute}
+	r, err := newRouter(cfg, "poison", pubsub, inProcessStore{liveContextStore{t, &mapDedupe{ids: map[string]bool{}}}}, logger, holdTiming{first: configHoldFirst, max: configHoldMax, total: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	delivered := map[string]int{}
+	started := map[string]int{}
+	tries := &attempts{n: map[string]int{}}
+	deliver := func(msg *message.Message) error {
+		id := msg.Metadata.Get(MetaMessageID)
+		attempt := tries.add(id)
+		switch {
+		case id == "flaky" && attempt == 1:
+			return errors.New("cloud unreachable once")
+		case id == "panicky-wait" && attempt == 1:
+			panic("a bug in the wait, once")
+		case id == "never":
+			return errors.New("cloud unreachable")
+		}
+		mu.Lock()
+		delivered[id]++
+		mu.Unlock()
+		return nil
+	}
+	r.AddStartingConsumer("h", "push", pubsub, deliver, func(msg *message.Message) func() error {
+		id := msg.Metadata.Get(MetaMessageID)
+		mu.Lock()
+		started[id]++
+		first := started[id] == 1
+		mu.Unlock()
+		if id == "panicky-start" && first {
+			tries.add(id)
+			panic("a bug in the start, once")
+		}
+		return func() error { return deliver(msg) }
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	poisoned, err := pubsub.Subscribe(ctx, "poison")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = r.Run(ctx) }()
+	<-r.Running()
+	t.Cleanup(func() { _ = r.Close() })
+
+	ids := []string{"ok", "flaky", "panicky-start", "panicky-wait", "never"}
+	for round := range 2 {
+		msgs := make([]*message.Message, len(ids))
+		for i, id := range ids {
+			msgs[i] = testPush(t, id)
+		}
+		bundle, err := NewBundle(msgs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		done := inBackground(func() error { return pubsub.Publish("push", bundle) })
+		select {
+		case p := <-poisoned:
+			if p.Metadata.Get(MetaMessageID) != "never" {
+				t.Fatalf("round %d: poisoned %v", round, p.Metadata)
+			}
+			p.Ack()
+		case <-time.After(10 * time.Second):
+			t.Fatalf("round %d: nothing poisoned", round)
+		}
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	}
+	mu.Lock()
+	got := fmt.Sprint(delivered)
+	mu.Unlock()
+	if got != "map[flaky:1 ok:1 panicky-start:1 panicky-wait:1]" {
+		t.Fatalf("delivered %s, want each once", got)
+	}
+	// Round 2 found the delivered ones done (dedupe) and started only
+	// never; each try counts as the first attempt.
+	if started["ok"] != 1 || started["never"] != 2 {
+		t.Fatalf("started ok %d times, never %d: want 1 and 2", started["ok"], started["never"])
+	}
+	if tries.get("ok") != 1 || tries.get("flaky") != 2 || tries.get("panicky-start") != 2 || tries.get("panicky-wait") != 2 || tries.get("never") != 2*(maxRetries+1) {
+		t.Fatalf("tries ok %d flaky %d panicky-start %d panicky-wait %d never %d, want 1, 2, 2, 2, %d",
+			tries.get("ok"), tries.get("flaky"), tries.get("panicky-start"), tries.get("panicky-wait"), tries.get("never"), 2*(maxRetries+1))
 	}
 }

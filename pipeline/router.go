@@ -45,7 +45,9 @@ type RouterConfig struct {
 //	unbundle       runs each message of a bundle (Bundler) down the rest of
 //	               the stack on its own, all at once; acks the bundle when
 //	               all are settled (its first try goes straight to the
-//	               handler: firstTry)
+//	               handler: firstTry; with a Starter and an in-process
+//	               dedupe store, started in turn and then waited for:
+//	               firstTry.tryAll)
 //	growStack      grows the goroutine Watermill starts per message in one step
 //	CorrelationID  copies the correlation id onto anything a handler emits
 //	Throttle       caps messages per second (job.throttle; 0 = off)
@@ -162,6 +164,15 @@ func newRouter(cfg RouterConfig, poisonTopic string, poisonPub message.Publisher
 // AddConsumer adds a handler of topic's messages behind the delivery
 // middleware; each message of a bundle goes through it on its own.
 func (r *Router) AddConsumer(name, topic string, sub message.Subscriber, h message.NoPublishHandlerFunc) {
+	r.AddStartingConsumer(name, topic, sub, h, nil)
+}
+
+// AddStartingConsumer is AddConsumer with start, which begins what h
+// does without waiting (Starter): with an in-process dedupe store (or
+// none), a bundle's first tries are started one after another on the
+// bundle's goroutine and then waited for (firstTry.tryAll), rather than
+// each run on a goroutine of its own. start may be nil.
+func (r *Router) AddStartingConsumer(name, topic string, sub message.Subscriber, h message.NoPublishHandlerFunc, start Starter) {
 	handler := func(msg *message.Message) ([]*message.Message, error) { return nil, h(msg) }
 	compose := func(stack []message.HandlerMiddleware) message.HandlerFunc {
 		chain := message.HandlerFunc(handler)
@@ -183,7 +194,15 @@ func (r *Router) AddConsumer(name, topic string, sub message.Subscriber, h messa
 		}
 		timeout = r.first.timeout
 	}
-	bundled := unbundle(chain, each, timeout)
+	var all func(attempt context.Context, msgs []*message.Message) ([]*message.Message, error)
+	if r.first != nil && start != nil && IsInProcess(r.first.store) {
+		retried := compose(r.retried)
+		all = func(attempt context.Context, msgs []*message.Message) ([]*message.Message, error) {
+			settled := r.first.tryAll(msgs, start, attempt)
+			return eachUnsettled(msgs, settled, retried)
+		}
+	}
+	bundled := unbundle(chain, each, all, timeout)
 	r.Router.AddConsumerHandler(name, topic, sub, func(msg *message.Message) error {
 		_, err := bundled(msg)
 		return err

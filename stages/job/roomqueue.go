@@ -136,6 +136,12 @@ func (r *roomQueues) send(ctx context.Context, room string, nodes map[string]str
 // took ps[i]: a node's queue may send them in more than one call, and
 // one call may fail where another did not.
 func (r *roomQueues) sendAll(ctx context.Context, room string, nodes map[string]string, ps []*pb.Proto) (oks [][]string, err error) {
+	return r.start(room, nodes, ps)(ctx)
+}
+
+// start queues ps as sendAll does and returns at once; the wait it
+// returns waits for the outcome, as sendAll would have.
+func (r *roomQueues) start(room string, nodes map[string]string, ps []*pb.Proto) (wait func(ctx context.Context) (oks [][]string, err error)) {
 	ids := slices.Sorted(maps.Keys(nodes))
 	items := make([][]*roomItem, len(ids))
 	for i, id := range ids {
@@ -175,7 +181,12 @@ func (r *roomQueues) sendAll(ctx context.Context, room string, nodes map[string]
 			go r.run(key, q)
 		}
 	}
-	oks = make([][]string, len(ps))
+	return func(ctx context.Context) (oks [][]string, err error) { return r.wait(ctx, ids, items, len(ps)) }
+}
+
+// wait collects the outcome of items (per node in ids, per proto of n).
+func (r *roomQueues) wait(ctx context.Context, ids []string, items [][]*roomItem, n int) (oks [][]string, err error) {
+	oks = make([][]string, n)
 	var errs []error
 	ended := false
 	for i, node := range items {
