@@ -325,7 +325,7 @@ func unbundle(chain message.HandlerFunc, each func(attempt context.Context, msg 
 		if err != nil {
 			return chain(msg)
 		}
-		attempt := msg.Context()
+		attempt := context.WithValue(msg.Context(), attemptStartKey{}, time.Now())
 		if timeout > 0 {
 			var cancel context.CancelFunc
 			attempt, cancel = context.WithTimeout(attempt, timeout)
@@ -334,21 +334,17 @@ func unbundle(chain message.HandlerFunc, each func(attempt context.Context, msg 
 		if all != nil {
 			return all(attempt, msgs)
 		}
-		return eachUnsettled(msgs, nil, func(m *message.Message) ([]*message.Message, error) { return each(attempt, m) })
+		return eachAtOnce(msgs, func(m *message.Message) ([]*message.Message, error) { return each(attempt, m) })
 	}
 }
 
-// eachUnsettled runs h on each message not settled (settled nil: every
-// one), all at once, each on a goroutine of its own, and joins what they
-// produce and their errors.
-func eachUnsettled(msgs []*message.Message, settled []bool, h message.HandlerFunc) ([]*message.Message, error) {
+// eachAtOnce runs h on each message, all at once, each on a goroutine of
+// its own, and joins what they produce and their errors.
+func eachAtOnce(msgs []*message.Message, h message.HandlerFunc) ([]*message.Message, error) {
 	produced := make([][]*message.Message, len(msgs))
 	errs := make([]error, len(msgs))
 	var wg sync.WaitGroup
 	for i, m := range msgs {
-		if settled != nil && settled[i] {
-			continue
-		}
 		wg.Go(func() { produced[i], errs[i] = h(m) })
 	}
 	wg.Wait()
@@ -367,22 +363,28 @@ type Starter func(msg *message.Message) (wait func() error)
 
 // tryAll is try for a bundle's messages with an in-process dedupe store
 // (or none): each is checked and started in turn on the bundle's
-// goroutine, then each is waited for; the returned flags say which were
-// settled (delivered, or dropped as duplicates). The others go down the
-// stack, as after try.
-func (f *firstTry) tryAll(msgs []*message.Message, start Starter, attemptCtx context.Context) []bool {
-	settled := make([]bool, len(msgs))
+// goroutine, then each is waited for. One whose check, start or wait
+// fails goes down retry at once, on a goroutine of its own, as after try;
+// tryAll returns when all are settled, with what retry produced and the
+// errors joined.
+func (f *firstTry) tryAll(msgs []*message.Message, start Starter, attemptCtx context.Context, retry message.HandlerFunc) ([]*message.Message, error) {
+	produced := make([][]*message.Message, len(msgs))
+	errs := make([]error, len(msgs))
+	var retries sync.WaitGroup
+	fallback := func(i int, m *message.Message) {
+		retries.Go(func() { produced[i], errs[i] = retry(m) })
+	}
 	waits := make([]func() error, len(msgs))
 	origs := make([]context.Context, len(msgs))
 	for i, m := range msgs {
 		if id := m.Metadata.Get(MetaMessageID); f.store != nil && id != "" {
 			seen, err := f.store.Delivered(m.Context(), id)
 			if err != nil {
+				fallback(i, m)
 				continue
 			}
 			if seen {
 				f.observe("duplicate")
-				settled[i] = true
 				continue
 			}
 		}
@@ -397,6 +399,7 @@ func (f *firstTry) tryAll(msgs []*message.Message, start Starter, attemptCtx con
 		err := waited(waits[i])
 		m.SetContext(origs[i])
 		if err != nil {
+			fallback(i, m)
 			continue
 		}
 		if id := m.Metadata.Get(MetaMessageID); f.store != nil && id != "" {
@@ -404,9 +407,24 @@ func (f *firstTry) tryAll(msgs []*message.Message, start Starter, attemptCtx con
 				f.logger.Warn("remember delivered message", "message_id", id, "err", err)
 			}
 		}
-		settled[i] = true
 	}
-	return settled
+	retries.Wait()
+	var out []*message.Message
+	for _, p := range produced {
+		out = append(out, p...)
+	}
+	return out, errors.Join(errs...)
+}
+
+// attemptStartKey holds when a bundle's first tries began (AttemptStart).
+type attemptStartKey struct{}
+
+// AttemptStart is when the bundle whose first try ctx belongs to began
+// to be handled, after the broker gave it: every push in it was accepted
+// before then. False outside a bundle's first try.
+func AttemptStart(ctx context.Context) (time.Time, bool) {
+	t, ok := ctx.Value(attemptStartKey{}).(time.Time)
+	return t, ok
 }
 
 // errPanicked is a first try that panicked: a failure, which the stack's

@@ -198,8 +198,7 @@ func (r *Router) AddStartingConsumer(name, topic string, sub message.Subscriber,
 	if r.first != nil && start != nil && IsInProcess(r.first.store) {
 		retried := compose(r.retried)
 		all = func(attempt context.Context, msgs []*message.Message) ([]*message.Message, error) {
-			settled := r.first.tryAll(msgs, start, attempt)
-			return eachUnsettled(msgs, settled, retried)
+			return r.first.tryAll(msgs, start, attempt, retried)
 		}
 	}
 	bundled := unbundle(chain, each, all, timeout)

@@ -66,6 +66,24 @@ func (s *Stage) addrs(ctx context.Context, room string) (map[string]string, erro
 	return addrMap(nodes, room), nil
 }
 
+// roomAddrs is addrs for a room push started with its bundle (Start): a
+// node list read after the bundle began to be handled has every node
+// that hosted the room when any of its pushes was accepted, so the
+// bundle's room pushes share one read of a shared registry, where each
+// would read it again one after another (the kept list is not fresh
+// enough for "now").
+func (s *Stage) roomAddrs(ctx context.Context, room string) (map[string]string, error) {
+	since, ok := pipeline.AttemptStart(ctx)
+	if s.cache == nil || !ok {
+		return s.addrs(ctx, room)
+	}
+	nodes, err := s.cache.NodesSince(ctx, since)
+	if err != nil {
+		return nil, fmt.Errorf("list cloud nodes: %w", err)
+	}
+	return addrMap(nodes, room), nil
+}
+
 // addrsWith is addrs for a key push to the nodes ids when the kept node
 // list (cache, not nil) lacks one: it is read again, as the node may have
 // just registered.
@@ -322,7 +340,7 @@ func (s *Stage) Start(msg *message.Message) (wait func() error) {
 	}
 	if pm.Type == pb.PushMsg_ROOM && s.rooms == nil && !pipeline.IsCanary(pm) && msg.Metadata.Get(pipeline.MetaDeliveredNodes) == "" {
 		ctx := msg.Context()
-		nodes, err := s.addrs(ctx, pm.Room)
+		nodes, err := s.roomAddrs(ctx, pm.Room)
 		if err != nil {
 			return func() error { return configFault(err) }
 		}

@@ -1,10 +1,14 @@
 package job
 
 import (
+	"fmt"
 	"slices"
 	"testing"
 	"time"
 
+	"github.com/ThreeDotsLabs/watermill/message"
+
+	"imcloud/pipeline"
 	"imcloud/proto/pb"
 )
 
@@ -51,5 +55,44 @@ func TestNodeListKept(t *testing.T) {
 				t.Errorf("k2 on the new node got %v", r)
 			}
 		})
+	}
+}
+
+// TestBundledRoomPushesShareANodeListRead: a bundle's room pushes, started
+// one after another on its goroutine, share one read of a kept node list
+// taken after the bundle arrived — each asking for a list as of its own
+// start read the registry once a push, in turn.
+func TestBundledRoomPushesShareANodeListRead(t *testing.T) {
+	cloud, addr := startFakeCloud(t)
+	reg := &registry{nodes: reportedNodes{{Id: "n1", GrpcAddr: addr}}, keys: map[string]string{}, mids: map[string]int64{}}
+	p := runJobKeeping(t, reg, time.Second, time.Minute)
+	const n = 50
+	msgs := make([]*message.Message, n)
+	for i := range msgs {
+		m, err := pipeline.NewPushMessage(fmt.Sprint("r", i), "c", &pb.PushMsg{Type: pb.PushMsg_ROOM, Operation: 1000, Room: "live://r", Msg: []byte("x")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		msgs[i] = m
+	}
+	bundle, err := pipeline.NewBundle(msgs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.pubsub.Publish("push", bundle); err != nil { // returns once job acked it
+		t.Fatal(err)
+	}
+	reg.mu.Lock()
+	reads := reg.lookups
+	reg.mu.Unlock()
+	if reads > 2 {
+		t.Fatalf("%d node list reads for one bundle of %d room pushes, want at most 2", reads, n)
+	}
+	sum := 0
+	for _, c := range cloud.callSizes() {
+		sum += c
+	}
+	if sum != n {
+		t.Fatalf("the node got %d room pushes, want %d", sum, n)
 	}
 }
