@@ -15,7 +15,6 @@ import (
 
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
-	"github.com/ThreeDotsLabs/watermill/pubsub/gochannel"
 	"google.golang.org/protobuf/proto"
 
 	"imcloud/proto/pb"
@@ -428,26 +427,7 @@ func TestBundledFirstTry(t *testing.T) {
 			mu.Unlock()
 			return nil
 		})
-	push := func(id string) *message.Message { return testPush(t, id) }
-	for round := range 2 {
-		bundle, err := NewBundle([]*message.Message{push("ok"), push("flaky"), push("panicky"), push("never")})
-		if err != nil {
-			t.Fatal(err)
-		}
-		done := inBackground(func() error { return publish(bundle) })
-		select {
-		case p := <-poisoned:
-			if p.Metadata.Get(MetaMessageID) != "never" {
-				t.Fatalf("round %d: poisoned %v", round, p.Metadata)
-			}
-			p.Ack()
-		case <-time.After(10 * time.Second):
-			t.Fatalf("round %d: nothing poisoned", round)
-		}
-		if err := <-done; err != nil {
-			t.Fatal(err)
-		}
-	}
+	publishRounds(t, publish, poisoned, "ok", "flaky", "panicky", "never")
 	mu.Lock()
 	got := fmt.Sprint(delivered)
 	mu.Unlock()
@@ -580,80 +560,40 @@ func (inProcessStore) InProcess() {}
 // after its retries, and delivered once — as with a goroutine per push
 // (TestBundledFirstTry).
 func TestBundledFirstTriesStarted(t *testing.T) {
-	logger := slog.New(slog.DiscardHandler)
-	pubsub := gochannel.NewGoChannel(gochannel.Config{BlockPublishUntilSubscriberAck: true}, WatermillLogger(logger))
-	t.Cleanup(func() { _ = pubsub.Close() })
-	cfg := RouterConfig{Timeout: 5 * time.Second, MaxRetries: maxRetries, InitialInterval: time.Millisecond, MaxInterval: 5 * time.Millisecond, Multiplier: 2, DedupeTTL: 10 * time.Minute}
-	r, err := newRouter(cfg, "poison", pubsub, inProcessStore{liveContextStore{t, &mapDedupe{ids: map[string]bool{}}}}, logger, holdTiming{first: configHoldFirst, max: configHoldMax, total: time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
 	var mu sync.Mutex
 	delivered := map[string]int{}
 	started := map[string]int{}
-	tries := &attempts{n: map[string]int{}}
-	deliver := func(msg *message.Message) error {
-		id := msg.Metadata.Get(MetaMessageID)
-		attempt := tries.add(id)
-		switch {
-		case id == "flaky" && attempt == 1:
-			return errors.New("cloud unreachable once")
-		case id == "panicky-wait" && attempt == 1:
-			panic("a bug in the wait, once")
-		case id == "never":
-			return errors.New("cloud unreachable")
-		}
-		mu.Lock()
-		delivered[id]++
-		mu.Unlock()
-		return nil
-	}
-	r.AddStartingConsumer("h", "push", pubsub, deliver, func(msg *message.Message) func() error {
-		id := msg.Metadata.Get(MetaMessageID)
-		mu.Lock()
-		started[id]++
-		first := started[id] == 1
-		mu.Unlock()
-		if id == "panicky-start" && first {
-			tries.add(id)
-			panic("a bug in the start, once")
-		}
-		return func() error { return deliver(msg) }
-	})
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
-	poisoned, err := pubsub.Subscribe(ctx, "poison")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = r.Run(ctx) }()
-	<-r.Running()
-	t.Cleanup(func() { _ = r.Close() })
-
-	ids := []string{"ok", "flaky", "panicky-start", "panicky-wait", "never"}
-	for round := range 2 {
-		msgs := make([]*message.Message, len(ids))
-		for i, id := range ids {
-			msgs[i] = testPush(t, id)
-		}
-		bundle, err := NewBundle(msgs)
-		if err != nil {
-			t.Fatal(err)
-		}
-		done := inBackground(func() error { return pubsub.Publish("push", bundle) })
-		select {
-		case p := <-poisoned:
-			if p.Metadata.Get(MetaMessageID) != "never" {
-				t.Fatalf("round %d: poisoned %v", round, p.Metadata)
+	publish, poisoned, tries := startRouterStarting(t, slog.New(slog.DiscardHandler), holdTiming{first: configHoldFirst, max: configHoldMax, total: time.Second},
+		func(msg *message.Message, attempt int) error {
+			id := msg.Metadata.Get(MetaMessageID)
+			switch {
+			case id == "flaky" && attempt == 1:
+				return errors.New("cloud unreachable once")
+			case id == "panicky-wait" && attempt == 1:
+				panic("a bug in the wait, once")
+			case id == "never":
+				return errors.New("cloud unreachable")
 			}
-			p.Ack()
-		case <-time.After(10 * time.Second):
-			t.Fatalf("round %d: nothing poisoned", round)
-		}
-		if err := <-done; err != nil {
-			t.Fatal(err)
-		}
-	}
+			mu.Lock()
+			delivered[id]++
+			mu.Unlock()
+			return nil
+		},
+		func(h message.NoPublishHandlerFunc, tries *attempts) Starter {
+			return func(msg *message.Message) func() error {
+				id := msg.Metadata.Get(MetaMessageID)
+				mu.Lock()
+				started[id]++
+				first := started[id] == 1
+				mu.Unlock()
+				if id == "panicky-start" && first {
+					tries.add(id)
+					panic("a bug in the start, once")
+				}
+				return func() error { return h(msg) }
+			}
+		})
+	publishRounds(t, publish, poisoned, "ok", "flaky", "panicky-start", "panicky-wait", "never")
 	mu.Lock()
 	got := fmt.Sprint(delivered)
 	mu.Unlock()
@@ -668,5 +608,34 @@ func TestBundledFirstTriesStarted(t *testing.T) {
 	if tries.get("ok") != 1 || tries.get("flaky") != 2 || tries.get("panicky-start") != 2 || tries.get("panicky-wait") != 2 || tries.get("never") != 2*(maxRetries+1) {
 		t.Fatalf("tries ok %d flaky %d panicky-start %d panicky-wait %d never %d, want 1, 2, 2, 2, %d",
 			tries.get("ok"), tries.get("flaky"), tries.get("panicky-start"), tries.get("panicky-wait"), tries.get("never"), 2*(maxRetries+1))
+	}
+}
+
+// publishRounds publishes a bundle of ids twice, each time acking the
+// poisoned "never" the bundle's publish waits for.
+func publishRounds(t *testing.T, publish func(*message.Message) error, poisoned <-chan *message.Message, ids ...string) {
+	t.Helper()
+	for round := range 2 {
+		msgs := make([]*message.Message, len(ids))
+		for i, id := range ids {
+			msgs[i] = testPush(t, id)
+		}
+		bundle, err := NewBundle(msgs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		done := inBackground(func() error { return publish(bundle) })
+		select {
+		case p := <-poisoned:
+			if p.Metadata.Get(MetaMessageID) != "never" {
+				t.Fatalf("round %d: poisoned %v", round, p.Metadata)
+			}
+			p.Ack()
+		case <-time.After(10 * time.Second):
+			t.Fatalf("round %d: nothing poisoned", round)
+		}
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
 	}
 }

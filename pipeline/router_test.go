@@ -103,18 +103,34 @@ func runRouterWith(t *testing.T, logger *slog.Logger, hold holdTiming, handler f
 // startRouter runs the production middleware stack around handler on the
 // "push" topic; publish returns once the stack acked (or nacked) msg.
 func startRouter(t *testing.T, logger *slog.Logger, hold holdTiming, handler func(msg *message.Message, attempt int) error) (publish func(msg *message.Message) error, poisoned <-chan *message.Message, tries *attempts) {
+	return startRouterStarting(t, logger, hold, handler, nil)
+}
+
+// startRouterStarting is startRouter with a Starter made by starter from
+// the handler (each call counted in tries) and an in-process dedupe
+// store, so that bundles' first tries are started in turn (tryAll).
+func startRouterStarting(t *testing.T, logger *slog.Logger, hold holdTiming, handler func(msg *message.Message, attempt int) error, starter func(h message.NoPublishHandlerFunc, tries *attempts) Starter) (publish func(msg *message.Message) error, poisoned <-chan *message.Message, tries *attempts) {
 	t.Helper()
 	pubsub := gochannel.NewGoChannel(gochannel.Config{BlockPublishUntilSubscriberAck: true}, WatermillLogger(logger))
 	t.Cleanup(func() { _ = pubsub.Close() })
 	cfg := RouterConfig{Timeout: 5 * time.Second, MaxRetries: maxRetries, InitialInterval: time.Millisecond, MaxInterval: 5 * time.Millisecond, Multiplier: 2, DedupeTTL: 10 * time.Minute}
-	r, err := newRouter(cfg, "poison", pubsub, liveContextStore{t, &mapDedupe{ids: map[string]bool{}}}, logger, hold)
+	var store DedupeStore = liveContextStore{t, &mapDedupe{ids: map[string]bool{}}}
+	if starter != nil {
+		store = inProcessStore{store.(liveContextStore)}
+	}
+	r, err := newRouter(cfg, "poison", pubsub, store, logger, hold)
 	if err != nil {
 		t.Fatal(err)
 	}
 	tries = &attempts{n: map[string]int{}}
-	r.AddConsumer("h", "push", pubsub, func(msg *message.Message) error {
+	h := func(msg *message.Message) error {
 		return handler(msg, tries.add(msg.Metadata.Get(MetaMessageID)))
-	})
+	}
+	var start Starter
+	if starter != nil {
+		start = starter(h, tries)
+	}
+	r.AddStartingConsumer("h", "push", pubsub, h, start)
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	poison, err := pubsub.Subscribe(ctx, "poison")

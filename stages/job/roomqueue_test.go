@@ -111,20 +111,8 @@ func TestRoomQueueSendsInPositionOrder(t *testing.T) {
 	var wg sync.WaitGroup
 	wg.Go(func() { _, _ = r.send(context.Background(), "live://1", nodes, roomProto(1)) })
 	// Wait until position 1's call is out, then queue 10 down to 2.
+	waitCallOut(t, r, roomNode{"live://1", "n"})
 	deadline := time.Now().Add(5 * time.Second)
-	for {
-		r.mu.Lock()
-		q := r.queues[roomNode{"live://1", "n"}]
-		out := q != nil && len(q.pending) == 0
-		r.mu.Unlock()
-		if out {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the first call did not go out")
-		}
-		time.Sleep(time.Millisecond)
-	}
 	for pos := uint64(10); pos >= 2; pos-- {
 		wg.Go(func() { _, _ = r.send(context.Background(), "live://1", nodes, roomProto(pos)) })
 	}
@@ -208,20 +196,7 @@ func TestRoomQueueClose(t *testing.T) {
 		_, err := r.send(context.Background(), "live://1", nodes, roomProto(1))
 		sent <- err
 	}()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		r.mu.Lock()
-		q := r.queues[roomNode{"live://1", "a"}]
-		out := q != nil && len(q.pending) == 0
-		r.mu.Unlock()
-		if out {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the call did not go out")
-		}
-		time.Sleep(time.Millisecond) // polling a condition, with a deadline
-	}
+	waitCallOut(t, r, roomNode{"live://1", "a"})
 	r.close()
 	if err := <-sent; !errors.Is(err, context.Canceled) {
 		t.Fatalf("the call in flight ended with %v, want it cancelled by close", err)
@@ -265,5 +240,25 @@ func TestRoomQueueBatchSplitRecordsEach(t *testing.T) {
 		if want := i < 4; want != slices.Equal(ok, []string{"a"}) {
 			t.Fatalf("push %d: ok %v, want the node only for the first call's 4", i+1, ok)
 		}
+	}
+}
+
+// waitCallOut waits until key's queue has sent all it held: its call is
+// out.
+func waitCallOut(t *testing.T, r *roomQueues, key roomNode) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		r.mu.Lock()
+		q := r.queues[key]
+		out := q != nil && len(q.pending) == 0
+		r.mu.Unlock()
+		if out {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no call to %s went out", key.node)
+		}
+		time.Sleep(time.Millisecond) // polling a condition, with a deadline
 	}
 }
