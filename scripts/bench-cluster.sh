@@ -13,6 +13,7 @@
 # Needs RabbitMQ and Redis on 127.0.0.1 (scripts/services.sh). About 3 min.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 make -s build
 clients=${CLIENTS:-100000}
 nodes=${NODES:-6}
@@ -53,14 +54,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-wait_port() {
-  for _ in $(seq 300); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "bench-cluster: nothing listens on $1" >&2
-  return 1
-}
+wait_tries=300
 rss_of() { awk '/^VmRSS:/ {print $2 * 1024}' "/proc/$1/status"; }
 
 common=(--set log.level=warn --set logic.auth.jwt_secret=$secret --set logic.api_keys=$key

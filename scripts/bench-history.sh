@@ -20,6 +20,7 @@
 # Usage: [KEY=...] [ONLY=redis|memory] [PROFILE=1] scripts/bench-history.sh [RUNS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 runs=${1:-2}
 key_on_off=${KEY:-history.enabled}
 make -s build
@@ -41,14 +42,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-wait_port() {
-  for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "bench-history: nothing listens on $1" >&2
-  return 1
-}
 
 common=(--set log.level=warn --set logic.auth.jwt_secret=$secret --set logic.api_keys=$key
   --set cloud.max_handshakes_per_ip=100000

@@ -12,6 +12,7 @@
 # Usage: scripts/bench-shards.sh [seconds] ["N..."] ["J..."]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 secs=${1:-10}
 shard_counts=${2:-"1 2 4"}
 job_counts=${3:-"1 2 4"}
@@ -35,14 +36,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-wait_port() {
-  for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "bench-shards: nothing listens on $1" >&2
-  return 1
-}
 
 # cpu PID: user + system CPU seconds of a process so far.
 cpu() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat" 2>/dev/null || echo 0; }

@@ -12,6 +12,7 @@
 # Longer runs: see BENCHMARKS.md for the commands behind its numbers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 make -s build
 out=bench-results
 mkdir -p "$out"
@@ -35,14 +36,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-wait_port() {
-  for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "bench: nothing listens on $1" >&2
-  return 1
-}
 
 # stop PID: ends a server started here and waits for it.
 stop() { kill "$1"; wait "$1" 2>/dev/null || true; }

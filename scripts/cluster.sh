@@ -10,6 +10,7 @@
 # for each start unless CLUSTER_JWT_SECRET / CLUSTER_API_KEY give them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib.sh
 dir=.cluster
 # The JWT secret and the API key are random for each start unless given
 # (CLUSTER_JWT_SECRET, CLUSTER_API_KEY): a well-known default would let
@@ -29,14 +30,7 @@ start_one() { # name args...
   echo $! >"$dir/$name.pid"
 }
 
-wait_port() {
-  for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "cluster: nothing listens on $1; see $dir/*.log" >&2
-  return 1
-}
+wait_hint="see $dir/*.log"
 
 start() {
   if ls "$dir"/*.pid >/dev/null 2>&1; then
