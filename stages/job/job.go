@@ -55,29 +55,19 @@ func (s *Stage) addrs(ctx context.Context, room string) (map[string]string, erro
 	if room != "" && s.cache != nil {
 		// A room's new member was reported before its client was told it
 		// joined, so before this push was accepted, so before now: a list
-		// current as of now has it.
-		nodes, err = s.cache.NodesSince(ctx, time.Now())
+		// current as of now has it. A bundled push's first try takes the
+		// bundle's start instead (every push in it was accepted before),
+		// so that the bundle's room pushes share one read of a shared
+		// registry: started in turn (Start), each asking for a list as of
+		// its own start read it once a push, one after another.
+		since, ok := pipeline.AttemptStart(ctx)
+		if !ok {
+			since = time.Now()
+		}
+		nodes, err = s.cache.NodesSince(ctx, since)
 	} else {
 		nodes, err = s.list.Nodes(ctx)
 	}
-	if err != nil {
-		return nil, fmt.Errorf("list cloud nodes: %w", err)
-	}
-	return addrMap(nodes, room), nil
-}
-
-// roomAddrs is addrs for a room push started with its bundle (Start): a
-// node list read after the bundle began to be handled has every node
-// that hosted the room when any of its pushes was accepted, so the
-// bundle's room pushes share one read of a shared registry, where each
-// would read it again one after another (the kept list is not fresh
-// enough for "now").
-func (s *Stage) roomAddrs(ctx context.Context, room string) (map[string]string, error) {
-	since, ok := pipeline.AttemptStart(ctx)
-	if s.cache == nil || !ok {
-		return s.addrs(ctx, room)
-	}
-	nodes, err := s.cache.NodesSince(ctx, since)
 	if err != nil {
 		return nil, fmt.Errorf("list cloud nodes: %w", err)
 	}
@@ -340,7 +330,7 @@ func (s *Stage) Start(msg *message.Message) (wait func() error) {
 	}
 	if pm.Type == pb.PushMsg_ROOM && s.rooms == nil && !pipeline.IsCanary(pm) && msg.Metadata.Get(pipeline.MetaDeliveredNodes) == "" {
 		ctx := msg.Context()
-		nodes, err := s.roomAddrs(ctx, pm.Room)
+		nodes, err := s.addrs(ctx, pm.Room)
 		if err != nil {
 			return func() error { return configFault(err) }
 		}
