@@ -18,6 +18,7 @@ import (
 
 	"imcloud/pipeline"
 	"imcloud/pipeline/config"
+	"imcloud/pipeline/logtest"
 )
 
 const amqpURL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -48,9 +49,9 @@ func deleteQueues(t *testing.T, topics config.Topics) {
 	})
 }
 
-func openBroker(t *testing.T, bc config.Broker, topics config.Topics) (*pipeline.Broker, *syncBuffer) {
+func openBroker(t *testing.T, bc config.Broker, topics config.Topics) (*pipeline.Broker, *logtest.Buffer) {
 	t.Helper()
-	logs := &syncBuffer{}
+	logs := &logtest.Buffer{}
 	cfg := config.Default()
 	cfg.Broker, cfg.Topics = bc, topics
 	b, err := OpenBroker(cfg, slog.New(slog.NewTextHandler(logs, nil)))

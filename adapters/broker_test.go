@@ -13,6 +13,7 @@ import (
 	"imcloud/adapters/gochannel"
 	"imcloud/pipeline"
 	"imcloud/pipeline/config"
+	"imcloud/pipeline/logtest"
 )
 
 // TestEmbeddedBrokerLogsUnheardOnce: in standalone nothing subscribes to
@@ -108,7 +109,7 @@ func TestEmbeddedBrokerEvictsOldestPoison(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			var logs syncBuffer
+			var logs logtest.Buffer
 			cfg := config.Default()
 			cfg.Broker.Kind = config.BrokerGoChannel
 			cfg.Broker.GoChannel.MaxPoisoned = tt.maxPoisoned

@@ -11,13 +11,14 @@ import (
 	"imcloud/adapters/memory"
 	"imcloud/pipeline"
 	"imcloud/pipeline/config"
+	"imcloud/pipeline/logtest"
 )
 
 // TestMemoryRepliesFollowConfigAndLogger: the in-memory idempotency store
 // holds logic.idempotency_max_bytes and warns on the process's logger. On
 // main its cap was a constant and it logged through slog.Default().
 func TestMemoryRepliesFollowConfigAndLogger(t *testing.T) {
-	var logs syncBuffer
+	var logs logtest.Buffer
 	all := config.Default()
 	all.Logic.IdempotencyMaxBytes = 4096
 	cfg := all.Logic
@@ -99,7 +100,7 @@ func TestMemoryHistoryFollowsCapsAndLogger(t *testing.T) {
 		{"bytes", func(c *config.Config) { c.History.MaxBytes = 8 << 20 }, 1_000_000, 8 << 20},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			var logs syncBuffer
+			var logs logtest.Buffer
 			cfg := config.Default()
 			tt.set(&cfg)
 			stores, err := OpenStores(t.Context(), cfg, slog.New(slog.NewJSONHandler(&logs, nil)))

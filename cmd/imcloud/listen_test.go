@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"imcloud/pipeline/logtest"
 	"imcloud/stages/logic/token"
 )
 
@@ -18,7 +19,7 @@ import (
 func standalone(t *testing.T, secret string, sets ...string) (api, ws string) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	var out, errb syncBuffer
+	var out, errb logtest.Buffer
 	done := make(chan error, 1)
 	args := []string{"standalone", "--anonymous",
 		"--set", "logic.http_addr=127.0.0.1:0", "--set", "logic.grpc_addr=127.0.0.1:0",
@@ -42,7 +43,7 @@ func standalone(t *testing.T, secret string, sets ...string) (api, ws string) {
 }
 
 // waitFor waits until b holds want.
-func waitFor(t *testing.T, b *syncBuffer, want string, other *syncBuffer) {
+func waitFor(t *testing.T, b *logtest.Buffer, want string, other *logtest.Buffer) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for !strings.Contains(b.String(), want) {
@@ -112,7 +113,7 @@ func TestListenPrintsPositions(t *testing.T) {
 				post(t, "http://"+api+"/im/push/room?operation=1000&type=live&room="+tc.room, "before")
 			}
 			ctx, cancel := context.WithCancel(context.Background())
-			var out, errb syncBuffer
+			var out, errb logtest.Buffer
 			done := make(chan error, 1)
 			go func() {
 				done <- run(ctx, []string{"listen", "--ws", "ws://" + ws + "/sub", "--token", tok}, &out, &errb, nil)

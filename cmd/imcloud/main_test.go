@@ -10,11 +10,11 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"imcloud/pipeline/config"
+	"imcloud/pipeline/logtest"
 	"imcloud/stages/logic/token"
 )
 
@@ -153,24 +153,6 @@ func TestCheckWarns(t *testing.T) {
 	}
 }
 
-// syncBuffer is written by the command's goroutine and read by the test.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // TestStandaloneAnonymous: standalone --anonymous takes pushes without an
 // API key, as goim's tools send them, and says so; the default still
 // generates a key that a push without one lacks.
@@ -185,7 +167,7 @@ func TestStandaloneAnonymous(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			ctx, cancel := context.WithCancel(context.Background())
-			var out, errb syncBuffer
+			var out, errb logtest.Buffer
 			done := make(chan error, 1)
 			args := append([]string{"standalone",
 				"--set", "logic.http_addr=127.0.0.1:0", "--set", "logic.grpc_addr=127.0.0.1:0",

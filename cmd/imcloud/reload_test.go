@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"imcloud/pipeline/logtest"
 	"imcloud/proto/client"
 	"imcloud/stages/logic/token"
 )
@@ -37,7 +38,7 @@ func TestSIGHUPRotatesKeys(t *testing.T) {
 	}
 	write(oldSecret, oldKey, "1024")
 	ctx, cancel := context.WithCancel(context.Background())
-	var out, errb syncBuffer
+	var out, errb logtest.Buffer
 	done := make(chan error, 1)
 	args := []string{"standalone", "--config", file,
 		"--set", "logic.http_addr=127.0.0.1:0", "--set", "logic.grpc_addr=127.0.0.1:0",

@@ -3,19 +3,18 @@
 package process
 
 import (
-	"bytes"
 	"context"
 	"io"
 	"log/slog"
 	"os"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	amqp091 "github.com/rabbitmq/amqp091-go"
 
 	"imcloud/pipeline/config"
+	"imcloud/pipeline/logtest"
 )
 
 // redisPrefix is a registry prefix of the test's own.
@@ -94,24 +93,6 @@ func TestIntegrationShardAgreement(t *testing.T) {
 	shutdown(after)
 }
 
-// syncBuffer is a bytes.Buffer a logger may write to from any goroutine.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // TestIntegrationUnreadShardsAreSaid: a logic says which push shards no
 // live job reads — here a job reads 0 and 1 of 4 — naming them.
 func TestIntegrationUnreadShardsAreSaid(t *testing.T) {
@@ -143,7 +124,7 @@ func TestIntegrationUnreadShardsAreSaid(t *testing.T) {
 		}
 	})
 	start(io.Discard, "stages=job", "job.shards=0,1", "job.cloud_addrs=127.0.0.1:1")
-	var logs syncBuffer
+	var logs logtest.Buffer
 	start(&logs, "stages=logic")
 	deadline := time.Now().Add(10 * time.Second)
 	for !strings.Contains(logs.String(), "push shards no live job reads") {
