@@ -16,6 +16,7 @@ import (
 	amqp091 "github.com/rabbitmq/amqp091-go"
 	goredis "github.com/redis/go-redis/v9"
 
+	"imcloud/adapters/amqp/amqptest"
 	"imcloud/pipeline"
 	"imcloud/pipeline/config"
 	"imcloud/pipeline/logtest"
@@ -33,20 +34,7 @@ func testTopics(t *testing.T, push, upstream int64) config.Topics {
 }
 
 func deleteQueues(t *testing.T, topics config.Topics) {
-	t.Cleanup(func() {
-		conn, err := amqp091.Dial(amqpURL)
-		if err != nil {
-			return
-		}
-		defer conn.Close()
-		ch, err := conn.Channel()
-		if err != nil {
-			return
-		}
-		for _, q := range []string{topics.Push, topics.Poison, topics.Upstream} {
-			_, _ = ch.QueueDelete(q, false, false, false)
-		}
-	})
+	amqptest.DeleteAtEnd(t, amqpURL, topics.Push, topics.Poison, topics.Upstream)
 }
 
 func openBroker(t *testing.T, bc config.Broker, topics config.Topics) (*pipeline.Broker, *logtest.Buffer) {

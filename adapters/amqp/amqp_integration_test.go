@@ -12,7 +12,7 @@ import (
 
 	"github.com/ThreeDotsLabs/watermill"
 	"github.com/ThreeDotsLabs/watermill/message"
-	amqp091 "github.com/rabbitmq/amqp091-go"
+	"imcloud/adapters/amqp/amqptest"
 )
 
 func testURL() string {
@@ -26,16 +26,7 @@ func testURL() string {
 func tempQueue(tb testing.TB) string {
 	tb.Helper()
 	q := fmt.Sprintf("imcloud.test.%s.%d", strings.ReplaceAll(tb.Name(), "/", "."), time.Now().UnixNano())
-	tb.Cleanup(func() {
-		conn, err := amqp091.Dial(testURL())
-		if err != nil {
-			return
-		}
-		defer conn.Close()
-		if ch, err := conn.Channel(); err == nil {
-			_, _ = ch.QueueDelete(q, false, false, false)
-		}
-	})
+	amqptest.DeleteAtEnd(tb, testURL(), q)
 	return q
 }
 

@@ -15,10 +15,10 @@ import (
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/ThreeDotsLabs/watermill/message/router/middleware"
 	"github.com/nats-io/nats.go"
-	amqp091 "github.com/rabbitmq/amqp091-go"
 	goredis "github.com/redis/go-redis/v9"
 
 	"imcloud/adapters"
+	"imcloud/adapters/amqp/amqptest"
 	"imcloud/adapters/redis"
 	"imcloud/pipeline"
 	"imcloud/pipeline/config"
@@ -29,19 +29,9 @@ import (
 func TestIntegrationPoisonCommand(t *testing.T) {
 	topic := fmt.Sprintf("imcloud.test.cli.%d", time.Now().UnixNano())
 	sets := []string{"--set", "topics.poison=" + topic + ".poison", "--set", "topics.push=" + topic + ".push"}
-	t.Cleanup(func() {
-		conn, err := amqp091.Dial(config.Default().Broker.AMQP.URL)
-		if err != nil {
-			return
-		}
-		defer conn.Close()
-		if ch, err := conn.Channel(); err == nil {
-			// The push queue, and its 4 shards of the replay below.
-			for _, q := range []string{".poison", ".push", ".push.0", ".push.1", ".push.2", ".push.3"} {
-				_, _ = ch.QueueDelete(topic+q, false, false, false)
-			}
-		}
-	})
+	// The push queue, and its 4 shards of the replay below.
+	amqptest.DeleteAtEnd(t, config.Default().Broker.AMQP.URL, topic+".poison", topic+".push",
+		topic+".push.0", topic+".push.1", topic+".push.2", topic+".push.3")
 	out, _, err := runCmd(t, nil, append([]string{"poison", "list"}, sets...)...)
 	if err != nil || !strings.Contains(out, "0 poisoned message(s)") {
 		t.Fatalf("list: %q %v", out, err)

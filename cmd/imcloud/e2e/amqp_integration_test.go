@@ -12,9 +12,9 @@ import (
 	"testing"
 
 	nc "github.com/nats-io/nats.go"
-	amqp091 "github.com/rabbitmq/amqp091-go"
 	goredis "github.com/redis/go-redis/v9"
 
+	"imcloud/adapters/amqp/amqptest"
 	"imcloud/pipeline/config"
 	"imcloud/proto/client"
 	"imcloud/stages/logic/token"
@@ -37,22 +37,7 @@ func shardedTopics(t *testing.T, n int) []string {
 	t.Helper()
 	p := uniq("imcloud.test")
 	topics := config.Topics{Push: p + ".push", Poison: p + ".poison", Upstream: p + ".upstream", PushShards: n}
-	t.Cleanup(func() {
-		conn, err := amqp091.Dial(amqpURL())
-		if err != nil {
-			t.Logf("cleanup: %v", err)
-			return
-		}
-		defer conn.Close()
-		ch, err := conn.Channel()
-		if err != nil {
-			t.Logf("cleanup: %v", err)
-			return
-		}
-		for _, q := range append(topics.PushTopics(), topics.Poison, topics.Upstream) {
-			_, _ = ch.QueueDelete(q, false, false, false)
-		}
-	})
+	amqptest.DeleteAtEnd(t, amqpURL(), append(topics.PushTopics(), topics.Poison, topics.Upstream)...)
 	return []string{
 		"broker.kind=amqp", "broker.amqp.url=" + amqpURL(),
 		"topics.push=" + topics.Push, "topics.poison=" + topics.Poison, "topics.upstream=" + topics.Upstream,

@@ -11,8 +11,7 @@ import (
 	"testing"
 	"time"
 
-	amqp091 "github.com/rabbitmq/amqp091-go"
-
+	"imcloud/adapters/amqp/amqptest"
 	"imcloud/pipeline/config"
 	"imcloud/pipeline/logtest"
 )
@@ -111,18 +110,8 @@ func TestIntegrationUnreadShardsAreSaid(t *testing.T) {
 		})
 		return p
 	}
-	t.Cleanup(func() {
-		conn, err := amqp091.Dial(config.Default().Broker.AMQP.URL)
-		if err != nil {
-			return
-		}
-		defer conn.Close()
-		if ch, err := conn.Channel(); err == nil {
-			for _, q := range []string{"push.0", "push.1", "push.2", "push.3", "poison", "upstream"} {
-				_, _ = ch.QueueDelete(prefix+q, false, false, false)
-			}
-		}
-	})
+	amqptest.DeleteAtEnd(t, config.Default().Broker.AMQP.URL,
+		prefix+"push.0", prefix+"push.1", prefix+"push.2", prefix+"push.3", prefix+"poison", prefix+"upstream")
 	start(io.Discard, "stages=job", "job.shards=0,1", "job.cloud_addrs=127.0.0.1:1")
 	var logs logtest.Buffer
 	start(&logs, "stages=logic")
