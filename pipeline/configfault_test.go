@@ -1,36 +1,18 @@
 package pipeline
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"log/slog"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill/message"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"imcloud/pipeline/logtest"
 )
-
-type logBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *logBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *logBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // TestConfigFaultIsHeldNotPoisoned: on main a job without the cluster
 // secret took every message, got Unauthenticated from the cloud nodes,
@@ -40,7 +22,7 @@ func (s *logBuffer) String() string {
 // logged once, naming the key.
 func TestConfigFaultIsHeldNotPoisoned(t *testing.T) {
 	const refusals = 10 * (maxRetries + 1) // far past what the retry budget allows
-	var log logBuffer
+	var log logtest.Buffer
 	logger := slog.New(slog.NewTextHandler(&log, nil))
 	// A 20 ms hold makes the later refusals go back to the broker (a nack)
 	// and come again.

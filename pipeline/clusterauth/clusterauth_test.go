@@ -1,7 +1,6 @@
 package clusterauth
 
 import (
-	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -16,7 +15,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -28,31 +26,14 @@ import (
 	"google.golang.org/grpc/status"
 
 	"imcloud/pipeline/config"
+	"imcloud/pipeline/logtest"
 )
 
 const wait = 10 * time.Second
 
-// lockedBuffer collects log output from the server's goroutines.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // serve runs a health service behind the cluster's server options and
 // returns its address.
-func serve(t *testing.T, c config.Cluster, log *lockedBuffer) string {
+func serve(t *testing.T, c config.Cluster, log *logtest.Buffer) string {
 	t.Helper()
 	opts, err := ServerOptions(c, slog.New(slog.NewTextHandler(log, nil)))
 	if err != nil {
@@ -95,7 +76,7 @@ func call(t *testing.T, addr string, c config.Cluster) (unary, stream error) {
 
 func TestSecret(t *testing.T) {
 	const secret = "0123456789abcdef-cluster"
-	var log lockedBuffer
+	var log logtest.Buffer
 	addr := serve(t, config.Cluster{Secret: secret}, &log)
 	tests := []struct {
 		name   string
@@ -126,7 +107,7 @@ func TestSecret(t *testing.T) {
 // TestRefusalsLoggedOncePerPeer: a peer hammering the server without the
 // secret costs one log line, not one per call.
 func TestRefusalsLoggedOncePerPeer(t *testing.T) {
-	var log lockedBuffer
+	var log logtest.Buffer
 	addr := serve(t, config.Cluster{Secret: "0123456789abcdef"}, &log)
 	for range 50 {
 		if unary, _ := call(t, addr, config.Cluster{}); status.Code(unary) != codes.Unauthenticated {
@@ -218,7 +199,7 @@ func (p *pki) node(name string, trustCA *pki) config.Cluster {
 // cluster CA signed, and clients trust only a server the CA signed.
 func TestMutualTLS(t *testing.T) {
 	ca, other := newCA(t, "cluster CA"), newCA(t, "another CA")
-	var log lockedBuffer
+	var log logtest.Buffer
 	addr := serve(t, ca.node("server", ca), &log)
 	withSecret := ca.node("client-with-secret", ca)
 	withSecret.Secret = "0123456789abcdef"

@@ -1,7 +1,6 @@
 package cloud
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -10,13 +9,13 @@ import (
 	"net/http"
 	"os"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
 	"imcloud/pipeline/config"
+	"imcloud/pipeline/logtest"
 	"imcloud/proto/client"
 )
 
@@ -35,24 +34,6 @@ func (l *flakyListener) Accept() (net.Conn, error) {
 		return nil, l.err
 	}
 	return l.Listener.Accept()
-}
-
-// lockedBuffer is a log destination tests read while the node writes.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
 }
 
 // A failed accept (descriptors or kernel memory exhausted, a connection
@@ -115,7 +96,7 @@ func TestAcceptBurstLoggedOnce(t *testing.T) {
 	flaky := &flakyListener{Listener: inner, err: &net.OpError{Op: "accept", Net: "tcp", Err: os.NewSyscallError("accept4", syscall.EMFILE)}}
 	for burst := range 2 {
 		flaky.left.Store(failures)
-		var logs lockedBuffer
+		var logs logtest.Buffer
 		ln := &retryListener{Listener: flaky, logger: slog.New(slog.NewTextHandler(&logs, nil))}
 		accepted := make(chan error, 1)
 		go func() {

@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"imcloud/pipeline/config"
+	"imcloud/pipeline/logtest"
 )
 
 // TestFailedHandshakesAreLoggedOnce: a client that connects and never
@@ -15,7 +16,7 @@ import (
 // reached the port could flood the log.
 func TestFailedHandshakesAreLoggedOnce(t *testing.T) {
 	const conns = 50
-	var logs lockedBuffer
+	var logs logtest.Buffer
 	n := startNodeLogged(t, func(*config.Cloud) {}, slog.New(slog.NewTextHandler(&logs, nil)))
 	for range conns {
 		c, err := net.Dial("tcp", n.tcpAddr)
