@@ -412,21 +412,7 @@ func TestBundledFirstTry(t *testing.T) {
 	var mu sync.Mutex
 	delivered := map[string]int{}
 	publish, poisoned, tries := startRouter(t, slog.New(slog.DiscardHandler), holdTiming{first: configHoldFirst, max: configHoldMax, total: time.Second},
-		func(msg *message.Message, attempt int) error {
-			id := msg.Metadata.Get(MetaMessageID)
-			switch {
-			case id == "flaky" && attempt == 1:
-				return errors.New("cloud unreachable once")
-			case id == "panicky" && attempt == 1:
-				panic("a bug, once")
-			case id == "never":
-				return errors.New("cloud unreachable")
-			}
-			mu.Lock()
-			delivered[id]++
-			mu.Unlock()
-			return nil
-		})
+		firstTryHandler(&mu, delivered, "panicky"))
 	publishRounds(t, publish, poisoned, "ok", "flaky", "panicky", "never")
 	mu.Lock()
 	got := fmt.Sprint(delivered)
@@ -564,21 +550,7 @@ func TestBundledFirstTriesStarted(t *testing.T) {
 	delivered := map[string]int{}
 	started := map[string]int{}
 	publish, poisoned, tries := startRouterStarting(t, slog.New(slog.DiscardHandler), holdTiming{first: configHoldFirst, max: configHoldMax, total: time.Second},
-		func(msg *message.Message, attempt int) error {
-			id := msg.Metadata.Get(MetaMessageID)
-			switch {
-			case id == "flaky" && attempt == 1:
-				return errors.New("cloud unreachable once")
-			case id == "panicky-wait" && attempt == 1:
-				panic("a bug in the wait, once")
-			case id == "never":
-				return errors.New("cloud unreachable")
-			}
-			mu.Lock()
-			delivered[id]++
-			mu.Unlock()
-			return nil
-		},
+		firstTryHandler(&mu, delivered, "panicky-wait"),
 		func(h message.NoPublishHandlerFunc, tries *attempts) Starter {
 			return func(msg *message.Message) func() error {
 				id := msg.Metadata.Get(MetaMessageID)
@@ -608,6 +580,26 @@ func TestBundledFirstTriesStarted(t *testing.T) {
 	if tries.get("ok") != 1 || tries.get("flaky") != 2 || tries.get("panicky-start") != 2 || tries.get("panicky-wait") != 2 || tries.get("never") != 2*(maxRetries+1) {
 		t.Fatalf("tries ok %d flaky %d panicky-start %d panicky-wait %d never %d, want 1, 2, 2, 2, %d",
 			tries.get("ok"), tries.get("flaky"), tries.get("panicky-start"), tries.get("panicky-wait"), tries.get("never"), 2*(maxRetries+1))
+	}
+}
+
+// firstTryHandler fails "flaky" once, panics on panicky once, always
+// fails "never", and counts in delivered (under mu) what it delivers.
+func firstTryHandler(mu *sync.Mutex, delivered map[string]int, panicky string) func(msg *message.Message, attempt int) error {
+	return func(msg *message.Message, attempt int) error {
+		id := msg.Metadata.Get(MetaMessageID)
+		switch {
+		case id == "flaky" && attempt == 1:
+			return errors.New("cloud unreachable once")
+		case id == panicky && attempt == 1:
+			panic("a bug, once")
+		case id == "never":
+			return errors.New("cloud unreachable")
+		}
+		mu.Lock()
+		delivered[id]++
+		mu.Unlock()
+		return nil
 	}
 }
 
