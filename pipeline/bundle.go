@@ -348,6 +348,11 @@ func eachAtOnce(msgs []*message.Message, h message.HandlerFunc) ([]*message.Mess
 		wg.Go(func() { produced[i], errs[i] = h(m) })
 	}
 	wg.Wait()
+	return joined(produced, errs)
+}
+
+// joined is what the messages of a bundle produced, and their errors.
+func joined(produced [][]*message.Message, errs []error) ([]*message.Message, error) {
 	var out []*message.Message
 	for _, p := range produced {
 		out = append(out, p...)
@@ -409,11 +414,7 @@ func (f *firstTry) tryAll(msgs []*message.Message, start Starter, attemptCtx con
 		}
 	}
 	retries.Wait()
-	var out []*message.Message
-	for _, p := range produced {
-		out = append(out, p...)
-	}
-	return out, errors.Join(errs...)
+	return joined(produced, errs)
 }
 
 // attemptStartKey holds when a bundle's first tries began (AttemptStart).
