@@ -11,9 +11,6 @@ import (
 
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/google/uuid"
-	"google.golang.org/protobuf/proto"
-
-	"imcloud/proto/pb"
 )
 
 // MetaBundle marks a message that carries others (a pb.Batch of
@@ -201,10 +198,7 @@ func (b *Bundler) publish(topic string, calls []*bundleCall) error {
 			size += entrySize(msgs[n])
 			n++
 		}
-		m, err := NewBundle(msgs[:n])
-		if err != nil {
-			return err
-		}
+		m := NewBundle(msgs[:n])
 		m.SetContext(ctx)
 		out = append(out, m)
 		msgs = msgs[n:]
@@ -234,30 +228,17 @@ func (b *Bundler) Close() error { return b.pub.Close() }
 
 // NewBundle packs msgs (their ids, metadata and payloads) into one
 // message; one alone is returned as it is.
-func NewBundle(msgs []*message.Message) (*message.Message, error) {
+func NewBundle(msgs []*message.Message) *message.Message {
 	if len(msgs) == 1 {
-		return msgs[0], nil
+		return msgs[0]
 	}
-	batch := &pb.Batch{Messages: make([]*pb.Envelope, len(msgs))}
-	envs := make([]pb.Envelope, len(msgs))
-	for i, m := range msgs {
-		meta := make([]string, 0, 2*len(m.Metadata))
-		for k, v := range m.Metadata {
-			meta = append(meta, k, v)
-		}
-		envs[i] = pb.Envelope{Uuid: m.UUID, Meta: meta, Payload: m.Payload}
-		batch.Messages[i] = &envs[i]
-	}
-	body, err := proto.Marshal(batch)
-	if err != nil {
-		return nil, fmt.Errorf("marshal bundle: %w", err)
-	}
+	body := encodeBundle(msgs)
 	id := uuid.NewString()
 	out := message.NewMessage(id, body)
 	out.Metadata.Set(MetaMessageID, id)
 	out.Metadata.Set(MetaBundle, strconv.Itoa(len(msgs)))
 	out.Metadata.Set(MetaPublishedAt, strconv.FormatInt(time.Now().UnixNano(), 10))
-	return out, nil
+	return out
 }
 
 // Unbundle returns the messages a bundle carries, each with the bundle's
@@ -266,35 +247,14 @@ func Unbundle(msg *message.Message) ([]*message.Message, error) {
 	if msg.Metadata.Get(MetaBundle) == "" {
 		return []*message.Message{msg}, nil
 	}
-	var batch pb.Batch
-	if err := proto.Unmarshal(msg.Payload, &batch); err != nil {
+	out, err := DecodeBundle(msg.Payload)
+	if err != nil {
 		return nil, fmt.Errorf("decode bundle %s: %w", msg.UUID, err)
 	}
-	out := make([]*message.Message, len(batch.Messages))
-	for i, e := range batch.Messages {
-		m := message.NewMessage(e.Uuid, e.Payload)
-		m.Metadata = EnvelopeMetadata(e)
+	for _, m := range out {
 		m.SetContext(msg.Context())
-		out[i] = m
 	}
 	return out, nil
-}
-
-// EnvelopeMetadata is the metadata an envelope carries: its flattened
-// pairs (meta), or the map an older writer set. A trailing key without
-// its value is dropped.
-func EnvelopeMetadata(e *pb.Envelope) message.Metadata {
-	if len(e.Meta) == 0 {
-		if e.Metadata != nil {
-			return e.Metadata
-		}
-		return message.Metadata{}
-	}
-	md := make(message.Metadata, len(e.Meta)/2)
-	for i := 0; i+1 < len(e.Meta); i += 2 {
-		md[e.Meta[i]] = e.Meta[i+1]
-	}
-	return md
 }
 
 // unbundle runs a message that is no bundle (or does not decode: it is

@@ -5,10 +5,8 @@ import (
 
 	"github.com/ThreeDotsLabs/watermill/message"
 	amqp091 "github.com/rabbitmq/amqp091-go"
-	"google.golang.org/protobuf/proto"
 
 	"imcloud/pipeline"
-	"imcloud/proto/pb"
 )
 
 // batchContentType marks an AMQP message that carries several messages,
@@ -28,15 +26,9 @@ func unbatch(d amqp091.Delivery) ([]*message.Message, error) {
 		}
 		return []*message.Message{msg}, nil
 	}
-	var b pb.Batch
-	if err := proto.Unmarshal(d.Body, &b); err != nil {
+	msgs, err := pipeline.DecodeBundle(d.Body)
+	if err != nil {
 		return nil, fmt.Errorf("decode batch: %w", err)
-	}
-	msgs := make([]*message.Message, len(b.Messages))
-	for i, e := range b.Messages {
-		m := message.NewMessage(e.Uuid, e.Payload)
-		m.Metadata = pipeline.EnvelopeMetadata(e)
-		msgs[i] = m
 	}
 	return msgs, nil
 }

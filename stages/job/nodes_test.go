@@ -75,10 +75,7 @@ func TestBundledRoomPushesShareANodeListRead(t *testing.T) {
 		}
 		msgs[i] = m
 	}
-	bundle, err := pipeline.NewBundle(msgs)
-	if err != nil {
-		t.Fatal(err)
-	}
+	bundle := pipeline.NewBundle(msgs)
 	if err := p.pubsub.Publish("push", bundle); err != nil { // returns once job acked it
 		t.Fatal(err)
 	}
