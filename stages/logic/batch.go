@@ -22,9 +22,25 @@ const BatchNDJSONType = "application/x-ndjson"
 
 // batchFields are the members of a batch item: a push's parameters, with
 // its route named by which of keys, mids, room and all it holds, and its
-// own idempotency key and correlation id.
-var batchFields = map[string]bool{"operation": true, "keys": true, "mids": true, "type": true, "room": true,
-	"all": true, "speed": true, "msg": true, "idempotency_key": true, "request_id": true}
+// own idempotency key and correlation id. An item's members are marked
+// seen by their index, in a bit set rather than a map made per item (a
+// map and its entries were 4 % of a batch's CPU, pprof).
+var batchFields = [...]string{"operation", "keys", "mids", "type", "room", "all", "speed", "msg", "idempotency_key", "request_id"}
+
+// batchField is f's index in batchFields, or -1.
+func batchField(f string) int {
+	for i, name := range batchFields {
+		if name == f {
+			return i
+		}
+	}
+	return -1
+}
+
+// fieldSet is a set of batchFields, by index.
+type fieldSet uint16
+
+func (s fieldSet) has(f string) bool { i := batchField(f); return i >= 0 && s&(1<<i) != 0 }
 
 // batchRoutes name an item's route by the member that holds its targets.
 var batchRoutes = []struct{ field, name string }{
@@ -178,25 +194,31 @@ func (st *Stage) batchItem(raw json.RawMessage, corr string, i int) (pushRequest
 	if !item.IsObject() {
 		return pushRequest{}, badParam("item", "want a JSON object")
 	}
-	v := url.Values{}
-	var msg, all *gjson.Result
-	var err error
-	seen := make(map[string]bool, 8)
+	v := make(url.Values, 4)
+	var (
+		msg, all gjson.Result // not pointers to ForEach's values: each would be moved to the heap
+		hasMsg   bool
+		seen     fieldSet
+		err      error
+	)
 	item.ForEach(func(key, value gjson.Result) bool {
 		f := key.Str
+		i := batchField(f)
 		switch {
-		case seen[f]:
-			err = badParam(truncate(f), "given twice in the JSON body, want once")
-		case !batchFields[f]:
+		case i < 0:
 			err = badParam(truncate(f), "unknown field")
+		case seen&(1<<i) != 0:
+			err = badParam(truncate(f), "given twice in the JSON body, want once")
 		case f == "msg":
-			msg = &value
+			msg, hasMsg = value, true
 		case f == "all":
-			all = &value
+			all = value
 		default:
 			err = jsonValues(v, f, value)
 		}
-		seen[f] = true
+		if i >= 0 {
+			seen |= 1 << i
+		}
 		return err == nil
 	})
 	if err != nil {
@@ -204,7 +226,7 @@ func (st *Stage) batchItem(raw json.RawMessage, corr string, i int) (pushRequest
 	}
 	name := ""
 	for _, r := range batchRoutes {
-		if !seen[r.field] {
+		if !seen.has(r.field) {
 			continue
 		}
 		if name != "" {
@@ -216,13 +238,13 @@ func (st *Stage) batchItem(raw json.RawMessage, corr string, i int) (pushRequest
 	switch {
 	case name == "":
 		return req, badParam("item", "names none of keys, mids, room and all")
-	case seen["type"] && name != "push/room":
+	case seen.has("type") && name != "push/room":
 		return req, badParam("type", "only with room")
-	case seen["speed"] && name != "push/all":
+	case seen.has("speed") && name != "push/all":
 		return req, badParam("speed", "only with all")
-	case all != nil && all.Type != gjson.True:
+	case seen.has("all") && all.Type != gjson.True:
 		return req, badParam("all", "want true")
-	case msg == nil:
+	case !hasMsg:
 		return req, badParam("msg", "required in a JSON body")
 	}
 	p := &params{values: v}
@@ -300,19 +322,29 @@ func jsonValues(v url.Values, field string, value gjson.Result) error {
 // failure's error. The counts let a caller see at a glance whether to
 // look further.
 func writeBatch(w http.ResponseWriter, out []outcome) {
-	buf := make([]byte, 0, 96*len(out)+64)
-	ok := 0
+	// Sized for what it will hold (a room push's result is ~150 bytes):
+	// growing it was 1.5 % of a batch's CPU.
+	size, ok := 96, 0
 	for _, o := range out {
 		if o.status == http.StatusOK {
 			ok++
 		}
+		size += 48 + len(o.data) + 2*len(o.err)
 	}
-	buf = fmt.Appendf(buf, `{"code":0,"message":"ok","data":{"accepted":%d,"failed":%d,"results":[`, ok, len(out)-ok)
+	buf := make([]byte, 0, size)
+	buf = append(buf, `{"code":0,"message":"ok","data":{"accepted":`...)
+	buf = strconv.AppendInt(buf, int64(ok), 10)
+	buf = append(buf, `,"failed":`...)
+	buf = strconv.AppendInt(buf, int64(len(out)-ok), 10)
+	buf = append(buf, `,"results":[`...)
 	for i, o := range out {
 		if i > 0 {
 			buf = append(buf, ',')
 		}
-		buf = fmt.Appendf(buf, `{"index":%d,"status":%d`, i, o.status)
+		buf = append(buf, `{"index":`...)
+		buf = strconv.AppendInt(buf, int64(i), 10)
+		buf = append(buf, `,"status":`...)
+		buf = strconv.AppendInt(buf, int64(o.status), 10)
 		switch {
 		case o.status != http.StatusOK:
 			msg, _ := json.Marshal(o.err)
