@@ -319,9 +319,11 @@ func (p *PubSub) dropUnheard(topic string, msgs []*message.Message) {
 func weight(msgs ...*message.Message) int64 {
 	var n int64
 	for _, m := range msgs {
-		w, err := strconv.Atoi(m.Metadata.Get(pipeline.MetaBundle))
-		if err != nil || w < 1 {
-			w = 1
+		w := 1
+		if v := m.Metadata.Get(pipeline.MetaBundle); v != "" { // not on every single push: Atoi's error allocates
+			if b, err := strconv.Atoi(v); err == nil && b > 1 {
+				w = b
+			}
 		}
 		n += int64(w)
 	}
