@@ -110,7 +110,7 @@ func readBatch(r *http.Request, maxItems, maxBytes int) ([]json.RawMessage, erro
 			return nil, badParam("Content-Type", "%s: want application/json (an array of pushes) or %s (one push a line)", echo(mt), BatchNDJSONType)
 		}
 	}
-	body, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, int64(maxBytes)))
+	body, err := readBody(r, int64(maxBytes))
 	var tooBig *http.MaxBytesError
 	if errors.As(err, &tooBig) {
 		return nil, &tooLargeError{fmt.Sprintf("body: larger than %d bytes (logic.max_batch_bytes)", maxBytes)}

@@ -3,7 +3,9 @@ package logic
 import (
 	"context"
 	"errors"
+	"io"
 	"log/slog"
+	"net/http"
 	"slices"
 	"strings"
 	"testing"
@@ -164,5 +166,46 @@ func TestGRPCRefusesInvalidStrings(t *testing.T) {
 	}
 	if _, err := s.Heartbeat(ctx, &pb.HeartbeatReq{Mid: 1, Key: "k", Server: "n1"}); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestReadBody: a body is read whole up to its limit whatever length it
+// declares; one that declares more than it sends is an error, not a
+// short message; past the limit it is *http.MaxBytesError.
+func TestReadBody(t *testing.T) {
+	const limit = 8
+	for _, tc := range []struct {
+		name     string
+		body     string
+		declared int64 // -1: unknown (chunked)
+		want     string
+		tooLarge bool
+		fails    bool
+	}{
+		{"declared", "hello", 5, "hello", false, false},
+		{"chunked", "hello", -1, "hello", false, false},
+		{"empty", "", 0, "", false, false},
+		{"at the limit", "12345678", 8, "12345678", false, false},
+		{"declared past the limit", "123456789", 9, "", true, false},
+		{"chunked past the limit", "123456789", -1, "", true, false},
+		{"declares more than it sends", "abc", 6, "", false, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := &http.Request{Body: io.NopCloser(strings.NewReader(tc.body)), ContentLength: tc.declared}
+			got, err := readBody(r, limit)
+			var tooBig *http.MaxBytesError
+			switch {
+			case tc.tooLarge:
+				if !errors.As(err, &tooBig) {
+					t.Fatalf("readBody: %q, %v; want a MaxBytesError", got, err)
+				}
+			case tc.fails:
+				if err == nil {
+					t.Fatalf("readBody: %q; want an error", got)
+				}
+			case err != nil || string(got) != tc.want:
+				t.Fatalf("readBody: %q, %v; want %q", got, err, tc.want)
+			}
+		})
 	}
 }
