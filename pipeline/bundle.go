@@ -198,7 +198,10 @@ func (b *Bundler) publish(topic string, calls []*bundleCall) error {
 			size += entrySize(msgs[n])
 			n++
 		}
-		m := NewBundle(msgs[:n])
+		m, err := NewBundle(msgs[:n])
+		if err != nil {
+			return err
+		}
 		m.SetContext(ctx)
 		out = append(out, m)
 		msgs = msgs[n:]
@@ -228,17 +231,20 @@ func (b *Bundler) Close() error { return b.pub.Close() }
 
 // NewBundle packs msgs (their ids, metadata and payloads) into one
 // message; one alone is returned as it is.
-func NewBundle(msgs []*message.Message) *message.Message {
+func NewBundle(msgs []*message.Message) (*message.Message, error) {
 	if len(msgs) == 1 {
-		return msgs[0]
+		return msgs[0], nil
 	}
-	body := encodeBundle(msgs)
+	body, err := encodeBundle(msgs)
+	if err != nil {
+		return nil, fmt.Errorf("bundle: %w", err)
+	}
 	id := uuid.NewString()
 	out := message.NewMessage(id, body)
 	out.Metadata.Set(MetaMessageID, id)
 	out.Metadata.Set(MetaBundle, strconv.Itoa(len(msgs)))
 	out.Metadata.Set(MetaPublishedAt, strconv.FormatInt(time.Now().UnixNano(), 10))
-	return out
+	return out, nil
 }
 
 // Unbundle returns the messages a bundle carries, each with the bundle's

@@ -275,7 +275,10 @@ func TestUnbundledMessagesSettleAlone(t *testing.T) {
 	if err := publish(push("seen")); err != nil {
 		t.Fatal(err)
 	}
-	bundle := NewBundle([]*message.Message{push("a"), push("seen"), push("bad"), push("b")})
+	bundle, err := NewBundle([]*message.Message{push("a"), push("seen"), push("bad"), push("b")})
+	if err != nil {
+		t.Fatal(err)
+	}
 	done := inBackground(func() error { return publish(bundle) })
 	select {
 	case p := <-poisoned:
@@ -466,7 +469,10 @@ func TestUnbundleReadsBothMetadataForms(t *testing.T) {
 	in[0].Metadata.Set("one", "1")
 	in[1].Metadata.Set("two", "2")
 	in[1].Metadata.Set("three", "3")
-	b := NewBundle(in)
+	b, err := NewBundle(in)
+	if err != nil {
+		t.Fatal(err)
+	}
 	out, err := Unbundle(b)
 	if err != nil || len(out) != 2 || !maps.Equal(out[0].Metadata, in[0].Metadata) || !maps.Equal(out[1].Metadata, in[1].Metadata) {
 		t.Fatalf("round trip: %v %v", out, err)
@@ -606,7 +612,10 @@ func publishRounds(t *testing.T, publish func(*message.Message) error, poisoned 
 		for i, id := range ids {
 			msgs[i] = testPush(t, id)
 		}
-		bundle := NewBundle(msgs)
+		bundle, err := NewBundle(msgs)
+		if err != nil {
+			t.Fatal(err)
+		}
 		done := inBackground(func() error { return publish(bundle) })
 		select {
 		case p := <-poisoned:

@@ -1,6 +1,7 @@
 package pipeline
 
 import (
+	"errors"
 	"fmt"
 	"strings"
 	"unicode/utf8"
@@ -31,6 +32,20 @@ const (
 	mapEntryValue   protowire.Number = 2
 )
 
+// errNotUTF8 refuses a string field that is not UTF-8, as protobuf
+// requires of strings and protobuf-go checks.
+var errNotUTF8 = errors.New("string field is not UTF-8")
+
+// consumeTag is protowire.ConsumeTag refusing field numbers past
+// protowire.MaxValidNumber as well, as protobuf-go does.
+func consumeTag(b []byte) (protowire.Number, protowire.Type, int) {
+	num, typ, n := protowire.ConsumeTag(b)
+	if n >= 0 && !num.IsValid() {
+		return 0, 0, -1 // protowire's errCodeFieldNumber
+	}
+	return num, typ, n
+}
+
 // envelopeSize is the encoded size of m's envelope.
 func envelopeSize(m *message.Message) int {
 	n := 0
@@ -47,10 +62,15 @@ func envelopeSize(m *message.Message) int {
 }
 
 // encodeBundle writes msgs as a pb.Batch, each metadata in the flat form.
-func encodeBundle(msgs []*message.Message) []byte {
+// A message whose id or metadata is not UTF-8 is refused, as
+// proto.Marshal refused it: decodeBundle would refuse the whole bundle.
+func encodeBundle(msgs []*message.Message) ([]byte, error) {
 	sizes := make([]int, len(msgs))
 	total := 0
 	for i, m := range msgs {
+		if err := checkText(m); err != nil {
+			return nil, fmt.Errorf("message %q: %w", m.UUID, err)
+		}
 		sizes[i] = envelopeSize(m)
 		total += protowire.SizeTag(batchMessages) + protowire.SizeBytes(sizes[i])
 	}
@@ -73,7 +93,20 @@ func encodeBundle(msgs []*message.Message) []byte {
 			b = protowire.AppendString(b, v)
 		}
 	}
-	return b
+	return b, nil
+}
+
+// checkText refuses m if its id or a metadata key or value is not UTF-8.
+func checkText(m *message.Message) error {
+	if !utf8.ValidString(m.UUID) {
+		return errNotUTF8
+	}
+	for k, v := range m.Metadata {
+		if !utf8.ValidString(k) || !utf8.ValidString(v) {
+			return fmt.Errorf("metadata %q: %w", k, errNotUTF8)
+		}
+	}
+	return nil
 }
 
 // DecodeBundle reads the messages of a pb.Batch: each with its id,
@@ -84,7 +117,7 @@ func encodeBundle(msgs []*message.Message) []byte {
 func DecodeBundle(body []byte) ([]*message.Message, error) {
 	var out []*message.Message
 	for len(body) > 0 {
-		num, typ, n := protowire.ConsumeTag(body)
+		num, typ, n := consumeTag(body)
 		if n < 0 {
 			return nil, fmt.Errorf("batch: %w", protowire.ParseError(n))
 		}
@@ -95,6 +128,12 @@ func DecodeBundle(body []byte) ([]*message.Message, error) {
 			}
 			body = body[n:]
 			continue
+		}
+		if len(out) == MaxBundle {
+			// Every writer stops at MaxBundle (the AMQP adapter's old
+			// batches too): an empty envelope is 2 bytes that would cost a
+			// message and, in job, a goroutine.
+			return nil, fmt.Errorf("batch: more than %d envelopes", MaxBundle)
 		}
 		env, n := protowire.ConsumeBytes(body)
 		if n < 0 {
@@ -122,7 +161,7 @@ func decodeEnvelope(b []byte) (*message.Message, error) {
 	)
 	flat, old := flatBuf[:0], mapBuf[:0]
 	for len(b) > 0 {
-		num, typ, n := protowire.ConsumeTag(b)
+		num, typ, n := consumeTag(b)
 		if n < 0 {
 			return nil, protowire.ParseError(n)
 		}
@@ -139,6 +178,9 @@ func decodeEnvelope(b []byte) (*message.Message, error) {
 			return nil, fmt.Errorf("field %d: %w", num, protowire.ParseError(n))
 		}
 		b = b[n:]
+		if num != envelopePayload && num != envelopeMap && !utf8.Valid(v) {
+			return nil, fmt.Errorf("field %d: %w", num, errNotUTF8)
+		}
 		switch num {
 		case envelopeUUID:
 			id, hasID = v, true
@@ -171,9 +213,6 @@ func decodeEnvelope(b []byte) (*message.Message, error) {
 		text.Write(p)
 	}
 	all := text.String()
-	if !utf8.ValidString(all) {
-		return nil, fmt.Errorf("text is not UTF-8")
-	}
 	var uuid string
 	if hasID {
 		uuid = all[:len(id)]
@@ -197,7 +236,7 @@ func decodeEnvelope(b []byte) (*message.Message, error) {
 // decodeMapEntry reads one entry of a map<string, string>.
 func decodeMapEntry(b []byte) (k, v []byte, err error) {
 	for len(b) > 0 {
-		num, typ, n := protowire.ConsumeTag(b)
+		num, typ, n := consumeTag(b)
 		if n < 0 {
 			return nil, nil, protowire.ParseError(n)
 		}
@@ -214,6 +253,9 @@ func decodeMapEntry(b []byte) (k, v []byte, err error) {
 			return nil, nil, protowire.ParseError(n)
 		}
 		b = b[n:]
+		if !utf8.Valid(f) {
+			return nil, nil, errNotUTF8
+		}
 		if num == mapEntryKey {
 			k = f
 		} else {

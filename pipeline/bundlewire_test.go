@@ -25,8 +25,12 @@ func TestBundleWireMatchesProtobuf(t *testing.T) {
 	in[0].Metadata.Set("empty", "")
 	in[2].Metadata.Set("ключ", "значение")
 
+	body, err := encodeBundle(in)
+	if err != nil {
+		t.Fatal(err)
+	}
 	var batch pb.Batch
-	if err := proto.Unmarshal(encodeBundle(in), &batch); err != nil {
+	if err := proto.Unmarshal(body, &batch); err != nil {
 		t.Fatalf("protobuf-go reads encodeBundle's body: %v", err)
 	}
 	if len(batch.Messages) != len(in) {
@@ -42,7 +46,7 @@ func TestBundleWireMatchesProtobuf(t *testing.T) {
 		}
 	}
 
-	body, err := proto.Marshal(&batch)
+	body, err = proto.Marshal(&batch)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -66,9 +70,11 @@ func TestBundleWireMatchesProtobuf(t *testing.T) {
 	}
 }
 
-// TestDecodeBundleRefuses: a body that is no well-formed Batch, or whose
-// text is not UTF-8, is an error (the bundle is poisoned whole), and
-// fields a newer writer adds are skipped.
+// TestDecodeBundleRefuses: a body that is no well-formed Batch, with a
+// string field that is not UTF-8 (each on its own: two halves of a
+// character do not make one), or with more envelopes than any writer
+// puts in one, is an error (the bundle is poisoned whole), as protobuf-go
+// would refuse it; fields a newer writer adds are skipped.
 func TestDecodeBundleRefuses(t *testing.T) {
 	env := func(fields ...[]byte) []byte {
 		b := protowire.AppendTag(nil, batchMessages, protowire.BytesType)
@@ -90,6 +96,15 @@ func TestDecodeBundleRefuses(t *testing.T) {
 		{"length past the end", append(protowire.AppendTag(nil, batchMessages, protowire.BytesType), 0x7f), false},
 		{"id not UTF-8", env(str(envelopeUUID, "\xff")), false},
 		{"metadata not UTF-8", env(str(envelopeMeta, "k"), str(envelopeMeta, "\xc3")), false},
+		{"a character split over id and key", env(str(envelopeUUID, "\xe2\x82"), str(envelopeMeta, "\xac"), str(envelopeMeta, "v")), false},
+		{"a character split over key and value", env(str(envelopeMeta, "k\xe2"), str(envelopeMeta, "\x82\xacv")), false},
+		{"a trailing key not UTF-8", env(str(envelopeMeta, "k"), str(envelopeMeta, "v"), str(envelopeMeta, "\xff")), false},
+		{"an id not UTF-8 overwritten", env(str(envelopeUUID, "\xff"), str(envelopeUUID, "ok")), false},
+		{"an unread map entry not UTF-8", env(str(envelopeMeta, "k"), str(envelopeMeta, "v"),
+			protowire.AppendBytes(protowire.AppendTag(nil, envelopeMap, protowire.BytesType), str(mapEntryKey, "\xff"))), false},
+		{"field number past the largest", append([]byte("\x8d\x8d\x8d\x8d\x30"), 0, 0, 0, 0), false},
+		{"as many envelopes as a bundle holds", bytes.Repeat(env(), MaxBundle), true},
+		{"more envelopes than a bundle holds", bytes.Repeat(env(), MaxBundle+1), false},
 		{"unknown fields skipped", append(protowire.AppendVarint(protowire.AppendTag(nil, 9, protowire.VarintType), 7),
 			env(protowire.AppendFixed32(protowire.AppendTag(nil, 7, protowire.Fixed32Type), 1), str(envelopeUUID, "a"))...), true},
 	} {
@@ -107,13 +122,21 @@ func TestDecodeBundleRefuses(t *testing.T) {
 func FuzzDecodeBundle(f *testing.F) {
 	in := []*message.Message{message.NewMessage("x", []byte("p")), message.NewMessage("y", nil)}
 	in[0].Metadata.Set("k", "v")
-	f.Add(encodeBundle(in))
+	body, err := encodeBundle(in)
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(body)
 	old, _ := proto.Marshal(&pb.Batch{Messages: []*pb.Envelope{{Uuid: "a", Metadata: map[string]string{"k": "v"}}}})
 	f.Add(old)
 	f.Fuzz(func(t *testing.T, body []byte) {
 		msgs, err := DecodeBundle(body)
 		var batch pb.Batch
-		if err != nil || proto.Unmarshal(body, &batch) != nil {
+		perr := proto.Unmarshal(body, &batch)
+		if (err == nil) != (perr == nil) && len(batch.Messages) <= MaxBundle {
+			t.Fatalf("DecodeBundle: %v; protobuf-go: %v", err, perr)
+		}
+		if err != nil || perr != nil {
 			return
 		}
 		if len(msgs) != len(batch.Messages) {
@@ -132,4 +155,19 @@ func FuzzDecodeBundle(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestNewBundleRefusesText: a message whose id or metadata is not UTF-8
+// fails the bundle's publish, as proto.Marshal failed it, rather than
+// reaching job as a bundle it cannot read and poisons whole.
+func TestNewBundleRefusesText(t *testing.T) {
+	good := message.NewMessage("a", []byte("p"))
+	for _, bad := range []*message.Message{message.NewMessage("\xff", nil), message.NewMessage("b", nil)} {
+		if bad.UUID == "b" {
+			bad.Metadata.Set("room", "\xff")
+		}
+		if _, err := NewBundle([]*message.Message{good, bad}); err == nil {
+			t.Errorf("NewBundle with %q %v: no error", bad.UUID, bad.Metadata)
+		}
+	}
 }

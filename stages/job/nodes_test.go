@@ -75,7 +75,10 @@ func TestBundledRoomPushesShareANodeListRead(t *testing.T) {
 		}
 		msgs[i] = m
 	}
-	bundle := pipeline.NewBundle(msgs)
+	bundle, err := pipeline.NewBundle(msgs)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := p.pubsub.Publish("push", bundle); err != nil { // returns once job acked it
 		t.Fatal(err)
 	}
