@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -122,6 +123,9 @@ func (st *Stage) accept(ctx context.Context, reqs []pushRequest, settle time.Dur
 	// left, or the push budget run out) or a push panicked: a key held
 	// would refuse retries until idempotency.InFlightTTL.
 	defer func() {
+		if !slices.ContainsFunc(tokens, func(t string) bool { return t != "" }) {
+			return // no key reserved: no timer to start (a push without one is most)
+		}
 		settleCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), settle)
 		defer cancel()
 		each(len(reqs), parallel, func(i int) {
