@@ -45,7 +45,7 @@ func (r *pushRequest) storeKey() string { return r.name + "\x00" + r.idemKey }
 type outcome struct {
 	status int
 	// err is the message of a failure; data the PushResult's JSON of a
-	// success (stored as is for a retry).
+	// success (stored as is for a retry), made by body when first needed.
 	err      string
 	data     []byte
 	replayed bool // answered from the idempotency store
@@ -56,6 +56,16 @@ type outcome struct {
 }
 
 func failed(status int, msg string) outcome { return outcome{status: status, err: msg} }
+
+// body is a success's PushResult as JSON: data as stored (a replay), or
+// result encoded when first asked for. The gRPC API answers from result
+// and needs no JSON unless the reply is stored for an idempotency key.
+func (o *outcome) body() []byte {
+	if o.data == nil && o.result != nil {
+		o.data, _ = json.Marshal(o.result) // a PushResult always encodes
+	}
+	return o.data
+}
 
 // retryable reports whether a retry of the same push may succeed: the
 // HTTP API says so with Retry-After.
@@ -244,7 +254,7 @@ func (st *Stage) reserve(ctx context.Context, r *pushRequest) (outcome, string) 
 // failed so that a retry can run.
 func (st *Stage) settle(ctx context.Context, r *pushRequest, token string, o outcome) {
 	if o.status == http.StatusOK {
-		if err := st.replies.Complete(ctx, r.storeKey(), token, o.data); err != nil {
+		if err := st.replies.Complete(ctx, r.storeKey(), token, o.body()); err != nil {
 			st.logFailure(ctx, "remember idempotent reply", "route", r.name, "err", err)
 		}
 		return
@@ -259,8 +269,7 @@ func (st *Stage) outcomeOf(ctx context.Context, r *pushRequest, pl *plan, err er
 	var perr *paramError
 	switch {
 	case err == nil:
-		data, _ := json.Marshal(pl.res)
-		return outcome{status: http.StatusOK, data: data, result: &pl.res}
+		return outcome{status: http.StatusOK, result: &pl.res}
 	case errors.As(err, &perr):
 		return failed(http.StatusBadRequest, perr.Error())
 	case errors.Is(err, ErrBroker):

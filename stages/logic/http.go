@@ -594,7 +594,7 @@ func writeOutcome(w http.ResponseWriter, a api, o outcome) {
 	if o.replayed {
 		w.Header().Set("Idempotent-Replayed", "true")
 	}
-	writeData(w, a.okMessage(), o.data)
+	writeData(w, a.okMessage(), o.body())
 }
 
 // logFailure logs a failing dependency, at most once a second: a broker
