@@ -157,7 +157,7 @@ func hashKeys(keys []string) [][sha256.Size]byte {
 func (st *Stage) Close() error { return st.grpc.replacer.Close() }
 
 // RegisterGRPC adds the Logic service to s.
-func (st *Stage) RegisterGRPC(s *grpc.Server) { pb.RegisterLogicServer(s, st.grpc) }
+func (st *Stage) RegisterGRPC(s grpc.ServiceRegistrar) { pb.RegisterLogicServer(s, st.grpc) }
 
 // pushRoutes are the push routes by name, as the HTTP API serves them
 // and a batch item or gRPC push names them.

@@ -36,6 +36,7 @@ import (
 	"imcloud/pipeline/clusterauth"
 	"imcloud/pipeline/config"
 	"imcloud/pipeline/events"
+	"imcloud/pipeline/inproc"
 	"imcloud/proto/pb"
 	"imcloud/stages/cloud"
 	"imcloud/stages/job"
@@ -311,11 +312,21 @@ func (p *Process) startCloud(ctx context.Context, tcpLn, wsLn, wssLn, grpcLn net
 	if p.addrs.LogicGRPC != "" {
 		logicAddr = p.addrs.LogicGRPC
 	}
-	conn, err := grpc.NewClient(logicAddr, p.grpcDialOpts...)
-	if err != nil {
-		return fmt.Errorf("cloud.logic_addr %s: %w", logicAddr, err)
+	var conn grpc.ClientConnInterface
+	if p.logicStage != nil {
+		// logic is in this process: cloud calls it directly (inproc),
+		// not through a loopback socket and HTTP/2.
+		local := inproc.New()
+		p.logicStage.RegisterGRPC(local)
+		conn = local
+	} else {
+		remote, err := grpc.NewClient(logicAddr, p.grpcDialOpts...)
+		if err != nil {
+			return fmt.Errorf("cloud.logic_addr %s: %w", logicAddr, err)
+		}
+		p.logicConn = remote
+		conn = remote
 	}
-	p.logicConn = conn
 	advertise := cfg.Cloud.AdvertiseAddr
 	if advertise == "" {
 		advertise = advertiseAddr(p.addrs.CloudGRPC, cfg.Has(config.StageJob))
