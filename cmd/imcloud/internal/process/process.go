@@ -78,10 +78,12 @@ type Process struct {
 	// canaryErr is the last canary publish's error ("" when it worked).
 	canaryErr atomic.Pointer[string]
 	logicConn *grpc.ClientConn
-	router    *pipeline.Router
-	jobStage  *job.Stage
-	stores    *adapters.Stores
-	closers   []func() error // closed last, after the broker
+	// logicLocal is cloud's connection to a logic stage of this process.
+	logicLocal *inproc.Conn
+	router     *pipeline.Router
+	jobStage   *job.Stage
+	stores     *adapters.Stores
+	closers    []func() error // closed last, after the broker
 	// leave removes this process from the cluster's shard agreement
 	// (agreeShards); nil when it took no part.
 	leave func()
@@ -318,7 +320,7 @@ func (p *Process) startCloud(ctx context.Context, tcpLn, wsLn, wssLn, grpcLn net
 		// not through a loopback socket and HTTP/2.
 		local := inproc.New()
 		p.logicStage.RegisterGRPC(local)
-		conn = local
+		p.logicLocal, conn = local, local
 	} else {
 		remote, err := grpc.NewClient(logicAddr, p.grpcDialOpts...)
 		if err != nil {
@@ -659,7 +661,8 @@ func (p *Process) Shutdown(ctx context.Context) error {
 //  3. cloud stops accepting (WebSocket and TCP listeners) and drains:
 //     what is queued is written, then each client is closed with 1001,
 //     for up to cloud.drain_timeout;
-//  4. cloud's and logic's gRPC servers stop gracefully (until ctx ends);
+//  4. cloud's and logic's gRPC servers stop gracefully (until ctx ends),
+//     and cloud's in-process connection to logic with them;
 //  5. job's connections to cloud nodes, cloud's connection to logic, the
 //     broker and the stores close, and the stages' goroutines are waited
 //     for.
@@ -704,6 +707,9 @@ func (p *Process) stop(ctx context.Context) {
 		if g != nil {
 			gracefulStop(ctx, g)
 		}
+	}
+	if p.logicLocal != nil {
+		p.logicLocal.Close() // as logic's gRPC server: cloud's calls end here
 	}
 	p.cancel()
 	if p.jobStage != nil {
