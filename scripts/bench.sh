@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# make bench: a short run of every imcloud bench mode on this machine, under
-# two minutes, against the issue's targets:
+# make bench: a short run of every imcloud bench mode on this machine, about
+# two minutes, against the issue's targets, after what the machine allows:
+#   ceilings: single pushes and one gRPC stream against a push API that
+#   does no work (imcloud bench ceiling);
 #   standalone: push API (single pushes, batches of 100, one gRPC stream),
 #   fan-out to 10,000 WebSocket clients, light-load latency, idle
 #   connections and the server CPU per connect;
@@ -66,6 +68,20 @@ standalone() {
   wait_port 23111
   wait_port 23102
 }
+
+# What this machine allows any server: a push API that does no work,
+# loaded exactly as imcloud is below (BENCHMARKS.md, "The machine's
+# ceilings"). Read the push rows against these.
+bin/imcloud bench ceiling --api 127.0.0.1:23411 --grpc 127.0.0.1:23413 >/dev/null 2>&1 &
+ceil=$!
+pids+=($ceil)
+wait_port 23411
+wait_port 23413
+echo "== ceiling: a push API doing no work, single pushes, 64 concurrent, 10s"
+b ceiling-push 234 push --duration 10s --concurrency 64
+echo "== ceiling: a PushService doing no work, one PushStream, 10s"
+b ceiling-grpc 234 push --duration 10s --concurrency 1 --grpc 127.0.0.1:23413
+stop "$ceil"
 
 standalone
 echo "== push API, standalone: 64 concurrent, 10s (target >= 80,000/s, p99 <= 10 ms)"

@@ -19,6 +19,7 @@ import (
 	"runtime/pprof"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/spf13/pflag"
@@ -50,7 +51,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	)
 	fs := pflag.NewFlagSet("imcloud-bench", pflag.ContinueOnError)
 	fs.SetOutput(stderr)
-	synopsis := `imcloud-bench fanout|connections|push|reconnect [flags]: load a server on this machine.
+	synopsis := `imcloud-bench fanout|connections|push|reconnect|swarm|cluster|ceiling [flags]: load a server on this machine.
   fanout       clients spread over rooms; room pushes at --rate; delivered/s, latency, lost, duplicated
   connections  --clients idle authenticated connections; connect rate, server memory per connection
   push         the HTTP push API at --concurrency; requests/s and latency
@@ -59,7 +60,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
   swarm        --clients (mids from --mid-base) held on one cloud node for --hold, reporting what they
                receive to a cluster driver on --control (scripts/bench-cluster.sh starts several)
   cluster      drive --swarms: wait for every client, then a room push to all, a push/all at --speed,
-               and --users push/mids at --rate; delivered, lost, latency, RSS per connection (--nodes)`
+               and --users push/mids at --rate; delivered, lost, latency, RSS per connection (--nodes)
+  ceiling      serve a push API that does no work on --api (HTTP) and --grpc (PushStream) until
+               interrupted: push against it measures what this machine allows any server`
 	fs.Usage = func() { fmt.Fprintf(stderr, "%s\n\nFlags:\n%s", synopsis, fs.FlagUsages()) }
 	fs.StringVar(&api, "api", "127.0.0.1:3111", "logic HTTP address")
 	fs.StringVar(&apiKey, "api-key", "", "API key (logic.api_keys)")
@@ -92,9 +95,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	if fs.NArg() != 1 {
 		fs.Usage()
-		return errors.New("bench: want one of fanout, connections, push, reconnect, swarm, cluster")
+		return errors.New("bench: want one of fanout, connections, push, reconnect, swarm, cluster, ceiling")
 	}
-	ctx, stop := signal.NotifyContext(ctx, os.Interrupt)
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if cpuProfile != "" {
 		// The load generator shares the machine with the server: its own
@@ -134,6 +137,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 			result, err = cluster(ctx, clusterConfig{API: api, APIKey: apiKey, Swarms: splitList(swarms), Nodes: ns,
 				Speed: speed, Users: users, Rate: rate, MidBase: midBase, Wait: wait, Clients: clients}, stderr)
 		}
+	case "ceiling":
+		result, err = ceiling(ctx, api, grpcAddr, stderr)
 	case "reconnect":
 		result, err = reconnect(ctx, reconnectConfig{clientConfig: cc, API: api, APIKey: apiKey,
 			Clients: clients, Rooms: rooms, Behind: behind, ServerPID: pid, Timeout: drain}, stderr)
