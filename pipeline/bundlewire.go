@@ -18,7 +18,7 @@ import (
 // were a fifth of the bytes it allocated (pprof, issue 15). Here an
 // envelope costs its message, one string holding all its text and a copy
 // of its payload. The wire format is unchanged: a test reads what
-// encodeBundle writes with protobuf-go and decodeBundle reads what
+// encodeBundle writes with protobuf-go and DecodeBundle reads what
 // protobuf-go writes, including the metadata map older writers set.
 
 // Field numbers of pb.Batch and pb.Envelope.
@@ -41,7 +41,7 @@ var errNotUTF8 = errors.New("string field is not UTF-8")
 func consumeTag(b []byte) (protowire.Number, protowire.Type, int) {
 	num, typ, n := protowire.ConsumeTag(b)
 	if n >= 0 && !num.IsValid() {
-		return 0, 0, -1 // protowire's errCodeFieldNumber
+		return 0, 0, -2 // protowire's errCodeFieldNumber: ParseError says "invalid field number"
 	}
 	return num, typ, n
 }
@@ -63,7 +63,7 @@ func envelopeSize(m *message.Message) int {
 
 // encodeBundle writes msgs as a pb.Batch, each metadata in the flat form.
 // A message whose id or metadata is not UTF-8 is refused, as
-// proto.Marshal refused it: decodeBundle would refuse the whole bundle.
+// proto.Marshal refused it: DecodeBundle would refuse the whole bundle.
 func encodeBundle(msgs []*message.Message) ([]byte, error) {
 	sizes := make([]int, len(msgs))
 	total := 0

@@ -3,6 +3,7 @@ package pipeline
 import (
 	"bytes"
 	"maps"
+	"strings"
 	"testing"
 
 	"github.com/ThreeDotsLabs/watermill/message"
@@ -169,5 +170,14 @@ func TestNewBundleRefusesText(t *testing.T) {
 		if _, err := NewBundle([]*message.Message{good, bad}); err == nil {
 			t.Errorf("NewBundle with %q %v: no error", bad.UUID, bad.Metadata)
 		}
+	}
+}
+
+// TestDecodeBundleNamesTheFault: a field number past the largest is
+// reported as one, not as a body cut short.
+func TestDecodeBundleNamesTheFault(t *testing.T) {
+	_, err := DecodeBundle(append([]byte("\x8d\x8d\x8d\x8d\x30"), 0, 0, 0, 0))
+	if err == nil || !strings.Contains(err.Error(), "invalid field number") {
+		t.Fatalf("DecodeBundle: %v, want an invalid field number", err)
 	}
 }
