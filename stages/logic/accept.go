@@ -140,7 +140,7 @@ func (st *Stage) accept(ctx context.Context, reqs []pushRequest, settle time.Dur
 		defer cancel()
 		each(len(reqs), parallel, func(i int) {
 			if tokens[i] != "" {
-				st.settle(settleCtx, &reqs[i], tokens[i], out[i])
+				st.settle(settleCtx, &reqs[i], tokens[i], &out[i])
 			}
 		}, func(i int, v any) {
 			st.logFailure(ctx, "panic while settling an idempotency key", "route", reqs[i].name, "panic", fmt.Sprint(v))
@@ -251,8 +251,9 @@ func (st *Stage) reserve(ctx context.Context, r *pushRequest) (outcome, string) 
 }
 
 // settle stores a reserved request's reply, or frees its key when it
-// failed so that a retry can run.
-func (st *Stage) settle(ctx context.Context, r *pushRequest, token string, o outcome) {
+// failed so that a retry can run. The reply's JSON is kept in o for its
+// answer, which then encodes it no second time.
+func (st *Stage) settle(ctx context.Context, r *pushRequest, token string, o *outcome) {
 	if o.status == http.StatusOK {
 		if err := st.replies.Complete(ctx, r.storeKey(), token, o.body()); err != nil {
 			st.logFailure(ctx, "remember idempotent reply", "route", r.name, "err", err)

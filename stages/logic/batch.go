@@ -337,7 +337,8 @@ func writeBatch(w http.ResponseWriter, out []outcome) {
 	buf = append(buf, `,"failed":`...)
 	buf = strconv.AppendInt(buf, int64(len(out)-ok), 10)
 	buf = append(buf, `,"results":[`...)
-	for i, o := range out {
+	for i := range out {
+		o := &out[i] // its body was encoded above, when sizing buf
 		if i > 0 {
 			buf = append(buf, ',')
 		}
