@@ -155,7 +155,6 @@ func DecodeBundle(body []byte) ([]*message.Message, error) {
 func decodeEnvelope(b []byte) (*message.Message, error) {
 	var (
 		id, payload []byte
-		hasID       bool
 		flatBuf     [16][]byte // a push carries 3–4 pairs
 		mapBuf      [16][]byte
 	)
@@ -183,7 +182,7 @@ func decodeEnvelope(b []byte) (*message.Message, error) {
 		}
 		switch num {
 		case envelopeUUID:
-			id, hasID = v, true
+			id = v
 		case envelopePayload:
 			payload = v
 		case envelopeMeta:
@@ -213,15 +212,11 @@ func decodeEnvelope(b []byte) (*message.Message, error) {
 		text.Write(p)
 	}
 	all := text.String()
-	var uuid string
-	if hasID {
-		uuid = all[:len(id)]
-	}
 	var body []byte
 	if len(payload) > 0 {
 		body = append([]byte(nil), payload...)
 	}
-	m := message.NewMessage(uuid, body)
+	m := message.NewMessage(all[:len(id)], body)
 	at := len(id)
 	for i := 0; i < len(pairs); i += 2 {
 		k := all[at : at+len(pairs[i])]
