@@ -184,6 +184,7 @@ func (r *Router) AddStartingConsumer(name, topic string, sub message.Subscriber,
 	chain := compose(r.stack)
 	each := func(_ context.Context, msg *message.Message) ([]*message.Message, error) { return chain(msg) }
 	var timeout time.Duration
+	var all func(attempt context.Context, msgs []*message.Message) ([]*message.Message, error)
 	if r.first != nil {
 		retried := compose(r.retried)
 		each = func(attempt context.Context, msg *message.Message) ([]*message.Message, error) {
@@ -193,12 +194,10 @@ func (r *Router) AddStartingConsumer(name, topic string, sub message.Subscriber,
 			return retried(msg)
 		}
 		timeout = r.first.timeout
-	}
-	var all func(attempt context.Context, msgs []*message.Message) ([]*message.Message, error)
-	if r.first != nil && start != nil && IsInProcess(r.first.store) {
-		retried := compose(r.retried)
-		all = func(attempt context.Context, msgs []*message.Message) ([]*message.Message, error) {
-			return r.first.tryAll(msgs, start, attempt, retried)
+		if start != nil && IsInProcess(r.first.store) {
+			all = func(attempt context.Context, msgs []*message.Message) ([]*message.Message, error) {
+				return r.first.tryAll(msgs, start, attempt, retried)
+			}
 		}
 	}
 	bundled := unbundle(chain, each, all, timeout)
