@@ -21,7 +21,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -151,9 +150,8 @@ func (p *PubSub) heardLocked(topic string) bool {
 func (q *queue) drain() []*message.Message {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	left := slices.Clone(q.items[q.head:])
-	clear(q.items)
-	q.items, q.head = q.items[:0], 0
+	left := q.items[q.head:]
+	q.items, q.head = nil, 0 // what was read before head goes with the old array
 	return left
 }
 
@@ -193,10 +191,7 @@ func (p *PubSub) Publish(topic string, msgs ...*message.Message) error {
 	if k != nil {
 		k.add(msgs)
 	} else if !heard && len(msgs) > 0 {
-		p.unheard.Add(w)
-		if p.onUnheard != nil {
-			p.onUnheard(topic, int(w))
-		}
+		p.countUnheard(topic, w)
 	}
 	if full {
 		return fmt.Errorf("%w: %d messages wait for their subscriber", ErrQueueFull, p.max)
@@ -307,6 +302,12 @@ func (p *PubSub) dropUnheard(topic string, msgs []*message.Message) {
 	}
 	w := weight(msgs...)
 	p.pending.Add(-w)
+	p.countUnheard(topic, w)
+}
+
+// countUnheard counts w pushes published to topic that no subscription
+// read, and reports them.
+func (p *PubSub) countUnheard(topic string, w int64) {
 	p.unheard.Add(w)
 	if p.onUnheard != nil {
 		p.onUnheard(topic, int(w))
