@@ -348,16 +348,13 @@ func (f *firstTry) tryAll(msgs []*message.Message, start Starter, attemptCtx con
 	waits := make([]func() error, len(msgs))
 	origs := make([]context.Context, len(msgs))
 	for i, m := range msgs {
-		if id := m.Metadata.Get(MetaMessageID); f.store != nil && id != "" {
-			seen, err := f.store.Delivered(m.Context(), id)
-			if err != nil {
-				fallback(i, m)
-				continue
-			}
-			if seen {
-				f.observe("duplicate")
-				continue
-			}
+		seen, err := f.duplicate(m)
+		if err != nil {
+			fallback(i, m)
+			continue
+		}
+		if seen {
+			continue
 		}
 		origs[i] = m.Context()
 		m.SetContext(attemptCtx)
@@ -373,11 +370,7 @@ func (f *firstTry) tryAll(msgs []*message.Message, start Starter, attemptCtx con
 			fallback(i, m)
 			continue
 		}
-		if id := m.Metadata.Get(MetaMessageID); f.store != nil && id != "" {
-			if err := f.store.MarkDelivered(m.Context(), id, f.ttl); err != nil {
-				f.logger.Warn("remember delivered message", "message_id", id, "err", err)
-			}
-		}
+		f.markDelivered(m)
 	}
 	retries.Wait()
 	return joined(produced, errs)
@@ -450,25 +443,12 @@ type firstTry struct {
 // 120k).
 func (f *firstTry) try(msg *message.Message, handler message.HandlerFunc, attemptCtx context.Context) bool {
 	orig := msg.Context()
-	id := msg.Metadata.Get(MetaMessageID)
-	bounded := func() (context.Context, context.CancelFunc) {
-		if _, ok := f.store.(InProcess); ok {
-			return orig, func() {}
-		}
-		return context.WithTimeout(orig, SettleTimeout)
+	seen, err := f.duplicate(msg)
+	if err != nil {
+		return false
 	}
-	dedupe := f.store != nil && id != ""
-	if dedupe {
-		ctx, cancel := bounded()
-		seen, err := f.store.Delivered(ctx, id)
-		cancel()
-		if err != nil {
-			return false
-		}
-		if seen {
-			f.observe("duplicate")
-			return true
-		}
+	if seen {
+		return true
 	}
 	// job.timeout from the bundle's start (unbundle); unless the dedupe
 	// check took a tenth of it (a slow store), when the attempt gets a
@@ -485,14 +465,48 @@ func (f *firstTry) try(msg *message.Message, handler message.HandlerFunc, attemp
 	if !ok {
 		return false
 	}
-	if dedupe {
-		ctx, cancel := bounded()
-		if err := f.store.MarkDelivered(ctx, id, f.ttl); err != nil {
-			f.logger.Warn("remember delivered message", "message_id", id, "err", err)
-		}
-		cancel()
-	}
+	f.markDelivered(msg)
 	return true
+}
+
+// duplicate reports whether the dedupe store has msg as delivered, and
+// observes it if so; err: the store did not answer. A message without an
+// id, or with dedupe off, is none.
+func (f *firstTry) duplicate(msg *message.Message) (bool, error) {
+	id := msg.Metadata.Get(MetaMessageID)
+	if f.store == nil || id == "" {
+		return false, nil
+	}
+	ctx, cancel := f.bounded(msg.Context())
+	defer cancel()
+	seen, err := f.store.Delivered(ctx, id)
+	if err == nil && seen {
+		f.observe("duplicate")
+	}
+	return seen, err
+}
+
+// markDelivered records msg as delivered in the dedupe store; a failure
+// is logged (a redelivery would then go out again).
+func (f *firstTry) markDelivered(msg *message.Message) {
+	id := msg.Metadata.Get(MetaMessageID)
+	if f.store == nil || id == "" {
+		return
+	}
+	ctx, cancel := f.bounded(msg.Context())
+	defer cancel()
+	if err := f.store.MarkDelivered(ctx, id, f.ttl); err != nil {
+		f.logger.Warn("remember delivered message", "message_id", id, "err", err)
+	}
+}
+
+// bounded is ctx for one dedupe store call: as it is for an in-process
+// store, which does not block, and within SettleTimeout for any other.
+func (f *firstTry) bounded(ctx context.Context) (context.Context, context.CancelFunc) {
+	if _, ok := f.store.(InProcess); ok {
+		return ctx, func() {}
+	}
+	return context.WithTimeout(ctx, SettleTimeout)
 }
 
 // attempt runs handler once; a panic is a failure, which the stack's
