@@ -334,12 +334,8 @@ func (s *Stage) Start(msg *message.Message) (wait func() error) {
 		if err != nil {
 			return func() error { return configFault(err) }
 		}
-		sent := s.roomq.start(pm.Room, nodes, []*pb.Proto{s.proto(msg, pm)})
-		return func() error {
-			oks, err := sent(ctx)
-			markDelivered(msg, oks[0])
-			return configFault(s.counted(err))
-		}
+		sent := s.startRoomNodes(ctx, msg, pm.Room, nodes, s.proto(msg, pm))
+		return func() error { return configFault(s.counted(sent())) }
 	}
 	done := make(chan error, 1)
 	go func() {
@@ -410,10 +406,16 @@ func (s *Stage) eachNode(msg *message.Message, nodes map[string]string, call fun
 	return err
 }
 
-// roomNodes sends a room push to every node not yet reached (a retry or
-// replay skips those its metadata lists) through the per-node queues, in
-// order, and records the nodes that took it.
+// roomNodes sends a room push as startRoomNodes starts it, and waits.
 func (s *Stage) roomNodes(ctx context.Context, msg *message.Message, room string, nodes map[string]string, p *pb.Proto) error {
+	return s.startRoomNodes(ctx, msg, room, nodes, p)()
+}
+
+// startRoomNodes queues a room push for every node not yet reached (a
+// retry or replay skips those its metadata lists) in the per-node
+// queues, in order, and returns at once; its wait waits for the nodes
+// (or ctx) and records those that took it.
+func (s *Stage) startRoomNodes(ctx context.Context, msg *message.Message, room string, nodes map[string]string, p *pb.Proto) (wait func() error) {
 	done := strings.Split(msg.Metadata.Get(pipeline.MetaDeliveredNodes), ",")
 	targets := make(map[string]string, len(nodes))
 	for id, addr := range nodes {
@@ -421,9 +423,12 @@ func (s *Stage) roomNodes(ctx context.Context, msg *message.Message, room string
 			targets[id] = addr
 		}
 	}
-	ok, err := s.roomq.send(ctx, room, targets, p)
-	markDelivered(msg, ok)
-	return err
+	sent := s.roomq.start(room, targets, []*pb.Proto{p})
+	return func() error {
+		oks, err := sent(ctx)
+		markDelivered(msg, oks[0])
+		return err
+	}
 }
 
 // markDelivered adds nodes to the ones msg has reached.

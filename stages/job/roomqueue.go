@@ -124,13 +124,6 @@ func (r *roomQueues) close() {
 	r.running.Wait()
 }
 
-// send queues p for room on each of nodes (id to address) and waits until
-// each took it or failed, or ctx ends. ok are the nodes that took it.
-func (r *roomQueues) send(ctx context.Context, room string, nodes map[string]string, p *pb.Proto) (ok []string, err error) {
-	oks, err := r.sendAll(ctx, room, nodes, []*pb.Proto{p})
-	return oks[0], err
-}
-
 // sendAll queues ps (in order) for room on each of nodes and waits until
 // each node took each or failed, or ctx ends. oks[i] are the nodes that
 // took ps[i]: a node's queue may send them in more than one call, and

@@ -262,3 +262,10 @@ func waitCallOut(t *testing.T, r *roomQueues, key roomNode) {
 		time.Sleep(time.Millisecond) // polling a condition, with a deadline
 	}
 }
+
+// send queues p for room on each of nodes (id to address) and waits until
+// each took it or failed, or ctx ends. ok are the nodes that took it.
+func (r *roomQueues) send(ctx context.Context, room string, nodes map[string]string, p *pb.Proto) (ok []string, err error) {
+	oks, err := r.sendAll(ctx, room, nodes, []*pb.Proto{p})
+	return oks[0], err
+}
