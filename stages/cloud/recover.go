@@ -505,17 +505,9 @@ func (s *Stage) recoverConn(ch *channel, tasks []*recoverTask, seq int32, reply 
 			return
 		}
 	}
-	for passes := 0; ; {
-		if err := s.catchUp(ch, floors, pace, &passes); err != nil {
-			if !ch.ending() {
-				s.recoverLog.Log("recover client: closed to recover again", "mid", ch.mid, "key", ch.key, "err", err)
-				ch.close(closeRecoverAgain, "recovery could not catch up, reconnect and recover")
-			}
-			return
-		}
-		if ch.endRecovery(floors) {
-			return
-		}
+	if err := s.catchUp(ch, floors, pace); err != nil && !ch.ending() {
+		s.recoverLog.Log("recover client: closed to recover again", "mid", ch.mid, "key", ch.key, "err", err)
+		ch.close(closeRecoverAgain, "recovery could not catch up, reconnect and recover")
 	}
 }
 
@@ -525,18 +517,22 @@ var errCatchUp = errors.New("live pushes let go during recovery")
 // catchUp reads from history what the connection's full hold let go
 // (recovering.hold), after its floor in each stream, and moves the floor
 // past it; pushes that come meanwhile are held again, and let go again
-// if the hold fills, up to maxRecoverCatchUps passes in all (passes
-// counts them across calls: endRecovery refuses to end while the hold
-// has let pushes go, and catchUp runs again).
-func (s *Stage) catchUp(ch *channel, floors map[string]wire.StreamPos, pace *recoverPace, passes *int) error {
-	for ; ; *passes++ {
+// if the hold fills, up to maxRecoverCatchUps passes in all. It ends the
+// recovery when nothing was let go; endRecovery refuses while the hold
+// has let pushes go since, and those are read in another pass.
+func (s *Stage) catchUp(ch *channel, floors map[string]wire.StreamPos, pace *recoverPace) error {
+	for pass := 0; ; {
 		let := ch.takeLet()
 		if len(let) == 0 {
-			return nil
+			if ch.endRecovery(floors) {
+				return nil
+			}
+			continue // the hold let pushes go just now: the next pass reads them
 		}
-		if *passes == maxRecoverCatchUps {
-			return fmt.Errorf("%w: still after %d passes", errCatchUp, *passes)
+		if pass == maxRecoverCatchUps {
+			return fmt.Errorf("%w: still after %d passes", errCatchUp, pass)
 		}
+		pass++
 		for _, stream := range slices.Sorted(maps.Keys(let)) {
 			l := let[stream]
 			if l.epochs {
