@@ -114,6 +114,11 @@ func (p *faultProxy) handle(_ any, stream grpc.ServerStream) error {
 	}
 	var reply []byte
 	if err := backend.Invoke(metadata.NewOutgoingContext(ctx, out), method, &req, &reply, grpc.ForceCodec(rawCodec{})); err != nil {
+		if failIt {
+			// decide marked these as failed once: the node's own error
+			// failed them all the same, and they will not be failed again.
+			p.injected.Add(int64(failing))
+		}
 		return err
 	}
 	if failIt {
